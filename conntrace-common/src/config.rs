@@ -1,0 +1,154 @@
+//! Configuration written by userspace into the `CONFIG` map before any program is attached.
+//!
+//! Tracepoint record layouts and kernel structure offsets differ between kernels, so the eBPF
+//! programs never hard-code them: userspace reads each tracepoint's `format` file and the
+//! kernel's BTF at start-up and passes the offsets here.
+
+use crate::user_pod;
+
+/// Offset value meaning "this kernel's record has no such field".
+pub const ABSENT: u16 = u16::MAX;
+
+/// Where the connection's addresses and ports sit inside a tracepoint record.
+///
+/// Two forms exist: separate `sport`/`dport`/`family`/`saddr`/`daddr`/`saddr_v6`/`daddr_v6`
+/// fields (ports in host order), or, when `sockaddr_src != ABSENT`, two `struct sockaddr_in6`
+/// sized fields (family, port in network order, address), as `tcp:tcp_send_reset` has since 6.10.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TupleLayout {
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub saddr4: u16,
+    pub daddr4: u16,
+    pub saddr6: u16,
+    pub daddr6: u16,
+    pub sockaddr_src: u16,
+    pub sockaddr_dst: u16,
+    pub _pad: u16,
+}
+
+impl TupleLayout {
+    pub const NONE: Self = Self {
+        family: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+        saddr4: ABSENT,
+        daddr4: ABSENT,
+        saddr6: ABSENT,
+        daddr6: ABSENT,
+        sockaddr_src: ABSENT,
+        sockaddr_dst: ABSENT,
+        _pad: 0,
+    };
+}
+
+/// Field offsets of one tracepoint's record, as its `format` file gives them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TracepointLayout {
+    pub tuple: TupleLayout,
+    pub skaddr: u16,
+    pub skbaddr: u16,
+    pub protocol: u16,
+    pub oldstate: u16,
+    pub newstate: u16,
+    pub state: u16,
+    pub error: u16,
+    pub reason: u16,
+}
+
+impl TracepointLayout {
+    pub const NONE: Self = Self {
+        tuple: TupleLayout::NONE,
+        skaddr: ABSENT,
+        skbaddr: ABSENT,
+        protocol: ABSENT,
+        oldstate: ABSENT,
+        newstate: ABSENT,
+        state: ABSENT,
+        error: ABSENT,
+        reason: ABSENT,
+    };
+}
+
+/// Field offsets of the syscall tracepoints used for process attribution.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyscallLayout {
+    /// `sys_enter_connect`: `fd`, `uservaddr`, `addrlen`.
+    pub connect_fd: u16,
+    pub connect_addr: u16,
+    pub connect_addrlen: u16,
+    /// `sys_exit_*`: `ret`.
+    pub exit_ret: u16,
+}
+
+/// Offsets inside kernel structures, resolved from BTF (`/sys/kernel/btf/vmlinux`).
+///
+/// A value of `u32::MAX` means the member was not found; the program then leaves the
+/// corresponding fact (netns, process attribution) empty instead of reading garbage.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock` → `__sk_common.skc_net.net` (`struct net *`).
+    pub sock_net: u32,
+    /// `struct net` → `ns.inum`.
+    pub net_inum: u32,
+    /// `struct sock` → `__sk_common.skc_num` (local port, host order).
+    pub sock_num: u32,
+    /// `struct sock` → `__sk_common.skc_dport` (remote port, network order).
+    pub sock_dport: u32,
+    /// `struct sk_buff` → `dev`; `struct net_device` → `nd_net.net`.
+    pub skb_dev: u32,
+    pub netdev_net: u32,
+    /// `struct task_struct` → `files`; `struct files_struct` → `fdt`;
+    /// `struct fdtable` → `max_fds`, `fd`; `struct file` → `private_data`;
+    /// `struct socket` → `type`, `sk`.
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub _pad: u32,
+}
+
+impl KernelOffsets {
+    pub const MISSING: u32 = u32::MAX;
+}
+
+/// `Config::flags`: trace every TCP port (no `--port` given).
+pub const FLAG_ALL_PORTS: u32 = 1;
+
+/// The single entry of the `CONFIG` array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub set_state: TracepointLayout,
+    pub error_report: TracepointLayout,
+    pub receive_reset: TracepointLayout,
+    pub send_reset: TracepointLayout,
+    pub retransmit: TracepointLayout,
+    pub syscalls: SyscallLayout,
+    pub offsets: KernelOffsets,
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+user_pod!(TupleLayout, TracepointLayout, SyscallLayout, KernelOffsets, Config);
+
+/// Names of the maps shared by both sides.
+pub mod maps {
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const CONFIG: &str = "CONFIG";
+    pub const PORTS: &str = "PORTS";
+}
+
+/// Default size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
+/// Largest number of ports that can be filtered in the kernel.
+pub const MAX_PORTS: u32 = 64;

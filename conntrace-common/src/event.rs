@@ -1,0 +1,340 @@
+//! Events written by the eBPF programs into the `EVENTS` ring buffer.
+//!
+//! Every event starts with an [`EventHeader`]; its `kind` says which struct follows and its
+//! `size` how many bytes the whole event has. Kind numbers are part of the wire format between
+//! the kernel and userspace: they are fixed and never reused.
+
+use core::mem::size_of;
+
+use crate::user_pod;
+
+pub const COMM_LEN: usize = 16;
+
+/// What an event is. The numbers are fixed forever; retired kinds keep their number unused.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// `sock:inet_sock_set_state` for a TCP socket.
+    StateChange = 1,
+    /// `sock:inet_sk_error_report` for a TCP socket.
+    ErrorReport = 2,
+    /// `tcp:tcp_receive_reset`.
+    ReceiveReset = 3,
+    /// `tcp:tcp_send_reset`.
+    SendReset = 4,
+    /// `tcp:tcp_retransmit_skb` while the socket is in SYN_SENT.
+    SynRetransmit = 5,
+    /// `accept()`/`accept4()` returned a TCP socket on a traced port.
+    Accept = 6,
+    /// `connect()` on a TCP socket to a traced port returned an error other than EINPROGRESS.
+    ConnectError = 7,
+}
+
+impl EventKind {
+    pub const fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::StateChange,
+            2 => Self::ErrorReport,
+            3 => Self::ReceiveReset,
+            4 => Self::SendReset,
+            5 => Self::SynRetransmit,
+            6 => Self::Accept,
+            7 => Self::ConnectError,
+            _ => return None,
+        })
+    }
+}
+
+/// First bytes of every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    /// Size of the whole event in bytes, header included.
+    pub size: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Thread-group id and thread id of the current task (meaningful only in process context).
+    pub pid: u32,
+    pub tid: u32,
+    /// Inode number of the network namespace the socket or packet belongs to; 0 if unknown.
+    pub netns: u32,
+    pub _pad: u32,
+    /// `comm` of the current task, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Addresses and ports as the kernel reported them, from the reporting socket's point of view:
+/// `s` is the local end. Ports are in host byte order. IPv4 addresses use the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Tuple {
+    /// `AF_INET` (2) or `AF_INET6` (10); 0 if unknown.
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u16,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// `EventKind::StateChange`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateChange {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    pub oldstate: i32,
+    pub newstate: i32,
+}
+
+/// `EventKind::ErrorReport`. The tracepoint carries no socket address: it is joined by tuple.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ErrorReport {
+    pub header: EventHeader,
+    pub tuple: Tuple,
+    /// Positive errno.
+    pub error: i32,
+    pub _pad: u32,
+}
+
+/// `RESET_REASON_NONE`: the kernel gave no reset reason (older kernels).
+pub const RESET_REASON_NONE: u32 = u32::MAX;
+
+/// `EventKind::ReceiveReset` and `EventKind::SendReset`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub header: EventHeader,
+    /// 0 when the kernel sent a reset without a socket (nothing matched the packet).
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    /// TCP state of the socket, -1 if unknown.
+    pub state: i32,
+    /// `enum sk_rst_reason` value (send side, 6.10+), or [`RESET_REASON_NONE`].
+    pub reason: u32,
+}
+
+/// `EventKind::SynRetransmit`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynRetransmit {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    pub state: i32,
+    pub _pad: u32,
+}
+
+/// `EventKind::Accept`: the current task accepted `skaddr` as file descriptor `fd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accept {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    pub fd: i64,
+}
+
+/// `EventKind::ConnectError`: `connect()` returned `ret` (negative errno). `tuple` has the
+/// destination from the syscall's `sockaddr`; the local end is unknown (zero).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectError {
+    pub header: EventHeader,
+    /// 0 if the socket could not be resolved from the file descriptor.
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    pub ret: i32,
+    pub _pad: u32,
+}
+
+user_pod!(EventHeader, Tuple, StateChange, ErrorReport, Reset, SynRetransmit, Accept, ConnectError);
+
+/// Ties each event struct to its kind(s), so encoding and decoding cannot disagree.
+pub trait Event: Copy {
+    fn header(&self) -> &EventHeader;
+}
+
+macro_rules! impl_event {
+    ($($t:ty),*) => {
+        $(impl Event for $t {
+            fn header(&self) -> &EventHeader {
+                &self.header
+            }
+        })*
+    };
+}
+impl_event!(StateChange, ErrorReport, Reset, SynRetransmit, Accept, ConnectError);
+
+/// An event read back from the ring buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    StateChange(StateChange),
+    ErrorReport(ErrorReport),
+    ReceiveReset(Reset),
+    SendReset(Reset),
+    SynRetransmit(SynRetransmit),
+    Accept(Accept),
+    ConnectError(ConnectError),
+}
+
+/// Why bytes from the ring buffer are not an event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Fewer bytes than an event header.
+    Truncated { len: usize },
+    /// The header names a kind this build does not know.
+    UnknownKind { kind: u32 },
+    /// The header's size, the record's length and the kind's struct size disagree.
+    SizeMismatch { kind: u32, header_size: u32, len: usize, expected: usize },
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Truncated { len } => write!(f, "event of {len} bytes is shorter than its header"),
+            Self::UnknownKind { kind } => write!(f, "unknown event kind {kind}"),
+            Self::SizeMismatch { kind, header_size, len, expected } => write!(
+                f,
+                "event kind {kind}: header says {header_size} bytes, record has {len}, expected {expected}"
+            ),
+        }
+    }
+}
+
+fn read<T: Event>(bytes: &[u8], kind: u32, header_size: u32) -> Result<T, DecodeError> {
+    let expected = size_of::<T>();
+    if bytes.len() < expected || header_size as usize != expected {
+        return Err(DecodeError::SizeMismatch { kind, header_size, len: bytes.len(), expected });
+    }
+    // SAFETY: length checked above; every `Event` type is plain old data valid for any bytes.
+    Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// Decodes one ring-buffer record. The record may be longer than the event (ring-buffer records
+/// are padded to 8 bytes), never shorter.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    if bytes.len() < size_of::<EventHeader>() {
+        return Err(DecodeError::Truncated { len: bytes.len() });
+    }
+    // SAFETY: length checked; `EventHeader` is plain old data.
+    let header = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<EventHeader>()) };
+    let (kind, size) = (header.kind, header.size);
+    Ok(match EventKind::from_u32(kind).ok_or(DecodeError::UnknownKind { kind })? {
+        EventKind::StateChange => Decoded::StateChange(read(bytes, kind, size)?),
+        EventKind::ErrorReport => Decoded::ErrorReport(read(bytes, kind, size)?),
+        EventKind::ReceiveReset => Decoded::ReceiveReset(read(bytes, kind, size)?),
+        EventKind::SendReset => Decoded::SendReset(read(bytes, kind, size)?),
+        EventKind::SynRetransmit => Decoded::SynRetransmit(read(bytes, kind, size)?),
+        EventKind::Accept => Decoded::Accept(read(bytes, kind, size)?),
+        EventKind::ConnectError => Decoded::ConnectError(read(bytes, kind, size)?),
+    })
+}
+
+/// The bytes of an event exactly as the kernel side writes them (used by tests and fuzzing).
+pub fn as_bytes<T: Event>(event: &T) -> &[u8] {
+    // SAFETY: `T` is `#[repr(C)]` plain old data without implicit padding.
+    unsafe { core::slice::from_raw_parts((event as *const T).cast::<u8>(), size_of::<T>()) }
+}
+
+/// A header for an event of type `T` and kind `kind`, other fields zero.
+pub const fn header_for<T>(kind: EventKind) -> EventHeader {
+    EventHeader {
+        kind: kind as u32,
+        size: size_of::<T>() as u32,
+        ts_ns: 0,
+        pid: 0,
+        tid: 0,
+        netns: 0,
+        _pad: 0,
+        comm: [0; COMM_LEN],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tuple() -> Tuple {
+        let mut t = Tuple { family: AF_INET, sport: 40000, dport: 3306, ..Tuple::default() };
+        t.saddr[..4].copy_from_slice(&[10, 77, 0, 1]);
+        t.daddr[..4].copy_from_slice(&[10, 77, 0, 2]);
+        t
+    }
+
+    #[test]
+    fn round_trip_every_kind() {
+        let mut h = header_for::<StateChange>(EventKind::StateChange);
+        h.ts_ns = 123;
+        h.pid = 7;
+        h.comm[..4].copy_from_slice(b"curl");
+        let sc = StateChange { header: h, skaddr: 0xffff_8880_1234_5678, tuple: tuple(), oldstate: 7, newstate: 2 };
+        assert_eq!(decode(as_bytes(&sc)), Ok(Decoded::StateChange(sc)));
+
+        let er = ErrorReport { header: header_for::<ErrorReport>(EventKind::ErrorReport), tuple: tuple(), error: 111, _pad: 0 };
+        assert_eq!(decode(as_bytes(&er)), Ok(Decoded::ErrorReport(er)));
+
+        let rr = Reset { header: header_for::<Reset>(EventKind::ReceiveReset), skaddr: 1, tuple: tuple(), state: 2, reason: RESET_REASON_NONE };
+        assert_eq!(decode(as_bytes(&rr)), Ok(Decoded::ReceiveReset(rr)));
+        let sr = Reset { header: header_for::<Reset>(EventKind::SendReset), ..rr };
+        assert_eq!(decode(as_bytes(&sr)), Ok(Decoded::SendReset(sr)));
+
+        let rt = SynRetransmit { header: header_for::<SynRetransmit>(EventKind::SynRetransmit), skaddr: 1, tuple: tuple(), state: 2, _pad: 0 };
+        assert_eq!(decode(as_bytes(&rt)), Ok(Decoded::SynRetransmit(rt)));
+
+        let ac = Accept { header: header_for::<Accept>(EventKind::Accept), skaddr: 9, fd: 4 };
+        assert_eq!(decode(as_bytes(&ac)), Ok(Decoded::Accept(ac)));
+
+        let ce = ConnectError { header: header_for::<ConnectError>(EventKind::ConnectError), skaddr: 0, tuple: tuple(), ret: -101, _pad: 0 };
+        assert_eq!(decode(as_bytes(&ce)), Ok(Decoded::ConnectError(ce)));
+    }
+
+    #[test]
+    fn ring_buffer_padding_is_accepted() {
+        let ac = Accept { header: header_for::<Accept>(EventKind::Accept), skaddr: 9, fd: 4 };
+        let mut padded = [0u8; 128];
+        padded[..size_of::<Accept>()].copy_from_slice(as_bytes(&ac));
+        assert_eq!(decode(&padded[..size_of::<Accept>() + 8]), Ok(Decoded::Accept(ac)));
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        assert_eq!(decode(&[0u8; 3]), Err(DecodeError::Truncated { len: 3 }));
+        let mut h = header_for::<Accept>(EventKind::Accept);
+        h.kind = 99;
+        let ac = Accept { header: h, skaddr: 0, fd: 0 };
+        assert_eq!(decode(as_bytes(&ac)), Err(DecodeError::UnknownKind { kind: 99 }));
+        let ac = Accept { header: header_for::<Accept>(EventKind::Accept), skaddr: 0, fd: 0 };
+        let bytes = as_bytes(&ac);
+        assert!(matches!(decode(&bytes[..bytes.len() - 1]), Err(DecodeError::SizeMismatch { .. })));
+        // A header that claims another kind's size is rejected, not reinterpreted.
+        let mut h = header_for::<StateChange>(EventKind::Accept);
+        h.kind = EventKind::Accept as u32;
+        let ac = Accept { header: h, skaddr: 0, fd: 0 };
+        assert!(matches!(decode(as_bytes(&ac)), Err(DecodeError::SizeMismatch { .. })));
+    }
+
+    #[test]
+    fn kind_ids_are_fixed() {
+        for (id, kind) in [
+            (1, EventKind::StateChange),
+            (2, EventKind::ErrorReport),
+            (3, EventKind::ReceiveReset),
+            (4, EventKind::SendReset),
+            (5, EventKind::SynRetransmit),
+            (6, EventKind::Accept),
+            (7, EventKind::ConnectError),
+        ] {
+            assert_eq!(kind as u32, id);
+            assert_eq!(EventKind::from_u32(id), Some(kind));
+        }
+        assert_eq!(EventKind::from_u32(0), None);
+        assert_eq!(EventKind::from_u32(8), None);
+    }
+}

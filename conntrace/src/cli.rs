@@ -1,0 +1,107 @@
+//! Command-line interface.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::Parser;
+use conntrace_common::DEFAULT_RING_BYTES;
+
+/// Names the kernel's reason for every failed or stalled TCP connection.
+///
+/// conntrace attaches eBPF programs to the kernel's TCP tracepoints and prints one verdict per
+/// failed or stalled connection (and per established one with --all), on whichever host it runs.
+#[derive(Debug, Parser)]
+#[command(name = "conntrace", version, about, long_about)]
+pub struct Cli {
+    /// TCP port to trace (local or remote); repeatable and comma-separated. Default: every port.
+    #[arg(short, long = "port", value_name = "PORT", value_delimiter = ',', value_parser = parse_port)]
+    pub ports: Vec<u16>,
+
+    /// Print JSON Lines (see docs/events.md) instead of readable lines.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Write records to FILE (created with mode 0600) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Stop after this long (e.g. 30s, 500ms, 5m). Default: until SIGINT or SIGTERM.
+    #[arg(long, value_name = "D", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// How long an established connection may wait (e.g. for accept()) before it is reported.
+    #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
+
+    /// Also print a verdict for every established connection.
+    #[arg(long)]
+    pub all: bool,
+
+    /// Size of the kernel→userspace ring buffer in bytes (a power of two, at least 4096).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
+    pub ring_buffer_bytes: u32,
+
+    /// Log more to stderr (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+pub fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range 1-65535")),
+        Err(_) => Err(format!("`{s}` is not a port number (1-65535)")),
+    }
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration like 30s or 500ms: {e}"))?;
+    if d.is_zero() {
+        return Err("the duration must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+pub fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err(format!("{n} is not a power of two of at least 4096"));
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_are_repeatable_and_comma_separated() {
+        let cli = Cli::try_parse_from(["conntrace", "--port", "3306,5432", "-p", "80"]).expect("parse");
+        assert_eq!(cli.ports, vec![3306, 5432, 80]);
+        assert!(Cli::try_parse_from(["conntrace"]).expect("parse").ports.is_empty());
+    }
+
+    #[test]
+    fn invalid_ports_are_rejected() {
+        for bad in ["0", "70000", "abc", "-1"] {
+            assert!(Cli::try_parse_from(["conntrace", "--port", bad]).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("0s").is_err());
+        let cli = Cli::try_parse_from(["conntrace", "--duration", "2s", "--stall-timeout", "1s"]).expect("parse");
+        assert_eq!(cli.duration, Some(Duration::from_secs(2)));
+        assert_eq!(cli.stall_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_bytes("4096"), Ok(4096));
+        assert!(parse_ring_bytes("5000").is_err());
+        assert!(parse_ring_bytes("2048").is_err());
+    }
+}

@@ -1,0 +1,85 @@
+//! Ring-buffer records → reason-engine events.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use conntrace_common::{AF_INET6, Decoded, EventHeader, RESET_REASON_NONE, Tuple, decode};
+
+use crate::engine::model::{FourTuple, KernelEvent, Meta, Proc, TcpState};
+
+/// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
+pub struct Decoder {
+    reset_reasons: BTreeMap<u32, String>,
+}
+
+fn addr(family: u16, bytes: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        let v6 = Ipv6Addr::from(*bytes);
+        // Dual-stack sockets report IPv4 peers as ::ffff:a.b.c.d.
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    }
+}
+
+pub fn four_tuple(t: &Tuple) -> FourTuple {
+    FourTuple { saddr: addr(t.family, &t.saddr), sport: t.sport, daddr: addr(t.family, &t.daddr), dport: t.dport }
+}
+
+fn meta(h: &EventHeader) -> Meta {
+    let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
+    Meta {
+        ts_ns: h.ts_ns,
+        netns: h.netns,
+        proc: Proc { pid: h.pid, tid: h.tid, comm: String::from_utf8_lossy(&h.comm[..end]).into_owned() },
+    }
+}
+
+impl Decoder {
+    pub fn new(reset_reasons: BTreeMap<u32, String>) -> Self {
+        Self { reset_reasons }
+    }
+
+    pub fn decode(&self, bytes: &[u8]) -> Result<KernelEvent, conntrace_common::DecodeError> {
+        Ok(match decode(bytes)? {
+            Decoded::StateChange(e) => KernelEvent::State {
+                meta: meta(&e.header),
+                sk: e.skaddr,
+                tuple: four_tuple(&e.tuple),
+                old: TcpState::from_kernel(e.oldstate),
+                new: TcpState::from_kernel(e.newstate),
+            },
+            Decoded::ErrorReport(e) => {
+                KernelEvent::SocketError { meta: meta(&e.header), tuple: four_tuple(&e.tuple), errno: e.error.abs() }
+            }
+            Decoded::ReceiveReset(e) => {
+                KernelEvent::ResetReceived { meta: meta(&e.header), sk: e.skaddr, tuple: four_tuple(&e.tuple) }
+            }
+            Decoded::SendReset(e) => {
+                // Without a socket the kernel fills the record from the answered packet, already
+                // oriented as this host's reply (s = this host).
+                KernelEvent::ResetSent {
+                    meta: meta(&e.header),
+                    sk: e.skaddr,
+                    tuple: four_tuple(&e.tuple),
+                    state: (e.skaddr != 0 && e.state >= 0).then(|| TcpState::from_kernel(e.state)),
+                    reason: (e.reason != RESET_REASON_NONE).then(|| {
+                        self.reset_reasons.get(&e.reason).cloned().unwrap_or_else(|| format!("sk_rst_reason {}", e.reason))
+                    }),
+                }
+            }
+            Decoded::SynRetransmit(e) => {
+                KernelEvent::SynRetransmit { meta: meta(&e.header), sk: e.skaddr, tuple: four_tuple(&e.tuple) }
+            }
+            Decoded::Accept(e) => KernelEvent::Accepted { meta: meta(&e.header), sk: e.skaddr, fd: e.fd },
+            Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
+                meta: meta(&e.header),
+                sk: e.skaddr,
+                tuple: four_tuple(&e.tuple),
+                errno: -e.ret,
+            },
+        })
+    }
+}

@@ -1,0 +1,169 @@
+//! Which reason a set of kernel facts means. Every rule is here, in one place.
+
+use serde_json::{Map, Value, json};
+
+use super::{
+    Conn, EngineConfig, errno_name, ms,
+    model::{FourTuple, Meta, Outcome, Reason, Side, TcpState},
+    verdict::Verdict,
+};
+
+const ENETUNREACH: i32 = 101;
+const EHOSTUNREACH: i32 = 113;
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+const ECONNRESET: i32 = 104;
+const EACCES: i32 = 13;
+const EPERM: i32 = 1;
+/// Errors only a handshake produces (a RST, an ICMP answer, a timeout).
+const HANDSHAKE_ERRORS: [i32; 3] = [ECONNREFUSED, ETIMEDOUT, ECONNRESET];
+/// `connect()` results that are not a connection failure.
+const NOT_A_FAILURE: [i32; 4] = [114 /* EALREADY */, 106 /* EISCONN */, 4 /* EINTR */, 11 /* EAGAIN */];
+
+fn base(c: &Conn, ts_ns: u64, outcome: Outcome, reason: Reason) -> Verdict {
+    Verdict {
+        ts_ns,
+        side: c.side,
+        outcome,
+        reason,
+        kernel_reason: None,
+        errno: c.errno.or(c.connect_errno).map(errno_name),
+        saddr: Some(c.tuple.saddr),
+        sport: (c.tuple.sport != 0).then_some(c.tuple.sport),
+        daddr: c.tuple.daddr,
+        dport: c.tuple.dport,
+        netns: c.netns,
+        pid: c.proc.as_ref().map(|p| p.pid),
+        comm: c.proc.as_ref().map(|p| p.comm.clone()),
+        duration_ms: ms(c.started_ns, ts_ns),
+        syn_retransmits: c.syn_retransmits,
+        detail: Map::new(),
+    }
+}
+
+/// The verdict of a connection that completed its handshake.
+pub(super) fn established(c: &Conn, ts_ns: u64, accepted: bool) -> Verdict {
+    let at = c.established_ns.unwrap_or(ts_ns);
+    let mut v = base(c, at, Outcome::Established, Reason::Established);
+    v.ts_ns = ts_ns;
+    v.duration_ms = ms(c.started_ns, at);
+    v.kernel_reason = Some(TcpState::Established.name());
+    if c.side == Side::Server {
+        v.detail.insert("accepted".into(), json!(accepted));
+        if accepted {
+            v.detail.insert("accept_delay_ms".into(), json!(ms(at, ts_ns)));
+        }
+    }
+    v
+}
+
+/// Whether a closed connection can be decided without waiting for more events.
+pub(super) fn facts_complete(c: &Conn) -> bool {
+    c.errno.is_some()
+}
+
+/// The verdict of a connection that reached CLOSE, or `None` for an orderly end.
+pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
+    let (at, from) = c.closed?;
+    let errno = c.errno.or(c.connect_errno);
+    let mut detail = Map::new();
+    detail.insert("closed_from".into(), from.name().into());
+    let (outcome, reason, kernel_reason) = if c.established_ns.is_none() {
+        if c.side == Side::Server {
+            // A passive connection that died in SYN_RECV (its final ACK never came, or a RST did).
+            detail.insert("rst_received".into(), json!(c.rst_received.is_some()));
+            (Outcome::Failed, Reason::Unknown, from.name())
+        } else if c.rst_received.is_some() {
+            detail.insert("rst_received".into(), json!(true));
+            (Outcome::Failed, Reason::RefusedNoListener, errno.map_or_else(|| "RST received in SYN_SENT".into(), errno_name))
+        } else {
+            match errno {
+                Some(ECONNREFUSED) if cfg.resets_observed => {
+                    // ECONNREFUSED without a RST: an ICMP port unreachable (e.g. REJECT).
+                    detail.insert("icmp".into(), json!("port-unreachable"));
+                    (Outcome::Failed, Reason::IcmpUnreachable, errno_name(ECONNREFUSED))
+                }
+                Some(ECONNREFUSED) => (Outcome::Failed, Reason::RefusedNoListener, errno_name(ECONNREFUSED)),
+                Some(e @ (EHOSTUNREACH | ENETUNREACH | EACCES | EPERM)) => {
+                    detail.insert(
+                        "icmp".into(),
+                        json!(match e {
+                            ENETUNREACH => "net-unreachable or net-prohibited",
+                            EHOSTUNREACH => "host-unreachable, host-prohibited or admin-prohibited",
+                            _ => "prohibited",
+                        }),
+                    );
+                    (Outcome::Failed, Reason::IcmpUnreachable, errno_name(e))
+                }
+                Some(ETIMEDOUT) => {
+                    detail.insert("cause".into(), json!("kernel_gave_up"));
+                    detail.insert("after_ms".into(), json!(ms(c.started_ns, at)));
+                    (Outcome::Failed, Reason::SynTimeout, errno_name(ETIMEDOUT))
+                }
+                Some(e) => (Outcome::Failed, Reason::Unknown, errno_name(e)),
+                None if from == TcpState::SynSent => {
+                    detail.insert("cause".into(), json!("application_closed"));
+                    detail.insert("after_ms".into(), json!(ms(c.started_ns, at)));
+                    (Outcome::Failed, Reason::SynTimeout, "closed in TCP_SYN_SENT".into())
+                }
+                None => (Outcome::Failed, Reason::Unknown, from.name()),
+            }
+        }
+    } else if let Some(state) = c.rst_received {
+        detail.insert("rst_received_in".into(), state.name().into());
+        detail.insert("established_ms".into(), json!(ms(c.established_ns.unwrap_or(at), at)));
+        (Outcome::Failed, Reason::ResetByPeer, errno.map_or_else(|| errno_name(ECONNRESET), errno_name))
+    } else {
+        match errno {
+            Some(ETIMEDOUT) => {
+                detail.insert("established_ms".into(), json!(ms(c.established_ns.unwrap_or(at), at)));
+                (Outcome::Failed, Reason::Timeout, errno_name(ETIMEDOUT))
+            }
+            Some(ECONNRESET) => (Outcome::Failed, Reason::ResetByPeer, errno_name(ECONNRESET)),
+            Some(e) if !c.orderly_close => (Outcome::Failed, Reason::Unknown, errno_name(e)),
+            // An orderly or application-initiated end: nothing to report.
+            _ => return None,
+        }
+    };
+    let mut v = base(c, at, outcome, reason);
+    v.kernel_reason = Some(kernel_reason);
+    v.errno = errno.map(errno_name);
+    v.detail = detail;
+    Some(v)
+}
+
+/// `connect()` failed before the socket changed state (no packet was sent).
+///
+/// `socket_known`: the kernel side resolved the socket, so a lifecycle event would have been
+/// seen had a SYN gone out. Without it, errors that only a handshake produces are left to the
+/// lifecycle events rather than reported twice.
+pub(super) fn connect_failed(meta: &Meta, tuple: FourTuple, errno: i32, socket_known: bool) -> Option<Verdict> {
+    if NOT_A_FAILURE.contains(&errno) || (!socket_known && HANDSHAKE_ERRORS.contains(&errno)) {
+        return None;
+    }
+    let reason = match errno {
+        ENETUNREACH | EHOSTUNREACH => Reason::NoRoute,
+        _ => Reason::Unknown,
+    };
+    let mut detail = Map::new();
+    detail.insert("syscall".into(), Value::from("connect"));
+    detail.insert("packets_sent".into(), Value::from(0));
+    Some(Verdict {
+        ts_ns: meta.ts_ns,
+        side: Side::Client,
+        outcome: Outcome::Failed,
+        reason,
+        kernel_reason: Some(errno_name(errno)),
+        errno: Some(errno_name(errno)),
+        saddr: None,
+        sport: None,
+        daddr: tuple.daddr,
+        dport: tuple.dport,
+        netns: meta.netns,
+        pid: Some(meta.proc.pid),
+        comm: Some(meta.proc.comm.clone()),
+        duration_ms: 0.0,
+        syn_retransmits: 0,
+        detail,
+    })
+}

@@ -1,0 +1,440 @@
+//! The reason engine: kernel events in, verdicts out. Pure: no kernel, no clock, no I/O.
+//!
+//! Connections are keyed by the kernel's socket address (`sk`), because the first event of a
+//! client connection (CLOSE→SYN_SENT) fires before the local port is chosen. Facts that come
+//! without a socket address (error reports) are joined by 4-tuple. A closed connection waits a
+//! short grace period for facts that the kernel emits around the close in an order that varies
+//! between versions; it is decided as soon as the facts are complete.
+
+mod decide;
+pub mod model;
+pub mod verdict;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value, json};
+
+use self::{
+    model::{FourTuple, KernelEvent, Meta, Outcome, Proc, Reason, Side, TcpState},
+    verdict::{Summary, Verdict},
+};
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Emit a verdict for established connections too (`--all`).
+    pub report_established: bool,
+    /// How long a server connection may wait for accept() before its verdict goes out.
+    pub stall_timeout_ns: u64,
+    /// How long a closed connection waits for late facts (error report) before it is decided.
+    pub grace_ns: u64,
+    /// Most connections tracked at once; the oldest are forgotten (and counted) beyond it.
+    pub max_connections: usize,
+    /// A connection with no event for this long is forgotten (and counted if unresolved).
+    pub idle_expiry_ns: u64,
+    /// Whether resets are observed (the reset tracepoints attached). Without them, ECONNREFUSED
+    /// cannot be told apart from an ICMP port unreachable.
+    pub resets_observed: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            report_established: false,
+            stall_timeout_ns: 3_000_000_000,
+            grace_ns: 200_000_000,
+            max_connections: 65_536,
+            idle_expiry_ns: 3_600_000_000_000,
+            resets_observed: true,
+        }
+    }
+}
+
+/// What the engine knows about one connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Conn {
+    /// Kernel socket address: the key of `by_sk`.
+    pub sk: u64,
+    pub side: Side,
+    pub netns: u32,
+    pub tuple: FourTuple,
+    pub started_ns: u64,
+    pub last_ns: u64,
+    pub proc: Option<Proc>,
+    pub state: TcpState,
+    /// Set when the connection reached ESTABLISHED.
+    pub established_ns: Option<u64>,
+    /// Set when it reached CLOSE, with the state it left.
+    pub closed: Option<(u64, TcpState)>,
+    pub syn_retransmits: u32,
+    pub errno: Option<i32>,
+    pub connect_errno: Option<i32>,
+    /// State in which a RST was received.
+    pub rst_received: Option<TcpState>,
+    /// An established (or failure) verdict has been emitted.
+    pub reported: bool,
+    /// Set when an orderly shutdown (FIN) started.
+    pub orderly_close: bool,
+}
+
+/// A `SocketError` that has not found its connection yet (the local port may still be unknown).
+#[derive(Debug, Clone)]
+struct OrphanError {
+    ts_ns: u64,
+    errno: i32,
+}
+
+pub struct Engine {
+    cfg: EngineConfig,
+    next_id: u64,
+    /// Ordered by creation: the first entry is the oldest.
+    conns: BTreeMap<u64, Conn>,
+    by_sk: HashMap<u64, u64>,
+    orphan_errors: HashMap<FourTuple, OrphanError>,
+    /// Sockets decided recently → when: late syscall results for them are not new failures.
+    recently_decided: HashMap<u64, u64>,
+    summary: Summary,
+}
+
+/// Errno number → name (`111` → `ECONNREFUSED`).
+pub fn errno_name(errno: i32) -> String {
+    match nix::errno::Errno::from_raw(errno) {
+        nix::errno::Errno::UnknownErrno => format!("errno {errno}"),
+        e => format!("{e:?}"),
+    }
+}
+
+fn ms(from_ns: u64, to_ns: u64) -> f64 {
+    (to_ns.saturating_sub(from_ns) / 1_000) as f64 / 1_000.0
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Self {
+        Self {
+            cfg,
+            next_id: 0,
+            conns: BTreeMap::new(),
+            by_sk: HashMap::new(),
+            orphan_errors: HashMap::new(),
+            recently_decided: HashMap::new(),
+            summary: Summary::default(),
+        }
+    }
+
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn emit(&mut self, out: &mut Vec<Verdict>, v: Verdict) {
+        self.summary.count(&v);
+        out.push(v);
+    }
+
+    fn insert(&mut self, sk: u64, conn: Conn, out: &mut Vec<Verdict>) -> u64 {
+        if let Some(old) = self.by_sk.remove(&sk) {
+            // The kernel reused a socket address whose end we never saw.
+            if let Some(c) = self.conns.remove(&old) {
+                self.forget(c, out);
+            }
+        }
+        while self.conns.len() >= self.cfg.max_connections {
+            let Some((oldest, c)) = self.conns.pop_first() else { break };
+            self.unindex(oldest, c.sk);
+            self.forget(c, out);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.conns.insert(id, conn);
+        self.by_sk.insert(sk, id);
+        id
+    }
+
+    fn unindex(&mut self, id: u64, sk: u64) {
+        if self.by_sk.get(&sk) == Some(&id) {
+            self.by_sk.remove(&sk);
+        }
+    }
+
+    /// Drops a connection without a terminal event; counts it if it never got a verdict.
+    fn forget(&mut self, c: Conn, _out: &mut Vec<Verdict>) {
+        if !c.reported && c.established_ns.is_none() {
+            self.summary.expired_unresolved += 1;
+        }
+    }
+
+    fn new_conn(&self, sk: u64, side: Side, meta: &Meta, tuple: FourTuple, state: TcpState, proc: Option<Proc>) -> Conn {
+        Conn {
+            sk,
+            side,
+            netns: meta.netns,
+            tuple,
+            started_ns: meta.ts_ns,
+            last_ns: meta.ts_ns,
+            proc,
+            state,
+            established_ns: None,
+            closed: None,
+            syn_retransmits: 0,
+            errno: None,
+            connect_errno: None,
+            rst_received: None,
+            reported: false,
+            orderly_close: false,
+        }
+    }
+
+    fn conn_mut(&mut self, sk: u64) -> Option<&mut Conn> {
+        let id = *self.by_sk.get(&sk)?;
+        self.conns.get_mut(&id)
+    }
+
+    /// Feeds one kernel event; returns the verdicts it completes.
+    pub fn handle(&mut self, ev: KernelEvent) -> Vec<Verdict> {
+        self.summary.events += 1;
+        let mut out = Vec::new();
+        match ev {
+            KernelEvent::State { meta, sk, tuple, old, new } => self.on_state(meta, sk, tuple, old, new, &mut out),
+            KernelEvent::SocketError { meta, tuple, errno } => {
+                let found = self.conns.iter_mut().rev().find(|(_, c)| c.tuple == tuple && c.errno.is_none());
+                match found {
+                    Some((_, c)) => {
+                        c.errno = Some(errno);
+                        c.last_ns = meta.ts_ns;
+                    }
+                    None => {
+                        self.orphan_errors.insert(tuple, OrphanError { ts_ns: meta.ts_ns, errno });
+                    }
+                }
+                self.decide_ready(meta.ts_ns, &mut out);
+            }
+            KernelEvent::ResetReceived { meta, sk, tuple } => {
+                if let Some(c) = self.conn_mut(sk) {
+                    c.rst_received.get_or_insert(c.state);
+                    c.tuple = tuple;
+                    c.last_ns = meta.ts_ns;
+                }
+            }
+            KernelEvent::ResetSent { meta, sk, tuple, state, reason } => {
+                if sk == 0 {
+                    // Nothing matched the packet: this host refused it.
+                    let mut detail = Map::new();
+                    detail.insert("rst_sent".into(), Value::Bool(true));
+                    if let Some(s) = state {
+                        detail.insert("state".into(), s.name().into());
+                    }
+                    let v = Verdict {
+                        ts_ns: meta.ts_ns,
+                        side: Side::Server,
+                        outcome: Outcome::Failed,
+                        reason: Reason::RefusedNoListener,
+                        kernel_reason: Some(reason.unwrap_or_else(|| "RST sent: no socket".into())),
+                        errno: None,
+                        saddr: Some(tuple.saddr),
+                        sport: Some(tuple.sport),
+                        daddr: tuple.daddr,
+                        dport: tuple.dport,
+                        netns: meta.netns,
+                        pid: None,
+                        comm: None,
+                        duration_ms: 0.0,
+                        syn_retransmits: 0,
+                        detail,
+                    };
+                    self.emit(&mut out, v);
+                } else if let Some(c) = self.conn_mut(sk) {
+                    c.last_ns = meta.ts_ns;
+                }
+            }
+            KernelEvent::SynRetransmit { meta, sk, tuple } => {
+                if self.conn_mut(sk).is_none() {
+                    let c = self.new_conn(sk, Side::Client, &meta, tuple, TcpState::SynSent, None);
+                    self.insert(sk, c, &mut out);
+                }
+                if let Some(c) = self.conn_mut(sk) {
+                    c.syn_retransmits += 1;
+                    c.tuple = tuple;
+                    c.last_ns = meta.ts_ns;
+                }
+            }
+            KernelEvent::Accepted { meta, sk, .. } => {
+                let report = self.cfg.report_established;
+                let mut verdict = None;
+                if let Some(c) = self.conn_mut(sk) {
+                    c.proc = Some(meta.proc.clone());
+                    c.last_ns = meta.ts_ns;
+                    if c.side == Side::Server && !c.reported && c.established_ns.is_some() {
+                        c.reported = true;
+                        verdict = report.then(|| decide::established(c, meta.ts_ns, true));
+                    }
+                }
+                if let Some(v) = verdict {
+                    self.emit(&mut out, v);
+                }
+            }
+            KernelEvent::ConnectFailed { meta, sk, tuple, errno } => {
+                if let Some(c) = self.conn_mut(sk) {
+                    c.connect_errno = Some(errno);
+                    c.last_ns = meta.ts_ns;
+                } else if sk != 0 && self.recently_decided.contains_key(&sk) {
+                    // connect() reporting a failure whose verdict is already out.
+                } else if let Some(v) = decide::connect_failed(&meta, tuple, errno, sk != 0) {
+                    self.emit(&mut out, v);
+                }
+            }
+        }
+        out
+    }
+
+    fn on_state(&mut self, meta: Meta, sk: u64, tuple: FourTuple, old: TcpState, new: TcpState, out: &mut Vec<Verdict>) {
+        let ts = meta.ts_ns;
+        let known = self.by_sk.contains_key(&sk);
+        match (old, new) {
+            (_, TcpState::SynSent) => {
+                // connect(): the current task is the connecting process.
+                let proc = Some(meta.proc.clone());
+                let c = self.new_conn(sk, Side::Client, &meta, tuple, new, proc);
+                self.insert(sk, c, out);
+                return;
+            }
+            (TcpState::Listen, TcpState::SynRecv) | (TcpState::SynRecv, TcpState::Established) if !known => {
+                // A passive child socket; it runs in softirq context, so no process yet.
+                let c = self.new_conn(sk, Side::Server, &meta, tuple, TcpState::SynRecv, None);
+                self.insert(sk, c, out);
+            }
+            (TcpState::SynSent, _) if !known => {
+                // We missed connect() (started before us, or the event was lost).
+                let c = self.new_conn(sk, Side::Client, &meta, tuple, old, None);
+                self.insert(sk, c, out);
+            }
+            _ if !known => return,
+            _ => {}
+        }
+        let report = self.cfg.report_established;
+        let Some(c) = self.conn_mut(sk) else { return };
+        c.last_ns = ts;
+        if tuple.sport != 0 {
+            c.tuple = tuple;
+        }
+        c.state = new;
+        let mut verdict = None;
+        match new {
+            TcpState::Established => {
+                c.established_ns = Some(ts);
+                // A client knows its process from connect(); a server waits for accept().
+                if c.side == Side::Client && !c.reported {
+                    c.reported = true;
+                    verdict = report.then(|| decide::established(c, ts, false));
+                }
+            }
+            TcpState::FinWait1 | TcpState::CloseWait | TcpState::LastAck | TcpState::Closing => {
+                c.orderly_close = true;
+            }
+            TcpState::Close => c.closed = Some((ts, old)),
+            _ => {}
+        }
+        if let Some(v) = verdict {
+            self.emit(out, v);
+        }
+        if new == TcpState::Close {
+            let t = self.conn_mut(sk).map(|c| c.tuple);
+            if let Some(orphan) = t.and_then(|t| self.orphan_errors.remove(&t)) {
+                if let Some(c) = self.conn_mut(sk) {
+                    c.errno.get_or_insert(orphan.errno);
+                }
+            }
+            self.decide_ready(ts, out);
+        }
+    }
+
+    /// Decides closed connections whose facts are complete, or whose grace period ran out.
+    fn decide_ready(&mut self, now_ns: u64, out: &mut Vec<Verdict>) {
+        let grace = self.cfg.grace_ns;
+        let ready: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| match c.closed {
+                Some((at, _)) => decide::facts_complete(c) || now_ns >= at + grace,
+                None => false,
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let Some(c) = self.conns.remove(&id) else { continue };
+            self.unindex(id, c.sk);
+            self.recently_decided.insert(c.sk, now_ns);
+            if let Some(v) = decide::closed(&c, &self.cfg) {
+                self.emit(out, v);
+            } else if c.side == Side::Server && !c.reported && c.established_ns.is_some() && self.cfg.report_established {
+                // Closed before anyone saw accept() return it.
+                let mut v = decide::established(&c, c.closed.map_or(now_ns, |(t, _)| t), false);
+                v.detail.insert("accepted".into(), json!(false));
+                self.emit(out, v);
+            }
+        }
+    }
+
+    /// Advances time: decides what waited long enough, expires what never resolved.
+    pub fn tick(&mut self, now_ns: u64) -> Vec<Verdict> {
+        let mut out = Vec::new();
+        self.decide_ready(now_ns, &mut out);
+        let (stall, idle, report) = (self.cfg.stall_timeout_ns, self.cfg.idle_expiry_ns, self.cfg.report_established);
+        let mut verdicts = Vec::new();
+        for c in self.conns.values_mut() {
+            if c.side == Side::Server && !c.reported && c.closed.is_none() {
+                if let Some(at) = c.established_ns.filter(|at| now_ns >= at + stall) {
+                    c.reported = true;
+                    if report {
+                        let mut v = decide::established(c, now_ns, false);
+                        v.detail.insert("accepted".into(), json!(false));
+                        v.detail.insert("waited_ms".into(), json!(ms(at, now_ns)));
+                        verdicts.push(v);
+                    }
+                }
+            }
+        }
+        for v in verdicts {
+            self.emit(&mut out, v);
+        }
+        let stale: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| now_ns >= c.last_ns + idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stale {
+            if let Some(c) = self.conns.remove(&id) {
+                self.unindex(id, c.sk);
+                self.forget(c, &mut out);
+            }
+        }
+        let keep = 10 * grace_or(self.cfg.grace_ns);
+        self.recently_decided.retain(|_, at| now_ns < *at + keep);
+        let orphans_before = self.orphan_errors.len();
+        self.orphan_errors.retain(|_, o| now_ns < o.ts_ns + 10 * grace_or(self.cfg.grace_ns));
+        self.summary.unmatched_errors += (orphans_before - self.orphan_errors.len()) as u64;
+        out
+    }
+
+    /// Ends the run: decides every closed connection now; open ones stay unresolved.
+    pub fn finish(&mut self, now_ns: u64) -> Vec<Verdict> {
+        let mut out = self.tick(now_ns);
+        let far = now_ns.saturating_add(self.cfg.grace_ns);
+        self.decide_ready(far, &mut out);
+        let open: Vec<Conn> = std::mem::take(&mut self.conns).into_values().collect();
+        self.by_sk.clear();
+        for c in open {
+            self.forget(c, &mut out);
+        }
+        out
+    }
+}
+
+fn grace_or(grace: u64) -> u64 {
+    grace.max(100_000_000)
+}

@@ -1,0 +1,200 @@
+//! The reason engine's input: kernel facts in plain Rust types, independent of the wire format.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+/// TCP states as numbered by the kernel's uapi `enum` (`include/net/tcp_states.h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    Other(i32),
+}
+
+impl TcpState {
+    pub fn from_kernel(v: i32) -> Self {
+        match v {
+            1 => Self::Established,
+            2 => Self::SynSent,
+            3 => Self::SynRecv,
+            4 => Self::FinWait1,
+            5 => Self::FinWait2,
+            6 => Self::TimeWait,
+            7 => Self::Close,
+            8 => Self::CloseWait,
+            9 => Self::LastAck,
+            10 => Self::Listen,
+            11 => Self::Closing,
+            12 => Self::NewSynRecv,
+            other => Self::Other(other),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Self::Established => "TCP_ESTABLISHED".into(),
+            Self::SynSent => "TCP_SYN_SENT".into(),
+            Self::SynRecv => "TCP_SYN_RECV".into(),
+            Self::FinWait1 => "TCP_FIN_WAIT1".into(),
+            Self::FinWait2 => "TCP_FIN_WAIT2".into(),
+            Self::TimeWait => "TCP_TIME_WAIT".into(),
+            Self::Close => "TCP_CLOSE".into(),
+            Self::CloseWait => "TCP_CLOSE_WAIT".into(),
+            Self::LastAck => "TCP_LAST_ACK".into(),
+            Self::Listen => "TCP_LISTEN".into(),
+            Self::Closing => "TCP_CLOSING".into(),
+            Self::NewSynRecv => "TCP_NEW_SYN_RECV".into(),
+            Self::Other(v) => format!("TCP_STATE_{v}"),
+        }
+    }
+
+    /// States after the handshake completed.
+    pub fn synchronized(self) -> bool {
+        matches!(
+            self,
+            Self::Established
+                | Self::FinWait1
+                | Self::FinWait2
+                | Self::CloseWait
+                | Self::LastAck
+                | Self::Closing
+                | Self::TimeWait
+        )
+    }
+}
+
+/// Addresses and ports from the reporting host's point of view (`s` = local).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FourTuple {
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+/// The task that was current when the kernel fired the event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Proc {
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+}
+
+/// Facts every event carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Network namespace inode, 0 if the kernel side could not tell.
+    pub netns: u32,
+    pub proc: Proc,
+}
+
+/// One kernel fact, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    State { meta: Meta, sk: u64, tuple: FourTuple, old: TcpState, new: TcpState },
+    /// `inet_sk_error_report`; `errno` is positive.
+    SocketError { meta: Meta, tuple: FourTuple, errno: i32 },
+    ResetReceived { meta: Meta, sk: u64, tuple: FourTuple },
+    /// `sk == 0`: the kernel answered a packet that matched no socket.
+    ResetSent { meta: Meta, sk: u64, tuple: FourTuple, state: Option<TcpState>, reason: Option<String> },
+    SynRetransmit { meta: Meta, sk: u64, tuple: FourTuple },
+    Accepted { meta: Meta, sk: u64, fd: i64 },
+    /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
+    ConnectFailed { meta: Meta, sk: u64, tuple: FourTuple, errno: i32 },
+}
+
+impl KernelEvent {
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Self::State { meta, .. }
+            | Self::SocketError { meta, .. }
+            | Self::ResetReceived { meta, .. }
+            | Self::ResetSent { meta, .. }
+            | Self::SynRetransmit { meta, .. }
+            | Self::Accepted { meta, .. }
+            | Self::ConnectFailed { meta, .. } => meta,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    Client,
+    Server,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Established,
+    Failed,
+    Stalled,
+}
+
+/// Stable verdict codes. Never renamed; new ones are added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Established,
+    RefusedNoListener,
+    SynTimeout,
+    NoRoute,
+    IcmpUnreachable,
+    ResetByPeer,
+    Timeout,
+    Unknown,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 8] = [
+        Reason::Established,
+        Reason::RefusedNoListener,
+        Reason::SynTimeout,
+        Reason::NoRoute,
+        Reason::IcmpUnreachable,
+        Reason::ResetByPeer,
+        Reason::Timeout,
+        Reason::Unknown,
+    ];
+
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Established => "established",
+            Self::RefusedNoListener => "refused_no_listener",
+            Self::SynTimeout => "syn_timeout",
+            Self::NoRoute => "no_route",
+            Self::IcmpUnreachable => "icmp_unreachable",
+            Self::ResetByPeer => "reset_by_peer",
+            Self::Timeout => "timeout",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// One line of advice, shown beside human-readable verdicts.
+    pub fn advice(self) -> &'static str {
+        match self {
+            Self::Established => "connection established",
+            Self::RefusedNoListener => "nothing listens on that address and port: start the service, or check the address it binds to",
+            Self::SynTimeout => "SYNs went unanswered: a firewall drops them, or the host is down or unreachable",
+            Self::NoRoute => "the client has no route to the destination: check its routing table and address",
+            Self::IcmpUnreachable => "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path",
+            Self::ResetByPeer => "the peer aborted an established connection (RST): check the server's logs and its idle/limit settings",
+            Self::Timeout => "an established connection died of retransmission timeout: the peer or path went away",
+            Self::Unknown => "the kernel's facts did not match a known failure: see kernel_reason and detail",
+        }
+    }
+}

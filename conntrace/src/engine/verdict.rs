@@ -1,0 +1,52 @@
+//! The reason engine's output.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde_json::{Map, Value};
+
+use super::model::{Outcome, Reason, Side};
+
+/// One connection's verdict. Times are CLOCK_MONOTONIC; the output layer turns them into UTC.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub ts_ns: u64,
+    pub side: Side,
+    pub outcome: Outcome,
+    pub reason: Reason,
+    /// The kernel's own name for what happened: errno name, reset reason, TCP state.
+    pub kernel_reason: Option<String>,
+    /// The socket's error as an errno name, when it got one.
+    pub errno: Option<String>,
+    /// Local end; unknown when the kernel never assigned it (e.g. no route).
+    pub saddr: Option<IpAddr>,
+    pub sport: Option<u16>,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub netns: u32,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Connect start (client) or child socket creation (server) to the verdict's event.
+    pub duration_ms: f64,
+    pub syn_retransmits: u32,
+    pub detail: Map<String, Value>,
+}
+
+/// Counts over a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Summary {
+    pub by_outcome: BTreeMap<Outcome, u64>,
+    pub by_reason: BTreeMap<Reason, u64>,
+    /// Connections forgotten before any verdict (table full or no event for too long).
+    pub expired_unresolved: u64,
+    /// Kernel events processed.
+    pub events: u64,
+    /// Error reports that matched no connection.
+    pub unmatched_errors: u64,
+}
+
+impl Summary {
+    pub fn count(&mut self, v: &Verdict) {
+        *self.by_outcome.entry(v.outcome).or_default() += 1;
+        *self.by_reason.entry(v.reason).or_default() += 1;
+    }
+}

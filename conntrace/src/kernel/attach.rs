@@ -1,0 +1,150 @@
+//! The one table of attach rules: which program serves which capability, on which kernels,
+//! in which order of preference. Start-up walks it; nothing else decides where to attach.
+
+use serde::Serialize;
+
+/// What conntrace can observe. Each capability is served by the first rule that applies to
+/// the running kernel and attaches; later rules are fallbacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    /// TCP state transitions (connect start, handshake done, close). Required.
+    Lifecycle,
+    /// The error a socket reports (ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH, ...).
+    SocketError,
+    /// Resets received and sent.
+    Resets,
+    /// SYN retransmissions.
+    SynRetransmits,
+    /// The connecting process and `connect()`'s own errors (e.g. ENETUNREACH before any packet).
+    ConnectProcess,
+    /// The accepting process.
+    AcceptProcess,
+}
+
+/// How a program attaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A classic tracepoint `category:name`.
+    TracePoint { category: &'static str, name: &'static str },
+}
+
+impl Hook {
+    pub fn describe(&self) -> String {
+        match self {
+            Self::TracePoint { category, name } => format!("tracepoint:{category}:{name}"),
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct AttachRule {
+    pub capability: Capability,
+    /// Lower runs first among the rules of one capability.
+    pub priority: u8,
+    /// Name of the program in the eBPF object.
+    pub program: &'static str,
+    pub hook: Hook,
+    /// Oldest kernel (major, minor) the hook exists on.
+    pub min_kernel: (u32, u32),
+    /// Newest kernel the rule is meant for, if the hook changed meaning after it.
+    pub max_kernel: Option<(u32, u32)>,
+    /// Whether conntrace refuses to start without this capability.
+    pub required: bool,
+}
+
+const fn tp(
+    capability: Capability,
+    program: &'static str,
+    category: &'static str,
+    min_kernel: (u32, u32),
+    required: bool,
+) -> AttachRule {
+    AttachRule {
+        capability,
+        priority: 10,
+        program,
+        hook: Hook::TracePoint { category, name: program },
+        min_kernel,
+        max_kernel: None,
+        required,
+    }
+}
+
+/// Every attach rule. fentry/kprobe rows for `tcp_connect`, `inet_csk_accept` and the SYN-cookie
+/// paths join this table with a lower priority number where a kernel allows them.
+pub const RULES: &[AttachRule] = &[
+    tp(Capability::Lifecycle, "inet_sock_set_state", "sock", (4, 16), true),
+    tp(Capability::SocketError, "inet_sk_error_report", "sock", (5, 14), false),
+    tp(Capability::Resets, "tcp_receive_reset", "tcp", (4, 15), false),
+    tp(Capability::Resets, "tcp_send_reset", "tcp", (4, 15), false),
+    tp(Capability::SynRetransmits, "tcp_retransmit_skb", "tcp", (4, 15), false),
+    tp(Capability::ConnectProcess, "sys_enter_connect", "syscalls", (4, 7), false),
+    tp(Capability::ConnectProcess, "sys_exit_connect", "syscalls", (4, 7), false),
+    tp(Capability::AcceptProcess, "sys_exit_accept4", "syscalls", (4, 7), false),
+    tp(Capability::AcceptProcess, "sys_exit_accept", "syscalls", (4, 7), false),
+];
+
+impl AttachRule {
+    pub fn applies_to(&self, kernel: (u32, u32)) -> bool {
+        kernel >= self.min_kernel && self.max_kernel.is_none_or(|max| kernel <= max)
+    }
+}
+
+/// Parses "6.18.44-fc-v657" into (6, 18).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The rules to try on `kernel`, grouped by capability in table order, best first.
+pub fn plan(kernel: (u32, u32)) -> Vec<AttachRule> {
+    let mut rules: Vec<AttachRule> = RULES.iter().copied().filter(|r| r.applies_to(kernel)).collect();
+    rules.sort_by_key(|r| (r.capability as u8, r.priority));
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_kernel_releases() {
+        assert_eq!(kernel_version("6.18.44-fc-v657"), Some((6, 18)));
+        assert_eq!(kernel_version("6.1.0-56-amd64"), Some((6, 1)));
+        assert_eq!(kernel_version("5.14.0-427.el9.x86_64"), Some((5, 14)));
+        assert_eq!(kernel_version("garbage"), None);
+    }
+
+    #[test]
+    fn every_capability_has_a_tracepoint_path_on_supported_kernels() {
+        for kernel in [(5, 15), (6, 1), (6, 12), (6, 18)] {
+            let p = plan(kernel);
+            for cap in [
+                Capability::Lifecycle,
+                Capability::SocketError,
+                Capability::Resets,
+                Capability::SynRetransmits,
+                Capability::ConnectProcess,
+                Capability::AcceptProcess,
+            ] {
+                assert!(
+                    p.iter().any(|r| r.capability == cap && matches!(r.hook, Hook::TracePoint { .. })),
+                    "{cap:?} has no tracepoint rule on {kernel:?}"
+                );
+            }
+        }
+        assert!(plan((4, 9)).iter().all(|r| r.capability != Capability::Lifecycle));
+    }
+
+    #[test]
+    fn program_names_are_unique() {
+        let mut names: Vec<_> = RULES.iter().map(|r| r.program).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), RULES.len());
+    }
+}

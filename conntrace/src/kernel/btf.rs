@@ -1,0 +1,183 @@
+//! Kernel structure offsets and enum names, read from the running kernel's BTF.
+//!
+//! The eBPF programs read a few kernel structures (a socket's network namespace, the socket
+//! behind a file descriptor). Their layout changes between kernels and builds, so the offsets
+//! are looked up here at start-up instead of being compiled in.
+
+use std::{collections::BTreeMap, path::Path};
+
+use btf_rs::{Btf, Type};
+use conntrace_common::KernelOffsets;
+
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error("kernel BTF not found at {path}: conntrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    Missing { path: String },
+    #[error("failed to parse kernel BTF at {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: btf_rs::Error,
+    },
+}
+
+/// The kernel's BTF, with the look-ups conntrace needs.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    pub fn load(path: &Path) -> Result<Self, BtfError> {
+        let shown = path.display().to_string();
+        if !path.exists() {
+            return Err(BtfError::Missing { path: shown });
+        }
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Parse { path: shown, source })?;
+        Ok(Self { btf })
+    }
+
+    fn composite(&self, name: &str) -> Option<btf_rs::Struct> {
+        self.btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
+            Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+    }
+
+    /// Follows typedefs and qualifiers to a struct or union.
+    fn strip_to_composite(&self, mut ty: Type) -> Option<btf_rs::Struct> {
+        for _ in 0..16 {
+            match ty {
+                Type::Struct(s) | Type::Union(s) => return Some(s),
+                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
+                    ty = self.btf.resolve_chained_type(ty.as_btf_type()?).ok()?;
+                }
+                _ => return None,
+            }
+        }
+        None
+    }
+
+    /// Finds `name` among `s`'s members, descending into anonymous structs and unions.
+    /// Returns the member's bit offset and its type.
+    fn find_member(&self, s: &btf_rs::Struct, name: &str, depth: u32) -> Option<(u32, Type)> {
+        if depth > 8 {
+            return None;
+        }
+        for m in &s.members {
+            let member_name = self.btf.resolve_name(m).unwrap_or_default();
+            let ty = self.btf.resolve_chained_type(m).ok()?;
+            if member_name == name {
+                return Some((m.bit_offset(), ty));
+            }
+            if member_name.is_empty() {
+                if let Some(inner) = self.strip_to_composite(ty) {
+                    if let Some((off, t)) = self.find_member(&inner, name, depth + 1) {
+                        return Some((m.bit_offset() + off, t));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `path` (e.g. `["__sk_common", "skc_net", "net"]`) inside `struct name`.
+    pub fn offset_of(&self, name: &str, path: &[&str]) -> Option<u32> {
+        let mut current = self.composite(name)?;
+        let mut bits = 0;
+        for (i, part) in path.iter().enumerate() {
+            let (off, ty) = self.find_member(&current, part, 0)?;
+            bits += off;
+            if i + 1 < path.len() {
+                current = self.strip_to_composite(ty)?;
+            }
+        }
+        (bits % 8 == 0).then_some(bits / 8)
+    }
+
+    /// The offsets the eBPF programs need; a member that cannot be found is `MISSING`, which
+    /// turns off only the fact that depends on it.
+    pub fn kernel_offsets(&self) -> KernelOffsets {
+        let off = |s: &str, p: &[&str]| self.offset_of(s, p).unwrap_or(KernelOffsets::MISSING);
+        KernelOffsets {
+            sock_net: off("sock", &["__sk_common", "skc_net", "net"]),
+            net_inum: off("net", &["ns", "inum"]),
+            sock_num: off("sock", &["__sk_common", "skc_num"]),
+            sock_dport: off("sock", &["__sk_common", "skc_dport"]),
+            skb_dev: off("sk_buff", &["dev"]),
+            netdev_net: off("net_device", &["nd_net", "net"]),
+            task_files: off("task_struct", &["files"]),
+            files_fdt: off("files_struct", &["fdt"]),
+            fdtable_max_fds: off("fdtable", &["max_fds"]),
+            fdtable_fd: off("fdtable", &["fd"]),
+            file_private_data: off("file", &["private_data"]),
+            socket_type: off("socket", &["type"]),
+            socket_sk: off("socket", &["sk"]),
+            _pad: 0,
+        }
+    }
+
+    /// Value → name of the enumerators of `enum name` (e.g. `sk_rst_reason`), with `prefix`
+    /// stripped from the names. Empty when this kernel has no such enum.
+    pub fn enum_names(&self, name: &str, prefix: &str) -> BTreeMap<u32, String> {
+        let mut out = BTreeMap::new();
+        let Ok(types) = self.btf.resolve_types_by_name(name) else { return out };
+        for t in types {
+            if let Type::Enum(e) = t {
+                for m in &e.members {
+                    if let Ok(n) = self.btf.resolve_name(m) {
+                        out.insert(m.val(), n.strip_prefix(prefix).unwrap_or(&n).to_owned());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Names of the offsets that could not be resolved, for the `ready` line and logs.
+pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
+    let all = [
+        ("sock.__sk_common.skc_net", o.sock_net),
+        ("net.ns.inum", o.net_inum),
+        ("sock.__sk_common.skc_num", o.sock_num),
+        ("sock.__sk_common.skc_dport", o.sock_dport),
+        ("sk_buff.dev", o.skb_dev),
+        ("net_device.nd_net", o.netdev_net),
+        ("task_struct.files", o.task_files),
+        ("files_struct.fdt", o.files_fdt),
+        ("fdtable.max_fds", o.fdtable_max_fds),
+        ("fdtable.fd", o.fdtable_fd),
+        ("file.private_data", o.file_private_data),
+        ("socket.type", o.socket_type),
+        ("socket.sk", o.socket_sk),
+    ];
+    all.into_iter().filter(|(_, v)| *v == KernelOffsets::MISSING).map(|(n, _)| n).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs against the build machine's own BTF when it has one: these members exist on every
+    /// kernel conntrace supports.
+    #[test]
+    fn resolves_running_kernel_offsets() {
+        let path = Path::new(VMLINUX_BTF);
+        if !path.exists() {
+            eprintln!("skipped: {VMLINUX_BTF} absent (kernel without BTF)");
+            return;
+        }
+        let btf = KernelBtf::load(path).expect("parse vmlinux BTF");
+        let o = btf.kernel_offsets();
+        assert!(missing_offsets(&o).is_empty(), "missing: {:?}", missing_offsets(&o));
+        // `skc_net` lives inside `struct sock_common`, the first member of `struct sock`.
+        assert!(o.sock_net < 256, "sock_net={}", o.sock_net);
+        // skc_dport and skc_num share one 32-bit word: dport first, then num.
+        assert_eq!(o.sock_num, o.sock_dport + 2);
+        assert!(btf.offset_of("sock", &["no_such_member"]).is_none());
+        let reasons = btf.enum_names("tcp_state_unused_name", "");
+        assert!(reasons.is_empty());
+    }
+}

@@ -1,0 +1,230 @@
+//! Loading the embedded eBPF object, configuring it for the running kernel and attaching it.
+
+pub mod attach;
+pub mod btf;
+pub mod layout;
+
+use std::{collections::BTreeMap, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use conntrace_common::{Config, FLAG_ALL_PORTS, MAX_PORTS, TracepointLayout, maps};
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use self::{
+    attach::{Capability, Hook},
+    btf::KernelBtf,
+    layout::LayoutError,
+};
+
+/// The eBPF object built from `conntrace-ebpf` by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrace"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("cannot parse kernel release `{0}`")]
+    KernelRelease(String),
+    #[error("load the eBPF object (bpf(BPF_MAP_CREATE)): {0}")]
+    Object(#[source] aya::EbpfError),
+    #[error("map `{0}` is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map `{name}` (bpf(BPF_MAP_*)): {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("too many ports: at most {MAX_PORTS} can be filtered in the kernel")]
+    TooManyPorts,
+    #[error("{capability:?} is required but no program could attach: {reason}")]
+    Required { capability: Capability, reason: String },
+}
+
+/// A program that is attached, for the `ready` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActiveProgram {
+    pub capability: Capability,
+    pub name: &'static str,
+    pub attach: String,
+}
+
+/// A rule that was tried and did not attach, with the kernel's reason.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unavailable {
+    pub capability: Capability,
+    pub name: &'static str,
+    pub attach: String,
+    pub reason: String,
+}
+
+pub struct TracerOptions {
+    /// Ports to trace; empty means every port.
+    pub ports: Vec<u16>,
+    pub ring_bytes: u32,
+}
+
+/// Everything attached and the maps userspace reads.
+pub struct Tracer {
+    /// Keeps programs and links alive: dropping it detaches everything.
+    _ebpf: Ebpf,
+    lost: PerCpuArray<MapData, u64>,
+    pub kernel_release: String,
+    pub active: Vec<ActiveProgram>,
+    pub unavailable: Vec<Unavailable>,
+    /// `enum sk_rst_reason` names of this kernel (empty before 6.10).
+    pub reset_reasons: BTreeMap<u32, String>,
+    pub missing_offsets: Vec<&'static str>,
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+}
+
+/// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory against it (< 5.11).
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid pointer to a local struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!("setrlimit(RLIMIT_MEMLOCK) failed: {}", std::io::Error::last_os_error());
+    }
+}
+
+fn optional_layout(root: &Path, category: &str, name: &str) -> Result<TracepointLayout, LoadError> {
+    match layout::read_format(root, category, name) {
+        Ok(fields) => Ok(layout::tracepoint_layout(&fields)),
+        Err(LayoutError::NoTracepoint { .. }) => Ok(TracepointLayout::NONE),
+        Err(e) => Err(e.into()),
+    }
+}
+
+impl Tracer {
+    /// Loads, configures and attaches everything; returns the tracer and its event ring buffer.
+    pub fn start(opts: &TracerOptions) -> Result<(Self, RingBuf<MapData>), LoadError> {
+        if opts.ports.len() > MAX_PORTS as usize {
+            return Err(LoadError::TooManyPorts);
+        }
+        let release = kernel_release();
+        let version = attach::kernel_version(&release).ok_or_else(|| LoadError::KernelRelease(release.clone()))?;
+        let root = layout::tracefs_root()?;
+        let btf = KernelBtf::load(Path::new(btf::VMLINUX_BTF))?;
+        let offsets = btf.kernel_offsets();
+        let missing_offsets = btf::missing_offsets(&offsets);
+        if !missing_offsets.is_empty() {
+            warn!(?missing_offsets, "kernel structures not found in BTF: network namespace or process attribution degraded");
+        }
+        let set_state = layout::tracepoint_layout(&layout::read_format(&root, "sock", "inet_sock_set_state")?);
+        let config = Config {
+            set_state,
+            error_report: optional_layout(&root, "sock", "inet_sk_error_report")?,
+            receive_reset: optional_layout(&root, "tcp", "tcp_receive_reset")?,
+            send_reset: optional_layout(&root, "tcp", "tcp_send_reset")?,
+            retransmit: optional_layout(&root, "tcp", "tcp_retransmit_skb")?,
+            syscalls: layout::syscall_layout(&root)?,
+            offsets,
+            flags: if opts.ports.is_empty() { FLAG_ALL_PORTS } else { 0 },
+            _pad: 0,
+        };
+
+        raise_memlock();
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::EVENTS, opts.ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(LoadError::Object)?;
+        write_config(&mut ebpf, &config, &opts.ports)?;
+
+        let (active, unavailable) = attach_all(&mut ebpf, version)?;
+        let events = RingBuf::try_from(ebpf.take_map(maps::EVENTS).ok_or(LoadError::MissingMap(maps::EVENTS))?)
+            .map_err(|source| LoadError::Map { name: maps::EVENTS, source })?;
+        let lost = PerCpuArray::try_from(ebpf.take_map(maps::LOST).ok_or(LoadError::MissingMap(maps::LOST))?)
+            .map_err(|source| LoadError::Map { name: maps::LOST, source })?;
+        let tracer = Self {
+            _ebpf: ebpf,
+            lost,
+            kernel_release: release,
+            active,
+            unavailable,
+            reset_reasons: btf.enum_names("sk_rst_reason", "SK_RST_REASON_"),
+            missing_offsets,
+        };
+        Ok((tracer, events))
+    }
+
+    /// Events the kernel side could not write into the ring buffer, summed over CPUs.
+    pub fn lost_events(&self) -> Result<u64, aya::maps::MapError> {
+        Ok(self.lost.get(&0, 0)?.iter().sum())
+    }
+}
+
+fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &[u16]) -> Result<(), LoadError> {
+    let map = ebpf.map_mut(maps::CONFIG).ok_or(LoadError::MissingMap(maps::CONFIG))?;
+    let mut array: Array<_, Config> =
+        Array::try_from(map).map_err(|source| LoadError::Map { name: maps::CONFIG, source })?;
+    array.set(0, config, 0).map_err(|source| LoadError::Map { name: maps::CONFIG, source })?;
+    let map = ebpf.map_mut(maps::PORTS).ok_or(LoadError::MissingMap(maps::PORTS))?;
+    let mut hash: HashMap<_, u16, u8> =
+        HashMap::try_from(map).map_err(|source| LoadError::Map { name: maps::PORTS, source })?;
+    for port in ports {
+        hash.insert(port, 1, 0).map_err(|source| LoadError::Map { name: maps::PORTS, source })?;
+    }
+    Ok(())
+}
+
+fn attach_one(ebpf: &mut Ebpf, rule: &attach::AttachRule) -> Result<(), String> {
+    let program = ebpf.program_mut(rule.program).ok_or_else(|| format!("program {} not in the object", rule.program))?;
+    match rule.hook {
+        Hook::TracePoint { category, name } => {
+            let tp: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
+            tp.load().map_err(|e| format!("bpf(BPF_PROG_LOAD): {e}"))?;
+            tp.attach(category, name).map_err(|e| format!("perf_event_open/attach: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Walks the attach table for this kernel. Within a capability every rule of the best
+/// priority that works stays attached (a capability may need several hooks, e.g. syscall
+/// entry and exit); lower-priority rules are tried only when the better ones all failed.
+fn attach_all(ebpf: &mut Ebpf, kernel: (u32, u32)) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
+    let plan = attach::plan(kernel);
+    let (mut active, mut unavailable) = (Vec::new(), Vec::new());
+    let mut served: Option<(Capability, u8)> = None;
+    for rule in &plan {
+        if served.is_some_and(|(cap, prio)| cap == rule.capability && prio < rule.priority) {
+            continue;
+        }
+        match attach_one(ebpf, rule) {
+            Ok(()) => {
+                info!(program = rule.program, attach = %rule.hook.describe(), "attached");
+                served = Some((rule.capability, rule.priority));
+                active.push(ActiveProgram { capability: rule.capability, name: rule.program, attach: rule.hook.describe() });
+            }
+            Err(reason) => {
+                warn!(program = rule.program, %reason, "not attached");
+                unavailable.push(Unavailable {
+                    capability: rule.capability,
+                    name: rule.program,
+                    attach: rule.hook.describe(),
+                    reason,
+                });
+            }
+        }
+    }
+    for rule in plan.iter().filter(|r| r.required) {
+        if !active.iter().any(|a| a.capability == rule.capability) {
+            let reason = unavailable
+                .iter()
+                .find(|u| u.capability == rule.capability)
+                .map_or_else(|| "no rule for this kernel version".to_owned(), |u| u.reason.clone());
+            return Err(LoadError::Required { capability: rule.capability, reason });
+        }
+    }
+    Ok((active, unavailable))
+}

@@ -1,0 +1,109 @@
+//! conntrace: names the kernel's reason for every failed or stalled TCP connection.
+
+mod cli;
+mod decode;
+mod engine;
+mod kernel;
+mod output;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use crate::{kernel::LoadError, output::OutputError, run::RunError};
+
+/// Exit codes (documented in the README).
+mod exit {
+    pub const RUNTIME: u8 = 1;
+    /// clap's own code for usage errors.
+    pub const USAGE: u8 = 2;
+    pub const PRIVILEGES: u8 = 3;
+    pub const UNSUPPORTED_KERNEL: u8 = 4;
+}
+
+/// Capabilities conntrace needs when not run as root.
+const CAPS: &[(u32, &str)] = &[(39, "CAP_BPF"), (38, "CAP_PERFMON"), (12, "CAP_NET_ADMIN"), (24, "CAP_SYS_RESOURCE")];
+const CAP_SYS_ADMIN: u32 = 21;
+
+/// Effective capability set of this process (capget(2)).
+fn effective_caps() -> u64 {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut header = Header { version: 0x2008_0522, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget with a v3 header and room for two data structs, as capget(2) requires.
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    if rc != 0 {
+        return 0;
+    }
+    u64::from(data[0].effective) | (u64::from(data[1].effective) << 32)
+}
+
+fn missing_caps() -> Vec<&'static str> {
+    let eff = effective_caps();
+    if eff & (1 << CAP_SYS_ADMIN) != 0 {
+        return Vec::new();
+    }
+    CAPS.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, n)| *n).collect()
+}
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let default_level = match cli.verbose {
+        0 => "conntrace=info",
+        1 => "conntrace=debug",
+        _ => "conntrace=trace",
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
+        .init();
+
+    let missing = missing_caps();
+    if !missing.is_empty() {
+        eprintln!(
+            "conntrace: missing privileges: run as root, or grant {} (see README, \"Running without sudo\")",
+            missing.join(", ")
+        );
+        return ExitCode::from(exit::PRIVILEGES);
+    }
+
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("conntrace: start the async runtime: {e}");
+            return ExitCode::from(exit::RUNTIME);
+        }
+    };
+    match runtime.block_on(run::run(&cli)) {
+        Ok(()) | Err(RunError::Output(OutputError::Closed)) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code(&e);
+            // anyhow only here, at the edge: one line with the whole cause chain.
+            let chain: Vec<String> = anyhow::Error::from(e).chain().map(ToString::to_string).collect();
+            eprintln!("conntrace: {}", chain.join(": "));
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn exit_code(e: &RunError) -> u8 {
+    match e {
+        RunError::Load(LoadError::Btf(_) | LoadError::Layout(_) | LoadError::KernelRelease(_) | LoadError::Required { .. }) => {
+            exit::UNSUPPORTED_KERNEL
+        }
+        _ => exit::RUNTIME,
+    }
+}

@@ -1,0 +1,66 @@
+//! JSON Lines: one object per line, `event` first. The format is documented in
+//! docs/events.md and docs/events.schema.json.
+
+use serde_json::{Value, json};
+
+use super::{Clock, Record};
+use crate::engine::verdict::Verdict;
+
+fn verdict(v: &Verdict, clock: &Clock) -> Value {
+    json!({
+        "event": "verdict",
+        "ts": clock.rfc3339(v.ts_ns),
+        "side": v.side,
+        "outcome": v.outcome,
+        "reason": v.reason,
+        "kernel_reason": v.kernel_reason,
+        "errno": v.errno,
+        "saddr": v.saddr.map(|a| a.to_string()),
+        "sport": v.sport,
+        "daddr": v.daddr.to_string(),
+        "dport": v.dport,
+        "netns": v.netns,
+        "pid": v.pid,
+        "comm": v.comm,
+        "duration_ms": v.duration_ms,
+        "syn_retransmits": v.syn_retransmits,
+        "detail": v.detail,
+    })
+}
+
+pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
+    let value = match record {
+        Record::Ready(r) => {
+            let mut v = json!({ "event": "ready", "ts": clock.rfc3339(Clock::mono_now_ns()) });
+            if let (Value::Object(obj), Ok(Value::Object(rest))) = (&mut v, serde_json::to_value(r)) {
+                obj.extend(rest);
+            }
+            v
+        }
+        Record::Verdict(v) => verdict(v, clock),
+        Record::Lost { total, new, ts_ns } => {
+            json!({ "event": "lost", "ts": clock.rfc3339(*ts_ns), "count": total, "new": new })
+        }
+        Record::Summary(f) => {
+            let by_outcome: serde_json::Map<String, Value> =
+                f.summary.by_outcome.iter().map(|(k, n)| (json!(k).as_str().unwrap_or_default().to_owned(), json!(n))).collect();
+            let by_reason: serde_json::Map<String, Value> =
+                f.summary.by_reason.iter().map(|(k, n)| (k.code().to_owned(), json!(n))).collect();
+            json!({
+                "event": "summary",
+                "ts": clock.rfc3339(Clock::mono_now_ns()),
+                "duration_ms": f.duration_ms,
+                "verdicts": f.summary.by_outcome.values().sum::<u64>(),
+                "by_outcome": by_outcome,
+                "by_reason": by_reason,
+                "expired_unresolved": f.summary.expired_unresolved,
+                "open_at_exit": f.tracked_at_exit,
+                "lost_events": f.lost_events,
+                "kernel_events": f.summary.events,
+                "decode_errors": f.decode_errors,
+                "unmatched_errors": f.summary.unmatched_errors,
+            })
+        }
+    };
+    value.to_string()
+}

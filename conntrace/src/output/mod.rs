@@ -1,0 +1,141 @@
+//! What conntrace writes to stdout (or `-o FILE`): one record per line, as JSON or as text.
+
+mod human;
+mod json;
+
+use std::{
+    fs::OpenOptions,
+    io::{self, BufWriter, Write},
+    os::unix::fs::OpenOptionsExt as _,
+    path::Path,
+};
+
+use serde::Serialize;
+
+use crate::{
+    engine::verdict::{Summary, Verdict},
+    kernel::{ActiveProgram, Unavailable},
+};
+
+/// Facts for the `ready` record, printed once every program is attached.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ready {
+    pub version: &'static str,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    pub programs: Vec<ActiveProgram>,
+    pub unavailable: Vec<Unavailable>,
+    pub kernel: String,
+    /// Capability → attach path in use (e.g. `tracepoint`).
+    pub attach_paths: std::collections::BTreeMap<String, String>,
+    pub kernel_features: serde_json::Value,
+    pub ring_buffer_bytes: u32,
+    /// Kernel structures BTF did not describe (facts that are therefore missing).
+    pub degraded: Vec<&'static str>,
+}
+
+/// Totals printed at exit.
+#[derive(Debug, Clone)]
+pub struct Final<'a> {
+    pub summary: &'a Summary,
+    pub lost_events: u64,
+    pub decode_errors: u64,
+    pub duration_ms: f64,
+    pub tracked_at_exit: usize,
+}
+
+/// One output record.
+pub enum Record<'a> {
+    Ready(&'a Ready),
+    Verdict(&'a Verdict),
+    Lost { total: u64, new: u64, ts_ns: u64 },
+    Summary(Final<'a>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot create output file {path}: {source}")]
+    Create {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The reader went away (e.g. `| head -1`): a normal end.
+    #[error("output closed")]
+    Closed,
+    #[error("write output: {0}")]
+    Write(#[source] io::Error),
+}
+
+/// Converts CLOCK_MONOTONIC nanoseconds to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    realtime_minus_mono_ns: i128,
+}
+
+fn clock_ns(id: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into the local timespec.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        Self { realtime_minus_mono_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC) }
+    }
+
+    pub fn mono_now_ns() -> u64 {
+        clock_ns(libc::CLOCK_MONOTONIC) as u64
+    }
+
+    /// RFC 3339, UTC, microseconds: `2026-11-21T17:48:07.123456Z`.
+    pub fn rfc3339(&self, mono_ns: u64) -> String {
+        let ns = mono_ns as i128 + self.realtime_minus_mono_ns;
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        t.format(&fmt).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Human,
+}
+
+pub struct Output {
+    out: BufWriter<Box<dyn Write + Send>>,
+    format: Format,
+    clock: Clock,
+}
+
+impl Output {
+    /// Writes to `path` (created with mode 0600) or to stdout.
+    pub fn open(path: Option<&Path>, format: Format, clock: Clock) -> Result<Self, OutputError> {
+        let sink: Box<dyn Write + Send> = match path {
+            Some(p) => Box::new(
+                OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(p)
+                    .map_err(|source| OutputError::Create { path: p.display().to_string(), source })?,
+            ),
+            None => Box::new(io::stdout()),
+        };
+        Ok(Self { out: BufWriter::new(sink), format, clock })
+    }
+
+    pub fn write(&mut self, record: &Record<'_>) -> Result<(), OutputError> {
+        let line = match self.format {
+            Format::Json => json::line(record, &self.clock),
+            Format::Human => human::line(record, &self.clock),
+        };
+        let result = self.out.write_all(line.as_bytes()).and_then(|()| self.out.write_all(b"\n")).and_then(|()| self.out.flush());
+        result.map_err(|e| if e.kind() == io::ErrorKind::BrokenPipe { OutputError::Closed } else { OutputError::Write(e) })
+    }
+}

@@ -1,0 +1,161 @@
+//! The event loop: ring buffer → decoder → reason engine → output, until the end of the run.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    signal::unix::{SignalKind, signal},
+};
+use tracing::{debug, warn};
+
+use crate::{
+    cli::Cli,
+    decode::Decoder,
+    engine::{Engine, EngineConfig, verdict::Verdict},
+    kernel::{LoadError, Tracer, TracerOptions, attach::Capability},
+    output::{Clock, Final, Format, Output, OutputError, Ready, Record},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    #[error("watch the ring buffer (epoll): {0}")]
+    Poll(#[source] std::io::Error),
+    #[error("install signal handler (sigaction): {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+fn kernel_features() -> serde_json::Value {
+    let tracefs_kprobes = ["/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"];
+    serde_json::json!({
+        "btf": std::path::Path::new(crate::kernel::btf::VMLINUX_BTF).exists(),
+        "kprobes": tracefs_kprobes.iter().any(|p| std::path::Path::new(p).exists()),
+    })
+}
+
+fn write_verdicts(out: &mut Output, verdicts: &[Verdict]) -> Result<(), OutputError> {
+    verdicts.iter().try_for_each(|v| out.write(&Record::Verdict(v)))
+}
+
+pub async fn run(cli: &Cli) -> Result<(), RunError> {
+    let started = Clock::mono_now_ns();
+    let mut ports = cli.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    let (tracer, events) = Tracer::start(&TracerOptions { ports: ports.clone(), ring_bytes: cli.ring_buffer_bytes })?;
+    let clock = Clock::now();
+    let format = if cli.json { Format::Json } else { Format::Human };
+    let mut out = Output::open(cli.output.as_deref(), format, clock)?;
+
+    let attach_paths: BTreeMap<String, String> = tracer
+        .active
+        .iter()
+        .map(|p| {
+            let cap = serde_json::to_value(p.capability).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            (cap, p.attach.split(':').next().unwrap_or_default().to_owned())
+        })
+        .collect();
+    let ready = Ready {
+        version: env!("CARGO_PKG_VERSION"),
+        ports,
+        programs: tracer.active.clone(),
+        unavailable: tracer.unavailable.clone(),
+        kernel: tracer.kernel_release.clone(),
+        attach_paths,
+        kernel_features: kernel_features(),
+        ring_buffer_bytes: cli.ring_buffer_bytes,
+        degraded: tracer.missing_offsets.clone(),
+    };
+    out.write(&Record::Ready(&ready))?;
+
+    let mut engine = Engine::new(EngineConfig {
+        report_established: cli.all,
+        stall_timeout_ns: cli.stall_timeout.as_nanos() as u64,
+        resets_observed: tracer.active.iter().any(|p| p.capability == Capability::Resets),
+        ..EngineConfig::default()
+    });
+    let decoder = Decoder::new(tracer.reset_reasons.clone());
+    // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
+    // which happens only with the AsyncFd.
+    let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+        .map_err(|e| RunError::Poll(e.into()))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let deadline = tokio::time::sleep(cli.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(RunError::Poll)?;
+                let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut decode_errors);
+                guard.clear_ready();
+                write_verdicts(&mut out, &verdicts)?;
+            }
+            _ = tick.tick() => {
+                let verdicts = engine.tick(Clock::mono_now_ns());
+                write_verdicts(&mut out, &verdicts)?;
+                report_lost(&tracer, &mut out, &mut lost_seen)?;
+            }
+            _ = sigint.recv() => { debug!("SIGINT"); break }
+            _ = sigterm.recv() => { debug!("SIGTERM"); break }
+            () = &mut deadline => { debug!("duration elapsed"); break }
+        }
+    }
+
+    let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
+    verdicts.extend(engine.finish(Clock::mono_now_ns()));
+    write_verdicts(&mut out, &verdicts)?;
+    report_lost(&tracer, &mut out, &mut lost_seen)?;
+    let now = Clock::mono_now_ns();
+    out.write(&Record::Summary(Final {
+        summary: engine.summary(),
+        lost_events: lost_seen,
+        decode_errors,
+        duration_ms: (now - started) as f64 / 1e6,
+        tracked_at_exit: engine.tracked(),
+    }))?;
+    Ok(())
+}
+
+/// Reads every record the ring buffer holds now.
+fn drain(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    decoder: &Decoder,
+    engine: &mut Engine,
+    decode_errors: &mut u64,
+) -> Vec<Verdict> {
+    let mut verdicts = Vec::new();
+    while let Some(item) = ring.next() {
+        match decoder.decode(&item) {
+            Ok(ev) => verdicts.extend(engine.handle(ev)),
+            Err(e) => {
+                *decode_errors += 1;
+                warn!("undecodable kernel event: {e}");
+            }
+        }
+    }
+    verdicts
+}
+
+/// Prints a `lost` record whenever the kernel-side loss counter grew.
+fn report_lost(tracer: &Tracer, out: &mut Output, seen: &mut u64) -> Result<(), OutputError> {
+    match tracer.lost_events() {
+        Ok(total) if total > *seen => {
+            let new = total - *seen;
+            *seen = total;
+            warn!(new, total, "kernel events lost: the ring buffer was full");
+            out.write(&Record::Lost { total, new, ts_ns: Clock::mono_now_ns() })
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            warn!("read the LOST map: {e}");
+            Ok(())
+        }
+    }
+}
