@@ -50,5 +50,9 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::Custom(&toolchain),
     )
-    .with_context(|| format!("building conntrace-ebpf with the `{toolchain}` toolchain (see `cargo xtask setup`)"))
+    .with_context(|| {
+        format!(
+            "building conntrace-ebpf with the `{toolchain}` toolchain (see `cargo xtask setup`)"
+        )
+    })
 }

@@ -138,7 +138,13 @@ pub struct Config {
     pub _pad: u32,
 }
 
-user_pod!(TupleLayout, TracepointLayout, SyscallLayout, KernelOffsets, Config);
+user_pod!(
+    TupleLayout,
+    TracepointLayout,
+    SyscallLayout,
+    KernelOffsets,
+    Config
+);
 
 /// Names of the maps shared by both sides.
 pub mod maps {

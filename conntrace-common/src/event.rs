@@ -154,7 +154,16 @@ pub struct ConnectError {
     pub _pad: u32,
 }
 
-user_pod!(EventHeader, Tuple, StateChange, ErrorReport, Reset, SynRetransmit, Accept, ConnectError);
+user_pod!(
+    EventHeader,
+    Tuple,
+    StateChange,
+    ErrorReport,
+    Reset,
+    SynRetransmit,
+    Accept,
+    ConnectError
+);
 
 /// Ties each event struct to its kind(s), so encoding and decoding cannot disagree.
 pub trait Event: Copy {
@@ -170,7 +179,14 @@ macro_rules! impl_event {
         })*
     };
 }
-impl_event!(StateChange, ErrorReport, Reset, SynRetransmit, Accept, ConnectError);
+impl_event!(
+    StateChange,
+    ErrorReport,
+    Reset,
+    SynRetransmit,
+    Accept,
+    ConnectError
+);
 
 /// An event read back from the ring buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,7 +208,12 @@ pub enum DecodeError {
     /// The header names a kind this build does not know.
     UnknownKind { kind: u32 },
     /// The header's size, the record's length and the kind's struct size disagree.
-    SizeMismatch { kind: u32, header_size: u32, len: usize, expected: usize },
+    SizeMismatch {
+        kind: u32,
+        header_size: u32,
+        len: usize,
+        expected: usize,
+    },
 }
 
 impl core::fmt::Display for DecodeError {
@@ -200,7 +221,12 @@ impl core::fmt::Display for DecodeError {
         match self {
             Self::Truncated { len } => write!(f, "event of {len} bytes is shorter than its header"),
             Self::UnknownKind { kind } => write!(f, "unknown event kind {kind}"),
-            Self::SizeMismatch { kind, header_size, len, expected } => write!(
+            Self::SizeMismatch {
+                kind,
+                header_size,
+                len,
+                expected,
+            } => write!(
                 f,
                 "event kind {kind}: header says {header_size} bytes, record has {len}, expected {expected}"
             ),
@@ -211,7 +237,12 @@ impl core::fmt::Display for DecodeError {
 fn read<T: Event>(bytes: &[u8], kind: u32, header_size: u32) -> Result<T, DecodeError> {
     let expected = size_of::<T>();
     if bytes.len() < expected || header_size as usize != expected {
-        return Err(DecodeError::SizeMismatch { kind, header_size, len: bytes.len(), expected });
+        return Err(DecodeError::SizeMismatch {
+            kind,
+            header_size,
+            len: bytes.len(),
+            expected,
+        });
     }
     // SAFETY: length checked above; every `Event` type is plain old data valid for any bytes.
     Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
@@ -226,15 +257,17 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     // SAFETY: length checked; `EventHeader` is plain old data.
     let header = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<EventHeader>()) };
     let (kind, size) = (header.kind, header.size);
-    Ok(match EventKind::from_u32(kind).ok_or(DecodeError::UnknownKind { kind })? {
-        EventKind::StateChange => Decoded::StateChange(read(bytes, kind, size)?),
-        EventKind::ErrorReport => Decoded::ErrorReport(read(bytes, kind, size)?),
-        EventKind::ReceiveReset => Decoded::ReceiveReset(read(bytes, kind, size)?),
-        EventKind::SendReset => Decoded::SendReset(read(bytes, kind, size)?),
-        EventKind::SynRetransmit => Decoded::SynRetransmit(read(bytes, kind, size)?),
-        EventKind::Accept => Decoded::Accept(read(bytes, kind, size)?),
-        EventKind::ConnectError => Decoded::ConnectError(read(bytes, kind, size)?),
-    })
+    Ok(
+        match EventKind::from_u32(kind).ok_or(DecodeError::UnknownKind { kind })? {
+            EventKind::StateChange => Decoded::StateChange(read(bytes, kind, size)?),
+            EventKind::ErrorReport => Decoded::ErrorReport(read(bytes, kind, size)?),
+            EventKind::ReceiveReset => Decoded::ReceiveReset(read(bytes, kind, size)?),
+            EventKind::SendReset => Decoded::SendReset(read(bytes, kind, size)?),
+            EventKind::SynRetransmit => Decoded::SynRetransmit(read(bytes, kind, size)?),
+            EventKind::Accept => Decoded::Accept(read(bytes, kind, size)?),
+            EventKind::ConnectError => Decoded::ConnectError(read(bytes, kind, size)?),
+        },
+    )
 }
 
 /// The bytes of an event exactly as the kernel side writes them (used by tests and fuzzing).
@@ -262,7 +295,12 @@ mod tests {
     use super::*;
 
     fn tuple() -> Tuple {
-        let mut t = Tuple { family: AF_INET, sport: 40000, dport: 3306, ..Tuple::default() };
+        let mut t = Tuple {
+            family: AF_INET,
+            sport: 40000,
+            dport: 3306,
+            ..Tuple::default()
+        };
         t.saddr[..4].copy_from_slice(&[10, 77, 0, 1]);
         t.daddr[..4].copy_from_slice(&[10, 77, 0, 2]);
         t
@@ -274,33 +312,76 @@ mod tests {
         h.ts_ns = 123;
         h.pid = 7;
         h.comm[..4].copy_from_slice(b"curl");
-        let sc = StateChange { header: h, skaddr: 0xffff_8880_1234_5678, tuple: tuple(), oldstate: 7, newstate: 2 };
+        let sc = StateChange {
+            header: h,
+            skaddr: 0xffff_8880_1234_5678,
+            tuple: tuple(),
+            oldstate: 7,
+            newstate: 2,
+        };
         assert_eq!(decode(as_bytes(&sc)), Ok(Decoded::StateChange(sc)));
 
-        let er = ErrorReport { header: header_for::<ErrorReport>(EventKind::ErrorReport), tuple: tuple(), error: 111, _pad: 0 };
+        let er = ErrorReport {
+            header: header_for::<ErrorReport>(EventKind::ErrorReport),
+            tuple: tuple(),
+            error: 111,
+            _pad: 0,
+        };
         assert_eq!(decode(as_bytes(&er)), Ok(Decoded::ErrorReport(er)));
 
-        let rr = Reset { header: header_for::<Reset>(EventKind::ReceiveReset), skaddr: 1, tuple: tuple(), state: 2, reason: RESET_REASON_NONE };
+        let rr = Reset {
+            header: header_for::<Reset>(EventKind::ReceiveReset),
+            skaddr: 1,
+            tuple: tuple(),
+            state: 2,
+            reason: RESET_REASON_NONE,
+        };
         assert_eq!(decode(as_bytes(&rr)), Ok(Decoded::ReceiveReset(rr)));
-        let sr = Reset { header: header_for::<Reset>(EventKind::SendReset), ..rr };
+        let sr = Reset {
+            header: header_for::<Reset>(EventKind::SendReset),
+            ..rr
+        };
         assert_eq!(decode(as_bytes(&sr)), Ok(Decoded::SendReset(sr)));
 
-        let rt = SynRetransmit { header: header_for::<SynRetransmit>(EventKind::SynRetransmit), skaddr: 1, tuple: tuple(), state: 2, _pad: 0 };
+        let rt = SynRetransmit {
+            header: header_for::<SynRetransmit>(EventKind::SynRetransmit),
+            skaddr: 1,
+            tuple: tuple(),
+            state: 2,
+            _pad: 0,
+        };
         assert_eq!(decode(as_bytes(&rt)), Ok(Decoded::SynRetransmit(rt)));
 
-        let ac = Accept { header: header_for::<Accept>(EventKind::Accept), skaddr: 9, fd: 4 };
+        let ac = Accept {
+            header: header_for::<Accept>(EventKind::Accept),
+            skaddr: 9,
+            fd: 4,
+        };
         assert_eq!(decode(as_bytes(&ac)), Ok(Decoded::Accept(ac)));
 
-        let ce = ConnectError { header: header_for::<ConnectError>(EventKind::ConnectError), skaddr: 0, tuple: tuple(), ret: -101, _pad: 0 };
+        let ce = ConnectError {
+            header: header_for::<ConnectError>(EventKind::ConnectError),
+            skaddr: 0,
+            tuple: tuple(),
+            ret: -101,
+            _pad: 0,
+        };
         assert_eq!(decode(as_bytes(&ce)), Ok(Decoded::ConnectError(ce)));
     }
 
     #[test]
     fn ring_buffer_padding_is_accepted() {
-        let ac = Accept { header: header_for::<Accept>(EventKind::Accept), skaddr: 9, fd: 4 };
+        let ac = Accept {
+            header: header_for::<Accept>(EventKind::Accept),
+            skaddr: 9,
+            fd: 4,
+        };
         let mut padded = [0u8; 128];
         padded[..size_of::<Accept>()].copy_from_slice(as_bytes(&ac));
-        assert_eq!(decode(&padded[..size_of::<Accept>() + 8]), Ok(Decoded::Accept(ac)));
+        assert_eq!(
+            decode(&padded[..size_of::<Accept>() + 8]),
+            Ok(Decoded::Accept(ac))
+        );
     }
 
     #[test]
@@ -308,16 +389,37 @@ mod tests {
         assert_eq!(decode(&[0u8; 3]), Err(DecodeError::Truncated { len: 3 }));
         let mut h = header_for::<Accept>(EventKind::Accept);
         h.kind = 99;
-        let ac = Accept { header: h, skaddr: 0, fd: 0 };
-        assert_eq!(decode(as_bytes(&ac)), Err(DecodeError::UnknownKind { kind: 99 }));
-        let ac = Accept { header: header_for::<Accept>(EventKind::Accept), skaddr: 0, fd: 0 };
+        let ac = Accept {
+            header: h,
+            skaddr: 0,
+            fd: 0,
+        };
+        assert_eq!(
+            decode(as_bytes(&ac)),
+            Err(DecodeError::UnknownKind { kind: 99 })
+        );
+        let ac = Accept {
+            header: header_for::<Accept>(EventKind::Accept),
+            skaddr: 0,
+            fd: 0,
+        };
         let bytes = as_bytes(&ac);
-        assert!(matches!(decode(&bytes[..bytes.len() - 1]), Err(DecodeError::SizeMismatch { .. })));
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::SizeMismatch { .. })
+        ));
         // A header that claims another kind's size is rejected, not reinterpreted.
         let mut h = header_for::<StateChange>(EventKind::Accept);
         h.kind = EventKind::Accept as u32;
-        let ac = Accept { header: h, skaddr: 0, fd: 0 };
-        assert!(matches!(decode(as_bytes(&ac)), Err(DecodeError::SizeMismatch { .. })));
+        let ac = Accept {
+            header: h,
+            skaddr: 0,
+            fd: 0,
+        };
+        assert!(matches!(
+            decode(as_bytes(&ac)),
+            Err(DecodeError::SizeMismatch { .. })
+        ));
     }
 
     #[test]

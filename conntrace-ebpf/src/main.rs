@@ -218,7 +218,11 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let skaddr: u64 = field(&ctx, l.skaddr);
     emit(StateChange {
-        header: header(EventKind::StateChange, size_of::<StateChange>(), netns_of_sock(&cfg.offsets, skaddr)),
+        header: header(
+            EventKind::StateChange,
+            size_of::<StateChange>(),
+            netns_of_sock(&cfg.offsets, skaddr),
+        ),
         skaddr,
         tuple,
         oldstate: field(&ctx, l.oldstate),
@@ -263,8 +267,16 @@ fn reset(ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout, kind: Even
         header: header(kind, size_of::<Reset>(), netns),
         skaddr,
         tuple,
-        state: if l.state == ABSENT { -1 } else { field(ctx, l.state) },
-        reason: if l.reason == ABSENT { RESET_REASON_NONE } else { field(ctx, l.reason) },
+        state: if l.state == ABSENT {
+            -1
+        } else {
+            field(ctx, l.state)
+        },
+        reason: if l.reason == ABSENT {
+            RESET_REASON_NONE
+        } else {
+            field(ctx, l.reason)
+        },
     });
 }
 
@@ -298,7 +310,11 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     }
     let skaddr: u64 = field(&ctx, l.skaddr);
     emit(SynRetransmit {
-        header: header(EventKind::SynRetransmit, size_of::<SynRetransmit>(), netns_of_sock(&cfg.offsets, skaddr)),
+        header: header(
+            EventKind::SynRetransmit,
+            size_of::<SynRetransmit>(),
+            netns_of_sock(&cfg.offsets, skaddr),
+        ),
         skaddr,
         tuple,
         state,
@@ -320,10 +336,12 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     let family = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
     let port = unsafe { bpf_probe_read_user((addr + 2) as *const u16) }.unwrap_or(0);
     if family == AF_INET {
-        let a: [u8; 4] = unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4]) }.unwrap_or_default();
+        let a: [u8; 4] =
+            unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4]) }.unwrap_or_default();
         tuple.daddr[..4].copy_from_slice(&a);
     } else if family == AF_INET6 {
-        tuple.daddr = unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) }.unwrap_or_default();
+        tuple.daddr =
+            unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) }.unwrap_or_default();
     } else {
         return 0;
     }
@@ -333,7 +351,10 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let fd: u64 = field(&ctx, s.connect_fd);
-    let pending = PendingConnect { fd: fd as i64, tuple };
+    let pending = PendingConnect {
+        fd: fd as i64,
+        tuple,
+    };
     // A full LRU map evicts the oldest entry; nothing to do on error.
     let _ignored = CONNECTS.insert(&bpf_get_current_pid_tgid(), &pending, 0);
     0
@@ -344,7 +365,9 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
     let Some(cfg) = config() else { return 0 };
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
-    let Some(pending) = (unsafe { CONNECTS.get(&key) }).copied() else { return 0 };
+    let Some(pending) = (unsafe { CONNECTS.get(&key) }).copied() else {
+        return 0;
+    };
     let _ignored = CONNECTS.remove(&key);
     let ret: i64 = field(&ctx, cfg.syscalls.exit_ret);
     if ret >= 0 || ret == -EINPROGRESS {
@@ -355,7 +378,11 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     }
     emit(ConnectError {
-        header: header(EventKind::ConnectError, size_of::<ConnectError>(), netns_of_sock(&cfg.offsets, skaddr)),
+        header: header(
+            EventKind::ConnectError,
+            size_of::<ConnectError>(),
+            netns_of_sock(&cfg.offsets, skaddr),
+        ),
         skaddr,
         tuple: pending.tuple,
         ret: ret as i32,
@@ -382,7 +409,11 @@ fn accepted(ctx: &TracePointContext) -> u32 {
         return 0;
     }
     emit(Accept {
-        header: header(EventKind::Accept, size_of::<Accept>(), netns_of_sock(o, skaddr)),
+        header: header(
+            EventKind::Accept,
+            size_of::<Accept>(),
+            netns_of_sock(o, skaddr),
+        ),
         skaddr,
         fd,
     });

@@ -109,6 +109,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     }
 
     let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
+    let open_at_exit = engine.tracked();
     verdicts.extend(engine.finish(Clock::mono_now_ns()));
     write_verdicts(&mut out, &verdicts)?;
     report_lost(&tracer, &mut out, &mut lost_seen)?;
@@ -118,7 +119,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         lost_events: lost_seen,
         decode_errors,
         duration_ms: (now - started) as f64 / 1e6,
-        tracked_at_exit: engine.tracked(),
+        tracked_at_exit: open_at_exit,
     }))?;
     Ok(())
 }
@@ -133,7 +134,10 @@ fn drain(
     let mut verdicts = Vec::new();
     while let Some(item) = ring.next() {
         match decoder.decode(&item) {
-            Ok(ev) => verdicts.extend(engine.handle(ev)),
+            Ok(ev) => {
+                tracing::trace!(?ev, "kernel event");
+                verdicts.extend(engine.handle(ev));
+            }
             Err(e) => {
                 *decode_errors += 1;
                 warn!("undecodable kernel event: {e}");

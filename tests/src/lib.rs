@@ -1,1 +1,392 @@
+//! Harness for conntrace's integration tests: two hosts made of network namespaces, the real
+//! conntrace binary with its real eBPF programs, and test peers. Everything created here is
+//! removed on drop, also when a test panics. Helpers panic instead of returning errors.
 
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// Runs a command, panicking with its output if it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Skips the calling test (returns `true`) with a printed reason when not root.
+pub fn skip_unless_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (eBPF programs and network namespaces)");
+        return true;
+    }
+    false
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> Self {
+        sh(&["ip", "netns", "add", name]);
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Inode of the namespace, as conntrace reports it in `netns`.
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("stat netns")
+            .ino()
+    }
+
+    pub fn exec(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes its interfaces, routes and firewall rules.
+        let status = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+        if !matches!(status, Ok(s) if s.success()) {
+            eprintln!("warning: could not delete netns {}", self.name);
+        }
+    }
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(1);
+
+/// A client and a server namespace joined by a veth pair on 10.77.N.0/24.
+pub struct TwoHosts {
+    pub client: Netns,
+    pub server: Netns,
+    pub client_ip: String,
+    pub server_ip: String,
+}
+
+impl TwoHosts {
+    pub fn new() -> Self {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let id = format!("{}{n}", std::process::id() % 100_000);
+        let subnet = 100 + (std::process::id() % 50) * 3 + n % 3;
+        let client = Netns::new(&format!("ctc{id}"));
+        let server = Netns::new(&format!("cts{id}"));
+        let (vc, vs) = (format!("vc{id}"), format!("vs{id}"));
+        sh(&[
+            "ip", "link", "add", &vc, "type", "veth", "peer", "name", &vs,
+        ]);
+        sh(&["ip", "link", "set", &vc, "netns", &client.name]);
+        sh(&["ip", "link", "set", &vs, "netns", &server.name]);
+        let client_ip = format!("10.77.{subnet}.1");
+        let server_ip = format!("10.77.{subnet}.2");
+        client.exec(&["ip", "addr", "add", &format!("{client_ip}/24"), "dev", &vc]);
+        server.exec(&["ip", "addr", "add", &format!("{server_ip}/24"), "dev", &vs]);
+        client.exec(&["ip", "link", "set", &vc, "up"]);
+        server.exec(&["ip", "link", "set", &vs, "up"]);
+        Self {
+            client,
+            server,
+            client_ip,
+            server_ip,
+        }
+    }
+}
+
+impl Default for TwoHosts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A child process killed on drop. Its stdout, when captured, is read concurrently so a
+/// chatty child never blocks on a full pipe.
+pub struct Proc {
+    pub child: Child,
+    output: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the process and returns its stdout lines parsed as JSON.
+    pub fn json_lines(mut self, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(_status) = self.child.try_wait().expect("wait") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "process {} did not finish within {timeout:?}",
+                self.pid()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = self
+            .output
+            .take()
+            .map(|h| h.join().expect("stdout reader"))
+            .unwrap_or_default();
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("peer line {l:?}: {e}")))
+            .collect()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+fn bin(env: &str, fallback: &str) -> PathBuf {
+    std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        root.join(fallback)
+    })
+}
+
+/// Path of the test peer binary: cargo builds it beside the test executables
+/// (`target/<profile>/ctpeer`, tests in `target/<profile>/deps/`).
+pub fn ctpeer() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join("ctpeer");
+    assert!(path.exists(), "{} not built", path.display());
+    path
+}
+
+/// Starts `ctpeer serve` in `ns` and waits until it listens.
+pub fn serve(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
+    let mut child = ns
+        .command(ctpeer().to_str().expect("utf-8 path"))
+        .args(["serve", addr, &port.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ctpeer serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read ctpeer");
+    assert_eq!(line.trim(), "listening", "ctpeer serve did not start");
+    Proc {
+        child,
+        output: None,
+    }
+}
+
+/// Starts `ctpeer connect` in `ns`; read its results with [`Proc::json_lines`].
+pub fn connect(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
+    let mut child = ns
+        .command(ctpeer().to_str().expect("utf-8 path"))
+        .args(["connect", addr, &port.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ctpeer connect");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let output = std::thread::spawn(move || {
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).ok();
+        out
+    });
+    Proc {
+        child,
+        output: Some(output),
+    }
+}
+
+/// A line conntrace printed, with when the test received it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub value: Value,
+    pub received: Instant,
+}
+
+/// A running `conntrace --json`, stopped with SIGINT (or killed) on drop.
+pub struct Conntrace {
+    child: Child,
+    lines: Arc<Mutex<Vec<Line>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn conntrace_bin() -> PathBuf {
+    bin("CONNTRACE_BIN", "target/debug/conntrace")
+}
+
+impl Conntrace {
+    /// Starts conntrace in the root namespace and waits for its `ready` line.
+    pub fn start(args: &[&str]) -> Self {
+        let path = conntrace_bin();
+        assert!(
+            path.exists(),
+            "{} not built: run `cargo xtask test`",
+            path.display()
+        );
+        let mut child = Command::new(&path)
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn conntrace");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("conntrace printed non-JSON {line:?}: {e}"));
+                sink.lock().expect("lines").push(Line {
+                    value,
+                    received: Instant::now(),
+                });
+            }
+        });
+        let ct = Self {
+            child,
+            lines,
+            reader: Some(reader),
+        };
+        ct.wait_for(Duration::from_secs(60), |l| l.value["event"] == "ready");
+        ct
+    }
+
+    /// Waits until a line matches `pred`, panicking after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Line {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching conntrace line within {timeout:?}; got:\n{}",
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn dump(&self) -> String {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .map(|l| l.value.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Stops conntrace with SIGINT and returns every line it printed, each validated against
+    /// docs/events.schema.json.
+    pub fn stop(mut self) -> Vec<Value> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait conntrace") {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "conntrace did not exit after SIGINT"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "conntrace exited with {status}");
+        if let Some(r) = self.reader.take() {
+            r.join().expect("reader thread");
+        }
+        let values: Vec<Value> = self
+            .lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .map(|l| l.value.clone())
+            .collect();
+        validate(&values);
+        assert_eq!(
+            values.last().map(|v| v["event"].clone()),
+            Some(Value::from("summary")),
+            "last line is not the summary"
+        );
+        values
+    }
+}
+
+impl Drop for Conntrace {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
+    }
+}
+
+/// Validates every line against the documented schema.
+pub fn validate(values: &[Value]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/events.schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema"))
+        .expect("schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("compile schema");
+    for v in values {
+        let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "line violates {}: {v}\n{errors:?}",
+            path.display()
+        );
+    }
+}
+
+/// Verdicts reported for namespace `netns`.
+pub fn verdicts_in(values: &[Value], netns: u64) -> Vec<Value> {
+    values
+        .iter()
+        .filter(|v| v["event"] == "verdict" && v["netns"] == netns)
+        .cloned()
+        .collect()
+}

@@ -1,1 +1,197 @@
-fn main() {}
+//! Developer tasks. `cargo xtask setup | run -- ARGS | test`.
+//!
+//! `setup` installs, idempotently, everything building and testing conntrace needs on a Debian
+//! machine: the eBPF toolchain (Debian's rustc-web with its library sources, LLVM 22,
+//! bpf-linker), and the tools the tests drive (iproute2, iptables, nftables). It checks before
+//! it installs, so it costs a second when everything is there.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Args {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain and test tools (idempotent).
+    Setup,
+    /// Set up, build (release) and run conntrace as root with the given arguments.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test: unit tests, then the root-only integration scenarios.
+    Test {
+        /// Extra arguments for the test binaries (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages: the eBPF toolchain (notes/environment.md) and the tools tests use.
+const PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libclang-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "iptables",
+    "nftables",
+];
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const BPF_TOOLCHAIN: &str = "system-bpf";
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs a command (through sudo when root is needed and we are not root).
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawn {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn privileged(program: &str) -> Command {
+    if is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg(program);
+        c
+    }
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+fn setup() -> anyhow::Result<()> {
+    let missing = missing_packages();
+    if !missing.is_empty() {
+        run(privileged("apt-get").arg("update"))?;
+        run(privileged("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !succeeds(Command::new("bpf-linker").arg("--version"))
+        && !succeeds(Command::new(cargo_bin_dir().join("bpf-linker")).arg("--version"))
+    {
+        // bpf-linker links against the system LLVM 22; LLVM_PREFIX tells its build where it is.
+        let path = format!(
+            "{LLVM_PREFIX}/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", LLVM_PREFIX)
+            .env("PATH", path))?;
+    }
+    if !succeeds(Command::new("rustup").args(["run", BPF_TOOLCHAIN, "rustc", "--version"])) {
+        run(Command::new("rustup").args(["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))?;
+    }
+    if !Path::new("/sys/kernel/tracing/events").is_dir()
+        && !Path::new("/sys/kernel/debug/tracing/events").is_dir()
+    {
+        run(privileged("mount").args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"]))?;
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `cargo` with bpf-linker on PATH (cargo install puts it in ~/.cargo/bin).
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let path = format!(
+        "{}:{}",
+        cargo_bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    c.env("PATH", path).current_dir(workspace_root());
+    c
+}
+
+fn main() -> anyhow::Result<()> {
+    match Args::parse().task {
+        Task::Setup => setup(),
+        Task::Run { args } => {
+            setup()?;
+            run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
+            let bin = workspace_root().join("target/release/conntrace");
+            run(privileged(bin.to_str().context("non-UTF-8 path")?).args(&args))
+        }
+        Task::Test { args } => {
+            setup()?;
+            run(cargo().args(["build", "-p", "conntrace"]))?;
+            // Unit tests (no privileges needed), then the scenarios: one at a time, since each
+            // builds network namespaces and loads its own eBPF programs.
+            run(cargo()
+                .args(["test", "--workspace", "--lib", "--bins"])
+                .arg("--")
+                .args(&args))?;
+            if !is_root() {
+                bail!(
+                    "the integration scenarios need root (eBPF, network namespaces): run `sudo -E cargo xtask test`"
+                );
+            }
+            let bin = workspace_root().join("target/debug/conntrace");
+            run(cargo()
+                .args(["test", "-p", "conntrace-tests", "--test", "scenarios"])
+                .env("CONNTRACE_BIN", bin)
+                .arg("--")
+                .args(["--test-threads", "1"])
+                .args(&args))
+        }
+    }
+}

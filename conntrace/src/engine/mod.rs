@@ -137,9 +137,14 @@ impl Engine {
     }
 
     fn insert(&mut self, sk: u64, conn: Conn, out: &mut Vec<Verdict>) -> u64 {
-        if let Some(old) = self.by_sk.remove(&sk) {
-            // The kernel reused a socket address whose end we never saw.
-            if let Some(c) = self.conns.remove(&old) {
+        if let Some(&old) = self.by_sk.get(&sk) {
+            // The kernel reused the socket address: the old socket is freed, so every event it
+            // will ever have is already here. Decide it now if it closed; else we missed its end.
+            let ts = conn.started_ns;
+            if self.conns.get(&old).is_some_and(|c| c.closed.is_some()) {
+                self.finalize(old, ts, out);
+            } else if let Some(c) = self.conns.remove(&old) {
+                self.unindex(old, c.sk);
                 self.forget(c, out);
             }
         }
@@ -293,6 +298,15 @@ impl Engine {
 
     fn on_state(&mut self, meta: Meta, sk: u64, tuple: FourTuple, old: TcpState, new: TcpState, out: &mut Vec<Verdict>) {
         let ts = meta.ts_ns;
+        let starts = matches!((old, new), (_, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv));
+        if starts {
+            // A new socket at a reused address: finish the closed one first.
+            if let Some(&id) = self.by_sk.get(&sk) {
+                if self.conns.get(&id).is_some_and(|c| c.closed.is_some()) {
+                    self.finalize(id, ts, out);
+                }
+            }
+        }
         let known = self.by_sk.contains_key(&sk);
         match (old, new) {
             (_, TcpState::SynSent) => {
@@ -365,17 +379,22 @@ impl Engine {
             .map(|(id, _)| *id)
             .collect();
         for id in ready {
-            let Some(c) = self.conns.remove(&id) else { continue };
-            self.unindex(id, c.sk);
-            self.recently_decided.insert(c.sk, now_ns);
-            if let Some(v) = decide::closed(&c, &self.cfg) {
-                self.emit(out, v);
-            } else if c.side == Side::Server && !c.reported && c.established_ns.is_some() && self.cfg.report_established {
-                // Closed before anyone saw accept() return it.
-                let mut v = decide::established(&c, c.closed.map_or(now_ns, |(t, _)| t), false);
-                v.detail.insert("accepted".into(), json!(false));
-                self.emit(out, v);
-            }
+            self.finalize(id, now_ns, out);
+        }
+    }
+
+    /// Removes a closed connection and emits its verdict, if it has one.
+    fn finalize(&mut self, id: u64, now_ns: u64, out: &mut Vec<Verdict>) {
+        let Some(c) = self.conns.remove(&id) else { return };
+        self.unindex(id, c.sk);
+        self.recently_decided.insert(c.sk, now_ns);
+        if let Some(v) = decide::closed(&c, &self.cfg) {
+            self.emit(out, v);
+        } else if c.side == Side::Server && !c.reported && c.established_ns.is_some() && self.cfg.report_established {
+            // Closed before anyone saw accept() return it.
+            let mut v = decide::established(&c, c.closed.map_or(now_ns, |(t, _)| t), false);
+            v.detail.insert("accepted".into(), json!(false));
+            self.emit(out, v);
         }
     }
 

@@ -1,1 +1,277 @@
-fn main() {}
+//! Test peer: a small TCP server or client run inside a test namespace.
+//!
+//! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--linger0] [--backlog N]`
+//!   prints `listening` when ready, accepts N connections (default: until killed), sends the
+//!   greeting, then either aborts with SO_LINGER 0 (`--linger0`) or waits for the peer to close.
+//! `ctpeer connect ADDR PORT [--count N] [--timeout-ms T] [--sport P] [--parallel K] [--read | --read-until-close]`
+//!   makes N connections (K at a time) and prints one JSON line per attempt:
+//!   `{"ok":true,"local":"10.77.1.1:40000","errno":null,"ms":0.3,"error_at_unix_ms":...}`.
+//! Both rename their process (`ct-server`, `ct-client`) so verdicts can be checked by comm.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+fn set_comm(name: &str) {
+    let mut buf = [0u8; 16];
+    buf[..name.len().min(15)].copy_from_slice(&name.as_bytes()[..name.len().min(15)]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn has(args: &[String], name: &str) -> bool {
+    args.iter().any(|a| a == name)
+}
+
+fn serve(addr: SocketAddr, args: &[String]) {
+    set_comm("ct-server");
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    if let Some(backlog) = flag(args, "--backlog").and_then(|b| b.parse::<i32>().ok()) {
+        // SAFETY: listen(2) on our own socket.
+        unsafe { libc::listen(listener.as_raw_fd(), backlog) };
+    }
+    let limit: usize = flag(args, "--accept")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    let greeting = flag(args, "--greeting").unwrap_or_default();
+    let linger0 = has(args, "--linger0");
+    println!("listening");
+    std::io::stdout().flush().ok();
+    for _ in 0..limit {
+        let Ok((mut s, _)) = listener.accept() else {
+            continue;
+        };
+        if !greeting.is_empty() {
+            s.write_all(greeting.as_bytes()).ok();
+        }
+        if linger0 {
+            let l = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt with a valid linger struct on our own socket.
+            unsafe {
+                libc::setsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&l as *const libc::linger).cast(),
+                    size_of::<libc::linger>() as u32,
+                )
+            };
+            std::thread::sleep(Duration::from_millis(50));
+            drop(s);
+        } else {
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                let mut buf = [0u8; 64];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    }
+}
+
+fn connect_once(
+    addr: SocketAddr,
+    timeout: Duration,
+    sport: Option<u16>,
+    read: bool,
+    until_close: bool,
+) -> serde_json::Value {
+    let start = Instant::now();
+    let result = (|| -> std::io::Result<TcpStream> {
+        let stream = match sport {
+            Some(port) => {
+                // Bind the local end first so the test knows the 4-tuple even when connect fails.
+                let local = match addr.ip() {
+                    IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+                    IpAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+                };
+                let domain = if addr.is_ipv4() {
+                    libc::AF_INET
+                } else {
+                    libc::AF_INET6
+                };
+                // SAFETY: plain socket/bind/connect syscalls on a socket this function owns.
+                unsafe {
+                    let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
+                    let one: libc::c_int = 1;
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_REUSEADDR,
+                        (&one as *const i32).cast(),
+                        4,
+                    );
+                    let s = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+                    let (sa, len) = sockaddr(local);
+                    if libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let tv = libc::timeval {
+                        tv_sec: timeout.as_secs() as i64,
+                        tv_usec: timeout.subsec_micros() as i64,
+                    };
+                    libc::setsockopt(
+                        fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_SNDTIMEO,
+                        (&tv as *const libc::timeval).cast(),
+                        size_of::<libc::timeval>() as u32,
+                    );
+                    let (sa, len) = sockaddr(addr);
+                    if libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    s
+                }
+            }
+            None => TcpStream::connect_timeout(&addr, timeout)?,
+        };
+        if read {
+            stream.set_read_timeout(Some(timeout))?;
+            let mut buf = [0u8; 64];
+            let mut s = &stream;
+            let n = s.read(&mut buf)?;
+            if n > 0 && until_close {
+                // Read again until the server closes: an abort makes this fail with ECONNRESET.
+                while s.read(&mut buf)? > 0 {}
+            }
+        }
+        Ok(stream)
+    })();
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    match result {
+        Ok(s) => serde_json::json!({
+            "ok": true,
+            "local": s.local_addr().map(|a| a.to_string()).ok(),
+            "errno": null,
+            "ms": ms,
+        }),
+        Err(e) => serde_json::json!({
+            "ok": false,
+            "local": sport.map(|p| p.to_string()),
+            "errno": e.raw_os_error(),
+            "ms": ms,
+            "error_at_unix_ms": now_ms,
+        }),
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, u32) {
+    // SAFETY: sockaddr_storage is plain data; zero is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin) };
+            (storage, size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&mut storage as *mut libc::sockaddr_storage).cast(), sin6) };
+            (storage, size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+fn connect(addr: SocketAddr, args: &[String]) {
+    set_comm("ct-client");
+    let count: usize = flag(args, "--count")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let parallel: usize = flag(args, "--parallel")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let timeout = Duration::from_millis(
+        flag(args, "--timeout-ms")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(5000),
+    );
+    let sport: Option<u16> = flag(args, "--sport").and_then(|n| n.parse().ok());
+    let until_close = has(args, "--read-until-close");
+    let read = has(args, "--read") || until_close;
+    let next = Arc::new(Mutex::new(0usize));
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let workers: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (next, out) = (Arc::clone(&next), Arc::clone(&out));
+            std::thread::spawn(move || {
+                loop {
+                    let i = {
+                        let mut n = next.lock().expect("counter");
+                        if *n >= count {
+                            break;
+                        }
+                        *n += 1;
+                        *n
+                    };
+                    let line = connect_once(
+                        addr,
+                        timeout,
+                        sport.map(|p| p + i as u16 - 1),
+                        read,
+                        until_close,
+                    );
+                    let mut o = out.lock().expect("stdout");
+                    writeln!(o, "{line}").ok();
+                    o.flush().ok();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().ok();
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: ctpeer serve|connect ADDR PORT [options]";
+    let (Some(mode), Some(ip), Some(port)) = (args.get(1), args.get(2), args.get(3)) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    let ip: IpAddr = ip.parse().unwrap_or_else(|e| panic!("address {ip}: {e}"));
+    let port: u16 = port.parse().unwrap_or_else(|e| panic!("port {port}: {e}"));
+    let addr = SocketAddr::new(ip, port);
+    match mode.as_str() {
+        "serve" => serve(addr, &args[4..]),
+        "connect" => connect(addr, &args[4..]),
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    }
+}

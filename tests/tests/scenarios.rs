@@ -1,0 +1,321 @@
+//! End-to-end scenarios: two hosts in network namespaces, conntrace in the root namespace with
+//! its real eBPF programs, `--port 3306 --json`, and the verdicts checked on both sides.
+
+use std::time::Duration;
+
+use conntrace_tests::{Conntrace, TwoHosts, connect, serve, skip_unless_root, verdicts_in};
+use serde_json::Value;
+
+const PORT: u16 = 3306;
+
+fn by_side<'a>(verdicts: &'a [Value], side: &str) -> Vec<&'a Value> {
+    verdicts.iter().filter(|v| v["side"] == side).collect()
+}
+
+#[test]
+fn healthy_connections_give_established_verdicts_with_processes() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306", "--all", "--stall-timeout", "2s"]);
+    let server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--accept", "200", "--greeting", "hello\n"],
+    );
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--count", "200", "--read", "--timeout-ms", "3000"],
+    );
+    let client_pid = client.pid();
+    let results = client.json_lines(Duration::from_secs(60));
+    assert_eq!(results.len(), 200);
+    assert!(
+        results.iter().all(|r| r["ok"] == true),
+        "client failures: {results:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let values = ct.stop();
+
+    let cli = verdicts_in(&values, hosts.client.inode());
+    let srv = verdicts_in(&values, hosts.server.inode());
+    let failures: Vec<_> = cli
+        .iter()
+        .chain(&srv)
+        .filter(|v| v["outcome"] != "established")
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "failure verdicts for healthy traffic: {failures:?}"
+    );
+
+    let cli = by_side(&cli, "client");
+    assert_eq!(cli.len(), 200, "client established verdicts");
+    for v in &cli {
+        assert_eq!(v["reason"], "established");
+        assert_eq!(v["pid"], client_pid, "{v}");
+        assert_eq!(v["comm"], "ct-client");
+        assert_eq!(v["saddr"], hosts.client_ip.as_str());
+        assert_eq!(
+            (v["daddr"].as_str(), v["dport"].as_u64()),
+            (Some(hosts.server_ip.as_str()), Some(3306))
+        );
+    }
+    let locals: std::collections::HashSet<String> = results
+        .iter()
+        .map(|r| r["local"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(cli.iter().all(|v| locals.contains(&format!(
+        "{}:{}",
+        v["saddr"].as_str().unwrap_or_default(),
+        v["sport"]
+    ))));
+
+    let srv = by_side(&srv, "server");
+    assert_eq!(srv.len(), 200, "server established verdicts");
+    for v in &srv {
+        assert_eq!(v["pid"], server.pid(), "{v}");
+        assert_eq!(v["comm"], "ct-server");
+        assert_eq!(v["detail"]["accepted"], true);
+        assert_eq!(
+            (v["sport"].as_u64(), v["daddr"].as_str()),
+            (Some(3306), Some(hosts.client_ip.as_str()))
+        );
+    }
+}
+
+#[test]
+fn nothing_listening_is_refused_on_both_sides() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41001"]);
+    let results = client.json_lines(Duration::from_secs(10));
+    assert_eq!(
+        results[0]["errno"], 111,
+        "client should see ECONNREFUSED: {results:?}"
+    );
+    let client_side = ct.wait_for(Duration::from_secs(2), |l| {
+        l.value["event"] == "verdict"
+            && l.value["side"] == "client"
+            && l.value["netns"] == hosts.client.inode()
+    });
+    let values = ct.stop();
+
+    let cli = verdicts_in(&values, hosts.client.inode());
+    assert_eq!(cli.len(), 1, "{cli:?}");
+    let v = &cli[0];
+    assert_eq!(
+        (v["side"].as_str(), v["outcome"].as_str()),
+        (Some("client"), Some("failed"))
+    );
+    assert_eq!(v["reason"], "refused_no_listener");
+    assert_eq!(v["errno"], "ECONNREFUSED");
+    assert_eq!(v["comm"], "ct-client");
+    assert_eq!(
+        (v["saddr"].as_str(), v["sport"].as_u64()),
+        (Some(hosts.client_ip.as_str()), Some(41001))
+    );
+    assert_eq!(
+        (v["daddr"].as_str(), v["dport"].as_u64()),
+        (Some(hosts.server_ip.as_str()), Some(3306))
+    );
+    assert_eq!(client_side.value, *v);
+
+    let srv = verdicts_in(&values, hosts.server.inode());
+    assert_eq!(srv.len(), 1, "{srv:?}");
+    let v = &srv[0];
+    assert_eq!(
+        (v["side"].as_str(), v["reason"].as_str()),
+        (Some("server"), Some("refused_no_listener"))
+    );
+    assert_eq!(
+        (v["saddr"].as_str(), v["sport"].as_u64()),
+        (Some(hosts.server_ip.as_str()), Some(3306))
+    );
+    assert_eq!(
+        (v["daddr"].as_str(), v["dport"].as_u64()),
+        (Some(hosts.client_ip.as_str()), Some(41001))
+    );
+}
+
+#[test]
+fn failure_verdict_arrives_within_one_second() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41002"]);
+    let results = client.json_lines(Duration::from_secs(10));
+    let failed_at = std::time::Instant::now();
+    assert_eq!(results[0]["errno"], 111);
+    let line = ct.wait_for(Duration::from_secs(5), |l| {
+        l.value["event"] == "verdict" && l.value["sport"] == 41002
+    });
+    // The client's failure is observed after connect() returned; the verdict may even precede it.
+    let latency = line.received.saturating_duration_since(failed_at);
+    assert!(
+        latency < Duration::from_secs(1),
+        "verdict came {latency:?} after the failure"
+    );
+    ct.stop();
+}
+
+#[test]
+fn dropped_syns_time_out_with_retransmits() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    hosts.server.exec(&[
+        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
+    ]);
+    hosts
+        .client
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--sport", "41003", "--timeout-ms", "20000"],
+    );
+    let results = client.json_lines(Duration::from_secs(30));
+    assert_eq!(
+        results[0]["errno"], 110,
+        "client should see ETIMEDOUT: {results:?}"
+    );
+    ct.wait_for(Duration::from_secs(2), |l| {
+        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
+    });
+    let values = ct.stop();
+    let cli = verdicts_in(&values, hosts.client.inode());
+    assert_eq!(cli.len(), 1, "{cli:?}");
+    let v = &cli[0];
+    assert_eq!(v["reason"], "syn_timeout");
+    assert_eq!(v["errno"], "ETIMEDOUT");
+    assert_eq!(v["detail"]["cause"], "kernel_gave_up");
+    assert!(v["syn_retransmits"].as_u64() >= Some(1), "{v}");
+    assert!(v["duration_ms"].as_f64() > Some(900.0), "{v}");
+    assert_eq!(v["sport"], 41003);
+    assert!(
+        verdicts_in(&values, hosts.server.inode()).is_empty(),
+        "the server never saw the SYN"
+    );
+}
+
+#[test]
+fn no_route_is_reported_without_packets() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306"]);
+    // TEST-NET-1 (RFC 5737): the client namespace has no route to it, so no packet is sent.
+    let client = connect(&hosts.client, "192.0.2.1", PORT, &[]);
+    let client_pid = client.pid();
+    let results = client.json_lines(Duration::from_secs(10));
+    assert_eq!(
+        results[0]["errno"], 101,
+        "client should see ENETUNREACH: {results:?}"
+    );
+    ct.wait_for(Duration::from_secs(2), |l| {
+        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
+    });
+    let values = ct.stop();
+    let cli = verdicts_in(&values, hosts.client.inode());
+    assert_eq!(cli.len(), 1, "{cli:?}");
+    let v = &cli[0];
+    assert_eq!(
+        (v["reason"].as_str(), v["errno"].as_str()),
+        (Some("no_route"), Some("ENETUNREACH"))
+    );
+    assert_eq!(
+        (v["daddr"].as_str(), v["dport"].as_u64()),
+        (Some("192.0.2.1"), Some(3306))
+    );
+    assert_eq!(
+        (v["pid"].as_u64(), v["comm"].as_str()),
+        (Some(u64::from(client_pid)), Some("ct-client"))
+    );
+}
+
+#[test]
+fn server_abort_is_reset_by_peer() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let _server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--accept", "1", "--greeting", "hello\n", "--linger0"],
+    );
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--sport", "41004", "--read-until-close"],
+    );
+    let results = client.json_lines(Duration::from_secs(10));
+    assert_eq!(
+        results[0]["errno"], 104,
+        "client should see ECONNRESET: {results:?}"
+    );
+    ct.wait_for(Duration::from_secs(2), |l| {
+        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
+    });
+    let values = ct.stop();
+    let cli = verdicts_in(&values, hosts.client.inode());
+    assert_eq!(cli.len(), 1, "{cli:?}");
+    let v = &cli[0];
+    assert_eq!(
+        (v["side"].as_str(), v["reason"].as_str()),
+        (Some("client"), Some("reset_by_peer"))
+    );
+    assert_eq!(v["detail"]["rst_received_in"], "TCP_ESTABLISHED");
+    assert_eq!(v["sport"], 41004);
+}
+
+#[test]
+fn kernel_side_losses_are_counted_and_reported() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    // One page of ring buffer holds a few dozen events: a burst must overflow it.
+    let ct = Conntrace::start(&["--port", "3306", "--ring-buffer-bytes", "4096"]);
+    let _server = serve(&hosts.server, &hosts.server_ip, PORT, &["--greeting", "x"]);
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--count", "1500", "--parallel", "8", "--timeout-ms", "3000"],
+    );
+    client.json_lines(Duration::from_secs(120));
+    ct.wait_for(Duration::from_secs(3), |l| l.value["event"] == "lost");
+    let values = ct.stop();
+    let lost: Vec<&Value> = values.iter().filter(|v| v["event"] == "lost").collect();
+    let last = lost.last().expect("a lost record");
+    assert!(last["count"].as_u64() > Some(0));
+    let total_new: u64 = lost.iter().filter_map(|v| v["new"].as_u64()).sum();
+    assert_eq!(
+        Some(total_new),
+        last["count"].as_u64(),
+        "new counts add up to the total"
+    );
+    let summary = values.last().expect("summary");
+    assert_eq!(
+        summary["lost_events"], last["count"],
+        "the summary reports every loss"
+    );
+}
