@@ -79,6 +79,15 @@ pub(crate) struct Conn {
     pub orderly_close: bool,
 }
 
+/// What identifies a decided connection for late syscall results.
+#[derive(Debug, Clone, Copy)]
+struct Decided {
+    at_ns: u64,
+    daddr: std::net::IpAddr,
+    dport: u16,
+    pid: Option<u32>,
+}
+
 /// A `SocketError` that has not found its connection yet (the local port may still be unknown).
 #[derive(Debug, Clone)]
 struct OrphanError {
@@ -93,8 +102,9 @@ pub struct Engine {
     conns: BTreeMap<u64, Conn>,
     by_sk: HashMap<u64, u64>,
     orphan_errors: HashMap<FourTuple, OrphanError>,
-    /// Sockets decided recently → when: late syscall results for them are not new failures.
-    recently_decided: HashMap<u64, u64>,
+    /// Sockets decided recently: a late `connect()` result for the same socket, destination and
+    /// process is not a new failure (the address alone may already belong to a new socket).
+    recently_decided: HashMap<u64, Decided>,
     summary: Summary,
 }
 
@@ -286,7 +296,9 @@ impl Engine {
                 if let Some(c) = self.conn_mut(sk) {
                     c.connect_errno = Some(errno);
                     c.last_ns = meta.ts_ns;
-                } else if sk != 0 && self.recently_decided.contains_key(&sk) {
+                } else if self.recently_decided.get(&sk).is_some_and(|d| {
+                    sk != 0 && d.daddr == tuple.daddr && d.dport == tuple.dport && d.pid == Some(meta.proc.pid)
+                }) {
                     // connect() reporting a failure whose verdict is already out.
                 } else if let Some(v) = decide::connect_failed(&meta, tuple, errno, sk != 0) {
                     self.emit(&mut out, v);
@@ -387,7 +399,8 @@ impl Engine {
     fn finalize(&mut self, id: u64, now_ns: u64, out: &mut Vec<Verdict>) {
         let Some(c) = self.conns.remove(&id) else { return };
         self.unindex(id, c.sk);
-        self.recently_decided.insert(c.sk, now_ns);
+        let pid = c.proc.as_ref().map(|p| p.pid);
+        self.recently_decided.insert(c.sk, Decided { at_ns: now_ns, daddr: c.tuple.daddr, dport: c.tuple.dport, pid });
         if let Some(v) = decide::closed(&c, &self.cfg) {
             self.emit(out, v);
         } else if c.side == Side::Server && !c.reported && c.established_ns.is_some() && self.cfg.report_established {
@@ -433,7 +446,7 @@ impl Engine {
             }
         }
         let keep = 10 * grace_or(self.cfg.grace_ns);
-        self.recently_decided.retain(|_, at| now_ns < *at + keep);
+        self.recently_decided.retain(|_, d| now_ns < d.at_ns + keep);
         let orphans_before = self.orphan_errors.len();
         self.orphan_errors.retain(|_, o| now_ns < o.ts_ns + 10 * grace_or(self.cfg.grace_ns));
         self.summary.unmatched_errors += (orphans_before - self.orphan_errors.len()) as u64;
