@@ -91,12 +91,14 @@ impl Drop for Netns {
 
 static NEXT: AtomicU32 = AtomicU32::new(1);
 
-/// A client and a server namespace joined by a veth pair on 10.77.N.0/24.
+/// A client and a server namespace joined by a veth pair on 10.77.N.0/24 and fd77:N::/64.
 pub struct TwoHosts {
     pub client: Netns,
     pub server: Netns,
     pub client_ip: String,
     pub server_ip: String,
+    pub client_ip6: String,
+    pub server_ip6: String,
 }
 
 impl TwoHosts {
@@ -116,14 +118,13 @@ impl TwoHosts {
         let server_ip = format!("10.77.{subnet}.2");
         client.exec(&["ip", "addr", "add", &format!("{client_ip}/24"), "dev", &vc]);
         server.exec(&["ip", "addr", "add", &format!("{server_ip}/24"), "dev", &vs]);
+        let client_ip6 = format!("fd77:{subnet}::1");
+        let server_ip6 = format!("fd77:{subnet}::2");
+        client.exec(&["ip", "-6", "addr", "add", &format!("{client_ip6}/64"), "dev", &vc, "nodad"]);
+        server.exec(&["ip", "-6", "addr", "add", &format!("{server_ip6}/64"), "dev", &vs, "nodad"]);
         client.exec(&["ip", "link", "set", &vc, "up"]);
         server.exec(&["ip", "link", "set", &vs, "up"]);
-        Self {
-            client,
-            server,
-            client_ip,
-            server_ip,
-        }
+        Self { client, server, client_ip, server_ip, client_ip6, server_ip6 }
     }
 }
 

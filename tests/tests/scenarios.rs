@@ -146,6 +146,37 @@ fn nothing_listening_is_refused_on_both_sides() {
 }
 
 #[test]
+fn ipv6_refused_and_established() {
+    if skip_unless_root() {
+        return;
+    }
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306", "--all"]);
+    let refused = connect(&hosts.client, &hosts.server_ip6, PORT, &["--sport", "41005"]).json_lines(Duration::from_secs(10));
+    assert_eq!(refused[0]["errno"], 111, "{refused:?}");
+    let server = serve(&hosts.server, &hosts.server_ip6, PORT, &["--accept", "1", "--greeting", "hi"]);
+    let ok = connect(&hosts.client, &hosts.server_ip6, PORT, &["--sport", "41006", "--read"]).json_lines(Duration::from_secs(10));
+    assert_eq!(ok[0]["ok"], true, "{ok:?}");
+    ct.wait_for(Duration::from_secs(3), |l| l.value["side"] == "server" && l.value["outcome"] == "established");
+    let values = ct.stop();
+    let cli = verdicts_in(&values, hosts.client.inode());
+    let refused: Vec<_> = cli.iter().filter(|v| v["reason"] == "refused_no_listener").collect();
+    assert_eq!(refused.len(), 1, "{cli:?}");
+    assert_eq!((refused[0]["saddr"].as_str(), refused[0]["sport"].as_u64()), (Some(hosts.client_ip6.as_str()), Some(41005)));
+    assert_eq!(refused[0]["daddr"], hosts.server_ip6.as_str());
+    let est: Vec<_> = cli.iter().filter(|v| v["reason"] == "established").collect();
+    assert_eq!(est.len(), 1, "{cli:?}");
+    assert_eq!(est[0]["sport"], 41006);
+    let srv = verdicts_in(&values, hosts.server.inode());
+    let refused_srv: Vec<_> = srv.iter().filter(|v| v["reason"] == "refused_no_listener").collect();
+    assert_eq!(refused_srv.len(), 1, "{srv:?}");
+    assert_eq!((refused_srv[0]["saddr"].as_str(), refused_srv[0]["dport"].as_u64()), (Some(hosts.server_ip6.as_str()), Some(41005)));
+    let est_srv: Vec<_> = srv.iter().filter(|v| v["reason"] == "established").collect();
+    assert_eq!(est_srv.len(), 1, "{srv:?}");
+    assert_eq!((est_srv[0]["pid"].as_u64(), est_srv[0]["daddr"].as_str()), (Some(u64::from(server.pid())), Some(hosts.client_ip6.as_str())));
+}
+
+#[test]
 fn failure_verdict_arrives_within_one_second() {
     if skip_unless_root() {
         return;
