@@ -54,7 +54,8 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim()).map_err(|e| format!("`{s}` is not a duration like 30s or 500ms: {e}"))?;
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}` is not a duration like 30s or 500ms: {e}"))?;
     if d.is_zero() {
         return Err("the duration must be greater than zero".into());
     }
@@ -62,7 +63,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn parse_ring_bytes(s: &str) -> Result<u32, String> {
-    let n: u32 = s.trim().parse().map_err(|_| format!("`{s}` is not a number of bytes"))?;
+    let n: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of bytes"))?;
     if n < 4096 || !n.is_power_of_two() {
         return Err(format!("{n} is not a power of two of at least 4096"));
     }
@@ -75,15 +79,24 @@ mod tests {
 
     #[test]
     fn ports_are_repeatable_and_comma_separated() {
-        let cli = Cli::try_parse_from(["conntrace", "--port", "3306,5432", "-p", "80"]).expect("parse");
+        let cli =
+            Cli::try_parse_from(["conntrace", "--port", "3306,5432", "-p", "80"]).expect("parse");
         assert_eq!(cli.ports, vec![3306, 5432, 80]);
-        assert!(Cli::try_parse_from(["conntrace"]).expect("parse").ports.is_empty());
+        assert!(
+            Cli::try_parse_from(["conntrace"])
+                .expect("parse")
+                .ports
+                .is_empty()
+        );
     }
 
     #[test]
     fn invalid_ports_are_rejected() {
         for bad in ["0", "70000", "abc", "-1"] {
-            assert!(Cli::try_parse_from(["conntrace", "--port", bad]).is_err(), "{bad} accepted");
+            assert!(
+                Cli::try_parse_from(["conntrace", "--port", bad]).is_err(),
+                "{bad} accepted"
+            );
         }
     }
 
@@ -93,7 +106,8 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("0s").is_err());
-        let cli = Cli::try_parse_from(["conntrace", "--duration", "2s", "--stall-timeout", "1s"]).expect("parse");
+        let cli = Cli::try_parse_from(["conntrace", "--duration", "2s", "--stall-timeout", "1s"])
+            .expect("parse");
         assert_eq!(cli.duration, Some(Duration::from_secs(2)));
         assert_eq!(cli.stall_timeout, Duration::from_secs(1));
     }

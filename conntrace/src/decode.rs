@@ -25,7 +25,12 @@ fn addr(family: u16, bytes: &[u8; 16]) -> IpAddr {
 }
 
 pub fn four_tuple(t: &Tuple) -> FourTuple {
-    FourTuple { saddr: addr(t.family, &t.saddr), sport: t.sport, daddr: addr(t.family, &t.daddr), dport: t.dport }
+    FourTuple {
+        saddr: addr(t.family, &t.saddr),
+        sport: t.sport,
+        daddr: addr(t.family, &t.daddr),
+        dport: t.dport,
+    }
 }
 
 fn meta(h: &EventHeader) -> Meta {
@@ -33,7 +38,11 @@ fn meta(h: &EventHeader) -> Meta {
     Meta {
         ts_ns: h.ts_ns,
         netns: h.netns,
-        proc: Proc { pid: h.pid, tid: h.tid, comm: String::from_utf8_lossy(&h.comm[..end]).into_owned() },
+        proc: Proc {
+            pid: h.pid,
+            tid: h.tid,
+            comm: String::from_utf8_lossy(&h.comm[..end]).into_owned(),
+        },
     }
 }
 
@@ -51,12 +60,16 @@ impl Decoder {
                 old: TcpState::from_kernel(e.oldstate),
                 new: TcpState::from_kernel(e.newstate),
             },
-            Decoded::ErrorReport(e) => {
-                KernelEvent::SocketError { meta: meta(&e.header), tuple: four_tuple(&e.tuple), errno: e.error.abs() }
-            }
-            Decoded::ReceiveReset(e) => {
-                KernelEvent::ResetReceived { meta: meta(&e.header), sk: e.skaddr, tuple: four_tuple(&e.tuple) }
-            }
+            Decoded::ErrorReport(e) => KernelEvent::SocketError {
+                meta: meta(&e.header),
+                tuple: four_tuple(&e.tuple),
+                errno: e.error.abs(),
+            },
+            Decoded::ReceiveReset(e) => KernelEvent::ResetReceived {
+                meta: meta(&e.header),
+                sk: e.skaddr,
+                tuple: four_tuple(&e.tuple),
+            },
             Decoded::SendReset(e) => {
                 // Without a socket the kernel fills the record from the answered packet, already
                 // oriented as this host's reply (s = this host).
@@ -66,14 +79,23 @@ impl Decoder {
                     tuple: four_tuple(&e.tuple),
                     state: (e.skaddr != 0 && e.state >= 0).then(|| TcpState::from_kernel(e.state)),
                     reason: (e.reason != RESET_REASON_NONE).then(|| {
-                        self.reset_reasons.get(&e.reason).cloned().unwrap_or_else(|| format!("sk_rst_reason {}", e.reason))
+                        self.reset_reasons
+                            .get(&e.reason)
+                            .cloned()
+                            .unwrap_or_else(|| format!("sk_rst_reason {}", e.reason))
                     }),
                 }
             }
-            Decoded::SynRetransmit(e) => {
-                KernelEvent::SynRetransmit { meta: meta(&e.header), sk: e.skaddr, tuple: four_tuple(&e.tuple) }
-            }
-            Decoded::Accept(e) => KernelEvent::Accepted { meta: meta(&e.header), sk: e.skaddr, fd: e.fd },
+            Decoded::SynRetransmit(e) => KernelEvent::SynRetransmit {
+                meta: meta(&e.header),
+                sk: e.skaddr,
+                tuple: four_tuple(&e.tuple),
+            },
+            Decoded::Accept(e) => KernelEvent::Accepted {
+                meta: meta(&e.header),
+                sk: e.skaddr,
+                fd: e.fd,
+            },
             Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
                 meta: meta(&e.header),
                 sk: e.skaddr,

@@ -17,14 +17,18 @@ use crate::{kernel::LoadError, output::OutputError, run::RunError};
 /// Exit codes (documented in the README).
 mod exit {
     pub const RUNTIME: u8 = 1;
-    /// clap's own code for usage errors.
-    pub const USAGE: u8 = 2;
+    // 2: usage errors, returned by clap itself.
     pub const PRIVILEGES: u8 = 3;
     pub const UNSUPPORTED_KERNEL: u8 = 4;
 }
 
 /// Capabilities conntrace needs when not run as root.
-const CAPS: &[(u32, &str)] = &[(39, "CAP_BPF"), (38, "CAP_PERFMON"), (12, "CAP_NET_ADMIN"), (24, "CAP_SYS_RESOURCE")];
+const CAPS: &[(u32, &str)] = &[
+    (39, "CAP_BPF"),
+    (38, "CAP_PERFMON"),
+    (12, "CAP_NET_ADMIN"),
+    (24, "CAP_SYS_RESOURCE"),
+];
 const CAP_SYS_ADMIN: u32 = 21;
 
 /// Effective capability set of this process (capget(2)).
@@ -41,7 +45,10 @@ fn effective_caps() -> u64 {
         permitted: u32,
         inheritable: u32,
     }
-    let mut header = Header { version: 0x2008_0522, pid: 0 };
+    let mut header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
     let mut data = [Data::default(); 2];
     // SAFETY: capget with a v3 header and room for two data structs, as capget(2) requires.
     let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
@@ -56,7 +63,10 @@ fn missing_caps() -> Vec<&'static str> {
     if eff & (1 << CAP_SYS_ADMIN) != 0 {
         return Vec::new();
     }
-    CAPS.iter().filter(|(bit, _)| eff & (1 << bit) == 0).map(|(_, n)| *n).collect()
+    CAPS.iter()
+        .filter(|(bit, _)| eff & (1 << bit) == 0)
+        .map(|(_, n)| *n)
+        .collect()
 }
 
 fn main() -> ExitCode {
@@ -68,7 +78,9 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
         .init();
 
     let missing = missing_caps();
@@ -80,7 +92,10 @@ fn main() -> ExitCode {
         return ExitCode::from(exit::PRIVILEGES);
     }
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("conntrace: start the async runtime: {e}");
@@ -92,7 +107,10 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = exit_code(&e);
             // anyhow only here, at the edge: one line with the whole cause chain.
-            let chain: Vec<String> = anyhow::Error::from(e).chain().map(ToString::to_string).collect();
+            let chain: Vec<String> = anyhow::Error::from(e)
+                .chain()
+                .map(ToString::to_string)
+                .collect();
             eprintln!("conntrace: {}", chain.join(": "));
             ExitCode::from(code)
         }
@@ -101,9 +119,12 @@ fn main() -> ExitCode {
 
 fn exit_code(e: &RunError) -> u8 {
     match e {
-        RunError::Load(LoadError::Btf(_) | LoadError::Layout(_) | LoadError::KernelRelease(_) | LoadError::Required { .. }) => {
-            exit::UNSUPPORTED_KERNEL
-        }
+        RunError::Load(
+            LoadError::Btf(_)
+            | LoadError::Layout(_)
+            | LoadError::KernelRelease(_)
+            | LoadError::Required { .. },
+        ) => exit::UNSUPPORTED_KERNEL,
         _ => exit::RUNTIME,
     }
 }

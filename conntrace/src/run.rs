@@ -29,7 +29,10 @@ pub enum RunError {
 }
 
 fn kernel_features() -> serde_json::Value {
-    let tracefs_kprobes = ["/sys/kernel/tracing/kprobe_events", "/sys/kernel/debug/tracing/kprobe_events"];
+    let tracefs_kprobes = [
+        "/sys/kernel/tracing/kprobe_events",
+        "/sys/kernel/debug/tracing/kprobe_events",
+    ];
     serde_json::json!({
         "btf": std::path::Path::new(crate::kernel::btf::VMLINUX_BTF).exists(),
         "kprobes": tracefs_kprobes.iter().any(|p| std::path::Path::new(p).exists()),
@@ -37,7 +40,9 @@ fn kernel_features() -> serde_json::Value {
 }
 
 fn write_verdicts(out: &mut Output, verdicts: &[Verdict]) -> Result<(), OutputError> {
-    verdicts.iter().try_for_each(|v| out.write(&Record::Verdict(v)))
+    verdicts
+        .iter()
+        .try_for_each(|v| out.write(&Record::Verdict(v)))
 }
 
 pub async fn run(cli: &Cli) -> Result<(), RunError> {
@@ -45,17 +50,30 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut ports = cli.ports.clone();
     ports.sort_unstable();
     ports.dedup();
-    let (tracer, events) = Tracer::start(&TracerOptions { ports: ports.clone(), ring_bytes: cli.ring_buffer_bytes })?;
+    let (tracer, events) = Tracer::start(&TracerOptions {
+        ports: ports.clone(),
+        ring_bytes: cli.ring_buffer_bytes,
+    })?;
     let clock = Clock::now();
-    let format = if cli.json { Format::Json } else { Format::Human };
+    let format = if cli.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
     let mut out = Output::open(cli.output.as_deref(), format, clock)?;
 
     let attach_paths: BTreeMap<String, String> = tracer
         .active
         .iter()
         .map(|p| {
-            let cap = serde_json::to_value(p.capability).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            (cap, p.attach.split(':').next().unwrap_or_default().to_owned())
+            let cap = serde_json::to_value(p.capability)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            (
+                cap,
+                p.attach.split(':').next().unwrap_or_default().to_owned(),
+            )
         })
         .collect();
     let ready = Ready {
@@ -74,7 +92,10 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut engine = Engine::new(EngineConfig {
         report_established: cli.all,
         stall_timeout_ns: cli.stall_timeout.as_nanos() as u64,
-        resets_observed: tracer.active.iter().any(|p| p.capability == Capability::Resets),
+        resets_observed: tracer
+            .active
+            .iter()
+            .any(|p| p.capability == Capability::Resets),
         ..EngineConfig::default()
     });
     let decoder = Decoder::new(tracer.reset_reasons.clone());
@@ -154,7 +175,11 @@ fn report_lost(tracer: &Tracer, out: &mut Output, seen: &mut u64) -> Result<(), 
             let new = total - *seen;
             *seen = total;
             warn!(new, total, "kernel events lost: the ring buffer was full");
-            out.write(&Record::Lost { total, new, ts_ns: Clock::mono_now_ns() })
+            out.write(&Record::Lost {
+                total,
+                new,
+                ts_ns: Clock::mono_now_ns(),
+            })
         }
         Ok(_) => Ok(()),
         Err(e) => {

@@ -31,14 +31,15 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Skips the calling test (returns `true`) with a printed reason when not root.
-pub fn skip_unless_root() -> bool {
+/// Panics unless running as root: the scenarios load eBPF programs and create namespaces.
+/// Lacking privileges is not a missing kernel feature, so they fail rather than skip.
+pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: needs root (eBPF programs and network namespaces)");
-        return true;
-    }
-    false
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the scenarios need root: run `cargo xtask test` as root"
+    );
 }
 
 /// A network namespace, deleted on drop.
@@ -120,11 +121,36 @@ impl TwoHosts {
         server.exec(&["ip", "addr", "add", &format!("{server_ip}/24"), "dev", &vs]);
         let client_ip6 = format!("fd77:{subnet}::1");
         let server_ip6 = format!("fd77:{subnet}::2");
-        client.exec(&["ip", "-6", "addr", "add", &format!("{client_ip6}/64"), "dev", &vc, "nodad"]);
-        server.exec(&["ip", "-6", "addr", "add", &format!("{server_ip6}/64"), "dev", &vs, "nodad"]);
+        client.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{client_ip6}/64"),
+            "dev",
+            &vc,
+            "nodad",
+        ]);
+        server.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{server_ip6}/64"),
+            "dev",
+            &vs,
+            "nodad",
+        ]);
         client.exec(&["ip", "link", "set", &vc, "up"]);
         server.exec(&["ip", "link", "set", &vs, "up"]);
-        Self { client, server, client_ip, server_ip, client_ip6, server_ip6 }
+        Self {
+            client,
+            server,
+            client_ip,
+            server_ip,
+            client_ip6,
+            server_ip6,
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, serve, skip_unless_root, verdicts_in};
+use conntrace_tests::{Conntrace, TwoHosts, connect, require_root, serve, verdicts_in};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
@@ -14,9 +14,7 @@ fn by_side<'a>(verdicts: &'a [Value], side: &str) -> Vec<&'a Value> {
 
 #[test]
 fn healthy_connections_give_established_verdicts_with_processes() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     let ct = Conntrace::start(&["--port", "3306", "--all", "--stall-timeout", "2s"]);
     let server = serve(
@@ -90,9 +88,7 @@ fn healthy_connections_give_established_verdicts_with_processes() {
 
 #[test]
 fn nothing_listening_is_refused_on_both_sides() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     let ct = Conntrace::start(&["--port", "3306"]);
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41001"]);
@@ -147,40 +143,82 @@ fn nothing_listening_is_refused_on_both_sides() {
 
 #[test]
 fn ipv6_refused_and_established() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     let ct = Conntrace::start(&["--port", "3306", "--all"]);
-    let refused = connect(&hosts.client, &hosts.server_ip6, PORT, &["--sport", "41005"]).json_lines(Duration::from_secs(10));
+    let refused = connect(
+        &hosts.client,
+        &hosts.server_ip6,
+        PORT,
+        &["--sport", "41005"],
+    )
+    .json_lines(Duration::from_secs(10));
     assert_eq!(refused[0]["errno"], 111, "{refused:?}");
-    let server = serve(&hosts.server, &hosts.server_ip6, PORT, &["--accept", "1", "--greeting", "hi"]);
-    let ok = connect(&hosts.client, &hosts.server_ip6, PORT, &["--sport", "41006", "--read"]).json_lines(Duration::from_secs(10));
+    let server = serve(
+        &hosts.server,
+        &hosts.server_ip6,
+        PORT,
+        &["--accept", "1", "--greeting", "hi"],
+    );
+    let ok = connect(
+        &hosts.client,
+        &hosts.server_ip6,
+        PORT,
+        &["--sport", "41006", "--read"],
+    )
+    .json_lines(Duration::from_secs(10));
     assert_eq!(ok[0]["ok"], true, "{ok:?}");
-    ct.wait_for(Duration::from_secs(3), |l| l.value["side"] == "server" && l.value["outcome"] == "established");
+    ct.wait_for(Duration::from_secs(3), |l| {
+        l.value["side"] == "server" && l.value["outcome"] == "established"
+    });
     let values = ct.stop();
     let cli = verdicts_in(&values, hosts.client.inode());
-    let refused: Vec<_> = cli.iter().filter(|v| v["reason"] == "refused_no_listener").collect();
+    let refused: Vec<_> = cli
+        .iter()
+        .filter(|v| v["reason"] == "refused_no_listener")
+        .collect();
     assert_eq!(refused.len(), 1, "{cli:?}");
-    assert_eq!((refused[0]["saddr"].as_str(), refused[0]["sport"].as_u64()), (Some(hosts.client_ip6.as_str()), Some(41005)));
+    assert_eq!(
+        (refused[0]["saddr"].as_str(), refused[0]["sport"].as_u64()),
+        (Some(hosts.client_ip6.as_str()), Some(41005))
+    );
     assert_eq!(refused[0]["daddr"], hosts.server_ip6.as_str());
-    let est: Vec<_> = cli.iter().filter(|v| v["reason"] == "established").collect();
+    let est: Vec<_> = cli
+        .iter()
+        .filter(|v| v["reason"] == "established")
+        .collect();
     assert_eq!(est.len(), 1, "{cli:?}");
     assert_eq!(est[0]["sport"], 41006);
     let srv = verdicts_in(&values, hosts.server.inode());
-    let refused_srv: Vec<_> = srv.iter().filter(|v| v["reason"] == "refused_no_listener").collect();
+    let refused_srv: Vec<_> = srv
+        .iter()
+        .filter(|v| v["reason"] == "refused_no_listener")
+        .collect();
     assert_eq!(refused_srv.len(), 1, "{srv:?}");
-    assert_eq!((refused_srv[0]["saddr"].as_str(), refused_srv[0]["dport"].as_u64()), (Some(hosts.server_ip6.as_str()), Some(41005)));
-    let est_srv: Vec<_> = srv.iter().filter(|v| v["reason"] == "established").collect();
+    assert_eq!(
+        (
+            refused_srv[0]["saddr"].as_str(),
+            refused_srv[0]["dport"].as_u64()
+        ),
+        (Some(hosts.server_ip6.as_str()), Some(41005))
+    );
+    let est_srv: Vec<_> = srv
+        .iter()
+        .filter(|v| v["reason"] == "established")
+        .collect();
     assert_eq!(est_srv.len(), 1, "{srv:?}");
-    assert_eq!((est_srv[0]["pid"].as_u64(), est_srv[0]["daddr"].as_str()), (Some(u64::from(server.pid())), Some(hosts.client_ip6.as_str())));
+    assert_eq!(
+        (est_srv[0]["pid"].as_u64(), est_srv[0]["daddr"].as_str()),
+        (
+            Some(u64::from(server.pid())),
+            Some(hosts.client_ip6.as_str())
+        )
+    );
 }
 
 #[test]
 fn failure_verdict_arrives_within_one_second() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     let ct = Conntrace::start(&["--port", "3306"]);
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41002"]);
@@ -201,9 +239,7 @@ fn failure_verdict_arrives_within_one_second() {
 
 #[test]
 fn dropped_syns_time_out_with_retransmits() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     hosts.server.exec(&[
         "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
@@ -244,9 +280,7 @@ fn dropped_syns_time_out_with_retransmits() {
 
 #[test]
 fn no_route_is_reported_without_packets() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     let ct = Conntrace::start(&["--port", "3306"]);
     // TEST-NET-1 (RFC 5737): the client namespace has no route to it, so no packet is sent.
@@ -280,9 +314,7 @@ fn no_route_is_reported_without_packets() {
 
 #[test]
 fn server_abort_is_reset_by_peer() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     let ct = Conntrace::start(&["--port", "3306"]);
     let _server = serve(
@@ -319,9 +351,7 @@ fn server_abort_is_reset_by_peer() {
 
 #[test]
 fn kernel_side_losses_are_counted_and_reported() {
-    if skip_unless_root() {
-        return;
-    }
+    require_root();
     let hosts = TwoHosts::new();
     // One page of ring buffer holds a few dozen events: a burst must overflow it.
     let ct = Conntrace::start(&["--port", "3306", "--ring-buffer-bytes", "4096"]);

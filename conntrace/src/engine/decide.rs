@@ -3,8 +3,9 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    Conn, EngineConfig, errno_name, ms,
+    Conn, EngineConfig, errno_name,
     model::{FourTuple, Meta, Outcome, Reason, Side, TcpState},
+    ms,
     verdict::Verdict,
 };
 
@@ -18,7 +19,12 @@ const EPERM: i32 = 1;
 /// Errors only a handshake produces (a RST, an ICMP answer, a timeout).
 const HANDSHAKE_ERRORS: [i32; 3] = [ECONNREFUSED, ETIMEDOUT, ECONNRESET];
 /// `connect()` results that are not a connection failure.
-const NOT_A_FAILURE: [i32; 4] = [114 /* EALREADY */, 106 /* EISCONN */, 4 /* EINTR */, 11 /* EAGAIN */];
+const NOT_A_FAILURE: [i32; 4] = [
+    114, /* EALREADY */
+    106, /* EISCONN */
+    4,   /* EINTR */
+    11,  /* EAGAIN */
+];
 
 fn base(c: &Conn, ts_ns: u64, outcome: Outcome, reason: Reason) -> Verdict {
     Verdict {
@@ -51,7 +57,8 @@ pub(super) fn established(c: &Conn, ts_ns: u64, accepted: bool) -> Verdict {
     if c.side == Side::Server {
         v.detail.insert("accepted".into(), json!(accepted));
         if accepted {
-            v.detail.insert("accept_delay_ms".into(), json!(ms(at, ts_ns)));
+            v.detail
+                .insert("accept_delay_ms".into(), json!(ms(at, ts_ns)));
         }
     }
     v
@@ -75,15 +82,27 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
             (Outcome::Failed, Reason::Unknown, from.name())
         } else if c.rst_received.is_some() {
             detail.insert("rst_received".into(), json!(true));
-            (Outcome::Failed, Reason::RefusedNoListener, errno.map_or_else(|| "RST received in SYN_SENT".into(), errno_name))
+            (
+                Outcome::Failed,
+                Reason::RefusedNoListener,
+                errno.map_or_else(|| "RST received in SYN_SENT".into(), errno_name),
+            )
         } else {
             match errno {
                 Some(ECONNREFUSED) if cfg.resets_observed => {
                     // ECONNREFUSED without a RST: an ICMP port unreachable (e.g. REJECT).
                     detail.insert("icmp".into(), json!("port-unreachable"));
-                    (Outcome::Failed, Reason::IcmpUnreachable, errno_name(ECONNREFUSED))
+                    (
+                        Outcome::Failed,
+                        Reason::IcmpUnreachable,
+                        errno_name(ECONNREFUSED),
+                    )
                 }
-                Some(ECONNREFUSED) => (Outcome::Failed, Reason::RefusedNoListener, errno_name(ECONNREFUSED)),
+                Some(ECONNREFUSED) => (
+                    Outcome::Failed,
+                    Reason::RefusedNoListener,
+                    errno_name(ECONNREFUSED),
+                ),
                 Some(e @ (EHOSTUNREACH | ENETUNREACH | EACCES | EPERM)) => {
                     detail.insert(
                         "icmp".into(),
@@ -104,19 +123,33 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
                 None if from == TcpState::SynSent => {
                     detail.insert("cause".into(), json!("application_closed"));
                     detail.insert("after_ms".into(), json!(ms(c.started_ns, at)));
-                    (Outcome::Failed, Reason::SynTimeout, "closed in TCP_SYN_SENT".into())
+                    (
+                        Outcome::Failed,
+                        Reason::SynTimeout,
+                        "closed in TCP_SYN_SENT".into(),
+                    )
                 }
                 None => (Outcome::Failed, Reason::Unknown, from.name()),
             }
         }
     } else if let Some(state) = c.rst_received {
         detail.insert("rst_received_in".into(), state.name().into());
-        detail.insert("established_ms".into(), json!(ms(c.established_ns.unwrap_or(at), at)));
-        (Outcome::Failed, Reason::ResetByPeer, errno.map_or_else(|| errno_name(ECONNRESET), errno_name))
+        detail.insert(
+            "established_ms".into(),
+            json!(ms(c.established_ns.unwrap_or(at), at)),
+        );
+        (
+            Outcome::Failed,
+            Reason::ResetByPeer,
+            errno.map_or_else(|| errno_name(ECONNRESET), errno_name),
+        )
     } else {
         match errno {
             Some(ETIMEDOUT) => {
-                detail.insert("established_ms".into(), json!(ms(c.established_ns.unwrap_or(at), at)));
+                detail.insert(
+                    "established_ms".into(),
+                    json!(ms(c.established_ns.unwrap_or(at), at)),
+                );
                 (Outcome::Failed, Reason::Timeout, errno_name(ETIMEDOUT))
             }
             Some(ECONNRESET) => (Outcome::Failed, Reason::ResetByPeer, errno_name(ECONNRESET)),
@@ -137,7 +170,12 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
 /// `socket_known`: the kernel side resolved the socket, so a lifecycle event would have been
 /// seen had a SYN gone out. Without it, errors that only a handshake produces are left to the
 /// lifecycle events rather than reported twice.
-pub(super) fn connect_failed(meta: &Meta, tuple: FourTuple, errno: i32, socket_known: bool) -> Option<Verdict> {
+pub(super) fn connect_failed(
+    meta: &Meta,
+    tuple: FourTuple,
+    errno: i32,
+    socket_known: bool,
+) -> Option<Verdict> {
     if NOT_A_FAILURE.contains(&errno) || (!socket_known && HANDSHAKE_ERRORS.contains(&errno)) {
         return None;
     }

@@ -8,9 +8,9 @@
 
 mod decide;
 pub mod model;
-pub mod verdict;
 #[cfg(test)]
 mod tests;
+pub mod verdict;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -159,7 +159,9 @@ impl Engine {
             }
         }
         while self.conns.len() >= self.cfg.max_connections {
-            let Some((oldest, c)) = self.conns.pop_first() else { break };
+            let Some((oldest, c)) = self.conns.pop_first() else {
+                break;
+            };
             self.unindex(oldest, c.sk);
             self.forget(c, out);
         }
@@ -183,7 +185,15 @@ impl Engine {
         }
     }
 
-    fn new_conn(&self, sk: u64, side: Side, meta: &Meta, tuple: FourTuple, state: TcpState, proc: Option<Proc>) -> Conn {
+    fn new_conn(
+        &self,
+        sk: u64,
+        side: Side,
+        meta: &Meta,
+        tuple: FourTuple,
+        state: TcpState,
+        proc: Option<Proc>,
+    ) -> Conn {
         Conn {
             sk,
             side,
@@ -214,16 +224,32 @@ impl Engine {
         self.summary.events += 1;
         let mut out = Vec::new();
         match ev {
-            KernelEvent::State { meta, sk, tuple, old, new } => self.on_state(meta, sk, tuple, old, new, &mut out),
+            KernelEvent::State {
+                meta,
+                sk,
+                tuple,
+                old,
+                new,
+            } => self.on_state(meta, sk, tuple, old, new, &mut out),
             KernelEvent::SocketError { meta, tuple, errno } => {
-                let found = self.conns.iter_mut().rev().find(|(_, c)| c.tuple == tuple && c.errno.is_none());
+                let found = self
+                    .conns
+                    .iter_mut()
+                    .rev()
+                    .find(|(_, c)| c.tuple == tuple && c.errno.is_none());
                 match found {
                     Some((_, c)) => {
                         c.errno = Some(errno);
                         c.last_ns = meta.ts_ns;
                     }
                     None => {
-                        self.orphan_errors.insert(tuple, OrphanError { ts_ns: meta.ts_ns, errno });
+                        self.orphan_errors.insert(
+                            tuple,
+                            OrphanError {
+                                ts_ns: meta.ts_ns,
+                                errno,
+                            },
+                        );
                     }
                 }
                 self.decide_ready(meta.ts_ns, &mut out);
@@ -235,7 +261,13 @@ impl Engine {
                     c.last_ns = meta.ts_ns;
                 }
             }
-            KernelEvent::ResetSent { meta, sk, tuple, state, reason } => {
+            KernelEvent::ResetSent {
+                meta,
+                sk,
+                tuple,
+                state,
+                reason,
+            } => {
                 if sk == 0 {
                     // Nothing matched the packet: this host refused it.
                     let mut detail = Map::new();
@@ -292,12 +324,20 @@ impl Engine {
                     self.emit(&mut out, v);
                 }
             }
-            KernelEvent::ConnectFailed { meta, sk, tuple, errno } => {
+            KernelEvent::ConnectFailed {
+                meta,
+                sk,
+                tuple,
+                errno,
+            } => {
                 if let Some(c) = self.conn_mut(sk) {
                     c.connect_errno = Some(errno);
                     c.last_ns = meta.ts_ns;
                 } else if self.recently_decided.get(&sk).is_some_and(|d| {
-                    sk != 0 && d.daddr == tuple.daddr && d.dport == tuple.dport && d.pid == Some(meta.proc.pid)
+                    sk != 0
+                        && d.daddr == tuple.daddr
+                        && d.dport == tuple.dport
+                        && d.pid == Some(meta.proc.pid)
                 }) {
                     // connect() reporting a failure whose verdict is already out.
                 } else if let Some(v) = decide::connect_failed(&meta, tuple, errno, sk != 0) {
@@ -308,15 +348,26 @@ impl Engine {
         out
     }
 
-    fn on_state(&mut self, meta: Meta, sk: u64, tuple: FourTuple, old: TcpState, new: TcpState, out: &mut Vec<Verdict>) {
+    fn on_state(
+        &mut self,
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        old: TcpState,
+        new: TcpState,
+        out: &mut Vec<Verdict>,
+    ) {
         let ts = meta.ts_ns;
-        let starts = matches!((old, new), (_, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv));
+        let starts = matches!(
+            (old, new),
+            (_, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv)
+        );
         if starts {
             // A new socket at a reused address: finish the closed one first.
-            if let Some(&id) = self.by_sk.get(&sk) {
-                if self.conns.get(&id).is_some_and(|c| c.closed.is_some()) {
-                    self.finalize(id, ts, out);
-                }
+            if let Some(&id) = self.by_sk.get(&sk)
+                && self.conns.get(&id).is_some_and(|c| c.closed.is_some())
+            {
+                self.finalize(id, ts, out);
             }
         }
         let known = self.by_sk.contains_key(&sk);
@@ -328,7 +379,9 @@ impl Engine {
                 self.insert(sk, c, out);
                 return;
             }
-            (TcpState::Listen, TcpState::SynRecv) | (TcpState::SynRecv, TcpState::Established) if !known => {
+            (TcpState::Listen, TcpState::SynRecv) | (TcpState::SynRecv, TcpState::Established)
+                if !known =>
+            {
                 // A passive child socket; it runs in softirq context, so no process yet.
                 let c = self.new_conn(sk, Side::Server, &meta, tuple, TcpState::SynRecv, None);
                 self.insert(sk, c, out);
@@ -368,11 +421,15 @@ impl Engine {
             self.emit(out, v);
         }
         if new == TcpState::Close {
-            let t = self.conn_mut(sk).map(|c| c.tuple);
-            if let Some(orphan) = t.and_then(|t| self.orphan_errors.remove(&t)) {
-                if let Some(c) = self.conn_mut(sk) {
-                    c.errno.get_or_insert(orphan.errno);
-                }
+            // An error report that came before this connection's full tuple was known; one
+            // older than the connection itself belongs to an earlier socket.
+            let key = self.conn_mut(sk).map(|c| (c.tuple, c.started_ns));
+            if let Some((tuple, started)) = key
+                && let Some(orphan) = self.orphan_errors.remove(&tuple)
+                && orphan.ts_ns >= started
+                && let Some(c) = self.conn_mut(sk)
+            {
+                c.errno.get_or_insert(orphan.errno);
             }
             self.decide_ready(ts, out);
         }
@@ -397,13 +454,27 @@ impl Engine {
 
     /// Removes a closed connection and emits its verdict, if it has one.
     fn finalize(&mut self, id: u64, now_ns: u64, out: &mut Vec<Verdict>) {
-        let Some(c) = self.conns.remove(&id) else { return };
+        let Some(c) = self.conns.remove(&id) else {
+            return;
+        };
         self.unindex(id, c.sk);
         let pid = c.proc.as_ref().map(|p| p.pid);
-        self.recently_decided.insert(c.sk, Decided { at_ns: now_ns, daddr: c.tuple.daddr, dport: c.tuple.dport, pid });
+        self.recently_decided.insert(
+            c.sk,
+            Decided {
+                at_ns: now_ns,
+                daddr: c.tuple.daddr,
+                dport: c.tuple.dport,
+                pid,
+            },
+        );
         if let Some(v) = decide::closed(&c, &self.cfg) {
             self.emit(out, v);
-        } else if c.side == Side::Server && !c.reported && c.established_ns.is_some() && self.cfg.report_established {
+        } else if c.side == Side::Server
+            && !c.reported
+            && c.established_ns.is_some()
+            && self.cfg.report_established
+        {
             // Closed before anyone saw accept() return it.
             let mut v = decide::established(&c, c.closed.map_or(now_ns, |(t, _)| t), false);
             v.detail.insert("accepted".into(), json!(false));
@@ -415,18 +486,24 @@ impl Engine {
     pub fn tick(&mut self, now_ns: u64) -> Vec<Verdict> {
         let mut out = Vec::new();
         self.decide_ready(now_ns, &mut out);
-        let (stall, idle, report) = (self.cfg.stall_timeout_ns, self.cfg.idle_expiry_ns, self.cfg.report_established);
+        let (stall, idle, report) = (
+            self.cfg.stall_timeout_ns,
+            self.cfg.idle_expiry_ns,
+            self.cfg.report_established,
+        );
         let mut verdicts = Vec::new();
         for c in self.conns.values_mut() {
-            if c.side == Side::Server && !c.reported && c.closed.is_none() {
-                if let Some(at) = c.established_ns.filter(|at| now_ns >= at + stall) {
-                    c.reported = true;
-                    if report {
-                        let mut v = decide::established(c, now_ns, false);
-                        v.detail.insert("accepted".into(), json!(false));
-                        v.detail.insert("waited_ms".into(), json!(ms(at, now_ns)));
-                        verdicts.push(v);
-                    }
+            if c.side == Side::Server
+                && !c.reported
+                && c.closed.is_none()
+                && let Some(at) = c.established_ns.filter(|at| now_ns >= at + stall)
+            {
+                c.reported = true;
+                if report {
+                    let mut v = decide::established(c, now_ns, false);
+                    v.detail.insert("accepted".into(), json!(false));
+                    v.detail.insert("waited_ms".into(), json!(ms(at, now_ns)));
+                    verdicts.push(v);
                 }
             }
         }
@@ -448,7 +525,8 @@ impl Engine {
         let keep = 10 * grace_or(self.cfg.grace_ns);
         self.recently_decided.retain(|_, d| now_ns < d.at_ns + keep);
         let orphans_before = self.orphan_errors.len();
-        self.orphan_errors.retain(|_, o| now_ns < o.ts_ns + 10 * grace_or(self.cfg.grace_ns));
+        self.orphan_errors
+            .retain(|_, o| now_ns < o.ts_ns + 10 * grace_or(self.cfg.grace_ns));
         self.summary.unmatched_errors += (orphans_before - self.orphan_errors.len()) as u64;
         out
     }

@@ -58,20 +58,6 @@ impl TcpState {
             Self::Other(v) => format!("TCP_STATE_{v}"),
         }
     }
-
-    /// States after the handshake completed.
-    pub fn synchronized(self) -> bool {
-        matches!(
-            self,
-            Self::Established
-                | Self::FinWait1
-                | Self::FinWait2
-                | Self::CloseWait
-                | Self::LastAck
-                | Self::Closing
-                | Self::TimeWait
-        )
-    }
 }
 
 /// Addresses and ports from the reporting host's point of view (`s` = local).
@@ -104,30 +90,49 @@ pub struct Meta {
 /// One kernel fact, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
-    State { meta: Meta, sk: u64, tuple: FourTuple, old: TcpState, new: TcpState },
+    State {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        old: TcpState,
+        new: TcpState,
+    },
     /// `inet_sk_error_report`; `errno` is positive.
-    SocketError { meta: Meta, tuple: FourTuple, errno: i32 },
-    ResetReceived { meta: Meta, sk: u64, tuple: FourTuple },
+    SocketError {
+        meta: Meta,
+        tuple: FourTuple,
+        errno: i32,
+    },
+    ResetReceived {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+    },
     /// `sk == 0`: the kernel answered a packet that matched no socket.
-    ResetSent { meta: Meta, sk: u64, tuple: FourTuple, state: Option<TcpState>, reason: Option<String> },
-    SynRetransmit { meta: Meta, sk: u64, tuple: FourTuple },
-    Accepted { meta: Meta, sk: u64, fd: i64 },
+    ResetSent {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        state: Option<TcpState>,
+        reason: Option<String>,
+    },
+    SynRetransmit {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+    },
+    Accepted {
+        meta: Meta,
+        sk: u64,
+        fd: i64,
+    },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
-    ConnectFailed { meta: Meta, sk: u64, tuple: FourTuple, errno: i32 },
-}
-
-impl KernelEvent {
-    pub fn meta(&self) -> &Meta {
-        match self {
-            Self::State { meta, .. }
-            | Self::SocketError { meta, .. }
-            | Self::ResetReceived { meta, .. }
-            | Self::ResetSent { meta, .. }
-            | Self::SynRetransmit { meta, .. }
-            | Self::Accepted { meta, .. }
-            | Self::ConnectFailed { meta, .. } => meta,
-        }
-    }
+    ConnectFailed {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        errno: i32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -142,7 +147,6 @@ pub enum Side {
 pub enum Outcome {
     Established,
     Failed,
-    Stalled,
 }
 
 /// Stable verdict codes. Never renamed; new ones are added.
@@ -160,17 +164,6 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 8] = [
-        Reason::Established,
-        Reason::RefusedNoListener,
-        Reason::SynTimeout,
-        Reason::NoRoute,
-        Reason::IcmpUnreachable,
-        Reason::ResetByPeer,
-        Reason::Timeout,
-        Reason::Unknown,
-    ];
-
     pub fn code(self) -> &'static str {
         match self {
             Self::Established => "established",
@@ -188,13 +181,27 @@ impl Reason {
     pub fn advice(self) -> &'static str {
         match self {
             Self::Established => "connection established",
-            Self::RefusedNoListener => "nothing listens on that address and port: start the service, or check the address it binds to",
-            Self::SynTimeout => "SYNs went unanswered: a firewall drops them, or the host is down or unreachable",
-            Self::NoRoute => "the client has no route to the destination: check its routing table and address",
-            Self::IcmpUnreachable => "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path",
-            Self::ResetByPeer => "the peer aborted an established connection (RST): check the server's logs and its idle/limit settings",
-            Self::Timeout => "an established connection died of retransmission timeout: the peer or path went away",
-            Self::Unknown => "the kernel's facts did not match a known failure: see kernel_reason and detail",
+            Self::RefusedNoListener => {
+                "nothing listens on that address and port: start the service, or check the address it binds to"
+            }
+            Self::SynTimeout => {
+                "SYNs went unanswered: a firewall drops them, or the host is down or unreachable"
+            }
+            Self::NoRoute => {
+                "the client has no route to the destination: check its routing table and address"
+            }
+            Self::IcmpUnreachable => {
+                "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path"
+            }
+            Self::ResetByPeer => {
+                "the peer aborted an established connection (RST): check the server's logs and its idle/limit settings"
+            }
+            Self::Timeout => {
+                "an established connection died of retransmission timeout: the peer or path went away"
+            }
+            Self::Unknown => {
+                "the kernel's facts did not match a known failure: see kernel_reason and detail"
+            }
         }
     }
 }

@@ -26,7 +26,10 @@ pub enum Capability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     /// A classic tracepoint `category:name`.
-    TracePoint { category: &'static str, name: &'static str },
+    TracePoint {
+        category: &'static str,
+        name: &'static str,
+    },
 }
 
 impl Hook {
@@ -65,7 +68,10 @@ const fn tp(
         capability,
         priority: 10,
         program,
-        hook: Hook::TracePoint { category, name: program },
+        hook: Hook::TracePoint {
+            category,
+            name: program,
+        },
         min_kernel,
         max_kernel: None,
         required,
@@ -75,15 +81,63 @@ const fn tp(
 /// Every attach rule. fentry/kprobe rows for `tcp_connect`, `inet_csk_accept` and the SYN-cookie
 /// paths join this table with a lower priority number where a kernel allows them.
 pub const RULES: &[AttachRule] = &[
-    tp(Capability::Lifecycle, "inet_sock_set_state", "sock", (4, 16), true),
-    tp(Capability::SocketError, "inet_sk_error_report", "sock", (5, 14), false),
-    tp(Capability::Resets, "tcp_receive_reset", "tcp", (4, 15), false),
+    tp(
+        Capability::Lifecycle,
+        "inet_sock_set_state",
+        "sock",
+        (4, 16),
+        true,
+    ),
+    tp(
+        Capability::SocketError,
+        "inet_sk_error_report",
+        "sock",
+        (5, 14),
+        false,
+    ),
+    tp(
+        Capability::Resets,
+        "tcp_receive_reset",
+        "tcp",
+        (4, 15),
+        false,
+    ),
     tp(Capability::Resets, "tcp_send_reset", "tcp", (4, 15), false),
-    tp(Capability::SynRetransmits, "tcp_retransmit_skb", "tcp", (4, 15), false),
-    tp(Capability::ConnectProcess, "sys_enter_connect", "syscalls", (4, 7), false),
-    tp(Capability::ConnectProcess, "sys_exit_connect", "syscalls", (4, 7), false),
-    tp(Capability::AcceptProcess, "sys_exit_accept4", "syscalls", (4, 7), false),
-    tp(Capability::AcceptProcess, "sys_exit_accept", "syscalls", (4, 7), false),
+    tp(
+        Capability::SynRetransmits,
+        "tcp_retransmit_skb",
+        "tcp",
+        (4, 15),
+        false,
+    ),
+    tp(
+        Capability::ConnectProcess,
+        "sys_enter_connect",
+        "syscalls",
+        (4, 7),
+        false,
+    ),
+    tp(
+        Capability::ConnectProcess,
+        "sys_exit_connect",
+        "syscalls",
+        (4, 7),
+        false,
+    ),
+    tp(
+        Capability::AcceptProcess,
+        "sys_exit_accept4",
+        "syscalls",
+        (4, 7),
+        false,
+    ),
+    tp(
+        Capability::AcceptProcess,
+        "sys_exit_accept",
+        "syscalls",
+        (4, 7),
+        false,
+    ),
 ];
 
 impl AttachRule {
@@ -102,7 +156,11 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 
 /// The rules to try on `kernel`, grouped by capability in table order, best first.
 pub fn plan(kernel: (u32, u32)) -> Vec<AttachRule> {
-    let mut rules: Vec<AttachRule> = RULES.iter().copied().filter(|r| r.applies_to(kernel)).collect();
+    let mut rules: Vec<AttachRule> = RULES
+        .iter()
+        .copied()
+        .filter(|r| r.applies_to(kernel))
+        .collect();
     rules.sort_by_key(|r| (r.capability as u8, r.priority));
     rules
 }
@@ -132,12 +190,17 @@ mod tests {
                 Capability::AcceptProcess,
             ] {
                 assert!(
-                    p.iter().any(|r| r.capability == cap && matches!(r.hook, Hook::TracePoint { .. })),
+                    p.iter()
+                        .any(|r| r.capability == cap && matches!(r.hook, Hook::TracePoint { .. })),
                     "{cap:?} has no tracepoint rule on {kernel:?}"
                 );
             }
         }
-        assert!(plan((4, 9)).iter().all(|r| r.capability != Capability::Lifecycle));
+        assert!(
+            plan((4, 9))
+                .iter()
+                .all(|r| r.capability != Capability::Lifecycle)
+        );
     }
 
     #[test]

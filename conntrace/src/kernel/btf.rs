@@ -13,7 +13,9 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
-    #[error("kernel BTF not found at {path}: conntrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    #[error(
+        "kernel BTF not found at {path}: conntrace needs a kernel built with CONFIG_DEBUG_INFO_BTF=y"
+    )]
     Missing { path: String },
     #[error("failed to parse kernel BTF at {path}: {source}")]
     Parse {
@@ -34,15 +36,22 @@ impl KernelBtf {
         if !path.exists() {
             return Err(BtfError::Missing { path: shown });
         }
-        let btf = Btf::from_file(path).map_err(|source| BtfError::Parse { path: shown, source })?;
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Parse {
+            path: shown,
+            source,
+        })?;
         Ok(Self { btf })
     }
 
     fn composite(&self, name: &str) -> Option<btf_rs::Struct> {
-        self.btf.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
-            Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
-            _ => None,
-        })
+        self.btf
+            .resolve_types_by_name(name)
+            .ok()?
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
     }
 
     /// Follows typedefs and qualifiers to a struct or union.
@@ -50,7 +59,11 @@ impl KernelBtf {
         for _ in 0..16 {
             match ty {
                 Type::Struct(s) | Type::Union(s) => return Some(s),
-                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_) | Type::TypeTag(_) => {
+                Type::Typedef(_)
+                | Type::Const(_)
+                | Type::Volatile(_)
+                | Type::Restrict(_)
+                | Type::TypeTag(_) => {
                     ty = self.btf.resolve_chained_type(ty.as_btf_type()?).ok()?;
                 }
                 _ => return None,
@@ -71,12 +84,11 @@ impl KernelBtf {
             if member_name == name {
                 return Some((m.bit_offset(), ty));
             }
-            if member_name.is_empty() {
-                if let Some(inner) = self.strip_to_composite(ty) {
-                    if let Some((off, t)) = self.find_member(&inner, name, depth + 1) {
-                        return Some((m.bit_offset() + off, t));
-                    }
-                }
+            if member_name.is_empty()
+                && let Some(inner) = self.strip_to_composite(ty)
+                && let Some((off, t)) = self.find_member(&inner, name, depth + 1)
+            {
+                return Some((m.bit_offset() + off, t));
             }
         }
         None
@@ -122,7 +134,9 @@ impl KernelBtf {
     /// stripped from the names. Empty when this kernel has no such enum.
     pub fn enum_names(&self, name: &str, prefix: &str) -> BTreeMap<u32, String> {
         let mut out = BTreeMap::new();
-        let Ok(types) = self.btf.resolve_types_by_name(name) else { return out };
+        let Ok(types) = self.btf.resolve_types_by_name(name) else {
+            return out;
+        };
         for t in types {
             if let Type::Enum(e) = t {
                 for m in &e.members {
@@ -153,7 +167,10 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("socket.type", o.socket_type),
         ("socket.sk", o.socket_sk),
     ];
-    all.into_iter().filter(|(_, v)| *v == KernelOffsets::MISSING).map(|(n, _)| n).collect()
+    all.into_iter()
+        .filter(|(_, v)| *v == KernelOffsets::MISSING)
+        .map(|(n, _)| n)
+        .collect()
 }
 
 #[cfg(test)]
@@ -171,7 +188,11 @@ mod tests {
         }
         let btf = KernelBtf::load(path).expect("parse vmlinux BTF");
         let o = btf.kernel_offsets();
-        assert!(missing_offsets(&o).is_empty(), "missing: {:?}", missing_offsets(&o));
+        assert!(
+            missing_offsets(&o).is_empty(),
+            "missing: {:?}",
+            missing_offsets(&o)
+        );
         // `skc_net` lives inside `struct sock_common`, the first member of `struct sock`.
         assert!(o.sock_net < 256, "sock_net={}", o.sock_net);
         // skc_dport and skc_num share one 32-bit word: dport first, then num.

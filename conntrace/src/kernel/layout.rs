@@ -13,10 +13,16 @@ use conntrace_common::{ABSENT, SyscallLayout, TracepointLayout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
-    #[error("tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing); mount it with `mount -t tracefs nodev /sys/kernel/tracing`")]
+    #[error(
+        "tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing); mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
+    )]
     NoTracefs,
     #[error("tracepoint {category}:{name} does not exist on this kernel ({path})")]
-    NoTracepoint { category: String, name: String, path: PathBuf },
+    NoTracepoint {
+        category: String,
+        name: String,
+        path: PathBuf,
+    },
     #[error("read {path}: {source}")]
     Read {
         path: PathBuf,
@@ -24,7 +30,10 @@ pub enum LayoutError {
         source: std::io::Error,
     },
     #[error("tracepoint {tracepoint}: field `{field}` is missing from its format")]
-    MissingField { tracepoint: String, field: &'static str },
+    MissingField {
+        tracepoint: String,
+        field: &'static str,
+    },
 }
 
 /// One field of a tracepoint record.
@@ -50,7 +59,9 @@ pub fn parse_format(text: &str) -> HashMap<String, Field> {
                 size = v.trim().parse::<u16>().ok();
             }
         }
-        let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else { continue };
+        let (Some(decl), Some(offset), Some(size)) = (decl, offset, size) else {
+            continue;
+        };
         // "const void * skaddr", "__u8 saddr[4]", "enum sk_rst_reason reason"
         let last = decl.rsplit([' ', '*']).next().unwrap_or(decl);
         let name = last.split('[').next().unwrap_or(last);
@@ -104,13 +115,22 @@ pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
 }
 
 /// Reads and parses the format of `category:name`.
-pub fn read_format(root: &Path, category: &str, name: &str) -> Result<HashMap<String, Field>, LayoutError> {
+pub fn read_format(
+    root: &Path,
+    category: &str,
+    name: &str,
+) -> Result<HashMap<String, Field>, LayoutError> {
     let dir = root.join("events").join(category).join(name);
     if !dir.is_dir() {
-        return Err(LayoutError::NoTracepoint { category: category.into(), name: name.into(), path: dir });
+        return Err(LayoutError::NoTracepoint {
+            category: category.into(),
+            name: name.into(),
+            path: dir,
+        });
     }
     let path = dir.join("format");
-    let text = std::fs::read_to_string(&path).map_err(|source| LayoutError::Read { path, source })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| LayoutError::Read { path, source })?;
     Ok(parse_format(&text))
 }
 
@@ -122,7 +142,10 @@ pub fn syscall_layout(root: &Path) -> Result<SyscallLayout, LayoutError> {
         fields
             .get(field)
             .map(|f| f.offset)
-            .ok_or_else(|| LayoutError::MissingField { tracepoint: tp.into(), field })
+            .ok_or_else(|| LayoutError::MissingField {
+                tracepoint: tp.into(),
+                field,
+            })
     };
     Ok(SyscallLayout {
         connect_fd: need(&enter, "fd", "syscalls:sys_enter_connect")?,
@@ -169,9 +192,27 @@ print fmt: \"skbaddr=%p\"
     #[test]
     fn parses_field_names_offsets_and_sizes() {
         let f = parse_format(SEND_RESET_6_18);
-        assert_eq!(f["skaddr"], Field { offset: 16, size: 8 });
-        assert_eq!(f["reason"], Field { offset: 28, size: 4 });
-        assert_eq!(f["saddr"], Field { offset: 32, size: 28 });
+        assert_eq!(
+            f["skaddr"],
+            Field {
+                offset: 16,
+                size: 8
+            }
+        );
+        assert_eq!(
+            f["reason"],
+            Field {
+                offset: 28,
+                size: 4
+            }
+        );
+        assert_eq!(
+            f["saddr"],
+            Field {
+                offset: 32,
+                size: 28
+            }
+        );
         assert!(!f.contains_key("print fmt"));
     }
 
@@ -179,7 +220,10 @@ print fmt: \"skbaddr=%p\"
     fn sockaddr_form_on_new_kernels() {
         let l = tracepoint_layout(&parse_format(SEND_RESET_6_18));
         assert_eq!((l.tuple.sockaddr_src, l.tuple.sockaddr_dst), (32, 60));
-        assert_eq!((l.tuple.saddr4, l.tuple.sport, l.tuple.family), (ABSENT, ABSENT, ABSENT));
+        assert_eq!(
+            (l.tuple.saddr4, l.tuple.sport, l.tuple.family),
+            (ABSENT, ABSENT, ABSENT)
+        );
         assert_eq!((l.skaddr, l.skbaddr, l.state, l.reason), (16, 8, 24, 28));
     }
 
@@ -188,7 +232,15 @@ print fmt: \"skbaddr=%p\"
         let l = tracepoint_layout(&parse_format(SEND_RESET_6_1));
         assert_eq!(l.tuple.sockaddr_src, ABSENT);
         assert_eq!((l.tuple.sport, l.tuple.dport, l.tuple.family), (28, 30, 32));
-        assert_eq!((l.tuple.saddr4, l.tuple.daddr4, l.tuple.saddr6, l.tuple.daddr6), (34, 38, 42, 58));
+        assert_eq!(
+            (
+                l.tuple.saddr4,
+                l.tuple.daddr4,
+                l.tuple.saddr6,
+                l.tuple.daddr6
+            ),
+            (34, 38, 42, 58)
+        );
         assert_eq!(l.reason, ABSENT);
     }
 }

@@ -45,7 +45,10 @@ pub enum LoadError {
     #[error("too many ports: at most {MAX_PORTS} can be filtered in the kernel")]
     TooManyPorts,
     #[error("{capability:?} is required but no program could attach: {reason}")]
-    Required { capability: Capability, reason: String },
+    Required {
+        capability: Capability,
+        reason: String,
+    },
 }
 
 /// A program that is attached, for the `ready` line.
@@ -85,15 +88,23 @@ pub struct Tracer {
 }
 
 fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF memory against it (< 5.11).
 fn raise_memlock() {
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid pointer to a local struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        debug!("setrlimit(RLIMIT_MEMLOCK) failed: {}", std::io::Error::last_os_error());
+        debug!(
+            "setrlimit(RLIMIT_MEMLOCK) failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -112,15 +123,20 @@ impl Tracer {
             return Err(LoadError::TooManyPorts);
         }
         let release = kernel_release();
-        let version = attach::kernel_version(&release).ok_or_else(|| LoadError::KernelRelease(release.clone()))?;
+        let version = attach::kernel_version(&release)
+            .ok_or_else(|| LoadError::KernelRelease(release.clone()))?;
         let root = layout::tracefs_root()?;
         let btf = KernelBtf::load(Path::new(btf::VMLINUX_BTF))?;
         let offsets = btf.kernel_offsets();
         let missing_offsets = btf::missing_offsets(&offsets);
         if !missing_offsets.is_empty() {
-            warn!(?missing_offsets, "kernel structures not found in BTF: network namespace or process attribution degraded");
+            warn!(
+                ?missing_offsets,
+                "kernel structures not found in BTF: network namespace or process attribution degraded"
+            );
         }
-        let set_state = layout::tracepoint_layout(&layout::read_format(&root, "sock", "inet_sock_set_state")?);
+        let set_state =
+            layout::tracepoint_layout(&layout::read_format(&root, "sock", "inet_sock_set_state")?);
         let config = Config {
             set_state,
             error_report: optional_layout(&root, "sock", "inet_sk_error_report")?,
@@ -129,7 +145,11 @@ impl Tracer {
             retransmit: optional_layout(&root, "tcp", "tcp_retransmit_skb")?,
             syscalls: layout::syscall_layout(&root)?,
             offsets,
-            flags: if opts.ports.is_empty() { FLAG_ALL_PORTS } else { 0 },
+            flags: if opts.ports.is_empty() {
+                FLAG_ALL_PORTS
+            } else {
+                0
+            },
             _pad: 0,
         };
 
@@ -141,10 +161,22 @@ impl Tracer {
         write_config(&mut ebpf, &config, &opts.ports)?;
 
         let (active, unavailable) = attach_all(&mut ebpf, version)?;
-        let events = RingBuf::try_from(ebpf.take_map(maps::EVENTS).ok_or(LoadError::MissingMap(maps::EVENTS))?)
-            .map_err(|source| LoadError::Map { name: maps::EVENTS, source })?;
-        let lost = PerCpuArray::try_from(ebpf.take_map(maps::LOST).ok_or(LoadError::MissingMap(maps::LOST))?)
-            .map_err(|source| LoadError::Map { name: maps::LOST, source })?;
+        let events = RingBuf::try_from(
+            ebpf.take_map(maps::EVENTS)
+                .ok_or(LoadError::MissingMap(maps::EVENTS))?,
+        )
+        .map_err(|source| LoadError::Map {
+            name: maps::EVENTS,
+            source,
+        })?;
+        let lost = PerCpuArray::try_from(
+            ebpf.take_map(maps::LOST)
+                .ok_or(LoadError::MissingMap(maps::LOST))?,
+        )
+        .map_err(|source| LoadError::Map {
+            name: maps::LOST,
+            source,
+        })?;
         let tracer = Self {
             _ebpf: ebpf,
             lost,
@@ -164,26 +196,44 @@ impl Tracer {
 }
 
 fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &[u16]) -> Result<(), LoadError> {
-    let map = ebpf.map_mut(maps::CONFIG).ok_or(LoadError::MissingMap(maps::CONFIG))?;
-    let mut array: Array<_, Config> =
-        Array::try_from(map).map_err(|source| LoadError::Map { name: maps::CONFIG, source })?;
-    array.set(0, config, 0).map_err(|source| LoadError::Map { name: maps::CONFIG, source })?;
-    let map = ebpf.map_mut(maps::PORTS).ok_or(LoadError::MissingMap(maps::PORTS))?;
+    let map = ebpf
+        .map_mut(maps::CONFIG)
+        .ok_or(LoadError::MissingMap(maps::CONFIG))?;
+    let mut array: Array<_, Config> = Array::try_from(map).map_err(|source| LoadError::Map {
+        name: maps::CONFIG,
+        source,
+    })?;
+    array.set(0, config, 0).map_err(|source| LoadError::Map {
+        name: maps::CONFIG,
+        source,
+    })?;
+    let map = ebpf
+        .map_mut(maps::PORTS)
+        .ok_or(LoadError::MissingMap(maps::PORTS))?;
     let mut hash: HashMap<_, u16, u8> =
-        HashMap::try_from(map).map_err(|source| LoadError::Map { name: maps::PORTS, source })?;
+        HashMap::try_from(map).map_err(|source| LoadError::Map {
+            name: maps::PORTS,
+            source,
+        })?;
     for port in ports {
-        hash.insert(port, 1, 0).map_err(|source| LoadError::Map { name: maps::PORTS, source })?;
+        hash.insert(port, 1, 0).map_err(|source| LoadError::Map {
+            name: maps::PORTS,
+            source,
+        })?;
     }
     Ok(())
 }
 
 fn attach_one(ebpf: &mut Ebpf, rule: &attach::AttachRule) -> Result<(), String> {
-    let program = ebpf.program_mut(rule.program).ok_or_else(|| format!("program {} not in the object", rule.program))?;
+    let program = ebpf
+        .program_mut(rule.program)
+        .ok_or_else(|| format!("program {} not in the object", rule.program))?;
     match rule.hook {
         Hook::TracePoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             tp.load().map_err(|e| format!("bpf(BPF_PROG_LOAD): {e}"))?;
-            tp.attach(category, name).map_err(|e| format!("perf_event_open/attach: {e}"))?;
+            tp.attach(category, name)
+                .map_err(|e| format!("perf_event_open/attach: {e}"))?;
         }
     }
     Ok(())
@@ -192,7 +242,10 @@ fn attach_one(ebpf: &mut Ebpf, rule: &attach::AttachRule) -> Result<(), String> 
 /// Walks the attach table for this kernel. Within a capability every rule of the best
 /// priority that works stays attached (a capability may need several hooks, e.g. syscall
 /// entry and exit); lower-priority rules are tried only when the better ones all failed.
-fn attach_all(ebpf: &mut Ebpf, kernel: (u32, u32)) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
+fn attach_all(
+    ebpf: &mut Ebpf,
+    kernel: (u32, u32),
+) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
     let plan = attach::plan(kernel);
     let (mut active, mut unavailable) = (Vec::new(), Vec::new());
     let mut served: Option<(Capability, u8)> = None;
@@ -204,7 +257,11 @@ fn attach_all(ebpf: &mut Ebpf, kernel: (u32, u32)) -> Result<(Vec<ActiveProgram>
             Ok(()) => {
                 info!(program = rule.program, attach = %rule.hook.describe(), "attached");
                 served = Some((rule.capability, rule.priority));
-                active.push(ActiveProgram { capability: rule.capability, name: rule.program, attach: rule.hook.describe() });
+                active.push(ActiveProgram {
+                    capability: rule.capability,
+                    name: rule.program,
+                    attach: rule.hook.describe(),
+                });
             }
             Err(reason) => {
                 warn!(program = rule.program, %reason, "not attached");
@@ -222,8 +279,14 @@ fn attach_all(ebpf: &mut Ebpf, kernel: (u32, u32)) -> Result<(Vec<ActiveProgram>
             let reason = unavailable
                 .iter()
                 .find(|u| u.capability == rule.capability)
-                .map_or_else(|| "no rule for this kernel version".to_owned(), |u| u.reason.clone());
-            return Err(LoadError::Required { capability: rule.capability, reason });
+                .map_or_else(
+                    || "no rule for this kernel version".to_owned(),
+                    |u| u.reason.clone(),
+                );
+            return Err(LoadError::Required {
+                capability: rule.capability,
+                reason,
+            });
         }
     }
     Ok((active, unavailable))

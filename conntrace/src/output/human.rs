@@ -4,7 +4,16 @@ use super::{Clock, Record};
 use crate::engine::{model::Outcome, verdict::Verdict};
 
 fn endpoint(addr: Option<std::net::IpAddr>, port: Option<u16>) -> String {
-    let a = addr.map_or_else(|| "?".to_owned(), |a| if a.is_ipv6() { format!("[{a}]") } else { a.to_string() });
+    let a = addr.map_or_else(
+        || "?".to_owned(),
+        |a| {
+            if a.is_ipv6() {
+                format!("[{a}]")
+            } else {
+                a.to_string()
+            }
+        },
+    );
     let p = port.map_or_else(|| "?".to_owned(), |p| p.to_string());
     format!("{a}:{p}")
 }
@@ -14,15 +23,17 @@ fn verdict(v: &Verdict, clock: &Clock) -> String {
         (Some(c), Some(p)) => format!("{c}[{p}]"),
         _ => "-".to_owned(),
     };
+    let side = match v.side {
+        crate::engine::model::Side::Client => "client",
+        crate::engine::model::Side::Server => "server",
+    };
     let mut line = format!(
-        "{} {:<6} {:<11} {} -> {} {} {} ({}",
+        "{} {side:<6} {:<11} {} -> {} {who} netns:{} ({}",
         clock.rfc3339(v.ts_ns),
-        format!("{:?}", v.side).to_lowercase(),
         v.reason.code(),
         endpoint(v.saddr, v.sport),
         endpoint(Some(v.daddr), Some(v.dport)),
-        who,
-        format!("netns:{}", v.netns),
+        v.netns,
         v.kernel_reason.as_deref().unwrap_or("-"),
     );
     line.push_str(&format!(", {:.1} ms", v.duration_ms));
@@ -43,21 +54,46 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
             let ports = if r.ports.is_empty() {
                 "all ports".to_owned()
             } else {
-                r.ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+                r.ports
+                    .iter()
+                    .map(u16::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
             };
-            let paths: Vec<String> = r.attach_paths.iter().map(|(c, p)| format!("{c}={p}")).collect();
-            format!("conntrace ready: tracing TCP {ports} on kernel {} ({} programs; {})", r.kernel, r.programs.len(), paths.join(" "))
+            let paths: Vec<String> = r
+                .attach_paths
+                .iter()
+                .map(|(c, p)| format!("{c}={p}"))
+                .collect();
+            format!(
+                "conntrace ready: tracing TCP {ports} on kernel {} ({} programs; {})",
+                r.kernel,
+                r.programs.len(),
+                paths.join(" ")
+            )
         }
         Record::Verdict(v) => verdict(v, clock),
         Record::Lost { total, new, ts_ns } => {
-            format!("{} LOST {new} kernel events (total {total}): verdicts may be missing; raise --ring-buffer-bytes", clock.rfc3339(*ts_ns))
+            format!(
+                "{} LOST {new} kernel events (total {total}): verdicts may be missing; raise --ring-buffer-bytes",
+                clock.rfc3339(*ts_ns)
+            )
         }
         Record::Summary(f) => {
-            let reasons: Vec<String> = f.summary.by_reason.iter().map(|(r, n)| format!("{}={n}", r.code())).collect();
+            let reasons: Vec<String> = f
+                .summary
+                .by_reason
+                .iter()
+                .map(|(r, n)| format!("{}={n}", r.code()))
+                .collect();
             format!(
                 "summary: {} verdicts ({}), {} expired unresolved, {} lost events, {} kernel events in {:.1} s",
                 f.summary.by_outcome.values().sum::<u64>(),
-                if reasons.is_empty() { "none".to_owned() } else { reasons.join(" ") },
+                if reasons.is_empty() {
+                    "none".to_owned()
+                } else {
+                    reasons.join(" ")
+                },
                 f.summary.expired_unresolved,
                 f.lost_events,
                 f.summary.events,

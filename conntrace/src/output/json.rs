@@ -32,7 +32,8 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
     let value = match record {
         Record::Ready(r) => {
             let mut v = json!({ "event": "ready", "ts": clock.rfc3339(Clock::mono_now_ns()) });
-            if let (Value::Object(obj), Ok(Value::Object(rest))) = (&mut v, serde_json::to_value(r)) {
+            if let (Value::Object(obj), Ok(Value::Object(rest))) = (&mut v, serde_json::to_value(r))
+            {
                 obj.extend(rest);
             }
             v
@@ -42,10 +43,18 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
             json!({ "event": "lost", "ts": clock.rfc3339(*ts_ns), "count": total, "new": new })
         }
         Record::Summary(f) => {
-            let by_outcome: serde_json::Map<String, Value> =
-                f.summary.by_outcome.iter().map(|(k, n)| (json!(k).as_str().unwrap_or_default().to_owned(), json!(n))).collect();
-            let by_reason: serde_json::Map<String, Value> =
-                f.summary.by_reason.iter().map(|(k, n)| (k.code().to_owned(), json!(n))).collect();
+            let by_outcome: serde_json::Map<String, Value> = f
+                .summary
+                .by_outcome
+                .iter()
+                .map(|(k, n)| (json!(k).as_str().unwrap_or_default().to_owned(), json!(n)))
+                .collect();
+            let by_reason: serde_json::Map<String, Value> = f
+                .summary
+                .by_reason
+                .iter()
+                .map(|(k, n)| (k.code().to_owned(), json!(n)))
+                .collect();
             json!({
                 "event": "summary",
                 "ts": clock.rfc3339(Clock::mono_now_ns()),

@@ -74,7 +74,10 @@ pub struct Clock {
 }
 
 fn clock_ns(id: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the local timespec.
     unsafe { libc::clock_gettime(id, &mut ts) };
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
@@ -82,7 +85,10 @@ fn clock_ns(id: libc::clockid_t) -> i128 {
 
 impl Clock {
     pub fn now() -> Self {
-        Self { realtime_minus_mono_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC) }
+        Self {
+            realtime_minus_mono_ns: clock_ns(libc::CLOCK_REALTIME)
+                - clock_ns(libc::CLOCK_MONOTONIC),
+        }
     }
 
     pub fn mono_now_ns() -> u64 {
@@ -92,7 +98,8 @@ impl Clock {
     /// RFC 3339, UTC, microseconds: `2026-11-21T17:48:07.123456Z`.
     pub fn rfc3339(&self, mono_ns: u64) -> String {
         let ns = mono_ns as i128 + self.realtime_minus_mono_ns;
-        let t = time::OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(ns)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
         let fmt = time::macros::format_description!(
             "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
         );
@@ -123,11 +130,18 @@ impl Output {
                     .truncate(true)
                     .mode(0o600)
                     .open(p)
-                    .map_err(|source| OutputError::Create { path: p.display().to_string(), source })?,
+                    .map_err(|source| OutputError::Create {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
             ),
             None => Box::new(io::stdout()),
         };
-        Ok(Self { out: BufWriter::new(sink), format, clock })
+        Ok(Self {
+            out: BufWriter::new(sink),
+            format,
+            clock,
+        })
     }
 
     pub fn write(&mut self, record: &Record<'_>) -> Result<(), OutputError> {
@@ -135,7 +149,17 @@ impl Output {
             Format::Json => json::line(record, &self.clock),
             Format::Human => human::line(record, &self.clock),
         };
-        let result = self.out.write_all(line.as_bytes()).and_then(|()| self.out.write_all(b"\n")).and_then(|()| self.out.flush());
-        result.map_err(|e| if e.kind() == io::ErrorKind::BrokenPipe { OutputError::Closed } else { OutputError::Write(e) })
+        let result = self
+            .out
+            .write_all(line.as_bytes())
+            .and_then(|()| self.out.write_all(b"\n"))
+            .and_then(|()| self.out.flush());
+        result.map_err(|e| {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                OutputError::Closed
+            } else {
+                OutputError::Write(e)
+            }
+        })
     }
 }

@@ -1,0 +1,626 @@
+//! Unit tests of the reason engine, on synthetic event sequences modelled on what Linux emits.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use serde_json::Value;
+
+use super::model::TcpState as S;
+use super::*;
+
+const MS: u64 = 1_000_000;
+const SEC: u64 = 1_000 * MS;
+const NETNS: u32 = 4_026_531_840;
+const SK_A: u64 = 0xffff_8880_0000_1000;
+const SK_B: u64 = 0xffff_8880_0000_2000;
+const SK_C: u64 = 0xffff_8880_0000_3000;
+const SPORT: u16 = 40_000;
+const DPORT: u16 = 8080;
+/// After every event of every scenario, plus grace and stall timeouts; before idle expiry.
+const LATER: u64 = 120 * SEC;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 77, 0, last))
+}
+
+fn meta(ts_ns: u64, pid: u32, comm: &str) -> Meta {
+    let (netns, tid, comm) = (NETNS, pid, comm.to_owned());
+    let proc = Proc { pid, tid, comm };
+    Meta { ts_ns, netns, proc }
+}
+
+/// Softirq context: whatever task was interrupted.
+fn softirq(ts_ns: u64) -> Meta {
+    meta(ts_ns, 0, "swapper/1")
+}
+
+/// 10.77.0.1:sport -> 10.77.0.2:dport.
+fn tuple(sport: u16, dport: u16) -> FourTuple {
+    FourTuple {
+        saddr: ip(1),
+        sport,
+        daddr: ip(2),
+        dport,
+    }
+}
+
+/// Builds the events of one socket (`sk`) whose 4-tuple is `t` once the local port is chosen.
+#[derive(Clone, Copy)]
+struct Sock {
+    sk: u64,
+    t: FourTuple,
+}
+
+impl Sock {
+    fn client(sk: u64, sport: u16) -> Self {
+        let t = tuple(sport, DPORT);
+        Self { sk, t }
+    }
+
+    fn server(sk: u64) -> Self {
+        let t = tuple(3306, 51_000);
+        Self { sk, t }
+    }
+
+    /// CLOSE -> SYN_SENT in connect(): process context, the local port is not chosen yet.
+    fn connect(mut self, ts: u64, pid: u32, comm: &str) -> KernelEvent {
+        self.t.sport = 0;
+        self.st_by(meta(ts, pid, comm), S::Close, S::SynSent)
+    }
+
+    /// A state change in softirq context.
+    fn st(self, ts: u64, old: TcpState, new: TcpState) -> KernelEvent {
+        self.st_by(softirq(ts), old, new)
+    }
+
+    fn st_by(self, meta: Meta, old: TcpState, new: TcpState) -> KernelEvent {
+        KernelEvent::State {
+            meta,
+            sk: self.sk,
+            tuple: self.t,
+            old,
+            new,
+        }
+    }
+
+    fn err(self, ts: u64, errno: i32) -> KernelEvent {
+        let (meta, tuple) = (softirq(ts), self.t);
+        KernelEvent::SocketError { meta, tuple, errno }
+    }
+
+    fn rst(self, ts: u64) -> KernelEvent {
+        let (meta, sk, tuple) = (softirq(ts), self.sk, self.t);
+        KernelEvent::ResetReceived { meta, sk, tuple }
+    }
+
+    fn rtx(self, ts: u64) -> KernelEvent {
+        let (meta, sk, tuple) = (softirq(ts), self.sk, self.t);
+        KernelEvent::SynRetransmit { meta, sk, tuple }
+    }
+
+    fn accepted(self, ts: u64, pid: u32, comm: &str) -> KernelEvent {
+        let (meta, sk) = (meta(ts, pid, comm), self.sk);
+        KernelEvent::Accepted { meta, sk, fd: 7 }
+    }
+
+    /// connect() returned `-errno`; the local end is unspecified.
+    fn connect_failed(self, ts: u64, pid: u32, comm: &str, errno: i32) -> KernelEvent {
+        let mut tuple = self.t;
+        (tuple.saddr, tuple.sport) = (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+        KernelEvent::ConnectFailed {
+            meta: meta(ts, pid, comm),
+            sk: self.sk,
+            tuple,
+            errno,
+        }
+    }
+}
+
+fn rst_sent_no_socket(ts: u64) -> KernelEvent {
+    let (tuple, reason) = (tuple(3306, 51_000), Some("NO_SOCKET".into()));
+    KernelEvent::ResetSent {
+        meta: softirq(ts),
+        sk: 0,
+        tuple,
+        state: None,
+        reason,
+    }
+}
+
+fn report_all() -> EngineConfig {
+    EngineConfig {
+        report_established: true,
+        ..EngineConfig::default()
+    }
+}
+
+fn feed(e: &mut Engine, events: impl IntoIterator<Item = KernelEvent>) -> Vec<Verdict> {
+    events.into_iter().flat_map(|ev| e.handle(ev)).collect()
+}
+
+/// Feeds the events, then ticks at `LATER`, when every timer of these scenarios has run out.
+fn run(cfg: EngineConfig, events: Vec<KernelEvent>) -> (Engine, Vec<Verdict>) {
+    let mut e = Engine::new(cfg);
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    (e, out)
+}
+
+fn run_default(events: Vec<KernelEvent>) -> Verdict {
+    one(run(EngineConfig::default(), events).1)
+}
+
+fn one(verdicts: Vec<Verdict>) -> Verdict {
+    assert_eq!(verdicts.len(), 1, "want one verdict: {verdicts:#?}");
+    verdicts.into_iter().next().unwrap()
+}
+
+fn none(verdicts: Vec<Verdict>) {
+    assert!(verdicts.is_empty(), "want no verdict: {verdicts:#?}");
+}
+
+/// Asserts "side outcome reason errno" (`-` when no errno), e.g. "client failed timeout ETIMEDOUT".
+fn check(v: &Verdict, spec: &str) {
+    let name = |x: Value| x.as_str().unwrap().to_owned();
+    let side = name(serde_json::to_value(v.side).unwrap());
+    let outcome = name(serde_json::to_value(v.outcome).unwrap());
+    let errno = v.errno.as_deref().unwrap_or("-");
+    let got = format!("{side} {outcome} {} {errno}", v.reason.code());
+    assert_eq!(got, spec, "{v:#?}");
+}
+
+/// "pid/comm saddr:sport>daddr:dport", `-` for what is unknown.
+fn who(v: &Verdict) -> String {
+    let opt = |x: Option<String>| x.unwrap_or_else(|| "-".into());
+    let (pid, comm) = (opt(v.pid.map(|p| p.to_string())), opt(v.comm.clone()));
+    let saddr = opt(v.saddr.map(|a| a.to_string()));
+    let sport = opt(v.sport.map(|p| p.to_string()));
+    format!("{pid}/{comm} {saddr}:{sport}>{}:{}", v.daddr, v.dport)
+}
+
+/// A detail value, `Null` when absent.
+fn detail(v: &Verdict, key: &str) -> Value {
+    v.detail.get(key).cloned().unwrap_or(Value::Null)
+}
+
+/// (events, expired_unresolved, unmatched_errors, tracked).
+fn totals(e: &Engine) -> (u64, u64, u64, usize) {
+    let s = e.summary();
+    (
+        s.events,
+        s.expired_unresolved,
+        s.unmatched_errors,
+        e.tracked(),
+    )
+}
+
+fn count<K: Ord>(map: &BTreeMap<K, u64>, key: K) -> u64 {
+    map.get(&key).copied().unwrap_or(0)
+}
+
+/// A client connection that completes its handshake and then closes in order (active close).
+fn healthy_client(a: Sock) -> Vec<KernelEvent> {
+    vec![
+        a.connect(MS, 100, "client"),
+        a.st(2 * MS, S::SynSent, S::Established),
+        a.st_by(meta(50 * MS, 100, "client"), S::Established, S::FinWait1),
+        a.st(51 * MS, S::FinWait1, S::FinWait2),
+        a.st(52 * MS, S::FinWait2, S::Close),
+    ]
+}
+
+/// The child socket of a passive open: created in softirq on the final ACK, then established.
+fn server_handshake(s: Sock, ts: u64) -> Vec<KernelEvent> {
+    vec![
+        s.st(ts, S::Listen, S::SynRecv),
+        s.st(ts + MS, S::SynRecv, S::Established),
+    ]
+}
+
+/// A passive close: the peer's FIN, then the application's close().
+fn passive_close(s: Sock, ts: u64) -> Vec<KernelEvent> {
+    vec![
+        s.st(ts, S::Established, S::CloseWait),
+        s.st_by(meta(ts + MS, 200, "server"), S::CloseWait, S::LastAck),
+        s.st(ts + 2 * MS, S::LastAck, S::Close),
+    ]
+}
+
+/// connect() answered by a RST, in the order tcp_reset() emits it.
+fn refused_client(a: Sock, ts: u64, pid: u32) -> Vec<KernelEvent> {
+    let at = ts + MS;
+    let (rst, close) = (a.rst(at), a.st(at, S::SynSent, S::Close));
+    vec![a.connect(ts, pid, "client"), rst, close, a.err(at, 111)]
+}
+
+#[test]
+fn healthy_client_is_silent_by_default() {
+    let client = healthy_client(Sock::client(SK_A, SPORT));
+    let (e, out) = run(EngineConfig::default(), client);
+    none(out);
+    assert!(e.summary().by_reason.is_empty());
+    assert_eq!(totals(&e), (5, 0, 0, 0));
+}
+
+#[test]
+fn healthy_client_reports_established_once() {
+    let mut e = Engine::new(report_all());
+    let mut events = healthy_client(Sock::client(SK_A, SPORT)).into_iter();
+    none(feed(&mut e, events.by_ref().take(1)));
+    // The verdict goes out on the ESTABLISHED transition itself.
+    let v = one(feed(&mut e, events.by_ref().take(1)));
+    none(feed(&mut e, events));
+    none(e.tick(LATER));
+    check(&v, "client established established -");
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(v.kernel_reason.as_deref(), Some("TCP_ESTABLISHED"));
+    assert_eq!((v.netns, v.duration_ms), (NETNS, 1.0));
+    assert_eq!(detail(&v, "accepted"), Value::Null, "no accept()");
+    assert_eq!(e.tracked(), 0);
+}
+
+#[test]
+fn healthy_server_reports_accepting_process() {
+    let s = Sock::server(SK_A);
+    let mut e = Engine::new(report_all());
+    // In softirq context: no process to name until accept().
+    none(feed(&mut e, server_handshake(s, MS)));
+    let v = one(e.handle(s.accepted(6 * MS, 200, "server")));
+    none(feed(&mut e, passive_close(s, 90 * MS)));
+    none(e.tick(LATER));
+    check(&v, "server established established -");
+    assert_eq!(who(&v), "200/server 10.77.0.1:3306>10.77.0.2:51000");
+    assert_eq!(detail(&v, "accepted"), true);
+    assert_eq!(detail(&v, "accept_delay_ms"), 4.0);
+
+    let mut events = server_handshake(s, MS);
+    events.push(s.accepted(6 * MS, 200, "server"));
+    events.extend(passive_close(s, 90 * MS));
+    none(run(EngineConfig::default(), events).1);
+}
+
+#[test]
+fn server_never_accepted_is_reported_after_stall_timeout() {
+    let s = Sock::server(SK_A);
+    let cfg = report_all();
+    let stall_end = SEC + MS + cfg.stall_timeout_ns;
+    let mut e = Engine::new(cfg);
+    none(feed(&mut e, server_handshake(s, SEC)));
+    none(e.tick(stall_end - 1));
+    let v = one(e.tick(stall_end));
+    check(&v, "server established established -");
+    assert_eq!(who(&v), "-/- 10.77.0.1:3306>10.77.0.2:51000");
+    assert_eq!(detail(&v, "accepted"), false);
+    assert_eq!(detail(&v, "waited_ms"), 3000.0);
+    // A later accept() or close does not report it again.
+    none(e.handle(s.accepted(5 * SEC, 200, "server")));
+    none(feed(&mut e, passive_close(s, 6 * SEC)));
+    none(e.tick(LATER));
+    assert_eq!(count(&e.summary().by_reason, Reason::Established), 1);
+}
+
+#[test]
+fn refused_client_in_kernel_order() {
+    let mut e = Engine::new(EngineConfig::default());
+    // Decided on the error report, without waiting for the grace period.
+    let refused = refused_client(Sock::client(SK_A, SPORT), MS, 100);
+    let v = one(feed(&mut e, refused));
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(v.kernel_reason.as_deref(), Some("ECONNREFUSED"));
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(detail(&v, "rst_received"), true);
+    assert_eq!(detail(&v, "closed_from"), "TCP_SYN_SENT");
+    assert_eq!(v.syn_retransmits, 0);
+    none(e.tick(LATER));
+    assert_eq!(e.tracked(), 0);
+}
+
+#[test]
+fn refused_client_error_before_close_and_before_port_known() {
+    let a = Sock::client(SK_A, SPORT);
+    // The error report is the first event that carries the local port.
+    let events = vec![
+        a.connect(MS, 100, "client"),
+        a.err(2 * MS, 111),
+        a.rst(2 * MS),
+        a.st(2 * MS, S::SynSent, S::Close),
+    ];
+    let (e, out) = run(EngineConfig::default(), events);
+    let v = one(out);
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(totals(&e), (4, 0, 0, 0));
+}
+
+#[test]
+fn refused_server_no_socket() {
+    let (e, out) = run(EngineConfig::default(), vec![rst_sent_no_socket(MS)]);
+    let v = one(out);
+    check(&v, "server failed refused_no_listener -");
+    assert_eq!(v.kernel_reason.as_deref(), Some("NO_SOCKET"));
+    assert_eq!(who(&v), "-/- 10.77.0.1:3306>10.77.0.2:51000");
+    assert_eq!(detail(&v, "rst_sent"), true);
+    assert_eq!(e.tracked(), 0);
+}
+
+#[test]
+fn syn_timeout_kernel_gave_up() {
+    let a = Sock::client(SK_A, SPORT);
+    let close = a.st(7 * SEC + MS, S::SynSent, S::Close);
+    let err = a.err(7 * SEC + MS, 110);
+    // Error report before the close, and after it (as tcp_done_with_error() does).
+    for last_two in [[err.clone(), close.clone()], [close, err]] {
+        let mut events = vec![a.connect(MS, 100, "client")];
+        events.extend([a.rtx(SEC + MS), a.rtx(3 * SEC + MS)]);
+        events.extend(last_two);
+        let mut e = Engine::new(EngineConfig::default());
+        let v = one(feed(&mut e, events));
+        check(&v, "client failed syn_timeout ETIMEDOUT");
+        assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+        assert_eq!(v.syn_retransmits, 2);
+        assert_eq!(detail(&v, "cause"), "kernel_gave_up");
+        assert_eq!(detail(&v, "after_ms"), 7000.0);
+        none(e.tick(LATER));
+    }
+}
+
+#[test]
+fn syn_timeout_application_closed_waits_for_grace() {
+    let a = Sock::client(SK_A, SPORT);
+    let cfg = EngineConfig::default();
+    let closed_at = 2 * SEC;
+    let grace_end = closed_at + cfg.grace_ns;
+    let close = a.st_by(meta(closed_at, 100, "client"), S::SynSent, S::Close);
+    let mut e = Engine::new(cfg);
+    let events = [a.connect(MS, 100, "client"), a.rtx(SEC + MS), close];
+    none(feed(&mut e, events));
+    // Not before the grace period ran out: an error report may still come.
+    none(e.tick(grace_end - 1));
+    let v = one(e.tick(grace_end));
+    check(&v, "client failed syn_timeout -");
+    assert_eq!(detail(&v, "cause"), "application_closed");
+    assert_eq!(v.kernel_reason.as_deref(), Some("closed in TCP_SYN_SENT"));
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(v.syn_retransmits, 1);
+    none(e.tick(LATER));
+    assert_eq!(e.tracked(), 0);
+}
+
+#[test]
+fn no_route_from_connect() {
+    // A socket the kernel side resolved but never saw change state, and one it could not.
+    for sk in [SK_C, 0] {
+        let a = Sock::client(sk, SPORT);
+        let ev = a.connect_failed(5 * MS, 300, "curl", 101);
+        let (e, out) = run(EngineConfig::default(), vec![ev]);
+        let v = one(out);
+        check(&v, "client failed no_route ENETUNREACH");
+        assert_eq!(who(&v), "300/curl -:->10.77.0.2:8080");
+        assert_eq!(detail(&v, "packets_sent"), 0);
+        assert_eq!(e.tracked(), 0);
+    }
+}
+
+#[test]
+fn connect_result_after_verdict_is_not_a_second_failure() {
+    let a = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    let v = one(feed(&mut e, refused_client(a, MS, 100)));
+    assert_eq!(v.reason, Reason::RefusedNoListener);
+    none(e.handle(a.connect_failed(3 * MS, 100, "client", 111)));
+    none(e.tick(LATER));
+    assert_eq!(count(&e.summary().by_outcome, Outcome::Failed), 1);
+}
+
+/// connect(), then an ICMP error: tcp_v4_err() reports the error, then closes the socket.
+fn icmp_error(errno: i32) -> Vec<KernelEvent> {
+    let a = Sock::client(SK_A, SPORT);
+    let close = a.st(3 * MS, S::SynSent, S::Close);
+    vec![a.connect(MS, 100, "client"), a.err(3 * MS, errno), close]
+}
+
+#[test]
+fn icmp_host_unreachable() {
+    let v = run_default(icmp_error(113));
+    check(&v, "client failed icmp_unreachable EHOSTUNREACH");
+    let icmp = detail(&v, "icmp").as_str().unwrap_or_default().to_owned();
+    assert!(icmp.contains("host-unreachable"), "{v:#?}");
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+}
+
+#[test]
+fn econnrefused_without_reset_is_icmp_port_unreachable() {
+    let v = run_default(icmp_error(111));
+    check(&v, "client failed icmp_unreachable ECONNREFUSED");
+    assert_eq!(detail(&v, "icmp"), "port-unreachable");
+    // Without the reset tracepoints, a missing RST proves nothing.
+    let blind = EngineConfig {
+        resets_observed: false,
+        ..EngineConfig::default()
+    };
+    let v = one(run(blind, icmp_error(111)).1);
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(detail(&v, "icmp"), Value::Null);
+}
+
+#[test]
+fn reset_by_peer_after_established() {
+    let a = Sock::client(SK_A, SPORT);
+    let events = vec![
+        a.connect(MS, 100, "client"),
+        a.st(2 * MS, S::SynSent, S::Established),
+        a.rst(10 * SEC),
+        a.st(10 * SEC, S::Established, S::Close),
+        a.err(10 * SEC, 104),
+    ];
+    let v = run_default(events.clone());
+    check(&v, "client failed reset_by_peer ECONNRESET");
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(detail(&v, "rst_received_in"), "TCP_ESTABLISHED");
+    assert_eq!(detail(&v, "established_ms"), 9998.0);
+    // With --all the handshake is reported too, before the failure.
+    let out = run(report_all(), events).1;
+    let reasons: Vec<Reason> = out.iter().map(|v| v.reason).collect();
+    assert_eq!(reasons, [Reason::Established, Reason::ResetByPeer]);
+}
+
+#[test]
+fn timeout_after_established() {
+    let a = Sock::client(SK_A, SPORT);
+    let v = run_default(vec![
+        a.connect(MS, 100, "client"),
+        a.st(2 * MS, S::SynSent, S::Established),
+        a.err(20 * SEC, 110),
+        a.st(20 * SEC, S::Established, S::Close),
+    ]);
+    check(&v, "client failed timeout ETIMEDOUT");
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(detail(&v, "established_ms"), 19998.0);
+    assert_eq!(v.syn_retransmits, 0);
+}
+
+#[test]
+fn unknown_errno_in_syn_sent() {
+    let a = Sock::client(SK_A, SPORT);
+    let close = a.st(3 * MS, S::SynSent, S::Close);
+    let v = run_default(vec![a.connect(MS, 100, "client"), close, a.err(3 * MS, 22)]);
+    check(&v, "client failed unknown EINVAL");
+    assert_eq!(v.kernel_reason.as_deref(), Some("EINVAL"));
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+}
+
+#[test]
+fn retransmit_of_unseen_socket_starts_a_client_connection() {
+    let b = Sock::client(SK_B, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    none(e.handle(b.rtx(SEC)));
+    assert_eq!(e.tracked(), 1);
+    let close = b.st(3 * SEC, S::SynSent, S::Close);
+    let v = one(feed(&mut e, [close, b.err(3 * SEC, 110)]));
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    assert_eq!(who(&v), "-/- 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(v.syn_retransmits, 1);
+    assert_eq!(e.tracked(), 0);
+}
+
+#[test]
+fn events_of_unknown_sockets_are_ignored() {
+    let a = Sock::client(SK_A, SPORT);
+    let b = Sock::client(SK_B, SPORT);
+    let c = Sock::client(SK_C, SPORT);
+    let events = vec![
+        c.st(MS, S::Established, S::FinWait1),
+        c.st(2 * MS, S::FinWait2, S::Close),
+        b.st(3 * MS, S::Established, S::Close),
+        a.rst(4 * MS),
+        a.accepted(5 * MS, 200, "server"),
+    ];
+    let (e, out) = run(report_all(), events);
+    none(out);
+    assert_eq!(totals(&e), (5, 0, 0, 0));
+}
+
+#[test]
+fn connection_table_is_bounded() {
+    let cfg = EngineConfig {
+        max_connections: 10,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(cfg);
+    for i in 0..25u16 {
+        let a = Sock::client(SK_A + u64::from(i) * 0x100, SPORT + i);
+        none(e.handle(a.connect(MS * u64::from(i + 1), 1000 + u32::from(i), "client")));
+        assert!(e.tracked() <= 10);
+    }
+    assert_eq!(totals(&e), (25, 15, 0, 10));
+    none(e.finish(SEC));
+    assert_eq!(totals(&e), (25, 25, 0, 0));
+    assert!(e.summary().by_outcome.is_empty());
+}
+
+#[test]
+fn summary_counts_match_verdicts() {
+    let c = Sock::client(SK_C, SPORT + 2);
+    let mut events = healthy_client(Sock::client(SK_A, SPORT));
+    events.extend(refused_client(Sock::client(SK_B, SPORT + 1), MS, 101));
+    events.extend([c.connect(MS, 102, "client"), c.rtx(SEC)]);
+    events.extend([c.st(3 * SEC, S::SynSent, S::Close), c.err(3 * SEC, 110)]);
+    events.push(rst_sent_no_socket(4 * SEC));
+    let n = events.len() as u64;
+    let (e, out) = run(report_all(), events);
+    let s = e.summary();
+    assert_eq!(out.len(), 4, "{out:#?}");
+    let (mut by_outcome, mut by_reason) = (BTreeMap::new(), BTreeMap::new());
+    for v in &out {
+        *by_outcome.entry(v.outcome).or_insert(0) += 1;
+        *by_reason.entry(v.reason).or_insert(0) += 1;
+    }
+    assert_eq!((&s.by_outcome, &s.by_reason), (&by_outcome, &by_reason));
+    assert_eq!(count(&s.by_outcome, Outcome::Failed), 3);
+    assert_eq!(count(&s.by_reason, Reason::RefusedNoListener), 2);
+    assert_eq!(count(&s.by_reason, Reason::SynTimeout), 1);
+    assert_eq!(count(&s.by_reason, Reason::Established), 1);
+    assert_eq!(totals(&e), (n, 0, 0, 0));
+}
+
+#[test]
+fn reused_socket_address_gives_independent_verdicts() {
+    let first = Sock::client(SK_A, SPORT);
+    let second = Sock::client(SK_A, SPORT + 1);
+    let mut e = Engine::new(EngineConfig::default());
+    // The first socket gives up in SYN_SENT; its verdict waits for the grace period...
+    let close = first.st_by(meta(2 * SEC, 100, "first"), S::SynSent, S::Close);
+    let events = [first.connect(MS, 100, "first"), first.rtx(SEC), close];
+    none(feed(&mut e, events));
+    // ...but the address is reused before that: the old socket is decided at once.
+    let v1 = one(e.handle(second.connect(2 * SEC + MS, 101, "second")));
+    check(&v1, "client failed syn_timeout -");
+    assert_eq!(who(&v1), "100/first 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(v1.syn_retransmits, 1);
+    let at = 2 * SEC + 2 * MS;
+    let close = second.st(at, S::SynSent, S::Close);
+    let v2 = one(feed(&mut e, [second.rst(at), close, second.err(at, 111)]));
+    check(&v2, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(who(&v2), "101/second 10.77.0.1:40001>10.77.0.2:8080");
+    assert_eq!(v2.syn_retransmits, 0);
+    none(e.tick(LATER));
+
+    // Reuse after the first socket was already decided.
+    let mut e = Engine::new(EngineConfig::default());
+    let a = one(feed(&mut e, refused_client(first, MS, 100)));
+    let b = one(feed(&mut e, refused_client(second, SEC, 101)));
+    assert_eq!(who(&a), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(who(&b), "101/client 10.77.0.1:40001>10.77.0.2:8080");
+    assert_eq!(count(&e.summary().by_reason, Reason::RefusedNoListener), 2);
+}
+
+#[test]
+fn stale_orphan_error_is_not_attached_to_a_later_connection() {
+    let (old, new) = (Sock::client(SK_C, SPORT), Sock::client(SK_A, SPORT));
+    let close = new.st_by(meta(1600 * MS, 100, "client"), S::SynSent, S::Close);
+    let events = vec![
+        old.err(SEC, 110),
+        new.connect(1500 * MS, 100, "client"),
+        new.rtx(1550 * MS),
+        close,
+    ];
+    let v = one(run(EngineConfig::default(), events).1);
+    check(&v, "client failed syn_timeout -");
+    assert_eq!(detail(&v, "cause"), "application_closed");
+}
+
+#[test]
+fn no_route_on_a_reused_socket_address_is_still_reported() {
+    // The kernel hands a refused socket's address to the next socket at once; that socket's
+    // connect() fails with ENETUNREACH to another destination and must not be taken for a
+    // late result of the refused one.
+    let a = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    one(feed(&mut e, refused_client(a, MS, 100)));
+    let mut other = a;
+    other.t.daddr = "192.0.2.1".parse().expect("address");
+    let v = one(e.handle(other.connect_failed(3 * MS, 100, "client", 101)));
+    check(&v, "client failed no_route ENETUNREACH");
+}
