@@ -294,6 +294,10 @@ impl Conntrace {
         let mut child = Command::new(&path)
             .arg("--json")
             .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "conntrace=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -101,6 +101,8 @@ pub struct Engine {
     /// Ordered by creation: the first entry is the oldest.
     conns: BTreeMap<u64, Conn>,
     by_sk: HashMap<u64, u64>,
+    /// Full 4-tuple (local port known) → connection, for facts without a socket address.
+    by_tuple: HashMap<FourTuple, u64>,
     orphan_errors: HashMap<FourTuple, OrphanError>,
     /// Sockets decided recently: a late `connect()` result for the same socket, destination and
     /// process is not a new failure (the address alone may already belong to a new socket).
@@ -127,6 +129,7 @@ impl Engine {
             next_id: 0,
             conns: BTreeMap::new(),
             by_sk: HashMap::new(),
+            by_tuple: HashMap::new(),
             orphan_errors: HashMap::new(),
             recently_decided: HashMap::new(),
             summary: Summary::default(),
@@ -154,7 +157,7 @@ impl Engine {
             if self.conns.get(&old).is_some_and(|c| c.closed.is_some()) {
                 self.finalize(old, ts, out);
             } else if let Some(c) = self.conns.remove(&old) {
-                self.unindex(old, c.sk);
+                self.unindex(old, &c);
                 self.forget(c, out);
             }
         }
@@ -162,7 +165,7 @@ impl Engine {
             let Some((oldest, c)) = self.conns.pop_first() else {
                 break;
             };
-            self.unindex(oldest, c.sk);
+            self.unindex(oldest, &c);
             self.forget(c, out);
         }
         let id = self.next_id;
@@ -172,9 +175,22 @@ impl Engine {
         id
     }
 
-    fn unindex(&mut self, id: u64, sk: u64) {
-        if self.by_sk.get(&sk) == Some(&id) {
-            self.by_sk.remove(&sk);
+    fn unindex(&mut self, id: u64, c: &Conn) {
+        if self.by_sk.get(&c.sk) == Some(&id) {
+            self.by_sk.remove(&c.sk);
+        }
+        if self.by_tuple.get(&c.tuple) == Some(&id) {
+            self.by_tuple.remove(&c.tuple);
+        }
+    }
+
+    /// Indexes the connection of `sk` by its tuple once the local port is known.
+    fn index_tuple(&mut self, sk: u64) {
+        if let Some(&id) = self.by_sk.get(&sk)
+            && let Some(c) = self.conns.get(&id)
+            && c.tuple.sport != 0
+        {
+            self.by_tuple.insert(c.tuple, id);
         }
     }
 
@@ -223,6 +239,20 @@ impl Engine {
     pub fn handle(&mut self, ev: KernelEvent) -> Vec<Verdict> {
         self.summary.events += 1;
         let mut out = Vec::new();
+        let sk = match &ev {
+            KernelEvent::State { sk, .. }
+            | KernelEvent::ResetReceived { sk, .. }
+            | KernelEvent::SynRetransmit { sk, .. } => Some(*sk),
+            _ => None,
+        };
+        self.dispatch(ev, &mut out);
+        if let Some(sk) = sk {
+            self.index_tuple(sk);
+        }
+        out
+    }
+
+    fn dispatch(&mut self, ev: KernelEvent, out: &mut Vec<Verdict>) {
         match ev {
             KernelEvent::State {
                 meta,
@@ -230,19 +260,19 @@ impl Engine {
                 tuple,
                 old,
                 new,
-            } => self.on_state(meta, sk, tuple, old, new, &mut out),
+            } => self.on_state(meta, sk, tuple, old, new, out),
             KernelEvent::SocketError { meta, tuple, errno } => {
                 let found = self
-                    .conns
-                    .iter_mut()
-                    .rev()
-                    .find(|(_, c)| c.tuple == tuple && c.errno.is_none());
+                    .by_tuple
+                    .get(&tuple)
+                    .and_then(|id| self.conns.get_mut(id))
+                    .filter(|c| c.errno.is_none());
                 match found {
-                    Some((_, c)) => {
+                    Some(c) => {
                         c.errno = Some(errno);
                         c.last_ns = meta.ts_ns;
                     }
-                    None => {
+                    None if self.orphan_errors.len() < self.cfg.max_connections => {
                         self.orphan_errors.insert(
                             tuple,
                             OrphanError {
@@ -251,8 +281,9 @@ impl Engine {
                             },
                         );
                     }
+                    None => self.summary.unmatched_errors += 1,
                 }
-                self.decide_ready(meta.ts_ns, &mut out);
+                self.decide_ready(meta.ts_ns, out);
             }
             KernelEvent::ResetReceived { meta, sk, tuple } => {
                 if let Some(c) = self.conn_mut(sk) {
@@ -293,7 +324,7 @@ impl Engine {
                         syn_retransmits: 0,
                         detail,
                     };
-                    self.emit(&mut out, v);
+                    self.emit(out, v);
                 } else if let Some(c) = self.conn_mut(sk) {
                     c.last_ns = meta.ts_ns;
                 }
@@ -301,7 +332,7 @@ impl Engine {
             KernelEvent::SynRetransmit { meta, sk, tuple } => {
                 if self.conn_mut(sk).is_none() {
                     let c = self.new_conn(sk, Side::Client, &meta, tuple, TcpState::SynSent, None);
-                    self.insert(sk, c, &mut out);
+                    self.insert(sk, c, out);
                 }
                 if let Some(c) = self.conn_mut(sk) {
                     c.syn_retransmits += 1;
@@ -321,7 +352,7 @@ impl Engine {
                     }
                 }
                 if let Some(v) = verdict {
-                    self.emit(&mut out, v);
+                    self.emit(out, v);
                 }
             }
             KernelEvent::ConnectFailed {
@@ -341,11 +372,10 @@ impl Engine {
                 }) {
                     // connect() reporting a failure whose verdict is already out.
                 } else if let Some(v) = decide::connect_failed(&meta, tuple, errno, sk != 0) {
-                    self.emit(&mut out, v);
+                    self.emit(out, v);
                 }
             }
         }
-        out
     }
 
     fn on_state(
@@ -457,7 +487,7 @@ impl Engine {
         let Some(c) = self.conns.remove(&id) else {
             return;
         };
-        self.unindex(id, c.sk);
+        self.unindex(id, &c);
         let pid = c.proc.as_ref().map(|p| p.pid);
         self.recently_decided.insert(
             c.sk,
@@ -518,7 +548,7 @@ impl Engine {
             .collect();
         for id in stale {
             if let Some(c) = self.conns.remove(&id) {
-                self.unindex(id, c.sk);
+                self.unindex(id, &c);
                 self.forget(c, &mut out);
             }
         }
