@@ -113,7 +113,9 @@ pub struct KernelOffsets {
     pub file_private_data: u32,
     pub socket_type: u32,
     pub socket_sk: u32,
-    pub _pad: u32,
+    /// `struct sk_buff` → `head` (pointer) and `transport_header` (u16 offset from head).
+    pub skb_head: u32,
+    pub skb_transport_header: u32,
 }
 
 impl KernelOffsets {

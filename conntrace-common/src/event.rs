@@ -119,7 +119,14 @@ pub struct Reset {
     pub state: i32,
     /// `enum sk_rst_reason` value (send side, 6.10+), or [`RESET_REASON_NONE`].
     pub reason: u32,
+    /// Send side without a socket: TCP flags of the packet being answered, or
+    /// [`TCP_FLAGS_UNKNOWN`].
+    pub tcp_flags: u32,
+    pub _pad: u32,
 }
+
+/// `Reset::tcp_flags` when the packet could not be read.
+pub const TCP_FLAGS_UNKNOWN: u32 = u32::MAX;
 
 /// `EventKind::SynRetransmit`.
 #[repr(C)]
@@ -335,10 +342,13 @@ mod tests {
             tuple: tuple(),
             state: 2,
             reason: RESET_REASON_NONE,
+            tcp_flags: TCP_FLAGS_UNKNOWN,
+            _pad: 0,
         };
         assert_eq!(decode(as_bytes(&rr)), Ok(Decoded::ReceiveReset(rr)));
         let sr = Reset {
             header: header_for::<Reset>(EventKind::SendReset),
+            tcp_flags: 0x02,
             ..rr
         };
         assert_eq!(decode(as_bytes(&sr)), Ok(Decoded::SendReset(sr)));

@@ -18,7 +18,8 @@ use aya_ebpf::{
 use conntrace_common::{
     ABSENT, AF_INET, AF_INET6, Accept, COMM_LEN, Config, ConnectError, DEFAULT_RING_BYTES,
     ErrorReport, EventHeader, EventKind, FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS,
-    RESET_REASON_NONE, Reset, StateChange, SynRetransmit, TracepointLayout, Tuple, TupleLayout,
+    RESET_REASON_NONE, Reset, StateChange, SynRetransmit, TCP_FLAGS_UNKNOWN, TracepointLayout,
+    Tuple, TupleLayout,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -143,6 +144,27 @@ fn netns_of_skb(o: &KernelOffsets, skb: u64) -> u32 {
     kread(net + o.net_inum as u64)
 }
 
+/// TCP flags byte of the packet in `skb` (the one a socket-less reset answers).
+#[inline(always)]
+fn answered_tcp_flags(o: &KernelOffsets, skb: u64) -> u32 {
+    if skb == 0
+        || o.skb_head == KernelOffsets::MISSING
+        || o.skb_transport_header == KernelOffsets::MISSING
+    {
+        return TCP_FLAGS_UNKNOWN;
+    }
+    let head: u64 = kread(skb + o.skb_head as u64);
+    let transport: u16 = kread(skb + o.skb_transport_header as u64);
+    if head == 0 || transport == u16::MAX {
+        return TCP_FLAGS_UNKNOWN;
+    }
+    // SAFETY: bpf_probe_read_kernel fails instead of faulting.
+    match unsafe { bpf_probe_read_kernel((head + transport as u64 + 13) as *const u8) } {
+        Ok(flags) => flags as u32,
+        Err(_) => TCP_FLAGS_UNKNOWN,
+    }
+}
+
 /// The `struct sock *` behind file descriptor `fd` of the current task, with `socket.type`.
 #[inline(always)]
 fn sock_of_fd(o: &KernelOffsets, fd: i64) -> (u64, u16) {
@@ -263,6 +285,12 @@ fn reset(ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout, kind: Even
     } else {
         netns_of_skb(&cfg.offsets, field(ctx, l.skbaddr))
     };
+    // Without a socket, what was answered (a SYN, or a late segment) tells refusal from noise.
+    let tcp_flags = if skaddr == 0 {
+        answered_tcp_flags(&cfg.offsets, field(ctx, l.skbaddr))
+    } else {
+        TCP_FLAGS_UNKNOWN
+    };
     emit(Reset {
         header: header(kind, size_of::<Reset>(), netns),
         skaddr,
@@ -277,6 +305,8 @@ fn reset(ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout, kind: Even
         } else {
             field(ctx, l.reason)
         },
+        tcp_flags,
+        _pad: 0,
     });
 }
 

@@ -5,7 +5,9 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use conntrace_common::{AF_INET6, Decoded, EventHeader, RESET_REASON_NONE, Tuple, decode};
+use conntrace_common::{
+    AF_INET6, Decoded, EventHeader, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN, Tuple, decode,
+};
 
 use crate::engine::model::{FourTuple, KernelEvent, Meta, Proc, TcpState};
 
@@ -84,6 +86,7 @@ impl Decoder {
                             .cloned()
                             .unwrap_or_else(|| format!("sk_rst_reason {}", e.reason))
                     }),
+                    answered_flags: (e.tcp_flags != TCP_FLAGS_UNKNOWN).then_some(e.tcp_flags as u8),
                 }
             }
             Decoded::SynRetransmit(e) => KernelEvent::SynRetransmit {

@@ -48,17 +48,20 @@ fn base(c: &Conn, ts_ns: u64, outcome: Outcome, reason: Reason) -> Verdict {
 }
 
 /// The verdict of a connection that completed its handshake.
-pub(super) fn established(c: &Conn, ts_ns: u64, accepted: bool) -> Verdict {
+pub(super) fn established(c: &Conn, ts_ns: u64) -> Verdict {
     let at = c.established_ns.unwrap_or(ts_ns);
     let mut v = base(c, at, Outcome::Established, Reason::Established);
     v.ts_ns = ts_ns;
     v.duration_ms = ms(c.started_ns, at);
     v.kernel_reason = Some(TcpState::Established.name());
     if c.side == Side::Server {
-        v.detail.insert("accepted".into(), json!(accepted));
-        if accepted {
+        v.detail
+            .insert("accepted".into(), json!(c.accepted_ns.is_some()));
+        if let Some(accepted) = c.accepted_ns {
+            // accept() can return before the ESTABLISHED event fires (the child is queued
+            // first): the delay is then 0.
             v.detail
-                .insert("accept_delay_ms".into(), json!(ms(at, ts_ns)));
+                .insert("accept_delay_ms".into(), json!(ms(at, accepted)));
         }
     }
     v
@@ -200,6 +203,50 @@ pub(super) fn connect_failed(
         netns: meta.netns,
         pid: Some(meta.proc.pid),
         comm: Some(meta.proc.comm.clone()),
+        duration_ms: 0.0,
+        syn_retransmits: 0,
+        detail,
+    })
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// This host sent a RST because no socket matched the packet. Only a SYN answered that way
+/// is a refused connection; when the packet could not be read, the RST is taken as one.
+pub(super) fn refused_without_socket(
+    meta: &Meta,
+    tuple: FourTuple,
+    reason: Option<String>,
+    answered_flags: Option<u8>,
+) -> Option<Verdict> {
+    if answered_flags.is_some_and(|f| f & TCP_SYN == 0 || f & TCP_ACK != 0) {
+        return None;
+    }
+    let mut detail = Map::new();
+    detail.insert("rst_sent".into(), Value::Bool(true));
+    detail.insert(
+        "answered".into(),
+        json!(if answered_flags.is_some() {
+            "SYN"
+        } else {
+            "unknown"
+        }),
+    );
+    Some(Verdict {
+        ts_ns: meta.ts_ns,
+        side: Side::Server,
+        outcome: Outcome::Failed,
+        reason: Reason::RefusedNoListener,
+        kernel_reason: Some(reason.unwrap_or_else(|| "RST sent: no socket".into())),
+        errno: None,
+        saddr: Some(tuple.saddr),
+        sport: Some(tuple.sport),
+        daddr: tuple.daddr,
+        dport: tuple.dport,
+        netns: meta.netns,
+        pid: None,
+        comm: None,
         duration_ms: 0.0,
         syn_retransmits: 0,
         detail,

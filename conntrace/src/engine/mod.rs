@@ -14,7 +14,7 @@ pub mod verdict;
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 use self::{
     model::{FourTuple, KernelEvent, Meta, Outcome, Proc, Reason, Side, TcpState},
@@ -66,6 +66,8 @@ pub(crate) struct Conn {
     pub state: TcpState,
     /// Set when the connection reached ESTABLISHED.
     pub established_ns: Option<u64>,
+    /// Server side: when accept() returned it.
+    pub accepted_ns: Option<u64>,
     /// Set when it reached CLOSE, with the state it left.
     pub closed: Option<(u64, TcpState)>,
     pub syn_retransmits: u32,
@@ -150,17 +152,7 @@ impl Engine {
     }
 
     fn insert(&mut self, sk: u64, conn: Conn, out: &mut Vec<Verdict>) -> u64 {
-        if let Some(&old) = self.by_sk.get(&sk) {
-            // The kernel reused the socket address: the old socket is freed, so every event it
-            // will ever have is already here. Decide it now if it closed; else we missed its end.
-            let ts = conn.started_ns;
-            if self.conns.get(&old).is_some_and(|c| c.closed.is_some()) {
-                self.finalize(old, ts, out);
-            } else if let Some(c) = self.conns.remove(&old) {
-                self.unindex(old, &c);
-                self.forget(c, out);
-            }
-        }
+        self.retire(sk, conn.started_ns, out);
         while self.conns.len() >= self.cfg.max_connections {
             let Some((oldest, c)) = self.conns.pop_first() else {
                 break;
@@ -173,6 +165,21 @@ impl Engine {
         self.conns.insert(id, conn);
         self.by_sk.insert(sk, id);
         id
+    }
+
+    /// A new socket starts at `sk`: the kernel freed the old one, so every event it will ever
+    /// have is already here. Decide it now if it closed; otherwise its end was not observable
+    /// (e.g. FIN_WAIT1 straight to TIME_WAIT) and it is forgotten.
+    fn retire(&mut self, sk: u64, now_ns: u64, out: &mut Vec<Verdict>) {
+        let Some(&old) = self.by_sk.get(&sk) else {
+            return;
+        };
+        if self.conns.get(&old).is_some_and(|c| c.closed.is_some()) {
+            self.finalize(old, now_ns, out);
+        } else if let Some(c) = self.conns.remove(&old) {
+            self.unindex(old, &c);
+            self.forget(c, out);
+        }
     }
 
     fn unindex(&mut self, id: u64, c: &Conn) {
@@ -220,6 +227,7 @@ impl Engine {
             proc,
             state,
             established_ns: None,
+            accepted_ns: None,
             closed: None,
             syn_retransmits: 0,
             errno: None,
@@ -296,37 +304,21 @@ impl Engine {
                 meta,
                 sk,
                 tuple,
-                state,
                 reason,
+                answered_flags,
+                ..
             } => {
-                if sk == 0 {
-                    // Nothing matched the packet: this host refused it.
-                    let mut detail = Map::new();
-                    detail.insert("rst_sent".into(), Value::Bool(true));
-                    if let Some(s) = state {
-                        detail.insert("state".into(), s.name().into());
+                if sk != 0 {
+                    if let Some(c) = self.conn_mut(sk) {
+                        c.last_ns = meta.ts_ns;
                     }
-                    let v = Verdict {
-                        ts_ns: meta.ts_ns,
-                        side: Side::Server,
-                        outcome: Outcome::Failed,
-                        reason: Reason::RefusedNoListener,
-                        kernel_reason: Some(reason.unwrap_or_else(|| "RST sent: no socket".into())),
-                        errno: None,
-                        saddr: Some(tuple.saddr),
-                        sport: Some(tuple.sport),
-                        daddr: tuple.daddr,
-                        dport: tuple.dport,
-                        netns: meta.netns,
-                        pid: None,
-                        comm: None,
-                        duration_ms: 0.0,
-                        syn_retransmits: 0,
-                        detail,
-                    };
+                } else if let Some(v) =
+                    decide::refused_without_socket(&meta, tuple, reason, answered_flags)
+                {
                     self.emit(out, v);
-                } else if let Some(c) = self.conn_mut(sk) {
-                    c.last_ns = meta.ts_ns;
+                } else {
+                    // A late or stray segment (an ACK, FIN or data for a socket already gone).
+                    self.summary.stray_resets += 1;
                 }
             }
             KernelEvent::SynRetransmit { meta, sk, tuple } => {
@@ -345,10 +337,13 @@ impl Engine {
                 let mut verdict = None;
                 if let Some(c) = self.conn_mut(sk) {
                     c.proc = Some(meta.proc.clone());
+                    c.accepted_ns = Some(meta.ts_ns);
                     c.last_ns = meta.ts_ns;
+                    // The child is queued before its ESTABLISHED event fires, so accept() may be
+                    // seen first; the verdict then waits for ESTABLISHED.
                     if c.side == Side::Server && !c.reported && c.established_ns.is_some() {
                         c.reported = true;
-                        verdict = report.then(|| decide::established(c, meta.ts_ns, true));
+                        verdict = report.then(|| decide::established(c, meta.ts_ns));
                     }
                 }
                 if let Some(v) = verdict {
@@ -393,12 +388,7 @@ impl Engine {
             (_, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv)
         );
         if starts {
-            // A new socket at a reused address: finish the closed one first.
-            if let Some(&id) = self.by_sk.get(&sk)
-                && self.conns.get(&id).is_some_and(|c| c.closed.is_some())
-            {
-                self.finalize(id, ts, out);
-            }
+            self.retire(sk, ts, out);
         }
         let known = self.by_sk.contains_key(&sk);
         match (old, new) {
@@ -436,9 +426,9 @@ impl Engine {
             TcpState::Established => {
                 c.established_ns = Some(ts);
                 // A client knows its process from connect(); a server waits for accept().
-                if c.side == Side::Client && !c.reported {
+                if (c.side == Side::Client || c.accepted_ns.is_some()) && !c.reported {
                     c.reported = true;
-                    verdict = report.then(|| decide::established(c, ts, false));
+                    verdict = report.then(|| decide::established(c, ts));
                 }
             }
             TcpState::FinWait1 | TcpState::CloseWait | TcpState::LastAck | TcpState::Closing => {
@@ -506,7 +496,7 @@ impl Engine {
             && self.cfg.report_established
         {
             // Closed before anyone saw accept() return it.
-            let mut v = decide::established(&c, c.closed.map_or(now_ns, |(t, _)| t), false);
+            let mut v = decide::established(&c, c.closed.map_or(now_ns, |(t, _)| t));
             v.detail.insert("accepted".into(), json!(false));
             self.emit(out, v);
         }
@@ -530,7 +520,7 @@ impl Engine {
             {
                 c.reported = true;
                 if report {
-                    let mut v = decide::established(c, now_ns, false);
+                    let mut v = decide::established(c, now_ns);
                     v.detail.insert("accepted".into(), json!(false));
                     v.detail.insert("waited_ms".into(), json!(ms(at, now_ns)));
                     verdicts.push(v);
@@ -568,7 +558,17 @@ impl Engine {
         self.decide_ready(far, &mut out);
         let open: Vec<Conn> = std::mem::take(&mut self.conns).into_values().collect();
         self.by_sk.clear();
+        self.by_tuple.clear();
         for c in open {
+            if self.cfg.report_established
+                && c.side == Side::Server
+                && !c.reported
+                && c.established_ns.is_some()
+            {
+                // Established but not yet reported when the run ends: report what is known.
+                let v = decide::established(&c, now_ns);
+                self.emit(&mut out, v);
+            }
             self.forget(c, &mut out);
         }
         out

@@ -115,6 +115,8 @@ pub enum KernelEvent {
         tuple: FourTuple,
         state: Option<TcpState>,
         reason: Option<String>,
+        /// Without a socket: TCP flags of the packet the reset answers, when readable.
+        answered_flags: Option<u8>,
     },
     SynRetransmit {
         meta: Meta,

@@ -42,6 +42,9 @@ pub struct Summary {
     pub events: u64,
     /// Error reports that matched no connection.
     pub unmatched_errors: u64,
+    /// Resets this host sent, without a socket, to segments other than a SYN (late or stray
+    /// packets of connections already gone): not refusals, only counted.
+    pub stray_resets: u64,
 }
 
 impl Summary {

@@ -126,7 +126,8 @@ impl KernelBtf {
             file_private_data: off("file", &["private_data"]),
             socket_type: off("socket", &["type"]),
             socket_sk: off("socket", &["sk"]),
-            _pad: 0,
+            skb_head: off("sk_buff", &["head"]),
+            skb_transport_header: off("sk_buff", &["transport_header"]),
         }
     }
 
@@ -166,6 +167,8 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("file.private_data", o.file_private_data),
         ("socket.type", o.socket_type),
         ("socket.sk", o.socket_sk),
+        ("sk_buff.head", o.skb_head),
+        ("sk_buff.transport_header", o.skb_transport_header),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

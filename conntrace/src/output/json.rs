@@ -68,6 +68,7 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 "kernel_events": f.summary.events,
                 "decode_errors": f.decode_errors,
                 "unmatched_errors": f.summary.unmatched_errors,
+                "stray_resets": f.summary.stray_resets,
             })
         }
     };
