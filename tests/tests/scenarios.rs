@@ -27,7 +27,15 @@ fn healthy_connections_give_established_verdicts_with_processes() {
         &hosts.client,
         &hosts.server_ip,
         PORT,
-        &["--count", "200", "--parallel", "4", "--read", "--timeout-ms", "3000"],
+        &[
+            "--count",
+            "200",
+            "--parallel",
+            "4",
+            "--read",
+            "--timeout-ms",
+            "3000",
+        ],
     );
     let client_pid = client.pid();
     let results = client.json_lines(Duration::from_secs(60));

@@ -1,0 +1,114 @@
+//! Socket-address reuse and cross-CPU event order, as seen in bursts of thousands of
+//! connections: addresses freed and reused at once, accept() observed before ESTABLISHED,
+//! closes the tracepoints never show.
+
+use super::*;
+
+#[test]
+fn reused_socket_address_gives_independent_verdicts() {
+    let first = Sock::client(SK_A, SPORT);
+    let second = Sock::client(SK_A, SPORT + 1);
+    let mut e = Engine::new(EngineConfig::default());
+    // The first socket gives up in SYN_SENT; its verdict waits for the grace period...
+    let close = first.st_by(meta(2 * SEC, 100, "first"), S::SynSent, S::Close);
+    let events = [first.connect(MS, 100, "first"), first.rtx(SEC), close];
+    none(feed(&mut e, events));
+    // ...but the address is reused before that: the old socket is decided at once.
+    let v1 = one(e.handle(second.connect(2 * SEC + MS, 101, "second")));
+    check(&v1, "client failed syn_timeout -");
+    assert_eq!(who(&v1), "100/first 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(v1.syn_retransmits, 1);
+    let at = 2 * SEC + 2 * MS;
+    let close = second.st(at, S::SynSent, S::Close);
+    let v2 = one(feed(&mut e, [second.rst(at), close, second.err(at, 111)]));
+    check(&v2, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(who(&v2), "101/second 10.77.0.1:40001>10.77.0.2:8080");
+    assert_eq!(v2.syn_retransmits, 0);
+    none(e.tick(LATER));
+
+    // Reuse after the first socket was already decided.
+    let mut e = Engine::new(EngineConfig::default());
+    let a = one(feed(&mut e, refused_client(first, MS, 100)));
+    let b = one(feed(&mut e, refused_client(second, SEC, 101)));
+    assert_eq!(who(&a), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(who(&b), "101/client 10.77.0.1:40001>10.77.0.2:8080");
+    assert_eq!(count(&e.summary().by_reason, Reason::RefusedNoListener), 2);
+}
+
+#[test]
+fn stale_orphan_error_is_not_attached_to_a_later_connection() {
+    // An error report for a socket the engine never tracked (started before the tracer) stays
+    // unmatched; a new connection that reuses its 4-tuple then closes in SYN_SENT on its own.
+    let (old, new) = (Sock::client(SK_C, SPORT), Sock::client(SK_A, SPORT));
+    let close = new.st_by(meta(1600 * MS, 100, "client"), S::SynSent, S::Close);
+    let mut events = vec![old.err(SEC, 110), new.connect(1500 * MS, 100, "client")];
+    events.push(close);
+    let v = one(run(EngineConfig::default(), events).1);
+    check(&v, "client failed syn_timeout -");
+    assert_eq!(detail(&v, "cause"), "application_closed");
+}
+
+#[test]
+fn no_route_on_a_reused_socket_address_is_still_reported() {
+    // The kernel hands a refused socket's address to the next socket at once; that socket's
+    // connect() fails with ENETUNREACH to another destination and must not be taken for a
+    // late result of the refused one.
+    let a = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    one(feed(&mut e, refused_client(a, MS, 100)));
+    let mut other = a;
+    other.t.daddr = "192.0.2.1".parse().expect("address");
+    let v = one(e.handle(other.connect_failed(3 * MS, 100, "client", 101)));
+    check(&v, "client failed no_route ENETUNREACH");
+}
+
+#[test]
+fn accept_seen_before_established_still_names_the_acceptor() {
+    // The kernel queues the child for accept() before its SYN_RECV->ESTABLISHED event fires,
+    // so on another CPU accept() can be observed first.
+    let s = Sock::server(SK_A);
+    let mut e = Engine::new(config(|c| c.report_established = true));
+    none(e.handle(s.st(MS, S::Listen, S::SynRecv)));
+    none(e.handle(s.accepted(2 * MS, 200, "server")));
+    let v = one(e.handle(s.st(3 * MS, S::SynRecv, S::Established)));
+    check(&v, "server established established -");
+    assert_eq!(who(&v), "200/server 10.77.0.1:3306>10.77.0.2:51000");
+    assert_eq!(detail(&v, "accepted"), true);
+    assert_eq!(detail(&v, "accept_delay_ms"), 0.0);
+}
+
+#[test]
+fn established_server_connection_is_reported_when_the_run_ends() {
+    let s = Sock::server(SK_A);
+    let mut e = Engine::new(config(|c| c.report_established = true));
+    none(feed(&mut e, server_handshake(s, MS)));
+    let v = one(e.finish(10 * MS));
+    assert_eq!(detail(&v, "accepted"), false);
+    assert_eq!(e.summary().expired_unresolved, 0);
+}
+
+#[test]
+fn address_reused_without_an_observed_close_starts_a_new_connection() {
+    // A client socket left in FIN_WAIT1 can be freed (via TIME_WAIT) without a state event
+    // we see; its address then comes back as a server child socket in another namespace.
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(config(|c| c.report_established = true));
+    feed(
+        &mut e,
+        vec![
+            c.connect(MS, 100, "client"),
+            c.st(2 * MS, S::SynSent, S::Established),
+        ],
+    );
+    none(e.handle(c.st(3 * MS, S::Established, S::FinWait1)));
+    let s = Sock::server(SK_A);
+    none(feed(&mut e, server_handshake(s, 10 * MS)));
+    let v = one(e.handle(s.accepted(12 * MS, 200, "server")));
+    check(&v, "server established established -");
+    assert_eq!(who(&v), "200/server 10.77.0.1:3306>10.77.0.2:51000");
+    assert_eq!(
+        e.summary().expired_unresolved,
+        0,
+        "the client had a verdict"
+    );
+}
