@@ -87,7 +87,7 @@ fn main() -> ExitCode {
     let missing = missing_caps();
     if !missing.is_empty() {
         eprintln!(
-            "conntrace: missing privileges: run as root, or grant {} (see README, \"Running without sudo\")",
+            "conntrace: missing privileges: run as root, or grant {} (see README, \"Requirements\")",
             missing.join(", ")
         );
         return ExitCode::from(exit::PRIVILEGES);
@@ -107,12 +107,9 @@ fn main() -> ExitCode {
         Ok(()) | Err(RunError::Output(OutputError::Closed)) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code(&e);
-            // anyhow only here, at the edge: one line with the whole cause chain.
-            let chain: Vec<String> = anyhow::Error::from(e)
-                .chain()
-                .map(ToString::to_string)
-                .collect();
-            eprintln!("conntrace: {}", chain.join(": "));
+            // anyhow only here, at the edge. Every error's message already names its cause,
+            // so the top-level message is the whole story, on one line.
+            eprintln!("conntrace: {}", anyhow::Error::from(e));
             ExitCode::from(code)
         }
     }

@@ -50,10 +50,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut ports = cli.ports.clone();
     ports.sort_unstable();
     ports.dedup();
-    let (tracer, events) = Tracer::start(&TracerOptions {
-        ports: ports.clone(),
-        ring_bytes: cli.ring_buffer_bytes,
-    })?;
+    // Open the output first: a bad path fails before anything is loaded into the kernel.
     let clock = Clock::now();
     let format = if cli.json {
         Format::Json
@@ -61,6 +58,10 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         Format::Human
     };
     let mut out = Output::open(cli.output.as_deref(), format, clock)?;
+    let (tracer, events) = Tracer::start(&TracerOptions {
+        ports: ports.clone(),
+        ring_bytes: cli.ring_buffer_bytes,
+    })?;
 
     let attach_paths: BTreeMap<String, String> = tracer
         .active

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::json;
 
 use self::{
-    model::{FourTuple, KernelEvent, Meta, Outcome, Proc, Reason, Side, TcpState},
+    model::{FourTuple, KernelEvent, Meta, Proc, Side, TcpState},
     verdict::{Summary, Verdict},
 };
 

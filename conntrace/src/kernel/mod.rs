@@ -13,7 +13,7 @@ use aya::{
 };
 use conntrace_common::{Config, FLAG_ALL_PORTS, MAX_PORTS, TracepointLayout, maps};
 use serde::Serialize;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use self::{
     attach::{Capability, Hook},
@@ -255,7 +255,7 @@ fn attach_all(
         }
         match attach_one(ebpf, rule) {
             Ok(()) => {
-                info!(program = rule.program, attach = %rule.hook.describe(), "attached");
+                debug!(program = rule.program, attach = %rule.hook.describe(), "attached");
                 served = Some((rule.capability, rule.priority));
                 active.push(ActiveProgram {
                     capability: rule.capability,

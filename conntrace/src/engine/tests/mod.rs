@@ -7,7 +7,7 @@ use std::{
 
 use serde_json::Value;
 
-use super::model::TcpState as S;
+use super::model::{Outcome, Reason, TcpState as S};
 use super::*;
 
 const MS: u64 = 1_000_000;
