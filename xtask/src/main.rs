@@ -195,7 +195,7 @@ fn main() -> anyhow::Result<()> {
             }
             let bin = workspace_root().join("target/debug/conntrace");
             run(cargo()
-                .args(["test", "-p", "conntrace-tests", "--test", "scenarios"])
+                .args(["test", "-p", "conntrace-tests", "--tests"])
                 .env("CONNTRACE_BIN", bin)
                 .arg("--")
                 .args(["--test-threads", "1"])

@@ -1,0 +1,83 @@
+//! The binary's edges: usage errors, output errors, a reader that goes away.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use conntrace_tests::{conntrace_bin, require_root};
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(conntrace_bin())
+        .args(args)
+        .output()
+        .expect("run conntrace");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn invalid_ports_and_durations_are_usage_errors() {
+    for (args, needle) in [
+        (&["--port", "0"][..], "out of range 1-65535"),
+        (&["--port", "70000"][..], "out of range 1-65535"),
+        (&["--port", "abc"][..], "is not a port number"),
+        (&["--duration", "soon"][..], "is not a duration"),
+        (&["--ring-buffer-bytes", "5000"][..], "power of two"),
+    ] {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn unwritable_output_fails_before_loading_anything() {
+    require_root();
+    let (code, stderr) = run(&[
+        "--port",
+        "3306",
+        "-o",
+        "/nonexistent-dir/out.json",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "conntrace: cannot create output file /nonexistent-dir/out.json: No such file or directory (os error 2)"
+    );
+}
+
+#[test]
+fn closed_pipe_is_a_normal_exit() {
+    require_root();
+    let mut child = Command::new(conntrace_bin())
+        .args(["--port", "3306", "--json", "--duration", "2s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn conntrace");
+    // Like `conntrace --json | head -1`: read the ready line, then close the pipe.
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "conntrace did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "writing to a closed pipe must end the run quietly"
+    );
+}
