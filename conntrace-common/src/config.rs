@@ -57,6 +57,9 @@ pub struct TracepointLayout {
     pub state: u16,
     pub error: u16,
     pub reason: u16,
+    /// `skb:kfree_skb`: the dropping code's address, and the receiving socket (6.12+).
+    pub location: u16,
+    pub rx_sk: u16,
 }
 
 impl TracepointLayout {
@@ -70,6 +73,8 @@ impl TracepointLayout {
         state: ABSENT,
         error: ABSENT,
         reason: ABSENT,
+        location: ABSENT,
+        rx_sk: ABSENT,
     };
 }
 
@@ -116,6 +121,9 @@ pub struct KernelOffsets {
     /// `struct sk_buff` → `head` (pointer) and `transport_header` (u16 offset from head).
     pub skb_head: u32,
     pub skb_transport_header: u32,
+    /// `struct sk_buff` → `network_header` (u16 offset from head) and `sk`.
+    pub skb_network_header: u32,
+    pub skb_sk: u32,
 }
 
 impl KernelOffsets {
@@ -134,6 +142,7 @@ pub struct Config {
     pub receive_reset: TracepointLayout,
     pub send_reset: TracepointLayout,
     pub retransmit: TracepointLayout,
+    pub kfree_skb: TracepointLayout,
     pub syscalls: SyscallLayout,
     pub offsets: KernelOffsets,
     pub flags: u32,

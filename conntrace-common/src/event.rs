@@ -28,6 +28,8 @@ pub enum EventKind {
     Accept = 6,
     /// `connect()` on a TCP socket to a traced port returned an error other than EINPROGRESS.
     ConnectError = 7,
+    /// `skb:kfree_skb`: the kernel dropped a TCP packet of a traced port.
+    Drop = 8,
 }
 
 impl EventKind {
@@ -40,6 +42,7 @@ impl EventKind {
             5 => Self::SynRetransmit,
             6 => Self::Accept,
             7 => Self::ConnectError,
+            8 => Self::Drop,
             _ => return None,
         })
     }
@@ -161,6 +164,24 @@ pub struct ConnectError {
     pub _pad: u32,
 }
 
+/// `EventKind::Drop`. `tuple` is the packet's own: `s` = its source, `d` = its destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PacketDrop {
+    pub header: EventHeader,
+    /// `skb->sk`: the socket owning the packet (a local sender, or a receiver after lookup).
+    pub sk: u64,
+    /// The tracepoint's `rx_sk` (6.12+): the socket the packet was received on; 0 if none.
+    pub rx_sk: u64,
+    /// Address of the dropping code (`location`), named from /proc/kallsyms by userspace.
+    pub location: u64,
+    pub tuple: Tuple,
+    /// `enum skb_drop_reason` value, named from the kernel's BTF by userspace.
+    pub reason: u32,
+    /// TCP flags byte of the dropped segment.
+    pub tcp_flags: u32,
+}
+
 user_pod!(
     EventHeader,
     Tuple,
@@ -169,7 +190,8 @@ user_pod!(
     Reset,
     SynRetransmit,
     Accept,
-    ConnectError
+    ConnectError,
+    PacketDrop
 );
 
 /// Ties each event struct to its kind(s), so encoding and decoding cannot disagree.
@@ -192,7 +214,8 @@ impl_event!(
     Reset,
     SynRetransmit,
     Accept,
-    ConnectError
+    ConnectError,
+    PacketDrop
 );
 
 /// An event read back from the ring buffer.
@@ -205,6 +228,7 @@ pub enum Decoded {
     SynRetransmit(SynRetransmit),
     Accept(Accept),
     ConnectError(ConnectError),
+    Drop(PacketDrop),
 }
 
 /// Why bytes from the ring buffer are not an event.
@@ -273,6 +297,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             EventKind::SynRetransmit => Decoded::SynRetransmit(read(bytes, kind, size)?),
             EventKind::Accept => Decoded::Accept(read(bytes, kind, size)?),
             EventKind::ConnectError => Decoded::ConnectError(read(bytes, kind, size)?),
+            EventKind::Drop => Decoded::Drop(read(bytes, kind, size)?),
         },
     )
 }
@@ -377,6 +402,17 @@ mod tests {
             _pad: 0,
         };
         assert_eq!(decode(as_bytes(&ce)), Ok(Decoded::ConnectError(ce)));
+
+        let dr = PacketDrop {
+            header: header_for::<PacketDrop>(EventKind::Drop),
+            sk: 0,
+            rx_sk: 0,
+            location: 0xffff_ffff_8100_0000,
+            tuple: tuple(),
+            reason: 6,
+            tcp_flags: 0x02,
+        };
+        assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));
     }
 
     #[test]
@@ -442,11 +478,12 @@ mod tests {
             (5, EventKind::SynRetransmit),
             (6, EventKind::Accept),
             (7, EventKind::ConnectError),
+            (8, EventKind::Drop),
         ] {
             assert_eq!(kind as u32, id);
             assert_eq!(EventKind::from_u32(id), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
-        assert_eq!(EventKind::from_u32(8), None);
+        assert_eq!(EventKind::from_u32(9), None);
     }
 }

@@ -14,6 +14,8 @@ use crate::engine::model::{FourTuple, KernelEvent, Meta, Proc, TcpState};
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
 pub struct Decoder {
     reset_reasons: BTreeMap<u32, String>,
+    drop_reasons: BTreeMap<u32, String>,
+    kallsyms: crate::kernel::kallsyms::Kallsyms,
 }
 
 fn addr(family: u16, bytes: &[u8; 16]) -> IpAddr {
@@ -49,8 +51,16 @@ fn meta(h: &EventHeader) -> Meta {
 }
 
 impl Decoder {
-    pub fn new(reset_reasons: BTreeMap<u32, String>) -> Self {
-        Self { reset_reasons }
+    pub fn new(
+        reset_reasons: BTreeMap<u32, String>,
+        drop_reasons: BTreeMap<u32, String>,
+        kallsyms: crate::kernel::kallsyms::Kallsyms,
+    ) -> Self {
+        Self {
+            reset_reasons,
+            drop_reasons,
+            kallsyms,
+        }
     }
 
     pub fn decode(&self, bytes: &[u8]) -> Result<KernelEvent, conntrace_common::DecodeError> {
@@ -98,6 +108,19 @@ impl Decoder {
                 meta: meta(&e.header),
                 sk: e.skaddr,
                 fd: e.fd,
+            },
+            Decoded::Drop(e) => KernelEvent::Dropped {
+                meta: meta(&e.header),
+                sk: e.sk,
+                rx_sk: e.rx_sk,
+                packet: four_tuple(&e.tuple),
+                reason: self
+                    .drop_reasons
+                    .get(&e.reason)
+                    .cloned()
+                    .unwrap_or_else(|| format!("skb_drop_reason {}", e.reason)),
+                location: self.kallsyms.name(e.location),
+                tcp_flags: e.tcp_flags as u8,
             },
             Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
                 meta: meta(&e.header),

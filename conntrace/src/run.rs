@@ -12,7 +12,7 @@ use crate::{
     cli::Cli,
     decode::Decoder,
     engine::{Engine, EngineConfig, verdict::Verdict},
-    kernel::{LoadError, Tracer, TracerOptions, attach::Capability},
+    kernel::{LoadError, Tracer, TracerOptions, attach::Capability, kallsyms::Kallsyms},
     output::{Clock, Final, Format, Output, OutputError, Ready, Record},
 };
 
@@ -39,7 +39,16 @@ fn kernel_features() -> serde_json::Value {
     })
 }
 
-fn write_verdicts(out: &mut Output, verdicts: &[Verdict]) -> Result<(), OutputError> {
+/// Writes the engine's drop records, then `verdicts` (drops come first in time).
+fn write_verdicts(
+    out: &mut Output,
+    engine: &mut Engine,
+    verdicts: &[Verdict],
+) -> Result<(), OutputError> {
+    engine
+        .take_drops()
+        .iter()
+        .try_for_each(|d| out.write(&Record::Drop(d)))?;
     verdicts
         .iter()
         .try_for_each(|v| out.write(&Record::Verdict(v)))
@@ -99,7 +108,15 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             .any(|p| p.capability == Capability::Resets),
         ..EngineConfig::default()
     });
-    let decoder = Decoder::new(tracer.reset_reasons.clone());
+    let kallsyms = Kallsyms::load(std::path::Path::new("/proc/kallsyms")).unwrap_or_else(|e| {
+        warn!("read /proc/kallsyms: {e}; drop locations are shown as addresses");
+        Kallsyms::default()
+    });
+    let decoder = Decoder::new(
+        tracer.reset_reasons.clone(),
+        tracer.drop_reasons.clone(),
+        kallsyms,
+    );
     // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped,
     // which happens only with the AsyncFd.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
@@ -117,11 +134,11 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 let mut guard = guard.map_err(RunError::Poll)?;
                 let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut decode_errors);
                 guard.clear_ready();
-                write_verdicts(&mut out, &verdicts)?;
+                write_verdicts(&mut out, &mut engine, &verdicts)?;
             }
             _ = tick.tick() => {
                 let verdicts = engine.tick(Clock::mono_now_ns());
-                write_verdicts(&mut out, &verdicts)?;
+                write_verdicts(&mut out, &mut engine, &verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
             }
             _ = sigint.recv() => { debug!("SIGINT"); break }
@@ -133,7 +150,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
     let open_at_exit = engine.tracked();
     verdicts.extend(engine.finish(Clock::mono_now_ns()));
-    write_verdicts(&mut out, &verdicts)?;
+    write_verdicts(&mut out, &mut engine, &verdicts)?;
     report_lost(&tracer, &mut out, &mut lost_seen)?;
     let now = Clock::mono_now_ns();
     out.write(&Record::Summary(Final {

@@ -421,3 +421,12 @@ pub fn verdicts_in(values: &[Value], netns: u64) -> Vec<Value> {
         .cloned()
         .collect()
 }
+
+/// `drop` records for namespace `netns`.
+pub fn drops_in(values: &[Value], netns: u64) -> Vec<Value> {
+    values
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["netns"] == netns)
+        .cloned()
+        .collect()
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, require_root, serve, verdicts_in};
+use conntrace_tests::{Conntrace, TwoHosts, connect, drops_in, require_root, serve, verdicts_in};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
@@ -282,7 +282,80 @@ fn dropped_syns_time_out_with_retransmits() {
     assert_eq!(v["sport"], 41003);
     assert!(
         verdicts_in(&values, hosts.server.inode()).is_empty(),
-        "the server never saw the SYN"
+        "no server connection ever existed"
+    );
+    // The server's kernel dropped every SYN in netfilter: one drop record per SYN.
+    let drops = drops_in(&values, hosts.server.inode());
+    let syns = v["syn_retransmits"].as_u64().expect("count") + 1;
+    assert_eq!(drops.len() as u64, syns, "{drops:?}");
+    for d in &drops {
+        assert_eq!(
+            (d["direction"].as_str(), d["kernel_reason"].as_str()),
+            (Some("in"), Some("NETFILTER_DROP"))
+        );
+        assert_eq!(d["tcp_flags"], "SYN");
+        assert_eq!(
+            (d["saddr"].as_str(), d["sport"].as_u64()),
+            (Some(hosts.server_ip.as_str()), Some(3306))
+        );
+        assert_eq!(
+            (d["daddr"].as_str(), d["dport"].as_u64()),
+            (Some(hosts.client_ip.as_str()), Some(41003))
+        );
+        assert!(d["location"].as_str().is_some_and(|l| !l.is_empty()), "{d}");
+    }
+    assert_eq!(
+        values.last().expect("summary")["drops_by_reason"]["NETFILTER_DROP"],
+        syns
+    );
+}
+
+#[test]
+fn client_output_drop_is_seen_with_the_connecting_process() {
+    require_root();
+    let hosts = TwoHosts::new();
+    hosts.client.exec(&[
+        "iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
+    ]);
+    hosts
+        .client
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--sport", "41007", "--timeout-ms", "20000"],
+    );
+    let client_pid = client.pid();
+    let results = client.json_lines(Duration::from_secs(30));
+    assert_eq!(
+        results[0]["errno"], 110,
+        "the client sees only a timeout: {results:?}"
+    );
+    ct.wait_for(Duration::from_secs(2), |l| {
+        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
+    });
+    let values = ct.stop();
+    let drops = drops_in(&values, hosts.client.inode());
+    assert!(!drops.is_empty());
+    for d in &drops {
+        assert_eq!(
+            (d["direction"].as_str(), d["kernel_reason"].as_str()),
+            (Some("out"), Some("NETFILTER_DROP"))
+        );
+        assert_eq!(
+            (d["sport"].as_u64(), d["dport"].as_u64()),
+            (Some(41007), Some(3306))
+        );
+        assert_eq!(
+            (d["pid"].as_u64(), d["comm"].as_str()),
+            (Some(u64::from(client_pid)), Some("ct-client"))
+        );
+    }
+    assert!(
+        drops_in(&values, hosts.server.inode()).is_empty(),
+        "nothing reached the server"
     );
 }
 

@@ -252,3 +252,71 @@ pub(super) fn refused_without_socket(
         detail,
     })
 }
+
+/// `SYN`, `ACK|FIN`, ... for a TCP flags byte.
+pub(super) fn tcp_flag_names(flags: u8) -> String {
+    const NAMES: [(u8, &str); 8] = [
+        (0x02, "SYN"),
+        (0x10, "ACK"),
+        (0x01, "FIN"),
+        (0x04, "RST"),
+        (0x08, "PSH"),
+        (0x20, "URG"),
+        (0x40, "ECE"),
+        (0x80, "CWR"),
+    ];
+    let names: Vec<&str> = NAMES
+        .iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| *n)
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join("|")
+    }
+}
+
+/// A dropped packet as this host sees it: `s` is this host's end.
+pub(super) fn drop_record(
+    meta: &Meta,
+    packet: FourTuple,
+    outgoing: bool,
+    proc: Option<super::model::Proc>,
+    reason: String,
+    location: String,
+    tcp_flags: u8,
+) -> super::verdict::DropRecord {
+    use super::verdict::{Direction, DropRecord};
+    let (direction, saddr, sport, daddr, dport) = if outgoing {
+        (
+            Direction::Out,
+            packet.saddr,
+            packet.sport,
+            packet.daddr,
+            packet.dport,
+        )
+    } else {
+        (
+            Direction::In,
+            packet.daddr,
+            packet.dport,
+            packet.saddr,
+            packet.sport,
+        )
+    };
+    DropRecord {
+        ts_ns: meta.ts_ns,
+        netns: meta.netns,
+        direction,
+        saddr,
+        sport,
+        daddr,
+        dport,
+        kernel_reason: reason,
+        location,
+        tcp_flags: tcp_flag_names(tcp_flags),
+        pid: proc.as_ref().map(|p| p.pid),
+        comm: proc.map(|p| p.comm),
+    }
+}

@@ -109,6 +109,8 @@ pub struct Engine {
     /// Sockets decided recently: a late `connect()` result for the same socket, destination and
     /// process is not a new failure (the address alone may already belong to a new socket).
     recently_decided: HashMap<u64, Decided>,
+    /// Drop records not yet taken by the caller.
+    drops: Vec<verdict::DropRecord>,
     summary: Summary,
 }
 
@@ -134,8 +136,14 @@ impl Engine {
             by_tuple: HashMap::new(),
             orphan_errors: HashMap::new(),
             recently_decided: HashMap::new(),
+            drops: Vec::new(),
             summary: Summary::default(),
         }
+    }
+
+    /// Drop records produced since the last call.
+    pub fn take_drops(&mut self) -> Vec<verdict::DropRecord> {
+        std::mem::take(&mut self.drops)
     }
 
     pub fn summary(&self) -> &Summary {
@@ -349,6 +357,39 @@ impl Engine {
                 if let Some(v) = verdict {
                     self.emit(out, v);
                 }
+            }
+            KernelEvent::Dropped {
+                meta,
+                sk,
+                rx_sk,
+                packet,
+                reason,
+                location,
+                tcp_flags,
+            } => {
+                // The packet is outgoing when a local socket sent it: its source is that
+                // socket's own end. Incoming packets can carry a socket too (early demux).
+                let owner = self.conn_mut(sk).map(|c| (c.tuple.sport, c.proc.clone()));
+                let outgoing = sk != 0
+                    && rx_sk == 0
+                    && owner
+                        .as_ref()
+                        .is_none_or(|(sport, _)| *sport == packet.sport || *sport == 0);
+                // Retransmissions are sent from timers: name the owning connection's process,
+                // not whatever task was current.
+                let proc = if outgoing {
+                    owner.and_then(|(_, p)| p)
+                } else {
+                    None
+                };
+                *self
+                    .summary
+                    .drops_by_reason
+                    .entry(reason.clone())
+                    .or_default() += 1;
+                self.drops.push(decide::drop_record(
+                    &meta, packet, outgoing, proc, reason, location, tcp_flags,
+                ));
             }
             KernelEvent::ConnectFailed {
                 meta,

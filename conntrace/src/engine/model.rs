@@ -128,6 +128,18 @@ pub enum KernelEvent {
         sk: u64,
         fd: i64,
     },
+    /// The kernel dropped a TCP packet of a traced port (`skb:kfree_skb`). `packet` is the
+    /// packet's own tuple (s = its source).
+    Dropped {
+        meta: Meta,
+        /// `skb->sk` and the tracepoint's `rx_sk`; 0 when none.
+        sk: u64,
+        rx_sk: u64,
+        packet: FourTuple,
+        reason: String,
+        location: String,
+        tcp_flags: u8,
+    },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
     ConnectFailed {
         meta: Meta,

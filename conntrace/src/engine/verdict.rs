@@ -31,6 +31,38 @@ pub struct Verdict {
     pub detail: Map<String, Value>,
 }
 
+/// Which way a dropped packet was going, from this host's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Received (or being received) by this host.
+    In,
+    /// Sent by a local socket.
+    Out,
+}
+
+/// A packet the kernel dropped on a traced port (`drop` record).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DropRecord {
+    pub ts_ns: u64,
+    pub netns: u32,
+    pub direction: Direction,
+    /// `s` = this host's end, as in verdicts.
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    /// The kernel's drop reason (`enum skb_drop_reason` name).
+    pub kernel_reason: String,
+    /// Where the kernel dropped it (`symbol+offset`).
+    pub location: String,
+    /// TCP flags of the dropped segment, e.g. `SYN`, `ACK|FIN`.
+    pub tcp_flags: String,
+    /// The sending process, for outgoing packets dropped in its context.
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
 /// Counts over a run.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
@@ -45,6 +77,8 @@ pub struct Summary {
     /// Resets this host sent, without a socket, to segments other than a SYN (late or stray
     /// packets of connections already gone): not refusals, only counted.
     pub stray_resets: u64,
+    /// Dropped packets on traced ports, by kernel drop reason.
+    pub drops_by_reason: BTreeMap<String, u64>,
 }
 
 impl Summary {

@@ -20,6 +20,8 @@ pub enum Capability {
     ConnectProcess,
     /// The accepting process.
     AcceptProcess,
+    /// Packets the kernel dropped, with its drop reason (`kfree_skb` with a reason: 5.17+).
+    Drops,
 }
 
 /// How a program attaches.
@@ -80,64 +82,20 @@ const fn tp(
 
 /// Every attach rule. fentry/kprobe rows for `tcp_connect`, `inet_csk_accept` and the SYN-cookie
 /// paths join this table with a lower priority number where a kernel allows them.
+#[rustfmt::skip]
 pub const RULES: &[AttachRule] = &[
-    tp(
-        Capability::Lifecycle,
-        "inet_sock_set_state",
-        "sock",
-        (4, 16),
-        true,
-    ),
-    tp(
-        Capability::SocketError,
-        "inet_sk_error_report",
-        "sock",
-        (5, 14),
-        false,
-    ),
-    tp(
-        Capability::Resets,
-        "tcp_receive_reset",
-        "tcp",
-        (4, 15),
-        false,
-    ),
-    tp(Capability::Resets, "tcp_send_reset", "tcp", (4, 15), false),
-    tp(
-        Capability::SynRetransmits,
-        "tcp_retransmit_skb",
-        "tcp",
-        (4, 15),
-        false,
-    ),
-    tp(
-        Capability::ConnectProcess,
-        "sys_enter_connect",
-        "syscalls",
-        (4, 7),
-        false,
-    ),
-    tp(
-        Capability::ConnectProcess,
-        "sys_exit_connect",
-        "syscalls",
-        (4, 7),
-        false,
-    ),
-    tp(
-        Capability::AcceptProcess,
-        "sys_exit_accept4",
-        "syscalls",
-        (4, 7),
-        false,
-    ),
-    tp(
-        Capability::AcceptProcess,
-        "sys_exit_accept",
-        "syscalls",
-        (4, 7),
-        false,
-    ),
+    //  capability                      program                  category    min kernel  required
+    tp(Capability::Lifecycle,       "inet_sock_set_state",  "sock",     (4, 16),    true),
+    tp(Capability::SocketError,     "inet_sk_error_report", "sock",     (5, 14),    false),
+    tp(Capability::Resets,          "tcp_receive_reset",    "tcp",      (4, 15),    false),
+    tp(Capability::Resets,          "tcp_send_reset",       "tcp",      (4, 15),    false),
+    tp(Capability::SynRetransmits,  "tcp_retransmit_skb",   "tcp",      (4, 15),    false),
+    tp(Capability::ConnectProcess,  "sys_enter_connect",    "syscalls", (4, 7),     false),
+    tp(Capability::ConnectProcess,  "sys_exit_connect",     "syscalls", (4, 7),     false),
+    tp(Capability::AcceptProcess,   "sys_exit_accept4",     "syscalls", (4, 7),     false),
+    tp(Capability::AcceptProcess,   "sys_exit_accept",      "syscalls", (4, 7),     false),
+    // The drop reason argument exists since 5.17.
+    tp(Capability::Drops,           "kfree_skb",            "skb",      (5, 17),    false),
 ];
 
 impl AttachRule {
@@ -188,7 +146,13 @@ mod tests {
                 Capability::SynRetransmits,
                 Capability::ConnectProcess,
                 Capability::AcceptProcess,
+                Capability::Drops,
             ] {
+                if cap == Capability::Drops && kernel < (5, 17) {
+                    // kfree_skb has no drop reason before 5.17: the capability degrades.
+                    assert!(p.iter().all(|r| r.capability != cap), "{kernel:?}");
+                    continue;
+                }
                 assert!(
                     p.iter()
                         .any(|r| r.capability == cap && matches!(r.hook, Hook::TracePoint { .. })),

@@ -128,6 +128,8 @@ impl KernelBtf {
             socket_sk: off("socket", &["sk"]),
             skb_head: off("sk_buff", &["head"]),
             skb_transport_header: off("sk_buff", &["transport_header"]),
+            skb_network_header: off("sk_buff", &["network_header"]),
+            skb_sk: off("sk_buff", &["sk"]),
         }
     }
 
@@ -169,6 +171,8 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("socket.sk", o.socket_sk),
         ("sk_buff.head", o.skb_head),
         ("sk_buff.transport_header", o.skb_transport_header),
+        ("sk_buff.network_header", o.skb_network_header),
+        ("sk_buff.sk", o.skb_sk),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

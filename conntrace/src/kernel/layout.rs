@@ -85,6 +85,8 @@ pub fn tracepoint_layout(fields: &HashMap<String, Field>) -> TracepointLayout {
     l.state = offset(fields, "state");
     l.error = offset(fields, "error");
     l.reason = offset(fields, "reason");
+    l.location = offset(fields, "location");
+    l.rx_sk = offset(fields, "rx_sk");
     let t = &mut l.tuple;
     t.family = offset(fields, "family");
     t.sport = offset(fields, "sport");

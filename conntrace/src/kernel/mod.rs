@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod btf;
+pub mod kallsyms;
 pub mod layout;
 
 use std::{collections::BTreeMap, path::Path};
@@ -84,6 +85,8 @@ pub struct Tracer {
     pub unavailable: Vec<Unavailable>,
     /// `enum sk_rst_reason` names of this kernel (empty before 6.10).
     pub reset_reasons: BTreeMap<u32, String>,
+    /// `enum skb_drop_reason` names of this kernel (their numbers differ between kernels).
+    pub drop_reasons: BTreeMap<u32, String>,
     pub missing_offsets: Vec<&'static str>,
 }
 
@@ -143,6 +146,7 @@ impl Tracer {
             receive_reset: optional_layout(&root, "tcp", "tcp_receive_reset")?,
             send_reset: optional_layout(&root, "tcp", "tcp_send_reset")?,
             retransmit: optional_layout(&root, "tcp", "tcp_retransmit_skb")?,
+            kfree_skb: optional_layout(&root, "skb", "kfree_skb")?,
             syscalls: layout::syscall_layout(&root)?,
             offsets,
             flags: if opts.ports.is_empty() {
@@ -184,6 +188,7 @@ impl Tracer {
             active,
             unavailable,
             reset_reasons: btf.enum_names("sk_rst_reason", "SK_RST_REASON_"),
+            drop_reasons: btf.enum_names("skb_drop_reason", "SKB_DROP_REASON_"),
             missing_offsets,
         };
         Ok((tracer, events))

@@ -73,6 +73,21 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
             )
         }
         Record::Verdict(v) => verdict(v, clock),
+        Record::Drop(d) => format!(
+            "{} drop   {:<11} {} {} {} netns:{} ({} at {})",
+            clock.rfc3339(d.ts_ns),
+            d.kernel_reason,
+            endpoint(Some(d.saddr), Some(d.sport)),
+            if d.direction == crate::engine::verdict::Direction::In {
+                "<-"
+            } else {
+                "->"
+            },
+            endpoint(Some(d.daddr), Some(d.dport)),
+            d.netns,
+            d.tcp_flags,
+            d.location,
+        ),
         Record::Lost { total, new, ts_ns } => {
             format!(
                 "{} LOST {new} kernel events (total {total}): verdicts may be missing; raise --ring-buffer-bytes",

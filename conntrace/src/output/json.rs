@@ -39,6 +39,21 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
             v
         }
         Record::Verdict(v) => verdict(v, clock),
+        Record::Drop(d) => json!({
+            "event": "drop",
+            "ts": clock.rfc3339(d.ts_ns),
+            "direction": d.direction,
+            "kernel_reason": d.kernel_reason,
+            "location": d.location,
+            "tcp_flags": d.tcp_flags,
+            "saddr": d.saddr.to_string(),
+            "sport": d.sport,
+            "daddr": d.daddr.to_string(),
+            "dport": d.dport,
+            "netns": d.netns,
+            "pid": d.pid,
+            "comm": d.comm,
+        }),
         Record::Lost { total, new, ts_ns } => {
             json!({ "event": "lost", "ts": clock.rfc3339(*ts_ns), "count": total, "new": new })
         }
@@ -69,6 +84,7 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 "decode_errors": f.decode_errors,
                 "unmatched_errors": f.summary.unmatched_errors,
                 "stray_resets": f.summary.stray_resets,
+                "drops_by_reason": f.summary.drops_by_reason,
             })
         }
     };

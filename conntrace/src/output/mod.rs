@@ -13,7 +13,7 @@ use std::{
 use serde::Serialize;
 
 use crate::{
-    engine::verdict::{Summary, Verdict},
+    engine::verdict::{DropRecord, Summary, Verdict},
     kernel::{ActiveProgram, Unavailable},
 };
 
@@ -48,6 +48,7 @@ pub struct Final<'a> {
 pub enum Record<'a> {
     Ready(&'a Ready),
     Verdict(&'a Verdict),
+    Drop(&'a DropRecord),
     Lost { total: u64, new: u64, ts_ns: u64 },
     Summary(Final<'a>),
 }

@@ -568,5 +568,7 @@ fn summary_counts_match_verdicts() {
     assert_eq!(totals(&e), (n, 0, 0, 0));
 }
 
+/// Dropped packets.
+mod drops;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
