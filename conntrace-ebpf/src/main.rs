@@ -526,14 +526,19 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     } else {
         kread(skb + o.skb_sk as u64)
     };
-    let netns = match netns_of_skb(o, skb) {
-        0 => netns_of_sock(o, sk),
-        n => n,
-    };
+    let rx_sk: u64 = field(&ctx, l.rx_sk);
+    // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
+    let mut netns = netns_of_skb(o, skb);
+    if netns == 0 {
+        netns = netns_of_sock(o, sk);
+    }
+    if netns == 0 {
+        netns = netns_of_sock(o, rx_sk);
+    }
     emit(PacketDrop {
         header: header(EventKind::Drop, size_of::<PacketDrop>(), netns),
         sk,
-        rx_sk: field(&ctx, l.rx_sk),
+        rx_sk,
         location: field(&ctx, l.location),
         tuple,
         reason: field(&ctx, l.reason),
