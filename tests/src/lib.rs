@@ -341,6 +341,14 @@ impl Conntrace {
         }
     }
 
+    /// Waits (2 s at most) for a verdict in namespace `netns`, then stops conntrace.
+    pub fn stop_after_verdict_in(self, netns: u64) -> Vec<Value> {
+        self.wait_for(Duration::from_secs(2), |l| {
+            l.value["event"] == "verdict" && l.value["netns"] == netns
+        });
+        self.stop()
+    }
+
     pub fn dump(&self) -> String {
         self.lines
             .lock()
@@ -429,4 +437,15 @@ pub fn drops_in(values: &[Value], netns: u64) -> Vec<Value> {
         .filter(|v| v["event"] == "drop" && v["netns"] == netns)
         .cloned()
         .collect()
+}
+
+/// The one verdict reported for namespace `netns`; panics unless there is exactly one.
+pub fn only_verdict_in(values: &[Value], netns: u64) -> Value {
+    let verdicts = verdicts_in(values, netns);
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "want exactly one verdict in netns {netns}: {verdicts:?}"
+    );
+    verdicts.into_iter().next().expect("one verdict")
 }

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, drops_in, require_root, serve, verdicts_in};
+use conntrace_tests::{
+    Conntrace, TwoHosts, connect, drops_in, only_verdict_in, require_root, serve, verdicts_in,
+};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
@@ -112,9 +114,7 @@ fn nothing_listening_is_refused_on_both_sides() {
     });
     let values = ct.stop();
 
-    let cli = verdicts_in(&values, hosts.client.inode());
-    assert_eq!(cli.len(), 1, "{cli:?}");
-    let v = &cli[0];
+    let v = &only_verdict_in(&values, hosts.client.inode());
     assert_eq!(
         (v["side"].as_str(), v["outcome"].as_str()),
         (Some("client"), Some("failed"))
@@ -245,35 +245,61 @@ fn failure_verdict_arrives_within_one_second() {
     ct.stop();
 }
 
-#[test]
-fn dropped_syns_time_out_with_retransmits() {
-    require_root();
+enum Host {
+    Client,
+    Server,
+}
+
+/// What one connection through a firewall rule left behind.
+struct FirewalledRun {
+    hosts: TwoHosts,
+    values: Vec<Value>,
+    client_pid: u32,
+}
+
+/// Adds `iptables -A CHAIN -p tcp --dport 3306 -j DROP` on one host, sets the client's
+/// `tcp_syn_retries` to 1 (about 3 s to ETIMEDOUT), makes one connection from `sport` under
+/// conntrace, and checks the client saw only a timeout.
+fn connect_through_rule(on: Host, chain: &[&str], sport: u16) -> FirewalledRun {
     let hosts = TwoHosts::new();
-    hosts.server.exec(&[
-        "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
-    ]);
+    let ns = match on {
+        Host::Client => &hosts.client,
+        Host::Server => &hosts.server,
+    };
+    let mut rule = vec!["iptables", "-A"];
+    rule.extend_from_slice(chain);
+    rule.extend_from_slice(&["-p", "tcp", "--dport", "3306", "-j", "DROP"]);
+    ns.exec(&rule);
     hosts
         .client
         .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
     let ct = Conntrace::start(&["--port", "3306"]);
+    let sport = sport.to_string();
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
         PORT,
-        &["--sport", "41003", "--timeout-ms", "20000"],
+        &["--sport", &sport, "--timeout-ms", "20000"],
     );
+    let client_pid = client.pid();
     let results = client.json_lines(Duration::from_secs(30));
     assert_eq!(
         results[0]["errno"], 110,
-        "client should see ETIMEDOUT: {results:?}"
+        "the client should see only ETIMEDOUT: {results:?}"
     );
-    ct.wait_for(Duration::from_secs(2), |l| {
-        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
-    });
-    let values = ct.stop();
-    let cli = verdicts_in(&values, hosts.client.inode());
-    assert_eq!(cli.len(), 1, "{cli:?}");
-    let v = &cli[0];
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    FirewalledRun {
+        hosts,
+        values,
+        client_pid,
+    }
+}
+
+#[test]
+fn dropped_syns_time_out_with_retransmits() {
+    require_root();
+    let FirewalledRun { hosts, values, .. } = connect_through_rule(Host::Server, &["INPUT"], 41003);
+    let v = &only_verdict_in(&values, hosts.client.inode());
     assert_eq!(v["reason"], "syn_timeout");
     assert_eq!(v["errno"], "ETIMEDOUT");
     assert_eq!(v["detail"]["cause"], "kernel_gave_up");
@@ -313,30 +339,11 @@ fn dropped_syns_time_out_with_retransmits() {
 #[test]
 fn client_output_drop_is_seen_with_the_connecting_process() {
     require_root();
-    let hosts = TwoHosts::new();
-    hosts.client.exec(&[
-        "iptables", "-A", "OUTPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
-    ]);
-    hosts
-        .client
-        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
-    let ct = Conntrace::start(&["--port", "3306"]);
-    let client = connect(
-        &hosts.client,
-        &hosts.server_ip,
-        PORT,
-        &["--sport", "41007", "--timeout-ms", "20000"],
-    );
-    let client_pid = client.pid();
-    let results = client.json_lines(Duration::from_secs(30));
-    assert_eq!(
-        results[0]["errno"], 110,
-        "the client sees only a timeout: {results:?}"
-    );
-    ct.wait_for(Duration::from_secs(2), |l| {
-        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
-    });
-    let values = ct.stop();
+    let FirewalledRun {
+        hosts,
+        values,
+        client_pid,
+    } = connect_through_rule(Host::Client, &["OUTPUT"], 41007);
     let drops = drops_in(&values, hosts.client.inode());
     assert!(!drops.is_empty());
     for d in &drops {
@@ -372,13 +379,8 @@ fn no_route_is_reported_without_packets() {
         results[0]["errno"], 101,
         "client should see ENETUNREACH: {results:?}"
     );
-    ct.wait_for(Duration::from_secs(2), |l| {
-        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
-    });
-    let values = ct.stop();
-    let cli = verdicts_in(&values, hosts.client.inode());
-    assert_eq!(cli.len(), 1, "{cli:?}");
-    let v = &cli[0];
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    let v = &only_verdict_in(&values, hosts.client.inode());
     assert_eq!(
         (v["reason"].as_str(), v["errno"].as_str()),
         (Some("no_route"), Some("ENETUNREACH"))
@@ -415,13 +417,8 @@ fn server_abort_is_reset_by_peer() {
         results[0]["errno"], 104,
         "client should see ECONNRESET: {results:?}"
     );
-    ct.wait_for(Duration::from_secs(2), |l| {
-        l.value["event"] == "verdict" && l.value["netns"] == hosts.client.inode()
-    });
-    let values = ct.stop();
-    let cli = verdicts_in(&values, hosts.client.inode());
-    assert_eq!(cli.len(), 1, "{cli:?}");
-    let v = &cli[0];
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    let v = &only_verdict_in(&values, hosts.client.inode());
     assert_eq!(
         (v["side"].as_str(), v["reason"].as_str()),
         (Some("client"), Some("reset_by_peer"))
