@@ -105,6 +105,9 @@ pub struct Engine {
     by_sk: HashMap<u64, u64>,
     /// Full 4-tuple (local port known) → connection, for facts without a socket address.
     by_tuple: HashMap<FourTuple, u64>,
+    /// Connections that reached CLOSE and wait for their verdict (a short list: at most those
+    /// of the last grace period), so deciding them never walks the whole table.
+    closing: Vec<u64>,
     orphan_errors: HashMap<FourTuple, OrphanError>,
     /// Sockets decided recently: a late `connect()` result for the same socket, destination and
     /// process is not a new failure (the address alone may already belong to a new socket).
@@ -134,6 +137,7 @@ impl Engine {
             conns: BTreeMap::new(),
             by_sk: HashMap::new(),
             by_tuple: HashMap::new(),
+            closing: Vec::new(),
             orphan_errors: HashMap::new(),
             recently_decided: HashMap::new(),
             drops: Vec::new(),
@@ -492,6 +496,11 @@ impl Engine {
             {
                 c.errno.get_or_insert(orphan.errno);
             }
+            if let Some(&id) = self.by_sk.get(&sk)
+                && !self.closing.contains(&id)
+            {
+                self.closing.push(id);
+            }
             self.decide_ready(ts, out);
         }
     }
@@ -499,14 +508,17 @@ impl Engine {
     /// Decides closed connections whose facts are complete, or whose grace period ran out.
     fn decide_ready(&mut self, now_ns: u64, out: &mut Vec<Verdict>) {
         let grace = self.cfg.grace_ns;
+        let conns = &self.conns;
         let ready: Vec<u64> = self
-            .conns
+            .closing
             .iter()
-            .filter(|(_, c)| match c.closed {
-                Some((at, _)) => decide::facts_complete(c) || now_ns >= at + grace,
-                None => false,
+            .copied()
+            .filter(|id| {
+                conns.get(id).is_none_or(|c| match c.closed {
+                    Some((at, _)) => decide::facts_complete(c) || now_ns >= at + grace,
+                    None => true,
+                })
             })
-            .map(|(id, _)| *id)
             .collect();
         for id in ready {
             self.finalize(id, now_ns, out);
@@ -515,6 +527,7 @@ impl Engine {
 
     /// Removes a closed connection and emits its verdict, if it has one.
     fn finalize(&mut self, id: u64, now_ns: u64, out: &mut Vec<Verdict>) {
+        self.closing.retain(|&c| c != id);
         let Some(c) = self.conns.remove(&id) else {
             return;
         };
