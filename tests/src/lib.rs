@@ -42,6 +42,21 @@ pub fn require_root() {
     );
 }
 
+/// Waits for `child` to exit, panicking with `what` after `timeout` (bounded: no test hangs).
+pub fn wait_exit(child: &mut Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still running after {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
@@ -174,18 +189,8 @@ impl Proc {
 
     /// Waits for the process and returns its stdout lines parsed as JSON.
     pub fn json_lines(mut self, timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(_status) = self.child.try_wait().expect("wait") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process {} did not finish within {timeout:?}",
-                self.pid()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("process {}", self.pid());
+        wait_exit(&mut self.child, timeout, &what);
         let out = self
             .output
             .take()
@@ -364,17 +369,11 @@ impl Conntrace {
     pub fn stop(mut self) -> Vec<Value> {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait conntrace") {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "conntrace did not exit after SIGINT"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_exit(
+            &mut self.child,
+            Duration::from_secs(15),
+            "conntrace after SIGINT",
+        );
         assert!(status.success(), "conntrace exited with {status}");
         if let Some(r) = self.reader.take() {
             r.join().expect("reader thread");

@@ -3,10 +3,10 @@
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use conntrace_tests::{conntrace_bin, require_root};
+use conntrace_tests::{conntrace_bin, require_root, wait_exit};
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(conntrace_bin())
@@ -67,14 +67,11 @@ fn closed_pipe_is_a_normal_exit() {
         .read_line(&mut first)
         .expect("read");
     assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "conntrace did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(15),
+        "conntrace with a closed pipe",
+    );
     assert_eq!(
         status.code(),
         Some(0),
