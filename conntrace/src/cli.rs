@@ -36,6 +36,12 @@ pub struct Cli {
     #[arg(long)]
     pub all: bool,
 
+    /// Only this process should accept connections on the traced ports (e.g. mysqld);
+    /// repeatable and comma-separated. Any other acceptor gives an `unexpected_listener`
+    /// verdict. Compared by the kernel's comm: its first 15 bytes.
+    #[arg(long = "expect-comm", value_name = "NAME", value_delimiter = ',', value_parser = parse_comm)]
+    pub expect_comm: Vec<String>,
+
     /// Size of the kernel→userspace ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_buffer_bytes: u32,
@@ -51,6 +57,19 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
         Ok(p) => Err(format!("port {p} is out of range 1-65535")),
         Err(_) => Err(format!("`{s}` is not a port number (1-65535)")),
     }
+}
+
+/// A process name as the kernel stores it (`comm`, at most 15 bytes).
+pub fn parse_comm(s: &str) -> Result<String, String> {
+    let name = s.trim();
+    if name.is_empty() {
+        return Err("the process name is empty".into());
+    }
+    let mut end = name.len().min(15);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    Ok(name[..end].to_owned())
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -110,6 +129,23 @@ mod tests {
             .expect("parse");
         assert_eq!(cli.duration, Some(Duration::from_secs(2)));
         assert_eq!(cli.stall_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn expected_comms_are_kernel_comm_names() {
+        let cli = Cli::try_parse_from([
+            "conntrace",
+            "--expect-comm",
+            "mysqld,mariadbd",
+            "--expect-comm",
+            "a-very-long-process-name",
+        ])
+        .expect("parse");
+        assert_eq!(
+            cli.expect_comm,
+            vec!["mysqld", "mariadbd", "a-very-long-pro"]
+        );
+        assert!(Cli::try_parse_from(["conntrace", "--expect-comm", ""]).is_err());
     }
 
     #[test]

@@ -101,6 +101,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
 
     let mut engine = Engine::new(EngineConfig {
         report_established: cli.all,
+        expected_comms: cli.expect_comm.clone(),
         stall_timeout_ns: cli.stall_timeout.as_nanos() as u64,
         resets_observed: tracer
             .active

@@ -458,3 +458,67 @@ fn kernel_side_losses_are_counted_and_reported() {
         "the summary reports every loss"
     );
 }
+
+#[test]
+fn another_program_on_the_port_is_an_unexpected_listener() {
+    require_root();
+    let hosts = TwoHosts::new();
+    // The seed's story: something else (there, java) holds 3306 instead of mysqld.
+    let ct = Conntrace::start(&["--port", "3306", "--expect-comm", "mysqld"]);
+    let server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--accept", "1", "--greeting", "hi"],
+    );
+    let ok = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--sport", "41008", "--read"],
+    )
+    .json_lines(Duration::from_secs(10));
+    assert_eq!(ok[0]["ok"], true, "{ok:?}");
+    let values = ct.stop_after_verdict_in(hosts.server.inode());
+    let v = only_verdict_in(&values, hosts.server.inode());
+    assert_eq!(
+        (v["side"].as_str(), v["outcome"].as_str()),
+        (Some("server"), Some("failed"))
+    );
+    assert_eq!(v["reason"], "unexpected_listener");
+    assert_eq!(
+        (v["pid"].as_u64(), v["comm"].as_str()),
+        (Some(u64::from(server.pid())), Some("ct-server"))
+    );
+    assert_eq!(
+        (v["sport"].as_u64(), v["dport"].as_u64()),
+        (Some(3306), Some(41008))
+    );
+    assert_eq!(v["detail"]["expected_comm"], serde_json::json!(["mysqld"]));
+    assert!(
+        verdicts_in(&values, hosts.client.inode()).is_empty(),
+        "the client itself succeeded"
+    );
+
+    // The expected program accepting is no verdict at all without --all.
+    let ct = Conntrace::start(&["--port", "3306", "--expect-comm", "ct-server"]);
+    let _server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--accept", "1", "--greeting", "hi"],
+    );
+    connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--sport", "41009", "--read"],
+    )
+    .json_lines(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let values = ct.stop();
+    assert!(
+        verdicts_in(&values, hosts.server.inode()).is_empty(),
+        "{values:?}"
+    );
+}

@@ -67,6 +67,26 @@ pub(super) fn established(c: &Conn, ts_ns: u64) -> Verdict {
     v
 }
 
+/// What a connection that just became established-and-attributed reports: an
+/// `unexpected_listener` failure when a server connection was accepted by a process outside
+/// `--expect-comm`, else an `established` verdict with `--all`, else nothing.
+pub(super) fn on_established(c: &Conn, ts_ns: u64, cfg: &EngineConfig) -> Option<Verdict> {
+    if c.side == Side::Server
+        && !cfg.expected_comms.is_empty()
+        && let Some(p) = &c.proc
+        && !cfg.expected_comms.contains(&p.comm)
+    {
+        let mut v = established(c, ts_ns);
+        v.outcome = Outcome::Failed;
+        v.reason = Reason::UnexpectedListener;
+        v.kernel_reason = Some(format!("accepted by {}", p.comm));
+        v.detail
+            .insert("expected_comm".into(), json!(cfg.expected_comms));
+        return Some(v);
+    }
+    cfg.report_established.then(|| established(c, ts_ns))
+}
+
 /// Whether a closed connection can be decided without waiting for more events.
 pub(super) fn facts_complete(c: &Conn) -> bool {
     c.errno.is_some()

@@ -37,6 +37,9 @@ pub struct EngineConfig {
     /// Whether resets are observed (the reset tracepoints attached). Without them, ECONNREFUSED
     /// cannot be told apart from an ICMP port unreachable.
     pub resets_observed: bool,
+    /// `--expect-comm`: the only processes that should accept connections on the traced ports;
+    /// empty means any.
+    pub expected_comms: Vec<String>,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             max_connections: 65_536,
             idle_expiry_ns: 3_600_000_000_000,
             resets_observed: true,
+            expected_comms: Vec::new(),
         }
     }
 }
@@ -345,9 +349,9 @@ impl Engine {
                 }
             }
             KernelEvent::Accepted { meta, sk, .. } => {
-                let report = self.cfg.report_established;
                 let mut verdict = None;
-                if let Some(c) = self.conn_mut(sk) {
+                // Direct field access: the connection and the settings are borrowed together.
+                if let Some(c) = self.by_sk.get(&sk).and_then(|id| self.conns.get_mut(id)) {
                     c.proc = Some(meta.proc.clone());
                     c.accepted_ns = Some(meta.ts_ns);
                     c.last_ns = meta.ts_ns;
@@ -355,7 +359,7 @@ impl Engine {
                     // seen first; the verdict then waits for ESTABLISHED.
                     if c.side == Side::Server && !c.reported && c.established_ns.is_some() {
                         c.reported = true;
-                        verdict = report.then(|| decide::established(c, meta.ts_ns));
+                        verdict = decide::on_established(c, meta.ts_ns, &self.cfg);
                     }
                 }
                 if let Some(v) = verdict {
@@ -459,8 +463,9 @@ impl Engine {
             _ if !known => return,
             _ => {}
         }
-        let report = self.cfg.report_established;
-        let Some(c) = self.conn_mut(sk) else { return };
+        let Some(c) = self.by_sk.get(&sk).and_then(|id| self.conns.get_mut(id)) else {
+            return;
+        };
         c.last_ns = ts;
         if tuple.sport != 0 {
             c.tuple = tuple;
@@ -473,7 +478,7 @@ impl Engine {
                 // A client knows its process from connect(); a server waits for accept().
                 if (c.side == Side::Client || c.accepted_ns.is_some()) && !c.reported {
                     c.reported = true;
-                    verdict = report.then(|| decide::established(c, ts));
+                    verdict = decide::on_established(c, ts, &self.cfg);
                 }
             }
             TcpState::FinWait1 | TcpState::CloseWait | TcpState::LastAck | TcpState::Closing => {

@@ -174,6 +174,7 @@ pub enum Reason {
     IcmpUnreachable,
     ResetByPeer,
     Timeout,
+    UnexpectedListener,
     Unknown,
 }
 
@@ -187,6 +188,7 @@ impl Reason {
             Self::IcmpUnreachable => "icmp_unreachable",
             Self::ResetByPeer => "reset_by_peer",
             Self::Timeout => "timeout",
+            Self::UnexpectedListener => "unexpected_listener",
             Self::Unknown => "unknown",
         }
     }
@@ -206,6 +208,9 @@ impl Reason {
             }
             Self::IcmpUnreachable => {
                 "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path"
+            }
+            Self::UnexpectedListener => {
+                "a process outside --expect-comm accepted the connection: another program holds the port (ss -ltnp)"
             }
             Self::ResetByPeer => {
                 "the peer aborted an established connection (RST): check the server's logs and its idle/limit settings"

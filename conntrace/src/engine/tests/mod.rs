@@ -570,5 +570,7 @@ fn summary_counts_match_verdicts() {
 
 /// Dropped packets.
 mod drops;
+/// Who accepted the connection (`--expect-comm`).
+mod listeners;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
