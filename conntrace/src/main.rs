@@ -4,6 +4,7 @@ mod cli;
 mod decode;
 mod engine;
 mod kernel;
+mod listeners;
 mod output;
 mod run;
 

@@ -13,6 +13,7 @@ use crate::{
     decode::Decoder,
     engine::{Engine, EngineConfig, verdict::Verdict},
     kernel::{LoadError, Tracer, TracerOptions, attach::Capability, kallsyms::Kallsyms},
+    listeners::ListenerCache,
     output::{Clock, Final, Format, Output, OutputError, Ready, Record},
 };
 
@@ -56,6 +57,10 @@ fn write_verdicts(
 
 pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let started = Clock::mono_now_ns();
+    // Handle SIGINT/SIGTERM from the start: a signal right after `ready` must still end the
+    // run with its summary, not kill the process.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let mut ports = cli.ports.clone();
     ports.sort_unstable();
     ports.dedup();
@@ -108,7 +113,8 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             .iter()
             .any(|p| p.capability == Capability::Resets),
         ..EngineConfig::default()
-    });
+    })
+    .with_listener_lookup(Box::new(ListenerCache::default()));
     let kallsyms = Kallsyms::load(std::path::Path::new("/proc/kallsyms")).unwrap_or_else(|e| {
         warn!("read /proc/kallsyms: {e}; drop locations are shown as addresses");
         Kallsyms::default()
@@ -122,8 +128,6 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     // which happens only with the AsyncFd.
     let mut ring = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
         .map_err(|e| RunError::Poll(e.into()))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
     let deadline = tokio::time::sleep(cli.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(100));

@@ -78,3 +78,14 @@ fn closed_pipe_is_a_normal_exit() {
         "writing to a closed pipe must end the run quietly"
     );
 }
+
+#[test]
+fn sigint_right_after_ready_still_ends_with_a_summary() {
+    require_root();
+    for _ in 0..3 {
+        let ct = conntrace_tests::Conntrace::start(&["--port", "3306"]);
+        // stop() sends SIGINT at once and checks a clean exit and a final summary line.
+        let values = ct.stop();
+        assert_eq!(values.last().expect("lines")["event"], "summary");
+    }
+}

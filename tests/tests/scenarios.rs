@@ -522,3 +522,32 @@ fn another_program_on_the_port_is_an_unexpected_listener() {
         "{values:?}"
     );
 }
+
+#[test]
+fn listener_on_loopback_only_is_refused_bound_elsewhere() {
+    require_root();
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306"]);
+    // The seed's MySQL with bind-address = 127.0.0.1, reached at the LAN address.
+    let server = serve(&hosts.server, "127.0.0.1", PORT, &[]);
+    let refused = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41010"])
+        .json_lines(Duration::from_secs(10));
+    assert_eq!(refused[0]["errno"], 111, "{refused:?}");
+    let values = ct.stop_after_verdict_in(hosts.server.inode());
+    let v = only_verdict_in(&values, hosts.server.inode());
+    assert_eq!(
+        (v["side"].as_str(), v["reason"].as_str()),
+        (Some("server"), Some("refused_bound_elsewhere"))
+    );
+    assert_eq!(
+        (v["saddr"].as_str(), v["dport"].as_u64()),
+        (Some(hosts.server_ip.as_str()), Some(41010))
+    );
+    assert_eq!(
+        v["detail"]["listeners"],
+        serde_json::json!([{ "address": "127.0.0.1:3306", "pid": server.pid(), "comm": "ct-server" }])
+    );
+    // The client cannot know why: for it, nothing listened.
+    let c = only_verdict_in(&values, hosts.client.inode());
+    assert_eq!(c["reason"], "refused_no_listener");
+}

@@ -340,3 +340,25 @@ pub(super) fn drop_record(
         comm: proc.map(|p| p.comm),
     }
 }
+
+/// A server refusal (no socket matched the SYN) while sockets listen on the same port at other
+/// addresses: the service is bound elsewhere (the seed's MySQL on 127.0.0.1 only). A listener on
+/// the refused address itself or on a wildcard address would have matched; then the refusal has
+/// another cause and the verdict stays as it is.
+pub(super) fn bound_elsewhere(v: &mut Verdict, listeners: &[super::model::Listener]) {
+    if v.side != Side::Server || v.reason != Reason::RefusedNoListener || listeners.is_empty() {
+        return;
+    }
+    if listeners
+        .iter()
+        .any(|l| Some(l.addr.ip()) == v.saddr || l.addr.ip().is_unspecified())
+    {
+        return;
+    }
+    v.reason = Reason::RefusedBoundElsewhere;
+    let list: Vec<Value> = listeners
+        .iter()
+        .map(|l| json!({ "address": l.addr.to_string(), "pid": l.pid, "comm": l.comm }))
+        .collect();
+    v.detail.insert("listeners".into(), Value::Array(list));
+}

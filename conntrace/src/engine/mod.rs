@@ -101,8 +101,12 @@ struct OrphanError {
     errno: i32,
 }
 
+pub use self::model::{Listener, ListenerLookup};
+
 pub struct Engine {
     cfg: EngineConfig,
+    /// Look-up of listening sockets, for refusals; none: refusals are not looked into.
+    listeners: Option<Box<dyn ListenerLookup>>,
     next_id: u64,
     /// Ordered by creation: the first entry is the oldest.
     conns: BTreeMap<u64, Conn>,
@@ -137,6 +141,7 @@ impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
         Self {
             cfg,
+            listeners: None,
             next_id: 0,
             conns: BTreeMap::new(),
             by_sk: HashMap::new(),
@@ -147,6 +152,12 @@ impl Engine {
             drops: Vec::new(),
             summary: Summary::default(),
         }
+    }
+
+    /// Lets the engine ask which sockets listen on a port when this host refuses a SYN.
+    pub fn with_listener_lookup(mut self, lookup: Box<dyn ListenerLookup>) -> Self {
+        self.listeners = Some(lookup);
+        self
     }
 
     /// Drop records produced since the last call.
@@ -328,9 +339,13 @@ impl Engine {
                     if let Some(c) = self.conn_mut(sk) {
                         c.last_ns = meta.ts_ns;
                     }
-                } else if let Some(v) =
+                } else if let Some(mut v) =
                     decide::refused_without_socket(&meta, tuple, reason, answered_flags)
                 {
+                    if let Some(lookup) = self.listeners.as_mut() {
+                        let listeners = lookup.listening_on(meta.netns, tuple.sport);
+                        decide::bound_elsewhere(&mut v, &listeners);
+                    }
                     self.emit(out, v);
                 } else {
                     // A late or stray segment (an ACK, FIN or data for a socket already gone).

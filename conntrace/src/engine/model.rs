@@ -175,6 +175,7 @@ pub enum Reason {
     ResetByPeer,
     Timeout,
     UnexpectedListener,
+    RefusedBoundElsewhere,
     Unknown,
 }
 
@@ -189,6 +190,7 @@ impl Reason {
             Self::ResetByPeer => "reset_by_peer",
             Self::Timeout => "timeout",
             Self::UnexpectedListener => "unexpected_listener",
+            Self::RefusedBoundElsewhere => "refused_bound_elsewhere",
             Self::Unknown => "unknown",
         }
     }
@@ -209,6 +211,9 @@ impl Reason {
             Self::IcmpUnreachable => {
                 "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path"
             }
+            Self::RefusedBoundElsewhere => {
+                "the service listens on this port, but on another address: make it bind the address clients use (or 0.0.0.0)"
+            }
             Self::UnexpectedListener => {
                 "a process outside --expect-comm accepted the connection: another program holds the port (ss -ltnp)"
             }
@@ -223,4 +228,18 @@ impl Reason {
             }
         }
     }
+}
+
+/// A socket listening on a port, and the process holding it when known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: std::net::SocketAddr,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+/// Tells the engine which sockets listen on a port in a network namespace. The engine stays
+/// pure: the real look-up (/proc) is injected by the binary, tests inject a table.
+pub trait ListenerLookup {
+    fn listening_on(&mut self, netns: u32, port: u16) -> Vec<Listener>;
 }

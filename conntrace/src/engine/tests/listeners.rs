@@ -48,3 +48,50 @@ fn clients_are_not_judged_by_expect_comm() {
         ],
     ));
 }
+
+/// A fixed answer for every look-up.
+struct Table(Vec<Listener>);
+
+impl ListenerLookup for Table {
+    fn listening_on(&mut self, _netns: u32, _port: u16) -> Vec<Listener> {
+        self.0.clone()
+    }
+}
+
+fn listener(addr: &str, pid: u32, comm: &str) -> Listener {
+    Listener {
+        addr: addr.parse().expect("socket address"),
+        pid: Some(pid),
+        comm: Some(comm.into()),
+    }
+}
+
+/// The server's kernel answers a SYN to 10.77.0.1:3306 with a RST: no socket matched.
+fn refusal_with(listeners: Vec<Listener>) -> Verdict {
+    let mut e =
+        Engine::new(EngineConfig::default()).with_listener_lookup(Box::new(Table(listeners)));
+    one(e.handle(rst_sent_no_socket(MS)))
+}
+
+#[test]
+fn listener_on_another_address_is_refused_bound_elsewhere() {
+    let v = refusal_with(vec![listener("127.0.0.1:3306", 42, "mysqld")]);
+    check(&v, "server failed refused_bound_elsewhere -");
+    assert_eq!(
+        detail(&v, "listeners"),
+        serde_json::json!([{ "address": "127.0.0.1:3306", "pid": 42, "comm": "mysqld" }])
+    );
+}
+
+#[test]
+fn no_listener_or_a_matching_one_keeps_refused_no_listener() {
+    check(
+        &refusal_with(Vec::new()),
+        "server failed refused_no_listener -",
+    );
+    // A wildcard or same-address listener would have matched: the refusal has another cause.
+    for addr in ["0.0.0.0:3306", "[::]:3306", "10.77.0.1:3306"] {
+        let v = refusal_with(vec![listener(addr, 42, "mysqld")]);
+        check(&v, "server failed refused_no_listener -");
+    }
+}

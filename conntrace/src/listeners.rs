@@ -1,0 +1,102 @@
+//! Which sockets listen on a port in a network namespace, and which processes hold them,
+//! read from /proc (through `procfs`). Used to tell "nothing listens" from "something listens,
+//! but on another address" when the kernel refuses a SYN.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+    os::unix::fs::MetadataExt as _,
+    time::{Duration, Instant},
+};
+
+use procfs::{
+    net::TcpState,
+    process::{FDTarget, Process, all_processes},
+};
+
+use crate::engine::{Listener, ListenerLookup};
+
+/// How long a look-up is reused: refusals come in bursts (a client retrying, a SYN flood).
+const CACHE_FOR: Duration = Duration::from_secs(2);
+
+fn netns_of(p: &Process) -> Option<u64> {
+    std::fs::metadata(format!("/proc/{}/ns/net", p.pid()))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// Listening sockets on `port` in network namespace `netns`, with the processes holding them.
+/// Empty when no process of that namespace can be found or /proc cannot be read.
+pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
+    let Ok(procs) = all_processes() else {
+        return Vec::new();
+    };
+    let in_ns: Vec<Process> = procs
+        .filter_map(Result::ok)
+        .filter(|p| netns_of(p) == Some(u64::from(netns)))
+        .collect();
+    // /proc/PID/net/tcp{,6} show the sockets of PID's network namespace.
+    let Some(any) = in_ns.first() else {
+        return Vec::new();
+    };
+    let mut sockets: HashMap<u64, SocketAddr> = HashMap::new();
+    for table in [any.tcp(), any.tcp6()].into_iter().flatten() {
+        for e in table {
+            if e.state == TcpState::Listen && e.local_address.port() == port {
+                sockets.insert(e.inode, e.local_address);
+            }
+        }
+    }
+    if sockets.is_empty() {
+        return Vec::new();
+    }
+    let mut found: Vec<Listener> = Vec::new();
+    let mut seen = HashSet::new();
+    for p in &in_ns {
+        let Ok(fds) = p.fd() else { continue };
+        for fd in fds.filter_map(Result::ok) {
+            if let FDTarget::Socket(inode) = fd.target
+                && let Some(addr) = sockets.get(&inode)
+                && seen.insert((inode, p.pid()))
+            {
+                let comm = p.stat().ok().map(|s| s.comm);
+                found.push(Listener {
+                    addr: *addr,
+                    pid: Some(p.pid() as u32),
+                    comm,
+                });
+            }
+        }
+    }
+    // Sockets no process holds (or we could not see) are listed without one.
+    for (inode, addr) in &sockets {
+        if !seen.iter().any(|(i, _)| i == inode) {
+            found.push(Listener {
+                addr: *addr,
+                pid: None,
+                comm: None,
+            });
+        }
+    }
+    found.sort_by_key(|l| (l.addr, l.pid));
+    found
+}
+
+/// [`listening_on`] with a short cache per (netns, port).
+#[derive(Default)]
+pub struct ListenerCache {
+    entries: HashMap<(u32, u16), (Instant, Vec<Listener>)>,
+}
+
+impl ListenerLookup for ListenerCache {
+    fn listening_on(&mut self, netns: u32, port: u16) -> Vec<Listener> {
+        let now = Instant::now();
+        self.entries
+            .retain(|_, (at, _)| now.duration_since(*at) < CACHE_FOR);
+        self.entries
+            .entry((netns, port))
+            .or_insert_with(|| (now, listening_on(netns, port)))
+            .1
+            .clone()
+    }
+}
