@@ -88,7 +88,7 @@ fn main() -> ExitCode {
     let missing = missing_caps();
     if !missing.is_empty() {
         eprintln!(
-            "conntrace: missing privileges: run as root, or grant {} (see README, \"Requirements\")",
+            "conntrace: missing privileges: run as root (it needs {} and read access to tracefs; see README, \"Requirements\")",
             missing.join(", ")
         );
         return ExitCode::from(exit::PRIVILEGES);
