@@ -228,15 +228,19 @@ pub fn ctpeer() -> PathBuf {
     path
 }
 
-/// Starts `ctpeer serve` in `ns` and waits until it listens.
-pub fn serve(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
-    let mut child = ns
-        .command(ctpeer().to_str().expect("utf-8 path"))
-        .args(["serve", addr, &port.to_string()])
+/// Spawns `ctpeer MODE ADDR PORT EXTRA...` in `ns`, stdout piped.
+fn spawn_ctpeer(ns: &Netns, mode: &str, addr: &str, port: u16, extra: &[&str]) -> Child {
+    ns.command(ctpeer().to_str().expect("utf-8 path"))
+        .args([mode, addr, &port.to_string()])
         .args(extra)
         .stdout(Stdio::piped())
         .spawn()
-        .expect("spawn ctpeer serve");
+        .unwrap_or_else(|e| panic!("spawn ctpeer {mode}: {e}"))
+}
+
+/// Starts `ctpeer serve` in `ns` and waits until it listens.
+pub fn serve(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
+    let mut child = spawn_ctpeer(ns, "serve", addr, port, extra);
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().expect("stdout"))
         .read_line(&mut line)
@@ -250,13 +254,7 @@ pub fn serve(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
 
 /// Starts `ctpeer connect` in `ns`; read its results with [`Proc::json_lines`].
 pub fn connect(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
-    let mut child = ns
-        .command(ctpeer().to_str().expect("utf-8 path"))
-        .args(["connect", addr, &port.to_string()])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn ctpeer connect");
+    let mut child = spawn_ctpeer(ns, "connect", addr, port, extra);
     let mut stdout = child.stdout.take().expect("stdout");
     let output = std::thread::spawn(move || {
         let mut out = String::new();

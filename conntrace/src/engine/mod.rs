@@ -186,7 +186,7 @@ impl Engine {
                 break;
             };
             self.unindex(oldest, &c);
-            self.forget(c, out);
+            self.forget(c);
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -206,7 +206,7 @@ impl Engine {
             self.finalize(old, now_ns, out);
         } else if let Some(c) = self.conns.remove(&old) {
             self.unindex(old, &c);
-            self.forget(c, out);
+            self.forget(c);
         }
     }
 
@@ -230,7 +230,7 @@ impl Engine {
     }
 
     /// Drops a connection without a terminal event; counts it if it never got a verdict.
-    fn forget(&mut self, c: Conn, _out: &mut Vec<Verdict>) {
+    fn forget(&mut self, c: Conn) {
         if !c.reported && c.established_ns.is_none() {
             self.summary.expired_unresolved += 1;
         }
@@ -526,7 +526,7 @@ impl Engine {
         for id in stale {
             if let Some(c) = self.conns.remove(&id) {
                 self.unindex(id, &c);
-                self.forget(c, &mut out);
+                self.forget(c);
             }
         }
         let keep = 10 * grace_or(self.cfg.grace_ns);
@@ -556,7 +556,7 @@ impl Engine {
                 let v = decide::established(&c, now_ns);
                 self.emit(&mut out, v);
             }
-            self.forget(c, &mut out);
+            self.forget(c);
         }
         out
     }

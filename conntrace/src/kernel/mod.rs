@@ -165,22 +165,8 @@ impl Tracer {
         write_config(&mut ebpf, &config, &opts.ports)?;
 
         let (active, unavailable) = attach_all(&mut ebpf, version)?;
-        let events = RingBuf::try_from(
-            ebpf.take_map(maps::EVENTS)
-                .ok_or(LoadError::MissingMap(maps::EVENTS))?,
-        )
-        .map_err(|source| LoadError::Map {
-            name: maps::EVENTS,
-            source,
-        })?;
-        let lost = PerCpuArray::try_from(
-            ebpf.take_map(maps::LOST)
-                .ok_or(LoadError::MissingMap(maps::LOST))?,
-        )
-        .map_err(|source| LoadError::Map {
-            name: maps::LOST,
-            source,
-        })?;
+        let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
+        let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
         let tracer = Self {
             _ebpf: ebpf,
             lost,
@@ -200,31 +186,32 @@ impl Tracer {
     }
 }
 
+/// Wraps a map error with the map's name.
+fn map_error(name: &'static str) -> impl Fn(aya::maps::MapError) -> LoadError {
+    move |source| LoadError::Map { name, source }
+}
+
+/// Takes map `name` out of the object, typed.
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, LoadError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    T::try_from(map).map_err(map_error(name))
+}
+
 fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &[u16]) -> Result<(), LoadError> {
     let map = ebpf
         .map_mut(maps::CONFIG)
         .ok_or(LoadError::MissingMap(maps::CONFIG))?;
-    let mut array: Array<_, Config> = Array::try_from(map).map_err(|source| LoadError::Map {
-        name: maps::CONFIG,
-        source,
-    })?;
-    array.set(0, config, 0).map_err(|source| LoadError::Map {
-        name: maps::CONFIG,
-        source,
-    })?;
+    let mut array: Array<_, Config> = Array::try_from(map).map_err(map_error(maps::CONFIG))?;
+    array.set(0, config, 0).map_err(map_error(maps::CONFIG))?;
     let map = ebpf
         .map_mut(maps::PORTS)
         .ok_or(LoadError::MissingMap(maps::PORTS))?;
-    let mut hash: HashMap<_, u16, u8> =
-        HashMap::try_from(map).map_err(|source| LoadError::Map {
-            name: maps::PORTS,
-            source,
-        })?;
+    let mut hash: HashMap<_, u16, u8> = HashMap::try_from(map).map_err(map_error(maps::PORTS))?;
     for port in ports {
-        hash.insert(port, 1, 0).map_err(|source| LoadError::Map {
-            name: maps::PORTS,
-            source,
-        })?;
+        hash.insert(port, 1, 0).map_err(map_error(maps::PORTS))?;
     }
     Ok(())
 }
