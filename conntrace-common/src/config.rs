@@ -146,8 +146,13 @@ pub struct Config {
     pub syscalls: SyscallLayout,
     pub offsets: KernelOffsets,
     pub flags: u32,
-    pub _pad: u32,
+    /// `enum skb_drop_reason` value whose drops carry a kernel stack (NETFILTER_DROP: the stack
+    /// says which netfilter hook dropped the packet); [`NO_STACK_REASON`] for none.
+    pub stack_drop_reason: u32,
 }
+
+/// `Config::stack_drop_reason` when no drop should carry a stack.
+pub const NO_STACK_REASON: u32 = u32::MAX;
 
 user_pod!(
     TupleLayout,

@@ -180,7 +180,14 @@ pub struct PacketDrop {
     pub reason: u32,
     /// TCP flags byte of the dropped segment.
     pub tcp_flags: u32,
+    /// Return addresses of the kernel stack at the drop, innermost first, 0-padded; filled only
+    /// for the reason in `Config::stack_drop_reason` (netfilter drops: the hook's caller).
+    pub stack: [u64; DROP_STACK_DEPTH],
 }
+
+/// Kernel stack frames kept with a netfilter drop: enough to pass the tracing frames,
+/// `kfree_skb_reason` and `nf_hook_slow` up to the hook's caller (`ip_local_deliver`, ...).
+pub const DROP_STACK_DEPTH: usize = 16;
 
 user_pod!(
     EventHeader,
@@ -411,6 +418,7 @@ mod tests {
             tuple: tuple(),
             reason: 6,
             tcp_flags: 0x02,
+            stack: [0xffff_ffff_8100_0010; DROP_STACK_DEPTH],
         };
         assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));
     }

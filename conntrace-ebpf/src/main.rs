@@ -7,9 +7,10 @@
 #![no_main]
 
 use aya_ebpf::{
+    EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
-        bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
+        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     },
     macros::{map, tracepoint},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -17,9 +18,9 @@ use aya_ebpf::{
 };
 use conntrace_common::{
     ABSENT, AF_INET, AF_INET6, Accept, COMM_LEN, Config, ConnectError, DEFAULT_RING_BYTES,
-    ErrorReport, EventHeader, EventKind, FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS, PacketDrop,
-    RESET_REASON_NONE, Reset, StateChange, SynRetransmit, TCP_FLAGS_UNKNOWN, TracepointLayout,
-    Tuple, TupleLayout,
+    DROP_STACK_DEPTH, ErrorReport, EventHeader, EventKind, FLAG_ALL_PORTS, KernelOffsets,
+    MAX_PORTS, PacketDrop, RESET_REASON_NONE, Reset, StateChange, SynRetransmit, TCP_FLAGS_UNKNOWN,
+    TracepointLayout, Tuple, TupleLayout,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -213,12 +214,16 @@ fn emit<T: 'static>(event: T) {
             entry.write(event);
             entry.submit(0);
         }
-        None => {
-            if let Some(lost) = LOST.get_ptr_mut(0) {
-                // SAFETY: per-CPU slot; tracepoint programs do not nest on one CPU for this map.
-                unsafe { *lost += 1 };
-            }
-        }
+        None => count_lost(),
+    }
+}
+
+/// Counts an event the ring buffer had no room for.
+#[inline(always)]
+fn count_lost() {
+    if let Some(lost) = LOST.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot; tracepoint programs do not nest on one CPU for this map.
+        unsafe { *lost += 1 };
     }
 }
 
@@ -535,15 +540,38 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     if netns == 0 {
         netns = netns_of_sock(o, rx_sk);
     }
-    emit(PacketDrop {
+    let reason: u32 = field(&ctx, l.reason);
+    let drop = PacketDrop {
         header: header(EventKind::Drop, size_of::<PacketDrop>(), netns),
         sk,
         rx_sk,
         location: field(&ctx, l.location),
         tuple,
-        reason: field(&ctx, l.reason),
+        reason,
         tcp_flags,
-    });
+        stack: [0; DROP_STACK_DEPTH],
+    };
+    // Written in place: the record with its stack is too large for the eBPF stack.
+    let Some(mut entry) = EVENTS.reserve::<PacketDrop>(0) else {
+        count_lost();
+        return 0;
+    };
+    let slot = entry.as_mut_ptr();
+    // SAFETY: `slot` points to the reserved, exclusively owned ring-buffer record.
+    unsafe { slot.write(drop) };
+    if reason == cfg.stack_drop_reason {
+        // SAFETY: the helper writes at most the given size into the record's own stack array;
+        // on failure it leaves zeros, which userspace reads as "no stack".
+        unsafe {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                (*slot).stack.as_mut_ptr().cast(),
+                (DROP_STACK_DEPTH * size_of::<u64>()) as u32,
+                0,
+            )
+        };
+    }
+    entry.submit(0);
     0
 }
 

@@ -121,6 +121,12 @@ impl Decoder {
                     .unwrap_or_else(|| format!("skb_drop_reason {}", e.reason)),
                 location: self.kallsyms.name(e.location),
                 tcp_flags: e.tcp_flags as u8,
+                hook: crate::kernel::nfhook::hook_from_stack(
+                    e.stack
+                        .iter()
+                        .take_while(|&&a| a != 0)
+                        .map(|&a| self.kallsyms.function(a)),
+                ),
             },
             Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
                 meta: meta(&e.header),

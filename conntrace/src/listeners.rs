@@ -39,11 +39,12 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
     let Some(any) = in_ns.first() else {
         return Vec::new();
     };
-    let mut sockets: HashMap<u64, SocketAddr> = HashMap::new();
+    // For a listener, rx_queue is the accept queue's length and tx_queue its limit (backlog).
+    let mut sockets: HashMap<u64, (SocketAddr, u32, u32)> = HashMap::new();
     for table in [any.tcp(), any.tcp6()].into_iter().flatten() {
         for e in table {
             if e.state == TcpState::Listen && e.local_address.port() == port {
-                sockets.insert(e.inode, e.local_address);
+                sockets.insert(e.inode, (e.local_address, e.rx_queue, e.tx_queue));
             }
         }
     }
@@ -56,25 +57,29 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
         let Ok(fds) = p.fd() else { continue };
         for fd in fds.filter_map(Result::ok) {
             if let FDTarget::Socket(inode) = fd.target
-                && let Some(addr) = sockets.get(&inode)
+                && let Some(&(addr, queue, backlog)) = sockets.get(&inode)
                 && seen.insert((inode, p.pid()))
             {
                 let comm = p.stat().ok().map(|s| s.comm);
                 found.push(Listener {
-                    addr: *addr,
+                    addr,
                     pid: Some(p.pid() as u32),
                     comm,
+                    accept_queue: Some(queue),
+                    backlog: Some(backlog),
                 });
             }
         }
     }
     // Sockets no process holds (or we could not see) are listed without one.
-    for (inode, addr) in &sockets {
+    for (inode, &(addr, queue, backlog)) in &sockets {
         if !seen.iter().any(|(i, _)| i == inode) {
             found.push(Listener {
-                addr: *addr,
+                addr,
                 pid: None,
                 comm: None,
+                accept_queue: Some(queue),
+                backlog: Some(backlog),
             });
         }
     }

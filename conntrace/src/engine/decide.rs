@@ -3,10 +3,15 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    Conn, EngineConfig, errno_name,
-    model::{FourTuple, Meta, Outcome, Reason, Side, TcpState},
+    Conn, EngineConfig,
+    drops::HandshakeDrop,
+    errno_name,
+    model::{
+        FirewallRule, FourTuple, Listener, Meta, Outcome, Reason, RuleAction, RuleFinding, Side,
+        TcpState,
+    },
     ms,
-    verdict::Verdict,
+    verdict::{Direction, Verdict},
 };
 
 const ENETUNREACH: i32 = 101;
@@ -54,6 +59,11 @@ pub(super) fn established(c: &Conn, ts_ns: u64) -> Verdict {
     v.ts_ns = ts_ns;
     v.duration_ms = ms(c.started_ns, at);
     v.kernel_reason = Some(TcpState::Established.name());
+    if !c.drops.is_empty() {
+        // Dropped packets that delayed the handshake (a retransmitted SYN got through).
+        v.detail
+            .insert("drops".into(), super::drops::drops_detail(&c.drops));
+    }
     if c.side == Side::Server {
         v.detail
             .insert("accepted".into(), json!(c.accepted_ns.is_some()));
@@ -185,7 +195,83 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
     v.kernel_reason = Some(kernel_reason);
     v.errno = errno.map(errno_name);
     v.detail = detail;
+    // A handshake that failed in silence (no answer, or the local stack's own unreachable)
+    // with packets dropped on the way: the drop is the cause.
+    let silent = matches!(v.reason, Reason::SynTimeout | Reason::Unknown)
+        || (v.reason == Reason::IcmpUnreachable && errno == Some(EHOSTUNREACH));
+    if c.established_ns.is_none() && c.rst_received.is_none() && silent {
+        apply_drops(&mut v, &c.drops);
+    } else if !c.drops.is_empty() {
+        v.detail
+            .insert("drops".into(), super::drops::drops_detail(&c.drops));
+    }
     Some(v)
+}
+
+/// The verdict reason a kernel drop reason stands for, if it explains a failed handshake.
+fn drop_cause(kernel_reason: &str) -> Option<Reason> {
+    use super::drops::{LISTEN_OVERFLOW, NEIGH_FAILED, NETFILTER_DROP};
+    match kernel_reason {
+        NETFILTER_DROP => Some(Reason::NetfilterDrop),
+        LISTEN_OVERFLOW => Some(Reason::ListenOverflow),
+        NEIGH_FAILED => Some(Reason::NeighbourFailed),
+        _ => None,
+    }
+}
+
+/// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
+/// its drops in `detail.drops`. The most frequent explaining drop wins.
+pub(super) fn apply_drops(v: &mut Verdict, drops: &[HandshakeDrop]) {
+    if drops.is_empty() {
+        return;
+    }
+    v.detail
+        .insert("drops".into(), super::drops::drops_detail(drops));
+    let cause = drops
+        .iter()
+        .filter_map(|d| drop_cause(&d.reason).map(|r| (r, d)))
+        .max_by_key(|(_, d)| d.count);
+    let Some((reason, d)) = cause else { return };
+    v.outcome = Outcome::Failed;
+    v.reason = reason;
+    v.kernel_reason = Some(d.reason.clone());
+    if let Some(hook) = d.hook {
+        v.detail.insert("hook".into(), json!(hook));
+    }
+    v.detail.insert("dropped".into(), json!(d.count));
+    if v.side == Side::Server {
+        // The SYNs the client sent for this attempt, less the first.
+        const SYN: u8 = 0x02;
+        let syns: u32 = drops
+            .iter()
+            .filter(|d| d.direction == Direction::In && d.tcp_flags & SYN != 0)
+            .map(|d| d.count)
+            .sum();
+        v.syn_retransmits = v.syn_retransmits.max(syns.saturating_sub(1));
+    }
+}
+
+/// A verdict without a socket on this host (a refused or dropped SYN, a failed `connect()`):
+/// `tuple` is s = this host.
+pub(super) fn socketless(meta: &Meta, tuple: FourTuple, side: Side) -> Verdict {
+    Verdict {
+        ts_ns: meta.ts_ns,
+        side,
+        outcome: Outcome::Failed,
+        reason: Reason::Unknown,
+        kernel_reason: None,
+        errno: None,
+        saddr: (!tuple.saddr.is_unspecified()).then_some(tuple.saddr),
+        sport: (tuple.sport != 0).then_some(tuple.sport),
+        daddr: tuple.daddr,
+        dport: tuple.dport,
+        netns: meta.netns,
+        pid: None,
+        comm: None,
+        duration_ms: 0.0,
+        syn_retransmits: 0,
+        detail: Map::new(),
+    }
 }
 
 /// `connect()` failed before the socket changed state (no packet was sent).
@@ -206,27 +292,17 @@ pub(super) fn connect_failed(
         ENETUNREACH | EHOSTUNREACH => Reason::NoRoute,
         _ => Reason::Unknown,
     };
-    let mut detail = Map::new();
-    detail.insert("syscall".into(), Value::from("connect"));
-    detail.insert("packets_sent".into(), Value::from(0));
-    Some(Verdict {
-        ts_ns: meta.ts_ns,
-        side: Side::Client,
-        outcome: Outcome::Failed,
-        reason,
-        kernel_reason: Some(errno_name(errno)),
-        errno: Some(errno_name(errno)),
-        saddr: None,
-        sport: None,
-        daddr: tuple.daddr,
-        dport: tuple.dport,
-        netns: meta.netns,
-        pid: Some(meta.proc.pid),
-        comm: Some(meta.proc.comm.clone()),
-        duration_ms: 0.0,
-        syn_retransmits: 0,
-        detail,
-    })
+    let mut v = socketless(meta, tuple, Side::Client);
+    v.reason = reason;
+    v.kernel_reason = Some(errno_name(errno));
+    v.errno = Some(errno_name(errno));
+    v.saddr = None;
+    v.sport = None;
+    v.pid = Some(meta.proc.pid);
+    v.comm = Some(meta.proc.comm.clone());
+    v.detail.insert("syscall".into(), Value::from("connect"));
+    v.detail.insert("packets_sent".into(), Value::from(0));
+    Some(v)
 }
 
 const TCP_SYN: u8 = 0x02;
@@ -243,9 +319,11 @@ pub(super) fn refused_without_socket(
     if answered_flags.is_some_and(|f| f & TCP_SYN == 0 || f & TCP_ACK != 0) {
         return None;
     }
-    let mut detail = Map::new();
-    detail.insert("rst_sent".into(), Value::Bool(true));
-    detail.insert(
+    let mut v = socketless(meta, tuple, Side::Server);
+    v.reason = Reason::RefusedNoListener;
+    v.kernel_reason = Some(reason.unwrap_or_else(|| "RST sent: no socket".into()));
+    v.detail.insert("rst_sent".into(), Value::Bool(true));
+    v.detail.insert(
         "answered".into(),
         json!(if answered_flags.is_some() {
             "SYN"
@@ -253,24 +331,7 @@ pub(super) fn refused_without_socket(
             "unknown"
         }),
     );
-    Some(Verdict {
-        ts_ns: meta.ts_ns,
-        side: Side::Server,
-        outcome: Outcome::Failed,
-        reason: Reason::RefusedNoListener,
-        kernel_reason: Some(reason.unwrap_or_else(|| "RST sent: no socket".into())),
-        errno: None,
-        saddr: Some(tuple.saddr),
-        sport: Some(tuple.sport),
-        daddr: tuple.daddr,
-        dport: tuple.dport,
-        netns: meta.netns,
-        pid: None,
-        comm: None,
-        duration_ms: 0.0,
-        syn_retransmits: 0,
-        detail,
-    })
+    Some(v)
 }
 
 /// `SYN`, `ACK|FIN`, ... for a TCP flags byte.
@@ -345,7 +406,7 @@ pub(super) fn drop_record(
 /// addresses: the service is bound elsewhere (the seed's MySQL on 127.0.0.1 only). A listener on
 /// the refused address itself or on a wildcard address would have matched; then the refusal has
 /// another cause and the verdict stays as it is.
-pub(super) fn bound_elsewhere(v: &mut Verdict, listeners: &[super::model::Listener]) {
+pub(super) fn bound_elsewhere(v: &mut Verdict, listeners: &[Listener]) {
     if v.side != Side::Server || v.reason != Reason::RefusedNoListener || listeners.is_empty() {
         return;
     }
@@ -361,4 +422,83 @@ pub(super) fn bound_elsewhere(v: &mut Verdict, listeners: &[super::model::Listen
         .map(|l| json!({ "address": l.addr.to_string(), "pid": l.pid, "comm": l.comm }))
         .collect();
     v.detail.insert("listeners".into(), Value::Array(list));
+}
+
+fn rule_json(r: &FirewallRule) -> Value {
+    json!({
+        "family": r.family,
+        "table": r.table,
+        "chain": r.chain,
+        "handle": r.handle,
+        "text": r.text,
+        "packets": r.packets,
+    })
+}
+
+/// Names the firewall rule behind a netfilter drop. A REJECT rule makes the verdict
+/// `netfilter_reject`: the kernel dropped the SYN and answered it.
+pub(super) fn apply_rule(v: &mut Verdict, finding: RuleFinding) {
+    let reject_with = |rules: &[&FirewallRule]| -> Option<String> {
+        let mut withs = rules.iter().map(|r| match &r.action {
+            RuleAction::Reject { with } => Some(with.clone()),
+            RuleAction::Drop => None,
+        });
+        let first = withs.next()??;
+        withs
+            .all(|w| w.as_deref() == Some(first.as_str()))
+            .then_some(first)
+    };
+    let rejected = match finding {
+        RuleFinding::Rule(r) => {
+            v.detail.insert("rule".into(), rule_json(&r));
+            reject_with(&[&r])
+        }
+        RuleFinding::Candidates(rs) => {
+            v.detail.insert(
+                "rule_candidates".into(),
+                Value::Array(rs.iter().map(rule_json).collect()),
+            );
+            reject_with(&rs.iter().collect::<Vec<_>>())
+        }
+        RuleFinding::Policy {
+            family,
+            table,
+            chain,
+        } => {
+            v.detail.insert(
+                "rule".into(),
+                json!({ "family": family, "table": table, "chain": chain, "policy": "drop" }),
+            );
+            None
+        }
+        RuleFinding::NotFound { why } => {
+            v.detail.insert("rule_not_found".into(), json!(why));
+            None
+        }
+    };
+    if let Some(with) = rejected {
+        v.reason = Reason::NetfilterReject;
+        v.detail.insert("reject_with".into(), json!(with));
+    }
+}
+
+/// For a listen-queue overflow: the listener's accept queue and backlog, and who holds it.
+pub(super) fn queue_detail(v: &mut Verdict, listeners: &[Listener]) {
+    if v.reason != Reason::ListenOverflow {
+        return;
+    }
+    let Some(l) = listeners
+        .iter()
+        .find(|l| Some(l.addr.ip()) == v.saddr)
+        .or_else(|| listeners.iter().find(|l| l.addr.ip().is_unspecified()))
+    else {
+        return;
+    };
+    v.detail.insert(
+        "listener".into(),
+        json!({ "address": l.addr.to_string(), "pid": l.pid, "comm": l.comm }),
+    );
+    v.detail
+        .insert("accept_queue".into(), json!(l.accept_queue));
+    v.detail.insert("backlog".into(), json!(l.backlog));
 }

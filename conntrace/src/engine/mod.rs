@@ -7,6 +7,7 @@
 //! between versions; it is decided as soon as the facts are complete.
 
 mod decide;
+mod drops;
 pub mod model;
 mod state;
 #[cfg(test)]
@@ -84,6 +85,8 @@ pub(crate) struct Conn {
     pub reported: bool,
     /// Set when an orderly shutdown (FIN) started.
     pub orderly_close: bool,
+    /// Packets of its handshake the kernel dropped.
+    pub drops: Vec<drops::HandshakeDrop>,
 }
 
 /// What identifies a decided connection for late syscall results.
@@ -102,12 +105,14 @@ struct OrphanError {
     errno: i32,
 }
 
-pub use self::model::{Listener, ListenerLookup};
+pub use self::model::{Listener, ListenerLookup, RuleLookup};
 
 pub struct Engine {
     cfg: EngineConfig,
     /// Look-up of listening sockets, for refusals; none: refusals are not looked into.
     listeners: Option<Box<dyn ListenerLookup>>,
+    /// Look-up of the firewall rule behind a netfilter drop; none: rules are not looked for.
+    rules: Option<Box<dyn RuleLookup>>,
     next_id: u64,
     /// Ordered by creation: the first entry is the oldest.
     conns: BTreeMap<u64, Conn>,
@@ -121,6 +126,8 @@ pub struct Engine {
     /// Sockets decided recently: a late `connect()` result for the same socket, destination and
     /// process is not a new failure (the address alone may already belong to a new socket).
     recently_decided: HashMap<u64, Decided>,
+    /// Drops of connection attempts that have no connection here, by netns and tuple.
+    attempts: HashMap<(u32, FourTuple), drops::Attempt>,
     /// Drop records not yet taken by the caller.
     drops: Vec<verdict::DropRecord>,
     summary: Summary,
@@ -143,6 +150,7 @@ impl Engine {
         Self {
             cfg,
             listeners: None,
+            rules: None,
             next_id: 0,
             conns: BTreeMap::new(),
             by_sk: HashMap::new(),
@@ -150,6 +158,7 @@ impl Engine {
             closing: Vec::new(),
             orphan_errors: HashMap::new(),
             recently_decided: HashMap::new(),
+            attempts: HashMap::new(),
             drops: Vec::new(),
             summary: Summary::default(),
         }
@@ -158,6 +167,12 @@ impl Engine {
     /// Lets the engine ask which sockets listen on a port when this host refuses a SYN.
     pub fn with_listener_lookup(mut self, lookup: Box<dyn ListenerLookup>) -> Self {
         self.listeners = Some(lookup);
+        self
+    }
+
+    /// Lets the engine look for the firewall rule behind a netfilter drop.
+    pub fn with_rule_lookup(mut self, lookup: Box<dyn RuleLookup>) -> Self {
+        self.rules = Some(lookup);
         self
     }
 
@@ -174,7 +189,31 @@ impl Engine {
         self.conns.len()
     }
 
-    fn emit(&mut self, out: &mut Vec<Verdict>, v: Verdict) {
+    /// Completes a verdict with what the injected look-ups know, counts it and hands it out.
+    fn emit(&mut self, out: &mut Vec<Verdict>, mut v: Verdict) {
+        match v.reason {
+            model::Reason::NetfilterDrop => {
+                if let Some(rules) = self.rules.as_mut() {
+                    let hook = v
+                        .detail
+                        .get("hook")
+                        .and_then(|h| serde_json::from_value(h.clone()).ok());
+                    let finding = rules.find(v.netns, hook, v.daddr.is_ipv6());
+                    decide::apply_rule(&mut v, finding);
+                }
+            }
+            model::Reason::ListenOverflow | model::Reason::RefusedNoListener => {
+                if let Some(lookup) = self.listeners.as_mut()
+                    && v.side == Side::Server
+                    && let Some(port) = v.sport
+                {
+                    let listeners = lookup.listening_on(v.netns, port);
+                    decide::bound_elsewhere(&mut v, &listeners);
+                    decide::queue_detail(&mut v, &listeners);
+                }
+            }
+            _ => {}
+        }
         self.summary.count(&v);
         out.push(v);
     }
@@ -263,6 +302,7 @@ impl Engine {
             rst_received: None,
             reported: false,
             orderly_close: false,
+            drops: Vec::new(),
         }
     }
 
@@ -340,13 +380,9 @@ impl Engine {
                     if let Some(c) = self.conn_mut(sk) {
                         c.last_ns = meta.ts_ns;
                     }
-                } else if let Some(mut v) =
+                } else if let Some(v) =
                     decide::refused_without_socket(&meta, tuple, reason, answered_flags)
                 {
-                    if let Some(lookup) = self.listeners.as_mut() {
-                        let listeners = lookup.listening_on(meta.netns, tuple.sport);
-                        decide::bound_elsewhere(&mut v, &listeners);
-                    }
                     self.emit(out, v);
                 } else {
                     // A late or stray segment (an ACK, FIN or data for a socket already gone).
@@ -390,31 +426,17 @@ impl Engine {
                 reason,
                 location,
                 tcp_flags,
-            } => {
-                // The packet is outgoing when a local socket sent it: its source is that
-                // socket's own end. Incoming packets can carry a socket too (early demux).
-                let owner = self.conn_mut(sk).map(|c| (c.tuple.sport, c.proc.clone()));
-                let outgoing = sk != 0
-                    && rx_sk == 0
-                    && owner
-                        .as_ref()
-                        .is_none_or(|(sport, _)| *sport == packet.sport || *sport == 0);
-                // Retransmissions are sent from timers: name the owning connection's process,
-                // not whatever task was current.
-                let proc = if outgoing {
-                    owner.and_then(|(_, p)| p)
-                } else {
-                    None
-                };
-                *self
-                    .summary
-                    .drops_by_reason
-                    .entry(reason.clone())
-                    .or_default() += 1;
-                self.drops.push(decide::drop_record(
-                    &meta, packet, outgoing, proc, reason, location, tcp_flags,
-                ));
-            }
+                hook,
+            } => self.on_drop(drops::DropFact {
+                meta,
+                sk,
+                rx_sk,
+                packet,
+                reason,
+                location,
+                tcp_flags,
+                hook,
+            }),
             KernelEvent::ConnectFailed {
                 meta,
                 sk,
@@ -493,6 +515,7 @@ impl Engine {
     pub fn tick(&mut self, now_ns: u64) -> Vec<Verdict> {
         let mut out = Vec::new();
         self.decide_ready(now_ns, &mut out);
+        self.decide_attempts(now_ns, false, &mut out);
         let (stall, idle, report) = (
             self.cfg.stall_timeout_ns,
             self.cfg.idle_expiry_ns,
@@ -543,6 +566,7 @@ impl Engine {
         let mut out = self.tick(now_ns);
         let far = now_ns.saturating_add(self.cfg.grace_ns);
         self.decide_ready(far, &mut out);
+        self.decide_attempts(now_ns, true, &mut out);
         let open: Vec<Conn> = std::mem::take(&mut self.conns).into_values().collect();
         self.by_sk.clear();
         self.by_tuple.clear();

@@ -60,6 +60,45 @@ impl TcpState {
     }
 }
 
+/// A netfilter hook point (the chains iptables names after them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+pub enum NfHook {
+    #[serde(rename = "PREROUTING")]
+    PreRouting,
+    #[serde(rename = "INPUT")]
+    Input,
+    #[serde(rename = "FORWARD")]
+    Forward,
+    #[serde(rename = "OUTPUT")]
+    Output,
+    #[serde(rename = "POSTROUTING")]
+    PostRouting,
+}
+
+impl NfHook {
+    /// The iptables chain name: `INPUT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::PreRouting => "PREROUTING",
+            Self::Input => "INPUT",
+            Self::Forward => "FORWARD",
+            Self::Output => "OUTPUT",
+            Self::PostRouting => "POSTROUTING",
+        }
+    }
+
+    /// The nftables hook name: `input`.
+    pub fn nft_name(self) -> &'static str {
+        match self {
+            Self::PreRouting => "prerouting",
+            Self::Input => "input",
+            Self::Forward => "forward",
+            Self::Output => "output",
+            Self::PostRouting => "postrouting",
+        }
+    }
+}
+
 /// Addresses and ports from the reporting host's point of view (`s` = local).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FourTuple {
@@ -139,6 +178,8 @@ pub enum KernelEvent {
         reason: String,
         location: String,
         tcp_flags: u8,
+        /// For netfilter drops: the hook, from the kernel stack at the drop.
+        hook: Option<NfHook>,
     },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
     ConnectFailed {
@@ -176,6 +217,10 @@ pub enum Reason {
     Timeout,
     UnexpectedListener,
     RefusedBoundElsewhere,
+    NetfilterDrop,
+    NetfilterReject,
+    NeighbourFailed,
+    ListenOverflow,
     Unknown,
 }
 
@@ -191,6 +236,10 @@ impl Reason {
             Self::Timeout => "timeout",
             Self::UnexpectedListener => "unexpected_listener",
             Self::RefusedBoundElsewhere => "refused_bound_elsewhere",
+            Self::NetfilterDrop => "netfilter_drop",
+            Self::NetfilterReject => "netfilter_reject",
+            Self::NeighbourFailed => "neighbour_failed",
+            Self::ListenOverflow => "listen_overflow",
             Self::Unknown => "unknown",
         }
     }
@@ -223,6 +272,18 @@ impl Reason {
             Self::Timeout => {
                 "an established connection died of retransmission timeout: the peer or path went away"
             }
+            Self::NetfilterDrop => {
+                "a firewall rule dropped the handshake (see detail.hook and detail.rule): allow the port, or make the rule REJECT with tcp-reset so clients fail at once"
+            }
+            Self::NetfilterReject => {
+                "a firewall REJECT rule answered the SYN (see detail.reject_with and detail.rule): allow the port if the service should be reachable"
+            }
+            Self::NeighbourFailed => {
+                "the next hop never answered ARP/neighbour discovery: the address is not on the link, or the host is down"
+            }
+            Self::ListenOverflow => {
+                "the listener's accept queue was full: the server does not call accept() fast enough; raise the backlog or fix the server"
+            }
             Self::Unknown => {
                 "the kernel's facts did not match a known failure: see kernel_reason and detail"
             }
@@ -236,10 +297,65 @@ pub struct Listener {
     pub addr: std::net::SocketAddr,
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// Connections waiting in its accept queue, and the queue's limit (the listen() backlog),
+    /// when known (/proc/net/tcp's rx_queue and tx_queue for a listener).
+    pub accept_queue: Option<u32>,
+    pub backlog: Option<u32>,
 }
 
 /// Tells the engine which sockets listen on a port in a network namespace. The engine stays
 /// pure: the real look-up (/proc) is injected by the binary, tests inject a table.
 pub trait ListenerLookup {
     fn listening_on(&mut self, netns: u32, port: u16) -> Vec<Listener>;
+}
+
+/// What a netfilter rule does with the packets it matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleAction {
+    Drop,
+    /// REJECT: the kernel answers; `with` in iptables' spelling: `icmp-port-unreachable`,
+    /// `icmp-host-prohibited`, `icmp6-adm-prohibited`, `tcp-reset`, ...
+    Reject {
+        with: String,
+    },
+}
+
+/// A firewall rule as the ruleset listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallRule {
+    /// nftables family: `ip`, `ip6`, `inet`.
+    pub family: String,
+    pub table: String,
+    pub chain: String,
+    /// nftables rule handle.
+    pub handle: u64,
+    /// The rule as `nft list` prints it, without its counter and handle: `tcp dport 3306 drop`.
+    pub text: String,
+    pub action: RuleAction,
+    /// Packets it matched since the baseline (start-up, or the namespace's first sighting).
+    pub packets: u64,
+}
+
+/// Which rule dropped a packet, as far as the firewall's own counters tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleFinding {
+    /// Exactly one dropping or rejecting rule at the hook counted packets since the baseline.
+    Rule(FirewallRule),
+    /// Several did: any of them may have dropped this connection's packets.
+    Candidates(Vec<FirewallRule>),
+    /// No rule counted, and a base chain at the hook has policy drop.
+    Policy {
+        family: String,
+        table: String,
+        chain: String,
+    },
+    /// The rule could not be found; `why` says what was missing (no `nft`, no counters, ...).
+    NotFound { why: String },
+}
+
+/// Finds the netfilter rule behind a drop without changing the firewall. The engine stays pure:
+/// the binary injects the real look-up (rule counters read with `nft`), tests inject a table.
+pub trait RuleLookup {
+    /// `ipv6`: the dropped packet's IP version selects `ip6`/`inet` over `ip`/`inet` tables.
+    fn find(&mut self, netns: u32, hook: Option<NfHook>, ipv6: bool) -> RuleFinding;
 }

@@ -39,6 +39,7 @@ impl Engine {
                 // A passive child socket; it runs in softirq context, so no process yet.
                 let c = self.new_conn(sk, Side::Server, &meta, tuple, TcpState::SynRecv, None);
                 self.insert(sk, c, out);
+                self.adopt_attempt(sk);
             }
             (TcpState::SynSent, _) if !known => {
                 // We missed connect() (started before us, or the event was lost).

@@ -31,12 +31,26 @@ impl Kallsyms {
         Self { symbols }
     }
 
+    /// The symbol covering `addr` and the offset into it.
+    fn lookup(&self, addr: u64) -> Option<(&str, u64)> {
+        if addr == 0 {
+            return None;
+        }
+        let idx = self.symbols.partition_point(|(a, _)| *a <= addr);
+        let (start, name) = self.symbols.get(idx.checked_sub(1)?)?;
+        Some((name, addr - start))
+    }
+
+    /// The function containing `addr` (`nf_hook_slow`), if a symbol covers it.
+    pub fn function(&self, addr: u64) -> Option<&str> {
+        self.lookup(addr).map(|(name, _)| name)
+    }
+
     /// `nf_hook_slow+0x44`, or the address in hex when no symbol covers it.
     pub fn name(&self, addr: u64) -> String {
-        let idx = self.symbols.partition_point(|(a, _)| *a <= addr);
-        match idx.checked_sub(1).and_then(|i| self.symbols.get(i)) {
-            Some((start, name)) if addr > 0 => format!("{name}+{:#x}", addr - start),
-            _ => format!("{addr:#x}"),
+        match self.lookup(addr) {
+            Some((name, offset)) => format!("{name}+{offset:#x}"),
+            None => format!("{addr:#x}"),
         }
     }
 }
@@ -60,6 +74,8 @@ mod tests {
         assert_eq!(k.name(0xffff_ffff_81a0_0200), "tcp_v4_rcv+0x0");
         assert_eq!(k.name(0xffff_ffff_c000_1010), "xt_action+0x10");
         assert_eq!(k.name(0x1000), "0x1000");
+        assert_eq!(k.function(0xffff_ffff_81a0_0044), Some("nf_hook_slow"));
+        assert_eq!(k.function(0), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod attach;
 pub mod btf;
 pub mod kallsyms;
 pub mod layout;
+pub mod nfhook;
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -12,7 +13,12 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
-use conntrace_common::{Config, FLAG_ALL_PORTS, MAX_PORTS, TracepointLayout, maps};
+use conntrace_common::{
+    Config, FLAG_ALL_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps,
+};
+
+/// The drop reason of netfilter drops, as named in BTF without its `SKB_DROP_REASON_` prefix.
+pub const NETFILTER_DROP: &str = "NETFILTER_DROP";
 use serde::Serialize;
 use tracing::{debug, warn};
 
@@ -138,6 +144,11 @@ impl Tracer {
                 "kernel structures not found in BTF: network namespace or process attribution degraded"
             );
         }
+        let drop_reasons = btf.enum_names("skb_drop_reason", "SKB_DROP_REASON_");
+        let stack_drop_reason = drop_reasons
+            .iter()
+            .find(|(_, name)| name.as_str() == NETFILTER_DROP)
+            .map_or(NO_STACK_REASON, |(&value, _)| value);
         let set_state =
             layout::tracepoint_layout(&layout::read_format(&root, "sock", "inet_sock_set_state")?);
         let config = Config {
@@ -154,7 +165,7 @@ impl Tracer {
             } else {
                 0
             },
-            _pad: 0,
+            stack_drop_reason,
         };
 
         raise_memlock();
@@ -174,7 +185,7 @@ impl Tracer {
             active,
             unavailable,
             reset_reasons: btf.enum_names("sk_rst_reason", "SK_RST_REASON_"),
-            drop_reasons: btf.enum_names("skb_drop_reason", "SKB_DROP_REASON_"),
+            drop_reasons,
             missing_offsets,
         };
         Ok((tracer, events))

@@ -1,25 +1,229 @@
-//! Dropped packets: direction, orientation (s = this host), owner process, counts.
+//! Dropped packets: joined to their handshake, gathered per attempt, or reported alone.
 
 use super::*;
-use crate::engine::verdict::Direction;
+use crate::engine::{
+    drops::{LISTEN_OVERFLOW, NEIGH_FAILED, NETFILTER_DROP},
+    model::{FirewallRule, Listener, NfHook, RuleAction, RuleFinding, RuleLookup},
+    verdict::Direction,
+};
 
-fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8) -> KernelEvent {
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str) -> KernelEvent {
     KernelEvent::Dropped {
         meta: softirq(ts),
         sk,
         rx_sk: 0,
         packet,
-        reason: "NETFILTER_DROP".into(),
+        reason: reason.into(),
         location: "nft_do_chain+0x3e8".into(),
         tcp_flags: flags,
+        hook: (reason == NETFILTER_DROP).then_some(NfHook::Input),
+    }
+}
+
+/// The client's packets as the server (10.77.0.2:3306) receives them.
+fn from_client() -> FourTuple {
+    tuple(SPORT, 3306)
+}
+
+/// Answers every look-up with the same finding, and counts the look-ups.
+struct FixedRules(RuleFinding, std::rc::Rc<std::cell::Cell<u32>>);
+
+impl RuleLookup for FixedRules {
+    fn find(&mut self, _netns: u32, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
+        assert_eq!((hook, ipv6), (Some(NfHook::Input), false));
+        self.1.set(self.1.get() + 1);
+        self.0.clone()
+    }
+}
+
+fn rule(action: RuleAction) -> FirewallRule {
+    FirewallRule {
+        family: "ip".into(),
+        table: "filter".into(),
+        chain: "INPUT".into(),
+        handle: 4,
+        text: "tcp dport 3306 drop".into(),
+        action,
+        packets: 2,
     }
 }
 
 #[test]
-fn syn_dropped_before_any_socket_is_incoming() {
+fn syns_of_one_attempt_dropped_by_input_make_one_verdict_when_the_backoff_is_overdue() {
+    let looked = std::rc::Rc::new(std::cell::Cell::new(0));
+    let finding = RuleFinding::Rule(rule(RuleAction::Drop));
+    let mut e = Engine::new(EngineConfig::default())
+        .with_rule_lookup(Box::new(FixedRules(finding, looked.clone())));
+    none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
+    none(e.handle(dropped(SEC + MS, 0, from_client(), SYN, NETFILTER_DROP)));
+    // The next SYN is due about 2 s after the last: not over yet at +3 s.
+    none(e.tick(SEC + 3 * SEC));
+    let v = one(e.tick(SEC + 5 * SEC));
+    check(&v, "server failed netfilter_drop -");
+    assert_eq!(who(&v), "-/- 10.77.0.2:3306>10.77.0.1:40000");
+    assert_eq!(v.kernel_reason.as_deref(), Some(NETFILTER_DROP));
+    assert_eq!((v.syn_retransmits, v.duration_ms), (1, 1000.0));
+    assert_eq!(detail(&v, "hook"), "INPUT");
+    assert_eq!(detail(&v, "dropped"), 2);
+    assert_eq!(detail(&v, "rule")["text"], "tcp dport 3306 drop");
+    assert_eq!(detail(&v, "drops")[0]["tcp_flags"], "SYN");
+    assert_eq!(looked.get(), 1, "the rule is looked up once per verdict");
+    assert!(
+        e.take_drops().is_empty(),
+        "attributed drops are not drop records"
+    );
+    assert_eq!(e.summary().drops_by_reason.get(NETFILTER_DROP), Some(&2));
+}
+
+#[test]
+fn a_reject_rule_makes_netfilter_reject_with_its_type() {
+    let with = "icmp-host-prohibited".to_owned();
+    let finding = RuleFinding::Rule(rule(RuleAction::Reject { with }));
+    let rules = FixedRules(finding, Default::default());
+    let mut e = Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(rules));
+    none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
+    let v = one(e.finish(2 * MS));
+    check(&v, "server failed netfilter_reject -");
+    assert_eq!(detail(&v, "reject_with"), "icmp-host-prohibited");
+}
+
+#[test]
+fn rules_not_found_or_several_are_said_so() {
+    let why = "no rule counted".to_owned();
+    let rules = FixedRules(RuleFinding::NotFound { why }, Default::default());
+    let mut e = Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(rules));
+    none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
+    let v = one(e.finish(2 * MS));
+    check(&v, "server failed netfilter_drop -");
+    assert_eq!(detail(&v, "rule_not_found"), "no rule counted");
+
+    let both = vec![rule(RuleAction::Drop), rule(RuleAction::Drop)];
+    let rules = FixedRules(RuleFinding::Candidates(both), Default::default());
+    let mut e = Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(rules));
+    none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
+    let v = one(e.finish(2 * MS));
+    assert_eq!(
+        detail(&v, "rule_candidates").as_array().map(Vec::len),
+        Some(2)
+    );
+}
+
+#[test]
+fn client_syns_dropped_in_output_make_its_timeout_a_netfilter_drop() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut out = Vec::new();
     let mut e = Engine::new(EngineConfig::default());
-    // The client's SYN as the server sees it: source 10.77.0.1:40000, no socket yet.
-    none(e.handle(dropped(MS, 0, tuple(SPORT, 3306), 0x02)));
+    let mut out_drop = |ts| {
+        let mut ev = dropped(ts, SK_A, tuple(SPORT, DPORT), SYN, NETFILTER_DROP);
+        if let KernelEvent::Dropped { hook, .. } = &mut ev {
+            *hook = Some(NfHook::Output);
+        }
+        ev
+    };
+    out.extend(e.handle(c.connect(MS, 100, "client")));
+    out.extend(e.handle(out_drop(2 * MS)));
+    out.extend(e.handle(c.rtx(SEC)));
+    out.extend(e.handle(out_drop(SEC)));
+    out.extend(e.handle(c.err(3 * SEC, 110)));
+    out.extend(e.handle(c.st(3 * SEC, S::SynSent, S::Close)));
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed netfilter_drop ETIMEDOUT");
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(detail(&v, "hook"), "OUTPUT");
+    assert_eq!(detail(&v, "drops")[0]["direction"], "out");
+    assert_eq!(detail(&v, "dropped"), 2);
+    assert!(e.take_drops().is_empty());
+}
+
+#[test]
+fn unanswered_neighbour_resolution_is_neighbour_failed() {
+    let c = Sock::client(SK_A, SPORT);
+    let events = vec![
+        c.connect(MS, 100, "client"),
+        dropped(3 * SEC, SK_A, tuple(SPORT, DPORT), SYN, NEIGH_FAILED),
+        c.err(3 * SEC, 113),
+        c.st(3 * SEC, S::SynSent, S::Close),
+    ];
+    let v = run_default(events);
+    check(&v, "client failed neighbour_failed EHOSTUNREACH");
+    assert_eq!(v.kernel_reason.as_deref(), Some(NEIGH_FAILED));
+}
+
+#[test]
+fn a_refusal_is_not_blamed_on_a_drop() {
+    let c = Sock::client(SK_A, SPORT);
+    let events = vec![
+        c.connect(MS, 100, "client"),
+        dropped(2 * MS, SK_A, tuple(SPORT, DPORT), SYN, NETFILTER_DROP),
+        c.rst(SEC),
+        c.err(SEC, 111),
+        c.st(SEC, S::SynSent, S::Close),
+    ];
+    let v = run_default(events);
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(detail(&v, "drops")[0]["kernel_reason"], NETFILTER_DROP);
+}
+
+struct Backlog;
+
+impl ListenerLookup for Backlog {
+    fn listening_on(&mut self, _netns: u32, port: u16) -> Vec<Listener> {
+        vec![Listener {
+            addr: std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+            pid: Some(300),
+            comm: Some("ct-server".into()),
+            accept_queue: Some(2),
+            backlog: Some(1),
+        }]
+    }
+}
+
+#[test]
+fn a_full_accept_queue_is_listen_overflow_with_queue_and_backlog() {
+    let mut e = Engine::new(EngineConfig::default()).with_listener_lookup(Box::new(Backlog));
+    // The SYN, then (another attempt) a final ACK, both dropped for the full queue.
+    none(e.handle(dropped(MS, 0, from_client(), SYN, LISTEN_OVERFLOW)));
+    none(e.handle(dropped(MS, 0, tuple(SPORT + 1, 3306), ACK, LISTEN_OVERFLOW)));
+    let mut v = e.finish(2 * MS);
+    v.sort_by_key(|v| v.dport);
+    assert_eq!(v.len(), 2);
+    for v in &v {
+        check(v, "server failed listen_overflow -");
+        assert_eq!(
+            (detail(v, "accept_queue"), detail(v, "backlog")),
+            (2.into(), 1.into())
+        );
+        assert_eq!(detail(v, "listener")["comm"], "ct-server");
+    }
+}
+
+#[test]
+fn an_attempt_that_gets_through_hands_its_drops_to_the_connection() {
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(config(|c| c.report_established = true));
+    // Server view of the client 10.77.0.2:51000 -> 10.77.0.1:3306.
+    let syn = FourTuple {
+        saddr: ip(2),
+        sport: 51_000,
+        daddr: ip(1),
+        dport: 3306,
+    };
+    none(e.handle(dropped(MS, 0, syn, SYN, LISTEN_OVERFLOW)));
+    feed(&mut e, server_handshake(s, SEC));
+    let v = one(e.handle(s.accepted(2 * SEC, 300, "ct-server")));
+    check(&v, "server established established -");
+    assert_eq!(detail(&v, "drops")[0]["kernel_reason"], LISTEN_OVERFLOW);
+    none(e.finish(LATER));
+}
+
+#[test]
+fn other_drops_are_drop_records_oriented_to_this_host() {
+    let mut e = Engine::new(EngineConfig::default());
+    none(e.handle(dropped(MS, 0, tuple(SPORT, 3306), SYN, "NO_SOCKET")));
     let d = e.take_drops();
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].direction, Direction::In);
@@ -29,17 +233,19 @@ fn syn_dropped_before_any_socket_is_incoming() {
         (ip(2), 3306, ip(1), SPORT)
     );
     assert_eq!((d[0].tcp_flags.as_str(), d[0].pid), ("SYN", None));
-    assert_eq!(e.summary().drops_by_reason.get("NETFILTER_DROP"), Some(&1));
+    assert_eq!(e.summary().drops_by_reason.get("NO_SOCKET"), Some(&1));
     assert!(e.take_drops().is_empty(), "records are taken once");
+    none(e.finish(LATER));
 }
 
 #[test]
-fn retransmitted_syn_dropped_in_output_names_the_connecting_process() {
+fn data_dropped_after_the_handshake_is_a_record_naming_the_owner() {
     let c = Sock::client(SK_A, SPORT);
     let mut e = Engine::new(EngineConfig::default());
-    none(e.handle(c.connect(MS, 100, "client")));
+    // Connected, not closed yet.
+    none(feed(&mut e, healthy_client(c).into_iter().take(2)));
     // Sent from the retransmit timer: the current task is not the owner.
-    none(e.handle(dropped(SEC, SK_A, tuple(SPORT, DPORT), 0x02)));
+    none(e.handle(dropped(SEC, SK_A, tuple(SPORT, DPORT), ACK, NETFILTER_DROP)));
     let d = e.take_drops();
     assert_eq!(d[0].direction, Direction::Out);
     assert_eq!((d[0].saddr, d[0].sport, d[0].dport), (ip(1), SPORT, DPORT));
@@ -61,7 +267,7 @@ fn incoming_packet_carrying_a_local_socket_is_not_outgoing() {
         daddr: ip(1),
         dport: 3306,
     };
-    none(e.handle(dropped(5 * MS, SK_B, from_peer, 0x10)));
+    none(e.handle(dropped(5 * MS, SK_B, from_peer, ACK, "TCP_OLD_ACK")));
     let d = e.take_drops();
     assert_eq!(d[0].direction, Direction::In);
     assert_eq!(

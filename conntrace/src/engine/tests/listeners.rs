@@ -63,6 +63,8 @@ fn listener(addr: &str, pid: u32, comm: &str) -> Listener {
         addr: addr.parse().expect("socket address"),
         pid: Some(pid),
         comm: Some(comm.into()),
+        accept_queue: Some(0),
+        backlog: Some(128),
     }
 }
 

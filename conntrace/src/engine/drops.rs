@@ -1,0 +1,264 @@
+//! Dropped packets. A drop during a connection's handshake joins that connection, so its
+//! verdict names the drop. A drop with no connection but a cause worth a verdict (a firewall
+//! rule, a full accept queue, a failed neighbour) is gathered per connection attempt: the
+//! retransmits of one attempt make one verdict with a count. Every other drop is reported
+//! alone as a `drop` record.
+
+use serde_json::{Value, json};
+
+use super::{
+    Engine, decide,
+    model::{FourTuple, Meta, NfHook, Proc, Side},
+    verdict::{Direction, Verdict},
+};
+
+/// Kernel drop reasons (`enum skb_drop_reason` names) that explain a failed handshake.
+pub(crate) const NETFILTER_DROP: &str = "NETFILTER_DROP";
+pub(crate) const LISTEN_OVERFLOW: &str = "TCP_LISTEN_OVERFLOW";
+pub(crate) const NEIGH_FAILED: &str = "NEIGH_FAILED";
+const ATTRIBUTED: [&str; 3] = [NETFILTER_DROP, LISTEN_OVERFLOW, NEIGH_FAILED];
+
+/// With no new drop for this long beyond the SYN backoff's next expected retransmit, an
+/// attempt has ended (the peer gave up, or got through and a connection took over).
+pub(crate) const ATTEMPT_QUIET_NS: u64 = 1_500_000_000;
+
+/// Drops of one kind (same reason, direction and hook) during one handshake.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct HandshakeDrop {
+    pub reason: String,
+    pub location: String,
+    pub hook: Option<NfHook>,
+    pub direction: Direction,
+    /// Union of the dropped segments' TCP flags, as a flags byte.
+    pub tcp_flags: u8,
+    pub count: u32,
+    pub first_ns: u64,
+    pub last_ns: u64,
+}
+
+/// Drops of a connection attempt that has no connection on this host (a SYN dropped before any
+/// socket existed), keyed by netns and tuple (s = this host).
+#[derive(Debug, Clone)]
+pub(crate) struct Attempt {
+    pub meta: Meta,
+    pub tuple: FourTuple,
+    pub drops: Vec<HandshakeDrop>,
+    pub proc: Option<Proc>,
+}
+
+impl Attempt {
+    fn first_ns(&self) -> u64 {
+        self.drops.iter().map(|d| d.first_ns).min().unwrap_or(0)
+    }
+
+    fn last_ns(&self) -> u64 {
+        self.drops.iter().map(|d| d.last_ns).max().unwrap_or(0)
+    }
+
+    /// SYN retransmits back off exponentially from about 1 s, so the next one is due about as
+    /// long after the last as the last was after the first; the attempt is over when it is
+    /// overdue.
+    fn ended(&self, now_ns: u64) -> bool {
+        let (first, last) = (self.first_ns(), self.last_ns());
+        now_ns >= last + (last - first) + 1_000_000_000 + ATTEMPT_QUIET_NS
+    }
+}
+
+/// Adds one dropped packet to a list of drops, merging it with drops of the same kind.
+pub(crate) fn record(drops: &mut Vec<HandshakeDrop>, new: HandshakeDrop) {
+    match drops
+        .iter_mut()
+        .find(|d| d.reason == new.reason && d.direction == new.direction && d.hook == new.hook)
+    {
+        Some(d) => {
+            d.count += new.count;
+            d.tcp_flags |= new.tcp_flags;
+            d.last_ns = d.last_ns.max(new.last_ns);
+        }
+        None => drops.push(new),
+    }
+}
+
+/// `detail.drops` of a verdict.
+pub(crate) fn drops_detail(drops: &[HandshakeDrop]) -> Value {
+    Value::Array(
+        drops
+            .iter()
+            .map(|d| {
+                json!({
+                    "kernel_reason": d.reason,
+                    "direction": d.direction,
+                    "tcp_flags": decide::tcp_flag_names(d.tcp_flags),
+                    "count": d.count,
+                    "location": d.location,
+                    "hook": d.hook,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// A dropped packet, as the engine receives it.
+pub(crate) struct DropFact {
+    pub meta: Meta,
+    pub sk: u64,
+    pub rx_sk: u64,
+    pub packet: FourTuple,
+    pub reason: String,
+    pub location: String,
+    pub tcp_flags: u8,
+    pub hook: Option<NfHook>,
+}
+
+fn reversed(t: FourTuple) -> FourTuple {
+    FourTuple {
+        saddr: t.daddr,
+        sport: t.dport,
+        daddr: t.saddr,
+        dport: t.sport,
+    }
+}
+
+impl Engine {
+    pub(super) fn on_drop(&mut self, f: DropFact) {
+        *self
+            .summary
+            .drops_by_reason
+            .entry(f.reason.clone())
+            .or_default() += 1;
+        // The packet is outgoing when a local socket sent it: its source is that socket's own
+        // end. Incoming packets can carry a socket too (early demux).
+        let owner = self.conn_mut(f.sk).map(|c| (c.tuple.sport, c.proc.clone()));
+        let outgoing = f.sk != 0
+            && f.rx_sk == 0
+            && owner
+                .as_ref()
+                .is_none_or(|(sport, _)| *sport == f.packet.sport || *sport == 0);
+        let local = if outgoing {
+            f.packet
+        } else {
+            reversed(f.packet)
+        };
+        let hs = HandshakeDrop {
+            reason: f.reason.clone(),
+            location: f.location.clone(),
+            hook: f.hook,
+            direction: if outgoing {
+                Direction::Out
+            } else {
+                Direction::In
+            },
+            tcp_flags: f.tcp_flags,
+            count: 1,
+            first_ns: f.meta.ts_ns,
+            last_ns: f.meta.ts_ns,
+        };
+        // A drop during a handshake belongs to that connection.
+        let netns = f.meta.netns;
+        let id = (if outgoing {
+            self.by_sk.get(&f.sk)
+        } else {
+            None
+        })
+        .or_else(|| self.by_tuple.get(&local))
+        .copied();
+        if let Some(c) = id.and_then(|id| self.conns.get_mut(&id))
+            && c.established_ns.is_none()
+            && (c.netns == netns || c.netns == 0 || netns == 0)
+        {
+            c.last_ns = f.meta.ts_ns;
+            record(&mut c.drops, hs);
+            return;
+        }
+        // Retransmissions are sent from timers: name the owning connection's process, not
+        // whatever task was current.
+        let proc = if outgoing {
+            owner.and_then(|(_, p)| p)
+        } else {
+            None
+        };
+        let key = (netns, local);
+        let room = self.attempts.len() < self.cfg.max_connections;
+        // Only a packet of no known connection can be an attempt's; drops on established
+        // connections are reported alone.
+        if id.is_none()
+            && ATTRIBUTED.contains(&f.reason.as_str())
+            && (room || self.attempts.contains_key(&key))
+        {
+            let a = self.attempts.entry(key).or_insert_with(|| Attempt {
+                meta: f.meta.clone(),
+                tuple: local,
+                drops: Vec::new(),
+                proc: proc.clone(),
+            });
+            record(&mut a.drops, hs);
+            return;
+        }
+        self.drops.push(decide::drop_record(
+            &f.meta,
+            f.packet,
+            outgoing,
+            proc,
+            f.reason,
+            f.location,
+            f.tcp_flags,
+        ));
+    }
+
+    /// A connection just appeared on this host: drops of its attempt that came before (a SYN
+    /// dropped before one got through) become its own.
+    pub(super) fn adopt_attempt(&mut self, sk: u64) {
+        let Some(c) = self.conn_mut(sk) else { return };
+        let key = (c.netns, c.tuple);
+        if c.tuple.sport == 0 {
+            return;
+        }
+        if let Some(a) = self.attempts.remove(&key)
+            && let Some(c) = self.conn_mut(sk)
+        {
+            for d in a.drops {
+                record(&mut c.drops, d);
+            }
+        }
+    }
+
+    /// Verdicts of attempts that ended (all of them when `all`).
+    pub(super) fn decide_attempts(&mut self, now_ns: u64, all: bool, out: &mut Vec<Verdict>) {
+        let ended: Vec<(u32, FourTuple)> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| all || a.ended(now_ns))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in ended {
+            if let Some(a) = self.attempts.remove(&key) {
+                let v = attempt_verdict(&a);
+                self.emit(out, v);
+            }
+        }
+    }
+}
+
+/// Which side of the connection this host is, from the dropped segments: a SYN coming in or a
+/// SYN-ACK going out is a server's; the rest is a client's.
+fn attempt_side(drops: &[HandshakeDrop]) -> Side {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    let server = drops.iter().any(|d| match d.direction {
+        Direction::In => d.tcp_flags & SYN == 0 || d.tcp_flags & ACK == 0,
+        Direction::Out => d.tcp_flags & SYN != 0 && d.tcp_flags & ACK != 0,
+    });
+    if server { Side::Server } else { Side::Client }
+}
+
+fn attempt_verdict(a: &Attempt) -> Verdict {
+    let mut v = decide::socketless(&a.meta, a.tuple, attempt_side(&a.drops));
+    v.duration_ms = super::ms(a.first_ns(), a.last_ns());
+    v.ts_ns = a.last_ns();
+    if let Some(p) = &a.proc {
+        v.pid = Some(p.pid);
+        v.comm = Some(p.comm.clone());
+    }
+    decide::apply_drops(&mut v, &a.drops);
+    v
+}
