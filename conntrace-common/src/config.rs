@@ -124,6 +124,10 @@ pub struct KernelOffsets {
     /// `struct sk_buff` → `network_header` (u16 offset from head) and `sk`.
     pub skb_network_header: u32,
     pub skb_sk: u32,
+    /// `struct sock` → `sk_err` (positive errno of a failed connection) and `sk_err_soft`
+    /// (the error an ICMP left while the process held the socket).
+    pub sock_err: u32,
+    pub sock_err_soft: u32,
 }
 
 impl KernelOffsets {

@@ -94,6 +94,11 @@ pub struct StateChange {
     pub tuple: Tuple,
     pub oldstate: i32,
     pub newstate: i32,
+    /// `sk->sk_err` when the new state is CLOSE: the error the connection failed with, read
+    /// before the waiting process can clear it (`inet_sk_error_report` fires later and may see
+    /// 0 when the process was faster). 0 otherwise.
+    pub sk_err: i32,
+    pub _pad: u32,
 }
 
 /// `EventKind::ErrorReport`. The tracepoint carries no socket address: it is joined by tuple.
@@ -357,6 +362,8 @@ mod tests {
             tuple: tuple(),
             oldstate: 7,
             newstate: 2,
+            sk_err: 111,
+            _pad: 0,
         };
         assert_eq!(decode(as_bytes(&sc)), Ok(Decoded::StateChange(sc)));
 

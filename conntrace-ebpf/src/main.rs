@@ -25,6 +25,7 @@ use conntrace_common::{
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_SYN_SENT: i32 = 2;
+const TCP_CLOSE: i32 = 7;
 const SOCK_STREAM: u16 = 1;
 const EINPROGRESS: i64 = 115;
 
@@ -244,6 +245,15 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let skaddr: u64 = field(&ctx, l.skaddr);
+    let newstate: i32 = field(&ctx, l.newstate);
+    let o = &cfg.offsets;
+    let mut sk_err: i32 = 0;
+    if newstate == TCP_CLOSE && o.sock_err != KernelOffsets::MISSING {
+        sk_err = kread(skaddr + o.sock_err as u64);
+        if sk_err == 0 && o.sock_err_soft != KernelOffsets::MISSING {
+            sk_err = kread(skaddr + o.sock_err_soft as u64);
+        }
+    }
     emit(StateChange {
         header: header(
             EventKind::StateChange,
@@ -253,7 +263,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         skaddr,
         tuple,
         oldstate: field(&ctx, l.oldstate),
-        newstate: field(&ctx, l.newstate),
+        newstate,
+        sk_err,
+        _pad: 0,
     });
     0
 }

@@ -71,6 +71,7 @@ impl Decoder {
                 tuple: four_tuple(&e.tuple),
                 old: TcpState::from_kernel(e.oldstate),
                 new: TcpState::from_kernel(e.newstate),
+                sk_err: (e.sk_err > 0).then_some(e.sk_err),
             },
             Decoded::ErrorReport(e) => KernelEvent::SocketError {
                 meta: meta(&e.header),

@@ -125,6 +125,7 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
                 Some(ECONNREFUSED) if cfg.resets_observed => {
                     // ECONNREFUSED without a RST: an ICMP port unreachable (e.g. REJECT).
                     detail.insert("icmp".into(), json!("port-unreachable"));
+                    unanswered_syns(c, &mut detail);
                     (
                         Outcome::Failed,
                         Reason::IcmpUnreachable,
@@ -145,6 +146,7 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
                             _ => "prohibited",
                         }),
                     );
+                    unanswered_syns(c, &mut detail);
                     (Outcome::Failed, Reason::IcmpUnreachable, errno_name(e))
                 }
                 Some(ETIMEDOUT) => {
@@ -153,6 +155,19 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
                     (Outcome::Failed, Reason::SynTimeout, errno_name(ETIMEDOUT))
                 }
                 Some(e) => (Outcome::Failed, Reason::Unknown, errno_name(e)),
+                None if from == TcpState::SynSent && c.soft_error => {
+                    // The ICMP error arrived while connect() held the socket: the kernel kept
+                    // it as a soft error, the application read it (SO_ERROR) and closed.
+                    detail.insert(
+                        "icmp".into(),
+                        json!("unknown: the application read the error before it could be seen"),
+                    );
+                    (
+                        Outcome::Failed,
+                        Reason::IcmpUnreachable,
+                        "ICMP error while the socket was busy".into(),
+                    )
+                }
                 None if from == TcpState::SynSent => {
                     detail.insert("cause".into(), json!("application_closed"));
                     detail.insert("after_ms".into(), json!(ms(c.started_ns, at)));
@@ -206,6 +221,15 @@ pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
             .insert("drops".into(), super::drops::drops_detail(&c.drops));
     }
     Some(v)
+}
+
+/// An ICMP answer that came only to a retransmitted SYN: the first SYNs went unanswered. A
+/// REJECT's ICMP is rate-limited per destination (`net.ipv4.icmp_ratelimit`, 1 s after a burst
+/// of 6), so a client opening connections quickly waits for its SYN retransmits.
+fn unanswered_syns(c: &Conn, detail: &mut Map<String, Value>) {
+    if c.syn_retransmits > 0 {
+        detail.insert("unanswered_syns".into(), json!(c.syn_retransmits));
+    }
 }
 
 /// The verdict reason a kernel drop reason stands for, if it explains a failed handshake.

@@ -85,8 +85,22 @@ pub(crate) struct Conn {
     pub reported: bool,
     /// Set when an orderly shutdown (FIN) started.
     pub orderly_close: bool,
+    /// An error was reported while the process held the socket (`sk_err` 0, `sk_err_soft` set).
+    pub soft_error: bool,
     /// Packets of its handshake the kernel dropped.
     pub drops: Vec<drops::HandshakeDrop>,
+}
+
+impl Conn {
+    /// Records a reported socket error. 0 means an ICMP error came while the process held the
+    /// socket: it went to `sk_err_soft`, which SO_ERROR hands out (and clears).
+    fn set_error(&mut self, errno: i32) {
+        if errno == 0 {
+            self.soft_error = true;
+        } else {
+            self.errno.get_or_insert(errno);
+        }
+    }
 }
 
 /// What identifies a decided connection for late syscall results.
@@ -302,6 +316,7 @@ impl Engine {
             rst_received: None,
             reported: false,
             orderly_close: false,
+            soft_error: false,
             drops: Vec::new(),
         }
     }
@@ -336,7 +351,8 @@ impl Engine {
                 tuple,
                 old,
                 new,
-            } => self.on_state(meta, sk, tuple, old, new, out),
+                sk_err,
+            } => self.on_state(meta, sk, tuple, (old, new, sk_err), out),
             KernelEvent::SocketError { meta, tuple, errno } => {
                 let found = self
                     .by_tuple
@@ -345,7 +361,7 @@ impl Engine {
                     .filter(|c| c.errno.is_none());
                 match found {
                     Some(c) => {
-                        c.errno = Some(errno);
+                        c.set_error(errno);
                         c.last_ns = meta.ts_ns;
                     }
                     None if self.orphan_errors.len() < self.cfg.max_connections => {

@@ -135,6 +135,8 @@ pub enum KernelEvent {
         tuple: FourTuple,
         old: TcpState,
         new: TcpState,
+        /// On a change to CLOSE: the socket's error (positive errno), if it had one.
+        sk_err: Option<i32>,
     },
     /// `inet_sk_error_report`; `errno` is positive.
     SocketError {
@@ -258,7 +260,7 @@ impl Reason {
                 "the client has no route to the destination: check its routing table and address"
             }
             Self::IcmpUnreachable => {
-                "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path"
+                "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path; ICMP answers are rate-limited, so bursts of connections wait for SYN retransmits (detail.unanswered_syns), where --reject-with tcp-reset fails at once"
             }
             Self::RefusedBoundElsewhere => {
                 "the service listens on this port, but on another address: make it bind the address clients use (or 0.0.0.0)"

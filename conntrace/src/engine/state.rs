@@ -12,8 +12,7 @@ impl Engine {
         meta: Meta,
         sk: u64,
         tuple: FourTuple,
-        old: TcpState,
-        new: TcpState,
+        (old, new, sk_err): (TcpState, TcpState, Option<i32>),
         out: &mut Vec<Verdict>,
     ) {
         let ts = meta.ts_ns;
@@ -70,7 +69,12 @@ impl Engine {
             TcpState::FinWait1 | TcpState::CloseWait | TcpState::LastAck | TcpState::Closing => {
                 c.orderly_close = true;
             }
-            TcpState::Close => c.closed = Some((ts, old)),
+            TcpState::Close => {
+                c.closed = Some((ts, old));
+                if let Some(errno) = sk_err {
+                    c.errno.get_or_insert(errno);
+                }
+            }
             _ => {}
         }
         if let Some(v) = verdict {
@@ -85,7 +89,7 @@ impl Engine {
                 && orphan.ts_ns >= started
                 && let Some(c) = self.conn_mut(sk)
             {
-                c.errno.get_or_insert(orphan.errno);
+                c.set_error(orphan.errno);
             }
             if let Some(&id) = self.by_sk.get(&sk)
                 && !self.closing.contains(&id)

@@ -130,6 +130,8 @@ impl KernelBtf {
             skb_transport_header: off("sk_buff", &["transport_header"]),
             skb_network_header: off("sk_buff", &["network_header"]),
             skb_sk: off("sk_buff", &["sk"]),
+            sock_err: off("sock", &["sk_err"]),
+            sock_err_soft: off("sock", &["sk_err_soft"]),
         }
     }
 
@@ -173,6 +175,8 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sk_buff.transport_header", o.skb_transport_header),
         ("sk_buff.network_header", o.skb_network_header),
         ("sk_buff.sk", o.skb_sk),
+        ("sock.sk_err", o.sock_err),
+        ("sock.sk_err_soft", o.sock_err_soft),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

@@ -82,6 +82,7 @@ impl Sock {
             tuple: self.t,
             old,
             new,
+            sk_err: None,
         }
     }
 

@@ -112,3 +112,36 @@ fn address_reused_without_an_observed_close_starts_a_new_connection() {
         "the client had a verdict"
     );
 }
+
+#[test]
+fn socket_error_read_at_close_survives_a_zero_error_report() {
+    // An ICMP port unreachable in SYN_SENT: the waiting process can clear sk_err before
+    // inet_sk_error_report fires, which then reports 0; the CLOSE event read it first.
+    let c = Sock::client(SK_A, SPORT);
+    let mut close = c.st(2 * MS, S::SynSent, S::Close);
+    if let KernelEvent::State { sk_err, .. } = &mut close {
+        *sk_err = Some(111);
+    }
+    let v = run_default(vec![c.connect(MS, 100, "client"), close, c.err(2 * MS, 0)]);
+    check(&v, "client failed icmp_unreachable ECONNREFUSED");
+}
+
+#[test]
+fn icmp_error_while_the_socket_was_busy_is_icmp_unreachable() {
+    // The ICMP came inside connect(): the kernel reported a soft error (sk_err 0), the
+    // application read it with SO_ERROR and closed the socket itself.
+    let c = Sock::client(SK_A, SPORT);
+    let events = vec![
+        c.connect(MS, 100, "client"),
+        c.err(MS + 10_000, 0),
+        c.st_by(meta(MS + 20_000, 100, "client"), S::SynSent, S::Close),
+    ];
+    let v = run_default(events);
+    check(&v, "client failed icmp_unreachable -");
+    // Without that report, the same close is the application giving up.
+    let events = vec![
+        c.connect(MS, 100, "client"),
+        c.st_by(meta(MS + 20_000, 100, "client"), S::SynSent, S::Close),
+    ];
+    check(&run_default(events), "client failed syn_timeout -");
+}
