@@ -6,6 +6,7 @@ mod engine;
 mod kernel;
 mod listeners;
 mod output;
+mod rules;
 mod run;
 
 use std::process::ExitCode;

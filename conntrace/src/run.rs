@@ -14,6 +14,7 @@ use crate::{
     engine::{Engine, EngineConfig, verdict::Verdict},
     kernel::{LoadError, Tracer, TracerOptions, attach::Capability, kallsyms::Kallsyms},
     listeners::ListenerCache,
+    rules::RuleCounters,
     output::{Clock, Final, Format, Output, OutputError, Ready, Record},
 };
 
@@ -102,6 +103,13 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         ring_buffer_bytes: cli.ring_buffer_bytes,
         degraded: tracer.missing_offsets.clone(),
     };
+    // The firewall's rule counters before any traffic is traced: the baseline that later
+    // netfilter drops are measured against.
+    let rules = tracer
+        .active
+        .iter()
+        .any(|p| p.capability == Capability::Drops)
+        .then(RuleCounters::new);
     out.write(&Record::Ready(&ready))?;
 
     let mut engine = Engine::new(EngineConfig {
@@ -115,6 +123,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         ..EngineConfig::default()
     })
     .with_listener_lookup(Box::new(ListenerCache::default()));
+    if let Some(rules) = rules {
+        engine = engine.with_rule_lookup(Box::new(rules));
+    }
     let kallsyms = Kallsyms::load(std::path::Path::new("/proc/kallsyms")).unwrap_or_else(|e| {
         warn!("read /proc/kallsyms: {e}; drop locations are shown as addresses");
         Kallsyms::default()

@@ -259,6 +259,10 @@ pub(super) fn apply_drops(v: &mut Verdict, drops: &[HandshakeDrop]) {
     v.outcome = Outcome::Failed;
     v.reason = reason;
     v.kernel_reason = Some(d.reason.clone());
+    if reason == Reason::NeighbourFailed {
+        // The unreachable came from this host's own neighbour layer, not from the network.
+        v.detail.remove("icmp");
+    }
     if let Some(hook) = d.hook {
         v.detail.insert("hook".into(), json!(hook));
     }

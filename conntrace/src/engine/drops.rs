@@ -181,7 +181,10 @@ impl Engine {
         let room = self.attempts.len() < self.cfg.max_connections;
         // Only a packet of no known connection can be an attempt's; drops on established
         // connections are reported alone.
+        // A socket decided moments ago (its SYNs purged after it timed out) is no new attempt.
+        let decided = outgoing && self.recently_decided.contains_key(&f.sk);
         if id.is_none()
+            && !decided
             && ATTRIBUTED.contains(&f.reason.as_str())
             && (room || self.attempts.contains_key(&key))
         {

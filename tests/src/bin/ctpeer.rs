@@ -1,8 +1,9 @@
 //! Test peer: a small TCP server or client run inside a test namespace.
 //!
 //! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--linger0] [--backlog N]`
-//!   prints `listening` when ready, accepts N connections (default: until killed), sends the
-//!   greeting, then either aborts with SO_LINGER 0 (`--linger0`) or waits for the peer to close.
+//!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
+//!   accepts, holding the listener until killed), sends the greeting, then either aborts with
+//!   SO_LINGER 0 (`--linger0`) or waits for the peer to close.
 //! `ctpeer connect ADDR PORT [--count N] [--timeout-ms T] [--sport P] [--parallel K] [--read | --read-until-close]`
 //!   makes N connections (K at a time) and prints one JSON line per attempt:
 //!   `{"ok":true,"local":"10.77.1.1:40000","errno":null,"ms":0.3,"error_at_unix_ms":...}`.
@@ -47,6 +48,12 @@ fn serve(addr: SocketAddr, args: &[String]) {
     let linger0 = has(args, "--linger0");
     println!("listening");
     std::io::stdout().flush().ok();
+    if limit == 0 {
+        // A server that never calls accept(): its queue fills up.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     for _ in 0..limit {
         let Ok((mut s, _)) = listener.accept() else {
             continue;

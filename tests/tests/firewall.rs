@@ -1,0 +1,291 @@
+//! Firewall scenarios: iptables and nftables rules inside the test's own namespaces, the real
+//! eBPF programs, and both sides' verdicts checked: which hook dropped the SYN, which rule, and
+//! what a REJECT costs the client.
+
+use std::time::Duration;
+
+use conntrace_tests::{
+    Conntrace, Netns, TwoHosts, connect, drops_in, only_verdict_in, require_root, verdicts_in,
+};
+use serde_json::Value;
+
+const PORT: u16 = 3306;
+
+/// What one connection through a firewall rule left behind.
+struct FirewalledRun {
+    hosts: TwoHosts,
+    values: Vec<Value>,
+    client_pid: u32,
+}
+
+/// Adds the rule (a command run in the client's or the server's namespace), sets the client's
+/// `tcp_syn_retries` to 1 (about 3 s to ETIMEDOUT), makes one connection from `sport` under
+/// conntrace, and checks the client saw only a timeout.
+fn connect_through(rule: impl FnOnce(&TwoHosts), sport: u16) -> FirewalledRun {
+    let hosts = TwoHosts::new();
+    rule(&hosts);
+    hosts
+        .client
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let sport = sport.to_string();
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--sport", &sport, "--timeout-ms", "20000"],
+    );
+    let client_pid = client.pid();
+    let results = client.json_lines(Duration::from_secs(30));
+    assert_eq!(
+        results[0]["errno"], 110,
+        "the client should see only ETIMEDOUT: {results:?}"
+    );
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    FirewalledRun {
+        hosts,
+        values,
+        client_pid,
+    }
+}
+
+fn iptables_drop(ns: &Netns, chain: &str) {
+    ns.exec(&[
+        "iptables", "-A", chain, "-p", "tcp", "--dport", "3306", "-j", "DROP",
+    ]);
+}
+
+/// Checks a `netfilter_drop` verdict's hook and rule.
+fn assert_dropped_by(v: &Value, hook: &str, family: &str, table: &str, chain: &str) {
+    assert_eq!(v["reason"], "netfilter_drop", "{v}");
+    assert_eq!(v["kernel_reason"], "NETFILTER_DROP");
+    assert_eq!(v["detail"]["hook"], hook, "{v}");
+    let rule = &v["detail"]["rule"];
+    assert_eq!(
+        (&rule["family"], &rule["table"], &rule["chain"]),
+        (
+            &Value::from(family),
+            &Value::from(table),
+            &Value::from(chain)
+        ),
+        "{v}"
+    );
+    let text = rule["text"].as_str().unwrap_or_default();
+    assert!(
+        text.contains("dport 3306") && text.ends_with("drop"),
+        "rule text {text:?}"
+    );
+    assert!(rule["packets"].as_u64() >= Some(1), "{v}");
+}
+
+#[test]
+fn server_input_drop_names_the_hook_and_the_rule() {
+    require_root();
+    let run = connect_through(|h| iptables_drop(&h.server, "INPUT"), 41003);
+    let (hosts, values) = (&run.hosts, &run.values);
+    // The client cannot know: its SYNs went unanswered.
+    let c = only_verdict_in(values, hosts.client.inode());
+    assert_eq!(
+        (&c["reason"], &c["errno"]),
+        (&"syn_timeout".into(), &"ETIMEDOUT".into())
+    );
+    assert_eq!(c["detail"]["cause"], "kernel_gave_up");
+    let syns = c["syn_retransmits"].as_u64().expect("count") + 1;
+    assert!(syns >= 2, "{c}");
+    // The server's kernel knows: one verdict for the attempt, every SYN counted.
+    let s = only_verdict_in(values, hosts.server.inode());
+    assert_eq!(s["side"], "server");
+    assert_dropped_by(&s, "INPUT", "ip", "filter", "INPUT");
+    assert_eq!(s["detail"]["dropped"], syns, "{s}");
+    assert_eq!(s["syn_retransmits"], syns - 1);
+    assert_eq!(
+        (s["saddr"].as_str(), s["sport"].as_u64()),
+        (Some(hosts.server_ip.as_str()), Some(3306))
+    );
+    assert_eq!(
+        (s["daddr"].as_str(), s["dport"].as_u64()),
+        (Some(hosts.client_ip.as_str()), Some(41003))
+    );
+    assert!(
+        drops_in(values, hosts.server.inode()).is_empty(),
+        "joined, not loose"
+    );
+    assert_eq!(
+        values.last().expect("summary")["drops_by_reason"]["NETFILTER_DROP"],
+        syns
+    );
+}
+
+#[test]
+fn client_output_drop_is_a_netfilter_drop_not_a_bare_timeout() {
+    require_root();
+    let run = connect_through(|h| iptables_drop(&h.client, "OUTPUT"), 41007);
+    let (hosts, values) = (&run.hosts, &run.values);
+    let c = only_verdict_in(values, hosts.client.inode());
+    assert_dropped_by(&c, "OUTPUT", "ip", "filter", "OUTPUT");
+    assert_eq!(c["errno"], "ETIMEDOUT");
+    assert_eq!(
+        (c["pid"].as_u64(), c["comm"].as_str()),
+        (Some(u64::from(run.client_pid)), Some("ct-client"))
+    );
+    assert_eq!(
+        (c["sport"].as_u64(), c["dport"].as_u64()),
+        (Some(41007), Some(3306))
+    );
+    assert_eq!(c["detail"]["drops"][0]["direction"], "out");
+    assert!(
+        drops_in(values, hosts.client.inode()).is_empty(),
+        "joined, not loose"
+    );
+    assert!(
+        verdicts_in(values, hosts.server.inode()).is_empty(),
+        "nothing reached the server"
+    );
+}
+
+#[test]
+fn nftables_drop_rule_is_named_too() {
+    require_root();
+    let run = connect_through(
+        |h| {
+            let nft = |args: &str| {
+                let mut cmd = vec!["nft"];
+                cmd.extend(args.split(' '));
+                h.server.exec(&cmd);
+            };
+            nft("add table inet ctfw");
+            nft("add chain inet ctfw in { type filter hook input priority 0 ; }");
+            nft("add rule inet ctfw in tcp dport 3306 counter drop");
+        },
+        41011,
+    );
+    let s = only_verdict_in(&run.values, run.hosts.server.inode());
+    assert_dropped_by(&s, "INPUT", "inet", "ctfw", "in");
+    assert_eq!(s["detail"]["rule"]["text"], "tcp dport 3306 drop");
+}
+
+/// Eight connections in a row against `REJECT --reject-with WITH` on the server's INPUT: the
+/// client's results (errno and time per connection) and conntrace's records.
+fn reject_burst(with: &str) -> (TwoHosts, Vec<Value>, Vec<Value>) {
+    let hosts = TwoHosts::new();
+    hosts.server.exec(&[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "3306",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        with,
+    ]);
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--count", "8", "--timeout-ms", "20000"],
+    );
+    let results = client.json_lines(Duration::from_secs(60));
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    (hosts, results, values)
+}
+
+/// Prints what the REJECT cost the client (the README's REJECT table comes from these lines)
+/// and returns the slowest connection's time to error in ms.
+fn report_cost(with: &str, results: &[Value], errno: i64) -> f64 {
+    assert_eq!(results.len(), 8, "{results:?}");
+    for r in results {
+        assert_eq!(
+            (&r["ok"], r["errno"].as_i64()),
+            (&false.into(), Some(errno)),
+            "{r}"
+        );
+    }
+    let mut ms: Vec<f64> = results.iter().filter_map(|r| r["ms"].as_f64()).collect();
+    ms.sort_by(f64::total_cmp);
+    let slow = ms.iter().filter(|&&m| m >= 900.0).count();
+    println!(
+        "REJECT --reject-with {with}: errno {errno} on 8 of 8 connects in a row; \
+         time to error: fastest {:.2} ms, median {:.2} ms, slowest {:.0} ms; {slow} of 8 took >= 0.9 s",
+        ms[0], ms[4], ms[7]
+    );
+    ms[7]
+}
+
+/// The server's verdicts: one `netfilter_reject` per connection, naming the REJECT type.
+fn assert_server_rejected(hosts: &TwoHosts, values: &[Value], with: &str) {
+    let server = verdicts_in(values, hosts.server.inode());
+    assert_eq!(server.len(), 8, "{server:#?}");
+    for s in &server {
+        assert_eq!(s["reason"], "netfilter_reject", "{s}");
+        assert_eq!(s["detail"]["reject_with"], with, "{s}");
+        assert_eq!(s["detail"]["hook"], "INPUT");
+        assert_eq!(s["detail"]["rule"]["chain"], "INPUT");
+    }
+}
+
+#[test]
+fn reject_with_tcp_reset_fails_every_connect_at_once() {
+    require_root();
+    let (hosts, results, values) = reject_burst("tcp-reset");
+    let slowest = report_cost("tcp-reset", &results, 111);
+    assert!(slowest < 500.0, "a RST is never rate-limited: {results:?}");
+    assert_server_rejected(&hosts, &values, "tcp-reset");
+    let client = verdicts_in(&values, hosts.client.inode());
+    assert_eq!(client.len(), 8);
+    for c in &client {
+        assert_eq!(
+            (&c["reason"], &c["errno"]),
+            (&"refused_no_listener".into(), &"ECONNREFUSED".into()),
+            "{c}"
+        );
+        assert_eq!(c["syn_retransmits"], 0);
+    }
+}
+
+/// ICMP answers from a REJECT are rate-limited per destination (`net.ipv4.icmp_ratelimit`,
+/// 1000 ms, after a burst of 6): in a burst of connections, some first SYNs get no answer and
+/// the client waits for its 1 s SYN retransmit. That is the seed's PHP client waiting 1 s
+/// where `--reject-with tcp-reset` fails at once.
+fn icmp_reject(with: &str, errno: i64, errno_name: &str) {
+    let (hosts, results, values) = reject_burst(with);
+    let slowest = report_cost(with, &results, errno);
+    assert!(
+        slowest >= 900.0,
+        "expected the ICMP rate limit to cost a retransmit: {results:?}"
+    );
+    assert_server_rejected(&hosts, &values, with);
+    let client = verdicts_in(&values, hosts.client.inode());
+    assert_eq!(client.len(), 8, "{client:#?}");
+    for c in &client {
+        assert_eq!(c["reason"], "icmp_unreachable", "{c}");
+        // The errno is seen unless the ICMP came while connect() still held the socket (the
+        // application then reads it from sk_err_soft first).
+        assert!(c["errno"] == errno_name || c["errno"].is_null(), "{c}");
+        let rtx = c["syn_retransmits"].as_u64().expect("count");
+        if rtx > 0 {
+            assert_eq!(c["detail"]["unanswered_syns"], rtx, "{c}");
+        }
+    }
+    assert!(
+        client
+            .iter()
+            .any(|c| c["detail"]["unanswered_syns"].as_u64() >= Some(1)),
+        "the slow connects show their unanswered SYNs: {client:#?}"
+    );
+}
+
+#[test]
+fn reject_with_icmp_port_unreachable_costs_bursts_a_retransmit() {
+    require_root();
+    icmp_reject("icmp-port-unreachable", 111, "ECONNREFUSED");
+}
+
+#[test]
+fn reject_with_icmp_host_prohibited_costs_bursts_a_retransmit() {
+    require_root();
+    icmp_reject("icmp-host-prohibited", 113, "EHOSTUNREACH");
+}
