@@ -14,7 +14,14 @@ use procfs::{
     process::{FDTarget, Process, all_processes},
 };
 
-use crate::engine::{Listener, ListenerLookup};
+use std::path::Path;
+
+use tracing::debug;
+
+use crate::{
+    engine::{Listener, ListenerLookup},
+    sockdiag,
+};
 
 /// How long a look-up is reused: refusals come in bursts (a client retrying, a SYN flood).
 const CACHE_FOR: Duration = Duration::from_secs(2);
@@ -39,12 +46,27 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
     let Some(any) = in_ns.first() else {
         return Vec::new();
     };
-    // For a listener, rx_queue is the accept queue's length and tx_queue its limit (backlog).
-    let mut sockets: HashMap<u64, (SocketAddr, u32, u32)> = HashMap::new();
+    // /proc/net/tcp has no backlog for a listener: the queue and its limit come from
+    // sock_diag, as `ss -ltn` shows them; without it (no CAP_SYS_ADMIN) they are unknown.
+    let queues: HashMap<u64, (u32, u32)> = match sockdiag::listeners(
+        Path::new(&format!("/proc/{}/ns/net", any.pid())),
+        Some(port),
+    ) {
+        Ok(found) => found
+            .into_iter()
+            .map(|l| (l.inode, (l.accept_queue, l.backlog)))
+            .collect(),
+        Err(error) => {
+            debug!(%error, netns, port, "listen queues unknown");
+            HashMap::new()
+        }
+    };
+    let mut sockets: HashMap<u64, (SocketAddr, Option<u32>, Option<u32>)> = HashMap::new();
     for table in [any.tcp(), any.tcp6()].into_iter().flatten() {
         for e in table {
             if e.state == TcpState::Listen && e.local_address.port() == port {
-                sockets.insert(e.inode, (e.local_address, e.rx_queue, e.tx_queue));
+                let q = queues.get(&e.inode);
+                sockets.insert(e.inode, (e.local_address, q.map(|q| q.0), q.map(|q| q.1)));
             }
         }
     }
@@ -65,8 +87,8 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
                     addr,
                     pid: Some(p.pid() as u32),
                     comm,
-                    accept_queue: Some(queue),
-                    backlog: Some(backlog),
+                    accept_queue: queue,
+                    backlog,
                 });
             }
         }
@@ -78,8 +100,8 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
                 addr,
                 pid: None,
                 comm: None,
-                accept_queue: Some(queue),
-                backlog: Some(backlog),
+                accept_queue: queue,
+                backlog,
             });
         }
     }

@@ -6,8 +6,10 @@ mod engine;
 mod kernel;
 mod listeners;
 mod output;
+mod overflow;
 mod rules;
 mod run;
+mod sockdiag;
 
 use std::process::ExitCode;
 

@@ -14,8 +14,9 @@ use crate::{
     engine::{Engine, EngineConfig, verdict::Verdict},
     kernel::{LoadError, Tracer, TracerOptions, attach::Capability, kallsyms::Kallsyms},
     listeners::ListenerCache,
-    rules::RuleCounters,
     output::{Clock, Final, Format, Output, OutputError, Ready, Record},
+    overflow::OverflowWatch,
+    rules::RuleCounters,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         .iter()
         .any(|p| p.capability == Capability::Drops)
         .then(RuleCounters::new);
+    let mut overflows = OverflowWatch::new(&cli.ports);
     out.write(&Record::Ready(&ready))?;
 
     let mut engine = Engine::new(EngineConfig {
@@ -142,6 +144,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let deadline = tokio::time::sleep(cli.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
 
     loop {
@@ -156,6 +159,13 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 let verdicts = engine.tick(Clock::mono_now_ns());
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
+            }
+            _ = overflow_poll.tick() => {
+                let mut verdicts = Vec::new();
+                for ev in overflows.poll(Clock::mono_now_ns()) {
+                    verdicts.extend(engine.handle(ev));
+                }
+                write_verdicts(&mut out, &mut engine, &verdicts)?;
             }
             _ = sigint.recv() => { debug!("SIGINT"); break }
             _ = sigterm.recv() => { debug!("SIGTERM"); break }

@@ -37,6 +37,11 @@ fn connect_through(rule: impl FnOnce(&TwoHosts), sport: u16) -> FirewalledRun {
     );
     let client_pid = client.pid();
     let results = client.json_lines(Duration::from_secs(30));
+    println!(
+        "MEASURED DROP: connect() failed with errno {} after {:.0} ms (tcp_syn_retries=1)",
+        results[0]["errno"],
+        results[0]["ms"].as_f64().unwrap_or_default()
+    );
     assert_eq!(
         results[0]["errno"], 110,
         "the client should see only ETIMEDOUT: {results:?}"

@@ -510,6 +510,33 @@ pub(super) fn apply_rule(v: &mut Verdict, finding: RuleFinding) {
     }
 }
 
+/// A listener-level overflow from the kernel's counter: no single client to name, so the
+/// remote end is the unspecified address and port 0.
+pub(super) fn listen_overflow(
+    meta: &Meta,
+    listener: std::net::SocketAddr,
+    (accept_queue, backlog): (u32, u32),
+    overflows: u64,
+) -> Verdict {
+    let unspecified = match listener {
+        std::net::SocketAddr::V4(_) => std::net::IpAddr::from([0u8; 4]),
+        std::net::SocketAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
+    };
+    let tuple = FourTuple {
+        saddr: listener.ip(),
+        sport: listener.port(),
+        daddr: unspecified,
+        dport: 0,
+    };
+    let mut v = socketless(meta, tuple, Side::Server);
+    v.reason = Reason::ListenOverflow;
+    v.kernel_reason = Some("TcpExtListenOverflows".into());
+    v.detail.insert("overflows".into(), json!(overflows));
+    v.detail.insert("accept_queue".into(), json!(accept_queue));
+    v.detail.insert("backlog".into(), json!(backlog));
+    v
+}
+
 /// For a listen-queue overflow: the listener's accept queue and backlog, and who holds it.
 pub(super) fn queue_detail(v: &mut Verdict, listeners: &[Listener]) {
     if v.reason != Reason::ListenOverflow {

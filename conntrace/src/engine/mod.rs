@@ -453,6 +453,17 @@ impl Engine {
                 tcp_flags,
                 hook,
             }),
+            KernelEvent::ListenOverflow {
+                meta,
+                listener,
+                accept_queue,
+                backlog,
+                overflows,
+            } => {
+                let v =
+                    decide::listen_overflow(&meta, listener, (accept_queue, backlog), overflows);
+                self.emit(out, v);
+            }
             KernelEvent::ConnectFailed {
                 meta,
                 sk,

@@ -76,17 +76,6 @@ pub enum NfHook {
 }
 
 impl NfHook {
-    /// The iptables chain name: `INPUT`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::PreRouting => "PREROUTING",
-            Self::Input => "INPUT",
-            Self::Forward => "FORWARD",
-            Self::Output => "OUTPUT",
-            Self::PostRouting => "POSTROUTING",
-        }
-    }
-
     /// The nftables hook name: `input`.
     pub fn nft_name(self) -> &'static str {
         match self {
@@ -182,6 +171,15 @@ pub enum KernelEvent {
         tcp_flags: u8,
         /// For netfilter drops: the hook, from the kernel stack at the drop.
         hook: Option<NfHook>,
+    },
+    /// A listener's accept queue overflowed: its namespace's `TcpExtListenOverflows` counter grew
+    /// by `overflows` while the queue was full (read from /proc, not from an eBPF program).
+    ListenOverflow {
+        meta: Meta,
+        listener: std::net::SocketAddr,
+        accept_queue: u32,
+        backlog: u32,
+        overflows: u64,
     },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
     ConnectFailed {

@@ -18,6 +18,37 @@ fn endpoint(addr: Option<std::net::IpAddr>, port: Option<u16>) -> String {
     format!("{a}:{p}")
 }
 
+/// The `detail` facts worth a glance: where a firewall dropped, which rule, the listen queue.
+fn facts(v: &Verdict) -> Vec<String> {
+    let d = &v.detail;
+    let text = |key: &str| d.get(key).and_then(|x| x.as_str());
+    let mut out = Vec::new();
+    if let Some(hook) = text("hook") {
+        out.push(format!("hook {hook}"));
+    }
+    if let Some(r) = d.get("rule") {
+        let field = |k: &str| r.get(k).and_then(|x| x.as_str()).unwrap_or("?");
+        let place = format!("{} {} {}", field("family"), field("table"), field("chain"));
+        match r.get("text").and_then(|x| x.as_str()) {
+            Some(rule) => out.push(format!("rule {place}: {rule}")),
+            None => out.push(format!("policy drop of {place}")),
+        }
+    }
+    if let Some(n) = d.get("rule_candidates").and_then(|x| x.as_array()) {
+        out.push(format!("{} candidate rules", n.len()));
+    }
+    if let Some(with) = text("reject_with") {
+        out.push(format!("reject with {with}"));
+    }
+    if let (Some(q), Some(b)) = (d.get("accept_queue"), d.get("backlog")) {
+        out.push(format!("accept queue {q}/{b}"));
+    }
+    if let Some(n) = d.get("unanswered_syns") {
+        out.push(format!("{n} SYNs unanswered first"));
+    }
+    out
+}
+
 fn verdict(v: &Verdict, clock: &Clock) -> String {
     let who = match (&v.comm, v.pid) {
         (Some(c), Some(p)) => format!("{c}[{p}]"),
@@ -41,6 +72,10 @@ fn verdict(v: &Verdict, clock: &Clock) -> String {
         line.push_str(&format!(", {} SYN retransmits", v.syn_retransmits));
     }
     line.push(')');
+    let facts = facts(v);
+    if !facts.is_empty() {
+        line.push_str(&format!(" [{}]", facts.join(", ")));
+    }
     if v.outcome != Outcome::Established {
         line.push_str(" — ");
         line.push_str(v.reason.advice());

@@ -116,7 +116,7 @@ fn client_syns_dropped_in_output_make_its_timeout_a_netfilter_drop() {
     let c = Sock::client(SK_A, SPORT);
     let mut out = Vec::new();
     let mut e = Engine::new(EngineConfig::default());
-    let mut out_drop = |ts| {
+    let out_drop = |ts| {
         let mut ev = dropped(ts, SK_A, tuple(SPORT, DPORT), SYN, NETFILTER_DROP);
         if let KernelEvent::Dropped { hook, .. } = &mut ev {
             *hook = Some(NfHook::Output);

@@ -1,0 +1,125 @@
+//! Drops the kernel makes on its own: a neighbour that never answers ARP, and a listener whose
+//! accept queue is full. Real namespaces, real eBPF, both sides checked.
+
+use std::time::Duration;
+
+use conntrace_tests::{
+    Conntrace, TwoHosts, connect, drops_in, only_verdict_in, require_root, serve, verdicts_in,
+};
+
+const PORT: u16 = 3306;
+
+#[test]
+fn an_address_nobody_owns_is_neighbour_failed() {
+    require_root();
+    let hosts = TwoHosts::new();
+    // On the veth subnet, but no host has it: ARP goes unanswered.
+    let nobody = hosts
+        .client_ip
+        .rsplit_once('.')
+        .map(|(net, _)| format!("{net}.250"))
+        .expect("IPv4 address");
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let client = connect(&hosts.client, &nobody, PORT, &["--timeout-ms", "20000"]);
+    let results = client.json_lines(Duration::from_secs(30));
+    // The application only learns EHOSTUNREACH, after the neighbour probes ran out (~3 s).
+    assert_eq!(results[0]["errno"], 113, "{results:?}");
+    assert!(results[0]["ms"].as_f64() > Some(2000.0), "{results:?}");
+    println!(
+        "MEASURED neighbour_failed: connect() to {nobody} failed with errno 113 after {:.0} ms",
+        results[0]["ms"].as_f64().unwrap_or_default()
+    );
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    let v = only_verdict_in(&values, hosts.client.inode());
+    assert_eq!(
+        (&v["reason"], &v["errno"], &v["kernel_reason"]),
+        (
+            &"neighbour_failed".into(),
+            &"EHOSTUNREACH".into(),
+            &"NEIGH_FAILED".into()
+        ),
+        "{v}"
+    );
+    assert_eq!(
+        (v["daddr"].as_str(), v["comm"].as_str()),
+        (Some(nobody.as_str()), Some("ct-client"))
+    );
+    let drop = &v["detail"]["drops"][0];
+    assert_eq!(
+        (&drop["direction"], &drop["tcp_flags"]),
+        (&"out".into(), &"SYN".into())
+    );
+    assert!(
+        drop["location"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("neigh")),
+        "{v}"
+    );
+    assert!(
+        v["detail"].get("icmp").is_none(),
+        "the unreachable was local: {v}"
+    );
+    assert!(
+        drops_in(&values, hosts.client.inode()).is_empty(),
+        "joined, not loose"
+    );
+}
+
+#[test]
+fn a_server_that_never_accepts_overflows_its_listen_queue() {
+    require_root();
+    let hosts = TwoHosts::new();
+    let _server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--backlog", "1", "--accept", "0"],
+    );
+    hosts
+        .client
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    let ct = Conntrace::start(&["--port", "3306"]);
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--count", "6", "--parallel", "6", "--timeout-ms", "10000"],
+    );
+    let results = client.json_lines(Duration::from_secs(30));
+    // The queue holds backlog + 1 = 2 connections; the other clients' SYNs are discarded.
+    let timed_out = results.iter().filter(|r| r["errno"] == 110).count();
+    assert!(timed_out >= 1, "{results:?}");
+    ct.wait_for(Duration::from_secs(3), |l| {
+        l.value["reason"] == "listen_overflow"
+    });
+    let values = ct.stop();
+    let server = verdicts_in(&values, hosts.server.inode());
+    let overflows: Vec<_> = server
+        .iter()
+        .filter(|v| v["reason"] == "listen_overflow")
+        .collect();
+    assert!(!overflows.is_empty(), "{server:#?}");
+    let mut counted = 0;
+    for v in &overflows {
+        assert_eq!(
+            (v["saddr"].as_str(), v["sport"].as_u64()),
+            (Some(hosts.server_ip.as_str()), Some(3306)),
+            "{v}"
+        );
+        assert_eq!(v["detail"]["backlog"], 1, "{v}");
+        assert!(v["detail"]["accept_queue"].as_u64() > Some(1), "{v}");
+        assert_eq!(v["detail"]["listener"]["comm"], "ct-server", "{v}");
+        counted += v["detail"]["overflows"].as_u64().expect("count");
+    }
+    // Every discarded SYN (first sends and retransmits) of the timed-out clients is counted.
+    assert!(counted >= timed_out as u64, "{overflows:#?}");
+    // The clients cannot tell: their SYNs went unanswered.
+    let client = verdicts_in(&values, hosts.client.inode());
+    assert_eq!(client.len(), timed_out, "{client:#?}");
+    for c in &client {
+        assert_eq!(
+            (&c["reason"], &c["errno"]),
+            (&"syn_timeout".into(), &"ETIMEDOUT".into())
+        );
+    }
+}
