@@ -129,13 +129,17 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
         results.len() - timed_out,
         overflows.len()
     );
-    // The clients cannot tell: their SYNs went unanswered.
+    // The clients cannot tell: their SYNs went unanswered. (A client whose final ACK was
+    // dropped believes it connected; closing, it may get a RST from a server with no socket
+    // for it: not a SYN timeout.)
     let client = verdicts_in(&values, hosts.client.inode());
-    assert_eq!(client.len(), timed_out, "{client:#?}");
-    for c in &client {
-        assert_eq!(
-            (&c["reason"], &c["errno"]),
-            (&"syn_timeout".into(), &"ETIMEDOUT".into())
-        );
+    let timeouts: Vec<_> = client
+        .iter()
+        .filter(|c| c["reason"] == "syn_timeout")
+        .collect();
+    assert_eq!(timeouts.len(), timed_out, "{client:#?}");
+    for c in &timeouts {
+        assert_eq!(c["errno"], "ETIMEDOUT", "{c}");
+        assert!(c["syn_retransmits"].as_u64() >= Some(1), "{c}");
     }
 }
