@@ -6,28 +6,26 @@
 #![no_std]
 #![no_main]
 
+mod drops;
+mod syscalls;
+
 use aya_ebpf::{
-    EbpfContext,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_stack,
-        bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
     macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use conntrace_common::{
-    ABSENT, AF_INET, AF_INET6, Accept, COMM_LEN, Config, ConnectError, DEFAULT_RING_BYTES,
-    DROP_STACK_DEPTH, ErrorReport, EventHeader, EventKind, FLAG_ALL_PORTS, KernelOffsets,
-    MAX_PORTS, PacketDrop, RESET_REASON_NONE, Reset, StateChange, SynRetransmit, TCP_FLAGS_UNKNOWN,
-    TracepointLayout, Tuple, TupleLayout,
+    ABSENT, AF_INET6, COMM_LEN, Config, DEFAULT_RING_BYTES, ErrorReport, EventHeader, EventKind,
+    FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, StateChange, SynRetransmit,
+    TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout,
 };
 
 const IPPROTO_TCP: u16 = 6;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
-const SOCK_STREAM: u16 = 1;
-const EINPROGRESS: i64 = 115;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -42,16 +40,6 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 /// Traced ports (host byte order); ignored when `FLAG_ALL_PORTS` is set.
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
-
-/// `connect()` calls in flight, by pid_tgid, between syscall entry and exit.
-#[derive(Clone, Copy)]
-struct PendingConnect {
-    fd: i64,
-    tuple: Tuple,
-}
-
-#[map]
-static CONNECTS: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(8192, 0);
 
 #[inline(always)]
 fn config() -> Option<&'static Config> {
@@ -165,30 +153,6 @@ fn answered_tcp_flags(o: &KernelOffsets, skb: u64) -> u32 {
         Ok(flags) => flags as u32,
         Err(_) => TCP_FLAGS_UNKNOWN,
     }
-}
-
-/// The `struct sock *` behind file descriptor `fd` of the current task, with `socket.type`.
-#[inline(always)]
-fn sock_of_fd(o: &KernelOffsets, fd: i64) -> (u64, u16) {
-    if fd < 0 || o.task_files == KernelOffsets::MISSING || o.socket_sk == KernelOffsets::MISSING {
-        return (0, 0);
-    }
-    // SAFETY: returns the current task pointer; only read through bpf_probe_read_kernel.
-    let task = unsafe { bpf_get_current_task() };
-    let files: u64 = kread(task + o.task_files as u64);
-    let fdt: u64 = kread(files + o.files_fdt as u64);
-    let max_fds: u32 = kread(fdt + o.fdtable_max_fds as u64);
-    if fdt == 0 || fd as u64 >= max_fds as u64 {
-        return (0, 0);
-    }
-    let fd_array: u64 = kread(fdt + o.fdtable_fd as u64);
-    let file: u64 = kread(fd_array + (fd as u64) * 8);
-    let socket: u64 = kread(file + o.file_private_data as u64);
-    if socket == 0 {
-        return (0, 0);
-    }
-    let kind: u16 = kread(socket + o.socket_type as u64);
-    (kread(socket + o.socket_sk as u64), kind)
 }
 
 #[inline(always)]
@@ -367,223 +331,6 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
         state,
         _pad: 0,
     });
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let Some(cfg) = config() else { return 0 };
-    let s = &cfg.syscalls;
-    let addr: u64 = field(&ctx, s.connect_addr);
-    if addr == 0 {
-        return 0;
-    }
-    let mut tuple = Tuple::default();
-    // SAFETY: user memory read through bpf_probe_read_user, which fails instead of faulting.
-    let family = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
-    let port = unsafe { bpf_probe_read_user((addr + 2) as *const u16) }.unwrap_or(0);
-    if family == AF_INET {
-        let a: [u8; 4] =
-            unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4]) }.unwrap_or_default();
-        tuple.daddr[..4].copy_from_slice(&a);
-    } else if family == AF_INET6 {
-        tuple.daddr =
-            unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) }.unwrap_or_default();
-    } else {
-        return 0;
-    }
-    tuple.family = family;
-    tuple.dport = u16::from_be(port);
-    if !port_traced(cfg, tuple.dport, tuple.dport) {
-        return 0;
-    }
-    let fd: u64 = field(&ctx, s.connect_fd);
-    let pending = PendingConnect {
-        fd: fd as i64,
-        tuple,
-    };
-    // A full LRU map evicts the oldest entry; nothing to do on error.
-    let _ignored = CONNECTS.insert(&bpf_get_current_pid_tgid(), &pending, 0);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
-    let Some(cfg) = config() else { return 0 };
-    let key = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let Some(pending) = (unsafe { CONNECTS.get(&key) }).copied() else {
-        return 0;
-    };
-    let _ignored = CONNECTS.remove(&key);
-    let ret: i64 = field(&ctx, cfg.syscalls.exit_ret);
-    if ret >= 0 || ret == -EINPROGRESS {
-        return 0;
-    }
-    let (skaddr, kind) = sock_of_fd(&cfg.offsets, pending.fd);
-    if skaddr != 0 && kind != SOCK_STREAM {
-        return 0;
-    }
-    emit(ConnectError {
-        header: header(
-            EventKind::ConnectError,
-            size_of::<ConnectError>(),
-            netns_of_sock(&cfg.offsets, skaddr),
-        ),
-        skaddr,
-        tuple: pending.tuple,
-        ret: ret as i32,
-        _pad: 0,
-    });
-    0
-}
-
-#[inline(always)]
-fn accepted(ctx: &TracePointContext) -> u32 {
-    let Some(cfg) = config() else { return 0 };
-    let fd: i64 = field(ctx, cfg.syscalls.exit_ret);
-    if fd < 0 {
-        return 0;
-    }
-    let o = &cfg.offsets;
-    let (skaddr, kind) = sock_of_fd(o, fd);
-    if skaddr == 0 || kind != SOCK_STREAM {
-        return 0;
-    }
-    let lport: u16 = kread(skaddr + o.sock_num as u64);
-    let rport = u16::from_be(kread(skaddr + o.sock_dport as u64));
-    if !port_traced(cfg, lport, rport) {
-        return 0;
-    }
-    emit(Accept {
-        header: header(
-            EventKind::Accept,
-            size_of::<Accept>(),
-            netns_of_sock(o, skaddr),
-        ),
-        skaddr,
-        fd,
-    });
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    accepted(&ctx)
-}
-
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    accepted(&ctx)
-}
-
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const IPPROTO_TCP_U8: u8 = 6;
-
-/// Parses the IPv4/IPv6 and TCP headers of `skb` from its own bytes: on the receive path the
-/// socket is often unknown, and a SYN dropped before socket lookup must still be seen.
-/// Returns the packet's tuple (s = source) and its TCP flags.
-#[inline(always)]
-fn packet_tuple(o: &KernelOffsets, skb: u64, proto: u16) -> Option<(Tuple, u32)> {
-    if o.skb_head == KernelOffsets::MISSING || o.skb_network_header == KernelOffsets::MISSING {
-        return None;
-    }
-    let head: u64 = kread(skb + o.skb_head as u64);
-    let nh: u16 = kread(skb + o.skb_network_header as u64);
-    if head == 0 || nh == u16::MAX {
-        return None;
-    }
-    let ip = head + nh as u64;
-    let mut t = Tuple::default();
-    let th = if proto == ETH_P_IP {
-        let ver_ihl: u8 = kread(ip);
-        if ver_ihl >> 4 != 4 || kread::<u8>(ip + 9) != IPPROTO_TCP_U8 {
-            return None;
-        }
-        let s: [u8; 4] = kread(ip + 12);
-        let d: [u8; 4] = kread(ip + 16);
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
-        t.family = AF_INET;
-        ip + ((ver_ihl & 0x0f) as u64) * 4
-    } else {
-        // Extension headers are not followed: a TCP segment behind one is not seen.
-        if kread::<u8>(ip) >> 4 != 6 || kread::<u8>(ip + 6) != IPPROTO_TCP_U8 {
-            return None;
-        }
-        t.saddr = kread(ip + 8);
-        t.daddr = kread(ip + 24);
-        t.family = AF_INET6;
-        ip + 40
-    };
-    t.sport = u16::from_be(kread(th));
-    t.dport = u16::from_be(kread(th + 2));
-    Some((t, kread::<u8>(th + 13) as u32))
-}
-
-#[tracepoint]
-pub fn kfree_skb(ctx: TracePointContext) -> u32 {
-    let Some(cfg) = config() else { return 0 };
-    let l = &cfg.kfree_skb;
-    let proto: u16 = field(&ctx, l.protocol);
-    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
-        return 0;
-    }
-    let o = &cfg.offsets;
-    let skb: u64 = field(&ctx, l.skbaddr);
-    let Some((tuple, tcp_flags)) = packet_tuple(o, skb, proto) else {
-        return 0;
-    };
-    if !port_traced(cfg, tuple.sport, tuple.dport) {
-        return 0;
-    }
-    let sk: u64 = if o.skb_sk == KernelOffsets::MISSING {
-        0
-    } else {
-        kread(skb + o.skb_sk as u64)
-    };
-    let rx_sk: u64 = field(&ctx, l.rx_sk);
-    // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
-    let mut netns = netns_of_skb(o, skb);
-    if netns == 0 {
-        netns = netns_of_sock(o, sk);
-    }
-    if netns == 0 {
-        netns = netns_of_sock(o, rx_sk);
-    }
-    let reason: u32 = field(&ctx, l.reason);
-    let drop = PacketDrop {
-        header: header(EventKind::Drop, size_of::<PacketDrop>(), netns),
-        sk,
-        rx_sk,
-        location: field(&ctx, l.location),
-        tuple,
-        reason,
-        tcp_flags,
-        stack: [0; DROP_STACK_DEPTH],
-    };
-    // Written in place: the record with its stack is too large for the eBPF stack.
-    let Some(mut entry) = EVENTS.reserve::<PacketDrop>(0) else {
-        count_lost();
-        return 0;
-    };
-    let slot = entry.as_mut_ptr();
-    // SAFETY: `slot` points to the reserved, exclusively owned ring-buffer record.
-    unsafe { slot.write(drop) };
-    if reason == cfg.stack_drop_reason {
-        // SAFETY: the helper writes at most the given size into the record's own stack array;
-        // on failure it leaves zeros, which userspace reads as "no stack".
-        unsafe {
-            bpf_get_stack(
-                ctx.as_ptr(),
-                (*slot).stack.as_mut_ptr().cast(),
-                (DROP_STACK_DEPTH * size_of::<u64>()) as u32,
-                0,
-            )
-        };
-    }
-    entry.submit(0);
     0
 }
 

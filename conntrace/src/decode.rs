@@ -9,7 +9,7 @@ use conntrace_common::{
     AF_INET6, Decoded, EventHeader, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN, Tuple, decode,
 };
 
-use crate::engine::model::{FourTuple, KernelEvent, Meta, Proc, TcpState};
+use crate::engine::model::{DroppedPacket, FourTuple, KernelEvent, Meta, Proc, TcpState};
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
 pub struct Decoder {
@@ -110,7 +110,7 @@ impl Decoder {
                 sk: e.skaddr,
                 fd: e.fd,
             },
-            Decoded::Drop(e) => KernelEvent::Dropped {
+            Decoded::Drop(e) => KernelEvent::Dropped(DroppedPacket {
                 meta: meta(&e.header),
                 sk: e.sk,
                 rx_sk: e.rx_sk,
@@ -128,7 +128,7 @@ impl Decoder {
                         .take_while(|&&a| a != 0)
                         .map(|&a| self.kallsyms.function(a)),
                 ),
-            },
+            }),
             Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
                 meta: meta(&e.header),
                 sk: e.skaddr,

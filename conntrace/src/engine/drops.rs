@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::{
     Engine, decide,
-    model::{FourTuple, Meta, NfHook, Proc, Side},
+    model::{DroppedPacket, FourTuple, Meta, NfHook, Proc, Side},
     verdict::{Direction, Verdict},
 };
 
@@ -98,18 +98,6 @@ pub(crate) fn drops_detail(drops: &[HandshakeDrop]) -> Value {
     )
 }
 
-/// A dropped packet, as the engine receives it.
-pub(crate) struct DropFact {
-    pub meta: Meta,
-    pub sk: u64,
-    pub rx_sk: u64,
-    pub packet: FourTuple,
-    pub reason: String,
-    pub location: String,
-    pub tcp_flags: u8,
-    pub hook: Option<NfHook>,
-}
-
 fn reversed(t: FourTuple) -> FourTuple {
     FourTuple {
         saddr: t.daddr,
@@ -120,7 +108,7 @@ fn reversed(t: FourTuple) -> FourTuple {
 }
 
 impl Engine {
-    pub(super) fn on_drop(&mut self, f: DropFact) {
+    pub(super) fn on_drop(&mut self, f: DroppedPacket) {
         *self
             .summary
             .drops_by_reason

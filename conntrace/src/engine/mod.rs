@@ -12,11 +12,10 @@ pub mod model;
 mod state;
 #[cfg(test)]
 mod tests;
+mod timers;
 pub mod verdict;
 
 use std::collections::{BTreeMap, HashMap};
-
-use serde_json::json;
 
 use self::{
     model::{FourTuple, KernelEvent, Meta, Proc, Side, TcpState},
@@ -434,25 +433,7 @@ impl Engine {
                     self.emit(out, v);
                 }
             }
-            KernelEvent::Dropped {
-                meta,
-                sk,
-                rx_sk,
-                packet,
-                reason,
-                location,
-                tcp_flags,
-                hook,
-            } => self.on_drop(drops::DropFact {
-                meta,
-                sk,
-                rx_sk,
-                packet,
-                reason,
-                location,
-                tcp_flags,
-                hook,
-            }),
+            KernelEvent::Dropped(d) => self.on_drop(d),
             KernelEvent::ListenOverflow {
                 meta,
                 listener,
@@ -486,133 +467,4 @@ impl Engine {
             }
         }
     }
-
-    /// Decides closed connections whose facts are complete, or whose grace period ran out.
-    fn decide_ready(&mut self, now_ns: u64, out: &mut Vec<Verdict>) {
-        let grace = self.cfg.grace_ns;
-        let conns = &self.conns;
-        let ready: Vec<u64> = self
-            .closing
-            .iter()
-            .copied()
-            .filter(|id| {
-                conns.get(id).is_none_or(|c| match c.closed {
-                    Some((at, _)) => decide::facts_complete(c) || now_ns >= at + grace,
-                    None => true,
-                })
-            })
-            .collect();
-        for id in ready {
-            self.finalize(id, now_ns, out);
-        }
-    }
-
-    /// Removes a closed connection and emits its verdict, if it has one.
-    fn finalize(&mut self, id: u64, now_ns: u64, out: &mut Vec<Verdict>) {
-        self.closing.retain(|&c| c != id);
-        let Some(c) = self.conns.remove(&id) else {
-            return;
-        };
-        self.unindex(id, &c);
-        let pid = c.proc.as_ref().map(|p| p.pid);
-        self.recently_decided.insert(
-            c.sk,
-            Decided {
-                at_ns: now_ns,
-                daddr: c.tuple.daddr,
-                dport: c.tuple.dport,
-                pid,
-            },
-        );
-        if let Some(v) = decide::closed(&c, &self.cfg) {
-            self.emit(out, v);
-        } else if c.side == Side::Server
-            && !c.reported
-            && c.established_ns.is_some()
-            && self.cfg.report_established
-        {
-            // Closed before anyone saw accept() return it.
-            let mut v = decide::established(&c, c.closed.map_or(now_ns, |(t, _)| t));
-            v.detail.insert("accepted".into(), json!(false));
-            self.emit(out, v);
-        }
-    }
-
-    /// Advances time: decides what waited long enough, expires what never resolved.
-    pub fn tick(&mut self, now_ns: u64) -> Vec<Verdict> {
-        let mut out = Vec::new();
-        self.decide_ready(now_ns, &mut out);
-        self.decide_attempts(now_ns, false, &mut out);
-        let (stall, idle, report) = (
-            self.cfg.stall_timeout_ns,
-            self.cfg.idle_expiry_ns,
-            self.cfg.report_established,
-        );
-        let mut verdicts = Vec::new();
-        for c in self.conns.values_mut() {
-            if c.side == Side::Server
-                && !c.reported
-                && c.closed.is_none()
-                && let Some(at) = c.established_ns.filter(|at| now_ns >= at + stall)
-            {
-                c.reported = true;
-                if report {
-                    let mut v = decide::established(c, now_ns);
-                    v.detail.insert("accepted".into(), json!(false));
-                    v.detail.insert("waited_ms".into(), json!(ms(at, now_ns)));
-                    verdicts.push(v);
-                }
-            }
-        }
-        for v in verdicts {
-            self.emit(&mut out, v);
-        }
-        let stale: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| now_ns >= c.last_ns + idle)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stale {
-            if let Some(c) = self.conns.remove(&id) {
-                self.unindex(id, &c);
-                self.forget(c);
-            }
-        }
-        let keep = 10 * grace_or(self.cfg.grace_ns);
-        self.recently_decided.retain(|_, d| now_ns < d.at_ns + keep);
-        let orphans_before = self.orphan_errors.len();
-        self.orphan_errors
-            .retain(|_, o| now_ns < o.ts_ns + 10 * grace_or(self.cfg.grace_ns));
-        self.summary.unmatched_errors += (orphans_before - self.orphan_errors.len()) as u64;
-        out
-    }
-
-    /// Ends the run: decides every closed connection now; open ones stay unresolved.
-    pub fn finish(&mut self, now_ns: u64) -> Vec<Verdict> {
-        let mut out = self.tick(now_ns);
-        let far = now_ns.saturating_add(self.cfg.grace_ns);
-        self.decide_ready(far, &mut out);
-        self.decide_attempts(now_ns, true, &mut out);
-        let open: Vec<Conn> = std::mem::take(&mut self.conns).into_values().collect();
-        self.by_sk.clear();
-        self.by_tuple.clear();
-        for c in open {
-            if self.cfg.report_established
-                && c.side == Side::Server
-                && !c.reported
-                && c.established_ns.is_some()
-            {
-                // Established but not yet reported when the run ends: report what is known.
-                let v = decide::established(&c, now_ns);
-                self.emit(&mut out, v);
-            }
-            self.forget(c);
-        }
-        out
-    }
-}
-
-fn grace_or(grace: u64) -> u64 {
-    grace.max(100_000_000)
 }

@@ -115,6 +115,24 @@ pub struct Meta {
     pub proc: Proc,
 }
 
+/// A TCP packet of a traced port that the kernel dropped (`skb:kfree_skb`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedPacket {
+    pub meta: Meta,
+    /// `skb->sk` and the tracepoint's `rx_sk`; 0 when none.
+    pub sk: u64,
+    pub rx_sk: u64,
+    /// The packet's own tuple (s = its source).
+    pub packet: FourTuple,
+    /// The kernel's drop reason (`enum skb_drop_reason` name).
+    pub reason: String,
+    /// Where it was dropped (`symbol+offset`).
+    pub location: String,
+    pub tcp_flags: u8,
+    /// For netfilter drops: the hook, from the kernel stack at the drop.
+    pub hook: Option<NfHook>,
+}
+
 /// One kernel fact, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
@@ -158,20 +176,8 @@ pub enum KernelEvent {
         sk: u64,
         fd: i64,
     },
-    /// The kernel dropped a TCP packet of a traced port (`skb:kfree_skb`). `packet` is the
-    /// packet's own tuple (s = its source).
-    Dropped {
-        meta: Meta,
-        /// `skb->sk` and the tracepoint's `rx_sk`; 0 when none.
-        sk: u64,
-        rx_sk: u64,
-        packet: FourTuple,
-        reason: String,
-        location: String,
-        tcp_flags: u8,
-        /// For netfilter drops: the hook, from the kernel stack at the drop.
-        hook: Option<NfHook>,
-    },
+    /// The kernel dropped a TCP packet of a traced port (`skb:kfree_skb`).
+    Dropped(DroppedPacket),
     /// A listener's accept queue overflowed: its namespace's `TcpExtListenOverflows` counter grew
     /// by `overflows` while the queue was full (read from /proc, not from an eBPF program).
     ListenOverflow {

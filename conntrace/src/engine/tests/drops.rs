@@ -3,7 +3,7 @@
 use super::*;
 use crate::engine::{
     drops::{LISTEN_OVERFLOW, NEIGH_FAILED, NETFILTER_DROP},
-    model::{FirewallRule, Listener, NfHook, RuleAction, RuleFinding, RuleLookup},
+    model::{DroppedPacket, FirewallRule, Listener, NfHook, RuleAction, RuleFinding, RuleLookup},
     verdict::Direction,
 };
 
@@ -11,7 +11,7 @@ const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 
 fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str) -> KernelEvent {
-    KernelEvent::Dropped {
+    KernelEvent::Dropped(DroppedPacket {
         meta: softirq(ts),
         sk,
         rx_sk: 0,
@@ -20,7 +20,7 @@ fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str) -> Kern
         location: "nft_do_chain+0x3e8".into(),
         tcp_flags: flags,
         hook: (reason == NETFILTER_DROP).then_some(NfHook::Input),
-    }
+    })
 }
 
 /// The client's packets as the server (10.77.0.2:3306) receives them.
@@ -118,8 +118,8 @@ fn client_syns_dropped_in_output_make_its_timeout_a_netfilter_drop() {
     let mut e = Engine::new(EngineConfig::default());
     let out_drop = |ts| {
         let mut ev = dropped(ts, SK_A, tuple(SPORT, DPORT), SYN, NETFILTER_DROP);
-        if let KernelEvent::Dropped { hook, .. } = &mut ev {
-            *hook = Some(NfHook::Output);
+        if let KernelEvent::Dropped(d) = &mut ev {
+            d.hook = Some(NfHook::Output);
         }
         ev
     };

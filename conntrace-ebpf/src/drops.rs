@@ -1,0 +1,123 @@
+//! `skb:kfree_skb`: TCP packets the kernel dropped, with its reason, parsed from the packet's
+//! own headers (a SYN dropped before any socket lookup has no socket to read).
+
+use aya_ebpf::{
+    EbpfContext, helpers::bpf_get_stack, macros::tracepoint, programs::TracePointContext,
+};
+use conntrace_common::{
+    AF_INET, AF_INET6, DROP_STACK_DEPTH, EventKind, KernelOffsets, PacketDrop, Tuple,
+};
+
+use crate::{
+    EVENTS, config, count_lost, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
+};
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP_U8: u8 = 6;
+
+/// Parses the IPv4/IPv6 and TCP headers of `skb` from its own bytes: on the receive path the
+/// socket is often unknown, and a SYN dropped before socket lookup must still be seen.
+/// Returns the packet's tuple (s = source) and its TCP flags.
+#[inline(always)]
+fn packet_tuple(o: &KernelOffsets, skb: u64, proto: u16) -> Option<(Tuple, u32)> {
+    if o.skb_head == KernelOffsets::MISSING || o.skb_network_header == KernelOffsets::MISSING {
+        return None;
+    }
+    let head: u64 = kread(skb + o.skb_head as u64);
+    let nh: u16 = kread(skb + o.skb_network_header as u64);
+    if head == 0 || nh == u16::MAX {
+        return None;
+    }
+    let ip = head + nh as u64;
+    let mut t = Tuple::default();
+    let th = if proto == ETH_P_IP {
+        let ver_ihl: u8 = kread(ip);
+        if ver_ihl >> 4 != 4 || kread::<u8>(ip + 9) != IPPROTO_TCP_U8 {
+            return None;
+        }
+        let s: [u8; 4] = kread(ip + 12);
+        let d: [u8; 4] = kread(ip + 16);
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+        t.family = AF_INET;
+        ip + ((ver_ihl & 0x0f) as u64) * 4
+    } else {
+        // Extension headers are not followed: a TCP segment behind one is not seen.
+        if kread::<u8>(ip) >> 4 != 6 || kread::<u8>(ip + 6) != IPPROTO_TCP_U8 {
+            return None;
+        }
+        t.saddr = kread(ip + 8);
+        t.daddr = kread(ip + 24);
+        t.family = AF_INET6;
+        ip + 40
+    };
+    t.sport = u16::from_be(kread(th));
+    t.dport = u16::from_be(kread(th + 2));
+    Some((t, kread::<u8>(th + 13) as u32))
+}
+
+#[tracepoint]
+pub fn kfree_skb(ctx: TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let l = &cfg.kfree_skb;
+    let proto: u16 = field(&ctx, l.protocol);
+    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+        return 0;
+    }
+    let o = &cfg.offsets;
+    let skb: u64 = field(&ctx, l.skbaddr);
+    let Some((tuple, tcp_flags)) = packet_tuple(o, skb, proto) else {
+        return 0;
+    };
+    if !port_traced(cfg, tuple.sport, tuple.dport) {
+        return 0;
+    }
+    let sk: u64 = if o.skb_sk == KernelOffsets::MISSING {
+        0
+    } else {
+        kread(skb + o.skb_sk as u64)
+    };
+    let rx_sk: u64 = field(&ctx, l.rx_sk);
+    // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
+    let mut netns = netns_of_skb(o, skb);
+    if netns == 0 {
+        netns = netns_of_sock(o, sk);
+    }
+    if netns == 0 {
+        netns = netns_of_sock(o, rx_sk);
+    }
+    let reason: u32 = field(&ctx, l.reason);
+    let drop = PacketDrop {
+        header: header(EventKind::Drop, size_of::<PacketDrop>(), netns),
+        sk,
+        rx_sk,
+        location: field(&ctx, l.location),
+        tuple,
+        reason,
+        tcp_flags,
+        stack: [0; DROP_STACK_DEPTH],
+    };
+    // Written in place: the record with its stack is too large for the eBPF stack.
+    let Some(mut entry) = EVENTS.reserve::<PacketDrop>(0) else {
+        count_lost();
+        return 0;
+    };
+    let slot = entry.as_mut_ptr();
+    // SAFETY: `slot` points to the reserved, exclusively owned ring-buffer record.
+    unsafe { slot.write(drop) };
+    if reason == cfg.stack_drop_reason {
+        // SAFETY: the helper writes at most the given size into the record's own stack array;
+        // on failure it leaves zeros, which userspace reads as "no stack".
+        unsafe {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                (*slot).stack.as_mut_ptr().cast(),
+                (DROP_STACK_DEPTH * size_of::<u64>()) as u32,
+                0,
+            )
+        };
+    }
+    entry.submit(0);
+    0
+}

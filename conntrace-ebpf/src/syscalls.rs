@@ -1,0 +1,155 @@
+//! `connect()` and `accept()`: the process behind a connection, and connect()'s own errors.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_user},
+    macros::{map, tracepoint},
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use conntrace_common::{AF_INET, AF_INET6, Accept, ConnectError, EventKind, KernelOffsets, Tuple};
+
+use crate::{config, emit, field, header, kread, netns_of_sock, port_traced};
+
+const SOCK_STREAM: u16 = 1;
+const EINPROGRESS: i64 = 115;
+
+/// `connect()` calls in flight, by pid_tgid, between syscall entry and exit.
+#[derive(Clone, Copy)]
+struct PendingConnect {
+    fd: i64,
+    tuple: Tuple,
+}
+
+#[map]
+static CONNECTS: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(8192, 0);
+
+/// The `struct sock *` behind file descriptor `fd` of the current task, with `socket.type`.
+#[inline(always)]
+fn sock_of_fd(o: &KernelOffsets, fd: i64) -> (u64, u16) {
+    if fd < 0 || o.task_files == KernelOffsets::MISSING || o.socket_sk == KernelOffsets::MISSING {
+        return (0, 0);
+    }
+    // SAFETY: returns the current task pointer; only read through bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task + o.task_files as u64);
+    let fdt: u64 = kread(files + o.files_fdt as u64);
+    let max_fds: u32 = kread(fdt + o.fdtable_max_fds as u64);
+    if fdt == 0 || fd as u64 >= max_fds as u64 {
+        return (0, 0);
+    }
+    let fd_array: u64 = kread(fdt + o.fdtable_fd as u64);
+    let file: u64 = kread(fd_array + (fd as u64) * 8);
+    let socket: u64 = kread(file + o.file_private_data as u64);
+    if socket == 0 {
+        return (0, 0);
+    }
+    let kind: u16 = kread(socket + o.socket_type as u64);
+    (kread(socket + o.socket_sk as u64), kind)
+}
+
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let s = &cfg.syscalls;
+    let addr: u64 = field(&ctx, s.connect_addr);
+    if addr == 0 {
+        return 0;
+    }
+    let mut tuple = Tuple::default();
+    // SAFETY: user memory read through bpf_probe_read_user, which fails instead of faulting.
+    let family = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
+    let port = unsafe { bpf_probe_read_user((addr + 2) as *const u16) }.unwrap_or(0);
+    if family == AF_INET {
+        let a: [u8; 4] =
+            unsafe { bpf_probe_read_user((addr + 4) as *const [u8; 4]) }.unwrap_or_default();
+        tuple.daddr[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        tuple.daddr =
+            unsafe { bpf_probe_read_user((addr + 8) as *const [u8; 16]) }.unwrap_or_default();
+    } else {
+        return 0;
+    }
+    tuple.family = family;
+    tuple.dport = u16::from_be(port);
+    if !port_traced(cfg, tuple.dport, tuple.dport) {
+        return 0;
+    }
+    let fd: u64 = field(&ctx, s.connect_fd);
+    let pending = PendingConnect {
+        fd: fd as i64,
+        tuple,
+    };
+    // A full LRU map evicts the oldest entry; nothing to do on error.
+    let _ignored = CONNECTS.insert(&bpf_get_current_pid_tgid(), &pending, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let Some(pending) = (unsafe { CONNECTS.get(&key) }).copied() else {
+        return 0;
+    };
+    let _ignored = CONNECTS.remove(&key);
+    let ret: i64 = field(&ctx, cfg.syscalls.exit_ret);
+    if ret >= 0 || ret == -EINPROGRESS {
+        return 0;
+    }
+    let (skaddr, kind) = sock_of_fd(&cfg.offsets, pending.fd);
+    if skaddr != 0 && kind != SOCK_STREAM {
+        return 0;
+    }
+    emit(ConnectError {
+        header: header(
+            EventKind::ConnectError,
+            size_of::<ConnectError>(),
+            netns_of_sock(&cfg.offsets, skaddr),
+        ),
+        skaddr,
+        tuple: pending.tuple,
+        ret: ret as i32,
+        _pad: 0,
+    });
+    0
+}
+
+#[inline(always)]
+fn accepted(ctx: &TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let fd: i64 = field(ctx, cfg.syscalls.exit_ret);
+    if fd < 0 {
+        return 0;
+    }
+    let o = &cfg.offsets;
+    let (skaddr, kind) = sock_of_fd(o, fd);
+    if skaddr == 0 || kind != SOCK_STREAM {
+        return 0;
+    }
+    let lport: u16 = kread(skaddr + o.sock_num as u64);
+    let rport = u16::from_be(kread(skaddr + o.sock_dport as u64));
+    if !port_traced(cfg, lport, rport) {
+        return 0;
+    }
+    emit(Accept {
+        header: header(
+            EventKind::Accept,
+            size_of::<Accept>(),
+            netns_of_sock(o, skaddr),
+        ),
+        skaddr,
+        fd,
+    });
+    0
+}
+
+#[tracepoint]
+pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
+    accepted(&ctx)
+}
+
+#[tracepoint]
+pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
+    accepted(&ctx)
+}
