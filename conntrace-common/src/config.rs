@@ -60,6 +60,9 @@ pub struct TracepointLayout {
     /// `skb:kfree_skb`: the dropping code's address, and the receiving socket (6.12+).
     pub location: u16,
     pub rx_sk: u16,
+    /// `sock:sock_send_length`: the socket (`sk`) and the byte count or error (`ret`).
+    pub sk: u16,
+    pub ret: u16,
 }
 
 impl TracepointLayout {
@@ -75,6 +78,8 @@ impl TracepointLayout {
         reason: ABSENT,
         location: ABSENT,
         rx_sk: ABSENT,
+        sk: ABSENT,
+        ret: ABSENT,
     };
 }
 
@@ -128,6 +133,9 @@ pub struct KernelOffsets {
     /// (the error an ICMP left while the process held the socket).
     pub sock_err: u32,
     pub sock_err_soft: u32,
+    /// `struct sk_buff` → `protocol` (L3 protocol, network order).
+    pub skb_protocol: u32,
+    pub _pad: u32,
 }
 
 impl KernelOffsets {
@@ -147,6 +155,9 @@ pub struct Config {
     pub send_reset: TracepointLayout,
     pub retransmit: TracepointLayout,
     pub kfree_skb: TracepointLayout,
+    pub data_ready: TracepointLayout,
+    pub send_length: TracepointLayout,
+    pub dev_queue: TracepointLayout,
     pub syscalls: SyscallLayout,
     pub offsets: KernelOffsets,
     pub flags: u32,

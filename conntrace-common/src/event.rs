@@ -30,6 +30,12 @@ pub enum EventKind {
     ConnectError = 7,
     /// `skb:kfree_skb`: the kernel dropped a TCP packet of a traced port.
     Drop = 8,
+    /// The first data a TCP socket on a traced port received (`sock:sk_data_ready`) or sent
+    /// (`sock:sock_send_length`): once per direction per socket.
+    FirstData = 9,
+    /// A SYN-ACK left a listener on a traced port without an owning request socket: a SYN
+    /// cookie (`net:net_dev_queue`).
+    CookieSynAck = 10,
 }
 
 impl EventKind {
@@ -43,6 +49,8 @@ impl EventKind {
             6 => Self::Accept,
             7 => Self::ConnectError,
             8 => Self::Drop,
+            9 => Self::FirstData,
+            10 => Self::CookieSynAck,
             _ => return None,
         })
     }
@@ -194,6 +202,31 @@ pub struct PacketDrop {
 /// `kfree_skb_reason` and `nf_hook_slow` up to the hook's caller (`ip_local_deliver`, ...).
 pub const DROP_STACK_DEPTH: usize = 16;
 
+/// `FirstData::direction`: received.
+pub const DATA_IN: u32 = 0;
+/// `FirstData::direction`: sent.
+pub const DATA_OUT: u32 = 1;
+
+/// `EventKind::FirstData`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FirstData {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    /// [`DATA_IN`] or [`DATA_OUT`].
+    pub direction: u32,
+    /// Bytes sent by the first `sendmsg` (out); 0 for received data.
+    pub bytes: i32,
+}
+
+/// `EventKind::CookieSynAck`. The tuple is the SYN-ACK's own: s = the listener.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CookieSynAck {
+    pub header: EventHeader,
+    pub tuple: Tuple,
+}
+
 user_pod!(
     EventHeader,
     Tuple,
@@ -203,7 +236,9 @@ user_pod!(
     SynRetransmit,
     Accept,
     ConnectError,
-    PacketDrop
+    PacketDrop,
+    FirstData,
+    CookieSynAck
 );
 
 /// Ties each event struct to its kind(s), so encoding and decoding cannot disagree.
@@ -227,7 +262,9 @@ impl_event!(
     SynRetransmit,
     Accept,
     ConnectError,
-    PacketDrop
+    PacketDrop,
+    FirstData,
+    CookieSynAck
 );
 
 /// An event read back from the ring buffer.
@@ -241,6 +278,8 @@ pub enum Decoded {
     Accept(Accept),
     ConnectError(ConnectError),
     Drop(PacketDrop),
+    FirstData(FirstData),
+    CookieSynAck(CookieSynAck),
 }
 
 /// Why bytes from the ring buffer are not an event.
@@ -310,6 +349,8 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             EventKind::Accept => Decoded::Accept(read(bytes, kind, size)?),
             EventKind::ConnectError => Decoded::ConnectError(read(bytes, kind, size)?),
             EventKind::Drop => Decoded::Drop(read(bytes, kind, size)?),
+            EventKind::FirstData => Decoded::FirstData(read(bytes, kind, size)?),
+            EventKind::CookieSynAck => Decoded::CookieSynAck(read(bytes, kind, size)?),
         },
     )
 }
@@ -428,6 +469,20 @@ mod tests {
             stack: [0xffff_ffff_8100_0010; DROP_STACK_DEPTH],
         };
         assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));
+
+        let fd = FirstData {
+            header: header_for::<FirstData>(EventKind::FirstData),
+            skaddr: 0xffff_8880_0000_1000,
+            direction: DATA_OUT,
+            bytes: 42,
+        };
+        assert_eq!(decode(as_bytes(&fd)), Ok(Decoded::FirstData(fd)));
+
+        let ck = CookieSynAck {
+            header: header_for::<CookieSynAck>(EventKind::CookieSynAck),
+            tuple: tuple(),
+        };
+        assert_eq!(decode(as_bytes(&ck)), Ok(Decoded::CookieSynAck(ck)));
     }
 
     #[test]

@@ -12,15 +12,15 @@ use crate::{
     EVENTS, config, count_lost, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub(crate) const ETH_P_IP: u16 = 0x0800;
+pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP_U8: u8 = 6;
 
 /// Parses the IPv4/IPv6 and TCP headers of `skb` from its own bytes: on the receive path the
 /// socket is often unknown, and a SYN dropped before socket lookup must still be seen.
 /// Returns the packet's tuple (s = source) and its TCP flags.
 #[inline(always)]
-fn packet_tuple(o: &KernelOffsets, skb: u64, proto: u16) -> Option<(Tuple, u32)> {
+pub(crate) fn packet_tuple(o: &KernelOffsets, skb: u64, proto: u16) -> Option<(Tuple, u32)> {
     if o.skb_head == KernelOffsets::MISSING || o.skb_network_header == KernelOffsets::MISSING {
         return None;
     }

@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod data;
 mod drops;
 mod syscalls;
 
@@ -26,6 +27,7 @@ use conntrace_common::{
 const IPPROTO_TCP: u16 = 6;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_CLOSE: i32 = 7;
+const TCP_SYN_RECV: i32 = 3;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -210,6 +212,10 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let skaddr: u64 = field(&ctx, l.skaddr);
     let newstate: i32 = field(&ctx, l.newstate);
+    if matches!(newstate, TCP_SYN_SENT | TCP_SYN_RECV | TCP_CLOSE) {
+        // A new connection, or the end of one, at this address: its first data is still to come.
+        data::forget(skaddr);
+    }
     let o = &cfg.offsets;
     let mut sk_err: i32 = 0;
     if newstate == TCP_CLOSE && o.sock_err != KernelOffsets::MISSING {

@@ -6,7 +6,7 @@ use std::{
 };
 
 use conntrace_common::{
-    AF_INET6, Decoded, EventHeader, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN, Tuple, decode,
+    AF_INET6, DATA_OUT, Decoded, EventHeader, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN, Tuple, decode,
 };
 
 use crate::engine::model::{DroppedPacket, FourTuple, KernelEvent, Meta, Proc, TcpState};
@@ -129,6 +129,15 @@ impl Decoder {
                         .map(|&a| self.kallsyms.function(a)),
                 ),
             }),
+            Decoded::FirstData(e) => KernelEvent::FirstData {
+                meta: meta(&e.header),
+                sk: e.skaddr,
+                outgoing: e.direction == DATA_OUT,
+            },
+            Decoded::CookieSynAck(e) => KernelEvent::CookieSent {
+                meta: meta(&e.header),
+                tuple: four_tuple(&e.tuple),
+            },
             Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
                 meta: meta(&e.header),
                 sk: e.skaddr,

@@ -14,7 +14,7 @@
 //! with no process in it cannot be read.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     path::Path,
@@ -31,31 +31,53 @@ use crate::{
 /// How often the namespaces are enumerated again (new containers, exited processes).
 const RESCAN_EVERY: Duration = Duration::from_secs(10);
 
-/// Watches `TcpExtListenOverflows` in every network namespace.
+/// The `TcpExt` counters the summary reports the growth of, per namespace.
+pub const COUNTERS: [&str; 7] = [
+    "SyncookiesSent",
+    "SyncookiesRecv",
+    "SyncookiesFailed",
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPReqQFullDoCookies",
+    "TCPReqQFullDrop",
+];
+
+type Counters = BTreeMap<&'static str, u64>;
+
+/// Watches `TcpExtListenOverflows` in every network namespace, and keeps the other
+/// [`COUNTERS`] for the summary.
 pub struct OverflowWatch {
     /// Traced ports; empty means all.
     ports: Vec<u16>,
     /// A process in each namespace, by namespace inode.
     pids: HashMap<u32, i32>,
     scanned_at: Instant,
-    /// The counter at the last poll.
-    counts: HashMap<u32, u64>,
+    /// The counters when the namespace was first read, and at the last poll.
+    baseline: HashMap<u32, Counters>,
+    last: HashMap<u32, Counters>,
 }
 
-/// `ListenOverflows` from the text of `/proc/net/netstat` (a `TcpExt:` line of names, then one
-/// of values).
-pub fn listen_overflows(netstat: &str) -> Option<u64> {
-    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
-    let (names, values) = (tcp_ext.next()?, tcp_ext.next()?);
-    let idx = names
-        .split_whitespace()
-        .position(|n| n == "ListenOverflows")?;
-    values.split_whitespace().nth(idx)?.parse().ok()
+/// The [`COUNTERS`] from the text of `/proc/net/netstat` (a `TcpExt:` line of names, then one
+/// of values); counters this kernel lacks are left out.
+pub fn tcp_ext(netstat: &str) -> Option<Counters> {
+    let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let values: Vec<&str> = values.split_whitespace().collect();
+    Some(
+        names
+            .split_whitespace()
+            .enumerate()
+            .filter_map(|(i, name)| {
+                let known = COUNTERS.iter().find(|c| **c == name)?;
+                Some((*known, values.get(i)?.parse().ok()?))
+            })
+            .collect(),
+    )
 }
 
-fn read_count(pid: i32) -> Option<u64> {
+fn read_counters(pid: i32) -> Option<Counters> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/net/netstat")).ok()?;
-    listen_overflows(&text)
+    tcp_ext(&text)
 }
 
 /// One process per network namespace, from `/proc/*/ns/net`.
@@ -86,22 +108,41 @@ impl OverflowWatch {
             ports: ports.to_vec(),
             pids: HashMap::new(),
             scanned_at: Instant::now(),
-            counts: HashMap::new(),
+            baseline: HashMap::new(),
+            last: HashMap::new(),
         };
         w.rescan();
         w
     }
 
+    /// How much each counter grew since the namespace was first read, per namespace; only
+    /// namespaces and counters that moved.
+    pub fn growth(&self) -> BTreeMap<u32, Counters> {
+        self.last
+            .iter()
+            .filter_map(|(netns, last)| {
+                let base = self.baseline.get(netns)?;
+                let grown: Counters = last
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        let d = v.saturating_sub(base.get(k).copied().unwrap_or(0));
+                        (d > 0).then_some((*k, d))
+                    })
+                    .collect();
+                (!grown.is_empty()).then_some((*netns, grown))
+            })
+            .collect()
+    }
+
     fn rescan(&mut self) {
         self.pids = scan();
         self.scanned_at = Instant::now();
-        let pids = &self.pids;
-        self.counts.retain(|netns, _| pids.contains_key(netns));
         for (&netns, &pid) in &self.pids {
-            if !self.counts.contains_key(&netns)
-                && let Some(n) = read_count(pid)
+            if !self.baseline.contains_key(&netns)
+                && let Some(c) = read_counters(pid)
             {
-                self.counts.insert(netns, n);
+                self.baseline.insert(netns, c.clone());
+                self.last.insert(netns, c);
             }
         }
     }
@@ -136,10 +177,15 @@ impl OverflowWatch {
         let mut events = Vec::new();
         let pids: Vec<(u32, i32)> = self.pids.iter().map(|(&n, &p)| (n, p)).collect();
         for (netns, pid) in pids {
-            let Some(now) = read_count(pid) else {
+            let Some(counters) = read_counters(pid) else {
                 continue;
             };
-            let before = self.counts.insert(netns, now).unwrap_or(now);
+            let overflows = |c: &Counters| c.get("ListenOverflows").copied().unwrap_or(0);
+            let now = overflows(&counters);
+            let before = self
+                .last
+                .insert(netns, counters)
+                .map_or(now, |c| overflows(&c));
             if now <= before {
                 continue;
             }
@@ -178,13 +224,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_listen_overflows_from_netstat() {
-        let text = "TcpExt: SyncookiesSent SyncookiesRecv ListenOverflows ListenDrops\n\
-                    TcpExt: 0 0 17 19\n\
+    fn reads_tcp_ext_counters_from_netstat() {
+        let text = "TcpExt: SyncookiesSent SyncookiesRecv EmbryonicRsts ListenOverflows ListenDrops\n\
+                    TcpExt: 3 1 5 17 19\n\
                     IpExt: InNoRoutes\n\
                     IpExt: 0\n";
-        assert_eq!(listen_overflows(text), Some(17));
-        assert_eq!(listen_overflows("IpExt: A\nIpExt: 1\n"), None);
-        assert_eq!(listen_overflows("TcpExt: ListenOverflows\n"), None);
+        let c = tcp_ext(text).expect("TcpExt");
+        assert_eq!(
+            c.into_iter().collect::<Vec<_>>(),
+            [
+                ("ListenDrops", 19),
+                ("ListenOverflows", 17),
+                ("SyncookiesRecv", 1),
+                ("SyncookiesSent", 3)
+            ]
+        );
+        assert_eq!(tcp_ext("IpExt: A\nIpExt: 1\n"), None);
+        assert_eq!(tcp_ext("TcpExt: ListenOverflows\n"), None, "no values line");
     }
 }

@@ -174,6 +174,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     }
 
     let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
+    for ev in overflows.poll(Clock::mono_now_ns()) {
+        verdicts.extend(engine.handle(ev));
+    }
     let open_at_exit = engine.tracked();
     verdicts.extend(engine.finish(Clock::mono_now_ns()));
     write_verdicts(&mut out, &mut engine, &verdicts)?;
@@ -185,6 +188,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         decode_errors,
         duration_ms: (now - started) as f64 / 1e6,
         tracked_at_exit: open_at_exit,
+        tcp_counters: overflows.growth(),
     }))?;
     Ok(())
 }

@@ -64,6 +64,9 @@ pub(super) fn established(c: &Conn, ts_ns: u64) -> Verdict {
         v.detail
             .insert("drops".into(), super::drops::drops_detail(&c.drops));
     }
+    if c.syn_cookie {
+        v.detail.insert("syn_cookie".into(), json!(true));
+    }
     if c.side == Side::Server {
         v.detail
             .insert("accepted".into(), json!(c.accepted_ns.is_some()));
@@ -505,7 +508,11 @@ pub(super) fn apply_rule(v: &mut Verdict, finding: RuleFinding) {
         }
     };
     if let Some(with) = rejected {
-        v.reason = Reason::NetfilterReject;
+        // A REJECT answered: for a dropped handshake that is the verdict itself; for others
+        // (a lost cookie ACK) a fact about the drop.
+        if v.reason == Reason::NetfilterDrop {
+            v.reason = Reason::NetfilterReject;
+        }
         v.detail.insert("reject_with".into(), json!(with));
     }
 }

@@ -44,15 +44,33 @@ pub(crate) struct Attempt {
     pub tuple: FourTuple,
     pub drops: Vec<HandshakeDrop>,
     pub proc: Option<Proc>,
+    /// SYN cookies this host sent for the attempt, and when (first, last).
+    pub cookies: u32,
+    pub cookie_ns: (u64, u64),
 }
 
 impl Attempt {
+    fn new(meta: &Meta, tuple: FourTuple, proc: Option<Proc>) -> Self {
+        Self {
+            meta: meta.clone(),
+            tuple,
+            drops: Vec::new(),
+            proc,
+            cookies: 0,
+            cookie_ns: (0, 0),
+        }
+    }
+
     fn first_ns(&self) -> u64 {
-        self.drops.iter().map(|d| d.first_ns).min().unwrap_or(0)
+        let drops = self.drops.iter().map(|d| d.first_ns);
+        let cookie = (self.cookies > 0).then_some(self.cookie_ns.0);
+        drops.chain(cookie).min().unwrap_or(0)
     }
 
     fn last_ns(&self) -> u64 {
-        self.drops.iter().map(|d| d.last_ns).max().unwrap_or(0)
+        let drops = self.drops.iter().map(|d| d.last_ns);
+        let cookie = (self.cookies > 0).then_some(self.cookie_ns.1);
+        drops.chain(cookie).max().unwrap_or(0)
     }
 
     /// SYN retransmits back off exponentially from about 1 s, so the next one is due about as
@@ -176,12 +194,10 @@ impl Engine {
             && ATTRIBUTED.contains(&f.reason.as_str())
             && (room || self.attempts.contains_key(&key))
         {
-            let a = self.attempts.entry(key).or_insert_with(|| Attempt {
-                meta: f.meta.clone(),
-                tuple: local,
-                drops: Vec::new(),
-                proc: proc.clone(),
-            });
+            let a = self
+                .attempts
+                .entry(key)
+                .or_insert_with(|| Attempt::new(&f.meta, local, proc.clone()));
             record(&mut a.drops, hs);
             return;
         }
@@ -207,10 +223,33 @@ impl Engine {
         if let Some(a) = self.attempts.remove(&key)
             && let Some(c) = self.conn_mut(sk)
         {
+            c.syn_cookie = a.cookies > 0;
             for d in a.drops {
                 record(&mut c.drops, d);
             }
+            if a.cookies > 0 {
+                self.summary.listener(&a.tuple).cookies_validated += 1;
+            }
         }
+    }
+
+    /// A listener answered a SYN with a cookie: no request socket exists for the attempt, so
+    /// it is followed here until a connection takes it over or it ends without one.
+    pub(super) fn on_cookie(&mut self, meta: Meta, tuple: FourTuple) {
+        self.summary.listener(&tuple).cookies_sent += 1;
+        let key = (meta.netns, tuple);
+        if !self.attempts.contains_key(&key) && self.attempts.len() >= self.cfg.max_connections {
+            return;
+        }
+        let a = self
+            .attempts
+            .entry(key)
+            .or_insert_with(|| Attempt::new(&meta, tuple, None));
+        if a.cookies == 0 {
+            a.cookie_ns.0 = meta.ts_ns;
+        }
+        a.cookies += 1;
+        a.cookie_ns.1 = meta.ts_ns;
     }
 
     /// Verdicts of attempts that ended (all of them when `all`).
@@ -223,6 +262,9 @@ impl Engine {
             .collect();
         for key in ended {
             if let Some(a) = self.attempts.remove(&key) {
+                if a.cookies > 0 {
+                    self.summary.listener(&a.tuple).cookies_failed += 1;
+                }
                 let v = attempt_verdict(&a);
                 self.emit(out, v);
             }
@@ -251,5 +293,14 @@ fn attempt_verdict(a: &Attempt) -> Verdict {
         v.comm = Some(p.comm.clone());
     }
     decide::apply_drops(&mut v, &a.drops);
+    if a.cookies > 0 {
+        // The SYN-ACK carried a cookie and no socket was ever created: the client's final ACK
+        // never validated here (dropped on the way, see the drops, or lost).
+        v.side = Side::Server;
+        v.outcome = super::model::Outcome::Failed;
+        v.reason = super::model::Reason::SyncookieAckLost;
+        v.kernel_reason = Some("SYN cookie sent, no socket created".into());
+        v.detail.insert("cookies_sent".into(), json!(a.cookies));
+    }
     v
 }

@@ -9,6 +9,7 @@
 mod decide;
 mod drops;
 pub mod model;
+mod stall;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -88,6 +89,13 @@ pub(crate) struct Conn {
     pub soft_error: bool,
     /// Packets of its handshake the kernel dropped.
     pub drops: Vec<drops::HandshakeDrop>,
+    /// When it first received and first sent data.
+    pub first_rx_ns: Option<u64>,
+    pub first_tx_ns: Option<u64>,
+    /// Set once it was reported stalled.
+    pub stall: Option<stall::Stall>,
+    /// Its handshake completed with a SYN cookie.
+    pub syn_cookie: bool,
 }
 
 impl Conn {
@@ -204,17 +212,15 @@ impl Engine {
 
     /// Completes a verdict with what the injected look-ups know, counts it and hands it out.
     fn emit(&mut self, out: &mut Vec<Verdict>, mut v: Verdict) {
+        if let Some(hook) = v.detail.get("hook")
+            && let Some(rules) = self.rules.as_mut()
+        {
+            // A netfilter drop explains this verdict: name the rule.
+            let hook = serde_json::from_value(hook.clone()).ok();
+            let finding = rules.find(v.netns, hook, v.daddr.is_ipv6());
+            decide::apply_rule(&mut v, finding);
+        }
         match v.reason {
-            model::Reason::NetfilterDrop => {
-                if let Some(rules) = self.rules.as_mut() {
-                    let hook = v
-                        .detail
-                        .get("hook")
-                        .and_then(|h| serde_json::from_value(h.clone()).ok());
-                    let finding = rules.find(v.netns, hook, v.daddr.is_ipv6());
-                    decide::apply_rule(&mut v, finding);
-                }
-            }
             model::Reason::ListenOverflow | model::Reason::RefusedNoListener => {
                 if let Some(lookup) = self.listeners.as_mut()
                     && v.side == Side::Server
@@ -317,6 +323,10 @@ impl Engine {
             orderly_close: false,
             soft_error: false,
             drops: Vec::new(),
+            first_rx_ns: None,
+            first_tx_ns: None,
+            stall: None,
+            syn_cookie: false,
         }
     }
 
@@ -427,6 +437,8 @@ impl Engine {
                     if c.side == Side::Server && !c.reported && c.established_ns.is_some() {
                         c.reported = true;
                         verdict = decide::on_established(c, meta.ts_ns, &self.cfg);
+                    } else if c.side == Side::Server {
+                        verdict = Self::stall_accepted(c, meta.ts_ns);
                     }
                 }
                 if let Some(v) = verdict {
@@ -434,6 +446,10 @@ impl Engine {
                 }
             }
             KernelEvent::Dropped(d) => self.on_drop(d),
+            KernelEvent::FirstData { meta, sk, outgoing } => {
+                self.on_first_data(sk, outgoing, meta.ts_ns, out);
+            }
+            KernelEvent::CookieSent { meta, tuple } => self.on_cookie(meta, tuple),
             KernelEvent::ListenOverflow {
                 meta,
                 listener,

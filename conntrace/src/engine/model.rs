@@ -178,6 +178,17 @@ pub enum KernelEvent {
     },
     /// The kernel dropped a TCP packet of a traced port (`skb:kfree_skb`).
     Dropped(DroppedPacket),
+    /// The first data a socket received (`outgoing == false`) or sent.
+    FirstData {
+        meta: Meta,
+        sk: u64,
+        outgoing: bool,
+    },
+    /// A listener sent a SYN cookie: `tuple` is the SYN-ACK's (s = the listener).
+    CookieSent {
+        meta: Meta,
+        tuple: FourTuple,
+    },
     /// A listener's accept queue overflowed: its namespace's `TcpExtListenOverflows` counter grew
     /// by `overflows` while the queue was full (read from /proc, not from an eBPF program).
     ListenOverflow {
@@ -208,6 +219,10 @@ pub enum Side {
 pub enum Outcome {
     Established,
     Failed,
+    /// Established but stuck: no data, or not accepted, within `--stall-timeout`.
+    Stalled,
+    /// A stalled connection got going (data came, accept() returned).
+    Resolved,
 }
 
 /// Stable verdict codes. Never renamed; new ones are added.
@@ -227,6 +242,10 @@ pub enum Reason {
     NetfilterReject,
     NeighbourFailed,
     ListenOverflow,
+    StalledNoGreeting,
+    StalledNoResponse,
+    NotAccepted,
+    SyncookieAckLost,
     Unknown,
 }
 
@@ -246,6 +265,10 @@ impl Reason {
             Self::NetfilterReject => "netfilter_reject",
             Self::NeighbourFailed => "neighbour_failed",
             Self::ListenOverflow => "listen_overflow",
+            Self::StalledNoGreeting => "stalled_no_greeting",
+            Self::StalledNoResponse => "stalled_no_response",
+            Self::NotAccepted => "not_accepted",
+            Self::SyncookieAckLost => "syncookie_ack_lost",
             Self::Unknown => "unknown",
         }
     }
@@ -289,6 +312,18 @@ impl Reason {
             }
             Self::ListenOverflow => {
                 "the listener's accept queue was full: the server does not call accept() fast enough; raise the backlog or fix the server"
+            }
+            Self::StalledNoGreeting => {
+                "connected, but the server never spoke first (MySQL, SMTP, ...): on the server, look for syncookie_ack_lost, listen_overflow or not_accepted; the server may have no socket for this connection"
+            }
+            Self::StalledNoResponse => {
+                "the request went out but nothing came back: the server is stuck or has no socket for this connection"
+            }
+            Self::NotAccepted => {
+                "the kernel finished the handshake but the application has not called accept(): it is stopped, blocked or overloaded"
+            }
+            Self::SyncookieAckLost => {
+                "a SYN cookie was sent and no socket was ever created: the client's final ACK was lost or dropped (see detail.hook), and the client believes it is connected"
             }
             Self::Unknown => {
                 "the kernel's facts did not match a known failure: see kernel_reason and detail"

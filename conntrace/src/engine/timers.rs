@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::{Conn, Decided, Engine, decide, model::Side, ms, verdict::Verdict};
+use super::{Conn, Decided, Engine, decide, model::Side, verdict::Verdict};
 
 impl Engine {
     /// Decides closed connections whose facts are complete, or whose grace period ran out.
@@ -43,7 +43,12 @@ impl Engine {
                 pid,
             },
         );
-        if let Some(v) = decide::closed(&c, &self.cfg) {
+        let ended = decide::closed(&c, &self.cfg);
+        if c.stall.is_some_and(|s| !s.settled) {
+            if let Some(v) = super::stall::closed_while_stuck(&c, ended) {
+                self.emit(out, v);
+            }
+        } else if let Some(v) = ended {
             self.emit(out, v);
         } else if c.side == Side::Server
             && !c.reported
@@ -62,30 +67,8 @@ impl Engine {
         let mut out = Vec::new();
         self.decide_ready(now_ns, &mut out);
         self.decide_attempts(now_ns, false, &mut out);
-        let (stall, idle, report) = (
-            self.cfg.stall_timeout_ns,
-            self.cfg.idle_expiry_ns,
-            self.cfg.report_established,
-        );
-        let mut verdicts = Vec::new();
-        for c in self.conns.values_mut() {
-            if c.side == Side::Server
-                && !c.reported
-                && c.closed.is_none()
-                && let Some(at) = c.established_ns.filter(|at| now_ns >= at + stall)
-            {
-                c.reported = true;
-                if report {
-                    let mut v = decide::established(c, now_ns);
-                    v.detail.insert("accepted".into(), json!(false));
-                    v.detail.insert("waited_ms".into(), json!(ms(at, now_ns)));
-                    verdicts.push(v);
-                }
-            }
-        }
-        for v in verdicts {
-            self.emit(&mut out, v);
-        }
+        self.detect_stalls(now_ns, &mut out);
+        let idle = self.cfg.idle_expiry_ns;
         let stale: Vec<u64> = self
             .conns
             .iter()

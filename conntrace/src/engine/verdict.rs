@@ -79,11 +79,42 @@ pub struct Summary {
     pub stray_resets: u64,
     /// Dropped packets on traced ports, by kernel drop reason.
     pub drops_by_reason: BTreeMap<String, u64>,
+    /// Per listener (`ip:port`): SYN cookies and queue overflows.
+    pub listeners: BTreeMap<String, ListenerCounts>,
+}
+
+/// What happened at one listener over the run.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ListenerCounts {
+    /// SYN-ACKs sent with a cookie.
+    pub cookies_sent: u64,
+    /// Cookie attempts that became a connection.
+    pub cookies_validated: u64,
+    /// Cookie attempts that never did (`syncookie_ack_lost`).
+    pub cookies_failed: u64,
+    /// Accept-queue overflows (the namespace's counter growth while this listener was full,
+    /// plus final ACKs dropped for it).
+    pub overflows: u64,
 }
 
 impl Summary {
     pub fn count(&mut self, v: &Verdict) {
         *self.by_outcome.entry(v.outcome).or_default() += 1;
         *self.by_reason.entry(v.reason).or_default() += 1;
+        if v.reason == Reason::ListenOverflow
+            && let (Some(saddr), Some(sport)) = (v.saddr, v.sport)
+        {
+            let n = v.detail.get("overflows").and_then(Value::as_u64);
+            self.listeners
+                .entry(std::net::SocketAddr::new(saddr, sport).to_string())
+                .or_default()
+                .overflows += n.unwrap_or(1);
+        }
+    }
+
+    /// The counts of the listener at `tuple`'s local end.
+    pub(crate) fn listener(&mut self, tuple: &super::model::FourTuple) -> &mut ListenerCounts {
+        let key = std::net::SocketAddr::new(tuple.saddr, tuple.sport).to_string();
+        self.listeners.entry(key).or_default()
     }
 }

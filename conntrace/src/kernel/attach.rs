@@ -22,6 +22,10 @@ pub enum Capability {
     AcceptProcess,
     /// Packets the kernel dropped, with its drop reason (`kfree_skb` with a reason: 5.17+).
     Drops,
+    /// The first data received and sent on a connection (stalled connections).
+    FirstData,
+    /// SYN cookies sent by listeners.
+    SynCookies,
 }
 
 /// How a program attaches.
@@ -96,6 +100,10 @@ pub const RULES: &[AttachRule] = &[
     tp(Capability::AcceptProcess,   "sys_exit_accept",      "syscalls", (4, 7),     false),
     // The drop reason argument exists since 5.17.
     tp(Capability::Drops,           "kfree_skb",            "skb",      (5, 17),    false),
+    tp(Capability::FirstData,       "sk_data_ready",        "sock",     (6, 6),     false),
+    tp(Capability::FirstData,       "sock_send_length",     "sock",     (6, 3),     false),
+    // A cookie SYN-ACK is the only SYN-ACK sent without an owning socket.
+    tp(Capability::SynCookies,      "net_dev_queue",        "net",      (3, 0),     false),
 ];
 
 impl AttachRule {

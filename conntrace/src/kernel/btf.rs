@@ -132,6 +132,8 @@ impl KernelBtf {
             skb_sk: off("sk_buff", &["sk"]),
             sock_err: off("sock", &["sk_err"]),
             sock_err_soft: off("sock", &["sk_err_soft"]),
+            skb_protocol: off("sk_buff", &["protocol"]),
+            _pad: 0,
         }
     }
 
@@ -177,6 +179,7 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sk_buff.sk", o.skb_sk),
         ("sock.sk_err", o.sock_err),
         ("sock.sk_err_soft", o.sock_err_soft),
+        ("sk_buff.protocol", o.skb_protocol),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

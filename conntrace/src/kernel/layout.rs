@@ -87,6 +87,8 @@ pub fn tracepoint_layout(fields: &HashMap<String, Field>) -> TracepointLayout {
     l.reason = offset(fields, "reason");
     l.location = offset(fields, "location");
     l.rx_sk = offset(fields, "rx_sk");
+    l.sk = offset(fields, "sk");
+    l.ret = offset(fields, "ret");
     let t = &mut l.tuple;
     t.family = offset(fields, "family");
     t.sport = offset(fields, "sport");

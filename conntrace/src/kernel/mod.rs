@@ -158,6 +158,9 @@ impl Tracer {
             send_reset: optional_layout(&root, "tcp", "tcp_send_reset")?,
             retransmit: optional_layout(&root, "tcp", "tcp_retransmit_skb")?,
             kfree_skb: optional_layout(&root, "skb", "kfree_skb")?,
+            data_ready: optional_layout(&root, "sock", "sk_data_ready")?,
+            send_length: optional_layout(&root, "sock", "sock_send_length")?,
+            dev_queue: optional_layout(&root, "net", "net_dev_queue")?,
             syscalls: layout::syscall_layout(&root)?,
             offsets,
             flags: if opts.ports.is_empty() {

@@ -85,6 +85,8 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 "unmatched_errors": f.summary.unmatched_errors,
                 "stray_resets": f.summary.stray_resets,
                 "drops_by_reason": f.summary.drops_by_reason,
+                "listeners": f.summary.listeners,
+                "tcp_counters": f.tcp_counters,
             })
         }
     };

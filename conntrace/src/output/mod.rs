@@ -42,6 +42,9 @@ pub struct Final<'a> {
     pub decode_errors: u64,
     pub duration_ms: f64,
     pub tracked_at_exit: usize,
+    /// Growth over the run of the namespaces' TcpExt counters (cookies, overflows), by netns.
+    pub tcp_counters:
+        std::collections::BTreeMap<u32, std::collections::BTreeMap<&'static str, u64>>,
 }
 
 /// One output record.

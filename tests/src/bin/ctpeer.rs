@@ -1,8 +1,9 @@
 //! Test peer: a small TCP server or client run inside a test namespace.
 //!
-//! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--linger0] [--backlog N]`
+//! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--linger0] [--backlog N]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
-//!   accepts, holding the listener until killed), sends the greeting, then either aborts with
+//!   accepts, holding the listener until killed), sends the greeting (after T ms, in a thread
+//!   per connection, when `--greeting-delay-ms` is given), then either aborts with
 //!   SO_LINGER 0 (`--linger0`) or waits for the peer to close.
 //! `ctpeer connect ADDR PORT [--count N] [--timeout-ms T] [--sport P] [--parallel K] [--read | --read-until-close]`
 //!   makes N connections (K at a time) and prints one JSON line per attempt:
@@ -45,6 +46,9 @@ fn serve(addr: SocketAddr, args: &[String]) {
         .and_then(|n| n.parse().ok())
         .unwrap_or(usize::MAX);
     let greeting = flag(args, "--greeting").unwrap_or_default();
+    let delay = flag(args, "--greeting-delay-ms")
+        .and_then(|n| n.parse().ok())
+        .map(Duration::from_millis);
     let linger0 = has(args, "--linger0");
     println!("listening");
     std::io::stdout().flush().ok();
@@ -58,6 +62,17 @@ fn serve(addr: SocketAddr, args: &[String]) {
         let Ok((mut s, _)) = listener.accept() else {
             continue;
         };
+        if let Some(delay) = delay {
+            let greeting = greeting.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                s.write_all(greeting.as_bytes()).ok();
+                s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                let mut buf = [0u8; 64];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+            continue;
+        }
         if !greeting.is_empty() {
             s.write_all(greeting.as_bytes()).ok();
         }

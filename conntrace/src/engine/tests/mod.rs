@@ -101,6 +101,11 @@ impl Sock {
         KernelEvent::SynRetransmit { meta, sk, tuple }
     }
 
+    /// The first data this socket received (`outgoing == false`) or sent.
+    fn data(self, ts: u64, outgoing: bool) -> KernelEvent {
+        let (meta, sk) = (softirq(ts), self.sk);
+        KernelEvent::FirstData { meta, sk, outgoing }
+    }
     fn accepted(self, ts: u64, pid: u32, comm: &str) -> KernelEvent {
         let (meta, sk) = (meta(ts, pid, comm), self.sk);
         KernelEvent::Accepted { meta, sk, fd: 7 }
@@ -271,26 +276,6 @@ fn healthy_server_reports_accepting_process() {
     events.push(s.accepted(6 * MS, 200, "server"));
     events.extend(passive_close(s, 90 * MS));
     none(run(EngineConfig::default(), events).1);
-}
-
-#[test]
-fn server_never_accepted_is_reported_after_stall_timeout() {
-    let s = Sock::server(SK_A);
-    let cfg = config(|c| c.report_established = true);
-    let stall_end = SEC + MS + cfg.stall_timeout_ns;
-    let mut e = Engine::new(cfg);
-    none(feed(&mut e, server_handshake(s, SEC)));
-    none(e.tick(stall_end - 1));
-    let v = one(e.tick(stall_end));
-    check(&v, "server established established -");
-    assert_eq!(who(&v), "-/- 10.77.0.1:3306>10.77.0.2:51000");
-    assert_eq!(detail(&v, "accepted"), false);
-    assert_eq!(detail(&v, "waited_ms"), 3000.0);
-    // A later accept() or close does not report it again.
-    none(e.handle(s.accepted(5 * SEC, 200, "server")));
-    none(feed(&mut e, passive_close(s, 6 * SEC)));
-    none(e.tick(LATER));
-    assert_eq!(count(&e.summary().by_reason, Reason::Established), 1);
 }
 
 #[test]
@@ -575,3 +560,4 @@ mod drops;
 mod listeners;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
+mod stalls;

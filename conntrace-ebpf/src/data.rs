@@ -1,0 +1,135 @@
+//! First data on a connection, and SYN cookies sent: what stalled connections are told by.
+//!
+//! Only the first data per direction per socket is reported (a map of the directions seen,
+//! cleared when the socket address starts a new connection or closes), so a busy connection
+//! costs one map look-up per segment and no ring-buffer traffic.
+
+use aya_ebpf::{
+    macros::{map, tracepoint},
+    maps::LruHashMap,
+    programs::TracePointContext,
+};
+use conntrace_common::{CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets};
+
+use crate::{
+    IPPROTO_TCP, config,
+    drops::{ETH_P_IP, ETH_P_IPV6, packet_tuple},
+    emit, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
+};
+
+/// Directions already reported, by socket address: bit 1 << DATA_IN, 1 << DATA_OUT.
+#[map]
+static FIRST_DATA: LruHashMap<u64, u8> = LruHashMap::with_max_entries(65_536, 0);
+
+/// A new connection (or the end of one) at `sk`: its first data is still to come.
+#[inline(always)]
+pub(crate) fn forget(sk: u64) {
+    if FIRST_DATA.remove(&sk).is_err() {
+        // Not there: nothing was seen at this address yet.
+    }
+}
+
+/// The socket's local and remote ports (`skc_num` host order, `skc_dport` network order).
+#[inline(always)]
+fn sock_ports(o: &KernelOffsets, sk: u64) -> (u16, u16) {
+    if o.sock_num == KernelOffsets::MISSING || o.sock_dport == KernelOffsets::MISSING {
+        return (0, 0);
+    }
+    let local: u16 = kread(sk + o.sock_num as u64);
+    let remote: u16 = kread(sk + o.sock_dport as u64);
+    (local, u16::from_be(remote))
+}
+
+#[inline(always)]
+fn first(sk: u64, direction: u32, bytes: i32) {
+    let Some(cfg) = config() else { return };
+    let (local, remote) = sock_ports(&cfg.offsets, sk);
+    if sk == 0 || !port_traced(cfg, local, remote) {
+        return;
+    }
+    let bit = 1u8 << direction;
+    // SAFETY: a plain read of the map value; the LRU map may drop entries, never corrupt them.
+    let seen = unsafe { FIRST_DATA.get(&sk) }.copied().unwrap_or(0);
+    if seen & bit != 0 {
+        return;
+    }
+    if FIRST_DATA.insert(&sk, &(seen | bit), 0).is_err() {
+        // Full and no entry evictable: report anyway; the engine keeps the first only.
+    }
+    emit(FirstData {
+        header: header(
+            EventKind::FirstData,
+            size_of::<FirstData>(),
+            netns_of_sock(&cfg.offsets, sk),
+        ),
+        skaddr: sk,
+        direction,
+        bytes,
+    });
+}
+
+#[tracepoint]
+pub fn sk_data_ready(ctx: TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let l = &cfg.data_ready;
+    let protocol: u16 = field(&ctx, l.protocol);
+    if protocol != IPPROTO_TCP {
+        return 0;
+    }
+    first(field(&ctx, l.skaddr), DATA_IN, 0);
+    0
+}
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let l = &cfg.send_length;
+    let protocol: u16 = field(&ctx, l.protocol);
+    let ret: i32 = field(&ctx, l.ret);
+    if protocol != IPPROTO_TCP || ret <= 0 {
+        return 0;
+    }
+    first(field(&ctx, l.sk), DATA_OUT, ret);
+    0
+}
+
+const TCP_SYN: u32 = 0x02;
+const TCP_RST: u32 = 0x04;
+const TCP_ACK: u32 = 0x10;
+
+/// Every packet handed to a device: a SYN-ACK without an owning socket is a SYN cookie
+/// (`tcp_make_synack` attaches the request socket to a normal SYN-ACK, none to a cookie's).
+#[tracepoint]
+pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let o = &cfg.offsets;
+    if o.skb_protocol == KernelOffsets::MISSING || o.skb_sk == KernelOffsets::MISSING {
+        return 0;
+    }
+    let skb: u64 = field(&ctx, cfg.dev_queue.skbaddr);
+    let proto = u16::from_be(kread(skb + o.skb_protocol as u64));
+    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+        return 0;
+    }
+    let Some((tuple, flags)) = packet_tuple(o, skb, proto) else {
+        return 0;
+    };
+    if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK
+        || !port_traced(cfg, tuple.sport, tuple.dport)
+    {
+        return 0;
+    }
+    let owner: u64 = kread(skb + o.skb_sk as u64);
+    if owner != 0 {
+        return 0;
+    }
+    emit(CookieSynAck {
+        header: header(
+            EventKind::CookieSynAck,
+            size_of::<CookieSynAck>(),
+            netns_of_skb(o, skb),
+        ),
+        tuple,
+    });
+    0
+}

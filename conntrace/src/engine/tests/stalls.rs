@@ -1,0 +1,173 @@
+//! Stalled connections (no greeting, no response, not accepted) and SYN cookies.
+
+use super::*;
+use crate::engine::model::{DroppedPacket, NfHook};
+
+const STALL: u64 = 3 * SEC;
+
+/// A client connected at 2 ms (ESTABLISHED), nothing received yet.
+fn connected(c: Sock) -> Vec<KernelEvent> {
+    vec![
+        c.connect(MS, 100, "client"),
+        c.st(2 * MS, S::SynSent, S::Established),
+    ]
+}
+
+#[test]
+fn a_greeting_that_never_comes_is_stalled_then_resolved_when_it_does() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    none(feed(&mut e, connected(c)));
+    none(e.tick(2 * MS + STALL - 1));
+    let v = one(e.tick(2 * MS + STALL));
+    assert_eq!(
+        (v.outcome, v.reason),
+        (Outcome::Stalled, Reason::StalledNoGreeting)
+    );
+    assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(detail(&v, "waited_ms"), 3000.0);
+    none(e.tick(2 * MS + 2 * STALL));
+    // The greeting comes 5 s after the handshake.
+    let v = one(e.handle(c.data(5 * SEC + 2 * MS, false)));
+    assert_eq!(
+        (v.outcome, v.reason),
+        (Outcome::Resolved, Reason::StalledNoGreeting)
+    );
+    assert_eq!(detail(&v, "stuck_ms"), 5000.0);
+    none(feed(&mut e, passive_close(c, 6 * SEC)));
+    none(e.tick(LATER));
+}
+
+#[test]
+fn a_request_without_answer_is_stalled_no_response() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = connected(c);
+    events.push(c.data(3 * MS, true));
+    let (_, out) = run(EngineConfig::default(), events);
+    let v = one(out);
+    assert_eq!(
+        (v.outcome, v.reason),
+        (Outcome::Stalled, Reason::StalledNoResponse)
+    );
+}
+
+#[test]
+fn data_within_the_stall_timeout_is_no_stall() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = connected(c);
+    events.push(c.data(SEC, false));
+    none(run(EngineConfig::default(), events).1);
+}
+
+#[test]
+fn a_stuck_connection_that_dies_gets_one_failed_follow_up() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    none(feed(&mut e, connected(c)));
+    one(e.tick(4 * SEC));
+    // The server finally answers the stuck client with a RST (it has no socket for it).
+    let mut out = feed(
+        &mut e,
+        vec![
+            c.rst(10 * SEC),
+            c.err(10 * SEC, 104),
+            c.st(10 * SEC, S::Established, S::Close),
+        ],
+    );
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    assert_eq!(
+        (v.outcome, v.reason),
+        (Outcome::Failed, Reason::StalledNoGreeting)
+    );
+    assert_eq!(detail(&v, "ended_by"), "reset_by_peer");
+    assert_eq!(v.errno.as_deref(), Some("ECONNRESET"));
+    assert!((detail(&v, "stuck_ms").as_f64().unwrap() - 9998.0).abs() < 0.01);
+}
+
+#[test]
+fn a_connection_nobody_accepts_is_not_accepted_then_resolved() {
+    let s = Sock::server(SK_A);
+    let stall_end = SEC + MS + STALL;
+    // Reported with or without --all.
+    let mut e = Engine::new(EngineConfig::default());
+    none(feed(&mut e, server_handshake(s, SEC)));
+    none(e.tick(stall_end - 1));
+    let v = one(e.tick(stall_end));
+    assert_eq!(
+        (v.outcome, v.reason),
+        (Outcome::Stalled, Reason::NotAccepted)
+    );
+    assert_eq!(who(&v), "-/- 10.77.0.1:3306>10.77.0.2:51000");
+    assert_eq!(detail(&v, "waited_ms"), 3000.0);
+    let v = one(e.handle(s.accepted(5 * SEC, 200, "server")));
+    assert_eq!(
+        (v.outcome, v.reason),
+        (Outcome::Resolved, Reason::NotAccepted)
+    );
+    assert_eq!(who(&v), "200/server 10.77.0.1:3306>10.77.0.2:51000");
+    // Accepted 5 s in, established at 1.001 s.
+    assert_eq!(detail(&v, "stuck_ms"), 3999.0);
+    none(feed(&mut e, passive_close(s, 6 * SEC)));
+    none(e.tick(LATER));
+}
+
+fn cookie(ts: u64) -> KernelEvent {
+    // The listener 10.77.0.1:3306 answers 10.77.0.2:51000.
+    KernelEvent::CookieSent {
+        meta: softirq(ts),
+        tuple: tuple(3306, 51_000),
+    }
+}
+
+#[test]
+fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
+    let mut e = Engine::new(EngineConfig::default());
+    none(e.handle(cookie(MS)));
+    // The client's final ACK, dropped by netfilter INPUT.
+    let ack = KernelEvent::Dropped(DroppedPacket {
+        meta: softirq(MS + 100_000),
+        sk: 0,
+        rx_sk: 0,
+        packet: FourTuple {
+            saddr: ip(2),
+            sport: 51_000,
+            daddr: ip(1),
+            dport: 3306,
+        },
+        reason: "NETFILTER_DROP".into(),
+        location: "nft_do_chain+0x3e8".into(),
+        tcp_flags: 0x10,
+        hook: Some(NfHook::Input),
+    });
+    none(e.handle(ack));
+    let v = one(e.tick(5 * SEC));
+    check(&v, "server failed syncookie_ack_lost -");
+    assert_eq!(who(&v), "-/- 10.77.0.1:3306>10.77.0.2:51000");
+    assert_eq!(
+        (detail(&v, "cookies_sent"), detail(&v, "hook")),
+        (1.into(), "INPUT".into())
+    );
+    let l = &e.summary().listeners["10.77.0.1:3306"];
+    assert_eq!(
+        (l.cookies_sent, l.cookies_validated, l.cookies_failed),
+        (1, 0, 1)
+    );
+}
+
+#[test]
+fn a_cookie_that_validates_marks_the_connection() {
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(config(|c| c.report_established = true));
+    none(e.handle(cookie(MS)));
+    feed(&mut e, server_handshake(s, 2 * MS));
+    let v = one(e.handle(s.accepted(4 * MS, 200, "server")));
+    check(&v, "server established established -");
+    assert_eq!(detail(&v, "syn_cookie"), true);
+    none(e.finish(LATER));
+    let l = &e.summary().listeners["10.77.0.1:3306"];
+    assert_eq!(
+        (l.cookies_sent, l.cookies_validated, l.cookies_failed),
+        (1, 1, 0)
+    );
+}
