@@ -549,11 +549,13 @@ mod tests {
             (6, EventKind::Accept),
             (7, EventKind::ConnectError),
             (8, EventKind::Drop),
+            (9, EventKind::FirstData),
+            (10, EventKind::CookieSynAck),
         ] {
             assert_eq!(kind as u32, id);
             assert_eq!(EventKind::from_u32(id), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
-        assert_eq!(EventKind::from_u32(9), None);
+        assert_eq!(EventKind::from_u32(11), None);
     }
 }

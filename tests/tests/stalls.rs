@@ -1,0 +1,255 @@
+//! Stalled connections and SYN cookies: the stuck-connection story (a client ESTABLISHED and
+//! waiting for a greeting from a server that has no socket for it), on both hosts.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use conntrace_tests::{Conntrace, TwoHosts, connect, require_root, serve, sh, verdicts_in};
+use serde_json::Value;
+
+const PORT: u16 = 3306;
+
+fn find<'a>(verdicts: &'a [Value], reason: &str, outcome: &str) -> Vec<&'a Value> {
+    verdicts
+        .iter()
+        .filter(|v| v["reason"] == reason && v["outcome"] == outcome)
+        .collect()
+}
+
+#[test]
+fn a_lost_cookie_ack_leaves_the_client_waiting_for_a_greeting() {
+    require_root();
+    let hosts = TwoHosts::new();
+    // Every SYN is answered with a cookie, and the client's final (pure) ACK is dropped: the
+    // client is ESTABLISHED, the server never creates a socket.
+    hosts
+        .server
+        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"]);
+    hosts.server.exec(&[
+        "iptables",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "3306",
+        "--tcp-flags",
+        "ALL",
+        "ACK",
+        "-j",
+        "DROP",
+    ]);
+    let _server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--greeting", "hello"],
+    );
+    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "2s"]);
+    let started = Instant::now();
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--read", "--timeout-ms", "6000"],
+    );
+    let (client_ns, server_ns) = (hosts.client.inode(), hosts.server.inode());
+    let stalled = ct.wait_for(Duration::from_secs(6), |l| {
+        l.value["netns"] == client_ns && l.value["reason"] == "stalled_no_greeting"
+    });
+    let after = stalled.received.duration_since(started);
+    println!(
+        "MEASURED stalled_no_greeting: reported {after:?} after connect() (stall timeout 2 s)"
+    );
+    assert!(
+        after < Duration::from_secs(3),
+        "within stall timeout + 1 s: {after:?}"
+    );
+    let results = client.json_lines(Duration::from_secs(15));
+    assert_eq!(results[0]["errno"], 11, "the read timed out: {results:?}");
+    ct.wait_for(Duration::from_secs(8), |l| {
+        l.value["netns"] == server_ns && l.value["reason"] == "syncookie_ack_lost"
+    });
+    let values = ct.stop();
+
+    let client = verdicts_in(&values, client_ns);
+    let first = find(&client, "stalled_no_greeting", "stalled");
+    assert_eq!(first.len(), 1, "{client:#?}");
+    assert_eq!(first[0]["comm"], "ct-client");
+    let sport = first[0]["sport"].clone();
+    // The application gave up (its read timed out): one follow-up, with the stuck time.
+    let ended = find(&client, "stalled_no_greeting", "failed");
+    assert_eq!(ended.len(), 1, "{client:#?}");
+    assert!(
+        ended[0]["detail"]["stuck_ms"].as_f64() > Some(5000.0),
+        "{}",
+        ended[0]
+    );
+
+    let server = verdicts_in(&values, server_ns);
+    let lost = find(&server, "syncookie_ack_lost", "failed");
+    assert_eq!(lost.len(), 1, "{server:#?}");
+    let v = lost[0];
+    assert_eq!((&v["dport"], &v["sport"]), (&sport, &3306.into()), "{v}");
+    assert!(v["detail"]["cookies_sent"].as_u64() >= Some(1), "{v}");
+    // Where the ACK went: netfilter INPUT, and the rule.
+    assert_eq!(v["detail"]["hook"], "INPUT", "{v}");
+    let rule = v["detail"]["rule"]["text"].as_str().unwrap_or_default();
+    assert!(
+        rule.contains("tcp flags ack") && rule.ends_with("drop"),
+        "{v}"
+    );
+
+    let summary = values.last().expect("summary");
+    let listener = &summary["listeners"][format!("{}:3306", hosts.server_ip)];
+    assert!(listener["cookies_sent"].as_u64() >= Some(1), "{summary}");
+    assert!(listener["cookies_failed"].as_u64() >= Some(1), "{summary}");
+    let counters = &summary["tcp_counters"][server_ns.to_string()];
+    assert!(counters["SyncookiesSent"].as_u64() >= Some(1), "{summary}");
+}
+
+#[test]
+fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
+    require_root();
+    let hosts = TwoHosts::new();
+    let _server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--greeting", "hello", "--greeting-delay-ms", "2000"],
+    );
+    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "1s"]);
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--read", "--timeout-ms", "6000"],
+    );
+    let results = client.json_lines(Duration::from_secs(10));
+    assert_eq!(results[0]["ok"], true, "{results:?}");
+    let client_ns = hosts.client.inode();
+    ct.wait_for(Duration::from_secs(2), |l| {
+        l.value["netns"] == client_ns && l.value["outcome"] == "resolved"
+    });
+    let values = ct.stop();
+    let client = verdicts_in(&values, client_ns);
+    assert_eq!(
+        find(&client, "stalled_no_greeting", "stalled").len(),
+        1,
+        "{client:#?}"
+    );
+    let resolved = find(&client, "stalled_no_greeting", "resolved");
+    assert_eq!(resolved.len(), 1, "{client:#?}");
+    let stuck = resolved[0]["detail"]["stuck_ms"]
+        .as_f64()
+        .unwrap_or_default();
+    println!("MEASURED slow greeting: stalled after 1 s, resolved after {stuck:.0} ms stuck");
+    assert!((1900.0..2600.0).contains(&stuck), "{}", resolved[0]);
+    assert_eq!(client.len(), 2, "nothing else: {client:#?}");
+    assert!(
+        verdicts_in(&values, hosts.server.inode()).is_empty(),
+        "the server accepted at once and sent: no server verdict"
+    );
+}
+
+#[test]
+fn two_hundred_clients_against_a_stopped_server_all_get_a_verdict() {
+    require_root();
+    let hosts = TwoHosts::new();
+    let server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--greeting", "hello", "--backlog", "8"],
+    );
+    let pid = server.pid().to_string();
+    sh(&["kill", "-STOP", &pid]);
+    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "2s"]);
+    // 200 clients at once, local ports 43000..43199, each reading the greeting (8 s timeout).
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &[
+            "--count",
+            "200",
+            "--parallel",
+            "200",
+            "--sport",
+            "43000",
+            "--read",
+            "--timeout-ms",
+            "8000",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    sh(&["kill", "-CONT", &pid]);
+    let results = client.json_lines(Duration::from_secs(40));
+    assert_eq!(results.len(), 200);
+    // Let the last attempts end (the SYN back-off) before stopping.
+    std::thread::sleep(Duration::from_secs(4));
+    let values = ct.stop();
+
+    let client = verdicts_in(&values, hosts.client.inode());
+    let server = verdicts_in(&values, hosts.server.inode());
+    let count = |vs: &[Value]| {
+        let mut m: BTreeMap<String, u64> = BTreeMap::new();
+        for v in vs {
+            *m.entry(format!(
+                "{} {}",
+                v["outcome"].as_str().unwrap_or("?"),
+                v["reason"].as_str().unwrap_or("?")
+            ))
+            .or_default() += 1;
+        }
+        m
+    };
+    let greeted = results.iter().filter(|r| r["ok"] == true).count();
+    let mut errnos: BTreeMap<String, u64> = BTreeMap::new();
+    for r in results.iter().filter(|r| r["ok"] != true) {
+        *errnos.entry(r["errno"].to_string()).or_default() += 1;
+    }
+    println!(
+        "MEASURED 200 clients vs a stopped server (backlog 8, SIGCONT after 3 s): {greeted} greeted; failed by errno {errnos:?}"
+    );
+    println!("MEASURED client verdicts: {:?}", count(&client));
+    println!("MEASURED server verdicts: {:?}", count(&server));
+    println!(
+        "MEASURED summary listeners {} tcp_counters {}",
+        values.last().expect("summary")["listeners"],
+        values.last().expect("summary")["tcp_counters"]
+    );
+
+    // Every connection that did not get its greeting has a client verdict naming why.
+    let mut missing = Vec::new();
+    for r in results.iter().filter(|r| r["ok"] != true) {
+        let port: u64 = r["local"]
+            .as_str()
+            .and_then(|p| p.parse().ok())
+            .expect("local port");
+        if !client
+            .iter()
+            .any(|v| v["sport"] == port && v["outcome"] != "established")
+        {
+            missing.push(r.clone());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "failed connections without a verdict: {missing:#?}"
+    );
+    // The server side says what happened at the listener.
+    let server_reasons = count(&server);
+    assert!(
+        server_reasons.keys().any(|k| k.ends_with("listen_overflow")
+            || k.ends_with("syncookie_ack_lost")
+            || k.ends_with("not_accepted")),
+        "{server_reasons:?}"
+    );
+    assert!(
+        server.iter().any(|v| v["reason"] == "not_accepted"),
+        "the stopped server left connections unaccepted: {server_reasons:?}"
+    );
+}
