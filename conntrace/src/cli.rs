@@ -28,8 +28,9 @@ pub struct Cli {
     #[arg(long, value_name = "D", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
-    /// How long an established connection may wait (e.g. for accept()) before it is reported.
-    #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_duration)]
+    /// How long an established connection may go without receiving data (client) or being
+    /// accepted (server) before it is reported stalled; 0 turns stall verdicts off.
+    #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_stall_timeout)]
     pub stall_timeout: Duration,
 
     /// Also print a verdict for every established connection.
@@ -81,6 +82,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Like [`parse_duration`], but `0` is allowed: it turns stall verdicts off.
+pub fn parse_stall_timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) => Ok(d),
+        Err(_) if s.trim() == "0" => Ok(Duration::ZERO),
+        Err(e) => Err(format!("`{s}` is not a duration like 3s or 500ms: {e}")),
+    }
+}
+
 pub fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     let n: u32 = s
         .trim()
@@ -125,6 +135,12 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_stall_timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(
+            parse_stall_timeout("1500ms"),
+            Ok(Duration::from_millis(1500))
+        );
+        assert!(parse_stall_timeout("soon").is_err());
         let cli = Cli::try_parse_from(["conntrace", "--duration", "2s", "--stall-timeout", "1s"])
             .expect("parse");
         assert_eq!(cli.duration, Some(Duration::from_secs(2)));

@@ -73,6 +73,10 @@ impl Engine {
     /// Emits `stalled` verdicts for connections stuck past the stall timeout.
     pub(super) fn detect_stalls(&mut self, now_ns: u64, out: &mut Vec<Verdict>) {
         let timeout = self.cfg.stall_timeout_ns;
+        if timeout == 0 {
+            // `--stall-timeout 0`: stall verdicts are off.
+            return;
+        }
         let mut verdicts = Vec::new();
         for c in self.conns.values_mut() {
             if let Some((reason, since)) = stuck(c, now_ns, timeout) {

@@ -171,3 +171,12 @@ fn a_cookie_that_validates_marks_the_connection() {
         (1, 1, 0)
     );
 }
+
+#[test]
+fn a_zero_stall_timeout_turns_stall_verdicts_off() {
+    let c = Sock::client(SK_A, SPORT);
+    let s = Sock::server(SK_B);
+    let mut events = connected(c);
+    events.extend(server_handshake(s, MS));
+    none(run(config(|cfg| cfg.stall_timeout_ns = 0), events).1);
+}
