@@ -546,7 +546,7 @@ pub(super) fn listen_overflow(
 
 /// For a listen-queue overflow: the listener's accept queue and backlog, and who holds it.
 pub(super) fn queue_detail(v: &mut Verdict, listeners: &[Listener]) {
-    if v.reason != Reason::ListenOverflow {
+    if !matches!(v.reason, Reason::ListenOverflow | Reason::NotAccepted) {
         return;
     }
     let Some(l) = listeners

@@ -47,6 +47,8 @@ pub(crate) struct Attempt {
     /// SYN cookies this host sent for the attempt, and when (first, last).
     pub cookies: u32,
     pub cookie_ns: (u64, u64),
+    /// The listener answered the attempt's ACK with a RST: the cookie did not validate.
+    pub cookie_rejected: bool,
 }
 
 impl Attempt {
@@ -58,6 +60,7 @@ impl Attempt {
             proc,
             cookies: 0,
             cookie_ns: (0, 0),
+            cookie_rejected: false,
         }
     }
 
@@ -301,6 +304,9 @@ fn attempt_verdict(a: &Attempt) -> Verdict {
         v.reason = super::model::Reason::SyncookieAckLost;
         v.kernel_reason = Some("SYN cookie sent, no socket created".into());
         v.detail.insert("cookies_sent".into(), json!(a.cookies));
+        if a.cookie_rejected {
+            v.detail.insert("cookie_invalid".into(), json!(true));
+        }
     }
     v
 }

@@ -221,7 +221,9 @@ impl Engine {
             decide::apply_rule(&mut v, finding);
         }
         match v.reason {
-            model::Reason::ListenOverflow | model::Reason::RefusedNoListener => {
+            model::Reason::ListenOverflow
+            | model::Reason::NotAccepted
+            | model::Reason::RefusedNoListener => {
                 if let Some(lookup) = self.listeners.as_mut()
                     && v.side == Side::Server
                     && let Some(port) = v.sport
@@ -404,6 +406,10 @@ impl Engine {
                 if sk != 0 {
                     if let Some(c) = self.conn_mut(sk) {
                         c.last_ns = meta.ts_ns;
+                    } else if let Some(a) = self.attempts.get_mut(&(meta.netns, tuple)) {
+                        // A listener answering a cookie attempt's ACK with a RST: the cookie
+                        // failed validation.
+                        a.cookie_rejected = a.cookies > 0;
                     }
                 } else if let Some(v) =
                     decide::refused_without_socket(&meta, tuple, reason, answered_flags)

@@ -180,3 +180,21 @@ fn a_zero_stall_timeout_turns_stall_verdicts_off() {
     events.extend(server_handshake(s, MS));
     none(run(config(|cfg| cfg.stall_timeout_ns = 0), events).1);
 }
+
+#[test]
+fn a_cookie_ack_answered_by_the_listener_with_a_reset_failed_validation() {
+    let mut e = Engine::new(EngineConfig::default());
+    none(e.handle(cookie(MS)));
+    // tcp_send_reset with the listener's socket, addresses from the answered ACK.
+    none(e.handle(KernelEvent::ResetSent {
+        meta: softirq(2 * MS),
+        sk: SK_C,
+        tuple: tuple(3306, 51_000),
+        state: Some(S::Listen),
+        reason: Some("NOT_SPECIFIED".into()),
+        answered_flags: None,
+    }));
+    let v = one(e.tick(5 * SEC));
+    check(&v, "server failed syncookie_ack_lost -");
+    assert_eq!(detail(&v, "cookie_invalid"), true);
+}
