@@ -181,6 +181,9 @@ user_pod!(
 pub mod maps {
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
+    /// Slots of the per-CPU `LOST` array.
+    pub const LOST_COUNT: u32 = 0;
+    pub const RING_PEAK: u32 = 1;
     pub const CONFIG: &str = "CONFIG";
     pub const PORTS: &str = "PORTS";
 }

@@ -22,6 +22,7 @@ use conntrace_common::{
     ABSENT, AF_INET6, COMM_LEN, Config, DEFAULT_RING_BYTES, ErrorReport, EventHeader, EventKind,
     FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, StateChange, SynRetransmit,
     TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout,
+    maps::{LOST_COUNT, RING_PEAK},
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -32,9 +33,10 @@ const TCP_SYN_RECV: i32 = 3;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// Per-CPU count of events that did not fit into `EVENTS`.
+/// Per CPU: [`LOST_COUNT`] events that did not fit into `EVENTS`; [`RING_PEAK`] the most bytes
+/// waiting in `EVENTS` seen after a write since userspace last reset it.
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -180,15 +182,31 @@ fn emit<T: 'static>(event: T) {
         Some(mut entry) => {
             entry.write(event);
             entry.submit(0);
+            note_ring_fill();
         }
         None => count_lost(),
+    }
+}
+
+/// Remembers how full the ring buffer is after a write (its peak, per CPU).
+#[inline(always)]
+fn note_ring_fill() {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
+    if let Some(peak) = LOST.get_ptr_mut(RING_PEAK) {
+        // SAFETY: per-CPU slot; tracepoint programs do not nest on one CPU for this map.
+        unsafe {
+            if waiting > *peak {
+                *peak = waiting;
+            }
+        }
     }
 }
 
 /// Counts an event the ring buffer had no room for.
 #[inline(always)]
 fn count_lost() {
-    if let Some(lost) = LOST.get_ptr_mut(0) {
+    if let Some(lost) = LOST.get_ptr_mut(LOST_COUNT) {
         // SAFETY: per-CPU slot; tracepoint programs do not nest on one CPU for this map.
         unsafe { *lost += 1 };
     }

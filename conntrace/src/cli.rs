@@ -2,7 +2,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use conntrace_common::DEFAULT_RING_BYTES;
 
 /// Names the kernel's reason for every failed or stalled TCP connection.
@@ -10,8 +10,17 @@ use conntrace_common::DEFAULT_RING_BYTES;
 /// conntrace attaches eBPF programs to the kernel's TCP tracepoints and prints one verdict per
 /// failed or stalled connection (and per established one with --all), on whichever host it runs.
 #[derive(Debug, Parser)]
-#[command(name = "conntrace", version, about, long_about)]
+#[command(
+    name = "conntrace",
+    version,
+    about,
+    long_about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// TCP port to trace (local or remote); repeatable and comma-separated. Default: every port.
     #[arg(short, long = "port", value_name = "PORT", value_delimiter = ',', value_parser = parse_port)]
     pub ports: Vec<u16>,
@@ -47,9 +56,37 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_buffer_bytes: u32,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     /// Log more to stderr (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// What to do instead of tracing.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Explain a reason code: what it means, how conntrace decides it, what to do.
+    /// Without a code, list them all.
+    Explain {
+        /// A reason code, e.g. syncookie_ack_lost.
+        reason: Option<String>,
+    },
+    /// Join verdicts of the same connections seen on different hosts (JSON Lines files written
+    /// with --json, e.g. the client's and the server's) into one story per connection.
+    Merge {
+        /// JSON Lines files written by `conntrace --json`.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// Largest clock difference between the hosts.
+        #[arg(long, value_name = "D", default_value = "2s", value_parser = parse_duration)]
+        max_skew: Duration,
+        /// Print JSON Lines instead of readable lines.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn parse_port(s: &str) -> Result<u16, String> {

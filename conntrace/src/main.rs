@@ -3,8 +3,10 @@
 mod cli;
 mod decode;
 mod engine;
+mod explain;
 mod kernel;
 mod listeners;
+mod merge;
 mod output;
 mod overflow;
 mod rules;
@@ -75,6 +77,9 @@ fn missing_caps() -> Vec<&'static str> {
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if let Some(command) = &cli.command {
+        return subcommand(command);
+    }
     let default_level = match cli.verbose {
         0 => "conntrace=info",
         1 => "conntrace=debug",
@@ -117,6 +122,39 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// `explain` and `merge`: no kernel, no privileges.
+fn subcommand(command: &cli::Command) -> ExitCode {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = match command {
+        cli::Command::Explain { reason } => {
+            explain::run(&mut out, reason.as_deref()).map_err(anyhow::Error::from)
+        }
+        cli::Command::Merge {
+            files,
+            max_skew,
+            json,
+        } => merge::run(files, *max_skew, *json, &mut out).map_err(anyhow::Error::from),
+    };
+    let result = result.and_then(|()| std::io::Write::flush(&mut out).map_err(Into::into));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("conntrace: {e:#}");
+            ExitCode::from(exit::RUNTIME)
+        }
+    }
+}
+
+/// A reader that closed the pipe (`| head`) ends the output normally.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn exit_code(e: &RunError) -> u8 {

@@ -1,6 +1,6 @@
 //! The event loop: ring buffer → decoder → reason engine → output, until the end of the run.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -14,6 +14,7 @@ use crate::{
     engine::{Engine, EngineConfig, verdict::Verdict},
     kernel::{LoadError, Tracer, TracerOptions, attach::Capability, kallsyms::Kallsyms},
     listeners::ListenerCache,
+    output::metrics::{self, Metrics},
     output::{Clock, Final, Format, Output, OutputError, Ready, Record},
     overflow::OverflowWatch,
     rules::RuleCounters,
@@ -29,6 +30,8 @@ pub enum RunError {
     Poll(#[source] std::io::Error),
     #[error("install signal handler (sigaction): {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::output::metrics::MetricsError),
 }
 
 fn kernel_features() -> serde_json::Value {
@@ -74,7 +77,18 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         Format::Human
     };
     let mut out = Output::open(cli.output.as_deref(), format, clock)?;
-    let (tracer, events) = Tracer::start(&TracerOptions {
+    // Bind the metrics address before loading anything, too.
+    let metrics = match cli.metrics_addr {
+        Some(addr) => {
+            let listener = metrics::bind(addr).await?;
+            let m = Arc::new(Metrics::new(cli.ring_buffer_bytes));
+            tokio::spawn(metrics::serve(listener, Arc::clone(&m)));
+            out = out.with_metrics(Arc::clone(&m));
+            Some(m)
+        }
+        None => None,
+    };
+    let (mut tracer, events) = Tracer::start(&TracerOptions {
         ports: ports.clone(),
         ring_bytes: cli.ring_buffer_bytes,
     })?;
@@ -145,6 +159,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
+    let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
 
     loop {
@@ -159,6 +174,16 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 let verdicts = engine.tick(Clock::mono_now_ns());
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
+            }
+            _ = ring_peak_poll.tick(), if metrics.is_some() => {
+                match tracer.take_ring_peak() {
+                    Ok(peak) => {
+                        if let Some(m) = &metrics {
+                            m.set_ring_peak(peak);
+                        }
+                    }
+                    Err(error) => warn!(%error, "read the ring buffer's fill"),
+                }
             }
             _ = overflow_poll.tick() => {
                 let mut verdicts = Vec::new();

@@ -89,3 +89,52 @@ fn sigint_right_after_ready_still_ends_with_a_summary() {
         assert_eq!(values.last().expect("lines")["event"], "summary");
     }
 }
+
+#[test]
+fn without_privileges_it_names_the_capabilities_and_exits_3() {
+    require_root();
+    // The same binary as an unprivileged user (nobody), no capabilities.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(conntrace_bin())
+        .args(["--port", "3306"])
+        .output()
+        .expect("run setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
+        assert!(stderr.contains(cap), "{cap} not named: {stderr}");
+    }
+}
+
+#[test]
+fn merge_names_the_file_and_line_of_a_malformed_record() {
+    let path = std::env::temp_dir().join(format!("ct-bad-{}.jsonl", std::process::id()));
+    std::fs::write(&path, "{\"event\":\"ready\"}\nnot json\n").expect("write");
+    let (code, stderr) = run(&["merge", path.to_str().expect("utf-8")]);
+    std::fs::remove_file(&path).ok();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:2:", path.display())),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let (code, stderr) = run(&["merge", "/nonexistent/ct.jsonl"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/ct.jsonl"), "{stderr}");
+}
+
+#[test]
+fn a_metrics_address_in_use_fails_before_loading_anything() {
+    require_root();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let (code, stderr) = run(&["--metrics-addr", &addr, "--duration", "1s"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("listen for metrics on {addr}")),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}

@@ -6,7 +6,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, require_root, serve, sh, verdicts_in};
+use conntrace_tests::{
+    Conntrace, TwoHosts, connect, conntrace_bin, require_root, serve, sh, verdicts_in,
+};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
@@ -108,6 +110,60 @@ fn a_lost_cookie_ack_leaves_the_client_waiting_for_a_greeting() {
     assert!(listener["cookies_failed"].as_u64() >= Some(1), "{summary}");
     let counters = &summary["tcp_counters"][server_ns.to_string()];
     assert!(counters["SyncookiesSent"].as_u64() >= Some(1), "{summary}");
+
+    // As if each host had run its own conntrace: one file per host, joined by `merge`.
+    let merged = merge_per_host(&values, &[client_ns, server_ns]);
+    let joined: Vec<&Value> = merged.iter().filter(|m| m["one_sided"].is_null()).collect();
+    assert_eq!(joined.len(), 1, "{merged:#?}");
+    let m = joined[0];
+    assert_eq!(
+        m["reasons"]["client"],
+        serde_json::json!(["stalled_no_greeting"])
+    );
+    // (The client's FIN, when it gives up, can still validate the cookie: the server then
+    // creates the socket, greets, and meets the client's RST: a later `reset_by_peer`.)
+    assert_eq!(m["reasons"]["server"][0], "syncookie_ack_lost", "{m}");
+    let story = m["story"].as_str().unwrap_or_default();
+    assert!(
+        story.contains("never created this connection") && story.contains(rule),
+        "{story}"
+    );
+}
+
+/// Writes each namespace's verdicts to its own file (one per host) and runs
+/// `conntrace merge --json` on them.
+fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
+    let dir = std::env::temp_dir().join(format!("ct-merge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let files: Vec<std::path::PathBuf> = namespaces
+        .iter()
+        .map(|ns| {
+            let path = dir.join(format!("{ns}.jsonl"));
+            let lines: Vec<String> = values
+                .iter()
+                .filter(|v| v["event"] != "verdict" || v["netns"] == *ns)
+                .map(Value::to_string)
+                .collect();
+            std::fs::write(&path, lines.join("\n") + "\n").expect("write host file");
+            path
+        })
+        .collect();
+    let out = std::process::Command::new(conntrace_bin())
+        .arg("merge")
+        .arg("--json")
+        .args(&files)
+        .output()
+        .expect("run conntrace merge");
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("merged line is JSON"))
+        .collect()
 }
 
 #[test]

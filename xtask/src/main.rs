@@ -49,6 +49,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
 ];
+/// Only the tests need these: `promtool` (package `prometheus`) checks the metrics endpoint.
+const TEST_PACKAGES: &[&str] = &["prometheus"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_TOOLCHAIN: &str = "system-bpf";
 
@@ -86,8 +88,8 @@ fn succeeds(cmd: &mut Command) -> bool {
     cmd.output().is_ok_and(|o| o.status.success())
 }
 
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
+fn missing_packages(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -105,8 +107,13 @@ fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-fn setup() -> anyhow::Result<()> {
-    let missing = missing_packages();
+/// Installs what is missing and nothing else; with `for_tests`, the test tools too.
+fn setup(for_tests: bool) -> anyhow::Result<()> {
+    let mut packages = PACKAGES.to_vec();
+    if for_tests {
+        packages.extend_from_slice(TEST_PACKAGES);
+    }
+    let missing = missing_packages(&packages);
     if !missing.is_empty() {
         run(privileged("apt-get").arg("update"))?;
         run(privileged("apt-get")
@@ -164,15 +171,15 @@ fn cargo() -> Command {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().task {
-        Task::Setup => setup(),
+        Task::Setup => setup(true),
         Task::Run { args } => {
-            setup()?;
+            setup(false)?;
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
             let bin = workspace_root().join("target/release/conntrace");
             run(privileged(bin.to_str().context("non-UTF-8 path")?).args(&args))
         }
         Task::Test { args } => {
-            setup()?;
+            setup(true)?;
             run(cargo().args(["build", "-p", "conntrace"]))?;
             // Unit tests (no privileges needed), then the scenarios: one at a time, since each
             // builds network namespaces and loads its own eBPF programs.

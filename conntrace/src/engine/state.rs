@@ -60,6 +60,10 @@ impl Engine {
         match new {
             TcpState::Established => {
                 c.established_ns = Some(ts);
+                if c.side == Side::Client {
+                    let took = ts.saturating_sub(c.started_ns);
+                    self.summary.connect_latency(took);
+                }
                 // A client knows its process from connect(); a server waits for accept().
                 if (c.side == Side::Client || c.accepted_ns.is_some()) && !c.reported {
                     c.reported = true;

@@ -81,6 +81,47 @@ pub struct Summary {
     pub drops_by_reason: BTreeMap<String, u64>,
     /// Per listener (`ip:port`): SYN cookies and queue overflows.
     pub listeners: BTreeMap<String, ListenerCounts>,
+    /// Failed or stalled verdicts by the remote end's address.
+    pub failing_peers: BTreeMap<IpAddr, u64>,
+    /// Failed or stalled verdicts by service port (the server's port).
+    pub failing_ports: BTreeMap<u16, u64>,
+    /// Client handshake times (SYN_SENT to ESTABLISHED), microseconds; at most
+    /// [`LATENCY_SAMPLES`] are kept.
+    pub connect_latency_us: Vec<u32>,
+    /// The first verdict of each failure reason: the concrete case the advice names.
+    pub examples: BTreeMap<Reason, Verdict>,
+}
+
+/// Most handshake times kept for the latency percentiles (4 MB).
+pub const LATENCY_SAMPLES: usize = 1 << 20;
+
+impl Summary {
+    /// Records a client handshake time.
+    pub fn connect_latency(&mut self, ns: u64) {
+        if self.connect_latency_us.len() < LATENCY_SAMPLES {
+            self.connect_latency_us
+                .push(u32::try_from(ns / 1_000).unwrap_or(u32::MAX));
+        }
+    }
+
+    /// (count, p50, p90, p99, max) of the handshake times in milliseconds.
+    pub fn latency_percentiles(&self) -> Option<(usize, f64, f64, f64, f64)> {
+        let mut v = self.connect_latency_us.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| f64::from(v[((v.len() - 1) as f64 * q).round() as usize]) / 1000.0;
+        Some((v.len(), at(0.5), at(0.9), at(0.99), at(1.0)))
+    }
+
+    /// The `n` largest entries of a count map, largest first.
+    pub fn top<K: Clone + Ord>(map: &BTreeMap<K, u64>, n: usize) -> Vec<(K, u64)> {
+        let mut v: Vec<(K, u64)> = map.iter().map(|(k, c)| (k.clone(), *c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        v.truncate(n);
+        v
+    }
 }
 
 /// What happened at one listener over the run.
@@ -101,6 +142,17 @@ impl Summary {
     pub fn count(&mut self, v: &Verdict) {
         *self.by_outcome.entry(v.outcome).or_default() += 1;
         *self.by_reason.entry(v.reason).or_default() += 1;
+        if matches!(v.outcome, Outcome::Failed | Outcome::Stalled) {
+            if !v.daddr.is_unspecified() {
+                *self.failing_peers.entry(v.daddr).or_default() += 1;
+            }
+            let port = match v.side {
+                Side::Server => v.sport.unwrap_or(0),
+                Side::Client => v.dport,
+            };
+            *self.failing_ports.entry(port).or_default() += 1;
+            self.examples.entry(v.reason).or_insert_with(|| v.clone());
+        }
         if v.reason == Reason::ListenOverflow
             && let (Some(saddr), Some(sport)) = (v.saddr, v.sport)
         {

@@ -196,7 +196,18 @@ impl Tracer {
 
     /// Events the kernel side could not write into the ring buffer, summed over CPUs.
     pub fn lost_events(&self) -> Result<u64, aya::maps::MapError> {
-        Ok(self.lost.get(&0, 0)?.iter().sum())
+        Ok(self.lost.get(&maps::LOST_COUNT, 0)?.iter().sum())
+    }
+
+    /// The most bytes seen waiting in the ring buffer since the last call (the fullest CPU's
+    /// view after its writes), and resets it.
+    pub fn take_ring_peak(&mut self) -> Result<u64, aya::maps::MapError> {
+        let peaks = self.lost.get(&maps::RING_PEAK, 0)?;
+        let peak = peaks.iter().copied().max().unwrap_or(0);
+        let zeros = aya::maps::PerCpuValues::try_from(vec![0u64; peaks.len()])
+            .map_err(aya::maps::MapError::from)?;
+        self.lost.set(maps::RING_PEAK, zeros, 0)?;
+        Ok(peak)
     }
 }
 

@@ -129,26 +129,47 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 clock.rfc3339(*ts_ns)
             )
         }
-        Record::Summary(f) => {
-            let reasons: Vec<String> = f
-                .summary
-                .by_reason
-                .iter()
-                .map(|(r, n)| format!("{}={n}", r.code()))
-                .collect();
-            format!(
-                "summary: {} verdicts ({}), {} expired unresolved, {} lost events, {} kernel events in {:.1} s",
-                f.summary.by_outcome.values().sum::<u64>(),
-                if reasons.is_empty() {
-                    "none".to_owned()
-                } else {
-                    reasons.join(" ")
-                },
-                f.summary.expired_unresolved,
-                f.lost_events,
-                f.summary.events,
-                f.duration_ms / 1000.0
-            )
+        Record::Summary(f) => summary(f),
+    }
+}
+
+/// The summary table printed at exit: counts and concrete advice per reason, the top failing
+/// peers and ports, and the handshake-time percentiles.
+fn summary(f: &super::Final<'_>) -> String {
+    use crate::engine::verdict::Summary;
+    let s = f.summary;
+    let mut out = format!(
+        "summary: {} verdicts, {} kernel events, {} lost, {} expired unresolved, in {:.1} s",
+        s.by_outcome.values().sum::<u64>(),
+        s.events,
+        f.lost_events,
+        s.expired_unresolved,
+        f.duration_ms / 1000.0
+    );
+    if !s.by_reason.is_empty() {
+        out.push_str("\n  reason                    count  what to do");
+        for (reason, n) in &s.by_reason {
+            let advice = s
+                .examples
+                .get(reason)
+                .map_or_else(|| reason.advice().to_owned(), super::advice::concrete);
+            out.push_str(&format!("\n  {:<24} {n:>6}  {advice}", reason.code()));
         }
     }
+    let peers = Summary::top(&s.failing_peers, 5);
+    if !peers.is_empty() {
+        let list: Vec<String> = peers.iter().map(|(p, n)| format!("{p} ({n})")).collect();
+        out.push_str(&format!("\n  top failing peers: {}", list.join(", ")));
+    }
+    let ports = Summary::top(&s.failing_ports, 5);
+    if !ports.is_empty() {
+        let list: Vec<String> = ports.iter().map(|(p, n)| format!("{p} ({n})")).collect();
+        out.push_str(&format!("\n  top failing ports: {}", list.join(", ")));
+    }
+    if let Some((n, p50, p90, p99, max)) = s.latency_percentiles() {
+        out.push_str(&format!(
+            "\n  connect latency ({n} handshakes): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+        ));
+    }
+    out
 }

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::{Clock, Record};
-use crate::engine::verdict::Verdict;
+use crate::engine::verdict::{Summary, Verdict};
 
 fn verdict(v: &Verdict, clock: &Clock) -> Value {
     json!({
@@ -86,6 +86,19 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 "stray_resets": f.summary.stray_resets,
                 "drops_by_reason": f.summary.drops_by_reason,
                 "listeners": f.summary.listeners,
+                "top_failing_peers": Summary::top(&f.summary.failing_peers, 10)
+                    .into_iter()
+                    .map(|(addr, count)| json!({"addr": addr.to_string(), "count": count}))
+                    .collect::<Vec<_>>(),
+                "top_failing_ports": Summary::top(&f.summary.failing_ports, 10)
+                    .into_iter()
+                    .map(|(port, count)| json!({"port": port, "count": count}))
+                    .collect::<Vec<_>>(),
+                "connect_latency_ms": f.summary.latency_percentiles().map(
+                    |(count, p50, p90, p99, max)| {
+                        json!({"count": count, "p50": p50, "p90": p90, "p99": p99, "max": max})
+                    }
+                ),
                 "tcp_counters": f.tcp_counters,
             })
         }

@@ -1,7 +1,9 @@
 //! What conntrace writes to stdout (or `-o FILE`): one record per line, as JSON or as text.
 
+mod advice;
 mod human;
 mod json;
+pub mod metrics;
 
 use std::{
     fs::OpenOptions,
@@ -121,6 +123,8 @@ pub struct Output {
     out: BufWriter<Box<dyn Write + Send>>,
     format: Format,
     clock: Clock,
+    /// Also counts every record, for `--metrics-addr`.
+    metrics: Option<std::sync::Arc<metrics::Metrics>>,
 }
 
 impl Output {
@@ -145,10 +149,20 @@ impl Output {
             out: BufWriter::new(sink),
             format,
             clock,
+            metrics: None,
         })
     }
 
+    /// Counts every record written into `metrics` too.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     pub fn write(&mut self, record: &Record<'_>) -> Result<(), OutputError> {
+        if let Some(m) = &self.metrics {
+            m.observe(record);
+        }
         let line = match self.format {
             Format::Json => json::line(record, &self.clock),
             Format::Human => human::line(record, &self.clock),

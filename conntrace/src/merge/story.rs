@@ -1,0 +1,222 @@
+//! One connection's story from both ends. A table of rules: a client reason, a server reason
+//! and a sentence whose `{fact}`s are filled in from the two verdicts. First match wins.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde_json::{Map, Value};
+
+use super::Verdict;
+
+const STALLED: &[&str] = &["stalled_no_greeting", "stalled_no_response"];
+
+/// (client reasons, server reasons, sentence).
+#[rustfmt::skip]
+const RULES: &[(&[&str], &[&str], &str)] = &[
+    (&["stalled_no_greeting"], &["syncookie_ack_lost"], "the server never created this connection: it answered with a SYN cookie and the client's final ACK {ack_fate}{waited}"),
+    (&["stalled_no_greeting"], &["listen_overflow"], "the server's accept queue was full{queue} when the final ACK came: it has no socket for this connection{waited}"),
+    (STALLED, &["not_accepted"], "the server's application did not accept() the connection{comm}{waited}"),
+    (STALLED, &["established"], "the server's application accepted the connection{comm} and sent nothing back{waited}"),
+    (&["syn_timeout"], &["netfilter_drop"], "the server's firewall dropped the SYNs{at}{rule}"),
+    (&["icmp_unreachable", "refused_no_listener"], &["netfilter_reject"], "the server's REJECT rule answered{reject_with}{rule}"),
+    (&["refused_no_listener"], &["refused_bound_elsewhere"], "nothing listens on {server}; the service listens on {listeners}"),
+    (&["refused_no_listener"], &["refused_no_listener"], "nothing listens on {server}"),
+    (&["established"], &["established"], "established"),
+];
+
+/// The verdicts a rule matched, and the client's verdicts of that connection.
+struct Pair<'a> {
+    client: &'a Verdict,
+    server: &'a Verdict,
+    all_client: &'a [&'a Verdict],
+    server_addr: Option<SocketAddr>,
+}
+
+/// The story of one connection; `client` and `server` are its verdicts per side, by `ts`.
+pub(super) fn tell(
+    client: &[&Verdict],
+    server: &[&Verdict],
+    server_addr: Option<SocketAddr>,
+    max_skew: Duration,
+) -> String {
+    match (client.is_empty(), server.is_empty()) {
+        (_, true) => return format!("client only: {}", summary(client)),
+        (true, _) => return format!("server only: {}", summary(server)),
+        _ => {}
+    }
+    let (client, server) = (telling(client), telling(server));
+    for (client_reasons, server_reasons, sentence) in RULES {
+        let c = first_of(&client, client_reasons);
+        let s = first_of(&server, server_reasons);
+        if let (Some(c), Some(s)) = (c, s) {
+            let all_client = &client;
+            let pair = Pair {
+                client: c,
+                server: s,
+                all_client,
+                server_addr,
+            };
+            return fill(sentence, &pair);
+        }
+    }
+    let first = |vs: &[&Verdict]| vs.iter().map(|v| v.ts).min();
+    let order = match (first(&client), first(&server)) {
+        (Some(c), Some(s)) => match s.duration_since(c) {
+            Ok(d) if d > max_skew => format!("; the client reported {} before the server", secs(d)),
+            Err(e) if e.duration() > max_skew => {
+                format!(
+                    "; the server reported {} before the client",
+                    secs(e.duration())
+                )
+            }
+            _ => String::new(),
+        },
+        _ => String::new(),
+    };
+    format!(
+        "client: {}; server: {}{order}",
+        summary(&client),
+        summary(&server)
+    )
+}
+
+fn first_of<'a>(verdicts: &[&'a Verdict], reasons: &[&str]) -> Option<&'a Verdict> {
+    verdicts
+        .iter()
+        .copied()
+        .find(|v| reasons.contains(&v.reason.as_str()))
+}
+
+/// The sentence with each `{fact}` replaced.
+fn fill(sentence: &str, p: &Pair) -> String {
+    let (mut out, mut rest) = (String::new(), sentence);
+    while let Some((before, after)) = rest.split_once('{') {
+        let Some((name, after)) = after.split_once('}') else {
+            break;
+        };
+        out.push_str(before);
+        out.push_str(&fact(name, p));
+        rest = after;
+    }
+    out + rest
+}
+
+fn fact(name: &str, p: &Pair) -> String {
+    let d = &p.server.detail;
+    match name {
+        "ack_fate" => match (text(d, "hook"), rule(d)) {
+            _ if d.get("cookie_invalid") == Some(&Value::Bool(true)) => {
+                "was answered with a RST: the cookie did not validate".to_owned()
+            }
+            (Some(hook), Some(rule)) => format!("was dropped by {hook} {rule}"),
+            (Some(hook), None) => format!("was dropped at {hook}{}", not_found(d)),
+            (None, _) => "was lost".to_owned(),
+        },
+        "waited" => {
+            let stall = p.all_client.iter().filter(|v| v.reason == p.client.reason);
+            let ms = stall.flat_map(|v| [v.detail_ms("stuck_ms"), v.detail_ms("waited_ms")]);
+            around("; the client waited ", ms.flatten().max().map(secs), "")
+        }
+        "queue" => match (d.get("accept_queue"), d.get("backlog")) {
+            (Some(Value::Number(queue)), Some(Value::Number(backlog))) => {
+                format!(" ({queue}/{backlog})")
+            }
+            _ => String::new(),
+        },
+        "comm" => {
+            let listener = d.get("listener").and_then(|l| l.get("comm")?.as_str());
+            around(
+                " (",
+                p.server.comm.as_deref().or(listener),
+                " on the server)",
+            )
+        }
+        "at" => around(" at ", text(d, "hook"), ""),
+        "rule" => rule(d).map_or_else(|| not_found(d), |rule| format!(": {rule}")),
+        "reject_with" => around(" (", text(d, "reject_with"), ")"),
+        "server" => p
+            .server_addr
+            .map_or_else(|| "?".to_owned(), |a| a.to_string()),
+        "listeners" => {
+            let all = d
+                .get("listeners")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten();
+            let addresses: Vec<&str> = all.filter_map(|l| l.get("address")?.as_str()).collect();
+            addresses.join(", ")
+        }
+        _ => format!("{{{name}}}"),
+    }
+}
+
+fn text<'a>(d: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    d.get(key)?.as_str()
+}
+
+fn around(before: &str, value: Option<impl AsRef<str>>, after: &str) -> String {
+    value.map_or_else(String::new, |v| format!("{before}{}{after}", v.as_ref()))
+}
+
+/// The firewall rule(s) `detail` names: rule `TEXT` (FAMILY TABLE CHAIN), or a chain's policy.
+fn rule(d: &Map<String, Value>) -> Option<String> {
+    let one = |r: &Value| {
+        let r = r.as_object()?;
+        let at = ["family", "table", "chain"].map(|k| text(r, k).unwrap_or("?"));
+        let at = at.join(" ");
+        match (text(r, "text"), text(r, "policy")) {
+            (Some(rule), _) => Some(format!("rule `{rule}` ({at})")),
+            (None, Some(policy)) => Some(format!("chain policy {policy} ({at})")),
+            (None, None) => None,
+        }
+    };
+    if let Some(rule) = d.get("rule") {
+        return one(rule);
+    }
+    let candidates = d.get("rule_candidates")?.as_array()?;
+    let all: Vec<String> = candidates.iter().filter_map(one).collect();
+    (!all.is_empty()).then(|| all.join(" or "))
+}
+
+fn not_found(d: &Map<String, Value>) -> String {
+    around(" (no rule named: ", text(d, "rule_not_found"), ")")
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.1} s", d.as_secs_f64())
+}
+
+/// A side's reason codes, each once, in the order they were first reported.
+pub(super) fn distinct_reasons<'a>(verdicts: &[&'a Verdict]) -> Vec<&'a str> {
+    let mut reasons: Vec<&str> = Vec::new();
+    for v in verdicts {
+        if !reasons.contains(&v.reason.as_str()) {
+            reasons.push(&v.reason);
+        }
+    }
+    reasons
+}
+
+/// `REASON (KERNEL_REASON), ...`: the kernel's words from each reason's last verdict.
+fn summary(verdicts: &[&Verdict]) -> String {
+    let said = |reason: &str| {
+        let last = verdicts.iter().rev().find(|v| v.reason == reason);
+        let kernel = last.and_then(|v| v.kernel_reason.as_ref());
+        format!("{reason}{}", around(" (", kernel, ")"))
+    };
+    let all: Vec<String> = distinct_reasons(verdicts).into_iter().map(said).collect();
+    all.join(", ")
+}
+
+/// `established` says little when the same side also reported a failure: left out then.
+fn telling<'a>(verdicts: &[&'a Verdict]) -> Vec<&'a Verdict> {
+    let failures: Vec<&Verdict> = verdicts
+        .iter()
+        .copied()
+        .filter(|v| v.reason != "established")
+        .collect();
+    if failures.is_empty() {
+        verdicts.to_vec()
+    } else {
+        failures
+    }
+}

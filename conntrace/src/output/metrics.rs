@@ -1,0 +1,225 @@
+//! Prometheus exposition (`--metrics-addr`): every record written also updates counters, served
+//! at `GET /metrics` in the OpenMetrics text format by `prometheus-client` over `hyper`.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use super::Record;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    side: String,
+    outcome: String,
+    reason: String,
+    /// The connection's service port: the server's local port, the client's remote one.
+    port: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: String,
+}
+
+/// The metrics conntrace exports.
+pub struct Metrics {
+    registry: Registry,
+    verdicts: Family<VerdictLabels, Counter>,
+    drops: Family<DropLabels, Counter>,
+    lost: Counter,
+    ring_peak: Gauge,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("listen for metrics on {addr} (bind): {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Metrics {
+    pub fn new(ring_bytes: u32) -> Self {
+        let mut registry = Registry::with_prefix("conntrace");
+        let verdicts = Family::<VerdictLabels, Counter>::default();
+        registry.register(
+            "verdicts",
+            "Verdicts issued, by side, outcome, reason and service port",
+            verdicts.clone(),
+        );
+        let drops = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "drops",
+            "Dropped packets on traced ports reported alone (drop records), by kernel drop reason",
+            drops.clone(),
+        );
+        let lost = Counter::default();
+        registry.register(
+            "lost_events",
+            "Kernel events lost because the ring buffer was full",
+            lost.clone(),
+        );
+        let ring_peak: Gauge = Gauge::default();
+        registry.register(
+            "ring_buffer_peak_bytes",
+            "Most bytes waiting in the kernel ring buffer during the last second",
+            ring_peak.clone(),
+        );
+        let size: Gauge = Gauge::default();
+        size.set(i64::from(ring_bytes));
+        registry.register(
+            "ring_buffer_size_bytes",
+            "Size of the kernel ring buffer",
+            size,
+        );
+        Self {
+            registry,
+            verdicts,
+            drops,
+            lost,
+            ring_peak,
+        }
+    }
+
+    /// Counts what a record says.
+    pub fn observe(&self, record: &Record<'_>) {
+        match record {
+            Record::Verdict(v) => {
+                let port = match v.side {
+                    crate::engine::model::Side::Server => v.sport.unwrap_or(0),
+                    crate::engine::model::Side::Client => v.dport,
+                };
+                let name = |x: serde_json::Value| x.as_str().unwrap_or_default().to_owned();
+                self.verdicts
+                    .get_or_create(&VerdictLabels {
+                        side: name(serde_json::json!(v.side)),
+                        outcome: name(serde_json::json!(v.outcome)),
+                        reason: v.reason.code().to_owned(),
+                        port: port.to_string(),
+                    })
+                    .inc();
+            }
+            Record::Drop(d) => {
+                self.drops
+                    .get_or_create(&DropLabels {
+                        reason: d.kernel_reason.clone(),
+                    })
+                    .inc();
+            }
+            Record::Lost { new, .. } => {
+                self.lost.inc_by(*new);
+            }
+            Record::Ready(_) | Record::Summary(_) => {}
+        }
+    }
+
+    pub fn set_ring_peak(&self, bytes: u64) {
+        self.ring_peak.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            // Encoding into a String cannot fail; an empty page is the safe answer anyway.
+            text.clear();
+        }
+        text
+    }
+
+    fn respond(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let (status, body, kind) = if req.method() == Method::GET && req.uri().path() == "/metrics"
+        {
+            (
+                StatusCode::OK,
+                self.encode(),
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+        } else {
+            (
+                StatusCode::NOT_FOUND,
+                "conntrace serves GET /metrics\n".to_owned(),
+                "text/plain; charset=utf-8",
+            )
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
+        *resp.status_mut() = status;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
+            resp.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        }
+        resp
+    }
+}
+
+/// Binds `addr` now (so a bad address fails at start-up) and returns the listener.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| MetricsError::Bind { addr, source })
+}
+
+/// Serves `GET /metrics` on `listener` until the runtime stops.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                debug!(%error, "accept a metrics connection");
+                continue;
+            }
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let resp = metrics.respond(&req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(%error, "serve a metrics connection");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_labels() {
+        let m = Metrics::new(4096);
+        m.observe(&Record::Lost {
+            total: 3,
+            new: 3,
+            ts_ns: 0,
+        });
+        m.set_ring_peak(1024);
+        let text = m.encode();
+        assert!(text.contains("conntrace_lost_events_total 3"), "{text}");
+        assert!(
+            text.contains("conntrace_ring_buffer_peak_bytes 1024"),
+            "{text}"
+        );
+        assert!(
+            text.contains("conntrace_ring_buffer_size_bytes 4096"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+}

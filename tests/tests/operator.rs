@@ -1,0 +1,132 @@
+//! The operator's tools: the metrics endpoint scraped and checked by `promtool`, and the
+//! subcommands that need no kernel.
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use conntrace_tests::{Conntrace, TwoHosts, connect, conntrace_bin, require_root};
+
+const PORT: u16 = 3306;
+
+/// A free port on the loopback address (bound, then released for conntrace to take).
+fn free_loopback_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn scrape(addr: &str) -> String {
+    ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .expect("GET /metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("metrics body")
+}
+
+#[test]
+fn metrics_count_verdicts_and_a_real_prometheus_stores_them() {
+    require_root();
+    let hosts = TwoHosts::new();
+    let addr = format!("127.0.0.1:{}", free_loopback_port());
+    let ct = Conntrace::start(&["--port", "3306", "--metrics-addr", &addr]);
+    // Nothing listens: two refused connections, seen from both sides.
+    let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--count", "2"]);
+    client.json_lines(Duration::from_secs(10));
+    let client_ns = hosts.client.inode();
+    ct.wait_for(Duration::from_secs(3), |l| {
+        l.value["netns"] == client_ns && l.value["reason"] == "refused_no_listener"
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let body = scrape(&addr);
+    for line in [
+        r#"conntrace_verdicts_total{side="client",outcome="failed",reason="refused_no_listener",port="3306"} 2"#,
+        r#"conntrace_verdicts_total{side="server",outcome="failed",reason="refused_no_listener",port="3306"} 2"#,
+        "conntrace_lost_events_total 0",
+        "conntrace_ring_buffer_size_bytes 4194304",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+    // A real Prometheus scrapes the endpoint (OpenMetrics) and can query what it stored.
+    let stored = prometheus_scrape(&addr, "conntrace_verdicts_total");
+    assert!(
+        stored.contains("refused_no_listener"),
+        "Prometheus did not store the verdicts: {stored}"
+    );
+    ct.stop();
+}
+
+/// Kills the child process on drop, and removes its scratch directory.
+struct Scratch(std::process::Child, std::path::PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+        std::fs::remove_dir_all(&self.1).ok();
+    }
+}
+
+/// Runs Debian's Prometheus against `target` with a 1 s scrape interval until a query for
+/// `metric` returns data (20 s at most); returns the query's JSON answer.
+fn prometheus_scrape(target: &str, metric: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("ct-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let config = dir.join("prometheus.yml");
+    let yaml = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: conntrace\n    static_configs:\n      - targets: ['{target}']\n"
+    );
+    std::fs::write(&config, yaml).expect("write prometheus.yml");
+    let web = format!("127.0.0.1:{}", free_loopback_port());
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn prometheus (package `prometheus`, installed by `cargo xtask setup`)");
+    let _guard = Scratch(child, dir);
+    let url = format!("http://{web}/api/v1/query?query={metric}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut resp) = ureq::get(&url).call()
+            && let Ok(text) = resp.body_mut().read_to_string()
+            && text.contains("\"result\":[{")
+        {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Prometheus stored nothing for {metric} within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn explain_names_every_reason_and_rejects_unknown_ones() {
+    let out = Command::new(conntrace_bin())
+        .args(["explain", "syncookie_ack_lost"])
+        .output()
+        .expect("run conntrace explain");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("syncookie_ack_lost (server)"), "{text}");
+    assert!(text.contains("what to do:"), "{text}");
+    let out = Command::new(conntrace_bin())
+        .args(["explain", "no_such_reason"])
+        .output()
+        .expect("run conntrace explain");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("unknown reason `no_such_reason`"), "{err}");
+}
