@@ -28,12 +28,15 @@ mod exit {
     pub const UNSUPPORTED_KERNEL: u8 = 4;
 }
 
-/// Capabilities conntrace needs when not run as root.
+/// Capabilities conntrace needs when not run as root (README, "Requirements"): loading and
+/// attaching the programs, reading kernel memory from them, netlink and `nft`, and tracefs
+/// (mode 0700). CAP_SYS_ADMIN, which covers them all, is also what entering other network
+/// namespaces needs (rule counters, listen queues).
 const CAPS: &[(u32, &str)] = &[
     (39, "CAP_BPF"),
     (38, "CAP_PERFMON"),
     (12, "CAP_NET_ADMIN"),
-    (24, "CAP_SYS_RESOURCE"),
+    (2, "CAP_DAC_READ_SEARCH"),
 ];
 const CAP_SYS_ADMIN: u32 = 21;
 
@@ -75,6 +78,22 @@ fn missing_caps() -> Vec<&'static str> {
         .collect()
 }
 
+/// Run with file capabilities (setcap) instead of root, the children conntrace starts (`nft`,
+/// to read rule counters) would not inherit CAP_NET_ADMIN: raise it into the inheritable and
+/// ambient sets of this thread, the one that starts them. Root needs nothing of the kind.
+fn pass_net_admin_to_children() {
+    use caps::{CapSet, Capability};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return;
+    }
+    let raised = caps::raise(None, CapSet::Inheritable, Capability::CAP_NET_ADMIN)
+        .and_then(|()| caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN));
+    if let Err(error) = raised {
+        tracing::warn!(%error, "cannot pass CAP_NET_ADMIN to `nft`: firewall rules will not be named");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     if let Some(command) = &cli.command {
@@ -94,9 +113,11 @@ fn main() -> ExitCode {
         .init();
 
     let missing = missing_caps();
-    if !missing.is_empty() {
+    if missing.is_empty() {
+        pass_net_admin_to_children();
+    } else {
         eprintln!(
-            "conntrace: missing privileges: run as root (it needs {} and read access to tracefs; see README, \"Requirements\")",
+            "conntrace: missing privileges: run as root, or give the binary {} (and CAP_SYS_ADMIN to name firewall rules and listen queues in other namespaces) with setcap; see README, \"Requirements\"",
             missing.join(", ")
         );
         return ExitCode::from(exit::PRIVILEGES);

@@ -138,3 +138,36 @@ fn a_metrics_address_in_use_fails_before_loading_anything() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
+
+#[test]
+fn file_capabilities_instead_of_root_are_enough() {
+    require_root();
+    // A copy of the binary with the capabilities the README lists, run as nobody.
+    let dir = std::env::temp_dir().join(format!("ct-caps-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let bin = dir.join("conntrace");
+    std::fs::copy(conntrace_bin(), &bin).expect("copy conntrace");
+    let caps = "cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin,cap_dac_read_search+ep";
+    let setcap = Command::new("setcap")
+        .args([caps, bin.to_str().expect("utf-8")])
+        .status()
+        .expect("run setcap (package libcap2-bin)");
+    assert!(setcap.success());
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(&bin)
+        .args(["--json", "--port", "3306", "--duration", "1s"])
+        .current_dir("/")
+        .output()
+        .expect("run setpriv");
+    std::fs::remove_dir_all(&dir).ok();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("{\"event\":\"ready\""), "{stdout}");
+    assert!(stdout.contains("\"event\":\"summary\""), "{stdout}");
+    // `nft` inherited CAP_NET_ADMIN: no warning about rule counters.
+    assert!(!stderr.contains("rule counter"), "{stderr}");
+}

@@ -49,8 +49,9 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
 ];
-/// Only the tests need these: `promtool` (package `prometheus`) checks the metrics endpoint.
-const TEST_PACKAGES: &[&str] = &["prometheus"];
+/// Only the tests need these: Prometheus scrapes the metrics endpoint, `setcap` runs
+/// conntrace with file capabilities instead of root.
+const TEST_PACKAGES: &[&str] = &["prometheus", "libcap2-bin"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_TOOLCHAIN: &str = "system-bpf";
 
