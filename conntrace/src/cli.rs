@@ -74,6 +74,13 @@ pub enum Command {
         /// A reason code, e.g. syncookie_ack_lost.
         reason: Option<String>,
     },
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, e.g. `conntrace man > conntrace.1`.
+    Man,
     /// Join verdicts of the same connections seen on different hosts (JSON Lines files written
     /// with --json, e.g. the client's and the server's) into one story per connection.
     Merge {

@@ -158,6 +158,17 @@ fn subcommand(command: &cli::Command) -> ExitCode {
             max_skew,
             json,
         } => merge::run(files, *max_skew, *json, &mut out).map_err(anyhow::Error::from),
+        cli::Command::Completions { shell } => {
+            let mut cmd = <cli::Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "conntrace", &mut out);
+            Ok(())
+        }
+        cli::Command::Man => {
+            let cmd = <cli::Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| anyhow::Error::from(e).context("render the man page"))
+        }
     };
     let result = result.and_then(|()| std::io::Write::flush(&mut out).map_err(Into::into));
     match result {

@@ -130,3 +130,27 @@ fn explain_names_every_reason_and_rejects_unknown_ones() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("unknown reason `no_such_reason`"), "{err}");
 }
+
+#[test]
+fn man_page_and_completions_come_from_the_cli_definition() {
+    let run = |args: &[&str]| {
+        let out = Command::new(conntrace_bin())
+            .args(args)
+            .output()
+            .expect("run conntrace");
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let man = run(&["man"]);
+    assert!(man.contains(".TH conntrace 1"), "{man}");
+    for option in ["stall\\-timeout", "metrics\\-addr", "expect\\-comm"] {
+        assert!(man.contains(option), "{option} missing from the man page");
+    }
+    let bash = run(&["completions", "bash"]);
+    assert!(
+        bash.contains("_conntrace()") && bash.contains("--stall-timeout"),
+        "{bash}"
+    );
+    let zsh = run(&["completions", "zsh"]);
+    assert!(zsh.contains("#compdef conntrace"), "{zsh}");
+}
