@@ -154,3 +154,37 @@ fn man_page_and_completions_come_from_the_cli_definition() {
     let zsh = run(&["completions", "zsh"]);
     assert!(zsh.contains("#compdef conntrace"), "{zsh}");
 }
+
+#[test]
+fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
+    require_root();
+    let hosts = TwoHosts::new();
+    // `script` gives conntrace a pseudo-terminal as stdout and copies what it shows.
+    let command = format!(
+        "{} --port 3306 --duration 6s",
+        conntrace_bin().to_str().expect("utf-8 path")
+    );
+    let term = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run script (bsdutils)");
+    std::thread::sleep(Duration::from_secs(3));
+    connect(&hosts.client, &hosts.server_ip, PORT, &[]).json_lines(Duration::from_secs(10));
+    let out = term.wait_with_output().expect("wait for script");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("\x1b[31mrefused_no_listener"),
+        "no coloured verdict: {shown:?}"
+    );
+    assert!(
+        shown.contains("\r\n[conntrace] 2 verdicts: failed 2 | refused_no_listener 2 |"),
+        "no live status line: {shown:?}"
+    );
+    let last = shown.trim_end().rsplit('\n').next().unwrap_or_default();
+    assert!(
+        last.contains("summary:") || shown.contains("\x1b[Ksummary:"),
+        "{shown:?}"
+    );
+}

@@ -179,6 +179,13 @@ impl Engine {
             record(&mut c.drops, hs);
             return;
         }
+        // The SYN of a refusal just reported: the drop is the refusal itself.
+        if !outgoing
+            && f.reason == "NO_SOCKET"
+            && self.recent_refusals.contains_key(&(netns, local))
+        {
+            return;
+        }
         // Retransmissions are sent from timers: name the owning connection's process, not
         // whatever task was current.
         let proc = if outgoing {

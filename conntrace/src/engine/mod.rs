@@ -147,6 +147,9 @@ pub struct Engine {
     /// Sockets decided recently: a late `connect()` result for the same socket, destination and
     /// process is not a new failure (the address alone may already belong to a new socket).
     recently_decided: HashMap<u64, Decided>,
+    /// SYNs this host refused without a socket just now (netns, tuple, when): the kernel then
+    /// frees the SYN with NO_SOCKET, which is the refusal itself, not another drop.
+    recent_refusals: HashMap<(u32, FourTuple), u64>,
     /// Drops of connection attempts that have no connection here, by netns and tuple.
     attempts: HashMap<(u32, FourTuple), drops::Attempt>,
     /// Drop records not yet taken by the caller.
@@ -180,6 +183,7 @@ impl Engine {
             orphan_errors: HashMap::new(),
             recently_decided: HashMap::new(),
             attempts: HashMap::new(),
+            recent_refusals: HashMap::new(),
             drops: Vec::new(),
             summary: Summary::default(),
         }
@@ -414,6 +418,9 @@ impl Engine {
                 } else if let Some(v) =
                     decide::refused_without_socket(&meta, tuple, reason, answered_flags)
                 {
+                    if self.recent_refusals.len() < self.cfg.max_connections {
+                        self.recent_refusals.insert((meta.netns, tuple), meta.ts_ns);
+                    }
                     self.emit(out, v);
                 } else {
                     // A late or stray segment (an ACK, FIN or data for a socket already gone).

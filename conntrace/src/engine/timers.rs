@@ -83,6 +83,7 @@ impl Engine {
         }
         let keep = 10 * grace_or(self.cfg.grace_ns);
         self.recently_decided.retain(|_, d| now_ns < d.at_ns + keep);
+        self.recent_refusals.retain(|_, at| now_ns < *at + keep);
         let orphans_before = self.orphan_errors.len();
         self.orphan_errors
             .retain(|_, o| now_ns < o.ts_ns + 10 * grace_or(self.cfg.grace_ns));

@@ -49,7 +49,7 @@ fn facts(v: &Verdict) -> Vec<String> {
     out
 }
 
-fn verdict(v: &Verdict, clock: &Clock) -> String {
+fn verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
     let who = match (&v.comm, v.pid) {
         (Some(c), Some(p)) => format!("{c}[{p}]"),
         _ => "-".to_owned(),
@@ -58,10 +58,20 @@ fn verdict(v: &Verdict, clock: &Clock) -> String {
         crate::engine::model::Side::Client => "client",
         crate::engine::model::Side::Server => "server",
     };
+    // Stalls and their follow-ups share the reason code: say which it is.
+    let label = match v.outcome {
+        Outcome::Stalled => format!("{} (stalled)", v.reason.code()),
+        Outcome::Resolved => format!("{} (resolved)", v.reason.code()),
+        Outcome::Established | Outcome::Failed => v.reason.code().to_owned(),
+    };
+    let label = if colour {
+        super::live::paint(&format!("{label:<11}"), v.outcome)
+    } else {
+        format!("{label:<11}")
+    };
     let mut line = format!(
-        "{} {side:<6} {:<11} {} -> {} {who} netns:{} ({}",
+        "{} {side:<6} {label} {} -> {} {who} netns:{} ({}",
         clock.rfc3339(v.ts_ns),
-        v.reason.code(),
         endpoint(v.saddr, v.sport),
         endpoint(Some(v.daddr), Some(v.dport)),
         v.netns,
@@ -83,7 +93,7 @@ fn verdict(v: &Verdict, clock: &Clock) -> String {
     line
 }
 
-pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
+pub(super) fn line(record: &Record<'_>, clock: &Clock, colour: bool) -> String {
     match record {
         Record::Ready(r) => {
             let ports = if r.ports.is_empty() {
@@ -107,7 +117,7 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 paths.join(" ")
             )
         }
-        Record::Verdict(v) => verdict(v, clock),
+        Record::Verdict(v) => verdict(v, clock, colour),
         Record::Drop(d) => format!(
             "{} drop   {:<11} {} {} {} netns:{} ({} at {})",
             clock.rfc3339(d.ts_ns),

@@ -3,6 +3,7 @@
 mod advice;
 mod human;
 mod json;
+mod live;
 pub mod metrics;
 
 use std::{
@@ -125,11 +126,17 @@ pub struct Output {
     clock: Clock,
     /// Also counts every record, for `--metrics-addr`.
     metrics: Option<std::sync::Arc<metrics::Metrics>>,
+    /// Human records to a terminal: colour, and a status line redrawn under them.
+    live: Option<live::Status>,
 }
 
 impl Output {
     /// Writes to `path` (created with mode 0600) or to stdout.
     pub fn open(path: Option<&Path>, format: Format, clock: Clock) -> Result<Self, OutputError> {
+        let live = (format == Format::Human
+            && path.is_none()
+            && io::IsTerminal::is_terminal(&io::stdout()))
+        .then(live::Status::default);
         let sink: Box<dyn Write + Send> = match path {
             Some(p) => Box::new(
                 OpenOptions::new()
@@ -150,6 +157,7 @@ impl Output {
             format,
             clock,
             metrics: None,
+            live,
         })
     }
 
@@ -163,15 +171,27 @@ impl Output {
         if let Some(m) = &self.metrics {
             m.observe(record);
         }
+        let colour = self.live.is_some();
         let line = match self.format {
             Format::Json => json::line(record, &self.clock),
-            Format::Human => human::line(record, &self.clock),
+            Format::Human => human::line(record, &self.clock, colour),
         };
-        let result = self
-            .out
-            .write_all(line.as_bytes())
-            .and_then(|()| self.out.write_all(b"\n"))
-            .and_then(|()| self.out.flush());
+        let status = self.live.as_mut().and_then(|s| {
+            s.count(record);
+            // The summary is the last line: no status under it.
+            (!matches!(record, Record::Summary(_))).then(|| s.line())
+        });
+        let result = (|| {
+            if colour {
+                self.out.write_all(live::CLEAR_LINE.as_bytes())?;
+            }
+            self.out.write_all(line.as_bytes())?;
+            self.out.write_all(b"\n")?;
+            if let Some(status) = status {
+                self.out.write_all(status.as_bytes())?;
+            }
+            self.out.flush()
+        })();
         result.map_err(|e| {
             if e.kind() == io::ErrorKind::BrokenPipe {
                 OutputError::Closed

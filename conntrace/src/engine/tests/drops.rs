@@ -283,3 +283,19 @@ fn flag_names() {
     assert_eq!(decide::tcp_flag_names(0x11), "ACK|FIN");
     assert_eq!(decide::tcp_flag_names(0), "none");
 }
+
+#[test]
+fn the_no_socket_drop_of_a_refused_syn_is_the_refusal_not_another_drop() {
+    let mut e = Engine::new(EngineConfig::default());
+    // rst_sent_no_socket answers 10.77.0.2:51000 -> 10.77.0.1:3306 (s = this host).
+    one(e.handle(rst_sent_no_socket(MS)));
+    let syn = FourTuple {
+        saddr: ip(2),
+        sport: 51_000,
+        daddr: ip(1),
+        dport: 3306,
+    };
+    none(e.handle(dropped(MS + 1_000, 0, syn, SYN, "NO_SOCKET")));
+    assert!(e.take_drops().is_empty());
+    assert_eq!(e.summary().drops_by_reason.get("NO_SOCKET"), Some(&1));
+}
