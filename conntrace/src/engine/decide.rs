@@ -269,6 +269,9 @@ pub(super) fn apply_drops(v: &mut Verdict, drops: &[HandshakeDrop]) {
     if let Some(hook) = d.hook {
         v.detail.insert("hook".into(), json!(hook));
     }
+    if let Some(finding) = d.rule.clone() {
+        apply_rule(v, finding);
+    }
     v.detail.insert("dropped".into(), json!(d.count));
     if v.side == Side::Server {
         // The SYNs the client sent for this attempt, less the first.

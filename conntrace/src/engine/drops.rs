@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::{
     Engine, decide,
-    model::{DroppedPacket, FourTuple, Meta, NfHook, Proc, Side},
+    model::{DroppedPacket, FourTuple, Meta, NfHook, Proc, RuleFinding, Side},
     verdict::{Direction, Verdict},
 };
 
@@ -34,6 +34,15 @@ pub(crate) struct HandshakeDrop {
     pub count: u32,
     pub first_ns: u64,
     pub last_ns: u64,
+    /// For a netfilter drop: the rule, looked up at the first drop of this kind (the ruleset
+    /// may change before the verdict).
+    pub rule: Option<RuleFinding>,
+}
+
+impl HandshakeDrop {
+    fn same_kind(&self, other: &Self) -> bool {
+        self.reason == other.reason && self.direction == other.direction && self.hook == other.hook
+    }
 }
 
 /// Drops of a connection attempt that has no connection on this host (a SYN dropped before any
@@ -87,10 +96,7 @@ impl Attempt {
 
 /// Adds one dropped packet to a list of drops, merging it with drops of the same kind.
 pub(crate) fn record(drops: &mut Vec<HandshakeDrop>, new: HandshakeDrop) {
-    match drops
-        .iter_mut()
-        .find(|d| d.reason == new.reason && d.direction == new.direction && d.hook == new.hook)
-    {
+    match drops.iter_mut().find(|d| d.same_kind(&new)) {
         Some(d) => {
             d.count += new.count;
             d.tcp_flags |= new.tcp_flags;
@@ -117,6 +123,11 @@ pub(crate) fn drops_detail(drops: &[HandshakeDrop]) -> Value {
             })
             .collect(),
     )
+}
+
+/// A netfilter drop of a kind not yet in `drops`: its rule is looked up now.
+fn id_needs_rule(drops: Option<&[HandshakeDrop]>, new: &HandshakeDrop) -> bool {
+    new.reason == NETFILTER_DROP && !drops.unwrap_or_default().iter().any(|d| d.same_kind(new))
 }
 
 fn reversed(t: FourTuple) -> FourTuple {
@@ -161,7 +172,9 @@ impl Engine {
             count: 1,
             first_ns: f.meta.ts_ns,
             last_ns: f.meta.ts_ns,
+            rule: None,
         };
+        let mut hs = hs;
         // A drop during a handshake belongs to that connection.
         let netns = f.meta.netns;
         let id = (if outgoing {
@@ -171,10 +184,16 @@ impl Engine {
         })
         .or_else(|| self.by_tuple.get(&local))
         .copied();
-        if let Some(c) = id.and_then(|id| self.conns.get_mut(&id))
-            && c.established_ns.is_none()
-            && (c.netns == netns || c.netns == 0 || netns == 0)
+        let joins = id.and_then(|id| self.conns.get(&id)).is_some_and(|c| {
+            c.established_ns.is_none() && (c.netns == netns || c.netns == 0 || netns == 0)
+        });
+        if joins
+            && let Some(id) = id
+            && id_needs_rule(self.conns.get(&id).map(|c| c.drops.as_slice()), &hs)
         {
+            hs.rule = self.look_up_rule(netns, hs.hook, f.packet.daddr.is_ipv6());
+        }
+        if joins && let Some(c) = id.and_then(|id| self.conns.get_mut(&id)) {
             c.last_ns = f.meta.ts_ns;
             record(&mut c.drops, hs);
             return;
@@ -204,6 +223,9 @@ impl Engine {
             && ATTRIBUTED.contains(&f.reason.as_str())
             && (room || self.attempts.contains_key(&key))
         {
+            if id_needs_rule(self.attempts.get(&key).map(|a| a.drops.as_slice()), &hs) {
+                hs.rule = self.look_up_rule(netns, hs.hook, f.packet.daddr.is_ipv6());
+            }
             let a = self
                 .attempts
                 .entry(key)
@@ -220,6 +242,17 @@ impl Engine {
             f.location,
             f.tcp_flags,
         ));
+    }
+
+    /// The rule behind a netfilter drop, when a look-up is configured.
+    fn look_up_rule(
+        &mut self,
+        netns: u32,
+        hook: Option<NfHook>,
+        ipv6: bool,
+    ) -> Option<RuleFinding> {
+        let rules = self.rules.as_mut()?;
+        Some(rules.find(netns, hook, ipv6))
     }
 
     /// A connection just appeared on this host: drops of its attempt that came before (a SYN

@@ -299,3 +299,24 @@ fn the_no_socket_drop_of_a_refused_syn_is_the_refusal_not_another_drop() {
     assert!(e.take_drops().is_empty());
     assert_eq!(e.summary().drops_by_reason.get("NO_SOCKET"), Some(&1));
 }
+
+/// Answers with the rule text of the call's number: the ruleset changes between calls.
+struct ChangingRules(u32);
+
+impl RuleLookup for ChangingRules {
+    fn find(&mut self, _netns: u32, _hook: Option<NfHook>, _ipv6: bool) -> RuleFinding {
+        self.0 += 1;
+        let mut r = rule(RuleAction::Drop);
+        r.text = format!("rule {}", self.0);
+        RuleFinding::Rule(r)
+    }
+}
+
+#[test]
+fn the_rule_is_the_one_that_counted_at_the_drop_not_at_the_verdict() {
+    let mut e = Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(ChangingRules(0)));
+    none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
+    none(e.handle(dropped(SEC + MS, 0, from_client(), SYN, NETFILTER_DROP)));
+    let v = one(e.tick(10 * SEC));
+    assert_eq!(detail(&v, "rule")["text"], "rule 1");
+}
