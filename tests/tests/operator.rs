@@ -182,9 +182,12 @@ fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
         shown.contains("\r\n[conntrace] 2 verdicts: failed 2 | refused_no_listener 2 |"),
         "no live status line: {shown:?}"
     );
-    let last = shown.trim_end().rsplit('\n').next().unwrap_or_default();
-    assert!(
-        last.contains("summary:") || shown.contains("\x1b[Ksummary:"),
-        "{shown:?}"
+    // The summary table at exit: the reason, its count, and advice naming the address.
+    assert!(shown.contains("\x1b[Ksummary: 2 verdicts"), "{shown:?}");
+    let row = format!(
+        "refused_no_listener           2  nothing listens on {}:3306",
+        hosts.server_ip
     );
+    assert!(shown.contains(&row), "no summary row {row:?}: {shown:?}");
+    assert!(shown.contains("top failing ports: 3306 (2)"), "{shown:?}");
 }
