@@ -43,8 +43,10 @@ fn sock_ports(o: &KernelOffsets, sk: u64) -> (u16, u16) {
 #[inline(always)]
 fn first(sk: u64, direction: u32, bytes: i32) {
     let Some(cfg) = config() else { return };
-    let (local, remote) = sock_ports(&cfg.offsets, sk);
-    if sk == 0 || !port_traced(cfg, local, remote) {
+    // Only clients' first data matters (stalls are a client's view): a socket whose remote
+    // port is traced. Servers' sockets (traced port local) are skipped: one event fewer each.
+    let (_, remote) = sock_ports(&cfg.offsets, sk);
+    if sk == 0 || !port_traced(cfg, remote, remote) {
         return;
     }
     let bit = 1u8 << direction;
@@ -107,6 +109,11 @@ pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let skb: u64 = field(&ctx, cfg.dev_queue.skbaddr);
+    // Almost every packet has an owning socket: one read sends it on its way.
+    let owner: u64 = kread(skb + o.skb_sk as u64);
+    if owner != 0 {
+        return 0;
+    }
     let proto = u16::from_be(kread(skb + o.skb_protocol as u64));
     if proto != ETH_P_IP && proto != ETH_P_IPV6 {
         return 0;
@@ -117,10 +124,6 @@ pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
     if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK
         || !port_traced(cfg, tuple.sport, tuple.dport)
     {
-        return 0;
-    }
-    let owner: u64 = kread(skb + o.skb_sk as u64);
-    if owner != 0 {
         return 0;
     }
     emit(CookieSynAck {

@@ -45,7 +45,7 @@ fn meta(h: &EventHeader) -> Meta {
         proc: Proc {
             pid: h.pid,
             tid: h.tid,
-            comm: String::from_utf8_lossy(&h.comm[..end]).into_owned(),
+            comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
         },
     }
 }

@@ -205,7 +205,7 @@ impl OverflowWatch {
                         proc: Proc {
                             pid: 0,
                             tid: 0,
-                            comm: String::new(),
+                            comm: compact_str::CompactString::default(),
                         },
                     },
                     listener,

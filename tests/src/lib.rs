@@ -364,6 +364,11 @@ impl Conntrace {
 
     /// Stops conntrace with SIGINT and returns every line it printed, each validated against
     /// docs/events.schema.json.
+    /// The conntrace process id (for CPU and memory figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn stop(mut self) -> Vec<Value> {
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };

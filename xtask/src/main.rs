@@ -35,6 +35,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up (with bpftrace, the peer it compares with), build release, and run the churn
+    /// benchmark (`ctbench`): untraced, traced, unrelated port, bpftrace. Its last line is
+    /// `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
+    Bench {
+        /// Arguments for ctbench: --rounds N (3), --phase-ms T (2000), --parallel K (2).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Debian packages: the eBPF toolchain (notes/environment.md) and the tools tests use.
@@ -49,6 +57,9 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
 ];
+/// The benchmark compares with bpftrace.
+const BENCH_PACKAGES: &[&str] = &["bpftrace"];
+
 /// Only the tests need these: Prometheus scrapes the metrics endpoint, `setcap` runs
 /// conntrace with file capabilities instead of root.
 const TEST_PACKAGES: &[&str] = &["prometheus", "libcap2-bin"];
@@ -108,12 +119,10 @@ fn cargo_bin_dir() -> PathBuf {
         .join("bin")
 }
 
-/// Installs what is missing and nothing else; with `for_tests`, the test tools too.
-fn setup(for_tests: bool) -> anyhow::Result<()> {
+/// Installs what is missing and nothing else: the toolchain and `extra` (test or bench tools).
+fn setup(extra: &[&'static str]) -> anyhow::Result<()> {
     let mut packages = PACKAGES.to_vec();
-    if for_tests {
-        packages.extend_from_slice(TEST_PACKAGES);
-    }
+    packages.extend_from_slice(extra);
     let missing = missing_packages(&packages);
     if !missing.is_empty() {
         run(privileged("apt-get").arg("update"))?;
@@ -172,15 +181,29 @@ fn cargo() -> Command {
 
 fn main() -> anyhow::Result<()> {
     match Args::parse().task {
-        Task::Setup => setup(true),
+        Task::Setup => setup(TEST_PACKAGES),
         Task::Run { args } => {
-            setup(false)?;
+            setup(&[])?;
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
             let bin = workspace_root().join("target/release/conntrace");
             run(privileged(bin.to_str().context("non-UTF-8 path")?).args(&args))
         }
+        Task::Bench { args } => {
+            setup(BENCH_PACKAGES)?;
+            if !is_root() {
+                bail!(
+                    "the benchmark needs root (eBPF, network namespaces): run `sudo -E cargo xtask bench`"
+                );
+            }
+            run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
+            run(cargo().args(["build", "--release", "-p", "conntrace-tests", "--bins"]))?;
+            let root = workspace_root().join("target/release");
+            run(Command::new(root.join("ctbench"))
+                .env("CONNTRACE_BIN", root.join("conntrace"))
+                .args(&args))
+        }
         Task::Test { args } => {
-            setup(true)?;
+            setup(TEST_PACKAGES)?;
             run(cargo().args(["build", "-p", "conntrace"]))?;
             // Unit tests (no privileges needed), then the scenarios: one at a time, since each
             // builds network namespaces and loads its own eBPF programs.

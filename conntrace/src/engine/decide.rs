@@ -45,7 +45,7 @@ fn base(c: &Conn, ts_ns: u64, outcome: Outcome, reason: Reason) -> Verdict {
         dport: c.tuple.dport,
         netns: c.netns,
         pid: c.proc.as_ref().map(|p| p.pid),
-        comm: c.proc.as_ref().map(|p| p.comm.clone()),
+        comm: c.proc.as_ref().map(|p| p.comm.to_string()),
         duration_ms: ms(c.started_ns, ts_ns),
         syn_retransmits: c.syn_retransmits,
         detail: Map::new(),
@@ -87,7 +87,7 @@ pub(super) fn on_established(c: &Conn, ts_ns: u64, cfg: &EngineConfig) -> Option
     if c.side == Side::Server
         && !cfg.expected_comms.is_empty()
         && let Some(p) = &c.proc
-        && !cfg.expected_comms.contains(&p.comm)
+        && !cfg.expected_comms.iter().any(|e| e == p.comm.as_str())
     {
         let mut v = established(c, ts_ns);
         v.outcome = Outcome::Failed;
@@ -333,7 +333,7 @@ pub(super) fn connect_failed(
     v.saddr = None;
     v.sport = None;
     v.pid = Some(meta.proc.pid);
-    v.comm = Some(meta.proc.comm.clone());
+    v.comm = Some(meta.proc.comm.to_string());
     v.detail.insert("syscall".into(), Value::from("connect"));
     v.detail.insert("packets_sent".into(), Value::from(0));
     Some(v)
@@ -432,7 +432,7 @@ pub(super) fn drop_record(
         location,
         tcp_flags: tcp_flag_names(tcp_flags),
         pid: proc.as_ref().map(|p| p.pid),
-        comm: proc.map(|p| p.comm),
+        comm: proc.map(|p| p.comm.to_string()),
     }
 }
 

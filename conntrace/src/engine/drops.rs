@@ -333,7 +333,7 @@ fn attempt_verdict(a: &Attempt) -> Verdict {
     v.ts_ns = a.last_ns();
     if let Some(p) = &a.proc {
         v.pid = Some(p.pid);
-        v.comm = Some(p.comm.clone());
+        v.comm = Some(p.comm.to_string());
     }
     decide::apply_drops(&mut v, &a.drops);
     if a.cookies > 0 {

@@ -16,7 +16,11 @@ mod tests;
 mod timers;
 pub mod verdict;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+/// The engine's look-ups run for every kernel event: a fast hash, still randomly keyed, since
+/// remote addresses and ports are chosen by whoever sends SYNs.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
 use self::{
     model::{FourTuple, KernelEvent, Meta, Proc, Side, TcpState},
@@ -177,13 +181,13 @@ impl Engine {
             rules: None,
             next_id: 0,
             conns: BTreeMap::new(),
-            by_sk: HashMap::new(),
-            by_tuple: HashMap::new(),
+            by_sk: HashMap::default(),
+            by_tuple: HashMap::default(),
             closing: Vec::new(),
-            orphan_errors: HashMap::new(),
-            recently_decided: HashMap::new(),
-            attempts: HashMap::new(),
-            recent_refusals: HashMap::new(),
+            orphan_errors: HashMap::default(),
+            recently_decided: HashMap::default(),
+            attempts: HashMap::default(),
+            recent_refusals: HashMap::default(),
             drops: Vec::new(),
             summary: Summary::default(),
         }

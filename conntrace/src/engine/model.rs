@@ -102,7 +102,8 @@ pub struct FourTuple {
 pub struct Proc {
     pub pid: u32,
     pub tid: u32,
-    pub comm: String,
+    /// At most 15 bytes: kept inline, as every kernel event carries one.
+    pub comm: compact_str::CompactString,
 }
 
 /// Facts every event carries.

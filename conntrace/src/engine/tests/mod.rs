@@ -26,7 +26,7 @@ fn ip(last: u8) -> IpAddr {
 }
 
 fn meta(ts_ns: u64, pid: u32, comm: &str) -> Meta {
-    let (netns, tid, comm) = (NETNS, pid, comm.to_owned());
+    let (netns, tid, comm) = (NETNS, pid, comm.into());
     let proc = Proc { pid, tid, comm };
     Meta { ts_ns, netns, proc }
 }

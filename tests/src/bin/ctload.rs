@@ -1,0 +1,107 @@
+//! Load generator for the benchmark: connection churn as fast as the machine allows.
+//!
+//! `ctload serve ADDR PORT [--threads N]`: accepts, writes a greeting, closes (N accept threads).
+//! `ctload churn ADDR PORT --for-ms T [--parallel K]`: K threads connect, read the greeting and
+//! close, again and again for T ms; prints one JSON line:
+//! `{"connections":N,"failed":F,"ms":T,"per_second":R}`.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+fn flag(args: &[String], name: &str) -> Option<u64> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn serve(addr: SocketAddr, args: &[String]) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    // SAFETY: listen(2) on our own socket, raising the backlog for the churn.
+    unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 4096) };
+    let listener = Arc::new(listener);
+    println!("listening");
+    std::io::stdout().flush().ok();
+    let threads = flag(args, "--threads").unwrap_or(2);
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let l = Arc::clone(&listener);
+            std::thread::spawn(move || {
+                loop {
+                    if let Ok((mut s, _)) = l.accept() {
+                        s.write_all(b"hello\n").ok();
+                        // Dropped: the server closes first, as a greeting server that is done.
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().ok();
+    }
+}
+
+fn churn(addr: SocketAddr, args: &[String]) {
+    let for_ms = flag(args, "--for-ms").unwrap_or(3000);
+    let parallel = flag(args, "--parallel").unwrap_or(2).max(1);
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (ok, failed, stop) = (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16];
+                while !stop.load(Ordering::Relaxed) {
+                    let done = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                        .and_then(|mut s| s.read(&mut buf));
+                    match done {
+                        Ok(n) if n > 0 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(for_ms));
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().ok();
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let n = ok.load(Ordering::Relaxed);
+    println!(
+        "{{\"connections\":{n},\"failed\":{},\"ms\":{ms:.1},\"per_second\":{:.1}}}",
+        failed.load(Ordering::Relaxed),
+        n as f64 / (ms / 1000.0)
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: ctload serve|churn ADDR PORT [options]";
+    let (Some(mode), Some(addr), Some(port)) = (args.get(1), args.get(2), args.get(3)) else {
+        eprintln!("{usage}");
+        std::process::exit(2);
+    };
+    let addr = SocketAddr::new(
+        addr.parse()
+            .unwrap_or_else(|e| panic!("address {addr}: {e}")),
+        port.parse().unwrap_or_else(|e| panic!("port {port}: {e}")),
+    );
+    match mode.as_str() {
+        "serve" => serve(addr, &args[4..]),
+        "churn" => churn(addr, &args[4..]),
+        _ => {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+    }
+}
