@@ -559,3 +559,22 @@ mod tests {
         assert_eq!(EventKind::from_u32(11), None);
     }
 }
+
+/// The fuzz corpus (`fuzz/corpus/decode`, grown by `cargo fuzz run decode`) replayed on every
+/// test run: each input decodes or is refused, never panics.
+#[cfg(test)]
+mod corpus {
+    extern crate std;
+
+    #[test]
+    fn decode_corpus_replays() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/decode");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/decode") {
+            let bytes = std::fs::read(entry.expect("entry").path()).expect("read input");
+            std::hint::black_box(super::decode(&bytes)).ok();
+            n += 1;
+        }
+        assert!(n > 10, "the corpus is committed: {n} inputs");
+    }
+}

@@ -46,8 +46,11 @@
 //!   with one member added: **file** (string), the input file it was read from, as given on
 //!   the command line.
 
+// Paths spelled out: the fuzz target includes this file from another crate.
+#[path = "merge/story.rs"]
 mod story;
 #[cfg(test)]
+#[path = "merge/tests.rs"]
 mod tests;
 
 use std::{
@@ -175,7 +178,34 @@ pub fn run(
 fn read(path: &Path, verdicts: &mut Vec<Verdict>) -> Result<(), MergeError> {
     let name = path.display().to_string();
     let file = File::open(path).map_err(|e| MergeError::Open(name.clone(), e))?;
-    for (n, text) in BufReader::new(file).lines().enumerate() {
+    read_from(&name, BufReader::new(file), verdicts)
+}
+
+/// The whole of `merge` on one input, in memory: what the fuzz target and the corpus replay
+/// drive. Any input gives lines or an error, never a panic.
+#[cfg(any(test, fuzzing))]
+pub fn merge_one(
+    name: &str,
+    input: &[u8],
+    max_skew: Duration,
+    json: bool,
+) -> Result<Vec<String>, MergeError> {
+    let mut verdicts = Vec::new();
+    read_from(name, input, &mut verdicts)?;
+    Ok(group(verdicts, max_skew)
+        .iter()
+        .map(|c| render(c, max_skew, json))
+        .collect())
+}
+
+/// Appends the verdicts of the JSON Lines in `input`; `name` names it in errors.
+fn read_from(
+    name: &str,
+    input: impl BufRead,
+    verdicts: &mut Vec<Verdict>,
+) -> Result<(), MergeError> {
+    let name = name.to_owned();
+    for (n, text) in input.lines().enumerate() {
         let at = format!("{name}:{}", n + 1);
         let text = text.map_err(|e| MergeError::Read(at.clone(), e))?;
         if text.trim().is_empty() {

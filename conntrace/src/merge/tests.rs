@@ -304,3 +304,28 @@ fn write_error_keeps_the_io_error() {
     let io = err.chain().find_map(|e| e.downcast_ref::<io::Error>());
     assert_eq!(io.map(io::Error::kind), Some(io::ErrorKind::BrokenPipe));
 }
+
+/// The fuzz corpus (`fuzz/corpus/merge_reader`, grown by `cargo fuzz run merge_reader`)
+/// replayed on every test run: each input merges or is an error, never a panic.
+#[test]
+fn merge_corpus_replays() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/merge_reader");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("fuzz/corpus/merge_reader") {
+        let bytes = std::fs::read(entry.expect("entry").path()).expect("read input");
+        for json in [false, true] {
+            std::hint::black_box(super::merge_one(
+                "corpus",
+                &bytes,
+                Duration::from_secs(2),
+                json,
+            ))
+            .ok();
+        }
+        n += 1;
+    }
+    assert!(n > 10, "the corpus is committed: {n} inputs");
+    let tour = std::fs::read(dir.join("seed-tour.jsonl")).expect("seed");
+    let lines = super::merge_one("tour", &tour, Duration::from_secs(2), true).expect("merges");
+    assert!(!lines.is_empty());
+}
