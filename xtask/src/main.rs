@@ -62,7 +62,7 @@ const BENCH_PACKAGES: &[&str] = &["bpftrace"];
 
 /// Only the tests need these: Prometheus scrapes the metrics endpoint, `setcap` runs
 /// conntrace with file capabilities instead of root.
-const TEST_PACKAGES: &[&str] = &["prometheus", "libcap2-bin", "bpftool"];
+const TEST_PACKAGES: &[&str] = &["prometheus", "libcap2-bin", "bpftool", "hping3"];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_TOOLCHAIN: &str = "system-bpf";
 

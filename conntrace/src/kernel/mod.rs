@@ -145,6 +145,10 @@ impl Tracer {
             );
         }
         let drop_reasons = btf.enum_names("skb_drop_reason", "SKB_DROP_REASON_");
+        let reset_reasons = btf.enum_names("sk_rst_reason", "SK_RST_REASON_");
+        // Everything needed from the parsed BTF is taken: free it before the loader parses
+        // the kernel's BTF again, so the two never sit in memory together (peak RSS).
+        drop(btf);
         let stack_drop_reason = drop_reasons
             .iter()
             .find(|(_, name)| name.as_str() == NETFILTER_DROP)
@@ -187,7 +191,7 @@ impl Tracer {
             kernel_release: release,
             active,
             unavailable,
-            reset_reasons: btf.enum_names("sk_rst_reason", "SK_RST_REASON_"),
+            reset_reasons,
             drop_reasons,
             missing_offsets,
         };

@@ -1,0 +1,96 @@
+//! A SYN flood (bounded: 5,000 SYNs from a spoofed address, Debian's hping3) against a
+//! listener with SYN cookies: conntrace stays responsive and small, counts what it cannot
+//! show, and a victim connection during the flood still gets its right verdict.
+//! The full-size run is a documented command (README, "Floods").
+
+use std::{process::Stdio, time::Duration};
+
+use conntrace_tests::{Conntrace, TwoHosts, connect, require_root, serve};
+
+const PORT: u16 = 3306;
+
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+#[test]
+fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
+    require_root();
+    let hosts = TwoHosts::new();
+    let _server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--greeting", "hello"],
+    );
+    let ct = Conntrace::start(&["--port", "3306", "--all"]);
+    // Spoofed from an address nobody owns: the SYN-ACKs go nowhere (half-open, cookies).
+    let spoofed = hosts
+        .client_ip
+        .rsplit_once('.')
+        .map(|(net, _)| format!("{net}.50"))
+        .expect("IPv4 address");
+    let mut flood = hosts
+        .client
+        .command("hping3")
+        .args([
+            "-q", "-S", "-a", &spoofed, "-p", "3306", "-i", "u100", "-c", "5000",
+        ])
+        .arg(&hosts.server_ip)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run hping3 (package hping3)");
+    std::thread::sleep(Duration::from_millis(200));
+    let victim = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--read", "--timeout-ms", "5000"],
+    )
+    .json_lines(Duration::from_secs(10));
+    assert_eq!(
+        victim[0]["ok"], true,
+        "the victim got its greeting: {victim:?}"
+    );
+    let victim_port: u64 = victim[0]["local"]
+        .as_str()
+        .and_then(|a| a.rsplit_once(':'))
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("victim's local port");
+    flood.wait().expect("hping3 ends");
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = peak_rss_mib(ct.pid());
+    let values = ct.stop();
+    let victim_verdicts: Vec<_> = values
+        .iter()
+        .filter(|v| {
+            v["event"] == "verdict"
+                && v["netns"] == hosts.client.inode()
+                && v["sport"] == victim_port
+        })
+        .collect();
+    assert_eq!(victim_verdicts.len(), 1, "{victim_verdicts:#?}");
+    assert_eq!(victim_verdicts[0]["reason"], "established");
+    let summary = values.last().expect("summary");
+    let counters = &summary["tcp_counters"][hosts.server.inode().to_string()];
+    let cookies = counters["SyncookiesSent"].as_u64().unwrap_or(0);
+    println!(
+        "MEASURED flood: 5000 spoofed SYNs, {cookies} SYN cookies sent, {} kernel events, {} lost, peak RSS {rss:.1} MiB",
+        summary["kernel_events"], summary["lost_events"]
+    );
+    assert!(
+        cookies >= 1000,
+        "the flood shows in the counters: {summary}"
+    );
+    assert!(
+        summary["lost_events"].as_u64().is_some(),
+        "losses are counted"
+    );
+    assert!(rss <= 64.0, "peak RSS {rss:.1} MiB");
+}
