@@ -18,6 +18,10 @@ pub(crate) const LISTEN_OVERFLOW: &str = "TCP_LISTEN_OVERFLOW";
 pub(crate) const NEIGH_FAILED: &str = "NEIGH_FAILED";
 const ATTRIBUTED: [&str; 3] = [NETFILTER_DROP, LISTEN_OVERFLOW, NEIGH_FAILED];
 
+/// Most `drop` records per namespace and kernel reason in one second (a SYN flood's drops would
+/// otherwise print one line each); the rest are counted in `summary.drop_records_suppressed`.
+pub(crate) const DROP_RECORDS_PER_SECOND: u32 = 50;
+
 /// With no new drop for this long beyond the SYN backoff's next expected retransmit, an
 /// attempt has ended (the peer gave up, or got through and a connection took over).
 pub(crate) const ATTEMPT_QUIET_NS: u64 = 1_500_000_000;
@@ -231,6 +235,21 @@ impl Engine {
                 .entry(key)
                 .or_insert_with(|| Attempt::new(&f.meta, local, proc.clone()));
             record(&mut a.drops, hs);
+            return;
+        }
+        // A flood must not become a flood of lines: at most DROP_RECORDS_PER_SECOND records per
+        // namespace and reason each second; the rest are counted.
+        let second = f.meta.ts_ns / 1_000_000_000;
+        let window = self
+            .drop_windows
+            .entry((netns, f.reason.clone()))
+            .or_insert((second, 0));
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        window.1 += 1;
+        if window.1 > DROP_RECORDS_PER_SECOND {
+            self.summary.drop_records_suppressed += 1;
             return;
         }
         self.drops.push(decide::drop_record(

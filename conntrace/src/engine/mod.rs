@@ -154,6 +154,8 @@ pub struct Engine {
     /// SYNs this host refused without a socket just now (netns, tuple, when): the kernel then
     /// frees the SYN with NO_SOCKET, which is the refusal itself, not another drop.
     recent_refusals: HashMap<(u32, FourTuple), u64>,
+    /// Drop records written this second, by netns and reason (the second, the count).
+    drop_windows: HashMap<(u32, String), (u64, u32)>,
     /// Drops of connection attempts that have no connection here, by netns and tuple.
     attempts: HashMap<(u32, FourTuple), drops::Attempt>,
     /// Drop records not yet taken by the caller.
@@ -188,6 +190,7 @@ impl Engine {
             recently_decided: HashMap::default(),
             attempts: HashMap::default(),
             recent_refusals: HashMap::default(),
+            drop_windows: HashMap::default(),
             drops: Vec::new(),
             summary: Summary::default(),
         }

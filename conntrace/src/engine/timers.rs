@@ -84,6 +84,8 @@ impl Engine {
         let keep = 10 * grace_or(self.cfg.grace_ns);
         self.recently_decided.retain(|_, d| now_ns < d.at_ns + keep);
         self.recent_refusals.retain(|_, at| now_ns < *at + keep);
+        let second = now_ns / 1_000_000_000;
+        self.drop_windows.retain(|_, (s, _)| *s + 1 >= second);
         let orphans_before = self.orphan_errors.len();
         self.orphan_errors
             .retain(|_, o| now_ns < o.ts_ns + 10 * grace_or(self.cfg.grace_ns));

@@ -79,6 +79,9 @@ pub struct Summary {
     pub stray_resets: u64,
     /// Dropped packets on traced ports, by kernel drop reason.
     pub drops_by_reason: BTreeMap<String, u64>,
+    /// Drops not written as `drop` records because more than 50 of one reason came in one
+    /// second in one namespace (still counted in `drops_by_reason`).
+    pub drop_records_suppressed: u64,
     /// Per listener (`ip:port`): SYN cookies and queue overflows.
     pub listeners: BTreeMap<String, ListenerCounts>,
     /// Failed or stalled verdicts by the remote end's address.

@@ -176,6 +176,12 @@ fn summary(f: &super::Final<'_>) -> String {
         let list: Vec<String> = ports.iter().map(|(p, n)| format!("{p} ({n})")).collect();
         out.push_str(&format!("\n  top failing ports: {}", list.join(", ")));
     }
+    if s.drop_records_suppressed > 0 {
+        out.push_str(&format!(
+            "\n  {} drop records not printed (more than 50 a second of one reason; counted above)",
+            s.drop_records_suppressed
+        ));
+    }
     if let Some((n, p50, p90, p99, max)) = s.latency_percentiles() {
         out.push_str(&format!(
             "\n  connect latency ({n} handshakes): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"

@@ -320,3 +320,24 @@ fn the_rule_is_the_one_that_counted_at_the_drop_not_at_the_verdict() {
     let v = one(e.tick(10 * SEC));
     assert_eq!(detail(&v, "rule")["text"], "rule 1");
 }
+
+#[test]
+fn a_flood_of_drops_is_capped_at_fifty_records_a_second_and_counted() {
+    let mut e = Engine::new(EngineConfig::default());
+    for i in 0..120u16 {
+        let packet = tuple(SPORT + i, 3306);
+        none(e.handle(dropped(
+            SEC + u64::from(i) * MS,
+            0,
+            packet,
+            ACK,
+            "TCP_OLD_ACK",
+        )));
+    }
+    assert_eq!(e.take_drops().len(), 50);
+    assert_eq!(e.summary().drop_records_suppressed, 70);
+    assert_eq!(e.summary().drops_by_reason.get("TCP_OLD_ACK"), Some(&120));
+    // The next second starts afresh.
+    none(e.handle(dropped(3 * SEC, 0, tuple(SPORT, 3306), ACK, "TCP_OLD_ACK")));
+    assert_eq!(e.take_drops().len(), 1);
+}
