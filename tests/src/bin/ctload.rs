@@ -1,8 +1,9 @@
 //! Load generator for the benchmark: connection churn as fast as the machine allows.
 //!
 //! `ctload serve ADDR PORT [--threads N]`: accepts, writes a greeting, closes (N accept threads).
-//! `ctload churn ADDR PORT --for-ms T [--parallel K]`: K threads connect, read the greeting and
-//! close, again and again for T ms; prints one JSON line:
+//! `ctload churn ADDR PORT --for-ms T [--parallel K] [--rate R]`: K threads connect, read the
+//! greeting and close, again and again for T ms (at most R connections a second in all, when
+//! given); prints one JSON line:
 //! `{"connections":N,"failed":F,"ms":T,"per_second":R}`.
 
 use std::{
@@ -51,6 +52,10 @@ fn serve(addr: SocketAddr, args: &[String]) {
 fn churn(addr: SocketAddr, args: &[String]) {
     let for_ms = flag(args, "--for-ms").unwrap_or(3000);
     let parallel = flag(args, "--parallel").unwrap_or(2).max(1);
+    // Each thread's pause between connections for the requested total rate.
+    let pause = flag(args, "--rate")
+        .filter(|r| *r > 0)
+        .map(|r| Duration::from_secs_f64(parallel as f64 / r as f64));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
@@ -66,6 +71,9 @@ fn churn(addr: SocketAddr, args: &[String]) {
                         Ok(n) if n > 0 => ok.fetch_add(1, Ordering::Relaxed),
                         _ => failed.fetch_add(1, Ordering::Relaxed),
                     };
+                    if let Some(p) = pause {
+                        std::thread::sleep(p);
+                    }
                 }
             })
         })
