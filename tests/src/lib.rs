@@ -169,6 +169,14 @@ impl TwoHosts {
     }
 }
 
+impl TwoHosts {
+    /// An address on the hosts' IPv4 subnet that neither host owns (`last` is its last byte).
+    pub fn unowned_ip(&self, last: u8) -> String {
+        let (net, _) = self.client_ip.rsplit_once('.').expect("IPv4 address");
+        format!("{net}.{last}")
+    }
+}
+
 impl Default for TwoHosts {
     fn default() -> Self {
         Self::new()
@@ -218,14 +226,35 @@ fn bin(env: &str, fallback: &str) -> PathBuf {
     })
 }
 
-/// Path of the test peer binary: cargo builds it beside the test executables
-/// (`target/<profile>/ctpeer`, tests in `target/<profile>/deps/`).
-pub fn ctpeer() -> PathBuf {
+/// Path of one of this crate's binaries (`ctpeer`, `ctload`): cargo builds them into
+/// `target/<profile>/`, the test executables into `target/<profile>/deps/`, and the benchmark
+/// runs from `target/<profile>/` itself.
+pub fn helper_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let path = dir.join("ctpeer");
+    let beside = exe.with_file_name(name);
+    let path = if beside.exists() {
+        beside
+    } else {
+        let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+        dir.join(name)
+    };
     assert!(path.exists(), "{} not built", path.display());
     path
+}
+
+/// Path of the test peer binary.
+pub fn ctpeer() -> PathBuf {
+    helper_bin("ctpeer")
+}
+
+/// A `/proc/PID/status` memory figure (`VmRSS`, `VmHWM`) in MiB; 0 when unreadable.
+pub fn proc_mib(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// Spawns `ctpeer MODE ADDR PORT EXTRA...` in `ns`, stdout piped.

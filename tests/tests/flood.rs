@@ -5,18 +5,9 @@
 
 use std::{process::Stdio, time::Duration};
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, require_root, serve};
+use conntrace_tests::{Conntrace, TwoHosts, connect, proc_mib, require_root, serve};
 
 const PORT: u16 = 3306;
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
 
 #[test]
 fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
@@ -30,11 +21,7 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
     );
     let ct = Conntrace::start(&["--port", "3306", "--all"]);
     // Spoofed from an address nobody owns: the SYN-ACKs go nowhere (half-open, cookies).
-    let spoofed = hosts
-        .client_ip
-        .rsplit_once('.')
-        .map(|(net, _)| format!("{net}.50"))
-        .expect("IPv4 address");
+    let spoofed = hosts.unowned_ip(50);
     let mut flood = hosts
         .client
         .command("hping3")
@@ -65,7 +52,7 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
         .expect("victim's local port");
     flood.wait().expect("hping3 ends");
     std::thread::sleep(Duration::from_secs(2));
-    let rss = peak_rss_mib(ct.pid());
+    let rss = proc_mib(ct.pid(), "VmHWM");
     let values = ct.stop();
     let victim_verdicts: Vec<_> = values
         .iter()

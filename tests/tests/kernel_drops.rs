@@ -14,11 +14,7 @@ fn an_address_nobody_owns_is_neighbour_failed() {
     require_root();
     let hosts = TwoHosts::new();
     // On the veth subnet, but no host has it: ARP goes unanswered.
-    let nobody = hosts
-        .client_ip
-        .rsplit_once('.')
-        .map(|(net, _)| format!("{net}.250"))
-        .expect("IPv4 address");
+    let nobody = hosts.unowned_ip(250);
     let ct = Conntrace::start(&["--port", "3306"]);
     let client = connect(&hosts.client, &nobody, PORT, &["--timeout-ms", "20000"]);
     let results = client.json_lines(Duration::from_secs(30));

@@ -5,27 +5,12 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{Conntrace, TwoHosts, require_root};
+use conntrace_tests::{Conntrace, TwoHosts, helper_bin, proc_mib, require_root};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
 /// Connections a second in all.
 const RATE: &str = "2000";
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn ctload() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    dir.join("ctload")
-}
 
 #[test]
 fn churn_keeps_memory_flat_and_counts_exact() {
@@ -34,7 +19,7 @@ fn churn_keeps_memory_flat_and_counts_exact() {
     hosts
         .client
         .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
-    let load = ctload();
+    let load = helper_bin("ctload");
     let load = load.to_str().expect("utf-8 path");
     let mut server = hosts
         .server
@@ -67,10 +52,10 @@ fn churn_keeps_memory_flat_and_counts_exact() {
     };
     let mut connections = churn(1000);
     std::thread::sleep(Duration::from_millis(500));
-    let warm = rss_mib(pid);
+    let warm = proc_mib(pid, "VmRSS");
     connections += churn(2000);
     std::thread::sleep(Duration::from_millis(500));
-    let after = rss_mib(pid);
+    let after = proc_mib(pid, "VmRSS");
     let values = ct.stop();
     server.kill().ok();
     server.wait().ok();

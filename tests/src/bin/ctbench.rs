@@ -28,8 +28,7 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 fn ctload() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.with_file_name("ctload")
+    conntrace_tests::helper_bin("ctload")
 }
 
 /// Runs `ctload churn` in the client namespace; returns connections per second.
@@ -61,16 +60,6 @@ fn cpu_seconds(pid: u32) -> f64 {
         .sum();
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-/// Peak resident memory in MiB (VmHWM).
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 #[derive(Default)]
@@ -145,7 +134,7 @@ fn main() {
                 ("traced", Some(ct)) => {
                     let pid = ct.pid();
                     let cpu = cpu_seconds(pid) - cpu_before;
-                    traced.peak_rss = traced.peak_rss.max(peak_rss_mib(pid));
+                    traced.peak_rss = traced.peak_rss.max(conntrace_tests::proc_mib(pid, "VmHWM"));
                     let values = ct.stop();
                     let summary = values.last().expect("summary");
                     let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
