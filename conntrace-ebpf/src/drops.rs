@@ -9,8 +9,8 @@ use conntrace_common::{
 };
 
 use crate::{
-    EVENTS, config, count_lost, field, header, kread, netns_of_skb, netns_of_sock, note_ring_fill,
-    port_traced,
+    EVENTS, config, count_lost, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
+    submit_flags,
 };
 
 pub(crate) const ETH_P_IP: u16 = 0x0800;
@@ -119,7 +119,6 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
             )
         };
     }
-    entry.submit(0);
-    note_ring_fill();
+    entry.submit(submit_flags());
     0
 }

@@ -11,6 +11,7 @@ mod drops;
 mod syscalls;
 
 use aya_ebpf::{
+    EbpfContext as _,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
     },
@@ -85,24 +86,6 @@ fn sockaddr_field(ctx: &TracePointContext, off: u16, addr: &mut [u8; 16]) -> (u1
         addr[..4].copy_from_slice(&v4);
     }
     (family, port)
-}
-
-/// Whether the record's ports are traced, reading the two ports only: most records are
-/// filtered out here, before the addresses are read.
-#[inline(always)]
-fn record_traced(ctx: &TracePointContext, cfg: &Config, l: &TupleLayout) -> bool {
-    if cfg.flags & FLAG_ALL_PORTS != 0 {
-        return true;
-    }
-    let (sport, dport) = if l.sockaddr_src != ABSENT {
-        (
-            u16::from_be(field::<u16>(ctx, l.sockaddr_src + 2)),
-            u16::from_be(field::<u16>(ctx, l.sockaddr_dst + 2)),
-        )
-    } else {
-        (field::<u16>(ctx, l.sport), field::<u16>(ctx, l.dport))
-    };
-    port_traced(cfg, sport, dport)
 }
 
 #[inline(always)]
@@ -203,18 +186,33 @@ fn emit<T: 'static>(event: T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(event);
-            entry.submit(0);
-            note_ring_fill();
+            entry.submit(submit_flags());
         }
         None => count_lost(),
     }
 }
 
-/// Remembers how full the ring buffer is after a write (its peak, per CPU).
+/// The submit flags of a record: no wake-up of userspace (it drains every few milliseconds
+/// anyway), unless a quarter of the ring is waiting. A wake-up per record was the largest
+/// single cost of a traced event. Also remembers how full the ring is (its peak, per CPU).
 #[inline(always)]
-fn note_ring_fill() {
+fn submit_flags() -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
+    let size = EVENTS.query(1 /* BPF_RB_RING_SIZE */);
+    note_ring_fill(waiting);
+    if waiting >= size / 4 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+/// Remembers how full the ring buffer is (its peak, per CPU).
+#[inline(always)]
+fn note_ring_fill(waiting: u64) {
     if let Some(peak) = LOST.get_ptr_mut(RING_PEAK) {
         // SAFETY: per-CPU slot; tracepoint programs do not nest on one CPU for this map.
         unsafe {
@@ -239,14 +237,48 @@ fn is_tcp(ctx: &TracePointContext, l: &TracepointLayout) -> bool {
     l.protocol == ABSENT || field::<u16>(ctx, l.protocol) == IPPROTO_TCP
 }
 
+/// A tracepoint record copied to the stack with one helper call: the hottest program reads
+/// its dozen fields from here instead of making a helper call for each.
+const RECORD_COPY: usize = 80;
+
+struct Record([u8; RECORD_COPY]);
+
+impl Record {
+    #[inline(always)]
+    fn copy(ctx: &TracePointContext) -> Option<Self> {
+        let mut buf = [0u8; RECORD_COPY];
+        // SAFETY: bpf_probe_read_kernel of the record into a local buffer of its size.
+        unsafe {
+            aya_ebpf::helpers::bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut buf)
+        }
+        .ok()?;
+        Some(Self(buf))
+    }
+
+    /// The field at `off` (from the format file), or `T::default()` when absent or outside
+    /// the copy.
+    #[inline(always)]
+    fn get<T: Copy + Default>(&self, off: u16) -> T {
+        let off = off as usize;
+        if off + size_of::<T>() > RECORD_COPY {
+            return T::default();
+        }
+        // SAFETY: bounds checked above; the buffer is plain bytes.
+        unsafe { core::ptr::read_unaligned(self.0.as_ptr().add(off).cast::<T>()) }
+    }
+}
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let Some(cfg) = config() else { return 0 };
     let l = &cfg.set_state;
-    if !is_tcp(&ctx, l) {
+    let Some(rec) = Record::copy(&ctx) else {
+        return 0;
+    };
+    if l.protocol != ABSENT && rec.get::<u16>(l.protocol) != IPPROTO_TCP {
         return 0;
     }
-    let newstate: i32 = field(&ctx, l.newstate);
+    let newstate: i32 = rec.get(l.newstate);
     if matches!(
         newstate,
         TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_LAST_ACK | TCP_CLOSING
@@ -255,11 +287,26 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         // with the state it left) are all userspace needs. Two events fewer per connection.
         return 0;
     }
-    if !record_traced(&ctx, cfg, &l.tuple) {
+    let t = &l.tuple;
+    let (sport, dport): (u16, u16) = (rec.get(t.sport), rec.get(t.dport));
+    if !port_traced(cfg, sport, dport) {
         return 0;
     }
-    let tuple = read_tuple(&ctx, &l.tuple);
-    let skaddr: u64 = field(&ctx, l.skaddr);
+    let mut tuple = Tuple {
+        family: rec.get(t.family),
+        sport,
+        dport,
+        ..Tuple::default()
+    };
+    if tuple.family == AF_INET6 {
+        tuple.saddr = rec.get(t.saddr6);
+        tuple.daddr = rec.get(t.daddr6);
+    } else {
+        let (s, d): ([u8; 4], [u8; 4]) = (rec.get(t.saddr4), rec.get(t.daddr4));
+        tuple.saddr[..4].copy_from_slice(&s);
+        tuple.daddr[..4].copy_from_slice(&d);
+    }
+    let skaddr: u64 = rec.get(l.skaddr);
     if matches!(newstate, TCP_SYN_SENT | TCP_SYN_RECV | TCP_CLOSE) {
         // A new connection, or the end of one, at this address: its first data is still to come.
         data::forget(skaddr);
@@ -280,7 +327,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         ),
         skaddr,
         tuple,
-        oldstate: field(&ctx, l.oldstate),
+        oldstate: rec.get(l.oldstate),
         newstate,
         sk_err,
         _pad: 0,

@@ -158,6 +158,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let deadline = tokio::time::sleep(cli.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // The programs wake userspace only when a quarter of the ring is waiting: drain often.
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
     let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
@@ -168,6 +171,10 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 let mut guard = guard.map_err(RunError::Poll)?;
                 let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut decode_errors);
                 guard.clear_ready();
+                write_verdicts(&mut out, &mut engine, &verdicts)?;
+            }
+            _ = drain_tick.tick() => {
+                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
             }
             _ = tick.tick() => {
