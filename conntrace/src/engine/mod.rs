@@ -223,19 +223,6 @@ impl Engine {
 
     /// Completes a verdict with what the injected look-ups know, counts it and hands it out.
     fn emit(&mut self, out: &mut Vec<Verdict>, mut v: Verdict) {
-        let named = ["rule", "rule_candidates", "rule_not_found"]
-            .iter()
-            .any(|k| v.detail.contains_key(*k));
-        if let Some(hook) = v.detail.get("hook")
-            && !named
-            && let Some(rules) = self.rules.as_mut()
-        {
-            // A netfilter drop explains this verdict and its rule was not looked up at the
-            // drop: name it now.
-            let hook = serde_json::from_value(hook.clone()).ok();
-            let finding = rules.find(v.netns, hook, v.daddr.is_ipv6());
-            decide::apply_rule(&mut v, finding);
-        }
         match v.reason {
             model::Reason::ListenOverflow
             | model::Reason::NotAccepted

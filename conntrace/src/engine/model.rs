@@ -61,7 +61,7 @@ impl TcpState {
 }
 
 /// A netfilter hook point (the chains iptables names after them).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub enum NfHook {
     #[serde(rename = "PREROUTING")]
     PreRouting,
