@@ -164,6 +164,10 @@ pub struct Config {
     /// `enum skb_drop_reason` value whose drops carry a kernel stack (NETFILTER_DROP: the stack
     /// says which netfilter hook dropped the packet); [`NO_STACK_REASON`] for none.
     pub stack_drop_reason: u32,
+    /// Bytes waiting in the ring buffer from which a record wakes userspace up (a quarter of
+    /// the ring); below it, records are submitted without a wake-up.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
 
 /// `Config::stack_drop_reason` when no drop should carry a stack.

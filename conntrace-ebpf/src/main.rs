@@ -193,7 +193,7 @@ fn emit<T: 'static>(event: T) {
 }
 
 /// The submit flags of a record: no wake-up of userspace (it drains every few milliseconds
-/// anyway), unless a quarter of the ring is waiting. A wake-up per record was the largest
+/// anyway), unless `Config::wakeup_bytes` (a quarter of the ring) are waiting. A wake-up per record was the largest
 /// single cost of a traced event. Also remembers how full the ring is (its peak, per CPU).
 #[inline(always)]
 fn submit_flags() -> u64 {
@@ -201,9 +201,9 @@ fn submit_flags() -> u64 {
     const BPF_RB_NO_WAKEUP: u64 = 1;
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
-    let size = EVENTS.query(1 /* BPF_RB_RING_SIZE */);
     note_ring_fill(waiting);
-    if waiting >= size / 4 {
+    let wakeup = config().map_or(0, |c| u64::from(c.wakeup_bytes));
+    if waiting >= wakeup {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP

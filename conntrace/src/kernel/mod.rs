@@ -173,6 +173,8 @@ impl Tracer {
                 0
             },
             stack_drop_reason,
+            wakeup_bytes: opts.ring_bytes / 4,
+            _pad: 0,
         };
 
         raise_memlock();
