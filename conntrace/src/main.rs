@@ -7,6 +7,7 @@ mod explain;
 mod kernel;
 mod listeners;
 mod merge;
+mod netns;
 mod output;
 mod overflow;
 mod rules;

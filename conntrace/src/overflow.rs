@@ -16,7 +16,6 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    os::unix::fs::MetadataExt as _,
     path::Path,
     time::{Duration, Instant},
 };
@@ -80,27 +79,6 @@ fn read_counters(pid: i32) -> Option<Counters> {
     tcp_ext(&text)
 }
 
-/// One process per network namespace, from `/proc/*/ns/net`.
-fn scan() -> HashMap<u32, i32> {
-    let mut pids = HashMap::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in dir.filter_map(Result::ok) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if let Ok(m) = std::fs::metadata(format!("/proc/{pid}/ns/net")) {
-            pids.entry(m.ino() as u32).or_insert(pid);
-        }
-    }
-    pids
-}
-
 impl OverflowWatch {
     /// Reads every namespace's counter now: overflows before start-up are not reported.
     pub fn new(ports: &[u16]) -> Self {
@@ -135,7 +113,7 @@ impl OverflowWatch {
     }
 
     fn rescan(&mut self) {
-        self.pids = scan();
+        self.pids = crate::netns::processes();
         self.scanned_at = Instant::now();
         for (&netns, &pid) in &self.pids {
             if !self.baseline.contains_key(&netns)

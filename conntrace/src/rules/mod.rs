@@ -186,26 +186,22 @@ impl RuleLookup for RuleCounters {
 /// (`ip netns add`) are preferred to `/proc/PID/ns/net`, which vanish with their process.
 fn scan_namespaces() -> HashMap<u32, PathBuf> {
     let mut paths = HashMap::new();
+    // Named namespaces first (`ip netns add`: they may have no process), then the others.
     let named = std::fs::read_dir("/run/netns").into_iter().flatten();
-    let procs = std::fs::read_dir("/proc").into_iter().flatten();
-    let named = named.filter_map(Result::ok).map(|e| e.path());
-    let procs = procs
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_str().is_some_and(is_pid))
-        .map(|e| e.path().join("ns/net"));
-    for path in named.chain(procs) {
+    for path in named.filter_map(Result::ok).map(|e| e.path()) {
         if let Ok(meta) = std::fs::metadata(&path)
             && let Ok(netns) = u32::try_from(meta.ino())
         {
             paths.entry(netns).or_insert(path);
         }
     }
+    for (netns, pid) in crate::netns::processes() {
+        paths
+            .entry(netns)
+            .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
+    }
     debug!(namespaces = paths.len(), "network namespaces enumerated");
     paths
-}
-
-fn is_pid(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Opens `path` and checks that it still is namespace `netns` (a PID may have been reused).
