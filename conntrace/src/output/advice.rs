@@ -9,11 +9,6 @@ fn text<'a>(v: &'a Verdict, key: &str) -> Option<&'a str> {
     v.detail.get(key).and_then(Value::as_str)
 }
 
-/// `ip` or `[ip]`, as addresses go into commands and messages.
-fn addr(ip: std::net::IpAddr) -> String {
-    ip.to_string()
-}
-
 /// The command that would let this connection through the rule that dropped it.
 fn accept_command(v: &Verdict) -> Option<String> {
     let rule = v.detail.get("rule")?;
@@ -33,14 +28,14 @@ fn accept_command(v: &Verdict) -> Option<String> {
         let dir = if peer_is_source { "-s" } else { "-d" };
         return Some(format!(
             "{tool} -I {chain} -p tcp {dir} {} --dport {port} -j ACCEPT",
-            addr(peer)
+            peer
         ));
     }
     let proto = if v6 { "ip6" } else { "ip" };
     let dir = if peer_is_source { "saddr" } else { "daddr" };
     Some(format!(
         "nft insert rule {family} {table} {chain} {proto} {dir} {} tcp dport {port} accept",
-        addr(peer)
+        peer
     ))
 }
 
@@ -54,9 +49,9 @@ fn somaxconn() -> Option<String> {
 pub fn concrete(v: &Verdict) -> String {
     let server = || match v.sport {
         Some(p) if v.side == crate::engine::model::Side::Server => {
-            format!("{}:{p}", v.saddr.map(addr).unwrap_or_default())
+            format!("{}:{p}", v.saddr.map(|a| a.to_string()).unwrap_or_default())
         }
-        _ => format!("{}:{}", addr(v.daddr), v.dport),
+        _ => format!("{}:{}", v.daddr, v.dport),
     };
     match v.reason {
         Reason::NetfilterDrop | Reason::SyncookieAckLost if v.detail.get("rule").is_some() => {
@@ -85,7 +80,7 @@ pub fn concrete(v: &Verdict) -> String {
             format!(
                 "the service listens on {} only; make it bind {} or 0.0.0.0 (MySQL: bind-address = 0.0.0.0)",
                 listeners.join(", "),
-                v.saddr.map(addr).unwrap_or_default()
+                v.saddr.map(|a| a.to_string()).unwrap_or_default()
             )
         }
         Reason::RefusedNoListener => format!(
@@ -117,7 +112,7 @@ pub fn concrete(v: &Verdict) -> String {
         ),
         Reason::NeighbourFailed => format!(
             "{} does not answer ARP/neighbour discovery: wrong address, or the host or link is down",
-            addr(v.daddr)
+            v.daddr
         ),
         _ => v.reason.advice().to_owned(),
     }
