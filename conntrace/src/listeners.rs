@@ -1,6 +1,7 @@
-//! Which sockets listen on a port in a network namespace, and which processes hold them,
-//! read from /proc (through `procfs`). Used to tell "nothing listens" from "something listens,
-//! but on another address" when the kernel refuses a SYN.
+//! Which sockets listen on a port in a network namespace (sock_diag, with their accept queue
+//! and backlog), and which processes hold them (/proc, through `procfs`). Used to tell "nothing
+//! listens" from "something listens, but on another address" when the kernel refuses a SYN,
+//! and to name the queue of a listener that overflows or does not accept.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -46,27 +47,27 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
     let Some(any) = in_ns.first() else {
         return Vec::new();
     };
-    // /proc/net/tcp has no backlog for a listener: the queue and its limit come from
-    // sock_diag, as `ss -ltn` shows them; without it (no CAP_SYS_ADMIN) they are unknown.
-    let queues: HashMap<u64, (u32, u32)> = match sockdiag::listeners(
+    // sock_diag lists the listeners with their queue and its limit (the backlog), as `ss -ltn`
+    // shows them; /proc/net/tcp has no backlog, so it is only the fallback when sock_diag is
+    // not allowed (no CAP_SYS_ADMIN to enter the namespace): queues unknown.
+    let mut sockets: HashMap<u64, (SocketAddr, Option<u32>, Option<u32>)> = HashMap::new();
+    match sockdiag::listeners(
         Path::new(&format!("/proc/{}/ns/net", any.pid())),
         Some(port),
     ) {
-        Ok(found) => found
-            .into_iter()
-            .map(|l| (l.inode, (l.accept_queue, l.backlog)))
-            .collect(),
+        Ok(found) => {
+            for l in found {
+                sockets.insert(l.inode, (l.addr, Some(l.accept_queue), Some(l.backlog)));
+            }
+        }
         Err(error) => {
             debug!(%error, netns, port, "listen queues unknown");
-            HashMap::new()
-        }
-    };
-    let mut sockets: HashMap<u64, (SocketAddr, Option<u32>, Option<u32>)> = HashMap::new();
-    for table in [any.tcp(), any.tcp6()].into_iter().flatten() {
-        for e in table {
-            if e.state == TcpState::Listen && e.local_address.port() == port {
-                let q = queues.get(&e.inode);
-                sockets.insert(e.inode, (e.local_address, q.map(|q| q.0), q.map(|q| q.1)));
+            for table in [any.tcp(), any.tcp6()].into_iter().flatten() {
+                for e in table {
+                    if e.state == TcpState::Listen && e.local_address.port() == port {
+                        sockets.insert(e.inode, (e.local_address, None, None));
+                    }
+                }
             }
         }
     }
