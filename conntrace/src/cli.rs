@@ -56,6 +56,12 @@ pub struct Cli {
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_buffer_bytes: u32,
 
+    /// Do not attach these capabilities (comma-separated), e.g. `syn-cookies` on a host whose
+    /// packet rate makes a per-packet program unwelcome. `lifecycle` cannot be left out. The
+    /// `ready` line lists what was left out under `unavailable`.
+    #[arg(long, value_name = "CAPABILITY", value_delimiter = ',', value_enum)]
+    pub without: Vec<crate::kernel::attach::Capability>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -45,7 +45,12 @@ fn meta(h: &EventHeader) -> Meta {
         proc: Proc {
             pid: h.pid,
             tid: h.tid,
-            comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
+            // Comms are almost always valid UTF-8 and fit inline: the checked path is several
+            // times cheaper than the lossy one, which was a tenth of userspace time.
+            comm: std::str::from_utf8(&h.comm[..end]).map_or_else(
+                |_| compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
+                compact_str::CompactString::new,
+            ),
         },
     }
 }

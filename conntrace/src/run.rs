@@ -91,6 +91,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let (mut tracer, events) = Tracer::start(&TracerOptions {
         ports: ports.clone(),
         ring_bytes: cli.ring_buffer_bytes,
+        without: cli.without.clone(),
     })?;
 
     let attach_paths: BTreeMap<String, String> = tracer

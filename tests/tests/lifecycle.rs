@@ -77,3 +77,61 @@ fn two_conntrace_processes_trace_at_once() {
         assert_eq!(refused, 2, "both sides, in each process: {values:#?}");
     }
 }
+
+#[test]
+fn without_leaves_capabilities_out_and_says_so() {
+    require_root();
+    let hosts = TwoHosts::new();
+    let ct = Conntrace::start(&["--port", "3306", "--without", "syn-cookies,first-data"]);
+    connect(&hosts.client, &hosts.server_ip, PORT, &[]).json_lines(Duration::from_secs(10));
+    let client_ns = hosts.client.inode();
+    ct.wait_for(Duration::from_secs(3), |l| {
+        l.value["netns"] == client_ns && l.value["reason"] == "refused_no_listener"
+    });
+    let values = ct.stop();
+    let ready = values
+        .iter()
+        .find(|v| v["event"] == "ready")
+        .expect("a ready line");
+    for cap in ["syn_cookies", "first_data"] {
+        assert!(
+            ready["unavailable"]
+                .as_array()
+                .expect("unavailable")
+                .iter()
+                .any(|u| u["capability"] == cap && u["reason"] == "left out with --without"),
+            "{cap} listed as left out: {ready:#}"
+        );
+        assert!(
+            ready["programs"]
+                .as_array()
+                .expect("programs")
+                .iter()
+                .all(|p| p["capability"] != cap),
+            "{cap} attached anyway: {ready:#}"
+        );
+        assert!(ready["attach_paths"].get(cap).is_none(), "{ready:#}");
+    }
+}
+
+#[test]
+fn without_lifecycle_is_refused() {
+    require_root();
+    let out = std::process::Command::new(conntrace_tests::conntrace_bin())
+        .args([
+            "--port",
+            "3306",
+            "--without",
+            "lifecycle",
+            "--duration",
+            "1s",
+        ])
+        .output()
+        .expect("run conntrace");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("lifecycle") && stderr.contains("--without"),
+        "names the capability and the flag: {stderr}"
+    );
+}

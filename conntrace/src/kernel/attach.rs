@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// What conntrace can observe. Each capability is served by the first rule that applies to
 /// the running kernel and attaches; later rules are fallbacks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Capability {
     /// TCP state transitions (connect start, handshake done, close). Required.
@@ -26,6 +26,17 @@ pub enum Capability {
     FirstData,
     /// SYN cookies sent by listeners.
     SynCookies,
+}
+
+impl std::fmt::Display for Capability {
+    /// The name `--without` takes, e.g. `syn-cookies`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::ValueEnum as _;
+        match self.to_possible_value() {
+            Some(v) => f.write_str(v.get_name()),
+            None => write!(f, "{self:?}"),
+        }
+    }
 }
 
 /// How a program attaches.

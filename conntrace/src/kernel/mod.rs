@@ -51,12 +51,15 @@ pub enum LoadError {
     },
     #[error("too many ports: at most {MAX_PORTS} can be filtered in the kernel")]
     TooManyPorts,
-    #[error("{capability:?} is required but no program could attach: {reason}")]
+    #[error("capability `{capability}` is required but no program could attach: {reason}")]
     Required {
         capability: Capability,
         reason: String,
     },
 }
+
+/// Why a capability is not attached when the operator left it out.
+const WITHOUT_REASON: &str = "left out with --without";
 
 /// A program that is attached, for the `ready` line.
 #[derive(Debug, Clone, Serialize)]
@@ -79,6 +82,8 @@ pub struct TracerOptions {
     /// Ports to trace; empty means every port.
     pub ports: Vec<u16>,
     pub ring_bytes: u32,
+    /// Capabilities the operator left out (`--without`).
+    pub without: Vec<Capability>,
 }
 
 /// Everything attached and the maps userspace reads.
@@ -184,7 +189,7 @@ impl Tracer {
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
 
-        let (active, unavailable) = attach_all(&mut ebpf, version)?;
+        let (active, unavailable) = attach_all(&mut ebpf, version, &opts.without)?;
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
         let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
         let tracer = Self {
@@ -268,12 +273,27 @@ fn attach_one(ebpf: &mut Ebpf, rule: &attach::AttachRule) -> Result<(), String> 
 fn attach_all(
     ebpf: &mut Ebpf,
     kernel: (u32, u32),
+    without: &[Capability],
 ) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
     let plan = attach::plan(kernel);
     let (mut active, mut unavailable) = (Vec::new(), Vec::new());
     let mut served: Option<(Capability, u8)> = None;
     for rule in &plan {
         if served.is_some_and(|(cap, prio)| cap == rule.capability && prio < rule.priority) {
+            continue;
+        }
+        if without.contains(&rule.capability) {
+            if !unavailable
+                .iter()
+                .any(|u: &Unavailable| u.capability == rule.capability)
+            {
+                unavailable.push(Unavailable {
+                    capability: rule.capability,
+                    name: rule.program,
+                    attach: rule.hook.describe(),
+                    reason: WITHOUT_REASON.to_owned(),
+                });
+            }
             continue;
         }
         match attach_one(ebpf, rule) {

@@ -27,12 +27,29 @@ fn arg(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
+/// The value of a string option, if given.
+fn string_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 fn ctload() -> std::path::PathBuf {
     conntrace_tests::helper_bin("ctload")
 }
 
-/// Runs `ctload churn` in the client namespace; returns connections per second.
-fn churn(ns: &Netns, server: &str, ms: u64, parallel: u64) -> f64 {
+/// One churn phase as `ctload churn` reported it.
+struct Churn {
+    per_second: f64,
+    connections: f64,
+    /// CPU seconds the client used.
+    cpu_s: f64,
+}
+
+/// Runs `ctload churn` in the client namespace.
+fn churn(ns: &Netns, server: &str, ms: u64, parallel: u64) -> Churn {
     let out = ns
         .command(ctload().to_str().expect("utf-8 path"))
         .args(["churn", server, &PORT.to_string()])
@@ -45,7 +62,16 @@ fn churn(ns: &Netns, server: &str, ms: u64, parallel: u64) -> f64 {
         .output()
         .expect("run ctload churn");
     let line: Value = serde_json::from_slice(&out.stdout).expect("ctload's JSON line");
-    line["per_second"].as_f64().expect("per_second")
+    let field = |name: &str| {
+        line[name]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{name} in {line}"))
+    };
+    Churn {
+        per_second: field("per_second"),
+        connections: field("connections"),
+        cpu_s: field("cpu_s"),
+    }
 }
 
 /// CPU seconds (user + system) a process has used, from /proc/PID/stat.
@@ -91,10 +117,14 @@ fn main() {
     let rounds = arg("--rounds", 3);
     let phase_ms = arg("--phase-ms", 2000);
     let parallel = arg("--parallel", 2);
+    // Capabilities conntrace leaves out (its --without), to measure what each one costs.
+    let without = string_arg("--without");
     let with_bpftrace = Command::new("bpftrace").arg("--version").output().is_ok();
     let mut untraced = Vec::new();
     let mut unrelated = Vec::new();
     let mut bpftrace = Vec::new();
+    // CPU microseconds per connection (client + server + tracer), per mode.
+    let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut traced = Traced::default();
     for round in 1..=rounds {
         for mode in ["untraced", "traced", "unrelated", "bpftrace"] {
@@ -113,11 +143,18 @@ fn main() {
                 .spawn()
                 .expect("spawn ctload serve");
             std::thread::sleep(Duration::from_millis(200));
-            let ct = match mode {
-                "traced" => Some(Conntrace::start(&["--port", &PORT.to_string()])),
-                "unrelated" => Some(Conntrace::start(&["--port", "9999"])),
+            let port = match mode {
+                "traced" => Some(PORT.to_string()),
+                "unrelated" => Some("9999".to_owned()),
                 _ => None,
             };
+            let ct = port.map(|port| {
+                let mut args = vec!["--port", port.as_str()];
+                if let Some(without) = &without {
+                    args.extend(["--without", without.as_str()]);
+                }
+                Conntrace::start(&args)
+            });
             let mut bt = (mode == "bpftrace").then(|| {
                 let child = Command::new("bpftrace")
                     .args(["-e", &bpftrace_script()])
@@ -128,12 +165,24 @@ fn main() {
                 std::thread::sleep(Duration::from_secs(3));
                 child
             });
-            let cpu_before = ct.as_ref().map_or(0.0, |c| cpu_seconds(c.pid()));
-            let rate = churn(&hosts.client, &hosts.server_ip, phase_ms, parallel);
+            let tracer_pid = ct
+                .as_ref()
+                .map(Conntrace::pid)
+                .or(bt.as_ref().map(|b| b.id()));
+            let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
+            let cpu_before = tracer_cpu();
+            let server_before = cpu_seconds(server.id());
+            let run = churn(&hosts.client, &hosts.server_ip, phase_ms, parallel);
+            let rate = run.per_second;
+            let used =
+                run.cpu_s + cpu_seconds(server.id()) - server_before + tracer_cpu() - cpu_before;
+            cost.entry(mode)
+                .or_default()
+                .push(1e6 * used / run.connections.max(1.0));
             match (mode, ct) {
                 ("traced", Some(ct)) => {
                     let pid = ct.pid();
-                    let cpu = cpu_seconds(pid) - cpu_before;
+                    let cpu = tracer_cpu() - cpu_before;
                     traced.peak_rss = traced.peak_rss.max(conntrace_tests::proc_mib(pid, "VmHWM"));
                     let values = ct.stop();
                     let summary = values.last().expect("summary");
@@ -160,7 +209,10 @@ fn main() {
             }
             server.kill().ok();
             server.wait().ok();
-            println!("round {round} {mode:<9} {rate:>9.0} connections/s");
+            println!(
+                "round {round} {mode:<9} {rate:>9.0} connections/s {:>6.1} µs CPU/connection",
+                cost[mode].last().copied().unwrap_or(0.0)
+            );
         }
     }
     let base = median(&untraced);
@@ -171,12 +223,21 @@ fn main() {
     if with_bpftrace {
         table.insert("bpftrace", median(&bpftrace));
     }
+    let base_cost = median(&cost["untraced"]);
     for (mode, rate) in &table {
+        let c = median(&cost[mode]);
         println!(
-            "median {mode:<9} {rate:>9.0} connections/s  ratio {:.3}",
-            rate / base
+            "median {mode:<9} {rate:>9.0} connections/s  ratio {:.3}  {c:>6.1} µs CPU/connection  cost ratio {:.3}",
+            rate / base,
+            base_cost / c
         );
     }
+    // Throughput moves with whatever else the machine runs; CPU per connection much less.
+    println!(
+        "cpu: untraced/traced={:.3} untraced/unrelated={:.3} (CPU per connection, client + server + tracer)",
+        base_cost / median(&cost["traced"]),
+        base_cost / median(&cost["unrelated"])
+    );
     println!(
         "conntrace while traced: {:.0} kernel events/s, {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
         median(&traced.events_per_s),

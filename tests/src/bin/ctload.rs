@@ -4,7 +4,8 @@
 //! `ctload churn ADDR PORT --for-ms T [--parallel K] [--rate R]`: K threads connect, read the
 //! greeting and close, again and again for T ms (at most R connections a second in all, when
 //! given); prints one JSON line:
-//! `{"connections":N,"failed":F,"ms":T,"per_second":R}`.
+//! `{"connections":N,"failed":F,"ms":T,"per_second":R,"cpu_s":C}` where C is the CPU time
+//! (user + system, all threads) the churn used.
 
 use std::{
     io::{Read, Write},
@@ -86,10 +87,23 @@ fn churn(addr: SocketAddr, args: &[String]) {
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     let n = ok.load(Ordering::Relaxed);
     println!(
-        "{{\"connections\":{n},\"failed\":{},\"ms\":{ms:.1},\"per_second\":{:.1}}}",
+        "{{\"connections\":{n},\"failed\":{},\"ms\":{ms:.1},\"per_second\":{:.1},\"cpu_s\":{:.4}}}",
         failed.load(Ordering::Relaxed),
-        n as f64 / (ms / 1000.0)
+        n as f64 / (ms / 1000.0),
+        cpu_seconds()
     );
+}
+
+/// CPU time (user + system) of this process and its joined threads.
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF covers every thread.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 fn main() {
