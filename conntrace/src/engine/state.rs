@@ -60,6 +60,10 @@ impl Engine {
         match new {
             TcpState::Established => {
                 c.established_ns = Some(ts);
+                match c.side {
+                    Side::Client => self.summary.established.0 += 1,
+                    Side::Server => self.summary.established.1 += 1,
+                }
                 if c.side == Side::Client {
                     let took = ts.saturating_sub(c.started_ns);
                     self.summary.connect_latency(took);

@@ -72,6 +72,9 @@ pub struct Summary {
     pub expired_unresolved: u64,
     /// Kernel events processed.
     pub events: u64,
+    /// Handshakes completed (TCP_ESTABLISHED) on traced ports: (client side, server side).
+    /// Counted with or without `--all`, so a run's connection count is exact either way.
+    pub established: (u64, u64),
     /// Error reports that matched no connection.
     pub unmatched_errors: u64,
     /// Resets this host sent, without a socket, to segments other than a SYN (late or stray

@@ -81,6 +81,10 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 "open_at_exit": f.tracked_at_exit,
                 "lost_events": f.lost_events,
                 "kernel_events": f.summary.events,
+                "established": {
+                    "client": f.summary.established.0,
+                    "server": f.summary.established.1,
+                },
                 "decode_errors": f.decode_errors,
                 "unmatched_errors": f.summary.unmatched_errors,
                 "stray_resets": f.summary.stray_resets,

@@ -1,9 +1,9 @@
 //! Load generator for the benchmark: connection churn as fast as the machine allows.
 //!
 //! `ctload serve ADDR PORT [--threads N]`: accepts, writes a greeting, closes (N accept threads).
-//! `ctload churn ADDR PORT --for-ms T [--parallel K] [--rate R]`: K threads connect, read the
-//! greeting and close, again and again for T ms (at most R connections a second in all, when
-//! given); prints one JSON line:
+//! `ctload churn ADDR PORT --for-ms T [--parallel K] [--rate R] [--count N]`: K threads
+//! connect, read the greeting and close, again and again for T ms or until N connections were
+//! made (at most R connections a second in all, when given); prints one JSON line:
 //! `{"connections":N,"failed":F,"ms":T,"per_second":R,"cpu_s":C}` where C is the CPU time
 //! (user + system, all threads) the churn used.
 
@@ -57,15 +57,21 @@ fn churn(addr: SocketAddr, args: &[String]) {
     let pause = flag(args, "--rate")
         .filter(|r| *r > 0)
         .map(|r| Duration::from_secs_f64(parallel as f64 / r as f64));
+    let count = flag(args, "--count").unwrap_or(u64::MAX);
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    // Connections started, so that --count is never exceeded.
+    let started = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let workers: Vec<_> = (0..parallel)
         .map(|_| {
             let (ok, failed, stop) = (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&stop));
+            let started = Arc::clone(&started);
             std::thread::spawn(move || {
                 let mut buf = [0u8; 16];
-                while !stop.load(Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed)
+                    && started.fetch_add(1, Ordering::Relaxed) < count
+                {
                     let done = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
                         .and_then(|mut s| s.read(&mut buf));
                     match done {
@@ -79,7 +85,13 @@ fn churn(addr: SocketAddr, args: &[String]) {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(for_ms));
+    // Until the time is up or every worker stopped at the count.
+    let deadline = start + Duration::from_millis(for_ms);
+    while Instant::now() < deadline && workers.iter().any(|w| !w.is_finished()) {
+        std::thread::sleep(
+            Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now())),
+        );
+    }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().ok();

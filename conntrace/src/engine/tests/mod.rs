@@ -242,6 +242,7 @@ fn healthy_client_reports_established_only_with_all() {
     none(out);
     assert!(e.summary().by_reason.is_empty());
     assert_eq!(totals(&e), (5, 0, 0, 0));
+    assert_eq!(e.summary().established, (1, 0), "counted without --all");
 
     let mut e = Engine::new(config(|c| c.report_established = true));
     let mut events = client.into_iter();
@@ -275,7 +276,9 @@ fn healthy_server_reports_accepting_process() {
     let mut events = server_handshake(s, MS);
     events.push(s.accepted(6 * MS, 200, "server"));
     events.extend(passive_close(s, 90 * MS));
-    none(run(EngineConfig::default(), events).1);
+    let (e, out) = run(EngineConfig::default(), events);
+    none(out);
+    assert_eq!(e.summary().established, (0, 1), "counted without --all");
 }
 
 #[test]
