@@ -2,9 +2,12 @@
 //!
 //! Each phase builds a fresh pair of namespaces (so TIME_WAIT sockets of one phase never slow
 //! the next), starts `ctload serve` (greeting, then close) in the server one, optionally starts
-//! conntrace (release build, `CONNTRACE_BIN`) tracing the churned port, a different port, or
-//! bpftrace with an equivalent tracepoint script, and churns for `--phase-ms`. Rounds
-//! interleave the modes and the medians are compared, so drifts of the machine hit all alike.
+//! conntrace (release build, `CONNTRACE_BIN`) tracing the churned port, a different port,
+//! bpftrace with an equivalent tracepoint script, or bcc's `tcpstates` where it runs, and
+//! churns for `--phase-ms`. Rounds interleave the modes and the medians are compared, so
+//! drifts of the machine hit all alike. Each mode also gets its CPU per connection (client +
+//! server + tracer), which moves much less with the machine's other load than throughput.
+//! A last, paced phase measures conntrace's own CPU at about 10,000 kernel events a second.
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
 
 use std::{
@@ -90,7 +93,6 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 #[derive(Default)]
 struct Traced {
-    rate: Vec<f64>,
     cpu_pct: Vec<f64>,
     events_per_s: Vec<f64>,
     lost: u64,
@@ -112,6 +114,126 @@ fn bpftrace_script() -> String {
     )
 }
 
+/// The bcc peer: `tcpstates` (Debian's bpfcc-tools) on the churned port. bcc compiles its
+/// program at start with the kernel's headers; where they are missing it cannot run.
+const TCPSTATES: &str = "/usr/sbin/tcpstates-bpfcc";
+
+/// Starts bcc's tcpstates and waits for its header line (compiled and attached), or returns
+/// why it does not run here.
+fn start_tcpstates() -> Result<std::process::Child, String> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(TCPSTATES)
+        .args(["-L", &PORT.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    // tcpstates' header starts with SKADDR; bcc prints its errors on stdout or stderr.
+    match lines.next() {
+        Some(Ok(header)) if header.starts_with("SKADDR") => {
+            // Keep reading, so that tcpstates never blocks on a full pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            Ok(child)
+        }
+        first => {
+            child.kill().ok();
+            child.wait().ok();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                std::io::Read::read_to_string(&mut e, &mut err).ok();
+            }
+            let first = first.and_then(Result::ok).unwrap_or_default();
+            let reason = std::iter::once(first.as_str())
+                .chain(err.lines())
+                .find(|l| l.contains("Unable") || l.contains("rror"))
+                .unwrap_or("exited before attaching")
+                .trim()
+                .to_owned();
+            Err(reason)
+        }
+    }
+}
+
+fn start_bpftrace() -> std::process::Child {
+    let child = Command::new("bpftrace")
+        .args(["-e", &bpftrace_script()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn bpftrace");
+    std::thread::sleep(Duration::from_secs(3));
+    child
+}
+
+/// A fresh pair of namespaces with `ctload serve` in the server one.
+struct Setup {
+    hosts: TwoHosts,
+    server: std::process::Child,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let hosts = TwoHosts::new();
+        hosts
+            .client
+            .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
+        let server = hosts
+            .server
+            .command(ctload().to_str().expect("utf-8 path"))
+            .args(["serve", &hosts.server_ip, &PORT.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn ctload serve");
+        std::thread::sleep(Duration::from_millis(200));
+        Self { hosts, server }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.server.kill().ok();
+        self.server.wait().ok();
+    }
+}
+
+fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
+    let mut args = vec!["--port", port];
+    if let Some(without) = without {
+        args.extend(["--without", without]);
+    }
+    Conntrace::start(&args)
+}
+
+/// conntrace's CPU at a paced churn of about `events_per_s` kernel events a second:
+/// (events/s measured, % of one core).
+fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>) -> (f64, f64) {
+    let setup = Setup::new();
+    let ct = start_conntrace(&PORT.to_string(), without);
+    let rate = (events_per_s / events_per_conn.max(1.0)).round().max(1.0) as u64;
+    // conntrace finishes its start-up (kernel symbols, socket listing) after `ready`: let it
+    // settle, so that only the steady state is measured.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_seconds(ct.pid());
+    let out = setup
+        .hosts
+        .client
+        .command(ctload().to_str().expect("utf-8 path"))
+        .args(["churn", &setup.hosts.server_ip, &PORT.to_string()])
+        .args(["--for-ms", &ms.to_string(), "--rate", &rate.to_string()])
+        .output()
+        .expect("run ctload churn");
+    assert!(out.status.success(), "ctload churn failed");
+    let cpu = cpu_seconds(ct.pid()) - before;
+    let values = ct.stop();
+    let events = values.last().expect("summary")["kernel_events"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let secs = ms as f64 / 1000.0;
+    (events / secs, 100.0 * cpu / secs)
+}
+
 fn main() {
     require_root();
     let rounds = arg("--rounds", 3);
@@ -119,116 +241,93 @@ fn main() {
     let parallel = arg("--parallel", 2);
     // Capabilities conntrace leaves out (its --without), to measure what each one costs.
     let without = string_arg("--without");
-    let with_bpftrace = Command::new("bpftrace").arg("--version").output().is_ok();
-    let mut untraced = Vec::new();
-    let mut unrelated = Vec::new();
-    let mut bpftrace = Vec::new();
+    let without = without.as_deref();
+    let mut modes = vec!["untraced", "traced", "unrelated"];
+    let mut absent = Vec::new();
+    if Command::new("bpftrace").arg("--version").output().is_ok() {
+        modes.push("bpftrace");
+    } else {
+        absent.push("bpftrace: not installed, not compared".to_owned());
+    }
+    match start_tcpstates() {
+        Ok(mut probe) => {
+            probe.kill().ok();
+            probe.wait().ok();
+            modes.push("tcpstates");
+        }
+        Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
+    }
+    let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // CPU microseconds per connection (client + server + tracer), per mode.
     let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut traced = Traced::default();
+    let mut events_per_conn = Vec::new();
     for round in 1..=rounds {
-        for mode in ["untraced", "traced", "unrelated", "bpftrace"] {
-            if mode == "bpftrace" && !with_bpftrace {
-                continue;
-            }
-            let hosts = TwoHosts::new();
-            hosts
-                .client
-                .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
-            let mut server = hosts
-                .server
-                .command(ctload().to_str().expect("utf-8 path"))
-                .args(["serve", &hosts.server_ip, &PORT.to_string()])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("spawn ctload serve");
-            std::thread::sleep(Duration::from_millis(200));
-            let port = match mode {
-                "traced" => Some(PORT.to_string()),
-                "unrelated" => Some("9999".to_owned()),
+        for &mode in &modes {
+            let setup = Setup::new();
+            let ct = match mode {
+                "traced" => Some(start_conntrace(&PORT.to_string(), without)),
+                "unrelated" => Some(start_conntrace("9999", without)),
                 _ => None,
             };
-            let ct = port.map(|port| {
-                let mut args = vec!["--port", port.as_str()];
-                if let Some(without) = &without {
-                    args.extend(["--without", without.as_str()]);
-                }
-                Conntrace::start(&args)
-            });
-            let mut bt = (mode == "bpftrace").then(|| {
-                let child = Command::new("bpftrace")
-                    .args(["-e", &bpftrace_script()])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn bpftrace");
-                std::thread::sleep(Duration::from_secs(3));
-                child
-            });
+            let mut peer = match mode {
+                "bpftrace" => Some(start_bpftrace()),
+                "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
+                _ => None,
+            };
             let tracer_pid = ct
                 .as_ref()
                 .map(Conntrace::pid)
-                .or(bt.as_ref().map(|b| b.id()));
+                .or(peer.as_ref().map(|b| b.id()));
             let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
             let cpu_before = tracer_cpu();
-            let server_before = cpu_seconds(server.id());
-            let run = churn(&hosts.client, &hosts.server_ip, phase_ms, parallel);
+            let server_before = cpu_seconds(setup.server.id());
+            let run = churn(
+                &setup.hosts.client,
+                &setup.hosts.server_ip,
+                phase_ms,
+                parallel,
+            );
             let rate = run.per_second;
-            let used =
-                run.cpu_s + cpu_seconds(server.id()) - server_before + tracer_cpu() - cpu_before;
+            let tracer_used = tracer_cpu() - cpu_before;
+            let used = run.cpu_s + cpu_seconds(setup.server.id()) - server_before + tracer_used;
             cost.entry(mode)
                 .or_default()
                 .push(1e6 * used / run.connections.max(1.0));
-            match (mode, ct) {
-                ("traced", Some(ct)) => {
-                    let pid = ct.pid();
-                    let cpu = tracer_cpu() - cpu_before;
-                    traced.peak_rss = traced.peak_rss.max(conntrace_tests::proc_mib(pid, "VmHWM"));
-                    let values = ct.stop();
+            rates.entry(mode).or_default().push(rate);
+            if let Some(ct) = ct {
+                let pid = ct.pid();
+                let hwm = conntrace_tests::proc_mib(pid, "VmHWM");
+                let values = ct.stop();
+                if mode == "traced" {
                     let summary = values.last().expect("summary");
                     let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
+                    traced.peak_rss = traced.peak_rss.max(hwm);
                     traced.lost += summary["lost_events"].as_u64().unwrap_or(0);
-                    traced.rate.push(rate);
-                    traced
-                        .cpu_pct
-                        .push(100.0 * cpu / (phase_ms as f64 / 1000.0));
-                    traced
-                        .events_per_s
-                        .push(events / (phase_ms as f64 / 1000.0));
+                    let secs = phase_ms as f64 / 1000.0;
+                    traced.cpu_pct.push(100.0 * tracer_used / secs);
+                    traced.events_per_s.push(events / secs);
+                    events_per_conn.push(events / run.connections.max(1.0));
                 }
-                ("unrelated", Some(ct)) => {
-                    ct.stop();
-                    unrelated.push(rate);
-                }
-                ("bpftrace", _) => bpftrace.push(rate),
-                _ => untraced.push(rate),
             }
-            if let Some(mut b) = bt.take() {
-                b.kill().ok();
-                b.wait().ok();
+            if let Some(mut p) = peer.take() {
+                p.kill().ok();
+                p.wait().ok();
             }
-            server.kill().ok();
-            server.wait().ok();
             println!(
                 "round {round} {mode:<9} {rate:>9.0} connections/s {:>6.1} µs CPU/connection",
                 cost[mode].last().copied().unwrap_or(0.0)
             );
         }
     }
-    let base = median(&untraced);
-    let mut table = BTreeMap::new();
-    table.insert("untraced", base);
-    table.insert("traced", median(&traced.rate));
-    table.insert("unrelated", median(&unrelated));
-    if with_bpftrace {
-        table.insert("bpftrace", median(&bpftrace));
-    }
+    let base = median(&rates["untraced"]);
     let base_cost = median(&cost["untraced"]);
-    for (mode, rate) in &table {
+    for (mode, r) in &rates {
         let c = median(&cost[mode]);
         println!(
-            "median {mode:<9} {rate:>9.0} connections/s  ratio {:.3}  {c:>6.1} µs CPU/connection  cost ratio {:.3}",
-            rate / base,
+            "median {mode:<9} {:>9.0} connections/s  ratio {:.3}  {c:>6.1} µs CPU/connection  cost ratio {:.3}",
+            median(r),
+            median(r) / base,
             base_cost / c
         );
     }
@@ -239,19 +338,24 @@ fn main() {
         base_cost / median(&cost["unrelated"])
     );
     println!(
-        "conntrace while traced: {:.0} kernel events/s, {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
+        "conntrace while traced: {:.0} kernel events/s ({:.1} per connection), {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
         median(&traced.events_per_s),
+        median(&events_per_conn),
         median(&traced.cpu_pct),
         traced.peak_rss,
         traced.lost
     );
-    if !with_bpftrace {
-        println!("bpftrace: not installed, not compared");
+    let (events, pct) = paced(10_000.0, median(&events_per_conn), 4 * phase_ms, without);
+    println!(
+        "conntrace at {events:.0} kernel events/s (paced churn): {pct:.2}% of one core (target ≤ 5% at 10k events/s)"
+    );
+    for line in absent {
+        println!("{line}");
     }
     println!(
         "bench: traced/untraced={:.3} unrelated/untraced={:.3} lost={}",
-        table["traced"] / base,
-        table["unrelated"] / base,
+        median(&rates["traced"]) / base,
+        median(&rates["unrelated"]) / base,
         traced.lost
     );
 }
