@@ -135,7 +135,8 @@ pub struct KernelOffsets {
     pub sock_err_soft: u32,
     /// `struct sk_buff` → `protocol` (L3 protocol, network order).
     pub skb_protocol: u32,
-    pub _pad: u32,
+    /// `struct tcp_sock` → `bytes_received` (u64): non-zero once data has arrived.
+    pub tcp_bytes_received: u32,
 }
 
 impl KernelOffsets {

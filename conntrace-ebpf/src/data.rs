@@ -41,7 +41,7 @@ fn sock_ports(o: &KernelOffsets, sk: u64) -> (u16, u16) {
 }
 
 #[inline(always)]
-fn first(sk: u64, direction: u32, bytes: i32) {
+pub(crate) fn first(sk: u64, direction: u32, bytes: i32) {
     let Some(cfg) = config() else { return };
     // Only clients' first data matters (stalls are a client's view): a socket whose remote
     // port is traced. Servers' sockets (traced port local) are skipped: one event fewer each.

@@ -8,6 +8,7 @@
 
 mod data;
 mod drops;
+mod fentry;
 mod syscalls;
 
 use aya_ebpf::{

@@ -62,6 +62,12 @@ pub struct Cli {
     #[arg(long, value_name = "CAPABILITY", value_delimiter = ',', value_enum)]
     pub without: Vec<crate::kernel::attach::Capability>,
 
+    /// Which kernel hooks to use: `best` picks, per capability, the best path this kernel
+    /// allows (fentry/fexit where they attach, tracepoints otherwise); `tracepoints` uses
+    /// tracepoints only. The `ready` line shows the path each capability got.
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::kernel::attach::AttachMode::Best)]
+    pub attach: crate::kernel::attach::AttachMode,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -92,6 +92,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         ports: ports.clone(),
         ring_bytes: cli.ring_buffer_bytes,
         without: cli.without.clone(),
+        mode: cli.attach,
     })?;
 
     let attach_paths: BTreeMap<String, String> = tracer

@@ -323,8 +323,12 @@ impl Conntrace {
             "{} not built: run `cargo xtask test`",
             path.display()
         );
+        // CONNTRACE_ATTACH (`best`, `tracepoints`) runs the same scenarios on another attach
+        // path: the VM kernel matrix runs them both ways and both must give the same verdicts.
+        let attach = std::env::var("CONNTRACE_ATTACH").ok();
         let mut child = Command::new(&path)
             .arg("--json")
+            .args(attach.iter().flat_map(|mode| ["--attach", mode.as_str()]))
             .args(args)
             .env(
                 "RUST_LOG",

@@ -47,14 +47,38 @@ pub enum Hook {
         category: &'static str,
         name: &'static str,
     },
+    /// A BPF trampoline at a kernel function's entry (fentry) or return (fexit). Cheaper than
+    /// kprobes and typed by BTF; some kernels refuse them (this project's host: EPERM).
+    FEntry {
+        function: &'static str,
+    },
+    FExit {
+        function: &'static str,
+    },
 }
 
 impl Hook {
     pub fn describe(&self) -> String {
         match self {
             Self::TracePoint { category, name } => format!("tracepoint:{category}:{name}"),
+            Self::FEntry { function } => format!("fentry:{function}"),
+            Self::FExit { function } => format!("fexit:{function}"),
         }
     }
+
+    pub fn is_tracepoint(&self) -> bool {
+        matches!(self, Self::TracePoint { .. })
+    }
+}
+
+/// Which kinds of hook start-up may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachMode {
+    /// The best path each capability has on this kernel (fentry/fexit where they attach).
+    #[default]
+    Best,
+    /// Tracepoints only: the path that works on every supported kernel.
+    Tracepoints,
 }
 
 /// One row of the table.
@@ -83,7 +107,7 @@ const fn tp(
 ) -> AttachRule {
     AttachRule {
         capability,
-        priority: 10,
+        priority: TRACEPOINT,
         program,
         hook: Hook::TracePoint {
             category,
@@ -95,10 +119,49 @@ const fn tp(
     }
 }
 
-/// Every attach rule. fentry/kprobe rows for `tcp_connect`, `inet_csk_accept` and the SYN-cookie
-/// paths join this table with a lower priority number where a kernel allows them.
+/// An fentry (`exit` false) or fexit rule on `function`; `max_kernel` bounds rules that only a
+/// fallback needs.
+const fn trampoline(
+    capability: Capability,
+    priority: u8,
+    program: &'static str,
+    function: &'static str,
+    exit: bool,
+    kernels: ((u32, u32), Option<(u32, u32)>),
+) -> AttachRule {
+    AttachRule {
+        capability,
+        priority,
+        program,
+        hook: if exit {
+            Hook::FExit { function }
+        } else {
+            Hook::FEntry { function }
+        },
+        min_kernel: kernels.0,
+        max_kernel: kernels.1,
+        required: false,
+    }
+}
+
+/// Priority of fentry/fexit rows that are better than the tracepoints where both exist.
+const BETTER: u8 = 5;
+/// Priority of the tracepoint rows.
+const TRACEPOINT: u8 = 10;
+
+/// Every attach rule.
 #[rustfmt::skip]
 pub const RULES: &[AttachRule] = &[
+    // fentry/fexit first where they serve better: fewer or cheaper runs, facts from the
+    // function itself. `bpf_get_func_ret` (fexit results) needs 5.17.
+    //          capability                  priority    program                               function                    fexit  kernels
+    trampoline(Capability::ConnectProcess, BETTER,     "fexit_inet_stream_connect",          "inet_stream_connect",      true,  ((5, 17), None)),
+    trampoline(Capability::AcceptProcess,  BETTER,     "fexit_inet_csk_accept",              "inet_csk_accept",          true,  ((5, 17), None)),
+    trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v4_init_sequence",     "cookie_v4_init_sequence",  false, ((5, 5), None)),
+    trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v6_init_sequence",     "cookie_v6_init_sequence",  false, ((5, 5), None)),
+    // First data before `sock:sk_data_ready` (6.6) and `sock:sock_send_length` (6.3).
+    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_rcv_established",          "tcp_rcv_established",      true,  ((5, 17), Some((6, 5)))),
+    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_sendmsg",                  "tcp_sendmsg",              true,  ((5, 17), Some((6, 2)))),
     //  capability                      program                  category    min kernel  required
     tp(Capability::Lifecycle,       "inet_sock_set_state",  "sock",     (4, 16),    true),
     tp(Capability::SocketError,     "inet_sk_error_report", "sock",     (5, 14),    false),
@@ -132,11 +195,12 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
 }
 
 /// The rules to try on `kernel`, grouped by capability in table order, best first.
-pub fn plan(kernel: (u32, u32)) -> Vec<AttachRule> {
+pub fn plan(kernel: (u32, u32), mode: AttachMode) -> Vec<AttachRule> {
     let mut rules: Vec<AttachRule> = RULES
         .iter()
         .copied()
         .filter(|r| r.applies_to(kernel))
+        .filter(|r| mode == AttachMode::Best || r.hook.is_tracepoint())
         .collect();
     rules.sort_by_key(|r| (r.capability as u8, r.priority));
     rules
@@ -157,7 +221,7 @@ mod tests {
     #[test]
     fn every_capability_has_a_tracepoint_path_on_supported_kernels() {
         for kernel in [(5, 15), (6, 1), (6, 12), (6, 18)] {
-            let p = plan(kernel);
+            let p = plan(kernel, AttachMode::Best);
             for cap in [
                 Capability::Lifecycle,
                 Capability::SocketError,
@@ -180,9 +244,55 @@ mod tests {
             }
         }
         assert!(
-            plan((4, 9))
+            plan((4, 9), AttachMode::Best)
                 .iter()
                 .all(|r| r.capability != Capability::Lifecycle)
+        );
+    }
+
+    #[test]
+    fn trampolines_come_first_where_they_apply_and_never_in_tracepoint_mode() {
+        let best = plan((6, 1), AttachMode::Best);
+        let first_of = |cap: Capability| {
+            best.iter()
+                .find(|r| r.capability == cap)
+                .map(|r| r.hook.describe())
+        };
+        assert_eq!(
+            first_of(Capability::AcceptProcess).as_deref(),
+            Some("fexit:inet_csk_accept")
+        );
+        assert_eq!(
+            first_of(Capability::ConnectProcess).as_deref(),
+            Some("fexit:inet_stream_connect")
+        );
+        assert_eq!(
+            first_of(Capability::SynCookies).as_deref(),
+            Some("fentry:cookie_v4_init_sequence")
+        );
+        // Both paths are in the plan: the tracepoints are the fallback when fentry fails.
+        assert!(best.iter().any(|r| r.program == "net_dev_queue"));
+        // 6.1 has neither first-data tracepoint: only the fexit rows serve it.
+        let first_data: Vec<_> = best
+            .iter()
+            .filter(|r| r.capability == Capability::FirstData)
+            .map(|r| r.hook.describe())
+            .collect();
+        assert_eq!(
+            first_data,
+            ["fexit:tcp_rcv_established", "fexit:tcp_sendmsg"]
+        );
+        // 6.12 has the tracepoints: no fexit fallback rows for first data.
+        assert!(
+            plan((6, 12), AttachMode::Best)
+                .iter()
+                .filter(|r| r.capability == Capability::FirstData)
+                .all(|r| r.hook.is_tracepoint())
+        );
+        assert!(
+            plan((6, 1), AttachMode::Tracepoints)
+                .iter()
+                .all(|r| r.hook.is_tracepoint())
         );
     }
 

@@ -133,7 +133,7 @@ impl KernelBtf {
             sock_err: off("sock", &["sk_err"]),
             sock_err_soft: off("sock", &["sk_err_soft"]),
             skb_protocol: off("sk_buff", &["protocol"]),
-            _pad: 0,
+            tcp_bytes_received: off("tcp_sock", &["bytes_received"]),
         }
     }
 
@@ -180,6 +180,7 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sock.sk_err", o.sock_err),
         ("sock.sk_err_soft", o.sock_err_soft),
         ("sk_buff.protocol", o.skb_protocol),
+        ("tcp_sock.bytes_received", o.tcp_bytes_received),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{FEntry, FExit, TracePoint},
 };
 use conntrace_common::{
     Config, FLAG_ALL_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps,
@@ -84,6 +84,8 @@ pub struct TracerOptions {
     pub ring_bytes: u32,
     /// Capabilities the operator left out (`--without`).
     pub without: Vec<Capability>,
+    /// Which kinds of hook may be used (`--attach`).
+    pub mode: attach::AttachMode,
 }
 
 /// Everything attached and the maps userspace reads.
@@ -183,13 +185,18 @@ impl Tracer {
         };
 
         raise_memlock();
+        // One parse of the kernel's BTF serves the loader's relocations and the fentry/fexit
+        // programs' targets; it is dropped once everything is attached.
+        let kernel_btf = aya::Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
+            .btf(kernel_btf.as_ref())
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
             .load(EBPF_OBJECT)
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
 
-        let (active, unavailable) = attach_all(&mut ebpf, version, &opts.without)?;
+        let (active, unavailable) = attach_all(&mut ebpf, version, opts, kernel_btf.as_ref())?;
+        drop(kernel_btf);
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
         let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
         let tracer = Self {
@@ -252,16 +259,35 @@ fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &[u16]) -> Result<(), L
     Ok(())
 }
 
-fn attach_one(ebpf: &mut Ebpf, rule: &attach::AttachRule) -> Result<(), String> {
+fn attach_one(
+    ebpf: &mut Ebpf,
+    rule: &attach::AttachRule,
+    btf: Option<&aya::Btf>,
+) -> Result<(), String> {
     let program = ebpf
         .program_mut(rule.program)
         .ok_or_else(|| format!("program {} not in the object", rule.program))?;
+    let no_btf = || "kernel BTF unavailable (/sys/kernel/btf/vmlinux)".to_owned();
     match rule.hook {
         Hook::TracePoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
             tp.load().map_err(|e| format!("bpf(BPF_PROG_LOAD): {e}"))?;
             tp.attach(category, name)
                 .map_err(|e| format!("perf_event_open/attach: {e}"))?;
+        }
+        Hook::FEntry { function } => {
+            let p: &mut FEntry = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load(function, btf.ok_or_else(no_btf)?)
+                .map_err(|e| format!("bpf(BPF_PROG_LOAD) fentry {function}: {e}"))?;
+            p.attach()
+                .map_err(|e| format!("bpf(BPF_RAW_TRACEPOINT_OPEN) fentry {function}: {e}"))?;
+        }
+        Hook::FExit { function } => {
+            let p: &mut FExit = program.try_into().map_err(|e| format!("{e}"))?;
+            p.load(function, btf.ok_or_else(no_btf)?)
+                .map_err(|e| format!("bpf(BPF_PROG_LOAD) fexit {function}: {e}"))?;
+            p.attach()
+                .map_err(|e| format!("bpf(BPF_RAW_TRACEPOINT_OPEN) fexit {function}: {e}"))?;
         }
     }
     Ok(())
@@ -273,9 +299,11 @@ fn attach_one(ebpf: &mut Ebpf, rule: &attach::AttachRule) -> Result<(), String> 
 fn attach_all(
     ebpf: &mut Ebpf,
     kernel: (u32, u32),
-    without: &[Capability],
+    opts: &TracerOptions,
+    btf: Option<&aya::Btf>,
 ) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
-    let plan = attach::plan(kernel);
+    let without = &opts.without;
+    let plan = attach::plan(kernel, opts.mode);
     let (mut active, mut unavailable) = (Vec::new(), Vec::new());
     let mut served: Option<(Capability, u8)> = None;
     for rule in &plan {
@@ -296,7 +324,7 @@ fn attach_all(
             }
             continue;
         }
-        match attach_one(ebpf, rule) {
+        match attach_one(ebpf, rule, btf) {
             Ok(()) => {
                 debug!(program = rule.program, attach = %rule.hook.describe(), "attached");
                 served = Some((rule.capability, rule.priority));
@@ -307,7 +335,17 @@ fn attach_all(
                 });
             }
             Err(reason) => {
-                warn!(program = rule.program, %reason, "not attached");
+                let reason = reason
+                    .trim_end()
+                    .trim_end_matches("Verifier output:")
+                    .trim_end()
+                    .to_owned();
+                if rule.hook.is_tracepoint() {
+                    warn!(program = rule.program, %reason, "not attached");
+                } else {
+                    // A trampoline that fails leaves its capability to the tracepoint rows.
+                    debug!(program = rule.program, %reason, "not attached, falling back");
+                }
                 unavailable.push(Unavailable {
                     capability: rule.capability,
                     name: rule.program,

@@ -1,0 +1,188 @@
+//! fentry/fexit programs: where a kernel allows them (not on every kernel: the host kernel
+//! this project is developed on refuses them), they reach the functions the tracepoints only
+//! see from afar. Each produces the same record as the tracepoint path it replaces, so the
+//! engine cannot tell which path a fact came from; the attach table picks the path.
+//!
+//! * `inet_stream_connect` (fexit): `connect()` on a TCP socket and its result, without the
+//!   syscall tracepoints (which put every system call of every process on the slow path).
+//! * `inet_csk_accept` (fexit): the accepted socket itself, without walking the fd table.
+//! * `cookie_v4_init_sequence` / `cookie_v6_init_sequence` (fentry): a SYN answered with a
+//!   cookie, seen at the decision instead of for every packet a device sends, and also when
+//!   the SYN-ACK never reaches a device (an unresolvable, e.g. spoofed, peer).
+//! * `tcp_rcv_established` / `tcp_sendmsg` (fexit): first data on kernels before the
+//!   `sock:sk_data_ready` tracepoint (6.6).
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel,
+    macros::{fentry, fexit},
+    programs::{FEntryContext, FExitContext},
+};
+use conntrace_common::{
+    AF_INET, AF_INET6, Accept, ConnectError, CookieSynAck, DATA_IN, DATA_OUT, EventKind,
+    KernelOffsets, Tuple,
+};
+
+use crate::{
+    config,
+    data::first,
+    drops::{ETH_P_IP, ETH_P_IPV6, packet_tuple},
+    emit, header, kread, netns_of_skb, netns_of_sock, port_traced,
+};
+
+const SOCK_STREAM: u16 = 1;
+const EINPROGRESS: i64 = 115;
+
+/// The traced function's `int` result.
+#[inline(always)]
+fn int_ret(ctx: &FExitContext) -> i64 {
+    ctx.ret::<i32>().map_or(0, i64::from)
+}
+
+/// `int inet_stream_connect(struct socket *sock, struct sockaddr *uaddr, int addr_len,
+/// int flags)`: the same facts as `sys_exit_connect`, for TCP only.
+#[fexit(function = "inet_stream_connect")]
+pub fn fexit_inet_stream_connect(ctx: FExitContext) -> u32 {
+    let ret = int_ret(&ctx);
+    if ret >= 0 || ret == -EINPROGRESS {
+        return 0;
+    }
+    let Some(cfg) = config() else { return 0 };
+    let o = &cfg.offsets;
+    let sock: u64 = ctx.arg(0);
+    let uaddr: u64 = ctx.arg(1);
+    if o.socket_sk == KernelOffsets::MISSING || sock == 0 || uaddr == 0 {
+        return 0;
+    }
+    if kread::<u16>(sock + o.socket_type as u64) != SOCK_STREAM {
+        return 0;
+    }
+    let mut tuple = Tuple::default();
+    let family: u16 = kread(uaddr);
+    if family == AF_INET {
+        let a: [u8; 4] = kread(uaddr + 4);
+        tuple.daddr[..4].copy_from_slice(&a);
+    } else if family == AF_INET6 {
+        tuple.daddr = kread(uaddr + 8);
+    } else {
+        return 0;
+    }
+    tuple.family = family;
+    tuple.dport = u16::from_be(kread(uaddr + 2));
+    if !port_traced(cfg, tuple.dport, tuple.dport) {
+        return 0;
+    }
+    let skaddr: u64 = kread(sock + o.socket_sk as u64);
+    emit(ConnectError {
+        header: header(
+            EventKind::ConnectError,
+            size_of::<ConnectError>(),
+            netns_of_sock(o, skaddr),
+        ),
+        skaddr,
+        tuple,
+        ret: ret as i32,
+        _pad: 0,
+    });
+    0
+}
+
+/// `struct sock *inet_csk_accept(...)` (its arguments changed in 6.10; the result did not).
+#[fexit(function = "inet_csk_accept")]
+pub fn fexit_inet_csk_accept(ctx: FExitContext) -> u32 {
+    let skaddr: u64 = ctx.ret().unwrap_or(0);
+    if skaddr == 0 {
+        return 0;
+    }
+    let Some(cfg) = config() else { return 0 };
+    let o = &cfg.offsets;
+    let lport: u16 = kread(skaddr + o.sock_num as u64);
+    let rport = u16::from_be(kread(skaddr + o.sock_dport as u64));
+    if !port_traced(cfg, lport, rport) {
+        return 0;
+    }
+    emit(Accept {
+        header: header(
+            EventKind::Accept,
+            size_of::<Accept>(),
+            netns_of_sock(o, skaddr),
+        ),
+        skaddr,
+        // The descriptor is allocated after inet_csk_accept returns.
+        fd: -1,
+    });
+    0
+}
+
+/// A SYN answered with a cookie: the record a cookie SYN-ACK gives on the tracepoint path,
+/// oriented as the reply (source = this host).
+#[inline(always)]
+fn cookie(skb: u64, proto: u16) {
+    let Some(cfg) = config() else { return };
+    let o = &cfg.offsets;
+    let Some((syn, _flags)) = packet_tuple(o, skb, proto) else {
+        return;
+    };
+    if !port_traced(cfg, syn.sport, syn.dport) {
+        return;
+    }
+    let tuple = Tuple {
+        family: syn.family,
+        sport: syn.dport,
+        dport: syn.sport,
+        saddr: syn.daddr,
+        daddr: syn.saddr,
+        ..syn
+    };
+    emit(CookieSynAck {
+        header: header(
+            EventKind::CookieSynAck,
+            size_of::<CookieSynAck>(),
+            netns_of_skb(o, skb),
+        ),
+        tuple,
+    });
+}
+
+/// `u32 cookie_v4_init_sequence(const struct sk_buff *skb, __u16 *mssp)`.
+#[fentry(function = "cookie_v4_init_sequence")]
+pub fn fentry_cookie_v4_init_sequence(ctx: FEntryContext) -> u32 {
+    cookie(ctx.arg(0), ETH_P_IP);
+    0
+}
+
+/// `u32 cookie_v6_init_sequence(const struct sk_buff *skb, __u16 *mssp)`.
+#[fentry(function = "cookie_v6_init_sequence")]
+pub fn fentry_cookie_v6_init_sequence(ctx: FEntryContext) -> u32 {
+    cookie(ctx.arg(0), ETH_P_IPV6);
+    0
+}
+
+/// `void tcp_rcv_established(struct sock *sk, struct sk_buff *skb)`: every segment of an
+/// established connection; the first one that brought data makes `bytes_received` non-zero.
+#[fexit(function = "tcp_rcv_established")]
+pub fn fexit_tcp_rcv_established(ctx: FExitContext) -> u32 {
+    let Some(cfg) = config() else { return 0 };
+    let o = &cfg.offsets;
+    if o.tcp_bytes_received == KernelOffsets::MISSING {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    // SAFETY: bpf_probe_read_kernel fails instead of faulting.
+    let received =
+        unsafe { bpf_probe_read_kernel((sk + o.tcp_bytes_received as u64) as *const u64) }
+            .unwrap_or(0);
+    if received > 0 {
+        first(sk, DATA_IN, 0);
+    }
+    0
+}
+
+/// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
+#[fexit(function = "tcp_sendmsg")]
+pub fn fexit_tcp_sendmsg(ctx: FExitContext) -> u32 {
+    let ret = int_ret(&ctx);
+    if ret > 0 {
+        first(ctx.arg(0), DATA_OUT, ret as i32);
+    }
+    0
+}
