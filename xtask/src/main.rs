@@ -1,4 +1,4 @@
-//! Developer tasks. `cargo xtask setup | run -- ARGS | test`.
+//! Developer tasks. `cargo xtask setup | run -- ARGS | test | bench | vm-test`.
 //!
 //! `setup` installs, idempotently, everything building and testing conntrace needs on a Debian
 //! machine: the eBPF toolchain (Debian's rustc-web with its library sources, LLVM 22,
@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -34,6 +36,24 @@ enum Task {
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run the integration scenarios inside other kernels (Debian 6.1, 6.12) under QEMU
+    /// (software emulation); prints kernel | passed | failed | skipped | seconds | attach paths.
+    /// See docs/kernels.md.
+    VmTest {
+        /// 6.1, 6.12 or all.
+        #[arg(long, default_value = "all")]
+        kernel: String,
+        /// Run every test instead of the bounded subset.
+        #[arg(long)]
+        full: bool,
+        /// conntrace's attach mode for the tests: best, tracepoints or both (one after the
+        /// other in the same boot).
+        #[arg(long, default_value = "both")]
+        attach: String,
+        /// Test name filters (substrings); they replace the subset.
+        #[arg(trailing_var_arg = true)]
+        filters: Vec<String>,
     },
     /// Set up (with bpftrace, the peer it compares with), build release, and run the churn
     /// benchmark (`ctbench`): untraced, traced, unrelated port, bpftrace. Its last line is
@@ -201,6 +221,22 @@ fn main() -> anyhow::Result<()> {
             run(Command::new(root.join("ctbench"))
                 .env("CONNTRACE_BIN", root.join("conntrace"))
                 .args(&args))
+        }
+        Task::VmTest {
+            kernel,
+            full,
+            attach,
+            filters,
+        } => {
+            let kernels = vm::Series::named(&kernel)?;
+            let modes = vm::modes(&attach)?;
+            setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
+            vm::vm_test(&vm::Options {
+                kernels,
+                modes,
+                full,
+                filters,
+            })
         }
         Task::Test { args } => {
             setup(TEST_PACKAGES)?;

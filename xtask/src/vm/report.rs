@@ -1,0 +1,353 @@
+//! Reads what the guest left in its output share and prints the per-kernel table.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde_json::Value;
+
+#[derive(Clone)]
+pub enum Outcome {
+    Passed,
+    /// Passed, but printed a line containing "skip": the reason.
+    Skipped(String),
+    /// The assertion (libtest's captured output), or why the test never finished.
+    Failed(String),
+}
+
+pub struct TestResult {
+    pub binary: String,
+    pub name: String,
+    pub outcome: Outcome,
+}
+
+/// The attach plan from conntrace's `ready` line.
+pub struct Attach {
+    /// capability -> attach path (tracepoint, fentry, kprobe, ...).
+    pub paths: BTreeMap<String, String>,
+    /// "capability (program): reason" for every program that could not attach.
+    pub unavailable: Vec<String>,
+    pub features: String,
+}
+
+/// One kernel in one attach mode.
+pub struct KernelReport {
+    pub label: String,
+    /// conntrace's `--attach` mode.
+    pub mode: String,
+    pub release: String,
+    /// The mode's probe and tests in the guest.
+    pub elapsed: Duration,
+    /// The whole boot (both modes, when both ran).
+    pub boot_seconds: u64,
+    pub tests: Vec<TestResult>,
+    pub attach: Result<Attach, String>,
+    /// Why the run as a whole failed (timeout, no completion, infrastructure).
+    pub problems: Vec<String>,
+    pub log: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+}
+
+impl KernelReport {
+    pub fn error(label: &str, elapsed: Duration, problem: String) -> Self {
+        Self {
+            label: label.to_owned(),
+            mode: String::new(),
+            release: String::new(),
+            elapsed,
+            boot_seconds: elapsed.as_secs(),
+            tests: Vec::new(),
+            attach: Err("not run".into()),
+            problems: vec![problem],
+            log: None,
+            out: None,
+        }
+    }
+
+    fn count(&self, pred: impl Fn(&Outcome) -> bool) -> usize {
+        self.tests.iter().filter(|t| pred(&t.outcome)).count()
+    }
+
+    pub fn failed(&self) -> usize {
+        self.count(|o| matches!(o, Outcome::Failed(_)))
+    }
+
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty() && self.failed() == 0
+    }
+
+    /// Results of `mode` for `plan` (binary, tests) from the output share `out`, whose
+    /// files are named `BINARY.MODE.json` (tests/vm/guest.sh).
+    pub fn read(label: &str, mode: &str, plan: Vec<(String, Vec<String>)>, out: &Path) -> Self {
+        let text = |name: String| fs::read_to_string(out.join(name)).map(|s| s.trim().to_owned());
+        let seconds = |name: String| text(name).ok().and_then(|s| s.parse::<u64>().ok());
+        let mut elapsed = seconds(format!("ready.{mode}.seconds")).unwrap_or(0);
+        let mut tests = Vec::new();
+        for (binary, names) in plan {
+            let key = format!("{binary}.{mode}");
+            let results = libtest_results(&out.join(format!("{key}.json")));
+            let rc =
+                text(format!("{key}.rc")).unwrap_or_else(|_| "none (not run to the end)".into());
+            elapsed += seconds(format!("{key}.seconds")).unwrap_or(0);
+            for name in names {
+                let outcome = match results.get(&name) {
+                    Some(o) => o.clone(),
+                    None => Outcome::Failed(format!(
+                        "did not finish: {binary} exit code {rc}{}",
+                        if rc == "124" { " (guest timeout)" } else { "" }
+                    )),
+                };
+                tests.push(TestResult {
+                    binary: binary.clone(),
+                    name,
+                    outcome,
+                });
+            }
+        }
+        Self {
+            label: label.to_owned(),
+            mode: mode.to_owned(),
+            release: text("kernel".into()).unwrap_or_default(),
+            elapsed: Duration::from_secs(elapsed),
+            boot_seconds: 0,
+            tests,
+            attach: read_ready(out, mode),
+            problems: Vec::new(),
+            log: None,
+            out: Some(out.to_owned()),
+        }
+    }
+}
+
+/// libtest's JSON events (`--format json --show-output`) by test name.
+fn libtest_results(path: &Path) -> BTreeMap<String, Outcome> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut results = BTreeMap::new();
+    for v in text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+    {
+        if v["type"] != "test" {
+            continue;
+        }
+        let name = v["name"].as_str().unwrap_or_default().to_owned();
+        let stdout = v["stdout"].as_str().unwrap_or_default();
+        let outcome = match v["event"].as_str() {
+            Some("ok") => match stdout.lines().find(|l| l.to_lowercase().contains("skip")) {
+                Some(line) => Outcome::Skipped(line.trim().to_owned()),
+                None => Outcome::Passed,
+            },
+            Some("ignored") => Outcome::Skipped("ignored".into()),
+            Some("failed") => Outcome::Failed(stdout.trim().to_owned()),
+            _ => continue,
+        };
+        results.insert(name, outcome);
+    }
+    results
+}
+
+/// The `ready` line of the guest's conntrace probe.
+fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
+    let text = fs::read_to_string(out.join(format!("ready.{mode}.jsonl"))).unwrap_or_default();
+    let ready = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "ready");
+    let Some(ready) = ready else {
+        let rc = fs::read_to_string(out.join(format!("ready.{mode}.rc"))).unwrap_or_default();
+        let stderr =
+            fs::read_to_string(out.join(format!("ready.{mode}.stderr"))).unwrap_or_default();
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        return Err(format!(
+            "conntrace printed no ready line (exit {}): {}",
+            rc.trim(),
+            last.unwrap_or("no output")
+        ));
+    };
+    let paths = ready["attach_paths"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("?").to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let unavailable = ready["unavailable"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|u| {
+                    format!(
+                        "{} ({}): {}",
+                        u["capability"].as_str().unwrap_or("?"),
+                        u["attach"].as_str().unwrap_or("?"),
+                        short_reason(u["reason"].as_str().unwrap_or_default())
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let features = ready["kernel_features"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    Ok(Attach {
+        paths,
+        unavailable,
+        features,
+    })
+}
+
+/// A load error without the verifier's log, but with the log's verdict (its last line).
+fn short_reason(reason: &str) -> String {
+    match reason.split_once("Verifier output:") {
+        Some((head, log)) => {
+            let last = log.lines().rev().find(|l| !l.trim().is_empty());
+            format!("{} [verifier: {}]", head.trim(), last.unwrap_or("").trim())
+        }
+        None => reason.lines().next().unwrap_or("").to_owned(),
+    }
+}
+
+impl Attach {
+    /// "tracepoint×9; unavailable: drops"
+    fn summary(&self) -> String {
+        let mut by_path = BTreeMap::<&str, usize>::new();
+        for p in self.paths.values() {
+            *by_path.entry(p).or_default() += 1;
+        }
+        let mut s = by_path
+            .iter()
+            .map(|(p, n)| format!("{p}×{n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !self.unavailable.is_empty() {
+            let caps: BTreeMap<&str, ()> = self
+                .unavailable
+                .iter()
+                .filter_map(|u| u.split_once(' ').map(|(c, _)| (c, ())))
+                .collect();
+            let caps: Vec<&str> = caps.into_keys().collect();
+            s.push_str(&format!("; unavailable: {}", caps.join(",")));
+        }
+        s
+    }
+}
+
+/// Prints the table (kernel | --attach | passed | failed | skipped | seconds | attach paths),
+/// then the details: attach paths per capability, skips, failures, problems, where the logs
+/// are. `seconds` is the mode's conntrace probe and tests in the guest, without the boot.
+pub fn print(reports: &[KernelReport]) {
+    let rows: Vec<[String; 7]> = reports
+        .iter()
+        .map(|r| {
+            let kernel = if r.release.is_empty() {
+                r.label.clone()
+            } else {
+                format!("{} ({})", r.label, r.release)
+            };
+            let attach = match &r.attach {
+                Ok(a) => a.summary(),
+                Err(e) => format!("? ({})", e.chars().take(60).collect::<String>()),
+            };
+            let failed = r.failed().to_string() + if r.problems.is_empty() { "" } else { "+run" };
+            [
+                kernel,
+                r.mode.clone(),
+                r.count(|o| matches!(o, Outcome::Passed)).to_string(),
+                failed,
+                r.count(|o| matches!(o, Outcome::Skipped(_))).to_string(),
+                r.elapsed.as_secs().to_string(),
+                attach,
+            ]
+        })
+        .collect();
+    let header = [
+        "kernel",
+        "--attach",
+        "passed",
+        "failed",
+        "skipped",
+        "seconds",
+        "attach paths",
+    ];
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("| {} |", padded.join(" | "));
+    };
+    println!();
+    println!("vm-test results");
+    line(&header.map(String::from));
+    line(&widths.map(|w| "-".repeat(w)));
+    for row in &rows {
+        line(row);
+    }
+    for r in reports {
+        println!();
+        println!(
+            "{} ({}) --attach {}: {} s (the boot: {} s)",
+            r.label,
+            r.release,
+            r.mode,
+            r.elapsed.as_secs(),
+            r.boot_seconds
+        );
+        match &r.attach {
+            Ok(a) => {
+                let paths: Vec<String> = a.paths.iter().map(|(c, p)| format!("{c}={p}")).collect();
+                println!("  attach: {}", paths.join(" "));
+                println!("  kernel features: {}", a.features);
+                for u in &a.unavailable {
+                    println!("  unavailable: {u}");
+                }
+            }
+            Err(e) => println!("  attach plan unknown: {e}"),
+        }
+        for t in &r.tests {
+            match &t.outcome {
+                Outcome::Passed => println!("  ok      {}::{}", t.binary, t.name),
+                Outcome::Skipped(why) => println!("  skipped {}::{}: {why}", t.binary, t.name),
+                Outcome::Failed(why) => {
+                    println!("  FAILED  {}::{}", t.binary, t.name);
+                    let lines: Vec<&str> = why.lines().collect();
+                    for l in lines.iter().take(30) {
+                        println!("      {l}");
+                    }
+                    if lines.len() > 30 {
+                        println!("      ... ({} more lines)", lines.len() - 30);
+                    }
+                }
+            }
+        }
+        for p in &r.problems {
+            println!("  PROBLEM: {p}");
+        }
+        if let Some(out) = &r.out {
+            println!(
+                "  results: {} (BINARY.MODE.json and .stderr, ready.MODE.jsonl, dmesg)",
+                out.display()
+            );
+        }
+        if let Some(log) = &r.log {
+            println!("  console: {}", log.display());
+        }
+    }
+}
