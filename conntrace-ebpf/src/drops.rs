@@ -1,6 +1,8 @@
 //! `skb:kfree_skb`: TCP packets the kernel dropped, with its reason, parsed from the packet's
 //! own headers (a SYN dropped before any socket lookup has no socket to read).
 
+use core::ptr::addr_of_mut;
+
 use aya_ebpf::{
     EbpfContext, helpers::bpf_get_stack, macros::tracepoint, programs::TracePointContext,
 };
@@ -89,35 +91,40 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         netns = netns_of_sock(o, rx_sk);
     }
     let reason: u32 = field(&ctx, l.reason);
-    let drop = PacketDrop {
-        header: header(EventKind::Drop, size_of::<PacketDrop>(), netns),
-        sk,
-        rx_sk,
-        location: field(&ctx, l.location),
-        tuple,
-        reason,
-        tcp_flags,
-        stack: [0; DROP_STACK_DEPTH],
-    };
-    // Written in place: the record with its stack is too large for the eBPF stack.
+    // Written in place, field by field: the record with its stack is too large for the eBPF
+    // stack, and a whole-struct write becomes a byte-wise memset/memcpy loop whose every
+    // iteration 6.1's verifier walks (over its 1M-instruction limit).
     let Some(mut entry) = EVENTS.reserve::<PacketDrop>(0) else {
         count_lost();
         return 0;
     };
     let slot = entry.as_mut_ptr();
-    // SAFETY: `slot` points to the reserved, exclusively owned ring-buffer record.
-    unsafe { slot.write(drop) };
-    if reason == cfg.stack_drop_reason {
-        // SAFETY: the helper writes at most the given size into the record's own stack array;
-        // on failure it leaves zeros, which userspace reads as "no stack".
-        unsafe {
+    // SAFETY: `slot` points to the reserved, exclusively owned ring-buffer record; every
+    // field is written before it is submitted.
+    unsafe {
+        addr_of_mut!((*slot).header).write(header(EventKind::Drop, size_of::<PacketDrop>(), netns));
+        addr_of_mut!((*slot).sk).write(sk);
+        addr_of_mut!((*slot).rx_sk).write(rx_sk);
+        addr_of_mut!((*slot).location).write(field(&ctx, l.location));
+        addr_of_mut!((*slot).tuple).write(tuple);
+        addr_of_mut!((*slot).reason).write(reason);
+        addr_of_mut!((*slot).tcp_flags).write(tcp_flags);
+        let stack = addr_of_mut!((*slot).stack).cast::<u64>();
+        if reason == cfg.stack_drop_reason {
+            // The helper fills the array and zeroes what it does not use (all of it on
+            // failure); userspace reads entries up to the first zero.
             bpf_get_stack(
                 ctx.as_ptr(),
-                (*slot).stack.as_mut_ptr().cast(),
+                stack.cast(),
                 (DROP_STACK_DEPTH * size_of::<u64>()) as u32,
                 0,
-            )
-        };
+            );
+        } else {
+            for i in 0..DROP_STACK_DEPTH {
+                // Volatile: a plain loop would be turned back into a memset call.
+                stack.add(i).write_volatile(0);
+            }
+        }
     }
     entry.submit(submit_flags());
     0

@@ -5,7 +5,7 @@
 //!
 //! * `inet_stream_connect` (fexit): `connect()` on a TCP socket and its result, without the
 //!   syscall tracepoints (which put every system call of every process on the slow path).
-//! * `inet_csk_accept` (fexit): the accepted socket itself, without walking the fd table.
+//! * `__inet_accept` (fentry, 6.8+): the accepted socket itself, without walking the fd table.
 //! * `cookie_v4_init_sequence` / `cookie_v6_init_sequence` (fentry): a SYN answered with a
 //!   cookie, seen at the decision instead of for every packet a device sends, and also when
 //!   the SYN-ACK never reaches a device (an unresolvable, e.g. spoofed, peer).
@@ -86,10 +86,14 @@ pub fn fexit_inet_stream_connect(ctx: FExitContext) -> u32 {
     0
 }
 
-/// `struct sock *inet_csk_accept(...)` (its arguments changed in 6.10; the result did not).
-#[fexit(function = "inet_csk_accept")]
-pub fn fexit_inet_csk_accept(ctx: FExitContext) -> u32 {
-    let skaddr: u64 = ctx.ret().unwrap_or(0);
+/// `void __inet_accept(struct socket *sock, struct socket *newsock, struct sock *newsk)`: the
+/// accepted socket joins its file. Not `inet_csk_accept`: an fexit there never fires for an
+/// `accept()` already waiting when conntrace attached (a trampoline only catches calls that
+/// enter after it), which is every idle server thread; `__inet_accept` is entered after the
+/// wait.
+#[fentry(function = "__inet_accept")]
+pub fn fentry_inet_accept(ctx: FEntryContext) -> u32 {
+    let skaddr: u64 = ctx.arg(2);
     if skaddr == 0 {
         return 0;
     }
@@ -107,7 +111,7 @@ pub fn fexit_inet_csk_accept(ctx: FExitContext) -> u32 {
             netns_of_sock(o, skaddr),
         ),
         skaddr,
-        // The descriptor is allocated after inet_csk_accept returns.
+        // The descriptor is installed after accept returns.
         fd: -1,
     });
     0

@@ -13,9 +13,7 @@ mod syscalls;
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel,
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
@@ -177,7 +175,23 @@ fn header(kind: EventKind, size: usize, netns: u32) -> EventHeader {
         tid: pid_tgid as u32,
         netns,
         _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]),
+        comm: current_comm(),
+    }
+}
+
+/// The current task's comm. Read into uninitialised memory: the helper fills all of it (with
+/// zeros on failure). A zero-initialised array would cost a memset call, a byte loop that
+/// 6.1's verifier walks once per path (it pushed `kfree_skb` over the 1M-instruction limit).
+#[inline(always)]
+fn current_comm() -> [u8; COMM_LEN] {
+    let mut comm = core::mem::MaybeUninit::<[u8; COMM_LEN]>::uninit();
+    // SAFETY: the helper writes COMM_LEN bytes into the buffer, zeros on failure.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(
+            comm.as_mut_ptr().cast(),
+            COMM_LEN as u32,
+        );
+        comm.assume_init()
     }
 }
 

@@ -156,7 +156,10 @@ pub const RULES: &[AttachRule] = &[
     // function itself. `bpf_get_func_ret` (fexit results) needs 5.17.
     //          capability                  priority    program                               function                    fexit  kernels
     trampoline(Capability::ConnectProcess, BETTER,     "fexit_inet_stream_connect",          "inet_stream_connect",      true,  ((5, 17), None)),
-    trampoline(Capability::AcceptProcess,  BETTER,     "fexit_inet_csk_accept",              "inet_csk_accept",          true,  ((5, 17), None)),
+    // Not fexit:inet_csk_accept: it misses accept() calls already waiting at attach.
+    // __inet_accept came with 6.8 and is in later 6.1.y (Debian's 6.1.0-56 has it); where it
+    // is missing, loading fails and the syscall tracepoints serve.
+    trampoline(Capability::AcceptProcess,  BETTER,     "fentry_inet_accept",                 "__inet_accept",            false, ((6, 1), None)),
     trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v4_init_sequence",     "cookie_v4_init_sequence",  false, ((5, 5), None)),
     trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v6_init_sequence",     "cookie_v6_init_sequence",  false, ((5, 5), None)),
     // First data before `sock:sk_data_ready` (6.6) and `sock:sock_send_length` (6.3).
@@ -260,7 +263,16 @@ mod tests {
         };
         assert_eq!(
             first_of(Capability::AcceptProcess).as_deref(),
-            Some("fexit:inet_csk_accept")
+            Some("fentry:__inet_accept")
+        );
+        // Before 6.1 accept() stays on the syscall tracepoints.
+        assert_eq!(
+            plan((5, 15), AttachMode::Best)
+                .iter()
+                .find(|r| r.capability == Capability::AcceptProcess)
+                .map(|r| r.hook.describe())
+                .as_deref(),
+            Some("tracepoint:syscalls:sys_exit_accept4")
         );
         assert_eq!(
             first_of(Capability::ConnectProcess).as_deref(),
