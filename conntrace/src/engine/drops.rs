@@ -239,16 +239,7 @@ impl Engine {
         }
         // A flood must not become a flood of lines: at most DROP_RECORDS_PER_SECOND records per
         // namespace and reason each second; the rest are counted.
-        let second = f.meta.ts_ns / 1_000_000_000;
-        let window = self
-            .drop_windows
-            .entry((netns, f.reason.clone()))
-            .or_insert((second, 0));
-        if window.0 != second {
-            *window = (second, 0);
-        }
-        window.1 += 1;
-        if window.1 > DROP_RECORDS_PER_SECOND {
+        if !self.within_rate((netns, f.reason.clone()), f.meta.ts_ns) {
             self.summary.drop_records_suppressed += 1;
             return;
         }
@@ -326,11 +317,31 @@ impl Engine {
             if let Some(a) = self.attempts.remove(&key) {
                 if a.cookies > 0 {
                     self.summary.listener(&a.tuple).cookies_failed += 1;
+                    // A SYN flood (spoofed sources) ends in one failed cookie attempt per SYN:
+                    // at most DROP_RECORDS_PER_SECOND verdicts per listener each second, the
+                    // rest counted (and in the listener's `cookies_failed`).
+                    let window = (key.0, format!("cookie attempts {}", a.tuple.sport));
+                    if !self.within_rate(window, a.last_ns()) {
+                        self.summary.attempt_verdicts_suppressed += 1;
+                        continue;
+                    }
                 }
                 let v = attempt_verdict(&a);
                 self.emit(out, v);
             }
         }
+    }
+
+    /// Counts one record against its window (a namespace and a kind, per second); false when
+    /// the window already had DROP_RECORDS_PER_SECOND.
+    fn within_rate(&mut self, key: (u32, String), ts_ns: u64) -> bool {
+        let second = ts_ns / 1_000_000_000;
+        let window = self.drop_windows.entry(key).or_insert((second, 0));
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        window.1 += 1;
+        window.1 <= DROP_RECORDS_PER_SECOND
     }
 }
 

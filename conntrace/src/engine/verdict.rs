@@ -85,6 +85,9 @@ pub struct Summary {
     /// Drops not written as `drop` records because more than 50 of one reason came in one
     /// second in one namespace (still counted in `drops_by_reason`).
     pub drop_records_suppressed: u64,
+    /// Failed SYN-cookie attempts not written as verdicts because more than 50 ended in one
+    /// second at one listener (a SYN flood); still counted in the listener's `cookies_failed`.
+    pub attempt_verdicts_suppressed: u64,
     /// Per listener (`ip:port`): SYN cookies and queue overflows.
     pub listeners: BTreeMap<String, ListenerCounts>,
     /// Failed or stalled verdicts by the remote end's address.

@@ -90,6 +90,7 @@ pub(super) fn line(record: &Record<'_>, clock: &Clock) -> String {
                 "stray_resets": f.summary.stray_resets,
                 "drops_by_reason": f.summary.drops_by_reason,
                 "drop_records_suppressed": f.summary.drop_records_suppressed,
+                "attempt_verdicts_suppressed": f.summary.attempt_verdicts_suppressed,
                 "listeners": f.summary.listeners,
                 "top_failing_peers": Summary::top(&f.summary.failing_peers, 10)
                     .into_iter()

@@ -156,6 +156,33 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
 }
 
 #[test]
+fn a_flood_of_failed_cookie_attempts_is_capped_and_counted() {
+    let mut e = Engine::new(EngineConfig::default());
+    // 300 spoofed sources within one second, each answered with a cookie, none completing.
+    for port in 0..300u16 {
+        none(e.handle(KernelEvent::CookieSent {
+            meta: softirq(MS + u64::from(port) * 1000),
+            tuple: tuple(3306, 10_000 + port),
+        }));
+    }
+    let verdicts = e.tick(5 * SEC);
+    assert_eq!(verdicts.len(), 50, "at most 50 a second per listener");
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| v.reason == Reason::SyncookieAckLost)
+    );
+    let summary = e.summary();
+    assert_eq!(summary.attempt_verdicts_suppressed, 250);
+    let l = &summary.listeners["10.77.0.1:3306"];
+    assert_eq!(
+        (l.cookies_sent, l.cookies_failed),
+        (300, 300),
+        "all counted"
+    );
+}
+
+#[test]
 fn a_cookie_that_validates_marks_the_connection() {
     let s = Sock::server(SK_B);
     let mut e = Engine::new(config(|c| c.report_established = true));
