@@ -296,6 +296,19 @@ pub fn connect(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
     }
 }
 
+/// Prints why a test does not run its checks here; `cargo xtask vm-test` counts a passing test
+/// that printed a line containing "skip" as skipped. Only for kernel features that are absent.
+pub fn skip(reason: &str) {
+    println!("SKIP: {reason}");
+}
+
+/// How long [`Conntrace::start`] waits for the `ready` line: 60 s, or CONNTRACE_TEST_READY_SECS
+/// (`cargo xtask vm-test` sets 240: under emulation, loading the programs takes up to a minute).
+fn ready_timeout() -> Duration {
+    let secs = std::env::var("CONNTRACE_TEST_READY_SECS").ok();
+    Duration::from_secs(secs.and_then(|s| s.parse().ok()).unwrap_or(60))
+}
+
 /// A line conntrace printed, with when the test received it.
 #[derive(Debug, Clone)]
 pub struct Line {
@@ -357,8 +370,34 @@ impl Conntrace {
             lines,
             reader: Some(reader),
         };
-        ct.wait_for(Duration::from_secs(60), |l| l.value["event"] == "ready");
+        ct.wait_for(ready_timeout(), |l| l.value["event"] == "ready");
         ct
+    }
+
+    /// The `ready` line (its attach plan: `attach_paths`, `unavailable`).
+    pub fn ready(&self) -> Value {
+        self.wait_for(Duration::ZERO, |l| l.value["event"] == "ready")
+            .value
+    }
+
+    /// True, after printing a skip line with `why`, when this kernel has no hook at all for
+    /// `capability` (no attach rule applies to it, e.g. a tracepoint added after this kernel).
+    /// A capability whose programs were tried and failed to load is not skipped: that is a
+    /// failure to see.
+    pub fn lacks(&self, capability: &str, why: &str) -> bool {
+        let ready = self.ready();
+        let attached = ready["attach_paths"].get(capability).is_some();
+        let tried = ready["unavailable"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|p| p["capability"] == capability));
+        if attached || tried {
+            return false;
+        }
+        skip(&format!(
+            "kernel {} has no hook for {capability}: {why}",
+            ready["kernel"].as_str().unwrap_or("?")
+        ));
+        true
     }
 
     /// Waits until a line matches `pred`, panicking after `timeout`.

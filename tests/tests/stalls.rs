@@ -177,6 +177,10 @@ fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
         &["--greeting", "hello", "--greeting-delay-ms", "2000"],
     );
     let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "1s"]);
+    // Resolving needs the first data received: tracepoints have it on 6.6+, fexit rows before.
+    if ct.lacks("first_data", "sock:sk_data_ready is 6.6+") {
+        return;
+    }
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
