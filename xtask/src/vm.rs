@@ -96,6 +96,7 @@ fn vm_dir() -> PathBuf {
 /// Builds everything, runs the selected tests under each kernel, prints the table; fails if
 /// any kernel failed. The caller has run `setup` with [`VM_PACKAGES`].
 pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
+    let _lock = RunLock::take()?;
     let (exes, helpers) = build()?;
     let plan = select(exes, opts)?;
     let count: usize = plan.iter().map(|e| e.tests.len()).sum();
@@ -221,6 +222,45 @@ fn select(exes: Vec<TestExe>, opts: &Options) -> anyhow::Result<Vec<TestExe>> {
         bail!("no test matches {:?}", opts.filters);
     }
     Ok(plan)
+}
+
+/// target/vm/lock, holding our pid: one vm-test at a time per checkout (they share the run
+/// and kernel directories). A lock whose process is gone is taken over.
+struct RunLock(PathBuf);
+
+impl RunLock {
+    fn take() -> anyhow::Result<Self> {
+        let path = vm_dir().join("lock");
+        fs::create_dir_all(vm_dir())?;
+        for _ in 0..2 {
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id())?;
+                    return Ok(Self(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let pid = fs::read_to_string(&path).unwrap_or_default();
+                    let pid = pid.trim();
+                    if !pid.is_empty() && Path::new("/proc").join(pid).exists() {
+                        bail!("another vm-test (pid {pid}) is running in this checkout");
+                    }
+                    fs::remove_file(&path).ok();
+                }
+                Err(e) => return Err(e).with_context(|| format!("create {}", path.display())),
+            }
+        }
+        bail!("could not take {}", path.display())
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        fs::remove_file(&self.0).ok();
+    }
 }
 
 /// A directory removed on drop.

@@ -61,6 +61,12 @@ impl Series {
     }
 }
 
+/// kmod's tools live in /usr/sbin, which a user's PATH may lack.
+fn sbin(tool: &str) -> PathBuf {
+    let path = Path::new("/usr/sbin").join(tool);
+    if path.exists() { path } else { tool.into() }
+}
+
 /// An unpacked kernel package.
 pub struct Kernel {
     pub label: &'static str,
@@ -173,7 +179,10 @@ fn download(cache: &Path, package: &str) -> anyhow::Result<()> {
         bail!("{package} has no boot/vmlinuz-{release}");
     }
     // modules.dep is made by the package's postinst, which never runs here.
-    run(Command::new("depmod").arg("-b").arg(&root).arg(&release))?;
+    run(Command::new(sbin("depmod"))
+        .arg("-b")
+        .arg(&root)
+        .arg(&release))?;
     fs::remove_file(&deb)?;
     fs::write(partial.join("ready"), &release)?;
     let done = cache.join(package);
@@ -197,7 +206,7 @@ pub fn initramfs(kernel: &Kernel, run_dir: &Path) -> anyhow::Result<PathBuf> {
     fs::copy(vm_src.join("ctmodprobe"), dir.join("bin/ctmodprobe"))?;
     let mut order = Vec::<String>::new();
     for module in BOOT_MODULES {
-        let out = Command::new("modprobe")
+        let out = Command::new(sbin("modprobe"))
             .arg("-d")
             .arg(&kernel.root)
             .args(["-S", &kernel.release, "--show-depends", module])
