@@ -31,8 +31,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, build, and run every test: unit tests, then the root-only integration scenarios.
+    /// Set up, build, and run every test: unit tests, the root-only integration scenarios,
+    /// then the VM subset on Debian's 6.12 kernel (`vm-test --kernel 6.12`).
     Test {
+        /// Skip the VM stage (it is also skipped when a test filter is given).
+        #[arg(long)]
+        no_vm: bool,
         /// Extra arguments for the test binaries (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -238,8 +242,8 @@ fn main() -> anyhow::Result<()> {
                 filters,
             })
         }
-        Task::Test { args } => {
-            setup(TEST_PACKAGES)?;
+        Task::Test { no_vm, args } => {
+            setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
             run(cargo().args(["build", "-p", "conntrace"]))?;
             // Unit tests (no privileges needed), then the scenarios: one at a time, since each
             // builds network namespaces and loads its own eBPF programs.
@@ -266,7 +270,17 @@ fn main() -> anyhow::Result<()> {
                 .env("CONNTRACE_BIN", bin)
                 .arg("--")
                 .args(["--test-threads", "1"])
-                .args(&args))
+                .args(&args))?;
+            if no_vm || !args.is_empty() {
+                eprintln!("xtask: VM stage skipped (run `cargo xtask vm-test`)");
+                return Ok(());
+            }
+            vm::vm_test(&vm::Options {
+                kernels: vm::Series::named("6.12")?,
+                modes: vec!["best"],
+                full: false,
+                filters: Vec::new(),
+            })
         }
     }
 }
