@@ -128,10 +128,10 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
         }));
     }
     report::print(&reports);
-    let failed: Vec<&str> = reports
+    let failed: Vec<String> = reports
         .iter()
         .filter(|r| !r.ok())
-        .map(|r| r.label.as_str())
+        .map(|r| format!("{} {}", r.label, r.mode).trim().to_owned())
         .collect();
     if !failed.is_empty() {
         bail!("vm-test failed on {}", failed.join(", "));

@@ -285,3 +285,26 @@ fn collect(dir: &Path, rel: &Path, out: &mut Vec<String>) -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_plain_signed_images_of_a_series_match() {
+        let (v61, v612) = (SERIES[0], SERIES[1]);
+        assert_eq!(v61.number("linux-image-6.1.0-56-amd64"), Some(56));
+        assert_eq!(v612.number("linux-image-6.12.117+deb12-amd64"), Some(117));
+        for other in [
+            "linux-image-6.1.0-56-amd64-dbg",
+            "linux-image-6.1.0-56-amd64-unsigned",
+            "linux-image-6.1.0-56-rt-amd64",
+            "linux-image-6.1.0-56-cloud-amd64",
+            "linux-image-6.12.117+deb12-amd64",
+        ] {
+            assert_eq!(v61.number(other), None, "{other}");
+        }
+        assert_eq!(v612.number("linux-image-6.12.117+deb12-cloud-amd64"), None);
+        assert_eq!(v612.number("linux-image-6.12.117+deb12-amd64-dbg"), None);
+    }
+}

@@ -351,3 +351,43 @@ pub fn print(reports: &[KernelReport]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libtest_events_become_passed_skipped_and_failed() {
+        let dir = std::env::temp_dir().join(format!("xtask-report-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.json");
+        fs::write(
+            &path,
+            [
+                r#"{ "type": "suite", "event": "started", "test_count": 4 }"#,
+                r#"{ "type": "test", "event": "started", "name": "a" }"#,
+                r#"{ "type": "test", "name": "a", "event": "ok" }"#,
+                r#"{ "type": "test", "name": "b", "event": "ok", "stdout": "MEASURED x\nSKIP: no hook\n" }"#,
+                r#"{ "type": "test", "name": "c", "event": "failed", "stdout": "panicked at x" }"#,
+                r#"{ "type": "test", "name": "d", "event": "ignored" }"#,
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        let r = libtest_results(&path);
+        fs::remove_dir_all(&dir).ok();
+        assert!(matches!(r["a"], Outcome::Passed));
+        assert!(matches!(&r["b"], Outcome::Skipped(s) if s == "SKIP: no hook"));
+        assert!(matches!(&r["c"], Outcome::Failed(s) if s == "panicked at x"));
+        assert!(matches!(r["d"], Outcome::Skipped(_)));
+    }
+
+    #[test]
+    fn a_load_error_keeps_the_verifiers_last_line_only() {
+        let reason = "bpf(BPF_PROG_LOAD): too long. Verifier output: 0: r1 = 0\n1: exit\nprocessed 1000001 insns (limit 1000000)\n";
+        assert_eq!(
+            short_reason(reason),
+            "bpf(BPF_PROG_LOAD): too long. [verifier: processed 1000001 insns (limit 1000000)]"
+        );
+    }
+}
