@@ -137,6 +137,10 @@ pub struct KernelOffsets {
     pub skb_protocol: u32,
     /// `struct tcp_sock` → `bytes_received` (u64): non-zero once data has arrived.
     pub tcp_bytes_received: u32,
+    /// `struct sk_buff` → `_skb_refdst` (the route, low bit a flag) and `struct dst_entry` →
+    /// `dev`: an incoming packet's namespace once TCP has reused `skb->dev` as scratch space.
+    pub skb_refdst: u32,
+    pub dst_dev: u32,
 }
 
 impl KernelOffsets {

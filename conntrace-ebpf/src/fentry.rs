@@ -26,7 +26,7 @@ use crate::{
     config,
     data::first,
     drops::{ETH_P_IP, ETH_P_IPV6, packet_tuple},
-    emit, header, kread, netns_of_skb, netns_of_sock, port_traced,
+    emit, header, kread, netns_of_skb_route, netns_of_sock, port_traced,
 };
 
 const SOCK_STREAM: u16 = 1;
@@ -137,11 +137,12 @@ fn cookie(skb: u64, proto: u16) {
         daddr: syn.saddr,
         ..syn
     };
+    // Not skb->dev: TCP has reused it as scratch space by now.
     emit(CookieSynAck {
         header: header(
             EventKind::CookieSynAck,
             size_of::<CookieSynAck>(),
-            netns_of_skb(o, skb),
+            netns_of_skb_route(o, skb),
         ),
         tuple,
     });

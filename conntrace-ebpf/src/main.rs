@@ -142,6 +142,26 @@ fn netns_of_skb(o: &KernelOffsets, skb: u64) -> u32 {
     kread(net + o.net_inum as u64)
 }
 
+/// The namespace of an incoming packet from its route (`skb_dst(skb)->dev`): TCP's receive
+/// path reuses `skb->dev` as scratch space, the route stays.
+#[inline(always)]
+fn netns_of_skb_route(o: &KernelOffsets, skb: u64) -> u32 {
+    if skb == 0 || o.skb_refdst == KernelOffsets::MISSING || o.dst_dev == KernelOffsets::MISSING {
+        return 0;
+    }
+    // The low bit marks a route held without a reference.
+    let dst = kread::<u64>(skb + o.skb_refdst as u64) & !1;
+    if dst == 0 {
+        return 0;
+    }
+    let dev: u64 = kread(dst + o.dst_dev as u64);
+    if dev == 0 || o.netdev_net == KernelOffsets::MISSING {
+        return 0;
+    }
+    let net: u64 = kread(dev + o.netdev_net as u64);
+    kread(net + o.net_inum as u64)
+}
+
 /// TCP flags byte of the packet in `skb` (the one a socket-less reset answers).
 #[inline(always)]
 fn answered_tcp_flags(o: &KernelOffsets, skb: u64) -> u32 {

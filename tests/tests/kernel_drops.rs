@@ -19,10 +19,18 @@ fn an_address_nobody_owns_is_neighbour_failed() {
     let client = connect(&hosts.client, &nobody, PORT, &["--timeout-ms", "20000"]);
     let results = client.json_lines(Duration::from_secs(30));
     // The application only learns EHOSTUNREACH, after the neighbour probes ran out (~3 s).
-    assert_eq!(results[0]["errno"], 113, "{results:?}");
+    // When the error arrives while connect() holds the socket (seen under emulation), the
+    // kernel parks it in sk_err_soft and the application's poll() may see the hang-up with
+    // SO_ERROR already 0: no errno, but the same failure.
+    assert_eq!(results[0]["ok"], false, "{results:?}");
+    assert!(
+        results[0]["errno"] == 113 || results[0]["errno"].is_null(),
+        "{results:?}"
+    );
     assert!(results[0]["ms"].as_f64() > Some(2000.0), "{results:?}");
     println!(
-        "MEASURED neighbour_failed: connect() to {nobody} failed with errno 113 after {:.0} ms",
+        "MEASURED neighbour_failed: connect() to {nobody} failed with errno {} after {:.0} ms",
+        results[0]["errno"],
         results[0]["ms"].as_f64().unwrap_or_default()
     );
     let values = ct.stop_after_verdict_in(hosts.client.inode());

@@ -134,6 +134,8 @@ impl KernelBtf {
             sock_err_soft: off("sock", &["sk_err_soft"]),
             skb_protocol: off("sk_buff", &["protocol"]),
             tcp_bytes_received: off("tcp_sock", &["bytes_received"]),
+            skb_refdst: off("sk_buff", &["_skb_refdst"]),
+            dst_dev: off("dst_entry", &["dev"]),
         }
     }
 
@@ -181,6 +183,8 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sock.sk_err_soft", o.sock_err_soft),
         ("sk_buff.protocol", o.skb_protocol),
         ("tcp_sock.bytes_received", o.tcp_bytes_received),
+        ("sk_buff._skb_refdst", o.skb_refdst),
+        ("dst_entry.dev", o.dst_dev),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)
