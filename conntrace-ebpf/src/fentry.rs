@@ -32,17 +32,20 @@ use crate::{
 const SOCK_STREAM: u16 = 1;
 const EINPROGRESS: i64 = 115;
 
-/// The traced function's `int` result.
+/// The traced function's `int` result, which an fexit context holds right after the
+/// function's `nargs` arguments. Not `bpf_get_func_ret`: with it, on Debian's 6.1, the
+/// failure branch never ran and no connect() error was reported (measured; aya documents
+/// verifier precision-tracking trouble with that helper on 5.10-6.7).
 #[inline(always)]
-fn int_ret(ctx: &FExitContext) -> i64 {
-    ctx.ret::<i32>().map_or(0, i64::from)
+fn int_ret(ctx: &FExitContext, nargs: usize) -> i64 {
+    i64::from(ctx.arg::<u64>(nargs) as u32 as i32)
 }
 
 /// `int inet_stream_connect(struct socket *sock, struct sockaddr *uaddr, int addr_len,
 /// int flags)`: the same facts as `sys_exit_connect`, for TCP only.
 #[fexit(function = "inet_stream_connect")]
 pub fn fexit_inet_stream_connect(ctx: FExitContext) -> u32 {
-    let ret = int_ret(&ctx);
+    let ret = int_ret(&ctx, 4);
     if ret >= 0 || ret == -EINPROGRESS {
         return 0;
     }
@@ -185,7 +188,7 @@ pub fn fexit_tcp_rcv_established(ctx: FExitContext) -> u32 {
 /// `int tcp_sendmsg(struct sock *sk, struct msghdr *msg, size_t size)`.
 #[fexit(function = "tcp_sendmsg")]
 pub fn fexit_tcp_sendmsg(ctx: FExitContext) -> u32 {
-    let ret = int_ret(&ctx);
+    let ret = int_ret(&ctx, 3);
     if ret > 0 {
         first(ctx.arg(0), DATA_OUT, ret as i32);
     }

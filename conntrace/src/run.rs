@@ -138,6 +138,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             .active
             .iter()
             .any(|p| p.capability == Capability::Resets),
+        socketless_resets_traced: tracer.socketless_resets_traced,
         ..EngineConfig::default()
     })
     .with_listener_lookup(Box::new(ListenerCache::default()));

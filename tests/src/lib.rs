@@ -304,7 +304,7 @@ pub fn skip(reason: &str) {
 
 /// How long [`Conntrace::start`] waits for the `ready` line: 60 s, or CONNTRACE_TEST_READY_SECS
 /// (`cargo xtask vm-test` sets 240: under emulation, loading the programs takes up to a minute).
-fn ready_timeout() -> Duration {
+pub fn ready_timeout() -> Duration {
     let secs = std::env::var("CONNTRACE_TEST_READY_SECS").ok();
     Duration::from_secs(secs.and_then(|s| s.parse().ok()).unwrap_or(60))
 }

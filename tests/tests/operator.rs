@@ -164,16 +164,44 @@ fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
         "{} --port 3306 --duration 6s",
         conntrace_bin().to_str().expect("utf-8 path")
     );
-    let term = Command::new("script")
+    let mut term = Command::new("script")
         .args(["-qfec", &command, "/dev/null"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("run script (bsdutils)");
-    std::thread::sleep(Duration::from_secs(3));
+    // What the terminal shows, as it comes: the connection is made once conntrace is ready
+    // (its --duration counts from then; loading takes a minute on an emulated kernel).
+    let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reader = {
+        let shown = std::sync::Arc::clone(&shown);
+        let mut stdout = term.stdout.take().expect("script's stdout");
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                shown.lock().expect("shown").extend_from_slice(&buf[..n]);
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + conntrace_tests::ready_timeout();
+    while !String::from_utf8_lossy(&shown.lock().expect("shown")).contains("conntrace ready") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "conntrace never said it was ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     connect(&hosts.client, &hosts.server_ip, PORT, &[]).json_lines(Duration::from_secs(10));
-    let out = term.wait_with_output().expect("wait for script");
-    let shown = String::from_utf8_lossy(&out.stdout);
+    conntrace_tests::wait_exit(
+        &mut term,
+        Duration::from_secs(30),
+        "script running conntrace",
+    );
+    reader.join().expect("reader");
+    let shown = String::from_utf8_lossy(&shown.lock().expect("shown")).into_owned();
     assert!(
         shown.contains("\x1b[31mrefused_no_listener"),
         "no coloured verdict: {shown:?}"

@@ -144,7 +144,7 @@ fn reversed(t: FourTuple) -> FourTuple {
 }
 
 impl Engine {
-    pub(super) fn on_drop(&mut self, f: DroppedPacket) {
+    pub(super) fn on_drop(&mut self, f: DroppedPacket, out: &mut Vec<Verdict>) {
         *self
             .summary
             .drops_by_reason
@@ -208,6 +208,19 @@ impl Engine {
             && self.recent_refusals.contains_key(&(netns, local))
         {
             return;
+        }
+        // Before 6.10 the socket-less reset is not traced: the SYN's NO_SOCKET drop is the
+        // only sign of the refusal (the kernel answers it with a RST right before freeing it).
+        if !outgoing && f.reason == "NO_SOCKET" && !self.cfg.socketless_resets_traced {
+            if let Some(v) = decide::refused_without_socket(
+                &f.meta,
+                local,
+                Some(f.reason.clone()),
+                Some(f.tcp_flags),
+            ) {
+                self.emit(out, v);
+                return;
+            }
         }
         // Retransmissions are sent from timers: name the owning connection's process, not
         // whatever task was current.

@@ -43,6 +43,10 @@ pub struct EngineConfig {
     /// Whether resets are observed (the reset tracepoints attached). Without them, ECONNREFUSED
     /// cannot be told apart from an ICMP port unreachable.
     pub resets_observed: bool,
+    /// Whether the kernel traces resets sent without a socket (`tcp_send_reset` from 6.10).
+    /// Before that a refused SYN shows only as its `NO_SOCKET` drop, which then is the
+    /// server's refusal.
+    pub socketless_resets_traced: bool,
     /// `--expect-comm`: the only processes that should accept connections on the traced ports;
     /// empty means any.
     pub expected_comms: Vec<String>,
@@ -57,6 +61,7 @@ impl Default for EngineConfig {
             max_connections: 65_536,
             idle_expiry_ns: 3_600_000_000_000,
             resets_observed: true,
+            socketless_resets_traced: true,
             expected_comms: Vec::new(),
         }
     }
@@ -457,7 +462,7 @@ impl Engine {
                     self.emit(out, v);
                 }
             }
-            KernelEvent::Dropped(d) => self.on_drop(d),
+            KernelEvent::Dropped(d) => self.on_drop(d, out),
             KernelEvent::FirstData { meta, sk, outgoing } => {
                 self.on_first_data(sk, outgoing, meta.ts_ns, out);
             }

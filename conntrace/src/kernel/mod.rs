@@ -101,6 +101,9 @@ pub struct Tracer {
     /// `enum skb_drop_reason` names of this kernel (their numbers differ between kernels).
     pub drop_reasons: BTreeMap<u32, String>,
     pub missing_offsets: Vec<&'static str>,
+    /// Whether `tcp:tcp_send_reset` also fires for resets sent without a socket: from 6.10,
+    /// the release that gave it its `reason` field.
+    pub socketless_resets_traced: bool,
 }
 
 fn kernel_release() -> String {
@@ -208,6 +211,7 @@ impl Tracer {
             reset_reasons,
             drop_reasons,
             missing_offsets,
+            socketless_resets_traced: config.send_reset.reason != conntrace_common::ABSENT,
         };
         Ok((tracer, events))
     }

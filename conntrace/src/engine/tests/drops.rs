@@ -239,6 +239,20 @@ fn other_drops_are_drop_records_oriented_to_this_host() {
 }
 
 #[test]
+fn before_socketless_reset_tracing_a_refused_syns_drop_is_the_refusal() {
+    // Kernels before 6.10 do not trace the RST sent for a SYN nobody listens for.
+    let mut e = Engine::new(config(|c| c.socketless_resets_traced = false));
+    let v = one(e.handle(dropped(MS, 0, tuple(SPORT, 3306), SYN, "NO_SOCKET")));
+    check(&v, "server failed refused_no_listener -");
+    assert_eq!(v.kernel_reason.as_deref(), Some("NO_SOCKET"));
+    assert_eq!(who(&v), "-/- 10.77.0.2:3306>10.77.0.1:40000");
+    assert!(e.take_drops().is_empty(), "the refusal, not a drop record");
+    // Anything but a bare SYN stays a drop record.
+    none(e.handle(dropped(2 * MS, 0, tuple(SPORT, 3306), ACK, "NO_SOCKET")));
+    assert_eq!(e.take_drops().len(), 1);
+}
+
+#[test]
 fn data_dropped_after_the_handshake_is_a_record_naming_the_owner() {
     let c = Sock::client(SK_A, SPORT);
     let mut e = Engine::new(EngineConfig::default());
