@@ -120,8 +120,19 @@ pub fn fetch_kernel(series: &Series) -> anyhow::Result<Kernel> {
         return Ok(k);
     }
     match download(&cache, &package) {
-        Ok(()) => cached(&package).context("kernel cache incomplete after unpacking"),
+        Ok(()) => {
+            // The older packages of this series are not needed any more.
+            for entry in fs::read_dir(&cache)?.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let stem = name.strip_suffix(".partial").unwrap_or(&name);
+                if name != package && series.number(stem).is_some() {
+                    fs::remove_dir_all(entry.path()).ok();
+                }
+            }
+            cached(&package).context("kernel cache incomplete after unpacking")
+        }
         Err(e) => {
+            fs::remove_dir_all(cache.join(format!("{package}.partial"))).ok();
             let k = newest_cached().ok_or(e)?;
             eprintln!(
                 "xtask: could not download {package}; using cached {}",
