@@ -42,7 +42,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Run the integration scenarios inside other kernels (Debian 6.1, 6.12) under QEMU
-    /// (software emulation); prints kernel | passed | failed | skipped | seconds | attach paths.
+    /// (software emulation); prints kernel | --attach | passed | failed | skipped | seconds |
+    /// attach paths.
     /// See docs/kernels.md.
     VmTest {
         /// 6.1, 6.12 or all.
