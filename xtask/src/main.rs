@@ -82,8 +82,8 @@ const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
 ];
-/// The benchmark compares with bpftrace.
-const BENCH_PACKAGES: &[&str] = &["bpftrace"];
+/// The benchmark compares with bpftrace and bcc's tcpstates (which needs kernel headers to run).
+const BENCH_PACKAGES: &[&str] = &["bpftrace", "bpfcc-tools"];
 
 /// Only the tests need these: Prometheus scrapes the metrics endpoint, `setcap` runs
 /// conntrace with file capabilities instead of root.
