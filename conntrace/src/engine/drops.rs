@@ -211,16 +211,18 @@ impl Engine {
         }
         // Before 6.10 the socket-less reset is not traced: the SYN's NO_SOCKET drop is the
         // only sign of the refusal (the kernel answers it with a RST right before freeing it).
-        if !outgoing && f.reason == "NO_SOCKET" && !self.cfg.socketless_resets_traced {
-            if let Some(v) = decide::refused_without_socket(
+        if !outgoing
+            && f.reason == "NO_SOCKET"
+            && !self.cfg.socketless_resets_traced
+            && let Some(v) = decide::refused_without_socket(
                 &f.meta,
                 local,
                 Some(f.reason.clone()),
                 Some(f.tcp_flags),
-            ) {
-                self.emit(out, v);
-                return;
-            }
+            )
+        {
+            self.emit(out, v);
+            return;
         }
         // Retransmissions are sent from timers: name the owning connection's process, not
         // whatever task was current.
