@@ -523,3 +523,36 @@ pub fn only_verdict_in(values: &[Value], netns: u64) -> Value {
     );
     verdicts.into_iter().next().expect("one verdict")
 }
+
+/// A fresh pair of namespaces with `ctload serve` (greeting, then close) in the server one, on
+/// `port`: the churn of the benchmark and the soak. The client may use every local port (the
+/// server closes first, so TIME_WAIT piles up on its side). The server is killed on drop.
+pub struct ChurnHosts {
+    pub hosts: TwoHosts,
+    pub server: Child,
+}
+
+impl ChurnHosts {
+    pub fn new(port: u16) -> Self {
+        let hosts = TwoHosts::new();
+        hosts
+            .client
+            .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
+        let server = hosts
+            .server
+            .command(helper_bin("ctload").to_str().expect("utf-8 path"))
+            .args(["serve", &hosts.server_ip, &port.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn ctload serve");
+        std::thread::sleep(Duration::from_millis(200));
+        Self { hosts, server }
+    }
+}
+
+impl Drop for ChurnHosts {
+    fn drop(&mut self) {
+        self.server.kill().ok();
+        self.server.wait().ok();
+    }
+}

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{Conntrace, TwoHosts, helper_bin, proc_mib, require_root};
+use conntrace_tests::{ChurnHosts, Conntrace, helper_bin, proc_mib, require_root};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
@@ -26,36 +26,21 @@ fn env_u64(name: &str) -> Option<u64> {
     Some(v.parse().unwrap_or_else(|e| panic!("{name}={v}: {e}")))
 }
 
-/// A traced server and its churning client, in fresh namespaces.
-struct Round {
-    hosts: TwoHosts,
-    server: std::process::Child,
-}
+/// One round of the soak: a traced server and its churning client, in fresh namespaces.
+struct Round(ChurnHosts);
 
 impl Round {
     fn new() -> Self {
-        let hosts = TwoHosts::new();
-        hosts
-            .client
-            .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
-        let server = hosts
-            .server
-            .command(helper_bin("ctload").to_str().expect("utf-8 path"))
-            .args(["serve", &hosts.server_ip, &PORT.to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ctload serve");
-        std::thread::sleep(Duration::from_millis(200));
-        Self { hosts, server }
+        Self(ChurnHosts::new(PORT))
     }
 
     /// Churns for at most `ms`, or `count` connections; returns the connections made.
     fn churn(&self, ms: u64, rate: u64, count: u64) -> u64 {
-        let out = self
-            .hosts
+        let hosts = &self.0.hosts;
+        let out = hosts
             .client
             .command(helper_bin("ctload").to_str().expect("utf-8 path"))
-            .args(["churn", &self.hosts.server_ip, &PORT.to_string()])
+            .args(["churn", &hosts.server_ip, &PORT.to_string()])
             .args(["--for-ms", &ms.to_string()])
             .args(["--rate", &rate.to_string()])
             .args(["--count", &count.to_string()])
@@ -64,13 +49,6 @@ impl Round {
         let line: Value = serde_json::from_slice(&out.stdout).expect("ctload's line");
         assert_eq!(line["failed"], 0, "{line}");
         line["connections"].as_u64().expect("connections")
-    }
-}
-
-impl Drop for Round {
-    fn drop(&mut self) {
-        self.server.kill().ok();
-        self.server.wait().ok();
     }
 }
 

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{Conntrace, Netns, TwoHosts, require_root};
+use conntrace_tests::{ChurnHosts, Conntrace, Netns, require_root};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
@@ -167,37 +167,6 @@ fn start_bpftrace() -> std::process::Child {
     child
 }
 
-/// A fresh pair of namespaces with `ctload serve` in the server one.
-struct Setup {
-    hosts: TwoHosts,
-    server: std::process::Child,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let hosts = TwoHosts::new();
-        hosts
-            .client
-            .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
-        let server = hosts
-            .server
-            .command(ctload().to_str().expect("utf-8 path"))
-            .args(["serve", &hosts.server_ip, &PORT.to_string()])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn ctload serve");
-        std::thread::sleep(Duration::from_millis(200));
-        Self { hosts, server }
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        self.server.kill().ok();
-        self.server.wait().ok();
-    }
-}
-
 fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
     let mut args = vec!["--port", port];
     if let Some(without) = without {
@@ -209,7 +178,7 @@ fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
 /// conntrace's CPU at a paced churn of about `events_per_s` kernel events a second:
 /// (events/s measured, % of one core).
 fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>) -> (f64, f64) {
-    let setup = Setup::new();
+    let setup = ChurnHosts::new(PORT);
     let ct = start_conntrace(&PORT.to_string(), without);
     let rate = (events_per_s / events_per_conn.max(1.0)).round().max(1.0) as u64;
     // conntrace finishes its start-up (kernel symbols, socket listing) after `ready`: let it
@@ -264,7 +233,7 @@ fn main() {
     let mut events_per_conn = Vec::new();
     for round in 1..=rounds {
         for &mode in &modes {
-            let setup = Setup::new();
+            let setup = ChurnHosts::new(PORT);
             let ct = match mode {
                 "traced" => Some(start_conntrace(&PORT.to_string(), without)),
                 "unrelated" => Some(start_conntrace("9999", without)),
