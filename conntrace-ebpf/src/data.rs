@@ -9,7 +9,9 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use conntrace_common::{CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets};
+use conntrace_common::{
+    CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets, Tuple,
+};
 
 use crate::{
     IPPROTO_TCP, config,
@@ -31,7 +33,7 @@ pub(crate) fn forget(sk: u64) {
 
 /// The socket's local and remote ports (`skc_num` host order, `skc_dport` network order).
 #[inline(always)]
-fn sock_ports(o: &KernelOffsets, sk: u64) -> (u16, u16) {
+pub(crate) fn sock_ports(o: &KernelOffsets, sk: u64) -> (u16, u16) {
     if o.sock_num == KernelOffsets::MISSING || o.sock_dport == KernelOffsets::MISSING {
         return (0, 0);
     }
@@ -126,13 +128,15 @@ pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
     {
         return 0;
     }
+    cookie_sent(tuple, netns_of_skb(o, skb));
+    0
+}
+
+/// A listener answered a SYN with a cookie: `tuple` is the reply's (source = this host).
+#[inline(always)]
+pub(crate) fn cookie_sent(tuple: Tuple, netns: u32) {
     emit(CookieSynAck {
-        header: header(
-            EventKind::CookieSynAck,
-            size_of::<CookieSynAck>(),
-            netns_of_skb(o, skb),
-        ),
+        header: header(EventKind::CookieSynAck, size_of::<CookieSynAck>(), netns),
         tuple,
     });
-    0
 }

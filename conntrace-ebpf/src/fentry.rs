@@ -18,19 +18,16 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext},
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, Accept, ConnectError, CookieSynAck, DATA_IN, DATA_OUT, EventKind,
-    KernelOffsets, Tuple,
+    AF_INET, AF_INET6, ConnectError, DATA_IN, DATA_OUT, EventKind, KernelOffsets, Tuple,
 };
 
 use crate::{
     config,
-    data::first,
+    data::{cookie_sent, first},
     drops::{ETH_P_IP, ETH_P_IPV6, packet_tuple},
     emit, header, kread, netns_of_skb_route, netns_of_sock, port_traced,
+    syscalls::{EINPROGRESS, SOCK_STREAM, report_accept},
 };
-
-const SOCK_STREAM: u16 = 1;
-const EINPROGRESS: i64 = 115;
 
 /// The traced function's `int` result, which an fexit context holds right after the
 /// function's `nargs` arguments. Not `bpf_get_func_ret`: with it, on Debian's 6.1, the
@@ -100,23 +97,10 @@ pub fn fentry_inet_accept(ctx: FEntryContext) -> u32 {
     if skaddr == 0 {
         return 0;
     }
-    let Some(cfg) = config() else { return 0 };
-    let o = &cfg.offsets;
-    let lport: u16 = kread(skaddr + o.sock_num as u64);
-    let rport = u16::from_be(kread(skaddr + o.sock_dport as u64));
-    if !port_traced(cfg, lport, rport) {
-        return 0;
-    }
-    emit(Accept {
-        header: header(
-            EventKind::Accept,
-            size_of::<Accept>(),
-            netns_of_sock(o, skaddr),
-        ),
-        skaddr,
+    if let Some(cfg) = config() {
         // The descriptor is installed after accept returns.
-        fd: -1,
-    });
+        report_accept(cfg, skaddr, -1);
+    }
     0
 }
 
@@ -141,14 +125,7 @@ fn cookie(skb: u64, proto: u16) {
         ..syn
     };
     // Not skb->dev: TCP has reused it as scratch space by now.
-    emit(CookieSynAck {
-        header: header(
-            EventKind::CookieSynAck,
-            size_of::<CookieSynAck>(),
-            netns_of_skb_route(o, skb),
-        ),
-        tuple,
-    });
+    cookie_sent(tuple, netns_of_skb_route(o, skb));
 }
 
 /// `u32 cookie_v4_init_sequence(const struct sk_buff *skb, __u16 *mssp)`.

@@ -6,12 +6,14 @@ use aya_ebpf::{
     maps::LruHashMap,
     programs::TracePointContext,
 };
-use conntrace_common::{AF_INET, AF_INET6, Accept, ConnectError, EventKind, KernelOffsets, Tuple};
+use conntrace_common::{
+    AF_INET, AF_INET6, Accept, Config, ConnectError, EventKind, KernelOffsets, Tuple,
+};
 
-use crate::{config, emit, field, header, kread, netns_of_sock, port_traced};
+use crate::{config, data::sock_ports, emit, field, header, kread, netns_of_sock, port_traced};
 
-const SOCK_STREAM: u16 = 1;
-const EINPROGRESS: i64 = 115;
+pub(crate) const SOCK_STREAM: u16 = 1;
+pub(crate) const EINPROGRESS: i64 = 115;
 
 /// `connect()` calls in flight, by pid_tgid, between syscall entry and exit.
 #[derive(Clone, Copy)]
@@ -127,10 +129,17 @@ fn accepted(ctx: &TracePointContext) -> u32 {
     if skaddr == 0 || kind != SOCK_STREAM {
         return 0;
     }
-    let lport: u16 = kread(skaddr + o.sock_num as u64);
-    let rport = u16::from_be(kread(skaddr + o.sock_dport as u64));
+    report_accept(cfg, skaddr, fd);
+    0
+}
+
+/// The socket `accept()` returned (`fd`, or -1 before it has one), if on a traced port.
+#[inline(always)]
+pub(crate) fn report_accept(cfg: &Config, skaddr: u64, fd: i64) {
+    let o = &cfg.offsets;
+    let (lport, rport) = sock_ports(o, skaddr);
     if !port_traced(cfg, lport, rport) {
-        return 0;
+        return;
     }
     emit(Accept {
         header: header(
@@ -141,7 +150,6 @@ fn accepted(ctx: &TracePointContext) -> u32 {
         skaddr,
         fd,
     });
-    0
 }
 
 #[tracepoint]

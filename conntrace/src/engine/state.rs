@@ -61,12 +61,12 @@ impl Engine {
             TcpState::Established => {
                 c.established_ns = Some(ts);
                 match c.side {
-                    Side::Client => self.summary.established.0 += 1,
+                    Side::Client => {
+                        self.summary.established.0 += 1;
+                        self.summary
+                            .connect_latency(ts.saturating_sub(c.started_ns));
+                    }
                     Side::Server => self.summary.established.1 += 1,
-                }
-                if c.side == Side::Client {
-                    let took = ts.saturating_sub(c.started_ns);
-                    self.summary.connect_latency(took);
                 }
                 // A client knows its process from connect(); a server waits for accept().
                 if (c.side == Side::Client || c.accepted_ns.is_some()) && !c.reported {
