@@ -1,18 +1,13 @@
 //! conntrace: names the kernel's reason for every failed or stalled TCP connection.
 
 mod cli;
-mod decode;
 mod engine;
 mod explain;
+mod host;
 mod kernel;
-mod listeners;
 mod merge;
-mod netns;
 mod output;
-mod overflow;
-mod rules;
 mod run;
-mod sockdiag;
 
 use std::process::ExitCode;
 

@@ -10,14 +10,13 @@ use tracing::{debug, warn};
 
 use crate::{
     cli::Cli,
-    decode::Decoder,
     engine::{Engine, EngineConfig, verdict::Verdict},
-    kernel::{LoadError, Tracer, TracerOptions, attach::Capability, kallsyms::Kallsyms},
-    listeners::ListenerCache,
+    host::{counters::OverflowWatch, listeners::ListenerCache, rules::RuleCounters},
+    kernel::{
+        LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
+    },
     output::metrics::{self, Metrics},
     output::{Clock, Final, Format, Output, OutputError, Ready, Record},
-    overflow::OverflowWatch,
-    rules::RuleCounters,
 };
 
 #[derive(Debug, thiserror::Error)]

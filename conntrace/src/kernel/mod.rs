@@ -2,6 +2,7 @@
 
 pub mod attach;
 pub mod btf;
+pub mod decode;
 pub mod kallsyms;
 pub mod layout;
 pub mod nfhook;

@@ -321,7 +321,7 @@ pub(super) mod tests {
     /// `nft -a list ruleset` (nftables 1.0.6) after iptables-nft, ip6tables-nft and `nft add`
     /// commands in a fresh namespace (stdout: the "managed by iptables-nft" warnings went to
     /// stderr).
-    pub(in crate::rules) const MIXED: &str = r#"table ip filter { # handle 1
+    pub(in crate::host::rules) const MIXED: &str = r#"table ip filter { # handle 1
 	chain INPUT { # handle 1
 		type filter hook input priority filter; policy accept;
 		tcp dport 3306 counter packets 0 bytes 0 drop # handle 2
@@ -381,7 +381,7 @@ table inet t { # handle 3
 "#;
 
     /// Loaded with `nft -f`: named set, verdict map and counter, vmaps, comments.
-    pub(in crate::rules) const SETS_AND_MAPS: &str = r#"table inet fw { # handle 1
+    pub(in crate::host::rules) const SETS_AND_MAPS: &str = r#"table inet fw { # handle 1
 	counter cnt { # handle 5
 		packets 0 bytes 0
 	}

@@ -21,7 +21,7 @@ use tracing::debug;
 
 use crate::{
     engine::{Listener, ListenerLookup},
-    sockdiag,
+    host::sockdiag,
 };
 
 /// How long a look-up is reused: refusals come in bursts (a client retrying, a SYN flood).

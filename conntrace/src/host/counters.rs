@@ -24,7 +24,7 @@ use tracing::debug;
 
 use crate::{
     engine::model::{KernelEvent, Meta, Proc},
-    sockdiag,
+    host::sockdiag,
 };
 
 /// How often the namespaces are enumerated again (new containers, exited processes).
@@ -113,7 +113,7 @@ impl OverflowWatch {
     }
 
     fn rescan(&mut self) {
-        self.pids = crate::netns::processes();
+        self.pids = crate::host::netns::processes();
         self.scanned_at = Instant::now();
         for (&netns, &pid) in &self.pids {
             if !self.baseline.contains_key(&netns)

@@ -195,7 +195,7 @@ fn scan_namespaces() -> HashMap<u32, PathBuf> {
             paths.entry(netns).or_insert(path);
         }
     }
-    for (netns, pid) in crate::netns::processes() {
+    for (netns, pid) in crate::host::netns::processes() {
         paths
             .entry(netns)
             .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
