@@ -29,6 +29,11 @@ pub struct Cli {
     #[arg(long)]
     pub json: bool,
 
+    /// Readable lines with every fact and the advice on each verdict's line, instead of one
+    /// compact line (120 columns) per verdict with the advice once per reason.
+    #[arg(long, conflicts_with = "json")]
+    pub wide: bool,
+
     /// Write records to FILE (created with mode 0600) instead of stdout.
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
@@ -93,6 +98,8 @@ pub enum Command {
     },
     /// Print the man page (roff) to stdout, e.g. `conntrace man > conntrace.1`.
     Man,
+    /// Print the JSON Schema of the records `--json` writes (docs/events.schema.json).
+    Schema,
     /// Join verdicts of the same connections seen on different hosts (JSON Lines files written
     /// with --json, e.g. the client's and the server's) into one story per connection.
     Merge {

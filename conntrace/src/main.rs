@@ -159,6 +159,9 @@ fn subcommand(command: &cli::Command) -> ExitCode {
             clap_complete::generate(*shell, &mut cmd, "conntrace", &mut out);
             Ok(())
         }
+        cli::Command::Schema => serde_json::to_writer_pretty(&mut out, &output::record::schema())
+            .map_err(anyhow::Error::from)
+            .and_then(|()| std::io::Write::write_all(&mut out, b"\n").map_err(Into::into)),
         cli::Command::Man => {
             let cmd = <cli::Cli as clap::CommandFactory>::command();
             clap_mangen::Man::new(cmd)

@@ -16,7 +16,7 @@ use crate::{
         LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
     },
     output::metrics::{self, Metrics},
-    output::{Clock, Final, Format, Output, OutputError, Ready, Record},
+    output::{Clock, Final, Format, KernelFeatures, Lost, Output, OutputError, Ready, Record},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -33,15 +33,10 @@ pub enum RunError {
     Metrics(#[from] crate::output::metrics::MetricsError),
 }
 
-fn kernel_features() -> serde_json::Value {
-    let tracefs_kprobes = [
-        "/sys/kernel/tracing/kprobe_events",
-        "/sys/kernel/debug/tracing/kprobe_events",
-    ];
-    serde_json::json!({
-        "btf": std::path::Path::new(crate::kernel::btf::VMLINUX_BTF).exists(),
-        "kprobes": tracefs_kprobes.iter().any(|p| std::path::Path::new(p).exists()),
-    })
+fn kernel_features() -> KernelFeatures {
+    KernelFeatures {
+        btf: std::path::Path::new(crate::kernel::btf::VMLINUX_BTF).exists(),
+    }
 }
 
 /// Writes the engine's drop records, then `verdicts` (drops come first in time).
@@ -73,7 +68,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let format = if cli.json {
         Format::Json
     } else {
-        Format::Human
+        Format::Human { wide: cli.wide }
     };
     let mut out = Output::open(cli.output.as_deref(), format, clock)?;
     // Bind the metrics address before loading anything, too.
@@ -216,6 +211,10 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     write_verdicts(&mut out, &mut engine, &verdicts)?;
     report_lost(&tracer, &mut out, &mut lost_seen)?;
     let now = Clock::mono_now_ns();
+    let read_failures = tracer.read_failures().unwrap_or_else(|error| {
+        warn!(%error, "read the READ_FAILURES map");
+        BTreeMap::new()
+    });
     out.write(&Record::Summary(Final {
         summary: engine.summary(),
         lost_events: lost_seen,
@@ -223,6 +222,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         duration_ms: (now - started) as f64 / 1e6,
         tracked_at_exit: open_at_exit,
         tcp_counters: overflows.growth(),
+        read_failures,
     }))?;
     Ok(())
 }
@@ -257,11 +257,11 @@ fn report_lost(tracer: &Tracer, out: &mut Output, seen: &mut u64) -> Result<(), 
             let new = total - *seen;
             *seen = total;
             warn!(new, total, "kernel events lost: the ring buffer was full");
-            out.write(&Record::Lost {
-                total,
+            out.write(&Record::Lost(Lost {
+                count: total,
                 new,
                 ts_ns: Clock::mono_now_ns(),
-            })
+            }))
         }
         Ok(_) => Ok(()),
         Err(e) => {

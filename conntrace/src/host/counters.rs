@@ -23,7 +23,7 @@ use std::{
 use tracing::debug;
 
 use crate::{
-    engine::model::{KernelEvent, Meta, Proc},
+    engine::facts::{KernelEvent, Meta, Proc},
     host::sockdiag,
 };
 
@@ -179,10 +179,9 @@ impl OverflowWatch {
                 events.push(KernelEvent::ListenOverflow {
                     meta: Meta {
                         ts_ns: now_ns,
-                        netns,
+                        netns: Some(netns),
                         proc: Proc {
                             pid: 0,
-                            tid: 0,
                             comm: compact_str::CompactString::default(),
                         },
                     },

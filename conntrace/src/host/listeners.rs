@@ -117,7 +117,11 @@ pub struct ListenerCache {
 }
 
 impl ListenerLookup for ListenerCache {
-    fn listening_on(&mut self, netns: u32, port: u16) -> Vec<Listener> {
+    fn listening_on(&mut self, netns: Option<u32>, port: u16) -> Vec<Listener> {
+        // A namespace the kernel could not name cannot be entered.
+        let Some(netns) = netns else {
+            return Vec::new();
+        };
         let now = Instant::now();
         self.entries
             .retain(|_, (at, _)| now.duration_since(*at) < CACHE_FOR);

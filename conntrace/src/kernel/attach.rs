@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// What conntrace can observe. Each capability is served by the first rule that applies to
 /// the running kernel and attaches; later rules are fallbacks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Capability {
     /// TCP state transitions (connect start, handshake done, close). Required.

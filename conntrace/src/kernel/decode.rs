@@ -9,12 +9,14 @@ use conntrace_common::{
     AF_INET6, DATA_OUT, Decoded, EventHeader, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN, Tuple, decode,
 };
 
-use crate::engine::model::{DroppedPacket, FourTuple, KernelEvent, Meta, Proc, TcpState};
+use crate::engine::facts::{
+    DropReason, DroppedPacket, Errno, FourTuple, KernelEvent, Meta, Proc, TcpFlags, TcpState,
+};
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
 pub struct Decoder {
     reset_reasons: BTreeMap<u32, String>,
-    drop_reasons: BTreeMap<u32, String>,
+    drop_reasons: BTreeMap<u32, DropReason>,
     kallsyms: crate::kernel::kallsyms::Kallsyms,
 }
 
@@ -41,10 +43,10 @@ fn meta(h: &EventHeader) -> Meta {
     let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
     Meta {
         ts_ns: h.ts_ns,
-        netns: h.netns,
+        // 0 is no namespace's inode: the program could not read it.
+        netns: (h.netns != 0).then_some(h.netns),
         proc: Proc {
             pid: h.pid,
-            tid: h.tid,
             // Comms are almost always valid UTF-8 and fit inline: the checked path is several
             // times cheaper than the lossy one, which was a tenth of userspace time.
             comm: std::str::from_utf8(&h.comm[..end]).map_or_else(
@@ -58,7 +60,7 @@ fn meta(h: &EventHeader) -> Meta {
 impl Decoder {
     pub fn new(
         reset_reasons: BTreeMap<u32, String>,
-        drop_reasons: BTreeMap<u32, String>,
+        drop_reasons: BTreeMap<u32, DropReason>,
         kallsyms: crate::kernel::kallsyms::Kallsyms,
     ) -> Self {
         Self {
@@ -76,12 +78,12 @@ impl Decoder {
                 tuple: four_tuple(&e.tuple),
                 old: TcpState::from_kernel(e.oldstate),
                 new: TcpState::from_kernel(e.newstate),
-                sk_err: (e.sk_err > 0).then_some(e.sk_err),
+                sk_err: (e.sk_err > 0).then(|| Errno::from_raw(e.sk_err)),
             },
             Decoded::ErrorReport(e) => KernelEvent::SocketError {
                 meta: meta(&e.header),
                 tuple: four_tuple(&e.tuple),
-                errno: e.error.abs(),
+                errno: (e.error != 0).then(|| Errno::from_raw(e.error)),
             },
             Decoded::ReceiveReset(e) => KernelEvent::ResetReceived {
                 meta: meta(&e.header),
@@ -95,14 +97,14 @@ impl Decoder {
                     meta: meta(&e.header),
                     sk: e.skaddr,
                     tuple: four_tuple(&e.tuple),
-                    state: (e.skaddr != 0 && e.state >= 0).then(|| TcpState::from_kernel(e.state)),
                     reason: (e.reason != RESET_REASON_NONE).then(|| {
                         self.reset_reasons
                             .get(&e.reason)
                             .cloned()
                             .unwrap_or_else(|| format!("sk_rst_reason {}", e.reason))
                     }),
-                    answered_flags: (e.tcp_flags != TCP_FLAGS_UNKNOWN).then_some(e.tcp_flags as u8),
+                    answered_flags: (e.tcp_flags != TCP_FLAGS_UNKNOWN)
+                        .then_some(TcpFlags(e.tcp_flags as u8)),
                 }
             }
             Decoded::SynRetransmit(e) => KernelEvent::SynRetransmit {
@@ -113,7 +115,6 @@ impl Decoder {
             Decoded::Accept(e) => KernelEvent::Accepted {
                 meta: meta(&e.header),
                 sk: e.skaddr,
-                fd: e.fd,
             },
             Decoded::Drop(e) => KernelEvent::Dropped(DroppedPacket {
                 meta: meta(&e.header),
@@ -124,9 +125,9 @@ impl Decoder {
                     .drop_reasons
                     .get(&e.reason)
                     .cloned()
-                    .unwrap_or_else(|| format!("skb_drop_reason {}", e.reason)),
+                    .unwrap_or_else(|| DropReason::new(&format!("skb_drop_reason {}", e.reason))),
                 location: self.kallsyms.name(e.location),
-                tcp_flags: e.tcp_flags as u8,
+                tcp_flags: TcpFlags(e.tcp_flags as u8),
                 hook: crate::kernel::nfhook::hook_from_stack(
                     e.stack
                         .iter()
@@ -147,7 +148,7 @@ impl Decoder {
                 meta: meta(&e.header),
                 sk: e.skaddr,
                 tuple: four_tuple(&e.tuple),
-                errno: -e.ret,
+                errno: Errno::from_raw(e.ret),
             },
         })
     }

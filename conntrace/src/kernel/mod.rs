@@ -18,10 +18,10 @@ use conntrace_common::{
     Config, FLAG_ALL_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps,
 };
 
-/// The drop reason of netfilter drops, as named in BTF without its `SKB_DROP_REASON_` prefix.
-pub const NETFILTER_DROP: &str = "NETFILTER_DROP";
 use serde::Serialize;
 use tracing::{debug, warn};
+
+use crate::engine::facts::DropReason;
 
 use self::{
     attach::{Capability, Hook},
@@ -63,7 +63,7 @@ pub enum LoadError {
 const WITHOUT_REASON: &str = "left out with --without";
 
 /// A program that is attached, for the `ready` line.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct ActiveProgram {
     pub capability: Capability,
     pub name: &'static str,
@@ -71,7 +71,7 @@ pub struct ActiveProgram {
 }
 
 /// A rule that was tried and did not attach, with the kernel's reason.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Unavailable {
     pub capability: Capability,
     pub name: &'static str,
@@ -100,7 +100,7 @@ pub struct Tracer {
     /// `enum sk_rst_reason` names of this kernel (empty before 6.10).
     pub reset_reasons: BTreeMap<u32, String>,
     /// `enum skb_drop_reason` names of this kernel (their numbers differ between kernels).
-    pub drop_reasons: BTreeMap<u32, String>,
+    pub drop_reasons: BTreeMap<u32, DropReason>,
     pub missing_offsets: Vec<&'static str>,
     /// Whether `tcp:tcp_send_reset` also fires for resets sent without a socket: from 6.10,
     /// the release that gave it its `reason` field.
@@ -155,14 +155,18 @@ impl Tracer {
                 "kernel structures not found in BTF: network namespace or process attribution degraded"
             );
         }
-        let drop_reasons = btf.enum_names("skb_drop_reason", "SKB_DROP_REASON_");
+        let drop_reasons: BTreeMap<u32, DropReason> = btf
+            .enum_names("skb_drop_reason", "SKB_DROP_REASON_")
+            .into_iter()
+            .map(|(value, name)| (value, DropReason::new(&name)))
+            .collect();
         let reset_reasons = btf.enum_names("sk_rst_reason", "SK_RST_REASON_");
         // Everything needed from the parsed BTF is taken: free it before the loader parses
         // the kernel's BTF again, so the two never sit in memory together (peak RSS).
         drop(btf);
         let stack_drop_reason = drop_reasons
             .iter()
-            .find(|(_, name)| name.as_str() == NETFILTER_DROP)
+            .find(|(_, name)| **name == DropReason::NETFILTER_DROP)
             .map_or(NO_STACK_REASON, |(&value, _)| value);
         let set_state =
             layout::tracepoint_layout(&layout::read_format(&root, "sock", "inet_sock_set_state")?);
@@ -215,6 +219,12 @@ impl Tracer {
             socketless_resets_traced: config.send_reset.reason != conntrace_common::ABSENT,
         };
         Ok((tracer, events))
+    }
+
+    /// Kernel reads that failed, by program (summed over CPUs); programs without any are left
+    /// out.
+    pub fn read_failures(&self) -> Result<BTreeMap<&'static str, u64>, aya::maps::MapError> {
+        Ok(BTreeMap::new())
     }
 
     /// Events the kernel side could not write into the ring buffer, summed over CPUs.

@@ -6,7 +6,7 @@
 //! hook. Function names are stable across the kernels we support; a kernel that renamed or
 //! fully inlined one gives no hook, never a wrong one.
 
-use crate::engine::model::NfHook;
+use crate::engine::facts::NfHook;
 
 /// Hook-owning functions, IPv4 and IPv6.
 const CALLERS: &[(&str, NfHook)] = &[

@@ -1,22 +1,27 @@
 //! Concrete advice for a reason, from the first verdict that had it: the rule that dropped, the
 //! command that would accept the client, the listener's address, the queue it overflowed.
 
-use serde_json::Value;
-
-use crate::engine::{model::Reason, verdict::Verdict};
-
-fn text<'a>(v: &'a Verdict, key: &str) -> Option<&'a str> {
-    v.detail.get(key).and_then(Value::as_str)
-}
+use crate::engine::{
+    facts::NfHook,
+    verdict::{
+        Detail, Reason, Side, Verdict,
+        detail::{DropFacts, RuleRef},
+    },
+};
 
 /// The command that would let this connection through the rule that dropped it.
-fn accept_command(v: &Verdict) -> Option<String> {
-    let rule = v.detail.get("rule")?;
-    let field = |k: &str| rule.get(k).and_then(Value::as_str);
-    let (family, table, chain) = (field("family")?, field("table")?, field("chain")?);
-    let hook = text(v, "hook").unwrap_or("INPUT");
+fn accept_command(v: &Verdict, facts: &DropFacts) -> Option<String> {
+    let (family, table, chain) = match facts.rule.as_ref()? {
+        RuleRef::Rule(r) => (&r.family, &r.table, &r.chain),
+        RuleRef::Policy {
+            family,
+            table,
+            chain,
+            ..
+        } => (family, table, chain),
+    };
     // The peer the rule must let in (or out) and the service port.
-    let (peer_is_source, peer, port) = if hook == "OUTPUT" {
+    let (peer_is_source, peer, port) = if facts.hook == Some(NfHook::Output) {
         (false, v.daddr, v.dport)
     } else {
         (true, v.daddr, v.sport.unwrap_or(v.dport))
@@ -27,15 +32,13 @@ fn accept_command(v: &Verdict) -> Option<String> {
         let tool = if v6 { "ip6tables" } else { "iptables" };
         let dir = if peer_is_source { "-s" } else { "-d" };
         return Some(format!(
-            "{tool} -I {chain} -p tcp {dir} {} --dport {port} -j ACCEPT",
-            peer
+            "{tool} -I {chain} -p tcp {dir} {peer} --dport {port} -j ACCEPT"
         ));
     }
     let proto = if v6 { "ip6" } else { "ip" };
     let dir = if peer_is_source { "saddr" } else { "daddr" };
     Some(format!(
-        "nft insert rule {family} {table} {chain} {proto} {dir} {} tcp dport {port} accept",
-        peer
+        "nft insert rule {family} {table} {chain} {proto} {dir} {peer} tcp dport {port} accept"
     ))
 }
 
@@ -45,38 +48,49 @@ fn somaxconn() -> Option<String> {
         .map(|s| s.trim().to_owned())
 }
 
-/// One or two sentences of advice for this verdict's reason, naming its specifics.
-pub fn concrete(v: &Verdict) -> String {
-    let server = || match v.sport {
-        Some(p) if v.side == crate::engine::model::Side::Server => {
+/// The server's end of the connection: `ip:port`.
+fn server(v: &Verdict) -> String {
+    match v.sport {
+        Some(p) if v.side == Side::Server => {
             format!("{}:{p}", v.saddr.map(|a| a.to_string()).unwrap_or_default())
         }
         _ => format!("{}:{}", v.daddr, v.dport),
-    };
+    }
+}
+
+/// One or two sentences of advice for this verdict's reason, naming its specifics.
+pub fn concrete(v: &Verdict) -> String {
+    let drops = v.detail.drop_facts();
     match v.reason {
-        Reason::NetfilterDrop | Reason::SyncookieAckLost if v.detail.get("rule").is_some() => {
-            let rule = v.detail["rule"]
-                .get("text")
-                .and_then(Value::as_str)
-                .unwrap_or("policy drop");
-            let cmd = accept_command(v).unwrap_or_default();
-            format!(
-                "{} rule `{rule}` drops it; to accept this peer: `{cmd}`",
-                text(v, "hook").unwrap_or("a netfilter")
-            )
+        Reason::NetfilterDrop | Reason::SyncookieAckLost
+            if drops.is_some_and(|d| d.rule.is_some()) =>
+        {
+            let facts = drops.expect("checked above");
+            let rule = match &facts.rule {
+                Some(RuleRef::Rule(r)) => r.text.as_str(),
+                _ => "policy drop",
+            };
+            let cmd = accept_command(v, facts).unwrap_or_default();
+            let hook = facts.hook.map_or("a netfilter", NfHook::chain_name);
+            format!("{hook} rule `{rule}` drops it; to accept this peer: `{cmd}`")
         }
         Reason::NetfilterReject | Reason::IcmpUnreachable
-            if text(v, "reject_with").is_none_or(|w| w.starts_with("icmp")) =>
+            if drops
+                .and_then(|d| d.reject_with.as_deref())
+                .is_none_or(|w| w.starts_with("icmp")) =>
         {
             "an ICMP REJECT is rate-limited (1 s after a burst of 6 per destination): bursts of clients wait for SYN retransmits; use `-j REJECT --reject-with tcp-reset`, or accept the port".into()
         }
         Reason::RefusedBoundElsewhere => {
-            let listeners: Vec<&str> = v
-                .detail
-                .get("listeners")
-                .and_then(Value::as_array)
-                .map(|ls| ls.iter().filter_map(|l| l["address"].as_str()).collect())
-                .unwrap_or_default();
+            let listeners: Vec<&str> = match &v.detail {
+                Detail::Refusal(d) => d
+                    .listeners
+                    .iter()
+                    .flatten()
+                    .map(|l| l.address.as_str())
+                    .collect(),
+                _ => Vec::new(),
+            };
             format!(
                 "the service listens on {} only; make it bind {} or 0.0.0.0 (MySQL: bind-address = 0.0.0.0)",
                 listeners.join(", "),
@@ -85,17 +99,17 @@ pub fn concrete(v: &Verdict) -> String {
         }
         Reason::RefusedNoListener => format!(
             "nothing listens on {}: start the service, or point the client at the right address",
-            server()
+            server(v)
         ),
         Reason::ListenOverflow | Reason::NotAccepted => {
-            let queue = match (v.detail.get("accept_queue"), v.detail.get("backlog")) {
-                (Some(q), Some(b)) if !q.is_null() => format!("accept queue {q}/{b}; "),
+            let q = v.detail.queue();
+            let queue = match (q.and_then(|q| q.accept_queue), q.and_then(|q| q.backlog)) {
+                (Some(q), Some(b)) => format!("accept queue {q}/{b}; "),
                 _ => String::new(),
             };
-            let who = v
-                .detail
-                .get("listener")
-                .and_then(|l| l["comm"].as_str())
+            let who = q
+                .and_then(|q| q.listener.as_ref())
+                .and_then(|l| l.comm.as_deref())
                 .unwrap_or("the server");
             format!(
                 "{queue}{who} does not accept() fast enough: raise its listen() backlog and net.core.somaxconn (now {}), or find why it is slow or stopped",
@@ -104,11 +118,11 @@ pub fn concrete(v: &Verdict) -> String {
         }
         Reason::StalledNoGreeting | Reason::StalledNoResponse => format!(
             "the server at {} never answered: check it for syncookie_ack_lost, listen_overflow or not_accepted, and give the client application-level connect and read timeouts (e.g. MySQL connect_timeout, read_timeout) so it fails fast",
-            server()
+            server(v)
         ),
         Reason::SynTimeout => format!(
             "SYNs to {} went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule",
-            server()
+            server(v)
         ),
         Reason::NeighbourFailed => format!(
             "{} does not answer ARP/neighbour discovery: wrong address, or the host or link is down",
@@ -120,15 +134,19 @@ pub fn concrete(v: &Verdict) -> String {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
     use super::*;
-    use crate::engine::model::{Outcome, Side};
+    use crate::engine::{
+        lookup::{FirewallRule, RuleAction},
+        verdict::{
+            Outcome,
+            detail::{AttemptDetail, ListenerRef, RefusalDetail},
+        },
+    };
 
-    fn verdict(reason: Reason, side: Side, detail: serde_json::Value) -> Verdict {
+    fn verdict(reason: Reason, detail: Detail) -> Verdict {
         Verdict {
             ts_ns: 0,
-            side,
+            side: Side::Server,
             outcome: Outcome::Failed,
             reason,
             kernel_reason: None,
@@ -137,35 +155,38 @@ mod tests {
             sport: Some(3306),
             daddr: "10.0.0.1".parse().expect("ip"),
             dport: 40000,
-            netns: 1,
+            netns: Some(1),
             pid: None,
             comm: None,
             duration_ms: 0.0,
             syn_retransmits: 0,
-            detail: detail.as_object().cloned().unwrap_or_default(),
+            detail,
         }
+    }
+
+    fn dropped_by(family: &str, table: &str, chain: &str) -> Detail {
+        let mut d = AttemptDetail::default();
+        d.drops.hook = Some(NfHook::Input);
+        d.drops.rule = Some(RuleRef::Rule(FirewallRule {
+            family: family.into(),
+            table: table.into(),
+            chain: chain.into(),
+            handle: 2,
+            text: "tcp dport 3306 drop".into(),
+            action: RuleAction::Drop,
+            packets: 3,
+        }));
+        Detail::Attempt(d)
     }
 
     #[test]
     fn a_dropping_rule_gets_the_command_that_accepts_the_client() {
-        let rule = json!({"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","packets":3});
-        let v = verdict(
-            Reason::NetfilterDrop,
-            Side::Server,
-            json!({"hook":"INPUT","rule":rule}),
+        let v = verdict(Reason::NetfilterDrop, dropped_by("ip", "filter", "INPUT"));
+        assert_eq!(
+            concrete(&v),
+            "INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`"
         );
-        let a = concrete(&v);
-        assert!(a.contains("rule `tcp dport 3306 drop`"), "{a}");
-        assert!(
-            a.contains("`iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`"),
-            "{a}"
-        );
-        let nft = json!({"family":"inet","table":"fw","chain":"in","handle":4,"text":"tcp dport 3306 drop","packets":1});
-        let v = verdict(
-            Reason::NetfilterDrop,
-            Side::Server,
-            json!({"hook":"INPUT","rule":nft}),
-        );
+        let v = verdict(Reason::NetfilterDrop, dropped_by("inet", "fw", "in"));
         assert!(
             concrete(&v)
                 .contains("`nft insert rule inet fw in ip saddr 10.0.0.1 tcp dport 3306 accept`"),
@@ -176,16 +197,21 @@ mod tests {
 
     #[test]
     fn icmp_rejects_point_at_tcp_reset_and_bound_elsewhere_names_the_listener() {
-        let v = verdict(
-            Reason::NetfilterReject,
-            Side::Server,
-            json!({"reject_with":"icmp-port-unreachable"}),
-        );
+        let mut d = AttemptDetail::default();
+        d.drops.reject_with = Some("icmp-port-unreachable".into());
+        let v = verdict(Reason::NetfilterReject, Detail::Attempt(d));
         assert!(concrete(&v).contains("--reject-with tcp-reset"));
         let v = verdict(
             Reason::RefusedBoundElsewhere,
-            Side::Server,
-            json!({"listeners":[{"address":"127.0.0.1:3306","pid":1,"comm":"mysqld"}]}),
+            Detail::Refusal(RefusalDetail {
+                rst_sent: true,
+                answered: crate::engine::verdict::detail::Answered::Syn,
+                listeners: Some(vec![ListenerRef {
+                    address: "127.0.0.1:3306".into(),
+                    pid: Some(1),
+                    comm: Some("mysqld".into()),
+                }]),
+            }),
         );
         let a = concrete(&v);
         assert!(

@@ -1,7 +1,25 @@
-//! One readable line per record.
+//! Readable lines. By default one compact line per verdict that fits 120 columns (time of day
+//! in UTC, side, reason, the connection as client -> server, who, and the one fact that
+//! matters), with the reason's advice printed once, under its first occurrence; `--wide` gives
+//! the full line with every fact and the advice on each. The summary at exit is a table.
 
-use super::{Clock, Record};
-use crate::engine::{model::Outcome, verdict::Verdict};
+use std::collections::BTreeSet;
+
+use super::{Clock, Final, Lost, Ready, Record, advice, live};
+use crate::engine::verdict::{
+    Detail, Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
+};
+
+/// Widest compact line, in characters.
+pub const WIDTH: usize = 120;
+
+/// The human format's state: which reasons' advice was already printed.
+#[derive(Debug, Default)]
+pub struct Human {
+    pub wide: bool,
+    pub colour: bool,
+    advised: BTreeSet<Reason>,
+}
 
 fn endpoint(addr: Option<std::net::IpAddr>, port: Option<u16>) -> String {
     let a = addr.map_or_else(
@@ -18,46 +36,255 @@ fn endpoint(addr: Option<std::net::IpAddr>, port: Option<u16>) -> String {
     format!("{a}:{p}")
 }
 
-/// The `detail` facts worth a glance: where a firewall dropped, which rule, the listen queue.
-fn facts(v: &Verdict) -> Vec<String> {
-    let d = &v.detail;
-    let text = |key: &str| d.get(key).and_then(|x| x.as_str());
-    let mut out = Vec::new();
-    if let Some(hook) = text("hook") {
-        out.push(format!("hook {hook}"));
+fn netns(n: Option<u32>) -> String {
+    n.map_or_else(|| "netns:?".to_owned(), |n| format!("netns:{n}"))
+}
+
+/// `HH:MM:SS.mmm` of an RFC 3339 time.
+fn time_of_day(rfc3339: &str) -> &str {
+    rfc3339.get(11..23).unwrap_or(rfc3339)
+}
+
+/// Cuts `line` to `WIDTH` characters, marking the cut.
+fn fit(mut line: String) -> String {
+    if line.chars().count() > WIDTH {
+        let end = line
+            .char_indices()
+            .nth(WIDTH - 1)
+            .map_or(line.len(), |(i, _)| i);
+        line.truncate(end);
+        line.push('…');
     }
-    if let Some(r) = d.get("rule") {
-        let field = |k: &str| r.get(k).and_then(|x| x.as_str()).unwrap_or("?");
-        let place = format!("{} {} {}", field("family"), field("table"), field("chain"));
-        match r.get("text").and_then(|x| x.as_str()) {
-            Some(rule) => out.push(format!("rule {place}: {rule}")),
-            None => out.push(format!("policy drop of {place}")),
+    line
+}
+
+/// The process, or the namespace when no process is known.
+fn who(v: &Verdict) -> String {
+    match (&v.comm, v.pid) {
+        (Some(c), Some(p)) => format!("{c}[{p}]"),
+        _ => netns(v.netns),
+    }
+}
+
+/// Where a netfilter drop happened and which rule did it: ``INPUT rule `tcp dport 3306 drop```.
+fn rule_fact(v: &Verdict) -> Option<String> {
+    let d = v.detail.drop_facts()?;
+    let hook = d.hook?;
+    let rule = match (&d.rule, &d.rule_candidates) {
+        (Some(RuleRef::Rule(r)), _) => format!("rule `{}`", r.text),
+        (Some(RuleRef::Policy { chain, .. }), _) => format!("policy drop of {chain}"),
+        (None, Some(rs)) => format!("one of {} rules", rs.len()),
+        (None, None) if d.rule_not_found.is_some() => "rule not found".to_owned(),
+        (None, None) => return Some(hook.chain_name().to_owned()),
+    };
+    let with = d
+        .reject_with
+        .as_deref()
+        .map(|w| format!(", reject with {w}"))
+        .unwrap_or_default();
+    Some(format!("{hook} {rule}{with}"))
+}
+
+fn ms(v: f64) -> String {
+    format!("{v:.0} ms")
+}
+
+/// The one fact that matters for this verdict's reason.
+fn key_fact(v: &Verdict) -> String {
+    let errno = v
+        .errno
+        .map(|e| e.to_string())
+        .or_else(|| v.kernel_reason.clone())
+        .unwrap_or_default();
+    let syns = match v.syn_retransmits {
+        0 => String::new(),
+        n => format!(", {n} SYN retransmits"),
+    };
+    match &v.detail {
+        Detail::Stall(d) => {
+            let when = match (d.waited_ms, d.stuck_ms) {
+                (Some(w), _) => format!("stalled {}", ms(w)),
+                (None, Some(s)) if v.outcome == Outcome::Resolved => {
+                    format!("resolved after {}", ms(s))
+                }
+                (None, Some(s)) => format!("failed after {} stuck", ms(s)),
+                (None, None) => String::new(),
+            };
+            let queue = queue_fact(v).map(|q| format!(", {q}")).unwrap_or_default();
+            let how = v.kernel_reason.as_deref().unwrap_or_default();
+            format!("{when}: {how}{queue}")
+        }
+        _ => match v.reason {
+            Reason::NetfilterDrop | Reason::NetfilterReject | Reason::SyncookieAckLost => {
+                let fact =
+                    rule_fact(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default());
+                if v.reason == Reason::SyncookieAckLost {
+                    format!("cookie sent, no socket; ACK dropped at {fact}")
+                } else {
+                    format!("{fact}{syns}")
+                }
+            }
+            Reason::ListenOverflow | Reason::NotAccepted => {
+                queue_fact(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default())
+            }
+            Reason::SynTimeout | Reason::Timeout => {
+                format!("{errno} after {}{syns}", ms(v.duration_ms))
+            }
+            Reason::Established => format!("handshake {:.1} ms", v.duration_ms),
+            Reason::UnexpectedListener => v.kernel_reason.clone().unwrap_or_default(),
+            Reason::RefusedBoundElsewhere => match &v.detail {
+                Detail::Refusal(d) => {
+                    let at: Vec<&str> = d
+                        .listeners
+                        .iter()
+                        .flatten()
+                        .map(|l| l.address.as_str())
+                        .collect();
+                    format!("listens on {} only", at.join(", "))
+                }
+                _ => errno,
+            },
+            _ => {
+                let unanswered = v
+                    .detail
+                    .unanswered_syns()
+                    .map(|n| format!(", {n} SYNs unanswered first"))
+                    .unwrap_or_default();
+                match (&v.errno, &v.kernel_reason) {
+                    (Some(e), Some(k)) if e.to_string() != *k => format!("{e} ({k}){unanswered}"),
+                    _ => format!("{errno}{unanswered}{syns}"),
+                }
+            }
+        },
+    }
+}
+
+fn queue_fact(v: &Verdict) -> Option<String> {
+    let q = v.detail.queue()?;
+    Some(format!("accept queue {}/{}", q.accept_queue?, q.backlog?))
+}
+
+impl Human {
+    pub fn new(wide: bool, colour: bool) -> Self {
+        Self {
+            wide,
+            colour,
+            advised: BTreeSet::new(),
         }
     }
-    if let Some(n) = d.get("rule_candidates").and_then(|x| x.as_array()) {
-        out.push(format!("{} candidate rules", n.len()));
+
+    /// The text of one record (without its final newline; it may span lines).
+    pub fn text(&mut self, record: &Record<'_>, clock: &Clock) -> String {
+        match record {
+            Record::Ready(r) => ready(r, self.wide),
+            Record::Verdict(v) if self.wide => wide_verdict(v, clock, self.colour),
+            Record::Verdict(v) => self.verdict(v, clock),
+            Record::Drop(d) => drop_line(d, clock, self.wide),
+            Record::Lost(l) => lost(l, clock),
+            Record::Summary(f) => summary(f),
+        }
     }
-    if let Some(with) = text("reject_with") {
-        out.push(format!("reject with {with}"));
+
+    /// The compact verdict line, and the reason's advice under its first occurrence.
+    fn verdict(&mut self, v: &Verdict, clock: &Clock) -> String {
+        let (client, server) = match v.side {
+            Side::Client => (
+                endpoint(v.saddr, v.sport),
+                endpoint(Some(v.daddr), Some(v.dport)),
+            ),
+            Side::Server => (
+                endpoint(Some(v.daddr), Some(v.dport)),
+                endpoint(v.saddr, v.sport),
+            ),
+        };
+        let ts = clock.rfc3339(v.ts_ns);
+        let head = format!("{} {} ", time_of_day(&ts), v.side.name());
+        let code = format!("{:<19}", v.reason.code());
+        let tail = format!(" {client} -> {server} {} {}", who(v), key_fact(v));
+        let mut line = fit(format!("{head}{code}{tail}"));
+        if self.colour {
+            // Only the plain text counts against the width: colour codes take no column.
+            let rest = line.split_off(head.len() + code.len());
+            line.truncate(head.len());
+            line.push_str(&live::paint(&code, v.outcome));
+            line.push_str(&rest);
+        }
+        if v.outcome != Outcome::Established && self.advised.insert(v.reason) {
+            line.push('\n');
+            line.push_str(&wrap("  what to do: ", &advice::concrete(v)));
+        }
+        line
     }
-    if let (Some(q), Some(b)) = (d.get("accept_queue"), d.get("backlog")) {
+}
+
+/// `text` after `prefix`, wrapped at [`WIDTH`] with continuation lines indented as deep.
+fn wrap(prefix: &str, text: &str) -> String {
+    let indent = " ".repeat(prefix.len());
+    let mut out = prefix.to_owned();
+    let mut col = prefix.len();
+    for word in text.split(' ') {
+        let len = word.chars().count();
+        if col > indent.len() && col + 1 + len > WIDTH {
+            out.push('\n');
+            out.push_str(&indent);
+            col = indent.len();
+        } else if col > indent.len() {
+            out.push(' ');
+            col += 1;
+        }
+        out.push_str(word);
+        col += len;
+    }
+    out
+}
+
+/// The `detail` facts worth a glance, for the wide line.
+fn facts(v: &Verdict) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(d) = v.detail.drop_facts() {
+        if let Some(hook) = d.hook {
+            out.push(format!("hook {hook}"));
+        }
+        match &d.rule {
+            Some(RuleRef::Rule(r)) => {
+                out.push(format!(
+                    "rule {} {} {}: {}",
+                    r.family, r.table, r.chain, r.text
+                ));
+            }
+            Some(RuleRef::Policy {
+                family,
+                table,
+                chain,
+                ..
+            }) => out.push(format!("policy drop of {family} {table} {chain}")),
+            None => {}
+        }
+        if let Some(rs) = &d.rule_candidates {
+            out.push(format!("{} candidate rules", rs.len()));
+        }
+        if let Some(with) = &d.reject_with {
+            out.push(format!("reject with {with}"));
+        }
+    }
+    if let Some(q) = v.detail.queue()
+        && let (Some(q), Some(b)) = (q.accept_queue, q.backlog)
+    {
         out.push(format!("accept queue {q}/{b}"));
     }
-    if let Some(n) = d.get("unanswered_syns") {
+    if let Some(n) = v.detail.unanswered_syns() {
         out.push(format!("{n} SYNs unanswered first"));
     }
     out
 }
 
-fn verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
+/// The full verdict line (`--wide`): every fact, and the advice.
+fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
     let who = match (&v.comm, v.pid) {
         (Some(c), Some(p)) => format!("{c}[{p}]"),
         _ => "-".to_owned(),
     };
-    let side = match v.side {
-        crate::engine::model::Side::Client => "client",
-        crate::engine::model::Side::Server => "server",
-    };
+    let side = v.side.name();
     // Stalls and their follow-ups share the reason code: say which it is.
     let label = match v.outcome {
         Outcome::Stalled => format!("{} (stalled)", v.reason.code()),
@@ -65,16 +292,16 @@ fn verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
         Outcome::Established | Outcome::Failed => v.reason.code().to_owned(),
     };
     let label = if colour {
-        super::live::paint(&format!("{label:<11}"), v.outcome)
+        live::paint(&format!("{label:<11}"), v.outcome)
     } else {
         format!("{label:<11}")
     };
     let mut line = format!(
-        "{} {side:<6} {label} {} -> {} {who} netns:{} ({}",
+        "{} {side:<6} {label} {} -> {} {who} {} ({}",
         clock.rfc3339(v.ts_ns),
         endpoint(v.saddr, v.sport),
         endpoint(Some(v.daddr), Some(v.dport)),
-        v.netns,
+        netns(v.netns),
         v.kernel_reason.as_deref().unwrap_or("-"),
     );
     line.push_str(&format!(", {:.1} ms", v.duration_ms));
@@ -93,60 +320,66 @@ fn verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
     line
 }
 
-pub(super) fn line(record: &Record<'_>, clock: &Clock, colour: bool) -> String {
-    match record {
-        Record::Ready(r) => {
-            let ports = if r.ports.is_empty() {
-                "all ports".to_owned()
-            } else {
-                r.ports
-                    .iter()
-                    .map(u16::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
-            let paths: Vec<String> = r
-                .attach_paths
-                .iter()
-                .map(|(c, p)| format!("{c}={p}"))
-                .collect();
-            format!(
-                "conntrace ready: tracing TCP {ports} on kernel {} ({} programs; {})",
-                r.kernel,
-                r.programs.len(),
-                paths.join(" ")
-            )
-        }
-        Record::Verdict(v) => verdict(v, clock, colour),
-        Record::Drop(d) => format!(
-            "{} drop   {:<11} {} {} {} netns:{} ({} at {})",
-            clock.rfc3339(d.ts_ns),
-            d.kernel_reason,
-            endpoint(Some(d.saddr), Some(d.sport)),
-            if d.direction == crate::engine::verdict::Direction::In {
-                "<-"
-            } else {
-                "->"
-            },
-            endpoint(Some(d.daddr), Some(d.dport)),
-            d.netns,
-            d.tcp_flags,
-            d.location,
-        ),
-        Record::Lost { total, new, ts_ns } => {
-            format!(
-                "{} LOST {new} kernel events (total {total}): verdicts may be missing; raise --ring-buffer-bytes",
-                clock.rfc3339(*ts_ns)
-            )
-        }
-        Record::Summary(f) => summary(f),
+fn ready(r: &Ready, wide: bool) -> String {
+    let ports = if r.ports.is_empty() {
+        "all ports".to_owned()
+    } else {
+        r.ports
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let mut line = format!(
+        "conntrace ready: tracing TCP {ports} on kernel {} ({} programs",
+        r.kernel,
+        r.programs.len(),
+    );
+    if wide {
+        let paths: Vec<String> = r
+            .attach_paths
+            .iter()
+            .map(|(c, p)| format!("{c}={p}"))
+            .collect();
+        line.push_str(&format!("; {})", paths.join(" ")));
+    } else {
+        line.push_str("); times are UTC");
     }
+    line
+}
+
+fn drop_line(d: &DropRecord, clock: &Clock, wide: bool) -> String {
+    let ts = clock.rfc3339(d.ts_ns);
+    let line = format!(
+        "{} drop   {:<19} {} {} {} {} ({} at {})",
+        if wide { &ts } else { time_of_day(&ts) },
+        d.kernel_reason,
+        endpoint(Some(d.saddr), Some(d.sport)),
+        if d.direction == Direction::In {
+            "<-"
+        } else {
+            "->"
+        },
+        endpoint(Some(d.daddr), Some(d.dport)),
+        netns(d.netns),
+        d.tcp_flags,
+        d.location,
+    );
+    if wide { line } else { fit(line) }
+}
+
+fn lost(l: &Lost, clock: &Clock) -> String {
+    format!(
+        "{} LOST {} kernel events (total {}): verdicts may be missing; raise --ring-buffer-bytes",
+        clock.rfc3339(l.ts_ns),
+        l.new,
+        l.count
+    )
 }
 
 /// The summary table printed at exit: counts and concrete advice per reason, the top failing
 /// peers and ports, and the handshake-time percentiles.
-fn summary(f: &super::Final<'_>) -> String {
-    use crate::engine::verdict::Summary;
+fn summary(f: &Final<'_>) -> String {
     let s = f.summary;
     let mut out = format!(
         "summary: {} verdicts, {} kernel events, {} lost, {} expired unresolved, in {:.1} s",
@@ -162,7 +395,7 @@ fn summary(f: &super::Final<'_>) -> String {
             let advice = s
                 .examples
                 .get(reason)
-                .map_or_else(|| reason.advice().to_owned(), super::advice::concrete);
+                .map_or_else(|| reason.advice().to_owned(), advice::concrete);
             out.push_str(&format!("\n  {:<24} {n:>6}  {advice}", reason.code()));
         }
     }
@@ -178,13 +411,25 @@ fn summary(f: &super::Final<'_>) -> String {
     }
     if s.drop_records_suppressed > 0 {
         out.push_str(&format!(
-            "\n  {} drop records not printed (more than 50 a second of one reason; counted above)",
-            s.drop_records_suppressed
+            "\n  {} drop records not printed (more than {} a second of one reason; counted above)",
+            s.drop_records_suppressed,
+            crate::engine::RECORDS_PER_SECOND
         ));
     }
     if let Some((n, p50, p90, p99, max)) = s.latency_percentiles() {
         out.push_str(&format!(
             "\n  connect latency ({n} handshakes): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+        ));
+    }
+    if !f.read_failures.is_empty() {
+        let list: Vec<String> = f
+            .read_failures
+            .iter()
+            .map(|(p, n)| format!("{p} ({n})"))
+            .collect();
+        out.push_str(&format!(
+            "\n  kernel reads that failed (facts left absent): {}",
+            list.join(", ")
         ));
     }
     out

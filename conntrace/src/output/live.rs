@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::Record;
-use crate::engine::model::Outcome;
+use crate::engine::verdict::Outcome;
 
 const RESET: &str = "\x1b[0m";
 /// Return to the line's start and clear it: the status line is replaced, never scrolled.
@@ -37,17 +37,11 @@ impl Status {
     pub fn count(&mut self, record: &Record<'_>) {
         match record {
             Record::Verdict(v) => {
-                let outcome = match v.outcome {
-                    Outcome::Established => "established",
-                    Outcome::Failed => "failed",
-                    Outcome::Stalled => "stalled",
-                    Outcome::Resolved => "resolved",
-                };
-                *self.by_outcome.entry(outcome).or_default() += 1;
+                *self.by_outcome.entry(v.outcome.name()).or_default() += 1;
                 *self.by_reason.entry(v.reason.code()).or_default() += 1;
             }
             Record::Drop(_) => self.drops += 1,
-            Record::Lost { total, .. } => self.lost = *total,
+            Record::Lost(l) => self.lost = l.count,
             Record::Ready(_) | Record::Summary(_) => {}
         }
     }
@@ -84,11 +78,11 @@ mod tests {
     #[test]
     fn status_line_counts_lost_events_and_drops() {
         let mut s = Status::default();
-        s.count(&Record::Lost {
-            total: 7,
+        s.count(&Record::Lost(crate::output::Lost {
+            count: 7,
             new: 7,
             ts_ns: 0,
-        });
+        }));
         assert_eq!(s.line(), "[conntrace] 0 verdicts | 0 drops | 7 lost");
         assert!(paint("x", Outcome::Failed).starts_with("\x1b[31m"));
     }

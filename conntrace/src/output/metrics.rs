@@ -98,29 +98,24 @@ impl Metrics {
     pub fn observe(&self, record: &Record<'_>) {
         match record {
             Record::Verdict(v) => {
-                let port = match v.side {
-                    crate::engine::model::Side::Server => v.sport.unwrap_or(0),
-                    crate::engine::model::Side::Client => v.dport,
-                };
-                let name = |x: serde_json::Value| x.as_str().unwrap_or_default().to_owned();
                 self.verdicts
                     .get_or_create(&VerdictLabels {
-                        side: name(serde_json::json!(v.side)),
-                        outcome: name(serde_json::json!(v.outcome)),
+                        side: v.side.name().to_owned(),
+                        outcome: v.outcome.name().to_owned(),
                         reason: v.reason.code().to_owned(),
-                        port: port.to_string(),
+                        port: v.service_port().unwrap_or(0).to_string(),
                     })
                     .inc();
             }
             Record::Drop(d) => {
                 self.drops
                     .get_or_create(&DropLabels {
-                        reason: d.kernel_reason.clone(),
+                        reason: d.kernel_reason.to_string(),
                     })
                     .inc();
             }
-            Record::Lost { new, .. } => {
-                self.lost.inc_by(*new);
+            Record::Lost(l) => {
+                self.lost.inc_by(l.new);
             }
             Record::Ready(_) | Record::Summary(_) => {}
         }
@@ -204,11 +199,11 @@ mod tests {
     #[test]
     fn exposition_names_and_labels() {
         let m = Metrics::new(4096);
-        m.observe(&Record::Lost {
-            total: 3,
+        m.observe(&Record::Lost(crate::output::Lost {
+            count: 3,
             new: 3,
             ts_ns: 0,
-        });
+        }));
         m.set_ring_peak(1024);
         let text = m.encode();
         assert!(text.contains("conntrace_lost_events_total 3"), "{text}");

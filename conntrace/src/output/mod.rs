@@ -5,6 +5,7 @@ mod human;
 mod json;
 mod live;
 pub mod metrics;
+pub mod record;
 
 use std::{
     fs::OpenOptions,
@@ -13,51 +14,7 @@ use std::{
     path::Path,
 };
 
-use serde::Serialize;
-
-use crate::{
-    engine::verdict::{DropRecord, Summary, Verdict},
-    kernel::{ActiveProgram, Unavailable},
-};
-
-/// Facts for the `ready` record, printed once every program is attached.
-#[derive(Debug, Clone, Serialize)]
-pub struct Ready {
-    pub version: &'static str,
-    /// Empty: every port.
-    pub ports: Vec<u16>,
-    pub programs: Vec<ActiveProgram>,
-    pub unavailable: Vec<Unavailable>,
-    pub kernel: String,
-    /// Capability → attach path in use (e.g. `tracepoint`).
-    pub attach_paths: std::collections::BTreeMap<String, String>,
-    pub kernel_features: serde_json::Value,
-    pub ring_buffer_bytes: u32,
-    /// Kernel structures BTF did not describe (facts that are therefore missing).
-    pub degraded: Vec<&'static str>,
-}
-
-/// Totals printed at exit.
-#[derive(Debug, Clone)]
-pub struct Final<'a> {
-    pub summary: &'a Summary,
-    pub lost_events: u64,
-    pub decode_errors: u64,
-    pub duration_ms: f64,
-    pub tracked_at_exit: usize,
-    /// Growth over the run of the namespaces' TcpExt counters (cookies, overflows), by netns.
-    pub tcp_counters:
-        std::collections::BTreeMap<u32, std::collections::BTreeMap<&'static str, u64>>,
-}
-
-/// One output record.
-pub enum Record<'a> {
-    Ready(&'a Ready),
-    Verdict(&'a Verdict),
-    Drop(&'a DropRecord),
-    Lost { total: u64, new: u64, ts_ns: u64 },
-    Summary(Final<'a>),
-}
+pub use self::record::{Final, KernelFeatures, Lost, Ready, Record};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -117,12 +74,16 @@ impl Clock {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Json,
-    Human,
+    /// Readable lines; `wide`: every fact on each verdict's line (`--wide`).
+    Human {
+        wide: bool,
+    },
 }
 
 pub struct Output {
     out: BufWriter<Box<dyn Write + Send>>,
-    format: Format,
+    /// The human format's state; `None` for JSON.
+    human: Option<human::Human>,
     clock: Clock,
     /// Also counts every record, for `--metrics-addr`.
     metrics: Option<std::sync::Arc<metrics::Metrics>>,
@@ -133,7 +94,7 @@ pub struct Output {
 impl Output {
     /// Writes to `path` (created with mode 0600) or to stdout.
     pub fn open(path: Option<&Path>, format: Format, clock: Clock) -> Result<Self, OutputError> {
-        let live = (format == Format::Human
+        let live = (matches!(format, Format::Human { .. })
             && path.is_none()
             && io::IsTerminal::is_terminal(&io::stdout()))
         .then(live::Status::default);
@@ -154,7 +115,10 @@ impl Output {
         };
         Ok(Self {
             out: BufWriter::new(sink),
-            format,
+            human: match format {
+                Format::Json => None,
+                Format::Human { wide } => Some(human::Human::new(wide, live.is_some())),
+            },
             clock,
             metrics: None,
             live,
@@ -171,22 +135,22 @@ impl Output {
         if let Some(m) = &self.metrics {
             m.observe(record);
         }
-        let colour = self.live.is_some();
-        let line = match self.format {
-            Format::Json => json::line(record, &self.clock),
-            Format::Human => human::line(record, &self.clock, colour),
-        };
         let status = self.live.as_mut().and_then(|s| {
             s.count(record);
             // The summary is the last line: no status under it.
             (!matches!(record, Record::Summary(_))).then(|| s.line())
         });
         let result = (|| {
-            if colour {
-                self.out.write_all(live::CLEAR_LINE.as_bytes())?;
+            match self.human.as_mut() {
+                None => json::write(&mut self.out, record, &self.clock)?,
+                Some(h) => {
+                    if self.live.is_some() {
+                        self.out.write_all(live::CLEAR_LINE.as_bytes())?;
+                    }
+                    self.out.write_all(h.text(record, &self.clock).as_bytes())?;
+                    self.out.write_all(b"\n")?;
+                }
             }
-            self.out.write_all(line.as_bytes())?;
-            self.out.write_all(b"\n")?;
             if let Some(status) = status {
                 self.out.write_all(status.as_bytes())?;
             }

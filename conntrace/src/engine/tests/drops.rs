@@ -2,10 +2,14 @@
 
 use super::*;
 use crate::engine::{
-    drops::{LISTEN_OVERFLOW, NEIGH_FAILED, NETFILTER_DROP},
-    model::{DroppedPacket, FirewallRule, Listener, NfHook, RuleAction, RuleFinding, RuleLookup},
+    facts::{DroppedPacket, NfHook, TcpFlags},
+    lookup::{FirewallRule, Listener, RuleAction, RuleFinding, RuleLookup},
     verdict::Direction,
 };
+
+const NETFILTER_DROP: &str = DropReason::NETFILTER_DROP;
+const LISTEN_OVERFLOW: &str = DropReason::TCP_LISTEN_OVERFLOW;
+const NEIGH_FAILED: &str = DropReason::NEIGH_FAILED;
 
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
@@ -16,9 +20,9 @@ fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str) -> Kern
         sk,
         rx_sk: 0,
         packet,
-        reason: reason.into(),
+        reason: DropReason::new(reason),
         location: "nft_do_chain+0x3e8".into(),
-        tcp_flags: flags,
+        tcp_flags: TcpFlags(flags),
         hook: (reason == NETFILTER_DROP).then_some(NfHook::Input),
     })
 }
@@ -32,7 +36,7 @@ fn from_client() -> FourTuple {
 struct FixedRules(RuleFinding, std::rc::Rc<std::cell::Cell<u32>>);
 
 impl RuleLookup for FixedRules {
-    fn find(&mut self, _netns: u32, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
+    fn find(&mut self, _netns: Option<u32>, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
         assert_eq!((hook, ipv6), (Some(NfHook::Input), false));
         self.1.set(self.1.get() + 1);
         self.0.clone()
@@ -75,7 +79,12 @@ fn syns_of_one_attempt_dropped_by_input_make_one_verdict_when_the_backoff_is_ove
         e.take_drops().is_empty(),
         "attributed drops are not drop records"
     );
-    assert_eq!(e.summary().drops_by_reason.get(NETFILTER_DROP), Some(&2));
+    assert_eq!(
+        e.summary()
+            .drops_by_reason
+            .get(&DropReason::new(NETFILTER_DROP)),
+        Some(&2)
+    );
 }
 
 #[test]
@@ -171,7 +180,7 @@ fn a_refusal_is_not_blamed_on_a_drop() {
 struct Backlog;
 
 impl ListenerLookup for Backlog {
-    fn listening_on(&mut self, _netns: u32, port: u16) -> Vec<Listener> {
+    fn listening_on(&mut self, _netns: Option<u32>, port: u16) -> Vec<Listener> {
         vec![Listener {
             addr: std::net::SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
             pid: Some(300),
@@ -232,8 +241,16 @@ fn other_drops_are_drop_records_oriented_to_this_host() {
         (d[0].saddr, d[0].sport, d[0].daddr, d[0].dport),
         (ip(2), 3306, ip(1), SPORT)
     );
-    assert_eq!((d[0].tcp_flags.as_str(), d[0].pid), ("SYN", None));
-    assert_eq!(e.summary().drops_by_reason.get("NO_SOCKET"), Some(&1));
+    assert_eq!(
+        (d[0].tcp_flags.to_string().as_str(), d[0].pid),
+        ("SYN", None)
+    );
+    assert_eq!(
+        e.summary()
+            .drops_by_reason
+            .get(&DropReason::new("NO_SOCKET")),
+        Some(&1)
+    );
     assert!(e.take_drops().is_empty(), "records are taken once");
     none(e.finish(LATER));
 }
@@ -285,17 +302,17 @@ fn incoming_packet_carrying_a_local_socket_is_not_outgoing() {
     let d = e.take_drops();
     assert_eq!(d[0].direction, Direction::In);
     assert_eq!(
-        (d[0].sport, d[0].dport, d[0].tcp_flags.as_str()),
+        (d[0].sport, d[0].dport, d[0].tcp_flags.to_string().as_str()),
         (3306, 51_000, "ACK")
     );
 }
 
 #[test]
 fn flag_names() {
-    assert_eq!(decide::tcp_flag_names(0x02), "SYN");
-    assert_eq!(decide::tcp_flag_names(0x12), "SYN|ACK");
-    assert_eq!(decide::tcp_flag_names(0x11), "ACK|FIN");
-    assert_eq!(decide::tcp_flag_names(0), "none");
+    assert_eq!(TcpFlags(0x02).to_string(), "SYN");
+    assert_eq!(TcpFlags(0x12).to_string(), "SYN|ACK");
+    assert_eq!(TcpFlags(0x11).to_string(), "ACK|FIN");
+    assert_eq!(TcpFlags(0).to_string(), "none");
 }
 
 #[test]
@@ -311,14 +328,19 @@ fn the_no_socket_drop_of_a_refused_syn_is_the_refusal_not_another_drop() {
     };
     none(e.handle(dropped(MS + 1_000, 0, syn, SYN, "NO_SOCKET")));
     assert!(e.take_drops().is_empty());
-    assert_eq!(e.summary().drops_by_reason.get("NO_SOCKET"), Some(&1));
+    assert_eq!(
+        e.summary()
+            .drops_by_reason
+            .get(&DropReason::new("NO_SOCKET")),
+        Some(&1)
+    );
 }
 
 /// Answers with the rule text of the call's number: the ruleset changes between calls.
 struct ChangingRules(u32);
 
 impl RuleLookup for ChangingRules {
-    fn find(&mut self, _netns: u32, _hook: Option<NfHook>, _ipv6: bool) -> RuleFinding {
+    fn find(&mut self, _netns: Option<u32>, _hook: Option<NfHook>, _ipv6: bool) -> RuleFinding {
         self.0 += 1;
         let mut r = rule(RuleAction::Drop);
         r.text = format!("rule {}", self.0);
@@ -350,7 +372,12 @@ fn a_flood_of_drops_is_capped_at_fifty_records_a_second_and_counted() {
     }
     assert_eq!(e.take_drops().len(), 50);
     assert_eq!(e.summary().drop_records_suppressed, 70);
-    assert_eq!(e.summary().drops_by_reason.get("TCP_OLD_ACK"), Some(&120));
+    assert_eq!(
+        e.summary()
+            .drops_by_reason
+            .get(&DropReason::new("TCP_OLD_ACK")),
+        Some(&120)
+    );
     // The next second starts afresh.
     none(e.handle(dropped(3 * SEC, 0, tuple(SPORT, 3306), ACK, "TCP_OLD_ACK")));
     assert_eq!(e.take_drops().len(), 1);

@@ -53,7 +53,7 @@ fn clients_are_not_judged_by_expect_comm() {
 struct Table(Vec<Listener>);
 
 impl ListenerLookup for Table {
-    fn listening_on(&mut self, _netns: u32, _port: u16) -> Vec<Listener> {
+    fn listening_on(&mut self, _netns: Option<u32>, _port: u16) -> Vec<Listener> {
         self.0.clone()
     }
 }

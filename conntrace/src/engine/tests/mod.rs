@@ -7,8 +7,11 @@ use std::{
 
 use serde_json::Value;
 
-use super::model::{Outcome, Reason, TcpState as S};
 use super::*;
+use crate::engine::{
+    facts::{DropReason, Errno, FourTuple, Meta, Proc, TcpFlags, TcpState, TcpState as S},
+    verdict::{Outcome, Reason},
+};
 
 const MS: u64 = 1_000_000;
 const SEC: u64 = 1_000 * MS;
@@ -26,8 +29,8 @@ fn ip(last: u8) -> IpAddr {
 }
 
 fn meta(ts_ns: u64, pid: u32, comm: &str) -> Meta {
-    let (netns, tid, comm) = (NETNS, pid, comm.into());
-    let proc = Proc { pid, tid, comm };
+    let (netns, comm) = (Some(NETNS), comm.into());
+    let proc = Proc { pid, comm };
     Meta { ts_ns, netns, proc }
 }
 
@@ -86,8 +89,10 @@ impl Sock {
         }
     }
 
+    /// `inet_sk_error_report` with `errno` (0: a soft error).
     fn err(self, ts: u64, errno: i32) -> KernelEvent {
         let (meta, tuple) = (softirq(ts), self.t);
+        let errno = (errno != 0).then_some(Errno(errno));
         KernelEvent::SocketError { meta, tuple, errno }
     }
 
@@ -108,7 +113,7 @@ impl Sock {
     }
     fn accepted(self, ts: u64, pid: u32, comm: &str) -> KernelEvent {
         let (meta, sk) = (meta(ts, pid, comm), self.sk);
-        KernelEvent::Accepted { meta, sk, fd: 7 }
+        KernelEvent::Accepted { meta, sk }
     }
 
     /// connect() returned `-errno`; the local end is unspecified.
@@ -119,7 +124,7 @@ impl Sock {
             meta: meta(ts, pid, comm),
             sk: self.sk,
             tuple,
-            errno,
+            errno: Errno(errno),
         }
     }
 }
@@ -130,9 +135,8 @@ fn rst_sent_no_socket(ts: u64) -> KernelEvent {
         meta: softirq(ts),
         sk: 0,
         tuple,
-        state: None,
         reason,
-        answered_flags: Some(0x02),
+        answered_flags: Some(TcpFlags(0x02)),
     }
 }
 
@@ -173,7 +177,7 @@ fn check(v: &Verdict, spec: &str) {
     let name = |x: Value| x.as_str().unwrap().to_owned();
     let side = name(serde_json::to_value(v.side).unwrap());
     let outcome = name(serde_json::to_value(v.outcome).unwrap());
-    let errno = v.errno.as_deref().unwrap_or("-");
+    let errno = v.errno.map_or_else(|| "-".to_owned(), |e| e.to_string());
     let got = format!("{side} {outcome} {} {errno}", v.reason.code());
     assert_eq!(got, spec, "{v:#?}");
 }
@@ -187,9 +191,9 @@ fn who(v: &Verdict) -> String {
     format!("{pid}/{comm} {saddr}:{sport}>{}:{}", v.daddr, v.dport)
 }
 
-/// A detail value, `Null` when absent.
+/// A detail value as serialized, `Null` when absent.
 fn detail(v: &Verdict, key: &str) -> Value {
-    v.detail.get(key).cloned().unwrap_or(Value::Null)
+    serde_json::to_value(&v.detail).unwrap()[key].clone()
 }
 
 /// (events, expired_unresolved, unmatched_errors, tracked).
@@ -254,7 +258,7 @@ fn healthy_client_reports_established_only_with_all() {
     check(&v, "client established established -");
     assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
     assert_eq!(v.kernel_reason.as_deref(), Some("TCP_ESTABLISHED"));
-    assert_eq!((v.netns, v.duration_ms), (NETNS, 1.0));
+    assert_eq!((v.netns, v.duration_ms), (Some(NETNS), 1.0));
     assert_eq!(detail(&v, "accepted"), Value::Null, "no accept()");
     assert_eq!(e.tracked(), 0);
 }
@@ -338,7 +342,6 @@ fn socketless_reset_to_a_late_segment_is_not_a_refusal() {
             meta,
             sk,
             tuple,
-            state,
             reason,
             ..
         } = rst_sent_no_socket(MS)
@@ -349,9 +352,8 @@ fn socketless_reset_to_a_late_segment_is_not_a_refusal() {
             meta,
             sk,
             tuple,
-            state,
             reason,
-            answered_flags: Some(flags),
+            answered_flags: Some(TcpFlags(flags)),
         };
         let (e, out) = run(EngineConfig::default(), vec![ev]);
         assert!(out.is_empty(), "flags {flags:#x}: {out:?}");

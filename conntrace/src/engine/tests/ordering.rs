@@ -120,7 +120,7 @@ fn socket_error_read_at_close_survives_a_zero_error_report() {
     let c = Sock::client(SK_A, SPORT);
     let mut close = c.st(2 * MS, S::SynSent, S::Close);
     if let KernelEvent::State { sk_err, .. } = &mut close {
-        *sk_err = Some(111);
+        *sk_err = Some(Errno(111));
     }
     let v = run_default(vec![c.connect(MS, 100, "client"), close, c.err(2 * MS, 0)]);
     check(&v, "client failed icmp_unreachable ECONNREFUSED");

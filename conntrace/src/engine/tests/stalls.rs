@@ -1,7 +1,7 @@
 //! Stalled connections (no greeting, no response, not accepted) and SYN cookies.
 
 use super::*;
-use crate::engine::model::{DroppedPacket, NfHook};
+use crate::engine::facts::{DroppedPacket, NfHook};
 
 const STALL: u64 = 3 * SEC;
 
@@ -81,7 +81,7 @@ fn a_stuck_connection_that_dies_gets_one_failed_follow_up() {
         (Outcome::Failed, Reason::StalledNoGreeting)
     );
     assert_eq!(detail(&v, "ended_by"), "reset_by_peer");
-    assert_eq!(v.errno.as_deref(), Some("ECONNRESET"));
+    assert_eq!(v.errno, Some(Errno::ECONNRESET));
     assert!((detail(&v, "stuck_ms").as_f64().unwrap() - 9998.0).abs() < 0.01);
 }
 
@@ -135,9 +135,9 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
             daddr: ip(1),
             dport: 3306,
         },
-        reason: "NETFILTER_DROP".into(),
+        reason: DropReason::new("NETFILTER_DROP"),
         location: "nft_do_chain+0x3e8".into(),
-        tcp_flags: 0x10,
+        tcp_flags: TcpFlags(0x10),
         hook: Some(NfHook::Input),
     });
     none(e.handle(ack));
@@ -217,7 +217,6 @@ fn a_cookie_ack_answered_by_the_listener_with_a_reset_failed_validation() {
         meta: softirq(2 * MS),
         sk: SK_C,
         tuple: tuple(3306, 51_000),
-        state: Some(S::Listen),
         reason: Some("NOT_SPECIFIED".into()),
         answered_flags: None,
     }));

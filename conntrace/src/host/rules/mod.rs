@@ -45,7 +45,10 @@ use nix::sched::{CloneFlags, setns};
 use tracing::{debug, warn};
 
 use self::nft::{Chain, Rule, Table, parse_ruleset};
-use crate::engine::model::{FirewallRule, NfHook, RuleFinding, RuleLookup};
+use crate::engine::{
+    facts::NfHook,
+    lookup::{FirewallRule, RuleFinding, RuleLookup},
+};
 
 /// `nft` normally answers in milliseconds; a hung one is killed after this.
 const NFT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -132,13 +135,11 @@ impl RuleCounters {
 
     fn try_find(
         &mut self,
-        netns: u32,
+        netns: Option<u32>,
         hook: Option<NfHook>,
         ipv6: bool,
     ) -> Result<RuleFinding, RulesError> {
-        if netns == 0 {
-            return Err(RulesError::NoNetns);
-        }
+        let netns = netns.ok_or(RulesError::NoNetns)?;
         self.latest.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
         if !self.latest.contains_key(&netns) {
             let (path, ns) = self.open(netns)?;
@@ -169,11 +170,11 @@ impl RuleCounters {
 }
 
 impl RuleLookup for RuleCounters {
-    fn find(&mut self, netns: u32, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
+    fn find(&mut self, netns: Option<u32>, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
         match self.try_find(netns, hook, ipv6) {
             Ok(finding) => finding,
             Err(error) => {
-                debug!(netns, %error, "firewall rule look-up failed");
+                debug!(?netns, %error, "firewall rule look-up failed");
                 RuleFinding::NotFound {
                     why: error.to_string(),
                 }

@@ -2,7 +2,7 @@
 //! base chains), and each rule's handle, packet counter, final verdict and jump targets. Pure: no
 //! I/O. Anything it does not understand (sets, maps, flowtables, comment lines) is skipped.
 
-use crate::engine::model::RuleAction;
+use crate::engine::lookup::RuleAction;
 
 /// One `table FAMILY NAME { ... }` block.
 #[derive(Debug, Clone, PartialEq, Eq)]

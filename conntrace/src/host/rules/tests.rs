@@ -3,7 +3,7 @@ use super::{
     nft::tests::{MIXED, SETS_AND_MAPS},
     *,
 };
-use crate::engine::model::RuleAction;
+use crate::engine::lookup::RuleAction;
 
 /// `nft -a list ruleset` in a namespace after SYNs to 127.0.0.1:5 (dropped in MYCHAIN),
 /// 127.0.0.1:3307 (rejected) and [::1]:3309 (rejected); the rules had been added with
@@ -179,11 +179,11 @@ fn namespaces() {
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        why(lookup.find(0, IN, false)),
+        why(lookup.find(None, IN, false)),
         "the kernel did not report the drop's network namespace"
     );
     assert_eq!(
-        why(lookup.find(1, IN, false)),
+        why(lookup.find(Some(1), IN, false)),
         "network namespace 1 not found"
     );
 }

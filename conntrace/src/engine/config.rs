@@ -1,0 +1,42 @@
+//! The engine's settings.
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Emit a verdict for established connections too (`--all`).
+    pub report_established: bool,
+    /// How long an established connection may go without receiving data (client) or being
+    /// accepted (server) before it is reported stalled; 0 turns stall verdicts off.
+    pub stall_timeout_ns: u64,
+    /// How long a closed connection waits for late facts (error report) before it is decided.
+    pub grace_ns: u64,
+    /// Most connections tracked at once; the oldest are forgotten (and counted) beyond it.
+    pub max_connections: usize,
+    /// A connection with no event for this long is forgotten (and counted if unresolved).
+    pub idle_expiry_ns: u64,
+    /// Whether resets are observed (the reset tracepoints attached). Without them, ECONNREFUSED
+    /// cannot be told apart from an ICMP port unreachable.
+    pub resets_observed: bool,
+    /// Whether the kernel traces resets sent without a socket (`tcp_send_reset` from 6.10).
+    /// Before that a refused SYN shows only as its `NO_SOCKET` drop, which then is the
+    /// server's refusal.
+    pub socketless_resets_traced: bool,
+    /// `--expect-comm`: the only processes that should accept connections on the traced ports;
+    /// empty means any.
+    pub expected_comms: Vec<String>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            report_established: false,
+            stall_timeout_ns: 3_000_000_000,
+            grace_ns: 200_000_000,
+            max_connections: 65_536,
+            idle_expiry_ns: 3_600_000_000_000,
+            resets_observed: true,
+            socketless_resets_traced: true,
+            expected_comms: Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! Each kind of kernel event applied to the engine's facts: where connections start, become
+//! established and close; errors, resets and retransmits; accept(); first data; drops and
+//! cookies. Decisions are left to `rules`; this file only records and routes.
+
+use super::{
+    Engine,
+    facts::{DroppedPacket, Errno, FourTuple, KernelEvent, Meta, TcpFlags, TcpState},
+    rules,
+    state::{Attempt, Conn, HandshakeDrop, Opening, OrphanError, Report, attempt},
+    verdict::{Direction, Side, Verdict},
+};
+use crate::engine::facts::DropReason;
+
+impl Engine {
+    /// Applies one event to the state, pushing the verdicts it completes.
+    pub(super) fn apply(&mut self, ev: KernelEvent, out: &mut Vec<Verdict>) {
+        match ev {
+            KernelEvent::State {
+                meta,
+                sk,
+                tuple,
+                old,
+                new,
+                sk_err,
+            } => self.on_state(meta, sk, tuple, (old, new, sk_err), out),
+            KernelEvent::SocketError { meta, tuple, errno } => {
+                self.on_socket_error(&meta, tuple, errno);
+                self.decide_ready(meta.ts_ns, out);
+            }
+            KernelEvent::ResetReceived { meta, sk, tuple } => {
+                if let Some(c) = self.table.by_sk_mut(sk) {
+                    c.rst_received.get_or_insert(c.state);
+                    c.tuple = tuple;
+                    c.last_ns = meta.ts_ns;
+                }
+            }
+            KernelEvent::ResetSent {
+                meta,
+                sk,
+                tuple,
+                reason,
+                answered_flags,
+            } => self.on_reset_sent(meta, sk, tuple, reason, answered_flags, out),
+            KernelEvent::SynRetransmit { meta, sk, tuple } => {
+                if self.table.by_sk(sk).is_none() {
+                    let c = Conn::new(sk, Side::Client, &meta, tuple, TcpState::SynSent);
+                    self.insert(c, out);
+                }
+                if let Some(c) = self.table.by_sk_mut(sk) {
+                    c.syn_retransmits += 1;
+                    c.tuple = tuple;
+                    c.last_ns = meta.ts_ns;
+                }
+            }
+            KernelEvent::Accepted { meta, sk } => self.on_accepted(&meta, sk, out),
+            KernelEvent::Dropped(d) => self.on_drop(d, out),
+            KernelEvent::FirstData { meta, sk, outgoing } => {
+                self.on_first_data(sk, outgoing, meta.ts_ns, out);
+            }
+            KernelEvent::CookieSent { meta, tuple } => self.on_cookie(&meta, tuple),
+            KernelEvent::ListenOverflow {
+                meta,
+                listener,
+                accept_queue,
+                backlog,
+                overflows,
+            } => {
+                let queue = (accept_queue, backlog);
+                let v = rules::listener::overflow(&meta, listener, queue, overflows);
+                self.emit(out, v);
+            }
+            KernelEvent::ConnectFailed {
+                meta,
+                sk,
+                tuple,
+                errno,
+            } => self.on_connect_failed(&meta, sk, tuple, errno, out),
+        }
+    }
+
+    fn on_state(
+        &mut self,
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        (old, new, sk_err): (TcpState, TcpState, Option<Errno>),
+        out: &mut Vec<Verdict>,
+    ) {
+        let ts = meta.ts_ns;
+        if matches!(
+            (old, new),
+            (_, TcpState::SynSent) | (TcpState::Listen, TcpState::SynRecv)
+        ) {
+            self.retire(sk, ts, out);
+        }
+        let known = self.table.id_of(sk).is_some();
+        match (old, new) {
+            (_, TcpState::SynSent) => {
+                // connect(): the current task is the connecting process.
+                let mut c = Conn::new(sk, Side::Client, &meta, tuple, new);
+                c.proc = Some(meta.proc.clone());
+                self.insert(c, out);
+                return;
+            }
+            (TcpState::Listen, TcpState::SynRecv) | (TcpState::SynRecv, TcpState::Established)
+                if !known =>
+            {
+                // A passive child socket; it runs in softirq context, so no process yet.
+                let c = Conn::new(sk, Side::Server, &meta, tuple, TcpState::SynRecv);
+                self.insert(c, out);
+                self.adopt_attempt(sk);
+            }
+            (TcpState::SynSent, _) if !known => {
+                // We missed connect() (started before us, or the event was lost).
+                let c = Conn::new(sk, Side::Client, &meta, tuple, old);
+                self.insert(c, out);
+            }
+            _ if !known => return,
+            _ => {}
+        }
+        let Some(id) = self.table.id_of(sk) else {
+            return;
+        };
+        let Some(c) = self.table.get_mut(id) else {
+            return;
+        };
+        c.last_ns = ts;
+        if tuple.sport != 0 {
+            c.tuple = tuple;
+        }
+        c.state = new;
+        let mut verdict = None;
+        match new {
+            TcpState::Established => {
+                c.establish(ts);
+                match c.side {
+                    Side::Client => {
+                        self.summary.established.0 += 1;
+                        self.summary
+                            .connect_latency(ts.saturating_sub(c.started_ns));
+                    }
+                    Side::Server => self.summary.established.1 += 1,
+                }
+                // A client knows its process from connect(); a server waits for accept().
+                if (c.side == Side::Client || c.accepted_ns.is_some())
+                    && c.report == Report::Pending
+                {
+                    c.report = Report::Established;
+                    verdict = rules::established::on_established(c, ts, &self.cfg);
+                }
+            }
+            TcpState::FinWait1 | TcpState::CloseWait | TcpState::LastAck | TcpState::Closing => {
+                c.start_shutdown();
+            }
+            TcpState::Close => {
+                c.close(ts, old);
+                if let Some(errno) = sk_err {
+                    c.set_error(Some(errno));
+                }
+            }
+            _ => {}
+        }
+        if let Some(v) = verdict {
+            self.emit(out, v);
+        }
+        if new == TcpState::Close {
+            self.join_orphan_error(id);
+            self.table.mark_closing(id);
+            self.decide_ready(ts, out);
+        }
+    }
+
+    /// An error report that came before this connection's full tuple was known; one older
+    /// than the connection itself belongs to an earlier socket.
+    fn join_orphan_error(&mut self, id: super::state::ConnId) {
+        let Some((tuple, started)) = self.table.get(id).map(|c| (c.tuple, c.started_ns)) else {
+            return;
+        };
+        if let Some(orphan) = self.table.take_orphan_error(&tuple)
+            && orphan.ts_ns >= started
+            && let Some(c) = self.table.get_mut(id)
+        {
+            c.set_error(orphan.errno);
+        }
+    }
+
+    fn on_socket_error(&mut self, meta: &Meta, tuple: FourTuple, errno: Option<Errno>) {
+        let found = self
+            .table
+            .id_by_tuple(&tuple)
+            .and_then(|id| self.table.get_mut(id))
+            .filter(|c| c.errno().is_none());
+        match found {
+            Some(c) => {
+                c.set_error(errno);
+                c.last_ns = meta.ts_ns;
+            }
+            None => {
+                let orphan = OrphanError {
+                    ts_ns: meta.ts_ns,
+                    errno,
+                };
+                if !self.table.keep_orphan_error(tuple, orphan) {
+                    self.summary.unmatched_errors += 1;
+                }
+            }
+        }
+    }
+
+    fn on_reset_sent(
+        &mut self,
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        reason: Option<String>,
+        answered_flags: Option<TcpFlags>,
+        out: &mut Vec<Verdict>,
+    ) {
+        if sk != 0 {
+            if let Some(c) = self.table.by_sk_mut(sk) {
+                c.last_ns = meta.ts_ns;
+            } else if let Some(a) = self.table.attempt_mut(&(meta.netns, tuple))
+                && let Some(cookies) = a.cookies.as_mut()
+            {
+                // A listener answering a cookie attempt's ACK with a RST: the cookie failed
+                // validation.
+                cookies.rejected = true;
+            }
+        } else if let Some(v) =
+            rules::handshake::refused_without_socket(&meta, tuple, reason, answered_flags)
+        {
+            self.table.remember_refusal((meta.netns, tuple), meta.ts_ns);
+            self.emit(out, v);
+        } else {
+            // A late or stray segment (an ACK, FIN or data for a socket already gone).
+            self.summary.stray_resets += 1;
+        }
+    }
+
+    fn on_accepted(&mut self, meta: &Meta, sk: u64, out: &mut Vec<Verdict>) {
+        let mut verdict = None;
+        if let Some(c) = self.table.by_sk_mut(sk) {
+            c.proc = Some(meta.proc.clone());
+            c.accepted_ns = Some(meta.ts_ns);
+            c.last_ns = meta.ts_ns;
+            // The child is queued before its ESTABLISHED event fires, so accept() may be seen
+            // first; the verdict then waits for ESTABLISHED.
+            if c.side == Side::Server && c.report == Report::Pending && c.established_ns().is_some()
+            {
+                c.report = Report::Established;
+                verdict = rules::established::on_established(c, meta.ts_ns, &self.cfg);
+            } else if c.side == Side::Server
+                && let Some(stall) = c.open_stall()
+                && stall.reason == super::verdict::Reason::NotAccepted
+            {
+                c.report = Report::Settled(stall);
+                verdict = Some(rules::stalls::resolved(c, stall, meta.ts_ns));
+            }
+        }
+        if let Some(v) = verdict {
+            self.emit(out, v);
+        }
+    }
+
+    /// The first data in one direction: a stalled client that receives gets going.
+    fn on_first_data(&mut self, sk: u64, outgoing: bool, ts_ns: u64, out: &mut Vec<Verdict>) {
+        let Some(c) = self.table.by_sk_mut(sk) else {
+            return;
+        };
+        c.last_ns = ts_ns;
+        if outgoing {
+            c.first_tx_ns.get_or_insert(ts_ns);
+            return;
+        }
+        c.first_rx_ns.get_or_insert(ts_ns);
+        let v = match c.open_stall() {
+            Some(s) if s.reason != super::verdict::Reason::NotAccepted => {
+                c.report = Report::Settled(s);
+                Some(rules::stalls::resolved(c, s, ts_ns))
+            }
+            _ => None,
+        };
+        if let Some(v) = v {
+            self.emit(out, v);
+        }
+    }
+
+    fn on_connect_failed(
+        &mut self,
+        meta: &Meta,
+        sk: u64,
+        tuple: FourTuple,
+        errno: Errno,
+        out: &mut Vec<Verdict>,
+    ) {
+        if let Some(c) = self.table.by_sk_mut(sk) {
+            c.connect_errno = Some(errno);
+            c.last_ns = meta.ts_ns;
+        } else if self.table.recently_decided(sk).is_some_and(|d| {
+            sk != 0
+                && d.daddr == tuple.daddr
+                && d.dport == tuple.dport
+                && d.pid == Some(meta.proc.pid)
+        }) {
+            // connect() reporting a failure whose verdict is already out.
+        } else if let Some(v) = rules::handshake::connect_failed(meta, tuple, errno, sk != 0) {
+            self.emit(out, v);
+        }
+    }
+
+    fn on_drop(&mut self, f: DroppedPacket, out: &mut Vec<Verdict>) {
+        *self
+            .summary
+            .drops_by_reason
+            .entry(f.reason.clone())
+            .or_default() += 1;
+        // The packet is outgoing when a local socket sent it: its source is that socket's own
+        // end. Incoming packets can carry a socket too (early demux).
+        let owner = self
+            .table
+            .by_sk(f.sk)
+            .map(|c| (c.tuple.sport, c.proc.clone()));
+        let outgoing = f.sk != 0
+            && f.rx_sk == 0
+            && owner
+                .as_ref()
+                .is_none_or(|(sport, _)| *sport == f.packet.sport || *sport == 0);
+        let local = if outgoing {
+            f.packet
+        } else {
+            f.packet.reversed()
+        };
+        let mut hs = HandshakeDrop {
+            reason: f.reason.clone(),
+            location: f.location.clone(),
+            hook: f.hook,
+            direction: if outgoing {
+                Direction::Out
+            } else {
+                Direction::In
+            },
+            tcp_flags: f.tcp_flags,
+            count: 1,
+            first_ns: f.meta.ts_ns,
+            last_ns: f.meta.ts_ns,
+            rule: None,
+        };
+        let netns = f.meta.netns;
+        // A drop during a handshake belongs to that connection.
+        let id = (if outgoing {
+            self.table.id_of(f.sk)
+        } else {
+            None
+        })
+        .or_else(|| self.table.id_by_tuple(&local));
+        let joins = id.and_then(|id| self.table.get(id)).is_some_and(|c| {
+            c.established_ns().is_none()
+                && (c.netns == netns || c.netns.is_none() || netns.is_none())
+        });
+        if joins && let Some(c) = id.and_then(|id| self.table.get(id)) {
+            if needs_rule(&c.drops, &hs) {
+                hs.rule = self.look_up_rule(netns, &hs, f.packet.daddr.is_ipv6());
+            }
+            if let Some(c) = id.and_then(|id| self.table.get_mut(id)) {
+                c.last_ns = f.meta.ts_ns;
+                attempt::record(&mut c.drops, hs);
+            }
+            return;
+        }
+        if !outgoing && f.reason == DropReason::NO_SOCKET {
+            // The SYN of a refusal just reported: the drop is the refusal itself.
+            if self.table.was_refused(&(netns, local)) {
+                return;
+            }
+            // Before 6.10 the socket-less reset is not traced: the SYN's NO_SOCKET drop is the
+            // only sign of the refusal (the kernel answers it with a RST right before freeing
+            // it).
+            if !self.cfg.socketless_resets_traced
+                && let Some(v) = rules::handshake::refused_without_socket(
+                    &f.meta,
+                    local,
+                    Some(f.reason.to_string()),
+                    Some(f.tcp_flags),
+                )
+            {
+                self.emit(out, v);
+                return;
+            }
+        }
+        // Retransmissions are sent from timers: name the owning connection's process, not
+        // whatever task was current.
+        let proc = if outgoing {
+            owner.and_then(|(_, p)| p)
+        } else {
+            None
+        };
+        let key = (netns, local);
+        // Only a packet of no known connection can be an attempt's; drops on established
+        // connections are reported alone. A socket decided moments ago (its SYNs purged after
+        // it timed out) is no new attempt.
+        let decided = outgoing && self.table.recently_decided(f.sk).is_some();
+        if id.is_none()
+            && !decided
+            && rules::drops::makes_attempt(&f.reason)
+            && self.table.has_room_for_attempt(&key)
+        {
+            if needs_rule(
+                self.table.attempt(&key).map_or(&[], |a| a.drops.as_slice()),
+                &hs,
+            ) {
+                hs.rule = self.look_up_rule(netns, &hs, f.packet.daddr.is_ipv6());
+            }
+            if let Some(a) = self
+                .table
+                .attempt_entry(key, || Attempt::new(&f.meta, local, proc.clone()))
+            {
+                attempt::record(&mut a.drops, hs);
+            }
+            return;
+        }
+        // A flood must not become a flood of lines: at most RECORDS_PER_SECOND records per
+        // namespace and reason each second; the rest are counted.
+        if !self.within_rate((netns, f.reason.to_string()), f.meta.ts_ns) {
+            self.summary.drop_records_suppressed += 1;
+            return;
+        }
+        let what = (f.reason, f.location, f.tcp_flags);
+        self.drops.push(rules::drops::record(
+            &f.meta, f.packet, outgoing, proc, what,
+        ));
+    }
+
+    /// The rule behind a netfilter drop, when a look-up is configured.
+    fn look_up_rule(
+        &mut self,
+        netns: Option<u32>,
+        drop: &HandshakeDrop,
+        ipv6: bool,
+    ) -> Option<super::lookup::RuleFinding> {
+        let rules = self.rules.as_mut()?;
+        Some(rules.find(netns, drop.hook, ipv6))
+    }
+
+    /// A connection just appeared on this host: drops of its attempt that came before (a SYN
+    /// dropped before one got through) become its own, and its cookie validated.
+    fn adopt_attempt(&mut self, sk: u64) {
+        let Some(c) = self.table.by_sk(sk) else {
+            return;
+        };
+        if c.tuple.sport == 0 {
+            return;
+        }
+        let key = (c.netns, c.tuple);
+        let Some(a) = self.table.take_attempt(&key) else {
+            return;
+        };
+        if a.cookies.is_some() {
+            self.summary.listener(&a.tuple).cookies_validated += 1;
+        }
+        if let Some(c) = self.table.by_sk_mut(sk) {
+            if a.cookies.is_some() {
+                c.opening = Opening::SynCookie;
+            }
+            for d in a.drops {
+                attempt::record(&mut c.drops, d);
+            }
+        }
+    }
+
+    /// A listener answered a SYN with a cookie: no request socket exists for the attempt, so
+    /// it is followed here until a connection takes it over or it ends without one.
+    fn on_cookie(&mut self, meta: &Meta, tuple: FourTuple) {
+        self.summary.listener(&tuple).cookies_sent += 1;
+        if let Some(a) = self
+            .table
+            .attempt_entry((meta.netns, tuple), || Attempt::new(meta, tuple, None))
+        {
+            a.cookie_sent(meta.ts_ns);
+        }
+    }
+}
+
+/// A netfilter drop of a kind not yet in `drops`: its rule is looked up now.
+fn needs_rule(drops: &[HandshakeDrop], new: &HandshakeDrop) -> bool {
+    new.reason == DropReason::NETFILTER_DROP && !drops.iter().any(|d| d.same_kind(new))
+}

@@ -1,0 +1,143 @@
+//! The reason engine's input: kernel facts in plain Rust types, independent of the wire format
+//! (`kernel::decode` builds them from ring-buffer records; `host::counters` from TcpExt
+//! counters). A fact the kernel side could not read is `None`, never a made-up 0.
+
+pub mod names;
+
+use std::net::{IpAddr, SocketAddr};
+
+pub use self::names::{DropReason, Errno, NfHook, TcpFlags, TcpState};
+
+/// Addresses and ports from the reporting host's point of view (`s` = local).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FourTuple {
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+}
+
+impl FourTuple {
+    /// The same connection seen from the other end.
+    pub fn reversed(self) -> Self {
+        Self {
+            saddr: self.daddr,
+            sport: self.dport,
+            daddr: self.saddr,
+            dport: self.sport,
+        }
+    }
+}
+
+/// The task that was current when the kernel fired the event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proc {
+    /// Thread-group id: the process.
+    pub pid: u32,
+    /// At most 15 bytes: kept inline, as every kernel event carries one.
+    pub comm: compact_str::CompactString,
+}
+
+/// Facts every event carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Network namespace inode; `None` when the kernel side could not read it.
+    pub netns: Option<u32>,
+    pub proc: Proc,
+}
+
+/// A TCP packet of a traced port that the kernel dropped (`skb:kfree_skb`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DroppedPacket {
+    pub meta: Meta,
+    /// `skb->sk` and the tracepoint's `rx_sk`; 0 when none.
+    pub sk: u64,
+    pub rx_sk: u64,
+    /// The packet's own tuple (s = its source).
+    pub packet: FourTuple,
+    pub reason: DropReason,
+    /// Where it was dropped (`symbol+offset`).
+    pub location: String,
+    pub tcp_flags: TcpFlags,
+    /// For netfilter drops: the hook, from the kernel stack at the drop.
+    pub hook: Option<NfHook>,
+}
+
+/// One kernel fact, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    State {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        old: TcpState,
+        new: TcpState,
+        /// On a change to CLOSE: the socket's error, if it had one.
+        sk_err: Option<Errno>,
+    },
+    /// `inet_sk_error_report`. `errno` is `None` when the error was 0: an ICMP error came
+    /// while the process held the socket and went to `sk_err_soft`.
+    SocketError {
+        meta: Meta,
+        tuple: FourTuple,
+        errno: Option<Errno>,
+    },
+    ResetReceived {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+    },
+    /// `sk == 0`: the kernel answered a packet that matched no socket.
+    ResetSent {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        /// The kernel's reset reason (`enum sk_rst_reason` name, 6.10+).
+        reason: Option<String>,
+        /// Without a socket: TCP flags of the packet the reset answers, when readable.
+        answered_flags: Option<TcpFlags>,
+    },
+    SynRetransmit {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+    },
+    /// `accept()` returned socket `sk` to the current task.
+    Accepted { meta: Meta, sk: u64 },
+    /// The kernel dropped a TCP packet of a traced port (`skb:kfree_skb`).
+    Dropped(DroppedPacket),
+    /// The first data a socket received (`outgoing == false`) or sent.
+    FirstData { meta: Meta, sk: u64, outgoing: bool },
+    /// A listener sent a SYN cookie: `tuple` is the SYN-ACK's (s = the listener).
+    CookieSent { meta: Meta, tuple: FourTuple },
+    /// A listener's accept queue overflowed: its namespace's `TcpExtListenOverflows` counter grew
+    /// by `overflows` while the queue was full (read from /proc, not from an eBPF program).
+    ListenOverflow {
+        meta: Meta,
+        listener: SocketAddr,
+        accept_queue: u32,
+        backlog: u32,
+        overflows: u64,
+    },
+    /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
+    ConnectFailed {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        errno: Errno,
+    },
+}
+
+impl KernelEvent {
+    /// The socket the event is about, when it names one.
+    pub fn sk(&self) -> Option<u64> {
+        match self {
+            Self::State { sk, .. }
+            | Self::ResetReceived { sk, .. }
+            | Self::SynRetransmit { sk, .. } => Some(*sk),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Kernel drops that explain a failed handshake: `netfilter_drop`, `netfilter_reject` (the rule
+//! is a REJECT) and `neighbour_failed`; a full accept queue's drop is `listen_overflow`
+//! (`listener.rs`). A drop that explains nothing is a `drop` record.
+
+use conntrace_common::tcp::flags;
+
+use super::{cookies, listener, ms, socketless};
+use crate::engine::{
+    facts::{DropReason, Errno, FourTuple, Meta, Proc, TcpFlags},
+    lookup::{FirewallRule, RuleAction, RuleFinding},
+    state::{Attempt, Conn, HandshakeDrop},
+    verdict::{
+        Detail, Direction, DropRecord, Outcome, Reason, Side, Verdict,
+        detail::{AttemptDetail, DroppedKind, Policy, RuleRef},
+    },
+};
+
+/// The verdict reason a kernel drop reason stands for, if it explains a failed handshake.
+pub(crate) fn cause(reason: &DropReason) -> Option<Reason> {
+    match reason.as_str() {
+        DropReason::NETFILTER_DROP => Some(Reason::NetfilterDrop),
+        DropReason::NEIGH_FAILED => Some(Reason::NeighbourFailed),
+        r if listener::is_overflow_drop(r) => Some(Reason::ListenOverflow),
+        _ => None,
+    }
+}
+
+/// Whether drops of this kind, with no connection, make an attempt that gets a verdict.
+pub(crate) fn makes_attempt(reason: &DropReason) -> bool {
+    cause(reason).is_some()
+}
+
+/// `detail.drops`: the handshake's drops, by kind.
+pub(crate) fn kinds(drops: &[HandshakeDrop]) -> Vec<DroppedKind> {
+    drops
+        .iter()
+        .map(|d| DroppedKind {
+            kernel_reason: d.reason.clone(),
+            direction: d.direction,
+            tcp_flags: d.tcp_flags,
+            count: d.count,
+            location: d.location.clone(),
+            hook: d.hook,
+        })
+        .collect()
+}
+
+/// Whether the handshake of `c` failed in silence (no answer, or the local stack's own
+/// unreachable), so that a drop on the way is the cause.
+pub(crate) fn explains_silence(c: &Conn, v: &Verdict) -> bool {
+    let silent = matches!(v.reason, Reason::SynTimeout | Reason::Unknown)
+        || (v.reason == Reason::IcmpUnreachable && v.errno == Some(Errno::EHOSTUNREACH));
+    c.established_ns().is_none() && c.rst_received.is_none() && silent
+}
+
+/// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
+/// its drops in `detail.drops`. The most frequent explaining drop wins.
+pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {
+    if drops.is_empty() {
+        return;
+    }
+    if let Some(facts) = v.detail.drop_facts_mut() {
+        facts.drops = kinds(drops);
+    }
+    let explaining = drops
+        .iter()
+        .filter_map(|d| cause(&d.reason).map(|r| (r, d)))
+        .max_by_key(|(_, d)| d.count);
+    let Some((reason, d)) = explaining else {
+        return;
+    };
+    v.outcome = Outcome::Failed;
+    v.reason = reason;
+    v.kernel_reason = Some(d.reason.to_string());
+    if let Detail::Closed(closed) = &mut v.detail
+        && reason == Reason::NeighbourFailed
+    {
+        // The unreachable came from this host's own neighbour layer, not from the network.
+        closed.icmp = None;
+    }
+    if let Some(facts) = v.detail.drop_facts_mut() {
+        facts.hook = d.hook;
+        facts.dropped = Some(d.count);
+    }
+    if let Some(finding) = d.rule.clone() {
+        apply_rule(v, finding);
+    }
+    if v.side == Side::Server {
+        // The SYNs the client sent for this attempt, less the first.
+        let syns: u32 = drops
+            .iter()
+            .filter(|d| d.direction == Direction::In && d.tcp_flags.has(flags::SYN))
+            .map(|d| d.count)
+            .sum();
+        v.syn_retransmits = v.syn_retransmits.max(syns.saturating_sub(1));
+    }
+}
+
+/// Names the firewall rule behind a netfilter drop. A REJECT rule makes the verdict
+/// `netfilter_reject`: the kernel dropped the SYN and answered it.
+pub(crate) fn apply_rule(v: &mut Verdict, finding: RuleFinding) {
+    let reject_with = |rules: &[&FirewallRule]| -> Option<String> {
+        let mut withs = rules.iter().map(|r| match &r.action {
+            RuleAction::Reject { with } => Some(with.clone()),
+            RuleAction::Drop => None,
+        });
+        let first = withs.next()??;
+        withs
+            .all(|w| w.as_deref() == Some(first.as_str()))
+            .then_some(first)
+    };
+    let Some(facts) = v.detail.drop_facts_mut() else {
+        return;
+    };
+    let rejected = match finding {
+        RuleFinding::Rule(r) => {
+            let with = reject_with(&[&r]);
+            facts.rule = Some(RuleRef::Rule(r));
+            with
+        }
+        RuleFinding::Candidates(rs) => {
+            let with = reject_with(&rs.iter().collect::<Vec<_>>());
+            facts.rule_candidates = Some(rs);
+            with
+        }
+        RuleFinding::Policy {
+            family,
+            table,
+            chain,
+        } => {
+            facts.rule = Some(RuleRef::Policy {
+                family,
+                table,
+                chain,
+                policy: Policy::Drop,
+            });
+            None
+        }
+        RuleFinding::NotFound { why } => {
+            facts.rule_not_found = Some(why);
+            None
+        }
+    };
+    if let Some(with) = rejected {
+        facts.reject_with = Some(with);
+        // A REJECT answered: for a dropped handshake that is the verdict itself; for others
+        // (a lost cookie ACK) a fact about the drop.
+        if v.reason == Reason::NetfilterDrop {
+            v.reason = Reason::NetfilterReject;
+        }
+    }
+}
+
+/// Which side of the connection this host is, from the dropped segments: a SYN coming in or a
+/// SYN-ACK going out is a server's; the rest is a client's.
+fn attempt_side(drops: &[HandshakeDrop]) -> Side {
+    let server = drops.iter().any(|d| match d.direction {
+        Direction::In => !d.tcp_flags.has(flags::SYN) || !d.tcp_flags.has(flags::ACK),
+        Direction::Out => d.tcp_flags.is_syn_ack(),
+    });
+    if server { Side::Server } else { Side::Client }
+}
+
+/// The verdict of an attempt that ended without a connection on this host.
+pub(crate) fn attempt_verdict(a: &Attempt) -> Verdict {
+    let detail = Detail::Attempt(AttemptDetail::default());
+    let mut v = socketless(&a.meta, a.tuple, attempt_side(&a.drops), detail);
+    v.duration_ms = ms(a.first_ns(), a.last_ns());
+    v.ts_ns = a.last_ns();
+    if let Some(p) = &a.proc {
+        v.pid = Some(p.pid);
+        v.comm = Some(p.comm.to_string());
+    }
+    explain(&mut v, &a.drops);
+    if let Some(c) = a.cookies {
+        cookies::ack_lost(&mut v, c);
+    }
+    v
+}
+
+/// A dropped packet as this host sees it: `s` is this host's end.
+pub(crate) fn record(
+    meta: &Meta,
+    packet: FourTuple,
+    outgoing: bool,
+    proc: Option<Proc>,
+    (reason, location, tcp_flags): (DropReason, String, TcpFlags),
+) -> DropRecord {
+    let (direction, local) = if outgoing {
+        (Direction::Out, packet)
+    } else {
+        (Direction::In, packet.reversed())
+    };
+    DropRecord {
+        ts_ns: meta.ts_ns,
+        direction,
+        kernel_reason: reason,
+        location,
+        tcp_flags,
+        saddr: local.saddr,
+        sport: local.sport,
+        daddr: local.daddr,
+        dport: local.dport,
+        netns: meta.netns,
+        pid: proc.as_ref().map(|p| p.pid),
+        comm: proc.map(|p| p.comm.to_string()),
+    }
+}

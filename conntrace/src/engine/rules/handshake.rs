@@ -1,0 +1,160 @@
+//! Failed handshakes, as the socket and `connect()` tell them: `refused_no_listener`,
+//! `syn_timeout`, `icmp_unreachable`, `no_route` and `unknown`. A drop that explains a silent
+//! failure turns it into the drop's reason afterwards (`drops.rs`).
+
+use conntrace_common::tcp::flags;
+
+use super::{base, ms, socketless};
+use crate::engine::{
+    config::EngineConfig,
+    facts::{Errno, FourTuple, Meta, TcpFlags, TcpState},
+    state::{Conn, SocketError},
+    verdict::{
+        Detail, Outcome, Reason, Side, Verdict,
+        detail::{Answered, ClosedDetail, ConnectDetail, RefusalDetail, SynTimeoutCause, Syscall},
+    },
+};
+
+/// Errors only a handshake produces (a RST, an ICMP answer, a timeout).
+const HANDSHAKE_ERRORS: [Errno; 3] = [Errno::ECONNREFUSED, Errno::ETIMEDOUT, Errno::ECONNRESET];
+/// `connect()` results that are not a connection failure.
+const NOT_A_FAILURE: [Errno; 4] = [Errno::EALREADY, Errno::EISCONN, Errno::EINTR, Errno::EAGAIN];
+
+/// The verdict of a connection that closed before its handshake completed.
+pub(crate) fn failed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
+    let (at, from) = c.closed()?;
+    let errno = c.errno().or(c.connect_errno);
+    let mut d = ClosedDetail::new(from);
+    let (reason, kernel_reason) = if c.side == Side::Server {
+        // A passive connection that died in SYN_RECV (its final ACK never came, or a RST did).
+        d.rst_received = Some(c.rst_received.is_some());
+        (Reason::Unknown, from.name().into())
+    } else if c.rst_received.is_some() {
+        d.rst_received = Some(true);
+        let kernel = errno.map_or_else(|| "RST received in SYN_SENT".into(), |e| e.to_string());
+        (Reason::RefusedNoListener, kernel)
+    } else {
+        client_error(c, errno, at, cfg, &mut d)
+    };
+    let mut v = base(c, at, Outcome::Failed, reason, Detail::Closed(d));
+    v.kernel_reason = Some(kernel_reason);
+    v.errno = errno;
+    Some(v)
+}
+
+/// A client whose handshake ended without a RST: what its error says.
+fn client_error(
+    c: &Conn,
+    errno: Option<Errno>,
+    at: u64,
+    cfg: &EngineConfig,
+    d: &mut ClosedDetail,
+) -> (Reason, String) {
+    let from = d.closed_from;
+    match errno {
+        Some(Errno::ECONNREFUSED) if cfg.resets_observed => {
+            // ECONNREFUSED without a RST: an ICMP port unreachable (e.g. REJECT).
+            d.icmp = Some("port-unreachable");
+            unanswered_syns(c, d);
+            (Reason::IcmpUnreachable, Errno::ECONNREFUSED.to_string())
+        }
+        Some(Errno::ECONNREFUSED) => (Reason::RefusedNoListener, Errno::ECONNREFUSED.to_string()),
+        Some(e @ (Errno::EHOSTUNREACH | Errno::ENETUNREACH | Errno::EACCES | Errno::EPERM)) => {
+            d.icmp = Some(match e {
+                Errno::ENETUNREACH => "net-unreachable or net-prohibited",
+                Errno::EHOSTUNREACH => "host-unreachable, host-prohibited or admin-prohibited",
+                _ => "prohibited",
+            });
+            unanswered_syns(c, d);
+            (Reason::IcmpUnreachable, e.to_string())
+        }
+        Some(Errno::ETIMEDOUT) => {
+            d.cause = Some(SynTimeoutCause::KernelGaveUp);
+            d.after_ms = Some(ms(c.started_ns, at));
+            (Reason::SynTimeout, Errno::ETIMEDOUT.to_string())
+        }
+        Some(e) => (Reason::Unknown, e.to_string()),
+        None if from == TcpState::SynSent && c.error == SocketError::Soft => {
+            // The ICMP error arrived while connect() held the socket: the kernel kept it as a
+            // soft error, the application read it (SO_ERROR) and closed.
+            d.icmp = Some("unknown: the application read the error before it could be seen");
+            (
+                Reason::IcmpUnreachable,
+                "ICMP error while the socket was busy".into(),
+            )
+        }
+        None if from == TcpState::SynSent => {
+            d.cause = Some(SynTimeoutCause::ApplicationClosed);
+            d.after_ms = Some(ms(c.started_ns, at));
+            (Reason::SynTimeout, "closed in TCP_SYN_SENT".into())
+        }
+        None => (Reason::Unknown, from.name().into()),
+    }
+}
+
+/// An ICMP answer that came only to a retransmitted SYN: the first SYNs went unanswered. A
+/// REJECT's ICMP is rate-limited per destination (`net.ipv4.icmp_ratelimit`, 1 s after a burst
+/// of 6), so a client opening connections quickly waits for its SYN retransmits.
+fn unanswered_syns(c: &Conn, d: &mut ClosedDetail) {
+    if c.syn_retransmits > 0 {
+        d.unanswered_syns = Some(c.syn_retransmits);
+    }
+}
+
+/// `connect()` failed before the socket changed state (no packet was sent).
+///
+/// `socket_known`: the kernel side resolved the socket, so a lifecycle event would have been
+/// seen had a SYN gone out. Without it, errors that only a handshake produces are left to the
+/// lifecycle events rather than reported twice.
+pub(crate) fn connect_failed(
+    meta: &Meta,
+    tuple: FourTuple,
+    errno: Errno,
+    socket_known: bool,
+) -> Option<Verdict> {
+    if NOT_A_FAILURE.contains(&errno) || (!socket_known && HANDSHAKE_ERRORS.contains(&errno)) {
+        return None;
+    }
+    let detail = Detail::Connect(ConnectDetail {
+        syscall: Syscall::Connect,
+        packets_sent: 0,
+    });
+    let mut v = socketless(meta, tuple, Side::Client, detail);
+    v.reason = match errno {
+        Errno::ENETUNREACH | Errno::EHOSTUNREACH => Reason::NoRoute,
+        _ => Reason::Unknown,
+    };
+    v.kernel_reason = Some(errno.to_string());
+    v.errno = Some(errno);
+    v.saddr = None;
+    v.sport = None;
+    v.pid = Some(meta.proc.pid);
+    v.comm = Some(meta.proc.comm.to_string());
+    Some(v)
+}
+
+/// This host sent a RST because no socket matched the packet. Only a SYN answered that way
+/// is a refused connection; when the packet could not be read, the RST is taken as one.
+pub(crate) fn refused_without_socket(
+    meta: &Meta,
+    tuple: FourTuple,
+    reason: Option<String>,
+    answered_flags: Option<TcpFlags>,
+) -> Option<Verdict> {
+    if answered_flags.is_some_and(|f| !f.has(flags::SYN) || f.has(flags::ACK)) {
+        return None;
+    }
+    let detail = Detail::Refusal(RefusalDetail {
+        rst_sent: true,
+        answered: if answered_flags.is_some() {
+            Answered::Syn
+        } else {
+            Answered::Unknown
+        },
+        listeners: None,
+    });
+    let mut v = socketless(meta, tuple, Side::Server, detail);
+    v.reason = Reason::RefusedNoListener;
+    v.kernel_reason = Some(reason.unwrap_or_else(|| "RST sent: no socket".into()));
+    Some(v)
+}

@@ -1,0 +1,107 @@
+//! The listener's view: `listen_overflow` (the accept queue was full) and
+//! `refused_bound_elsewhere` (a refused SYN while the service listens at another address),
+//! and the queue facts that `not_accepted` and `listen_overflow` verdicts carry.
+
+use std::net::{IpAddr, SocketAddr};
+
+use super::socketless;
+use crate::engine::{
+    facts::{DropReason, FourTuple, Meta},
+    lookup::Listener,
+    verdict::{
+        Detail, Reason, Side, Verdict,
+        detail::{ListenerRef, OverflowDetail, QueueFacts},
+    },
+};
+
+/// A final ACK dropped because the accept queue was full (recent kernels name it).
+pub(crate) fn is_overflow_drop(reason: &str) -> bool {
+    reason == DropReason::TCP_LISTEN_OVERFLOW
+}
+
+/// Whether the verdict needs the listeners on its port: to tell a refusal from a service bound
+/// elsewhere, or to name the queue it waits in.
+pub(crate) fn wants_listeners(v: &Verdict) -> bool {
+    v.side == Side::Server
+        && matches!(
+            v.reason,
+            Reason::ListenOverflow | Reason::NotAccepted | Reason::RefusedNoListener
+        )
+}
+
+/// Completes a server verdict with the listeners on its port (`listeners`).
+pub(crate) fn with_listeners(v: &mut Verdict, listeners: &[Listener]) {
+    bound_elsewhere(v, listeners);
+    queue(v, listeners);
+}
+
+/// A server refusal (no socket matched the SYN) while sockets listen on the same port at other
+/// addresses: the service is bound elsewhere (the seed's MySQL on 127.0.0.1 only). A listener on
+/// the refused address itself or on a wildcard address would have matched; then the refusal has
+/// another cause and the verdict stays as it is.
+fn bound_elsewhere(v: &mut Verdict, listeners: &[Listener]) {
+    if v.side != Side::Server || v.reason != Reason::RefusedNoListener || listeners.is_empty() {
+        return;
+    }
+    if listeners
+        .iter()
+        .any(|l| Some(l.addr.ip()) == v.saddr || l.addr.ip().is_unspecified())
+    {
+        return;
+    }
+    v.reason = Reason::RefusedBoundElsewhere;
+    if let Detail::Refusal(d) = &mut v.detail {
+        d.listeners = Some(listeners.iter().map(ListenerRef::from).collect());
+    }
+}
+
+/// For a full or unaccepted queue: the listener's accept queue and backlog, and who holds it.
+fn queue(v: &mut Verdict, listeners: &[Listener]) {
+    if !matches!(v.reason, Reason::ListenOverflow | Reason::NotAccepted) {
+        return;
+    }
+    let Some(l) = listeners
+        .iter()
+        .find(|l| Some(l.addr.ip()) == v.saddr)
+        .or_else(|| listeners.iter().find(|l| l.addr.ip().is_unspecified()))
+    else {
+        return;
+    };
+    if let Some(q) = v.detail.queue_mut() {
+        q.listener = Some(ListenerRef::from(l));
+        q.accept_queue = l.accept_queue.or(q.accept_queue);
+        q.backlog = l.backlog.or(q.backlog);
+    }
+}
+
+/// A listener-level overflow from the kernel's counter: no single client to name, so the
+/// remote end is the unspecified address and port 0.
+pub(crate) fn overflow(
+    meta: &Meta,
+    listener: SocketAddr,
+    (accept_queue, backlog): (u32, u32),
+    overflows: u64,
+) -> Verdict {
+    let unspecified = match listener {
+        SocketAddr::V4(_) => IpAddr::from([0u8; 4]),
+        SocketAddr::V6(_) => IpAddr::from([0u16; 8]),
+    };
+    let tuple = FourTuple {
+        saddr: listener.ip(),
+        sport: listener.port(),
+        daddr: unspecified,
+        dport: 0,
+    };
+    let detail = Detail::Overflow(OverflowDetail {
+        overflows,
+        queue: QueueFacts {
+            listener: None,
+            accept_queue: Some(accept_queue),
+            backlog: Some(backlog),
+        },
+    });
+    let mut v = socketless(meta, tuple, Side::Server, detail);
+    v.reason = Reason::ListenOverflow;
+    v.kernel_reason = Some("TcpExtListenOverflows".into());
+    v
+}

@@ -1,0 +1,99 @@
+//! Every reason's rule, one file per family of reasons; `REASONS` (`verdict::reason`) names the
+//! file that decides each. Rules are pure functions of the engine's facts (`state`): they read
+//! a connection or an attempt and return its verdict; they never touch the table.
+//!
+//! * `established.rs`: `established`, `unexpected_listener`.
+//! * `handshake.rs`: failed handshakes without a drop that explains them (`refused_no_listener`,
+//!   `syn_timeout`, `icmp_unreachable`, `no_route`, `unknown`).
+//! * `teardown.rs`: established connections that end badly (`reset_by_peer`, `timeout`).
+//! * `drops.rs`: the kernel drops that explain a failed handshake (`netfilter_drop`,
+//!   `netfilter_reject`, `neighbour_failed`), and `drop` records for the rest.
+//! * `listener.rs`: the listener's view (`listen_overflow`, `refused_bound_elsewhere`).
+//! * `cookies.rs`: `syncookie_ack_lost`.
+//! * `stalls.rs`: `stalled_no_greeting`, `stalled_no_response`, `not_accepted`.
+
+pub mod cookies;
+pub mod drops;
+pub mod established;
+pub mod handshake;
+pub mod listener;
+pub mod stalls;
+pub mod teardown;
+
+use super::{
+    config::EngineConfig,
+    facts::{FourTuple, Meta},
+    state::Conn,
+    verdict::{Detail, Outcome, Reason, Side, Verdict},
+};
+
+/// Milliseconds from `from_ns` to `to_ns`, to the microsecond.
+pub fn ms(from_ns: u64, to_ns: u64) -> f64 {
+    (to_ns.saturating_sub(from_ns) / 1_000) as f64 / 1_000.0
+}
+
+/// A verdict about connection `c` at `ts_ns`, with what every verdict carries.
+pub(super) fn base(
+    c: &Conn,
+    ts_ns: u64,
+    outcome: Outcome,
+    reason: Reason,
+    detail: Detail,
+) -> Verdict {
+    Verdict {
+        ts_ns,
+        side: c.side,
+        outcome,
+        reason,
+        kernel_reason: None,
+        errno: c.errno().or(c.connect_errno),
+        saddr: Some(c.tuple.saddr),
+        sport: (c.tuple.sport != 0).then_some(c.tuple.sport),
+        daddr: c.tuple.daddr,
+        dport: c.tuple.dport,
+        netns: c.netns,
+        pid: c.proc.as_ref().map(|p| p.pid),
+        comm: c.proc.as_ref().map(|p| p.comm.to_string()),
+        duration_ms: ms(c.started_ns, ts_ns),
+        syn_retransmits: c.syn_retransmits,
+        detail,
+    }
+}
+
+/// A failed verdict without a socket on this host (a refused or dropped SYN, a failed
+/// `connect()`): `tuple` is s = this host.
+pub(super) fn socketless(meta: &Meta, tuple: FourTuple, side: Side, detail: Detail) -> Verdict {
+    Verdict {
+        ts_ns: meta.ts_ns,
+        side,
+        outcome: Outcome::Failed,
+        reason: Reason::Unknown,
+        kernel_reason: None,
+        errno: None,
+        saddr: (!tuple.saddr.is_unspecified()).then_some(tuple.saddr),
+        sport: (tuple.sport != 0).then_some(tuple.sport),
+        daddr: tuple.daddr,
+        dport: tuple.dport,
+        netns: meta.netns,
+        pid: None,
+        comm: None,
+        duration_ms: 0.0,
+        syn_retransmits: 0,
+        detail,
+    }
+}
+
+/// The verdict of a connection that reached CLOSE, or `None` for an orderly end: its
+/// handshake's failure or its end's, then the drop that explains a silent failure.
+pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
+    let mut v = match c.established_ns() {
+        None => handshake::failed(c, cfg)?,
+        Some(_) => teardown::ended(c)?,
+    };
+    if drops::explains_silence(c, &v) {
+        drops::explain(&mut v, &c.drops);
+    } else if let Some(facts) = v.detail.drop_facts_mut() {
+        facts.drops = drops::kinds(&c.drops);
+    }
+    Some(v)
+}

@@ -1,0 +1,109 @@
+//! Stalled connections: established, then stuck. A client that received nothing within
+//! `--stall-timeout` (`stalled_no_greeting`: a server-first protocol's greeting never came;
+//! `stalled_no_response`: a request got no answer), a server connection nobody accepted
+//! (`not_accepted`). One `stalled` verdict when the timeout passes, then one follow-up:
+//! `resolved` when data comes or accept() returns, `failed` when the connection ends still
+//! stuck, each with how long it was stuck.
+
+use super::{base, established::connection_detail, ms};
+use crate::engine::{
+    state::{Conn, Stall},
+    verdict::{
+        Detail, Outcome, Reason, Side, Verdict,
+        detail::{CloseKind, EndedBy, StallDetail},
+    },
+};
+
+/// Why a connection counts as stuck now, if it does.
+pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
+    let since_ns = c.established_ns()?;
+    if c.closed().is_some() || c.was_stalled() || now_ns < since_ns + timeout_ns {
+        return None;
+    }
+    let reason = match c.side {
+        Side::Client if c.first_rx_ns.is_none() => {
+            if c.first_tx_ns.is_some() {
+                Reason::StalledNoResponse
+            } else {
+                Reason::StalledNoGreeting
+            }
+        }
+        Side::Server if c.accepted_ns.is_none() => Reason::NotAccepted,
+        _ => return None,
+    };
+    Some(Stall { reason, since_ns })
+}
+
+/// A verdict of stall `s` at `ts_ns` with `outcome`, its kernel reason and its detail.
+fn verdict(
+    c: &Conn,
+    s: Stall,
+    ts_ns: u64,
+    outcome: Outcome,
+    how: String,
+    d: StallDetail,
+) -> Verdict {
+    let mut v = base(c, ts_ns, outcome, s.reason, Detail::Stall(d));
+    v.duration_ms = ms(c.started_ns, s.since_ns);
+    v.kernel_reason = Some(how);
+    v
+}
+
+/// The first `stalled` verdict.
+pub(crate) fn stalled(c: &Conn, s: Stall, now_ns: u64) -> Verdict {
+    let how = match s.reason {
+        Reason::NotAccepted => "established, not accepted",
+        Reason::StalledNoResponse => "established, data sent, nothing received",
+        _ => "established, nothing received",
+    };
+    let d = StallDetail {
+        connection: connection_detail(c, s.since_ns),
+        waited_ms: Some(ms(s.since_ns, now_ns)),
+        ..StallDetail::default()
+    };
+    verdict(c, s, now_ns, Outcome::Stalled, how.into(), d)
+}
+
+/// The `resolved` follow-up: data came (client) or accept() returned it (server).
+pub(crate) fn resolved(c: &Conn, s: Stall, now_ns: u64) -> Verdict {
+    let how = if s.reason == Reason::NotAccepted {
+        "accepted"
+    } else {
+        "data received"
+    };
+    let d = StallDetail {
+        connection: connection_detail(c, s.since_ns),
+        stuck_ms: Some(ms(s.since_ns, now_ns)),
+        ..StallDetail::default()
+    };
+    verdict(c, s, now_ns, Outcome::Resolved, how.into(), d)
+}
+
+/// A connection that closed while stuck: one `failed` follow-up of its stall, naming how it
+/// ended (`ended`: the failure the kernel reported, or none for a close).
+pub(crate) fn closed_while_stuck(c: &Conn, s: Stall, ended: Option<Verdict>) -> Option<Verdict> {
+    let (at, from) = c.closed()?;
+    let how = ended
+        .as_ref()
+        .and_then(|v| v.kernel_reason.clone())
+        .unwrap_or_else(|| format!("closed from {from}"));
+    let ended_by = match &ended {
+        Some(e) => EndedBy::Failure(e.reason),
+        None if from == crate::engine::facts::TcpState::FinWait1 || c.orderly() => {
+            EndedBy::Close(CloseKind::Orderly)
+        }
+        None => EndedBy::Close(CloseKind::Close),
+    };
+    let d = StallDetail {
+        connection: connection_detail(c, s.since_ns),
+        stuck_ms: Some(ms(s.since_ns, at)),
+        closed_from: Some(from),
+        ended_by: Some(ended_by),
+        ..StallDetail::default()
+    };
+    let mut v = verdict(c, s, at, Outcome::Failed, how, d);
+    if let Some(e) = ended {
+        v.errno = e.errno;
+    }
+    Some(v)
+}

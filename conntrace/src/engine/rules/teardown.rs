@@ -1,0 +1,37 @@
+//! Established connections that end badly: `reset_by_peer` and `timeout` (and `unknown` for an
+//! error no rule knows). An orderly or application-initiated end has no verdict.
+
+use super::{base, ms};
+use crate::engine::{
+    facts::Errno,
+    state::Conn,
+    verdict::{Detail, Outcome, Reason, Verdict, detail::ClosedDetail},
+};
+
+/// The verdict of an established connection that reached CLOSE, or `None` for a good end.
+pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
+    let (at, from) = c.closed()?;
+    let since = c.established_ns().unwrap_or(at);
+    let errno = c.errno().or(c.connect_errno);
+    let mut d = ClosedDetail::new(from);
+    let (reason, kernel_reason) = if let Some(state) = c.rst_received {
+        d.rst_received_in = Some(state);
+        d.established_ms = Some(ms(since, at));
+        (Reason::ResetByPeer, errno.unwrap_or(Errno::ECONNRESET))
+    } else {
+        match errno {
+            Some(Errno::ETIMEDOUT) => {
+                d.established_ms = Some(ms(since, at));
+                (Reason::Timeout, Errno::ETIMEDOUT)
+            }
+            Some(Errno::ECONNRESET) => (Reason::ResetByPeer, Errno::ECONNRESET),
+            Some(e) if !c.orderly() => (Reason::Unknown, e),
+            // An orderly or application-initiated end: nothing to report.
+            _ => return None,
+        }
+    };
+    let mut v = base(c, at, Outcome::Failed, reason, Detail::Closed(d));
+    v.kernel_reason = Some(kernel_reason.to_string());
+    v.errno = errno;
+    Some(v)
+}

@@ -1,0 +1,203 @@
+//! What the engine knows about one connection: the facts the kernel reported, and where the
+//! connection is in its life (`Phase`) and in its reporting (`Report`).
+
+use super::attempt::HandshakeDrop;
+use crate::engine::{
+    facts::{Errno, FourTuple, Meta, Proc, TcpState},
+    verdict::{Reason, Side},
+};
+
+/// Where a connection is in its life, as the engine has seen it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// SYN_SENT (client) or SYN_RECV (server): the handshake is under way.
+    Handshake,
+    /// The handshake completed at `since_ns`; `orderly` once a shutdown (FIN) started.
+    Established { since_ns: u64, orderly: bool },
+    /// Reached TCP_CLOSE at `at_ns`, leaving `from`.
+    Closed {
+        at_ns: u64,
+        from: TcpState,
+        /// When it had been established.
+        established_ns: Option<u64>,
+        /// An orderly shutdown (FIN) had started.
+        orderly: bool,
+    },
+}
+
+/// A connection's stall: stuck since `since_ns` for `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    pub reason: Reason,
+    /// When the stuck time started (ESTABLISHED).
+    pub since_ns: u64,
+}
+
+/// What has been reported about a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// Nothing yet.
+    Pending,
+    /// Its established verdict was decided (printed with `--all`, or an
+    /// `unexpected_listener`).
+    Established,
+    /// Reported `stalled`; no follow-up yet.
+    Stalled(Stall),
+    /// The stall's follow-up (`resolved` or `failed`) went out.
+    Settled(Stall),
+}
+
+/// The error a socket reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketError {
+    None,
+    /// Reported with 0: an ICMP error came while the process held the socket; it went to
+    /// `sk_err_soft`, which SO_ERROR hands out (and clears).
+    Soft,
+    Errno(Errno),
+}
+
+/// How the handshake completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// SYN, SYN-ACK, ACK with a request socket (or a client's connect()).
+    Normal,
+    /// The listener answered with a SYN cookie and validated the final ACK.
+    SynCookie,
+}
+
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// Kernel socket address: the key the table indexes it by.
+    pub sk: u64,
+    pub side: Side,
+    pub netns: Option<u32>,
+    pub tuple: FourTuple,
+    pub started_ns: u64,
+    pub last_ns: u64,
+    pub proc: Option<Proc>,
+    /// The kernel's TCP state at the last event.
+    pub state: TcpState,
+    pub phase: Phase,
+    pub report: Report,
+    /// Server side: when accept() returned it.
+    pub accepted_ns: Option<u64>,
+    pub syn_retransmits: u32,
+    pub error: SocketError,
+    pub connect_errno: Option<Errno>,
+    /// State in which a RST was received.
+    pub rst_received: Option<TcpState>,
+    /// Packets of its handshake the kernel dropped.
+    pub drops: Vec<HandshakeDrop>,
+    /// When it first received and first sent data.
+    pub first_rx_ns: Option<u64>,
+    pub first_tx_ns: Option<u64>,
+    pub opening: Opening,
+}
+
+impl Conn {
+    pub fn new(sk: u64, side: Side, meta: &Meta, tuple: FourTuple, state: TcpState) -> Self {
+        Self {
+            sk,
+            side,
+            netns: meta.netns,
+            tuple,
+            started_ns: meta.ts_ns,
+            last_ns: meta.ts_ns,
+            proc: None,
+            state,
+            phase: Phase::Handshake,
+            report: Report::Pending,
+            accepted_ns: None,
+            syn_retransmits: 0,
+            error: SocketError::None,
+            connect_errno: None,
+            rst_received: None,
+            drops: Vec::new(),
+            first_rx_ns: None,
+            first_tx_ns: None,
+            opening: Opening::Normal,
+        }
+    }
+
+    /// When it reached ESTABLISHED, if it did.
+    pub fn established_ns(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Handshake => None,
+            Phase::Established { since_ns, .. } => Some(since_ns),
+            Phase::Closed { established_ns, .. } => established_ns,
+        }
+    }
+
+    /// When it reached CLOSE and the state it left, if it did.
+    pub fn closed(&self) -> Option<(u64, TcpState)> {
+        match self.phase {
+            Phase::Closed { at_ns, from, .. } => Some((at_ns, from)),
+            _ => None,
+        }
+    }
+
+    /// An orderly shutdown (FIN) started.
+    pub fn orderly(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Established { orderly: true, .. } | Phase::Closed { orderly: true, .. }
+        )
+    }
+
+    pub fn establish(&mut self, ts_ns: u64) {
+        if let Phase::Handshake = self.phase {
+            self.phase = Phase::Established {
+                since_ns: ts_ns,
+                orderly: false,
+            };
+        }
+    }
+
+    /// An orderly shutdown started (FIN_WAIT1, CLOSE_WAIT, LAST_ACK, CLOSING).
+    pub fn start_shutdown(&mut self) {
+        if let Phase::Established { orderly, .. } = &mut self.phase {
+            *orderly = true;
+        }
+    }
+
+    pub fn close(&mut self, at_ns: u64, from: TcpState) {
+        self.phase = Phase::Closed {
+            at_ns,
+            from,
+            established_ns: self.established_ns(),
+            orderly: self.orderly(),
+        };
+    }
+
+    /// The socket's error as an errno, when it reported one.
+    pub fn errno(&self) -> Option<Errno> {
+        match self.error {
+            SocketError::Errno(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Records a reported socket error (`None`: reported with 0, a soft error). The first
+    /// errno stays.
+    pub fn set_error(&mut self, errno: Option<Errno>) {
+        match (self.error, errno) {
+            (SocketError::Errno(_), _) => {}
+            (_, Some(e)) => self.error = SocketError::Errno(e),
+            (_, None) => self.error = SocketError::Soft,
+        }
+    }
+
+    /// The stall it is reported in, without a follow-up yet.
+    pub fn open_stall(&self) -> Option<Stall> {
+        match self.report {
+            Report::Stalled(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Whether it was reported stalled (with or without a follow-up since).
+    pub fn was_stalled(&self) -> bool {
+        matches!(self.report, Report::Stalled(_) | Report::Settled(_))
+    }
+}

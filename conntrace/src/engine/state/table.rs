@@ -1,0 +1,260 @@
+//! The table of connections and attempts, the one owner of their indexes: by socket address
+//! (every socket event names one), by 4-tuple (facts that come without one), the connections
+//! waiting for their verdict after CLOSE, and the short-lived memories that keep late facts
+//! from being counted twice. Nothing outside this module touches an index.
+
+use std::collections::BTreeMap;
+
+use super::{HashMap, attempt::Attempt, conn::Conn};
+use crate::engine::facts::{Errno, FourTuple};
+
+/// A connection's key in the table, in creation order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ConnId(u64);
+
+/// An attempt's key: the namespace and the tuple (s = this host).
+pub type AttemptKey = (Option<u32>, FourTuple);
+
+/// What identifies a decided connection for late syscall results.
+#[derive(Debug, Clone, Copy)]
+pub struct Decided {
+    pub at_ns: u64,
+    pub daddr: std::net::IpAddr,
+    pub dport: u16,
+    pub pid: Option<u32>,
+}
+
+/// A socket error that has not found its connection yet (the local port may still be unknown).
+#[derive(Debug, Clone, Copy)]
+pub struct OrphanError {
+    pub ts_ns: u64,
+    pub errno: Option<Errno>,
+}
+
+pub struct Table {
+    /// Most connections (and, separately, attempts) tracked at once.
+    max: usize,
+    next_id: u64,
+    /// Ordered by creation: the first entry is the oldest.
+    conns: BTreeMap<ConnId, Conn>,
+    by_sk: HashMap<u64, ConnId>,
+    /// Full 4-tuple (local port known) → connection.
+    by_tuple: HashMap<FourTuple, ConnId>,
+    /// Connections that reached CLOSE and wait for their verdict (at most those of the last
+    /// grace period), so deciding them never walks the whole table.
+    closing: Vec<ConnId>,
+    attempts: HashMap<AttemptKey, Attempt>,
+    orphan_errors: HashMap<FourTuple, OrphanError>,
+    /// Sockets decided recently: a late `connect()` result for the same socket, destination and
+    /// process is not a new failure (the address alone may already belong to a new socket).
+    recently_decided: HashMap<u64, Decided>,
+    /// SYNs this host refused without a socket just now: the kernel then frees the SYN with
+    /// NO_SOCKET, which is the refusal itself, not another drop.
+    recent_refusals: HashMap<AttemptKey, u64>,
+}
+
+impl Table {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            next_id: 0,
+            conns: BTreeMap::new(),
+            by_sk: HashMap::default(),
+            by_tuple: HashMap::default(),
+            closing: Vec::new(),
+            attempts: HashMap::default(),
+            orphan_errors: HashMap::default(),
+            recently_decided: HashMap::default(),
+            recent_refusals: HashMap::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn id_of(&self, sk: u64) -> Option<ConnId> {
+        self.by_sk.get(&sk).copied()
+    }
+
+    pub fn id_by_tuple(&self, tuple: &FourTuple) -> Option<ConnId> {
+        self.by_tuple.get(tuple).copied()
+    }
+
+    pub fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.conns.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns.get_mut(&id)
+    }
+
+    pub fn by_sk(&self, sk: u64) -> Option<&Conn> {
+        self.get(self.id_of(sk)?)
+    }
+
+    pub fn by_sk_mut(&mut self, sk: u64) -> Option<&mut Conn> {
+        let id = self.id_of(sk)?;
+        self.conns.get_mut(&id)
+    }
+
+    /// Adds a connection, indexed by its socket address; returns the oldest connections
+    /// dropped to make room.
+    pub fn insert(&mut self, conn: Conn) -> (ConnId, Vec<Conn>) {
+        let mut evicted = Vec::new();
+        while self.conns.len() >= self.max {
+            let Some(&oldest) = self.conns.keys().next() else {
+                break;
+            };
+            evicted.extend(self.remove(oldest));
+        }
+        let id = ConnId(self.next_id);
+        self.next_id += 1;
+        self.by_sk.insert(conn.sk, id);
+        self.conns.insert(id, conn);
+        (id, evicted)
+    }
+
+    /// Removes a connection and every index entry that points to it.
+    pub fn remove(&mut self, id: ConnId) -> Option<Conn> {
+        let c = self.conns.remove(&id)?;
+        if self.by_sk.get(&c.sk) == Some(&id) {
+            self.by_sk.remove(&c.sk);
+        }
+        if self.by_tuple.get(&c.tuple) == Some(&id) {
+            self.by_tuple.remove(&c.tuple);
+        }
+        self.closing.retain(|&x| x != id);
+        Some(c)
+    }
+
+    /// Indexes the connection of `sk` by its tuple once the local port is known.
+    pub fn index_tuple(&mut self, sk: u64) {
+        if let Some(id) = self.id_of(sk)
+            && let Some(c) = self.conns.get(&id)
+            && c.tuple.sport != 0
+        {
+            self.by_tuple.insert(c.tuple, id);
+        }
+    }
+
+    /// The connection reached CLOSE: it waits for its verdict.
+    pub fn mark_closing(&mut self, id: ConnId) {
+        if !self.closing.contains(&id) {
+            self.closing.push(id);
+        }
+    }
+
+    /// Closing connections for which `ready` holds (or which are gone).
+    pub fn closing_where(&self, ready: impl Fn(&Conn) -> bool) -> Vec<ConnId> {
+        self.closing
+            .iter()
+            .copied()
+            .filter(|id| self.conns.get(id).is_none_or(&ready))
+            .collect()
+    }
+
+    /// Connections for which `pred` holds.
+    pub fn ids_where(&self, pred: impl Fn(&Conn) -> bool) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| pred(c))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn conns_mut(&mut self) -> impl Iterator<Item = &mut Conn> {
+        self.conns.values_mut()
+    }
+
+    /// Empties the table, returning every connection.
+    pub fn drain(&mut self) -> Vec<Conn> {
+        self.by_sk.clear();
+        self.by_tuple.clear();
+        self.closing.clear();
+        std::mem::take(&mut self.conns).into_values().collect()
+    }
+
+    // Attempts.
+
+    pub fn attempt(&self, key: &AttemptKey) -> Option<&Attempt> {
+        self.attempts.get(key)
+    }
+
+    pub fn attempt_mut(&mut self, key: &AttemptKey) -> Option<&mut Attempt> {
+        self.attempts.get_mut(key)
+    }
+
+    /// The attempt at `key`, made with `new` when there is none and there is room.
+    pub fn attempt_entry(
+        &mut self,
+        key: AttemptKey,
+        new: impl FnOnce() -> Attempt,
+    ) -> Option<&mut Attempt> {
+        if !self.attempts.contains_key(&key) && self.attempts.len() >= self.max {
+            return None;
+        }
+        Some(self.attempts.entry(key).or_insert_with(new))
+    }
+
+    pub fn has_room_for_attempt(&self, key: &AttemptKey) -> bool {
+        self.attempts.len() < self.max || self.attempts.contains_key(key)
+    }
+
+    pub fn take_attempt(&mut self, key: &AttemptKey) -> Option<Attempt> {
+        self.attempts.remove(key)
+    }
+
+    /// Keys of the attempts for which `ended` holds.
+    pub fn attempts_where(&self, ended: impl Fn(&Attempt) -> bool) -> Vec<AttemptKey> {
+        self.attempts
+            .iter()
+            .filter(|(_, a)| ended(a))
+            .map(|(k, _)| *k)
+            .collect()
+    }
+
+    // Short-lived memories.
+
+    /// Keeps an error report for the connection whose tuple it names; false when full.
+    pub fn keep_orphan_error(&mut self, tuple: FourTuple, error: OrphanError) -> bool {
+        if self.orphan_errors.len() >= self.max {
+            return false;
+        }
+        self.orphan_errors.insert(tuple, error);
+        true
+    }
+
+    pub fn take_orphan_error(&mut self, tuple: &FourTuple) -> Option<OrphanError> {
+        self.orphan_errors.remove(tuple)
+    }
+
+    pub fn remember_decided(&mut self, sk: u64, d: Decided) {
+        self.recently_decided.insert(sk, d);
+    }
+
+    pub fn recently_decided(&self, sk: u64) -> Option<&Decided> {
+        self.recently_decided.get(&sk)
+    }
+
+    pub fn remember_refusal(&mut self, key: AttemptKey, ts_ns: u64) {
+        if self.recent_refusals.len() < self.max {
+            self.recent_refusals.insert(key, ts_ns);
+        }
+    }
+
+    pub fn was_refused(&self, key: &AttemptKey) -> bool {
+        self.recent_refusals.contains_key(key)
+    }
+
+    /// Forgets memories older than `keep_ns`; returns how many error reports expired without
+    /// finding their connection.
+    pub fn forget_older_than(&mut self, now_ns: u64, keep_ns: u64) -> u64 {
+        self.recently_decided
+            .retain(|_, d| now_ns < d.at_ns + keep_ns);
+        self.recent_refusals.retain(|_, at| now_ns < *at + keep_ns);
+        let before = self.orphan_errors.len();
+        self.orphan_errors.retain(|_, o| now_ns < o.ts_ns + keep_ns);
+        (before - self.orphan_errors.len()) as u64
+    }
+}

@@ -1,0 +1,350 @@
+//! A verdict's `detail`: reason-specific facts, one type per family of reasons. Each is
+//! serialized by serde as one JSON object (`detail`); a member is left out when the kernel did
+//! not report that fact (never a made-up 0). The JSON Schema is generated from these types.
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use super::{Direction, Reason};
+use crate::engine::{
+    facts::{DropReason, NfHook, TcpFlags, TcpState},
+    lookup::{FirewallRule, Listener},
+};
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The reason-specific facts of a verdict, by family of reasons.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Detail {
+    /// `established`, `unexpected_listener`.
+    Established(EstablishedDetail),
+    /// A stall (`stalled_no_greeting`, `stalled_no_response`, `not_accepted`) and its follow-up.
+    Stall(StallDetail),
+    /// A connection that closed: a failed handshake (`refused_no_listener`, `syn_timeout`,
+    /// `icmp_unreachable`, or the drop that explains it) or an established connection's end
+    /// (`reset_by_peer`, `timeout`).
+    Closed(ClosedDetail),
+    /// This host refused a SYN without a socket (server `refused_no_listener`,
+    /// `refused_bound_elsewhere`).
+    Refusal(RefusalDetail),
+    /// `connect()` failed before any packet (`no_route`).
+    Connect(ConnectDetail),
+    /// A listener's accept queue overflowed (`listen_overflow`, from the namespace's counter).
+    Overflow(OverflowDetail),
+    /// A connection attempt with no socket on this host: its dropped packets, or its SYN cookie
+    /// (`syncookie_ack_lost`).
+    Attempt(AttemptDetail),
+}
+
+/// Dropped packets of one kind (reason, direction, hook) during a handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct DroppedKind {
+    /// The kernel's drop reason.
+    pub kernel_reason: DropReason,
+    pub direction: Direction,
+    /// Union of the dropped segments' TCP flags.
+    pub tcp_flags: TcpFlags,
+    pub count: u32,
+    /// Where the kernel dropped them (`symbol+offset`), from the first one.
+    pub location: String,
+    /// For netfilter drops: the hook, from the kernel stack at the drop.
+    pub hook: Option<NfHook>,
+}
+
+/// The firewall's answer of a `policy drop` chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub enum Policy {
+    #[serde(rename = "drop")]
+    Drop,
+}
+
+/// The rule behind a netfilter drop (`detail.rule`): a rule, or a chain's `policy drop`.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RuleRef {
+    Rule(FirewallRule),
+    Policy {
+        family: String,
+        table: String,
+        chain: String,
+        policy: Policy,
+    },
+}
+
+/// What the handshake's drops tell: the drops themselves and, when one explains the failure,
+/// where it happened and which firewall rule did it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct DropFacts {
+    /// The handshake's dropped packets, by kind.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drops: Vec<DroppedKind>,
+    /// The netfilter hook of the drop that explains the failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hook: Option<NfHook>,
+    /// The rule that dropped it, from the firewall's own counters.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
+    /// Several rules counted packets: any of them may have dropped these.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_candidates: Option<Vec<FirewallRule>>,
+    /// Why the rule could not be named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_not_found: Option<String>,
+    /// A REJECT rule's answer, in iptables' spelling (`tcp-reset`, `icmp-port-unreachable`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reject_with: Option<String>,
+    /// Packets of the explaining kind dropped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u32>,
+}
+
+/// A listening socket as a verdict names it.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct ListenerRef {
+    /// `ip:port` (`[ip]:port` for IPv6).
+    pub address: String,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+}
+
+impl From<&Listener> for ListenerRef {
+    fn from(l: &Listener) -> Self {
+        Self {
+            address: l.addr.to_string(),
+            pid: l.pid,
+            comm: l.comm.clone(),
+        }
+    }
+}
+
+/// The listener a connection waits in, and its accept queue (sock_diag).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct QueueFacts {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listener: Option<ListenerRef>,
+    /// Connections waiting to be accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_queue: Option<u32>,
+    /// The queue's limit: the listen() backlog (capped by net.core.somaxconn).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct EstablishedDetail {
+    /// Dropped packets that delayed the handshake (a retransmitted SYN got through).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub drops: Vec<DroppedKind>,
+    /// The handshake completed with a SYN cookie.
+    #[serde(skip_serializing_if = "is_false")]
+    pub syn_cookie: bool,
+    /// Server: whether accept() returned it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<bool>,
+    /// Server: from ESTABLISHED to accept() returning it (0 when accept() came first).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accept_delay_ms: Option<f64>,
+    /// `unexpected_listener`: the processes `--expect-comm` named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_comm: Option<Vec<String>>,
+}
+
+/// How a stuck connection ended (`detail.ended_by` of a `failed` follow-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EndedBy {
+    /// The failure the kernel reported.
+    Failure(Reason),
+    Close(CloseKind),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub enum CloseKind {
+    #[serde(rename = "orderly close")]
+    Orderly,
+    #[serde(rename = "close")]
+    Close,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct StallDetail {
+    #[serde(flatten)]
+    pub connection: EstablishedDetail,
+    /// `stalled`: how long it had been stuck when reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waited_ms: Option<f64>,
+    /// A follow-up: how long it was stuck in all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stuck_ms: Option<f64>,
+    /// A `failed` follow-up: the state it closed from, and what ended it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub closed_from: Option<TcpState>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_by: Option<EndedBy>,
+    #[serde(flatten)]
+    pub queue: QueueFacts,
+}
+
+/// Why a client's handshake timed out (`detail.cause` of `syn_timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SynTimeoutCause {
+    /// The kernel gave up retransmitting the SYN (ETIMEDOUT).
+    KernelGaveUp,
+    /// The application closed the socket while still in SYN_SENT.
+    ApplicationClosed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct ClosedDetail {
+    /// The state the socket left for TCP_CLOSE.
+    pub closed_from: TcpState,
+    /// Whether a RST arrived during the handshake.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rst_received: Option<bool>,
+    /// The state an established connection was in when a RST arrived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rst_received_in: Option<TcpState>,
+    /// How long it had been established.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub established_ms: Option<f64>,
+    /// `icmp_unreachable`: the ICMP kinds that map to the errno.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub icmp: Option<&'static str>,
+    /// SYNs that got no answer before one was answered (ICMP rate limiting).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unanswered_syns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cause: Option<SynTimeoutCause>,
+    /// `syn_timeout`: after how long.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after_ms: Option<f64>,
+    #[serde(flatten)]
+    pub drops: DropFacts,
+    #[serde(flatten)]
+    pub queue: QueueFacts,
+}
+
+impl ClosedDetail {
+    pub fn new(closed_from: TcpState) -> Self {
+        Self {
+            closed_from,
+            rst_received: None,
+            rst_received_in: None,
+            established_ms: None,
+            icmp: None,
+            unanswered_syns: None,
+            cause: None,
+            after_ms: None,
+            drops: DropFacts::default(),
+            queue: QueueFacts::default(),
+        }
+    }
+}
+
+/// Which packet a socket-less RST answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub enum Answered {
+    #[serde(rename = "SYN")]
+    Syn,
+    /// The packet could not be read; the RST is taken as a refusal.
+    #[serde(rename = "unknown")]
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct RefusalDetail {
+    /// This host answered with a RST.
+    pub rst_sent: bool,
+    pub answered: Answered,
+    /// `refused_bound_elsewhere`: the sockets listening on the port at other addresses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listeners: Option<Vec<ListenerRef>>,
+}
+
+/// The system call that failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Syscall {
+    Connect,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct ConnectDetail {
+    pub syscall: Syscall,
+    /// Packets the connection sent: none.
+    pub packets_sent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct OverflowDetail {
+    /// Growth of the namespace's TcpExtListenOverflows while this listener was full.
+    pub overflows: u64,
+    #[serde(flatten)]
+    pub queue: QueueFacts,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct AttemptDetail {
+    #[serde(flatten)]
+    pub drops: DropFacts,
+    /// SYN-ACKs this host sent with a cookie for the attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookies_sent: Option<u32>,
+    /// The listener answered the final ACK with a RST: the cookie did not validate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cookie_invalid: Option<bool>,
+    #[serde(flatten)]
+    pub queue: QueueFacts,
+}
+
+impl Detail {
+    /// The drop facts of a family that has them.
+    pub fn drop_facts(&self) -> Option<&DropFacts> {
+        match self {
+            Self::Closed(d) => Some(&d.drops),
+            Self::Attempt(d) => Some(&d.drops),
+            _ => None,
+        }
+    }
+
+    pub fn drop_facts_mut(&mut self) -> Option<&mut DropFacts> {
+        match self {
+            Self::Closed(d) => Some(&mut d.drops),
+            Self::Attempt(d) => Some(&mut d.drops),
+            _ => None,
+        }
+    }
+
+    /// The listener and queue facts of a family that has them.
+    pub fn queue(&self) -> Option<&QueueFacts> {
+        match self {
+            Self::Closed(d) => Some(&d.queue),
+            Self::Attempt(d) => Some(&d.queue),
+            Self::Stall(d) => Some(&d.queue),
+            Self::Overflow(d) => Some(&d.queue),
+            _ => None,
+        }
+    }
+
+    pub fn queue_mut(&mut self) -> Option<&mut QueueFacts> {
+        match self {
+            Self::Closed(d) => Some(&mut d.queue),
+            Self::Attempt(d) => Some(&mut d.queue),
+            Self::Stall(d) => Some(&mut d.queue),
+            Self::Overflow(d) => Some(&mut d.queue),
+            _ => None,
+        }
+    }
+
+    /// `unanswered_syns` of an ICMP answer that came to a retransmitted SYN.
+    pub fn unanswered_syns(&self) -> Option<u32> {
+        match self {
+            Self::Closed(d) => d.unanswered_syns,
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Verdict reasons: stable snake_case codes, each with its one table row: the sides that report
+//! it, how conntrace decides it, the advice, and the file of `engine/rules/` that decides it.
+//! `conntrace explain`, the human output and the README's table all read this table.
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+/// Stable verdict codes. Never renamed; new ones are added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Established,
+    RefusedNoListener,
+    SynTimeout,
+    NoRoute,
+    IcmpUnreachable,
+    ResetByPeer,
+    Timeout,
+    UnexpectedListener,
+    RefusedBoundElsewhere,
+    NetfilterDrop,
+    NetfilterReject,
+    NeighbourFailed,
+    ListenOverflow,
+    StalledNoGreeting,
+    StalledNoResponse,
+    NotAccepted,
+    SyncookieAckLost,
+    Unknown,
+}
+
+/// One reason's documentation.
+#[derive(Debug, Clone, Copy)]
+pub struct ReasonDoc {
+    pub reason: Reason,
+    pub code: &'static str,
+    /// Which ends report it: `client`, `server` or `client, server`.
+    pub sides: &'static str,
+    /// How conntrace decides it from the kernel's facts.
+    pub decided: &'static str,
+    /// One line of advice.
+    pub advice: &'static str,
+    /// The file under `conntrace/src/engine/rules/` whose rule decides it.
+    pub home: &'static str,
+}
+
+macro_rules! doc {
+    ($reason:ident, $code:literal, $sides:literal, $home:literal, $decided:literal, $advice:literal $(,)?) => {
+        ReasonDoc {
+            reason: Reason::$reason,
+            code: $code,
+            sides: $sides,
+            home: $home,
+            decided: $decided,
+            advice: $advice,
+        }
+    };
+}
+
+/// Every reason, in the order `explain` lists them.
+pub const REASONS: &[ReasonDoc] = &[
+    doc!(
+        Established,
+        "established",
+        "client, server",
+        "established.rs",
+        "The socket reached TCP_ESTABLISHED (sock:inet_sock_set_state). Printed only with --all; a server verdict waits for accept() to name the accepting process.",
+        "connection established"
+    ),
+    doc!(
+        RefusedNoListener,
+        "refused_no_listener",
+        "client, server",
+        "handshake.rs",
+        "Client: a RST arrived in SYN_SENT (tcp:tcp_receive_reset) and the socket reported ECONNREFUSED. Server: this host sent a RST without a socket (tcp:tcp_send_reset, reset reason NO_SOCKET) in answer to a SYN, read from the packet's TCP header.",
+        "nothing listens on that address and port: start the service, or check the address it binds to"
+    ),
+    doc!(
+        RefusedBoundElsewhere,
+        "refused_bound_elsewhere",
+        "server",
+        "listener.rs",
+        "A socket-less RST answered a SYN while sock_diag shows a listener on the same port at another address (and none on the wildcard address).",
+        "the service listens on this port, but on another address: make it bind the address clients use (or 0.0.0.0)"
+    ),
+    doc!(
+        UnexpectedListener,
+        "unexpected_listener",
+        "server",
+        "established.rs",
+        "With --expect-comm, accept() returned the connection to a process whose comm is not in the list.",
+        "a process outside --expect-comm accepted the connection: another program holds the port (ss -ltnp)"
+    ),
+    doc!(
+        SynTimeout,
+        "syn_timeout",
+        "client",
+        "handshake.rs",
+        "The socket went from SYN_SENT to CLOSE with ETIMEDOUT after SYN retransmits (tcp:tcp_retransmit_skb), or the application closed it in SYN_SENT, and no drop on this host explains it.",
+        "SYNs went unanswered: a firewall drops them, or the host is down or unreachable"
+    ),
+    doc!(
+        NetfilterDrop,
+        "netfilter_drop",
+        "client, server",
+        "drops.rs",
+        "skb:kfree_skb reported NETFILTER_DROP for a packet of the handshake. The kernel stack at the drop names the hook (ip_local_deliver: INPUT, __ip_local_out: OUTPUT, ...); the firewall's own rule counters, read with `nft -a list ruleset` in the namespace at start-up and at the first drop, name the rule. The firewall is never changed.",
+        "a firewall rule dropped the handshake (see detail.hook and detail.rule): allow the port, or make the rule REJECT with tcp-reset so clients fail at once"
+    ),
+    doc!(
+        NetfilterReject,
+        "netfilter_reject",
+        "server",
+        "drops.rs",
+        "As netfilter_drop, and the rule whose counter moved is a REJECT: detail.reject_with is its answer.",
+        "a firewall REJECT rule answered the SYN (see detail.reject_with and detail.rule): allow the port if the service should be reachable"
+    ),
+    doc!(
+        IcmpUnreachable,
+        "icmp_unreachable",
+        "client",
+        "handshake.rs",
+        "The socket failed in SYN_SENT with ECONNREFUSED without any RST received (an ICMP port unreachable), or with EHOSTUNREACH, ENETUNREACH, EACCES or EPERM. detail.unanswered_syns counts the SYNs that got no answer first (ICMP rate limiting).",
+        "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path; ICMP answers are rate-limited, so bursts of connections wait for SYN retransmits (detail.unanswered_syns), where --reject-with tcp-reset fails at once"
+    ),
+    doc!(
+        NoRoute,
+        "no_route",
+        "client",
+        "handshake.rs",
+        "connect() itself failed with ENETUNREACH or EHOSTUNREACH: no packet left the host.",
+        "the client has no route to the destination: check its routing table and address"
+    ),
+    doc!(
+        NeighbourFailed,
+        "neighbour_failed",
+        "client, server",
+        "drops.rs",
+        "skb:kfree_skb reported NEIGH_FAILED for the handshake's packets: ARP or neighbour discovery for the next hop got no answer.",
+        "the next hop never answered ARP/neighbour discovery: the address is not on the link, or the host is down"
+    ),
+    doc!(
+        ListenOverflow,
+        "listen_overflow",
+        "server",
+        "listener.rs",
+        "Per connection: skb:kfree_skb reported TCP_LISTEN_OVERFLOW for its final ACK. Per listener: the namespace's TcpExtListenOverflows counter grew while a traced listener's accept queue was full (sock_diag), as a SYN refused for a full queue has no drop reason.",
+        "the listener's accept queue was full: the server does not call accept() fast enough; raise the backlog or fix the server"
+    ),
+    doc!(
+        SyncookieAckLost,
+        "syncookie_ack_lost",
+        "server",
+        "cookies.rs",
+        "A SYN-ACK for the 4-tuple left with a SYN cookie (fentry:cookie_v4_init_sequence, or net:net_dev_queue: a SYN-ACK without an owning request socket). No socket was created for that 4-tuple afterwards. Drops of the final ACK seen meanwhile name where it went.",
+        "a SYN cookie was sent and no socket was ever created: the client's final ACK was lost or dropped (see detail.hook), and the client believes it is connected"
+    ),
+    doc!(
+        StalledNoGreeting,
+        "stalled_no_greeting",
+        "client",
+        "stalls.rs",
+        "Established for --stall-timeout with no byte received (sock:sk_data_ready) and none sent (sock:sock_send_length). One follow-up: resolved when data comes, failed when the connection ends.",
+        "connected, but the server never spoke first (MySQL, SMTP, ...): on the server, look for syncookie_ack_lost, listen_overflow or not_accepted; the server may have no socket for this connection"
+    ),
+    doc!(
+        StalledNoResponse,
+        "stalled_no_response",
+        "client",
+        "stalls.rs",
+        "Established for --stall-timeout, data sent, nothing received. One follow-up as for stalled_no_greeting.",
+        "the request went out but nothing came back: the server is stuck or has no socket for this connection"
+    ),
+    doc!(
+        NotAccepted,
+        "not_accepted",
+        "server",
+        "stalls.rs",
+        "The child socket was established for --stall-timeout and accept() had not returned it. Resolved when accept() does.",
+        "the kernel finished the handshake but the application has not called accept(): it is stopped, blocked or overloaded"
+    ),
+    doc!(
+        ResetByPeer,
+        "reset_by_peer",
+        "client, server",
+        "teardown.rs",
+        "An established connection received a RST (tcp:tcp_receive_reset) or reported ECONNRESET.",
+        "the peer aborted an established connection (RST): check the server's logs and its idle/limit settings"
+    ),
+    doc!(
+        Timeout,
+        "timeout",
+        "client, server",
+        "teardown.rs",
+        "An established connection closed with ETIMEDOUT: its retransmissions went unanswered.",
+        "an established connection died of retransmission timeout: the peer or path went away"
+    ),
+    doc!(
+        Unknown,
+        "unknown",
+        "client, server",
+        "handshake.rs",
+        "The facts matched no rule; kernel_reason and detail carry everything the kernel said.",
+        "the kernel's facts did not match a known failure: see kernel_reason and detail"
+    ),
+];
+
+impl Reason {
+    /// This reason's row of [`REASONS`].
+    pub fn doc(self) -> &'static ReasonDoc {
+        REASONS
+            .iter()
+            .find(|d| d.reason == self)
+            .unwrap_or(&REASONS[REASONS.len() - 1])
+    }
+
+    pub fn code(self) -> &'static str {
+        self.doc().code
+    }
+
+    /// One line of advice, shown beside human-readable verdicts.
+    pub fn advice(self) -> &'static str {
+        self.doc().advice
+    }
+
+    /// Parses a reason code as printed in verdicts.
+    pub fn from_code(code: &str) -> Option<Self> {
+        REASONS
+            .iter()
+            .find(|d| d.code == code.trim())
+            .map(|d| d.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_one_row_whose_code_is_its_serialized_name() {
+        for d in REASONS {
+            assert_eq!(d.reason.code(), d.code);
+            assert_eq!(
+                serde_json::to_value(d.reason).unwrap(),
+                serde_json::Value::from(d.code)
+            );
+            assert_eq!(Reason::from_code(d.code), Some(d.reason));
+            assert_eq!(REASONS.iter().filter(|o| o.reason == d.reason).count(), 1);
+            let home = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("src/engine/rules")
+                .join(d.home);
+            assert!(
+                home.exists(),
+                "{}: {} does not exist",
+                d.code,
+                home.display()
+            );
+        }
+    }
+}

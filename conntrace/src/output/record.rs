@@ -1,0 +1,300 @@
+//! The records conntrace writes, as typed structs: what the JSON Lines format is (serialized
+//! straight to the writer by serde) and where its JSON Schema comes from (`conntrace schema`,
+//! docs/events.schema.json). docs/events.md has the prose.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use super::Clock;
+use crate::{
+    engine::{
+        facts::DropReason,
+        verdict::{DropRecord, ListenerCounts, Outcome, Reason, Summary, Verdict},
+    },
+    kernel::{ActiveProgram, Unavailable},
+};
+
+/// An RFC 3339 time, UTC, exactly six fractional digits (microseconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Timestamp(pub String);
+
+impl JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "RFC 3339 timestamp, UTC, exactly six fractional digits (microseconds).",
+            "type": "string",
+            "pattern": "^\\d{4}-\\d{2}-\\d{2}T\\d{2}:\\d{2}:\\d{2}\\.\\d{6}Z$"
+        })
+    }
+}
+
+/// What the running kernel offers beyond the programs attached.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct KernelFeatures {
+    /// The kernel describes its types in BTF (`/sys/kernel/btf/vmlinux`).
+    pub btf: bool,
+}
+
+/// Printed once every program is attached.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Ready {
+    pub version: &'static str,
+    /// Traced ports; empty: every port.
+    pub ports: Vec<u16>,
+    pub programs: Vec<ActiveProgram>,
+    /// Attach rules that were tried and did not attach, or were left out, with the reason.
+    pub unavailable: Vec<Unavailable>,
+    /// The kernel release.
+    pub kernel: String,
+    /// Capability → attach path in use (`tracepoint`, `fentry`, `fexit`).
+    pub attach_paths: BTreeMap<String, String>,
+    pub kernel_features: KernelFeatures,
+    pub ring_buffer_bytes: u32,
+    /// Kernel structures BTF did not describe (facts that are therefore missing).
+    pub degraded: Vec<&'static str>,
+}
+
+/// Kernel events the ring buffer had no room for, since the start.
+#[derive(Debug, Clone, Copy, Serialize, JsonSchema)]
+pub struct Lost {
+    /// Lost since the start.
+    pub count: u64,
+    /// Lost since the previous `lost` record.
+    pub new: u64,
+    #[serde(skip)]
+    pub ts_ns: u64,
+}
+
+/// Totals printed at exit, from the engine's summary and the run's own counts.
+#[derive(Debug, Clone)]
+pub struct Final<'a> {
+    pub summary: &'a Summary,
+    pub lost_events: u64,
+    pub decode_errors: u64,
+    pub duration_ms: f64,
+    pub tracked_at_exit: usize,
+    /// Growth over the run of the namespaces' TcpExt counters (cookies, overflows), by netns.
+    pub tcp_counters: BTreeMap<u32, BTreeMap<&'static str, u64>>,
+    /// Kernel reads that failed, by eBPF program (the facts they left absent).
+    pub read_failures: BTreeMap<&'static str, u64>,
+}
+
+/// One record, before it is written.
+#[derive(Debug, Clone)]
+pub enum Record<'a> {
+    Ready(&'a Ready),
+    Verdict(&'a Verdict),
+    Drop(&'a DropRecord),
+    Lost(Lost),
+    Summary(Final<'a>),
+}
+
+/// Handshakes completed on traced ports, per side.
+#[derive(Debug, Clone, Copy, Serialize, JsonSchema)]
+pub struct EstablishedCounts {
+    pub client: u64,
+    pub server: u64,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct PeerCount {
+    #[schemars(schema_with = "crate::engine::verdict::ip_schema")]
+    pub addr: IpAddr,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct PortCount {
+    pub port: u16,
+    pub count: u64,
+}
+
+/// Percentiles of the client handshake times, in milliseconds.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Latency {
+    pub count: usize,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// The `summary` record: totals over the run.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Totals<'a> {
+    pub duration_ms: f64,
+    /// Verdicts printed.
+    pub verdicts: u64,
+    pub by_outcome: &'a BTreeMap<Outcome, u64>,
+    pub by_reason: &'a BTreeMap<Reason, u64>,
+    /// Connections forgotten before any verdict (table full, or idle for an hour).
+    pub expired_unresolved: u64,
+    /// Connections still open when the run ended.
+    pub open_at_exit: usize,
+    pub lost_events: u64,
+    pub kernel_events: u64,
+    pub established: EstablishedCounts,
+    /// Ring-buffer records that were not a known event.
+    pub decode_errors: u64,
+    /// Error reports that matched no connection.
+    pub unmatched_errors: u64,
+    /// RSTs sent without a socket to segments other than a SYN: only counted.
+    pub stray_resets: u64,
+    /// Dropped packets on traced ports, by kernel drop reason.
+    pub drops_by_reason: &'a BTreeMap<DropReason, u64>,
+    /// `drop` records not written (more than 50 a second of one reason in one namespace).
+    pub drop_records_suppressed: u64,
+    /// Failed SYN-cookie attempts not written as verdicts (more than 50 a second at one
+    /// listener).
+    pub attempt_verdicts_suppressed: u64,
+    /// Per listener (`ip:port`): SYN cookies and queue overflows.
+    pub listeners: &'a BTreeMap<String, ListenerCounts>,
+    pub top_failing_peers: Vec<PeerCount>,
+    pub top_failing_ports: Vec<PortCount>,
+    /// Client handshake times; null when none completed.
+    pub connect_latency_ms: Option<Latency>,
+    /// Growth of the namespaces' TcpExt counters, by netns inode, then counter name.
+    pub tcp_counters: &'a BTreeMap<u32, BTreeMap<&'static str, u64>>,
+    /// Kernel reads that failed, by eBPF program; their facts are absent (null) in the
+    /// records. Programs not listed had none.
+    pub read_failures: &'a BTreeMap<&'static str, u64>,
+}
+
+impl<'a> Totals<'a> {
+    pub fn new(f: &'a Final<'a>) -> Self {
+        let s = f.summary;
+        Self {
+            duration_ms: f.duration_ms,
+            verdicts: s.by_outcome.values().sum(),
+            by_outcome: &s.by_outcome,
+            by_reason: &s.by_reason,
+            expired_unresolved: s.expired_unresolved,
+            open_at_exit: f.tracked_at_exit,
+            lost_events: f.lost_events,
+            kernel_events: s.events,
+            established: EstablishedCounts {
+                client: s.established.0,
+                server: s.established.1,
+            },
+            decode_errors: f.decode_errors,
+            unmatched_errors: s.unmatched_errors,
+            stray_resets: s.stray_resets,
+            drops_by_reason: &s.drops_by_reason,
+            drop_records_suppressed: s.drop_records_suppressed,
+            attempt_verdicts_suppressed: s.attempt_verdicts_suppressed,
+            listeners: &s.listeners,
+            top_failing_peers: Summary::top(&s.failing_peers, 10)
+                .into_iter()
+                .map(|(addr, count)| PeerCount { addr, count })
+                .collect(),
+            top_failing_ports: Summary::top(&s.failing_ports, 10)
+                .into_iter()
+                .map(|(port, count)| PortCount { port, count })
+                .collect(),
+            connect_latency_ms: s.latency_percentiles().map(|(count, p50, p90, p99, max)| {
+                Latency {
+                    count,
+                    p50,
+                    p90,
+                    p99,
+                    max,
+                }
+            }),
+            tcp_counters: &f.tcp_counters,
+            read_failures: &f.read_failures,
+        }
+    }
+}
+
+/// A record with its time.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+#[schemars(rename = "{T}Line")]
+pub struct Stamped<T> {
+    pub ts: Timestamp,
+    #[serde(flatten)]
+    pub record: T,
+}
+
+/// One line of `conntrace --json`: `event` says which record it is.
+// Built for one write and serialized at once: the summary's size costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JsonRecord<'a> {
+    /// Printed once every program is attached.
+    Ready(Stamped<&'a Ready>),
+    /// One connection's verdict.
+    Verdict(Stamped<&'a Verdict>),
+    /// A dropped packet of a traced port that explains no verdict.
+    Drop(Stamped<&'a DropRecord>),
+    /// Kernel events lost.
+    Lost(Stamped<Lost>),
+    /// Totals, the last line.
+    Summary(Stamped<Totals<'a>>),
+}
+
+impl<'a> JsonRecord<'a> {
+    /// The JSON form of `record`, its times from `clock`. The summary borrows from `record`.
+    pub fn new(record: &'a Record<'a>, clock: &Clock) -> Self {
+        let stamp = |ts_ns| Timestamp(clock.rfc3339(ts_ns));
+        match record {
+            Record::Ready(r) => Self::Ready(Stamped {
+                ts: stamp(Clock::mono_now_ns()),
+                record: r,
+            }),
+            Record::Verdict(v) => Self::Verdict(Stamped {
+                ts: stamp(v.ts_ns),
+                record: v,
+            }),
+            Record::Drop(d) => Self::Drop(Stamped {
+                ts: stamp(d.ts_ns),
+                record: d,
+            }),
+            Record::Lost(l) => Self::Lost(Stamped {
+                ts: stamp(l.ts_ns),
+                record: *l,
+            }),
+            Record::Summary(f) => Self::Summary(Stamped {
+                ts: stamp(Clock::mono_now_ns()),
+                record: Totals::new(f),
+            }),
+        }
+    }
+}
+
+/// The JSON Schema of every line conntrace writes with `--json` (`conntrace schema`).
+pub fn schema() -> schemars::Schema {
+    let mut schema = schemars::generate::SchemaSettings::draft2020_12()
+        .for_serialize()
+        .into_generator()
+        .into_root_schema_for::<JsonRecord<'static>>();
+    schema.insert("title".into(), "conntrace JSON Lines record".into());
+    schema.insert(
+        "description".into(),
+        "One line of `conntrace --json` output: a JSON object whose `event` member says which record it is. Generated from conntrace's record types by `conntrace schema`; docs/events.md has the prose."
+            .into(),
+    );
+    schema
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn docs_schema_is_the_generated_one() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/events.schema.json");
+        let committed = std::fs::read_to_string(&path).expect("read docs/events.schema.json");
+        let generated = serde_json::to_string_pretty(&super::schema()).expect("schema") + "\n";
+        assert!(
+            committed == generated,
+            "docs/events.schema.json differs from `conntrace schema`: regenerate it with `cargo run -p conntrace -- schema > docs/events.schema.json`"
+        );
+    }
+}
