@@ -62,8 +62,9 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, de::Error as _};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 /// How long a 4-tuple cannot be reused after its connection ended (TCP_TIMEWAIT_LEN).
 const TIME_WAIT: Duration = Duration::from_secs(60);
@@ -85,9 +86,9 @@ pub enum MergeError {
     Write(#[source] io::Error),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
-enum Side {
+pub enum Side {
     Client,
     Server,
 }
@@ -106,7 +107,7 @@ struct Verdict {
     dport: Option<u16>,
     comm: Option<String>,
     #[serde(default)]
-    detail: Map<String, Value>,
+    detail: story::Facts,
     /// The whole record as read, with `file` added.
     #[serde(skip)]
     raw: Map<String, Value>,
@@ -115,6 +116,45 @@ struct Verdict {
 fn rfc3339<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_rfc3339(&s).map_err(|e| D::Error::custom(format!("`ts` {s:?}: {e}")))
+}
+
+/// One end of a merged connection.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct End {
+    /// `ip:port` (`[ip]:port` for IPv6); null when not known.
+    pub addr: Option<String>,
+}
+
+/// Each side's distinct reason codes, in the order first reported.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Reasons<'a> {
+    pub client: Vec<&'a str>,
+    pub server: Vec<&'a str>,
+}
+
+/// The `merged` record (`conntrace merge --json`): one connection from both ends.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Merged<'a> {
+    /// The earliest `ts` of the connection's verdicts, as written (each host stamps its
+    /// verdicts with its own clock).
+    pub ts: &'a str,
+    pub client: End,
+    pub server: End,
+    pub reasons: Reasons<'a>,
+    /// One sentence: why, from both ends.
+    pub story: String,
+    /// Null when both sides reported the connection, else the side that did.
+    pub one_sided: Option<Side>,
+    /// The `verdict` records, unchanged, sorted by `ts`, each with `file` added: the input file
+    /// it was read from.
+    pub verdicts: Vec<&'a Map<String, Value>>,
+}
+
+/// A line of `merge --json`.
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum MergedLine<'a> {
+    Merged(Merged<'a>),
 }
 
 /// `ip:port`, when both are known and specified.
@@ -144,14 +184,9 @@ impl Verdict {
         }
     }
 
-    fn detail_ms(&self, key: &str) -> Option<Duration> {
-        let ms = self.detail.get(key)?.as_f64()?;
-        Duration::try_from_secs_f64(ms / 1000.0).ok()
-    }
-
     /// Since when the connection held its 4-tuple, as far as this verdict tells.
     fn since(&self) -> SystemTime {
-        self.detail_ms("stuck_ms")
+        story::duration(self.detail.stuck_ms)
             .and_then(|stuck| self.ts.checked_sub(stuck))
             .unwrap_or(self.ts)
     }
@@ -273,17 +308,27 @@ fn render(connection: &[Verdict], max_skew: Duration, json: bool) -> String {
     let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
     if json {
         use story::distinct_reasons as reasons;
-        let record = json!({
-            "event": "merged",
-            "ts": connection.first().and_then(|v| v.raw.get("ts")),
-            "client": {"addr": addr(client_addr)},
-            "server": {"addr": addr(server_addr)},
-            "reasons": {"client": reasons(&client), "server": reasons(&server)},
-            "story": story,
-            "one_sided": one_sided,
-            "verdicts": connection.iter().map(|v| &v.raw).collect::<Vec<_>>(),
+        let record = MergedLine::Merged(Merged {
+            ts: connection
+                .first()
+                .and_then(|v| v.raw.get("ts")?.as_str())
+                .unwrap_or_default(),
+            client: End {
+                addr: addr(client_addr),
+            },
+            server: End {
+                addr: addr(server_addr),
+            },
+            reasons: Reasons {
+                client: reasons(&client),
+                server: reasons(&server),
+            },
+            story,
+            one_sided,
+            verdicts: connection.iter().map(|v| &v.raw).collect(),
         });
-        return record.to_string();
+        // Serializing borrowed strings and JSON values cannot fail.
+        return serde_json::to_string(&record).unwrap_or_default();
     }
     let ts = connection.first().map_or_else(
         || "?".to_owned(),

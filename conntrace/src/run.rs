@@ -104,6 +104,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         })
         .collect();
     let ready = Ready {
+        ts_ns: Clock::mono_now_ns(),
         version: env!("CARGO_PKG_VERSION"),
         ports,
         programs: tracer.active.clone(),
@@ -216,6 +217,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         BTreeMap::new()
     });
     out.write(&Record::Summary(Final {
+        ts_ns: now,
         summary: engine.summary(),
         lost_events: lost_seen,
         decode_errors,

@@ -3,9 +3,50 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use serde_json::{Map, Value};
+use serde::Deserialize;
 
 use super::Verdict;
+
+/// The members of a verdict's `detail` that stories use; the rest is ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub(super) struct Facts {
+    hook: Option<String>,
+    rule: Option<Rule>,
+    rule_candidates: Option<Vec<Rule>>,
+    rule_not_found: Option<String>,
+    reject_with: Option<String>,
+    cookie_invalid: Option<bool>,
+    accept_queue: Option<u64>,
+    backlog: Option<u64>,
+    listener: Option<Listener>,
+    listeners: Option<Vec<Listener>>,
+    pub(super) stuck_ms: Option<f64>,
+    waited_ms: Option<f64>,
+}
+
+/// A firewall rule, or a chain's policy, as `detail.rule` names it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Rule {
+    family: Option<String>,
+    table: Option<String>,
+    chain: Option<String>,
+    text: Option<String>,
+    policy: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Listener {
+    address: Option<String>,
+    comm: Option<String>,
+}
+
+/// Milliseconds as a duration, when given and representable.
+pub(super) fn duration(ms: Option<f64>) -> Option<Duration> {
+    Duration::try_from_secs_f64(ms? / 1000.0).ok()
+}
 
 const STALLED: &[&str] = &["stalled_no_greeting", "stalled_no_response"];
 
@@ -103,8 +144,8 @@ fn fill(sentence: &str, p: &Pair) -> String {
 fn fact(name: &str, p: &Pair) -> String {
     let d = &p.server.detail;
     match name {
-        "ack_fate" => match (text(d, "hook"), rule(d)) {
-            _ if d.get("cookie_invalid") == Some(&Value::Bool(true)) => {
+        "ack_fate" => match (d.hook.as_deref(), rule(d)) {
+            _ if d.cookie_invalid == Some(true) => {
                 "was answered with a RST: the cookie did not validate".to_owned()
             }
             (Some(hook), Some(rule)) => format!("was dropped by {hook} {rule}"),
@@ -113,44 +154,35 @@ fn fact(name: &str, p: &Pair) -> String {
         },
         "waited" => {
             let stall = p.all_client.iter().filter(|v| v.reason == p.client.reason);
-            let ms = stall.flat_map(|v| [v.detail_ms("stuck_ms"), v.detail_ms("waited_ms")]);
+            let ms =
+                stall.flat_map(|v| [duration(v.detail.stuck_ms), duration(v.detail.waited_ms)]);
             around("; the client waited ", ms.flatten().max().map(secs), "")
         }
-        "queue" => match (d.get("accept_queue"), d.get("backlog")) {
-            (Some(Value::Number(queue)), Some(Value::Number(backlog))) => {
-                format!(" ({queue}/{backlog})")
-            }
+        "queue" => match (d.accept_queue, d.backlog) {
+            (Some(queue), Some(backlog)) => format!(" ({queue}/{backlog})"),
             _ => String::new(),
         },
         "comm" => {
-            let listener = d.get("listener").and_then(|l| l.get("comm")?.as_str());
+            let listener = d.listener.as_ref().and_then(|l| l.comm.as_deref());
             around(
                 " (",
                 p.server.comm.as_deref().or(listener),
                 " on the server)",
             )
         }
-        "at" => around(" at ", text(d, "hook"), ""),
+        "at" => around(" at ", d.hook.as_deref(), ""),
         "rule" => rule(d).map_or_else(|| not_found(d), |rule| format!(": {rule}")),
-        "reject_with" => around(" (", text(d, "reject_with"), ")"),
+        "reject_with" => around(" (", d.reject_with.as_deref(), ")"),
         "server" => p
             .server_addr
             .map_or_else(|| "?".to_owned(), |a| a.to_string()),
         "listeners" => {
-            let all = d
-                .get("listeners")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten();
-            let addresses: Vec<&str> = all.filter_map(|l| l.get("address")?.as_str()).collect();
+            let all = d.listeners.iter().flatten();
+            let addresses: Vec<&str> = all.filter_map(|l| l.address.as_deref()).collect();
             addresses.join(", ")
         }
         _ => format!("{{{name}}}"),
     }
-}
-
-fn text<'a>(d: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    d.get(key)?.as_str()
 }
 
 fn around(before: &str, value: Option<impl AsRef<str>>, after: &str) -> String {
@@ -158,27 +190,25 @@ fn around(before: &str, value: Option<impl AsRef<str>>, after: &str) -> String {
 }
 
 /// The firewall rule(s) `detail` names: rule `TEXT` (FAMILY TABLE CHAIN), or a chain's policy.
-fn rule(d: &Map<String, Value>) -> Option<String> {
-    let one = |r: &Value| {
-        let r = r.as_object()?;
-        let at = ["family", "table", "chain"].map(|k| text(r, k).unwrap_or("?"));
+fn rule(d: &Facts) -> Option<String> {
+    let one = |r: &Rule| {
+        let at = [&r.family, &r.table, &r.chain].map(|k| k.as_deref().unwrap_or("?"));
         let at = at.join(" ");
-        match (text(r, "text"), text(r, "policy")) {
+        match (&r.text, &r.policy) {
             (Some(rule), _) => Some(format!("rule `{rule}` ({at})")),
             (None, Some(policy)) => Some(format!("chain policy {policy} ({at})")),
             (None, None) => None,
         }
     };
-    if let Some(rule) = d.get("rule") {
+    if let Some(rule) = &d.rule {
         return one(rule);
     }
-    let candidates = d.get("rule_candidates")?.as_array()?;
-    let all: Vec<String> = candidates.iter().filter_map(one).collect();
+    let all: Vec<String> = d.rule_candidates.iter().flatten().filter_map(one).collect();
     (!all.is_empty()).then(|| all.join(" or "))
 }
 
-fn not_found(d: &Map<String, Value>) -> String {
-    around(" (no rule named: ", text(d, "rule_not_found"), ")")
+fn not_found(d: &Facts) -> String {
+    around(" (no rule named: ", d.rule_not_found.as_deref(), ")")
 }
 
 fn secs(d: Duration) -> String {

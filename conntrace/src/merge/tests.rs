@@ -1,3 +1,4 @@
+use serde_json::json;
 use std::{
     sync::atomic::{AtomicUsize, Ordering},
     time::UNIX_EPOCH,
@@ -222,9 +223,16 @@ fn json_output_has_documented_keys() {
         "one_sided",
         "verdicts",
     ];
+    let schema = serde_json::to_value(crate::output::record::schema()).expect("schema");
+    let validator = jsonschema::validator_for(&schema).expect("compile the schema");
     for r in &records {
         assert_eq!(r.keys().map(String::as_str).collect::<Vec<_>>(), keys);
         assert_eq!(r["event"], "merged");
+        let errors: Vec<String> = validator
+            .iter_errors(&Value::Object(r.clone()))
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{r:?}: {errors:?}");
     }
     let joined = &records[0];
     assert_eq!(joined["ts"], "2026-11-21T20:26:12.365624Z");

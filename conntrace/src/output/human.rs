@@ -7,7 +7,8 @@ use std::collections::BTreeSet;
 
 use super::{Clock, Final, Lost, Ready, Record, advice, live};
 use crate::engine::verdict::{
-    Detail, Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
+    Detail, Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict,
+    detail::{CloseKind, EndedBy, RuleRef},
 };
 
 /// Widest compact line, in characters.
@@ -71,7 +72,7 @@ fn rule_fact(v: &Verdict) -> Option<String> {
     let d = v.detail.drop_facts()?;
     let hook = d.hook?;
     let rule = match (&d.rule, &d.rule_candidates) {
-        (Some(RuleRef::Rule(r)), _) => format!("rule `{}`", r.text),
+        (Some(RuleRef::Rule(r)), _) => format!("`{}`", r.text),
         (Some(RuleRef::Policy { chain, .. }), _) => format!("policy drop of {chain}"),
         (None, Some(rs)) => format!("one of {} rules", rs.len()),
         (None, None) if d.rule_not_found.is_some() => "rule not found".to_owned(),
@@ -80,7 +81,7 @@ fn rule_fact(v: &Verdict) -> Option<String> {
     let with = d
         .reject_with
         .as_deref()
-        .map(|w| format!(", reject with {w}"))
+        .map(|w| format!(" with {w}"))
         .unwrap_or_default();
     Some(format!("{hook} {rule}{with}"))
 }
@@ -98,21 +99,21 @@ fn key_fact(v: &Verdict) -> String {
         .unwrap_or_default();
     let syns = match v.syn_retransmits {
         0 => String::new(),
-        n => format!(", {n} SYN retransmits"),
+        n => format!(", {} SYNs", n + 1),
     };
     match &v.detail {
         Detail::Stall(d) => {
-            let when = match (d.waited_ms, d.stuck_ms) {
-                (Some(w), _) => format!("stalled {}", ms(w)),
-                (None, Some(s)) if v.outcome == Outcome::Resolved => {
-                    format!("resolved after {}", ms(s))
-                }
-                (None, Some(s)) => format!("failed after {} stuck", ms(s)),
-                (None, None) => String::new(),
-            };
             let queue = queue_fact(v).map(|q| format!(", {q}")).unwrap_or_default();
-            let how = v.kernel_reason.as_deref().unwrap_or_default();
-            format!("{when}: {how}{queue}")
+            match (d.waited_ms, d.stuck_ms, d.ended_by) {
+                (Some(w), _, _) => format!("stuck {}{queue}", ms(w)),
+                (None, Some(s), Some(by)) => format!("failed after {} stuck: {}", ms(s), ended(by)),
+                (None, Some(s), None) => format!(
+                    "resolved after {}: {}",
+                    ms(s),
+                    v.kernel_reason.as_deref().unwrap_or_default()
+                ),
+                (None, None, _) => v.kernel_reason.clone().unwrap_or_default(),
+            }
         }
         _ => match v.reason {
             Reason::NetfilterDrop | Reason::NetfilterReject | Reason::SyncookieAckLost => {
@@ -121,14 +122,14 @@ fn key_fact(v: &Verdict) -> String {
                 if v.reason == Reason::SyncookieAckLost {
                     format!("cookie sent, no socket; ACK dropped at {fact}")
                 } else {
-                    format!("{fact}{syns}")
+                    fact
                 }
             }
             Reason::ListenOverflow | Reason::NotAccepted => {
                 queue_fact(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default())
             }
             Reason::SynTimeout | Reason::Timeout => {
-                format!("{errno} after {}{syns}", ms(v.duration_ms))
+                format!("{errno} in {}{syns}", ms(v.duration_ms))
             }
             Reason::Established => format!("handshake {:.1} ms", v.duration_ms),
             Reason::UnexpectedListener => v.kernel_reason.clone().unwrap_or_default(),
@@ -156,6 +157,14 @@ fn key_fact(v: &Verdict) -> String {
                 }
             }
         },
+    }
+}
+
+fn ended(by: EndedBy) -> &'static str {
+    match by {
+        EndedBy::Failure(reason) => reason.code(),
+        EndedBy::Close(CloseKind::Orderly) => "orderly close",
+        EndedBy::Close(CloseKind::Close) => "close",
     }
 }
 
@@ -350,8 +359,9 @@ fn ready(r: &Ready, wide: bool) -> String {
 
 fn drop_line(d: &DropRecord, clock: &Clock, wide: bool) -> String {
     let ts = clock.rfc3339(d.ts_ns);
+    let (open, close) = if wide { ("(", ")") } else { ("", "") };
     let line = format!(
-        "{} drop   {:<19} {} {} {} {} ({} at {})",
+        "{} drop   {:<19} {} {} {} {} {open}{} at {}{close}",
         if wide { &ts } else { time_of_day(&ts) },
         d.kernel_reason,
         endpoint(Some(d.saddr), Some(d.sport)),

@@ -6,6 +6,8 @@ mod json;
 mod live;
 pub mod metrics;
 pub mod record;
+#[cfg(test)]
+mod tests;
 
 use std::{
     fs::OpenOptions,
@@ -52,6 +54,14 @@ impl Clock {
         Self {
             realtime_minus_mono_ns: clock_ns(libc::CLOCK_REALTIME)
                 - clock_ns(libc::CLOCK_MONOTONIC),
+        }
+    }
+
+    /// A clock whose wall time is `realtime_minus_mono_ns` ahead of the monotonic one (tests).
+    #[cfg(test)]
+    pub fn fixed(realtime_minus_mono_ns: i128) -> Self {
+        Self {
+            realtime_minus_mono_ns,
         }
     }
 

@@ -45,6 +45,9 @@ pub struct KernelFeatures {
 /// Printed once every program is attached.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct Ready {
+    /// When the tracer became ready (CLOCK_MONOTONIC).
+    #[serde(skip)]
+    pub ts_ns: u64,
     pub version: &'static str,
     /// Traced ports; empty: every port.
     pub ports: Vec<u16>,
@@ -75,6 +78,8 @@ pub struct Lost {
 /// Totals printed at exit, from the engine's summary and the run's own counts.
 #[derive(Debug, Clone)]
 pub struct Final<'a> {
+    /// The end of the run (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
     pub summary: &'a Summary,
     pub lost_events: u64,
     pub decode_errors: u64,
@@ -238,6 +243,10 @@ pub enum JsonRecord<'a> {
     Lost(Stamped<Lost>),
     /// Totals, the last line.
     Summary(Stamped<Totals<'a>>),
+    /// One connection from both ends (`conntrace merge --json`). In the schema only: `merge`
+    /// writes it itself, as it is also built into the fuzz target without this module.
+    #[allow(dead_code)]
+    Merged(crate::merge::Merged<'a>),
 }
 
 impl<'a> JsonRecord<'a> {
@@ -246,7 +255,7 @@ impl<'a> JsonRecord<'a> {
         let stamp = |ts_ns| Timestamp(clock.rfc3339(ts_ns));
         match record {
             Record::Ready(r) => Self::Ready(Stamped {
-                ts: stamp(Clock::mono_now_ns()),
+                ts: stamp(r.ts_ns),
                 record: r,
             }),
             Record::Verdict(v) => Self::Verdict(Stamped {
@@ -262,7 +271,7 @@ impl<'a> JsonRecord<'a> {
                 record: *l,
             }),
             Record::Summary(f) => Self::Summary(Stamped {
-                ts: stamp(Clock::mono_now_ns()),
+                ts: stamp(f.ts_ns),
                 record: Totals::new(f),
             }),
         }
@@ -278,7 +287,7 @@ pub fn schema() -> schemars::Schema {
     schema.insert("title".into(), "conntrace JSON Lines record".into());
     schema.insert(
         "description".into(),
-        "One line of `conntrace --json` output: a JSON object whose `event` member says which record it is. Generated from conntrace's record types by `conntrace schema`; docs/events.md has the prose."
+        "One line of `conntrace --json` (or `conntrace merge --json`) output: a JSON object whose `event` member says which record it is. Generated from conntrace's record types by `conntrace schema`; docs/events.md has the prose."
             .into(),
     );
     schema

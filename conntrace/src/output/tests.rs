@@ -1,0 +1,359 @@
+//! The printers' exact output, record kind by record kind, in JSON and in the human format
+//! (compact and wide), from fixed records and a fixed clock.
+
+use std::collections::BTreeMap;
+
+use super::{Clock, Final, KernelFeatures, Lost, Ready, Record, human::Human, json};
+use crate::{
+    engine::{
+        facts::{DropReason, Errno, NfHook, TcpFlags, TcpState},
+        lookup::{FirewallRule, RuleAction},
+        verdict::{
+            Detail, Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict,
+            detail::{
+                AttemptDetail, ClosedDetail, DroppedKind, EstablishedDetail, RuleRef, StallDetail,
+                SynTimeoutCause,
+            },
+        },
+    },
+    kernel::{ActiveProgram, attach::Capability},
+};
+
+/// 2026-11-30T00:00:00Z at monotonic 0.
+const EPOCH_2026_11_30: i128 = 1_795_996_800_000_000_000;
+const SEC: u64 = 1_000_000_000;
+
+fn clock() -> Clock {
+    Clock::fixed(EPOCH_2026_11_30)
+}
+
+fn json_line(record: &Record<'_>) -> String {
+    let mut out = Vec::new();
+    json::write(&mut out, record, &clock()).expect("write");
+    String::from_utf8(out).expect("utf-8")
+}
+
+fn ready() -> Ready {
+    Ready {
+        ts_ns: SEC,
+        version: "0.1.0",
+        ports: vec![3306],
+        programs: vec![ActiveProgram {
+            capability: Capability::Lifecycle,
+            name: "inet_sock_set_state",
+            attach: "tracepoint:sock:inet_sock_set_state".into(),
+        }],
+        unavailable: Vec::new(),
+        kernel: "6.18.44".into(),
+        attach_paths: BTreeMap::from([("lifecycle".into(), "tracepoint".into())]),
+        kernel_features: KernelFeatures { btf: true },
+        ring_buffer_bytes: 4_194_304,
+        degraded: Vec::new(),
+    }
+}
+
+fn verdict(side: Side, reason: Reason, detail: Detail) -> Verdict {
+    let (client, server) = ("10.77.0.1".parse().unwrap(), "10.77.0.2".parse().unwrap());
+    let (saddr, sport, daddr, dport) = match side {
+        Side::Client => (client, 40_000, server, 3306),
+        Side::Server => (server, 3306, client, 40_000),
+    };
+    Verdict {
+        ts_ns: 2 * SEC + 123_456_000,
+        side,
+        outcome: Outcome::Failed,
+        reason,
+        kernel_reason: None,
+        errno: None,
+        saddr: Some(saddr),
+        sport: Some(sport),
+        daddr,
+        dport,
+        netns: Some(4_026_532_246),
+        pid: None,
+        comm: None,
+        duration_ms: 2040.5,
+        syn_retransmits: 2,
+        detail,
+    }
+}
+
+/// The server's verdict for SYNs an INPUT rule dropped.
+fn netfilter_drop() -> Verdict {
+    let mut d = AttemptDetail::default();
+    d.drops.drops = vec![DroppedKind {
+        kernel_reason: DropReason::new("NETFILTER_DROP"),
+        direction: Direction::In,
+        tcp_flags: TcpFlags(0x02),
+        count: 3,
+        location: "nft_do_chain+0x3e8".into(),
+        hook: Some(NfHook::Input),
+    }];
+    d.drops.hook = Some(NfHook::Input);
+    d.drops.rule = Some(RuleRef::Rule(FirewallRule {
+        family: "ip".into(),
+        table: "filter".into(),
+        chain: "INPUT".into(),
+        handle: 2,
+        text: "tcp dport 3306 drop".into(),
+        action: RuleAction::Drop,
+        packets: 3,
+    }));
+    d.drops.dropped = Some(3);
+    let mut v = verdict(Side::Server, Reason::NetfilterDrop, Detail::Attempt(d));
+    v.kernel_reason = Some("NETFILTER_DROP".into());
+    v
+}
+
+/// The client's verdict for the same SYNs.
+fn syn_timeout() -> Verdict {
+    let mut d = ClosedDetail::new(TcpState::SynSent);
+    d.cause = Some(SynTimeoutCause::KernelGaveUp);
+    d.after_ms = Some(3064.0);
+    let mut v = verdict(Side::Client, Reason::SynTimeout, Detail::Closed(d));
+    v.kernel_reason = Some("ETIMEDOUT".into());
+    v.errno = Some(Errno::ETIMEDOUT);
+    (v.pid, v.comm, v.netns) = (Some(7211), Some("ct-client".into()), None);
+    v.duration_ms = 3064.0;
+    v
+}
+
+/// A client whose greeting has not come.
+fn stalled() -> Verdict {
+    let d = StallDetail {
+        connection: EstablishedDetail::default(),
+        waited_ms: Some(2030.5),
+        ..StallDetail::default()
+    };
+    let mut v = verdict(Side::Client, Reason::StalledNoGreeting, Detail::Stall(d));
+    v.outcome = Outcome::Stalled;
+    v.kernel_reason = Some("established, nothing received".into());
+    (v.pid, v.comm, v.syn_retransmits) = (Some(7221), Some("ct-client".into()), 0);
+    v.duration_ms = 0.074;
+    v
+}
+
+fn drop_record() -> DropRecord {
+    DropRecord {
+        ts_ns: 3 * SEC,
+        direction: Direction::In,
+        kernel_reason: DropReason::new("TCP_ABORT_ON_DATA"),
+        location: "tcp_v4_do_rcv+0x7c".into(),
+        tcp_flags: TcpFlags(0x18),
+        saddr: "10.77.0.1".parse().unwrap(),
+        sport: 40_000,
+        daddr: "10.77.0.2".parse().unwrap(),
+        dport: 3306,
+        netns: Some(4_026_532_177),
+        pid: None,
+        comm: None,
+    }
+}
+
+#[test]
+fn json_ready() {
+    let r = ready();
+    assert_eq!(
+        json_line(&Record::Ready(&r)),
+        r#"{"event":"ready","ts":"2026-11-30T00:00:01.000000Z","version":"0.1.0","ports":[3306],"programs":[{"capability":"lifecycle","name":"inet_sock_set_state","attach":"tracepoint:sock:inet_sock_set_state"}],"unavailable":[],"kernel":"6.18.44","attach_paths":{"lifecycle":"tracepoint"},"kernel_features":{"btf":true},"ring_buffer_bytes":4194304,"degraded":[]}
+"#
+    );
+}
+
+#[test]
+fn json_verdicts() {
+    assert_eq!(
+        json_line(&Record::Verdict(&netfilter_drop())),
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"server","outcome":"failed","reason":"netfilter_drop","kernel_reason":"NETFILTER_DROP","errno":null,"saddr":"10.77.0.2","sport":3306,"daddr":"10.77.0.1","dport":40000,"netns":4026532246,"pid":null,"comm":null,"duration_ms":2040.5,"syn_retransmits":2,"detail":{"drops":[{"kernel_reason":"NETFILTER_DROP","direction":"in","tcp_flags":"SYN","count":3,"location":"nft_do_chain+0x3e8","hook":"INPUT"}],"hook":"INPUT","rule":{"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","packets":3},"dropped":3}}
+"#
+    );
+    // A fact the kernel could not read (here the namespace) is null, never 0.
+    assert_eq!(
+        json_line(&Record::Verdict(&syn_timeout())),
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"failed","reason":"syn_timeout","kernel_reason":"ETIMEDOUT","errno":"ETIMEDOUT","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":null,"pid":7211,"comm":"ct-client","duration_ms":3064.0,"syn_retransmits":2,"detail":{"closed_from":"TCP_SYN_SENT","cause":"kernel_gave_up","after_ms":3064.0}}
+"#
+    );
+    assert_eq!(
+        json_line(&Record::Verdict(&stalled())),
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"stalled","reason":"stalled_no_greeting","kernel_reason":"established, nothing received","errno":null,"saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532246,"pid":7221,"comm":"ct-client","duration_ms":0.074,"syn_retransmits":0,"detail":{"waited_ms":2030.5}}
+"#
+    );
+}
+
+#[test]
+fn json_drop_lost_and_summary() {
+    assert_eq!(
+        json_line(&Record::Drop(&drop_record())),
+        r#"{"event":"drop","ts":"2026-11-30T00:00:03.000000Z","direction":"in","kernel_reason":"TCP_ABORT_ON_DATA","location":"tcp_v4_do_rcv+0x7c","tcp_flags":"ACK|PSH","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532177,"pid":null,"comm":null}
+"#
+    );
+    let lost = Lost {
+        count: 9,
+        new: 4,
+        ts_ns: 4 * SEC,
+    };
+    assert_eq!(
+        json_line(&Record::Lost(lost)),
+        r#"{"event":"lost","ts":"2026-11-30T00:00:04.000000Z","count":9,"new":4}
+"#
+    );
+    let mut s = Summary::default();
+    s.count(&netfilter_drop());
+    s.count(&syn_timeout());
+    s.events = 33;
+    s.established = (1, 0);
+    s.connect_latency(74_000);
+    s.drops_by_reason
+        .insert(DropReason::new("NETFILTER_DROP"), 3);
+    let f = Final {
+        ts_ns: 5 * SEC,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 22_700.0,
+        tracked_at_exit: 0,
+        tcp_counters: BTreeMap::from([(4_026_532_246, BTreeMap::from([("SyncookiesSent", 1)]))]),
+        read_failures: BTreeMap::from([("kfree_skb", 2)]),
+    };
+    assert_eq!(
+        json_line(&Record::Summary(f)),
+        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":22700.0,"verdicts":2,"by_outcome":{"failed":2},"by_reason":{"syn_timeout":1,"netfilter_drop":1},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":33,"established":{"client":1,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{"NETFILTER_DROP":3},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[{"addr":"10.77.0.1","count":1},{"addr":"10.77.0.2","count":1}],"top_failing_ports":[{"port":3306,"count":2}],"connect_latency_ms":{"count":1,"p50":0.074,"p90":0.074,"p99":0.074,"max":0.074},"tcp_counters":{"4026532246":{"SyncookiesSent":1}},"read_failures":{"kfree_skb":2}}
+"#
+    );
+}
+
+#[test]
+fn every_json_line_validates_against_the_generated_schema() {
+    let schema = serde_json::to_value(super::record::schema()).expect("schema");
+    let validator = jsonschema::validator_for(&schema).expect("compile the schema");
+    let s = Summary::default();
+    let f = Final {
+        ts_ns: 0,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 0.0,
+        tracked_at_exit: 0,
+        tcp_counters: BTreeMap::new(),
+        read_failures: BTreeMap::new(),
+    };
+    let (r, v1, v2, v3, d) = (
+        ready(),
+        netfilter_drop(),
+        syn_timeout(),
+        stalled(),
+        drop_record(),
+    );
+    let lost = Lost {
+        count: 1,
+        new: 1,
+        ts_ns: 0,
+    };
+    for record in [
+        Record::Ready(&r),
+        Record::Verdict(&v1),
+        Record::Verdict(&v2),
+        Record::Verdict(&v3),
+        Record::Drop(&d),
+        Record::Lost(lost),
+        Record::Summary(f),
+    ] {
+        let line: serde_json::Value = serde_json::from_str(&json_line(&record)).expect("JSON");
+        let errors: Vec<String> = validator
+            .iter_errors(&line)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{line}: {errors:?}");
+    }
+}
+
+#[test]
+fn human_compact_verdicts_fit_120_columns_with_the_advice_once() {
+    let mut h = Human::new(false, false);
+    let c = clock();
+    let first = h.text(&Record::Verdict(&netfilter_drop()), &c);
+    assert_eq!(
+        first,
+        "00:00:02.123 server netfilter_drop      10.77.0.1:40000 -> 10.77.0.2:3306 netns:4026532246 INPUT `tcp dport 3306 drop`\n  what to do: INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.77.0.1\n              --dport 3306 -j ACCEPT`"
+    );
+    // The same reason again: one line, no advice.
+    let again = h.text(&Record::Verdict(&netfilter_drop()), &c);
+    assert_eq!(again, first.lines().next().unwrap());
+    assert_eq!(
+        h.text(&Record::Verdict(&syn_timeout()), &c)
+            .lines()
+            .next()
+            .unwrap(),
+        "00:00:02.123 client syn_timeout         10.77.0.1:40000 -> 10.77.0.2:3306 ct-client[7211] ETIMEDOUT in 3064 ms, 3 SYNs"
+    );
+    assert_eq!(
+        h.text(&Record::Verdict(&stalled()), &c)
+            .lines()
+            .next()
+            .unwrap(),
+        "00:00:02.123 client stalled_no_greeting 10.77.0.1:40000 -> 10.77.0.2:3306 ct-client[7221] stuck 2030 ms"
+    );
+    for v in [netfilter_drop(), syn_timeout(), stalled()] {
+        for line in Human::new(false, false)
+            .text(&Record::Verdict(&v), &c)
+            .lines()
+        {
+            assert!(line.chars().count() <= 120, "{line}");
+        }
+    }
+}
+
+#[test]
+fn human_wide_verdict_drop_and_lost() {
+    let c = clock();
+    let mut h = Human::new(true, false);
+    assert_eq!(
+        h.text(&Record::Verdict(&netfilter_drop()), &c),
+        "2026-11-30T00:00:02.123456Z server netfilter_drop 10.77.0.2:3306 -> 10.77.0.1:40000 - netns:4026532246 (NETFILTER_DROP, 2040.5 ms, 2 SYN retransmits) [hook INPUT, rule ip filter INPUT: tcp dport 3306 drop] — a firewall rule dropped the handshake (see detail.hook and detail.rule): allow the port, or make the rule REJECT with tcp-reset so clients fail at once"
+    );
+    assert_eq!(
+        Human::new(false, false).text(&Record::Drop(&drop_record()), &c),
+        "00:00:03.000 drop   TCP_ABORT_ON_DATA   10.77.0.1:40000 <- 10.77.0.2:3306 netns:4026532177 ACK|PSH at tcp_v4_do_rcv+0x7c"
+    );
+    let lost = Lost {
+        count: 9,
+        new: 4,
+        ts_ns: 4 * SEC,
+    };
+    assert_eq!(
+        h.text(&Record::Lost(lost), &c),
+        "2026-11-30T00:00:04.000000Z LOST 4 kernel events (total 9): verdicts may be missing; raise --ring-buffer-bytes"
+    );
+    assert_eq!(
+        Human::new(false, false).text(&Record::Ready(&ready()), &c),
+        "conntrace ready: tracing TCP 3306 on kernel 6.18.44 (1 programs); times are UTC"
+    );
+}
+
+#[test]
+fn human_summary_table() {
+    let mut s = Summary::default();
+    s.count(&netfilter_drop());
+    s.count(&syn_timeout());
+    s.events = 33;
+    let f = Final {
+        ts_ns: 0,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 22_700.0,
+        tracked_at_exit: 0,
+        tcp_counters: BTreeMap::new(),
+        read_failures: BTreeMap::from([("kfree_skb", 2)]),
+    };
+    assert_eq!(
+        Human::new(false, false).text(&Record::Summary(f), &clock()),
+        "summary: 2 verdicts, 33 kernel events, 0 lost, 0 expired unresolved, in 22.7 s
+  reason                    count  what to do
+  syn_timeout                   1  SYNs to 10.77.0.2:3306 went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule
+  netfilter_drop                1  INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.77.0.1 --dport 3306 -j ACCEPT`
+  top failing peers: 10.77.0.1 (1), 10.77.0.2 (1)
+  top failing ports: 3306 (2)
+  kernel reads that failed (facts left absent): kfree_skb (2)"
+    );
+}
