@@ -1,5 +1,5 @@
 //! Builds `conntrace-ebpf` for the BPF target and leaves the object in `OUT_DIR`, where
-//! `src/ebpf.rs` embeds it with `include_bytes_aligned!`.
+//! `src/kernel/mod.rs` embeds it with `include_bytes_aligned!`.
 //!
 //! The eBPF target needs `-Z build-std=core`, i.e. a toolchain with the `core` sources.
 //! `CONNTRACE_BPF_TOOLCHAIN` names it; without it, `system-bpf` (Debian's `rustc-web` with

@@ -83,16 +83,26 @@ impl TracepointLayout {
     };
 }
 
-/// Field offsets of the syscall tracepoints used for process attribution.
+/// Field offsets of the syscall tracepoints used for process attribution ([`ABSENT`] when this
+/// kernel has no syscall tracepoints).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyscallLayout {
-    /// `sys_enter_connect`: `fd`, `uservaddr`, `addrlen`.
+    /// `sys_enter_connect`: `fd`, `uservaddr`.
     pub connect_fd: u16,
     pub connect_addr: u16,
-    pub connect_addrlen: u16,
     /// `sys_exit_*`: `ret`.
     pub exit_ret: u16,
+    pub _pad: u16,
+}
+
+impl SyscallLayout {
+    pub const NONE: Self = Self {
+        connect_fd: ABSENT,
+        connect_addr: ABSENT,
+        exit_ret: ABSENT,
+        _pad: 0,
+    };
 }
 
 /// Offsets inside kernel structures, resolved from BTF (`/sys/kernel/btf/vmlinux`).
@@ -195,6 +205,56 @@ pub mod maps {
     pub const RING_PEAK: u32 = 1;
     pub const CONFIG: &str = "CONFIG";
     pub const PORTS: &str = "PORTS";
+    /// Per-CPU array: kernel reads that failed, by program ([`crate::programs`]).
+    pub const READ_FAILURES: &str = "READ_FAILURES";
+}
+
+/// The eBPF programs, by index into `READ_FAILURES`: each counts there the kernel reads it
+/// could not make (the facts they would have given are then absent). Indexes are fixed.
+pub mod programs {
+    pub const INET_SOCK_SET_STATE: u32 = 0;
+    pub const INET_SK_ERROR_REPORT: u32 = 1;
+    pub const TCP_RECEIVE_RESET: u32 = 2;
+    pub const TCP_SEND_RESET: u32 = 3;
+    pub const TCP_RETRANSMIT_SKB: u32 = 4;
+    pub const KFREE_SKB: u32 = 5;
+    pub const SK_DATA_READY: u32 = 6;
+    pub const SOCK_SEND_LENGTH: u32 = 7;
+    pub const NET_DEV_QUEUE: u32 = 8;
+    pub const SYS_ENTER_CONNECT: u32 = 9;
+    pub const SYS_EXIT_CONNECT: u32 = 10;
+    pub const SYS_EXIT_ACCEPT4: u32 = 11;
+    pub const SYS_EXIT_ACCEPT: u32 = 12;
+    pub const FEXIT_INET_STREAM_CONNECT: u32 = 13;
+    pub const FENTRY_INET_ACCEPT: u32 = 14;
+    pub const FENTRY_COOKIE_V4_INIT_SEQUENCE: u32 = 15;
+    pub const FENTRY_COOKIE_V6_INIT_SEQUENCE: u32 = 16;
+    pub const FEXIT_TCP_RCV_ESTABLISHED: u32 = 17;
+    pub const FEXIT_TCP_SENDMSG: u32 = 18;
+    /// Entries of `READ_FAILURES`.
+    pub const COUNT: u32 = 19;
+    /// Their names (the programs' names in the object), by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "inet_sock_set_state",
+        "inet_sk_error_report",
+        "tcp_receive_reset",
+        "tcp_send_reset",
+        "tcp_retransmit_skb",
+        "kfree_skb",
+        "sk_data_ready",
+        "sock_send_length",
+        "net_dev_queue",
+        "sys_enter_connect",
+        "sys_exit_connect",
+        "sys_exit_accept4",
+        "sys_exit_accept",
+        "fexit_inet_stream_connect",
+        "fentry_inet_accept",
+        "fentry_cookie_v4_init_sequence",
+        "fentry_cookie_v6_init_sequence",
+        "fexit_tcp_rcv_established",
+        "fexit_tcp_sendmsg",
+    ];
 }
 
 /// Default size of the event ring buffer in bytes (a power of two, a multiple of the page size).

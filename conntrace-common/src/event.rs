@@ -66,14 +66,26 @@ pub struct EventHeader {
     pub size: u32,
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
     pub ts_ns: u64,
-    /// Thread-group id and thread id of the current task (meaningful only in process context).
+    /// Thread-group id of the current task (meaningful only in process context).
     pub pid: u32,
-    pub tid: u32,
+    /// [`unread`] bits: facts of this event the program could not read (left 0).
+    pub unread: u32,
     /// Inode number of the network namespace the socket or packet belongs to; 0 if unknown.
     pub netns: u32,
     pub _pad: u32,
     /// `comm` of the current task, NUL padded.
     pub comm: [u8; COMM_LEN],
+}
+
+/// `EventHeader::unread` bits: facts an event's program could not read. The field stays 0 in
+/// the record and userspace carries it as absent.
+pub mod unread {
+    /// The network namespace (`EventHeader::netns`).
+    pub const NETNS: u32 = 1 << 0;
+    /// The socket's error at close (`StateChange::sk_err`).
+    pub const SK_ERR: u32 = 1 << 1;
+    /// The answered packet's TCP flags (`Reset::tcp_flags`).
+    pub const TCP_FLAGS: u32 = 1 << 2;
 }
 
 /// Addresses and ports as the kernel reported them, from the reporting socket's point of view:
@@ -131,37 +143,31 @@ pub struct Reset {
     /// 0 when the kernel sent a reset without a socket (nothing matched the packet).
     pub skaddr: u64,
     pub tuple: Tuple,
-    /// TCP state of the socket, -1 if unknown.
-    pub state: i32,
     /// `enum sk_rst_reason` value (send side, 6.10+), or [`RESET_REASON_NONE`].
     pub reason: u32,
     /// Send side without a socket: TCP flags of the packet being answered, or
     /// [`TCP_FLAGS_UNKNOWN`].
     pub tcp_flags: u32,
-    pub _pad: u32,
 }
 
 /// `Reset::tcp_flags` when the packet could not be read.
 pub const TCP_FLAGS_UNKNOWN: u32 = u32::MAX;
 
-/// `EventKind::SynRetransmit`.
+/// `EventKind::SynRetransmit`: a SYN retransmitted in SYN_SENT.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SynRetransmit {
     pub header: EventHeader,
     pub skaddr: u64,
     pub tuple: Tuple,
-    pub state: i32,
-    pub _pad: u32,
 }
 
-/// `EventKind::Accept`: the current task accepted `skaddr` as file descriptor `fd`.
+/// `EventKind::Accept`: the current task accepted `skaddr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Accept {
     pub header: EventHeader,
     pub skaddr: u64,
-    pub fd: i64,
 }
 
 /// `EventKind::ConnectError`: `connect()` returned `ret` (negative errno). `tuple` has the
@@ -368,7 +374,7 @@ pub const fn header_for<T>(kind: EventKind) -> EventHeader {
         size: size_of::<T>() as u32,
         ts_ns: 0,
         pid: 0,
-        tid: 0,
+        unread: 0,
         netns: 0,
         _pad: 0,
         comm: [0; COMM_LEN],
@@ -420,10 +426,8 @@ mod tests {
             header: header_for::<Reset>(EventKind::ReceiveReset),
             skaddr: 1,
             tuple: tuple(),
-            state: 2,
             reason: RESET_REASON_NONE,
             tcp_flags: TCP_FLAGS_UNKNOWN,
-            _pad: 0,
         };
         assert_eq!(decode(as_bytes(&rr)), Ok(Decoded::ReceiveReset(rr)));
         let sr = Reset {
@@ -437,15 +441,12 @@ mod tests {
             header: header_for::<SynRetransmit>(EventKind::SynRetransmit),
             skaddr: 1,
             tuple: tuple(),
-            state: 2,
-            _pad: 0,
         };
         assert_eq!(decode(as_bytes(&rt)), Ok(Decoded::SynRetransmit(rt)));
 
         let ac = Accept {
             header: header_for::<Accept>(EventKind::Accept),
             skaddr: 9,
-            fd: 4,
         };
         assert_eq!(decode(as_bytes(&ac)), Ok(Decoded::Accept(ac)));
 
@@ -490,7 +491,6 @@ mod tests {
         let ac = Accept {
             header: header_for::<Accept>(EventKind::Accept),
             skaddr: 9,
-            fd: 4,
         };
         let mut padded = [0u8; 128];
         padded[..size_of::<Accept>()].copy_from_slice(as_bytes(&ac));
@@ -508,7 +508,6 @@ mod tests {
         let ac = Accept {
             header: h,
             skaddr: 0,
-            fd: 0,
         };
         assert_eq!(
             decode(as_bytes(&ac)),
@@ -517,7 +516,6 @@ mod tests {
         let ac = Accept {
             header: header_for::<Accept>(EventKind::Accept),
             skaddr: 0,
-            fd: 0,
         };
         let bytes = as_bytes(&ac);
         assert!(matches!(
@@ -530,7 +528,6 @@ mod tests {
         let ac = Accept {
             header: h,
             skaddr: 0,
-            fd: 0,
         };
         assert!(matches!(
             decode(as_bytes(&ac)),

@@ -10,7 +10,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use conntrace_common::{
-    CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets, Tuple,
+    CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets, Tuple, programs,
+    tcp::flags,
 };
 
 use crate::{
@@ -31,23 +32,24 @@ pub(crate) fn forget(sk: u64) {
     }
 }
 
-/// The socket's local and remote ports (`skc_num` host order, `skc_dport` network order).
+/// The socket's local and remote ports (`skc_num` host order, `skc_dport` network order);
+/// 0 for one that could not be read (counted for `prog`).
 #[inline(always)]
-pub(crate) fn sock_ports(o: &KernelOffsets, sk: u64) -> (u16, u16) {
+pub(crate) fn sock_ports(prog: u32, o: &KernelOffsets, sk: u64) -> (u16, u16) {
     if o.sock_num == KernelOffsets::MISSING || o.sock_dport == KernelOffsets::MISSING {
         return (0, 0);
     }
-    let local: u16 = kread(sk + o.sock_num as u64);
-    let remote: u16 = kread(sk + o.sock_dport as u64);
+    let local: u16 = kread(prog, sk + o.sock_num as u64).unwrap_or(0);
+    let remote: u16 = kread(prog, sk + o.sock_dport as u64).unwrap_or(0);
     (local, u16::from_be(remote))
 }
 
 #[inline(always)]
-pub(crate) fn first(sk: u64, direction: u32, bytes: i32) {
+pub(crate) fn first(prog: u32, sk: u64, direction: u32, bytes: i32) {
     let Some(cfg) = config() else { return };
     // Only clients' first data matters (stalls are a client's view): a socket whose remote
     // port is traced. Servers' sockets (traced port local) are skipped: one event fewer each.
-    let (_, remote) = sock_ports(&cfg.offsets, sk);
+    let (_, remote) = sock_ports(prog, &cfg.offsets, sk);
     if sk == 0 || !port_traced(cfg, remote, remote) {
         return;
     }
@@ -64,7 +66,7 @@ pub(crate) fn first(sk: u64, direction: u32, bytes: i32) {
         header: header(
             EventKind::FirstData,
             size_of::<FirstData>(),
-            netns_of_sock(&cfg.offsets, sk),
+            netns_of_sock(prog, &cfg.offsets, sk),
         ),
         skaddr: sk,
         direction,
@@ -74,67 +76,66 @@ pub(crate) fn first(sk: u64, direction: u32, bytes: i32) {
 
 #[tracepoint]
 pub fn sk_data_ready(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::SK_DATA_READY;
     let Some(cfg) = config() else { return 0 };
     let l = &cfg.data_ready;
-    let protocol: u16 = field(&ctx, l.protocol);
+    let protocol: u16 = field(P, &ctx, l.protocol);
     if protocol != IPPROTO_TCP {
         return 0;
     }
-    first(field(&ctx, l.skaddr), DATA_IN, 0);
+    first(P, field(P, &ctx, l.skaddr), DATA_IN, 0);
     0
 }
 
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::SOCK_SEND_LENGTH;
     let Some(cfg) = config() else { return 0 };
     let l = &cfg.send_length;
-    let protocol: u16 = field(&ctx, l.protocol);
-    let ret: i32 = field(&ctx, l.ret);
+    let protocol: u16 = field(P, &ctx, l.protocol);
+    let ret: i32 = field(P, &ctx, l.ret);
     if protocol != IPPROTO_TCP || ret <= 0 {
         return 0;
     }
-    first(field(&ctx, l.sk), DATA_OUT, ret);
+    first(P, field(P, &ctx, l.sk), DATA_OUT, ret);
     0
 }
-
-const TCP_SYN: u32 = 0x02;
-const TCP_RST: u32 = 0x04;
-const TCP_ACK: u32 = 0x10;
 
 /// Every packet handed to a device: a SYN-ACK without an owning socket is a SYN cookie
 /// (`tcp_make_synack` attaches the request socket to a normal SYN-ACK, none to a cookie's).
 #[tracepoint]
 pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::NET_DEV_QUEUE;
     let Some(cfg) = config() else { return 0 };
     let o = &cfg.offsets;
     if o.skb_protocol == KernelOffsets::MISSING || o.skb_sk == KernelOffsets::MISSING {
         return 0;
     }
-    let skb: u64 = field(&ctx, cfg.dev_queue.skbaddr);
+    let skb: u64 = field(P, &ctx, cfg.dev_queue.skbaddr);
     // Almost every packet has an owning socket: one read sends it on its way.
-    let owner: u64 = kread(skb + o.skb_sk as u64);
-    if owner != 0 {
+    let Some(0) = kread::<u64>(P, skb + o.skb_sk as u64) else {
         return 0;
-    }
-    let proto = u16::from_be(kread(skb + o.skb_protocol as u64));
+    };
+    let Some(proto) = kread::<u16>(P, skb + o.skb_protocol as u64).map(u16::from_be) else {
+        return 0;
+    };
     if proto != ETH_P_IP && proto != ETH_P_IPV6 {
         return 0;
     }
-    let Some((tuple, flags)) = packet_tuple(o, skb, proto) else {
+    let Some((tuple, tcp)) = packet_tuple(P, o, skb, proto) else {
         return 0;
     };
-    if flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK
-        || !port_traced(cfg, tuple.sport, tuple.dport)
-    {
+    let (syn, ack, rst) = (flags::SYN as u32, flags::ACK as u32, flags::RST as u32);
+    if tcp & (syn | ack | rst) != syn | ack || !port_traced(cfg, tuple.sport, tuple.dport) {
         return 0;
     }
-    cookie_sent(tuple, netns_of_skb(o, skb));
+    cookie_sent(tuple, netns_of_skb(P, o, skb));
     0
 }
 
 /// A listener answered a SYN with a cookie: `tuple` is the reply's (source = this host).
 #[inline(always)]
-pub(crate) fn cookie_sent(tuple: Tuple, netns: u32) {
+pub(crate) fn cookie_sent(tuple: Tuple, netns: Option<u32>) {
     emit(CookieSynAck {
         header: header(EventKind::CookieSynAck, size_of::<CookieSynAck>(), netns),
         tuple,

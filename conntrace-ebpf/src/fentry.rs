@@ -13,12 +13,11 @@
 //!   `sock:sk_data_ready` tracepoint (6.6).
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, ConnectError, DATA_IN, DATA_OUT, EventKind, KernelOffsets, Tuple,
+    AF_INET, AF_INET6, ConnectError, DATA_IN, DATA_OUT, EventKind, KernelOffsets, Tuple, programs,
 };
 
 use crate::{
@@ -42,6 +41,7 @@ fn int_ret(ctx: &FExitContext, nargs: usize) -> i64 {
 /// int flags)`: the same facts as `sys_exit_connect`, for TCP only.
 #[fexit(function = "inet_stream_connect")]
 pub fn fexit_inet_stream_connect(ctx: FExitContext) -> u32 {
+    const P: u32 = programs::FEXIT_INET_STREAM_CONNECT;
     let ret = int_ret(&ctx, 4);
     if ret >= 0 || ret == -EINPROGRESS {
         return 0;
@@ -53,30 +53,40 @@ pub fn fexit_inet_stream_connect(ctx: FExitContext) -> u32 {
     if o.socket_sk == KernelOffsets::MISSING || sock == 0 || uaddr == 0 {
         return 0;
     }
-    if kread::<u16>(sock + o.socket_type as u64) != SOCK_STREAM {
+    if kread::<u16>(P, sock + o.socket_type as u64) != Some(SOCK_STREAM) {
         return 0;
     }
     let mut tuple = Tuple::default();
-    let family: u16 = kread(uaddr);
+    let Some(family) = kread::<u16>(P, uaddr) else {
+        return 0;
+    };
     if family == AF_INET {
-        let a: [u8; 4] = kread(uaddr + 4);
+        let Some(a) = kread::<[u8; 4]>(P, uaddr + 4) else {
+            return 0;
+        };
         tuple.daddr[..4].copy_from_slice(&a);
     } else if family == AF_INET6 {
-        tuple.daddr = kread(uaddr + 8);
+        let Some(a) = kread(P, uaddr + 8) else {
+            return 0;
+        };
+        tuple.daddr = a;
     } else {
         return 0;
     }
     tuple.family = family;
-    tuple.dport = u16::from_be(kread(uaddr + 2));
+    let Some(port) = kread::<u16>(P, uaddr + 2) else {
+        return 0;
+    };
+    tuple.dport = u16::from_be(port);
     if !port_traced(cfg, tuple.dport, tuple.dport) {
         return 0;
     }
-    let skaddr: u64 = kread(sock + o.socket_sk as u64);
+    let skaddr: u64 = kread(P, sock + o.socket_sk as u64).unwrap_or(0);
     emit(ConnectError {
         header: header(
             EventKind::ConnectError,
             size_of::<ConnectError>(),
-            netns_of_sock(o, skaddr),
+            netns_of_sock(P, o, skaddr),
         ),
         skaddr,
         tuple,
@@ -98,8 +108,7 @@ pub fn fentry_inet_accept(ctx: FEntryContext) -> u32 {
         return 0;
     }
     if let Some(cfg) = config() {
-        // The descriptor is installed after accept returns.
-        report_accept(cfg, skaddr, -1);
+        report_accept(programs::FENTRY_INET_ACCEPT, cfg, skaddr);
     }
     0
 }
@@ -107,10 +116,10 @@ pub fn fentry_inet_accept(ctx: FEntryContext) -> u32 {
 /// A SYN answered with a cookie: the record a cookie SYN-ACK gives on the tracepoint path,
 /// oriented as the reply (source = this host).
 #[inline(always)]
-fn cookie(skb: u64, proto: u16) {
+fn cookie(prog: u32, skb: u64, proto: u16) {
     let Some(cfg) = config() else { return };
     let o = &cfg.offsets;
-    let Some((syn, _flags)) = packet_tuple(o, skb, proto) else {
+    let Some((syn, _flags)) = packet_tuple(prog, o, skb, proto) else {
         return;
     };
     if !port_traced(cfg, syn.sport, syn.dport) {
@@ -125,20 +134,28 @@ fn cookie(skb: u64, proto: u16) {
         ..syn
     };
     // Not skb->dev: TCP has reused it as scratch space by now.
-    cookie_sent(tuple, netns_of_skb_route(o, skb));
+    cookie_sent(tuple, netns_of_skb_route(prog, o, skb));
 }
 
 /// `u32 cookie_v4_init_sequence(const struct sk_buff *skb, __u16 *mssp)`.
 #[fentry(function = "cookie_v4_init_sequence")]
 pub fn fentry_cookie_v4_init_sequence(ctx: FEntryContext) -> u32 {
-    cookie(ctx.arg(0), ETH_P_IP);
+    cookie(
+        programs::FENTRY_COOKIE_V4_INIT_SEQUENCE,
+        ctx.arg(0),
+        ETH_P_IP,
+    );
     0
 }
 
 /// `u32 cookie_v6_init_sequence(const struct sk_buff *skb, __u16 *mssp)`.
 #[fentry(function = "cookie_v6_init_sequence")]
 pub fn fentry_cookie_v6_init_sequence(ctx: FEntryContext) -> u32 {
-    cookie(ctx.arg(0), ETH_P_IPV6);
+    cookie(
+        programs::FENTRY_COOKIE_V6_INIT_SEQUENCE,
+        ctx.arg(0),
+        ETH_P_IPV6,
+    );
     0
 }
 
@@ -146,18 +163,15 @@ pub fn fentry_cookie_v6_init_sequence(ctx: FEntryContext) -> u32 {
 /// established connection; the first one that brought data makes `bytes_received` non-zero.
 #[fexit(function = "tcp_rcv_established")]
 pub fn fexit_tcp_rcv_established(ctx: FExitContext) -> u32 {
+    const P: u32 = programs::FEXIT_TCP_RCV_ESTABLISHED;
     let Some(cfg) = config() else { return 0 };
     let o = &cfg.offsets;
     if o.tcp_bytes_received == KernelOffsets::MISSING {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
-    // SAFETY: bpf_probe_read_kernel fails instead of faulting.
-    let received =
-        unsafe { bpf_probe_read_kernel((sk + o.tcp_bytes_received as u64) as *const u64) }
-            .unwrap_or(0);
-    if received > 0 {
-        first(sk, DATA_IN, 0);
+    if kread::<u64>(P, sk + o.tcp_bytes_received as u64).is_some_and(|n| n > 0) {
+        first(P, sk, DATA_IN, 0);
     }
     0
 }
@@ -167,7 +181,12 @@ pub fn fexit_tcp_rcv_established(ctx: FExitContext) -> u32 {
 pub fn fexit_tcp_sendmsg(ctx: FExitContext) -> u32 {
     let ret = int_ret(&ctx, 3);
     if ret > 0 {
-        first(ctx.arg(0), DATA_OUT, ret as i32);
+        first(
+            programs::FEXIT_TCP_SENDMSG,
+            ctx.arg(0),
+            DATA_OUT,
+            ret as i32,
+        );
     }
     0
 }

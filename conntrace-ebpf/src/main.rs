@@ -23,16 +23,12 @@ use conntrace_common::{
     FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, StateChange, SynRetransmit,
     TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout,
     maps::{LOST_COUNT, RING_PEAK},
+    programs,
+    tcp::state,
+    unread,
 };
 
 const IPPROTO_TCP: u16 = 6;
-const TCP_SYN_SENT: i32 = 2;
-const TCP_CLOSE: i32 = 7;
-const TCP_SYN_RECV: i32 = 3;
-const TCP_FIN_WAIT2: i32 = 5;
-const TCP_TIME_WAIT: i32 = 6;
-const TCP_LAST_ACK: i32 = 9;
-const TCP_CLOSING: i32 = 11;
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
@@ -49,64 +45,92 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map]
 static PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_PORTS, 0);
 
+/// Per CPU, by program (`conntrace_common::programs`): kernel reads that failed.
+#[map]
+static READ_FAILURES: PerCpuArray<u64> = PerCpuArray::with_max_entries(programs::COUNT, 0);
+
 #[inline(always)]
 fn config() -> Option<&'static Config> {
     CONFIG.get(0)
 }
 
-/// Reads a field of the tracepoint record, or `T::default()` when this kernel lacks it.
+/// Counts a kernel read that failed in program `prog`: the fact it was for is left absent.
 #[inline(always)]
-fn field<T: Default>(ctx: &TracePointContext, off: u16) -> T {
+fn read_failed(prog: u32) {
+    if let Some(n) = READ_FAILURES.get_ptr_mut(prog) {
+        // SAFETY: per-CPU slot; a lost increment between nested programs is harmless.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Reads a field of the tracepoint record, or `T::default()` when this kernel lacks it (or the
+/// read failed: counted for `prog`).
+#[inline(always)]
+fn field<T: Default>(prog: u32, ctx: &TracePointContext, off: u16) -> T {
     if off == ABSENT {
         return T::default();
     }
     // SAFETY: bpf_probe_read of the record; the offset comes from the tracepoint's format file.
-    unsafe { ctx.read_at::<T>(off as usize) }.unwrap_or_default()
+    match unsafe { ctx.read_at::<T>(off as usize) } {
+        Ok(v) => v,
+        Err(_) => {
+            read_failed(prog);
+            T::default()
+        }
+    }
 }
 
+/// Reads kernel memory at `addr`: `None` for a null address, or when the read fails (counted
+/// for `prog`).
 #[inline(always)]
-fn kread<T: Default>(addr: u64) -> T {
+fn kread<T>(prog: u32, addr: u64) -> Option<T> {
     if addr == 0 {
-        return T::default();
+        return None;
     }
     // SAFETY: bpf_probe_read_kernel tolerates any address and fails instead of faulting.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
+    match unsafe { bpf_probe_read_kernel(addr as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            read_failed(prog);
+            None
+        }
+    }
 }
 
 /// Reads a `struct sockaddr_in`/`sockaddr_in6` stored in the record at `off`.
 #[inline(always)]
-fn sockaddr_field(ctx: &TracePointContext, off: u16, addr: &mut [u8; 16]) -> (u16, u16) {
-    let family: u16 = field(ctx, off);
-    let port = u16::from_be(field::<u16>(ctx, off + 2));
+fn sockaddr_field(prog: u32, ctx: &TracePointContext, off: u16, addr: &mut [u8; 16]) -> (u16, u16) {
+    let family: u16 = field(prog, ctx, off);
+    let port = u16::from_be(field::<u16>(prog, ctx, off + 2));
     if family == AF_INET6 {
-        *addr = field(ctx, off + 8);
+        *addr = field(prog, ctx, off + 8);
     } else {
-        let v4: [u8; 4] = field(ctx, off + 4);
+        let v4: [u8; 4] = field(prog, ctx, off + 4);
         addr[..4].copy_from_slice(&v4);
     }
     (family, port)
 }
 
 #[inline(always)]
-fn read_tuple(ctx: &TracePointContext, l: &TupleLayout) -> Tuple {
+fn read_tuple(prog: u32, ctx: &TracePointContext, l: &TupleLayout) -> Tuple {
     let mut t = Tuple::default();
     if l.sockaddr_src != ABSENT {
-        let (family, sport) = sockaddr_field(ctx, l.sockaddr_src, &mut t.saddr);
-        let (_, dport) = sockaddr_field(ctx, l.sockaddr_dst, &mut t.daddr);
+        let (family, sport) = sockaddr_field(prog, ctx, l.sockaddr_src, &mut t.saddr);
+        let (_, dport) = sockaddr_field(prog, ctx, l.sockaddr_dst, &mut t.daddr);
         t.family = family;
         t.sport = sport;
         t.dport = dport;
         return t;
     }
-    t.family = field(ctx, l.family);
-    t.sport = field(ctx, l.sport);
-    t.dport = field(ctx, l.dport);
+    t.family = field(prog, ctx, l.family);
+    t.sport = field(prog, ctx, l.sport);
+    t.dport = field(prog, ctx, l.dport);
     if t.family == AF_INET6 {
-        t.saddr = field(ctx, l.saddr6);
-        t.daddr = field(ctx, l.daddr6);
+        t.saddr = field(prog, ctx, l.saddr6);
+        t.daddr = field(prog, ctx, l.daddr6);
     } else {
-        let s: [u8; 4] = field(ctx, l.saddr4);
-        let d: [u8; 4] = field(ctx, l.daddr4);
+        let s: [u8; 4] = field(prog, ctx, l.saddr4);
+        let d: [u8; 4] = field(prog, ctx, l.daddr4);
         t.saddr[..4].copy_from_slice(&s);
         t.daddr[..4].copy_from_slice(&d);
     }
@@ -120,71 +144,77 @@ fn port_traced(cfg: &Config, a: u16, b: u16) -> bool {
         || unsafe { PORTS.get(&a).is_some() || PORTS.get(&b).is_some() }
 }
 
+/// The namespace of `struct net *` at `net`.
 #[inline(always)]
-fn netns_of_sock(o: &KernelOffsets, sk: u64) -> u32 {
-    if sk == 0 || o.sock_net == KernelOffsets::MISSING || o.net_inum == KernelOffsets::MISSING {
-        return 0;
+fn netns_of_net(prog: u32, o: &KernelOffsets, net: u64) -> Option<u32> {
+    if net == 0 || o.net_inum == KernelOffsets::MISSING {
+        return None;
     }
-    let net: u64 = kread(sk + o.sock_net as u64);
-    kread(net + o.net_inum as u64)
+    kread(prog, net + o.net_inum as u64)
 }
 
+/// The network namespace of socket `sk`; `None` without a socket or when unreadable.
 #[inline(always)]
-fn netns_of_skb(o: &KernelOffsets, skb: u64) -> u32 {
-    if skb == 0 || o.skb_dev == KernelOffsets::MISSING || o.netdev_net == KernelOffsets::MISSING {
-        return 0;
+fn netns_of_sock(prog: u32, o: &KernelOffsets, sk: u64) -> Option<u32> {
+    if sk == 0 || o.sock_net == KernelOffsets::MISSING {
+        return None;
     }
-    let dev: u64 = kread(skb + o.skb_dev as u64);
-    if dev == 0 {
-        return 0;
+    netns_of_net(prog, o, kread(prog, sk + o.sock_net as u64)?)
+}
+
+/// The namespace of a device `struct net_device *`.
+#[inline(always)]
+fn netns_of_dev(prog: u32, o: &KernelOffsets, dev: u64) -> Option<u32> {
+    if dev == 0 || o.netdev_net == KernelOffsets::MISSING {
+        return None;
     }
-    let net: u64 = kread(dev + o.netdev_net as u64);
-    kread(net + o.net_inum as u64)
+    netns_of_net(prog, o, kread(prog, dev + o.netdev_net as u64)?)
+}
+
+/// The namespace of packet `skb`'s device.
+#[inline(always)]
+fn netns_of_skb(prog: u32, o: &KernelOffsets, skb: u64) -> Option<u32> {
+    if skb == 0 || o.skb_dev == KernelOffsets::MISSING {
+        return None;
+    }
+    netns_of_dev(prog, o, kread(prog, skb + o.skb_dev as u64)?)
 }
 
 /// The namespace of an incoming packet from its route (`skb_dst(skb)->dev`): TCP's receive
 /// path reuses `skb->dev` as scratch space, the route stays.
 #[inline(always)]
-fn netns_of_skb_route(o: &KernelOffsets, skb: u64) -> u32 {
+fn netns_of_skb_route(prog: u32, o: &KernelOffsets, skb: u64) -> Option<u32> {
     if skb == 0 || o.skb_refdst == KernelOffsets::MISSING || o.dst_dev == KernelOffsets::MISSING {
-        return 0;
+        return None;
     }
     // The low bit marks a route held without a reference.
-    let dst = kread::<u64>(skb + o.skb_refdst as u64) & !1;
+    let dst = kread::<u64>(prog, skb + o.skb_refdst as u64)? & !1;
     if dst == 0 {
-        return 0;
+        return None;
     }
-    let dev: u64 = kread(dst + o.dst_dev as u64);
-    if dev == 0 || o.netdev_net == KernelOffsets::MISSING {
-        return 0;
-    }
-    let net: u64 = kread(dev + o.netdev_net as u64);
-    kread(net + o.net_inum as u64)
+    netns_of_dev(prog, o, kread(prog, dst + o.dst_dev as u64)?)
 }
 
-/// TCP flags byte of the packet in `skb` (the one a socket-less reset answers).
+/// TCP flags byte of the packet in `skb` (the one a socket-less reset answers), when readable.
 #[inline(always)]
-fn answered_tcp_flags(o: &KernelOffsets, skb: u64) -> u32 {
+fn answered_tcp_flags(prog: u32, o: &KernelOffsets, skb: u64) -> Option<u32> {
     if skb == 0
         || o.skb_head == KernelOffsets::MISSING
         || o.skb_transport_header == KernelOffsets::MISSING
     {
-        return TCP_FLAGS_UNKNOWN;
+        return None;
     }
-    let head: u64 = kread(skb + o.skb_head as u64);
-    let transport: u16 = kread(skb + o.skb_transport_header as u64);
+    let head: u64 = kread(prog, skb + o.skb_head as u64)?;
+    let transport: u16 = kread(prog, skb + o.skb_transport_header as u64)?;
     if head == 0 || transport == u16::MAX {
-        return TCP_FLAGS_UNKNOWN;
+        return None;
     }
-    // SAFETY: bpf_probe_read_kernel fails instead of faulting.
-    match unsafe { bpf_probe_read_kernel((head + transport as u64 + 13) as *const u8) } {
-        Ok(flags) => flags as u32,
-        Err(_) => TCP_FLAGS_UNKNOWN,
-    }
+    kread::<u8>(prog, head + transport as u64 + 13).map(u32::from)
 }
 
+/// The header of an event; a namespace that could not be read is marked unread.
 #[inline(always)]
-fn header(kind: EventKind, size: usize, netns: u32) -> EventHeader {
+fn header(kind: EventKind, size: usize, netns: Option<u32>) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
     EventHeader {
         kind: kind as u32,
@@ -192,8 +222,8 @@ fn header(kind: EventKind, size: usize, netns: u32) -> EventHeader {
         // SAFETY: reads the monotonic clock.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        netns,
+        unread: if netns.is_some() { 0 } else { unread::NETNS },
+        netns: netns.unwrap_or(0),
         _pad: 0,
         comm: current_comm(),
     }
@@ -268,8 +298,8 @@ fn count_lost() {
 }
 
 #[inline(always)]
-fn is_tcp(ctx: &TracePointContext, l: &TracepointLayout) -> bool {
-    l.protocol == ABSENT || field::<u16>(ctx, l.protocol) == IPPROTO_TCP
+fn is_tcp(prog: u32, ctx: &TracePointContext, l: &TracepointLayout) -> bool {
+    l.protocol == ABSENT || field::<u16>(prog, ctx, l.protocol) == IPPROTO_TCP
 }
 
 /// A tracepoint record copied to the stack with one helper call: the hottest program reads
@@ -280,13 +310,16 @@ struct Record([u8; RECORD_COPY]);
 
 impl Record {
     #[inline(always)]
-    fn copy(ctx: &TracePointContext) -> Option<Self> {
+    fn copy(prog: u32, ctx: &TracePointContext) -> Option<Self> {
         let mut buf = [0u8; RECORD_COPY];
         // SAFETY: bpf_probe_read_kernel of the record into a local buffer of its size.
-        unsafe {
+        let read = unsafe {
             aya_ebpf::helpers::bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut buf)
+        };
+        if read.is_err() {
+            read_failed(prog);
+            return None;
         }
-        .ok()?;
         Some(Self(buf))
     }
 
@@ -305,9 +338,10 @@ impl Record {
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::INET_SOCK_SET_STATE;
     let Some(cfg) = config() else { return 0 };
     let l = &cfg.set_state;
-    let Some(rec) = Record::copy(&ctx) else {
+    let Some(rec) = Record::copy(P, &ctx) else {
         return 0;
     };
     if l.protocol != ABSENT && rec.get::<u16>(l.protocol) != IPPROTO_TCP {
@@ -316,7 +350,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let newstate: i32 = rec.get(l.newstate);
     if matches!(
         newstate,
-        TCP_FIN_WAIT2 | TCP_TIME_WAIT | TCP_LAST_ACK | TCP_CLOSING
+        state::FIN_WAIT2 | state::TIME_WAIT | state::LAST_ACK | state::CLOSING
     ) {
         // The middle of an orderly close: its start (FIN_WAIT1, CLOSE_WAIT) and its end (CLOSE,
         // with the state it left) are all userspace needs. Two events fewer per connection.
@@ -342,24 +376,31 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         tuple.daddr[..4].copy_from_slice(&d);
     }
     let skaddr: u64 = rec.get(l.skaddr);
-    if matches!(newstate, TCP_SYN_SENT | TCP_SYN_RECV | TCP_CLOSE) {
+    if matches!(newstate, state::SYN_SENT | state::SYN_RECV | state::CLOSE) {
         // A new connection, or the end of one, at this address: its first data is still to come.
         data::forget(skaddr);
     }
     let o = &cfg.offsets;
+    let mut header = header(
+        EventKind::StateChange,
+        size_of::<StateChange>(),
+        netns_of_sock(P, o, skaddr),
+    );
     let mut sk_err: i32 = 0;
-    if newstate == TCP_CLOSE && o.sock_err != KernelOffsets::MISSING {
-        sk_err = kread(skaddr + o.sock_err as u64);
-        if sk_err == 0 && o.sock_err_soft != KernelOffsets::MISSING {
-            sk_err = kread(skaddr + o.sock_err_soft as u64);
+    if newstate == state::CLOSE && o.sock_err != KernelOffsets::MISSING {
+        // The error, else the soft error (an ICMP that came while the process held it).
+        let soft = o.sock_err_soft;
+        match kread::<i32>(P, skaddr + o.sock_err as u64) {
+            Some(0) if soft != KernelOffsets::MISSING => match kread(P, skaddr + soft as u64) {
+                Some(e) => sk_err = e,
+                None => header.unread |= unread::SK_ERR,
+            },
+            Some(e) => sk_err = e,
+            None => header.unread |= unread::SK_ERR,
         }
     }
     emit(StateChange {
-        header: header(
-            EventKind::StateChange,
-            size_of::<StateChange>(),
-            netns_of_sock(&cfg.offsets, skaddr),
-        ),
+        header,
         skaddr,
         tuple,
         oldstate: rec.get(l.oldstate),
@@ -372,65 +413,67 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::INET_SK_ERROR_REPORT;
     let Some(cfg) = config() else { return 0 };
     let l = &cfg.error_report;
-    if !is_tcp(&ctx, l) {
+    if !is_tcp(P, &ctx, l) {
         return 0;
     }
-    let tuple = read_tuple(&ctx, &l.tuple);
+    let tuple = read_tuple(P, &ctx, &l.tuple);
     if !port_traced(cfg, tuple.sport, tuple.dport) {
         return 0;
     }
+    // The record names no socket: the namespace is unknown (the engine joins it by tuple).
     emit(ErrorReport {
-        header: header(EventKind::ErrorReport, size_of::<ErrorReport>(), 0),
+        header: header(EventKind::ErrorReport, size_of::<ErrorReport>(), None),
         tuple,
-        error: field(&ctx, l.error),
+        error: field(P, &ctx, l.error),
         _pad: 0,
     });
     0
 }
 
 #[inline(always)]
-fn reset(ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout, kind: EventKind) {
-    let tuple = read_tuple(ctx, &l.tuple);
+fn reset(prog: u32, ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout, kind: EventKind) {
+    let tuple = read_tuple(prog, ctx, &l.tuple);
     if !port_traced(cfg, tuple.sport, tuple.dport) {
         return;
     }
-    let skaddr: u64 = field(ctx, l.skaddr);
-    let netns = if skaddr != 0 {
-        netns_of_sock(&cfg.offsets, skaddr)
+    let skaddr: u64 = field(prog, ctx, l.skaddr);
+    let o = &cfg.offsets;
+    let mut header = if skaddr != 0 {
+        header(kind, size_of::<Reset>(), netns_of_sock(prog, o, skaddr))
     } else {
-        netns_of_skb(&cfg.offsets, field(ctx, l.skbaddr))
+        let skb: u64 = field(prog, ctx, l.skbaddr);
+        header(kind, size_of::<Reset>(), netns_of_skb(prog, o, skb))
     };
     // Without a socket, what was answered (a SYN, or a late segment) tells refusal from noise.
     let tcp_flags = if skaddr == 0 {
-        answered_tcp_flags(&cfg.offsets, field(ctx, l.skbaddr))
+        answered_tcp_flags(prog, o, field(prog, ctx, l.skbaddr)).unwrap_or_else(|| {
+            header.unread |= unread::TCP_FLAGS;
+            TCP_FLAGS_UNKNOWN
+        })
     } else {
         TCP_FLAGS_UNKNOWN
     };
     emit(Reset {
-        header: header(kind, size_of::<Reset>(), netns),
+        header,
         skaddr,
         tuple,
-        state: if l.state == ABSENT {
-            -1
-        } else {
-            field(ctx, l.state)
-        },
         reason: if l.reason == ABSENT {
             RESET_REASON_NONE
         } else {
-            field(ctx, l.reason)
+            field(prog, ctx, l.reason)
         },
         tcp_flags,
-        _pad: 0,
     });
 }
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if let Some(cfg) = config() {
-        reset(&ctx, cfg, &cfg.receive_reset, EventKind::ReceiveReset);
+        let p = programs::TCP_RECEIVE_RESET;
+        reset(p, &ctx, cfg, &cfg.receive_reset, EventKind::ReceiveReset);
     }
     0
 }
@@ -438,34 +481,39 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
     if let Some(cfg) = config() {
-        reset(&ctx, cfg, &cfg.send_reset, EventKind::SendReset);
+        reset(
+            programs::TCP_SEND_RESET,
+            &ctx,
+            cfg,
+            &cfg.send_reset,
+            EventKind::SendReset,
+        );
     }
     0
 }
 
 #[tracepoint]
 pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::TCP_RETRANSMIT_SKB;
     let Some(cfg) = config() else { return 0 };
     let l = &cfg.retransmit;
-    let state: i32 = field(&ctx, l.state);
-    if state != TCP_SYN_SENT {
+    let state: i32 = field(P, &ctx, l.state);
+    if state != state::SYN_SENT {
         return 0;
     }
-    let tuple = read_tuple(&ctx, &l.tuple);
+    let tuple = read_tuple(P, &ctx, &l.tuple);
     if !port_traced(cfg, tuple.sport, tuple.dport) {
         return 0;
     }
-    let skaddr: u64 = field(&ctx, l.skaddr);
+    let skaddr: u64 = field(P, &ctx, l.skaddr);
     emit(SynRetransmit {
         header: header(
             EventKind::SynRetransmit,
             size_of::<SynRetransmit>(),
-            netns_of_sock(&cfg.offsets, skaddr),
+            netns_of_sock(P, &cfg.offsets, skaddr),
         ),
         skaddr,
         tuple,
-        state,
-        _pad: 0,
     });
     0
 }

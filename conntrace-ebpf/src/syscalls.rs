@@ -7,7 +7,7 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, Accept, Config, ConnectError, EventKind, KernelOffsets, Tuple,
+    AF_INET, AF_INET6, Accept, Config, ConnectError, EventKind, KernelOffsets, Tuple, programs,
 };
 
 use crate::{config, data::sock_ports, emit, field, header, kread, netns_of_sock, port_traced};
@@ -25,35 +25,34 @@ struct PendingConnect {
 #[map]
 static CONNECTS: LruHashMap<u64, PendingConnect> = LruHashMap::with_max_entries(8192, 0);
 
-/// The `struct sock *` behind file descriptor `fd` of the current task, with `socket.type`.
+/// The `struct sock *` behind file descriptor `fd` of the current task, with `socket.type`;
+/// `None` when there is none or it could not be read.
 #[inline(always)]
-fn sock_of_fd(o: &KernelOffsets, fd: i64) -> (u64, u16) {
+fn sock_of_fd(prog: u32, o: &KernelOffsets, fd: i64) -> Option<(u64, u16)> {
     if fd < 0 || o.task_files == KernelOffsets::MISSING || o.socket_sk == KernelOffsets::MISSING {
-        return (0, 0);
+        return None;
     }
     // SAFETY: returns the current task pointer; only read through bpf_probe_read_kernel.
     let task = unsafe { bpf_get_current_task() };
-    let files: u64 = kread(task + o.task_files as u64);
-    let fdt: u64 = kread(files + o.files_fdt as u64);
-    let max_fds: u32 = kread(fdt + o.fdtable_max_fds as u64);
-    if fdt == 0 || fd as u64 >= max_fds as u64 {
-        return (0, 0);
+    let files: u64 = kread(prog, task + o.task_files as u64)?;
+    let fdt: u64 = kread(prog, files + o.files_fdt as u64)?;
+    let max_fds: u32 = kread(prog, fdt + o.fdtable_max_fds as u64)?;
+    if fd as u64 >= max_fds as u64 {
+        return None;
     }
-    let fd_array: u64 = kread(fdt + o.fdtable_fd as u64);
-    let file: u64 = kread(fd_array + (fd as u64) * 8);
-    let socket: u64 = kread(file + o.file_private_data as u64);
-    if socket == 0 {
-        return (0, 0);
-    }
-    let kind: u16 = kread(socket + o.socket_type as u64);
-    (kread(socket + o.socket_sk as u64), kind)
+    let fd_array: u64 = kread(prog, fdt + o.fdtable_fd as u64)?;
+    let file: u64 = kread(prog, fd_array + (fd as u64) * 8)?;
+    let socket: u64 = kread(prog, file + o.file_private_data as u64)?;
+    let kind: u16 = kread(prog, socket + o.socket_type as u64)?;
+    Some((kread(prog, socket + o.socket_sk as u64)?, kind))
 }
 
 #[tracepoint]
 pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::SYS_ENTER_CONNECT;
     let Some(cfg) = config() else { return 0 };
     let s = &cfg.syscalls;
-    let addr: u64 = field(&ctx, s.connect_addr);
+    let addr: u64 = field(P, &ctx, s.connect_addr);
     if addr == 0 {
         return 0;
     }
@@ -76,7 +75,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if !port_traced(cfg, tuple.dport, tuple.dport) {
         return 0;
     }
-    let fd: u64 = field(&ctx, s.connect_fd);
+    let fd: u64 = field(P, &ctx, s.connect_fd);
     let pending = PendingConnect {
         fd: fd as i64,
         tuple,
@@ -88,6 +87,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::SYS_EXIT_CONNECT;
     let Some(cfg) = config() else { return 0 };
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
@@ -95,11 +95,11 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         return 0;
     };
     let _ignored = CONNECTS.remove(&key);
-    let ret: i64 = field(&ctx, cfg.syscalls.exit_ret);
+    let ret: i64 = field(P, &ctx, cfg.syscalls.exit_ret);
     if ret >= 0 || ret == -EINPROGRESS {
         return 0;
     }
-    let (skaddr, kind) = sock_of_fd(&cfg.offsets, pending.fd);
+    let (skaddr, kind) = sock_of_fd(P, &cfg.offsets, pending.fd).unwrap_or((0, 0));
     if skaddr != 0 && kind != SOCK_STREAM {
         return 0;
     }
@@ -107,7 +107,7 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
         header: header(
             EventKind::ConnectError,
             size_of::<ConnectError>(),
-            netns_of_sock(&cfg.offsets, skaddr),
+            netns_of_sock(P, &cfg.offsets, skaddr),
         ),
         skaddr,
         tuple: pending.tuple,
@@ -118,26 +118,27 @@ pub fn sys_exit_connect(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn accepted(ctx: &TracePointContext) -> u32 {
+fn accepted(prog: u32, ctx: &TracePointContext) -> u32 {
     let Some(cfg) = config() else { return 0 };
-    let fd: i64 = field(ctx, cfg.syscalls.exit_ret);
+    let fd: i64 = field(prog, ctx, cfg.syscalls.exit_ret);
     if fd < 0 {
         return 0;
     }
-    let o = &cfg.offsets;
-    let (skaddr, kind) = sock_of_fd(o, fd);
+    let Some((skaddr, kind)) = sock_of_fd(prog, &cfg.offsets, fd) else {
+        return 0;
+    };
     if skaddr == 0 || kind != SOCK_STREAM {
         return 0;
     }
-    report_accept(cfg, skaddr, fd);
+    report_accept(prog, cfg, skaddr);
     0
 }
 
-/// The socket `accept()` returned (`fd`, or -1 before it has one), if on a traced port.
+/// The socket `accept()` returned, if on a traced port.
 #[inline(always)]
-pub(crate) fn report_accept(cfg: &Config, skaddr: u64, fd: i64) {
+pub(crate) fn report_accept(prog: u32, cfg: &Config, skaddr: u64) {
     let o = &cfg.offsets;
-    let (lport, rport) = sock_ports(o, skaddr);
+    let (lport, rport) = sock_ports(prog, o, skaddr);
     if !port_traced(cfg, lport, rport) {
         return;
     }
@@ -145,19 +146,18 @@ pub(crate) fn report_accept(cfg: &Config, skaddr: u64, fd: i64) {
         header: header(
             EventKind::Accept,
             size_of::<Accept>(),
-            netns_of_sock(o, skaddr),
+            netns_of_sock(prog, o, skaddr),
         ),
         skaddr,
-        fd,
     });
 }
 
 #[tracepoint]
 pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    accepted(&ctx)
+    accepted(programs::SYS_EXIT_ACCEPT4, &ctx)
 }
 
 #[tracepoint]
 pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    accepted(&ctx)
+    accepted(programs::SYS_EXIT_ACCEPT, &ctx)
 }

@@ -6,7 +6,8 @@
 //! `TCP_LISTEN_OVERFLOW` on recent kernels and is attributed per connection; older kernels count
 //! it here only.) So once a second, for each network namespace, the counter is read from
 //! `/proc/PID/net/netstat` of a process in it; when it grew, the listeners on traced ports whose
-//! accept queue is full right now (`/proc/PID/net/tcp{,6}`: rx_queue > tx_queue) are reported.
+//! accept queue is full right now (sock_diag, entered through that process: queue > backlog) are
+//! reported.
 //!
 //! Where it can fail: the counter is per namespace, not per listener, so when several traced
 //! listeners are full each is reported with the namespace's whole count; a queue that filled

@@ -153,9 +153,11 @@ const TRACEPOINT: u8 = 10;
 #[rustfmt::skip]
 pub const RULES: &[AttachRule] = &[
     // fentry/fexit first where they serve better: fewer or cheaper runs, facts from the
-    // function itself. `bpf_get_func_ret` (fexit results) needs 5.17.
+    // function itself. BPF trampolines came with 5.5; fexit programs read the function's
+    // result from their context, not with bpf_get_func_ret (5.17, and unreliable on 6.1). A row
+    // that does not load on an older kernel leaves its capability to the tracepoint rows.
     //          capability                  priority    program                               function                    fexit  kernels
-    trampoline(Capability::ConnectProcess, BETTER,     "fexit_inet_stream_connect",          "inet_stream_connect",      true,  ((5, 17), None)),
+    trampoline(Capability::ConnectProcess, BETTER,     "fexit_inet_stream_connect",          "inet_stream_connect",      true,  ((5, 5), None)),
     // Not fexit:inet_csk_accept: it misses accept() calls already waiting at attach.
     // __inet_accept came with 6.8 and is in later 6.1.y (Debian's 6.1.0-56 has it); where it
     // is missing, loading fails and the syscall tracepoints serve.
@@ -163,8 +165,8 @@ pub const RULES: &[AttachRule] = &[
     trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v4_init_sequence",     "cookie_v4_init_sequence",  false, ((5, 5), None)),
     trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v6_init_sequence",     "cookie_v6_init_sequence",  false, ((5, 5), None)),
     // First data before `sock:sk_data_ready` (6.6) and `sock:sock_send_length` (6.3).
-    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_rcv_established",          "tcp_rcv_established",      true,  ((5, 17), Some((6, 5)))),
-    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_sendmsg",                  "tcp_sendmsg",              true,  ((5, 17), Some((6, 2)))),
+    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_rcv_established",          "tcp_rcv_established",      true,  ((5, 5), Some((6, 5)))),
+    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_sendmsg",                  "tcp_sendmsg",              true,  ((5, 5), Some((6, 2)))),
     //  capability                      program                  category    min kernel  required
     tp(Capability::Lifecycle,       "inet_sock_set_state",  "sock",     (4, 16),    true),
     tp(Capability::SocketError,     "inet_sk_error_report", "sock",     (5, 14),    false),
@@ -309,10 +311,13 @@ mod tests {
     }
 
     #[test]
-    fn program_names_are_unique() {
+    fn program_names_are_unique_and_each_has_its_read_failure_slot() {
         let mut names: Vec<_> = RULES.iter().map(|r| r.program).collect();
         names.sort();
         names.dedup();
         assert_eq!(names.len(), RULES.len());
+        let mut slots = conntrace_common::programs::NAMES.to_vec();
+        slots.sort();
+        assert_eq!(names, slots, "programs::NAMES lists every program once");
     }
 }

@@ -7,6 +7,7 @@ use std::{
 
 use conntrace_common::{
     AF_INET6, DATA_OUT, Decoded, EventHeader, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN, Tuple, decode,
+    unread,
 };
 
 use crate::engine::facts::{
@@ -43,8 +44,8 @@ fn meta(h: &EventHeader) -> Meta {
     let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
     Meta {
         ts_ns: h.ts_ns,
-        // 0 is no namespace's inode: the program could not read it.
-        netns: (h.netns != 0).then_some(h.netns),
+        // 0 is no namespace's inode either: the program had no object to read it from.
+        netns: (h.unread & unread::NETNS == 0 && h.netns != 0).then_some(h.netns),
         proc: Proc {
             pid: h.pid,
             // Comms are almost always valid UTF-8 and fit inline: the checked path is several
@@ -78,7 +79,9 @@ impl Decoder {
                 tuple: four_tuple(&e.tuple),
                 old: TcpState::from_kernel(e.oldstate),
                 new: TcpState::from_kernel(e.newstate),
-                sk_err: (e.sk_err > 0).then(|| Errno::from_raw(e.sk_err)),
+                // Unread, like 0, is no error known: the error report may still tell it.
+                sk_err: (e.header.unread & unread::SK_ERR == 0 && e.sk_err > 0)
+                    .then(|| Errno::from_raw(e.sk_err)),
             },
             Decoded::ErrorReport(e) => KernelEvent::SocketError {
                 meta: meta(&e.header),
@@ -151,5 +154,52 @@ impl Decoder {
                 errno: Errno::from_raw(e.ret),
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conntrace_common::{EventKind, StateChange, as_bytes, header_for, unread};
+
+    use super::*;
+
+    fn decoder() -> Decoder {
+        Decoder::new(BTreeMap::new(), BTreeMap::new(), Default::default())
+    }
+
+    #[test]
+    fn facts_the_program_could_not_read_are_absent() {
+        let mut h = header_for::<StateChange>(EventKind::StateChange);
+        h.netns = 4_026_531_840;
+        let mut sc = StateChange {
+            header: h,
+            skaddr: 1,
+            tuple: Tuple::default(),
+            oldstate: 2,
+            newstate: 7,
+            sk_err: 111,
+            _pad: 0,
+        };
+        let KernelEvent::State { meta, sk_err, .. } = decoder().decode(as_bytes(&sc)).unwrap()
+        else {
+            panic!("a state change");
+        };
+        assert_eq!(
+            (meta.netns, sk_err),
+            (Some(4_026_531_840), Some(Errno(111)))
+        );
+        sc.header.unread = unread::NETNS | unread::SK_ERR;
+        let KernelEvent::State { meta, sk_err, .. } = decoder().decode(as_bytes(&sc)).unwrap()
+        else {
+            panic!("a state change");
+        };
+        assert_eq!((meta.netns, sk_err), (None, None));
+        // No namespace at all (0) is absent too, never netns 0.
+        sc.header.unread = 0;
+        sc.header.netns = 0;
+        let KernelEvent::State { meta, .. } = decoder().decode(as_bytes(&sc)).unwrap() else {
+            panic!("a state change");
+        };
+        assert_eq!(meta.netns, None);
     }
 }

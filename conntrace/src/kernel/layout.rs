@@ -138,9 +138,14 @@ pub fn read_format(
     Ok(parse_format(&text))
 }
 
-/// Offsets of the syscall tracepoints' arguments.
+/// Offsets of the syscall tracepoints' arguments; all absent on a kernel without syscall
+/// tracepoints (`CONFIG_FTRACE_SYSCALLS` unset), where only fentry/fexit can serve.
 pub fn syscall_layout(root: &Path) -> Result<SyscallLayout, LayoutError> {
-    let enter = read_format(root, "syscalls", "sys_enter_connect")?;
+    let enter = match read_format(root, "syscalls", "sys_enter_connect") {
+        Ok(fields) => fields,
+        Err(LayoutError::NoTracepoint { .. }) => return Ok(SyscallLayout::NONE),
+        Err(e) => return Err(e),
+    };
     let exit = read_format(root, "syscalls", "sys_exit_connect")?;
     let need = |fields: &HashMap<String, Field>, field: &'static str, tp: &str| {
         fields
@@ -154,8 +159,8 @@ pub fn syscall_layout(root: &Path) -> Result<SyscallLayout, LayoutError> {
     Ok(SyscallLayout {
         connect_fd: need(&enter, "fd", "syscalls:sys_enter_connect")?,
         connect_addr: need(&enter, "uservaddr", "syscalls:sys_enter_connect")?,
-        connect_addrlen: need(&enter, "addrlen", "syscalls:sys_enter_connect")?,
         exit_ret: need(&exit, "ret", "syscalls:sys_exit_connect")?,
+        _pad: 0,
     })
 }
 

@@ -3,6 +3,7 @@
 pub mod attach;
 pub mod btf;
 pub mod decode;
+mod hooks;
 pub mod kallsyms;
 pub mod layout;
 pub mod nfhook;
@@ -12,10 +13,9 @@ use std::{collections::BTreeMap, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, FExit, TracePoint},
 };
 use conntrace_common::{
-    Config, FLAG_ALL_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps,
+    Config, FLAG_ALL_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps, programs,
 };
 
 use serde::Serialize;
@@ -23,11 +23,7 @@ use tracing::{debug, warn};
 
 use crate::engine::facts::DropReason;
 
-use self::{
-    attach::{Capability, Hook},
-    btf::KernelBtf,
-    layout::LayoutError,
-};
+use self::{attach::Capability, btf::KernelBtf, layout::LayoutError};
 
 /// The eBPF object built from `conntrace-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrace"));
@@ -52,10 +48,11 @@ pub enum LoadError {
     },
     #[error("too many ports: at most {MAX_PORTS} can be filtered in the kernel")]
     TooManyPorts,
-    #[error("capability `{capability}` is required but no program could attach: {reason}")]
+    #[error("capability `{capability}` is required but no program could attach: {cause}")]
     Required {
         capability: Capability,
-        reason: String,
+        #[source]
+        cause: hooks::Unattached,
     },
 }
 
@@ -94,6 +91,7 @@ pub struct Tracer {
     /// Keeps programs and links alive: dropping it detaches everything.
     _ebpf: Ebpf,
     lost: PerCpuArray<MapData, u64>,
+    read_failures: PerCpuArray<MapData, u64>,
     pub kernel_release: String,
     pub active: Vec<ActiveProgram>,
     pub unavailable: Vec<Unavailable>,
@@ -203,13 +201,16 @@ impl Tracer {
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
 
-        let (active, unavailable) = attach_all(&mut ebpf, version, opts, kernel_btf.as_ref())?;
+        let (active, unavailable) =
+            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref())?;
         drop(kernel_btf);
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
         let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
+        let read_failures = take_map(&mut ebpf, maps::READ_FAILURES)?;
         let tracer = Self {
             _ebpf: ebpf,
             lost,
+            read_failures,
             kernel_release: release,
             active,
             unavailable,
@@ -224,7 +225,14 @@ impl Tracer {
     /// Kernel reads that failed, by program (summed over CPUs); programs without any are left
     /// out.
     pub fn read_failures(&self) -> Result<BTreeMap<&'static str, u64>, aya::maps::MapError> {
-        Ok(BTreeMap::new())
+        let mut failures = BTreeMap::new();
+        for (index, name) in (0..).zip(programs::NAMES) {
+            let n: u64 = self.read_failures.get(&index, 0)?.iter().sum();
+            if n > 0 {
+                failures.insert(name, n);
+            }
+        }
+        Ok(failures)
     }
 
     /// Events the kernel side could not write into the ring buffer, summed over CPUs.
@@ -272,118 +280,4 @@ fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &[u16]) -> Result<(), L
         hash.insert(port, 1, 0).map_err(map_error(maps::PORTS))?;
     }
     Ok(())
-}
-
-fn attach_one(
-    ebpf: &mut Ebpf,
-    rule: &attach::AttachRule,
-    btf: Option<&aya::Btf>,
-) -> Result<(), String> {
-    let program = ebpf
-        .program_mut(rule.program)
-        .ok_or_else(|| format!("program {} not in the object", rule.program))?;
-    let no_btf = || "kernel BTF unavailable (/sys/kernel/btf/vmlinux)".to_owned();
-    match rule.hook {
-        Hook::TracePoint { category, name } => {
-            let tp: &mut TracePoint = program.try_into().map_err(|e| format!("{e}"))?;
-            tp.load().map_err(|e| format!("bpf(BPF_PROG_LOAD): {e}"))?;
-            tp.attach(category, name)
-                .map_err(|e| format!("perf_event_open/attach: {e}"))?;
-        }
-        Hook::FEntry { function } => {
-            let p: &mut FEntry = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load(function, btf.ok_or_else(no_btf)?)
-                .map_err(|e| format!("bpf(BPF_PROG_LOAD) fentry {function}: {e}"))?;
-            p.attach()
-                .map_err(|e| format!("bpf(BPF_RAW_TRACEPOINT_OPEN) fentry {function}: {e}"))?;
-        }
-        Hook::FExit { function } => {
-            let p: &mut FExit = program.try_into().map_err(|e| format!("{e}"))?;
-            p.load(function, btf.ok_or_else(no_btf)?)
-                .map_err(|e| format!("bpf(BPF_PROG_LOAD) fexit {function}: {e}"))?;
-            p.attach()
-                .map_err(|e| format!("bpf(BPF_RAW_TRACEPOINT_OPEN) fexit {function}: {e}"))?;
-        }
-    }
-    Ok(())
-}
-
-/// Walks the attach table for this kernel. Within a capability every rule of the best
-/// priority that works stays attached (a capability may need several hooks, e.g. syscall
-/// entry and exit); lower-priority rules are tried only when the better ones all failed.
-fn attach_all(
-    ebpf: &mut Ebpf,
-    kernel: (u32, u32),
-    opts: &TracerOptions,
-    btf: Option<&aya::Btf>,
-) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
-    let without = &opts.without;
-    let plan = attach::plan(kernel, opts.mode);
-    let (mut active, mut unavailable) = (Vec::new(), Vec::new());
-    let mut served: Option<(Capability, u8)> = None;
-    for rule in &plan {
-        if served.is_some_and(|(cap, prio)| cap == rule.capability && prio < rule.priority) {
-            continue;
-        }
-        if without.contains(&rule.capability) {
-            if !unavailable
-                .iter()
-                .any(|u: &Unavailable| u.capability == rule.capability)
-            {
-                unavailable.push(Unavailable {
-                    capability: rule.capability,
-                    name: rule.program,
-                    attach: rule.hook.describe(),
-                    reason: WITHOUT_REASON.to_owned(),
-                });
-            }
-            continue;
-        }
-        match attach_one(ebpf, rule, btf) {
-            Ok(()) => {
-                debug!(program = rule.program, attach = %rule.hook.describe(), "attached");
-                served = Some((rule.capability, rule.priority));
-                active.push(ActiveProgram {
-                    capability: rule.capability,
-                    name: rule.program,
-                    attach: rule.hook.describe(),
-                });
-            }
-            Err(reason) => {
-                let reason = reason
-                    .trim_end()
-                    .trim_end_matches("Verifier output:")
-                    .trim_end()
-                    .to_owned();
-                if rule.hook.is_tracepoint() {
-                    warn!(program = rule.program, %reason, "not attached");
-                } else {
-                    // A trampoline that fails leaves its capability to the tracepoint rows.
-                    debug!(program = rule.program, %reason, "not attached, falling back");
-                }
-                unavailable.push(Unavailable {
-                    capability: rule.capability,
-                    name: rule.program,
-                    attach: rule.hook.describe(),
-                    reason,
-                });
-            }
-        }
-    }
-    for rule in plan.iter().filter(|r| r.required) {
-        if !active.iter().any(|a| a.capability == rule.capability) {
-            let reason = unavailable
-                .iter()
-                .find(|u| u.capability == rule.capability)
-                .map_or_else(
-                    || "no rule for this kernel version".to_owned(),
-                    |u| u.reason.clone(),
-                );
-            return Err(LoadError::Required {
-                capability: rule.capability,
-                reason,
-            });
-        }
-    }
-    Ok((active, unavailable))
 }

@@ -1,0 +1,177 @@
+//! Attaching the programs to their hooks, walking the attach table (`attach.rs`) for the
+//! running kernel: the best rule of each capability that loads and attaches wins.
+
+use aya::{
+    Ebpf,
+    programs::{FEntry, FExit, ProgramError, TracePoint},
+};
+use tracing::{debug, warn};
+
+use super::{
+    ActiveProgram, LoadError, TracerOptions, Unavailable, WITHOUT_REASON,
+    attach::{self, Capability, Hook},
+};
+
+/// Why one attach rule did not attach: the syscall that failed and aya's error (whose
+/// `Display` of a load failure includes the verifier's log).
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error("program {0} is not in the eBPF object")]
+    NotInObject(&'static str),
+    #[error("kernel BTF unavailable (/sys/kernel/btf/vmlinux)")]
+    NoBtf,
+    #[error("program {program} is not of the hook's type: {source}")]
+    WrongType {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("bpf(BPF_PROG_LOAD) {hook}: {source}")]
+    Load {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("attach {hook} (perf_event_open or bpf(BPF_RAW_TRACEPOINT_OPEN)): {source}")]
+    Attach {
+        hook: String,
+        #[source]
+        source: ProgramError,
+    },
+}
+
+/// Why a capability has no program attached.
+#[derive(Debug, thiserror::Error)]
+pub enum Unattached {
+    #[error("{WITHOUT_REASON}")]
+    LeftOut,
+    #[error("no attach rule for this kernel version")]
+    NoRule,
+    #[error(transparent)]
+    Failed(Box<AttachError>),
+}
+
+impl AttachError {
+    /// One line for the `ready` record: the error without the verifier's log.
+    pub fn summary(&self) -> String {
+        let text = self.to_string();
+        let first = text.split("Verifier output:").next().unwrap_or(&text);
+        first.trim_end().to_owned()
+    }
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    rule: &attach::AttachRule,
+    btf: Option<&aya::Btf>,
+) -> Result<(), AttachError> {
+    let program = ebpf
+        .program_mut(rule.program)
+        .ok_or(AttachError::NotInObject(rule.program))?;
+    let hook = rule.hook.describe();
+    let wrong_type = |source| AttachError::WrongType {
+        program: rule.program,
+        source,
+    };
+    let load = |source| AttachError::Load {
+        hook: hook.clone(),
+        source,
+    };
+    let attach = |source| AttachError::Attach {
+        hook: hook.clone(),
+        source,
+    };
+    match rule.hook {
+        Hook::TracePoint { category, name } => {
+            let tp: &mut TracePoint = program.try_into().map_err(wrong_type)?;
+            tp.load().map_err(load)?;
+            tp.attach(category, name).map_err(attach)?;
+        }
+        Hook::FEntry { function } => {
+            let p: &mut FEntry = program.try_into().map_err(wrong_type)?;
+            p.load(function, btf.ok_or(AttachError::NoBtf)?)
+                .map_err(load)?;
+            p.attach().map_err(attach)?;
+        }
+        Hook::FExit { function } => {
+            let p: &mut FExit = program.try_into().map_err(wrong_type)?;
+            p.load(function, btf.ok_or(AttachError::NoBtf)?)
+                .map_err(load)?;
+            p.attach().map_err(attach)?;
+        }
+    }
+    Ok(())
+}
+
+/// Walks the attach table for this kernel. Within a capability every rule of the best
+/// priority that works stays attached (a capability may need several hooks, e.g. syscall
+/// entry and exit); lower-priority rules are tried only when the better ones all failed.
+pub(super) fn attach_all(
+    ebpf: &mut Ebpf,
+    kernel: (u32, u32),
+    opts: &TracerOptions,
+    btf: Option<&aya::Btf>,
+) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
+    let plan = attach::plan(kernel, opts.mode);
+    let (mut active, mut unavailable) = (Vec::new(), Vec::<Unavailable>::new());
+    let mut served: Option<(Capability, u8)> = None;
+    let mut first_error: Option<(Capability, AttachError)> = None;
+    for rule in &plan {
+        if served.is_some_and(|(cap, prio)| cap == rule.capability && prio < rule.priority) {
+            continue;
+        }
+        let row = |reason: String| Unavailable {
+            capability: rule.capability,
+            name: rule.program,
+            attach: rule.hook.describe(),
+            reason,
+        };
+        if opts.without.contains(&rule.capability) {
+            if !unavailable.iter().any(|u| u.capability == rule.capability) {
+                unavailable.push(row(WITHOUT_REASON.to_owned()));
+            }
+            continue;
+        }
+        match attach_one(ebpf, rule, btf) {
+            Ok(()) => {
+                debug!(program = rule.program, attach = %rule.hook.describe(), "attached");
+                served = Some((rule.capability, rule.priority));
+                active.push(ActiveProgram {
+                    capability: rule.capability,
+                    name: rule.program,
+                    attach: rule.hook.describe(),
+                });
+            }
+            Err(error) => {
+                if rule.hook.is_tracepoint() {
+                    warn!(program = rule.program, reason = %error.summary(), "not attached");
+                } else {
+                    // A trampoline that fails leaves its capability to the tracepoint rows.
+                    debug!(program = rule.program, reason = %error.summary(), "not attached, falling back");
+                }
+                debug!(program = rule.program, "{error}");
+                unavailable.push(row(error.summary()));
+                if first_error
+                    .as_ref()
+                    .is_none_or(|(c, _)| *c != rule.capability)
+                {
+                    first_error = Some((rule.capability, error));
+                }
+            }
+        }
+    }
+    for rule in plan.iter().filter(|r| r.required) {
+        if !active.iter().any(|a| a.capability == rule.capability) {
+            let cause = match first_error {
+                _ if opts.without.contains(&rule.capability) => Unattached::LeftOut,
+                Some((c, e)) if c == rule.capability => Unattached::Failed(Box::new(e)),
+                _ => Unattached::NoRule,
+            };
+            return Err(LoadError::Required {
+                capability: rule.capability,
+                cause,
+            });
+        }
+    }
+    Ok((active, unavailable))
+}
