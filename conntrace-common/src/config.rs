@@ -151,6 +151,13 @@ pub struct KernelOffsets {
     /// `dev`: an incoming packet's namespace once TCP has reused `skb->dev` as scratch space.
     pub skb_refdst: u32,
     pub dst_dev: u32,
+    /// `struct sk_buff` → `len` (bytes of data: a TCP segment's payload where TCP hands it to
+    /// IP) and `skb_iif` (the interface it arrived on; 0 for a locally generated packet).
+    pub skb_len: u32,
+    pub skb_iif: u32,
+    /// `struct tcp_sock` → `mss_cache` (the current MSS).
+    pub tcp_mss_cache: u32,
+    pub _pad: u32,
 }
 
 impl KernelOffsets {

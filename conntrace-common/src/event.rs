@@ -36,6 +36,8 @@ pub enum EventKind {
     /// A SYN-ACK left a listener on a traced port without an owning request socket: a SYN
     /// cookie (`net:net_dev_queue`).
     CookieSynAck = 10,
+    /// `tcp:tcp_retransmit_skb` past the handshake: a data segment retransmitted.
+    Retransmit = 11,
 }
 
 impl EventKind {
@@ -51,6 +53,7 @@ impl EventKind {
             8 => Self::Drop,
             9 => Self::FirstData,
             10 => Self::CookieSynAck,
+            11 => Self::Retransmit,
             _ => return None,
         })
     }
@@ -86,6 +89,12 @@ pub mod unread {
     pub const SK_ERR: u32 = 1 << 1;
     /// The answered packet's TCP flags (`Reset::tcp_flags`).
     pub const TCP_FLAGS: u32 = 1 << 2;
+    /// The retransmitted segment's length (`Retransmit::bytes`).
+    pub const LENGTH: u32 = 1 << 3;
+    /// The connection's MSS (`Retransmit::mss`).
+    pub const MSS: u32 = 1 << 4;
+    /// The interface a dropped packet arrived on (`PacketDrop::ifindex`).
+    pub const IFINDEX: u32 = 1 << 5;
 }
 
 /// Addresses and ports as the kernel reported them, from the reporting socket's point of view:
@@ -153,6 +162,19 @@ pub struct Reset {
 /// `Reset::tcp_flags` when the packet could not be read.
 pub const TCP_FLAGS_UNKNOWN: u32 = u32::MAX;
 
+/// `EventKind::Retransmit`: a segment of a connection past its handshake retransmitted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retransmit {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    pub tuple: Tuple,
+    /// TCP payload bytes of the segment (`skb->len` where TCP retransmits it).
+    pub bytes: u32,
+    /// The connection's MSS then (`tcp_sock.mss_cache`).
+    pub mss: u32,
+}
+
 /// `EventKind::SynRetransmit`: a SYN retransmitted in SYN_SENT.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -199,10 +221,21 @@ pub struct PacketDrop {
     pub reason: u32,
     /// TCP flags byte of the dropped segment.
     pub tcp_flags: u32,
+    /// The interface the packet arrived on (`skb->skb_iif`); 0 for a locally generated one.
+    pub ifindex: u32,
+    /// For an ICMP error quoting a TCP segment (then `tuple` is the quoted segment's):
+    /// `type | code << 8`; [`NOT_ICMP`] otherwise.
+    pub icmp: u32,
+    /// The MTU an ICMP "fragmentation needed" / ICMPv6 "packet too big" announces; 0 if none.
+    pub mtu: u32,
+    pub _pad: u32,
     /// Return addresses of the kernel stack at the drop, innermost first, 0-padded; filled only
     /// for the reason in `Config::stack_drop_reason` (netfilter drops: the hook's caller).
     pub stack: [u64; DROP_STACK_DEPTH],
 }
+
+/// `PacketDrop::icmp` of a packet that is not an ICMP error.
+pub const NOT_ICMP: u32 = u32::MAX;
 
 /// Kernel stack frames kept with a netfilter drop: enough to pass the tracing frames,
 /// `kfree_skb_reason` and `nf_hook_slow` up to the hook's caller (`ip_local_deliver`, ...).
@@ -244,7 +277,8 @@ user_pod!(
     ConnectError,
     PacketDrop,
     FirstData,
-    CookieSynAck
+    CookieSynAck,
+    Retransmit
 );
 
 /// Ties each event struct to its kind(s), so encoding and decoding cannot disagree.
@@ -270,7 +304,8 @@ impl_event!(
     ConnectError,
     PacketDrop,
     FirstData,
-    CookieSynAck
+    CookieSynAck,
+    Retransmit
 );
 
 /// An event read back from the ring buffer.
@@ -286,6 +321,7 @@ pub enum Decoded {
     Drop(PacketDrop),
     FirstData(FirstData),
     CookieSynAck(CookieSynAck),
+    Retransmit(Retransmit),
 }
 
 /// Why bytes from the ring buffer are not an event.
@@ -357,6 +393,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             EventKind::Drop => Decoded::Drop(read(bytes, kind, size)?),
             EventKind::FirstData => Decoded::FirstData(read(bytes, kind, size)?),
             EventKind::CookieSynAck => Decoded::CookieSynAck(read(bytes, kind, size)?),
+            EventKind::Retransmit => Decoded::Retransmit(read(bytes, kind, size)?),
         },
     )
 }
@@ -467,6 +504,10 @@ mod tests {
             tuple: tuple(),
             reason: 6,
             tcp_flags: 0x02,
+            ifindex: 2,
+            icmp: NOT_ICMP,
+            mtu: 0,
+            _pad: 0,
             stack: [0xffff_ffff_8100_0010; DROP_STACK_DEPTH],
         };
         assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));
@@ -484,6 +525,15 @@ mod tests {
             tuple: tuple(),
         };
         assert_eq!(decode(as_bytes(&ck)), Ok(Decoded::CookieSynAck(ck)));
+
+        let re = Retransmit {
+            header: header_for::<Retransmit>(EventKind::Retransmit),
+            skaddr: 1,
+            tuple: tuple(),
+            bytes: 1448,
+            mss: 1448,
+        };
+        assert_eq!(decode(as_bytes(&re)), Ok(Decoded::Retransmit(re)));
     }
 
     #[test]
@@ -548,12 +598,13 @@ mod tests {
             (8, EventKind::Drop),
             (9, EventKind::FirstData),
             (10, EventKind::CookieSynAck),
+            (11, EventKind::Retransmit),
         ] {
             assert_eq!(kind as u32, id);
             assert_eq!(EventKind::from_u32(id), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
-        assert_eq!(EventKind::from_u32(11), None);
+        assert_eq!(EventKind::from_u32(12), None);
     }
 }
 

@@ -10,13 +10,13 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use conntrace_common::{
-    CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets, Tuple, programs,
-    tcp::flags,
+    CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets, NOT_ICMP, Tuple,
+    programs, tcp::flags,
 };
 
 use crate::{
     IPPROTO_TCP, config,
-    drops::{ETH_P_IP, ETH_P_IPV6, packet_tuple},
+    drops::{ETH_P_IP, ETH_P_IPV6, packet},
     emit, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
 };
 
@@ -122,11 +122,20 @@ pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
     if proto != ETH_P_IP && proto != ETH_P_IPV6 {
         return 0;
     }
-    let Some((tuple, tcp)) = packet_tuple(P, o, skb, proto) else {
+    // A SYN-ACK forwarded by this host has no owner either: it came in on an interface
+    // (skb_iif); a listener's own has none.
+    if o.skb_iif == KernelOffsets::MISSING || kread::<u32>(P, skb + o.skb_iif as u64) != Some(0) {
+        return 0;
+    }
+    let Some(pkt) = packet(P, o, skb, proto) else {
         return 0;
     };
     let (syn, ack, rst) = (flags::SYN as u32, flags::ACK as u32, flags::RST as u32);
-    if tcp & (syn | ack | rst) != syn | ack || !port_traced(cfg, tuple.sport, tuple.dport) {
+    let tuple = pkt.tuple;
+    if pkt.icmp != NOT_ICMP
+        || pkt.tcp_flags & (syn | ack | rst) != syn | ack
+        || !port_traced(cfg, tuple.sport, tuple.dport)
+    {
         return 0;
     }
     cookie_sent(tuple, netns_of_skb(P, o, skb));

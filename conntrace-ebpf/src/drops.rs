@@ -7,7 +7,8 @@ use aya_ebpf::{
     EbpfContext, helpers::bpf_get_stack, macros::tracepoint, programs::TracePointContext,
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, DROP_STACK_DEPTH, EventKind, KernelOffsets, PacketDrop, Tuple, programs,
+    AF_INET, AF_INET6, DROP_STACK_DEPTH, EventKind, KernelOffsets, NOT_ICMP, PacketDrop, Tuple,
+    programs, unread,
 };
 
 use crate::{
@@ -19,17 +20,57 @@ pub(crate) const ETH_P_IP: u16 = 0x0800;
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP_U8: u8 = 6;
 
-/// Parses the IPv4/IPv6 and TCP headers of `skb` from its own bytes: on the receive path the
-/// socket is often unknown, and a SYN dropped before socket lookup must still be seen.
-/// Returns the packet's tuple (s = source) and its TCP flags; `None` for a packet that is not
-/// TCP, or whose headers could not be read (counted for `prog`).
+/// A packet's facts: its TCP segment's tuple (s = source) and flags; for an ICMP error about
+/// a TCP segment, the quoted segment's tuple, no flags, and the error.
+pub(crate) struct Packet {
+    pub tuple: Tuple,
+    pub tcp_flags: u32,
+    /// `type | code << 8`, or [`NOT_ICMP`].
+    pub icmp: u32,
+    pub mtu: u32,
+}
+
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMP "destination unreachable" (code 4: fragmentation needed); ICMPv6 "destination
+/// unreachable" and "packet too big".
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+
+/// The IPv4 or IPv6 header at `ip`: the tuple's addresses, the next protocol and where its
+/// header starts. `None` for another version, or what could not be read.
 #[inline(always)]
-pub(crate) fn packet_tuple(
-    prog: u32,
-    o: &KernelOffsets,
-    skb: u64,
-    proto: u16,
-) -> Option<(Tuple, u32)> {
+fn ip_header(prog: u32, ip: u64, v6: bool, t: &mut Tuple) -> Option<(u8, u64)> {
+    if v6 {
+        // Extension headers are not followed: a TCP segment behind one is not seen.
+        if kread::<u8>(prog, ip)? >> 4 != 6 {
+            return None;
+        }
+        t.saddr = kread(prog, ip + 8)?;
+        t.daddr = kread(prog, ip + 24)?;
+        t.family = AF_INET6;
+        Some((kread(prog, ip + 6)?, ip + 40))
+    } else {
+        let ver_ihl: u8 = kread(prog, ip)?;
+        if ver_ihl >> 4 != 4 {
+            return None;
+        }
+        let s: [u8; 4] = kread(prog, ip + 12)?;
+        let d: [u8; 4] = kread(prog, ip + 16)?;
+        t.saddr[..4].copy_from_slice(&s);
+        t.daddr[..4].copy_from_slice(&d);
+        t.family = AF_INET;
+        Some((kread(prog, ip + 9)?, ip + ((ver_ihl & 0x0f) as u64) * 4))
+    }
+}
+
+/// Parses the IPv4/IPv6 and TCP headers of `skb` from its own bytes: on the receive path the
+/// socket is often unknown, and a SYN dropped before socket lookup must still be seen. An ICMP
+/// error is parsed down to the TCP segment it quotes. `None` for any other packet, or one whose
+/// headers could not be read (counted for `prog`).
+#[inline(always)]
+pub(crate) fn packet(prog: u32, o: &KernelOffsets, skb: u64, proto: u16) -> Option<Packet> {
     if o.skb_head == KernelOffsets::MISSING || o.skb_network_header == KernelOffsets::MISSING {
         return None;
     }
@@ -38,32 +79,53 @@ pub(crate) fn packet_tuple(
     if head == 0 || nh == u16::MAX {
         return None;
     }
-    let ip = head + nh as u64;
+    let v6 = proto == ETH_P_IPV6;
     let mut t = Tuple::default();
-    let th = if proto == ETH_P_IP {
-        let ver_ihl: u8 = kread(prog, ip)?;
-        if ver_ihl >> 4 != 4 || kread::<u8>(prog, ip + 9)? != IPPROTO_TCP_U8 {
-            return None;
-        }
-        let s: [u8; 4] = kread(prog, ip + 12)?;
-        let d: [u8; 4] = kread(prog, ip + 16)?;
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
-        t.family = AF_INET;
-        ip + ((ver_ihl & 0x0f) as u64) * 4
+    let (next, l4) = ip_header(prog, head + nh as u64, v6, &mut t)?;
+    if next == IPPROTO_TCP_U8 {
+        t.sport = u16::from_be(kread(prog, l4)?);
+        t.dport = u16::from_be(kread(prog, l4 + 2)?);
+        let tcp_flags = kread::<u8>(prog, l4 + 13)? as u32;
+        return Some(Packet {
+            tuple: t,
+            tcp_flags,
+            icmp: NOT_ICMP,
+            mtu: 0,
+        });
+    }
+    if next != if v6 { IPPROTO_ICMPV6 } else { IPPROTO_ICMP } {
+        return None;
+    }
+    let icmp_type: u8 = kread(prog, l4)?;
+    let error = if v6 {
+        icmp_type == ICMPV6_DEST_UNREACH || icmp_type == ICMPV6_PKT_TOOBIG
     } else {
-        // Extension headers are not followed: a TCP segment behind one is not seen.
-        if kread::<u8>(prog, ip)? >> 4 != 6 || kread::<u8>(prog, ip + 6)? != IPPROTO_TCP_U8 {
-            return None;
-        }
-        t.saddr = kread(prog, ip + 8)?;
-        t.daddr = kread(prog, ip + 24)?;
-        t.family = AF_INET6;
-        ip + 40
+        icmp_type == ICMP_DEST_UNREACH
     };
-    t.sport = u16::from_be(kread(prog, th)?);
-    t.dport = u16::from_be(kread(prog, th + 2)?);
-    Some((t, kread::<u8>(prog, th + 13)? as u32))
+    if !error {
+        return None;
+    }
+    let code: u8 = kread(prog, l4 + 1)?;
+    // IPv4 "fragmentation needed": the next hop's MTU in the low 16 bits of the second word;
+    // ICMPv6 "packet too big": the whole second word.
+    let mtu = if v6 {
+        u32::from_be(kread(prog, l4 + 4)?)
+    } else {
+        u16::from_be(kread(prog, l4 + 6)?) as u32
+    };
+    let mut quoted = Tuple::default();
+    let (inner, inner_l4) = ip_header(prog, l4 + 8, v6, &mut quoted)?;
+    if inner != IPPROTO_TCP_U8 {
+        return None;
+    }
+    quoted.sport = u16::from_be(kread(prog, inner_l4)?);
+    quoted.dport = u16::from_be(kread(prog, inner_l4 + 2)?);
+    Some(Packet {
+        tuple: quoted,
+        tcp_flags: 0,
+        icmp: icmp_type as u32 | (code as u32) << 8,
+        mtu,
+    })
 }
 
 #[tracepoint]
@@ -77,10 +139,10 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     }
     let o = &cfg.offsets;
     let skb: u64 = field(P, &ctx, l.skbaddr);
-    let Some((tuple, tcp_flags)) = packet_tuple(P, o, skb, proto) else {
+    let Some(pkt) = packet(P, o, skb, proto) else {
         return 0;
     };
-    if !port_traced(cfg, tuple.sport, tuple.dport) {
+    if !port_traced(cfg, pkt.tuple.sport, pkt.tuple.dport) {
         return 0;
     }
     let sk: u64 = if o.skb_sk == KernelOffsets::MISSING {
@@ -94,6 +156,11 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         .or_else(|| netns_of_sock(P, o, sk))
         .or_else(|| netns_of_sock(P, o, rx_sk));
     let reason: u32 = field(P, &ctx, l.reason);
+    let ifindex: Option<u32> = if o.skb_iif == KernelOffsets::MISSING {
+        None
+    } else {
+        kread(P, skb + o.skb_iif as u64)
+    };
     // Written in place, field by field: the record with its stack is too large for the eBPF
     // stack, and a whole-struct write becomes a byte-wise memset/memcpy loop whose every
     // iteration 6.1's verifier walks (over its 1M-instruction limit).
@@ -105,13 +172,21 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     // SAFETY: `slot` points to the reserved, exclusively owned ring-buffer record; every
     // field is written before it is submitted.
     unsafe {
-        addr_of_mut!((*slot).header).write(header(EventKind::Drop, size_of::<PacketDrop>(), netns));
+        let mut header = header(EventKind::Drop, size_of::<PacketDrop>(), netns);
+        if ifindex.is_none() {
+            header.unread |= unread::IFINDEX;
+        }
+        addr_of_mut!((*slot).header).write(header);
         addr_of_mut!((*slot).sk).write(sk);
         addr_of_mut!((*slot).rx_sk).write(rx_sk);
         addr_of_mut!((*slot).location).write(field(P, &ctx, l.location));
-        addr_of_mut!((*slot).tuple).write(tuple);
+        addr_of_mut!((*slot).tuple).write(pkt.tuple);
         addr_of_mut!((*slot).reason).write(reason);
-        addr_of_mut!((*slot).tcp_flags).write(tcp_flags);
+        addr_of_mut!((*slot).tcp_flags).write(pkt.tcp_flags);
+        addr_of_mut!((*slot).ifindex).write(ifindex.unwrap_or(0));
+        addr_of_mut!((*slot).icmp).write(pkt.icmp);
+        addr_of_mut!((*slot).mtu).write(pkt.mtu);
+        addr_of_mut!((*slot)._pad).write(0);
         let stack = addr_of_mut!((*slot).stack).cast::<u64>();
         if reason == cfg.stack_drop_reason {
             // The helper fills the array and zeroes what it does not use (all of it on

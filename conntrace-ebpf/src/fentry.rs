@@ -23,7 +23,7 @@ use conntrace_common::{
 use crate::{
     config,
     data::{cookie_sent, first},
-    drops::{ETH_P_IP, ETH_P_IPV6, packet_tuple},
+    drops::{ETH_P_IP, ETH_P_IPV6, packet},
     emit, header, kread, netns_of_skb_route, netns_of_sock, port_traced,
     syscalls::{EINPROGRESS, SOCK_STREAM, report_accept},
 };
@@ -119,9 +119,10 @@ pub fn fentry_inet_accept(ctx: FEntryContext) -> u32 {
 fn cookie(prog: u32, skb: u64, proto: u16) {
     let Some(cfg) = config() else { return };
     let o = &cfg.offsets;
-    let Some((syn, _flags)) = packet_tuple(prog, o, skb, proto) else {
+    let Some(pkt) = packet(prog, o, skb, proto) else {
         return;
     };
+    let syn = pkt.tuple;
     if !port_traced(cfg, syn.sport, syn.dport) {
         return;
     }

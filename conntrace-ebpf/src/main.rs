@@ -20,8 +20,8 @@ use aya_ebpf::{
 };
 use conntrace_common::{
     ABSENT, AF_INET6, COMM_LEN, Config, DEFAULT_RING_BYTES, ErrorReport, EventHeader, EventKind,
-    FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, StateChange, SynRetransmit,
-    TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout,
+    FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, Retransmit, StateChange,
+    SynRetransmit, TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout,
     maps::{LOST_COUNT, RING_PEAK},
     programs,
     tcp::state,
@@ -498,22 +498,47 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let Some(cfg) = config() else { return 0 };
     let l = &cfg.retransmit;
     let state: i32 = field(P, &ctx, l.state);
-    if state != state::SYN_SENT {
-        return 0;
-    }
     let tuple = read_tuple(P, &ctx, &l.tuple);
     if !port_traced(cfg, tuple.sport, tuple.dport) {
         return 0;
     }
     let skaddr: u64 = field(P, &ctx, l.skaddr);
-    emit(SynRetransmit {
-        header: header(
-            EventKind::SynRetransmit,
-            size_of::<SynRetransmit>(),
-            netns_of_sock(P, &cfg.offsets, skaddr),
-        ),
+    let o = &cfg.offsets;
+    let netns = netns_of_sock(P, o, skaddr);
+    if state == state::SYN_SENT {
+        emit(SynRetransmit {
+            header: header(EventKind::SynRetransmit, size_of::<SynRetransmit>(), netns),
+            skaddr,
+            tuple,
+        });
+        return 0;
+    }
+    // Past the handshake: the segment's payload and the connection's MSS tell a path-MTU
+    // black hole (only full-size segments retransmitted) from plain loss.
+    let mut header = header(EventKind::Retransmit, size_of::<Retransmit>(), netns);
+    let skb: u64 = field(P, &ctx, l.skbaddr);
+    let bytes: Option<u32> = if o.skb_len == KernelOffsets::MISSING {
+        None
+    } else {
+        kread(P, skb + o.skb_len as u64)
+    };
+    let mss: Option<u32> = if o.tcp_mss_cache == KernelOffsets::MISSING {
+        None
+    } else {
+        kread(P, skaddr + o.tcp_mss_cache as u64)
+    };
+    if bytes.is_none() {
+        header.unread |= unread::LENGTH;
+    }
+    if mss.is_none() {
+        header.unread |= unread::MSS;
+    }
+    emit(Retransmit {
+        header,
         skaddr,
         tuple,
+        bytes: bytes.unwrap_or(0),
+        mss: mss.unwrap_or(0),
     });
     0
 }

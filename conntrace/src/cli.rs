@@ -57,6 +57,12 @@ pub struct Cli {
     #[arg(long = "expect-comm", value_name = "NAME", value_delimiter = ',', value_parser = parse_comm)]
     pub expect_comm: Vec<String>,
 
+    /// Also print `drop` records for drops that are a normal part of TCP (the peer's FIN purged
+    /// with a closed socket, window probes, retransmissions of data already received:
+    /// QUEUE_PURGE, TCP_OLD_SEQUENCE, TCP_OLD_DATA). They are always counted in the summary.
+    #[arg(long)]
+    pub show_normal_drops: bool,
+
     /// Size of the kernel→userspace ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_RING_BYTES, value_parser = parse_ring_bytes)]
     pub ring_buffer_bytes: u32,

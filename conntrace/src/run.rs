@@ -134,6 +134,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             .iter()
             .any(|p| p.capability == Capability::Resets),
         socketless_resets_traced: tracer.socketless_resets_traced,
+        show_normal_drops: cli.show_normal_drops,
         ..EngineConfig::default()
     })
     .with_listener_lookup(Box::new(ListenerCache::default()));

@@ -24,6 +24,9 @@ pub struct EngineConfig {
     /// `--expect-comm`: the only processes that should accept connections on the traced ports;
     /// empty means any.
     pub expected_comms: Vec<String>,
+    /// Print `drop` records for drops that are a normal part of TCP too
+    /// (`--show-normal-drops`).
+    pub show_normal_drops: bool,
 }
 
 impl Default for EngineConfig {
@@ -37,6 +40,7 @@ impl Default for EngineConfig {
             resets_observed: true,
             socketless_resets_traced: true,
             expected_comms: Vec::new(),
+            show_normal_drops: false,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! What the engine may ask the host, behind traits so that it stays pure: the binary injects
 //! the real look-ups (`host::listeners`, `host::rules`), tests inject tables.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -23,6 +23,78 @@ pub struct Listener {
 /// Tells the engine which sockets listen on a port in a network namespace.
 pub trait ListenerLookup {
     fn listening_on(&mut self, netns: Option<u32>, port: u16) -> Vec<Listener>;
+
+    /// The listener on `port` whose accept queue holds the established child socket
+    /// `child_sk` (an SO_REUSEPORT group has several listeners on one port), with its own
+    /// queue; `None` when unknown.
+    fn holder(&mut self, netns: Option<u32>, port: u16, child_sk: u64) -> Option<Listener> {
+        let _ = (netns, port, child_sk);
+        None
+    }
+}
+
+/// What a route lookup in a namespace found (`ip route get`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    /// A unicast route: packets leave by `dev`.
+    Unicast,
+    /// The address is this namespace's own.
+    Local,
+    /// `unreachable` route (EHOSTUNREACH).
+    Unreachable,
+    /// `prohibit` route (EACCES).
+    Prohibit,
+    /// `blackhole` route (EINVAL).
+    Blackhole,
+    /// No route at all (ENETUNREACH).
+    None,
+    /// Any other route type (broadcast, multicast, throw, ...).
+    Other,
+}
+
+/// A namespace's route to an address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct Route {
+    pub kind: RouteKind,
+    /// The device packets leave by, for a unicast route.
+    pub dev: Option<String>,
+    pub gateway: Option<IpAddr>,
+}
+
+/// A namespace's connection tracking table (`nf_conntrack_count` of the namespace against the
+/// global `nf_conntrack_max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct ConntrackTable {
+    pub count: u64,
+    pub max: u64,
+}
+
+/// Who holds local ports towards one destination (`ip_local_port_range`, sock_diag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct PortUse {
+    /// `net.ipv4.ip_local_port_range` of the namespace: first and last port.
+    pub range: [u16; 2],
+    /// TCP sockets of the namespace with a local port in the range and this destination.
+    pub to_destination: u32,
+    /// Of those, in TIME_WAIT.
+    pub time_wait: u32,
+}
+
+/// Facts about a network namespace, read from the host when a verdict needs them.
+pub trait NamespaceLookup {
+    /// Whether `addr` is one of the namespace's own addresses; `None` when unknown.
+    fn is_local(&mut self, netns: Option<u32>, addr: IpAddr) -> Option<bool>;
+    /// The namespace's route to `dst`.
+    fn route_to(&mut self, netns: Option<u32>, dst: IpAddr) -> Option<Route>;
+    /// The name of interface `ifindex` in the namespace.
+    fn interface(&mut self, netns: Option<u32>, ifindex: u32) -> Option<String>;
+    /// The namespace's conntrack table, when conntrack is loaded there.
+    fn conntrack(&mut self, netns: Option<u32>) -> Option<ConntrackTable>;
+    /// Local ports held towards `dst`.
+    fn ports_to(&mut self, netns: Option<u32>, dst: SocketAddr) -> Option<PortUse>;
+    /// A TcpExt counter of the namespace (`/proc/net/netstat`, without the `TcpExt` prefix).
+    fn tcp_ext(&mut self, netns: Option<u32>, counter: &str) -> Option<u64>;
 }
 
 /// What a netfilter rule does with the packets it matches.
@@ -47,6 +119,9 @@ pub struct FirewallRule {
     pub handle: u64,
     /// The rule as `nft list` prints it, without its counter and handle: `tcp dport 3306 drop`.
     pub text: String,
+    /// The rule's comment (`-m comment --comment`, as `iptables-save` shows it), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
     #[serde(skip)]
     pub action: RuleAction,
     /// Packets it matched since the baseline (start-up, or the namespace's first sighting).

@@ -28,7 +28,7 @@ pub mod verdict;
 
 pub use self::{
     config::EngineConfig,
-    lookup::{Listener, ListenerLookup, RuleLookup},
+    lookup::{Listener, ListenerLookup, NamespaceLookup, RuleLookup},
 };
 use self::{
     facts::KernelEvent,
@@ -41,12 +41,20 @@ use self::{
 /// are counted in the summary.
 pub const RECORDS_PER_SECOND: u32 = 50;
 
+/// What the engine may ask the host; each absent one leaves its facts out.
+#[derive(Default)]
+struct Lookups {
+    /// Listening sockets, for refusals and queues.
+    listeners: Option<Box<dyn ListenerLookup>>,
+    /// The firewall rule behind a netfilter drop.
+    rules: Option<Box<dyn RuleLookup>>,
+    /// A namespace's addresses, routes, interfaces, conntrack table, ports and counters.
+    namespaces: Option<Box<dyn NamespaceLookup>>,
+}
+
 pub struct Engine {
     cfg: EngineConfig,
-    /// Look-up of listening sockets, for refusals and queues; none: not looked into.
-    listeners: Option<Box<dyn ListenerLookup>>,
-    /// Look-up of the firewall rule behind a netfilter drop; none: rules are not looked for.
-    rules: Option<Box<dyn RuleLookup>>,
+    lookups: Lookups,
     table: Table,
     /// Records written this second, by window (a namespace and a kind): (the second, count).
     windows: HashMap<(Option<u32>, String), (u64, u32)>,
@@ -60,8 +68,7 @@ impl Engine {
         Self {
             table: Table::new(cfg.max_connections),
             cfg,
-            listeners: None,
-            rules: None,
+            lookups: Lookups::default(),
             windows: HashMap::default(),
             drops: Vec::new(),
             summary: Summary::default(),
@@ -70,13 +77,19 @@ impl Engine {
 
     /// Lets the engine ask which sockets listen on a port when this host refuses a SYN.
     pub fn with_listener_lookup(mut self, lookup: Box<dyn ListenerLookup>) -> Self {
-        self.listeners = Some(lookup);
+        self.lookups.listeners = Some(lookup);
         self
     }
 
     /// Lets the engine look for the firewall rule behind a netfilter drop.
     pub fn with_rule_lookup(mut self, lookup: Box<dyn RuleLookup>) -> Self {
-        self.rules = Some(lookup);
+        self.lookups.rules = Some(lookup);
+        self
+    }
+
+    /// Lets the engine ask about namespaces: addresses, routes, conntrack, ports, counters.
+    pub fn with_namespace_lookup(mut self, lookup: Box<dyn NamespaceLookup>) -> Self {
+        self.lookups.namespaces = Some(lookup);
         self
     }
 
@@ -149,11 +162,26 @@ impl Engine {
     /// Completes a verdict with what the injected look-ups know, counts it and hands it out.
     fn emit(&mut self, out: &mut Vec<Verdict>, mut v: Verdict) {
         if rules::listener::wants_listeners(&v)
-            && let Some(lookup) = self.listeners.as_mut()
+            && let Some(lookup) = self.lookups.listeners.as_mut()
             && let Some(port) = v.sport
         {
+            let holder = v.sk.and_then(|sk| lookup.holder(v.netns, port, sk));
             let listeners = lookup.listening_on(v.netns, port);
-            rules::listener::with_listeners(&mut v, &listeners);
+            rules::listener::with_listeners(&mut v, &listeners, holder.as_ref());
+        }
+        if let Some(ns) = self.lookups.namespaces.as_mut() {
+            rules::connect::complete(&mut v, ns.as_mut());
+        }
+        if let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
+            && let Some(facts) = v.detail.drop_facts_mut()
+        {
+            let tuple = facts::FourTuple {
+                saddr,
+                sport,
+                daddr: v.daddr,
+                dport: v.dport,
+            };
+            facts.path_drops = self.table.path_drops(tuple);
         }
         self.summary.count(&v);
         out.push(v);

@@ -136,6 +136,10 @@ impl KernelBtf {
             tcp_bytes_received: off("tcp_sock", &["bytes_received"]),
             skb_refdst: off("sk_buff", &["_skb_refdst"]),
             dst_dev: off("dst_entry", &["dev"]),
+            skb_len: off("sk_buff", &["len"]),
+            skb_iif: off("sk_buff", &["skb_iif"]),
+            tcp_mss_cache: off("tcp_sock", &["mss_cache"]),
+            _pad: 0,
         }
     }
 
@@ -185,6 +189,9 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("tcp_sock.bytes_received", o.tcp_bytes_received),
         ("sk_buff._skb_refdst", o.skb_refdst),
         ("dst_entry.dev", o.dst_dev),
+        ("sk_buff.len", o.skb_len),
+        ("sk_buff.skb_iif", o.skb_iif),
+        ("tcp_sock.mss_cache", o.tcp_mss_cache),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

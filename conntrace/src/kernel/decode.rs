@@ -6,12 +6,12 @@ use std::{
 };
 
 use conntrace_common::{
-    AF_INET6, DATA_OUT, Decoded, EventHeader, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN, Tuple, decode,
-    unread,
+    AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN,
+    Tuple, decode, unread,
 };
 
 use crate::engine::facts::{
-    DropReason, DroppedPacket, Errno, FourTuple, KernelEvent, Meta, Proc, TcpFlags, TcpState,
+    DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent, Meta, Proc, TcpFlags, TcpState,
 };
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
@@ -137,7 +137,21 @@ impl Decoder {
                         .take_while(|&&a| a != 0)
                         .map(|&a| self.kallsyms.function(a)),
                 ),
+                ifindex: (e.header.unread & unread::IFINDEX == 0 && e.ifindex != 0)
+                    .then_some(e.ifindex),
+                icmp: (e.icmp != NOT_ICMP).then(|| Icmp {
+                    icmp_type: e.icmp as u8,
+                    code: (e.icmp >> 8) as u8,
+                    mtu: (e.mtu != 0).then_some(e.mtu),
+                }),
             }),
+            Decoded::Retransmit(e) => KernelEvent::Retransmit {
+                meta: meta(&e.header),
+                sk: e.skaddr,
+                tuple: four_tuple(&e.tuple),
+                bytes: (e.header.unread & unread::LENGTH == 0).then_some(e.bytes),
+                mss: (e.header.unread & unread::MSS == 0 && e.mss != 0).then_some(e.mss),
+            },
             Decoded::FirstData(e) => KernelEvent::FirstData {
                 meta: meta(&e.header),
                 sk: e.skaddr,

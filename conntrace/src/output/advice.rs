@@ -146,6 +146,7 @@ mod tests {
     fn verdict(reason: Reason, detail: Detail) -> Verdict {
         Verdict {
             ts_ns: 0,
+            sk: None,
             side: Side::Server,
             outcome: Outcome::Failed,
             reason,
@@ -168,6 +169,7 @@ mod tests {
         let mut d = AttemptDetail::default();
         d.drops.hook = Some(NfHook::Input);
         d.drops.rule = Some(RuleRef::Rule(FirewallRule {
+            comment: None,
             family: family.into(),
             table: table.into(),
             chain: chain.into(),

@@ -60,6 +60,7 @@ fn verdict(side: Side, reason: Reason, detail: Detail) -> Verdict {
     };
     Verdict {
         ts_ns: 2 * SEC + 123_456_000,
+        sk: None,
         side,
         outcome: Outcome::Failed,
         reason,
@@ -91,6 +92,7 @@ fn netfilter_drop() -> Verdict {
     }];
     d.drops.hook = Some(NfHook::Input);
     d.drops.rule = Some(RuleRef::Rule(FirewallRule {
+        comment: None,
         family: "ip".into(),
         table: "filter".into(),
         chain: "INPUT".into(),

@@ -63,6 +63,42 @@ pub struct DroppedPacket {
     pub tcp_flags: TcpFlags,
     /// For netfilter drops: the hook, from the kernel stack at the drop.
     pub hook: Option<NfHook>,
+    /// The interface the packet arrived on (`skb->skb_iif`), for a received packet.
+    pub ifindex: Option<u32>,
+    /// The packet is an ICMP error about a TCP segment of a traced port: `packet` is then the
+    /// segment the error quotes (s = its source), and this the error.
+    pub icmp: Option<Icmp>,
+}
+
+/// An ICMP (or ICMPv6) error about a TCP segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Icmp {
+    pub icmp_type: u8,
+    pub code: u8,
+    /// "Fragmentation needed" (ICMPv6 "packet too big"): the next hop's MTU.
+    pub mtu: Option<u32>,
+}
+
+impl Icmp {
+    /// "Fragmentation needed" / "packet too big": the path's MTU answer.
+    pub fn is_too_big(&self, ipv6: bool) -> bool {
+        if ipv6 {
+            self.icmp_type == 2
+        } else {
+            self.icmp_type == 3 && self.code == 4
+        }
+    }
+}
+
+/// A connection's receive window, as the namespace's socket listing shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// The peer advertises a zero window: `queued` bytes wait in this socket's send queue.
+    PeerZero { queued: u64 },
+    /// This socket advertises a zero window: `queued` bytes wait in its receive queue, unread.
+    LocalFull { queued: u64 },
+    /// Data flows again.
+    Open,
 }
 
 /// One kernel fact, decoded.
@@ -103,6 +139,21 @@ pub enum KernelEvent {
         meta: Meta,
         sk: u64,
         tuple: FourTuple,
+    },
+    /// A segment of a connection past its handshake was retransmitted
+    /// (`tcp:tcp_retransmit_skb`): `bytes` of payload, the connection's MSS then.
+    Retransmit {
+        meta: Meta,
+        sk: u64,
+        tuple: FourTuple,
+        bytes: Option<u32>,
+        mss: Option<u32>,
+    },
+    /// A traced connection's window changed (the namespace's socket listing, polled).
+    Window {
+        meta: Meta,
+        tuple: FourTuple,
+        window: Window,
     },
     /// `accept()` returned socket `sk` to the current task.
     Accepted { meta: Meta, sk: u64 },

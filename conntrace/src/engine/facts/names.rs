@@ -183,6 +183,8 @@ impl Errno {
     pub const EHOSTUNREACH: Self = Self(libc::EHOSTUNREACH);
     pub const ENETUNREACH: Self = Self(libc::ENETUNREACH);
     pub const EALREADY: Self = Self(libc::EALREADY);
+    pub const EINVAL: Self = Self(libc::EINVAL);
+    pub const EADDRNOTAVAIL: Self = Self(libc::EADDRNOTAVAIL);
 
     /// `-ret` of a failed system call or kernel function, or a positive `sk_err`.
     pub fn from_raw(v: i32) -> Self {
@@ -237,6 +239,8 @@ impl DropReason {
     pub const TCP_LISTEN_OVERFLOW: &'static str = "TCP_LISTEN_OVERFLOW";
     /// Neighbour resolution (ARP, NDP) failed.
     pub const NEIGH_FAILED: &'static str = "NEIGH_FAILED";
+    /// The reverse-path filter refused the packet's source.
+    pub const IP_RPFILTER: &'static str = "IP_RPFILTER";
     /// No socket matched the packet (a refused SYN is freed with it, after its RST).
     pub const NO_SOCKET: &'static str = "NO_SOCKET";
 

@@ -1,6 +1,9 @@
-//! Kernel drops that explain a failed handshake: `netfilter_drop`, `netfilter_reject` (the rule
-//! is a REJECT) and `neighbour_failed`; a full accept queue's drop is `listen_overflow`
-//! (`listener.rs`). A drop that explains nothing is a `drop` record.
+//! Kernel drops that explain a failure: `netfilter_drop`, `netfilter_reject` (the rule is a
+//! REJECT), `conntrack_table_full` (a netfilter drop outside any rule while the table is full),
+//! `rp_filter_drop`, `neighbour_failed`, and `kernel_drop` for every other reason (named from
+//! BTF, so reasons a newer kernel adds flow through); a full accept queue's drop is
+//! `listen_overflow` (`listener.rs`). Drops that are a normal part of TCP ([`NORMAL`]) explain
+//! nothing and are only counted; any other drop that explains nothing is a `drop` record.
 
 use conntrace_common::tcp::flags;
 
@@ -8,26 +11,77 @@ use super::{cookies, listener, ms, socketless};
 use crate::engine::{
     facts::{DropReason, Errno, FourTuple, Meta, Proc, TcpFlags},
     lookup::{FirewallRule, RuleAction, RuleFinding},
-    state::{Attempt, Conn, HandshakeDrop},
+    state::{Attempt, Conn, HandshakeDrop, attempt::DropContext},
     verdict::{
         Detail, Direction, DropRecord, Outcome, Reason, Side, Verdict,
         detail::{AttemptDetail, DroppedKind, Policy, RuleRef},
     },
 };
 
-/// The verdict reason a kernel drop reason stands for, if it explains a failed handshake.
-pub(crate) fn cause(reason: &DropReason) -> Option<Reason> {
-    match reason.as_str() {
-        DropReason::NETFILTER_DROP => Some(Reason::NetfilterDrop),
+/// Drop reasons that are a normal part of TCP: a healthy connection has them (the peer's FIN
+/// purged with the socket, a window probe or a retransmission of data already received). They
+/// are counted in the summary (`drops_by_reason`) and printed only with `--show-normal-drops`.
+pub const NORMAL: [&str; 3] = ["QUEUE_PURGE", "TCP_OLD_SEQUENCE", "TCP_OLD_DATA"];
+
+/// Whether drops of this reason are a normal part of TCP ([`NORMAL`]).
+pub(crate) fn is_normal(reason: &DropReason) -> bool {
+    NORMAL.contains(&reason.as_str())
+}
+
+/// Whether a netfilter drop happened outside any rule's code: nft and iptables-nft rules drop
+/// in `nft_do_chain`; conntrack (and iptables-legacy rules) make `nf_hook_slow` drop.
+pub(crate) fn outside_rules(location: &str) -> bool {
+    location.starts_with("nf_hook_slow")
+}
+
+/// The verdict reason a drop stands for, if it explains a failure.
+pub(crate) fn cause(d: &HandshakeDrop) -> Option<Reason> {
+    match d.reason.as_str() {
+        DropReason::NETFILTER_DROP => Some(match d.context {
+            Some(DropContext::ConntrackFull(_)) => Reason::ConntrackTableFull,
+            _ => Reason::NetfilterDrop,
+        }),
+        DropReason::IP_RPFILTER => Some(Reason::RpFilterDrop),
         DropReason::NEIGH_FAILED => Some(Reason::NeighbourFailed),
         r if listener::is_overflow_drop(r) => Some(Reason::ListenOverflow),
-        _ => None,
+        // A SYN nobody listens for: the refusal (`handshake.rs`), not a drop.
+        DropReason::NO_SOCKET => None,
+        _ if is_normal(&d.reason) => None,
+        _ => Some(Reason::KernelDrop),
     }
 }
 
-/// Whether drops of this kind, with no connection, make an attempt that gets a verdict.
-pub(crate) fn makes_attempt(reason: &DropReason) -> bool {
-    cause(reason).is_some()
+/// What a drop with no connection on this host is worth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Explains {
+    /// It explains a failed attempt: gathered per attempt into one verdict.
+    Attempt,
+    /// It explains nothing alone: a `drop` record.
+    Record,
+    /// A normal part of TCP: only counted.
+    Nothing,
+}
+
+/// What drop `d` is worth without a connection (`attempt`: an attempt for its tuple exists).
+/// Only a handshake's own packets open an attempt: a SYN or SYN-ACK, or, for the drops that
+/// always meant a failed handshake here (a firewall, a full queue, a dead neighbour), any.
+pub(crate) fn explains(d: &HandshakeDrop, attempt: bool) -> Explains {
+    let Some(reason) = cause(d) else {
+        return if is_normal(&d.reason) {
+            Explains::Nothing
+        } else {
+            Explains::Record
+        };
+    };
+    let classic = matches!(
+        reason,
+        Reason::NetfilterDrop | Reason::ListenOverflow | Reason::NeighbourFailed
+    ) || d.context.is_some();
+    if attempt || classic || d.tcp_flags.has(flags::SYN) {
+        Explains::Attempt
+    } else {
+        Explains::Record
+    }
 }
 
 /// `detail.drops`: the handshake's drops, by kind.
@@ -46,11 +100,20 @@ pub(crate) fn kinds(drops: &[HandshakeDrop]) -> Vec<DroppedKind> {
 }
 
 /// Whether the handshake of `c` failed in silence (no answer, or the local stack's own
-/// unreachable), so that a drop on the way is the cause.
+/// unreachable), so that a drop on the way is the cause; or, with no RST received, this host
+/// dropped its own outgoing handshake packets, which is the cause whatever ICMP answered (a
+/// local REJECT's answer is the consequence).
 pub(crate) fn explains_silence(c: &Conn, v: &Verdict) -> bool {
+    if c.established_ns().is_some() {
+        return false;
+    }
+    let own = c
+        .drops
+        .iter()
+        .any(|d| d.direction == Direction::Out && cause(d).is_some());
     let silent = matches!(v.reason, Reason::SynTimeout | Reason::Unknown)
         || (v.reason == Reason::IcmpUnreachable && v.errno == Some(Errno::EHOSTUNREACH));
-    c.established_ns().is_none() && c.rst_received.is_none() && silent
+    c.rst_received.is_none() && (own || silent)
 }
 
 /// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
@@ -64,7 +127,7 @@ pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {
     }
     let explaining = drops
         .iter()
-        .filter_map(|d| cause(&d.reason).map(|r| (r, d)))
+        .filter_map(|d| cause(d).map(|r| (r, d)))
         .max_by_key(|(_, d)| d.count);
     let Some((reason, d)) = explaining else {
         return;
@@ -73,16 +136,28 @@ pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {
     v.reason = reason;
     v.kernel_reason = Some(d.reason.to_string());
     if let Detail::Closed(closed) = &mut v.detail
-        && reason == Reason::NeighbourFailed
+        && matches!(reason, Reason::NeighbourFailed | Reason::NetfilterDrop)
     {
-        // The unreachable came from this host's own neighbour layer, not from the network.
+        // The unreachable came from this host's own stack, not from the network.
         closed.icmp = None;
+        closed.unanswered_syns = None;
     }
     if let Some(facts) = v.detail.drop_facts_mut() {
         facts.hook = d.hook;
         facts.dropped = Some(d.count);
+        if matches!(
+            reason,
+            Reason::KernelDrop | Reason::ConntrackTableFull | Reason::RpFilterDrop
+        ) {
+            facts.location = Some(d.location.clone());
+        }
+        match &d.context {
+            Some(DropContext::ConntrackFull(ct)) => facts.conntrack = Some(*ct),
+            Some(DropContext::RpFilter(rp)) => facts.rp_filter = Some(rp.clone()),
+            _ => {}
+        }
     }
-    if let Some(finding) = d.rule.clone() {
+    if let Some(DropContext::Rule(finding)) = d.context.clone() {
         apply_rule(v, finding);
     }
     if v.side == Side::Server {
@@ -157,6 +232,7 @@ fn attempt_side(drops: &[HandshakeDrop]) -> Side {
     let server = drops.iter().any(|d| match d.direction {
         Direction::In => !d.tcp_flags.has(flags::SYN) || !d.tcp_flags.has(flags::ACK),
         Direction::Out => d.tcp_flags.is_syn_ack(),
+        Direction::Forward => false,
     });
     if server { Side::Server } else { Side::Client }
 }
@@ -176,6 +252,28 @@ pub(crate) fn attempt_verdict(a: &Attempt) -> Verdict {
         cookies::ack_lost(&mut v, c);
     }
     v
+}
+
+/// A forwarded packet's drop as it travelled: `s` is its source.
+pub(crate) fn forwarded_record(
+    meta: &Meta,
+    packet: FourTuple,
+    d: &crate::engine::facts::DroppedPacket,
+) -> DropRecord {
+    DropRecord {
+        ts_ns: meta.ts_ns,
+        direction: Direction::Forward,
+        kernel_reason: d.reason.clone(),
+        location: d.location.clone(),
+        tcp_flags: d.tcp_flags,
+        saddr: packet.saddr,
+        sport: packet.sport,
+        daddr: packet.daddr,
+        dport: packet.dport,
+        netns: meta.netns,
+        pid: None,
+        comm: None,
+    }
 }
 
 /// A dropped packet as this host sees it: `s` is this host's end.

@@ -1,5 +1,5 @@
 //! Failed handshakes, as the socket and `connect()` tell them: `refused_no_listener`,
-//! `syn_timeout`, `icmp_unreachable`, `no_route` and `unknown`. A drop that explains a silent
+//! `syn_timeout`, `icmp_unreachable` and `unknown`. A drop that explains a silent
 //! failure turns it into the drop's reason afterwards (`drops.rs`).
 
 use conntrace_common::tcp::flags;
@@ -11,18 +11,17 @@ use crate::engine::{
     state::{Conn, SocketError},
     verdict::{
         Detail, Outcome, Reason, Side, Verdict,
-        detail::{Answered, ClosedDetail, ConnectDetail, RefusalDetail, SynTimeoutCause, Syscall},
+        detail::{Answered, ClosedDetail, RefusalDetail, SynTimeoutCause},
     },
 };
-
-/// Errors only a handshake produces (a RST, an ICMP answer, a timeout).
-const HANDSHAKE_ERRORS: [Errno; 3] = [Errno::ECONNREFUSED, Errno::ETIMEDOUT, Errno::ECONNRESET];
-/// `connect()` results that are not a connection failure.
-const NOT_A_FAILURE: [Errno; 4] = [Errno::EALREADY, Errno::EISCONN, Errno::EINTR, Errno::EAGAIN];
 
 /// The verdict of a connection that closed before its handshake completed.
 pub(crate) fn failed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
     let (at, from) = c.closed()?;
+    if c.side == Side::Client && c.tuple.sport == 0 && c.connect_errno.is_some() {
+        // No local port was ever chosen: connect() failed before any packet.
+        return super::connect::closed_before_any_packet(c);
+    }
     let errno = c.errno().or(c.connect_errno);
     let mut d = ClosedDetail::new(from);
     let (reason, kernel_reason) = if c.side == Side::Server {
@@ -99,38 +98,6 @@ fn unanswered_syns(c: &Conn, d: &mut ClosedDetail) {
     if c.syn_retransmits > 0 {
         d.unanswered_syns = Some(c.syn_retransmits);
     }
-}
-
-/// `connect()` failed before the socket changed state (no packet was sent).
-///
-/// `socket_known`: the kernel side resolved the socket, so a lifecycle event would have been
-/// seen had a SYN gone out. Without it, errors that only a handshake produces are left to the
-/// lifecycle events rather than reported twice.
-pub(crate) fn connect_failed(
-    meta: &Meta,
-    tuple: FourTuple,
-    errno: Errno,
-    socket_known: bool,
-) -> Option<Verdict> {
-    if NOT_A_FAILURE.contains(&errno) || (!socket_known && HANDSHAKE_ERRORS.contains(&errno)) {
-        return None;
-    }
-    let detail = Detail::Connect(ConnectDetail {
-        syscall: Syscall::Connect,
-        packets_sent: 0,
-    });
-    let mut v = socketless(meta, tuple, Side::Client, detail);
-    v.reason = match errno {
-        Errno::ENETUNREACH | Errno::EHOSTUNREACH => Reason::NoRoute,
-        _ => Reason::Unknown,
-    };
-    v.kernel_reason = Some(errno.to_string());
-    v.errno = Some(errno);
-    v.saddr = None;
-    v.sport = None;
-    v.pid = Some(meta.proc.pid);
-    v.comm = Some(meta.proc.comm.to_string());
-    Some(v)
 }
 
 /// This host sent a RST because no socket matched the packet. Only a SYN answered that way

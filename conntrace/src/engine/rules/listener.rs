@@ -29,10 +29,15 @@ pub(crate) fn wants_listeners(v: &Verdict) -> bool {
         )
 }
 
-/// Completes a server verdict with the listeners on its port (`listeners`).
-pub(crate) fn with_listeners(v: &mut Verdict, listeners: &[Listener]) {
+/// Completes a server verdict with the listeners on its port (`listeners`), and, for a
+/// connection waiting in an accept queue, the listener that holds it (`holder`: in an
+/// SO_REUSEPORT group, not just any listener on the port).
+pub(crate) fn with_listeners(v: &mut Verdict, listeners: &[Listener], holder: Option<&Listener>) {
     bound_elsewhere(v, listeners);
-    queue(v, listeners);
+    match holder {
+        Some(l) => queue(v, std::slice::from_ref(l)),
+        None => queue(v, listeners),
+    }
 }
 
 /// A server refusal (no socket matched the SYN) while sockets listen on the same port at other

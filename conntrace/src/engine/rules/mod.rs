@@ -3,20 +3,26 @@
 //! a connection or an attempt and return its verdict; they never touch the table.
 //!
 //! * `established.rs`: `established`, `unexpected_listener`.
+//! * `connect.rs`: connect() failures before any packet (`no_route`,
+//!   `ephemeral_ports_exhausted`, `connect_denied`).
 //! * `handshake.rs`: failed handshakes without a drop that explains them (`refused_no_listener`,
-//!   `syn_timeout`, `icmp_unreachable`, `no_route`, `unknown`).
+//!   `syn_timeout`, `icmp_unreachable`, `unknown`).
 //! * `teardown.rs`: established connections that end badly (`reset_by_peer`, `timeout`).
-//! * `drops.rs`: the kernel drops that explain a failed handshake (`netfilter_drop`,
-//!   `netfilter_reject`, `neighbour_failed`), and `drop` records for the rest.
+//! * `drops.rs`: the kernel drops that explain a failure (`netfilter_drop`, `netfilter_reject`,
+//!   `conntrack_table_full`, `rp_filter_drop`, `neighbour_failed`, `kernel_drop`), and `drop`
+//!   records for the rest.
+//! * `path.rs`: `pmtu_blackhole`.
 //! * `listener.rs`: the listener's view (`listen_overflow`, `refused_bound_elsewhere`).
 //! * `cookies.rs`: `syncookie_ack_lost`.
-//! * `stalls.rs`: `stalled_no_greeting`, `stalled_no_response`, `not_accepted`.
+//! * `stalls.rs`: `stalled_no_greeting`, `stalled_no_response`, `not_accepted`, `zero_window`.
 
+pub mod connect;
 pub mod cookies;
 pub mod drops;
 pub mod established;
 pub mod handshake;
 pub mod listener;
+pub mod path;
 pub mod stalls;
 pub mod teardown;
 
@@ -42,6 +48,7 @@ pub(super) fn base(
 ) -> Verdict {
     Verdict {
         ts_ns,
+        sk: Some(c.sk),
         side: c.side,
         outcome,
         reason,
@@ -65,6 +72,7 @@ pub(super) fn base(
 pub(super) fn socketless(meta: &Meta, tuple: FourTuple, side: Side, detail: Detail) -> Verdict {
     Verdict {
         ts_ns: meta.ts_ns,
+        sk: None,
         side,
         outcome: Outcome::Failed,
         reason: Reason::Unknown,
@@ -86,10 +94,15 @@ pub(super) fn socketless(meta: &Meta, tuple: FourTuple, side: Side, detail: Deta
 /// The verdict of a connection that reached CLOSE, or `None` for an orderly end: its
 /// handshake's failure or its end's, then the drop that explains a silent failure.
 pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
-    let mut v = match c.established_ns() {
-        None => handshake::failed(c, cfg)?,
-        Some(_) => teardown::ended(c)?,
-    };
+    if c.established_ns().is_some() {
+        let mut v = teardown::ended(c)?;
+        // Drops that kept killing it on this host explain a silent end.
+        if !path::explain(c, &mut v) && matches!(v.reason, Reason::Timeout | Reason::Unknown) {
+            drops::explain(&mut v, &c.late_drops);
+        }
+        return Some(v);
+    }
+    let mut v = handshake::failed(c, cfg)?;
     if drops::explains_silence(c, &v) {
         drops::explain(&mut v, &c.drops);
     } else if let Some(facts) = v.detail.drop_facts_mut() {

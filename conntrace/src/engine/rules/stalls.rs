@@ -1,23 +1,35 @@
 //! Stalled connections: established, then stuck. A client that received nothing within
 //! `--stall-timeout` (`stalled_no_greeting`: a server-first protocol's greeting never came;
 //! `stalled_no_response`: a request got no answer), a server connection nobody accepted
-//! (`not_accepted`). One `stalled` verdict when the timeout passes, then one follow-up:
+//! (`not_accepted`), a connection whose receiver stopped reading (`zero_window`). One `stalled`
+//! verdict when the timeout passes, then one follow-up:
 //! `resolved` when data comes or accept() returns, `failed` when the connection ends still
 //! stuck, each with how long it was stuck.
 
 use super::{base, established::connection_detail, ms};
 use crate::engine::{
+    facts::Window,
     state::{Conn, Stall},
     verdict::{
         Detail, Outcome, Reason, Side, Verdict,
-        detail::{CloseKind, EndedBy, StallDetail},
+        detail::{CloseKind, EndedBy, Reader, StallDetail, WindowFacts},
     },
 };
 
 /// Why a connection counts as stuck now, if it does.
 pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
     let since_ns = c.established_ns()?;
-    if c.closed().is_some() || c.was_stalled() || now_ns < since_ns + timeout_ns {
+    if c.closed().is_some() || c.was_stalled() {
+        return None;
+    }
+    if let Some((_, since_ns)) = c.window {
+        // A zero window: the receiving application stopped reading.
+        return (now_ns >= since_ns + timeout_ns).then_some(Stall {
+            reason: Reason::ZeroWindow,
+            since_ns,
+        });
+    }
+    if now_ns < since_ns + timeout_ns {
         return None;
     }
     let reason = match c.side {
@@ -34,6 +46,21 @@ pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
     Some(Stall { reason, since_ns })
 }
 
+/// Whose window is zero, and what waits.
+fn window(c: &Conn) -> Option<WindowFacts> {
+    match c.window? {
+        (Window::PeerZero { queued }, _) => Some(WindowFacts {
+            stopped_reading: Reader::Peer,
+            queued_bytes: queued,
+        }),
+        (Window::LocalFull { queued }, _) => Some(WindowFacts {
+            stopped_reading: Reader::Local,
+            queued_bytes: queued,
+        }),
+        (Window::Open, _) => None,
+    }
+}
+
 /// A verdict of stall `s` at `ts_ns` with `outcome`, its kernel reason and its detail.
 fn verdict(
     c: &Conn,
@@ -43,6 +70,10 @@ fn verdict(
     how: String,
     d: StallDetail,
 ) -> Verdict {
+    let d = StallDetail {
+        window: d.window.or_else(|| window(c)),
+        ..d
+    };
     let mut v = base(c, ts_ns, outcome, s.reason, Detail::Stall(d));
     v.duration_ms = ms(c.started_ns, s.since_ns);
     v.kernel_reason = Some(how);
@@ -54,6 +85,7 @@ pub(crate) fn stalled(c: &Conn, s: Stall, now_ns: u64) -> Verdict {
     let how = match s.reason {
         Reason::NotAccepted => "established, not accepted",
         Reason::StalledNoResponse => "established, data sent, nothing received",
+        Reason::ZeroWindow => "zero window",
         _ => "established, nothing received",
     };
     let d = StallDetail {
@@ -66,10 +98,10 @@ pub(crate) fn stalled(c: &Conn, s: Stall, now_ns: u64) -> Verdict {
 
 /// The `resolved` follow-up: data came (client) or accept() returned it (server).
 pub(crate) fn resolved(c: &Conn, s: Stall, now_ns: u64) -> Verdict {
-    let how = if s.reason == Reason::NotAccepted {
-        "accepted"
-    } else {
-        "data received"
+    let how = match s.reason {
+        Reason::NotAccepted => "accepted",
+        Reason::ZeroWindow => "window open",
+        _ => "data received",
     };
     let d = StallDetail {
         connection: connection_detail(c, s.since_ns),

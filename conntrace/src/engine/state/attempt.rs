@@ -3,8 +3,8 @@
 
 use crate::engine::{
     facts::{DropReason, FourTuple, Meta, NfHook, Proc, TcpFlags},
-    lookup::RuleFinding,
-    verdict::Direction,
+    lookup::{ConntrackTable, RuleFinding},
+    verdict::{Direction, detail::RpFilterFacts},
 };
 
 /// With no new drop for this long beyond the SYN backoff's next expected retransmit, an
@@ -23,9 +23,22 @@ pub struct HandshakeDrop {
     pub count: u32,
     pub first_ns: u64,
     pub last_ns: u64,
-    /// For a netfilter drop: the rule, looked up at the first drop of this kind (the ruleset
-    /// may change before the verdict).
-    pub rule: Option<RuleFinding>,
+    /// The interface the first one arrived on (`skb_iif`).
+    pub ifindex: Option<u32>,
+    /// What the host told at the first drop of this kind (the ruleset or the table may
+    /// change before the verdict).
+    pub context: Option<DropContext>,
+}
+
+/// What the host told about a kind of drop when its first packet was dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DropContext {
+    /// A netfilter drop in a rule's code: the rule, from the firewall's counters.
+    Rule(RuleFinding),
+    /// A netfilter drop outside any rule (`nf_hook_slow`) while the conntrack table was full.
+    ConntrackFull(ConntrackTable),
+    /// A reverse-path filter drop: the interfaces it compared, and its counter.
+    RpFilter(RpFilterFacts),
 }
 
 impl HandshakeDrop {

@@ -3,8 +3,8 @@
 
 use super::attempt::HandshakeDrop;
 use crate::engine::{
-    facts::{Errno, FourTuple, Meta, Proc, TcpState},
-    verdict::{Reason, Side},
+    facts::{Errno, FourTuple, Icmp, Meta, Proc, TcpState, Window},
+    verdict::{Reason, Side, detail::Retransmits},
 };
 
 /// Where a connection is in its life, as the engine has seen it.
@@ -89,6 +89,14 @@ pub struct Conn {
     pub rst_received: Option<TcpState>,
     /// Packets of its handshake the kernel dropped.
     pub drops: Vec<HandshakeDrop>,
+    /// Packets the kernel dropped once it was established.
+    pub late_drops: Vec<HandshakeDrop>,
+    /// Its data retransmissions once established.
+    pub retransmits: Option<Retransmits>,
+    /// The window, when not open, and since when.
+    pub window: Option<(Window, u64)>,
+    /// A "fragmentation needed" about its segments, and this host's drop of it if any.
+    pub too_big: Option<(Icmp, Option<HandshakeDrop>)>,
     /// When it first received and first sent data.
     pub first_rx_ns: Option<u64>,
     pub first_tx_ns: Option<u64>,
@@ -114,6 +122,10 @@ impl Conn {
             connect_errno: None,
             rst_received: None,
             drops: Vec::new(),
+            late_drops: Vec::new(),
+            retransmits: None,
+            window: None,
+            too_big: None,
             first_rx_ns: None,
             first_tx_ns: None,
             opening: Opening::Normal,
@@ -193,6 +205,24 @@ impl Conn {
         match self.report {
             Report::Stalled(s) => Some(s),
             _ => None,
+        }
+    }
+
+    /// Counts a data retransmission of `bytes` (when read) with the MSS then.
+    pub fn retransmitted(&mut self, bytes: Option<u32>, mss: Option<u32>) {
+        let r = self.retransmits.get_or_insert(Retransmits {
+            count: 0,
+            largest_bytes: bytes.unwrap_or(0),
+            smallest_bytes: bytes.unwrap_or(u32::MAX),
+            mss,
+        });
+        r.count += 1;
+        if let Some(bytes) = bytes {
+            r.largest_bytes = r.largest_bytes.max(bytes);
+            r.smallest_bytes = r.smallest_bytes.min(bytes);
+        }
+        if mss.is_some() {
+            r.mss = mss;
         }
     }
 

@@ -6,7 +6,7 @@ pub mod conn;
 pub mod table;
 
 pub use self::{
-    attempt::{Attempt, HandshakeDrop},
+    attempt::{Attempt, DropContext, HandshakeDrop},
     conn::{Conn, Opening, Report, SocketError, Stall},
     table::{ConnId, Decided, OrphanError, Table},
 };

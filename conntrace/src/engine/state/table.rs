@@ -6,7 +6,13 @@
 use std::collections::BTreeMap;
 
 use super::{HashMap, attempt::Attempt, conn::Conn};
-use crate::engine::facts::{Errno, FourTuple};
+use crate::engine::{
+    facts::{Errno, FourTuple},
+    verdict::detail::PathDrop,
+};
+
+/// Path drops are kept this long after the last one: a connection can take minutes to die.
+const PATH_DROPS_KEEP_NS: u64 = 300_000_000_000;
 
 /// A connection's key in the table, in creation order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,6 +57,19 @@ pub struct Table {
     /// SYNs this host refused without a socket just now: the kernel then frees the SYN with
     /// NO_SOCKET, which is the refusal itself, not another drop.
     recent_refusals: HashMap<AttemptKey, u64>,
+    /// Drops of forwarded packets, by connection (either end first: see [`path_key`]), with
+    /// when the last came.
+    path_drops: HashMap<FourTuple, (u64, Vec<PathDrop>)>,
+}
+
+/// A connection's key for path drops, the same from both ends: the lower end first.
+fn path_key(t: FourTuple) -> FourTuple {
+    let r = t.reversed();
+    if (t.saddr, t.sport) <= (r.saddr, r.sport) {
+        t
+    } else {
+        r
+    }
 }
 
 impl Table {
@@ -66,6 +85,7 @@ impl Table {
             orphan_errors: HashMap::default(),
             recently_decided: HashMap::default(),
             recent_refusals: HashMap::default(),
+            path_drops: HashMap::default(),
         }
     }
 
@@ -247,9 +267,41 @@ impl Table {
         self.recent_refusals.contains_key(key)
     }
 
+    /// A forwarded packet of connection `tuple` was dropped (merged with drops of its kind in
+    /// the same namespace); false when the table is full.
+    pub fn add_path_drop(&mut self, tuple: FourTuple, ts_ns: u64, new: PathDrop) -> bool {
+        let key = path_key(tuple);
+        if !self.path_drops.contains_key(&key) && self.path_drops.len() >= self.max {
+            return false;
+        }
+        let (last, drops) = self.path_drops.entry(key).or_insert((ts_ns, Vec::new()));
+        *last = ts_ns;
+        match drops
+            .iter_mut()
+            .find(|d| d.netns == new.netns && d.kernel_reason == new.kernel_reason)
+        {
+            Some(d) => {
+                d.count += new.count;
+                d.tcp_flags |= new.tcp_flags;
+            }
+            None => drops.push(new),
+        }
+        true
+    }
+
+    /// The forwarded packets of connection `tuple` that were dropped.
+    pub fn path_drops(&self, tuple: FourTuple) -> Vec<PathDrop> {
+        self.path_drops
+            .get(&path_key(tuple))
+            .map(|(_, d)| d.clone())
+            .unwrap_or_default()
+    }
+
     /// Forgets memories older than `keep_ns`; returns how many error reports expired without
     /// finding their connection.
     pub fn forget_older_than(&mut self, now_ns: u64, keep_ns: u64) -> u64 {
+        self.path_drops
+            .retain(|_, (last, _)| now_ns < *last + PATH_DROPS_KEEP_NS);
         self.recently_decided
             .retain(|_, d| now_ns < d.at_ns + keep_ns);
         self.recent_refusals.retain(|_, at| now_ns < *at + keep_ns);

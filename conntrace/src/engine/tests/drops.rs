@@ -24,6 +24,8 @@ fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str) -> Kern
         location: "nft_do_chain+0x3e8".into(),
         tcp_flags: TcpFlags(flags),
         hook: (reason == NETFILTER_DROP).then_some(NfHook::Input),
+        ifindex: None,
+        icmp: None,
     })
 }
 
@@ -45,6 +47,7 @@ impl RuleLookup for FixedRules {
 
 fn rule(action: RuleAction) -> FirewallRule {
     FirewallRule {
+        comment: None,
         family: "ip".into(),
         table: "filter".into(),
         chain: "INPUT".into(),

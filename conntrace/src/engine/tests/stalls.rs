@@ -139,6 +139,8 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
         location: "nft_do_chain+0x3e8".into(),
         tcp_flags: TcpFlags(0x10),
         hook: Some(NfHook::Input),
+        ifindex: None,
+        icmp: None,
     });
     none(e.handle(ack));
     let v = one(e.tick(5 * SEC));

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{Direction, Reason};
 use crate::engine::{
     facts::{DropReason, NfHook, TcpFlags, TcpState},
-    lookup::{FirewallRule, Listener},
+    lookup::{ConntrackTable, FirewallRule, Listener, Route},
 };
 
 fn is_false(b: &bool) -> bool {
@@ -99,6 +99,48 @@ pub struct DropFacts {
     /// Packets of the explaining kind dropped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dropped: Option<u32>,
+    /// Where the explaining drop happened (`symbol+offset`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// `rp_filter_drop`: the interfaces the reverse-path check compared.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rp_filter: Option<RpFilterFacts>,
+    /// `conntrack_table_full`: the namespace's table when the drop came.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConntrackTable>,
+    /// Drops of this connection's packets in namespaces that forward them (routers seen from
+    /// this host).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub path_drops: Vec<PathDrop>,
+}
+
+/// `rp_filter_drop`: why the reverse-path filter refused the packets.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+pub struct RpFilterFacts {
+    /// The interface the packets arrived on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrived_on: Option<String>,
+    /// The interface the route back to their source leaves by.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_back_via: Option<String>,
+    /// The namespace's TcpExtIPReversePathFilter counter when the verdict was decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub counter: Option<u64>,
+}
+
+/// Dropped packets of one kind in a namespace that forwards the connection's traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct PathDrop {
+    /// The forwarding namespace.
+    pub netns: Option<u32>,
+    pub kernel_reason: DropReason,
+    pub location: String,
+    /// Union of the dropped segments' TCP flags.
+    pub tcp_flags: TcpFlags,
+    pub count: u32,
+    /// The interface they arrived on there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrived_on: Option<String>,
 }
 
 /// A listening socket as a verdict names it.
@@ -184,8 +226,28 @@ pub struct StallDetail {
     pub closed_from: Option<TcpState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by: Option<EndedBy>,
+    /// `zero_window`: whose window is zero and what waits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window: Option<WindowFacts>,
     #[serde(flatten)]
     pub queue: QueueFacts,
+}
+
+/// Which end stopped reading (`detail.window.stopped_reading` of `zero_window`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reader {
+    /// The peer: it advertises a zero window, this host's data waits to be sent.
+    Peer,
+    /// A local process: its receive queue is full and this host advertises a zero window.
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, JsonSchema)]
+pub struct WindowFacts {
+    pub stopped_reading: Reader,
+    /// Bytes waiting: in the send queue (peer) or in the receive queue (local).
+    pub queued_bytes: u64,
 }
 
 /// Why a client's handshake timed out (`detail.cause` of `syn_timeout`).
@@ -222,6 +284,12 @@ pub struct ClosedDetail {
     /// `syn_timeout`: after how long.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub after_ms: Option<f64>,
+    /// Data retransmissions of the established connection.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<Retransmits>,
+    /// `pmtu_blackhole`: the path's answer ("fragmentation needed"), when one was seen.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_answer: Option<PathAnswer>,
     #[serde(flatten)]
     pub drops: DropFacts,
     #[serde(flatten)]
@@ -239,10 +307,35 @@ impl ClosedDetail {
             unanswered_syns: None,
             cause: None,
             after_ms: None,
+            retransmits: None,
+            path_answer: None,
             drops: DropFacts::default(),
             queue: QueueFacts::default(),
         }
     }
+}
+
+/// An established connection's data retransmissions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, JsonSchema)]
+pub struct Retransmits {
+    pub count: u32,
+    /// The largest and the smallest retransmitted payload, in bytes.
+    pub largest_bytes: u32,
+    pub smallest_bytes: u32,
+    /// The connection's MSS (`mss_cache`) at the last retransmission, when read.
+    pub mss: Option<u32>,
+}
+
+/// The "fragmentation needed" (ICMPv6 "packet too big") answer of a hop on the path.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct PathAnswer {
+    /// The MTU the hop announced.
+    pub mtu: Option<u32>,
+    /// Where this host dropped it, when it did: the drop reason, hook and rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<DroppedKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
 }
 
 /// Which packet a socket-less RST answered.
@@ -277,6 +370,18 @@ pub struct ConnectDetail {
     pub syscall: Syscall,
     /// Packets the connection sent: none.
     pub packets_sent: u32,
+    /// `ephemeral_ports_exhausted`: `net.ipv4.ip_local_port_range` (first, last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_range: Option<[u16; 2]>,
+    /// `ephemeral_ports_exhausted`: sockets holding a local port towards the destination, and
+    /// how many of them are in TIME_WAIT.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sockets_to_destination: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_wait: Option<u32>,
+    /// `no_route`: the namespace's route to the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]

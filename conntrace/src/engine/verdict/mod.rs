@@ -41,6 +41,9 @@ pub enum Outcome {
 pub struct Verdict {
     #[serde(skip)]
     pub ts_ns: u64,
+    /// The kernel socket it is about, when there is one (for look-ups; not printed).
+    #[serde(skip)]
+    pub sk: Option<u64>,
     pub side: Side,
     pub outcome: Outcome,
     pub reason: Reason,
@@ -108,6 +111,9 @@ pub enum Direction {
     In,
     /// Sent by a local socket.
     Out,
+    /// Forwarded by this host: neither end is one of its addresses (`s` is the packet's
+    /// source).
+    Forward,
 }
 
 /// A packet the kernel dropped on a traced port that explains no verdict (`drop` record).

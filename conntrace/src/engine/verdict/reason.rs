@@ -27,6 +27,13 @@ pub enum Reason {
     NotAccepted,
     SyncookieAckLost,
     Unknown,
+    RpFilterDrop,
+    ConntrackTableFull,
+    KernelDrop,
+    EphemeralPortsExhausted,
+    ConnectDenied,
+    PmtuBlackhole,
+    ZeroWindow,
 }
 
 /// One reason's documentation.

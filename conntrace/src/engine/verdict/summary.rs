@@ -35,6 +35,11 @@ pub struct Summary {
     /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended in one second at one
     /// listener (a SYN flood); still counted in the listener's `cookies_failed`.
     pub attempt_verdicts_suppressed: u64,
+    /// Drops of forwarded packets (neither end local to the dropping namespace).
+    pub forwarded_drops: u64,
+    /// SYN cookies seen sent on traced ports, by namespace (to compare with its
+    /// TcpExtSyncookiesSent).
+    pub cookies_by_netns: BTreeMap<u32, u64>,
     /// Per listener (`ip:port`): SYN cookies and queue overflows.
     pub listeners: BTreeMap<String, ListenerCounts>,
     /// Failed or stalled verdicts by the remote end's address.

@@ -428,6 +428,7 @@ fn decide(
                     chain,
                     handle,
                     text: rule.text.clone(),
+                    comment: None,
                     action: action.for_packet(ipv6),
                     packets: now.saturating_sub(before),
                 });

@@ -2,14 +2,15 @@
 //! established and close; errors, resets and retransmits; accept(); first data; drops and
 //! cookies. Decisions are left to `rules`; this file only records and routes.
 
+mod drops;
+
 use super::{
     Engine,
-    facts::{DroppedPacket, Errno, FourTuple, KernelEvent, Meta, TcpFlags, TcpState},
+    facts::{Errno, FourTuple, KernelEvent, Meta, TcpFlags, TcpState, Window},
     rules,
-    state::{Attempt, Conn, HandshakeDrop, Opening, OrphanError, Report, attempt},
-    verdict::{Direction, Side, Verdict},
+    state::{Conn, OrphanError, Report},
+    verdict::{Side, Verdict},
 };
-use crate::engine::facts::DropReason;
 
 impl Engine {
     /// Applies one event to the state, pushing the verdicts it completes.
@@ -52,6 +53,24 @@ impl Engine {
                     c.last_ns = meta.ts_ns;
                 }
             }
+            KernelEvent::Retransmit {
+                meta,
+                sk,
+                tuple,
+                bytes,
+                mss,
+            } => {
+                if let Some(c) = self.table.by_sk_mut(sk) {
+                    c.retransmitted(bytes, mss);
+                    c.tuple = tuple;
+                    c.last_ns = meta.ts_ns;
+                }
+            }
+            KernelEvent::Window {
+                meta,
+                tuple,
+                window,
+            } => self.on_window(&meta, tuple, window, out),
             KernelEvent::Accepted { meta, sk } => self.on_accepted(&meta, sk, out),
             KernelEvent::Dropped(d) => self.on_drop(d, out),
             KernelEvent::FirstData { meta, sk, outgoing } => {
@@ -285,6 +304,40 @@ impl Engine {
         }
     }
 
+    /// A connection's window closed or opened again: a stall reported for it resolves when
+    /// it opens.
+    fn on_window(&mut self, meta: &Meta, tuple: FourTuple, window: Window, out: &mut Vec<Verdict>) {
+        let Some(c) = self
+            .table
+            .id_by_tuple(&tuple)
+            .and_then(|id| self.table.get_mut(id))
+            .filter(|c| c.netns == meta.netns || meta.netns.is_none())
+        else {
+            return;
+        };
+        c.last_ns = meta.ts_ns;
+        let v = match window {
+            Window::Open => {
+                c.window = None;
+                match c.open_stall() {
+                    Some(s) if s.reason == super::verdict::Reason::ZeroWindow => {
+                        c.report = Report::Settled(s);
+                        Some(rules::stalls::resolved(c, s, meta.ts_ns))
+                    }
+                    _ => None,
+                }
+            }
+            closed => {
+                let since = c.window.map_or(meta.ts_ns, |(_, since)| since);
+                c.window = Some((closed, since));
+                None
+            }
+        };
+        if let Some(v) = v {
+            self.emit(out, v);
+        }
+    }
+
     fn on_connect_failed(
         &mut self,
         meta: &Meta,
@@ -303,184 +356,8 @@ impl Engine {
                 && d.pid == Some(meta.proc.pid)
         }) {
             // connect() reporting a failure whose verdict is already out.
-        } else if let Some(v) = rules::handshake::connect_failed(meta, tuple, errno, sk != 0) {
+        } else if let Some(v) = rules::connect::failed(meta, tuple, errno, sk != 0) {
             self.emit(out, v);
         }
     }
-
-    fn on_drop(&mut self, f: DroppedPacket, out: &mut Vec<Verdict>) {
-        *self
-            .summary
-            .drops_by_reason
-            .entry(f.reason.clone())
-            .or_default() += 1;
-        // The packet is outgoing when a local socket sent it: its source is that socket's own
-        // end. Incoming packets can carry a socket too (early demux).
-        let owner = self
-            .table
-            .by_sk(f.sk)
-            .map(|c| (c.tuple.sport, c.proc.clone()));
-        let outgoing = f.sk != 0
-            && f.rx_sk == 0
-            && owner
-                .as_ref()
-                .is_none_or(|(sport, _)| *sport == f.packet.sport || *sport == 0);
-        let local = if outgoing {
-            f.packet
-        } else {
-            f.packet.reversed()
-        };
-        let mut hs = HandshakeDrop {
-            reason: f.reason.clone(),
-            location: f.location.clone(),
-            hook: f.hook,
-            direction: if outgoing {
-                Direction::Out
-            } else {
-                Direction::In
-            },
-            tcp_flags: f.tcp_flags,
-            count: 1,
-            first_ns: f.meta.ts_ns,
-            last_ns: f.meta.ts_ns,
-            rule: None,
-        };
-        let netns = f.meta.netns;
-        // A drop during a handshake belongs to that connection.
-        let id = (if outgoing {
-            self.table.id_of(f.sk)
-        } else {
-            None
-        })
-        .or_else(|| self.table.id_by_tuple(&local));
-        let joins = id.and_then(|id| self.table.get(id)).is_some_and(|c| {
-            c.established_ns().is_none()
-                && (c.netns == netns || c.netns.is_none() || netns.is_none())
-        });
-        if joins && let Some(c) = id.and_then(|id| self.table.get(id)) {
-            if needs_rule(&c.drops, &hs) {
-                hs.rule = self.look_up_rule(netns, &hs, f.packet.daddr.is_ipv6());
-            }
-            if let Some(c) = id.and_then(|id| self.table.get_mut(id)) {
-                c.last_ns = f.meta.ts_ns;
-                attempt::record(&mut c.drops, hs);
-            }
-            return;
-        }
-        if !outgoing && f.reason == DropReason::NO_SOCKET {
-            // The SYN of a refusal just reported: the drop is the refusal itself.
-            if self.table.was_refused(&(netns, local)) {
-                return;
-            }
-            // Before 6.10 the socket-less reset is not traced: the SYN's NO_SOCKET drop is the
-            // only sign of the refusal (the kernel answers it with a RST right before freeing
-            // it).
-            if !self.cfg.socketless_resets_traced
-                && let Some(v) = rules::handshake::refused_without_socket(
-                    &f.meta,
-                    local,
-                    Some(f.reason.to_string()),
-                    Some(f.tcp_flags),
-                )
-            {
-                self.emit(out, v);
-                return;
-            }
-        }
-        // Retransmissions are sent from timers: name the owning connection's process, not
-        // whatever task was current.
-        let proc = if outgoing {
-            owner.and_then(|(_, p)| p)
-        } else {
-            None
-        };
-        let key = (netns, local);
-        // Only a packet of no known connection can be an attempt's; drops on established
-        // connections are reported alone. A socket decided moments ago (its SYNs purged after
-        // it timed out) is no new attempt.
-        let decided = outgoing && self.table.recently_decided(f.sk).is_some();
-        if id.is_none()
-            && !decided
-            && rules::drops::makes_attempt(&f.reason)
-            && self.table.has_room_for_attempt(&key)
-        {
-            if needs_rule(
-                self.table.attempt(&key).map_or(&[], |a| a.drops.as_slice()),
-                &hs,
-            ) {
-                hs.rule = self.look_up_rule(netns, &hs, f.packet.daddr.is_ipv6());
-            }
-            if let Some(a) = self
-                .table
-                .attempt_entry(key, || Attempt::new(&f.meta, local, proc.clone()))
-            {
-                attempt::record(&mut a.drops, hs);
-            }
-            return;
-        }
-        // A flood must not become a flood of lines: at most RECORDS_PER_SECOND records per
-        // namespace and reason each second; the rest are counted.
-        if !self.within_rate((netns, f.reason.to_string()), f.meta.ts_ns) {
-            self.summary.drop_records_suppressed += 1;
-            return;
-        }
-        let what = (f.reason, f.location, f.tcp_flags);
-        self.drops.push(rules::drops::record(
-            &f.meta, f.packet, outgoing, proc, what,
-        ));
-    }
-
-    /// The rule behind a netfilter drop, when a look-up is configured.
-    fn look_up_rule(
-        &mut self,
-        netns: Option<u32>,
-        drop: &HandshakeDrop,
-        ipv6: bool,
-    ) -> Option<super::lookup::RuleFinding> {
-        let rules = self.rules.as_mut()?;
-        Some(rules.find(netns, drop.hook, ipv6))
-    }
-
-    /// A connection just appeared on this host: drops of its attempt that came before (a SYN
-    /// dropped before one got through) become its own, and its cookie validated.
-    fn adopt_attempt(&mut self, sk: u64) {
-        let Some(c) = self.table.by_sk(sk) else {
-            return;
-        };
-        if c.tuple.sport == 0 {
-            return;
-        }
-        let key = (c.netns, c.tuple);
-        let Some(a) = self.table.take_attempt(&key) else {
-            return;
-        };
-        if a.cookies.is_some() {
-            self.summary.listener(&a.tuple).cookies_validated += 1;
-        }
-        if let Some(c) = self.table.by_sk_mut(sk) {
-            if a.cookies.is_some() {
-                c.opening = Opening::SynCookie;
-            }
-            for d in a.drops {
-                attempt::record(&mut c.drops, d);
-            }
-        }
-    }
-
-    /// A listener answered a SYN with a cookie: no request socket exists for the attempt, so
-    /// it is followed here until a connection takes it over or it ends without one.
-    fn on_cookie(&mut self, meta: &Meta, tuple: FourTuple) {
-        self.summary.listener(&tuple).cookies_sent += 1;
-        if let Some(a) = self
-            .table
-            .attempt_entry((meta.netns, tuple), || Attempt::new(meta, tuple, None))
-        {
-            a.cookie_sent(meta.ts_ns);
-        }
-    }
-}
-
-/// A netfilter drop of a kind not yet in `drops`: its rule is looked up now.
-fn needs_rule(drops: &[HandshakeDrop], new: &HandshakeDrop) -> bool {
-    new.reason == DropReason::NETFILTER_DROP && !drops.iter().any(|d| d.same_kind(new))
 }

@@ -1,0 +1,314 @@
+//! Dropped packets and SYN cookies applied to the engine's facts. A drop joins the connection
+//! it belongs to (its handshake, or, once established, its later life); a drop of a forwarded
+//! packet joins the connection's path; a handshake packet's drop with no connection here is
+//! gathered per attempt; the rest become `drop` records, except drops that are a normal part
+//! of TCP, which are only counted.
+
+use super::super::{
+    Engine,
+    facts::{DropReason, DroppedPacket, FourTuple, Meta},
+    rules::{self, drops::Explains},
+    state::{Attempt, ConnId, HandshakeDrop, Opening, attempt, attempt::DropContext},
+    verdict::{Direction, Verdict, detail::PathDrop, detail::RpFilterFacts},
+};
+
+impl Engine {
+    pub(in crate::engine) fn on_drop(&mut self, f: DroppedPacket, out: &mut Vec<Verdict>) {
+        *self
+            .summary
+            .drops_by_reason
+            .entry(f.reason.clone())
+            .or_default() += 1;
+        // The packet is outgoing when a local socket sent it: its source is that socket's own
+        // end. Incoming packets can carry a socket too (early demux).
+        let owner = self
+            .table
+            .by_sk(f.sk)
+            .map(|c| (c.tuple.sport, c.proc.clone()));
+        let outgoing = f.sk != 0
+            && f.rx_sk == 0
+            && owner
+                .as_ref()
+                .is_none_or(|(sport, _)| *sport == f.packet.sport || *sport == 0);
+        // An ICMP error quotes a segment this host sent: its tuple is already this host's.
+        let local = if outgoing || f.icmp.is_some() {
+            f.packet
+        } else {
+            f.packet.reversed()
+        };
+        let hs = HandshakeDrop {
+            reason: f.reason.clone(),
+            location: f.location.clone(),
+            hook: f.hook,
+            direction: if outgoing {
+                Direction::Out
+            } else {
+                Direction::In
+            },
+            tcp_flags: f.tcp_flags,
+            count: 1,
+            first_ns: f.meta.ts_ns,
+            last_ns: f.meta.ts_ns,
+            ifindex: f.ifindex,
+            context: None,
+        };
+        let netns = f.meta.netns;
+        let id = (if outgoing {
+            self.table.id_of(f.sk)
+        } else {
+            None
+        })
+        .or_else(|| self.table.id_by_tuple(&local))
+        .filter(|&id| {
+            self.table
+                .get(id)
+                .is_some_and(|c| c.netns == netns || c.netns.is_none() || netns.is_none())
+        });
+        if let Some(id) = id {
+            if self.join_drop(id, &f, local, hs) {
+                self.drop_record(&f, outgoing, owner.and_then(|(_, p)| p));
+            }
+            return;
+        }
+        if !outgoing && f.reason == DropReason::NO_SOCKET {
+            // The SYN of a refusal just reported: the drop is the refusal itself.
+            if self.table.was_refused(&(netns, local)) {
+                return;
+            }
+            // Before 6.10 the socket-less reset is not traced: the SYN's NO_SOCKET drop is the
+            // only sign of the refusal (the kernel answers it with a RST right before freeing
+            // it).
+            if !self.cfg.socketless_resets_traced
+                && let Some(v) = rules::handshake::refused_without_socket(
+                    &f.meta,
+                    local,
+                    Some(f.reason.to_string()),
+                    Some(f.tcp_flags),
+                )
+            {
+                self.emit(out, v);
+                return;
+            }
+        }
+        if !outgoing && self.forwarded(netns, f.packet) {
+            self.path_drop(&f);
+            return;
+        }
+        // Retransmissions are sent from timers: name the owning connection's process, not
+        // whatever task was current.
+        let proc = if outgoing {
+            owner.and_then(|(_, p)| p)
+        } else {
+            None
+        };
+        let key = (netns, local);
+        // A socket decided moments ago (its SYNs purged after it timed out) is no new attempt.
+        let decided = outgoing && self.table.recently_decided(f.sk).is_some();
+        let explains = rules::drops::explains(&hs, self.table.attempt(&key).is_some());
+        if !decided && explains == Explains::Attempt && self.table.has_room_for_attempt(&key) {
+            let mut hs = hs;
+            if needs_context(self.table.attempt(&key).map_or(&[], |a| &a.drops), &hs) {
+                hs.context = self.drop_context(netns, &hs, local);
+            }
+            if let Some(a) = self
+                .table
+                .attempt_entry(key, || Attempt::new(&f.meta, local, proc.clone()))
+            {
+                attempt::record(&mut a.drops, hs);
+            }
+            return;
+        }
+        if explains == Explains::Nothing && !self.cfg.show_normal_drops {
+            // A normal part of TCP: counted (drops_by_reason), not printed.
+            return;
+        }
+        self.drop_record(&f, outgoing, proc);
+    }
+
+    /// A drop of connection `id`'s packet: part of its handshake, or of its later life (then
+    /// also worth a record: the connection may live on for long). Returns whether to print
+    /// a `drop` record too.
+    fn join_drop(
+        &mut self,
+        id: ConnId,
+        f: &DroppedPacket,
+        local: FourTuple,
+        hs: HandshakeDrop,
+    ) -> bool {
+        let netns = f.meta.netns;
+        let Some(c) = self.table.get(id) else {
+            return false;
+        };
+        let established = c.established_ns().is_some();
+        let mut hs = hs;
+        let drops = if established { &c.late_drops } else { &c.drops };
+        if needs_context(drops, &hs) {
+            hs.context = self.drop_context(netns, &hs, local);
+        }
+        let normal = rules::drops::explains(&hs, true) == Explains::Nothing;
+        let ipv6 = f.packet.daddr.is_ipv6();
+        let Some(c) = self.table.get_mut(id) else {
+            return false;
+        };
+        c.last_ns = f.meta.ts_ns;
+        if let Some(icmp) = f.icmp {
+            if icmp.is_too_big(ipv6) {
+                // This host dropped the path's "fragmentation needed": keep where.
+                c.too_big = Some((icmp, Some(hs)));
+            }
+            return true;
+        }
+        if established {
+            attempt::record(&mut c.late_drops, hs);
+            return !normal || self.cfg.show_normal_drops;
+        }
+        attempt::record(&mut c.drops, hs);
+        false
+    }
+
+    /// Whether `packet` (as it travelled) neither came from nor went to namespace `netns`: it
+    /// was being forwarded there.
+    fn forwarded(&mut self, netns: Option<u32>, packet: FourTuple) -> bool {
+        let Some(ns) = self.lookups.namespaces.as_mut() else {
+            return false;
+        };
+        ns.is_local(netns, packet.daddr) == Some(false)
+            && ns.is_local(netns, packet.saddr) == Some(false)
+    }
+
+    /// A forwarded packet's drop: it joins the connection's path, and is printed as a
+    /// forwarding `drop` record unless normal.
+    fn path_drop(&mut self, f: &DroppedPacket) {
+        let arrived_on = f.ifindex.and_then(|i| {
+            self.lookups
+                .namespaces
+                .as_mut()
+                .and_then(|ns| ns.interface(f.meta.netns, i))
+        });
+        let drop = PathDrop {
+            netns: f.meta.netns,
+            kernel_reason: f.reason.clone(),
+            location: f.location.clone(),
+            tcp_flags: f.tcp_flags,
+            count: 1,
+            arrived_on,
+        };
+        self.summary.forwarded_drops += 1;
+        self.table.add_path_drop(f.packet, f.meta.ts_ns, drop);
+        if !rules::drops::is_normal(&f.reason) || self.cfg.show_normal_drops {
+            let record = rules::drops::forwarded_record(&f.meta, f.packet, f);
+            self.push_drop_record(record, &f.meta, &f.reason);
+        }
+    }
+
+    /// A `drop` record of `f`, oriented to this host, within the per-second cap.
+    fn drop_record(
+        &mut self,
+        f: &DroppedPacket,
+        outgoing: bool,
+        proc: Option<super::super::facts::Proc>,
+    ) {
+        let what = (f.reason.clone(), f.location.clone(), f.tcp_flags);
+        let record = rules::drops::record(&f.meta, f.packet, outgoing, proc, what);
+        self.push_drop_record(record, &f.meta, &f.reason);
+    }
+
+    fn push_drop_record(
+        &mut self,
+        record: super::super::verdict::DropRecord,
+        meta: &Meta,
+        reason: &DropReason,
+    ) {
+        // A flood must not become a flood of lines: at most RECORDS_PER_SECOND records per
+        // namespace and reason each second; the rest are counted.
+        if !self.within_rate((meta.netns, reason.to_string()), meta.ts_ns) {
+            self.summary.drop_records_suppressed += 1;
+            return;
+        }
+        self.drops.push(record);
+    }
+
+    /// What the host tells about the first drop of a kind: the rule behind a netfilter drop
+    /// (or the full conntrack table outside any rule), the interfaces of a reverse-path drop.
+    fn drop_context(
+        &mut self,
+        netns: Option<u32>,
+        hs: &HandshakeDrop,
+        local: FourTuple,
+    ) -> Option<DropContext> {
+        match hs.reason.as_str() {
+            DropReason::NETFILTER_DROP => {
+                if rules::drops::outside_rules(&hs.location)
+                    && let Some(ct) = self.lookups.namespaces.as_mut()?.conntrack(netns)
+                    && ct.count >= ct.max
+                {
+                    return Some(DropContext::ConntrackFull(ct));
+                }
+                let rules = self.lookups.rules.as_mut()?;
+                Some(DropContext::Rule(rules.find(
+                    netns,
+                    hs.hook,
+                    local.daddr.is_ipv6(),
+                )))
+            }
+            DropReason::IP_RPFILTER => {
+                let ns = self.lookups.namespaces.as_mut()?;
+                Some(DropContext::RpFilter(RpFilterFacts {
+                    arrived_on: hs.ifindex.and_then(|i| ns.interface(netns, i)),
+                    route_back_via: ns.route_to(netns, local.daddr).and_then(|r| r.dev),
+                    counter: ns.tcp_ext(netns, "IPReversePathFilter"),
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// A connection just appeared on this host: drops of its attempt that came before (a SYN
+    /// dropped before one got through) become its own, and its cookie validated.
+    pub(in crate::engine) fn adopt_attempt(&mut self, sk: u64) {
+        let Some(c) = self.table.by_sk(sk) else {
+            return;
+        };
+        if c.tuple.sport == 0 {
+            return;
+        }
+        let key = (c.netns, c.tuple);
+        let Some(a) = self.table.take_attempt(&key) else {
+            return;
+        };
+        if a.cookies.is_some() {
+            self.summary.listener(&a.tuple).cookies_validated += 1;
+        }
+        if let Some(c) = self.table.by_sk_mut(sk) {
+            if a.cookies.is_some() {
+                c.opening = Opening::SynCookie;
+            }
+            for d in a.drops {
+                attempt::record(&mut c.drops, d);
+            }
+        }
+    }
+
+    /// A listener answered a SYN with a cookie: no request socket exists for the attempt, so
+    /// it is followed here until a connection takes it over or it ends without one.
+    pub(in crate::engine) fn on_cookie(&mut self, meta: &Meta, tuple: FourTuple) {
+        self.summary.listener(&tuple).cookies_sent += 1;
+        if let Some(netns) = meta.netns {
+            *self.summary.cookies_by_netns.entry(netns).or_default() += 1;
+        }
+        if let Some(a) = self
+            .table
+            .attempt_entry((meta.netns, tuple), || Attempt::new(meta, tuple, None))
+        {
+            a.cookie_sent(meta.ts_ns);
+        }
+    }
+}
+
+/// A drop of a kind not yet in `drops` that needs the host's context: looked up now.
+fn needs_context(drops: &[HandshakeDrop], new: &HandshakeDrop) -> bool {
+    matches!(
+        new.reason.as_str(),
+        DropReason::NETFILTER_DROP | DropReason::IP_RPFILTER
+    ) && !drops.iter().any(|d| d.same_kind(new))
+}

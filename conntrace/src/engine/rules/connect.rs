@@ -1,0 +1,112 @@
+//! `connect()` failures before any packet left: `no_route`, `ephemeral_ports_exhausted`,
+//! `connect_denied` (and `unknown` for an errno no rule knows). The namespace's route and its
+//! ports towards the destination complete the verdict.
+
+use std::net::SocketAddr;
+
+use super::socketless;
+use crate::engine::{
+    facts::{Errno, FourTuple, Meta},
+    lookup::{NamespaceLookup, RouteKind},
+    state::Conn,
+    verdict::{
+        Detail, Outcome, Reason, Side, Verdict,
+        detail::{ConnectDetail, Syscall},
+    },
+};
+
+/// Errors only a handshake produces (a RST, an ICMP answer, a timeout).
+const HANDSHAKE_ERRORS: [Errno; 3] = [Errno::ECONNREFUSED, Errno::ETIMEDOUT, Errno::ECONNRESET];
+/// `connect()` results that are not a connection failure.
+const NOT_A_FAILURE: [Errno; 4] = [Errno::EALREADY, Errno::EISCONN, Errno::EINTR, Errno::EAGAIN];
+
+/// The reason an errno of `connect()` before any packet stands for (before the route is
+/// looked at: EACCES and EINVAL can also come from a prohibit or blackhole route).
+fn reason(errno: Errno) -> Reason {
+    match errno {
+        Errno::ENETUNREACH | Errno::EHOSTUNREACH => Reason::NoRoute,
+        Errno::EADDRNOTAVAIL => Reason::EphemeralPortsExhausted,
+        Errno::EPERM | Errno::EACCES => Reason::ConnectDenied,
+        _ => Reason::Unknown,
+    }
+}
+
+fn detail() -> Detail {
+    Detail::Connect(ConnectDetail {
+        syscall: Syscall::Connect,
+        packets_sent: 0,
+        port_range: None,
+        sockets_to_destination: None,
+        time_wait: None,
+        route: None,
+    })
+}
+
+/// `connect()` failed before the socket changed state (no packet was sent).
+///
+/// `socket_known`: the kernel side resolved the socket, so a lifecycle event would have been
+/// seen had a SYN gone out. Without it, errors that only a handshake produces are left to the
+/// lifecycle events rather than reported twice.
+pub(crate) fn failed(
+    meta: &Meta,
+    tuple: FourTuple,
+    errno: Errno,
+    socket_known: bool,
+) -> Option<Verdict> {
+    if NOT_A_FAILURE.contains(&errno) || (!socket_known && HANDSHAKE_ERRORS.contains(&errno)) {
+        return None;
+    }
+    let mut v = socketless(meta, tuple, Side::Client, detail());
+    v.reason = reason(errno);
+    v.kernel_reason = Some(errno.to_string());
+    v.errno = Some(errno);
+    v.saddr = None;
+    v.sport = None;
+    v.pid = Some(meta.proc.pid);
+    v.comm = Some(meta.proc.comm.to_string());
+    Some(v)
+}
+
+/// A client socket that went SYN_SENT and back to CLOSE without a local port: connect()
+/// failed with `connect_errno` before any packet (EADDRNOTAVAIL: no free port).
+pub(crate) fn closed_before_any_packet(c: &Conn) -> Option<Verdict> {
+    let (at, _) = c.closed()?;
+    let errno = c.connect_errno?;
+    let mut v = super::base(c, at, Outcome::Failed, reason(errno), detail());
+    v.kernel_reason = Some(errno.to_string());
+    v.errno = Some(errno);
+    v.sport = None;
+    Some(v)
+}
+
+/// Completes a connect() failure with the namespace's route and ports towards the destination;
+/// a prohibit or blackhole route makes an EACCES or EINVAL a `no_route`.
+pub(crate) fn complete(v: &mut Verdict, ns: &mut dyn NamespaceLookup) {
+    let Detail::Connect(d) = &mut v.detail else {
+        return;
+    };
+    match v.reason {
+        Reason::EphemeralPortsExhausted => {
+            if let Some(ports) = ns.ports_to(v.netns, SocketAddr::new(v.daddr, v.dport)) {
+                d.port_range = Some(ports.range);
+                d.sockets_to_destination = Some(ports.to_destination);
+                d.time_wait = Some(ports.time_wait);
+            }
+        }
+        Reason::NoRoute | Reason::ConnectDenied | Reason::Unknown => {
+            let Some(route) = ns.route_to(v.netns, v.daddr) else {
+                return;
+            };
+            let by_route = match (v.errno, route.kind) {
+                (Some(Errno::EACCES), RouteKind::Prohibit) => true,
+                (Some(Errno::EINVAL), RouteKind::Blackhole) => true,
+                _ => v.reason == Reason::NoRoute,
+            };
+            if by_route {
+                v.reason = Reason::NoRoute;
+                d.route = Some(route);
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,72 @@
+//! `pmtu_blackhole`: an established connection that died while only full-size segments were
+//! retransmitted, never acknowledged: a hop with a smaller MTU drops them, and its
+//! "fragmentation needed" never reaches this host (or this host drops it).
+
+use super::drops;
+use crate::engine::{
+    state::Conn,
+    verdict::{
+        Detail, Reason, Verdict,
+        detail::{PathAnswer, RuleRef},
+    },
+};
+
+/// Fewest retransmissions that make a black hole: one lost full-size segment is no pattern.
+const MIN_RETRANSMITS: u32 = 2;
+/// Without a known MSS, the smallest retransmitted segment that counts as full-size: above
+/// any MTU a tunnel or a PPPoE link leaves (1400) less headers.
+const FULL_SIZE_BYTES: u32 = 1200;
+
+/// Makes a connection's `timeout` a `pmtu_blackhole` when its retransmissions say so, and
+/// completes it with the path's answer. Returns whether it did.
+pub(crate) fn explain(c: &Conn, v: &mut Verdict) -> bool {
+    let Some(r) = c.retransmits else {
+        return false;
+    };
+    if let Detail::Closed(d) = &mut v.detail {
+        d.retransmits = Some(r);
+    }
+    let full_size = match r.mss {
+        Some(mss) => r.smallest_bytes >= mss,
+        None => r.smallest_bytes >= FULL_SIZE_BYTES,
+    };
+    if v.reason != Reason::Timeout || r.count < MIN_RETRANSMITS || !full_size {
+        return false;
+    }
+    v.reason = Reason::PmtuBlackhole;
+    if let Detail::Closed(d) = &mut v.detail {
+        d.path_answer = c.too_big.as_ref().map(|(icmp, dropped)| {
+            let rule = dropped.as_ref().and_then(|hs| match &hs.context {
+                Some(crate::engine::state::DropContext::Rule(finding)) => rule_of(finding),
+                _ => None,
+            });
+            PathAnswer {
+                mtu: icmp.mtu,
+                dropped: dropped
+                    .as_ref()
+                    .map(|hs| drops::kinds(std::slice::from_ref(hs)).remove(0)),
+                rule,
+            }
+        });
+    }
+    true
+}
+
+/// The one rule (or policy) a finding names.
+fn rule_of(finding: &crate::engine::lookup::RuleFinding) -> Option<RuleRef> {
+    use crate::engine::{lookup::RuleFinding, verdict::detail::Policy};
+    match finding {
+        RuleFinding::Rule(r) => Some(RuleRef::Rule(r.clone())),
+        RuleFinding::Policy {
+            family,
+            table,
+            chain,
+        } => Some(RuleRef::Policy {
+            family: family.clone(),
+            table: table.clone(),
+            chain: chain.clone(),
+            policy: Policy::Drop,
+        }),
+        RuleFinding::Candidates(_) | RuleFinding::NotFound { .. } => None,
+    }
+}
