@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{conntrace_bin, require_root, wait_exit};
+use conntrace_tests::{Proc, conntrace_bin, require_root};
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(conntrace_bin())
@@ -55,23 +55,20 @@ fn unwritable_output_fails_before_loading_anything() {
 #[test]
 fn closed_pipe_is_a_normal_exit() {
     require_root();
-    let mut child = Command::new(conntrace_bin())
-        .args(["--port", "3306", "--json", "--duration", "2s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn conntrace");
+    let mut conntrace = Proc::spawn(
+        Command::new(conntrace_bin())
+            .args(["--port", "3306", "--json", "--duration", "2s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "conntrace",
+    );
     // Like `conntrace --json | head -1`: read the ready line, then close the pipe.
     let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
+    BufReader::new(conntrace.child.stdout.take().expect("stdout"))
         .read_line(&mut first)
         .expect("read");
     assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
-    let status = wait_exit(
-        &mut child,
-        Duration::from_secs(15),
-        "conntrace with a closed pipe",
-    );
+    let status = conntrace.wait(Duration::from_secs(15), "conntrace with a closed pipe");
     assert_eq!(
         status.code(),
         Some(0),

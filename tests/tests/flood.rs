@@ -6,7 +6,7 @@
 
 use std::{process::Stdio, time::Duration};
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, proc_mib, require_root, serve};
+use conntrace_tests::{Conntrace, Proc, TwoHosts, connect, proc_mib, require_root, serve};
 
 const PORT: u16 = 3306;
 /// SYNs in CI.
@@ -31,26 +31,27 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
     let ct = Conntrace::start(&["--port", "3306", "--all"]);
     // Spoofed from an address nobody owns: the SYN-ACKs go nowhere (half-open, cookies).
     let spoofed = hosts.unowned_ip(50);
-    let mut flood = hosts
-        .client
-        .command("hping3")
-        .args([
-            "-q",
-            "-S",
-            "-a",
-            &spoofed,
-            "-p",
-            "3306",
-            "-i",
-            interval,
-            "-c",
-            &syns.to_string(),
-        ])
-        .arg(&hosts.server_ip)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run hping3 (package hping3)");
+    let mut flood = Proc::spawn(
+        hosts
+            .client
+            .command("hping3")
+            .args([
+                "-q",
+                "-S",
+                "-a",
+                &spoofed,
+                "-p",
+                "3306",
+                "-i",
+                interval,
+                "-c",
+                &syns.to_string(),
+            ])
+            .arg(&hosts.server_ip)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "hping3 (package hping3)",
+    );
     std::thread::sleep(Duration::from_millis(200));
     let victim = connect(
         &hosts.client,
@@ -68,7 +69,8 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
         .and_then(|a| a.rsplit_once(':'))
         .and_then(|(_, p)| p.parse().ok())
         .expect("victim's local port");
-    flood.wait().expect("hping3 ends");
+    // Bounded (the full-size run sends for about a second; no test hangs).
+    flood.wait(Duration::from_secs(300), "hping3");
     std::thread::sleep(Duration::from_secs(2));
     let rss = proc_mib(ct.pid(), "VmHWM");
     let values = ct.stop();

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, conntrace_bin, require_root};
+use conntrace_tests::{Conntrace, Proc, TwoHosts, connect, conntrace_bin, require_root};
 
 const PORT: u16 = 3306;
 
@@ -164,18 +164,19 @@ fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
         "{} --port 3306 --duration 6s",
         conntrace_bin().to_str().expect("utf-8 path")
     );
-    let mut term = Command::new("script")
-        .args(["-qfec", &command, "/dev/null"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run script (bsdutils)");
+    let mut term = Proc::spawn(
+        Command::new("script")
+            .args(["-qfec", &command, "/dev/null"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "script (bsdutils)",
+    );
     // What the terminal shows, as it comes: the connection is made once conntrace is ready
     // (its --duration counts from then; loading takes a minute on an emulated kernel).
     let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let reader = {
         let shown = std::sync::Arc::clone(&shown);
-        let mut stdout = term.stdout.take().expect("script's stdout");
+        let mut stdout = term.child.stdout.take().expect("script's stdout");
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
@@ -195,11 +196,7 @@ fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
         std::thread::sleep(Duration::from_millis(50));
     }
     connect(&hosts.client, &hosts.server_ip, PORT, &[]).json_lines(Duration::from_secs(10));
-    conntrace_tests::wait_exit(
-        &mut term,
-        Duration::from_secs(30),
-        "script running conntrace",
-    );
+    term.wait(Duration::from_secs(30), "script running conntrace");
     reader.join().expect("reader");
     let shown = String::from_utf8_lossy(&shown.lock().expect("shown")).into_owned();
     assert!(

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{ChurnHosts, Conntrace, Netns, require_root};
+use conntrace_tests::{ChurnHosts, Conntrace, Netns, Proc, require_root};
 use serde_json::Value;
 
 const PORT: u16 = 3306;
@@ -120,28 +120,29 @@ const TCPSTATES: &str = "/usr/sbin/tcpstates-bpfcc";
 
 /// Starts bcc's tcpstates and waits for its header line (compiled and attached), or returns
 /// why it does not run here.
-fn start_tcpstates() -> Result<std::process::Child, String> {
+fn start_tcpstates() -> Result<Proc, String> {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(TCPSTATES)
-        .args(["-L", &PORT.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
+    let mut tcpstates = Proc::from(
+        Command::new(TCPSTATES)
+            .args(["-L", &PORT.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?,
+    );
+    let stdout = tcpstates.child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     // tcpstates' header starts with SKADDR; bcc prints its errors on stdout or stderr.
     match lines.next() {
         Some(Ok(header)) if header.starts_with("SKADDR") => {
             // Keep reading, so that tcpstates never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
-            Ok(child)
+            Ok(tcpstates)
         }
         first => {
-            child.kill().ok();
-            child.wait().ok();
+            tcpstates.kill();
             let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
+            if let Some(mut e) = tcpstates.child.stderr.take() {
                 std::io::Read::read_to_string(&mut e, &mut err).ok();
             }
             let first = first.and_then(Result::ok).unwrap_or_default();
@@ -156,15 +157,16 @@ fn start_tcpstates() -> Result<std::process::Child, String> {
     }
 }
 
-fn start_bpftrace() -> std::process::Child {
-    let child = Command::new("bpftrace")
-        .args(["-e", &bpftrace_script()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn bpftrace");
+fn start_bpftrace() -> Proc {
+    let bpftrace = Proc::spawn(
+        Command::new("bpftrace")
+            .args(["-e", &bpftrace_script()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "bpftrace",
+    );
     std::thread::sleep(Duration::from_secs(3));
-    child
+    bpftrace
 }
 
 fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
@@ -219,9 +221,8 @@ fn main() {
         absent.push("bpftrace: not installed, not compared".to_owned());
     }
     match start_tcpstates() {
-        Ok(mut probe) => {
-            probe.kill().ok();
-            probe.wait().ok();
+        Ok(probe) => {
+            drop(probe);
             modes.push("tcpstates");
         }
         Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
@@ -239,7 +240,7 @@ fn main() {
                 "unrelated" => Some(start_conntrace("9999", without)),
                 _ => None,
             };
-            let mut peer = match mode {
+            let peer = match mode {
                 "bpftrace" => Some(start_bpftrace()),
                 "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
                 _ => None,
@@ -247,10 +248,10 @@ fn main() {
             let tracer_pid = ct
                 .as_ref()
                 .map(Conntrace::pid)
-                .or(peer.as_ref().map(|b| b.id()));
+                .or(peer.as_ref().map(Proc::pid));
             let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
             let cpu_before = tracer_cpu();
-            let server_before = cpu_seconds(setup.server.id());
+            let server_before = cpu_seconds(setup.server.pid());
             let run = churn(
                 &setup.hosts.client,
                 &setup.hosts.server_ip,
@@ -259,7 +260,7 @@ fn main() {
             );
             let rate = run.per_second;
             let tracer_used = tracer_cpu() - cpu_before;
-            let used = run.cpu_s + cpu_seconds(setup.server.id()) - server_before + tracer_used;
+            let used = run.cpu_s + cpu_seconds(setup.server.pid()) - server_before + tracer_used;
             cost.entry(mode)
                 .or_default()
                 .push(1e6 * used / run.connections.max(1.0));
@@ -279,10 +280,7 @@ fn main() {
                     events_per_conn.push(events / run.connections.max(1.0));
                 }
             }
-            if let Some(mut p) = peer.take() {
-                p.kill().ok();
-                p.wait().ok();
-            }
+            drop(peer);
             println!(
                 "round {round} {mode:<9} {rate:>9.0} connections/s {:>6.1} µs CPU/connection",
                 cost[mode].last().copied().unwrap_or(0.0)
