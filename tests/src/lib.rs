@@ -2,7 +2,8 @@
 //! conntrace binary with its real eBPF programs, and test peers. Everything created here is
 //! removed on drop, also when a test panics. Helpers panic instead of returning errors.
 //!
-//! Every child process a test starts is held by a [`Proc`] (killed on drop).
+//! Every child process a test starts is held by a [`Proc`] (killed on drop), every scratch
+//! directory is a [`TempDir`] (removed on drop).
 
 mod conntrace;
 mod hosts;
@@ -18,7 +19,7 @@ pub use conntrace::{
     Conntrace, Line, conntrace_bin, drops_in, only_verdict_in, ready_timeout, validate, verdicts_in,
 };
 pub use hosts::{Netns, TwoHosts};
-pub use process::Proc;
+pub use process::{Proc, TempDir};
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {

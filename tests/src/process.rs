@@ -1,8 +1,11 @@
-//! The test's own processes: one guard that kills a child process on drop, also when the test
-//! panics.
+//! The test's own processes and files: one guard that kills a child process on drop, one
+//! scratch directory removed on drop. Both clean up also when the test panics.
 
 use std::{
+    io::ErrorKind,
+    path::{Path, PathBuf},
     process::{Child, Command, ExitStatus},
+    sync::atomic::{AtomicU32, Ordering},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -102,6 +105,47 @@ impl Drop for Proc {
     }
 }
 
+static NEXT_DIR: AtomicU32 = AtomicU32::new(1);
+
+/// A fresh directory under [`std::env::temp_dir`], removed with its contents on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<temp dir>/<prefix>-<pid>-<n>`, with an `n` no other directory has.
+    pub fn new(prefix: &str) -> Self {
+        loop {
+            let n = NEXT_DIR.fetch_add(1, Ordering::SeqCst);
+            let name = format!("{prefix}-{}-{n}", std::process::id());
+            let path = std::env::temp_dir().join(name);
+            match std::fs::create_dir(&path) {
+                Ok(()) => return Self { path },
+                // Left over from an earlier process with the same id: take the next one.
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("create {}: {e}", path.display()),
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("warning: could not remove {}: {e}", self.path.display());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,5 +176,24 @@ mod tests {
         let pid = done.pid();
         drop(done);
         assert!(!exists(pid));
+    }
+
+    #[test]
+    fn temp_dirs_are_fresh_and_removed_on_drop_also_when_the_test_panics() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let failed = std::thread::spawn(move || {
+            let (a, b) = (TempDir::new("ct-unit"), TempDir::new("ct-unit"));
+            assert_ne!(a.path(), b.path());
+            assert!(a.path().starts_with(std::env::temp_dir()));
+            std::fs::write(a.join("file"), "x").expect("write");
+            tx.send([a.path().to_owned(), b.path().to_owned()])
+                .expect("send");
+            panic!("a failing test (expected)");
+        })
+        .join();
+        assert!(failed.is_err());
+        for dir in rx.recv().expect("paths") {
+            assert!(!dir.exists(), "{} outlived its guard", dir.display());
+        }
     }
 }

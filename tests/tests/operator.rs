@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{Conntrace, Proc, TwoHosts, connect, conntrace_bin, require_root};
+use conntrace_tests::{Conntrace, Proc, TempDir, TwoHosts, connect, conntrace_bin, require_root};
 
 const PORT: u16 = 3306;
 
@@ -60,40 +60,29 @@ fn metrics_count_verdicts_and_a_real_prometheus_stores_them() {
     ct.stop();
 }
 
-/// Kills the child process on drop, and removes its scratch directory.
-struct Scratch(std::process::Child, std::path::PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-        std::fs::remove_dir_all(&self.1).ok();
-    }
-}
-
 /// Runs Debian's Prometheus against `target` with a 1 s scrape interval until a query for
 /// `metric` returns data (20 s at most); returns the query's JSON answer.
 fn prometheus_scrape(target: &str, metric: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("ct-prom-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = TempDir::new("ct-prom");
     let config = dir.join("prometheus.yml");
     let yaml = format!(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: conntrace\n    static_configs:\n      - targets: ['{target}']\n"
     );
     std::fs::write(&config, yaml).expect("write prometheus.yml");
     let web = format!("127.0.0.1:{}", free_loopback_port());
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={web}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn prometheus (package `prometheus`, installed by `cargo xtask setup`)");
-    let _guard = Scratch(child, dir);
+    // Declared after `dir`, so dropped before it: Prometheus is killed, then its files removed.
+    let _prometheus = Proc::spawn(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "prometheus (package `prometheus`, installed by `cargo xtask setup`)",
+    );
     let url = format!("http://{web}/api/v1/query?query={metric}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {

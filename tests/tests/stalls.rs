@@ -7,7 +7,7 @@ use std::{
 };
 
 use conntrace_tests::{
-    Conntrace, TwoHosts, connect, conntrace_bin, require_root, serve, sh, verdicts_in,
+    Conntrace, TempDir, TwoHosts, connect, conntrace_bin, require_root, serve, sh, verdicts_in,
 };
 use serde_json::Value;
 
@@ -133,8 +133,7 @@ fn a_lost_cookie_ack_leaves_the_client_waiting_for_a_greeting() {
 /// Writes each namespace's verdicts to its own file (one per host) and runs
 /// `conntrace merge --json` on them.
 fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
-    let dir = std::env::temp_dir().join(format!("ct-merge-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = TempDir::new("ct-merge");
     let files: Vec<std::path::PathBuf> = namespaces
         .iter()
         .map(|ns| {
@@ -154,7 +153,6 @@ fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
         .args(&files)
         .output()
         .expect("run conntrace merge");
-    std::fs::remove_dir_all(&dir).ok();
     assert!(
         out.status.success(),
         "{}",
