@@ -2,12 +2,14 @@
 //! conntrace binary with its real eBPF programs, and test peers. Everything created here is
 //! removed on drop, also when a test panics. Helpers panic instead of returning errors.
 //!
-//! Every child process a test starts is held by a [`Proc`] (killed on drop), every scratch
-//! directory is a [`TempDir`] (removed on drop).
+//! A scenario starts with [`Scenario`] (root check, two hosts, set-up steps in them, server,
+//! conntrace); every child process a test starts is held by a [`Proc`] (killed on drop), every
+//! scratch directory is a [`TempDir`] (removed on drop).
 
 mod conntrace;
 mod hosts;
 mod process;
+mod scenario;
 
 use std::{
     io::{BufRead, BufReader},
@@ -20,6 +22,10 @@ pub use conntrace::{
 };
 pub use hosts::{Netns, TwoHosts};
 pub use process::{Proc, TempDir};
+pub use scenario::Scenario;
+
+/// The port the scenarios serve and trace (MySQL's, as in the stuck-connection story).
+pub const PORT: u16 = 3306;
 
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
