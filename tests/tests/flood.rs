@@ -6,29 +6,25 @@
 
 use std::{process::Stdio, time::Duration};
 
-use conntrace_tests::{Conntrace, Proc, TwoHosts, connect, proc_mib, require_root, serve};
-
-const PORT: u16 = 3306;
+use conntrace_tests::{PORT, Proc, Scenario, connect, proc_mib};
 /// SYNs in CI.
 const CI_SYNS: u64 = 5000;
 
 #[test]
 fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
-    require_root();
     let syns: u64 = std::env::var("CONNTRACE_FLOOD_SYNS")
         .ok()
         .map_or(CI_SYNS, |v| {
             v.parse().expect("CONNTRACE_FLOOD_SYNS is a number")
         });
     let interval = if syns > CI_SYNS { "u10" } else { "u100" };
-    let hosts = TwoHosts::new();
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello"],
-    );
-    let ct = Conntrace::start(&["--port", "3306", "--all"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .serve(&["--greeting", "hello"])
+        .conntrace(&["--port", "3306", "--all"]);
     // Spoofed from an address nobody owns: the SYN-ACKs go nowhere (half-open, cookies).
     let spoofed = hosts.unowned_ip(50);
     let mut flood = Proc::spawn(

@@ -6,12 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use conntrace_tests::{
-    Conntrace, TempDir, TwoHosts, connect, conntrace_bin, require_root, serve, sh, verdicts_in,
-};
+use conntrace_tests::{PORT, Scenario, TempDir, connect, conntrace_bin, sh, verdicts_in};
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn find<'a>(verdicts: &'a [Value], reason: &str, outcome: &str) -> Vec<&'a Value> {
     verdicts
@@ -22,34 +18,30 @@ fn find<'a>(verdicts: &'a [Value], reason: &str, outcome: &str) -> Vec<&'a Value
 
 #[test]
 fn a_lost_cookie_ack_leaves_the_client_waiting_for_a_greeting() {
-    require_root();
-    let hosts = TwoHosts::new();
-    // Every SYN is answered with a cookie, and the client's final (pure) ACK is dropped: the
-    // client is ESTABLISHED, the server never creates a socket.
-    hosts
-        .server
-        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"]);
-    hosts.server.exec(&[
-        "iptables",
-        "-A",
-        "INPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        "3306",
-        "--tcp-flags",
-        "ALL",
-        "ACK",
-        "-j",
-        "DROP",
-    ]);
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello"],
-    );
-    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "2s"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        // Every SYN is answered with a cookie, and the client's final (pure) ACK is dropped:
+        // the client is ESTABLISHED, the server never creates a socket.
+        .in_server(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])
+        .in_server(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "3306",
+            "--tcp-flags",
+            "ALL",
+            "ACK",
+            "-j",
+            "DROP",
+        ])
+        .serve(&["--greeting", "hello"])
+        .conntrace(&["--port", "3306", "--stall-timeout", "2s"]);
     let started = Instant::now();
     let client = connect(
         &hosts.client,
@@ -166,15 +158,13 @@ fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
 
 #[test]
 fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello", "--greeting-delay-ms", "2000"],
-    );
-    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "1s"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .serve(&["--greeting", "hello", "--greeting-delay-ms", "2000"])
+        .conntrace(&["--port", "3306", "--stall-timeout", "1s"]);
     // Resolving needs the first data received: tracepoints have it on 6.6+, fexit rows before.
     if ct.lacks("first_data", "sock:sk_data_ready is 6.6+") {
         return;
@@ -214,17 +204,14 @@ fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
 
 #[test]
 fn two_hundred_clients_against_a_stopped_server_all_get_a_verdict() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello", "--backlog", "8"],
-    );
-    let pid = server.pid().to_string();
+    let scenario = Scenario::new().serve(&["--greeting", "hello", "--backlog", "8"]);
+    let pid = scenario.server.pid().to_string();
     sh(&["kill", "-STOP", &pid]);
-    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "2s"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = scenario.conntrace(&["--port", "3306", "--stall-timeout", "2s"]);
     // 200 clients at once, local ports 43000..43199, each reading the greeting (8 s timeout).
     let client = connect(
         &hosts.client,
