@@ -6,9 +6,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{Conntrace, Proc, TempDir, TwoHosts, connect, conntrace_bin, require_root};
-
-const PORT: u16 = 3306;
+use conntrace_tests::{PORT, Proc, Scenario, TempDir, connect, conntrace_bin};
 
 /// A free port on the loopback address (bound, then released for conntrace to take).
 fn free_loopback_port() -> u16 {
@@ -27,10 +25,9 @@ fn scrape(addr: &str) -> String {
 
 #[test]
 fn metrics_count_verdicts_and_a_real_prometheus_stores_them() {
-    require_root();
-    let hosts = TwoHosts::new();
     let addr = format!("127.0.0.1:{}", free_loopback_port());
-    let ct = Conntrace::start(&["--port", "3306", "--metrics-addr", &addr]);
+    let Scenario { hosts, ct, .. } =
+        Scenario::new().conntrace(&["--port", "3306", "--metrics-addr", &addr]);
     // Nothing listens: two refused connections, seen from both sides.
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--count", "2"]);
     client.json_lines(Duration::from_secs(10));
@@ -146,8 +143,7 @@ fn man_page_and_completions_come_from_the_cli_definition() {
 
 #[test]
 fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
-    require_root();
-    let hosts = TwoHosts::new();
+    let Scenario { hosts, .. } = Scenario::new();
     // `script` gives conntrace a pseudo-terminal as stdout and copies what it shows.
     let command = format!(
         "{} --port 3306 --duration 6s",
