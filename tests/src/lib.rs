@@ -124,30 +124,3 @@ pub fn connect(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
 pub fn skip(reason: &str) {
     println!("SKIP: {reason}");
 }
-
-/// A fresh pair of namespaces with `ctload serve` (greeting, then close) in the server one, on
-/// `port`: the churn of the benchmark and the soak. The client may use every local port (the
-/// server closes first, so TIME_WAIT piles up on its side). The server is killed on drop.
-pub struct ChurnHosts {
-    pub server: Proc,
-    pub hosts: TwoHosts,
-}
-
-impl ChurnHosts {
-    pub fn new(port: u16) -> Self {
-        let hosts = TwoHosts::new();
-        hosts
-            .client
-            .exec(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"]);
-        let server = Proc::spawn(
-            hosts
-                .server
-                .command(helper_bin("ctload").to_str().expect("utf-8 path"))
-                .args(["serve", &hosts.server_ip, &port.to_string()])
-                .stdout(Stdio::null()),
-            "ctload serve",
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        Self { server, hosts }
-    }
-}

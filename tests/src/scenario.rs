@@ -1,7 +1,9 @@
 //! The prologue every scenario shares: the root check, two fresh hosts, then set-up steps in
 //! the hosts, the server and conntrace, in whichever order the scenario's story needs.
 
-use crate::{Conntrace, PORT, Proc, TwoHosts, require_root, serve};
+use std::{process::Stdio, time::Duration};
+
+use crate::{Conntrace, PORT, Proc, TwoHosts, helper_bin, require_root, serve};
 
 /// A scenario's set-up. [`Scenario::new`] checks for root and makes two fresh hosts; each
 /// further step runs when it is called, so the calls read in the order the steps happen:
@@ -37,6 +39,27 @@ impl Scenario {
             ct: (),
             hosts: TwoHosts::new(),
         }
+    }
+
+    /// Fresh hosts with `ctload serve` (greeting, then close) in the server one on `port`: the
+    /// churn of the benchmark and the soak. The client may use every local port (the server
+    /// closes first, so TIME_WAIT piles up on its side).
+    pub fn churn(port: u16) -> Scenario<(), Proc> {
+        let Scenario { hosts, ct, .. } = Scenario::new().in_client(&[
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_local_port_range=1024 65535",
+        ]);
+        let server = Proc::spawn(
+            hosts
+                .server
+                .command(helper_bin("ctload").to_str().expect("utf-8 path"))
+                .args(["serve", &hosts.server_ip, &port.to_string()])
+                .stdout(Stdio::null()),
+            "ctload serve",
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        Scenario { server, ct, hosts }
     }
 }
 

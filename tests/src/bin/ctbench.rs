@@ -16,10 +16,8 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{ChurnHosts, Conntrace, Netns, Proc, require_root};
+use conntrace_tests::{Conntrace, Netns, PORT, Proc, Scenario, require_root};
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -180,7 +178,7 @@ fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
 /// conntrace's CPU at a paced churn of about `events_per_s` kernel events a second:
 /// (events/s measured, % of one core).
 fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>) -> (f64, f64) {
-    let setup = ChurnHosts::new(PORT);
+    let setup = Scenario::churn(PORT);
     let ct = start_conntrace(&PORT.to_string(), without);
     let rate = (events_per_s / events_per_conn.max(1.0)).round().max(1.0) as u64;
     // conntrace finishes its start-up (kernel symbols, socket listing) after `ready`: let it
@@ -234,7 +232,7 @@ fn main() {
     let mut events_per_conn = Vec::new();
     for round in 1..=rounds {
         for &mode in &modes {
-            let setup = ChurnHosts::new(PORT);
+            let setup = Scenario::churn(PORT);
             let ct = match mode {
                 "traced" => Some(start_conntrace(&PORT.to_string(), without)),
                 "unrelated" => Some(start_conntrace("9999", without)),
