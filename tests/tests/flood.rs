@@ -6,7 +6,8 @@
 
 use std::{process::Stdio, time::Duration};
 
-use conntrace_tests::{PORT, Proc, Scenario, connect, proc_mib};
+use conntrace_tests::{PORT, Proc, Scenario, TwoHosts, connect, proc_mib};
+
 /// SYNs in CI.
 const CI_SYNS: u64 = 5000;
 
@@ -27,27 +28,7 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
         .conntrace(&["--port", "3306", "--all"]);
     // Spoofed from an address nobody owns: the SYN-ACKs go nowhere (half-open, cookies).
     let spoofed = hosts.unowned_ip(50);
-    let mut flood = Proc::spawn(
-        hosts
-            .client
-            .command("hping3")
-            .args([
-                "-q",
-                "-S",
-                "-a",
-                &spoofed,
-                "-p",
-                "3306",
-                "-i",
-                interval,
-                "-c",
-                &syns.to_string(),
-            ])
-            .arg(&hosts.server_ip)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        "hping3 (package hping3)",
-    );
+    let mut flood = start_flood(&hosts, &spoofed, interval, syns);
     std::thread::sleep(Duration::from_millis(200));
     let victim = connect(
         &hosts.client,
@@ -100,4 +81,30 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
         "losses are counted"
     );
     assert!(rss <= 64.0, "peak RSS {rss:.1} MiB");
+}
+
+/// `hping3` in the client host: `syns` SYNs to the server's port from `spoofed`, one every
+/// `interval` (hping3's `-i`).
+fn start_flood(hosts: &TwoHosts, spoofed: &str, interval: &str, syns: u64) -> Proc {
+    Proc::spawn(
+        hosts
+            .client
+            .command("hping3")
+            .args([
+                "-q",
+                "-S",
+                "-a",
+                spoofed,
+                "-p",
+                "3306",
+                "-i",
+                interval,
+                "-c",
+                &syns.to_string(),
+            ])
+            .arg(&hosts.server_ip)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "hping3 (package hping3)",
+    )
 }

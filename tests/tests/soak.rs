@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use conntrace_tests::{Conntrace, PORT, Proc, Scenario, helper_bin, proc_mib};
 use serde_json::Value;
+
 /// Connections a second in all, in CI.
 const CI_RATE: u64 = 2000;
 /// Most connections per pair of namespaces in the full soak.
