@@ -93,6 +93,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 struct Traced {
     cpu_pct: Vec<f64>,
     events_per_s: Vec<f64>,
+    events_per_conn: Vec<f64>,
     lost: u64,
     peak_rss: f64,
 }
@@ -203,14 +204,9 @@ fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>
     (events / secs, 100.0 * cpu / secs)
 }
 
-fn main() {
-    require_root();
-    let rounds = arg("--rounds", 3);
-    let phase_ms = arg("--phase-ms", 2000);
-    let parallel = arg("--parallel", 2);
-    // Capabilities conntrace leaves out (its --without), to measure what each one costs.
-    let without = string_arg("--without");
-    let without = without.as_deref();
+/// The modes to compare (bpftrace and bcc's tcpstates where they run), and a line for each
+/// peer left out saying why.
+fn modes() -> (Vec<&'static str>, Vec<String>) {
     let mut modes = vec!["untraced", "traced", "unrelated"];
     let mut absent = Vec::new();
     if Command::new("bpftrace").arg("--version").output().is_ok() {
@@ -225,63 +221,85 @@ fn main() {
         }
         Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
     }
+    (modes, absent)
+}
+
+/// One churn phase in fresh hosts with `mode`'s tracer: (connections/s, CPU µs per
+/// connection for client + server + tracer). A `traced` phase adds conntrace's own figures.
+fn phase(
+    mode: &str,
+    phase_ms: u64,
+    parallel: u64,
+    without: Option<&str>,
+    traced: &mut Traced,
+) -> (f64, f64) {
+    let setup = Scenario::churn(PORT);
+    let ct = match mode {
+        "traced" => Some(start_conntrace(&PORT.to_string(), without)),
+        "unrelated" => Some(start_conntrace("9999", without)),
+        _ => None,
+    };
+    let peer = match mode {
+        "bpftrace" => Some(start_bpftrace()),
+        "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
+        _ => None,
+    };
+    let tracer_pid = ct
+        .as_ref()
+        .map(Conntrace::pid)
+        .or(peer.as_ref().map(Proc::pid));
+    let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
+    let cpu_before = tracer_cpu();
+    let server_before = cpu_seconds(setup.server.pid());
+    let run = churn(
+        &setup.hosts.client,
+        &setup.hosts.server_ip,
+        phase_ms,
+        parallel,
+    );
+    let tracer_used = tracer_cpu() - cpu_before;
+    let used = run.cpu_s + cpu_seconds(setup.server.pid()) - server_before + tracer_used;
+    if let Some(ct) = ct {
+        let pid = ct.pid();
+        let hwm = conntrace_tests::proc_mib(pid, "VmHWM");
+        let values = ct.stop();
+        if mode == "traced" {
+            let summary = values.last().expect("summary");
+            let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
+            traced.peak_rss = traced.peak_rss.max(hwm);
+            traced.lost += summary["lost_events"].as_u64().unwrap_or(0);
+            let secs = phase_ms as f64 / 1000.0;
+            traced.cpu_pct.push(100.0 * tracer_used / secs);
+            traced.events_per_s.push(events / secs);
+            traced
+                .events_per_conn
+                .push(events / run.connections.max(1.0));
+        }
+    }
+    drop(peer);
+    (run.per_second, 1e6 * used / run.connections.max(1.0))
+}
+
+fn main() {
+    require_root();
+    let rounds = arg("--rounds", 3);
+    let phase_ms = arg("--phase-ms", 2000);
+    let parallel = arg("--parallel", 2);
+    // Capabilities conntrace leaves out (its --without), to measure what each one costs.
+    let without = string_arg("--without");
+    let without = without.as_deref();
+    let (modes, absent) = modes();
     let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // CPU microseconds per connection (client + server + tracer), per mode.
     let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut traced = Traced::default();
-    let mut events_per_conn = Vec::new();
     for round in 1..=rounds {
         for &mode in &modes {
-            let setup = Scenario::churn(PORT);
-            let ct = match mode {
-                "traced" => Some(start_conntrace(&PORT.to_string(), without)),
-                "unrelated" => Some(start_conntrace("9999", without)),
-                _ => None,
-            };
-            let peer = match mode {
-                "bpftrace" => Some(start_bpftrace()),
-                "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
-                _ => None,
-            };
-            let tracer_pid = ct
-                .as_ref()
-                .map(Conntrace::pid)
-                .or(peer.as_ref().map(Proc::pid));
-            let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
-            let cpu_before = tracer_cpu();
-            let server_before = cpu_seconds(setup.server.pid());
-            let run = churn(
-                &setup.hosts.client,
-                &setup.hosts.server_ip,
-                phase_ms,
-                parallel,
-            );
-            let rate = run.per_second;
-            let tracer_used = tracer_cpu() - cpu_before;
-            let used = run.cpu_s + cpu_seconds(setup.server.pid()) - server_before + tracer_used;
-            cost.entry(mode)
-                .or_default()
-                .push(1e6 * used / run.connections.max(1.0));
+            let (rate, cost_us) = phase(mode, phase_ms, parallel, without, &mut traced);
+            cost.entry(mode).or_default().push(cost_us);
             rates.entry(mode).or_default().push(rate);
-            if let Some(ct) = ct {
-                let pid = ct.pid();
-                let hwm = conntrace_tests::proc_mib(pid, "VmHWM");
-                let values = ct.stop();
-                if mode == "traced" {
-                    let summary = values.last().expect("summary");
-                    let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
-                    traced.peak_rss = traced.peak_rss.max(hwm);
-                    traced.lost += summary["lost_events"].as_u64().unwrap_or(0);
-                    let secs = phase_ms as f64 / 1000.0;
-                    traced.cpu_pct.push(100.0 * tracer_used / secs);
-                    traced.events_per_s.push(events / secs);
-                    events_per_conn.push(events / run.connections.max(1.0));
-                }
-            }
-            drop(peer);
             println!(
-                "round {round} {mode:<9} {rate:>9.0} connections/s {:>6.1} µs CPU/connection",
-                cost[mode].last().copied().unwrap_or(0.0)
+                "round {round} {mode:<9} {rate:>9.0} connections/s {cost_us:>6.1} µs CPU/connection"
             );
         }
     }
@@ -305,12 +323,17 @@ fn main() {
     println!(
         "conntrace while traced: {:.0} kernel events/s ({:.1} per connection), {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
         median(&traced.events_per_s),
-        median(&events_per_conn),
+        median(&traced.events_per_conn),
         median(&traced.cpu_pct),
         traced.peak_rss,
         traced.lost
     );
-    let (events, pct) = paced(10_000.0, median(&events_per_conn), 4 * phase_ms, without);
+    let (events, pct) = paced(
+        10_000.0,
+        median(&traced.events_per_conn),
+        4 * phase_ms,
+        without,
+    );
     println!(
         "conntrace at {events:.0} kernel events/s (paced churn): {pct:.2}% of one core (target ≤ 5% at 10k events/s)"
     );
