@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{conntrace_bin, require_root, wait_exit};
+use conntrace_tests::{Proc, TempDir, conntrace_bin, require_root};
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(conntrace_bin())
@@ -55,23 +55,20 @@ fn unwritable_output_fails_before_loading_anything() {
 #[test]
 fn closed_pipe_is_a_normal_exit() {
     require_root();
-    let mut child = Command::new(conntrace_bin())
-        .args(["--port", "3306", "--json", "--duration", "2s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn conntrace");
+    let mut conntrace = Proc::spawn(
+        Command::new(conntrace_bin())
+            .args(["--port", "3306", "--json", "--duration", "2s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "conntrace",
+    );
     // Like `conntrace --json | head -1`: read the ready line, then close the pipe.
     let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
+    BufReader::new(conntrace.child.stdout.take().expect("stdout"))
         .read_line(&mut first)
         .expect("read");
     assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
-    let status = wait_exit(
-        &mut child,
-        Duration::from_secs(15),
-        "conntrace with a closed pipe",
-    );
+    let status = conntrace.wait(Duration::from_secs(15), "conntrace with a closed pipe");
     assert_eq!(
         status.code(),
         Some(0),
@@ -110,10 +107,10 @@ fn without_privileges_it_names_the_capabilities_and_exits_3() {
 
 #[test]
 fn merge_names_the_file_and_line_of_a_malformed_record() {
-    let path = std::env::temp_dir().join(format!("ct-bad-{}.jsonl", std::process::id()));
+    let dir = TempDir::new("ct-bad");
+    let path = dir.join("bad.jsonl");
     std::fs::write(&path, "{\"event\":\"ready\"}\nnot json\n").expect("write");
     let (code, stderr) = run(&["merge", path.to_str().expect("utf-8")]);
-    std::fs::remove_file(&path).ok();
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains(&format!("{}:2:", path.display())),
@@ -143,8 +140,7 @@ fn a_metrics_address_in_use_fails_before_loading_anything() {
 fn file_capabilities_instead_of_root_are_enough() {
     require_root();
     // A copy of the binary with the capabilities the README lists, run as nobody.
-    let dir = std::env::temp_dir().join(format!("ct-caps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = TempDir::new("ct-caps");
     let bin = dir.join("conntrace");
     std::fs::copy(conntrace_bin(), &bin).expect("copy conntrace");
     let caps = "cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin,cap_dac_read_search+ep";
@@ -153,8 +149,11 @@ fn file_capabilities_instead_of_root_are_enough() {
         .status()
         .expect("run setcap (package libcap2-bin)");
     assert!(setcap.success());
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
         .arg(&bin)
@@ -162,7 +161,6 @@ fn file_capabilities_instead_of_root_are_enough() {
         .current_dir("/")
         .output()
         .expect("run setpriv");
-    std::fs::remove_dir_all(&dir).ok();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let stdout = String::from_utf8_lossy(&out.stdout);

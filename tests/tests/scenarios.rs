@@ -3,12 +3,8 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{
-    Conntrace, TwoHosts, connect, only_verdict_in, require_root, serve, verdicts_in,
-};
+use conntrace_tests::{Conntrace, PORT, Scenario, connect, only_verdict_in, serve, verdicts_in};
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn by_side<'a>(verdicts: &'a [Value], side: &str) -> Vec<&'a Value> {
     verdicts.iter().filter(|v| v["side"] == side).collect()
@@ -16,15 +12,9 @@ fn by_side<'a>(verdicts: &'a [Value], side: &str) -> Vec<&'a Value> {
 
 #[test]
 fn healthy_connections_give_established_verdicts_with_processes() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306", "--all", "--stall-timeout", "2s"]);
-    let server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--accept", "200", "--greeting", "hello\n"],
-    );
+    let Scenario { hosts, ct, server } = Scenario::new()
+        .conntrace(&["--port", "3306", "--all", "--stall-timeout", "2s"])
+        .serve(&["--accept", "200", "--greeting", "hello\n"]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -98,9 +88,7 @@ fn healthy_connections_give_established_verdicts_with_processes() {
 
 #[test]
 fn nothing_listening_is_refused_on_both_sides() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41001"]);
     let results = client.json_lines(Duration::from_secs(10));
     assert_eq!(
@@ -151,9 +139,7 @@ fn nothing_listening_is_refused_on_both_sides() {
 
 #[test]
 fn ipv6_refused_and_established() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306", "--all"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306", "--all"]);
     let refused = connect(
         &hosts.client,
         &hosts.server_ip6,
@@ -226,9 +212,7 @@ fn ipv6_refused_and_established() {
 
 #[test]
 fn failure_verdict_arrives_within_one_second() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41002"]);
     let results = client.json_lines(Duration::from_secs(10));
     let failed_at = std::time::Instant::now();
@@ -247,9 +231,7 @@ fn failure_verdict_arrives_within_one_second() {
 
 #[test]
 fn no_route_is_reported_without_packets() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     // TEST-NET-1 (RFC 5737): the client namespace has no route to it, so no packet is sent.
     let client = connect(&hosts.client, "192.0.2.1", PORT, &[]);
     let client_pid = client.pid();
@@ -276,15 +258,17 @@ fn no_route_is_reported_without_packets() {
 
 #[test]
 fn server_abort_is_reset_by_peer() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--accept", "1", "--greeting", "hello\n", "--linger0"],
-    );
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new().conntrace(&["--port", "3306"]).serve(&[
+        "--accept",
+        "1",
+        "--greeting",
+        "hello\n",
+        "--linger0",
+    ]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -308,11 +292,14 @@ fn server_abort_is_reset_by_peer() {
 
 #[test]
 fn kernel_side_losses_are_counted_and_reported() {
-    require_root();
-    let hosts = TwoHosts::new();
-    // One page of ring buffer holds a few dozen events: a burst must overflow it.
-    let ct = Conntrace::start(&["--port", "3306", "--ring-buffer-bytes", "4096"]);
-    let _server = serve(&hosts.server, &hosts.server_ip, PORT, &["--greeting", "x"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        // One page of ring buffer holds a few dozen events: a burst must overflow it.
+        .conntrace(&["--port", "3306", "--ring-buffer-bytes", "4096"])
+        .serve(&["--greeting", "x"]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -340,16 +327,10 @@ fn kernel_side_losses_are_counted_and_reported() {
 
 #[test]
 fn another_program_on_the_port_is_an_unexpected_listener() {
-    require_root();
-    let hosts = TwoHosts::new();
-    // The seed's story: something else (there, java) holds 3306 instead of mysqld.
-    let ct = Conntrace::start(&["--port", "3306", "--expect-comm", "mysqld"]);
-    let server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--accept", "1", "--greeting", "hi"],
-    );
+    let Scenario { hosts, ct, server } = Scenario::new()
+        // The seed's story: something else (there, java) holds 3306 instead of mysqld.
+        .conntrace(&["--port", "3306", "--expect-comm", "mysqld"])
+        .serve(&["--accept", "1", "--greeting", "hi"]);
     let ok = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -404,11 +385,10 @@ fn another_program_on_the_port_is_an_unexpected_listener() {
 
 #[test]
 fn listener_on_loopback_only_is_refused_bound_elsewhere() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
-    // The seed's MySQL with bind-address = 127.0.0.1, reached at the LAN address.
-    let server = serve(&hosts.server, "127.0.0.1", PORT, &[]);
+    let Scenario { hosts, ct, server } = Scenario::new()
+        .conntrace(&["--port", "3306"])
+        // The seed's MySQL with bind-address = 127.0.0.1, reached at the LAN address.
+        .serve_on("127.0.0.1", &[]);
     let refused = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41010"])
         .json_lines(Duration::from_secs(10));
     assert_eq!(refused[0]["errno"], 111, "{refused:?}");

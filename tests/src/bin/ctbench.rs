@@ -16,10 +16,8 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{ChurnHosts, Conntrace, Netns, require_root};
+use conntrace_tests::{Conntrace, Netns, PORT, Proc, Scenario, require_root};
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -95,6 +93,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 struct Traced {
     cpu_pct: Vec<f64>,
     events_per_s: Vec<f64>,
+    events_per_conn: Vec<f64>,
     lost: u64,
     peak_rss: f64,
 }
@@ -120,28 +119,29 @@ const TCPSTATES: &str = "/usr/sbin/tcpstates-bpfcc";
 
 /// Starts bcc's tcpstates and waits for its header line (compiled and attached), or returns
 /// why it does not run here.
-fn start_tcpstates() -> Result<std::process::Child, String> {
+fn start_tcpstates() -> Result<Proc, String> {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(TCPSTATES)
-        .args(["-L", &PORT.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
+    let mut tcpstates = Proc::from(
+        Command::new(TCPSTATES)
+            .args(["-L", &PORT.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?,
+    );
+    let stdout = tcpstates.child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     // tcpstates' header starts with SKADDR; bcc prints its errors on stdout or stderr.
     match lines.next() {
         Some(Ok(header)) if header.starts_with("SKADDR") => {
             // Keep reading, so that tcpstates never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
-            Ok(child)
+            Ok(tcpstates)
         }
         first => {
-            child.kill().ok();
-            child.wait().ok();
+            tcpstates.kill();
             let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
+            if let Some(mut e) = tcpstates.child.stderr.take() {
                 std::io::Read::read_to_string(&mut e, &mut err).ok();
             }
             let first = first.and_then(Result::ok).unwrap_or_default();
@@ -156,15 +156,16 @@ fn start_tcpstates() -> Result<std::process::Child, String> {
     }
 }
 
-fn start_bpftrace() -> std::process::Child {
-    let child = Command::new("bpftrace")
-        .args(["-e", &bpftrace_script()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn bpftrace");
+fn start_bpftrace() -> Proc {
+    let bpftrace = Proc::spawn(
+        Command::new("bpftrace")
+            .args(["-e", &bpftrace_script()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "bpftrace",
+    );
     std::thread::sleep(Duration::from_secs(3));
-    child
+    bpftrace
 }
 
 fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
@@ -178,7 +179,7 @@ fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
 /// conntrace's CPU at a paced churn of about `events_per_s` kernel events a second:
 /// (events/s measured, % of one core).
 fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>) -> (f64, f64) {
-    let setup = ChurnHosts::new(PORT);
+    let setup = Scenario::churn(PORT);
     let ct = start_conntrace(&PORT.to_string(), without);
     let rate = (events_per_s / events_per_conn.max(1.0)).round().max(1.0) as u64;
     // conntrace finishes its start-up (kernel symbols, socket listing) after `ready`: let it
@@ -203,14 +204,9 @@ fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>
     (events / secs, 100.0 * cpu / secs)
 }
 
-fn main() {
-    require_root();
-    let rounds = arg("--rounds", 3);
-    let phase_ms = arg("--phase-ms", 2000);
-    let parallel = arg("--parallel", 2);
-    // Capabilities conntrace leaves out (its --without), to measure what each one costs.
-    let without = string_arg("--without");
-    let without = without.as_deref();
+/// The modes to compare (bpftrace and bcc's tcpstates where they run), and a line for each
+/// peer left out saying why.
+fn modes() -> (Vec<&'static str>, Vec<String>) {
     let mut modes = vec!["untraced", "traced", "unrelated"];
     let mut absent = Vec::new();
     if Command::new("bpftrace").arg("--version").output().is_ok() {
@@ -219,73 +215,91 @@ fn main() {
         absent.push("bpftrace: not installed, not compared".to_owned());
     }
     match start_tcpstates() {
-        Ok(mut probe) => {
-            probe.kill().ok();
-            probe.wait().ok();
+        Ok(probe) => {
+            drop(probe);
             modes.push("tcpstates");
         }
         Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
     }
+    (modes, absent)
+}
+
+/// One churn phase in fresh hosts with `mode`'s tracer: (connections/s, CPU µs per
+/// connection for client + server + tracer). A `traced` phase adds conntrace's own figures.
+fn phase(
+    mode: &str,
+    phase_ms: u64,
+    parallel: u64,
+    without: Option<&str>,
+    traced: &mut Traced,
+) -> (f64, f64) {
+    let setup = Scenario::churn(PORT);
+    let ct = match mode {
+        "traced" => Some(start_conntrace(&PORT.to_string(), without)),
+        "unrelated" => Some(start_conntrace("9999", without)),
+        _ => None,
+    };
+    let peer = match mode {
+        "bpftrace" => Some(start_bpftrace()),
+        "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
+        _ => None,
+    };
+    let tracer_pid = ct
+        .as_ref()
+        .map(Conntrace::pid)
+        .or(peer.as_ref().map(Proc::pid));
+    let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
+    let cpu_before = tracer_cpu();
+    let server_before = cpu_seconds(setup.server.pid());
+    let run = churn(
+        &setup.hosts.client,
+        &setup.hosts.server_ip,
+        phase_ms,
+        parallel,
+    );
+    let tracer_used = tracer_cpu() - cpu_before;
+    let used = run.cpu_s + cpu_seconds(setup.server.pid()) - server_before + tracer_used;
+    if let Some(ct) = ct {
+        let pid = ct.pid();
+        let hwm = conntrace_tests::proc_mib(pid, "VmHWM");
+        let values = ct.stop();
+        if mode == "traced" {
+            let summary = values.last().expect("summary");
+            let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
+            traced.peak_rss = traced.peak_rss.max(hwm);
+            traced.lost += summary["lost_events"].as_u64().unwrap_or(0);
+            let secs = phase_ms as f64 / 1000.0;
+            traced.cpu_pct.push(100.0 * tracer_used / secs);
+            traced.events_per_s.push(events / secs);
+            traced
+                .events_per_conn
+                .push(events / run.connections.max(1.0));
+        }
+    }
+    drop(peer);
+    (run.per_second, 1e6 * used / run.connections.max(1.0))
+}
+
+fn main() {
+    require_root();
+    let rounds = arg("--rounds", 3);
+    let phase_ms = arg("--phase-ms", 2000);
+    let parallel = arg("--parallel", 2);
+    // Capabilities conntrace leaves out (its --without), to measure what each one costs.
+    let without = string_arg("--without");
+    let without = without.as_deref();
+    let (modes, absent) = modes();
     let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // CPU microseconds per connection (client + server + tracer), per mode.
     let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut traced = Traced::default();
-    let mut events_per_conn = Vec::new();
     for round in 1..=rounds {
         for &mode in &modes {
-            let setup = ChurnHosts::new(PORT);
-            let ct = match mode {
-                "traced" => Some(start_conntrace(&PORT.to_string(), without)),
-                "unrelated" => Some(start_conntrace("9999", without)),
-                _ => None,
-            };
-            let mut peer = match mode {
-                "bpftrace" => Some(start_bpftrace()),
-                "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
-                _ => None,
-            };
-            let tracer_pid = ct
-                .as_ref()
-                .map(Conntrace::pid)
-                .or(peer.as_ref().map(|b| b.id()));
-            let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
-            let cpu_before = tracer_cpu();
-            let server_before = cpu_seconds(setup.server.id());
-            let run = churn(
-                &setup.hosts.client,
-                &setup.hosts.server_ip,
-                phase_ms,
-                parallel,
-            );
-            let rate = run.per_second;
-            let tracer_used = tracer_cpu() - cpu_before;
-            let used = run.cpu_s + cpu_seconds(setup.server.id()) - server_before + tracer_used;
-            cost.entry(mode)
-                .or_default()
-                .push(1e6 * used / run.connections.max(1.0));
+            let (rate, cost_us) = phase(mode, phase_ms, parallel, without, &mut traced);
+            cost.entry(mode).or_default().push(cost_us);
             rates.entry(mode).or_default().push(rate);
-            if let Some(ct) = ct {
-                let pid = ct.pid();
-                let hwm = conntrace_tests::proc_mib(pid, "VmHWM");
-                let values = ct.stop();
-                if mode == "traced" {
-                    let summary = values.last().expect("summary");
-                    let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
-                    traced.peak_rss = traced.peak_rss.max(hwm);
-                    traced.lost += summary["lost_events"].as_u64().unwrap_or(0);
-                    let secs = phase_ms as f64 / 1000.0;
-                    traced.cpu_pct.push(100.0 * tracer_used / secs);
-                    traced.events_per_s.push(events / secs);
-                    events_per_conn.push(events / run.connections.max(1.0));
-                }
-            }
-            if let Some(mut p) = peer.take() {
-                p.kill().ok();
-                p.wait().ok();
-            }
             println!(
-                "round {round} {mode:<9} {rate:>9.0} connections/s {:>6.1} µs CPU/connection",
-                cost[mode].last().copied().unwrap_or(0.0)
+                "round {round} {mode:<9} {rate:>9.0} connections/s {cost_us:>6.1} µs CPU/connection"
             );
         }
     }
@@ -309,12 +323,17 @@ fn main() {
     println!(
         "conntrace while traced: {:.0} kernel events/s ({:.1} per connection), {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
         median(&traced.events_per_s),
-        median(&events_per_conn),
+        median(&traced.events_per_conn),
         median(&traced.cpu_pct),
         traced.peak_rss,
         traced.lost
     );
-    let (events, pct) = paced(10_000.0, median(&events_per_conn), 4 * phase_ms, without);
+    let (events, pct) = paced(
+        10_000.0,
+        median(&traced.events_per_conn),
+        4 * phase_ms,
+        without,
+    );
     println!(
         "conntrace at {events:.0} kernel events/s (paced churn): {pct:.2}% of one core (target ≤ 5% at 10k events/s)"
     );
