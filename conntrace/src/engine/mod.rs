@@ -219,11 +219,18 @@ impl Engine {
         }
     }
 
-    /// Decides closed connections whose facts are complete, or whose grace period ran out.
+    /// Decides closed connections whose facts are complete, or whose grace period ran out. A
+    /// handshake that failed in silence waits out the grace period even with its errno: the
+    /// drop that explains it (a failed neighbour, say) can come microseconds after the close.
     fn decide_ready(&mut self, now_ns: u64, out: &mut Vec<Verdict>) {
         let grace = self.cfg.grace_ns;
         let ready = self.table.closing_where(|c| match c.closed() {
-            Some((at, _)) => c.errno().is_some() || now_ns >= at + grace,
+            Some((at, _)) => {
+                let complete = c.errno().is_some_and(|e| {
+                    c.established_ns().is_some() || !rules::drops::silent_errno(e)
+                });
+                complete || now_ns >= at + grace
+            }
             None => true,
         });
         for id in ready {
@@ -293,14 +300,14 @@ impl Engine {
             };
             if a.cookies.is_some() {
                 self.summary.listener(&a.tuple).cookies_failed += 1;
-                // A SYN flood (spoofed sources) ends in one failed cookie attempt per SYN:
-                // at most RECORDS_PER_SECOND verdicts per listener each second, the rest
-                // counted (and in the listener's `cookies_failed`).
-                let window = (key.0, format!("cookie attempts {}", a.tuple.sport));
-                if !self.within_rate(window, a.last_ns()) {
-                    self.summary.attempt_verdicts_suppressed += 1;
-                    continue;
-                }
+            }
+            // A SYN flood (spoofed sources) ends in one failed attempt per SYN: at most
+            // RECORDS_PER_SECOND verdicts per local port each second, the rest counted (and in
+            // the listener's `cookies_failed` for cookies).
+            let window = (key.0, format!("attempts {}", a.tuple.sport));
+            if !self.within_rate(window, a.last_ns()) {
+                self.summary.attempt_verdicts_suppressed += 1;
+                continue;
             }
             let v = rules::drops::attempt_verdict(&a);
             self.emit(out, v);

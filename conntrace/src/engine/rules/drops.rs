@@ -99,6 +99,15 @@ pub(crate) fn kinds(drops: &[HandshakeDrop]) -> Vec<DroppedKind> {
         .collect()
 }
 
+/// Whether a handshake that failed with `errno` failed in silence: a timeout or the local
+/// stack's own unreachable, which a drop on the way may explain.
+pub(crate) fn silent_errno(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::ETIMEDOUT | Errno::EHOSTUNREACH | Errno::ENETUNREACH
+    )
+}
+
 /// Whether the handshake of `c` failed in silence (no answer, or the local stack's own
 /// unreachable), so that a drop on the way is the cause; or, with no RST received, this host
 /// dropped its own outgoing handshake packets, which is the cause whatever ICMP answered (a

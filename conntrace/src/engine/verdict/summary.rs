@@ -31,9 +31,10 @@ pub struct Summary {
     /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) of one reason came in one
     /// second in one namespace (still counted in `drops_by_reason`).
     pub drop_records_suppressed: u64,
-    /// Failed SYN-cookie attempts not written as verdicts because more than
-    /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended in one second at one
-    /// listener (a SYN flood); still counted in the listener's `cookies_failed`.
+    /// Verdicts of attempts without a socket (dropped SYNs, failed SYN cookies) not written
+    /// because more than [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended in one
+    /// second at one local port (a SYN flood); failed cookies are still counted in the
+    /// listener's `cookies_failed`.
     pub attempt_verdicts_suppressed: u64,
     /// Drops of forwarded packets (neither end local to the dropping namespace).
     pub forwarded_drops: u64,
