@@ -226,6 +226,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         tracked_at_exit: open_at_exit,
         tcp_counters: overflows.growth(),
         read_failures,
+        all_ports: cli.ports.is_empty(),
     }))?;
     Ok(())
 }

@@ -32,7 +32,8 @@ use crate::{
 const RESCAN_EVERY: Duration = Duration::from_secs(10);
 
 /// The `TcpExt` counters the summary reports the growth of, per namespace.
-pub const COUNTERS: [&str; 7] = [
+pub const COUNTERS: [&str; 8] = [
+    "IPReversePathFilter",
     "SyncookiesSent",
     "SyncookiesRecv",
     "SyncookiesFailed",
@@ -52,8 +53,11 @@ pub struct OverflowWatch {
     /// A process in each namespace, by namespace inode.
     pids: HashMap<u32, i32>,
     scanned_at: Instant,
-    /// The counters when the namespace was first read, and at the last poll.
+    /// The counters when the namespace was first read (zero for a namespace born after
+    /// start-up: everything it counted happened while traced), and at the last poll.
     baseline: HashMap<u32, Counters>,
+    /// The start-up scan is done: namespaces found later were created since.
+    started: bool,
     last: HashMap<u32, Counters>,
 }
 
@@ -89,8 +93,10 @@ impl OverflowWatch {
             scanned_at: Instant::now(),
             baseline: HashMap::new(),
             last: HashMap::new(),
+            started: false,
         };
         w.rescan();
+        w.started = true;
         w
     }
 
@@ -120,7 +126,14 @@ impl OverflowWatch {
             if !self.baseline.contains_key(&netns)
                 && let Some(c) = read_counters(pid)
             {
-                self.baseline.insert(netns, c.clone());
+                // A namespace first seen after start-up was created since (a namespace that
+                // had no process at start-up is the exception: its earlier counts show too).
+                let base = if self.started {
+                    Counters::new()
+                } else {
+                    c.clone()
+                };
+                self.baseline.insert(netns, base);
                 self.last.insert(netns, c);
             }
         }

@@ -5,10 +5,9 @@
 
 use std::collections::BTreeSet;
 
-use super::{Clock, Final, Lost, Ready, Record, advice, live};
+use super::{Clock, Final, Lost, Ready, Record, advice, fact::key_fact, live};
 use crate::engine::verdict::{
-    Detail, Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict,
-    detail::{CloseKind, EndedBy, RuleRef},
+    Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
 };
 
 /// Widest compact line, in characters.
@@ -65,112 +64,6 @@ fn who(v: &Verdict) -> String {
         (Some(c), Some(p)) => format!("{c}[{p}]"),
         _ => netns(v.netns),
     }
-}
-
-/// Where a netfilter drop happened and which rule did it: ``INPUT rule `tcp dport 3306 drop```.
-fn rule_fact(v: &Verdict) -> Option<String> {
-    let d = v.detail.drop_facts()?;
-    let hook = d.hook?;
-    let rule = match (&d.rule, &d.rule_candidates) {
-        (Some(RuleRef::Rule(r)), _) => format!("`{}`", r.text),
-        (Some(RuleRef::Policy { chain, .. }), _) => format!("policy drop of {chain}"),
-        (None, Some(rs)) => format!("one of {} rules", rs.len()),
-        (None, None) if d.rule_not_found.is_some() => "rule not found".to_owned(),
-        (None, None) => return Some(hook.chain_name().to_owned()),
-    };
-    let with = d
-        .reject_with
-        .as_deref()
-        .map(|w| format!(" with {w}"))
-        .unwrap_or_default();
-    Some(format!("{hook} {rule}{with}"))
-}
-
-fn ms(v: f64) -> String {
-    format!("{v:.0} ms")
-}
-
-/// The one fact that matters for this verdict's reason.
-fn key_fact(v: &Verdict) -> String {
-    let errno = v
-        .errno
-        .map(|e| e.to_string())
-        .or_else(|| v.kernel_reason.clone())
-        .unwrap_or_default();
-    let syns = match v.syn_retransmits {
-        0 => String::new(),
-        n => format!(", {} SYNs", n + 1),
-    };
-    match &v.detail {
-        Detail::Stall(d) => {
-            let queue = queue_fact(v).map(|q| format!(", {q}")).unwrap_or_default();
-            match (d.waited_ms, d.stuck_ms, d.ended_by) {
-                (Some(w), _, _) => format!("stuck {}{queue}", ms(w)),
-                (None, Some(s), Some(by)) => format!("failed after {} stuck: {}", ms(s), ended(by)),
-                (None, Some(s), None) => format!(
-                    "resolved after {}: {}",
-                    ms(s),
-                    v.kernel_reason.as_deref().unwrap_or_default()
-                ),
-                (None, None, _) => v.kernel_reason.clone().unwrap_or_default(),
-            }
-        }
-        _ => match v.reason {
-            Reason::NetfilterDrop | Reason::NetfilterReject | Reason::SyncookieAckLost => {
-                let fact =
-                    rule_fact(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default());
-                if v.reason == Reason::SyncookieAckLost {
-                    format!("cookie sent, no socket; ACK dropped at {fact}")
-                } else {
-                    fact
-                }
-            }
-            Reason::ListenOverflow | Reason::NotAccepted => {
-                queue_fact(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default())
-            }
-            Reason::SynTimeout | Reason::Timeout => {
-                format!("{errno} in {}{syns}", ms(v.duration_ms))
-            }
-            Reason::Established => format!("handshake {:.1} ms", v.duration_ms),
-            Reason::UnexpectedListener => v.kernel_reason.clone().unwrap_or_default(),
-            Reason::RefusedBoundElsewhere => match &v.detail {
-                Detail::Refusal(d) => {
-                    let at: Vec<&str> = d
-                        .listeners
-                        .iter()
-                        .flatten()
-                        .map(|l| l.address.as_str())
-                        .collect();
-                    format!("listens on {} only", at.join(", "))
-                }
-                _ => errno,
-            },
-            _ => {
-                let unanswered = v
-                    .detail
-                    .unanswered_syns()
-                    .map(|n| format!(", {n} SYNs unanswered first"))
-                    .unwrap_or_default();
-                match (&v.errno, &v.kernel_reason) {
-                    (Some(e), Some(k)) if e.to_string() != *k => format!("{e} ({k}){unanswered}"),
-                    _ => format!("{errno}{unanswered}{syns}"),
-                }
-            }
-        },
-    }
-}
-
-fn ended(by: EndedBy) -> &'static str {
-    match by {
-        EndedBy::Failure(reason) => reason.code(),
-        EndedBy::Close(CloseKind::Orderly) => "orderly close",
-        EndedBy::Close(CloseKind::Close) => "close",
-    }
-}
-
-fn queue_fact(v: &Verdict) -> Option<String> {
-    let q = v.detail.queue()?;
-    Some(format!("accept queue {}/{}", q.accept_queue?, q.backlog?))
 }
 
 impl Human {
@@ -429,6 +322,12 @@ fn summary(f: &Final<'_>) -> String {
     if let Some((n, p50, p90, p99, max)) = s.latency_percentiles() {
         out.push_str(&format!(
             "\n  connect latency ({n} handshakes): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+        ));
+    }
+    for m in f.cookie_mismatches() {
+        out.push_str(&format!(
+            "\n  warning: netns {} sent {} SYN cookies on traced listeners by conntrace's count, {} by its TcpExtSyncookiesSent",
+            m.netns, m.traced, m.counter
         ));
     }
     if !f.read_failures.is_empty() {

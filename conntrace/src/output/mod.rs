@@ -1,6 +1,7 @@
 //! What conntrace writes to stdout (or `-o FILE`): one record per line, as JSON or as text.
 
 mod advice;
+mod fact;
 mod human;
 mod json;
 mod live;

@@ -89,6 +89,53 @@ pub struct Final<'a> {
     pub tcp_counters: BTreeMap<u32, BTreeMap<&'static str, u64>>,
     /// Kernel reads that failed, by eBPF program (the facts they left absent).
     pub read_failures: BTreeMap<&'static str, u64>,
+    /// Every port is traced (no `--port`): a namespace's cookie counter counts only traced
+    /// cookies.
+    pub all_ports: bool,
+}
+
+/// A namespace whose SYN cookies seen on traced listeners disagree with its own
+/// TcpExtSyncookiesSent growth.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct CookieMismatch {
+    pub netns: u32,
+    /// Cookies conntrace saw sent by listeners on traced ports.
+    pub traced: u64,
+    /// The namespace's SyncookiesSent growth over the run.
+    pub counter: u64,
+}
+
+impl Final<'_> {
+    /// Namespaces whose cookies disagree with their counter: more traced than counted (never
+    /// right), or, with every port traced, any difference.
+    pub fn cookie_mismatches(&self) -> Vec<CookieMismatch> {
+        let counted = |netns: &u32| {
+            self.tcp_counters
+                .get(netns)
+                .and_then(|c| c.get("SyncookiesSent"))
+                .copied()
+                .unwrap_or(0)
+        };
+        let mut netns: Vec<u32> = self.summary.cookies_by_netns.keys().copied().collect();
+        if self.all_ports {
+            netns.extend(self.tcp_counters.keys().filter(|n| counted(n) > 0));
+        }
+        netns.sort_unstable();
+        netns.dedup();
+        netns
+            .into_iter()
+            .filter_map(|n| {
+                let traced = self.summary.cookies_by_netns.get(&n).copied().unwrap_or(0);
+                let counter = counted(&n);
+                let wrong = traced > counter || (self.all_ports && traced != counter);
+                wrong.then_some(CookieMismatch {
+                    netns: n,
+                    traced,
+                    counter,
+                })
+            })
+            .collect()
+    }
 }
 
 /// One record, before it is written.
@@ -170,6 +217,12 @@ pub struct Totals<'a> {
     /// Kernel reads that failed, by eBPF program; their facts are absent (null) in the
     /// records. Programs not listed had none.
     pub read_failures: &'a BTreeMap<&'static str, u64>,
+    /// Drops of forwarded packets (neither end local to the dropping namespace): they join
+    /// their connection's `path_drops` where conntrace sees an end, and make no verdict.
+    pub forwarded_drops: u64,
+    /// Namespaces whose SYN cookies seen on traced listeners disagree with their
+    /// TcpExtSyncookiesSent growth (empty when they agree).
+    pub cookie_mismatches: Vec<CookieMismatch>,
 }
 
 impl<'a> Totals<'a> {
@@ -214,6 +267,8 @@ impl<'a> Totals<'a> {
             }),
             tcp_counters: &f.tcp_counters,
             read_failures: &f.read_failures,
+            forwarded_drops: s.forwarded_drops,
+            cookie_mismatches: f.cookie_mismatches(),
         }
     }
 }

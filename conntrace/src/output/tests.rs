@@ -216,10 +216,11 @@ fn json_drop_lost_and_summary() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::from([(4_026_532_246, BTreeMap::from([("SyncookiesSent", 1)]))]),
         read_failures: BTreeMap::from([("kfree_skb", 2)]),
+        all_ports: false,
     };
     assert_eq!(
         json_line(&Record::Summary(f)),
-        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":22700.0,"verdicts":2,"by_outcome":{"failed":2},"by_reason":{"syn_timeout":1,"netfilter_drop":1},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":33,"established":{"client":1,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{"NETFILTER_DROP":3},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[{"addr":"10.77.0.1","count":1},{"addr":"10.77.0.2","count":1}],"top_failing_ports":[{"port":3306,"count":2}],"connect_latency_ms":{"count":1,"p50":0.074,"p90":0.074,"p99":0.074,"max":0.074},"tcp_counters":{"4026532246":{"SyncookiesSent":1}},"read_failures":{"kfree_skb":2}}
+        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":22700.0,"verdicts":2,"by_outcome":{"failed":2},"by_reason":{"syn_timeout":1,"netfilter_drop":1},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":33,"established":{"client":1,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{"NETFILTER_DROP":3},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[{"addr":"10.77.0.1","count":1},{"addr":"10.77.0.2","count":1}],"top_failing_ports":[{"port":3306,"count":2}],"connect_latency_ms":{"count":1,"p50":0.074,"p90":0.074,"p99":0.074,"max":0.074},"tcp_counters":{"4026532246":{"SyncookiesSent":1}},"read_failures":{"kfree_skb":2},"forwarded_drops":0,"cookie_mismatches":[]}
 "#
     );
 }
@@ -238,6 +239,7 @@ fn every_json_line_validates_against_the_generated_schema() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::new(),
+        all_ports: false,
     };
     let (r, v1, v2, v3, d) = (
         ready(),
@@ -347,6 +349,7 @@ fn human_summary_table() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::from([("kfree_skb", 2)]),
+        all_ports: false,
     };
     assert_eq!(
         Human::new(false, false).text(&Record::Summary(f), &clock()),
@@ -358,4 +361,32 @@ fn human_summary_table() {
   top failing ports: 3306 (2)
   kernel reads that failed (facts left absent): kfree_skb (2)"
     );
+}
+
+#[test]
+fn cookies_that_disagree_with_the_namespace_counter_are_flagged() {
+    let mut s = Summary::default();
+    s.cookies_by_netns.insert(7, 20);
+    s.cookies_by_netns.insert(8, 3);
+    let mut f = Final {
+        ts_ns: 0,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 0.0,
+        tracked_at_exit: 0,
+        // netns 7 counted none (a forwarding host's SYN-ACKs taken for cookies); netns 8
+        // counted more than traced (untraced ports): fine with --port, not without.
+        tcp_counters: BTreeMap::from([(8, BTreeMap::from([("SyncookiesSent", 5)]))]),
+        read_failures: BTreeMap::new(),
+        all_ports: false,
+    };
+    let nets: Vec<(u32, u64, u64)> = f
+        .cookie_mismatches()
+        .iter()
+        .map(|m| (m.netns, m.traced, m.counter))
+        .collect();
+    assert_eq!(nets, [(7, 20, 0)]);
+    f.all_ports = true;
+    assert_eq!(f.cookie_mismatches().len(), 2);
 }
