@@ -13,7 +13,7 @@
 //!
 //! Where it can fail: a namespace with neither a process nor a `/run/netns` name cannot be
 //! opened (every method answers `None`); answers are at most [`REFRESH`] old for addresses,
-//! interfaces and routes.
+//! interfaces and routes; a caller waits [`TIMEOUT`] at most for a query.
 
 mod rtnl;
 #[cfg(test)]
@@ -317,8 +317,9 @@ impl NamespaceCache {
         in_namespace(file, &path, what, f)
     }
 
-    /// The namespace's snapshot, taken again when `stale` says the cached one does not
-    /// answer and it is older than [`REFRESH`]. `None` when it cannot be read.
+    /// The namespace's snapshot, taken again when the cached one does not answer (`hit` is
+    /// false) and is older than [`REFRESH`]; a cached answer costs a map look-up, a new one a
+    /// thread and two dumps (about 0.6 ms here). `None` when it cannot be read.
     fn snapshot(&mut self, netns: u32, hit: impl Fn(&Snapshot) -> bool) -> Option<&Snapshot> {
         let fresh =
             |c: &Cached<Snapshot>| c.at.elapsed() < REFRESH || c.value.as_ref().is_some_and(&hit);
@@ -353,7 +354,7 @@ impl NamespaceCache {
         })
     }
 
-    /// `f`'s answer, logged and dropped when it fails.
+    /// `res`'s value; its error logged at debug and dropped.
     fn logged<T>(netns: u32, what: &str, res: Result<T, NsError>) -> Option<T> {
         res.map_err(|error| debug!(netns, %error, "{what} unreadable"))
             .ok()
