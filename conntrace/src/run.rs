@@ -11,7 +11,10 @@ use tracing::{debug, warn};
 use crate::{
     cli::Cli,
     engine::{Engine, EngineConfig, verdict::Verdict},
-    host::{counters::OverflowWatch, listeners::ListenerCache, rules::RuleCounters},
+    host::{
+        counters::OverflowWatch, listeners::ListenerCache, namespaces::NamespaceCache,
+        rules::RuleCounters,
+    },
     kernel::{
         LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
     },
@@ -137,7 +140,8 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         show_normal_drops: cli.show_normal_drops,
         ..EngineConfig::default()
     })
-    .with_listener_lookup(Box::new(ListenerCache::default()));
+    .with_listener_lookup(Box::new(ListenerCache::default()))
+    .with_namespace_lookup(Box::new(NamespaceCache::default()));
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
     }
