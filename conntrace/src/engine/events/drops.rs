@@ -152,11 +152,11 @@ impl Engine {
         };
         c.last_ns = f.meta.ts_ns;
         if let Some(icmp) = f.icmp {
-            if icmp.is_too_big(ipv6) {
+            if icmp.is_too_big(ipv6) && !normal {
                 // This host dropped the path's "fragmentation needed": keep where.
                 c.too_big = Some((icmp, Some(hs)));
             }
-            return true;
+            return !normal || self.cfg.show_normal_drops;
         }
         if established {
             attempt::record(&mut c.late_drops, hs);
@@ -195,7 +195,9 @@ impl Engine {
         };
         self.summary.forwarded_drops += 1;
         self.table.add_path_drop(f.packet, f.meta.ts_ns, drop);
-        if !rules::drops::is_normal(&f.reason) || self.cfg.show_normal_drops {
+        if !rules::drops::is_normal(&f.reason, &f.location, f.tcp_flags)
+            || self.cfg.show_normal_drops
+        {
             let record = rules::drops::forwarded_record(&f.meta, f.packet, f);
             self.push_drop_record(record, &f.meta, &f.reason);
         }

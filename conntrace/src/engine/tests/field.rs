@@ -431,6 +431,34 @@ fn a_neighbour_failure_just_after_the_close_still_explains_it() {
 }
 
 #[test]
+fn segments_crossing_a_close_are_normal_where_they_are_freed() {
+    let mut e = Engine::new(EngineConfig::default());
+    // A FIN for a TIME_WAIT socket, a late ACK for a closed one: normal, not printed.
+    for (i, (reason, at)) in [
+        ("NOT_SPECIFIED", "tcp_v4_rcv+0x6c1"),
+        ("TCP_FLAGS", "tcp_v4_do_rcv+0x2b4"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = drop(MS, 0, tuple(SPORT + i as u16, 3306), ACK | 0x01, reason, at);
+        none(e.handle(KernelEvent::Dropped(d)));
+    }
+    assert!(e.take_drops().is_empty());
+    // The same reasons elsewhere, or for a SYN, are no normal part of TCP.
+    let d = drop(
+        MS,
+        0,
+        tuple(SPORT + 5, 3306),
+        ACK,
+        "NOT_SPECIFIED",
+        "ip_rcv_core+0x1",
+    );
+    none(e.handle(KernelEvent::Dropped(d)));
+    assert_eq!(e.take_drops().len(), 1);
+}
+
+#[test]
 fn drops_that_are_a_normal_part_of_tcp_are_counted_not_printed() {
     let mut e = Engine::new(EngineConfig::default());
     for (i, reason) in ["QUEUE_PURGE", "TCP_OLD_SEQUENCE", "TCP_OLD_DATA"]
@@ -484,8 +512,8 @@ fn any_other_drop_of_a_handshake_is_kernel_drop_with_its_location() {
         0,
         syn_to_server(SPORT + 1),
         ACK,
-        "TCP_FLAGS",
-        "tcp_v4_do_rcv+0x1",
+        "TCP_INVALID_SEQUENCE",
+        "tcp_validate_incoming+0x1",
     );
     none(e.handle(KernelEvent::Dropped(d)));
     assert_eq!(e.take_drops().len(), 1);
