@@ -12,6 +12,7 @@
 //! timeouts are lowered inside the test namespaces (tcp_syn_retries, tcp_retries2) so each
 //! test ends within a minute.
 
+mod connect;
 mod drops;
 mod forwarding;
 mod noise;
