@@ -63,15 +63,7 @@ fn serve(addr: SocketAddr, args: &[String]) {
         .and_then(|n| n.parse().ok())
         .map(Duration::from_millis);
     let linger0 = has(args, "--linger0");
-    let conversation = Conversation {
-        greeting: greeting.clone(),
-        hold: flag(args, "--hold-ms")
-            .and_then(|n| n.parse().ok())
-            .map(Duration::from_millis),
-        respond: flag(args, "--respond").and_then(|n| n.parse().ok()),
-        report: has(args, "--report"),
-    };
-    let converse = conversation.hold.is_some() || conversation.respond.is_some();
+    let conversation = Conversation::from_args(args, &greeting);
     println!("listening");
     std::io::stdout().flush().ok();
     if limit == 0 {
@@ -84,7 +76,7 @@ fn serve(addr: SocketAddr, args: &[String]) {
         let Ok((mut s, _)) = listener.accept() else {
             continue;
         };
-        if converse || conversation.report {
+        if conversation.own_thread() {
             let conversation = conversation.clone();
             std::thread::spawn(move || conversation.run(s));
             continue;
@@ -140,6 +132,22 @@ struct Conversation {
 }
 
 impl Conversation {
+    fn from_args(args: &[String], greeting: &str) -> Self {
+        Self {
+            greeting: greeting.to_owned(),
+            hold: flag(args, "--hold-ms")
+                .and_then(|n| n.parse().ok())
+                .map(Duration::from_millis),
+            respond: flag(args, "--respond").and_then(|n| n.parse().ok()),
+            report: has(args, "--report"),
+        }
+    }
+
+    /// Whether connections get this conversation (a thread each) instead of the plain one.
+    fn own_thread(&self) -> bool {
+        self.hold.is_some() || self.respond.is_some() || self.report
+    }
+
     fn run(self, mut s: TcpStream) {
         let peer = s.peer_addr().map(|a| a.to_string()).ok();
         let (mut sent, mut received) = (0usize, 0usize);
