@@ -16,6 +16,7 @@ mod connect;
 mod drops;
 mod forwarding;
 mod noise;
+mod stalls;
 
 use std::time::Duration;
 
