@@ -1,15 +1,17 @@
 //! Test peer: a small TCP server or client run inside a test namespace.
 //!
 //! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--linger0] [--backlog N]
-//!                         [--hold-ms T] [--respond BYTES] [--report]`
+//!                         [--hold-ms T] [--respond BYTES] [--close-delay-ms T] [--report]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
 //!   accepts, holding the listener until killed), sends the greeting (after T ms, in a thread
 //!   per connection, when `--greeting-delay-ms` is given), then either aborts with
 //!   SO_LINGER 0 (`--linger0`) or waits for the peer to close.
-//!   With `--hold-ms`, `--respond` or `--report`, each connection has its own thread: the
+//!   With `--hold-ms`, `--respond`, `--close-delay-ms` or `--report`, each connection has its own thread: the
 //!   greeting, then no read at all for T ms (`--hold-ms`: the receive queue fills and the window
 //!   closes), then a request read and answered with BYTES bytes (`--respond`), then reads until
-//!   the peer closes (30 s at most); `--report` prints one JSON line when a connection ends:
+//!   the peer closes (30 s at most), then waits T ms before closing (`--close-delay-ms`: the
+//!   ACK of the peer's FIN goes out alone, before this end's FIN); `--report` prints one JSON
+//!   line when a connection ends:
 //!   `{"peer":"10.77.1.1:40000","sent":15,"received":0,"errno":110}`.
 //! `ctpeer connect ADDR PORT [--count N] [--timeout-ms T] [--sport P] [--bind ADDR] [--blocking]
 //!                           [--parallel K] [--read | --read-until-close] [--request TEXT]
@@ -128,6 +130,7 @@ struct Conversation {
     greeting: String,
     hold: Option<Duration>,
     respond: Option<usize>,
+    close_delay: Option<Duration>,
     report: bool,
 }
 
@@ -139,13 +142,16 @@ impl Conversation {
                 .and_then(|n| n.parse().ok())
                 .map(Duration::from_millis),
             respond: flag(args, "--respond").and_then(|n| n.parse().ok()),
+            close_delay: flag(args, "--close-delay-ms")
+                .and_then(|n| n.parse().ok())
+                .map(Duration::from_millis),
             report: has(args, "--report"),
         }
     }
 
     /// Whether connections get this conversation (a thread each) instead of the plain one.
     fn own_thread(&self) -> bool {
-        self.hold.is_some() || self.respond.is_some() || self.report
+        self.hold.is_some() || self.respond.is_some() || self.close_delay.is_some() || self.report
     }
 
     fn run(self, mut s: TcpStream) {
@@ -174,6 +180,9 @@ impl Conversation {
                 }
             }
         })();
+        if let (Ok(()), Some(delay)) = (&result, self.close_delay) {
+            std::thread::sleep(delay);
+        }
         if self.report {
             let line = serde_json::json!({
                 "peer": peer,

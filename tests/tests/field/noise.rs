@@ -1,17 +1,51 @@
 //! Input 8: drops that are a normal part of TCP are counted, not printed. Each orderly close
-//! leaves the peer's FIN in the active closer's receive queue, purged (QUEUE_PURGE at
-//! sk_stream_kill_queues) when the socket is destroyed: one per healthy connection.
+//! ends with one "drop" of the peer's FIN at the active closer (the client here), of one of two
+//! kinds, by timing (measured on 6.18: 18 and 2 of 20 on a direct link, 16 and 4 through a
+//! router):
+//! * QUEUE_PURGE at sk_stream_kill_queues: the FIN (with the ACK of the client's FIN) found the
+//!   full socket and sat in its receive queue, purged when the socket was destroyed;
+//! * NOT_SPECIFIED at tcp_v4_rcv: the ACK of the client's FIN came first, the orphaned socket
+//!   became a FIN_WAIT2 mini-socket, which consumed the FIN (rx_sk a TIME_WAIT socket).
+//!
+//! The 20 greetings on 3306 give mostly the first kind; 5 more on 3307, from a server that
+//! closes 200 ms after the client (its delayed ACK goes out alone), always give the second.
 
 use std::time::Duration;
 
-use conntrace_tests::{PORT, Scenario, connect, drops_in};
+use conntrace_tests::{PORT, Scenario, TwoHosts, connect, drops_in, serve};
 use serde_json::Value;
 
 use crate::{expect_verdicts, report};
 
-/// 20 healthy greetings, the client closing first, under conntrace with `args`; returns what
+/// Whether a drop record is the peer's FIN at the end of an orderly close (either kind).
+fn closing_fin(d: &Value) -> bool {
+    let at = d["location"].as_str().unwrap_or_default();
+    d["tcp_flags"].as_str().is_some_and(|f| f.contains("FIN"))
+        && ((d["kernel_reason"] == "QUEUE_PURGE" && at.starts_with("sk_stream_kill_queues"))
+            || (d["kernel_reason"] == "NOT_SPECIFIED" && at.starts_with("tcp_v4_rcv")))
+}
+
+/// Makes `count` healthy greetings to `port`, each client reading the greeting and closing
+/// first.
+fn greetings(hosts: &TwoHosts, port: u16, count: usize) {
+    let count = count.to_string();
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        port,
+        &["--count", &count, "--read", "--timeout-ms", "5000"],
+    );
+    let results = client.json_lines(Duration::from_secs(30));
+    assert!(
+        results.len().to_string() == count && results.iter().all(|r| r["ok"] == true),
+        "{results:?}"
+    );
+}
+
+/// 20 healthy greetings on 3306 and 5 on 3307 (whose server closes 200 ms after the client),
+/// the client closing first, under conntrace with `args` (tracing both ports); returns what
 /// conntrace printed and the client's and the server's namespaces.
-fn twenty_greetings(input: &str, args: &[&str]) -> (Vec<Value>, u64, u64) {
+fn twenty_five_greetings(input: &str, args: &[&str]) -> (Vec<Value>, u64, u64) {
     let Scenario {
         hosts,
         ct,
@@ -19,17 +53,14 @@ fn twenty_greetings(input: &str, args: &[&str]) -> (Vec<Value>, u64, u64) {
     } = Scenario::new()
         .serve(&["--greeting", "hello"])
         .conntrace(args);
-    let client = connect(
-        &hosts.client,
+    let _late_closer = serve(
+        &hosts.server,
         &hosts.server_ip,
-        PORT,
-        &["--count", "20", "--read", "--timeout-ms", "5000"],
+        3307,
+        &["--greeting", "hello", "--close-delay-ms", "200"],
     );
-    let results = client.json_lines(Duration::from_secs(30));
-    assert!(
-        results.len() == 20 && results.iter().all(|r| r["ok"] == true),
-        "{results:?}"
-    );
+    greetings(&hosts, PORT, 20);
+    greetings(&hosts, 3307, 5);
     // The server's FIN of the last connection, then the client's TIME_WAIT.
     std::thread::sleep(Duration::from_secs(1));
     let values = ct.stop();
@@ -44,35 +75,42 @@ fn twenty_greetings(input: &str, args: &[&str]) -> (Vec<Value>, u64, u64) {
 
 #[test]
 fn orderly_closes_print_no_drop_record_and_are_counted_in_the_summary() {
-    let (values, client_ns, server_ns) = twenty_greetings("noise", &["--port", "3306"]);
+    let (values, client_ns, server_ns) = twenty_five_greetings("noise", &["--port", "3306,3307"]);
     for ns in [client_ns, server_ns] {
         expect_verdicts(&values, ns, &[]);
         let drops = drops_in(&values, ns);
         assert!(drops.is_empty(), "no drop record: {drops:#?}");
     }
-    let summary = values.last().expect("summary");
+    // Counted: one of the two kinds per connection.
+    let by_reason = &values.last().expect("summary")["drops_by_reason"];
+    let count = |reason: &str| by_reason[reason].as_u64().unwrap_or(0);
     assert!(
-        summary["drops_by_reason"]["QUEUE_PURGE"].as_u64() >= Some(20),
-        "one QUEUE_PURGE per connection, counted: {summary}"
+        count("QUEUE_PURGE") + count("NOT_SPECIFIED") >= 25,
+        "one per connection, counted: {by_reason}"
     );
 }
 
 #[test]
 fn show_normal_drops_prints_the_queue_purge_records() {
-    let (values, client_ns, server_ns) =
-        twenty_greetings("noise-shown", &["--port", "3306", "--show-normal-drops"]);
+    let (values, client_ns, server_ns) = twenty_five_greetings(
+        "noise-shown",
+        &["--port", "3306,3307", "--show-normal-drops"],
+    );
     for ns in [client_ns, server_ns] {
         expect_verdicts(&values, ns, &[]);
     }
-    // On the active closer (the client): the server's FIN, purged with each socket.
-    let purged: Vec<Value> = drops_in(&values, client_ns)
-        .into_iter()
-        .filter(|d| d["kernel_reason"] == "QUEUE_PURGE")
-        .collect();
-    assert_eq!(purged.len(), 20, "{purged:#?}");
-    for d in &purged {
-        let at = d["location"].as_str().unwrap_or_default();
-        assert!(at.starts_with("sk_stream_kill_queues"), "{d}");
-        assert_eq!(d["dport"], 3306, "{d}");
-    }
+    // On the active closer (the client): the server's FIN, one record per connection.
+    let client_drops = drops_in(&values, client_ns);
+    assert!(
+        client_drops.len() == 25 && client_drops.iter().all(closing_fin),
+        "{client_drops:#?}"
+    );
+    let of = |port: u16, reason: &str| {
+        client_drops
+            .iter()
+            .filter(|d| d["dport"] == port && d["kernel_reason"] == reason)
+            .count()
+    };
+    assert!(of(PORT, "QUEUE_PURGE") > 0, "{client_drops:#?}");
+    assert_eq!(of(3307, "NOT_SPECIFIED"), 5, "{client_drops:#?}");
 }
