@@ -7,6 +7,10 @@
 //! * NOT_SPECIFIED at tcp_v4_rcv: the ACK of the client's FIN came first, the orphaned socket
 //!   became a FIN_WAIT2 mini-socket, which consumed the FIN (rx_sk a TIME_WAIT socket).
 //!
+//! Rarely (1 close in 25 once) a late ACK and RST also reach the client's TIME_WAIT socket
+//! (NOT_SPECIFIED at tcp_v4_rcv too) and the server drops a segment for its closed socket
+//! (TCP_FLAGS at tcp_v4_do_rcv): also part of a healthy close.
+//!
 //! The 20 greetings on 3306 give mostly the first kind; 5 more on 3307, from a server that
 //! closes 200 ms after the client (its delayed ACK goes out alone), always give the second.
 
@@ -17,12 +21,17 @@ use serde_json::Value;
 
 use crate::{expect_verdicts, report};
 
-/// Whether a drop record is the peer's FIN at the end of an orderly close (either kind).
-fn closing_fin(d: &Value) -> bool {
+/// Whether a drop record is one of the two kinds a close leaves (a segment consumed by a
+/// TIME_WAIT mini-socket is freed as NOT_SPECIFIED whatever its flags: the FIN, or rarely a
+/// late ACK or RST).
+fn closing_drop(d: &Value) -> bool {
     let at = d["location"].as_str().unwrap_or_default();
+    (d["kernel_reason"] == "QUEUE_PURGE" && at.starts_with("sk_stream_kill_queues"))
+        || (d["kernel_reason"] == "NOT_SPECIFIED" && at.starts_with("tcp_v4_rcv"))
+}
+
+fn has_fin(d: &Value) -> bool {
     d["tcp_flags"].as_str().is_some_and(|f| f.contains("FIN"))
-        && ((d["kernel_reason"] == "QUEUE_PURGE" && at.starts_with("sk_stream_kill_queues"))
-            || (d["kernel_reason"] == "NOT_SPECIFIED" && at.starts_with("tcp_v4_rcv")))
 }
 
 /// Makes `count` healthy greetings to `port`, each client reading the greeting and closing
@@ -101,14 +110,13 @@ fn show_normal_drops_prints_the_queue_purge_records() {
     }
     // On the active closer (the client): the server's FIN, one record per connection.
     let client_drops = drops_in(&values, client_ns);
-    assert!(
-        client_drops.len() == 25 && client_drops.iter().all(closing_fin),
-        "{client_drops:#?}"
-    );
+    assert!(client_drops.iter().all(closing_drop), "{client_drops:#?}");
+    let fins = client_drops.iter().filter(|d| has_fin(d)).count();
+    assert_eq!(fins, 25, "one FIN per connection: {client_drops:#?}");
     let of = |port: u16, reason: &str| {
         client_drops
             .iter()
-            .filter(|d| d["dport"] == port && d["kernel_reason"] == reason)
+            .filter(|d| has_fin(d) && d["dport"] == port && d["kernel_reason"] == reason)
             .count()
     };
     assert!(of(PORT, "QUEUE_PURGE") > 0, "{client_drops:#?}");
