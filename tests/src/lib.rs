@@ -18,9 +18,10 @@ use std::{
 };
 
 pub use conntrace::{
-    Conntrace, Line, conntrace_bin, drops_in, only_verdict_in, ready_timeout, validate, verdicts_in,
+    Conntrace, Line, conntrace_bin, drops_in, only_verdict_in, ready_timeout, validate,
+    verdict_line, verdict_lines_in, verdicts_in,
 };
-pub use hosts::{Netns, TwoHosts};
+pub use hosts::{Hosts, Netns, ThreeHosts, TwoHosts, fresh_name};
 pub use process::{Proc, TempDir};
 pub use scenario::Scenario;
 
