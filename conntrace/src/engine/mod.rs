@@ -171,6 +171,7 @@ impl Engine {
         }
         if let Some(ns) = self.lookups.namespaces.as_mut() {
             rules::connect::complete(&mut v, ns.as_mut());
+            rules::drops::complete(&mut v, ns.as_mut());
         }
         if let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
             && let Some(facts) = v.detail.drop_facts_mut()

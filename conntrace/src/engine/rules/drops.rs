@@ -284,6 +284,21 @@ pub(crate) fn attempt_verdict(a: &Attempt) -> Verdict {
     v
 }
 
+/// Completes a drop verdict with what the namespace tells at the verdict (the drop's context
+/// was taken at its first packet): the reverse-path filter's counter now, so it covers every
+/// packet of the attempt.
+pub(crate) fn complete(v: &mut Verdict, ns: &mut dyn crate::engine::lookup::NamespaceLookup) {
+    if v.reason != Reason::RpFilterDrop {
+        return;
+    }
+    let netns = v.netns;
+    if let Some(rp) = v.detail.drop_facts_mut().and_then(|d| d.rp_filter.as_mut())
+        && let Some(now) = ns.tcp_ext(netns, "IPReversePathFilter")
+    {
+        rp.counter = Some(now);
+    }
+}
+
 /// A forwarded packet's drop as it travelled: `s` is its source.
 pub(crate) fn forwarded_record(
     meta: &Meta,
