@@ -27,6 +27,7 @@
 //! - `find` blocks while `nft` runs (milliseconds; killed after 2 s).
 
 mod nft;
+mod save;
 
 use std::{
     collections::{HashMap, HashSet},
