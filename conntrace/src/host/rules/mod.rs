@@ -26,6 +26,7 @@
 //!   the hook have `policy drop`, the first listed is named.
 //! - `find` blocks while `nft` runs (milliseconds; killed after 2 s).
 
+mod iptables;
 mod nft;
 mod save;
 
