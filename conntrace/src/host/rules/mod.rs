@@ -26,8 +26,10 @@
 //!   the hook have `policy drop`, the first listed is named.
 //! - `find` blocks while `nft` runs (milliseconds; killed after 2 s).
 
+mod history;
 mod iptables;
 mod nft;
+mod rank;
 mod save;
 
 use std::{
