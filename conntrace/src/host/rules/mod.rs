@@ -28,6 +28,7 @@
 
 mod history;
 mod iptables;
+mod legacy;
 mod nft;
 mod rank;
 mod save;
