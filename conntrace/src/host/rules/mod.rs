@@ -521,4 +521,6 @@ impl RuleLookup for RuleCounters {
 }
 
 #[cfg(test)]
+mod live;
+#[cfg(test)]
 mod tests;
