@@ -225,6 +225,11 @@ fn iptables_legacy_drop_on_input_named() {
         (RuleAction::Drop, None)
     );
     assert_eq!((c.moved, r.packets), (1, 1));
+    // Today's trait (no count, no location): the same rule.
+    match lookup.find(Some(ns.inode), Some(NfHook::Input), false) {
+        RuleFinding::Rule(rule) => assert_eq!(&rule, r),
+        other => panic!("{other:?}"),
+    }
     // A drop in nft_do_chain is nftables': the legacy rule is not offered for it.
     let by_nft = RuleQuery {
         location: Some("nft_do_chain+0x3e8".into()),
