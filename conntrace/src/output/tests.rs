@@ -93,6 +93,8 @@ fn netfilter_drop() -> Verdict {
     d.drops.hook = Some(NfHook::Input);
     d.drops.rule = Some(RuleRef::Rule(FirewallRule {
         comment: None,
+        backend: Default::default(),
+        iptables: None,
         family: "ip".into(),
         table: "filter".into(),
         chain: "INPUT".into(),
@@ -166,7 +168,7 @@ fn json_ready() {
 fn json_verdicts() {
     assert_eq!(
         json_line(&Record::Verdict(&netfilter_drop())),
-        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"server","outcome":"failed","reason":"netfilter_drop","kernel_reason":"NETFILTER_DROP","errno":null,"saddr":"10.77.0.2","sport":3306,"daddr":"10.77.0.1","dport":40000,"netns":4026532246,"pid":null,"comm":null,"duration_ms":2040.5,"syn_retransmits":2,"detail":{"drops":[{"kernel_reason":"NETFILTER_DROP","direction":"in","tcp_flags":"SYN","count":3,"location":"nft_do_chain+0x3e8","hook":"INPUT"}],"hook":"INPUT","rule":{"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","packets":3},"dropped":3}}
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"server","outcome":"failed","reason":"netfilter_drop","kernel_reason":"NETFILTER_DROP","errno":null,"saddr":"10.77.0.2","sport":3306,"daddr":"10.77.0.1","dport":40000,"netns":4026532246,"pid":null,"comm":null,"duration_ms":2040.5,"syn_retransmits":2,"detail":{"drops":[{"kernel_reason":"NETFILTER_DROP","direction":"in","tcp_flags":"SYN","count":3,"location":"nft_do_chain+0x3e8","hook":"INPUT"}],"hook":"INPUT","rule":{"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","backend":"nftables","packets":3},"dropped":3}}
 "#
     );
     // A fact the kernel could not read (here the namespace) is null, never 0.

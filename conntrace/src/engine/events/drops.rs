@@ -7,6 +7,7 @@
 use super::super::{
     Engine,
     facts::{DropReason, DroppedPacket, FourTuple, Meta},
+    lookup::RuleQuery,
     rules::{self, drops::Explains},
     state::{Attempt, ConnId, HandshakeDrop, Opening, attempt, attempt::DropContext},
     verdict::{Direction, Verdict, detail::PathDrop, detail::RpFilterFacts},
@@ -241,17 +242,25 @@ impl Engine {
         match hs.reason.as_str() {
             DropReason::NETFILTER_DROP => {
                 if rules::drops::outside_rules(&hs.location)
-                    && let Some(ct) = self.lookups.namespaces.as_mut()?.conntrack(netns)
+                    && let Some(ct) = self
+                        .lookups
+                        .namespaces
+                        .as_mut()
+                        .and_then(|ns| ns.conntrack(netns))
                     && ct.count >= ct.max
                 {
                     return Some(DropContext::ConntrackFull(ct));
                 }
-                let rules = self.lookups.rules.as_mut()?;
-                Some(DropContext::Rule(rules.find(
+                let query = RuleQuery {
                     netns,
-                    hs.hook,
-                    local.daddr.is_ipv6(),
-                )))
+                    hook: hs.hook,
+                    ipv6: local.daddr.is_ipv6(),
+                    dropped: hs.count,
+                    first_drop_ns: Some(hs.first_ns),
+                    last_drop_ns: Some(hs.last_ns),
+                    location: Some(hs.location.clone()),
+                };
+                Some(DropContext::Rule(self.lookups.rules.as_mut()?.find(&query)))
             }
             DropReason::IP_RPFILTER => {
                 let ns = self.lookups.namespaces.as_mut()?;

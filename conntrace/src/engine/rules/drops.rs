@@ -218,14 +218,16 @@ pub(crate) fn apply_rule(v: &mut Verdict, finding: RuleFinding) {
         return;
     };
     let rejected = match finding {
-        RuleFinding::Rule(r) => {
-            let with = reject_with(&[&r]);
-            facts.rule = Some(RuleRef::Rule(r));
+        RuleFinding::Rule { rule, confidence } => {
+            let with = reject_with(&[&rule]);
+            facts.rule = Some(RuleRef::Rule(rule));
+            facts.rule_confidence = Some(confidence);
             with
         }
-        RuleFinding::Candidates(rs) => {
-            let with = reject_with(&rs.iter().collect::<Vec<_>>());
-            facts.rule_candidates = Some(rs);
+        RuleFinding::Candidates { rules, confidence } => {
+            let with = reject_with(&rules.iter().collect::<Vec<_>>());
+            facts.rule_candidates = Some(rules);
+            facts.rule_confidence = Some(confidence);
             with
         }
         RuleFinding::Policy {

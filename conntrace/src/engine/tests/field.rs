@@ -8,8 +8,8 @@ use super::*;
 use crate::engine::{
     facts::{DroppedPacket, Icmp, NfHook, Window},
     lookup::{
-        ConntrackTable, FirewallRule, NamespaceLookup, PortUse, Route, RouteKind, RuleAction,
-        RuleFinding, RuleLookup,
+        Confidence, ConntrackTable, FirewallRule, NamespaceLookup, PortUse, Route, RouteKind,
+        RuleAction, RuleFinding, RuleLookup, RuleQuery,
     },
     verdict::Direction,
 };
@@ -50,10 +50,12 @@ impl NamespaceLookup for Host {
 struct Reject;
 
 impl RuleLookup for Reject {
-    fn find(&mut self, _netns: Option<u32>, hook: Option<NfHook>, _ipv6: bool) -> RuleFinding {
-        assert_eq!(hook, Some(NfHook::Output));
-        RuleFinding::Rule(FirewallRule {
+    fn find(&mut self, q: &RuleQuery) -> RuleFinding {
+        assert_eq!(q.hook, Some(NfHook::Output));
+        let rule = FirewallRule {
             comment: Some("default/mysql has no endpoints".into()),
+            backend: Default::default(),
+            iptables: None,
             family: "ip".into(),
             table: "filter".into(),
             chain: "KUBE-SERVICES".into(),
@@ -63,7 +65,11 @@ impl RuleLookup for Reject {
                 with: "icmp-port-unreachable".into(),
             },
             packets: 1,
-        })
+        };
+        RuleFinding::Rule {
+            rule,
+            confidence: Confidence::Exact,
+        }
     }
 }
 

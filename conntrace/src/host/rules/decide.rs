@@ -154,6 +154,8 @@ fn nft_candidates(tables: &[&Table], drop: Drop, before: Before<'_>) -> (Vec<Can
                 let (packets, moved) = before.since(&key, now);
                 out.push(Candidate {
                     rule: FirewallRule {
+                        backend: Backend::Nftables,
+                        iptables: None,
                         family: key.family.clone(),
                         table: key.table.clone(),
                         chain: key.chain.clone(),

@@ -6,14 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use serde::Serialize;
 
 /// Which netfilter implementation holds a rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Backend {
-    /// nftables: `nft` rules and the iptables-nft rules stored in it (`nft -a list ruleset`).
-    Nftables,
-    /// x_tables, loaded with iptables-legacy (`iptables-legacy-save -c`).
-    IptablesLegacy,
-}
+pub use crate::engine::lookup::RuleBackend as Backend;
 
 /// A rule's identity across readings, within its chain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

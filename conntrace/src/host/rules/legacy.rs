@@ -149,6 +149,8 @@ pub fn candidates(
                 }
                 out.push(Candidate {
                     rule: FirewallRule {
+                        backend: Backend::IptablesLegacy,
+                        iptables: None,
                         family: key.family.clone(),
                         table: key.table.clone(),
                         chain: key.chain.clone(),

@@ -17,6 +17,7 @@ use std::{
 use nix::sched::{CloneFlags, setns};
 
 use super::{Backend, Finding, RuleCounters, RuleQuery, rank::Confidence};
+use crate::engine::lookup::RuleLookup;
 use crate::{
     engine::{
         facts::NfHook,
@@ -176,8 +177,13 @@ fn iptables_nft_reject_in_a_user_chain_named_with_its_comment() {
         )
     );
     // Today's trait: the one rule, with its comment.
-    match lookup.find(Some(ns.inode), Some(NfHook::Output), false) {
-        RuleFinding::Rule(rule) => assert_eq!(&rule, r),
+    let query = RuleQuery {
+        netns: Some(ns.inode),
+        hook: Some(NfHook::Output),
+        ..RuleQuery::default()
+    };
+    match RuleLookup::find(&mut lookup, &query) {
+        RuleFinding::Rule { rule, .. } => assert_eq!(rule.text, r.text),
         other => panic!("{other:?}"),
     }
 }
@@ -226,8 +232,13 @@ fn iptables_legacy_drop_on_input_named() {
     );
     assert_eq!((c.moved, r.packets), (1, 1));
     // Today's trait (no count, no location): the same rule.
-    match lookup.find(Some(ns.inode), Some(NfHook::Input), false) {
-        RuleFinding::Rule(rule) => assert_eq!(&rule, r),
+    let query = RuleQuery {
+        netns: Some(ns.inode),
+        hook: Some(NfHook::Input),
+        ..RuleQuery::default()
+    };
+    match RuleLookup::find(&mut lookup, &query) {
+        RuleFinding::Rule { rule, .. } => assert_eq!(rule.text, r.text),
         other => panic!("{other:?}"),
     }
     // A drop in nft_do_chain is nftables': the legacy rule is not offered for it.

@@ -93,29 +93,7 @@ pub enum RulesError {
     Tool(#[from] ToolError),
 }
 
-/// The drop to explain, as the engine knows it. The proposed argument of `RuleLookup::find`;
-/// today's `find(netns, hook, ipv6)` leaves the rest at its default.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RuleQuery {
-    /// The namespace that dropped the packet (inode).
-    pub netns: Option<u32>,
-    pub hook: Option<NfHook>,
-    /// The dropped packet's IP version: `ip6`/`inet` and ip6tables-legacy tables, else
-    /// `ip`/`inet` and iptables-legacy.
-    pub ipv6: bool,
-    /// Packets of this attempt the kernel reported dropped at this hook so far; 0: unknown.
-    pub dropped: u32,
-    /// CLOCK_MONOTONIC ns of the attempt's first drop: counts are measured from the last
-    /// reading finished before it (else from start-up).
-    pub first_drop_ns: Option<u64>,
-    /// CLOCK_MONOTONIC ns of its last drop: a reading started before it is not reused.
-    pub last_drop_ns: Option<u64>,
-    /// The `kfree_skb` location (`nft_do_chain+0x3e8`): a drop in `nft_do_chain` was made by
-    /// nftables (rule or policy), so iptables-legacy is not consulted. Legacy rules and
-    /// policies drop in `nf_hook_slow` (seen on 6.18), as do conntrack and, on older kernels,
-    /// nftables.
-    pub location: Option<String>,
-}
+pub use crate::engine::lookup::RuleQuery;
 
 /// Where counters are read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -489,11 +467,15 @@ impl From<Finding> for RuleFinding {
                         chain,
                     };
                 }
-                Self::Rule(c.rule)
+                Self::Rule {
+                    rule: c.into_rule(),
+                    confidence: r.confidence,
+                }
             }
-            Finding::Ranked(r) => {
-                Self::Candidates(r.candidates.into_iter().map(|c| c.rule).collect())
-            }
+            Finding::Ranked(r) => Self::Candidates {
+                rules: r.candidates.into_iter().map(Candidate::into_rule).collect(),
+                confidence: r.confidence,
+            },
             Finding::Policy {
                 family,
                 table,
@@ -509,14 +491,8 @@ impl From<Finding> for RuleFinding {
 }
 
 impl RuleLookup for RuleCounters {
-    fn find(&mut self, netns: Option<u32>, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
-        let query = RuleQuery {
-            netns,
-            hook,
-            ipv6,
-            ..RuleQuery::default()
-        };
-        self.find_attempt(&query).into()
+    fn find(&mut self, query: &RuleQuery) -> RuleFinding {
+        self.find_attempt(query).into()
     }
 }
 

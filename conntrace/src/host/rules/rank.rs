@@ -24,19 +24,17 @@ pub struct Candidate {
     pub key: RuleKey,
 }
 
-/// How sure a naming is, from the counters alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Confidence {
-    /// Exactly one rule's counter moved by exactly the packets the attempt lost (others may
-    /// have moved by other amounts): that rule is named first.
-    Exact,
-    /// Only one dropping rule's counter moved at all, though not by exactly the attempt's
-    /// count (it dropped other traffic too, or the count was not given).
-    OnlyOne,
-    /// Several moved and the count does not single one out (none or several moved by exactly
-    /// it): the first named is the closest fit, not a certainty.
-    Ambiguous,
+pub use crate::engine::lookup::Confidence;
+
+impl Candidate {
+    /// The rule as the engine names it: with its backend and its iptables-save line.
+    pub fn into_rule(self) -> FirewallRule {
+        FirewallRule {
+            backend: self.backend,
+            iptables: self.iptables,
+            ..self.rule
+        }
+    }
 }
 
 /// Candidates in order of likelihood, and how sure the first is.
@@ -95,6 +93,8 @@ mod tests {
     fn c(handle: u64, moved: u64, packets: u64) -> Candidate {
         Candidate {
             rule: FirewallRule {
+                backend: Default::default(),
+                iptables: None,
                 family: "ip".into(),
                 table: "filter".into(),
                 chain: "INPUT".into(),

@@ -75,9 +75,9 @@ fn show(finding: Finding) -> String {
         _ => String::new(),
     };
     match RuleFinding::from(finding) {
-        RuleFinding::Rule(r) => format!("{confidence}rule {}", one(&r)),
-        RuleFinding::Candidates(rs) => {
-            let rs: Vec<String> = rs.iter().map(one).collect();
+        RuleFinding::Rule { rule, .. } => format!("{confidence}rule {}", one(&rule)),
+        RuleFinding::Candidates { rules, .. } => {
+            let rs: Vec<String> = rules.iter().map(one).collect();
             format!("{confidence}candidates {}", rs.join(" | "))
         }
         RuleFinding::Policy {
@@ -465,11 +465,18 @@ fn namespaces() {
         other => panic!("{other:?}"),
     };
     assert_eq!(
-        why(lookup.find(None, IN, false)),
+        why(lookup.find(&RuleQuery {
+            hook: IN,
+            ..RuleQuery::default()
+        })),
         "the kernel did not report the drop's network namespace"
     );
     assert_eq!(
-        why(lookup.find(Some(1), IN, false)),
+        why(lookup.find(&RuleQuery {
+            netns: Some(1),
+            hook: IN,
+            ..RuleQuery::default()
+        })),
         "network namespace 1 not found"
     );
 }
