@@ -166,6 +166,10 @@ impl KernelOffsets {
 
 /// `Config::flags`: trace every TCP port (no `--port` given).
 pub const FLAG_ALL_PORTS: u32 = 1;
+/// `Config::flags`: healthy connections stay in the kernel (no `--all`, no `--expect-comm`):
+/// a connection's events reach userspace only once it fails, stalls or is reset, preceded by
+/// its history.
+pub const FLAG_QUIET: u32 = 2;
 
 /// The single entry of the `CONFIG` array map.
 #[repr(C)]

@@ -90,6 +90,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         ring_bytes: cli.ring_buffer_bytes,
         without: cli.without.clone(),
         mode: cli.attach,
+        follow: cli.follow(),
     })?;
 
     let attach_paths: BTreeMap<String, String> = tracer

@@ -112,7 +112,7 @@ pub(super) fn attach_all(
     opts: &TracerOptions,
     btf: Option<&aya::Btf>,
 ) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
-    let plan = attach::plan(kernel, opts.mode);
+    let plan = attach::plan(kernel, opts.mode, opts.follow);
     let (mut active, mut unavailable) = (Vec::new(), Vec::<Unavailable>::new());
     let mut served: Option<(Capability, u8)> = None;
     let mut first_error: Option<(Capability, AttachError)> = None;

@@ -15,7 +15,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use conntrace_common::{
-    Config, FLAG_ALL_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps, programs,
+    Config, FLAG_ALL_PORTS, FLAG_QUIET, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps, programs,
 };
 
 use serde::Serialize;
@@ -84,6 +84,8 @@ pub struct TracerOptions {
     pub without: Vec<Capability>,
     /// Which kinds of hook may be used (`--attach`).
     pub mode: attach::AttachMode,
+    /// Whether healthy connections stay in the kernel.
+    pub follow: attach::Follow,
 }
 
 /// Everything attached and the maps userspace reads.
@@ -180,11 +182,8 @@ impl Tracer {
             dev_queue: optional_layout(&root, "net", "net_dev_queue")?,
             syscalls: layout::syscall_layout(&root)?,
             offsets,
-            flags: if opts.ports.is_empty() {
-                FLAG_ALL_PORTS
-            } else {
-                0
-            },
+            flags: if opts.ports.is_empty() { FLAG_ALL_PORTS } else { 0 }
+                | if opts.follow == attach::Follow::Quiet { FLAG_QUIET } else { 0 },
             stack_drop_reason,
             wakeup_bytes: opts.ring_bytes / 4,
             _pad: 0,
