@@ -192,6 +192,26 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// cargo's target directory (`target/` of the checkout, or CARGO_TARGET_DIR, or the
+/// configured `build.target-dir`, wherever it is).
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("spawn cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("cargo metadata")?;
+    let dir = meta["target_directory"].as_str();
+    Ok(dir
+        .context("cargo metadata has no target_directory")?
+        .into())
+}
+
 /// `cargo` with bpf-linker on PATH (cargo install puts it in ~/.cargo/bin).
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -210,7 +230,7 @@ fn main() -> anyhow::Result<()> {
         Task::Run { args } => {
             setup(&[])?;
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
-            let bin = workspace_root().join("target/release/conntrace");
+            let bin = target_dir()?.join("release/conntrace");
             run(privileged(bin.to_str().context("non-UTF-8 path")?).args(&args))
         }
         Task::Bench { args } => {
@@ -222,7 +242,7 @@ fn main() -> anyhow::Result<()> {
             }
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
             run(cargo().args(["build", "--release", "-p", "conntrace-tests", "--bins"]))?;
-            let root = workspace_root().join("target/release");
+            let root = target_dir()?.join("release");
             run(Command::new(root.join("ctbench"))
                 .env("CONNTRACE_BIN", root.join("conntrace"))
                 .args(&args))
@@ -265,7 +285,7 @@ fn main() -> anyhow::Result<()> {
                     "the integration scenarios need root (eBPF, network namespaces): run `sudo -E cargo xtask test`"
                 );
             }
-            let bin = workspace_root().join("target/debug/conntrace");
+            let bin = target_dir()?.join("debug/conntrace");
             run(cargo()
                 .args(["test", "-p", "conntrace-tests", "--tests"])
                 .env("CONNTRACE_BIN", bin)

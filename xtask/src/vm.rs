@@ -148,7 +148,7 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
 /// than the scenarios wait for a verdict; the release build needs ~0.4 s.
 fn build() -> anyhow::Result<(Vec<TestExe>, Vec<PathBuf>)> {
     run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
-    let conntrace = workspace_root().join("target/release/conntrace");
+    let conntrace = crate::target_dir()?.join("release/conntrace");
     let mut cmd = cargo();
     cmd.args(["test", "-p", "conntrace-tests", "--tests", "--no-run"])
         .arg("--message-format=json-render-diagnostics")
