@@ -224,6 +224,15 @@ fn cargo() -> Command {
     c
 }
 
+/// Before anything is set up or built: a checkout the VM guest cannot see ends the command with
+/// exit 1 and one line (no backtrace, whatever RUST_BACKTRACE says).
+fn refuse_vm_location() {
+    if let Err(why) = vm::check_location() {
+        eprintln!("xtask: {why:#}");
+        std::process::exit(1);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().task {
         Task::Setup => setup(TEST_PACKAGES),
@@ -255,6 +264,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let kernels = vm::Series::named(&kernel)?;
             let modes = vm::modes(&attach)?;
+            refuse_vm_location();
             setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
             vm::vm_test(&vm::Options {
                 kernels,
@@ -264,6 +274,9 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Task::Test { no_vm, args } => {
+            if !no_vm && args.is_empty() {
+                refuse_vm_location();
+            }
             setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
             run(cargo().args(["build", "-p", "conntrace"]))?;
             // Unit tests (no privileges needed), then the scenarios: one at a time, since each
