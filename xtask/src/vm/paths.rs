@@ -56,8 +56,8 @@ fn classify(what: &str, path: &Path) -> Result<Seen, String> {
         if path.starts_with(dir) {
             return Err(format!(
                 "vm-test cannot run from here: {what} is {shown}, under {dir}, where the VM \
-                 guest needs {need}; clone the repository anywhere else (under /tmp or /run \
-                 works too) and run it there"
+                 guest needs {need}; clone the repository anywhere outside {dir} (/tmp works \
+                 too) and run it there"
             ));
         }
     }
@@ -165,7 +165,11 @@ mod tests {
                 "under /proc, where the VM guest needs its own procfs",
             ),
             ("/sys/fs/cgroup/ct", "under /sys"),
-            ("/run/netns/ct", "an empty /run/netns"),
+            (
+                "/run/netns/ct",
+                "an empty /run/netns for the tests' network namespaces; clone \
+              the repository anywhere outside /run/netns (/tmp works too)",
+            ),
             ("/ctout/ct", "under /ctout"),
             (
                 "/tmp",
