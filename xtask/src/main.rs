@@ -192,6 +192,26 @@ fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// cargo's target directory (`target/` of the checkout, or CARGO_TARGET_DIR, or the
+/// configured `build.target-dir`, wherever it is).
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("spawn cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("cargo metadata")?;
+    let dir = meta["target_directory"].as_str();
+    Ok(dir
+        .context("cargo metadata has no target_directory")?
+        .into())
+}
+
 /// `cargo` with bpf-linker on PATH (cargo install puts it in ~/.cargo/bin).
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
@@ -204,13 +224,22 @@ fn cargo() -> Command {
     c
 }
 
+/// Before anything is set up or built: a checkout the VM guest cannot see ends the command with
+/// exit 1 and one line (no backtrace, whatever RUST_BACKTRACE says).
+fn refuse_vm_location() {
+    if let Err(why) = vm::check_location() {
+        eprintln!("xtask: {why:#}");
+        std::process::exit(1);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().task {
         Task::Setup => setup(TEST_PACKAGES),
         Task::Run { args } => {
             setup(&[])?;
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
-            let bin = workspace_root().join("target/release/conntrace");
+            let bin = target_dir()?.join("release/conntrace");
             run(privileged(bin.to_str().context("non-UTF-8 path")?).args(&args))
         }
         Task::Bench { args } => {
@@ -222,7 +251,7 @@ fn main() -> anyhow::Result<()> {
             }
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
             run(cargo().args(["build", "--release", "-p", "conntrace-tests", "--bins"]))?;
-            let root = workspace_root().join("target/release");
+            let root = target_dir()?.join("release");
             run(Command::new(root.join("ctbench"))
                 .env("CONNTRACE_BIN", root.join("conntrace"))
                 .args(&args))
@@ -235,6 +264,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let kernels = vm::Series::named(&kernel)?;
             let modes = vm::modes(&attach)?;
+            refuse_vm_location();
             setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
             vm::vm_test(&vm::Options {
                 kernels,
@@ -244,6 +274,9 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Task::Test { no_vm, args } => {
+            if !no_vm && args.is_empty() {
+                refuse_vm_location();
+            }
             setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
             run(cargo().args(["build", "-p", "conntrace"]))?;
             // Unit tests (no privileges needed), then the scenarios: one at a time, since each
@@ -265,7 +298,7 @@ fn main() -> anyhow::Result<()> {
                     "the integration scenarios need root (eBPF, network namespaces): run `sudo -E cargo xtask test`"
                 );
             }
-            let bin = workspace_root().join("target/debug/conntrace");
+            let bin = target_dir()?.join("debug/conntrace");
             run(cargo()
                 .args(["test", "-p", "conntrace-tests", "--tests"])
                 .env("CONNTRACE_BIN", bin)
