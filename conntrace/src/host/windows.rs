@@ -12,18 +12,22 @@
 //! change of side, and `Window::Open` once it is no longer zero or the socket is gone.
 //!
 //! Where it can fail: a window that closed and opened between two polls is not seen; a
-//! namespace with no process in it (a bind mount only) is not read; before Linux 5.4 the sender
-//! side is the persist timer or unanswered probes, and before 6.2 the receiver side is an
-//! estimate from the receive buffer's room ([`tcp_info::SkMem::window_closed`]).
+//! namespace with neither a process nor a name in /run/netns is not read; before Linux 5.4
+//! the sender side is the persist timer or unanswered probes, and before 6.2 the receiver side
+//! is an estimate from the receive buffer's room ([`tcp_info::SkMem::window_closed`]). The
+//! sock_diag socket kept per namespace holds the namespace alive until the next rescan
+//! (10 s) finds it gone.
 
 pub mod diag;
 pub mod filter;
 pub mod tcp_info;
 
+
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
     io,
-    path::PathBuf,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -106,15 +110,16 @@ enum Scope {
     All,
 }
 
-/// Watches the windows of traced connections in every network namespace with a process.
+/// Watches the windows of traced connections in every network namespace with a process or a
+/// name.
 pub struct WindowWatch {
     /// Traced ports; empty means all.
     ports: Vec<u16>,
     /// The kernel-side filter for `ports` ([`filter::port_filter`]).
     bytecode: Vec<u8>,
     scope: Scope,
-    /// A process in each namespace, by namespace inode.
-    pids: HashMap<u32, i32>,
+    /// A file that opens each namespace, by namespace inode ([`namespaces`]).
+    paths: HashMap<u32, PathBuf>,
     scanned_at: Instant,
     /// An open sock_diag socket per namespace read so far.
     sockets: HashMap<u32, NsDiag>,
@@ -131,20 +136,18 @@ impl WindowWatch {
     /// A watch of connections on `ports` (empty: all). It reads no namespace until
     /// [`Self::traced_in`] names one.
     pub fn new(ports: &[u16]) -> Self {
-        let mut w = Self {
+        Self {
             ports: ports.to_vec(),
             bytecode: filter::port_filter(ports),
             scope: Scope::Seen(HashSet::new()),
-            pids: HashMap::new(),
+            paths: namespaces(),
             scanned_at: Instant::now(),
             sockets: HashMap::new(),
             zeros: HashMap::new(),
             skmem: true,
             buf: Vec::with_capacity(diag::RECV_BUF),
             samples: Vec::new(),
-        };
-        w.pids = crate::host::netns::processes();
-        w
+        }
     }
 
     /// A traced connection was seen in namespace `netns` (an event's `meta.netns`; `None`:
@@ -165,21 +168,26 @@ impl WindowWatch {
     /// their last state.
     pub fn poll(&mut self, now_ns: u64) -> Vec<KernelEvent> {
         let mut events = Vec::new();
-        if self.scanned_at.elapsed() >= RESCAN_EVERY {
+        // A namespace named by an event but not enumerated yet is new: look now, not in 10 s.
+        let unknown = match &self.scope {
+            Scope::Seen(seen) => seen.iter().any(|n| !self.paths.contains_key(n)),
+            Scope::All => false,
+        };
+        if unknown || self.scanned_at.elapsed() >= RESCAN_EVERY {
             self.rescan(now_ns, &mut events);
         }
-        let mut targets: Vec<(u32, i32)> = self
-            .pids
-            .iter()
-            .filter(|(n, _)| match &self.scope {
+        let mut targets: Vec<u32> = self
+            .paths
+            .keys()
+            .filter(|n| match &self.scope {
                 Scope::Seen(seen) => seen.contains(n),
                 Scope::All => true,
             })
-            .map(|(&n, &p)| (n, p))
+            .copied()
             .collect();
         targets.sort_unstable();
-        for (netns, pid) in targets {
-            match self.zeros_in(netns, pid) {
+        for netns in targets {
+            match self.zeros_in(netns) {
                 Ok(now) => {
                     let prev = self.zeros.remove(&netns).unwrap_or_default();
                     let changes = transitions(&prev, &now);
@@ -189,7 +197,7 @@ impl WindowWatch {
                     }
                 }
                 Err(error) => {
-                    debug!(%error, netns, pid, "connection windows unreadable");
+                    debug!(%error, netns, "connection windows unreadable");
                     // A fresh socket next time: this one may hold the rest of a failed dump.
                     self.sockets.remove(&netns);
                 }
@@ -199,19 +207,20 @@ impl WindowWatch {
     }
 
     /// Enumerates the namespaces again. Those gone take their sockets with them: each
-    /// connection still zero there is reported `Open`.
+    /// connection still zero there is reported `Open`. Named namespaces not found are
+    /// forgotten.
     fn rescan(&mut self, now_ns: u64, events: &mut Vec<KernelEvent>) {
-        self.pids = crate::host::netns::processes();
+        self.paths = namespaces();
         self.scanned_at = Instant::now();
-        let pids = &self.pids;
-        self.sockets.retain(|n, _| pids.contains_key(n));
+        let paths = &self.paths;
+        self.sockets.retain(|n, _| paths.contains_key(n));
         if let Scope::Seen(seen) = &mut self.scope {
-            seen.retain(|n| pids.contains_key(n));
+            seen.retain(|n| paths.contains_key(n));
         }
         let gone: Vec<u32> = self
             .zeros
             .keys()
-            .filter(|n| !pids.contains_key(n))
+            .filter(|n| !paths.contains_key(n))
             .copied()
             .collect();
         for netns in gone {
@@ -221,14 +230,16 @@ impl WindowWatch {
         }
     }
 
-    /// The traced connections of namespace `netns` (entered through `pid`) whose window is
-    /// zero now.
-    fn zeros_in(&mut self, netns: u32, pid: i32) -> Result<Zeros, WindowError> {
+    /// The traced connections of namespace `netns` whose window is zero now.
+    fn zeros_in(&mut self, netns: u32) -> Result<Zeros, WindowError> {
         let socket = match self.sockets.entry(netns) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let path = PathBuf::from(format!("/proc/{pid}/ns/net"));
-                e.insert(NsDiag::open(&path, netns)?)
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                let path = self
+                    .paths
+                    .get(&netns)
+                    .map_or(Path::new(""), PathBuf::as_path);
+                e.insert(NsDiag::open(path, netns)?)
             }
         };
         self.samples.clear();
@@ -248,6 +259,27 @@ impl WindowWatch {
             .filter_map(|(t, s)| Some((*t, s.closed()?)))
             .collect())
     }
+}
+
+/// Every network namespace with a process (`/proc/PID/ns/net`, [`crate::host::netns`]) or a
+/// name (`/run/netns/NAME`, `ip netns add`: it may have none), by inode; names first, as they
+/// outlive processes.
+pub fn namespaces() -> HashMap<u32, PathBuf> {
+    let mut paths = HashMap::new();
+    let named = std::fs::read_dir("/run/netns").into_iter().flatten();
+    for path in named.filter_map(Result::ok).map(|e| e.path()) {
+        if let Ok(meta) = std::fs::metadata(&path)
+            && let Ok(netns) = u32::try_from(meta.ino())
+        {
+            paths.entry(netns).or_insert(path);
+        }
+    }
+    for (netns, pid) in crate::host::netns::processes() {
+        paths
+            .entry(netns)
+            .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
+    }
+    paths
 }
 
 /// A `Window` event at `now_ns` in `netns`: no process is current for a polled fact.

@@ -97,9 +97,9 @@ pub struct NsDiag {
 }
 
 impl NsDiag {
-    /// Opens a sock_diag socket in the namespace `ns_path` opens (`/proc/PID/ns/net`), checking
-    /// it is namespace `netns` (the process may have gone and its pid been reused). Blocking;
-    /// needs CAP_SYS_ADMIN for setns().
+    /// Opens a sock_diag socket in the namespace `ns_path` opens (`/proc/PID/ns/net`,
+    /// `/run/netns/NAME`), checking it is namespace `netns` (the process may have gone and its
+    /// pid been reused). Blocking; needs CAP_SYS_ADMIN for setns().
     pub fn open(ns_path: &Path, netns: u32) -> Result<Self, WindowError> {
         let path = ns_path.to_path_buf();
         let ns = File::open(ns_path).map_err(|source| WindowError::OpenNamespace {
