@@ -22,6 +22,8 @@ pub mod diag;
 pub mod filter;
 pub mod tcp_info;
 
+#[cfg(test)]
+mod live;
 
 use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
