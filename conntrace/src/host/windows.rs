@@ -154,7 +154,8 @@ impl WindowWatch {
 
     /// A traced connection was seen in namespace `netns` (an event's `meta.netns`; `None`:
     /// unknown, and then every namespace is read from now on). The engine matches window
-    /// reports only to connections it saw events of, so other namespaces need no dump.
+    /// reports only to connections it saw events of, so other namespaces need no dump; a
+    /// namespace whose dump finds no traced connection is forgotten until named again.
     pub fn traced_in(&mut self, netns: Option<u32>) {
         match (&mut self.scope, netns) {
             (Scope::Seen(seen), Some(n)) => {
@@ -196,6 +197,8 @@ impl WindowWatch {
                     events.extend(changes.into_iter().map(|(t, w)| event(now_ns, netns, t, w)));
                     if !now.is_empty() {
                         self.zeros.insert(netns, now);
+                    } else if self.samples.is_empty() {
+                        self.forget(netns);
                     }
                 }
                 Err(error) => {
@@ -206,6 +209,16 @@ impl WindowWatch {
             }
         }
         events
+    }
+
+    /// Stops reading namespace `netns`, which has no traced connection left, until an event
+    /// names it again (`traced_in`). A connection still in its handshake is not in the dump,
+    /// but the event of its becoming established will name the namespace.
+    fn forget(&mut self, netns: u32) {
+        if let Scope::Seen(seen) = &mut self.scope {
+            seen.remove(&netns);
+            self.sockets.remove(&netns);
+        }
     }
 
     /// Enumerates the namespaces again. Those gone take their sockets with them: each

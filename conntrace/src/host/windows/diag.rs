@@ -4,7 +4,7 @@
 //! The netlink socket is made once per namespace, by a short-lived thread that enters it (a
 //! netlink socket answers for the namespace it was created in, from any thread afterwards), and
 //! reused every poll. It keeps the namespace alive while it is open: the watcher drops it when
-//! the namespace's last process is gone.
+//! a rescan no longer finds the namespace (no process, no name).
 //!
 //! The kernel does the filtering: states ESTABLISHED, CLOSE_WAIT and FIN_WAIT1 only, and an
 //! `INET_DIAG_REQ_BYTECODE` port filter ([`super::filter`]), so `tcp_info` is built only for
