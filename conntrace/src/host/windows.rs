@@ -17,6 +17,12 @@
 //! is an estimate from the receive buffer's room ([`tcp_info::SkMem::window_closed`]). The
 //! sock_diag socket kept per namespace holds the namespace alive until the next rescan
 //! (10 s) finds it gone.
+//!
+//! Cost (kernel 6.18, release build, measured by `live::poll_cost_with_a_thousand_connections`):
+//! one namespace with 1,000 established connections on the traced port, about 0.72 ms of CPU
+//! a poll; a dump that finds nothing, about 0.5 ms, nearly all of it the kernel walking its
+//! established hash (262,144 buckets on the test host) once per address family. Hence only
+//! namespaces holding traced connections are read.
 
 pub mod diag;
 pub mod filter;
