@@ -10,10 +10,10 @@ use tracing::{debug, warn};
 
 use crate::{
     cli::Cli,
-    engine::{Engine, EngineConfig, verdict::Verdict},
+    engine::{Engine, EngineConfig, facts::KernelEvent, verdict::Verdict},
     host::{
         counters::OverflowWatch, listeners::ListenerCache, namespaces::NamespaceCache,
-        rules::RuleCounters,
+        rules::RuleCounters, windows::WindowWatch,
     },
     kernel::{
         LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
@@ -127,6 +127,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         .any(|p| p.capability == Capability::Drops)
         .then(RuleCounters::new);
     let mut overflows = OverflowWatch::new(&cli.ports);
+    let mut windows = WindowWatch::new(&cli.ports);
     out.write(&Record::Ready(&ready))?;
 
     let mut engine = Engine::new(EngineConfig {
@@ -166,6 +167,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
+    let mut window_poll = tokio::time::interval(Duration::from_secs(1));
     let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
 
@@ -173,12 +175,15 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Poll)?;
-                let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut decode_errors);
+                let ring = guard.get_inner_mut();
+                let verdicts =
+                    drain(ring, &decoder, &mut engine, &mut decode_errors, &mut windows);
                 guard.clear_ready();
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
             }
             _ = drain_tick.tick() => {
-                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
+                let verdicts =
+                    drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors, &mut windows);
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
             }
             _ = tick.tick() => {
@@ -203,13 +208,30 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 }
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
             }
+            _ = window_poll.tick() => {
+                // Poll, then take what the ring holds: a connection that closed before the
+                // dump (and so shows as open) reaches the engine closed first.
+                let events = windows.poll(Clock::mono_now_ns());
+                let mut verdicts =
+                    drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors, &mut windows);
+                for ev in events {
+                    verdicts.extend(engine.handle(ev));
+                }
+                write_verdicts(&mut out, &mut engine, &verdicts)?;
+            }
             _ = sigint.recv() => { debug!("SIGINT"); break }
             _ = sigterm.recv() => { debug!("SIGTERM"); break }
             () = &mut deadline => { debug!("duration elapsed"); break }
         }
     }
 
-    let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
+    let mut verdicts = drain(
+        ring.get_mut(),
+        &decoder,
+        &mut engine,
+        &mut decode_errors,
+        &mut windows,
+    );
     for ev in overflows.poll(Clock::mono_now_ns()) {
         verdicts.extend(engine.handle(ev));
     }
@@ -236,18 +258,23 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Reads every record the ring buffer holds now.
+/// Reads every record the ring buffer holds now, telling `windows` where traced connections
+/// are.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     decoder: &Decoder,
     engine: &mut Engine,
     decode_errors: &mut u64,
+    windows: &mut WindowWatch,
 ) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
     while let Some(item) = ring.next() {
         match decoder.decode(&item) {
             Ok(ev) => {
                 tracing::trace!(?ev, "kernel event");
+                if let KernelEvent::State { meta, .. } = &ev {
+                    windows.traced_in(meta.netns);
+                }
                 verdicts.extend(engine.handle(ev));
             }
             Err(e) => {

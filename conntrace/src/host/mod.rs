@@ -3,8 +3,9 @@
 //! [`sockdiag`]), which firewall rule counted a drop ([`rules`]: nftables, iptables-nft with
 //! its comment, iptables-legacy), the namespaces' TcpExt counters ([`counters`]), a
 //! namespace's addresses, routes, interfaces, conntrack table and local ports
-//! ([`namespaces`]), and a process in each network namespace ([`netns`]) through which the
-//! others enter it. None of them runs on the event hot path but the address check of
+//! ([`namespaces`]), zero windows of traced connections ([`windows`], polled through
+//! sock_diag), and a process in each network namespace ([`netns`]) through which the others
+//! enter it. None of them runs on the event hot path but the address check of
 //! [`namespaces`], which answers from a cache.
 
 pub mod counters;
@@ -13,3 +14,4 @@ pub mod namespaces;
 pub mod netns;
 pub mod rules;
 pub mod sockdiag;
+pub mod windows;
