@@ -157,7 +157,8 @@ pub struct KernelOffsets {
     pub skb_iif: u32,
     /// `struct tcp_sock` → `mss_cache` (the current MSS).
     pub tcp_mss_cache: u32,
-    pub _pad: u32,
+    /// `struct sock` → `sk_socket`: set while a process holds the socket (accepted).
+    pub sock_socket: u32,
 }
 
 impl KernelOffsets {
@@ -193,7 +194,14 @@ pub struct Config {
     /// Bytes waiting in the ring buffer from which a record wakes userspace up (a quarter of
     /// the ring); below it, records are submitted without a wake-up.
     pub wakeup_bytes: u32,
-    pub _pad: u32,
+    /// Quiet mode: `--stall-timeout` in milliseconds (0: off). A connection established this
+    /// long without data (client) or accept (server) does not close quietly.
+    pub stall_timeout_ms: u32,
+    /// Quiet mode: `enum skb_drop_reason` values of drops that are a normal part of TCP
+    /// wherever they happen (QUEUE_PURGE, TCP_OLD_SEQUENCE, TCP_OLD_DATA), counted in the
+    /// kernel instead of sent; [`NO_STACK_REASON`] fills unused slots and every slot when
+    /// such drops are to be shown (`--show-normal-drops`).
+    pub normal_drops: [u32; 4],
 }
 
 /// `Config::stack_drop_reason` when no drop should carry a stack.

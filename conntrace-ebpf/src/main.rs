@@ -9,6 +9,7 @@
 mod data;
 mod drops;
 mod fentry;
+mod quiet;
 mod syscalls;
 
 use aya_ebpf::{
@@ -376,11 +377,19 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         tuple.daddr[..4].copy_from_slice(&d);
     }
     let skaddr: u64 = rec.get(l.skaddr);
+    let oldstate: i32 = rec.get(l.oldstate);
+    let o = &cfg.offsets;
+    if quiet::enabled(cfg)
+        && quiet::on_state(P, cfg, skaddr, (oldstate, newstate), &tuple, || {
+            netns_of_sock(P, o, skaddr)
+        })
+    {
+        return 0;
+    }
     if matches!(newstate, state::SYN_SENT | state::SYN_RECV | state::CLOSE) {
         // A new connection, or the end of one, at this address: its first data is still to come.
         data::forget(skaddr);
     }
-    let o = &cfg.offsets;
     let mut header = header(
         EventKind::StateChange,
         size_of::<StateChange>(),
@@ -403,7 +412,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         header,
         skaddr,
         tuple,
-        oldstate: rec.get(l.oldstate),
+        oldstate,
         newstate,
         sk_err,
         _pad: 0,
@@ -440,6 +449,9 @@ fn reset(prog: u32, ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout,
         return;
     }
     let skaddr: u64 = field(prog, ctx, l.skaddr);
+    if quiet::enabled(cfg) {
+        quiet::promote(skaddr);
+    }
     let o = &cfg.offsets;
     let mut header = if skaddr != 0 {
         header(kind, size_of::<Reset>(), netns_of_sock(prog, o, skaddr))
@@ -505,6 +517,12 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = field(P, &ctx, l.skaddr);
     let o = &cfg.offsets;
     let netns = netns_of_sock(P, o, skaddr);
+    if quiet::enabled(cfg) {
+        if state == state::SYN_SENT {
+            quiet::syn_retransmitted(skaddr);
+        }
+        quiet::promote(skaddr);
+    }
     if state == state::SYN_SENT {
         emit(SynRetransmit {
             header: header(EventKind::SynRetransmit, size_of::<SynRetransmit>(), netns),

@@ -145,8 +145,7 @@ impl Cli {
             Some(FollowArg::Quiet) => Follow::Quiet,
             Some(FollowArg::Streaming) => Follow::Streaming,
             None if self.all || !self.expect_comm.is_empty() => Follow::Streaming,
-            // Until the kernel side keeps healthy connections, streaming is the default.
-            None => Follow::Streaming,
+            None => Follow::Quiet,
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::{
     engine::{Engine, EngineConfig, facts::KernelEvent, verdict::Verdict},
     host::{
         counters::OverflowWatch, listeners::ListenerCache, namespaces::NamespaceCache,
-        rules::RuleCounters, windows::WindowWatch,
+        rules::RuleCounters, stalls::StallCheck, windows::WindowWatch,
     },
     kernel::{
         LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
@@ -91,6 +91,8 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         without: cli.without.clone(),
         mode: cli.attach,
         follow: cli.follow(),
+        stall_timeout: cli.stall_timeout,
+        show_normal_drops: cli.show_normal_drops,
     })?;
 
     let attach_paths: BTreeMap<String, String> = tracer
@@ -128,6 +130,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         .then(RuleCounters::new);
     let mut overflows = OverflowWatch::new(&cli.ports);
     let mut windows = WindowWatch::new(&cli.ports);
+    let mut stalls = StallCheck::new(cli.stall_timeout);
     out.write(&Record::Ready(&ready))?;
 
     let mut engine = Engine::new(EngineConfig {
@@ -140,6 +143,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             .any(|p| p.capability == Capability::Resets),
         socketless_resets_traced: tracer.socketless_resets_traced,
         show_normal_drops: cli.show_normal_drops,
+        quiet: tracer.quiet.is_some(),
         ..EngineConfig::default()
     })
     .with_listener_lookup(Box::new(ListenerCache::default()))
@@ -187,7 +191,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
             }
             _ = tick.tick() => {
-                let verdicts = engine.tick(Clock::mono_now_ns());
+                let now = Clock::mono_now_ns();
+                let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, now);
+                verdicts.extend(engine.tick(now));
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
             }
@@ -215,6 +221,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 let mut verdicts =
                     drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors, &mut windows);
                 for ev in events {
+                    verdicts.extend(bring_in(&mut tracer, &stalls, &mut engine, &ev));
                     verdicts.extend(engine.handle(ev));
                 }
                 write_verdicts(&mut out, &mut engine, &verdicts)?;
@@ -234,6 +241,12 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     );
     for ev in overflows.poll(Clock::mono_now_ns()) {
         verdicts.extend(engine.handle(ev));
+    }
+    if let Some(q) = &tracer.quiet {
+        match q.counts() {
+            Ok(counts) => add_kernel_counts(&mut engine, &tracer, &counts),
+            Err(error) => warn!(%error, "read quiet mode's counts"),
+        }
     }
     let open_at_exit = engine.tracked();
     verdicts.extend(engine.finish(Clock::mono_now_ns()));
@@ -256,6 +269,82 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         all_ports: cli.ports.is_empty(),
     }))?;
     Ok(())
+}
+
+/// Quiet mode's check of the connections the kernel keeps (every tick): those stuck past the
+/// stall timeout reach the engine and are watched; namespaces with established ones are where
+/// `windows` looks.
+fn check_stalls(
+    tracer: &mut Tracer,
+    stalls: &mut StallCheck,
+    windows: &mut WindowWatch,
+    engine: &mut Engine,
+    now_ns: u64,
+) -> Vec<Verdict> {
+    let Some(q) = tracer.quiet.as_mut() else {
+        return Vec::new();
+    };
+    if let Err(error) = q.snapshot(&mut stalls.snapshot) {
+        warn!(%error, "stall check");
+        return Vec::new();
+    }
+    let checked = stalls.check(now_ns);
+    for netns in checked.namespaces {
+        windows.traced_in(Some(netns));
+    }
+    for (sk, started_ns) in checked.watch {
+        if let Err(error) = q.watch(sk, started_ns) {
+            warn!(%error, "watch a stalled connection (WATCH map)");
+        }
+    }
+    checked
+        .events
+        .into_iter()
+        .flat_map(|ev| engine.handle(ev))
+        .collect()
+}
+
+/// Before a window report about a connection the engine has not seen (quiet mode keeps healthy
+/// ones in the kernel): its history, and a watch on it from now on.
+fn bring_in(
+    tracer: &mut Tracer,
+    stalls: &StallCheck,
+    engine: &mut Engine,
+    ev: &KernelEvent,
+) -> Vec<Verdict> {
+    let (Some(q), KernelEvent::Window { meta, tuple, .. }) = (tracer.quiet.as_mut(), ev) else {
+        return Vec::new();
+    };
+    if engine.knows(meta.netns, tuple) {
+        return Vec::new();
+    }
+    let Some((sk, h)) = stalls.history_of(meta.netns, tuple) else {
+        return Vec::new();
+    };
+    if let Err(error) = q.watch(sk, h.started_ns) {
+        warn!(%error, "watch a connection with a zero window (WATCH map)");
+    }
+    let history = crate::kernel::decode::conn_history(sk, &h, meta.ts_ns);
+    engine.handle(KernelEvent::History(history))
+}
+
+/// What the kernel counted in quiet mode, into the run's summary: handshakes, their times
+/// and normal drops.
+fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::quiet::KernelCounts) {
+    let s = engine.summary_mut();
+    s.established = c.established;
+    s.add_latency_counts(c.latency.iter().copied());
+    for (value, n) in &c.normal_drops {
+        let reason = tracer.drop_reasons.get(value).cloned().unwrap_or_else(|| {
+            crate::engine::facts::DropReason::new(&format!("skb_drop_reason {value}"))
+        });
+        *s.drops_by_reason.entry(reason).or_default() += n;
+    }
+    s.kernel_kept = Some(crate::engine::verdict::summary::KernelKept {
+        closed_quietly: c.closed_quiet,
+        histories: c.flushed,
+        table_full: c.conns_full,
+    });
 }
 
 /// Reads every record the ring buffer holds now, telling `windows` where traced connections

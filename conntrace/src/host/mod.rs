@@ -14,4 +14,5 @@ pub mod namespaces;
 pub mod netns;
 pub mod rules;
 pub mod sockdiag;
+pub mod stalls;
 pub mod windows;

@@ -139,7 +139,7 @@ impl KernelBtf {
             skb_len: off("sk_buff", &["len"]),
             skb_iif: off("sk_buff", &["skb_iif"]),
             tcp_mss_cache: off("tcp_sock", &["mss_cache"]),
-            _pad: 0,
+            sock_socket: off("sock", &["sk_socket"]),
         }
     }
 
@@ -192,6 +192,7 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sk_buff.len", o.skb_len),
         ("sk_buff.skb_iif", o.skb_iif),
         ("tcp_sock.mss_cache", o.tcp_mss_cache),
+        ("sock.sk_socket", o.sock_socket),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

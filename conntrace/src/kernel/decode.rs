@@ -11,7 +11,8 @@ use conntrace_common::{
 };
 
 use crate::engine::facts::{
-    DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent, Meta, Proc, TcpFlags, TcpState,
+    Accepted, ConnHistory, DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent, Meta,
+    Proc, TcpFlags, TcpState,
 };
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
@@ -55,6 +56,45 @@ fn meta(h: &EventHeader) -> Meta {
                 compact_str::CompactString::new,
             ),
         },
+    }
+}
+
+/// A quiet connection's history as the engine takes it, written at `ts_ns`.
+pub fn conn_history(sk: u64, h: &conntrace_common::quiet::History, ts_ns: u64) -> ConnHistory {
+    use conntrace_common::quiet::flags;
+    let server = h.flags & flags::SERVER != 0;
+    let proc = if server {
+        Proc {
+            pid: 0,
+            comm: compact_str::CompactString::default(),
+        }
+    } else {
+        let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
+        Proc {
+            pid: h.pid,
+            comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
+        }
+    };
+    ConnHistory {
+        meta: Meta {
+            ts_ns,
+            netns: (h.flags & flags::NETNS_UNREAD == 0 && h.netns != 0).then_some(h.netns),
+            proc,
+        },
+        sk,
+        server,
+        tuple: four_tuple(&h.tuple),
+        started_ns: h.started_ns,
+        established_ns: (h.established_ns != 0).then_some(h.established_ns),
+        accepted: if h.accepted_ns != 0 {
+            Some(Accepted::At(h.accepted_ns))
+        } else if h.flags & flags::ACCEPTED != 0 {
+            Some(Accepted::Seen)
+        } else {
+            None
+        },
+        orderly: h.flags & flags::ORDERLY != 0,
+        syn_retransmits: h.syn_retransmits,
     }
 }
 
@@ -161,6 +201,9 @@ impl Decoder {
                 meta: meta(&e.header),
                 tuple: four_tuple(&e.tuple),
             },
+            Decoded::History(e) => {
+                KernelEvent::History(conn_history(e.skaddr, &e.history, e.header.ts_ns))
+            }
             Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
                 meta: meta(&e.header),
                 sk: e.skaddr,

@@ -7,6 +7,7 @@ mod hooks;
 pub mod kallsyms;
 pub mod layout;
 pub mod nfhook;
+pub mod quiet;
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -15,7 +16,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use conntrace_common::{
-    Config, FLAG_ALL_PORTS, FLAG_QUIET, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps, programs,
+    Config, FLAG_ALL_PORTS, FLAG_QUIET, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps,
+    programs,
 };
 
 use serde::Serialize;
@@ -86,6 +88,11 @@ pub struct TracerOptions {
     pub mode: attach::AttachMode,
     /// Whether healthy connections stay in the kernel.
     pub follow: attach::Follow,
+    /// `--stall-timeout` (0: off): a quiet connection established this long without data or
+    /// accept() reports its close.
+    pub stall_timeout: std::time::Duration,
+    /// `--show-normal-drops`: normal drops are sent, not counted in the kernel.
+    pub show_normal_drops: bool,
 }
 
 /// Everything attached and the maps userspace reads.
@@ -105,6 +112,8 @@ pub struct Tracer {
     /// Whether `tcp:tcp_send_reset` also fires for resets sent without a socket: from 6.10,
     /// the release that gave it its `reason` field.
     pub socketless_resets_traced: bool,
+    /// Quiet mode's maps (`None` when connections stream).
+    pub quiet: Option<quiet::QuietMaps>,
 }
 
 fn kernel_release() -> String {
@@ -182,11 +191,19 @@ impl Tracer {
             dev_queue: optional_layout(&root, "net", "net_dev_queue")?,
             syscalls: layout::syscall_layout(&root)?,
             offsets,
-            flags: if opts.ports.is_empty() { FLAG_ALL_PORTS } else { 0 }
-                | if opts.follow == attach::Follow::Quiet { FLAG_QUIET } else { 0 },
+            flags: if opts.ports.is_empty() {
+                FLAG_ALL_PORTS
+            } else {
+                0
+            } | if opts.follow == attach::Follow::Quiet {
+                FLAG_QUIET
+            } else {
+                0
+            },
             stack_drop_reason,
             wakeup_bytes: opts.ring_bytes / 4,
-            _pad: 0,
+            stall_timeout_ms: u32::try_from(opts.stall_timeout.as_millis()).unwrap_or(u32::MAX),
+            normal_drops: normal_drop_values(&drop_reasons, opts.show_normal_drops),
         };
 
         raise_memlock();
@@ -206,6 +223,11 @@ impl Tracer {
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
         let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
         let read_failures = take_map(&mut ebpf, maps::READ_FAILURES)?;
+        let quiet = if opts.follow == attach::Follow::Quiet {
+            Some(quiet::QuietMaps::take(&mut ebpf)?)
+        } else {
+            None
+        };
         let tracer = Self {
             _ebpf: ebpf,
             lost,
@@ -217,6 +239,7 @@ impl Tracer {
             drop_reasons,
             missing_offsets,
             socketless_resets_traced: config.send_reset.reason != conntrace_common::ABSENT,
+            quiet,
         };
         Ok((tracer, events))
     }
@@ -249,6 +272,23 @@ impl Tracer {
         self.lost.set(maps::RING_PEAK, zeros, 0)?;
         Ok(peak)
     }
+}
+
+/// `Config::normal_drops`: this kernel's values of the drop reasons that are a normal part of
+/// TCP wherever they happen (`engine::rules::drops::NORMAL`); none when they are to be shown.
+fn normal_drop_values(reasons: &BTreeMap<u32, DropReason>, show: bool) -> [u32; 4] {
+    let mut values = [NO_STACK_REASON; 4];
+    if show {
+        return values;
+    }
+    let normal = reasons
+        .iter()
+        .filter(|(_, name)| crate::engine::NORMAL_DROP_REASONS.contains(&name.as_str()))
+        .map(|(&value, _)| value);
+    for (slot, value) in values.iter_mut().zip(normal) {
+        *slot = value;
+    }
+    values
 }
 
 /// Wraps a map error with the map's name.

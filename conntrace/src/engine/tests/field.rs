@@ -409,6 +409,26 @@ fn a_zero_window_past_the_stall_timeout_is_zero_window_then_resolved() {
 }
 
 #[test]
+fn a_window_that_opens_because_the_socket_closed_is_no_resolution() {
+    // The server closed with data unread: the poll sees the window open (the socket is gone)
+    // during the close's grace period. The stall ends with the close, as a failure.
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    feed(&mut e, healthy_client(c).into_iter().take(2));
+    feed(&mut e, [c.data(3 * MS, false), c.data(4 * MS, true)]);
+    none(e.handle(window(c, SEC, Window::PeerZero { queued: 462_344 })));
+    check(&one(e.tick(4 * SEC + MS)), "client stalled zero_window -");
+    none(e.handle(c.st(9 * SEC, S::Established, S::Close)));
+    none(e.handle(window(c, 9 * SEC + 50 * MS, Window::Open)));
+    let v = one(e.tick(9 * SEC + e.cfg.grace_ns));
+    check(&v, "client failed zero_window -");
+    assert_eq!(
+        v.kernel_reason.as_deref(),
+        Some("closed from TCP_ESTABLISHED")
+    );
+}
+
+#[test]
 fn a_neighbour_failure_just_after_the_close_still_explains_it() {
     // tcp_syn_retries=1: the SYN budget and the ARP budget end in the same tick; the socket
     // closes with ETIMEDOUT 18 us before the queued SYN is freed with NEIGH_FAILED.

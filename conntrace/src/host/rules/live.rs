@@ -21,7 +21,7 @@ use crate::engine::lookup::RuleLookup;
 use crate::{
     engine::{
         facts::NfHook,
-        lookup::{RuleAction, RuleFinding, RuleLookup as _},
+        lookup::{RuleAction, RuleFinding},
     },
     output::Clock,
 };

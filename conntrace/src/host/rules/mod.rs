@@ -68,10 +68,7 @@ use self::{
     tool::{Tool, ToolError},
 };
 use crate::{
-    engine::{
-        facts::NfHook,
-        lookup::{FirewallRule, RuleFinding, RuleLookup},
-    },
+    engine::lookup::{FirewallRule, RuleFinding, RuleLookup},
     output::Clock,
 };
 

@@ -6,7 +6,10 @@ use super::{
 };
 use std::os::unix::fs::MetadataExt as _;
 
-use crate::engine::lookup::{FirewallRule, RuleAction};
+use crate::engine::{
+    facts::NfHook,
+    lookup::{FirewallRule, RuleAction},
+};
 
 /// `nft -a list ruleset` in a namespace after SYNs to 127.0.0.1:5 (dropped in MYCHAIN),
 /// 127.0.0.1:3307 (rejected) and [::1]:3309 (rejected); the rules had been added with

@@ -144,6 +144,54 @@ impl NsDiag {
         Ok(Self { socket, seq: 0 })
     }
 
+    /// The record of the one socket `t` (local end first), or `None` when it is gone. `buf`
+    /// is scratch space.
+    pub fn socket(
+        &mut self,
+        t: &conntrace_common::Tuple,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<Sample>, WindowError> {
+        self.seq = self.seq.wrapping_add(1);
+        let name = if t.family == conntrace_common::AF_INET6 {
+            "AF_INET6"
+        } else {
+            "AF_INET"
+        };
+        let req = exact_request(self.seq, t);
+        self.socket
+            .send(&req, 0)
+            .map_err(|source| WindowError::Send {
+                family: name,
+                source,
+            })?;
+        let reply = Reply {
+            family: name,
+            seq: self.seq,
+            ports: &[],
+        };
+        loop {
+            buf.clear();
+            buf.reserve(RECV_BUF);
+            let len = match self.socket.recv(buf, libc::MSG_TRUNC) {
+                Ok(len) => len,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(WindowError::Receive {
+                        family: name,
+                        source,
+                    });
+                }
+            };
+            if len > buf.len() {
+                return Err(WindowError::Truncated(len));
+            }
+            // Bounded: each recv waits at most the socket's receive timeout.
+            if let Some(answer) = reply.parse_exact(buf)? {
+                return Ok(answer);
+            }
+        }
+    }
+
     /// Appends both families' connections matching `bytecode` and `ports` (empty: all) to
     /// `out`, with `tcp_info` and, when `skmem`, `SK_MEMINFO`. `buf` is scratch space.
     pub fn dump(
@@ -198,6 +246,46 @@ impl NsDiag {
     }
 }
 
+/// A serialized `SOCK_DIAG_BY_FAMILY` request for the one TCP socket `t` (local end first, as
+/// the kernel's own record has it), asking for `tcp_info`.
+pub fn exact_request(seq: u32, t: &conntrace_common::Tuple) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST;
+    header.sequence_number = seq;
+    let v6 = t.family == conntrace_common::AF_INET6;
+    let addr = |b: &[u8; 16]| -> IpAddr {
+        if v6 {
+            IpAddr::V6(std::net::Ipv6Addr::from(*b))
+        } else {
+            IpAddr::V4(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+        }
+    };
+    let socket_id = SocketId {
+        source_port: t.sport,
+        destination_port: t.dport,
+        source_address: addr(&t.saddr),
+        destination_address: addr(&t.daddr),
+        interface_id: 0,
+        // INET_DIAG_NOCOOKIE: any socket with this tuple.
+        cookie: [0xff; 8],
+    };
+    let mut msg = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family: if v6 { AF_INET6 } else { AF_INET },
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::INFO,
+            states: StateFlags::all(),
+            socket_id,
+        })
+        .into(),
+    );
+    msg.finalize();
+    let mut buf = vec![0; msg.buffer_len()];
+    msg.serialize(&mut buf);
+    buf
+}
+
 /// What a reply datagram is checked against.
 pub struct Reply<'a> {
     pub family: &'static str,
@@ -246,6 +334,18 @@ impl Reply<'_> {
         Ok(false)
     }
 
+    /// The reply to an [`exact_request`] in one datagram: `Some` with the socket's record, or
+    /// with `None` when the kernel has no such socket (ENOENT: it closed); `None` when the
+    /// datagram holds no answer to this request (one left from an earlier request).
+    pub fn parse_exact(&self, bytes: &[u8]) -> Result<Option<Option<Sample>>, WindowError> {
+        let mut out = Vec::new();
+        match self.parse_datagram(bytes, &mut out) {
+            Err(WindowError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(Some(None)),
+            Err(e) => Err(e),
+            Ok(_) => Ok(out.pop().map(|(_, s)| Some(s))),
+        }
+    }
+
     /// One `struct inet_diag_msg` and its attributes: the connection (local end first) and its
     /// window facts; `None` when its ports are not traced or it carries no `tcp_info`.
     fn sample(&self, payload: &[u8]) -> Result<Option<(FourTuple, Sample)>, WindowError> {
@@ -283,6 +383,7 @@ impl Reply<'_> {
             timer,
             info,
             skmem,
+            inode: h.inode,
         };
         Ok(Some((tuple, sample)))
     }

@@ -29,6 +29,11 @@ pub const PROBES: usize = 3;
 pub const RCV_MSS: usize = 20;
 pub const SND_WND: usize = 228;
 pub const RCV_WND: usize = 232;
+/// `tcpi_bytes_received` (u64, 4.1+), `tcpi_data_segs_out` (u32, 4.6+) and `tcpi_bytes_sent`
+/// (u64, 4.19+).
+pub const BYTES_RECEIVED: usize = 128;
+pub const DATA_SEGS_OUT: usize = 156;
+pub const BYTES_SENT: usize = 200;
 
 /// Indexes into the `INET_DIAG_SKMEMINFO` array of u32.
 pub const SK_MEMINFO_RMEM_ALLOC: usize = 0;
@@ -50,6 +55,18 @@ pub struct TcpInfo {
     pub snd_wnd: Option<u32>,
     /// Bytes, scaled (6.2+).
     pub rcv_wnd: Option<u32>,
+    /// Payload bytes received so far (4.1+).
+    pub bytes_received: Option<u64>,
+    /// Whether it has sent data: `tcpi_bytes_sent > 0` (4.19+), else `tcpi_data_segs_out > 0`
+    /// (4.6+).
+    pub sent_data: Option<bool>,
+}
+
+fn u64_at(bytes: &[u8], offset: usize) -> Option<u64> {
+    let b = bytes.get(offset..offset + 8)?;
+    Some(u64::from_ne_bytes([
+        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+    ]))
 }
 
 fn u32_at(bytes: &[u8], offset: usize) -> Option<u32> {
@@ -66,6 +83,10 @@ impl TcpInfo {
             rcv_mss: u32_at(bytes, RCV_MSS)?,
             snd_wnd: u32_at(bytes, SND_WND),
             rcv_wnd: u32_at(bytes, RCV_WND),
+            bytes_received: u64_at(bytes, BYTES_RECEIVED),
+            sent_data: u64_at(bytes, BYTES_SENT)
+                .map(|n| n > 0)
+                .or_else(|| u32_at(bytes, DATA_SEGS_OUT).map(|n| n > 0)),
         })
     }
 }
@@ -118,6 +139,8 @@ pub struct Sample {
     pub info: TcpInfo,
     /// Asked for only while the kernel's `tcp_info` lacks `tcpi_rcv_wnd`.
     pub skmem: Option<SkMem>,
+    /// `idiag_inode`: the socket's inode, 0 while no process holds it (not yet accepted).
+    pub inode: u32,
 }
 
 impl Sample {
@@ -187,7 +210,9 @@ pub(crate) mod tests {
                 probes: 2,
                 rcv_mss: 1448,
                 snd_wnd: Some(0),
-                rcv_wnd: Some(65536)
+                rcv_wnd: Some(65536),
+                bytes_received: Some(0),
+                sent_data: Some(false),
             }
         );
         let v5_4 = TcpInfo::parse(&tcp_info_bytes(232, 0, 64512, 7)).unwrap();
@@ -207,6 +232,7 @@ pub(crate) mod tests {
             timer: 0,
             info: TcpInfo::parse(info).unwrap(),
             skmem: None,
+            inode: 0,
         }
     }
 
