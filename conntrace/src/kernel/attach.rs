@@ -55,6 +55,11 @@ pub enum Hook {
     FExit {
         function: &'static str,
     },
+    /// A BTF-typed tracepoint (`tp_btf`): the kernel calls the program with the tracepoint's
+    /// arguments (the socket, the packet) instead of building the classic record first.
+    BtfTracePoint {
+        name: &'static str,
+    },
 }
 
 impl Hook {
@@ -63,6 +68,7 @@ impl Hook {
             Self::TracePoint { category, name } => format!("tracepoint:{category}:{name}"),
             Self::FEntry { function } => format!("fentry:{function}"),
             Self::FExit { function } => format!("fexit:{function}"),
+            Self::BtfTracePoint { name } => format!("tp_btf:{name}"),
         }
     }
 
@@ -199,8 +205,26 @@ const fn trampoline(
 
 /// Priority of fentry/fexit rows that are better than the tracepoints where both exist.
 const BETTER: u8 = 5;
+/// Priority of the `tp_btf` rows.
+const BTF_TRACEPOINT: u8 = 7;
 /// Priority of the tracepoint rows.
 const TRACEPOINT: u8 = 10;
+
+/// A `tp_btf` rule for `capability` on tracepoint `name`: better than its classic row, not as
+/// good as a trampoline at the function itself.
+const fn btf_tp(capability: Capability, program: &'static str, name: &'static str) -> AttachRule {
+    AttachRule {
+        capability,
+        priority: BTF_TRACEPOINT,
+        program,
+        hook: Hook::BtfTracePoint { name },
+        // tp_btf came with 5.5; these tracepoints' arguments are stable since.
+        min_kernel: (5, 5),
+        max_kernel: None,
+        required: false,
+        when: When::Always,
+    }
+}
 
 /// Every attach rule.
 #[rustfmt::skip]
@@ -209,6 +233,10 @@ pub const RULES: &[AttachRule] = &[
     // function itself. BPF trampolines came with 5.5; fexit programs read the function's
     // result from their context, not with bpf_get_func_ret (5.17, and unreliable on 6.1). A row
     // that does not load on an older kernel leaves its capability to the tracepoint rows.
+    // BTF-typed tracepoints where they load: no record built per run (the lifecycle program
+    // runs about ten times per connection, the cookie program once per packet sent).
+    btf_tp(Capability::Lifecycle,  "tp_btf_inet_sock_set_state", "inet_sock_set_state"),
+    btf_tp(Capability::SynCookies, "tp_btf_net_dev_queue",       "net_dev_queue"),
     //          capability                  priority    program                               function                    fexit  kernels
     trampoline(Capability::ConnectProcess, BETTER,     "fexit_inet_stream_connect",          "inet_stream_connect",      true,  ((5, 5), None)),
     // Not fexit:inet_csk_accept: it misses accept() calls already waiting at attach.

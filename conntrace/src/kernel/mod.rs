@@ -16,8 +16,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use conntrace_common::{
-    Config, FLAG_ALL_PORTS, FLAG_QUIET, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps,
-    programs,
+    Config, FLAG_ALL_PORTS, FLAG_QUIET, INLINE_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout,
+    maps, programs,
 };
 
 use serde::Serialize;
@@ -170,6 +170,14 @@ impl Tracer {
             .map(|(value, name)| (value, DropReason::new(&name)))
             .collect();
         let reset_reasons = btf.enum_names("sk_rst_reason", "SK_RST_REASON_");
+        let refused: &[(&str, &str)] = if btf.sock_common_as_compiled() {
+            &[]
+        } else {
+            &[(
+                "tp_btf_inet_sock_set_state",
+                "struct sock_common is laid out differently from what the program loads directly",
+            )]
+        };
         // Everything needed from the parsed BTF is taken: free it before the loader parses
         // the kernel's BTF again, so the two never sit in memory together (peak RSS).
         drop(btf);
@@ -204,6 +212,13 @@ impl Tracer {
             wakeup_bytes: opts.ring_bytes / 4,
             stall_timeout_ms: u32::try_from(opts.stall_timeout.as_millis()).unwrap_or(u32::MAX),
             normal_drops: normal_drop_values(&drop_reasons, opts.show_normal_drops),
+            inline_ports: inline_ports(&opts.ports),
+            inline_port_count: if opts.ports.len() <= INLINE_PORTS {
+                opts.ports.len() as u32
+            } else {
+                u32::MAX
+            },
+            _pad: 0,
         };
 
         raise_memlock();
@@ -218,7 +233,7 @@ impl Tracer {
         write_config(&mut ebpf, &config, &opts.ports)?;
 
         let (active, unavailable) =
-            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref())?;
+            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), refused)?;
         drop(kernel_btf);
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
         let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
@@ -272,6 +287,15 @@ impl Tracer {
         self.lost.set(maps::RING_PEAK, zeros, 0)?;
         Ok(peak)
     }
+}
+
+/// `Config::inline_ports`: the first [`INLINE_PORTS`] traced ports, zeros after.
+fn inline_ports(ports: &[u16]) -> [u16; INLINE_PORTS] {
+    let mut inline = [0; INLINE_PORTS];
+    for (slot, port) in inline.iter_mut().zip(ports) {
+        *slot = *port;
+    }
+    inline
 }
 
 /// `Config::normal_drops`: this kernel's values of the drop reasons that are a normal part of

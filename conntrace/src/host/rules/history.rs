@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, VecDeque};
 
-
 /// Which netfilter implementation holds a rule.
 pub use crate::engine::lookup::RuleBackend as Backend;
 

@@ -2,7 +2,6 @@
 //! one attempt lost, and says how sure that makes the naming. On a busy node many counters move
 //! at once; the rule that moved by exactly the attempt's count is the likeliest.
 
-
 use super::history::{Backend, RuleKey};
 use crate::engine::lookup::FirewallRule;
 
