@@ -618,12 +618,13 @@ mod tests {
             (9, EventKind::FirstData),
             (10, EventKind::CookieSynAck),
             (11, EventKind::Retransmit),
+            (12, EventKind::History),
         ] {
             assert_eq!(kind as u32, id);
             assert_eq!(EventKind::from_u32(id), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
-        assert_eq!(EventKind::from_u32(12), None);
+        assert_eq!(EventKind::from_u32(13), None);
     }
 }
 

@@ -163,8 +163,8 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if quiet {
-        quiet::promote(sk);
-        quiet::promote(rx_sk);
+        quiet::promote(P, cfg, sk);
+        quiet::promote(P, cfg, rx_sk);
     }
     // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
     let netns = netns_of_skb(P, o, skb)

@@ -383,7 +383,7 @@ fn reset(prog: u32, ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout,
     }
     let skaddr: u64 = field(prog, ctx, l.skaddr);
     if quiet::enabled(cfg) {
-        quiet::promote(skaddr);
+        quiet::promote(prog, cfg, skaddr);
     }
     let o = &cfg.offsets;
     let mut header = if skaddr != 0 {
@@ -454,7 +454,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
         if state == state::SYN_SENT {
             quiet::syn_retransmitted(skaddr);
         }
-        quiet::promote(skaddr);
+        quiet::promote(P, cfg, skaddr);
     }
     if state == state::SYN_SENT {
         emit(SynRetransmit {

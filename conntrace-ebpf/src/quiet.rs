@@ -128,10 +128,10 @@ fn flush(sk: u64, h: *const History) {
     bump(&COUNTS, counts::FLUSHED);
 }
 
-/// Before the first event of `sk` userspace is to see: its history, once, and from then on it
-/// streams. Nothing for a socket not followed here.
+/// Before the first event of `sk` userspace is to see (from program `prog`): its history,
+/// once, and from then on it streams. Nothing for a socket not followed here.
 #[inline(always)]
-pub(crate) fn promote(sk: u64) {
+pub(crate) fn promote(prog: u32, cfg: &Config, sk: u64) {
     if sk == 0 {
         return;
     }
@@ -141,10 +141,15 @@ pub(crate) fn promote(sk: u64) {
     // SAFETY: a live map value; programs on other CPUs may race on `flags`, at worst
     // flushing the history twice (userspace merges a repeated history).
     unsafe {
-        if (*h).flags & flags::STREAMING != 0 {
+        let f = (*h).flags;
+        if f & flags::STREAMING != 0 {
             return;
         }
         (*h).flags |= flags::STREAMING;
+        if f & (flags::SERVER | flags::ACCEPTED) == flags::SERVER && owned(prog, &cfg.offsets, sk) {
+            // Accepted already, where no accept hook said when.
+            (*h).flags |= flags::ACCEPTED;
+        }
     }
     flush(sk, h);
 }

@@ -259,4 +259,65 @@ mod tests {
         };
         assert_eq!(meta.netns, None);
     }
+
+    #[test]
+    fn a_history_carries_what_the_kernel_kept() {
+        use conntrace_common::{
+            HistoryEvent,
+            quiet::{History, flags},
+        };
+        let mut t = Tuple {
+            family: conntrace_common::AF_INET,
+            sport: 3306,
+            dport: 41000,
+            ..Tuple::default()
+        };
+        t.saddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        t.daddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let mut e = HistoryEvent {
+            header: header_for::<HistoryEvent>(EventKind::History),
+            skaddr: 0xffff_8880_0000_1000,
+            history: History {
+                started_ns: 100,
+                established_ns: 150,
+                accepted_ns: 0,
+                tuple: t,
+                pid: 0,
+                netns: 4_026_532_000,
+                flags: flags::SERVER | flags::ORDERLY | flags::ACCEPTED,
+                syn_retransmits: 0,
+                comm: [0; 16],
+            },
+        };
+        e.header.ts_ns = 900;
+        let KernelEvent::History(h) = decoder().decode(as_bytes(&e)).unwrap() else {
+            panic!("a history");
+        };
+        assert!(h.server && h.orderly);
+        assert_eq!(h.accepted, Some(Accepted::Seen));
+        assert_eq!(
+            (h.started_ns, h.established_ns, h.meta.ts_ns),
+            (100, Some(150), 900)
+        );
+        assert_eq!(h.meta.netns, Some(4_026_532_000));
+        assert_eq!((h.tuple.sport, h.tuple.dport), (3306, 41000));
+        assert_eq!(h.meta.proc.pid, 0);
+        // A client's: its process; a namespace the kernel could not read is absent; a time
+        // of accept() only when the hook saw it.
+        e.history.flags = flags::NETNS_UNREAD;
+        e.history.pid = 4242;
+        e.history.comm[..6].copy_from_slice(b"mysql\0");
+        e.history.established_ns = 0;
+        e.history.accepted_ns = 120;
+        let KernelEvent::History(h) = decoder().decode(as_bytes(&e)).unwrap() else {
+            panic!("a history");
+        };
+        assert!(!h.server);
+        assert_eq!(
+            (h.meta.proc.pid, h.meta.proc.comm.as_str()),
+            (4242, "mysql")
+        );
+        assert_eq!((h.meta.netns, h.established_ns), (None, None));
+        assert_eq!(h.accepted, Some(Accepted::At(120)));
+    }
 }
