@@ -1,4 +1,5 @@
-//! Developer tasks. `cargo xtask setup | run -- ARGS | test | bench | vm-test | image | images`.
+//! Developer tasks. `cargo xtask setup | run -- ARGS | test | bench | vm-test | image | images |
+//! manifests`.
 //!
 //! `setup` installs, idempotently, everything building and testing conntrace needs on a Debian
 //! machine: the eBPF toolchain (Debian's rustc-web with its library sources, LLVM 22,
@@ -15,6 +16,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod containers;
+mod manifests;
 mod vm;
 
 #[derive(Parser)]
@@ -78,6 +80,8 @@ enum Task {
     /// Build the tests' base image (`localhost/debian:bookworm-min`, mmdebstrap) into Podman
     /// and containerd's `k8s.io` namespace, unless present (starts containerd if needed).
     Images,
+    /// Validate deploy/kubernetes/ offline against the Kubernetes schemas (kubernetes-validate).
+    Manifests,
 }
 
 /// Debian packages: the eBPF toolchain (notes/environment.md) and the tools tests use.
@@ -202,7 +206,7 @@ fn setup(extra: &[&'static str]) -> anyhow::Result<()> {
 
 /// Everything `cargo xtask test` drives besides the toolchain.
 fn test_packages() -> Vec<&'static str> {
-    [TEST_PACKAGES, containers::PACKAGES].concat()
+    [TEST_PACKAGES, containers::PACKAGES, manifests::PACKAGES].concat()
 }
 
 fn need_root(what: &str) -> anyhow::Result<()> {
@@ -308,6 +312,10 @@ fn main() -> anyhow::Result<()> {
             let _containerd = containers::Containerd::ensure()?;
             containers::test_base()
         }
+        Task::Manifests => {
+            setup(manifests::PACKAGES)?;
+            manifests::validate()
+        }
         Task::Test { no_vm, args } => {
             setup(&[&test_packages()[..], vm::VM_PACKAGES].concat())?;
             run(cargo().args(["build", "-p", "conntrace"]))?;
@@ -325,6 +333,7 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .arg("--")
                 .args(&args))?;
+            manifests::validate()?;
             if !is_root() {
                 bail!(
                     "the integration scenarios need root (eBPF, network namespaces): run `sudo -E cargo xtask test`"
