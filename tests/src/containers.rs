@@ -123,6 +123,8 @@ pub struct CgroupFigures {
     /// Most memory the cgroup was charged at once (its processes, page cache and the BPF
     /// maps they created, which are charged to the memory cgroup since 5.11), in MiB.
     pub peak_mib: f64,
+    /// Memory charged to the cgroup now, in MiB.
+    pub now_mib: f64,
     /// CPU time used by the cgroup so far, in seconds.
     pub cpu_s: f64,
 }
@@ -150,9 +152,13 @@ impl CgroupFigures {
             let peak = read(format!(
                 "/sys/fs/cgroup/memory{memory}/memory.max_usage_in_bytes"
             ));
+            let now = read(format!(
+                "/sys/fs/cgroup/memory{memory}/memory.usage_in_bytes"
+            ));
             let usage = read(format!("/sys/fs/cgroup/cpuacct{cpu}/cpuacct.usage"));
             return Self {
                 peak_mib: peak.parse::<f64>().expect("bytes") / 1_048_576.0,
+                now_mib: now.parse::<f64>().expect("bytes") / 1_048_576.0,
                 cpu_s: usage.parse::<f64>().expect("ns") / 1e9,
             };
         }
@@ -161,6 +167,7 @@ impl CgroupFigures {
             .find_map(|l| l.strip_prefix("0::"))
             .expect("a cgroup v2 path");
         let peak = read(format!("/sys/fs/cgroup{path}/memory.peak"));
+        let now = read(format!("/sys/fs/cgroup{path}/memory.current"));
         let stat = read(format!("/sys/fs/cgroup{path}/cpu.stat"));
         let usec = stat
             .lines()
@@ -168,6 +175,7 @@ impl CgroupFigures {
             .expect("usage_usec");
         Self {
             peak_mib: peak.parse::<f64>().expect("bytes") / 1_048_576.0,
+            now_mib: now.parse::<f64>().expect("bytes") / 1_048_576.0,
             cpu_s: usec.parse::<f64>().expect("us") / 1e6,
         }
     }
