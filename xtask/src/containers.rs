@@ -138,14 +138,17 @@ pub fn slim_base() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the Containerfile with `binary` (relative to the workspace) as `tags`.
-pub fn build_image(binary: &str, tags: &[String]) -> anyhow::Result<()> {
+/// Builds the Containerfile with `binary` (relative to the workspace) as `tags`. With `layers`,
+/// Podman keeps each step's image as a cache for the next build; without, the build leaves
+/// nothing but the image itself (the tests' image, removed after the run).
+pub fn build_image(binary: &str, tags: &[String], layers: bool) -> anyhow::Result<()> {
     slim_base()?;
     let mut build = podman();
     build
         .current_dir(workspace_root())
         // The base is local; `apt-get` downloads in the host's namespace, changing nothing.
-        .args(["build", "--pull=never", "--network", "host", "--layers"])
+        .args(["build", "--pull=never", "--network", "host"])
+        .arg(format!("--layers={layers}"))
         .args(["-f", "Containerfile", "--build-arg"])
         .arg(format!("BINARY={binary}"));
     for tag in tags {
@@ -154,7 +157,7 @@ pub fn build_image(binary: &str, tags: &[String]) -> anyhow::Result<()> {
     run(build.arg("."))
 }
 
-/// Removes the test image and the build layers only it used (the bases stay cached).
+/// Removes the test image (built without cached layers: nothing else is left; the bases stay).
 pub fn remove_test_image() -> anyhow::Result<()> {
     if podman_has(TEST_IMAGE) {
         run(podman().args(["rmi", "--force", TEST_IMAGE]))?;

@@ -224,6 +224,7 @@ impl TestImage {
         containers::build_image(
             "target/debug/conntrace",
             &[containers::TEST_IMAGE.to_owned()],
+            false,
         )?;
         Ok(Self)
     }
@@ -303,6 +304,7 @@ fn main() -> anyhow::Result<()> {
                     format!("{}:{version}", containers::IMAGE),
                     format!("{}:latest", containers::IMAGE),
                 ],
+                true,
             )
         }
         Task::Images => {
