@@ -159,10 +159,9 @@ fn missing_caps(
     if !tracefs_ok && !has(TRACEFS.bit) {
         trace.push(&TRACEFS);
     }
-    let naming = NAMING
-        .iter()
-        .filter(|n| !has(n.bit) && !(n.bit == CAP_SYSLOG && kallsyms_ok))
-        .collect();
+    // CAP_SYSLOG only matters when kallsyms hides the addresses from this process.
+    let not_needed = |n: &Need| has(n.bit) || (n.bit == CAP_SYSLOG && kallsyms_ok);
+    let naming = NAMING.iter().filter(|n| !not_needed(n)).collect();
     (trace, naming)
 }
 
