@@ -82,6 +82,47 @@ impl Drop for Container {
     }
 }
 
+/// Makes sure containerd answers `ctr version` (for containerd scenarios). `cargo xtask test`
+/// starts it before the tests when it is not running, and stops it after; a test run some other
+/// way starts it here, in its own session, and leaves it running (it is a daemon: another test
+/// may use it next). Its log goes to `<temp dir>/conntrace-tests-containerd.log`.
+pub fn ensure_containerd() {
+    let answers = || {
+        Command::new("ctr")
+            .arg("version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if answers() {
+        return;
+    }
+    let log_path = std::env::temp_dir().join("conntrace-tests-containerd.log");
+    let log = std::fs::File::create(&log_path).expect("create containerd's log");
+    // setsid(1) detaches it from the test's session and process group.
+    Command::new("setsid")
+        .arg("containerd")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start containerd (package containerd; `cargo xtask setup`)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !answers() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "containerd did not answer within 30 s: see {}",
+            log_path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    eprintln!(
+        "started containerd (left running; log {})",
+        log_path.display()
+    );
+}
+
 /// `/run/netns` as `ip netns add` leaves it, a shared mount point, so that a container that
 /// bind-mounts it (`rslave`) sees the namespaces made after it started.
 pub fn run_netns_mount() {
