@@ -33,6 +33,15 @@ pub struct Conntrace {
     reader: Option<std::thread::JoinHandle<()>>,
 }
 
+/// CONNTRACE_ATTACH (`best`, `tracepoints`) runs the same scenarios on another attach path:
+/// the VM kernel matrix runs them both ways and both must give the same verdicts.
+pub fn attach_args() -> Vec<String> {
+    std::env::var("CONNTRACE_ATTACH")
+        .ok()
+        .map(|mode| vec!["--attach".to_owned(), mode])
+        .unwrap_or_default()
+}
+
 pub fn conntrace_bin() -> PathBuf {
     bin("CONNTRACE_BIN", "target/debug/conntrace")
 }
@@ -46,22 +55,25 @@ impl Conntrace {
             "{} not built: run `cargo xtask test`",
             path.display()
         );
-        // CONNTRACE_ATTACH (`best`, `tracepoints`) runs the same scenarios on another attach
-        // path: the VM kernel matrix runs them both ways and both must give the same verdicts.
-        let attach = std::env::var("CONNTRACE_ATTACH").ok();
-        let mut process = Proc::spawn(
-            Command::new(&path)
-                .arg("--json")
-                .args(attach.iter().flat_map(|mode| ["--attach", mode.as_str()]))
-                .args(args)
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "conntrace=warn".into()),
-                )
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit()),
-            "conntrace",
-        );
+        let mut command = Command::new(&path);
+        command
+            .arg("--json")
+            .args(attach_args())
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "conntrace=warn".into()),
+            )
+            .stderr(Stdio::inherit());
+        Self::spawn(command, "conntrace")
+    }
+
+    /// Starts `command`, which runs `conntrace --json` (e.g. `podman run IMAGE --json ...`),
+    /// and waits for its `ready` line; [`Conntrace::stop`] sends SIGINT to the process it
+    /// started (`podman run` passes it on to conntrace). Its stderr goes where `command`
+    /// says (inherited unless set).
+    pub fn spawn(mut command: Command, what: &str) -> Self {
+        let mut process = Proc::spawn(command.stdout(Stdio::piped()), what);
         let stdout = process.child.stdout.take().expect("stdout");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);

@@ -11,6 +11,8 @@ use crate::sh;
 /// A network namespace, deleted on drop.
 pub struct Netns {
     pub name: String,
+    /// False after [`Netns::unname`]: the namespace then goes with its last process.
+    named: bool,
 }
 
 impl Netns {
@@ -18,6 +20,7 @@ impl Netns {
         sh(&["ip", "netns", "add", name]);
         let ns = Self {
             name: name.to_owned(),
+            named: true,
         };
         ns.exec(&["ip", "link", "set", "lo", "up"]);
         ns
@@ -75,8 +78,21 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Removes the namespace's name (`/run/netns/NAME`): like a Docker container's, it is then
+    /// known only through `/proc/PID/ns/net` of the processes in it, and goes with the last of
+    /// them. Make every change in it first: [`Netns::exec`] needs the name.
+    pub fn unname(&mut self) {
+        sh(&["ip", "netns", "del", &self.name]);
+        self.named = false;
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
+        if !self.named {
+            return;
+        }
         // Deleting the namespace removes its interfaces, routes and firewall rules.
         let status = Command::new("ip")
             .args(["netns", "del", &self.name])

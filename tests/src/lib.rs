@@ -7,6 +7,7 @@
 //! scratch directory is a [`TempDir`] (removed on drop).
 
 mod conntrace;
+pub mod containers;
 mod hosts;
 mod process;
 mod scenario;
@@ -18,8 +19,8 @@ use std::{
 };
 
 pub use conntrace::{
-    Conntrace, Line, conntrace_bin, drops_in, only_verdict_in, ready_timeout, validate,
-    verdict_line, verdict_lines_in, verdicts_in,
+    Conntrace, Line, attach_args, conntrace_bin, drops_in, only_verdict_in, ready_timeout,
+    validate, verdict_line, verdict_lines_in, verdicts_in,
 };
 pub use hosts::{Hosts, Netns, ThreeHosts, TwoHosts, fresh_name};
 pub use process::{Proc, TempDir};

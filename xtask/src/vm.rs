@@ -38,6 +38,10 @@ pub const VM_PACKAGES: &[&str] = &[
     "zstd",
 ];
 
+/// Integration test executables that need the host's container storage and daemons (Podman's
+/// images, containerd): they run on the host only, not in the guests.
+const HOST_ONLY: &[&str] = &["image"];
+
 /// The bounded subset `vm-test` runs without `--full` (and `cargo xtask test` on 6.12): one
 /// scenario for each main failure class, exact test names.
 pub const SUBSET: &[&str] = &[
@@ -178,6 +182,9 @@ fn build() -> anyhow::Result<(Vec<TestExe>, Vec<PathBuf>)> {
         let kinds = &v["target"]["kind"];
         let name = v["target"]["name"].as_str().unwrap_or_default().to_owned();
         if kinds == &serde_json::json!(["test"]) {
+            if HOST_ONLY.contains(&name.as_str()) {
+                continue;
+            }
             exes.push(TestExe {
                 name,
                 path: path.into(),
