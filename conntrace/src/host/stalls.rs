@@ -56,14 +56,11 @@ pub struct StallCheck {
     moved: HashMap<u64, u64>,
     /// Connections found stuck, by socket address: their start and the progress last sent.
     stuck: HashMap<u64, (u64, Progress)>,
-    sockets: HashMap<u32, NsDiag>,
-    paths: HashMap<u32, PathBuf>,
-    listed_at: Instant,
+    diag: Diag,
     /// Every followed connection, by socket address, as of the last check: filled by the
     /// caller from the kernel's table before each [`Self::check`].
     pub snapshot: Vec<(u64, History)>,
     checks: u32,
-    buf: Vec<u8>,
 }
 
 impl StallCheck {
@@ -74,12 +71,9 @@ impl StallCheck {
             timeout_ns: u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX),
             moved: HashMap::new(),
             stuck: HashMap::new(),
-            sockets: HashMap::new(),
-            paths: HashMap::new(),
-            listed_at: Instant::now() - RESCAN_AFTER,
+            diag: Diag::default(),
             snapshot: Vec::new(),
             checks: 0,
-            buf: Vec::new(),
         }
     }
 
@@ -92,8 +86,22 @@ impl StallCheck {
             .copied()
     }
 
-    /// Looks at [`Self::snapshot`] at `now_ns`.
+    /// Looks at [`Self::snapshot`] at `now_ns`, asking sock_diag about connections past the
+    /// timeout.
     pub fn check(&mut self, now_ns: u64) -> Checked {
+        let mut diag = std::mem::take(&mut self.diag);
+        let out = self.check_with(now_ns, |netns, h| diag.ask(netns, h));
+        self.diag = diag;
+        out
+    }
+
+    /// [`Self::check`] with `ask` answering for a connection in a namespace (`None`: gone or
+    /// not answerable).
+    fn check_with(
+        &mut self,
+        now_ns: u64,
+        mut ask: impl FnMut(u32, &History) -> Option<Sample>,
+    ) -> Checked {
         let mut out = Checked::default();
         let snapshot = std::mem::take(&mut self.snapshot);
         self.checks = self.checks.wrapping_add(1);
@@ -134,7 +142,7 @@ impl StallCheck {
             let Some(n) = netns else {
                 continue;
             };
-            let Some(sample) = self.ask(n, h) else {
+            let Some(sample) = ask(n, h) else {
                 continue;
             };
             let progress = Progress {
@@ -204,14 +212,28 @@ impl StallCheck {
             }
         }
     }
+}
 
+/// sock_diag sockets, one per namespace asked about, and where the namespaces are.
+#[derive(Default)]
+struct Diag {
+    sockets: HashMap<u32, NsDiag>,
+    paths: HashMap<u32, PathBuf>,
+    /// When `paths` was last listed.
+    listed_at: Option<Instant>,
+    buf: Vec<u8>,
+}
+
+impl Diag {
     /// The sock_diag record of connection `h` in namespace `netns`; `None` when it is gone or
     /// cannot be asked about (logged).
     fn ask(&mut self, netns: u32, h: &History) -> Option<Sample> {
         if !self.sockets.contains_key(&netns) {
-            if !self.paths.contains_key(&netns) && self.listed_at.elapsed() >= RESCAN_AFTER {
+            if !self.paths.contains_key(&netns)
+                && self.listed_at.is_none_or(|at| at.elapsed() >= RESCAN_AFTER)
+            {
                 self.paths = namespaces();
-                self.listed_at = Instant::now();
+                self.listed_at = Some(Instant::now());
             }
             let path = self.paths.get(&netns)?;
             match NsDiag::open(path, netns) {
@@ -234,5 +256,166 @@ impl StallCheck {
                 None
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use conntrace_common::{AF_INET, Tuple};
+
+    use super::*;
+    use crate::host::windows::tcp_info::TcpInfo;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn history(sport: u16, server: bool, established_ns: u64) -> History {
+        let mut tuple = Tuple {
+            family: AF_INET,
+            sport,
+            dport: if server { 40000 } else { 3306 },
+            ..Tuple::default()
+        };
+        tuple.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        tuple.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        History {
+            started_ns: 1,
+            established_ns,
+            tuple,
+            netns: 7,
+            flags: if server { flags::SERVER } else { 0 },
+            ..History::default()
+        }
+    }
+
+    fn sample(received: u64, inode: u32) -> Sample {
+        Sample {
+            rqueue: 0,
+            wqueue: 0,
+            timer: 0,
+            info: TcpInfo {
+                probes: 0,
+                rcv_mss: 536,
+                snd_wnd: None,
+                rcv_wnd: None,
+                bytes_received: Some(received),
+                sent_data: Some(false),
+            },
+            skmem: None,
+            inode,
+        }
+    }
+
+    fn kinds(c: &Checked) -> Vec<&'static str> {
+        c.events
+            .iter()
+            .map(|e| match e {
+                KernelEvent::History(_) => "history",
+                KernelEvent::Progress { progress, .. } if progress.received => "received",
+                KernelEvent::Progress { progress, .. } if progress.accepted => "accepted",
+                KernelEvent::Progress { .. } => "stuck",
+                _ => "other",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_client_without_data_past_the_timeout_is_sent_once_then_when_it_moves() {
+        let mut s = StallCheck::new(Duration::from_secs(3));
+        s.snapshot = vec![(0xa, history(41000, false, SEC))];
+        // Not yet past the timeout: nobody is asked.
+        let c = s.check_with(3 * SEC, |_, _| panic!("asked too early"));
+        assert!(c.events.is_empty() && c.namespaces.contains(&7));
+        let c = s.check_with(4 * SEC, |netns, _| {
+            assert_eq!(netns, 7);
+            Some(sample(0, 0))
+        });
+        assert_eq!(kinds(&c), ["history", "stuck"]);
+        assert_eq!(c.watch, [(0xa, 1)]);
+        // Still stuck: nothing new.
+        assert!(
+            s.check_with(5 * SEC, |_, _| Some(sample(0, 0)))
+                .events
+                .is_empty()
+        );
+        // Data came: one progress, and it is not asked about again.
+        let c = s.check_with(6 * SEC, |_, _| Some(sample(6, 0)));
+        assert_eq!(kinds(&c), ["received"]);
+        assert!(
+            s.check_with(7 * SEC, |_, _| panic!("asked again"))
+                .events
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_connection_seen_moving_is_never_sent() {
+        let mut s = StallCheck::new(Duration::from_secs(3));
+        s.snapshot = vec![(0xa, history(41000, false, SEC))];
+        assert!(
+            s.check_with(5 * SEC, |_, _| Some(sample(10, 0)))
+                .events
+                .is_empty()
+        );
+        assert!(
+            s.check_with(6 * SEC, |_, _| panic!("asked again"))
+                .events
+                .is_empty()
+        );
+        // The address reused by a new connection is a new connection.
+        let mut h = history(41002, false, 7 * SEC);
+        h.started_ns = 2;
+        s.snapshot = vec![(0xa, h)];
+        let c = s.check_with(11 * SEC, |_, _| Some(sample(0, 0)));
+        assert_eq!(kinds(&c), ["history", "stuck"]);
+    }
+
+    #[test]
+    fn a_server_is_stuck_until_a_process_holds_it() {
+        let mut s = StallCheck::new(Duration::from_secs(3));
+        s.snapshot = vec![(0xb, history(3306, true, SEC))];
+        let c = s.check_with(5 * SEC, |_, _| Some(sample(0, 0)));
+        assert_eq!(kinds(&c), ["history", "stuck"]);
+        let c = s.check_with(6 * SEC, |_, _| Some(sample(0, 12345)));
+        assert_eq!(kinds(&c), ["accepted"]);
+        // One the kernel saw accepted is not asked about.
+        let mut h = history(3306, true, SEC);
+        h.flags |= flags::ACCEPTED;
+        let mut s = StallCheck::new(Duration::from_secs(3));
+        s.snapshot = vec![(0xc, h)];
+        assert!(
+            s.check_with(5 * SEC, |_, _| panic!("asked"))
+                .events
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn gone_handshakes_and_stalls_off_ask_nothing() {
+        let mut s = StallCheck::new(Duration::from_secs(3));
+        s.snapshot = vec![
+            (0xa, history(41000, false, SEC)),
+            (0xd, history(0, false, 0)),
+        ];
+        // Gone when asked (it closed between the batch read and the question).
+        let c = s.check_with(5 * SEC, |_, _| None);
+        assert!(c.events.is_empty() && c.watch.is_empty());
+        let mut off = StallCheck::new(Duration::ZERO);
+        off.snapshot = s.snapshot.clone();
+        let c = off.check_with(99 * SEC, |_, _| panic!("stalls are off"));
+        assert!(c.events.is_empty());
+        assert_eq!(
+            c.namespaces.len(),
+            1,
+            "handshakes in progress name no namespace"
+        );
+    }
+
+    #[test]
+    fn the_history_of_a_tuple_is_found_in_its_namespace() {
+        let mut s = StallCheck::new(Duration::from_secs(3));
+        s.snapshot = vec![(0xa, history(41000, false, SEC))];
+        let t = four_tuple(&s.snapshot[0].1.tuple);
+        assert_eq!(s.history_of(Some(7), &t).map(|(sk, _)| sk), Some(0xa));
+        assert_eq!(s.history_of(Some(8), &t), None);
     }
 }
