@@ -34,6 +34,7 @@ struct Need {
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_SYSLOG: u32 = 34;
@@ -68,6 +69,11 @@ const NAMING: &[Need] = &[
         bit: CAP_NET_ADMIN,
         name: "CAP_NET_ADMIN",
         why: "firewall rules are not named (`nft` needs it)",
+    },
+    Need {
+        bit: CAP_NET_RAW,
+        name: "CAP_NET_RAW",
+        why: "iptables-legacy rules are not named (`iptables-legacy-save` opens a raw socket)",
     },
     Need {
         bit: CAP_SYS_ADMIN,
@@ -183,22 +189,35 @@ fn privilege_error(trace: &[&Need], naming: &[&Need]) -> String {
             names(naming)
         );
     }
-    msg + ": run as root, or give the binary `setcap cap_bpf,cap_perfmon,cap_dac_read_search,cap_net_admin,cap_sys_admin,cap_sys_ptrace,cap_syslog+ep`; see README, \"Requirements\""
+    msg + ": run as root, or give the binary `setcap cap_bpf,cap_perfmon,cap_dac_read_search,cap_net_admin,cap_net_raw,cap_sys_admin,cap_sys_ptrace,cap_syslog+ep`; see README, \"Requirements\""
 }
 
-/// Run with file capabilities (setcap) instead of root, the children conntrace starts (`nft`,
-/// to read rule counters) would not inherit CAP_NET_ADMIN: raise it into the inheritable and
-/// ambient sets of this thread, the one that starts them. Root needs nothing of the kind.
-fn pass_net_admin_to_children() {
+/// Run with file capabilities (setcap) instead of root, the children conntrace starts to read
+/// rule counters would not inherit what they need: `nft` and `iptables-*-save` CAP_NET_ADMIN,
+/// `iptables-legacy-save` also CAP_NET_RAW (its raw socket) and CAP_DAC_READ_SEARCH
+/// (`/proc/net/ip_tables_names` is `0440 root`). Raise each one this process has into the
+/// inheritable and ambient sets of this thread, the one that starts them. Root needs nothing
+/// of the kind.
+fn pass_caps_to_children(eff: u64) {
     use caps::{CapSet, Capability};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return;
     }
-    let raised = caps::raise(None, CapSet::Inheritable, Capability::CAP_NET_ADMIN)
-        .and_then(|()| caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN));
-    if let Err(error) = raised {
-        tracing::warn!(%error, "cannot pass CAP_NET_ADMIN to `nft`: firewall rules will not be named");
+    let wanted = [
+        (CAP_NET_ADMIN, Capability::CAP_NET_ADMIN),
+        (CAP_NET_RAW, Capability::CAP_NET_RAW),
+        (CAP_DAC_READ_SEARCH, Capability::CAP_DAC_READ_SEARCH),
+    ];
+    for (bit, cap) in wanted {
+        if eff & (1 << bit) == 0 {
+            continue;
+        }
+        let raised = caps::raise(None, CapSet::Inheritable, cap)
+            .and_then(|()| caps::raise(None, CapSet::Ambient, cap));
+        if let Err(error) = raised {
+            tracing::warn!(%error, "cannot pass {cap} to the firewall listing tools: rules may not be named");
+        }
     }
 }
 
@@ -220,11 +239,8 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let (trace, naming) = missing_caps(
-        effective_caps(),
-        tracefs_readable(),
-        kallsyms_addresses_visible(),
-    );
+    let eff = effective_caps();
+    let (trace, naming) = missing_caps(eff, tracefs_readable(), kallsyms_addresses_visible());
     if !trace.is_empty() {
         eprintln!("{}", privilege_error(&trace, &naming));
         return ExitCode::from(exit::PRIVILEGES);
@@ -232,9 +248,7 @@ fn main() -> ExitCode {
     for need in &naming {
         tracing::warn!("without {}: {}", need.name, need.why);
     }
-    if !naming.iter().any(|n| n.bit == CAP_NET_ADMIN) {
-        pass_net_admin_to_children();
-    }
+    pass_caps_to_children(eff);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -324,6 +338,7 @@ mod tests {
     const ALL: u64 = (1 << CAP_BPF)
         | (1 << CAP_PERFMON)
         | (1 << CAP_NET_ADMIN)
+        | (1 << CAP_NET_RAW)
         | (1 << CAP_SYS_ADMIN)
         | (1 << CAP_SYS_PTRACE)
         | (1 << CAP_SYSLOG)
@@ -345,7 +360,7 @@ mod tests {
             missing(0, false, false),
             (
                 "CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH".to_owned(),
-                "CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG".to_owned()
+                "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG".to_owned()
             )
         );
         let (trace, naming) = missing_caps(0, false, false);
@@ -369,12 +384,12 @@ mod tests {
             missing(eff, true, true),
             (
                 String::new(),
-                "CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE".to_owned()
+                "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE".to_owned()
             )
         );
         assert_eq!(
             missing(eff, true, false).1,
-            "CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG"
+            "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG"
         );
     }
 }

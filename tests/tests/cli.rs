@@ -148,8 +148,7 @@ fn a_metrics_address_in_use_fails_before_loading_anything() {
 }
 
 /// The file capabilities the README's setcap line gives (each one's reason is there).
-const DOCUMENTED_CAPS: &str =
-    "cap_bpf,cap_perfmon,cap_dac_read_search,cap_net_admin,cap_sys_admin,cap_sys_ptrace,cap_syslog";
+const DOCUMENTED_CAPS: &str = "cap_bpf,cap_perfmon,cap_dac_read_search,cap_net_admin,cap_net_raw,cap_sys_admin,cap_sys_ptrace,cap_syslog";
 
 /// A copy of the binary with file capabilities `caps`, in a directory `nobody` can enter.
 fn with_file_caps(caps: &str) -> (TempDir, PathBuf) {
@@ -271,7 +270,12 @@ fn file_capabilities_instead_of_root_are_enough() {
 fn without_the_naming_capabilities_it_traces_and_says_what_is_not_named() {
     require_root();
     let run = dropped_connection_as_nobody("cap_bpf,cap_perfmon,cap_dac_read_search");
-    for cap in ["CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE"] {
+    for cap in [
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+    ] {
         assert!(
             run.stderr.contains(&format!("without {cap}: ")),
             "{cap} not named: {}",

@@ -20,6 +20,7 @@ const CAPS: &[&str] = &[
     "BPF",
     "PERFMON",
     "NET_ADMIN",
+    "NET_RAW",
     "SYS_ADMIN",
     "SYS_PTRACE",
     "SYSLOG",
