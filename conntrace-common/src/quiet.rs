@@ -86,8 +86,7 @@ pub struct History {
     pub netns: u32,
     /// [`flags`] bits.
     pub flags: u32,
-    /// SYNs retransmitted (client; a SYN retransmission streams the connection).
-    pub syn_retransmits: u32,
+    pub _pad: u32,
     /// The connect()ing process's comm (client).
     pub comm: [u8; COMM_LEN],
 }

@@ -90,7 +90,7 @@ fn start(sk: u64, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
         pid: if server { 0 } else { (pid_tgid >> 32) as u32 },
         netns: netns.unwrap_or(0),
         flags: f,
-        syn_retransmits: 0,
+        _pad: 0,
         comm: if server { [0; 16] } else { current_comm() },
     };
     // BPF_ANY: a socket address reused before its old entry went is a new connection.
@@ -152,15 +152,6 @@ pub(crate) fn promote(prog: u32, cfg: &Config, sk: u64) {
         }
     }
     flush(sk, h);
-}
-
-/// Counts a SYN retransmission of a followed connection (it streams from now on).
-#[inline(always)]
-pub(crate) fn syn_retransmitted(sk: u64) {
-    if let Some(h) = CONNS.get_ptr_mut(&sk) {
-        // SAFETY: a live map value.
-        unsafe { (*h).syn_retransmits += 1 };
-    }
 }
 
 /// accept() returned `sk` (fentry path): remembered; true when the connection is followed

@@ -94,7 +94,6 @@ pub fn conn_history(sk: u64, h: &conntrace_common::quiet::History, ts_ns: u64) -
             None
         },
         orderly: h.flags & flags::ORDERLY != 0,
-        syn_retransmits: h.syn_retransmits,
     }
 }
 
@@ -163,6 +162,8 @@ impl Decoder {
                 meta: meta(&e.header),
                 sk: e.sk,
                 rx_sk: e.rx_sk,
+                sk_port: (e.sk != 0 && e.header.unread & unread::SK_PORT == 0)
+                    .then_some(e.sk_port as u16),
                 packet: four_tuple(&e.tuple),
                 reason: self
                     .drop_reasons
@@ -285,7 +286,7 @@ mod tests {
                 pid: 0,
                 netns: 4_026_532_000,
                 flags: flags::SERVER | flags::ORDERLY | flags::ACCEPTED,
-                syn_retransmits: 0,
+                _pad: 0,
                 comm: [0; 16],
             },
         };

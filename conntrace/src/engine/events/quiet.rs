@@ -81,7 +81,6 @@ fn merge(c: &mut Conn, h: &ConnHistory) {
     if c.netns.is_none() {
         c.netns = h.meta.netns;
     }
-    c.syn_retransmits = c.syn_retransmits.max(h.syn_retransmits);
     if let Some(at) = h.established_ns {
         c.establish(at);
         if c.state == TcpState::SynSent || c.state == TcpState::SynRecv {

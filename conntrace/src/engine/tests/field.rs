@@ -78,6 +78,7 @@ fn drop(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str, at: &str) 
         meta: softirq(ts),
         sk,
         rx_sk: 0,
+        sk_port: None,
         packet,
         reason: DropReason::new(reason),
         location: at.into(),
