@@ -80,14 +80,15 @@ pub struct History {
     pub accepted_ns: u64,
     /// The connection's addresses and ports, local end first, as of its last state change.
     pub tuple: Tuple,
-    /// Client: the connect()ing process (the task current at SYN_SENT); server: 0.
+    /// Client: the connect()ing process (the task current at SYN_SENT); server: the process
+    /// that closed it (the task current at FIN_WAIT1 while it held the socket), else 0.
     pub pid: u32,
     /// Network namespace inode.
     pub netns: u32,
     /// [`flags`] bits.
     pub flags: u32,
     pub _pad: u32,
-    /// The connect()ing process's comm (client).
+    /// That process's comm.
     pub comm: [u8; COMM_LEN],
 }
 

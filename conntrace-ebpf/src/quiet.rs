@@ -279,6 +279,12 @@ pub(crate) fn on_state(
             h.flags |= flags::ORDERLY;
             if h.flags & flags::SERVER != 0 && owned(prog, &cfg.offsets, sk) {
                 h.flags |= flags::ACCEPTED;
+                if new == state::FIN_WAIT1 && h.pid == 0 {
+                    // close() runs in the process that holds the socket: the server's process,
+                    // where no accept hook named it.
+                    h.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                    h.comm = current_comm();
+                }
             }
             true
         }

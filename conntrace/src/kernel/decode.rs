@@ -63,17 +63,11 @@ fn meta(h: &EventHeader) -> Meta {
 pub fn conn_history(sk: u64, h: &conntrace_common::quiet::History, ts_ns: u64) -> ConnHistory {
     use conntrace_common::quiet::flags;
     let server = h.flags & flags::SERVER != 0;
-    let proc = if server {
-        Proc {
-            pid: 0,
-            comm: compact_str::CompactString::default(),
-        }
-    } else {
-        let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
-        Proc {
-            pid: h.pid,
-            comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
-        }
+    // A server's process is known only when it closed the socket itself (pid 0 otherwise).
+    let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
+    let proc = Proc {
+        pid: h.pid,
+        comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
     };
     ConnHistory {
         meta: Meta {

@@ -117,7 +117,8 @@ pub enum Accepted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnHistory {
     /// When the history was written; the connection's namespace; the connect()ing process
-    /// for a client (a server's is pid 0 with an empty comm).
+    /// for a client, the process that closed it for a server (pid 0 with an empty comm when
+    /// none did yet).
     pub meta: Meta,
     pub sk: u64,
     pub server: bool,
