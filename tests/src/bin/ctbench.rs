@@ -9,12 +9,15 @@
 //! `--phase-ms`. Rounds interleave the modes and the medians are compared, so drifts of the
 //! machine hit all alike. Each mode also gets its CPU per connection (client + server +
 //! tracer), which moves much less with the machine's other load than throughput.
-//! A last, paced phase measures conntrace's own CPU at about 10,000 kernel events a second.
+//! A paced phase measures conntrace's own CPU at about 10,000 kernel events a second, and a
+//! last phase with `conntrace --bpf-stats` what each program costs per connection (costs.rs).
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
 
 // A binary's root resolves modules beside it: these live in ctbench/.
 #[path = "ctbench/btf.rs"]
 mod btf;
+#[path = "ctbench/costs.rs"]
+mod costs;
 #[path = "ctbench/hooks.rs"]
 mod hooks;
 
@@ -403,6 +406,7 @@ fn main() {
     println!(
         "conntrace at {events:.0} kernel events/s (paced churn): {pct:.2}% of one core (target ≤ 5% at 10k events/s)"
     );
+    costs::report(phase_ms, parallel, without);
     for line in absent {
         println!("{line}");
     }
