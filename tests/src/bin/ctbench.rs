@@ -5,7 +5,7 @@
 //! conntrace (release build, `CONNTRACE_BIN`) tracing the churned port, a different port,
 //! bpftrace with a light tracepoint script (`bpftrace`), bpftrace with one counting probe on
 //! each hook conntrace attaches (`bpftrace-hooks`, generated from conntrace's `ready` record
-//! before the rounds: hooks.rs), or bcc's `tcpstates` where it runs, and churns for
+//! before the rounds: hooks.rs, bpftrace.rs), or bcc's `tcpstates` where it runs, and churns for
 //! `--phase-ms`. Rounds interleave the modes and the medians are compared, so drifts of the
 //! machine hit all alike. Each mode also gets its CPU per connection (client + server +
 //! tracer), which moves much less with the machine's other load than throughput.
@@ -14,6 +14,8 @@
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
 
 // A binary's root resolves modules beside it: these live in ctbench/.
+#[path = "ctbench/bpftrace.rs"]
+mod bpftrace;
 #[path = "ctbench/btf.rs"]
 mod btf;
 #[path = "ctbench/costs.rs"]
@@ -225,7 +227,7 @@ fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Option<Strin
     let mut hooks_script = None;
     if Command::new("bpftrace").arg("--version").output().is_ok() {
         modes.push("bpftrace");
-        match hooks::prepare(without) {
+        match bpftrace::prepare(without) {
             Ok(script) => {
                 modes.push("bpftrace-hooks");
                 hooks_script = Some(script);
@@ -266,14 +268,14 @@ fn phase(
         _ => None,
     };
     let hooks_peer = (mode == "bpftrace-hooks").then(|| {
-        hooks::start(hooks_script.expect("bpftrace-hooks script"))
+        bpftrace::start(hooks_script.expect("bpftrace-hooks script"))
             .unwrap_or_else(|why| panic!("bpftrace-hooks: {why}"))
     });
     let tracer_pid = ct
         .as_ref()
         .map(Conntrace::pid)
         .or(peer.as_ref().map(Proc::pid))
-        .or(hooks_peer.as_ref().map(hooks::Running::pid));
+        .or(hooks_peer.as_ref().map(bpftrace::Running::pid));
     let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
     let cpu_before = tracer_cpu();
     let server_before = cpu_seconds(setup.server.pid());

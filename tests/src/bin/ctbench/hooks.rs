@@ -2,18 +2,10 @@
 //! record lists them, each counting its runs per hook (`@hits[probe] = count()`) and, where the
 //! hook's arguments carry ports, filtered by the traced port in the kernel as conntrace's
 //! programs are. It follows whatever hooks conntrace reports at run time: classic tracepoints,
-//! fentry/fexit (bpftrace's kfunc/kretfunc), raw (BTF) tracepoints and kprobes. A hook bpftrace
-//! cannot attach is left out, with bpftrace's reason.
+//! fentry/fexit (bpftrace's kfunc/kretfunc), raw (BTF) tracepoints and kprobes. This module
+//! writes the script; bpftrace.rs runs it, and leaves out a hook bpftrace cannot attach.
 
-use std::{
-    io::{BufRead, BufReader, Read},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
-
-use conntrace_tests::{Conntrace, PORT, Proc};
+use std::path::{Path, PathBuf};
 
 use super::btf::{Btf, Param};
 
@@ -237,181 +229,6 @@ pub fn plan(attaches: &[String]) -> (Vec<Hook>, Vec<String>) {
     (hooks, left_out)
 }
 
-/// Spawns bpftrace on `script` with piped output; lines of stdout and stderr arrive on the
-/// channel (each reader thread runs until bpftrace exits, so it never blocks on a full pipe).
-fn spawn(script: &str) -> Result<(Proc, mpsc::Receiver<String>), String> {
-    let mut proc = Proc::from(
-        Command::new("bpftrace")
-            .args(["-e", script])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("bpftrace: {e}"))?,
-    );
-    let (tx, rx) = mpsc::channel();
-    let out: Box<dyn Read + Send> = Box::new(proc.child.stdout.take().expect("piped stdout"));
-    let err: Box<dyn Read + Send> = Box::new(proc.child.stderr.take().expect("piped stderr"));
-    for pipe in [out, err] {
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                tx.send(line).ok();
-            }
-        });
-    }
-    Ok((proc, rx))
-}
-
-/// bpftrace's reason in `lines`: its first error that is not the RLIMIT_MEMLOCK notice it
-/// prints on kernels that no longer charge BPF memory to it.
-fn reason(lines: &[String], fallback: String) -> String {
-    lines
-        .iter()
-        .find(|l| (l.contains("ERROR") || l.contains("FATAL")) && !l.contains("RLIMIT_MEMLOCK"))
-        .map_or(fallback, |l| l.trim().to_owned())
-}
-
-/// Why bpftrace cannot attach this one probe, or `None` when it can: it runs the probe alone
-/// with `BEGIN { exit(); }` (BEGIN runs once every probe is attached).
-pub fn refused(probe: &str) -> Option<String> {
-    let (mut proc, rx) = match spawn(&format!("{probe}\nBEGIN {{ exit(); }}\n")) {
-        Ok(p) => p,
-        Err(why) => return Some(why),
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        match proc.child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => break None,
-        }
-    };
-    proc.kill();
-    let lines = rest(&rx);
-    match status {
-        Some(s) if s.success() => None,
-        Some(s) => Some(reason(&lines, format!("bpftrace exited with {s}"))),
-        None => Some("bpftrace did not attach within 60 s".to_owned()),
-    }
-}
-
-/// Every line still to come from an exited bpftrace (its readers end at end of file), waiting
-/// a second at most.
-fn rest(rx: &mpsc::Receiver<String>) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let mut lines = Vec::new();
-    while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        lines.push(line);
-    }
-    lines
-}
-
-/// A bpftrace attached to the hooks; its lines wait on the channel until [`Running::hits`].
-pub struct Running {
-    proc: Proc,
-    lines: mpsc::Receiver<String>,
-}
-
-/// Starts bpftrace on `script` and waits until it has attached: its `Attaching N probes` line,
-/// and still running a moment later (a failed attach ends it with an error).
-pub fn start(script: &str) -> Result<Running, String> {
-    let (mut proc, rx) = spawn(script)?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.starts_with("Attach") => break,
-            Ok(line) => seen.push(line),
-            Err(_) => {
-                proc.kill();
-                seen.extend(rest(&rx));
-                return Err(reason(&seen, "no `Attaching N probes` line".to_owned()));
-            }
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    if let Ok(Some(status)) = proc.child.try_wait() {
-        seen.extend(rest(&rx));
-        return Err(reason(&seen, format!("bpftrace exited with {status}")));
-    }
-    Ok(Running { proc, lines: rx })
-}
-
-impl Running {
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    /// Stops bpftrace with SIGINT and returns what it counted, per probe, as it prints its
-    /// `@hits[PROBE]: N` lines at exit.
-    pub fn hits(mut self) -> Vec<(String, u64)> {
-        self.proc.signal(libc::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.proc.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.proc.kill();
-        rest(&self.lines)
-            .iter()
-            .filter_map(|l| {
-                let (probe, n) = l.strip_prefix("@hits[")?.split_once("]: ")?;
-                Some((probe.to_owned(), n.trim().parse().ok()?))
-            })
-            .collect()
-    }
-}
-
-/// Starts conntrace once (`--port PORT`, and `--without` as the traced phases have it), reads
-/// the hooks its `ready` record lists under `programs`, stops it, and builds the script from
-/// the hooks bpftrace can attach. Prints the probes once, and a line for each hook left out.
-pub fn prepare(without: Option<&str>) -> Result<String, String> {
-    let port = PORT.to_string();
-    let mut args = vec!["--port", port.as_str()];
-    if let Some(without) = without {
-        args.extend(["--without", without]);
-    }
-    let ct = Conntrace::start(&args);
-    let ready = ct.ready();
-    ct.stop();
-    let attaches: Vec<String> = ready["programs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["attach"].as_str().map(str::to_owned))
-        .collect();
-    let (hooks, mut left_out) = plan(&attaches);
-    let hooks: Vec<Hook> = hooks
-        .into_iter()
-        .filter(|h| match refused(&h.probe(PORT)) {
-            Some(why) => {
-                left_out.push(format!("{}: {why}", h.attach));
-                false
-            }
-            None => true,
-        })
-        .collect();
-    for line in &left_out {
-        println!("bpftrace-hooks: left out {line}");
-    }
-    if hooks.is_empty() {
-        return Err("bpftrace attaches none of conntrace's hooks".to_owned());
-    }
-    let script = script(&hooks, PORT);
-    println!(
-        "bpftrace-hooks: {} probes, on {} of the {} hooks conntrace attached:",
-        hooks.len(),
-        hooks.len(),
-        attaches.len()
-    );
-    for line in script.lines() {
-        println!("  {line}");
-    }
-    // Every probe attached alone; make sure they also do together.
-    drop(start(&script)?);
-    Ok(script)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -558,18 +375,5 @@ print fmt: \"family=%s\"
                 ("__data_loc char[]", "name"),
             ]
         );
-    }
-
-    #[test]
-    fn the_first_real_error_is_the_reason() {
-        let lines = [
-            "ERROR: Unknown error -1: couldn't set RLIMIT_MEMLOCK for bpftrace.".to_owned(),
-            "stdin:1:1-26: ERROR: kfunc/kretfunc not available for your kernel version.".to_owned(),
-        ];
-        assert_eq!(
-            reason(&lines, "exited".into()),
-            "stdin:1:1-26: ERROR: kfunc/kretfunc not available for your kernel version."
-        );
-        assert_eq!(reason(&lines[..1], "exited".into()), "exited");
     }
 }
