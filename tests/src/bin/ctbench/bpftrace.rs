@@ -11,7 +11,7 @@ use std::{
 
 use conntrace_tests::{Conntrace, PORT, Proc};
 
-use super::hooks::{Hook, plan, script};
+use super::hooks::{Hook, classic_twin, plan, script};
 
 /// Spawns bpftrace on `script` with piped output; lines of stdout and stderr arrive on the
 /// channel (each reader thread runs until bpftrace exits, so it never blocks on a full pipe).
@@ -152,7 +152,8 @@ impl Running {
 
 /// Starts conntrace once (`--port PORT`, and `--without` as the traced phases have it), reads
 /// the hooks its `ready` record lists under `programs`, stops it, and builds the script from
-/// the hooks bpftrace can attach. Prints the probes once, and a line for each hook left out.
+/// the hooks bpftrace can attach (a raw tracepoint it refuses on the classic tracepoint of the
+/// same name). Prints the probes once, and a line for each hook left out or moved.
 pub fn prepare(without: Option<&str>) -> Result<String, String> {
     let port = PORT.to_string();
     let mut args = vec!["--port", port.as_str()];
@@ -174,16 +175,32 @@ pub fn prepare(without: Option<&str>) -> Result<String, String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    let mut twins = Vec::new();
     let hooks: Vec<Hook> = hooks
         .into_iter()
-        .filter(|h| match refused(&h.probe(PORT)) {
-            Some(why) => {
-                left_out.push(format!("{}: {version} refuses it: {why}", h.attach));
-                false
+        .filter_map(|h| {
+            let Some(why) = refused(&h.probe(PORT)) else {
+                return Some(h);
+            };
+            let why = format!("{}: {version} refuses it: {why}", h.attach);
+            match classic_twin(&h).filter(|t| refused(&t.probe(PORT)).is_none()) {
+                Some(twin) => {
+                    twins.push(format!(
+                        "{why}; counted on {} instead (the same site; the record is built per run)",
+                        twin.kind.point()
+                    ));
+                    Some(twin)
+                }
+                None => {
+                    left_out.push(why);
+                    None
+                }
             }
-            None => true,
         })
         .collect();
+    for line in &twins {
+        println!("bpftrace-hooks: {line}");
+    }
     for line in &left_out {
         println!("bpftrace-hooks: left out {line}");
     }

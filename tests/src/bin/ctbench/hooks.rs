@@ -174,6 +174,31 @@ fn format_fields(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// For a raw (BTF) tracepoint hook, the classic tracepoint of the same name (its category
+/// found in tracefs): the same site in the kernel, for a bpftrace without raw tracepoints
+/// (before 0.20). The classic one also builds the trace record on every run.
+pub fn classic_twin(hook: &Hook) -> Option<Hook> {
+    let Kind::RawTracepoint(name) = &hook.kind else {
+        return None;
+    };
+    let events = std::fs::read_dir(tracefs().join("events")).ok()?;
+    let category = events
+        .filter_map(Result::ok)
+        .find(|e| e.path().join(name).join("format").exists())?
+        .file_name()
+        .into_string()
+        .ok()?;
+    let fields = tracepoint_fields(&category, name).ok()?;
+    Some(Hook {
+        attach: hook.attach.clone(),
+        kind: Kind::Tracepoint {
+            category,
+            name: name.clone(),
+        },
+        port: tracepoint_access(&fields),
+    })
+}
+
 /// The hooks to probe for conntrace's attach descriptions (each once, in order), and a line
 /// for each one left out saying why.
 pub fn plan(attaches: &[String]) -> (Vec<Hook>, Vec<String>) {
