@@ -17,6 +17,18 @@ fn refused_connection(hosts: &conntrace_tests::TwoHosts, ct: &Conntrace) {
     });
 }
 
+/// The name of the program that serves `lifecycle` (a tracepoint or a tp_btf program).
+fn lifecycle_program(ready: &Value) -> String {
+    ready["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["capability"] == "lifecycle")
+        .and_then(|p| p["name"].as_str())
+        .expect("a lifecycle program in the ready record")
+        .to_owned()
+}
+
 #[test]
 fn the_summary_lists_each_programs_runs_and_run_time() {
     let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306", "--bpf-stats"]);
@@ -34,9 +46,10 @@ fn the_summary_lists_each_programs_runs_and_run_time() {
     };
     let active = ready["programs"].as_array().expect("ready programs");
     assert_eq!(names(programs, "program"), names(active, "name"));
+    let name = lifecycle_program(&ready);
     let lifecycle = programs
         .iter()
-        .find(|p| p["program"] == "inet_sock_set_state")
+        .find(|p| p["program"] == name.as_str())
         .expect("the lifecycle program");
     // Both ends' CLOSE -> SYN_SENT/SYN_RECV -> CLOSE, at least.
     assert!(lifecycle["runs"].as_u64() >= Some(2), "{lifecycle}");
@@ -69,6 +82,22 @@ fn run_count(id: u64) -> u64 {
         .unwrap_or(0)
 }
 
+/// The ids of the programs process `pid` holds, from its descriptors' fdinfo (`prog_id:`):
+/// other conntrace processes on the machine load programs of the same names.
+fn program_ids_of(pid: u32) -> Vec<u64> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(Result::ok)
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("prog_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect()
+}
+
 #[test]
 fn statistics_end_when_conntrace_is_killed() {
     require_root();
@@ -80,13 +109,14 @@ fn statistics_end_when_conntrace_is_killed() {
     let Scenario { hosts, .. } = Scenario::new();
     // A conntrace without the flag, whose lifecycle program counts runs only while another
     // process holds the statistics on.
-    let before: Vec<u64> = programs().iter().filter_map(|p| p["id"].as_u64()).collect();
     let plain = Conntrace::start(&["--port", "3306"]);
+    let name = lifecycle_program(&plain.ready());
+    let owned = program_ids_of(plain.pid());
     let id = programs()
         .iter()
-        .filter(|p| p["name"] == "inet_sock_set_state")
+        .filter(|p| p["name"] == name.as_str())
         .filter_map(|p| p["id"].as_u64())
-        .find(|id| !before.contains(id))
+        .find(|id| owned.contains(id))
         .expect("the plain conntrace's lifecycle program");
     let with_stats = Conntrace::start(&["--port", "3306", "--bpf-stats"]);
     refused_connection(&hosts, &plain);
