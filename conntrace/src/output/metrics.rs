@@ -27,6 +27,8 @@ use tracing::debug;
 
 use super::Record;
 
+mod bpf;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     side: String,
@@ -50,6 +52,8 @@ pub struct Metrics {
     ring_peak: Gauge,
     /// Tracing: between the `ready` record and the summary.
     tracing: AtomicBool,
+    /// What conntrace's programs cost the kernel (`--bpf-stats` only).
+    bpf_programs: bpf::ProgramCosts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +100,8 @@ impl Metrics {
             "Size of the kernel ring buffer",
             size,
         );
+        let bpf_programs = bpf::ProgramCosts::default();
+        registry.register_collector(Box::new(bpf_programs.clone()));
         Self {
             registry,
             verdicts,
@@ -103,6 +109,7 @@ impl Metrics {
             lost,
             ring_peak,
             tracing: AtomicBool::new(false),
+            bpf_programs,
         }
     }
 
@@ -136,6 +143,12 @@ impl Metrics {
 
     pub fn set_ring_peak(&self, bytes: u64) {
         self.ring_peak.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// What each program cost the kernel so far (`--bpf-stats`): from the first call on, the
+    /// `conntrace_bpf_program_*` metrics are exposed.
+    pub fn set_program_costs(&self, costs: Vec<crate::kernel::stats::ProgramCost>) {
+        self.bpf_programs.set(costs);
     }
 
     /// The exposition text.
@@ -284,6 +297,7 @@ mod tests {
             tcp_counters: Default::default(),
             read_failures: Default::default(),
             all_ports: false,
+            programs: None,
         }));
         assert_eq!(healthz(&m).0, 503);
     }
