@@ -19,6 +19,9 @@ pub mod maps {
     /// `HashMap<u64, u64>`: sockets userspace wants to follow (a stall it reported), by socket
     /// address; the value is the connection's `started_ns`.
     pub const WATCH: &str = "WATCH";
+    /// `Array<u32>` of one entry: non-zero once userspace has watched a connection, so that
+    /// the kernel looks `WATCH` up only then.
+    pub const WATCHING: &str = "WATCHING";
     /// `PerCpuArray<u64>`: [`super::counts`].
     pub const COUNTS: &str = "COUNTS";
     /// `PerCpuArray<u64>`: client handshake times by [`super::latency_bucket`].
