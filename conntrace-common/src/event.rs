@@ -531,7 +531,7 @@ mod tests {
             ifindex: 2,
             icmp: NOT_ICMP,
             mtu: 0,
-            _pad: 0,
+            sk_port: 0,
             stack: [0xffff_ffff_8100_0010; DROP_STACK_DEPTH],
         };
         assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));
