@@ -58,7 +58,7 @@ pub struct Ready {
     pub unavailable: Vec<Unavailable>,
     /// The kernel release.
     pub kernel: String,
-    /// Capability → attach path in use (`tracepoint`, `fentry`, `fexit`).
+    /// Capability → attach path in use (`tracepoint`, `tp_btf`, `fentry`, `fexit`).
     pub attach_paths: BTreeMap<String, String>,
     pub kernel_features: KernelFeatures,
     pub ring_buffer_bytes: u32,

@@ -117,9 +117,9 @@ pub const REASONS: &[ReasonDoc] = &[
     doc!(
         NetfilterReject,
         "netfilter_reject",
-        "server",
+        "client, server",
         "drops.rs",
-        "As netfilter_drop, and the rule whose counter moved is a REJECT: detail.reject_with is its answer.",
+        "As netfilter_drop, and the rule whose counter moved is a REJECT: detail.reject_with is its answer. Server: a REJECT answered the client's SYN. Client: its own OUTPUT chain rejected the SYN (e.g. kube-proxy's REJECT for a Service without endpoints); the application saw the REJECT's answer (ECONNREFUSED, EHOSTUNREACH).",
         "a firewall REJECT rule answered the SYN (see detail.reject_with and detail.rule): allow the port if the service should be reachable"
     ),
     doc!(
@@ -207,7 +207,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "stalled_no_greeting",
         "client",
         "stalls.rs",
-        "Established for --stall-timeout with no byte received (sock:sk_data_ready) and none sent (sock:sock_send_length). One follow-up: resolved when data comes, failed when the connection ends.",
+        "Established for --stall-timeout with no byte received and none sent: when connections stream, from the first-data hooks (sock:sk_data_ready, sock:sock_send_length); in quiet mode (the default), from a check every 100 ms that asks sock_diag about connections past the timeout (tcpi_bytes_received, data sent). One follow-up: resolved when data comes, failed when the connection ends.",
         "connected, but the server never spoke first (MySQL, SMTP, ...): on the server, look for syncookie_ack_lost, listen_overflow or not_accepted; the server may have no socket for this connection"
     ),
     doc!(
@@ -223,7 +223,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "not_accepted",
         "server",
         "stalls.rs",
-        "The child socket was established for --stall-timeout and accept() had not returned it. Resolved when accept() does.",
+        "The child socket was established for --stall-timeout and accept() had not returned it: when connections stream, from the accept hooks; in quiet mode, no process held the socket (sock_diag's idiag_inode) at a check (every 100 ms). Resolved when accept() does.",
         "the kernel finished the handshake but the application has not called accept(): it is stopped, blocked or overloaded"
     ),
     doc!(
@@ -312,6 +312,68 @@ mod tests {
         for code in codes {
             assert!(REASONS.iter().any(|d| d.code == code), "{code} has no row");
         }
+    }
+
+    /// The rows of README.md's table of reasons (section `## Reasons`): each row's code and
+    /// sides, `both` standing for client and server.
+    fn readme_rows() -> Vec<(String, Vec<String>)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).expect("read README.md");
+        let (_, section) = readme
+            .split_once("\n## Reasons\n")
+            .expect("README.md has a `## Reasons` section");
+        let section = section.split("\n#").next().unwrap_or(section);
+        section
+            .lines()
+            .filter_map(|line| {
+                let (code, rest) = line.strip_prefix("| `")?.split_once("` |")?;
+                let sides = match rest.split('|').next()?.trim() {
+                    "both" => vec!["client".to_owned(), "server".to_owned()],
+                    side => vec![side.to_owned()],
+                };
+                Some((code.to_owned(), sides))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_table_has_every_reason_with_its_sides_in_this_order() {
+        let rows = readme_rows();
+        for d in REASONS {
+            let mut sides: Vec<String> = rows
+                .iter()
+                .filter(|(code, _)| code == d.code)
+                .flat_map(|(_, sides)| sides.iter().cloned())
+                .collect();
+            sides.sort();
+            sides.dedup();
+            assert!(
+                !sides.is_empty(),
+                "README.md's Reasons table has no row for `{}`",
+                d.code
+            );
+            let want: Vec<&str> = d.sides.split(", ").collect();
+            assert_eq!(
+                sides, want,
+                "README.md's Reasons table gives `{}` other sides than REASONS",
+                d.code
+            );
+        }
+        let mut order: Vec<&str> = Vec::new();
+        for (code, _) in &rows {
+            assert!(
+                Reason::from_code(code).is_some(),
+                "README.md's Reasons table has a row for `{code}`, which is no reason code"
+            );
+            if order.last() != Some(&code.as_str()) {
+                order.push(code);
+            }
+        }
+        let codes: Vec<&str> = REASONS.iter().map(|d| d.code).collect();
+        assert_eq!(
+            order, codes,
+            "README.md's Reasons table lists the reasons in REASONS' order, one group of rows each"
+        );
     }
 
     #[test]
