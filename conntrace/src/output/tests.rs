@@ -73,6 +73,7 @@ fn verdict(side: Side, reason: Reason, detail: Detail) -> Verdict {
         netns: Some(4_026_532_246),
         pid: None,
         comm: None,
+        container: None,
         duration_ms: 2040.5,
         syn_retransmits: 2,
         detail,
@@ -149,6 +150,7 @@ fn drop_record() -> DropRecord {
         netns: Some(4_026_532_177),
         pid: None,
         comm: None,
+        container: None,
     }
 }
 
@@ -166,18 +168,18 @@ fn json_ready() {
 fn json_verdicts() {
     assert_eq!(
         json_line(&Record::Verdict(&netfilter_drop())),
-        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"server","outcome":"failed","reason":"netfilter_drop","kernel_reason":"NETFILTER_DROP","errno":null,"saddr":"10.77.0.2","sport":3306,"daddr":"10.77.0.1","dport":40000,"netns":4026532246,"pid":null,"comm":null,"duration_ms":2040.5,"syn_retransmits":2,"detail":{"drops":[{"kernel_reason":"NETFILTER_DROP","direction":"in","tcp_flags":"SYN","count":3,"location":"nft_do_chain+0x3e8","hook":"INPUT"}],"hook":"INPUT","rule":{"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","packets":3},"dropped":3}}
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"server","outcome":"failed","reason":"netfilter_drop","kernel_reason":"NETFILTER_DROP","errno":null,"saddr":"10.77.0.2","sport":3306,"daddr":"10.77.0.1","dport":40000,"netns":4026532246,"pid":null,"comm":null,"container":null,"duration_ms":2040.5,"syn_retransmits":2,"detail":{"drops":[{"kernel_reason":"NETFILTER_DROP","direction":"in","tcp_flags":"SYN","count":3,"location":"nft_do_chain+0x3e8","hook":"INPUT"}],"hook":"INPUT","rule":{"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","packets":3},"dropped":3}}
 "#
     );
     // A fact the kernel could not read (here the namespace) is null, never 0.
     assert_eq!(
         json_line(&Record::Verdict(&syn_timeout())),
-        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"failed","reason":"syn_timeout","kernel_reason":"ETIMEDOUT","errno":"ETIMEDOUT","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":null,"pid":7211,"comm":"ct-client","duration_ms":3064.0,"syn_retransmits":2,"detail":{"closed_from":"TCP_SYN_SENT","cause":"kernel_gave_up","after_ms":3064.0}}
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"failed","reason":"syn_timeout","kernel_reason":"ETIMEDOUT","errno":"ETIMEDOUT","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":null,"pid":7211,"comm":"ct-client","container":null,"duration_ms":3064.0,"syn_retransmits":2,"detail":{"closed_from":"TCP_SYN_SENT","cause":"kernel_gave_up","after_ms":3064.0}}
 "#
     );
     assert_eq!(
         json_line(&Record::Verdict(&stalled())),
-        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"stalled","reason":"stalled_no_greeting","kernel_reason":"established, nothing received","errno":null,"saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532246,"pid":7221,"comm":"ct-client","duration_ms":0.074,"syn_retransmits":0,"detail":{"waited_ms":2030.5}}
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"stalled","reason":"stalled_no_greeting","kernel_reason":"established, nothing received","errno":null,"saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532246,"pid":7221,"comm":"ct-client","container":null,"duration_ms":0.074,"syn_retransmits":0,"detail":{"waited_ms":2030.5}}
 "#
     );
 }
@@ -186,7 +188,7 @@ fn json_verdicts() {
 fn json_drop_lost_and_summary() {
     assert_eq!(
         json_line(&Record::Drop(&drop_record())),
-        r#"{"event":"drop","ts":"2026-11-30T00:00:03.000000Z","direction":"in","kernel_reason":"TCP_ABORT_ON_DATA","location":"tcp_v4_do_rcv+0x7c","tcp_flags":"ACK|PSH","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532177,"pid":null,"comm":null}
+        r#"{"event":"drop","ts":"2026-11-30T00:00:03.000000Z","direction":"in","kernel_reason":"TCP_ABORT_ON_DATA","location":"tcp_v4_do_rcv+0x7c","tcp_flags":"ACK|PSH","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532177,"pid":null,"comm":null,"container":null}
 "#
     );
     let lost = Lost {
