@@ -1,4 +1,7 @@
-//! The event loop: ring buffer → decoder → reason engine → output, until the end of the run.
+//! The event loop: ring buffer → decoder → (namespace filter) → reason engine → (container
+//! identity) → output, until the end of the run.
+
+mod identity;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -11,13 +14,20 @@ use tracing::{debug, warn};
 use crate::{
     cli::Cli,
     engine::{Engine, EngineConfig, verdict::Verdict},
-    host::{counters::OverflowWatch, listeners::ListenerCache, rules::RuleCounters},
+    host::{
+        containers::{self, Identities},
+        counters::OverflowWatch,
+        listeners::ListenerCache,
+        rules::RuleCounters,
+    },
     kernel::{
         LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
     },
     output::metrics::{self, Metrics},
     output::{Clock, Final, Format, KernelFeatures, Lost, Output, OutputError, Ready, Record},
 };
+
+use self::identity::Identity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -39,19 +49,65 @@ fn kernel_features() -> KernelFeatures {
     }
 }
 
-/// Writes the engine's drop records, then `verdicts` (drops come first in time).
-fn write_verdicts(
-    out: &mut Output,
-    engine: &mut Engine,
-    verdicts: &[Verdict],
-) -> Result<(), OutputError> {
-    engine
-        .take_drops()
-        .iter()
-        .try_for_each(|d| out.write(&Record::Drop(d)))?;
-    verdicts
-        .iter()
-        .try_for_each(|v| out.write(&Record::Verdict(v)))
+/// Docker-compatible sockets tried when none is given: Docker's, then Podman's service.
+const DOCKER_SOCKETS: &[&str] = &["/var/run/docker.sock", "/run/podman/podman.sock"];
+/// containerd sockets tried when none is given: containerd's, then k3s's.
+const CONTAINERD_SOCKETS: &[&str] = &[
+    "/run/containerd/containerd.sock",
+    "/run/k3s/containerd/containerd.sock",
+];
+/// Bound on each call to a runtime's API.
+const API_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The container look-ups, unless `--no-containers`; a worker that cannot start leaves every
+/// `container` null (and `--container`/`--pod` selecting nothing).
+fn identities(cli: &Cli) -> Option<Identities> {
+    if cli.no_containers {
+        return None;
+    }
+    let or_default = |given: &[std::path::PathBuf], default: &[&str]| {
+        if given.is_empty() {
+            default.iter().map(Into::into).collect()
+        } else {
+            given.to_vec()
+        }
+    };
+    let select =
+        (!cli.containers.is_empty() || !cli.pods.is_empty()).then(|| containers::Selector {
+            containers: cli.containers.clone(),
+            pods: cli.pods.clone(),
+        });
+    let options = containers::Options {
+        docker_sockets: or_default(&cli.docker_sockets, DOCKER_SOCKETS),
+        containerd_sockets: or_default(&cli.containerd_sockets, CONTAINERD_SOCKETS),
+        api_timeout: API_TIMEOUT,
+        select,
+    };
+    Identities::start(options)
+        .inspect_err(
+            |error| warn!(%error, "start the container look-up thread: containers unnamed"),
+        )
+        .ok()
+}
+
+/// With `--container`/`--pod`: waits (3 s at most) for the first look at every namespace, and
+/// warns when no selected container runs yet (its namespace is admitted when it appears).
+async fn await_selection(cli: &Cli, ident: &Identity) {
+    let Some(ids) = ident.identities() else {
+        return;
+    };
+    if cli.containers.is_empty() && cli.pods.is_empty() {
+        return;
+    }
+    if !ids.first_pass(Duration::from_secs(3)).await {
+        warn!(
+            "container look-up still running: selected namespaces are admitted as they are found"
+        );
+    } else if ids.selected_netns().is_empty() {
+        warn!(containers = ?cli.containers, pods = ?cli.pods, "no selected container runs yet: nothing is traced until one starts");
+    } else {
+        debug!(netns = ?ids.selected_netns(), "traced namespaces");
+    }
 }
 
 pub async fn run(cli: &Cli) -> Result<(), RunError> {
@@ -82,6 +138,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         }
         None => None,
     };
+    let mut ident = Identity::new(identities(cli));
     let (mut tracer, events) = Tracer::start(&TracerOptions {
         ports: ports.clone(),
         ring_bytes: cli.ring_buffer_bytes,
@@ -123,6 +180,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         .any(|p| p.capability == Capability::Drops)
         .then(RuleCounters::new);
     let mut overflows = OverflowWatch::new(&cli.ports);
+    await_selection(cli, &ident).await;
     out.write(&Record::Ready(&ready))?;
 
     let mut engine = Engine::new(EngineConfig {
@@ -168,17 +226,21 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Poll)?;
-                let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut decode_errors);
+                let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors);
                 guard.clear_ready();
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = drain_tick.tick() => {
-                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors);
+                ident.write(&mut out, &mut engine, verdicts)?;
+            }
+            () = ident.changed() => {
+                let verdicts = ident.release().into_iter().flat_map(|ev| engine.handle(ev)).collect();
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = tick.tick() => {
                 let verdicts = engine.tick(Clock::mono_now_ns());
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
             }
             _ = ring_peak_poll.tick(), if metrics.is_some() => {
@@ -194,9 +256,11 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             _ = overflow_poll.tick() => {
                 let mut verdicts = Vec::new();
                 for ev in overflows.poll(Clock::mono_now_ns()) {
-                    verdicts.extend(engine.handle(ev));
+                    if let Some(ev) = ident.admit(ev) {
+                        verdicts.extend(engine.handle(ev));
+                    }
                 }
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = sigint.recv() => { debug!("SIGINT"); break }
             _ = sigterm.recv() => { debug!("SIGTERM"); break }
@@ -204,13 +268,28 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         }
     }
 
-    let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
+    let mut verdicts = drain(
+        ring.get_mut(),
+        &decoder,
+        &mut engine,
+        &mut ident,
+        &mut decode_errors,
+    );
     for ev in overflows.poll(Clock::mono_now_ns()) {
-        verdicts.extend(engine.handle(ev));
+        if let Some(ev) = ident.admit(ev) {
+            verdicts.extend(engine.handle(ev));
+        }
     }
     let open_at_exit = engine.tracked();
     verdicts.extend(engine.finish(Clock::mono_now_ns()));
-    write_verdicts(&mut out, &mut engine, &verdicts)?;
+    ident.write(&mut out, &mut engine, verdicts)?;
+    ident.finish(&mut out).await?;
+    if ident.filtered > 0 {
+        debug!(
+            events = ident.filtered,
+            "kernel events outside the selected containers"
+        );
+    }
     report_lost(&tracer, &mut out, &mut lost_seen)?;
     let now = Clock::mono_now_ns();
     let read_failures = tracer.read_failures().unwrap_or_else(|error| {
@@ -231,19 +310,26 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     Ok(())
 }
 
-/// Reads every record the ring buffer holds now.
+/// Reads every record the ring buffer holds now, after the held events the namespace filter
+/// has admitted since.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     decoder: &Decoder,
     engine: &mut Engine,
+    ident: &mut Identity,
     decode_errors: &mut u64,
 ) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
+    for ev in ident.release() {
+        verdicts.extend(engine.handle(ev));
+    }
     while let Some(item) = ring.next() {
         match decoder.decode(&item) {
             Ok(ev) => {
                 tracing::trace!(?ev, "kernel event");
-                verdicts.extend(engine.handle(ev));
+                if let Some(ev) = ident.admit(ev) {
+                    verdicts.extend(engine.handle(ev));
+                }
             }
             Err(e) => {
                 *decode_errors += 1;

@@ -4,6 +4,7 @@
 //! counters ([`counters`]), and a process in each network namespace ([`netns`]) through which
 //! the others enter it. None of them runs on the event hot path.
 
+pub mod containers;
 pub mod counters;
 pub mod listeners;
 pub mod netns;
