@@ -131,7 +131,10 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let metrics = match cli.metrics_addr {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
-            let m = Arc::new(Metrics::new(cli.ring_buffer_bytes));
+            let m = Arc::new(Metrics::new(
+                cli.ring_buffer_bytes,
+                cli.metrics_container_labels,
+            ));
             tokio::spawn(metrics::serve(listener, Arc::clone(&m)));
             out = out.with_metrics(Arc::clone(&m));
             Some(m)

@@ -1,5 +1,10 @@
 //! Prometheus exposition (`--metrics-addr`): every record written also updates counters, served
 //! at `GET /metrics` in the OpenMetrics text format by `prometheus-client` over `hyper`.
+//!
+//! With `--metrics-container-labels`, verdicts and drops also carry `namespace`, `pod` and
+//! `container` (kube-state-metrics' names; empty when the record has none): one series per
+//! container, reason and port, so on a node whose containers come and go the series grow with
+//! every new pod name until conntrace restarts. Off by default for that reason.
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
@@ -25,11 +30,37 @@ struct VerdictLabels {
     reason: String,
     /// The connection's service port: the server's local port, the client's remote one.
     port: String,
+    /// `namespace`, `pod`, `container` with `--metrics-container-labels`, else none.
+    #[prometheus(flatten)]
+    who: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     reason: String,
+    #[prometheus(flatten)]
+    who: Vec<(&'static str, String)>,
+}
+
+/// The container labels of a record's container (empty values when it has none).
+fn who(c: Option<&crate::identity::Container>) -> Vec<(&'static str, String)> {
+    let k8s = c.and_then(|c| c.k8s.as_ref());
+    vec![
+        (
+            "namespace",
+            k8s.map(|k| k.namespace.clone()).unwrap_or_default(),
+        ),
+        ("pod", k8s.map(|k| k.pod.clone()).unwrap_or_default()),
+        (
+            "container",
+            c.and_then(|c| {
+                c.name
+                    .clone()
+                    .or_else(|| Some(c.id.chars().take(12).collect()))
+            })
+            .unwrap_or_default(),
+        ),
+    ]
 }
 
 /// The metrics conntrace exports.
@@ -39,6 +70,8 @@ pub struct Metrics {
     drops: Family<DropLabels, Counter>,
     lost: Counter,
     ring_peak: Gauge,
+    /// `--metrics-container-labels`.
+    container_labels: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +85,8 @@ pub enum MetricsError {
 }
 
 impl Metrics {
-    pub fn new(ring_bytes: u32) -> Self {
+    /// `container_labels`: label verdicts and drops with their container and pod.
+    pub fn new(ring_bytes: u32, container_labels: bool) -> Self {
         let mut registry = Registry::with_prefix("conntrace");
         let verdicts = Family::<VerdictLabels, Counter>::default();
         registry.register(
@@ -91,6 +125,7 @@ impl Metrics {
             drops,
             lost,
             ring_peak,
+            container_labels,
         }
     }
 
@@ -104,6 +139,7 @@ impl Metrics {
                         outcome: v.outcome.name().to_owned(),
                         reason: v.reason.code().to_owned(),
                         port: v.service_port().unwrap_or(0).to_string(),
+                        who: self.who(v.container.as_ref()),
                     })
                     .inc();
             }
@@ -111,6 +147,7 @@ impl Metrics {
                 self.drops
                     .get_or_create(&DropLabels {
                         reason: d.kernel_reason.to_string(),
+                        who: self.who(d.container.as_ref()),
                     })
                     .inc();
             }
@@ -118,6 +155,14 @@ impl Metrics {
                 self.lost.inc_by(l.new);
             }
             Record::Ready(_) | Record::Summary(_) => {}
+        }
+    }
+
+    fn who(&self, c: Option<&crate::identity::Container>) -> Vec<(&'static str, String)> {
+        if self.container_labels {
+            who(c)
+        } else {
+            Vec::new()
         }
     }
 
@@ -198,7 +243,7 @@ mod tests {
 
     #[test]
     fn exposition_names_and_labels() {
-        let m = Metrics::new(4096);
+        let m = Metrics::new(4096, false);
         m.observe(&Record::Lost(crate::output::Lost {
             count: 3,
             new: 3,
@@ -216,5 +261,37 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn container_labels_only_when_asked() {
+        use crate::identity::{Container, K8s, Runtime, Via};
+        let mut v = crate::output::tests::syn_timeout();
+        v.container = Some(Container {
+            runtime: Runtime::Containerd,
+            id: "ct-db-0".into(),
+            name: Some("mysql".into()),
+            image: None,
+            k8s: Some(K8s {
+                namespace: "shop".into(),
+                pod: "db-0".into(),
+                container: Some("mysql".into()),
+            }),
+            via: Via::Netns,
+        });
+        let labelled = Metrics::new(4096, true);
+        labelled.observe(&Record::Verdict(&v));
+        let text = labelled.encode();
+        assert!(
+            text.contains(r#"namespace="shop",pod="db-0",container="mysql"} 1"#),
+            "{text}"
+        );
+        let plain = Metrics::new(4096, false);
+        plain.observe(&Record::Verdict(&v));
+        let text = plain.encode();
+        assert!(
+            text.contains(r#"port="3306"} 1"#) && !text.contains("pod="),
+            "{text}"
+        );
     }
 }

@@ -109,7 +109,7 @@ fn netfilter_drop() -> Verdict {
 }
 
 /// The client's verdict for the same SYNs.
-fn syn_timeout() -> Verdict {
+pub(super) fn syn_timeout() -> Verdict {
     let mut d = ClosedDetail::new(TcpState::SynSent);
     d.cause = Some(SynTimeoutCause::KernelGaveUp);
     d.after_ms = Some(3064.0);
@@ -134,6 +134,36 @@ fn stalled() -> Verdict {
     (v.pid, v.comm, v.syn_retransmits) = (Some(7221), Some("ct-client".into()), 0);
     v.duration_ms = 0.074;
     v
+}
+
+/// A server verdict in a Podman container's namespace, and a drop in a Kubernetes pod's.
+fn in_containers() -> (Verdict, DropRecord) {
+    use crate::identity::{Container, Image, K8s, Runtime, Via};
+    let mut v = netfilter_drop();
+    v.container = Some(Container {
+        runtime: Runtime::Podman,
+        id: "3f0404f3800cb9ffbb56184f5c1f9afb05adca37d56b64d52078fb728fa03072".into(),
+        name: Some("mysqld".into()),
+        image: Some(Image {
+            name: "localhost/debian:bookworm-min".into(),
+        }),
+        k8s: None,
+        via: Via::Netns,
+    });
+    let mut d = drop_record();
+    d.container = Some(Container {
+        runtime: Runtime::Containerd,
+        id: "ct-db-0".into(),
+        name: Some("mysql".into()),
+        image: None,
+        k8s: Some(K8s {
+            namespace: "shop".into(),
+            pod: "db-0".into(),
+            container: Some("mysql".into()),
+        }),
+        via: Via::Netns,
+    });
+    (v, d)
 }
 
 fn drop_record() -> DropRecord {
@@ -250,6 +280,7 @@ fn every_json_line_validates_against_the_generated_schema() {
         stalled(),
         drop_record(),
     );
+    let (v4, d2) = in_containers();
     let lost = Lost {
         count: 1,
         new: 1,
@@ -261,6 +292,8 @@ fn every_json_line_validates_against_the_generated_schema() {
         Record::Verdict(&v2),
         Record::Verdict(&v3),
         Record::Drop(&d),
+        Record::Verdict(&v4),
+        Record::Drop(&d2),
         Record::Lost(lost),
         Record::Summary(f),
     ] {
@@ -271,6 +304,32 @@ fn every_json_line_validates_against_the_generated_schema() {
             .collect();
         assert!(errors.is_empty(), "{line}: {errors:?}");
     }
+}
+
+#[test]
+fn containers_in_json_and_in_human_lines() {
+    let (v, d) = in_containers();
+    let line = json_line(&Record::Verdict(&v));
+    assert!(
+        line.contains(r#""comm":null,"container":{"runtime":"podman","id":"3f0404f3800cb9ffbb56184f5c1f9afb05adca37d56b64d52078fb728fa03072","name":"mysqld","image":{"name":"localhost/debian:bookworm-min"},"k8s":null,"via":"netns"},"duration_ms""#),
+        "{line}"
+    );
+    let line = json_line(&Record::Drop(&d));
+    assert!(
+        line.ends_with(r#""container":{"runtime":"containerd","id":"ct-db-0","name":"mysql","image":null,"k8s":{"namespace":"shop","pod":"db-0","container":"mysql"},"via":"netns"}}
+"#),
+        "{line}"
+    );
+    let c = clock();
+    let compact = Human::new(false, false).text(&Record::Verdict(&v), &c);
+    assert!(
+        compact.starts_with("00:00:02.123 server netfilter_drop      10.77.0.1:40000 -> 10.77.0.2:3306 podman:mysqld INPUT"),
+        "{compact}"
+    );
+    let drop = Human::new(false, false).text(&Record::Drop(&d), &c);
+    assert!(drop.contains(" k8s:shop/db-0/mysql "), "{drop}");
+    let wide = Human::new(true, false).text(&Record::Verdict(&v), &c);
+    assert!(wide.contains(" netns:4026532246 podman:mysqld ("), "{wide}");
 }
 
 #[test]
