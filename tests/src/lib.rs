@@ -4,10 +4,14 @@
 //!
 //! A scenario starts with [`Scenario`] (root check, two hosts, set-up steps in them, server,
 //! conntrace); every child process a test starts is held by a [`Proc`] (killed on drop), every
-//! scratch directory is a [`TempDir`] (removed on drop).
+//! scratch directory is a [`TempDir`] (removed on drop). The container scenarios' Podman and
+//! containerd containers ([`containers`]) are removed on drop too; their image is built and
+//! cached by [`images`].
 
 mod conntrace;
+pub mod containers;
 mod hosts;
+pub mod images;
 mod process;
 mod scenario;
 

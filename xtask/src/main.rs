@@ -2,7 +2,9 @@
 //!
 //! `setup` installs, idempotently, everything building and testing conntrace needs on a Debian
 //! machine: the eBPF toolchain (Debian's rustc-web with its library sources, LLVM 22,
-//! bpf-linker), and the tools the tests drive (iproute2, iptables, nftables). It checks before
+//! bpf-linker), `protoc` (containerd's API is compiled from its protos), and the tools the
+//! tests drive (iproute2, iptables, nftables; Podman, runc, containerd and mmdebstrap for the
+//! container scenarios). It checks before
 //! it installs, so it costs a second when everything is there.
 
 use std::{
@@ -81,13 +83,25 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    // containerd-client compiles containerd's protos at build time.
+    "protobuf-compiler",
 ];
 /// The benchmark compares with bpftrace and bcc's tcpstates (which needs kernel headers to run).
 const BENCH_PACKAGES: &[&str] = &["bpftrace", "bpfcc-tools"];
 
 /// Only the tests need these: Prometheus scrapes the metrics endpoint, `setcap` runs
-/// conntrace with file capabilities instead of root.
-const TEST_PACKAGES: &[&str] = &["prometheus", "libcap2-bin", "bpftool", "hping3"];
+/// conntrace with file capabilities instead of root; the container scenarios run Podman (with
+/// runc: crun refuses hybrid cgroup hosts) and containerd, on an image mmdebstrap makes.
+const TEST_PACKAGES: &[&str] = &[
+    "prometheus",
+    "libcap2-bin",
+    "bpftool",
+    "hping3",
+    "podman",
+    "runc",
+    "containerd",
+    "mmdebstrap",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_TOOLCHAIN: &str = "system-bpf";
 

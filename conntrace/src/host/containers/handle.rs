@@ -13,9 +13,10 @@ use super::{Options, worker};
 use crate::identity::Container;
 
 /// How long a namespace's or a process's answer is used before it is asked again (a namespace
-/// inode or a pid can be reused): answers with a container, and answers without one (a
-/// container may yet join a namespace made by hand).
-pub(super) const FRESH_WITH: Duration = Duration::from_secs(60);
+/// inode or a pid can be reused once its container is gone; a container may yet join a
+/// namespace made by hand): answers with a container, and answers without one. An old answer
+/// is still used while the new one is looked up.
+pub(super) const FRESH_WITH: Duration = Duration::from_secs(10);
 pub(super) const FRESH_WITHOUT: Duration = Duration::from_secs(5);
 
 /// What the worker knows of one namespace or process.

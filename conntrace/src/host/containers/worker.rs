@@ -148,8 +148,9 @@ impl Apis {
 
     async fn answer(&mut self, r: &CgroupRef) -> Answer {
         if let Some((at, a)) = self.answers.get(r) {
+            // Keyed by container id, which is never reused: kept for a minute.
             let ttl = if matches!(a, Some((_, Some(_)))) {
-                FRESH_WITH
+                Duration::from_secs(60)
             } else {
                 Duration::from_secs(10)
             };
