@@ -110,24 +110,15 @@ async fn await_selection(cli: &Cli, ident: &Identity) {
     }
 }
 
-pub async fn run(cli: &Cli) -> Result<(), RunError> {
-    let started = Clock::mono_now_ns();
-    // Handle SIGINT/SIGTERM from the start: a signal right after `ready` must still end the
-    // run with its summary, not kill the process.
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut ports = cli.ports.clone();
-    ports.sort_unstable();
-    ports.dedup();
-    // Open the output first: a bad path fails before anything is loaded into the kernel.
-    let clock = Clock::now();
+/// The output (opened first: a bad path fails before anything is loaded into the kernel) and
+/// the metrics, their address bound before anything is loaded too.
+async fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunError> {
     let format = if cli.json {
         Format::Json
     } else {
         Format::Human { wide: cli.wide }
     };
-    let mut out = Output::open(cli.output.as_deref(), format, clock)?;
-    // Bind the metrics address before loading anything, too.
+    let mut out = Output::open(cli.output.as_deref(), format, Clock::now())?;
     let metrics = match cli.metrics_addr {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
@@ -141,14 +132,11 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         }
         None => None,
     };
-    let mut ident = Identity::new(identities(cli));
-    let (mut tracer, events) = Tracer::start(&TracerOptions {
-        ports: ports.clone(),
-        ring_bytes: cli.ring_buffer_bytes,
-        without: cli.without.clone(),
-        mode: cli.attach,
-    })?;
+    Ok((out, metrics))
+}
 
+/// The `ready` record: what is traced, and how.
+fn ready_record(cli: &Cli, tracer: &Tracer, ports: Vec<u16>) -> Ready {
     let attach_paths: BTreeMap<String, String> = tracer
         .active
         .iter()
@@ -163,7 +151,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             )
         })
         .collect();
-    let ready = Ready {
+    Ready {
         ts_ns: Clock::mono_now_ns(),
         version: env!("CARGO_PKG_VERSION"),
         ports,
@@ -174,18 +162,17 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         kernel_features: kernel_features(),
         ring_buffer_bytes: cli.ring_buffer_bytes,
         degraded: tracer.missing_offsets.clone(),
-    };
-    // The firewall's rule counters before any traffic is traced: the baseline that later
-    // netfilter drops are measured against.
+    }
+}
+
+/// The reason engine with the host's look-ups. The firewall's rule counters are read now,
+/// before any traffic is traced: the baseline later netfilter drops are measured against.
+fn engine_for(cli: &Cli, tracer: &Tracer) -> Engine {
     let rules = tracer
         .active
         .iter()
         .any(|p| p.capability == Capability::Drops)
         .then(RuleCounters::new);
-    let mut overflows = OverflowWatch::new(&cli.ports);
-    await_selection(cli, &ident).await;
-    out.write(&Record::Ready(&ready))?;
-
     let mut engine = Engine::new(EngineConfig {
         report_established: cli.all,
         expected_comms: cli.expect_comm.clone(),
@@ -202,6 +189,32 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
     }
+    engine
+}
+
+pub async fn run(cli: &Cli) -> Result<(), RunError> {
+    let started = Clock::mono_now_ns();
+    // Handle SIGINT/SIGTERM from the start: a signal right after `ready` must still end the
+    // run with its summary, not kill the process.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut ports = cli.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    let (mut out, metrics) = open_output(cli).await?;
+    let mut ident = Identity::new(identities(cli));
+    let (mut tracer, events) = Tracer::start(&TracerOptions {
+        ports: ports.clone(),
+        ring_bytes: cli.ring_buffer_bytes,
+        without: cli.without.clone(),
+        mode: cli.attach,
+    })?;
+    let ready = ready_record(cli, &tracer, ports);
+    let mut engine = engine_for(cli, &tracer);
+    let mut overflows = OverflowWatch::new(&cli.ports);
+    await_selection(cli, &ident).await;
+    out.write(&Record::Ready(&ready))?;
+
     let kallsyms = Kallsyms::load(std::path::Path::new("/proc/kallsyms")).unwrap_or_else(|e| {
         warn!("read /proc/kallsyms: {e}; drop locations are shown as addresses");
         Kallsyms::default()

@@ -163,11 +163,13 @@ pub fn ensure_containerd() {
     }
     let log = std::fs::File::create(std::env::temp_dir().join("conntrace-tests-containerd.log"))
         .expect("create the containerd log");
+    // Left running, as its service would be (its own process group: not the test's to kill);
+    // never waited for.
+    #[allow(clippy::zombie_processes)]
     Command::new("containerd")
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .stdin(Stdio::null())
-        // Its own process group: not the test's to kill.
         .process_group(0)
         .spawn()
         .expect("spawn containerd");

@@ -109,7 +109,7 @@ fn netfilter_drop() -> Verdict {
 }
 
 /// The client's verdict for the same SYNs.
-pub(super) fn syn_timeout() -> Verdict {
+pub(crate) fn syn_timeout() -> Verdict {
     let mut d = ClosedDetail::new(TcpState::SynSent);
     d.cause = Some(SynTimeoutCause::KernelGaveUp);
     d.after_ms = Some(3064.0);

@@ -240,3 +240,112 @@ impl Identity {
         self.flush(out, true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        engine::{
+            EngineConfig,
+            facts::{Meta, Proc},
+        },
+        identity::{Runtime, Via},
+        output::{Clock, Format},
+    };
+
+    const HOST: u32 = 4_026_531_840;
+
+    fn output(dir: &std::path::Path) -> (Output, std::path::PathBuf) {
+        let path = dir.join("out.jsonl");
+        let out = Output::open(Some(&path), Format::Json, Clock::now()).expect("open");
+        (out, path)
+    }
+
+    fn lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(path)
+            .expect("read")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect()
+    }
+
+    fn verdict_in(netns: u32) -> Verdict {
+        let mut v = crate::output::tests::syn_timeout();
+        (v.netns, v.pid) = (Some(netns), None);
+        v
+    }
+
+    #[test]
+    fn records_wait_in_order_for_their_container() {
+        let dir = std::env::temp_dir().join(format!("ct-ident-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (mut out, path) = output(&dir);
+        let mut engine = Engine::new(EngineConfig::default());
+        let mut ident = Identity::new(Some(Identities::detached(HOST, false)));
+        // The first record's namespace is not known yet: the host's record waits behind it.
+        let records = vec![verdict_in(7), verdict_in(HOST)];
+        ident.write(&mut out, &mut engine, records).expect("write");
+        assert!(lines(&path).is_empty());
+        let mut mysqld =
+            crate::host::containers::container(Runtime::Podman, "3f04", None, Via::Netns);
+        mysqld.name = Some("mysqld".into());
+        let ids = ident.identities().expect("identities");
+        ids.answer_netns(7, Some(mysqld), false);
+        ident.flush(&mut out, false).expect("flush");
+        let written = lines(&path);
+        assert_eq!(written.len(), 2);
+        assert_eq!(written[0]["container"]["name"], "mysqld");
+        assert_eq!(written[1]["container"], serde_json::Value::Null);
+        // Never answered: written after the wait with what is known (nothing).
+        ident
+            .write(&mut out, &mut engine, vec![verdict_in(8)])
+            .expect("write");
+        assert_eq!(lines(&path).len(), 2);
+        ident.flush(&mut out, true).expect("flush");
+        assert_eq!(lines(&path)[2]["container"], serde_json::Value::Null);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn accepted(netns: u32, sk: u64) -> KernelEvent {
+        let proc = Proc {
+            pid: 1,
+            comm: "ct-server".into(),
+        };
+        let meta = Meta {
+            ts_ns: sk,
+            netns: Some(netns),
+            proc,
+        };
+        KernelEvent::Accepted { meta, sk }
+    }
+
+    #[test]
+    fn events_of_unknown_namespaces_are_held_in_order_then_admitted_or_dropped() {
+        let mut ident = Identity::new(Some(Identities::detached(HOST, true)));
+        assert!(
+            ident.admit(accepted(HOST, 1)).is_none(),
+            "the host's own: never selected"
+        );
+        assert!(ident.admit(accepted(7, 2)).is_none(), "held");
+        assert!(ident.admit(accepted(9, 3)).is_none(), "held");
+        let ids = ident.identities().expect("identities");
+        ids.answer_netns(7, None, true);
+        // Admitted now, but behind its held events.
+        assert!(ident.admit(accepted(7, 4)).is_none());
+        let released: Vec<u64> = ident
+            .release()
+            .into_iter()
+            .map(|ev| match ev {
+                KernelEvent::Accepted { sk, .. } => sk,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(released, vec![2, 4]);
+        assert_eq!(ident.filtered, 1);
+        assert!(ident.admit(accepted(7, 5)).is_some());
+        let ids = ident.identities().expect("identities");
+        ids.answer_netns(9, None, false);
+        assert!(ident.release().is_empty());
+        assert_eq!(ident.filtered, 2);
+    }
+}

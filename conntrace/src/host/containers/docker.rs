@@ -1,5 +1,7 @@
 //! The Docker Engine API on a unix socket (`bollard`): Docker's own, and Podman's compatible
-//! service (`podman system service`). One call per container: `GET /containers/{id}/json`.
+//! service (`podman system service`). One call per container, `GET /containers/{id}/json`, in
+//! bollard's API version; `GET /version` (version negotiation) only when a daemon refuses it,
+//! since Podman takes about a second to answer that one.
 
 use std::{
     collections::HashMap,

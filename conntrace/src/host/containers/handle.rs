@@ -134,14 +134,13 @@ impl Identities {
     }
 
     /// The entry for `key` when there is one, asking for a new one when it is missing or old.
-    fn entry(&self, shared: &mut Shared, key: Key, now: Instant) -> Option<Entry> {
-        let entry = shared.entries.get(&key).cloned();
-        let stale = entry.as_ref().is_none_or(|e| !e.fresh(now));
+    fn entry<'a>(&self, shared: &'a mut Shared, key: Key, now: Instant) -> Option<&'a Entry> {
+        let stale = shared.entries.get(&key).is_none_or(|e| !e.fresh(now));
         if stale && shared.asked.insert(key) {
             // The worker is gone only when conntrace is stopping.
             let _ = self.requests.send(key);
         }
-        entry
+        shared.entries.get(&key)
     }
 
     /// The container of a record in `netns` by `pid`: the process's own container when it
@@ -154,7 +153,7 @@ impl Identities {
         if let Some(pid) = pid.filter(|&p| p > 0) {
             match self.entry(&mut shared, Key::Pid(pid), now) {
                 Some(e) if e.container.is_some() && (e.complete || final_) => {
-                    return Lookup::Ready(e.container);
+                    return Lookup::Ready(e.container.clone());
                 }
                 Some(e) if e.complete => {}
                 _ => waiting = true,
@@ -168,8 +167,8 @@ impl Identities {
             };
         };
         match self.entry(&mut shared, Key::Netns(netns), now) {
-            Some(e) if e.complete && !waiting => Lookup::Ready(e.container),
-            Some(e) if final_ => Lookup::Ready(e.container),
+            Some(e) if e.complete && !waiting => Lookup::Ready(e.container.clone()),
+            Some(e) if final_ => Lookup::Ready(e.container.clone()),
             None if final_ => Lookup::Ready(None),
             _ => Lookup::Waiting,
         }
@@ -211,5 +210,158 @@ impl Identities {
             .collect();
         list.sort_unstable();
         list
+    }
+}
+
+#[cfg(test)]
+impl Identities {
+    /// A handle without a worker (its requests go nowhere), for tests that publish answers
+    /// with [`Identities::answer_netns`].
+    pub fn detached(host_netns: u32, selecting: bool) -> Self {
+        let (requests, _) = mpsc::channel();
+        Self {
+            requests,
+            shared: Arc::new(Mutex::new(Shared::default())),
+            changed: Arc::new(Notify::new()),
+            host_netns: Some(host_netns),
+            selecting,
+        }
+    }
+
+    /// Publishes a complete answer for `netns`, as the worker would.
+    pub fn answer_netns(&self, netns: u32, container: Option<Container>, selected: bool) {
+        let key = Key::Netns(netns);
+        let mut shared = self.lock();
+        shared.asked.remove(&key);
+        shared.entries.insert(
+            key,
+            Entry {
+                at: Instant::now(),
+                complete: true,
+                container,
+                selected,
+            },
+        );
+        drop(shared);
+        self.changed.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{Runtime, Via};
+
+    const HOST: u32 = 4_026_531_840;
+
+    fn handle(selecting: bool) -> (Identities, mpsc::Receiver<Key>) {
+        let (requests, rx) = mpsc::channel();
+        let ids = Identities {
+            requests,
+            shared: Arc::new(Mutex::new(Shared::default())),
+            changed: Arc::new(Notify::new()),
+            host_netns: Some(HOST),
+            selecting,
+        };
+        (ids, rx)
+    }
+
+    fn named(name: &str, via: Via) -> Container {
+        let mut c = super::super::container(Runtime::Podman, name, None, via);
+        c.name = Some(name.into());
+        c
+    }
+
+    fn publish(ids: &Identities, key: Key, complete: bool, c: Option<Container>, selected: bool) {
+        let mut shared = ids.lock();
+        shared.asked.remove(&key);
+        shared.entries.insert(
+            key,
+            Entry {
+                at: Instant::now(),
+                complete,
+                container: c,
+                selected,
+            },
+        );
+    }
+
+    #[test]
+    fn the_host_namespace_has_no_container_and_is_never_asked_about() {
+        let (ids, rx) = handle(false);
+        assert_eq!(ids.lookup(Some(HOST), None, false), Lookup::Ready(None));
+        assert_eq!(ids.lookup(None, None, false), Lookup::Ready(None));
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn an_unknown_namespace_is_asked_about_once_then_answered() {
+        let (ids, rx) = handle(false);
+        assert_eq!(ids.lookup(Some(7), None, false), Lookup::Waiting);
+        assert_eq!(ids.lookup(Some(7), None, false), Lookup::Waiting);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![Key::Netns(7)]);
+        // Waited long enough: what is known (nothing yet).
+        assert_eq!(ids.lookup(Some(7), None, true), Lookup::Ready(None));
+        // The runtime and id first, the name when the API answered.
+        let partial = super::super::container(Runtime::Podman, "3f04", None, Via::Netns);
+        publish(&ids, Key::Netns(7), false, Some(partial.clone()), false);
+        assert_eq!(ids.lookup(Some(7), None, false), Lookup::Waiting);
+        assert_eq!(
+            ids.lookup(Some(7), None, true),
+            Lookup::Ready(Some(partial))
+        );
+        let full = named("mysqld", Via::Netns);
+        publish(&ids, Key::Netns(7), true, Some(full.clone()), false);
+        assert_eq!(ids.lookup(Some(7), None, false), Lookup::Ready(Some(full)));
+    }
+
+    #[test]
+    fn the_process_container_comes_before_the_namespace_one() {
+        let (ids, _rx) = handle(false);
+        let (app, ns) = (named("app", Via::Process), named("pod", Via::Netns));
+        publish(&ids, Key::Netns(7), true, Some(ns.clone()), false);
+        assert_eq!(ids.lookup(Some(7), Some(42), false), Lookup::Waiting);
+        publish(&ids, Key::Pid(42), true, Some(app.clone()), false);
+        assert_eq!(
+            ids.lookup(Some(7), Some(42), false),
+            Lookup::Ready(Some(app.clone()))
+        );
+        // A host-network container's process, in the host's namespace.
+        assert_eq!(
+            ids.lookup(Some(HOST), Some(42), false),
+            Lookup::Ready(Some(app))
+        );
+        // A process in no container: the namespace's.
+        publish(&ids, Key::Pid(43), true, None, false);
+        assert_eq!(
+            ids.lookup(Some(7), Some(43), false),
+            Lookup::Ready(Some(ns))
+        );
+        assert_eq!(ids.lookup(Some(HOST), Some(43), false), Lookup::Ready(None));
+    }
+
+    #[test]
+    fn selection_admits_only_selected_namespaces() {
+        let (all, _rx) = handle(false);
+        assert_eq!(all.admit(Some(7)), Admit::Yes);
+        assert_eq!(all.admit(None), Admit::Yes);
+        let (ids, rx) = handle(true);
+        assert_eq!(ids.admit(Some(HOST)), Admit::No);
+        assert_eq!(ids.admit(None), Admit::No);
+        assert_eq!(ids.admit(Some(7)), Admit::Unknown);
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![Key::Netns(7)]);
+        publish(
+            &ids,
+            Key::Netns(7),
+            true,
+            Some(named("db", Via::Netns)),
+            true,
+        );
+        publish(&ids, Key::Netns(8), true, None, false);
+        assert_eq!(
+            (ids.admit(Some(7)), ids.admit(Some(8))),
+            (Admit::Yes, Admit::No)
+        );
+        assert_eq!(ids.selected_netns(), vec![7]);
     }
 }
