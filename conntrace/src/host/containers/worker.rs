@@ -28,6 +28,9 @@ const SELECT_EVERY: Duration = Duration::from_secs(1);
 const PIDS_PER_NETNS: usize = 256;
 /// A /proc scan younger than this is reused for the next request.
 const SCAN_FOR: Duration = Duration::from_millis(200);
+/// Answers nobody asked for again within this long are forgotten (a host with short-lived
+/// processes would otherwise keep one per pid forever); the API answers a minute longer.
+const FORGET_AFTER: Duration = Duration::from_secs(30);
 
 /// The network namespace inode of process `pid` (`/proc/PID/ns/net`).
 pub(super) fn netns_of(pid: u32) -> Option<u32> {
@@ -270,6 +273,17 @@ impl Worker {
         self.publish(Key::Pid(pid), true, c, false);
     }
 
+    /// Forgets answers not asked for again lately, so the tables stay as small as what is in
+    /// use.
+    fn forget_old(&mut self) {
+        let mut shared = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        shared.entries.retain(|_, e| e.at.elapsed() < FORGET_AFTER);
+        drop(shared);
+        self.apis
+            .answers
+            .retain(|_, (at, _)| at.elapsed() < FORGET_AFTER * 3);
+    }
+
     /// Resolves every namespace whose answer is missing or old.
     async fn full_pass(&mut self) {
         self.scan = (Instant::now(), scan());
@@ -340,7 +354,7 @@ pub(super) fn spawn(
 /// Answers requests as they come (in batches), and with a selector looks at every namespace
 /// each [`SELECT_EVERY`].
 fn serve(runtime: &tokio::runtime::Runtime, worker: &mut Worker, requests: &mpsc::Receiver<Key>) {
-    let mut last_pass = Instant::now();
+    let (mut last_pass, mut last_forget) = (Instant::now(), Instant::now());
     loop {
         let first = match requests.recv_timeout(SELECT_EVERY) {
             Ok(key) => Some(key),
@@ -349,6 +363,10 @@ fn serve(runtime: &tokio::runtime::Runtime, worker: &mut Worker, requests: &mpsc
         };
         let mut keys: Vec<Key> = first.into_iter().chain(requests.try_iter()).collect();
         keys.dedup();
+        if last_forget.elapsed() >= FORGET_AFTER {
+            worker.forget_old();
+            last_forget = Instant::now();
+        }
         runtime.block_on(async {
             if worker.select.is_some() && last_pass.elapsed() >= SELECT_EVERY {
                 worker.full_pass().await;
