@@ -27,7 +27,7 @@ use crate::{
 
 /// How long a record waits for its container: then it is written with what is known (the
 /// runtime and the id without the name when the runtime's API is slow; null when nothing).
-pub const WAIT: Duration = Duration::from_millis(500);
+pub const WAIT: Duration = Duration::from_millis(250);
 /// How long events of a namespace not yet known to be selected or not are held.
 const HOLD: Duration = Duration::from_secs(2);
 /// Events held per unknown namespace, at most.

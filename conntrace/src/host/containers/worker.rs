@@ -28,6 +28,9 @@ const SELECT_EVERY: Duration = Duration::from_secs(1);
 const PIDS_PER_NETNS: usize = 256;
 /// A /proc scan younger than this is reused for the next request.
 const SCAN_FOR: Duration = Duration::from_millis(200);
+/// At most one /proc scan per this long: a burst of records from namespaces without processes
+/// (made with `ip netns add`) would otherwise rescan for each.
+const SCAN_GAP: Duration = Duration::from_millis(50);
 /// Answers nobody asked for again within this long are forgotten (a host with short-lived
 /// processes would otherwise keep one per pid forever); the API answers a minute longer.
 const FORGET_AFTER: Duration = Duration::from_secs(30);
@@ -217,18 +220,22 @@ impl Worker {
     }
 
     /// The processes of `netns`, from a scan made now unless a recent one knows it.
-    fn pids_in(&mut self, netns: u32) -> Vec<u32> {
+    /// A scan made after `asked` knows every process the namespace had when it was asked
+    /// about; an older one is reused while it is younger than [`SCAN_FOR`] and knows it.
+    fn pids_in(&mut self, netns: u32, asked: Instant) -> Vec<u32> {
         let (at, by_netns) = &self.scan;
-        if at.elapsed() > SCAN_FOR || !by_netns.contains_key(&netns) {
+        let known = by_netns.contains_key(&netns) && at.elapsed() <= SCAN_FOR;
+        if !known && *at < asked {
+            std::thread::sleep(SCAN_GAP.saturating_sub(at.elapsed()));
             self.scan = (Instant::now(), scan());
         }
         self.scan.1.get(&netns).cloned().unwrap_or_default()
     }
 
     /// The containers of `netns`'s processes, asking their runtimes.
-    async fn seen_in(&mut self, netns: u32) -> Vec<Seen> {
+    async fn seen_in(&mut self, netns: u32, asked: Instant) -> Vec<Seen> {
         let mut refs: HashMap<CgroupRef, u64> = HashMap::new();
-        for pid in self.pids_in(netns) {
+        for pid in self.pids_in(netns, asked) {
             if let Some(r) = cgroup::of_pid(pid) {
                 let started = start_time(pid);
                 let oldest = refs.entry(r).or_insert(started);
@@ -248,8 +255,9 @@ impl Worker {
         seen
     }
 
-    async fn resolve_netns(&mut self, netns: u32) {
-        let seen = self.seen_in(netns).await;
+    /// Publishes `netns`'s container, asked about at `asked`.
+    async fn resolve_netns(&mut self, netns: u32, asked: Instant) {
+        let seen = self.seen_in(netns, asked).await;
         let selected = self
             .select
             .as_ref()
@@ -309,7 +317,7 @@ impl Worker {
         };
         todo.sort_unstable();
         for netns in todo {
-            self.resolve_netns(netns).await;
+            self.resolve_netns(netns, now).await;
         }
         self.shared.lock().unwrap_or_else(|p| p.into_inner()).passes += 1;
         self.changed.notify_one();
@@ -361,6 +369,7 @@ fn serve(runtime: &tokio::runtime::Runtime, worker: &mut Worker, requests: &mpsc
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
+        let asked = Instant::now();
         let mut keys: Vec<Key> = first.into_iter().chain(requests.try_iter()).collect();
         keys.dedup();
         if last_forget.elapsed() >= FORGET_AFTER {
@@ -374,7 +383,7 @@ fn serve(runtime: &tokio::runtime::Runtime, worker: &mut Worker, requests: &mpsc
             }
             for key in keys {
                 match key {
-                    Key::Netns(n) => worker.resolve_netns(n).await,
+                    Key::Netns(n) => worker.resolve_netns(n, asked).await,
                     Key::Pid(p) => worker.resolve_pid(p).await,
                 }
             }
