@@ -157,7 +157,30 @@ pub struct KernelOffsets {
     pub skb_iif: u32,
     /// `struct tcp_sock` → `mss_cache` (the current MSS).
     pub tcp_mss_cache: u32,
-    pub _pad: u32,
+    /// `struct sock` → `sk_socket`: set while a process holds the socket (accepted).
+    pub sock_socket: u32,
+    /// `struct sock` → `sk_protocol` (u16, 5.6+).
+    pub sock_protocol: u32,
+    /// `struct sock` → `__sk_common.skc_v6_daddr` and `skc_v6_rcv_saddr` (16 bytes each).
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    /// `struct inet_sock` → `inet_sport` (network order): the local port, still set when
+    /// closing has released the bound port (`skc_num` is then 0).
+    pub inet_sport: u32,
+}
+
+/// Where the BTF-typed programs load `struct sock_common` members directly (the verifier needs
+/// constant offsets): the layout every supported kernel has. Userspace attaches those programs
+/// only when the running kernel's BTF agrees.
+pub mod sock_common {
+    /// `skc_daddr` (IPv4, network order).
+    pub const DADDR: usize = 0;
+    /// `skc_rcv_saddr` (IPv4, network order).
+    pub const RCV_SADDR: usize = 4;
+    /// `skc_portpair`: `skc_dport` (network order), then `skc_num` (host order).
+    pub const PORTPAIR: usize = 12;
+    /// `skc_family`.
+    pub const FAMILY: usize = 16;
 }
 
 impl KernelOffsets {
@@ -166,6 +189,10 @@ impl KernelOffsets {
 
 /// `Config::flags`: trace every TCP port (no `--port` given).
 pub const FLAG_ALL_PORTS: u32 = 1;
+/// `Config::flags`: healthy connections stay in the kernel (no `--all`, no `--expect-comm`):
+/// a connection's events reach userspace only once it fails, stalls or is reset, preceded by
+/// its history.
+pub const FLAG_QUIET: u32 = 2;
 
 /// The single entry of the `CONFIG` array map.
 #[repr(C)]
@@ -189,8 +216,23 @@ pub struct Config {
     /// Bytes waiting in the ring buffer from which a record wakes userspace up (a quarter of
     /// the ring); below it, records are submitted without a wake-up.
     pub wakeup_bytes: u32,
+    /// Quiet mode: `--stall-timeout` in milliseconds (0: off). A connection established this
+    /// long without data (client) or accept (server) does not close quietly.
+    pub stall_timeout_ms: u32,
+    /// Quiet mode: `enum skb_drop_reason` values of drops that are a normal part of TCP
+    /// wherever they happen (QUEUE_PURGE, TCP_OLD_SEQUENCE, TCP_OLD_DATA), counted in the
+    /// kernel instead of sent; [`NO_STACK_REASON`] fills unused slots and every slot when
+    /// such drops are to be shown (`--show-normal-drops`).
+    pub normal_drops: [u32; 4],
+    /// The traced ports when there are at most [`INLINE_PORTS`] (compared in the program; no
+    /// map look-up); `inline_port_count` of them are set. More ports: `PORTS` alone.
+    pub inline_ports: [u16; INLINE_PORTS],
+    pub inline_port_count: u32,
     pub _pad: u32,
 }
+
+/// Traced ports compared inline (`Config::inline_ports`).
+pub const INLINE_PORTS: usize = 8;
 
 /// `Config::stack_drop_reason` when no drop should carry a stack.
 pub const NO_STACK_REASON: u32 = u32::MAX;
@@ -238,8 +280,10 @@ pub mod programs {
     pub const FENTRY_COOKIE_V6_INIT_SEQUENCE: u32 = 16;
     pub const FEXIT_TCP_RCV_ESTABLISHED: u32 = 17;
     pub const FEXIT_TCP_SENDMSG: u32 = 18;
+    pub const TP_BTF_INET_SOCK_SET_STATE: u32 = 19;
+    pub const TP_BTF_NET_DEV_QUEUE: u32 = 20;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -261,6 +305,8 @@ pub mod programs {
         "fentry_cookie_v6_init_sequence",
         "fexit_tcp_rcv_established",
         "fexit_tcp_sendmsg",
+        "tp_btf_inet_sock_set_state",
+        "tp_btf_net_dev_queue",
     ];
 }
 

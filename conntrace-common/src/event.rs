@@ -38,6 +38,9 @@ pub enum EventKind {
     CookieSynAck = 10,
     /// `tcp:tcp_retransmit_skb` past the handshake: a data segment retransmitted.
     Retransmit = 11,
+    /// Quiet mode: what the kernel kept about a connection until it needed userspace
+    /// ([`HistoryEvent`]); the event that needed it follows.
+    History = 12,
 }
 
 impl EventKind {
@@ -54,6 +57,7 @@ impl EventKind {
             9 => Self::FirstData,
             10 => Self::CookieSynAck,
             11 => Self::Retransmit,
+            12 => Self::History,
             _ => return None,
         })
     }
@@ -266,7 +270,19 @@ pub struct CookieSynAck {
     pub tuple: Tuple,
 }
 
+/// `EventKind::History`: a quiet connection's [`History`](crate::quiet::History), written
+/// right before the first event of it that userspace sees. The header's time is when it was
+/// written; the history's own times say when things happened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryEvent {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    pub history: crate::quiet::History,
+}
+
 user_pod!(
+    HistoryEvent,
     EventHeader,
     Tuple,
     StateChange,
@@ -305,7 +321,8 @@ impl_event!(
     PacketDrop,
     FirstData,
     CookieSynAck,
-    Retransmit
+    Retransmit,
+    HistoryEvent
 );
 
 /// An event read back from the ring buffer.
@@ -322,6 +339,7 @@ pub enum Decoded {
     FirstData(FirstData),
     CookieSynAck(CookieSynAck),
     Retransmit(Retransmit),
+    History(HistoryEvent),
 }
 
 /// Why bytes from the ring buffer are not an event.
@@ -394,6 +412,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             EventKind::FirstData => Decoded::FirstData(read(bytes, kind, size)?),
             EventKind::CookieSynAck => Decoded::CookieSynAck(read(bytes, kind, size)?),
             EventKind::Retransmit => Decoded::Retransmit(read(bytes, kind, size)?),
+            EventKind::History => Decoded::History(read(bytes, kind, size)?),
         },
     )
 }
@@ -599,12 +618,13 @@ mod tests {
             (9, EventKind::FirstData),
             (10, EventKind::CookieSynAck),
             (11, EventKind::Retransmit),
+            (12, EventKind::History),
         ] {
             assert_eq!(kind as u32, id);
             assert_eq!(EventKind::from_u32(id), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
-        assert_eq!(EventKind::from_u32(12), None);
+        assert_eq!(EventKind::from_u32(13), None);
     }
 }
 

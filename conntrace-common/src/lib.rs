@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod event;
+pub mod quiet;
 pub mod tcp;
 
 pub use config::*;

@@ -12,8 +12,8 @@ use conntrace_common::{
 };
 
 use crate::{
-    EVENTS, config, count_lost, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
-    submit_flags,
+    EVENTS, config, count_lost, data::sock_ports, field, header, kread, netns_of_skb,
+    netns_of_sock, port_traced, quiet, submit_flags,
 };
 
 pub(crate) const ETH_P_IP: u16 = 0x0800;
@@ -139,23 +139,37 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     }
     let o = &cfg.offsets;
     let skb: u64 = field(P, &ctx, l.skbaddr);
-    let Some(pkt) = packet(P, o, skb, proto) else {
-        return 0;
-    };
-    if !port_traced(cfg, pkt.tuple.sport, pkt.tuple.dport) {
-        return 0;
-    }
+    let reason: u32 = field(P, &ctx, l.reason);
     let sk: u64 = if o.skb_sk == KernelOffsets::MISSING {
         0
     } else {
         kread(P, skb + o.skb_sk as u64).unwrap_or(0)
     };
     let rx_sk: u64 = field(P, &ctx, l.rx_sk);
+    let quiet = quiet::enabled(cfg);
+    if quiet && (sk != 0 || rx_sk != 0) && quiet::is_normal_drop(cfg, reason) {
+        // A normal drop of a socket's packet (a closed socket's purged queue) is counted
+        // here, for a traced port: two reads instead of the packet's headers.
+        let (local, remote) = sock_ports(P, o, if sk != 0 { sk } else { rx_sk });
+        if port_traced(cfg, local, remote) {
+            quiet::count_normal_drop(reason);
+        }
+        return 0;
+    }
+    let Some(pkt) = packet(P, o, skb, proto) else {
+        return 0;
+    };
+    if !port_traced(cfg, pkt.tuple.sport, pkt.tuple.dport) {
+        return 0;
+    }
+    if quiet {
+        quiet::promote(P, cfg, sk);
+        quiet::promote(P, cfg, rx_sk);
+    }
     // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
     let netns = netns_of_skb(P, o, skb)
         .or_else(|| netns_of_sock(P, o, sk))
         .or_else(|| netns_of_sock(P, o, rx_sk));
-    let reason: u32 = field(P, &ctx, l.reason);
     let ifindex: Option<u32> = if o.skb_iif == KernelOffsets::MISSING {
         None
     } else {

@@ -79,6 +79,14 @@ pub struct Cli {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::kernel::attach::AttachMode::Best)]
     pub attach: crate::kernel::attach::AttachMode,
 
+    /// How healthy connections are followed: `quiet` keeps them in the kernel (only failing,
+    /// stalled or reset connections reach userspace, with their history: cheap enough to leave
+    /// running through a load test); `streaming` sends every connection's events to userspace
+    /// and attaches the accept()/connect() hooks (what `--all` and `--expect-comm` need, and
+    /// what they choose). Default: quiet unless --all or --expect-comm is given.
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub follow: Option<FollowArg>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
@@ -155,6 +163,27 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `--follow`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FollowArg {
+    Quiet,
+    Streaming,
+}
+
+impl Cli {
+    /// How healthy connections are followed: as `--follow` says, else streaming when a flag
+    /// needs every connection (`--all`, `--expect-comm`), else quiet.
+    pub fn follow(&self) -> crate::kernel::attach::Follow {
+        use crate::kernel::attach::Follow;
+        match self.follow {
+            Some(FollowArg::Quiet) => Follow::Quiet,
+            Some(FollowArg::Streaming) => Follow::Streaming,
+            None if self.all || !self.expect_comm.is_empty() => Follow::Streaming,
+            None => Follow::Quiet,
+        }
+    }
 }
 
 pub fn parse_port(s: &str) -> Result<u16, String> {

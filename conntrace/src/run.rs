@@ -13,12 +13,15 @@ use tracing::{debug, warn};
 
 use crate::{
     cli::Cli,
-    engine::{Engine, EngineConfig, verdict::Verdict},
+    engine::{Engine, EngineConfig, facts::KernelEvent, verdict::Verdict},
     host::{
         containers::{self, Identities},
         counters::OverflowWatch,
         listeners::ListenerCache,
+        namespaces::NamespaceCache,
         rules::RuleCounters,
+        stalls::StallCheck,
+        windows::WindowWatch,
     },
     kernel::{
         LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
@@ -183,9 +186,11 @@ fn engine_for(cli: &Cli, tracer: &Tracer) -> Engine {
             .any(|p| p.capability == Capability::Resets),
         socketless_resets_traced: tracer.socketless_resets_traced,
         show_normal_drops: cli.show_normal_drops,
+        quiet: tracer.quiet.is_some(),
         ..EngineConfig::default()
     })
-    .with_listener_lookup(Box::new(ListenerCache::default()));
+    .with_listener_lookup(Box::new(ListenerCache::default()))
+    .with_namespace_lookup(Box::new(NamespaceCache::default()));
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
     }
@@ -208,10 +213,15 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         ring_bytes: cli.ring_buffer_bytes,
         without: cli.without.clone(),
         mode: cli.attach,
+        follow: cli.follow(),
+        stall_timeout: cli.stall_timeout,
+        show_normal_drops: cli.show_normal_drops,
     })?;
     let ready = ready_record(cli, &tracer, ports);
     let mut engine = engine_for(cli, &tracer);
     let mut overflows = OverflowWatch::new(&cli.ports);
+    let mut windows = WindowWatch::new(&cli.ports);
+    let mut stalls = StallCheck::new(cli.stall_timeout);
     await_selection(cli, &ident).await;
     out.write(&Record::Ready(&ready))?;
 
@@ -235,6 +245,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
+    let mut window_poll = tokio::time::interval(Duration::from_secs(1));
     let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
 
@@ -242,12 +253,13 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Poll)?;
-                let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors);
+                let ring = guard.get_inner_mut();
+                let verdicts = drain(ring, &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
                 guard.clear_ready();
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = drain_tick.tick() => {
-                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors);
+                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
             () = ident.changed() => {
@@ -255,7 +267,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = tick.tick() => {
-                let verdicts = engine.tick(Clock::mono_now_ns());
+                let now = Clock::mono_now_ns();
+                let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, &mut ident, now);
+                verdicts.extend(engine.tick(now));
                 ident.write(&mut out, &mut engine, verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
             }
@@ -278,6 +292,18 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 }
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
+            _ = window_poll.tick() => {
+                // Poll, then take what the ring holds: a connection that closed before the
+                // dump (and so shows as open) reaches the engine closed first.
+                let events = windows.poll(Clock::mono_now_ns());
+                let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
+                for ev in events {
+                    let Some(ev) = ident.admit(ev) else { continue };
+                    verdicts.extend(bring_in(&mut tracer, &stalls, &mut engine, &ev));
+                    verdicts.extend(engine.handle(ev));
+                }
+                ident.write(&mut out, &mut engine, verdicts)?;
+            }
             _ = sigint.recv() => { debug!("SIGINT"); break }
             _ = sigterm.recv() => { debug!("SIGTERM"); break }
             () = &mut deadline => { debug!("duration elapsed"); break }
@@ -290,10 +316,17 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         &mut engine,
         &mut ident,
         &mut decode_errors,
+        &mut windows,
     );
     for ev in overflows.poll(Clock::mono_now_ns()) {
         if let Some(ev) = ident.admit(ev) {
             verdicts.extend(engine.handle(ev));
+        }
+    }
+    if let Some(q) = &tracer.quiet {
+        match q.counts() {
+            Ok(counts) => add_kernel_counts(&mut engine, &tracer, &counts),
+            Err(error) => warn!(%error, "read quiet mode's counts"),
         }
     }
     let open_at_exit = engine.tracked();
@@ -326,14 +359,93 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Quiet mode's check of the connections the kernel keeps (every tick): those stuck past the
+/// stall timeout reach the engine and are watched; namespaces with established ones are where
+/// `windows` looks.
+fn check_stalls(
+    tracer: &mut Tracer,
+    stalls: &mut StallCheck,
+    windows: &mut WindowWatch,
+    engine: &mut Engine,
+    ident: &mut Identity,
+    now_ns: u64,
+) -> Vec<Verdict> {
+    let Some(q) = tracer.quiet.as_mut() else {
+        return Vec::new();
+    };
+    if let Err(error) = q.snapshot(&mut stalls.snapshot) {
+        warn!(%error, "stall check");
+        return Vec::new();
+    }
+    let checked = stalls.check(now_ns);
+    for netns in checked.namespaces {
+        windows.traced_in(Some(netns));
+    }
+    for (sk, started_ns) in checked.watch {
+        if let Err(error) = q.watch(sk, started_ns) {
+            warn!(%error, "watch a stalled connection (WATCH map)");
+        }
+    }
+    checked
+        .events
+        .into_iter()
+        .filter_map(|ev| ident.admit(ev))
+        .flat_map(|ev| engine.handle(ev))
+        .collect()
+}
+
+/// Before a window report about a connection the engine has not seen (quiet mode keeps healthy
+/// ones in the kernel): its history, and a watch on it from now on.
+fn bring_in(
+    tracer: &mut Tracer,
+    stalls: &StallCheck,
+    engine: &mut Engine,
+    ev: &KernelEvent,
+) -> Vec<Verdict> {
+    let (Some(q), KernelEvent::Window { meta, tuple, .. }) = (tracer.quiet.as_mut(), ev) else {
+        return Vec::new();
+    };
+    if engine.knows(meta.netns, tuple) {
+        return Vec::new();
+    }
+    let Some((sk, h)) = stalls.history_of(meta.netns, tuple) else {
+        return Vec::new();
+    };
+    if let Err(error) = q.watch(sk, h.started_ns) {
+        warn!(%error, "watch a connection with a zero window (WATCH map)");
+    }
+    let history = crate::kernel::decode::conn_history(sk, &h, meta.ts_ns);
+    engine.handle(KernelEvent::History(history))
+}
+
+/// What the kernel counted in quiet mode, into the run's summary: handshakes, their times
+/// and normal drops.
+fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::quiet::KernelCounts) {
+    let s = engine.summary_mut();
+    s.established = c.established;
+    s.add_latency_counts(c.latency.iter().copied());
+    for (value, n) in &c.normal_drops {
+        let reason = tracer.drop_reasons.get(value).cloned().unwrap_or_else(|| {
+            crate::engine::facts::DropReason::new(&format!("skb_drop_reason {value}"))
+        });
+        *s.drops_by_reason.entry(reason).or_default() += n;
+    }
+    s.kernel_kept = Some(crate::engine::verdict::summary::KernelKept {
+        closed_quietly: c.closed_quiet,
+        histories: c.flushed,
+        table_full: c.conns_full,
+    });
+}
+
 /// Reads every record the ring buffer holds now, after the held events the namespace filter
-/// has admitted since.
+/// has admitted since, telling `windows` where traced connections are.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     decoder: &Decoder,
     engine: &mut Engine,
     ident: &mut Identity,
     decode_errors: &mut u64,
+    windows: &mut WindowWatch,
 ) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
     for ev in ident.release() {
@@ -343,9 +455,11 @@ fn drain(
         match decoder.decode(&item) {
             Ok(ev) => {
                 tracing::trace!(?ev, "kernel event");
-                if let Some(ev) = ident.admit(ev) {
-                    verdicts.extend(engine.handle(ev));
+                let Some(ev) = ident.admit(ev) else { continue };
+                if let KernelEvent::State { meta, .. } = &ev {
+                    windows.traced_in(meta.netns);
                 }
+                verdicts.extend(engine.handle(ev));
             }
             Err(e) => {
                 *decode_errors += 1;

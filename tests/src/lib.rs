@@ -4,14 +4,12 @@
 //!
 //! A scenario starts with [`Scenario`] (root check, two hosts, set-up steps in them, server,
 //! conntrace); every child process a test starts is held by a [`Proc`] (killed on drop), every
-//! scratch directory is a [`TempDir`] (removed on drop). The container scenarios' Podman and
-//! containerd containers ([`containers`]) are removed on drop too; their image is built and
-//! cached by [`images`].
+//! scratch directory is a [`TempDir`] (removed on drop); every container ([`containers`]) is
+//! removed on drop too.
 
 mod conntrace;
 pub mod containers;
 mod hosts;
-pub mod images;
 mod process;
 mod scenario;
 
@@ -22,9 +20,10 @@ use std::{
 };
 
 pub use conntrace::{
-    Conntrace, Line, conntrace_bin, drops_in, only_verdict_in, ready_timeout, validate, verdicts_in,
+    Conntrace, Line, attach_args, conntrace_bin, drops_in, only_verdict_in, ready_timeout,
+    validate, verdict_line, verdict_lines_in, verdicts_in,
 };
-pub use hosts::{Netns, TwoHosts};
+pub use hosts::{Hosts, Netns, ThreeHosts, TwoHosts, fresh_name};
 pub use process::{Proc, TempDir};
 pub use scenario::Scenario;
 

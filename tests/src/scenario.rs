@@ -1,9 +1,10 @@
-//! The prologue every scenario shares: the root check, two fresh hosts, then set-up steps in
-//! the hosts, the server and conntrace, in whichever order the scenario's story needs.
+//! The prologue every scenario shares: the root check, fresh hosts (two on one link, or three
+//! with a router between), then set-up steps in the hosts, the server and conntrace, in
+//! whichever order the scenario's story needs.
 
 use std::{process::Stdio, time::Duration};
 
-use crate::{Conntrace, PORT, Proc, TwoHosts, helper_bin, require_root, serve};
+use crate::{Conntrace, Hosts, PORT, Proc, ThreeHosts, TwoHosts, helper_bin, require_root, serve};
 
 /// A scenario's set-up. [`Scenario::new`] checks for root and makes two fresh hosts; each
 /// further step runs when it is called, so the calls read in the order the steps happen:
@@ -22,12 +23,15 @@ use crate::{Conntrace, PORT, Proc, TwoHosts, helper_bin, require_root, serve};
 /// started once. Bind every part that was started: `server: _server` keeps a server the test
 /// never names running to the end, where `..` or `server: _` would kill it at once.
 ///
+/// `hosts` is a [`TwoHosts`] ([`Scenario::new`]) or a [`ThreeHosts`], client and server
+/// joined through a router ([`Scenario::routed`]).
+///
 /// On drop the processes are killed, then the namespaces deleted, also when a test panics.
-pub struct Scenario<C = (), S = ()> {
+pub struct Scenario<C = (), S = (), H = TwoHosts> {
     // Fields drop in this order: the processes before their namespaces.
     pub server: S,
     pub ct: C,
-    pub hosts: TwoHosts,
+    pub hosts: H,
 }
 
 impl Scenario {
@@ -45,21 +49,30 @@ impl Scenario {
     /// churn of the benchmark and the soak. The client may use every local port (the server
     /// closes first, so TIME_WAIT piles up on its side).
     pub fn churn(port: u16) -> Scenario<(), Proc> {
-        let Scenario { hosts, ct, .. } = Scenario::new().in_client(&[
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_local_port_range=1024 65535",
-        ]);
-        let server = Proc::spawn(
-            hosts
-                .server
-                .command(helper_bin("ctload").to_str().expect("utf-8 path"))
-                .args(["serve", &hosts.server_ip, &port.to_string()])
-                .stdout(Stdio::null()),
-            "ctload serve",
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        Scenario { server, ct, hosts }
+        Scenario::new()
+            .in_client(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])
+            .serve_load(port)
+    }
+}
+
+impl Scenario<(), (), ThreeHosts> {
+    /// Checks for root and makes three fresh hosts, client and server joined through a router
+    /// namespace that forwards between them ([`ThreeHosts`]).
+    pub fn routed() -> Self {
+        require_root();
+        Self {
+            server: (),
+            ct: (),
+            hosts: ThreeHosts::new(),
+        }
+    }
+}
+
+impl<C, S> Scenario<C, S, ThreeHosts> {
+    /// Runs a command in the router now (a sysctl, an MTU, a firewall rule).
+    pub fn in_router(self, args: &[&str]) -> Self {
+        self.hosts.router.exec(args);
+        self
     }
 }
 
@@ -69,30 +82,30 @@ impl Default for Scenario {
     }
 }
 
-impl<C, S> Scenario<C, S> {
+impl<C, S, H: Hosts> Scenario<C, S, H> {
     /// Runs a command in the client host now (a sysctl, a firewall rule).
     pub fn in_client(self, args: &[&str]) -> Self {
-        self.hosts.client.exec(args);
+        self.hosts.client().exec(args);
         self
     }
 
     /// Runs a command in the server host now (a sysctl, a firewall rule).
     pub fn in_server(self, args: &[&str]) -> Self {
-        self.hosts.server.exec(args);
+        self.hosts.server().exec(args);
         self
     }
 
     /// Runs any other set-up step on the hosts now (e.g. a rule a test's caller chose).
-    pub fn with(self, step: impl FnOnce(&TwoHosts)) -> Self {
+    pub fn with(self, step: impl FnOnce(&H)) -> Self {
         step(&self.hosts);
         self
     }
 }
 
-impl<S> Scenario<(), S> {
+impl<S, H> Scenario<(), S, H> {
     /// Starts conntrace in the root namespace now and waits until it is ready
     /// ([`Conntrace::start`] with `args`).
-    pub fn conntrace(self, args: &[&str]) -> Scenario<Conntrace, S> {
+    pub fn conntrace(self, args: &[&str]) -> Scenario<Conntrace, S, H> {
         let ct = Conntrace::start(args);
         Scenario {
             server: self.server,
@@ -102,17 +115,36 @@ impl<S> Scenario<(), S> {
     }
 }
 
-impl<C> Scenario<C, ()> {
+impl<C, H: Hosts> Scenario<C, (), H> {
     /// Starts `ctpeer serve` on the server host's address and [`PORT`] now, with `extra`
     /// options, and waits until it listens.
-    pub fn serve(self, extra: &[&str]) -> Scenario<C, Proc> {
-        let addr = self.hosts.server_ip.clone();
+    pub fn serve(self, extra: &[&str]) -> Scenario<C, Proc, H> {
+        let addr = self.hosts.server_ip().to_owned();
         self.serve_on(&addr, extra)
     }
 
     /// [`Scenario::serve`] on another address of the server host (its IPv6 address, loopback).
-    pub fn serve_on(self, addr: &str, extra: &[&str]) -> Scenario<C, Proc> {
-        let server = serve(&self.hosts.server, addr, PORT, extra);
+    pub fn serve_on(self, addr: &str, extra: &[&str]) -> Scenario<C, Proc, H> {
+        let server = serve(self.hosts.server(), addr, PORT, extra);
+        Scenario {
+            server,
+            ct: self.ct,
+            hosts: self.hosts,
+        }
+    }
+
+    /// Starts `ctload serve` (greeting, then close: churn) on the server host's address and
+    /// `port` now.
+    pub fn serve_load(self, port: u16) -> Scenario<C, Proc, H> {
+        let server = Proc::spawn(
+            self.hosts
+                .server()
+                .command(helper_bin("ctload").to_str().expect("utf-8 path"))
+                .args(["serve", self.hosts.server_ip(), &port.to_string()])
+                .stdout(Stdio::null()),
+            "ctload serve",
+        );
+        std::thread::sleep(Duration::from_millis(200));
         Scenario {
             server,
             ct: self.ct,

@@ -29,6 +29,7 @@ pub mod verdict;
 pub use self::{
     config::EngineConfig,
     lookup::{Listener, ListenerLookup, NamespaceLookup, RuleLookup},
+    rules::drops::NORMAL as NORMAL_DROP_REASONS,
 };
 use self::{
     facts::KernelEvent,
@@ -102,6 +103,19 @@ impl Engine {
         &self.summary
     }
 
+    /// The run's counts, for what is counted outside the engine (the kernel's, in quiet mode).
+    pub fn summary_mut(&mut self) -> &mut Summary {
+        &mut self.summary
+    }
+
+    /// Whether a connection with `tuple` (local end first) in namespace `netns` is tracked.
+    pub fn knows(&self, netns: Option<u32>, tuple: &facts::FourTuple) -> bool {
+        self.table
+            .id_by_tuple(tuple)
+            .and_then(|id| self.table.get(id))
+            .is_some_and(|c| c.netns == netns || netns.is_none())
+    }
+
     /// Connections tracked now.
     pub fn tracked(&self) -> usize {
         self.table.len()
@@ -171,6 +185,7 @@ impl Engine {
         }
         if let Some(ns) = self.lookups.namespaces.as_mut() {
             rules::connect::complete(&mut v, ns.as_mut());
+            rules::drops::complete(&mut v, ns.as_mut());
         }
         if let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
             && let Some(facts) = v.detail.drop_facts_mut()
@@ -281,7 +296,7 @@ impl Engine {
         }
         let mut verdicts = Vec::new();
         for c in self.table.conns_mut() {
-            if let Some(stall) = rules::stalls::stuck(c, now_ns, timeout) {
+            if let Some(stall) = rules::stalls::stuck(c, now_ns, timeout, self.cfg.quiet) {
                 // The stall stands in for the established verdict.
                 c.report = Report::Stalled(stall);
                 verdicts.push(rules::stalls::stalled(c, stall, now_ns));

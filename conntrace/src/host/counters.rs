@@ -61,22 +61,35 @@ pub struct OverflowWatch {
     last: HashMap<u32, Counters>,
 }
 
-/// The [`COUNTERS`] from the text of `/proc/net/netstat` (a `TcpExt:` line of names, then one
-/// of values); counters this kernel lacks are left out.
-pub fn tcp_ext(netstat: &str) -> Option<Counters> {
+/// Every `TcpExt` counter in the text of `/proc/net/netstat` (a `TcpExt:` line of names, then
+/// one of values), as (name without the prefix, value); `None` without both lines.
+fn tcp_ext_all(netstat: &str) -> Option<impl Iterator<Item = (&str, u64)>> {
     let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
     let (names, values) = (lines.next()?, lines.next()?);
-    let values: Vec<&str> = values.split_whitespace().collect();
+    let values: Vec<&str> = values.split_whitespace().skip(1).collect();
     Some(
         names
             .split_whitespace()
-            .enumerate()
-            .filter_map(|(i, name)| {
-                let known = COUNTERS.iter().find(|c| **c == name)?;
-                Some((*known, values.get(i)?.parse().ok()?))
-            })
+            .skip(1)
+            .zip(values)
+            .filter_map(|(name, value)| Some((name, value.parse().ok()?))),
+    )
+}
+
+/// The [`COUNTERS`] from the text of `/proc/net/netstat`; counters this kernel lacks are left
+/// out.
+pub fn tcp_ext(netstat: &str) -> Option<Counters> {
+    Some(
+        tcp_ext_all(netstat)?
+            .filter_map(|(name, value)| Some((*COUNTERS.iter().find(|c| **c == name)?, value)))
             .collect(),
     )
+}
+
+/// One `TcpExt` counter (`IPReversePathFilter`, `ListenOverflows`, ...) from the text of
+/// `/proc/net/netstat`; `None` when this kernel lacks it.
+pub fn tcp_ext_counter(netstat: &str, name: &str) -> Option<u64> {
+    tcp_ext_all(netstat)?.find_map(|(n, value)| (n == name).then_some(value))
 }
 
 fn read_counters(pid: i32) -> Option<Counters> {
@@ -229,6 +242,13 @@ mod tests {
                 ("SyncookiesRecv", 1),
                 ("SyncookiesSent", 3)
             ]
+        );
+        assert_eq!(tcp_ext_counter(text, "EmbryonicRsts"), Some(5));
+        assert_eq!(tcp_ext_counter(text, "IPReversePathFilter"), None);
+        assert_eq!(
+            tcp_ext_counter(text, "InNoRoutes"),
+            None,
+            "IpExt, not TcpExt"
         );
         assert_eq!(tcp_ext("IpExt: A\nIpExt: 1\n"), None);
         assert_eq!(tcp_ext("TcpExt: ListenOverflows\n"), None, "no values line");

@@ -203,6 +203,8 @@ mod tests {
         d.drops.hook = Some(NfHook::Input);
         d.drops.rule = Some(RuleRef::Rule(FirewallRule {
             comment: None,
+            backend: Default::default(),
+            iptables: None,
             family: family.into(),
             table: table.into(),
             chain: chain.into(),

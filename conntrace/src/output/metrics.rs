@@ -1,12 +1,21 @@
 //! Prometheus exposition (`--metrics-addr`): every record written also updates counters, served
 //! at `GET /metrics` in the OpenMetrics text format by `prometheus-client` over `hyper`.
+//! `GET /healthz` beside it answers `200 ok` once tracing is ready (the `ready` record was
+//! written) and `503` before that and after the summary: the probe of a Kubernetes DaemonSet.
 //!
 //! With `--metrics-container-labels`, verdicts and drops also carry `namespace`, `pod` and
 //! `container` (kube-state-metrics' names; empty when the record has none): one series per
 //! container, reason and port, so on a node whose containers come and go the series grow with
 //! every new pod name until conntrace restarts. Off by default for that reason.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -72,6 +81,8 @@ pub struct Metrics {
     ring_peak: Gauge,
     /// `--metrics-container-labels`.
     container_labels: bool,
+    /// Tracing: between the `ready` record and the summary.
+    tracing: AtomicBool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +137,7 @@ impl Metrics {
             lost,
             ring_peak,
             container_labels,
+            tracing: AtomicBool::new(false),
         }
     }
 
@@ -154,7 +166,8 @@ impl Metrics {
             Record::Lost(l) => {
                 self.lost.inc_by(l.new);
             }
-            Record::Ready(_) | Record::Summary(_) => {}
+            Record::Ready(_) => self.tracing.store(true, Ordering::Relaxed),
+            Record::Summary(_) => self.tracing.store(false, Ordering::Relaxed),
         }
     }
 
@@ -180,21 +193,33 @@ impl Metrics {
         text
     }
 
-    fn respond(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let (status, body, kind) = if req.method() == Method::GET && req.uri().path() == "/metrics"
-        {
-            (
+    /// Status, body and content type for `method` on `path`.
+    fn route(&self, method: &Method, path: &str) -> (StatusCode, String, &'static str) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        match (method, path) {
+            (&Method::GET, "/metrics") => (
                 StatusCode::OK,
                 self.encode(),
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-        } else {
-            (
+            ),
+            (&Method::GET, "/healthz") if self.tracing.load(Ordering::Relaxed) => {
+                (StatusCode::OK, "ok\n".to_owned(), TEXT)
+            }
+            (&Method::GET, "/healthz") => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not tracing\n".to_owned(),
+                TEXT,
+            ),
+            _ => (
                 StatusCode::NOT_FOUND,
-                "conntrace serves GET /metrics\n".to_owned(),
-                "text/plain; charset=utf-8",
-            )
-        };
+                "conntrace serves GET /metrics and GET /healthz\n".to_owned(),
+                TEXT,
+            ),
+        }
+    }
+
+    fn respond(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let (status, body, kind) = self.route(req.method(), req.uri().path());
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
         if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
@@ -211,7 +236,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Serves `GET /metrics` on `listener` until the runtime stops.
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until the runtime stops.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
@@ -293,5 +318,50 @@ mod tests {
             text.contains(r#"port="3306"} 1"#) && !text.contains("pod="),
             "{text}"
         );
+    }
+
+    fn ready() -> crate::output::Ready {
+        crate::output::Ready {
+            ts_ns: 0,
+            version: "0.1.0",
+            ports: vec![3306],
+            programs: Vec::new(),
+            unavailable: Vec::new(),
+            kernel: "6.18.44".into(),
+            attach_paths: Default::default(),
+            kernel_features: crate::output::KernelFeatures { btf: true },
+            ring_buffer_bytes: 4096,
+            degraded: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn healthz_is_ok_only_while_tracing() {
+        let m = Metrics::new(4096, false);
+        let healthz = |m: &Metrics| {
+            let (status, body, _) = m.route(&Method::GET, "/healthz");
+            (status.as_u16(), body)
+        };
+        // Bound before anything is loaded: not ready yet.
+        assert_eq!(healthz(&m), (503, "not tracing\n".to_owned()));
+        m.observe(&Record::Ready(&ready()));
+        assert_eq!(healthz(&m), (200, "ok\n".to_owned()));
+        assert_eq!(m.route(&Method::GET, "/metrics").0, StatusCode::OK);
+        assert_eq!(m.route(&Method::GET, "/other").0, StatusCode::NOT_FOUND);
+        assert_eq!(m.route(&Method::POST, "/healthz").0, StatusCode::NOT_FOUND);
+        // The summary is the last record: the run is ending.
+        let summary = crate::engine::verdict::Summary::default();
+        m.observe(&Record::Summary(crate::output::Final {
+            ts_ns: 0,
+            summary: &summary,
+            lost_events: 0,
+            decode_errors: 0,
+            duration_ms: 1.0,
+            tracked_at_exit: 0,
+            tcp_counters: Default::default(),
+            read_failures: Default::default(),
+            all_ports: false,
+        }));
+        assert_eq!(healthz(&m).0, 503);
     }
 }

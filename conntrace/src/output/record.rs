@@ -11,7 +11,9 @@ use super::Clock;
 use crate::{
     engine::{
         facts::DropReason,
-        verdict::{DropRecord, ListenerCounts, Outcome, Reason, Summary, Verdict},
+        verdict::{
+            DropRecord, ListenerCounts, Outcome, Reason, Summary, Verdict, summary::KernelKept,
+        },
     },
     kernel::{ActiveProgram, Unavailable},
 };
@@ -168,10 +170,11 @@ pub struct PortCount {
     pub count: u64,
 }
 
-/// Percentiles of the client handshake times, in milliseconds.
+/// Percentiles of the client handshake times, in milliseconds: each the upper bound of its
+/// histogram bucket (8 buckets per power of two: at most 12.5 % above the true time).
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct Latency {
-    pub count: usize,
+    pub count: u64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -223,6 +226,11 @@ pub struct Totals<'a> {
     /// Namespaces whose SYN cookies seen on traced listeners disagree with their
     /// TcpExtSyncookiesSent growth (empty when they agree).
     pub cookie_mismatches: Vec<CookieMismatch>,
+    /// Quiet mode (`--follow quiet`, the default): connections the kernel followed without
+    /// sending their events; absent when connections streamed. `kernel_events` then counts
+    /// only what reached userspace, `established` and `connect_latency_ms` the kernel's counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_kept: Option<KernelKept>,
 }
 
 impl<'a> Totals<'a> {
@@ -269,6 +277,7 @@ impl<'a> Totals<'a> {
             read_failures: &f.read_failures,
             forwarded_drops: s.forwarded_drops,
             cookie_mismatches: f.cookie_mismatches(),
+            kernel_kept: s.kernel_kept,
         }
     }
 }

@@ -76,8 +76,10 @@ fn netns_of(ev: &KernelEvent) -> Option<u32> {
         | KernelEvent::FirstData { meta, .. }
         | KernelEvent::CookieSent { meta, .. }
         | KernelEvent::ListenOverflow { meta, .. }
-        | KernelEvent::ConnectFailed { meta, .. } => meta,
+        | KernelEvent::ConnectFailed { meta, .. }
+        | KernelEvent::Progress { meta, .. } => meta,
         KernelEvent::Dropped(d) => &d.meta,
+        KernelEvent::History(h) => &h.meta,
     };
     meta.netns
 }

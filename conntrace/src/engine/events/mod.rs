@@ -3,10 +3,11 @@
 //! cookies. Decisions are left to `rules`; this file only records and routes.
 
 mod drops;
+mod quiet;
 
 use super::{
     Engine,
-    facts::{Errno, FourTuple, KernelEvent, Meta, TcpFlags, TcpState, Window},
+    facts::{Errno, FourTuple, KernelEvent, Meta, Proc, TcpFlags, TcpState, Window},
     rules,
     state::{Conn, OrphanError, Report},
     verdict::{Side, Verdict},
@@ -71,7 +72,13 @@ impl Engine {
                 tuple,
                 window,
             } => self.on_window(&meta, tuple, window, out),
-            KernelEvent::Accepted { meta, sk } => self.on_accepted(&meta, sk, out),
+            KernelEvent::Accepted { meta, sk } => {
+                self.on_accepted(meta.ts_ns, sk, Some(meta.proc), out);
+            }
+            KernelEvent::History(h) => self.on_history(h, out),
+            KernelEvent::Progress { meta, sk, progress } => {
+                self.on_progress(&meta, sk, progress, out);
+            }
             KernelEvent::Dropped(d) => self.on_drop(d, out),
             KernelEvent::FirstData { meta, sk, outgoing } => {
                 self.on_first_data(sk, outgoing, meta.ts_ns, out);
@@ -150,6 +157,14 @@ impl Engine {
         c.state = new;
         let mut verdict = None;
         match new {
+            TcpState::Established if self.cfg.quiet => {
+                // The kernel counts handshakes in quiet mode; the event only moves the phase.
+                c.establish(ts);
+                if (c.side == Side::Client || c.accepted()) && c.report == Report::Pending {
+                    c.report = Report::Established;
+                    verdict = rules::established::on_established(c, ts, &self.cfg);
+                }
+            }
             TcpState::Established => {
                 c.establish(ts);
                 match c.side {
@@ -256,24 +271,27 @@ impl Engine {
         }
     }
 
-    fn on_accepted(&mut self, meta: &Meta, sk: u64, out: &mut Vec<Verdict>) {
+    /// accept() returned `sk` at `ts_ns` to `proc` (none: a check found it accepted).
+    fn on_accepted(&mut self, ts_ns: u64, sk: u64, proc: Option<Proc>, out: &mut Vec<Verdict>) {
         let mut verdict = None;
         if let Some(c) = self.table.by_sk_mut(sk) {
-            c.proc = Some(meta.proc.clone());
-            c.accepted_ns = Some(meta.ts_ns);
-            c.last_ns = meta.ts_ns;
+            if proc.is_some() {
+                c.proc = proc;
+            }
+            c.accepted_ns = Some(ts_ns);
+            c.last_ns = ts_ns;
             // The child is queued before its ESTABLISHED event fires, so accept() may be seen
             // first; the verdict then waits for ESTABLISHED.
             if c.side == Side::Server && c.report == Report::Pending && c.established_ns().is_some()
             {
                 c.report = Report::Established;
-                verdict = rules::established::on_established(c, meta.ts_ns, &self.cfg);
+                verdict = rules::established::on_established(c, ts_ns, &self.cfg);
             } else if c.side == Side::Server
                 && let Some(stall) = c.open_stall()
                 && stall.reason == super::verdict::Reason::NotAccepted
             {
                 c.report = Report::Settled(stall);
-                verdict = Some(rules::stalls::resolved(c, stall, meta.ts_ns));
+                verdict = Some(rules::stalls::resolved(c, stall, ts_ns));
             }
         }
         if let Some(v) = verdict {
@@ -315,6 +333,11 @@ impl Engine {
         else {
             return;
         };
+        if c.closed().is_some() {
+            // The socket is gone: its close (decided after a grace period) is the follow-up
+            // of any zero-window stall, not the window that went with it.
+            return;
+        }
         c.last_ns = meta.ts_ns;
         let v = match window {
             Window::Open => {

@@ -101,6 +101,47 @@ pub enum Window {
     Open,
 }
 
+/// Quiet mode: when a server connection was accepted, as far as the kernel knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// accept() returned it at this time (CLOCK_MONOTONIC ns; the fentry path).
+    At(u64),
+    /// A process held it when it began to shut down: accepted, at a time not recorded.
+    Seen,
+}
+
+/// Quiet mode: what the kernel kept about a connection until it needed userspace (the event
+/// that needed it follows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnHistory {
+    /// When the history was written; the connection's namespace; the connect()ing process
+    /// for a client (a server's is pid 0 with an empty comm).
+    pub meta: Meta,
+    pub sk: u64,
+    pub server: bool,
+    /// Local end first, as of the connection's last state change the kernel saw.
+    pub tuple: FourTuple,
+    /// SYN_SENT (client) or the child's SYN_RECV (server), CLOCK_MONOTONIC ns.
+    pub started_ns: u64,
+    pub established_ns: Option<u64>,
+    pub accepted: Option<Accepted>,
+    /// An orderly shutdown (FIN) had started.
+    pub orderly: bool,
+    pub syn_retransmits: u32,
+}
+
+/// Quiet mode: a check of a connection established past the stall timeout (sock_diag): what
+/// it has done so far. Sent once when the connection is found stuck, then when it moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// It has received data (`tcpi_bytes_received > 0`).
+    pub received: bool,
+    /// It has sent data (`tcpi_bytes_sent > 0`).
+    pub sent: bool,
+    /// Server: a process holds it (`idiag_inode != 0`): accepted.
+    pub accepted: bool,
+}
+
 /// One kernel fact, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
@@ -172,6 +213,14 @@ pub enum KernelEvent {
         backlog: u32,
         overflows: u64,
     },
+    /// Quiet mode: a connection's history, before its first event userspace sees.
+    History(ConnHistory),
+    /// Quiet mode: what a connection past the stall timeout has done (userspace's check).
+    Progress {
+        meta: Meta,
+        sk: u64,
+        progress: Progress,
+    },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
     ConnectFailed {
         meta: Meta,
@@ -187,7 +236,9 @@ impl KernelEvent {
         match self {
             Self::State { sk, .. }
             | Self::ResetReceived { sk, .. }
-            | Self::SynRetransmit { sk, .. } => Some(*sk),
+            | Self::SynRetransmit { sk, .. }
+            | Self::Progress { sk, .. } => Some(*sk),
+            Self::History(h) => Some(h.sk),
             _ => None,
         }
     }

@@ -16,7 +16,7 @@ pub(crate) fn connection_detail(c: &Conn, established_ns: u64) -> EstablishedDet
     EstablishedDetail {
         drops: drops::kinds(&c.drops),
         syn_cookie: c.opening == Opening::SynCookie,
-        accepted: server.then_some(c.accepted_ns.is_some()),
+        accepted: server.then_some(c.accepted()),
         // accept() can return before the ESTABLISHED event fires (the child is queued first):
         // the delay is then 0.
         accept_delay_ms: c

@@ -16,8 +16,9 @@ use crate::engine::{
     },
 };
 
-/// Why a connection counts as stuck now, if it does.
-pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
+/// Why a connection counts as stuck now, if it does. `checked`: data and accept() are known
+/// only from a check (quiet mode), so only a connection the check found stuck can be.
+pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64, checked: bool) -> Option<Stall> {
     let since_ns = c.established_ns()?;
     if c.closed().is_some() || c.was_stalled() {
         return None;
@@ -29,7 +30,7 @@ pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
             since_ns,
         });
     }
-    if now_ns < since_ns + timeout_ns {
+    if now_ns < since_ns + timeout_ns || (checked && !c.found_stuck) {
         return None;
     }
     let reason = match c.side {
@@ -40,7 +41,7 @@ pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
                 Reason::StalledNoGreeting
             }
         }
-        Side::Server if c.accepted_ns.is_none() => Reason::NotAccepted,
+        Side::Server if !c.accepted() => Reason::NotAccepted,
         _ => return None,
     };
     Some(Stall { reason, since_ns })

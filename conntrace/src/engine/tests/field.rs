@@ -8,8 +8,8 @@ use super::*;
 use crate::engine::{
     facts::{DroppedPacket, Icmp, NfHook, Window},
     lookup::{
-        ConntrackTable, FirewallRule, NamespaceLookup, PortUse, Route, RouteKind, RuleAction,
-        RuleFinding, RuleLookup,
+        Confidence, ConntrackTable, FirewallRule, NamespaceLookup, PortUse, Route, RouteKind,
+        RuleAction, RuleFinding, RuleLookup, RuleQuery,
     },
     verdict::Direction,
 };
@@ -50,10 +50,12 @@ impl NamespaceLookup for Host {
 struct Reject;
 
 impl RuleLookup for Reject {
-    fn find(&mut self, _netns: Option<u32>, hook: Option<NfHook>, _ipv6: bool) -> RuleFinding {
-        assert_eq!(hook, Some(NfHook::Output));
-        RuleFinding::Rule(FirewallRule {
+    fn find(&mut self, q: &RuleQuery) -> RuleFinding {
+        assert_eq!(q.hook, Some(NfHook::Output));
+        let rule = FirewallRule {
             comment: Some("default/mysql has no endpoints".into()),
+            backend: Default::default(),
+            iptables: None,
             family: "ip".into(),
             table: "filter".into(),
             chain: "KUBE-SERVICES".into(),
@@ -63,7 +65,11 @@ impl RuleLookup for Reject {
                 with: "icmp-port-unreachable".into(),
             },
             packets: 1,
-        })
+        };
+        RuleFinding::Rule {
+            rule,
+            confidence: Confidence::Exact,
+        }
     }
 }
 
@@ -403,6 +409,26 @@ fn a_zero_window_past_the_stall_timeout_is_zero_window_then_resolved() {
 }
 
 #[test]
+fn a_window_that_opens_because_the_socket_closed_is_no_resolution() {
+    // The server closed with data unread: the poll sees the window open (the socket is gone)
+    // during the close's grace period. The stall ends with the close, as a failure.
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    feed(&mut e, healthy_client(c).into_iter().take(2));
+    feed(&mut e, [c.data(3 * MS, false), c.data(4 * MS, true)]);
+    none(e.handle(window(c, SEC, Window::PeerZero { queued: 462_344 })));
+    check(&one(e.tick(4 * SEC + MS)), "client stalled zero_window -");
+    none(e.handle(c.st(9 * SEC, S::Established, S::Close)));
+    none(e.handle(window(c, 9 * SEC + 50 * MS, Window::Open)));
+    let v = one(e.tick(9 * SEC + e.cfg.grace_ns));
+    check(&v, "client failed zero_window -");
+    assert_eq!(
+        v.kernel_reason.as_deref(),
+        Some("closed from TCP_ESTABLISHED")
+    );
+}
+
+#[test]
 fn a_neighbour_failure_just_after_the_close_still_explains_it() {
     // tcp_syn_retries=1: the SYN budget and the ARP budget end in the same tick; the socket
     // closes with ETIMEDOUT 18 us before the queued SYN is freed with NEIGH_FAILED.
@@ -428,6 +454,34 @@ fn a_neighbour_failure_just_after_the_close_still_explains_it() {
     let v = one(e.tick(3 * SEC + e.cfg.grace_ns));
     check(&v, "client failed neighbour_failed ETIMEDOUT");
     assert!(e.take_drops().is_empty(), "joined, not a separate record");
+}
+
+#[test]
+fn segments_crossing_a_close_are_normal_where_they_are_freed() {
+    let mut e = Engine::new(EngineConfig::default());
+    // A FIN for a TIME_WAIT socket, a late ACK for a closed one: normal, not printed.
+    for (i, (reason, at)) in [
+        ("NOT_SPECIFIED", "tcp_v4_rcv+0x6c1"),
+        ("TCP_FLAGS", "tcp_v4_do_rcv+0x2b4"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = drop(MS, 0, tuple(SPORT + i as u16, 3306), ACK | 0x01, reason, at);
+        none(e.handle(KernelEvent::Dropped(d)));
+    }
+    assert!(e.take_drops().is_empty());
+    // The same reasons elsewhere, or for a SYN, are no normal part of TCP.
+    let d = drop(
+        MS,
+        0,
+        tuple(SPORT + 5, 3306),
+        ACK,
+        "NOT_SPECIFIED",
+        "ip_rcv_core+0x1",
+    );
+    none(e.handle(KernelEvent::Dropped(d)));
+    assert_eq!(e.take_drops().len(), 1);
 }
 
 #[test]
@@ -484,8 +538,8 @@ fn any_other_drop_of_a_handshake_is_kernel_drop_with_its_location() {
         0,
         syn_to_server(SPORT + 1),
         ACK,
-        "TCP_FLAGS",
-        "tcp_v4_do_rcv+0x1",
+        "TCP_INVALID_SEQUENCE",
+        "tcp_validate_incoming+0x1",
     );
     none(e.handle(KernelEvent::Dropped(d)));
     assert_eq!(e.take_drops().len(), 1);

@@ -569,4 +569,5 @@ mod field;
 mod listeners;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
+mod quiet;
 mod stalls;

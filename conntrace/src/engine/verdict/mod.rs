@@ -3,7 +3,7 @@
 
 pub mod detail;
 mod reason;
-mod summary;
+pub mod summary;
 
 use std::net::IpAddr;
 
