@@ -84,6 +84,7 @@ fn identities(cli: &Cli) -> Option<Identities> {
         docker_sockets: or_default(&cli.docker_sockets, DOCKER_SOCKETS),
         containerd_sockets: or_default(&cli.containerd_sockets, CONTAINERD_SOCKETS),
         api_timeout: API_TIMEOUT,
+        warn_on_failure: !cli.docker_sockets.is_empty() || !cli.containerd_sockets.is_empty(),
         select,
     };
     Identities::start(options)

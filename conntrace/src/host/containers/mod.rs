@@ -35,6 +35,10 @@ pub struct Options {
     pub containerd_sockets: Vec<PathBuf>,
     /// Bound on each API call (connect, version, inspect).
     pub api_timeout: Duration,
+    /// The sockets were given (`--docker-socket`, `--containerd-socket`): a failing one is a
+    /// warning. The default ones fail quietly (debug level): a host may have none, or conntrace
+    /// may run without the right to open them.
+    pub warn_on_failure: bool,
     /// `--container` and `--pod`: when set, only their namespaces are admitted.
     pub select: Option<Selector>,
 }

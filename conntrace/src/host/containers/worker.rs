@@ -82,6 +82,7 @@ struct Apis {
     containerd: Vec<ContainerdApi>,
     answers: HashMap<CgroupRef, (Instant, Answer)>,
     warned: HashSet<String>,
+    warn_on_failure: bool,
 }
 
 impl Apis {
@@ -95,14 +96,16 @@ impl Apis {
                 .collect(),
             answers: HashMap::new(),
             warned: HashSet::new(),
+            warn_on_failure: o.warn_on_failure,
         }
     }
 
-    /// Logs an API failure: the first of each kind as a warning, the rest at debug level.
+    /// Logs an API failure: with sockets given, the first of each kind as a warning; the rest,
+    /// and every failure of the default sockets, at debug level.
     fn failed(&mut self, error: &ApiError) {
         let text = error.to_string();
         let kind: String = text.chars().take(48).collect();
-        if self.warned.insert(kind) {
+        if self.warn_on_failure && self.warned.insert(kind) {
             warn!(%error, "container names unknown");
         } else {
             debug!(%error, "container API");
