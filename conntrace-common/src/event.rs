@@ -99,6 +99,8 @@ pub mod unread {
     pub const MSS: u32 = 1 << 4;
     /// The interface a dropped packet arrived on (`PacketDrop::ifindex`).
     pub const IFINDEX: u32 = 1 << 5;
+    /// The local port of the dropped packet's socket (`PacketDrop::sk_port`).
+    pub const SK_PORT: u32 = 1 << 6;
 }
 
 /// Addresses and ports as the kernel reported them, from the reporting socket's point of view:
@@ -232,7 +234,10 @@ pub struct PacketDrop {
     pub icmp: u32,
     /// The MTU an ICMP "fragmentation needed" / ICMPv6 "packet too big" announces; 0 if none.
     pub mtu: u32,
-    pub _pad: u32,
+    /// The local port of `sk` (`skc_num`, else `inet_sport` once closing released it): the
+    /// packet is outgoing when its source port is this one. 0 without `sk`; unread:
+    /// [`unread::SK_PORT`].
+    pub sk_port: u32,
     /// Return addresses of the kernel stack at the drop, innermost first, 0-padded; filled only
     /// for the reason in `Config::stack_drop_reason` (netfilter drops: the hook's caller).
     pub stack: [u64; DROP_STACK_DEPTH],
@@ -526,7 +531,7 @@ mod tests {
             ifindex: 2,
             icmp: NOT_ICMP,
             mtu: 0,
-            _pad: 0,
+            sk_port: 0,
             stack: [0xffff_ffff_8100_0010; DROP_STACK_DEPTH],
         };
         assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));

@@ -19,6 +19,9 @@ pub mod maps {
     /// `HashMap<u64, u64>`: sockets userspace wants to follow (a stall it reported), by socket
     /// address; the value is the connection's `started_ns`.
     pub const WATCH: &str = "WATCH";
+    /// `Array<u32>` of one entry: non-zero once userspace has watched a connection, so that
+    /// the kernel looks `WATCH` up only then.
+    pub const WATCHING: &str = "WATCHING";
     /// `PerCpuArray<u64>`: [`super::counts`].
     pub const COUNTS: &str = "COUNTS";
     /// `PerCpuArray<u64>`: client handshake times by [`super::latency_bucket`].
@@ -80,15 +83,15 @@ pub struct History {
     pub accepted_ns: u64,
     /// The connection's addresses and ports, local end first, as of its last state change.
     pub tuple: Tuple,
-    /// Client: the connect()ing process (the task current at SYN_SENT); server: 0.
+    /// Client: the connect()ing process (the task current at SYN_SENT); server: the process
+    /// that closed it (the task current at FIN_WAIT1 while it held the socket), else 0.
     pub pid: u32,
     /// Network namespace inode.
     pub netns: u32,
     /// [`flags`] bits.
     pub flags: u32,
-    /// SYNs retransmitted (client; a SYN retransmission streams the connection).
-    pub syn_retransmits: u32,
-    /// The connect()ing process's comm (client).
+    pub _pad: u32,
+    /// That process's comm.
     pub comm: [u8; COMM_LEN],
 }
 

@@ -156,6 +156,16 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         }
         return 0;
     }
+    // The owning socket's own port tells an outgoing packet from one it received, even once
+    // the connection is gone from userspace's view.
+    let sk_port = if sk == 0 {
+        Some(0)
+    } else {
+        match sock_ports(P, o, sk) {
+            (0, _) => None,
+            (local, _) => Some(local),
+        }
+    };
     let Some(pkt) = packet(P, o, skb, proto) else {
         return 0;
     };
@@ -190,6 +200,9 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         if ifindex.is_none() {
             header.unread |= unread::IFINDEX;
         }
+        if sk_port.is_none() {
+            header.unread |= unread::SK_PORT;
+        }
         addr_of_mut!((*slot).header).write(header);
         addr_of_mut!((*slot).sk).write(sk);
         addr_of_mut!((*slot).rx_sk).write(rx_sk);
@@ -200,7 +213,7 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         addr_of_mut!((*slot).ifindex).write(ifindex.unwrap_or(0));
         addr_of_mut!((*slot).icmp).write(pkt.icmp);
         addr_of_mut!((*slot).mtu).write(pkt.mtu);
-        addr_of_mut!((*slot)._pad).write(0);
+        addr_of_mut!((*slot).sk_port).write(u32::from(sk_port.unwrap_or(0)));
         let stack = addr_of_mut!((*slot).stack).cast::<u64>();
         if reason == cfg.stack_drop_reason {
             // The helper fills the array and zeroes what it does not use (all of it on

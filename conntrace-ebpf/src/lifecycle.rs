@@ -62,13 +62,9 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         tuple.saddr[..4].copy_from_slice(&s);
         tuple.daddr[..4].copy_from_slice(&d);
     }
-    changed(
-        P,
-        cfg,
-        rec.get(l.skaddr),
-        (rec.get(l.oldstate), newstate),
-        &tuple,
-    );
+    let states = (rec.get(l.oldstate), newstate);
+    // The record's protocol was checked above.
+    changed(P, cfg, rec.get(l.skaddr), states, &tuple, || true);
     0
 }
 
@@ -100,11 +96,6 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         sport = kread::<u16>(P, skaddr + o.inet_sport as u64).map_or(0, u16::from_be);
     }
     if !port_traced(cfg, sport, dport) {
-        return 0;
-    }
-    if o.sock_protocol != KernelOffsets::MISSING
-        && kread::<u16>(P, skaddr + o.sock_protocol as u64) != Some(IPPROTO_TCP)
-    {
         return 0;
     }
     // SAFETY: as above.
@@ -139,19 +130,42 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         tuple.daddr[..4].copy_from_slice(&d);
     }
     let oldstate: i32 = ctx.arg(1);
-    changed(P, cfg, skaddr, (oldstate, newstate), &tuple);
+    // SCTP sockets pass here too: `sk_protocol` is read where no followed connection vouches
+    // for the socket (one read fewer on most runs).
+    let is_tcp = || {
+        o.sock_protocol == KernelOffsets::MISSING
+            || kread::<u16>(P, skaddr + o.sock_protocol as u64) == Some(IPPROTO_TCP)
+    };
+    changed(P, cfg, skaddr, (oldstate, newstate), &tuple, is_tcp);
     0
 }
 
-/// A traced TCP socket at `skaddr` changed state: kept in the kernel (quiet mode), or sent.
+/// A traced socket at `skaddr` changed state: kept in the kernel (quiet mode), or sent when
+/// it is a TCP socket's (`is_tcp`, asked as late as possible).
 #[inline(always)]
-fn changed(prog: u32, cfg: &Config, skaddr: u64, (oldstate, newstate): (i32, i32), tuple: &Tuple) {
+fn changed(
+    prog: u32,
+    cfg: &Config,
+    skaddr: u64,
+    (oldstate, newstate): (i32, i32),
+    tuple: &Tuple,
+    is_tcp: impl Fn() -> bool,
+) {
     let o = &cfg.offsets;
     if quiet::enabled(cfg)
-        && quiet::on_state(prog, cfg, skaddr, (oldstate, newstate), tuple, || {
-            netns_of_sock(prog, o, skaddr)
-        })
+        && quiet::on_state(
+            prog,
+            cfg,
+            skaddr,
+            (oldstate, newstate),
+            tuple,
+            || netns_of_sock(prog, o, skaddr),
+            &is_tcp,
+        )
     {
+        return;
+    }
+    if !is_tcp() {
         return;
     }
     if matches!(newstate, state::SYN_SENT | state::SYN_RECV | state::CLOSE) {

@@ -451,9 +451,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let o = &cfg.offsets;
     let netns = netns_of_sock(P, o, skaddr);
     if quiet::enabled(cfg) {
-        if state == state::SYN_SENT {
-            quiet::syn_retransmitted(skaddr);
-        }
+        // Every retransmission streams: the engine counts them from their events.
         quiet::promote(P, cfg, skaddr);
     }
     if state == state::SYN_SENT {

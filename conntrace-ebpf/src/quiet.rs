@@ -8,7 +8,7 @@ use core::ptr::addr_of_mut;
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use conntrace_common::{
     Config, EventKind, FLAG_QUIET, HistoryEvent, KernelOffsets, Tuple,
@@ -26,6 +26,10 @@ static CONNS: HashMap<u64, History> = HashMap::with_max_entries(CONNS_CAPACITY, 
 
 #[map]
 static WATCH: HashMap<u64, u64> = HashMap::with_max_entries(WATCH_CAPACITY, 0);
+
+/// `[0]`: non-zero once userspace has put a connection in `WATCH`.
+#[map]
+static WATCHING: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
 static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counts::COUNT, 0);
@@ -90,7 +94,7 @@ fn start(sk: u64, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
         pid: if server { 0 } else { (pid_tgid >> 32) as u32 },
         netns: netns.unwrap_or(0),
         flags: f,
-        syn_retransmits: 0,
+        _pad: 0,
         comm: if server { [0; 16] } else { current_comm() },
     };
     // BPF_ANY: a socket address reused before its old entry went is a new connection.
@@ -154,15 +158,6 @@ pub(crate) fn promote(prog: u32, cfg: &Config, sk: u64) {
     flush(sk, h);
 }
 
-/// Counts a SYN retransmission of a followed connection (it streams from now on).
-#[inline(always)]
-pub(crate) fn syn_retransmitted(sk: u64) {
-    if let Some(h) = CONNS.get_ptr_mut(&sk) {
-        // SAFETY: a live map value.
-        unsafe { (*h).syn_retransmits += 1 };
-    }
-}
-
 /// accept() returned `sk` (fentry path): remembered; true when the connection is followed
 /// quietly and nothing needs sending (not streaming, and userspace does not watch it: a
 /// stalled connection's accept() is its `resolved`).
@@ -175,7 +170,7 @@ pub(crate) fn accepted(sk: u64) -> bool {
     unsafe {
         (*h).accepted_ns = now();
         (*h).flags |= flags::ACCEPTED;
-        (*h).flags & flags::STREAMING == 0 && WATCH.get(&sk).is_none()
+        (*h).flags & flags::STREAMING == 0 && (!watching() || WATCH.get(&sk).is_none())
     }
 }
 
@@ -197,12 +192,17 @@ fn closes_quietly(prog: u32, cfg: &Config, sk: u64, h: &History, now: u64) -> bo
         return false;
     }
     let o = &cfg.offsets;
-    if o.sock_err == KernelOffsets::MISSING || kread::<i32>(prog, sk + o.sock_err as u64) != Some(0)
-    {
+    if o.sock_err == KernelOffsets::MISSING {
         return false;
     }
-    if o.sock_err_soft != KernelOffsets::MISSING
-        && kread::<i32>(prog, sk + o.sock_err_soft as u64) != Some(0)
+    if o.sock_err_soft == o.sock_err + 4 {
+        // `int sk_err, sk_err_soft;` side by side (every kernel so far): one read.
+        if kread::<u64>(prog, sk + o.sock_err as u64) != Some(0) {
+            return false;
+        }
+    } else if kread::<i32>(prog, sk + o.sock_err as u64) != Some(0)
+        || (o.sock_err_soft != KernelOffsets::MISSING
+            && kread::<i32>(prog, sk + o.sock_err_soft as u64) != Some(0))
     {
         return false;
     }
@@ -219,11 +219,13 @@ fn closes_quietly(prog: u32, cfg: &Config, sk: u64, h: &History, now: u64) -> bo
         }
     }
     // SAFETY: a plain lookup; the value is not held.
-    unsafe { WATCH.get(&sk) }.is_none()
+    !watching() || unsafe { WATCH.get(&sk) }.is_none()
 }
 
-/// A traced socket's state change in quiet mode. True when it is handled here; false when the
-/// event is to be sent as without quiet mode (after the connection's history, when it has one).
+/// A traced socket's state change in quiet mode. True when it is handled here (or is not a
+/// TCP socket's); false when the event is to be sent as without quiet mode (after the
+/// connection's history, when it has one). `is_tcp` is asked only where no entry of a
+/// connection already vouches for it.
 #[inline(always)]
 pub(crate) fn on_state(
     prog: u32,
@@ -232,32 +234,24 @@ pub(crate) fn on_state(
     (old, new): (i32, i32),
     tuple: &Tuple,
     netns: impl FnOnce() -> Option<u32>,
+    is_tcp: impl Fn() -> bool,
 ) -> bool {
-    if new == state::ESTABLISHED {
-        let side = if old == state::SYN_SENT {
-            counts::ESTABLISHED_CLIENT
-        } else {
-            counts::ESTABLISHED_SERVER
-        };
-        bump(&COUNTS, side);
-    }
-    if new == state::SYN_SENT {
-        return start(sk, tuple, netns(), false);
-    }
-    if new == state::SYN_RECV && old == state::LISTEN {
-        return start(sk, tuple, netns(), true);
+    if new == state::SYN_SENT || (new == state::SYN_RECV && old == state::LISTEN) {
+        return !is_tcp() || start(sk, tuple, netns(), new == state::SYN_RECV);
     }
     let Some(h) = CONNS.get_ptr_mut(&sk) else {
+        if new == state::ESTABLISHED && is_tcp() {
+            count_established(old);
+        }
         return false;
     };
     let now = now();
     // SAFETY: a live map value, updated in place; removed last.
     let h = unsafe { &mut *h };
-    if tuple.sport != 0 {
-        h.tuple = *tuple;
-    }
     if new == state::ESTABLISHED {
+        count_established(old);
         h.established_ns = now;
+        h.tuple = *tuple;
         if h.flags & flags::SERVER == 0 {
             bump(
                 &LATENCY,
@@ -270,12 +264,15 @@ pub(crate) fn on_state(
         state::CLOSE => {
             let quiet = !streaming && closes_quietly(prog, cfg, sk, h, now);
             if !quiet && !streaming {
+                if tuple.sport != 0 {
+                    h.tuple = *tuple;
+                }
                 flush(sk, h);
             }
             if CONNS.remove(&sk).is_err() {
                 // Gone already: another CPU's close of a reused address.
             }
-            if !quiet && WATCH.remove(&sk).is_err() {
+            if !quiet && watching() && WATCH.remove(&sk).is_err() {
                 // Not watched.
             }
             if quiet {
@@ -288,10 +285,35 @@ pub(crate) fn on_state(
             h.flags |= flags::ORDERLY;
             if h.flags & flags::SERVER != 0 && owned(prog, &cfg.offsets, sk) {
                 h.flags |= flags::ACCEPTED;
+                if new == state::FIN_WAIT1 && h.pid == 0 {
+                    // close() runs in the process that holds the socket: the server's process,
+                    // where no accept hook named it.
+                    h.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                    h.comm = current_comm();
+                }
             }
             true
         }
         state::ESTABLISHED | state::FIN_WAIT2 | state::TIME_WAIT => true,
         _ => false,
     }
+}
+
+/// Counts a completed handshake on its side (it left SYN_SENT: the client).
+#[inline(always)]
+fn count_established(old: i32) {
+    bump(
+        &COUNTS,
+        if old == state::SYN_SENT {
+            counts::ESTABLISHED_CLIENT
+        } else {
+            counts::ESTABLISHED_SERVER
+        },
+    );
+}
+
+/// Whether userspace has ever watched a connection (`WATCH` is looked up only then).
+#[inline(always)]
+fn watching() -> bool {
+    WATCHING.get(0).is_some_and(|w| *w != 0)
 }

@@ -127,6 +127,14 @@ pub struct Cli {
     #[arg(long)]
     pub no_containers: bool,
 
+    /// Report what each of conntrace's eBPF programs costs the kernel: runs and run time, in
+    /// the summary (`programs`) and the metrics. Turns on the kernel's BPF run-time statistics
+    /// (bpf(BPF_ENABLE_STATS)) for as long as conntrace runs; they go off when it exits, even
+    /// when killed. While on, the kernel reads the clock around every run of every BPF program
+    /// on the machine (a few tens of ns each).
+    #[arg(long)]
+    pub bpf_stats: bool,
+
     /// Log more to stderr (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -325,6 +333,16 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["conntrace", "--container", "x", "--no-containers"]).is_err());
         assert!(Cli::try_parse_from(["conntrace", "--metrics-container-labels"]).is_err());
+    }
+
+    #[test]
+    fn bpf_stats_only_when_asked() {
+        assert!(!Cli::try_parse_from(["conntrace"]).expect("parse").bpf_stats);
+        assert!(
+            Cli::try_parse_from(["conntrace", "--bpf-stats"])
+                .expect("parse")
+                .bpf_stats
+        );
     }
 
     #[test]

@@ -24,7 +24,11 @@ use crate::{
         windows::WindowWatch,
     },
     kernel::{
-        LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
+        LoadError, Tracer, TracerOptions,
+        attach::Capability,
+        decode::Decoder,
+        kallsyms::Kallsyms,
+        stats::{RunTimeStats, StatsError},
     },
     output::metrics::{self, Metrics},
     output::{Clock, Final, Format, KernelFeatures, Lost, Output, OutputError, Ready, Record},
@@ -44,6 +48,8 @@ pub enum RunError {
     Signal(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::output::metrics::MetricsError),
+    #[error(transparent)]
+    Stats(#[from] StatsError),
 }
 
 fn kernel_features() -> KernelFeatures {
@@ -209,6 +215,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     ports.dedup();
     let (mut out, metrics) = open_output(cli).await?;
     let mut ident = Identity::new(identities(cli));
+    // --bpf-stats: the kernel's run-time statistics, on from before the programs load until
+    // this value is dropped at the end of the run (or the process ends, however it ends).
+    let bpf_stats = cli.bpf_stats.then(RunTimeStats::enable).transpose()?;
     let (mut tracer, events) = Tracer::start(&TracerOptions {
         ports: ports.clone(),
         ring_bytes: cli.ring_buffer_bytes,
@@ -248,6 +257,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
     let mut window_poll = tokio::time::interval(Duration::from_secs(1));
     let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
+    let mut bpf_stats_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
 
     loop {
@@ -282,6 +292,16 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                         }
                     }
                     Err(error) => warn!(%error, "read the ring buffer's fill"),
+                }
+            }
+            _ = bpf_stats_poll.tick(), if bpf_stats.is_some() && metrics.is_some() => {
+                match tracer.program_costs() {
+                    Ok(costs) => {
+                        if let Some(m) = &metrics {
+                            m.set_program_costs(costs);
+                        }
+                    }
+                    Err(error) => debug!(%error, "read the programs' run-time statistics"),
                 }
             }
             _ = overflow_poll.tick() => {
@@ -346,6 +366,12 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         warn!(%error, "read the READ_FAILURES map");
         BTreeMap::new()
     });
+    let programs = bpf_stats.as_ref().and_then(|_| {
+        tracer
+            .program_costs()
+            .inspect_err(|error| warn!(%error, "read the programs' run-time statistics"))
+            .ok()
+    });
     out.write(&Record::Summary(Final {
         ts_ns: now,
         summary: engine.summary(),
@@ -356,7 +382,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         tcp_counters: overflows.growth(),
         read_failures,
         all_ports: cli.ports.is_empty(),
+        programs,
     }))?;
+    drop(bpf_stats);
     Ok(())
 }
 

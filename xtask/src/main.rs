@@ -65,7 +65,8 @@ enum Task {
         filters: Vec<String>,
     },
     /// Set up (with bpftrace, the peer it compares with), build release, and run the churn
-    /// benchmark (`ctbench`): untraced, traced, unrelated port, bpftrace. Its last line is
+    /// benchmark (`ctbench`): untraced, traced, unrelated port, bpftrace, bpftrace on
+    /// conntrace's own hooks; then each program's cost (`--bpf-stats`). Its last line is
     /// `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
     Bench {
         /// Arguments for ctbench: --rounds N (3), --phase-ms T (2000), --parallel K (2).

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use schemars::JsonSchema;
 use serde::Serialize;
 
-use super::facts::NfHook;
+use super::facts::{FourTuple, NfHook, Proc};
 
 /// A socket listening on a port, and the process holding it when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,14 @@ pub trait ListenerLookup {
     /// queue; `None` when unknown.
     fn holder(&mut self, netns: Option<u32>, port: u16, child_sk: u64) -> Option<Listener> {
         let _ = (netns, port, child_sk);
+        None
+    }
+
+    /// The process holding the connected socket `tuple` (local end first) in `netns` now:
+    /// the accepting process of a server connection where no accept hook named it (quiet
+    /// mode). `None` when the socket is gone, no process holds it, or it cannot be asked.
+    fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        let _ = (netns, tuple);
         None
     }
 }

@@ -183,6 +183,24 @@ impl Engine {
             let listeners = lookup.listening_on(v.netns, port);
             rules::listener::with_listeners(&mut v, &listeners, holder.as_ref());
         }
+        if self.cfg.quiet
+            && v.side == verdict::Side::Server
+            && v.pid.is_none()
+            && v.sk.is_some()
+            && let (Some(lookup), Some(saddr), Some(sport)) =
+                (self.lookups.listeners.as_mut(), v.saddr, v.sport)
+        {
+            // Quiet mode without an accept hook: the process holding the socket now.
+            let tuple = facts::FourTuple {
+                saddr,
+                sport,
+                daddr: v.daddr,
+                dport: v.dport,
+            };
+            if let Some(p) = lookup.owner(v.netns, tuple) {
+                rules::established::held_by(&mut v, p);
+            }
+        }
         if let Some(ns) = self.lookups.namespaces.as_mut() {
             rules::connect::complete(&mut v, ns.as_mut());
             rules::drops::complete(&mut v, ns.as_mut());

@@ -5,7 +5,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
@@ -20,8 +20,11 @@ use std::path::Path;
 use tracing::debug;
 
 use crate::{
-    engine::{Listener, ListenerLookup},
-    host::sockdiag,
+    engine::{
+        Listener, ListenerLookup,
+        facts::{FourTuple, Proc},
+    },
+    host::{sockdiag, windows::diag::NsDiag},
 };
 
 /// How long a look-up is reused: refusals come in bursts (a client retrying, a SYN flood).
@@ -110,6 +113,69 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
     found
 }
 
+/// The process holding connected socket `tuple` (local end first) in namespace `netns`: its
+/// inode from sock_diag (0 while no process holds it), then the process with that socket among
+/// its file descriptors (/proc, as `ss -p` finds it). `None` when any step finds nothing.
+pub fn owner_of(netns: u32, tuple: FourTuple) -> Option<Proc> {
+    let path = crate::host::windows::namespaces().remove(&netns)?;
+    let mut diag = match NsDiag::open(&path, netns) {
+        Ok(d) => d,
+        Err(error) => {
+            debug!(%error, netns, "socket owner: namespace unreadable");
+            return None;
+        }
+    };
+    let sample = diag
+        .socket(&wire_tuple(tuple), &mut Vec::new())
+        .map_err(|error| debug!(%error, netns, "socket owner: sock_diag"))
+        .ok()??;
+    if sample.inode == 0 {
+        return None;
+    }
+    let inode = u64::from(sample.inode);
+    all_processes()
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|p| netns_of(p) == Some(u64::from(netns)))
+        .find_map(|p| {
+            let holds = p
+                .fd()
+                .ok()?
+                .filter_map(Result::ok)
+                .any(|fd| matches!(fd.target, FDTarget::Socket(i) if i == inode));
+            holds.then(|| Proc {
+                pid: p.pid() as u32,
+                comm: p.stat().map(|s| s.comm.into()).unwrap_or_default(),
+            })
+        })
+}
+
+/// A tuple as the kernel's records carry it (IPv4 in the first 4 bytes).
+fn wire_tuple(t: FourTuple) -> conntrace_common::Tuple {
+    let mut w = conntrace_common::Tuple {
+        sport: t.sport,
+        dport: t.dport,
+        ..conntrace_common::Tuple::default()
+    };
+    match (t.saddr, t.daddr) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            w.family = conntrace_common::AF_INET;
+            w.saddr[..4].copy_from_slice(&s.octets());
+            w.daddr[..4].copy_from_slice(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            w.family = conntrace_common::AF_INET6;
+            w.saddr = v6(s).octets();
+            w.daddr = v6(d).octets();
+        }
+    }
+    w
+}
+
 /// [`listening_on`] with a short cache per (netns, port).
 #[derive(Default)]
 pub struct ListenerCache {
@@ -130,5 +196,9 @@ impl ListenerLookup for ListenerCache {
             .or_insert_with(|| (now, listening_on(netns, port)))
             .1
             .clone()
+    }
+
+    fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        owner_of(netns?, tuple)
     }
 }

@@ -63,17 +63,11 @@ fn meta(h: &EventHeader) -> Meta {
 pub fn conn_history(sk: u64, h: &conntrace_common::quiet::History, ts_ns: u64) -> ConnHistory {
     use conntrace_common::quiet::flags;
     let server = h.flags & flags::SERVER != 0;
-    let proc = if server {
-        Proc {
-            pid: 0,
-            comm: compact_str::CompactString::default(),
-        }
-    } else {
-        let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
-        Proc {
-            pid: h.pid,
-            comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
-        }
+    // A server's process is known only when it closed the socket itself (pid 0 otherwise).
+    let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
+    let proc = Proc {
+        pid: h.pid,
+        comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
     };
     ConnHistory {
         meta: Meta {
@@ -94,7 +88,6 @@ pub fn conn_history(sk: u64, h: &conntrace_common::quiet::History, ts_ns: u64) -
             None
         },
         orderly: h.flags & flags::ORDERLY != 0,
-        syn_retransmits: h.syn_retransmits,
     }
 }
 
@@ -163,6 +156,8 @@ impl Decoder {
                 meta: meta(&e.header),
                 sk: e.sk,
                 rx_sk: e.rx_sk,
+                sk_port: (e.sk != 0 && e.header.unread & unread::SK_PORT == 0)
+                    .then_some(e.sk_port as u16),
                 packet: four_tuple(&e.tuple),
                 reason: self
                     .drop_reasons
@@ -285,7 +280,7 @@ mod tests {
                 pid: 0,
                 netns: 4_026_532_000,
                 flags: flags::SERVER | flags::ORDERLY | flags::ACCEPTED,
-                syn_retransmits: 0,
+                _pad: 0,
                 comm: [0; 16],
             },
         };

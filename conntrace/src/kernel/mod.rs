@@ -8,6 +8,7 @@ pub mod kallsyms;
 pub mod layout;
 pub mod nfhook;
 pub mod quiet;
+pub mod stats;
 
 use std::{collections::BTreeMap, path::Path};
 

@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::maps::{HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use conntrace_common::quiet::{History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, counts, maps as names};
 
 use super::{LoadError, take_map};
@@ -56,6 +56,9 @@ struct BatchAttr {
 pub struct QuietMaps {
     conns: HashMap<MapData, u64, History>,
     watch: HashMap<MapData, u64, u64>,
+    watching: Array<MapData, u32>,
+    /// Whether `watching` was set.
+    watched: bool,
     counts: PerCpuArray<MapData, u64>,
     latency: PerCpuArray<MapData, u64>,
     normal_drops: PerCpuArray<MapData, u64>,
@@ -68,6 +71,8 @@ impl QuietMaps {
         Ok(Self {
             conns: take_map(ebpf, names::CONNS)?,
             watch: take_map(ebpf, names::WATCH)?,
+            watching: take_map(ebpf, names::WATCHING)?,
+            watched: false,
             counts: take_map(ebpf, names::COUNTS)?,
             latency: take_map(ebpf, names::LATENCY)?,
             normal_drops: take_map(ebpf, names::NORMAL_DROPS)?,
@@ -164,6 +169,11 @@ impl QuietMaps {
     /// Asks the kernel to report connection `sk` (started at `started_ns`) from now on, as
     /// it would a failing one: its close, and everything that promotes it.
     pub fn watch(&mut self, sk: u64, started_ns: u64) -> Result<(), MapError> {
-        self.watch.insert(sk, started_ns, 0)
+        self.watch.insert(sk, started_ns, 0)?;
+        if !self.watched {
+            self.watching.set(0, 1, 0)?;
+            self.watched = true;
+        }
+        Ok(())
     }
 }

@@ -353,5 +353,24 @@ fn summary(f: &Final<'_>) -> String {
             list.join(", ")
         ));
     }
+    if let Some(programs) = &f.programs {
+        out.push_str(&program_costs(programs));
+    }
+    out
+}
+
+/// The summary's table of what each program cost the kernel (`--bpf-stats`).
+fn program_costs(programs: &[crate::kernel::stats::ProgramCost]) -> String {
+    let mut out =
+        String::from("\n  eBPF program (--bpf-stats)            runs   ns/run  run time ms");
+    for p in programs {
+        let per_run = p.run_ns.checked_div(p.runs).unwrap_or(0);
+        out.push_str(&format!(
+            "\n  {:<32} {:>10} {per_run:>8} {:>12.3}",
+            p.program,
+            p.runs,
+            p.run_ns as f64 / 1e6
+        ));
+    }
     out
 }

@@ -32,6 +32,8 @@ use tracing::debug;
 
 use super::Record;
 
+mod bpf;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     side: String,
@@ -83,6 +85,8 @@ pub struct Metrics {
     container_labels: bool,
     /// Tracing: between the `ready` record and the summary.
     tracing: AtomicBool,
+    /// What conntrace's programs cost the kernel (`--bpf-stats` only).
+    bpf_programs: bpf::ProgramCosts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +134,8 @@ impl Metrics {
             "Size of the kernel ring buffer",
             size,
         );
+        let bpf_programs = bpf::ProgramCosts::default();
+        registry.register_collector(Box::new(bpf_programs.clone()));
         Self {
             registry,
             verdicts,
@@ -138,6 +144,7 @@ impl Metrics {
             ring_peak,
             container_labels,
             tracing: AtomicBool::new(false),
+            bpf_programs,
         }
     }
 
@@ -181,6 +188,12 @@ impl Metrics {
 
     pub fn set_ring_peak(&self, bytes: u64) {
         self.ring_peak.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// What each program cost the kernel so far (`--bpf-stats`): from the first call on, the
+    /// `conntrace_bpf_program_*` metrics are exposed.
+    pub fn set_program_costs(&self, costs: Vec<crate::kernel::stats::ProgramCost>) {
+        self.bpf_programs.set(costs);
     }
 
     /// The exposition text.
@@ -361,6 +374,7 @@ mod tests {
             tcp_counters: Default::default(),
             read_failures: Default::default(),
             all_ports: false,
+            programs: None,
         }));
         assert_eq!(healthz(&m).0, 503);
     }

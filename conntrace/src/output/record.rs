@@ -15,7 +15,7 @@ use crate::{
             DropRecord, ListenerCounts, Outcome, Reason, Summary, Verdict, summary::KernelKept,
         },
     },
-    kernel::{ActiveProgram, Unavailable},
+    kernel::{ActiveProgram, Unavailable, stats::ProgramCost},
 };
 
 /// An RFC 3339 time, UTC, exactly six fractional digits (microseconds).
@@ -94,6 +94,8 @@ pub struct Final<'a> {
     /// Every port is traced (no `--port`): a namespace's cookie counter counts only traced
     /// cookies.
     pub all_ports: bool,
+    /// What each program cost the kernel, with `--bpf-stats` only.
+    pub programs: Option<Vec<ProgramCost>>,
 }
 
 /// A namespace whose SYN cookies seen on traced listeners disagree with its own
@@ -231,6 +233,11 @@ pub struct Totals<'a> {
     /// only what reached userspace, `established` and `connect_latency_ms` the kernel's counts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kernel_kept: Option<KernelKept>,
+    /// With `--bpf-stats` only (absent otherwise): each active program's runs and run time in
+    /// nanoseconds over the run, from the kernel's BPF run-time statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Vec<ProgramCost>")]
+    pub programs: Option<&'a [ProgramCost]>,
 }
 
 impl<'a> Totals<'a> {
@@ -278,6 +285,7 @@ impl<'a> Totals<'a> {
             forwarded_drops: s.forwarded_drops,
             cookie_mismatches: f.cookie_mismatches(),
             kernel_kept: s.kernel_kept,
+            programs: f.programs.as_deref(),
         }
     }
 }

@@ -251,6 +251,7 @@ fn json_drop_lost_and_summary() {
         tcp_counters: BTreeMap::from([(4_026_532_246, BTreeMap::from([("SyncookiesSent", 1)]))]),
         read_failures: BTreeMap::from([("kfree_skb", 2)]),
         all_ports: false,
+        programs: None,
     };
     assert_eq!(
         json_line(&Record::Summary(f)),
@@ -274,6 +275,7 @@ fn every_json_line_validates_against_the_generated_schema() {
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::new(),
         all_ports: false,
+        programs: None,
     };
     let (r, v1, v2, v3, d) = (
         ready(),
@@ -413,6 +415,7 @@ fn human_summary_table() {
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::from([("kfree_skb", 2)]),
         all_ports: false,
+        programs: None,
     };
     assert_eq!(
         Human::new(false, false).text(&Record::Summary(f), &clock()),
@@ -443,6 +446,7 @@ fn cookies_that_disagree_with_the_namespace_counter_are_flagged() {
         tcp_counters: BTreeMap::from([(8, BTreeMap::from([("SyncookiesSent", 5)]))]),
         read_failures: BTreeMap::new(),
         all_ports: false,
+        programs: None,
     };
     let nets: Vec<(u32, u64, u64)> = f
         .cookie_mismatches()
@@ -452,4 +456,53 @@ fn cookies_that_disagree_with_the_namespace_counter_are_flagged() {
     assert_eq!(nets, [(7, 20, 0)]);
     f.all_ports = true;
     assert_eq!(f.cookie_mismatches().len(), 2);
+}
+
+/// The summary with `--bpf-stats`: the programs' runs and run time, in JSON and as a table.
+#[test]
+fn summary_with_bpf_stats_lists_the_programs_costs() {
+    use crate::kernel::stats::ProgramCost;
+    let s = Summary::default();
+    let mut f = Final {
+        ts_ns: 5 * SEC,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 1_000.0,
+        tracked_at_exit: 0,
+        tcp_counters: BTreeMap::new(),
+        read_failures: BTreeMap::new(),
+        all_ports: false,
+        programs: Some(vec![
+            ProgramCost {
+                program: "inet_sock_set_state",
+                runs: 800_000,
+                run_ns: 196_000_000,
+            },
+            ProgramCost {
+                program: "kfree_skb",
+                runs: 0,
+                run_ns: 0,
+            },
+        ]),
+    };
+    let line = json_line(&Record::Summary(f.clone()));
+    assert_eq!(
+        line,
+        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":1000.0,"verdicts":0,"by_outcome":{},"by_reason":{},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":0,"established":{"client":0,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[],"top_failing_ports":[],"connect_latency_ms":null,"tcp_counters":{},"read_failures":{},"forwarded_drops":0,"cookie_mismatches":[],"programs":[{"program":"inet_sock_set_state","runs":800000,"run_ns":196000000},{"program":"kfree_skb","runs":0,"run_ns":0}]}
+"#
+    );
+    let schema = serde_json::to_value(super::record::schema()).expect("schema");
+    let value: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert!(jsonschema::is_valid(&schema, &value), "{line}");
+    assert_eq!(
+        Human::new(false, false).text(&Record::Summary(f.clone()), &clock()),
+        "summary: 0 verdicts, 0 kernel events, 0 lost, 0 expired unresolved, in 1.0 s
+  eBPF program (--bpf-stats)            runs   ns/run  run time ms
+  inet_sock_set_state                  800000      245      196.000
+  kfree_skb                                 0        0        0.000"
+    );
+    // Without --bpf-stats the member is absent, not null.
+    f.programs = None;
+    assert!(!json_line(&Record::Summary(f)).contains("\"programs\""));
 }

@@ -3,12 +3,25 @@
 //! Each phase builds a fresh pair of namespaces (so TIME_WAIT sockets of one phase never slow
 //! the next), starts `ctload serve` (greeting, then close) in the server one, optionally starts
 //! conntrace (release build, `CONNTRACE_BIN`) tracing the churned port, a different port,
-//! bpftrace with an equivalent tracepoint script, or bcc's `tcpstates` where it runs, and
-//! churns for `--phase-ms`. Rounds interleave the modes and the medians are compared, so
-//! drifts of the machine hit all alike. Each mode also gets its CPU per connection (client +
-//! server + tracer), which moves much less with the machine's other load than throughput.
-//! A last, paced phase measures conntrace's own CPU at about 10,000 kernel events a second.
+//! bpftrace with a light tracepoint script (`bpftrace`), bpftrace with one counting probe on
+//! each hook conntrace attaches (`bpftrace-hooks`, generated from conntrace's `ready` record
+//! before the rounds: hooks.rs, bpftrace.rs), or bcc's `tcpstates` where it runs, and churns for
+//! `--phase-ms`. Rounds interleave the modes and the medians are compared, so drifts of the
+//! machine hit all alike. Each mode also gets its CPU per connection (client + server +
+//! tracer), which moves much less with the machine's other load than throughput.
+//! A paced phase measures conntrace's own CPU at about 10,000 kernel events a second, and a
+//! last phase with `conntrace --bpf-stats` what each program costs per connection (costs.rs).
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
+
+// A binary's root resolves modules beside it: these live in ctbench/.
+#[path = "ctbench/bpftrace.rs"]
+mod bpftrace;
+#[path = "ctbench/btf.rs"]
+mod btf;
+#[path = "ctbench/costs.rs"]
+mod costs;
+#[path = "ctbench/hooks.rs"]
+mod hooks;
 
 use std::{
     collections::BTreeMap,
@@ -96,6 +109,8 @@ struct Traced {
     events_per_conn: Vec<f64>,
     lost: u64,
     peak_rss: f64,
+    /// What the first `bpftrace-hooks` phase counted per connection, by probe.
+    hook_hits: Option<Vec<(String, f64)>>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -204,13 +219,21 @@ fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>
     (events / secs, 100.0 * cpu / secs)
 }
 
-/// The modes to compare (bpftrace and bcc's tcpstates where they run), and a line for each
-/// peer left out saying why.
-fn modes() -> (Vec<&'static str>, Vec<String>) {
+/// The modes to compare (bpftrace, bpftrace on conntrace's hooks and bcc's tcpstates where
+/// they run), a line for each peer left out saying why, and the `bpftrace-hooks` script.
+fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Option<String>) {
     let mut modes = vec!["untraced", "traced", "unrelated"];
     let mut absent = Vec::new();
+    let mut hooks_script = None;
     if Command::new("bpftrace").arg("--version").output().is_ok() {
         modes.push("bpftrace");
+        match bpftrace::prepare(without) {
+            Ok(script) => {
+                modes.push("bpftrace-hooks");
+                hooks_script = Some(script);
+            }
+            Err(why) => absent.push(format!("bpftrace-hooks: not compared: {why}")),
+        }
     } else {
         absent.push("bpftrace: not installed, not compared".to_owned());
     }
@@ -221,7 +244,7 @@ fn modes() -> (Vec<&'static str>, Vec<String>) {
         }
         Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
     }
-    (modes, absent)
+    (modes, absent, hooks_script)
 }
 
 /// One churn phase in fresh hosts with `mode`'s tracer: (connections/s, CPU µs per
@@ -230,7 +253,7 @@ fn phase(
     mode: &str,
     phase_ms: u64,
     parallel: u64,
-    without: Option<&str>,
+    (without, hooks_script): (Option<&str>, Option<&str>),
     traced: &mut Traced,
 ) -> (f64, f64) {
     let setup = Scenario::churn(PORT);
@@ -244,10 +267,15 @@ fn phase(
         "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
         _ => None,
     };
+    let hooks_peer = (mode == "bpftrace-hooks").then(|| {
+        bpftrace::start(hooks_script.expect("bpftrace-hooks script"))
+            .unwrap_or_else(|why| panic!("bpftrace-hooks: {why}"))
+    });
     let tracer_pid = ct
         .as_ref()
         .map(Conntrace::pid)
-        .or(peer.as_ref().map(Proc::pid));
+        .or(peer.as_ref().map(Proc::pid))
+        .or(hooks_peer.as_ref().map(bpftrace::Running::pid));
     let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
     let cpu_before = tracer_cpu();
     let server_before = cpu_seconds(setup.server.pid());
@@ -277,7 +305,41 @@ fn phase(
         }
     }
     drop(peer);
+    if let Some(running) = hooks_peer {
+        let hits = running.hits();
+        let per_conn = |n: u64| n as f64 / run.connections.max(1.0);
+        traced
+            .hook_hits
+            .get_or_insert_with(|| hits.into_iter().map(|(p, n)| (p, per_conn(n))).collect());
+    }
     (run.per_second, 1e6 * used / run.connections.max(1.0))
+}
+
+/// conntrace tracing the churned port against the bpftrace peers that ran: throughput ratios
+/// and CPU per connection.
+fn compare_with_bpftrace(rates: &BTreeMap<&str, Vec<f64>>, cost: &BTreeMap<&str, Vec<f64>>) {
+    let peers: Vec<&str> = ["bpftrace", "bpftrace-hooks"]
+        .into_iter()
+        .filter(|m| rates.contains_key(m))
+        .collect();
+    if peers.is_empty() {
+        return;
+    }
+    let traced = median(&rates["traced"]);
+    let ratios: Vec<String> = peers
+        .iter()
+        .map(|m| format!("traced/{m}={:.3}", traced / median(&rates[m])))
+        .collect();
+    let cpu: Vec<String> = peers
+        .iter()
+        .map(|m| format!("{m} {:.1}", median(&cost[m])))
+        .collect();
+    println!(
+        "vs bpftrace: {} (connections/s); CPU µs/connection: traced {:.1}, {}",
+        ratios.join(" "),
+        median(&cost["traced"]),
+        cpu.join(", ")
+    );
 }
 
 fn main() {
@@ -288,14 +350,15 @@ fn main() {
     // Capabilities conntrace leaves out (its --without), to measure what each one costs.
     let without = string_arg("--without");
     let without = without.as_deref();
-    let (modes, absent) = modes();
+    let (modes, absent, hooks_script) = modes(without);
     let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // CPU microseconds per connection (client + server + tracer), per mode.
     let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut traced = Traced::default();
     for round in 1..=rounds {
         for &mode in &modes {
-            let (rate, cost_us) = phase(mode, phase_ms, parallel, without, &mut traced);
+            let peer = (without, hooks_script.as_deref());
+            let (rate, cost_us) = phase(mode, phase_ms, parallel, peer, &mut traced);
             cost.entry(mode).or_default().push(cost_us);
             rates.entry(mode).or_default().push(rate);
             println!(
@@ -320,6 +383,7 @@ fn main() {
         base_cost / median(&cost["traced"]),
         base_cost / median(&cost["unrelated"])
     );
+    compare_with_bpftrace(&rates, &cost);
     println!(
         "conntrace while traced: {:.0} kernel events/s ({:.1} per connection), {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
         median(&traced.events_per_s),
@@ -328,6 +392,13 @@ fn main() {
         traced.peak_rss,
         traced.lost
     );
+    if let Some(hits) = &traced.hook_hits {
+        let list: Vec<String> = hits.iter().map(|(p, n)| format!("{p} {n:.2}")).collect();
+        println!(
+            "bpftrace-hooks counted per connection (first phase, after its port filters): {}",
+            list.join(", ")
+        );
+    }
     let (events, pct) = paced(
         10_000.0,
         median(&traced.events_per_conn),
@@ -337,6 +408,7 @@ fn main() {
     println!(
         "conntrace at {events:.0} kernel events/s (paced churn): {pct:.2}% of one core (target ≤ 5% at 10k events/s)"
     );
+    costs::report(phase_ms, parallel, without);
     for line in absent {
         println!("{line}");
     }

@@ -26,11 +26,11 @@ impl Engine {
             .table
             .by_sk(f.sk)
             .map(|c| (c.tuple.sport, c.proc.clone()));
+        // Without a tracked connection (quiet mode: closed healthy), the socket's own port.
+        let own_port = owner.as_ref().map(|(sport, _)| *sport).or(f.sk_port);
         let outgoing = f.sk != 0
             && f.rx_sk == 0
-            && owner
-                .as_ref()
-                .is_none_or(|(sport, _)| *sport == f.packet.sport || *sport == 0);
+            && own_port.is_none_or(|sport| sport == f.packet.sport || sport == 0);
         // An ICMP error quotes a segment this host sent: its tuple is already this host's.
         let local = if outgoing || f.icmp.is_some() {
             f.packet

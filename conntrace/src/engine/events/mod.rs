@@ -333,11 +333,17 @@ impl Engine {
         else {
             return;
         };
-        if c.closed().is_some() {
-            // The socket is gone: its close (decided after a grace period) is the follow-up
-            // of any zero-window stall, not the window that went with it.
-            return;
-        }
+        // A poll that finds the socket gone reports it open. After an orderly close the
+        // reader had read (a FIN comes after the data): the stall resolved, by the close at
+        // the latest. After any other close the window opened because the socket went: the
+        // close (decided after a grace period) is the stall's follow-up.
+        let at = match c.closed() {
+            None => meta.ts_ns,
+            Some((closed_at, _)) if c.orderly() && window == Window::Open => {
+                meta.ts_ns.min(closed_at)
+            }
+            Some(_) => return,
+        };
         c.last_ns = meta.ts_ns;
         let v = match window {
             Window::Open => {
@@ -345,7 +351,7 @@ impl Engine {
                 match c.open_stall() {
                     Some(s) if s.reason == super::verdict::Reason::ZeroWindow => {
                         c.report = Report::Settled(s);
-                        Some(rules::stalls::resolved(c, s, meta.ts_ns))
+                        Some(rules::stalls::resolved(c, s, at))
                     }
                     _ => None,
                 }

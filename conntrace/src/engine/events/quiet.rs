@@ -31,8 +31,8 @@ impl Engine {
             (None, Side::Server) => TcpState::SynRecv,
         };
         let mut c = Conn::new(h.sk, side, &meta, h.tuple, state);
-        if side == Side::Client {
-            // SYN_SENT ran in the connect()ing task.
+        if side == Side::Client || h.meta.proc.pid != 0 {
+            // SYN_SENT ran in the connect()ing task; a server's close() in its process.
             c.proc = Some(h.meta.proc.clone());
         }
         c.last_ns = h.meta.ts_ns;
@@ -81,7 +81,9 @@ fn merge(c: &mut Conn, h: &ConnHistory) {
     if c.netns.is_none() {
         c.netns = h.meta.netns;
     }
-    c.syn_retransmits = c.syn_retransmits.max(h.syn_retransmits);
+    if c.proc.is_none() && h.meta.proc.pid != 0 {
+        c.proc = Some(h.meta.proc.clone());
+    }
     if let Some(at) = h.established_ns {
         c.establish(at);
         if c.state == TcpState::SynSent || c.state == TcpState::SynRecv {

@@ -55,6 +55,8 @@ pub struct DroppedPacket {
     /// `skb->sk` and the tracepoint's `rx_sk`; 0 when none.
     pub sk: u64,
     pub rx_sk: u64,
+    /// The local port of `sk` (`None`: no `sk`, or unreadable).
+    pub sk_port: Option<u16>,
     /// The packet's own tuple (s = its source).
     pub packet: FourTuple,
     pub reason: DropReason,
@@ -115,7 +117,8 @@ pub enum Accepted {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnHistory {
     /// When the history was written; the connection's namespace; the connect()ing process
-    /// for a client (a server's is pid 0 with an empty comm).
+    /// for a client, the process that closed it for a server (pid 0 with an empty comm when
+    /// none did yet).
     pub meta: Meta,
     pub sk: u64,
     pub server: bool,
@@ -127,7 +130,6 @@ pub struct ConnHistory {
     pub accepted: Option<Accepted>,
     /// An orderly shutdown (FIN) had started.
     pub orderly: bool,
-    pub syn_retransmits: u32,
 }
 
 /// Quiet mode: a check of a connection established past the stall timeout (sock_diag): what

@@ -27,6 +27,19 @@ pub(crate) fn connection_detail(c: &Conn, established_ns: u64) -> EstablishedDet
     }
 }
 
+/// A server verdict's socket is held by process `p` (found after the fact, quiet mode): that
+/// process accepted it.
+pub(crate) fn held_by(v: &mut Verdict, p: crate::engine::facts::Proc) {
+    v.pid = Some(p.pid);
+    v.comm = Some(p.comm.to_string());
+    let d = match &mut v.detail {
+        Detail::Established(d) => d,
+        Detail::Stall(s) => &mut s.connection,
+        _ => return,
+    };
+    d.accepted = Some(true);
+}
+
 /// The verdict of a connection that completed its handshake, at `ts_ns`.
 pub(crate) fn established(c: &Conn, ts_ns: u64) -> Verdict {
     let at = c.established_ns().unwrap_or(ts_ns);

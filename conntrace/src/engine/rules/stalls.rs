@@ -112,10 +112,15 @@ pub(crate) fn resolved(c: &Conn, s: Stall, now_ns: u64) -> Verdict {
     verdict(c, s, now_ns, Outcome::Resolved, how.into(), d)
 }
 
-/// A connection that closed while stuck: one `failed` follow-up of its stall, naming how it
-/// ended (`ended`: the failure the kernel reported, or none for a close).
+/// A connection that closed while stuck: one follow-up of its stall. `failed`, naming how it
+/// ended (`ended`: the failure the kernel reported, or none for a close), except a zero
+/// window that ended in an orderly close: every byte before the FINs was read and
+/// acknowledged, so the window had opened: `resolved`, by the close at the latest.
 pub(crate) fn closed_while_stuck(c: &Conn, s: Stall, ended: Option<Verdict>) -> Option<Verdict> {
     let (at, from) = c.closed()?;
+    if s.reason == Reason::ZeroWindow && ended.is_none() && c.orderly() {
+        return Some(resolved(c, s, at));
+    }
     let how = ended
         .as_ref()
         .and_then(|v| v.kernel_reason.clone())

@@ -78,6 +78,7 @@ fn drop(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str, at: &str) 
         meta: softirq(ts),
         sk,
         rx_sk: 0,
+        sk_port: None,
         packet,
         reason: DropReason::new(reason),
         location: at.into(),
@@ -410,8 +411,9 @@ fn a_zero_window_past_the_stall_timeout_is_zero_window_then_resolved() {
 
 #[test]
 fn a_window_that_opens_because_the_socket_closed_is_no_resolution() {
-    // The server closed with data unread: the poll sees the window open (the socket is gone)
-    // during the close's grace period. The stall ends with the close, as a failure.
+    // The server closed with data unread (no FIN: an abort): the poll sees the window open (the
+    // socket is gone) during the close's grace period. The stall ends with the close, as a
+    // failure.
     let c = Sock::client(SK_A, SPORT);
     let mut e = Engine::new(EngineConfig::default());
     feed(&mut e, healthy_client(c).into_iter().take(2));
@@ -426,6 +428,51 @@ fn a_window_that_opens_because_the_socket_closed_is_no_resolution() {
         v.kernel_reason.as_deref(),
         Some("closed from TCP_ESTABLISHED")
     );
+}
+
+#[test]
+fn a_window_found_open_after_an_orderly_close_resolved_by_the_close() {
+    // The reader read everything, then both ends closed in order before the next poll: the
+    // stall resolved, at the close at the latest.
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    feed(&mut e, healthy_client(c).into_iter().take(2));
+    feed(&mut e, [c.data(3 * MS, false), c.data(4 * MS, true)]);
+    none(e.handle(window(c, SEC, Window::PeerZero { queued: 462_344 })));
+    check(&one(e.tick(4 * SEC + MS)), "client stalled zero_window -");
+    none(feed(
+        &mut e,
+        [
+            c.st(9 * SEC, S::Established, S::FinWait1),
+            c.st(9 * SEC + MS, S::FinWait2, S::Close),
+        ],
+    ));
+    let v = one(e.handle(window(c, 9 * SEC + 300 * MS, Window::Open)));
+    check(&v, "client resolved zero_window -");
+    assert_eq!(detail(&v, "stuck_ms"), 8001.0);
+    none(e.tick(LATER));
+}
+
+#[test]
+fn a_zero_window_ended_by_an_orderly_close_resolved_without_a_poll() {
+    // The reader read everything and both ends closed before any poll saw the window open:
+    // the FINs came after every byte was acknowledged, so the window had opened.
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    feed(&mut e, healthy_client(c).into_iter().take(2));
+    feed(&mut e, [c.data(3 * MS, false), c.data(4 * MS, true)]);
+    none(e.handle(window(c, SEC, Window::PeerZero { queued: 462_344 })));
+    check(&one(e.tick(4 * SEC + MS)), "client stalled zero_window -");
+    none(feed(
+        &mut e,
+        [
+            c.st(9 * SEC, S::Established, S::FinWait1),
+            c.st(9 * SEC + MS, S::FinWait2, S::Close),
+        ],
+    ));
+    let v = one(e.tick(LATER));
+    check(&v, "client resolved zero_window -");
+    assert_eq!(detail(&v, "stuck_ms"), 8001.0);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! connection.
 
 use super::*;
-use crate::engine::facts::{Accepted, ConnHistory, Progress};
+use crate::engine::facts::{Accepted, ConnHistory, DroppedPacket, Progress};
 
 const STALL: u64 = 3 * SEC;
 
@@ -27,7 +27,6 @@ fn history(s: Sock, ts: u64, server: bool) -> KernelEvent {
         established_ns: Some(2 * MS),
         accepted: None,
         orderly: false,
-        syn_retransmits: 0,
     })
 }
 
@@ -136,4 +135,42 @@ fn a_server_history_says_whether_it_was_accepted() {
     // Accepted, at a time no hook recorded: the delay is absent, never 0.
     assert_eq!(detail(&v, "accepted"), true);
     assert_eq!(detail(&v, "accept_delay_ms"), Value::Null);
+}
+
+#[test]
+fn a_drop_after_a_quiet_close_is_oriented_by_its_sockets_own_port() {
+    // The server's FIN purged from a client socket's receive queue after the client closed
+    // healthy (the engine never knew the connection): incoming, as the socket's port says;
+    // the record shows it local end first.
+    let mut e = Engine::new(config(|c| c.show_normal_drops = true));
+    let fin = DroppedPacket {
+        meta: softirq(SEC),
+        sk: SK_A,
+        rx_sk: 0,
+        sk_port: Some(SPORT),
+        packet: tuple(SPORT, DPORT).reversed(),
+        reason: crate::engine::facts::DropReason::new("QUEUE_PURGE"),
+        location: "sk_stream_kill_queues+0x57".into(),
+        tcp_flags: crate::engine::facts::TcpFlags(0x11),
+        hook: None,
+        ifindex: None,
+        icmp: None,
+    };
+    none(e.handle(KernelEvent::Dropped(fin.clone())));
+    let d = e.take_drops();
+    assert_eq!(d.len(), 1);
+    let d = serde_json::to_value(&d[0]).unwrap();
+    assert_eq!(
+        (d["direction"].as_str(), d["sport"].as_u64()),
+        (Some("in"), Some(40000)),
+        "{d}"
+    );
+    // The client's own FIN: outgoing.
+    let own = DroppedPacket {
+        packet: tuple(SPORT, DPORT),
+        ..fin
+    };
+    none(e.handle(KernelEvent::Dropped(own)));
+    let d = serde_json::to_value(&e.take_drops()[0]).unwrap();
+    assert_eq!(d["direction"], "out", "{d}");
 }
