@@ -4,6 +4,7 @@ mod cli;
 mod engine;
 mod explain;
 mod host;
+mod identity;
 mod kernel;
 mod merge;
 mod output;

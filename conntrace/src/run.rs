@@ -1,4 +1,7 @@
-//! The event loop: ring buffer → decoder → reason engine → output, until the end of the run.
+//! The event loop: ring buffer → decoder → (namespace filter) → reason engine → (container
+//! identity) → output, until the end of the run.
+
+mod identity;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -12,8 +15,13 @@ use crate::{
     cli::Cli,
     engine::{Engine, EngineConfig, facts::KernelEvent, verdict::Verdict},
     host::{
-        counters::OverflowWatch, listeners::ListenerCache, namespaces::NamespaceCache,
-        rules::RuleCounters, stalls::StallCheck, windows::WindowWatch,
+        containers::{self, Identities},
+        counters::OverflowWatch,
+        listeners::ListenerCache,
+        namespaces::NamespaceCache,
+        rules::RuleCounters,
+        stalls::StallCheck,
+        windows::WindowWatch,
     },
     kernel::{
         LoadError, Tracer, TracerOptions,
@@ -25,6 +33,8 @@ use crate::{
     output::metrics::{self, Metrics},
     output::{Clock, Final, Format, KernelFeatures, Lost, Output, OutputError, Ready, Record},
 };
+
+use self::identity::Identity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -48,62 +58,95 @@ fn kernel_features() -> KernelFeatures {
     }
 }
 
-/// Writes the engine's drop records, then `verdicts` (drops come first in time).
-fn write_verdicts(
-    out: &mut Output,
-    engine: &mut Engine,
-    verdicts: &[Verdict],
-) -> Result<(), OutputError> {
-    engine
-        .take_drops()
-        .iter()
-        .try_for_each(|d| out.write(&Record::Drop(d)))?;
-    verdicts
-        .iter()
-        .try_for_each(|v| out.write(&Record::Verdict(v)))
+/// Docker-compatible sockets tried when none is given: Docker's, then Podman's service.
+const DOCKER_SOCKETS: &[&str] = &["/var/run/docker.sock", "/run/podman/podman.sock"];
+/// containerd sockets tried when none is given: containerd's, then k3s's.
+const CONTAINERD_SOCKETS: &[&str] = &[
+    "/run/containerd/containerd.sock",
+    "/run/k3s/containerd/containerd.sock",
+];
+/// Bound on each call to a runtime's API.
+const API_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The container look-ups, unless `--no-containers`; a worker that cannot start leaves every
+/// `container` null (and `--container`/`--pod` selecting nothing).
+fn identities(cli: &Cli) -> Option<Identities> {
+    if cli.no_containers {
+        return None;
+    }
+    let or_default = |given: &[std::path::PathBuf], default: &[&str]| {
+        if given.is_empty() {
+            default.iter().map(Into::into).collect()
+        } else {
+            given.to_vec()
+        }
+    };
+    let select =
+        (!cli.containers.is_empty() || !cli.pods.is_empty()).then(|| containers::Selector {
+            containers: cli.containers.clone(),
+            pods: cli.pods.clone(),
+        });
+    let options = containers::Options {
+        docker_sockets: or_default(&cli.docker_sockets, DOCKER_SOCKETS),
+        containerd_sockets: or_default(&cli.containerd_sockets, CONTAINERD_SOCKETS),
+        api_timeout: API_TIMEOUT,
+        warn_on_failure: !cli.docker_sockets.is_empty() || !cli.containerd_sockets.is_empty(),
+        select,
+    };
+    Identities::start(options)
+        .inspect_err(
+            |error| warn!(%error, "start the container look-up thread: containers unnamed"),
+        )
+        .ok()
 }
 
-pub async fn run(cli: &Cli) -> Result<(), RunError> {
-    let started = Clock::mono_now_ns();
-    // Handle SIGINT/SIGTERM from the start: a signal right after `ready` must still end the
-    // run with its summary, not kill the process.
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut ports = cli.ports.clone();
-    ports.sort_unstable();
-    ports.dedup();
-    // Open the output first: a bad path fails before anything is loaded into the kernel.
-    let clock = Clock::now();
+/// With `--container`/`--pod`: waits (3 s at most) for the first look at every namespace, and
+/// warns when no selected container runs yet (its namespace is admitted when it appears).
+async fn await_selection(cli: &Cli, ident: &Identity) {
+    let Some(ids) = ident.identities() else {
+        return;
+    };
+    if cli.containers.is_empty() && cli.pods.is_empty() {
+        return;
+    }
+    if !ids.first_pass(Duration::from_secs(3)).await {
+        warn!(
+            "container look-up still running: selected namespaces are admitted as they are found"
+        );
+    } else if ids.selected_netns().is_empty() {
+        warn!(containers = ?cli.containers, pods = ?cli.pods, "no selected container runs yet: nothing is traced until one starts");
+    } else {
+        debug!(netns = ?ids.selected_netns(), "traced namespaces");
+    }
+}
+
+/// The output (opened first: a bad path fails before anything is loaded into the kernel) and
+/// the metrics, their address bound before anything is loaded too.
+async fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunError> {
     let format = if cli.json {
         Format::Json
     } else {
         Format::Human { wide: cli.wide }
     };
-    let mut out = Output::open(cli.output.as_deref(), format, clock)?;
-    // Bind the metrics address before loading anything, too.
+    let mut out = Output::open(cli.output.as_deref(), format, Clock::now())?;
     let metrics = match cli.metrics_addr {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
-            let m = Arc::new(Metrics::new(cli.ring_buffer_bytes));
+            let m = Arc::new(Metrics::new(
+                cli.ring_buffer_bytes,
+                cli.metrics_container_labels,
+            ));
             tokio::spawn(metrics::serve(listener, Arc::clone(&m)));
             out = out.with_metrics(Arc::clone(&m));
             Some(m)
         }
         None => None,
     };
-    // --bpf-stats: the kernel's run-time statistics, on from before the programs load until
-    // this value is dropped at the end of the run (or the process ends, however it ends).
-    let bpf_stats = cli.bpf_stats.then(RunTimeStats::enable).transpose()?;
-    let (mut tracer, events) = Tracer::start(&TracerOptions {
-        ports: ports.clone(),
-        ring_bytes: cli.ring_buffer_bytes,
-        without: cli.without.clone(),
-        mode: cli.attach,
-        follow: cli.follow(),
-        stall_timeout: cli.stall_timeout,
-        show_normal_drops: cli.show_normal_drops,
-    })?;
+    Ok((out, metrics))
+}
 
+/// The `ready` record: what is traced, and how.
+fn ready_record(cli: &Cli, tracer: &Tracer, ports: Vec<u16>) -> Ready {
     let attach_paths: BTreeMap<String, String> = tracer
         .active
         .iter()
@@ -118,7 +161,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             )
         })
         .collect();
-    let ready = Ready {
+    Ready {
         ts_ns: Clock::mono_now_ns(),
         version: env!("CARGO_PKG_VERSION"),
         ports,
@@ -129,19 +172,17 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         kernel_features: kernel_features(),
         ring_buffer_bytes: cli.ring_buffer_bytes,
         degraded: tracer.missing_offsets.clone(),
-    };
-    // The firewall's rule counters before any traffic is traced: the baseline that later
-    // netfilter drops are measured against.
+    }
+}
+
+/// The reason engine with the host's look-ups. The firewall's rule counters are read now,
+/// before any traffic is traced: the baseline later netfilter drops are measured against.
+fn engine_for(cli: &Cli, tracer: &Tracer) -> Engine {
     let rules = tracer
         .active
         .iter()
         .any(|p| p.capability == Capability::Drops)
         .then(RuleCounters::new);
-    let mut overflows = OverflowWatch::new(&cli.ports);
-    let mut windows = WindowWatch::new(&cli.ports);
-    let mut stalls = StallCheck::new(cli.stall_timeout);
-    out.write(&Record::Ready(&ready))?;
-
     let mut engine = Engine::new(EngineConfig {
         report_established: cli.all,
         expected_comms: cli.expect_comm.clone(),
@@ -160,6 +201,40 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
     }
+    engine
+}
+
+pub async fn run(cli: &Cli) -> Result<(), RunError> {
+    let started = Clock::mono_now_ns();
+    // Handle SIGINT/SIGTERM from the start: a signal right after `ready` must still end the
+    // run with its summary, not kill the process.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut ports = cli.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    let (mut out, metrics) = open_output(cli).await?;
+    let mut ident = Identity::new(identities(cli));
+    // --bpf-stats: the kernel's run-time statistics, on from before the programs load until
+    // this value is dropped at the end of the run (or the process ends, however it ends).
+    let bpf_stats = cli.bpf_stats.then(RunTimeStats::enable).transpose()?;
+    let (mut tracer, events) = Tracer::start(&TracerOptions {
+        ports: ports.clone(),
+        ring_bytes: cli.ring_buffer_bytes,
+        without: cli.without.clone(),
+        mode: cli.attach,
+        follow: cli.follow(),
+        stall_timeout: cli.stall_timeout,
+        show_normal_drops: cli.show_normal_drops,
+    })?;
+    let ready = ready_record(cli, &tracer, ports);
+    let mut engine = engine_for(cli, &tracer);
+    let mut overflows = OverflowWatch::new(&cli.ports);
+    let mut windows = WindowWatch::new(&cli.ports);
+    let mut stalls = StallCheck::new(cli.stall_timeout);
+    await_selection(cli, &ident).await;
+    out.write(&Record::Ready(&ready))?;
+
     let kallsyms = Kallsyms::load(std::path::Path::new("/proc/kallsyms")).unwrap_or_else(|e| {
         warn!("read /proc/kallsyms: {e}; drop locations are shown as addresses");
         Kallsyms::default()
@@ -190,21 +265,23 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Poll)?;
                 let ring = guard.get_inner_mut();
-                let verdicts =
-                    drain(ring, &decoder, &mut engine, &mut decode_errors, &mut windows);
+                let verdicts = drain(ring, &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
                 guard.clear_ready();
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = drain_tick.tick() => {
-                let verdicts =
-                    drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors, &mut windows);
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
+                ident.write(&mut out, &mut engine, verdicts)?;
+            }
+            () = ident.changed() => {
+                let verdicts = ident.release().into_iter().flat_map(|ev| engine.handle(ev)).collect();
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = tick.tick() => {
                 let now = Clock::mono_now_ns();
-                let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, now);
+                let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, &mut ident, now);
                 verdicts.extend(engine.tick(now));
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
             }
             _ = ring_peak_poll.tick(), if metrics.is_some() => {
@@ -230,21 +307,23 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             _ = overflow_poll.tick() => {
                 let mut verdicts = Vec::new();
                 for ev in overflows.poll(Clock::mono_now_ns()) {
-                    verdicts.extend(engine.handle(ev));
+                    if let Some(ev) = ident.admit(ev) {
+                        verdicts.extend(engine.handle(ev));
+                    }
                 }
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = window_poll.tick() => {
                 // Poll, then take what the ring holds: a connection that closed before the
                 // dump (and so shows as open) reaches the engine closed first.
                 let events = windows.poll(Clock::mono_now_ns());
-                let mut verdicts =
-                    drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors, &mut windows);
+                let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
                 for ev in events {
+                    let Some(ev) = ident.admit(ev) else { continue };
                     verdicts.extend(bring_in(&mut tracer, &stalls, &mut engine, &ev));
                     verdicts.extend(engine.handle(ev));
                 }
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = sigint.recv() => { debug!("SIGINT"); break }
             _ = sigterm.recv() => { debug!("SIGTERM"); break }
@@ -256,11 +335,14 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         ring.get_mut(),
         &decoder,
         &mut engine,
+        &mut ident,
         &mut decode_errors,
         &mut windows,
     );
     for ev in overflows.poll(Clock::mono_now_ns()) {
-        verdicts.extend(engine.handle(ev));
+        if let Some(ev) = ident.admit(ev) {
+            verdicts.extend(engine.handle(ev));
+        }
     }
     if let Some(q) = &tracer.quiet {
         match q.counts() {
@@ -270,7 +352,14 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     }
     let open_at_exit = engine.tracked();
     verdicts.extend(engine.finish(Clock::mono_now_ns()));
-    write_verdicts(&mut out, &mut engine, &verdicts)?;
+    ident.write(&mut out, &mut engine, verdicts)?;
+    ident.finish(&mut out).await?;
+    if ident.filtered > 0 {
+        debug!(
+            events = ident.filtered,
+            "kernel events outside the selected containers"
+        );
+    }
     report_lost(&tracer, &mut out, &mut lost_seen)?;
     let now = Clock::mono_now_ns();
     let read_failures = tracer.read_failures().unwrap_or_else(|error| {
@@ -307,6 +396,7 @@ fn check_stalls(
     stalls: &mut StallCheck,
     windows: &mut WindowWatch,
     engine: &mut Engine,
+    ident: &mut Identity,
     now_ns: u64,
 ) -> Vec<Verdict> {
     let Some(q) = tracer.quiet.as_mut() else {
@@ -328,6 +418,7 @@ fn check_stalls(
     checked
         .events
         .into_iter()
+        .filter_map(|ev| ident.admit(ev))
         .flat_map(|ev| engine.handle(ev))
         .collect()
 }
@@ -375,20 +466,25 @@ fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::qu
     });
 }
 
-/// Reads every record the ring buffer holds now, telling `windows` where traced connections
-/// are.
+/// Reads every record the ring buffer holds now, after the held events the namespace filter
+/// has admitted since, telling `windows` where traced connections are.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     decoder: &Decoder,
     engine: &mut Engine,
+    ident: &mut Identity,
     decode_errors: &mut u64,
     windows: &mut WindowWatch,
 ) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
+    for ev in ident.release() {
+        verdicts.extend(engine.handle(ev));
+    }
     while let Some(item) = ring.next() {
         match decoder.decode(&item) {
             Ok(ev) => {
                 tracing::trace!(?ev, "kernel event");
+                let Some(ev) = ident.admit(ev) else { continue };
                 if let KernelEvent::State { meta, .. } = &ev {
                     windows.traced_in(meta.netns);
                 }

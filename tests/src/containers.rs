@@ -221,3 +221,186 @@ impl CgroupFigures {
         }
     }
 }
+
+/// The container scenarios' image (Debian bookworm minbase with python3), in Podman and in
+/// containerd's `k8s.io` namespace: `cargo xtask test` (or `cargo xtask images`) builds it with
+/// mmdebstrap once and keeps it.
+pub const TEST_BASE: &str = "localhost/debian:bookworm-min";
+/// containerd's namespace for Kubernetes' pods, where the pod scenario runs.
+pub const K8S_NAMESPACE: &str = "k8s.io";
+
+/// [`TEST_BASE`], panicking with how to build it when Podman does not have it.
+fn test_base() -> &'static str {
+    let exists = podman()
+        .args(["image", "exists", TEST_BASE])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        exists,
+        "image {TEST_BASE} not built: run `cargo xtask test` (or `cargo xtask images`)"
+    );
+    TEST_BASE
+}
+
+/// A name no other run of the scenarios uses at the same time: `PREFIX-PID`.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", std::process::id())
+}
+
+fn output_of(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Podman's Docker-compatible API (`podman system service`) on a socket in a directory of its
+/// own, for conntrace's `--docker-socket`; stopped on drop.
+pub struct PodmanService {
+    // Drops in this order: the service, then its directory.
+    _service: crate::Proc,
+    dir: crate::TempDir,
+}
+
+impl PodmanService {
+    pub fn start() -> Self {
+        let dir = crate::TempDir::new("ct-podman");
+        let socket = dir.join("podman.sock");
+        let uri = format!("unix://{}", socket.display());
+        let service = crate::Proc::spawn(
+            podman()
+                .args(["system", "service", "--time=0", &uri])
+                .stdout(Stdio::null()),
+            "podman system service",
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "podman system service: no socket after 20 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self {
+            _service: service,
+            dir,
+        }
+    }
+
+    /// The socket, for conntrace's `--docker-socket`.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("podman.sock")
+    }
+}
+
+/// A Podman container running `sleep infinity` in network namespace `ns` (never Podman's
+/// bridge), with the test peer mounted at /usr/local/bin/ctpeer; removed on drop (the
+/// [`Container`] guard).
+pub struct PodmanContainer {
+    pub container: Container,
+    pub id: String,
+}
+
+impl PodmanContainer {
+    /// Starts a container named `PREFIX-PID-N` ([`Container::named`]).
+    pub fn run(prefix: &str, ns: &crate::Netns) -> Self {
+        let image = test_base();
+        let container = Container::named(prefix);
+        let network = format!("ns:/run/netns/{}", ns.name);
+        let peer = format!("{}:/usr/local/bin/ctpeer:ro", crate::ctpeer().display());
+        let id = output_of(podman().args([
+            "run",
+            "-d",
+            "--name",
+            &container.name,
+            "--network",
+            &network,
+            "-v",
+            &peer,
+            image,
+            "sleep",
+            "infinity",
+        ]));
+        Self { container, id }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.container.name
+    }
+
+    /// Starts `ctpeer connect ADDR PORT EXTRA...` inside the container (`podman exec`); read
+    /// its results with [`crate::Proc::json_lines`].
+    pub fn connect(&self, addr: &str, port: u16, extra: &[&str]) -> crate::Proc {
+        crate::Proc::spawn(
+            podman()
+                .args(["exec", &self.container.name, "/usr/local/bin/ctpeer"])
+                .args(["connect", addr, &port.to_string()])
+                .args(extra)
+                .stdout(Stdio::piped()),
+            "ctpeer connect in a container",
+        )
+        .read_stdout()
+    }
+}
+
+/// Whether Podman still has a container named `name`.
+pub fn podman_has(name: &str) -> bool {
+    let filter = format!("name=^{name}$");
+    !output_of(podman().args(["ps", "-a", "-q", "--filter", &filter])).is_empty()
+}
+
+/// A containerd task in the `k8s.io` namespace running `sleep infinity` in network namespace
+/// `ns` (`ctr run --with-ns network:/run/netns/NAME`), with `labels` (e.g. the CRI's pod
+/// labels); killed and removed with its snapshot on drop.
+pub struct CtrContainer {
+    pub id: String,
+}
+
+impl CtrContainer {
+    pub fn run(id: &str, ns: &crate::Netns, labels: &[(&str, &str)]) -> Self {
+        ensure_containerd();
+        let network = format!("network:/run/netns/{}", ns.name);
+        remove_ctr(id);
+        let mut cmd = Command::new("ctr");
+        cmd.args(["-n", K8S_NAMESPACE, "run", "-d", "--with-ns", &network]);
+        for (k, v) in labels {
+            cmd.args(["--label", &format!("{k}={v}")]);
+        }
+        output_of(cmd.args([TEST_BASE, id, "sleep", "infinity"]));
+        Self { id: id.to_owned() }
+    }
+}
+
+/// Kills and removes the task and the container `id` (and its snapshot), if there are any.
+fn remove_ctr(id: &str) {
+    for args in [
+        ["tasks", "rm", "-f", id].as_slice(),
+        &["containers", "rm", id],
+    ] {
+        let _ = Command::new("ctr")
+            .args(["-n", K8S_NAMESPACE])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for CtrContainer {
+    fn drop(&mut self) {
+        remove_ctr(&self.id);
+    }
+}
+
+/// Whether containerd still has a container `id` in `k8s.io`.
+pub fn ctr_has(id: &str) -> bool {
+    sh(&["ctr", "-n", K8S_NAMESPACE, "containers", "ls", "-q"])
+        .lines()
+        .any(|l| l.trim() == id)
+}

@@ -4,7 +4,8 @@
 //!
 //! A scenario starts with [`Scenario`] (root check, two hosts, set-up steps in them, server,
 //! conntrace); every child process a test starts is held by a [`Proc`] (killed on drop), every
-//! scratch directory is a [`TempDir`] (removed on drop).
+//! scratch directory is a [`TempDir`] (removed on drop); every container ([`containers`]) is
+//! removed on drop too.
 
 mod conntrace;
 pub mod containers;

@@ -3,9 +3,9 @@
 //!
 //! `setup` installs, idempotently, everything building and testing conntrace needs on a Debian
 //! machine: the eBPF toolchain (Debian's rustc-web with its library sources, LLVM 22,
-//! bpf-linker), and the tools the tests drive (iproute2, iptables, nftables, Podman, runc,
-//! containerd, mmdebstrap). It checks before it installs, so it costs a second when everything
-//! is there.
+//! bpf-linker), `protoc` (containerd's API is compiled from its protos), and the tools the
+//! tests drive (iproute2, iptables, nftables, Podman, runc, containerd, mmdebstrap). It checks
+//! before it installs, so it costs a second when everything is there.
 
 use std::{
     path::{Path, PathBuf},
@@ -96,6 +96,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    // containerd-client compiles containerd's protos at build time.
+    "protobuf-compiler",
 ];
 /// The benchmark compares with bpftrace and bcc's tcpstates (which needs kernel headers to run).
 const BENCH_PACKAGES: &[&str] = &["bpftrace", "bpfcc-tools"];

@@ -8,6 +8,7 @@
 //! enter it. None of them runs on the event hot path but the address check of
 //! [`namespaces`], which answers from a cache.
 
+pub mod containers;
 pub mod counters;
 pub mod listeners;
 pub mod namespaces;

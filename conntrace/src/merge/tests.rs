@@ -341,3 +341,29 @@ fn merge_corpus_replays() {
     let lines = super::merge_one("tour", &tour, Duration::from_secs(2), true).expect("merges");
     assert!(!lines.is_empty());
 }
+
+#[test]
+fn merged_verdicts_keep_their_containers() {
+    let container = r#""container":{"runtime":"podman","id":"4c4d634e0f31a65bc5c6f2b3991ebd78df5cbd2cf0901b3667524fbaead6512b","name":"mysqld","image":{"name":"localhost/debian:bookworm-min"},"k8s":null,"via":"netns"}"#;
+    let server = COOKIE_SERVER.replace(r#""comm":null"#, &format!(r#""comm":null,{container}"#));
+    let client = COOKIE_CLIENT.map(|l| {
+        l.replace(
+            r#""comm":"ct-client""#,
+            r#""comm":"ct-client","container":null"#,
+        )
+    });
+    let lines = merge(
+        &[
+            &file("server.jsonl", &[&server]),
+            &file("client.jsonl", &[&client[0], &client[1]]),
+        ],
+        2,
+        true,
+    )
+    .expect("merge");
+    let merged: Value = serde_json::from_str(&lines[0]).expect("JSON");
+    let verdicts = merged["verdicts"].as_array().expect("verdicts");
+    assert_eq!(verdicts[0]["side"], "server");
+    assert_eq!(verdicts[0]["container"]["name"], "mysqld");
+    assert_eq!(verdicts[1]["container"], Value::Null);
+}

@@ -191,6 +191,7 @@ mod tests {
             netns: Some(1),
             pid: None,
             comm: None,
+            container: None,
             duration_ms: 0.0,
             syn_retransmits: 0,
             detail,

@@ -6,8 +6,11 @@
 use std::collections::BTreeSet;
 
 use super::{Clock, Final, Lost, Ready, Record, advice, fact::key_fact, live};
-use crate::engine::verdict::{
-    Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
+use crate::{
+    engine::verdict::{
+        Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
+    },
+    identity::Container,
 };
 
 /// Widest compact line, in characters.
@@ -58,11 +61,17 @@ fn fit(mut line: String) -> String {
     line
 }
 
-/// The process, or the namespace when no process is known.
+/// The namespace, or its container (`podman:mysqld`, `k8s:shop/db-0/mysql`) when it has one.
+fn place(netns_: Option<u32>, container: Option<&Container>) -> String {
+    container.map_or_else(|| netns(netns_), Container::short)
+}
+
+/// The process (and its container), or the namespace's container, or the namespace.
 fn who(v: &Verdict) -> String {
-    match (&v.comm, v.pid) {
-        (Some(c), Some(p)) => format!("{c}[{p}]"),
-        _ => netns(v.netns),
+    match (&v.comm, v.pid, &v.container) {
+        (Some(c), Some(p), Some(ct)) => format!("{c}[{p}]@{}", ct.short()),
+        (Some(c), Some(p), None) => format!("{c}[{p}]"),
+        _ => place(v.netns, v.container.as_ref()),
     }
 }
 
@@ -203,7 +212,10 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
         clock.rfc3339(v.ts_ns),
         endpoint(v.saddr, v.sport),
         endpoint(Some(v.daddr), Some(v.dport)),
-        netns(v.netns),
+        match &v.container {
+            Some(c) => format!("{} {}", netns(v.netns), c.short()),
+            None => netns(v.netns),
+        },
         v.kernel_reason.as_deref().unwrap_or("-"),
     );
     line.push_str(&format!(", {:.1} ms", v.duration_ms));
@@ -264,7 +276,7 @@ fn drop_line(d: &DropRecord, clock: &Clock, wide: bool) -> String {
             "->"
         },
         endpoint(Some(d.daddr), Some(d.dport)),
-        netns(d.netns),
+        place(d.netns, d.container.as_ref()),
         d.tcp_flags,
         d.location,
     );

@@ -2,6 +2,11 @@
 //! at `GET /metrics` in the OpenMetrics text format by `prometheus-client` over `hyper`.
 //! `GET /healthz` beside it answers `200 ok` once tracing is ready (the `ready` record was
 //! written) and `503` before that and after the summary: the probe of a Kubernetes DaemonSet.
+//!
+//! With `--metrics-container-labels`, verdicts and drops also carry `namespace`, `pod` and
+//! `container` (kube-state-metrics' names; empty when the record has none): one series per
+//! container, reason and port, so on a node whose containers come and go the series grow with
+//! every new pod name until conntrace restarts. Off by default for that reason.
 
 use std::{
     convert::Infallible,
@@ -36,11 +41,37 @@ struct VerdictLabels {
     reason: String,
     /// The connection's service port: the server's local port, the client's remote one.
     port: String,
+    /// `namespace`, `pod`, `container` with `--metrics-container-labels`, else none.
+    #[prometheus(flatten)]
+    who: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     reason: String,
+    #[prometheus(flatten)]
+    who: Vec<(&'static str, String)>,
+}
+
+/// The container labels of a record's container (empty values when it has none).
+fn who(c: Option<&crate::identity::Container>) -> Vec<(&'static str, String)> {
+    let k8s = c.and_then(|c| c.k8s.as_ref());
+    vec![
+        (
+            "namespace",
+            k8s.map(|k| k.namespace.clone()).unwrap_or_default(),
+        ),
+        ("pod", k8s.map(|k| k.pod.clone()).unwrap_or_default()),
+        (
+            "container",
+            c.and_then(|c| {
+                c.name
+                    .clone()
+                    .or_else(|| Some(c.id.chars().take(12).collect()))
+            })
+            .unwrap_or_default(),
+        ),
+    ]
 }
 
 /// The metrics conntrace exports.
@@ -50,6 +81,8 @@ pub struct Metrics {
     drops: Family<DropLabels, Counter>,
     lost: Counter,
     ring_peak: Gauge,
+    /// `--metrics-container-labels`.
+    container_labels: bool,
     /// Tracing: between the `ready` record and the summary.
     tracing: AtomicBool,
     /// What conntrace's programs cost the kernel (`--bpf-stats` only).
@@ -67,7 +100,8 @@ pub enum MetricsError {
 }
 
 impl Metrics {
-    pub fn new(ring_bytes: u32) -> Self {
+    /// `container_labels`: label verdicts and drops with their container and pod.
+    pub fn new(ring_bytes: u32, container_labels: bool) -> Self {
         let mut registry = Registry::with_prefix("conntrace");
         let verdicts = Family::<VerdictLabels, Counter>::default();
         registry.register(
@@ -108,6 +142,7 @@ impl Metrics {
             drops,
             lost,
             ring_peak,
+            container_labels,
             tracing: AtomicBool::new(false),
             bpf_programs,
         }
@@ -123,6 +158,7 @@ impl Metrics {
                         outcome: v.outcome.name().to_owned(),
                         reason: v.reason.code().to_owned(),
                         port: v.service_port().unwrap_or(0).to_string(),
+                        who: self.who(v.container.as_ref()),
                     })
                     .inc();
             }
@@ -130,6 +166,7 @@ impl Metrics {
                 self.drops
                     .get_or_create(&DropLabels {
                         reason: d.kernel_reason.to_string(),
+                        who: self.who(d.container.as_ref()),
                     })
                     .inc();
             }
@@ -138,6 +175,14 @@ impl Metrics {
             }
             Record::Ready(_) => self.tracing.store(true, Ordering::Relaxed),
             Record::Summary(_) => self.tracing.store(false, Ordering::Relaxed),
+        }
+    }
+
+    fn who(&self, c: Option<&crate::identity::Container>) -> Vec<(&'static str, String)> {
+        if self.container_labels {
+            who(c)
+        } else {
+            Vec::new()
         }
     }
 
@@ -236,7 +281,7 @@ mod tests {
 
     #[test]
     fn exposition_names_and_labels() {
-        let m = Metrics::new(4096);
+        let m = Metrics::new(4096, false);
         m.observe(&Record::Lost(crate::output::Lost {
             count: 3,
             new: 3,
@@ -256,6 +301,38 @@ mod tests {
         assert!(text.ends_with("# EOF\n"), "{text}");
     }
 
+    #[test]
+    fn container_labels_only_when_asked() {
+        use crate::identity::{Container, K8s, Runtime, Via};
+        let mut v = crate::output::tests::syn_timeout();
+        v.container = Some(Container {
+            runtime: Runtime::Containerd,
+            id: "ct-db-0".into(),
+            name: Some("mysql".into()),
+            image: None,
+            k8s: Some(K8s {
+                namespace: "shop".into(),
+                pod: "db-0".into(),
+                container: Some("mysql".into()),
+            }),
+            via: Via::Netns,
+        });
+        let labelled = Metrics::new(4096, true);
+        labelled.observe(&Record::Verdict(&v));
+        let text = labelled.encode();
+        assert!(
+            text.contains(r#"namespace="shop",pod="db-0",container="mysql"} 1"#),
+            "{text}"
+        );
+        let plain = Metrics::new(4096, false);
+        plain.observe(&Record::Verdict(&v));
+        let text = plain.encode();
+        assert!(
+            text.contains(r#"port="3306"} 1"#) && !text.contains("pod="),
+            "{text}"
+        );
+    }
+
     fn ready() -> crate::output::Ready {
         crate::output::Ready {
             ts_ns: 0,
@@ -273,7 +350,7 @@ mod tests {
 
     #[test]
     fn healthz_is_ok_only_while_tracing() {
-        let m = Metrics::new(4096);
+        let m = Metrics::new(4096, false);
         let healthz = |m: &Metrics| {
             let (status, body, _) = m.route(&Method::GET, "/healthz");
             (status.as_u16(), body)

@@ -8,7 +8,7 @@ mod live;
 pub mod metrics;
 pub mod record;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     fs::OpenOptions,

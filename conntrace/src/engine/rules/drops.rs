@@ -320,6 +320,7 @@ pub(crate) fn forwarded_record(
         netns: meta.netns,
         pid: None,
         comm: None,
+        container: None,
     }
 }
 
@@ -349,5 +350,6 @@ pub(crate) fn record(
         netns: meta.netns,
         pid: proc.as_ref().map(|p| p.pid),
         comm: proc.map(|p| p.comm.to_string()),
+        container: None,
     }
 }
