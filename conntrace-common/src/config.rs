@@ -105,6 +105,41 @@ impl SyscallLayout {
     };
 }
 
+/// Field offsets of a route lookup tracepoint's record (`fib:fib_table_lookup`,
+/// `fib6:fib6_table_lookup`), from its `format` file; [`ABSENT`] when this kernel's record has
+/// no such field (the program then reports nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FibLayout {
+    /// `u32 tb_id`: the routing table looked up.
+    pub tb_id: u16,
+    /// `int err`: 0, or the lookup's negative errno.
+    pub err: u16,
+    /// `int iif`: the input interface; `LOOPBACK_IFINDEX` (1) for an output route lookup.
+    pub iif: u16,
+    /// `u8 proto`: the flow's L4 protocol.
+    pub proto: u16,
+    /// `__u8 src[4]`/`[16]`, `__u8 dst[4]`/`[16]`: the flow's addresses.
+    pub src: u16,
+    pub dst: u16,
+    /// `u16 sport`, `u16 dport`: the flow's ports, host order (0 for other protocols).
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl FibLayout {
+    pub const NONE: Self = Self {
+        tb_id: ABSENT,
+        err: ABSENT,
+        iif: ABSENT,
+        proto: ABSENT,
+        src: ABSENT,
+        dst: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+    };
+}
+
 /// Offsets inside kernel structures, resolved from BTF (`/sys/kernel/btf/vmlinux`).
 ///
 /// A value of `u32::MAX` means the member was not found; the program then leaves the
@@ -158,6 +193,10 @@ pub struct KernelOffsets {
     /// `struct tcp_sock` → `mss_cache` (the current MSS).
     pub tcp_mss_cache: u32,
     pub _pad: u32,
+    /// `struct task_struct` → `nsproxy` and `struct nsproxy` → `net_ns`: the current task's
+    /// network namespace, for events without a socket or packet (route lookups).
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
 }
 
 impl KernelOffsets {
@@ -185,6 +224,9 @@ pub struct Config {
     pub send_length: TracepointLayout,
     pub dev_queue: TracepointLayout,
     pub syscalls: SyscallLayout,
+    /// `fib:fib_table_lookup` and `fib6:fib6_table_lookup`.
+    pub fib: FibLayout,
+    pub fib6: FibLayout,
     pub offsets: KernelOffsets,
     pub flags: u32,
     /// `enum skb_drop_reason` value whose drops carry a kernel stack (NETFILTER_DROP: the stack
@@ -203,6 +245,7 @@ user_pod!(
     TupleLayout,
     TracepointLayout,
     SyscallLayout,
+    FibLayout,
     KernelOffsets,
     Config
 );
@@ -242,8 +285,10 @@ pub mod programs {
     pub const FENTRY_COOKIE_V6_INIT_SEQUENCE: u32 = 16;
     pub const FEXIT_TCP_RCV_ESTABLISHED: u32 = 17;
     pub const FEXIT_TCP_SENDMSG: u32 = 18;
+    pub const FIB_TABLE_LOOKUP: u32 = 19;
+    pub const FIB6_TABLE_LOOKUP: u32 = 20;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 21;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -265,6 +310,8 @@ pub mod programs {
         "fentry_cookie_v6_init_sequence",
         "fexit_tcp_rcv_established",
         "fexit_tcp_sendmsg",
+        "fib_table_lookup",
+        "fib6_table_lookup",
     ];
 }
 

@@ -140,6 +140,8 @@ impl KernelBtf {
             skb_iif: off("sk_buff", &["skb_iif"]),
             tcp_mss_cache: off("tcp_sock", &["mss_cache"]),
             _pad: 0,
+            task_nsproxy: off("task_struct", &["nsproxy"]),
+            nsproxy_net_ns: off("nsproxy", &["net_ns"]),
         }
     }
 
@@ -192,6 +194,8 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sk_buff.len", o.skb_len),
         ("sk_buff.skb_iif", o.skb_iif),
         ("tcp_sock.mss_cache", o.tcp_mss_cache),
+        ("task_struct.nsproxy", o.task_nsproxy),
+        ("nsproxy.net_ns", o.nsproxy_net_ns),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

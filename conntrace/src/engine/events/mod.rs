@@ -3,6 +3,7 @@
 //! cookies. Decisions are left to `rules`; this file only records and routes.
 
 mod drops;
+mod route;
 
 use super::{
     Engine,
@@ -94,6 +95,12 @@ impl Engine {
                 tuple,
                 errno,
             } => self.on_connect_failed(&meta, sk, tuple, errno, out),
+            KernelEvent::RouteLookupFailed {
+                meta,
+                tuple,
+                table,
+                answer,
+            } => self.on_route_lookup_failed(meta, tuple, table, answer),
         }
     }
 
@@ -116,6 +123,7 @@ impl Engine {
         match (old, new) {
             (_, TcpState::SynSent) => {
                 // connect(): the current task is the connecting process.
+                self.settle_route_walk(&meta, &tuple);
                 let mut c = Conn::new(sk, Side::Client, &meta, tuple, new);
                 c.proc = Some(meta.proc.clone());
                 self.insert(c, out);
@@ -346,6 +354,7 @@ impl Engine {
         errno: Errno,
         out: &mut Vec<Verdict>,
     ) {
+        self.settle_route_walk(meta, &tuple);
         if let Some(c) = self.table.by_sk_mut(sk) {
             c.connect_errno = Some(errno);
             c.last_ns = meta.ts_ns;

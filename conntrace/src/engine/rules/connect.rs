@@ -1,14 +1,18 @@
 //! `connect()` failures before any packet left: `no_route`, `ephemeral_ports_exhausted`,
 //! `connect_denied` (and `unknown` for an errno no rule knows). The namespace's route and its
 //! ports towards the destination complete the verdict.
+//!
+//! Where the errno comes from: `connect()`'s own result (`fexit:inet_stream_connect`, or the
+//! `connect` syscall tracepoints when connections stream), else, in quiet mode, the walk of
+//! the routing rules its route lookup failed in ([`route_failed`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::socketless;
 use crate::engine::{
-    facts::{Errno, FourTuple, Meta},
-    lookup::{NamespaceLookup, RouteKind},
-    state::Conn,
+    facts::{Errno, FourTuple, Meta, TableAnswer},
+    lookup::{NamespaceLookup, Route, RouteKind},
+    state::{Conn, Walk},
     verdict::{
         Detail, Outcome, Reason, Side, Verdict,
         detail::{ConnectDetail, Syscall},
@@ -65,6 +69,43 @@ pub(crate) fn failed(
     v.pid = Some(meta.proc.pid);
     v.comm = Some(meta.proc.comm.to_string());
     Some(v)
+}
+
+/// The verdict of a `connect()` whose route lookup failed, known only from the tables' answers
+/// (quiet mode), and whose socket never moved to SYN_SENT: what `connect()` returned is the
+/// answer that ended the walk (EHOSTUNREACH, EACCES, EINVAL: `fib_rules_lookup` stops at any
+/// answer but a miss), or ENETUNREACH when every table missed (`fib_lookup`,
+/// `fib6_rule_lookup`).
+///
+/// A table that answered with a route is not traced, so a walk that ended with a miss is
+/// checked against the namespace's own route (`route`, `None` when unknown): a route there
+/// means a later table had one and this lookup was not the end of its `connect()`; an IPv6
+/// "no route or unreachable route" answer takes the route's kind. Without the route, a miss
+/// is ENETUNREACH.
+pub(crate) fn route_failed(walk: &Walk, route: Option<&Route>) -> Option<Verdict> {
+    let errno = match walk.last_answer() {
+        TableAnswer::Unreachable => Errno::EHOSTUNREACH,
+        TableAnswer::Prohibit => Errno::EACCES,
+        TableAnswer::Blackhole => Errno::EINVAL,
+        TableAnswer::Other(e) => e,
+        TableAnswer::Miss | TableAnswer::MissOrUnreachable => match route.map(|r| r.kind) {
+            None | Some(RouteKind::None) => Errno::ENETUNREACH,
+            Some(RouteKind::Unreachable) => Errno::EHOSTUNREACH,
+            Some(RouteKind::Prohibit) => Errno::EACCES,
+            Some(RouteKind::Blackhole) => Errno::EINVAL,
+            Some(RouteKind::Unicast | RouteKind::Local | RouteKind::Other) => return None,
+        },
+    };
+    // As the syscall reports it: the local end is not known.
+    let tuple = FourTuple {
+        saddr: match walk.tuple.daddr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        },
+        sport: 0,
+        ..walk.tuple
+    };
+    failed(&walk.meta, tuple, errno, false)
 }
 
 /// A client socket that went SYN_SENT and back to CLOSE without a local port: connect()
