@@ -10,9 +10,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::socketless;
 use crate::engine::{
-    facts::{Errno, FourTuple, Meta, TableAnswer},
+    facts::{Errno, FourTuple, Meta, TableAnswer, TcpState},
     lookup::{NamespaceLookup, Route, RouteKind},
-    state::{Conn, Walk},
+    state::{Conn, SocketError, Walk},
     verdict::{
         Detail, Outcome, Reason, Side, Verdict,
         detail::{ConnectDetail, Syscall},
@@ -43,6 +43,7 @@ fn detail() -> Detail {
         sockets_to_destination: None,
         time_wait: None,
         route: None,
+        errno_inferred: None,
     })
 }
 
@@ -108,15 +109,49 @@ pub(crate) fn route_failed(walk: &Walk, route: Option<&Route>) -> Option<Verdict
     failed(&walk.meta, tuple, errno, false)
 }
 
+/// Whether client socket `c` went SYN_SENT and back to CLOSE without ever getting a local
+/// port, with nothing else seen: no SYN retransmitted, no error, no reset, no drop.
+///
+/// `tcp_v4_connect` (and `tcp_v6_connect`) moves the socket to SYN_SENT before
+/// `inet_hash_connect` picks a local port, and back to CLOSE when that fails: EADDRNOTAVAIL
+/// when every port of `ip_local_port_range` is taken towards the destination (or ENOMEM).
+/// Every later failure (a route for the new ports, `tcp_connect`) and every ordinary end of a
+/// handshake (refused, timed out, closed by the application) comes after the port was chosen,
+/// and the state change then carries it.
+pub(crate) fn never_got_a_port(c: &Conn) -> bool {
+    c.side == Side::Client
+        && c.tuple.sport == 0
+        && c.closed()
+            .is_some_and(|(_, from)| from == TcpState::SynSent)
+        && c.syn_retransmits == 0
+        && c.error == SocketError::None
+        && c.rst_received.is_none()
+        && c.drops.is_empty()
+}
+
 /// A client socket that went SYN_SENT and back to CLOSE without a local port: connect()
-/// failed with `connect_errno` before any packet (EADDRNOTAVAIL: no free port).
+/// failed with `connect_errno` before any packet (EADDRNOTAVAIL: no free port). Where
+/// `connect()`'s result is not traced (quiet mode without fexit) and the socket
+/// [`never_got_a_port`], EADDRNOTAVAIL is inferred: `detail.errno_inferred`, and the
+/// `kernel_reason` says what was seen instead of an errno.
 pub(crate) fn closed_before_any_packet(c: &Conn) -> Option<Verdict> {
     let (at, _) = c.closed()?;
-    let errno = c.connect_errno?;
+    let (errno, inferred) = match c.connect_errno {
+        Some(errno) => (errno, false),
+        None if never_got_a_port(c) => (Errno::EADDRNOTAVAIL, true),
+        None => return None,
+    };
     let mut v = super::base(c, at, Outcome::Failed, reason(errno), detail());
-    v.kernel_reason = Some(errno.to_string());
+    v.kernel_reason = Some(if inferred {
+        "closed in TCP_SYN_SENT without a local port".into()
+    } else {
+        errno.to_string()
+    });
     v.errno = Some(errno);
     v.sport = None;
+    if inferred && let Detail::Connect(d) = &mut v.detail {
+        d.errno_inferred = Some(true);
+    }
     Some(v)
 }
 
