@@ -569,4 +569,6 @@ mod field;
 mod listeners;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
+/// connect() errors seen through failed route lookups, and inferred EADDRNOTAVAIL.
+mod route;
 mod stalls;
