@@ -355,7 +355,15 @@ impl Engine {
         out: &mut Vec<Verdict>,
     ) {
         self.settle_route_walk(meta, &tuple);
-        if let Some(c) = self.table.by_sk_mut(sk) {
+        // The socket's address may still name an earlier connection whose end was not seen
+        // (the middle of an orderly close is not traced): only a handshake towards the same
+        // destination is this connect()'s.
+        let this_connect = |c: &&mut super::state::Conn| {
+            c.side == Side::Client
+                && c.established_ns().is_none()
+                && (c.tuple.daddr, c.tuple.dport) == (tuple.daddr, tuple.dport)
+        };
+        if let Some(c) = self.table.by_sk_mut(sk).filter(this_connect) {
             c.connect_errno = Some(errno);
             c.last_ns = meta.ts_ns;
         } else if self.table.recently_decided(sk).is_some_and(|d| {
