@@ -26,8 +26,13 @@ impl Engine {
     /// to SYN_SENT) or reported its own result (the syscall): the route lookup it made last
     /// was not its end, whatever a table answered on the way.
     pub(super) fn settle_route_walk(&mut self, meta: &Meta, tuple: &FourTuple) {
+        let walks = self.table.route_walks_mut();
         let key = (meta.netns, meta.proc.pid, tuple.daddr, tuple.dport);
-        self.table.route_walks_mut().settle(&key);
+        // The lookups' namespace is the task's, read apart from the socket's: either may be
+        // unread.
+        if !walks.settle(&key) && meta.netns.is_some() {
+            walks.settle(&(None, meta.proc.pid, tuple.daddr, tuple.dport));
+        }
     }
 
     /// Decides the walks that waited out the grace period (all of them when `all`).

@@ -165,6 +165,14 @@ fn a_miss_then_a_connect_that_goes_on_gives_no_verdict() {
         a.connect(MS + 5_000, 100, "client"),
     ];
     none(after_grace(&mut e, events, MS + 5_000));
+    // The task's namespace unread (its offsets missing from BTF), the socket's read.
+    let mut e = engine(Some(RouteKind::None));
+    let mut unread = lookup4(MS, CUSTOM, -11);
+    if let KernelEvent::RouteLookupFailed { meta, .. } = &mut unread {
+        meta.netns = None;
+    }
+    let events = vec![unread, a.connect(MS + 5_000, 100, "client")];
+    none(after_grace(&mut e, events, MS + 5_000));
     // Another process's connect() to the same destination settles nothing of this one.
     let mut e = engine(Some(RouteKind::None));
     let events = vec![lookup4(MS, MAIN, -11), a.connect(MS + 5_000, 200, "other")];
