@@ -379,10 +379,8 @@ mod tests {
             for mode in [AttachMode::Best, AttachMode::Tracepoints] {
                 let quiet = plan(kernel, mode, Follow::Quiet);
                 assert!(
-                    quiet
-                        .iter()
-                        .all(|r| !r.hook.describe().contains(":syscalls:")
-                            && r.capability != Capability::FirstData),
+                    quiet.iter().all(|r| !r.hook.describe().contains(":syscalls:")
+                        && r.capability != Capability::FirstData),
                     "{kernel:?} {mode:?}: {:?}",
                     quiet.iter().map(|r| r.program).collect::<Vec<_>>()
                 );

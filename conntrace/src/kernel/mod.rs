@@ -15,8 +15,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use conntrace_common::{
-    Config, FLAG_ALL_PORTS, FLAG_QUIET, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps,
-    programs,
+    Config, FLAG_ALL_PORTS, FLAG_QUIET, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps, programs,
 };
 
 use serde::Serialize;
@@ -185,15 +184,8 @@ impl Tracer {
             fib: layout::optional_fib_layout(&root, "fib", "fib_table_lookup")?,
             fib6: layout::optional_fib_layout(&root, "fib6", "fib6_table_lookup")?,
             offsets,
-            flags: if opts.ports.is_empty() {
-                FLAG_ALL_PORTS
-            } else {
-                0
-            } | if opts.follow == attach::Follow::Quiet {
-                FLAG_QUIET
-            } else {
-                0
-            },
+            flags: if opts.ports.is_empty() { FLAG_ALL_PORTS } else { 0 }
+                | if opts.follow == attach::Follow::Quiet { FLAG_QUIET } else { 0 },
             stack_drop_reason,
             wakeup_bytes: opts.ring_bytes / 4,
             _pad: 0,
