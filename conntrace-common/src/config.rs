@@ -105,6 +105,41 @@ impl SyscallLayout {
     };
 }
 
+/// Field offsets of a route lookup tracepoint's record (`fib:fib_table_lookup`,
+/// `fib6:fib6_table_lookup`), from its `format` file; [`ABSENT`] when this kernel's record has
+/// no such field (the program then reports nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FibLayout {
+    /// `u32 tb_id`: the routing table looked up.
+    pub tb_id: u16,
+    /// `int err`: 0, or the lookup's negative errno.
+    pub err: u16,
+    /// `int iif`: the input interface; `LOOPBACK_IFINDEX` (1) for an output route lookup.
+    pub iif: u16,
+    /// `u8 proto`: the flow's L4 protocol.
+    pub proto: u16,
+    /// `__u8 src[4]`/`[16]`, `__u8 dst[4]`/`[16]`: the flow's addresses.
+    pub src: u16,
+    pub dst: u16,
+    /// `u16 sport`, `u16 dport`: the flow's ports, host order (0 for other protocols).
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl FibLayout {
+    pub const NONE: Self = Self {
+        tb_id: ABSENT,
+        err: ABSENT,
+        iif: ABSENT,
+        proto: ABSENT,
+        src: ABSENT,
+        dst: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+    };
+}
+
 /// Offsets inside kernel structures, resolved from BTF (`/sys/kernel/btf/vmlinux`).
 ///
 /// A value of `u32::MAX` means the member was not found; the program then leaves the
@@ -167,6 +202,10 @@ pub struct KernelOffsets {
     /// `struct inet_sock` → `inet_sport` (network order): the local port, still set when
     /// closing has released the bound port (`skc_num` is then 0).
     pub inet_sport: u32,
+    /// `struct task_struct` → `nsproxy` and `struct nsproxy` → `net_ns`: the current task's
+    /// network namespace, for events without a socket or packet (route lookups).
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
 }
 
 /// Where the BTF-typed programs load `struct sock_common` members directly (the verifier needs
@@ -208,6 +247,9 @@ pub struct Config {
     pub send_length: TracepointLayout,
     pub dev_queue: TracepointLayout,
     pub syscalls: SyscallLayout,
+    /// `fib:fib_table_lookup` and `fib6:fib6_table_lookup`.
+    pub fib: FibLayout,
+    pub fib6: FibLayout,
     pub offsets: KernelOffsets,
     pub flags: u32,
     /// `enum skb_drop_reason` value whose drops carry a kernel stack (NETFILTER_DROP: the stack
@@ -241,6 +283,7 @@ user_pod!(
     TupleLayout,
     TracepointLayout,
     SyscallLayout,
+    FibLayout,
     KernelOffsets,
     Config
 );
@@ -282,8 +325,10 @@ pub mod programs {
     pub const FEXIT_TCP_SENDMSG: u32 = 18;
     pub const TP_BTF_INET_SOCK_SET_STATE: u32 = 19;
     pub const TP_BTF_NET_DEV_QUEUE: u32 = 20;
+    pub const FIB_TABLE_LOOKUP: u32 = 21;
+    pub const FIB6_TABLE_LOOKUP: u32 = 22;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 21;
+    pub const COUNT: u32 = 23;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -307,6 +352,8 @@ pub mod programs {
         "fexit_tcp_sendmsg",
         "tp_btf_inet_sock_set_state",
         "tp_btf_net_dev_queue",
+        "fib_table_lookup",
+        "fib6_table_lookup",
     ];
 }
 

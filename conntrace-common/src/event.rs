@@ -41,6 +41,9 @@ pub enum EventKind {
     /// Quiet mode: what the kernel kept about a connection until it needed userspace
     /// ([`HistoryEvent`]); the event that needed it follows.
     History = 12,
+    /// `fib:fib_table_lookup` / `fib6:fib6_table_lookup`: a route lookup of `connect()` on a
+    /// traced port failed in one routing table (quiet mode, where the syscall is not traced).
+    RouteError = 13,
 }
 
 impl EventKind {
@@ -58,6 +61,7 @@ impl EventKind {
             10 => Self::CookieSynAck,
             11 => Self::Retransmit,
             12 => Self::History,
+            13 => Self::RouteError,
             _ => return None,
         })
     }
@@ -211,6 +215,29 @@ pub struct ConnectError {
     pub _pad: u32,
 }
 
+/// `EventKind::RouteError`: one routing table's answer to a route lookup that `connect()` made
+/// on a TCP socket to a traced port, when it was an error. `connect()` runs in process
+/// context: the header's pid, comm and namespace (the task's `nsproxy->net_ns`) are the
+/// connecting process's.
+///
+/// `tuple` is the lookup's flow: `saddr` the source it asked for (unspecified until the
+/// kernel chose one), `sport` the local port (0 until one is chosen), `daddr`/`dport` the
+/// destination; `family` says which tracepoint (`AF_INET`: `fib_table_lookup`, `AF_INET6`:
+/// `fib6_table_lookup`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteError {
+    pub header: EventHeader,
+    pub tuple: Tuple,
+    /// The tracepoint's `err`: a negative errno. IPv4: `-EAGAIN` no match in this table (the
+    /// rule walk goes on), `-EHOSTUNREACH`/`-EACCES`/`-EINVAL` an unreachable, prohibit or
+    /// blackhole route. IPv6 derives it from the route's type, and its "no route" entry is
+    /// itself an unreachable route: `-EHOSTUNREACH` also for no match.
+    pub err: i32,
+    /// The routing table looked up (`tb_id`: 254 main, 255 local, 253 default, ...).
+    pub table: u32,
+}
+
 /// `EventKind::Drop`. `tuple` is the packet's own: `s` = its source, `d` = its destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -299,7 +326,8 @@ user_pod!(
     PacketDrop,
     FirstData,
     CookieSynAck,
-    Retransmit
+    Retransmit,
+    RouteError
 );
 
 /// Ties each event struct to its kind(s), so encoding and decoding cannot disagree.
@@ -327,7 +355,8 @@ impl_event!(
     FirstData,
     CookieSynAck,
     Retransmit,
-    HistoryEvent
+    HistoryEvent,
+    RouteError
 );
 
 /// An event read back from the ring buffer.
@@ -345,6 +374,7 @@ pub enum Decoded {
     CookieSynAck(CookieSynAck),
     Retransmit(Retransmit),
     History(HistoryEvent),
+    RouteError(RouteError),
 }
 
 /// Why bytes from the ring buffer are not an event.
@@ -418,6 +448,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             EventKind::CookieSynAck => Decoded::CookieSynAck(read(bytes, kind, size)?),
             EventKind::Retransmit => Decoded::Retransmit(read(bytes, kind, size)?),
             EventKind::History => Decoded::History(read(bytes, kind, size)?),
+            EventKind::RouteError => Decoded::RouteError(read(bytes, kind, size)?),
         },
     )
 }
@@ -561,6 +592,23 @@ mod tests {
     }
 
     #[test]
+    fn route_error_round_trips_as_kind_13() {
+        assert_eq!(EventKind::RouteError as u32, 13);
+        assert_eq!(EventKind::from_u32(13), Some(EventKind::RouteError));
+        let mut t = tuple();
+        t.sport = 0;
+        t.saddr = [0; 16];
+        let re = RouteError {
+            header: header_for::<RouteError>(EventKind::RouteError),
+            tuple: t,
+            err: -11,
+            table: 254,
+        };
+        assert_eq!(decode(as_bytes(&re)), Ok(Decoded::RouteError(re)));
+        assert_eq!(size_of::<RouteError>() % 8, 0);
+    }
+
+    #[test]
     fn ring_buffer_padding_is_accepted() {
         let ac = Accept {
             header: header_for::<Accept>(EventKind::Accept),
@@ -624,12 +672,13 @@ mod tests {
             (10, EventKind::CookieSynAck),
             (11, EventKind::Retransmit),
             (12, EventKind::History),
+            (13, EventKind::RouteError),
         ] {
             assert_eq!(kind as u32, id);
             assert_eq!(EventKind::from_u32(id), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
-        assert_eq!(EventKind::from_u32(13), None);
+        assert_eq!(EventKind::from_u32(14), None);
     }
 }
 

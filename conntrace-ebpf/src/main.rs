@@ -9,6 +9,7 @@
 mod data;
 mod drops;
 mod fentry;
+mod fib;
 mod lifecycle;
 mod quiet;
 mod syscalls;

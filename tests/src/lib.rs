@@ -30,6 +30,10 @@ pub use scenario::Scenario;
 /// The port the scenarios serve and trace (MySQL's, as in the stuck-connection story).
 pub const PORT: u16 = 3306;
 
+/// conntrace's `--follow` modes. A scenario whose facts reach userspace by another path in
+/// each mode (quiet: no syscall tracepoints) runs in both and asserts the same verdicts.
+pub const FOLLOW_MODES: [&str; 2] = ["quiet", "streaming"];
+
 /// Runs a command, panicking with its output if it fails.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])

@@ -138,6 +138,7 @@ impl Engine {
         let mut out = Vec::new();
         self.decide_ready(now_ns, &mut out);
         self.decide_attempts(now_ns, false, &mut out);
+        self.decide_route_walks(now_ns, false, &mut out);
         self.detect_stalls(now_ns, &mut out);
         let idle = self.cfg.idle_expiry_ns;
         for id in self.table.ids_where(|c| now_ns >= c.last_ns + idle) {
@@ -158,6 +159,7 @@ impl Engine {
         let far = now_ns.saturating_add(self.cfg.grace_ns);
         self.decide_ready(far, &mut out);
         self.decide_attempts(now_ns, true, &mut out);
+        self.decide_route_walks(now_ns, true, &mut out);
         for c in self.table.drain() {
             if self.cfg.report_established
                 && c.side == Side::Server

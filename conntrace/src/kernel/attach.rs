@@ -259,6 +259,12 @@ pub const RULES: &[AttachRule] = &[
     // when healthy connections stream (quiet mode learns the connecting process at SYN_SENT).
     tp_when(Capability::ConnectProcess, "sys_enter_connect", "syscalls", (4, 7),    When::Streaming),
     tp_when(Capability::ConnectProcess, "sys_exit_connect", "syscalls",  (4, 7),    When::Streaming),
+    // Quiet mode learns connect()'s errors before any packet from its failed route lookups
+    // (fexit:inet_stream_connect, above, is better where it attaches). The fields read
+    // (err, iif, proto, sport, dport) come from the format file; a record without them makes
+    // the program report nothing.
+    tp_when(Capability::ConnectProcess, "fib_table_lookup", "fib",       (5, 0),    When::Quiet),
+    tp_when(Capability::ConnectProcess, "fib6_table_lookup", "fib6",     (5, 0),    When::Quiet),
     tp_when(Capability::AcceptProcess, "sys_exit_accept4",  "syscalls",  (4, 7),    When::Streaming),
     tp_when(Capability::AcceptProcess, "sys_exit_accept",   "syscalls",  (4, 7),    When::Streaming),
     // The drop reason argument exists since 5.17.
@@ -412,6 +418,55 @@ mod tests {
                 let streaming = plan(kernel, mode, Follow::Streaming);
                 assert!(streaming.len() > quiet.len());
             }
+        }
+    }
+
+    /// The hooks that serve `ConnectProcess` in this plan, best first.
+    fn connect_hooks(kernel: (u32, u32), mode: AttachMode, follow: Follow) -> Vec<String> {
+        plan(kernel, mode, follow)
+            .iter()
+            .filter(|r| r.capability == Capability::ConnectProcess)
+            .map(|r| format!("{} {}", r.priority, r.hook.describe()))
+            .collect()
+    }
+
+    #[test]
+    fn connect_errors_come_from_route_lookups_only_in_quiet_mode_and_after_fexit() {
+        // The host (6.18, fentry refused): quiet mode's only connect() path is the route
+        // lookups; streaming keeps the syscall tracepoints and never the route lookups.
+        for kernel in [(6, 1), (6, 12), (6, 18)] {
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Tracepoints, Follow::Quiet),
+                [
+                    "10 tracepoint:fib:fib_table_lookup",
+                    "10 tracepoint:fib6:fib6_table_lookup"
+                ],
+                "{kernel:?}"
+            );
+            // Where fexit attaches it wins: the route lookups are a lower-priority fallback,
+            // tried only when it fails (as it does on the host).
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Best, Follow::Quiet),
+                [
+                    "5 fexit:inet_stream_connect",
+                    "10 tracepoint:fib:fib_table_lookup",
+                    "10 tracepoint:fib6:fib6_table_lookup"
+                ],
+                "{kernel:?}"
+            );
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Tracepoints, Follow::Streaming),
+                [
+                    "10 tracepoint:syscalls:sys_enter_connect",
+                    "10 tracepoint:syscalls:sys_exit_connect"
+                ],
+                "{kernel:?}"
+            );
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Best, Follow::Streaming)[0],
+                "5 fexit:inet_stream_connect",
+                "{kernel:?}"
+            );
         }
     }
 

@@ -144,6 +144,8 @@ impl KernelBtf {
             sock_v6_daddr: off("sock", &["__sk_common", "skc_v6_daddr"]),
             sock_v6_rcv_saddr: off("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
             inet_sport: off("inet_sock", &["inet_sport"]),
+            task_nsproxy: off("task_struct", &["nsproxy"]),
+            nsproxy_net_ns: off("nsproxy", &["net_ns"]),
         }
     }
 
@@ -215,6 +217,8 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sock.__sk_common.skc_v6_daddr", o.sock_v6_daddr),
         ("sock.__sk_common.skc_v6_rcv_saddr", o.sock_v6_rcv_saddr),
         ("inet_sock.inet_sport", o.inet_sport),
+        ("task_struct.nsproxy", o.task_nsproxy),
+        ("nsproxy.net_ns", o.nsproxy_net_ns),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

@@ -6,13 +6,13 @@ use std::{
 };
 
 use conntrace_common::{
-    AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN,
-    Tuple, decode, unread,
+    AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, RouteError,
+    TCP_FLAGS_UNKNOWN, Tuple, decode, unread,
 };
 
 use crate::engine::facts::{
     Accepted, ConnHistory, DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent, Meta,
-    Proc, TcpFlags, TcpState,
+    Proc, TableAnswer, TcpFlags, TcpState,
 };
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
@@ -205,7 +205,18 @@ impl Decoder {
                 tuple: four_tuple(&e.tuple),
                 errno: Errno::from_raw(e.ret),
             },
+            Decoded::RouteError(e) => route_lookup_failed(&e),
         })
+    }
+}
+
+/// A failed route lookup of `connect()`, one table's answer.
+fn route_lookup_failed(e: &RouteError) -> KernelEvent {
+    KernelEvent::RouteLookupFailed {
+        meta: meta(&e.header),
+        tuple: four_tuple(&e.tuple),
+        table: e.table,
+        answer: TableAnswer::from_kernel(e.tuple.family == AF_INET6, e.err),
     }
 }
 
@@ -217,6 +228,54 @@ mod tests {
 
     fn decoder() -> Decoder {
         Decoder::new(BTreeMap::new(), BTreeMap::new(), Default::default())
+    }
+
+    #[test]
+    fn route_errors_name_the_table_and_its_answer() {
+        let mut t = Tuple {
+            family: conntrace_common::AF_INET,
+            dport: 3306,
+            ..Tuple::default()
+        };
+        t.daddr[..4].copy_from_slice(&[192, 0, 2, 1]);
+        let mut h = header_for::<RouteError>(EventKind::RouteError);
+        (h.pid, h.netns) = (42, 4_026_532_000);
+        h.comm[..9].copy_from_slice(b"ct-client");
+        let e = RouteError {
+            header: h,
+            tuple: t,
+            err: -11,
+            table: 254,
+        };
+        let KernelEvent::RouteLookupFailed {
+            meta,
+            tuple,
+            table,
+            answer,
+        } = decoder().decode(as_bytes(&e)).unwrap()
+        else {
+            panic!("a route lookup");
+        };
+        assert_eq!((meta.proc.pid, meta.proc.comm.as_str()), (42, "ct-client"));
+        assert_eq!(meta.netns, Some(4_026_532_000));
+        assert_eq!(tuple.daddr.to_string(), "192.0.2.1");
+        assert!(tuple.saddr.is_unspecified());
+        assert_eq!((tuple.sport, tuple.dport, table), (0, 3306, 254));
+        assert_eq!(answer, TableAnswer::Miss);
+        // The same errno means "no route here, or an unreachable route" for IPv6.
+        let v6 = |err| TableAnswer::from_kernel(true, err);
+        let v4 = |err| TableAnswer::from_kernel(false, err);
+        assert_eq!(v4(-113), TableAnswer::Unreachable);
+        assert_eq!(v6(-113), TableAnswer::MissOrUnreachable);
+        assert_eq!(
+            (v4(-13), v6(-13)),
+            (TableAnswer::Prohibit, TableAnswer::Prohibit)
+        );
+        assert_eq!(
+            (v4(-22), v6(-22)),
+            (TableAnswer::Blackhole, TableAnswer::Blackhole)
+        );
+        assert_eq!(v4(-101), TableAnswer::Other(Errno::ENETUNREACH));
     }
 
     #[test]

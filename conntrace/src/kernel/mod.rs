@@ -199,6 +199,8 @@ impl Tracer {
             send_length: optional_layout(&root, "sock", "sock_send_length")?,
             dev_queue: optional_layout(&root, "net", "net_dev_queue")?,
             syscalls: layout::syscall_layout(&root)?,
+            fib: layout::optional_fib_layout(&root, "fib", "fib_table_lookup")?,
+            fib6: layout::optional_fib_layout(&root, "fib6", "fib6_table_lookup")?,
             offsets,
             flags: if opts.ports.is_empty() {
                 FLAG_ALL_PORTS

@@ -77,7 +77,8 @@ fn netns_of(ev: &KernelEvent) -> Option<u32> {
         | KernelEvent::CookieSent { meta, .. }
         | KernelEvent::ListenOverflow { meta, .. }
         | KernelEvent::ConnectFailed { meta, .. }
-        | KernelEvent::Progress { meta, .. } => meta,
+        | KernelEvent::Progress { meta, .. }
+        | KernelEvent::RouteLookupFailed { meta, .. } => meta,
         KernelEvent::Dropped(d) => &d.meta,
         KernelEvent::History(h) => &h.meta,
     };

@@ -4,6 +4,7 @@
 
 mod drops;
 mod quiet;
+mod route;
 
 use super::{
     Engine,
@@ -101,6 +102,12 @@ impl Engine {
                 tuple,
                 errno,
             } => self.on_connect_failed(&meta, sk, tuple, errno, out),
+            KernelEvent::RouteLookupFailed {
+                meta,
+                tuple,
+                table,
+                answer,
+            } => self.on_route_lookup_failed(meta, tuple, table, answer),
         }
     }
 
@@ -123,6 +130,7 @@ impl Engine {
         match (old, new) {
             (_, TcpState::SynSent) => {
                 // connect(): the current task is the connecting process.
+                self.settle_route_walk(&meta, &tuple);
                 let mut c = Conn::new(sk, Side::Client, &meta, tuple, new);
                 c.proc = Some(meta.proc.clone());
                 self.insert(c, out);
@@ -375,7 +383,16 @@ impl Engine {
         errno: Errno,
         out: &mut Vec<Verdict>,
     ) {
-        if let Some(c) = self.table.by_sk_mut(sk) {
+        self.settle_route_walk(meta, &tuple);
+        // The socket's address may still name an earlier connection whose end was not seen
+        // (the middle of an orderly close is not traced): only a handshake towards the same
+        // destination is this connect()'s.
+        let this_connect = |c: &&mut super::state::Conn| {
+            c.side == Side::Client
+                && c.established_ns().is_none()
+                && (c.tuple.daddr, c.tuple.dport) == (tuple.daddr, tuple.dport)
+        };
+        if let Some(c) = self.table.by_sk_mut(sk).filter(this_connect) {
             c.connect_errno = Some(errno);
             c.last_ns = meta.ts_ns;
         } else if self.table.recently_decided(sk).is_some_and(|d| {

@@ -92,6 +92,50 @@ impl Icmp {
     }
 }
 
+/// One routing table's failed answer to a route lookup that `connect()` made
+/// (`fib:fib_table_lookup`, `fib6:fib6_table_lookup`: the tracepoint's `err`).
+///
+/// Linux walks its routing rules (without custom rules: the main table; IPv6 always the local
+/// table first) and each table answers; a miss lets the walk go on to the next table, any
+/// other error ends it and is what `connect()` returns. When every table misses, `connect()`
+/// returns ENETUNREACH (`fib_lookup`, `fib6_rule_lookup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableAnswer {
+    /// `-EAGAIN`: no route in this table (IPv4), or a `throw` route: the walk goes on.
+    Miss,
+    /// IPv4 `-EHOSTUNREACH`: an `unreachable` route. Ends the walk.
+    Unreachable,
+    /// IPv6 `-EHOSTUNREACH`: an `unreachable` route, or no route in this table: IPv6 derives
+    /// `err` from the route's type, and its "no route" entry (`fib6_null_entry`) is itself an
+    /// unreachable route. Only the namespace's own route tells them apart.
+    MissOrUnreachable,
+    /// `-EACCES`: a `prohibit` route. Ends the walk.
+    Prohibit,
+    /// `-EINVAL`: a `blackhole` route. Ends the walk.
+    Blackhole,
+    /// Any other error, as this positive errno.
+    Other(Errno),
+}
+
+impl TableAnswer {
+    /// The answer a `fib6_table_lookup` (`ipv6`) or `fib_table_lookup` traced as `err` (< 0).
+    pub fn from_kernel(ipv6: bool, err: i32) -> Self {
+        match Errno::from_raw(err) {
+            Errno::EAGAIN => Self::Miss,
+            Errno::EHOSTUNREACH if ipv6 => Self::MissOrUnreachable,
+            Errno::EHOSTUNREACH => Self::Unreachable,
+            Errno::EACCES => Self::Prohibit,
+            Errno::EINVAL => Self::Blackhole,
+            e => Self::Other(e),
+        }
+    }
+
+    /// Whether the walk may have gone on to the next table after this answer.
+    pub fn may_go_on(self) -> bool {
+        matches!(self, Self::Miss | Self::MissOrUnreachable)
+    }
+}
+
 /// A connection's receive window, as the namespace's socket listing shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -222,6 +266,16 @@ pub enum KernelEvent {
         meta: Meta,
         sk: u64,
         progress: Progress,
+    },
+    /// A route lookup of `connect()` failed in routing table `table` (quiet mode, without
+    /// the syscall tracepoints). `meta` names the connecting process; `tuple` is the lookup's
+    /// flow: `saddr` unspecified until the kernel chose a source, `sport` 0 until a port was
+    /// chosen. One `connect()` makes one or more lookups, each trying one or more tables.
+    RouteLookupFailed {
+        meta: Meta,
+        tuple: FourTuple,
+        table: u32,
+        answer: TableAnswer,
     },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
     ConnectFailed {

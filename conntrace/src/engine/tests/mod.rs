@@ -570,4 +570,6 @@ mod listeners;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
 mod quiet;
+/// connect() errors seen through failed route lookups, and inferred EADDRNOTAVAIL.
+mod route;
 mod stalls;

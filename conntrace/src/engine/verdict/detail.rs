@@ -385,6 +385,12 @@ pub struct ConnectDetail {
     /// `no_route`: the namespace's route to the destination.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<Route>,
+    /// `true` when `connect()`'s errno was not seen but inferred from what its socket did
+    /// (quiet mode, `ephemeral_ports_exhausted`: SYN_SENT and back to CLOSE without ever
+    /// getting a local port, which only a failed port search does); absent when `connect()`
+    /// reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno_inferred: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]

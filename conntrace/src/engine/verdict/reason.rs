@@ -159,7 +159,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "no_route",
         "client",
         "connect.rs",
-        "connect() itself failed before any packet: ENETUNREACH or EHOSTUNREACH, or EACCES/EINVAL where the namespace's route to the destination is a prohibit or blackhole route (detail.route).",
+        "connect() itself failed before any packet: ENETUNREACH or EHOSTUNREACH, or EACCES/EINVAL where the namespace's route to the destination is a prohibit or blackhole route (detail.route). The errno is connect()'s own result (fexit, or the syscall when connections stream), or, in quiet mode without fexit, worked out from the routing tables' failed answers to its route lookup (fib:fib_table_lookup, fib6:fib6_table_lookup), misses checked against the namespace's route.",
         "the client has no route to the destination: check its routing table and address"
     ),
     doc!(
@@ -167,7 +167,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "ephemeral_ports_exhausted",
         "client",
         "connect.rs",
-        "connect() failed with EADDRNOTAVAIL before any packet: every port of net.ipv4.ip_local_port_range towards that destination is taken (detail.port_range, detail.sockets_to_destination, detail.time_wait from sock_diag).",
+        "connect() failed with EADDRNOTAVAIL before any packet: every port of net.ipv4.ip_local_port_range towards that destination is taken (detail.port_range, detail.sockets_to_destination, detail.time_wait from sock_diag). Where connect()'s result is not traced (quiet mode without fexit), EADDRNOTAVAIL is inferred from a socket that went SYN_SENT and back to CLOSE without ever getting a local port (detail.errno_inferred).",
         "the client ran out of local ports towards this destination: reuse connections (pooling, keep-alive), widen net.ipv4.ip_local_port_range, or let the server close first so TIME_WAIT stays there"
     ),
     doc!(
