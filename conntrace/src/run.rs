@@ -165,6 +165,7 @@ fn ready_record(cli: &Cli, tracer: &Tracer, ports: Vec<u16>) -> Ready {
         ts_ns: Clock::mono_now_ns(),
         version: env!("CARGO_PKG_VERSION"),
         ports,
+        follow: cli.follow(),
         programs: tracer.active.clone(),
         unavailable: tracer.unavailable.clone(),
         kernel: tracer.kernel_release.clone(),

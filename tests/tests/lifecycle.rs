@@ -32,7 +32,13 @@ fn after_sigkill_no_program_stays_loaded() {
         .into_iter()
         .filter(|id| !before.contains(id))
         .collect();
-    assert!(ids.len() >= 10, "conntrace loaded its programs: {ids:?}");
+    // Each program of the ready line is loaded once (the accept-queue iterator too, though it
+    // is run on demand, not attached).
+    let listed = ct.ready()["programs"].as_array().map_or(0, Vec::len);
+    assert!(
+        listed > 0 && ids.len() >= listed,
+        "conntrace loaded its {listed} programs: {ids:?}"
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     drop(ct);

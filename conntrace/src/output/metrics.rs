@@ -338,6 +338,7 @@ mod tests {
             ts_ns: 0,
             version: "0.1.0",
             ports: vec![3306],
+            follow: crate::kernel::attach::Follow::Quiet,
             programs: Vec::new(),
             unavailable: Vec::new(),
             kernel: "6.18.44".into(),

@@ -15,7 +15,7 @@ use crate::{
             DropRecord, ListenerCounts, Outcome, Reason, Summary, Verdict, summary::KernelKept,
         },
     },
-    kernel::{ActiveProgram, Unavailable, stats::ProgramCost},
+    kernel::{ActiveProgram, Unavailable, attach::Follow, stats::ProgramCost},
 };
 
 /// An RFC 3339 time, UTC, exactly six fractional digits (microseconds).
@@ -53,6 +53,9 @@ pub struct Ready {
     pub version: &'static str,
     /// Traced ports; empty: every port.
     pub ports: Vec<u16>,
+    /// How healthy connections are followed (`--follow`): `quiet` keeps them in the kernel,
+    /// `streaming` sends every connection's events to userspace.
+    pub follow: Follow,
     pub programs: Vec<ActiveProgram>,
     /// Attach rules that were tried and did not attach, or were left out, with the reason.
     pub unavailable: Vec<Unavailable>,

@@ -38,6 +38,7 @@ fn ready() -> Ready {
         ts_ns: SEC,
         version: "0.1.0",
         ports: vec![3306],
+        follow: crate::kernel::attach::Follow::Quiet,
         programs: vec![ActiveProgram {
             capability: Capability::Lifecycle,
             name: "inet_sock_set_state",
@@ -191,7 +192,7 @@ fn json_ready() {
     let r = ready();
     assert_eq!(
         json_line(&Record::Ready(&r)),
-        r#"{"event":"ready","ts":"2026-11-30T00:00:01.000000Z","version":"0.1.0","ports":[3306],"programs":[{"capability":"lifecycle","name":"inet_sock_set_state","attach":"tracepoint:sock:inet_sock_set_state"}],"unavailable":[],"kernel":"6.18.44","attach_paths":{"lifecycle":"tracepoint"},"kernel_features":{"btf":true},"ring_buffer_bytes":4194304,"degraded":[]}
+        r#"{"event":"ready","ts":"2026-11-30T00:00:01.000000Z","version":"0.1.0","ports":[3306],"follow":"quiet","programs":[{"capability":"lifecycle","name":"inet_sock_set_state","attach":"tracepoint:sock:inet_sock_set_state"}],"unavailable":[],"kernel":"6.18.44","attach_paths":{"lifecycle":"tracepoint"},"kernel_features":{"btf":true},"ring_buffer_bytes":4194304,"degraded":[]}
 "#
     );
 }
