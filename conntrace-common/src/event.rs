@@ -137,7 +137,20 @@ pub struct StateChange {
     /// before the waiting process can clear it (`inet_sk_error_report` fires later and may see
     /// 0 when the process was faster). 0 otherwise.
     pub sk_err: i32,
-    pub _pad: u32,
+    /// Quiet mode, a connection userspace follows that starts or ends closing
+    /// (`FIN_WAIT1`, `CLOSE_WAIT`, `CLOSE`): what it had done by then ([`progress`] bits),
+    /// since no first-data or accept event was sent for it. 0 otherwise.
+    pub progress: u32,
+}
+
+/// `StateChange::progress` bits.
+pub mod progress {
+    /// The facts below were read (absent when this bit is clear).
+    pub const READ: u32 = 1 << 0;
+    /// The socket had received data (`tcp_sock.bytes_received > 0`).
+    pub const RECEIVED: u32 = 1 << 1;
+    /// A process held the socket (`sock.sk_socket` set): a server connection was accepted.
+    pub const OWNED: u32 = 1 << 2;
 }
 
 /// `EventKind::ErrorReport`. The tracepoint carries no socket address: it is joined by tuple.
@@ -502,7 +515,7 @@ mod tests {
             oldstate: 7,
             newstate: 2,
             sk_err: 111,
-            _pad: 0,
+            progress: 0,
         };
         assert_eq!(decode(as_bytes(&sc)), Ok(Decoded::StateChange(sc)));
 

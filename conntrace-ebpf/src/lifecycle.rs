@@ -190,6 +190,17 @@ fn changed(
             None => header.unread |= unread::SK_ERR,
         }
     }
+    let progress = if quiet::enabled(cfg)
+        && matches!(
+            newstate,
+            state::FIN_WAIT1 | state::CLOSE_WAIT | state::CLOSE
+        )
+        && !matches!(oldstate, state::SYN_SENT | state::SYN_RECV)
+    {
+        quiet::progress(prog, o, skaddr)
+    } else {
+        0
+    };
     emit(StateChange {
         header,
         skaddr,
@@ -197,6 +208,6 @@ fn changed(
         oldstate,
         newstate,
         sk_err,
-        _pad: 0,
+        progress,
     });
 }

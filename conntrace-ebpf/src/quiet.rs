@@ -182,6 +182,31 @@ fn owned(prog: u32, o: &KernelOffsets, sk: u64) -> bool {
         && kread::<u64>(prog, sk + o.sock_socket as u64).is_some_and(|s| s != 0)
 }
 
+/// `StateChange::progress` of a connection userspace follows as it starts or ends closing:
+/// whether it received data and whether a process held it, since quiet mode sends no
+/// first-data or accept event. 0 (nothing known) when a fact cannot be read.
+#[inline(always)]
+pub(crate) fn progress(prog: u32, o: &KernelOffsets, sk: u64) -> u32 {
+    if o.tcp_bytes_received == KernelOffsets::MISSING || o.sock_socket == KernelOffsets::MISSING {
+        return 0;
+    }
+    let (Some(received), Some(socket)) = (
+        kread::<u64>(prog, sk + o.tcp_bytes_received as u64),
+        kread::<u64>(prog, sk + o.sock_socket as u64),
+    ) else {
+        return 0;
+    };
+    use conntrace_common::progress::{OWNED, READ, RECEIVED};
+    let mut bits = READ;
+    if received > 0 {
+        bits |= RECEIVED;
+    }
+    if socket != 0 {
+        bits |= OWNED;
+    }
+    bits
+}
+
 /// Whether a followed connection ends with nothing to report: it completed its handshake, its
 /// socket has no error, it did not sit past the stall timeout without data (client) or
 /// accept() (server), and userspace does not follow it (`WATCH`). A fact that cannot be

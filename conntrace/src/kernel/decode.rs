@@ -7,12 +7,12 @@ use std::{
 
 use conntrace_common::{
     AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, RouteError,
-    TCP_FLAGS_UNKNOWN, Tuple, decode, unread,
+    TCP_FLAGS_UNKNOWN, Tuple, decode, progress, unread,
 };
 
 use crate::engine::facts::{
-    Accepted, ConnHistory, DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent, Meta,
-    Proc, TableAnswer, TcpFlags, TcpState,
+    Accepted, Closing, ConnHistory, DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent,
+    Meta, Proc, TableAnswer, TcpFlags, TcpState,
 };
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
@@ -115,6 +115,10 @@ impl Decoder {
                 // Unread, like 0, is no error known: the error report may still tell it.
                 sk_err: (e.header.unread & unread::SK_ERR == 0 && e.sk_err > 0)
                     .then(|| Errno::from_raw(e.sk_err)),
+                closing: (e.progress & progress::READ != 0).then_some(Closing {
+                    received: e.progress & progress::RECEIVED != 0,
+                    owned: e.progress & progress::OWNED != 0,
+                }),
             },
             Decoded::ErrorReport(e) => KernelEvent::SocketError {
                 meta: meta(&e.header),
@@ -289,7 +293,7 @@ mod tests {
             oldstate: 2,
             newstate: 7,
             sk_err: 111,
-            _pad: 0,
+            progress: 0,
         };
         let KernelEvent::State { meta, sk_err, .. } = decoder().decode(as_bytes(&sc)).unwrap()
         else {

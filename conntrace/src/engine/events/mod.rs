@@ -25,7 +25,13 @@ impl Engine {
                 old,
                 new,
                 sk_err,
-            } => self.on_state(meta, sk, tuple, (old, new, sk_err), out),
+                closing,
+            } => {
+                if let Some(closing) = closing {
+                    self.on_closing(&meta, sk, closing, out);
+                }
+                self.on_state(meta, sk, tuple, (old, new, sk_err), out);
+            }
             KernelEvent::SocketError { meta, tuple, errno } => {
                 self.on_socket_error(&meta, tuple, errno);
                 self.decide_ready(meta.ts_ns, out);

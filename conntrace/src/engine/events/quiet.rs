@@ -5,7 +5,7 @@
 
 use super::super::{
     Engine,
-    facts::{Accepted, ConnHistory, Meta, Progress, TcpState},
+    facts::{Accepted, Closing, ConnHistory, Meta, Progress, TcpState},
     state::{Conn, Report},
     verdict::{Side, Verdict},
 };
@@ -68,6 +68,22 @@ impl Engine {
             self.on_first_data(sk, false, meta.ts_ns, out);
         }
         if server && p.accepted && unaccepted {
+            self.on_accepted(meta.ts_ns, sk, None, out);
+        }
+    }
+
+    /// A followed connection starts or ends closing, with what it had done by then: data it
+    /// received and an accept() seen only now settle a stall first (its `resolved` follow-up,
+    /// at this time), as a check would have.
+    pub(super) fn on_closing(&mut self, meta: &Meta, sk: u64, p: Closing, out: &mut Vec<Verdict>) {
+        let Some(c) = self.table.by_sk_mut(sk) else {
+            return;
+        };
+        let unaccepted = c.side == Side::Server && !c.accepted();
+        if p.received {
+            self.on_first_data(sk, false, meta.ts_ns, out);
+        }
+        if unaccepted && p.owned {
             self.on_accepted(meta.ts_ns, sk, None, out);
         }
     }

@@ -188,6 +188,16 @@ pub struct Progress {
     pub accepted: bool,
 }
 
+/// What a connection followed in quiet mode had done when it started or ended closing
+/// (`StateChange::progress`): quiet mode sends no first-data or accept event for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closing {
+    /// It had received data (`tcp_sock.bytes_received > 0`).
+    pub received: bool,
+    /// A process held the socket (`sock.sk_socket` set): a server connection was accepted.
+    pub owned: bool,
+}
+
 /// One kernel fact, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
@@ -199,6 +209,9 @@ pub enum KernelEvent {
         new: TcpState,
         /// On a change to CLOSE: the socket's error, if it had one.
         sk_err: Option<Errno>,
+        /// Quiet mode, a connection userspace follows that starts or ends closing: what it
+        /// had done by then. `None` when not read.
+        closing: Option<Closing>,
     },
     /// `inet_sk_error_report`. `errno` is `None` when the error was 0: an ICMP error came
     /// while the process held the socket and went to `sk_err_soft`.

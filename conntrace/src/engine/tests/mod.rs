@@ -86,6 +86,7 @@ impl Sock {
             old,
             new,
             sk_err: None,
+            closing: None,
         }
     }
 

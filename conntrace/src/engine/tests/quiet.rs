@@ -3,7 +3,7 @@
 //! connection.
 
 use super::*;
-use crate::engine::facts::{Accepted, ConnHistory, DroppedPacket, Progress};
+use crate::engine::facts::{Accepted, Closing, ConnHistory, DroppedPacket, Progress};
 
 const STALL: u64 = 3 * SEC;
 
@@ -78,6 +78,93 @@ fn a_stuck_client_that_closes_gets_its_failed_follow_up() {
     let v = one(e.tick(LATER));
     check(&v, "client failed stalled_no_greeting -");
     assert_eq!(detail(&v, "ended_by"), "orderly close");
+}
+
+/// `s`'s state change with what the kernel read as it started or ended closing.
+fn closing(s: Sock, ts: u64, (old, new): (S, S), received: bool, owned: bool) -> KernelEvent {
+    let mut ev = s.st(ts, old, new);
+    if let KernelEvent::State { closing, .. } = &mut ev {
+        *closing = Some(Closing { received, owned });
+    }
+    ev
+}
+
+#[test]
+fn a_stalled_client_that_got_its_greeting_and_closed_before_a_check_is_resolved() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(quiet());
+    feed(
+        &mut e,
+        [history(c, STALL, false), progress(c, STALL, false, false)],
+    );
+    check(
+        &one(e.tick(STALL + 100 * MS)),
+        "client stalled stalled_no_greeting -",
+    );
+    // The greeting came at 5 s and the client closed at once, before the next check: the
+    // close says it received data.
+    let v = one(e.handle(closing(
+        c,
+        5 * SEC,
+        (S::Established, S::FinWait1),
+        true,
+        true,
+    )));
+    check(&v, "client resolved stalled_no_greeting -");
+    assert_eq!(detail(&v, "stuck_ms"), 4998.0);
+    none(e.handle(c.st(5 * SEC + MS, S::FinWait1, S::FinWait2)));
+    none(e.handle(c.st(5 * SEC + 2 * MS, S::FinWait2, S::Close)));
+    none(e.tick(LATER));
+}
+
+#[test]
+fn a_stalled_client_that_closes_without_data_still_fails() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(quiet());
+    feed(
+        &mut e,
+        [history(c, STALL, false), progress(c, STALL, false, false)],
+    );
+    one(e.tick(STALL + 100 * MS));
+    none(e.handle(closing(
+        c,
+        6 * SEC,
+        (S::Established, S::FinWait1),
+        false,
+        true,
+    )));
+    none(e.handle(closing(
+        c,
+        6 * SEC + MS,
+        (S::FinWait1, S::Close),
+        false,
+        true,
+    )));
+    let v = one(e.tick(LATER));
+    check(&v, "client failed stalled_no_greeting -");
+}
+
+#[test]
+fn a_not_accepted_server_connection_accepted_and_closed_before_a_check_is_resolved() {
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(quiet());
+    feed(
+        &mut e,
+        [history(s, STALL, true), progress(s, STALL, false, false)],
+    );
+    check(
+        &one(e.tick(STALL + 100 * MS)),
+        "server stalled not_accepted -",
+    );
+    let v = one(e.handle(closing(
+        s,
+        4 * SEC,
+        (S::Established, S::FinWait1),
+        false,
+        true,
+    )));
+    check(&v, "server resolved not_accepted -");
+    assert_eq!(detail(&v, "stuck_ms"), 3998.0);
 }
 
 #[test]
