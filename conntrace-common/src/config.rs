@@ -157,7 +157,23 @@ pub struct KernelOffsets {
     pub skb_iif: u32,
     /// `struct tcp_sock` → `mss_cache` (the current MSS).
     pub tcp_mss_cache: u32,
-    pub _pad: u32,
+    /// `struct sock` → `__sk_common.skc_state` (u8, `TCP_LISTEN` = 10), `sk_ack_backlog` and
+    /// `sk_max_ack_backlog` (u32: a listener's accept queue and its limit), `sk_socket`.
+    pub sock_state: u32,
+    pub sock_ack_backlog: u32,
+    pub sock_max_ack_backlog: u32,
+    pub sock_socket: u32,
+    /// `struct socket` → `file`; `struct file` → `f_inode`; `struct inode` → `i_ino`: a
+    /// socket's inode number (`socket:[INO]`).
+    pub socket_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    /// `struct inet_connection_sock` → `icsk_accept_queue.rskq_accept_head` (the oldest
+    /// `struct request_sock *` of a listener's accept queue); `struct request_sock` →
+    /// `dl_next` (the next one) and `sk` (the child socket).
+    pub icsk_accept_head: u32,
+    pub reqsk_next: u32,
+    pub reqsk_sk: u32,
 }
 
 impl KernelOffsets {
@@ -238,8 +254,10 @@ pub mod programs {
     pub const FENTRY_COOKIE_V6_INIT_SEQUENCE: u32 = 16;
     pub const FEXIT_TCP_RCV_ESTABLISHED: u32 = 17;
     pub const FEXIT_TCP_SENDMSG: u32 = 18;
+    /// The `iter/tcp` accept-queue walk (run on demand, not attached to a hook).
+    pub const ACCEPT_QUEUES: u32 = 19;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 20;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -261,6 +279,7 @@ pub mod programs {
         "fentry_cookie_v6_init_sequence",
         "fexit_tcp_rcv_established",
         "fexit_tcp_sendmsg",
+        "accept_queues",
     ];
 }
 

@@ -5,10 +5,12 @@
 //! read it back byte for byte. With the `user` feature the types implement `aya::Pod`.
 #![no_std]
 
+pub mod accept;
 pub mod config;
 pub mod event;
 pub mod tcp;
 
+pub use accept::{ACCEPT_ENTRY_SIZE, ACCEPT_WALK_MAX, AcceptQueueEntry};
 pub use config::*;
 pub use event::*;
 
