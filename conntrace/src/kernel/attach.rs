@@ -26,6 +26,9 @@ pub enum Capability {
     FirstData,
     /// SYN cookies sent by listeners.
     SynCookies,
+    /// Which listener socket's accept queue holds a connection (SO_REUSEPORT groups): an
+    /// `iter/tcp` iterator, run on demand rather than attached to a hook.
+    AcceptQueues,
 }
 
 impl std::fmt::Display for Capability {
