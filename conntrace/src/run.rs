@@ -137,7 +137,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         show_normal_drops: cli.show_normal_drops,
         ..EngineConfig::default()
     })
-    .with_listener_lookup(Box::new(ListenerCache::default()));
+    .with_listener_lookup(Box::new(ListenerCache::new(tracer.accept_queues.take())));
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
     }
