@@ -105,6 +105,41 @@ impl SyscallLayout {
     };
 }
 
+/// Field offsets of a route lookup tracepoint's record (`fib:fib_table_lookup`,
+/// `fib6:fib6_table_lookup`), from its `format` file; [`ABSENT`] when this kernel's record has
+/// no such field (the program then reports nothing).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FibLayout {
+    /// `u32 tb_id`: the routing table looked up.
+    pub tb_id: u16,
+    /// `int err`: 0, or the lookup's negative errno.
+    pub err: u16,
+    /// `int iif`: the input interface; `LOOPBACK_IFINDEX` (1) for an output route lookup.
+    pub iif: u16,
+    /// `u8 proto`: the flow's L4 protocol.
+    pub proto: u16,
+    /// `__u8 src[4]`/`[16]`, `__u8 dst[4]`/`[16]`: the flow's addresses.
+    pub src: u16,
+    pub dst: u16,
+    /// `u16 sport`, `u16 dport`: the flow's ports, host order (0 for other protocols).
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl FibLayout {
+    pub const NONE: Self = Self {
+        tb_id: ABSENT,
+        err: ABSENT,
+        iif: ABSENT,
+        proto: ABSENT,
+        src: ABSENT,
+        dst: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+    };
+}
+
 /// Offsets inside kernel structures, resolved from BTF (`/sys/kernel/btf/vmlinux`).
 ///
 /// A value of `u32::MAX` means the member was not found; the program then leaves the
@@ -157,12 +192,25 @@ pub struct KernelOffsets {
     pub skb_iif: u32,
     /// `struct tcp_sock` → `mss_cache` (the current MSS).
     pub tcp_mss_cache: u32,
+    /// `struct sock` → `sk_socket`: set while a process holds the socket (accepted).
+    pub sock_socket: u32,
+    /// `struct sock` → `sk_protocol` (u16, 5.6+).
+    pub sock_protocol: u32,
+    /// `struct sock` → `__sk_common.skc_v6_daddr` and `skc_v6_rcv_saddr` (16 bytes each).
+    pub sock_v6_daddr: u32,
+    pub sock_v6_rcv_saddr: u32,
+    /// `struct inet_sock` → `inet_sport` (network order): the local port, still set when
+    /// closing has released the bound port (`skc_num` is then 0).
+    pub inet_sport: u32,
+    /// `struct task_struct` → `nsproxy` and `struct nsproxy` → `net_ns`: the current task's
+    /// network namespace, for events without a socket or packet (route lookups).
+    pub task_nsproxy: u32,
+    pub nsproxy_net_ns: u32,
     /// `struct sock` → `__sk_common.skc_state` (u8, `TCP_LISTEN` = 10), `sk_ack_backlog` and
-    /// `sk_max_ack_backlog` (u32: a listener's accept queue and its limit), `sk_socket`.
+    /// `sk_max_ack_backlog` (u32: a listener's accept queue and its limit).
     pub sock_state: u32,
     pub sock_ack_backlog: u32,
     pub sock_max_ack_backlog: u32,
-    pub sock_socket: u32,
     /// `struct socket` → `file`; `struct file` → `f_inode`; `struct inode` → `i_ino`: a
     /// socket's inode number (`socket:[INO]`).
     pub socket_file: u32,
@@ -176,12 +224,30 @@ pub struct KernelOffsets {
     pub reqsk_sk: u32,
 }
 
+/// Where the BTF-typed programs load `struct sock_common` members directly (the verifier needs
+/// constant offsets): the layout every supported kernel has. Userspace attaches those programs
+/// only when the running kernel's BTF agrees.
+pub mod sock_common {
+    /// `skc_daddr` (IPv4, network order).
+    pub const DADDR: usize = 0;
+    /// `skc_rcv_saddr` (IPv4, network order).
+    pub const RCV_SADDR: usize = 4;
+    /// `skc_portpair`: `skc_dport` (network order), then `skc_num` (host order).
+    pub const PORTPAIR: usize = 12;
+    /// `skc_family`.
+    pub const FAMILY: usize = 16;
+}
+
 impl KernelOffsets {
     pub const MISSING: u32 = u32::MAX;
 }
 
 /// `Config::flags`: trace every TCP port (no `--port` given).
 pub const FLAG_ALL_PORTS: u32 = 1;
+/// `Config::flags`: healthy connections stay in the kernel (no `--all`, no `--expect-comm`):
+/// a connection's events reach userspace only once it fails, stalls or is reset, preceded by
+/// its history.
+pub const FLAG_QUIET: u32 = 2;
 
 /// The single entry of the `CONFIG` array map.
 #[repr(C)]
@@ -197,6 +263,9 @@ pub struct Config {
     pub send_length: TracepointLayout,
     pub dev_queue: TracepointLayout,
     pub syscalls: SyscallLayout,
+    /// `fib:fib_table_lookup` and `fib6:fib6_table_lookup`.
+    pub fib: FibLayout,
+    pub fib6: FibLayout,
     pub offsets: KernelOffsets,
     pub flags: u32,
     /// `enum skb_drop_reason` value whose drops carry a kernel stack (NETFILTER_DROP: the stack
@@ -205,8 +274,23 @@ pub struct Config {
     /// Bytes waiting in the ring buffer from which a record wakes userspace up (a quarter of
     /// the ring); below it, records are submitted without a wake-up.
     pub wakeup_bytes: u32,
+    /// Quiet mode: `--stall-timeout` in milliseconds (0: off). A connection established this
+    /// long without data (client) or accept (server) does not close quietly.
+    pub stall_timeout_ms: u32,
+    /// Quiet mode: `enum skb_drop_reason` values of drops that are a normal part of TCP
+    /// wherever they happen (QUEUE_PURGE, TCP_OLD_SEQUENCE, TCP_OLD_DATA), counted in the
+    /// kernel instead of sent; [`NO_STACK_REASON`] fills unused slots and every slot when
+    /// such drops are to be shown (`--show-normal-drops`).
+    pub normal_drops: [u32; 4],
+    /// The traced ports when there are at most [`INLINE_PORTS`] (compared in the program; no
+    /// map look-up); `inline_port_count` of them are set. More ports: `PORTS` alone.
+    pub inline_ports: [u16; INLINE_PORTS],
+    pub inline_port_count: u32,
     pub _pad: u32,
 }
+
+/// Traced ports compared inline (`Config::inline_ports`).
+pub const INLINE_PORTS: usize = 8;
 
 /// `Config::stack_drop_reason` when no drop should carry a stack.
 pub const NO_STACK_REASON: u32 = u32::MAX;
@@ -215,6 +299,7 @@ user_pod!(
     TupleLayout,
     TracepointLayout,
     SyscallLayout,
+    FibLayout,
     KernelOffsets,
     Config
 );
@@ -254,10 +339,14 @@ pub mod programs {
     pub const FENTRY_COOKIE_V6_INIT_SEQUENCE: u32 = 16;
     pub const FEXIT_TCP_RCV_ESTABLISHED: u32 = 17;
     pub const FEXIT_TCP_SENDMSG: u32 = 18;
+    pub const TP_BTF_INET_SOCK_SET_STATE: u32 = 19;
+    pub const TP_BTF_NET_DEV_QUEUE: u32 = 20;
+    pub const FIB_TABLE_LOOKUP: u32 = 21;
+    pub const FIB6_TABLE_LOOKUP: u32 = 22;
     /// The `iter/tcp` accept-queue walk (run on demand, not attached to a hook).
-    pub const ACCEPT_QUEUES: u32 = 19;
+    pub const ACCEPT_QUEUES: u32 = 23;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 20;
+    pub const COUNT: u32 = 24;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -279,6 +368,10 @@ pub mod programs {
         "fentry_cookie_v6_init_sequence",
         "fexit_tcp_rcv_established",
         "fexit_tcp_sendmsg",
+        "tp_btf_inet_sock_set_state",
+        "tp_btf_net_dev_queue",
+        "fib_table_lookup",
+        "fib6_table_lookup",
         "accept_queues",
     ];
 }

@@ -38,6 +38,12 @@ pub enum EventKind {
     CookieSynAck = 10,
     /// `tcp:tcp_retransmit_skb` past the handshake: a data segment retransmitted.
     Retransmit = 11,
+    /// Quiet mode: what the kernel kept about a connection until it needed userspace
+    /// ([`HistoryEvent`]); the event that needed it follows.
+    History = 12,
+    /// `fib:fib_table_lookup` / `fib6:fib6_table_lookup`: a route lookup of `connect()` on a
+    /// traced port failed in one routing table (quiet mode, where the syscall is not traced).
+    RouteError = 13,
 }
 
 impl EventKind {
@@ -54,6 +60,8 @@ impl EventKind {
             9 => Self::FirstData,
             10 => Self::CookieSynAck,
             11 => Self::Retransmit,
+            12 => Self::History,
+            13 => Self::RouteError,
             _ => return None,
         })
     }
@@ -95,6 +103,8 @@ pub mod unread {
     pub const MSS: u32 = 1 << 4;
     /// The interface a dropped packet arrived on (`PacketDrop::ifindex`).
     pub const IFINDEX: u32 = 1 << 5;
+    /// The local port of the dropped packet's socket (`PacketDrop::sk_port`).
+    pub const SK_PORT: u32 = 1 << 6;
 }
 
 /// Addresses and ports as the kernel reported them, from the reporting socket's point of view:
@@ -205,6 +215,29 @@ pub struct ConnectError {
     pub _pad: u32,
 }
 
+/// `EventKind::RouteError`: one routing table's answer to a route lookup that `connect()` made
+/// on a TCP socket to a traced port, when it was an error. `connect()` runs in process
+/// context: the header's pid, comm and namespace (the task's `nsproxy->net_ns`) are the
+/// connecting process's.
+///
+/// `tuple` is the lookup's flow: `saddr` the source it asked for (unspecified until the
+/// kernel chose one), `sport` the local port (0 until one is chosen), `daddr`/`dport` the
+/// destination; `family` says which tracepoint (`AF_INET`: `fib_table_lookup`, `AF_INET6`:
+/// `fib6_table_lookup`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouteError {
+    pub header: EventHeader,
+    pub tuple: Tuple,
+    /// The tracepoint's `err`: a negative errno. IPv4: `-EAGAIN` no match in this table (the
+    /// rule walk goes on), `-EHOSTUNREACH`/`-EACCES`/`-EINVAL` an unreachable, prohibit or
+    /// blackhole route. IPv6 derives it from the route's type, and its "no route" entry is
+    /// itself an unreachable route: `-EHOSTUNREACH` also for no match.
+    pub err: i32,
+    /// The routing table looked up (`tb_id`: 254 main, 255 local, 253 default, ...).
+    pub table: u32,
+}
+
 /// `EventKind::Drop`. `tuple` is the packet's own: `s` = its source, `d` = its destination.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -228,7 +261,10 @@ pub struct PacketDrop {
     pub icmp: u32,
     /// The MTU an ICMP "fragmentation needed" / ICMPv6 "packet too big" announces; 0 if none.
     pub mtu: u32,
-    pub _pad: u32,
+    /// The local port of `sk` (`skc_num`, else `inet_sport` once closing released it): the
+    /// packet is outgoing when its source port is this one. 0 without `sk`; unread:
+    /// [`unread::SK_PORT`].
+    pub sk_port: u32,
     /// Return addresses of the kernel stack at the drop, innermost first, 0-padded; filled only
     /// for the reason in `Config::stack_drop_reason` (netfilter drops: the hook's caller).
     pub stack: [u64; DROP_STACK_DEPTH],
@@ -266,7 +302,19 @@ pub struct CookieSynAck {
     pub tuple: Tuple,
 }
 
+/// `EventKind::History`: a quiet connection's [`History`](crate::quiet::History), written
+/// right before the first event of it that userspace sees. The header's time is when it was
+/// written; the history's own times say when things happened.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HistoryEvent {
+    pub header: EventHeader,
+    pub skaddr: u64,
+    pub history: crate::quiet::History,
+}
+
 user_pod!(
+    HistoryEvent,
     EventHeader,
     Tuple,
     StateChange,
@@ -278,7 +326,8 @@ user_pod!(
     PacketDrop,
     FirstData,
     CookieSynAck,
-    Retransmit
+    Retransmit,
+    RouteError
 );
 
 /// Ties each event struct to its kind(s), so encoding and decoding cannot disagree.
@@ -305,7 +354,9 @@ impl_event!(
     PacketDrop,
     FirstData,
     CookieSynAck,
-    Retransmit
+    Retransmit,
+    HistoryEvent,
+    RouteError
 );
 
 /// An event read back from the ring buffer.
@@ -322,6 +373,8 @@ pub enum Decoded {
     FirstData(FirstData),
     CookieSynAck(CookieSynAck),
     Retransmit(Retransmit),
+    History(HistoryEvent),
+    RouteError(RouteError),
 }
 
 /// Why bytes from the ring buffer are not an event.
@@ -394,6 +447,8 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             EventKind::FirstData => Decoded::FirstData(read(bytes, kind, size)?),
             EventKind::CookieSynAck => Decoded::CookieSynAck(read(bytes, kind, size)?),
             EventKind::Retransmit => Decoded::Retransmit(read(bytes, kind, size)?),
+            EventKind::History => Decoded::History(read(bytes, kind, size)?),
+            EventKind::RouteError => Decoded::RouteError(read(bytes, kind, size)?),
         },
     )
 }
@@ -507,7 +562,7 @@ mod tests {
             ifindex: 2,
             icmp: NOT_ICMP,
             mtu: 0,
-            _pad: 0,
+            sk_port: 0,
             stack: [0xffff_ffff_8100_0010; DROP_STACK_DEPTH],
         };
         assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));
@@ -534,6 +589,23 @@ mod tests {
             mss: 1448,
         };
         assert_eq!(decode(as_bytes(&re)), Ok(Decoded::Retransmit(re)));
+    }
+
+    #[test]
+    fn route_error_round_trips_as_kind_13() {
+        assert_eq!(EventKind::RouteError as u32, 13);
+        assert_eq!(EventKind::from_u32(13), Some(EventKind::RouteError));
+        let mut t = tuple();
+        t.sport = 0;
+        t.saddr = [0; 16];
+        let re = RouteError {
+            header: header_for::<RouteError>(EventKind::RouteError),
+            tuple: t,
+            err: -11,
+            table: 254,
+        };
+        assert_eq!(decode(as_bytes(&re)), Ok(Decoded::RouteError(re)));
+        assert_eq!(size_of::<RouteError>() % 8, 0);
     }
 
     #[test]
@@ -599,12 +671,14 @@ mod tests {
             (9, EventKind::FirstData),
             (10, EventKind::CookieSynAck),
             (11, EventKind::Retransmit),
+            (12, EventKind::History),
+            (13, EventKind::RouteError),
         ] {
             assert_eq!(kind as u32, id);
             assert_eq!(EventKind::from_u32(id), Some(kind));
         }
         assert_eq!(EventKind::from_u32(0), None);
-        assert_eq!(EventKind::from_u32(12), None);
+        assert_eq!(EventKind::from_u32(14), None);
     }
 }
 

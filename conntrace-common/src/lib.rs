@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod config;
 pub mod event;
+pub mod quiet;
 pub mod tcp;
 
 pub use accept::{ACCEPT_ENTRY_SIZE, ACCEPT_WALK_MAX, AcceptQueueEntry};

@@ -5,12 +5,12 @@
 //! costs one map look-up per segment and no ring-buffer traffic.
 
 use aya_ebpf::{
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::LruHashMap,
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use conntrace_common::{
-    CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets, NOT_ICMP, Tuple,
+    Config, CookieSynAck, DATA_IN, DATA_OUT, EventKind, FirstData, KernelOffsets, NOT_ICMP, Tuple,
     programs, tcp::flags,
 };
 
@@ -32,14 +32,19 @@ pub(crate) fn forget(sk: u64) {
     }
 }
 
-/// The socket's local and remote ports (`skc_num` host order, `skc_dport` network order);
+/// The socket's local and remote ports (`skc_num` host order, else `inet_sport` once closing
+/// released the port; `skc_dport` network order);
 /// 0 for one that could not be read (counted for `prog`).
 #[inline(always)]
 pub(crate) fn sock_ports(prog: u32, o: &KernelOffsets, sk: u64) -> (u16, u16) {
     if o.sock_num == KernelOffsets::MISSING || o.sock_dport == KernelOffsets::MISSING {
         return (0, 0);
     }
-    let local: u16 = kread(prog, sk + o.sock_num as u64).unwrap_or(0);
+    let mut local: u16 = kread(prog, sk + o.sock_num as u64).unwrap_or(0);
+    if local == 0 && o.inet_sport != KernelOffsets::MISSING {
+        // A closing socket released its bound port; its source port stays.
+        local = kread::<u16>(prog, sk + o.inet_sport as u64).map_or(0, u16::from_be);
+    }
     let remote: u16 = kread(prog, sk + o.sock_dport as u64).unwrap_or(0);
     (local, u16::from_be(remote))
 }
@@ -106,29 +111,48 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
     const P: u32 = programs::NET_DEV_QUEUE;
-    let Some(cfg) = config() else { return 0 };
+    if let Some(cfg) = config() {
+        dev_queue(P, cfg, field(P, &ctx, cfg.dev_queue.skbaddr));
+    }
+    0
+}
+
+/// `tp_btf/net_dev_queue(struct sk_buff *skb)`: the same, without the record the classic
+/// tracepoint builds for every packet.
+#[btf_tracepoint(function = "net_dev_queue")]
+pub fn tp_btf_net_dev_queue(ctx: BtfTracePointContext) -> u32 {
+    if let Some(cfg) = config() {
+        let skb: *const u8 = ctx.arg(0);
+        dev_queue(programs::TP_BTF_NET_DEV_QUEUE, cfg, skb as u64);
+    }
+    0
+}
+
+/// A packet handed to a device: a cookie SYN-ACK of a traced listener is reported.
+#[inline(always)]
+fn dev_queue(prog: u32, cfg: &Config, skb: u64) {
     let o = &cfg.offsets;
     if o.skb_protocol == KernelOffsets::MISSING || o.skb_sk == KernelOffsets::MISSING {
-        return 0;
+        return;
     }
-    let skb: u64 = field(P, &ctx, cfg.dev_queue.skbaddr);
     // Almost every packet has an owning socket: one read sends it on its way.
-    let Some(0) = kread::<u64>(P, skb + o.skb_sk as u64) else {
-        return 0;
+    let Some(0) = kread::<u64>(prog, skb + o.skb_sk as u64) else {
+        return;
     };
-    let Some(proto) = kread::<u16>(P, skb + o.skb_protocol as u64).map(u16::from_be) else {
-        return 0;
+    let Some(proto) = kread::<u16>(prog, skb + o.skb_protocol as u64).map(u16::from_be) else {
+        return;
     };
     if proto != ETH_P_IP && proto != ETH_P_IPV6 {
-        return 0;
+        return;
     }
     // A SYN-ACK forwarded by this host has no owner either: it came in on an interface
     // (skb_iif); a listener's own has none.
-    if o.skb_iif == KernelOffsets::MISSING || kread::<u32>(P, skb + o.skb_iif as u64) != Some(0) {
-        return 0;
+    if o.skb_iif == KernelOffsets::MISSING || kread::<u32>(prog, skb + o.skb_iif as u64) != Some(0)
+    {
+        return;
     }
-    let Some(pkt) = packet(P, o, skb, proto) else {
-        return 0;
+    let Some(pkt) = packet(prog, o, skb, proto) else {
+        return;
     };
     let (syn, ack, rst) = (flags::SYN as u32, flags::ACK as u32, flags::RST as u32);
     let tuple = pkt.tuple;
@@ -136,10 +160,9 @@ pub fn net_dev_queue(ctx: TracePointContext) -> u32 {
         || pkt.tcp_flags & (syn | ack | rst) != syn | ack
         || !port_traced(cfg, tuple.sport, tuple.dport)
     {
-        return 0;
+        return;
     }
-    cookie_sent(tuple, netns_of_skb(P, o, skb));
-    0
+    cookie_sent(tuple, netns_of_skb(prog, o, skb));
 }
 
 /// A listener answered a SYN with a cookie: `tuple` is the reply's (source = this host).

@@ -12,8 +12,8 @@ use conntrace_common::{
 };
 
 use crate::{
-    EVENTS, config, count_lost, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
-    submit_flags,
+    EVENTS, config, count_lost, data::sock_ports, field, header, kread, netns_of_skb,
+    netns_of_sock, port_traced, quiet, submit_flags,
 };
 
 pub(crate) const ETH_P_IP: u16 = 0x0800;
@@ -139,23 +139,47 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     }
     let o = &cfg.offsets;
     let skb: u64 = field(P, &ctx, l.skbaddr);
-    let Some(pkt) = packet(P, o, skb, proto) else {
-        return 0;
-    };
-    if !port_traced(cfg, pkt.tuple.sport, pkt.tuple.dport) {
-        return 0;
-    }
+    let reason: u32 = field(P, &ctx, l.reason);
     let sk: u64 = if o.skb_sk == KernelOffsets::MISSING {
         0
     } else {
         kread(P, skb + o.skb_sk as u64).unwrap_or(0)
     };
     let rx_sk: u64 = field(P, &ctx, l.rx_sk);
+    let quiet = quiet::enabled(cfg);
+    if quiet && (sk != 0 || rx_sk != 0) && quiet::is_normal_drop(cfg, reason) {
+        // A normal drop of a socket's packet (a closed socket's purged queue) is counted
+        // here, for a traced port: two reads instead of the packet's headers.
+        let (local, remote) = sock_ports(P, o, if sk != 0 { sk } else { rx_sk });
+        if port_traced(cfg, local, remote) {
+            quiet::count_normal_drop(reason);
+        }
+        return 0;
+    }
+    // The owning socket's own port tells an outgoing packet from one it received, even once
+    // the connection is gone from userspace's view.
+    let sk_port = if sk == 0 {
+        Some(0)
+    } else {
+        match sock_ports(P, o, sk) {
+            (0, _) => None,
+            (local, _) => Some(local),
+        }
+    };
+    let Some(pkt) = packet(P, o, skb, proto) else {
+        return 0;
+    };
+    if !port_traced(cfg, pkt.tuple.sport, pkt.tuple.dport) {
+        return 0;
+    }
+    if quiet {
+        quiet::promote(P, cfg, sk);
+        quiet::promote(P, cfg, rx_sk);
+    }
     // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
     let netns = netns_of_skb(P, o, skb)
         .or_else(|| netns_of_sock(P, o, sk))
         .or_else(|| netns_of_sock(P, o, rx_sk));
-    let reason: u32 = field(P, &ctx, l.reason);
     let ifindex: Option<u32> = if o.skb_iif == KernelOffsets::MISSING {
         None
     } else {
@@ -176,6 +200,9 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         if ifindex.is_none() {
             header.unread |= unread::IFINDEX;
         }
+        if sk_port.is_none() {
+            header.unread |= unread::SK_PORT;
+        }
         addr_of_mut!((*slot).header).write(header);
         addr_of_mut!((*slot).sk).write(sk);
         addr_of_mut!((*slot).rx_sk).write(rx_sk);
@@ -186,7 +213,7 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         addr_of_mut!((*slot).ifindex).write(ifindex.unwrap_or(0));
         addr_of_mut!((*slot).icmp).write(pkt.icmp);
         addr_of_mut!((*slot).mtu).write(pkt.mtu);
-        addr_of_mut!((*slot)._pad).write(0);
+        addr_of_mut!((*slot).sk_port).write(u32::from(sk_port.unwrap_or(0)));
         let stack = addr_of_mut!((*slot).stack).cast::<u64>();
         if reason == cfg.stack_drop_reason {
             // The helper fills the array and zeroes what it does not use (all of it on

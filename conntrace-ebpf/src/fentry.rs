@@ -108,6 +108,9 @@ pub fn fentry_inet_accept(ctx: FEntryContext) -> u32 {
         return 0;
     }
     if let Some(cfg) = config() {
+        if crate::quiet::enabled(cfg) && crate::quiet::accepted(skaddr) {
+            return 0;
+        }
         report_accept(programs::FENTRY_INET_ACCEPT, cfg, skaddr);
     }
     0

@@ -10,6 +10,9 @@ mod accept_queues;
 mod data;
 mod drops;
 mod fentry;
+mod fib;
+mod lifecycle;
+mod quiet;
 mod syscalls;
 
 use aya_ebpf::{
@@ -21,7 +24,7 @@ use aya_ebpf::{
 };
 use conntrace_common::{
     ABSENT, AF_INET6, COMM_LEN, Config, DEFAULT_RING_BYTES, ErrorReport, EventHeader, EventKind,
-    FLAG_ALL_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, Retransmit, StateChange,
+    FLAG_ALL_PORTS, INLINE_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, Retransmit,
     SynRetransmit, TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout,
     maps::{LOST_COUNT, RING_PEAK},
     programs,
@@ -140,9 +143,24 @@ fn read_tuple(prog: u32, ctx: &TracePointContext, l: &TupleLayout) -> Tuple {
 
 #[inline(always)]
 fn port_traced(cfg: &Config, a: u16, b: u16) -> bool {
-    cfg.flags & FLAG_ALL_PORTS != 0
-        // SAFETY: plain hash lookups; the values are never held across calls.
-        || unsafe { PORTS.get(&a).is_some() || PORTS.get(&b).is_some() }
+    if cfg.flags & FLAG_ALL_PORTS != 0 {
+        return true;
+    }
+    let n = cfg.inline_port_count as usize;
+    if n <= INLINE_PORTS {
+        // Compared in registers: most runs are for other ports and leave here.
+        let p = &cfg.inline_ports;
+        let mut i = 0;
+        while i < INLINE_PORTS {
+            if i < n && (p[i] == a || p[i] == b) {
+                return true;
+            }
+            i += 1;
+        }
+        return false;
+    }
+    // SAFETY: plain hash lookups; the values are never held across calls.
+    unsafe { PORTS.get(&a).is_some() || PORTS.get(&b).is_some() }
 }
 
 /// The namespace of `struct net *` at `net`.
@@ -338,81 +356,6 @@ impl Record {
 }
 
 #[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    const P: u32 = programs::INET_SOCK_SET_STATE;
-    let Some(cfg) = config() else { return 0 };
-    let l = &cfg.set_state;
-    let Some(rec) = Record::copy(P, &ctx) else {
-        return 0;
-    };
-    if l.protocol != ABSENT && rec.get::<u16>(l.protocol) != IPPROTO_TCP {
-        return 0;
-    }
-    let newstate: i32 = rec.get(l.newstate);
-    if matches!(
-        newstate,
-        state::FIN_WAIT2 | state::TIME_WAIT | state::LAST_ACK | state::CLOSING
-    ) {
-        // The middle of an orderly close: its start (FIN_WAIT1, CLOSE_WAIT) and its end (CLOSE,
-        // with the state it left) are all userspace needs. Two events fewer per connection.
-        return 0;
-    }
-    let t = &l.tuple;
-    let (sport, dport): (u16, u16) = (rec.get(t.sport), rec.get(t.dport));
-    if !port_traced(cfg, sport, dport) {
-        return 0;
-    }
-    let mut tuple = Tuple {
-        family: rec.get(t.family),
-        sport,
-        dport,
-        ..Tuple::default()
-    };
-    if tuple.family == AF_INET6 {
-        tuple.saddr = rec.get(t.saddr6);
-        tuple.daddr = rec.get(t.daddr6);
-    } else {
-        let (s, d): ([u8; 4], [u8; 4]) = (rec.get(t.saddr4), rec.get(t.daddr4));
-        tuple.saddr[..4].copy_from_slice(&s);
-        tuple.daddr[..4].copy_from_slice(&d);
-    }
-    let skaddr: u64 = rec.get(l.skaddr);
-    if matches!(newstate, state::SYN_SENT | state::SYN_RECV | state::CLOSE) {
-        // A new connection, or the end of one, at this address: its first data is still to come.
-        data::forget(skaddr);
-    }
-    let o = &cfg.offsets;
-    let mut header = header(
-        EventKind::StateChange,
-        size_of::<StateChange>(),
-        netns_of_sock(P, o, skaddr),
-    );
-    let mut sk_err: i32 = 0;
-    if newstate == state::CLOSE && o.sock_err != KernelOffsets::MISSING {
-        // The error, else the soft error (an ICMP that came while the process held it).
-        let soft = o.sock_err_soft;
-        match kread::<i32>(P, skaddr + o.sock_err as u64) {
-            Some(0) if soft != KernelOffsets::MISSING => match kread(P, skaddr + soft as u64) {
-                Some(e) => sk_err = e,
-                None => header.unread |= unread::SK_ERR,
-            },
-            Some(e) => sk_err = e,
-            None => header.unread |= unread::SK_ERR,
-        }
-    }
-    emit(StateChange {
-        header,
-        skaddr,
-        tuple,
-        oldstate: rec.get(l.oldstate),
-        newstate,
-        sk_err,
-        _pad: 0,
-    });
-    0
-}
-
-#[tracepoint]
 pub fn inet_sk_error_report(ctx: TracePointContext) -> u32 {
     const P: u32 = programs::INET_SK_ERROR_REPORT;
     let Some(cfg) = config() else { return 0 };
@@ -441,6 +384,9 @@ fn reset(prog: u32, ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout,
         return;
     }
     let skaddr: u64 = field(prog, ctx, l.skaddr);
+    if quiet::enabled(cfg) {
+        quiet::promote(prog, cfg, skaddr);
+    }
     let o = &cfg.offsets;
     let mut header = if skaddr != 0 {
         header(kind, size_of::<Reset>(), netns_of_sock(prog, o, skaddr))
@@ -506,6 +452,10 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let skaddr: u64 = field(P, &ctx, l.skaddr);
     let o = &cfg.offsets;
     let netns = netns_of_sock(P, o, skaddr);
+    if quiet::enabled(cfg) {
+        // Every retransmission streams: the engine counts them from their events.
+        quiet::promote(P, cfg, skaddr);
+    }
     if state == state::SYN_SENT {
         emit(SynRetransmit {
             header: header(EventKind::SynRetransmit, size_of::<SynRetransmit>(), netns),

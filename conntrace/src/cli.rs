@@ -79,9 +79,61 @@ pub struct Cli {
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::kernel::attach::AttachMode::Best)]
     pub attach: crate::kernel::attach::AttachMode,
 
+    /// How healthy connections are followed: `quiet` keeps them in the kernel (only failing,
+    /// stalled or reset connections reach userspace, with their history: cheap enough to leave
+    /// running through a load test); `streaming` sends every connection's events to userspace
+    /// and attaches the accept()/connect() hooks (what `--all` and `--expect-comm` need, and
+    /// what they choose). Default: quiet unless --all or --expect-comm is given.
+    #[arg(long, value_name = "MODE", value_enum)]
+    pub follow: Option<FollowArg>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Also label the verdict and drop metrics with `container` (runtime:name) and `pod`
+    /// (namespace/name). One series per container and reason: on a node whose containers come
+    /// and go (Kubernetes), the series grow with every new container name until restart.
+    #[arg(long, requires = "metrics_addr", conflicts_with = "no_containers")]
+    pub metrics_container_labels: bool,
+
+    /// Trace only this container's network namespace (its name as `container.name` shows it,
+    /// or 12 or more leading digits of its id); repeatable and comma-separated. Containers that
+    /// share the host's network namespace cannot be selected.
+    #[arg(
+        long = "container",
+        value_name = "NAME",
+        value_delimiter = ',',
+        conflicts_with = "no_containers"
+    )]
+    pub containers: Vec<String>,
+
+    /// Trace only this Kubernetes pod's network namespace; repeatable and comma-separated.
+    #[arg(long = "pod", value_name = "NAMESPACE/NAME", value_delimiter = ',', value_parser = parse_pod, conflicts_with = "no_containers")]
+    pub pods: Vec<(String, String)>,
+
+    /// Docker Engine API socket to name containers with (Docker, or Podman's `podman system
+    /// service`); repeatable. Default: /var/run/docker.sock, /run/podman/podman.sock.
+    #[arg(long = "docker-socket", value_name = "PATH")]
+    pub docker_sockets: Vec<PathBuf>,
+
+    /// containerd API socket to name containers with (also Kubernetes pods, in its `k8s.io`
+    /// namespace); repeatable. Default: /run/containerd/containerd.sock,
+    /// /run/k3s/containerd/containerd.sock.
+    #[arg(long = "containerd-socket", value_name = "PATH")]
+    pub containerd_sockets: Vec<PathBuf>,
+
+    /// Do not look up containers: every record's `container` is null.
+    #[arg(long)]
+    pub no_containers: bool,
+
+    /// Report what each of conntrace's eBPF programs costs the kernel: runs and run time, in
+    /// the summary (`programs`) and the metrics. Turns on the kernel's BPF run-time statistics
+    /// (bpf(BPF_ENABLE_STATS)) for as long as conntrace runs; they go off when it exits, even
+    /// when killed. While on, the kernel reads the clock around every run of every BPF program
+    /// on the machine (a few tens of ns each).
+    #[arg(long)]
+    pub bpf_stats: bool,
 
     /// Log more to stderr (-v: debug, -vv: trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]
@@ -121,6 +173,27 @@ pub enum Command {
     },
 }
 
+/// `--follow`'s values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FollowArg {
+    Quiet,
+    Streaming,
+}
+
+impl Cli {
+    /// How healthy connections are followed: as `--follow` says, else streaming when a flag
+    /// needs every connection (`--all`, `--expect-comm`), else quiet.
+    pub fn follow(&self) -> crate::kernel::attach::Follow {
+        use crate::kernel::attach::Follow;
+        match self.follow {
+            Some(FollowArg::Quiet) => Follow::Quiet,
+            Some(FollowArg::Streaming) => Follow::Streaming,
+            None if self.all || !self.expect_comm.is_empty() => Follow::Streaming,
+            None => Follow::Quiet,
+        }
+    }
+}
+
 pub fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u32>() {
         Ok(p) if (1..=65535).contains(&p) => Ok(p as u16),
@@ -140,6 +213,16 @@ pub fn parse_comm(s: &str) -> Result<String, String> {
         end -= 1;
     }
     Ok(name[..end].to_owned())
+}
+
+/// `NAMESPACE/NAME` of a Kubernetes pod.
+pub fn parse_pod(s: &str) -> Result<(String, String), String> {
+    match s.trim().split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_owned(), name.to_owned()))
+        }
+        _ => Err(format!("`{s}` is not NAMESPACE/NAME")),
+    }
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -231,6 +314,35 @@ mod tests {
             vec!["mysqld", "mariadbd", "a-very-long-pro"]
         );
         assert!(Cli::try_parse_from(["conntrace", "--expect-comm", ""]).is_err());
+    }
+
+    #[test]
+    fn container_and_pod_selectors() {
+        let cli = Cli::try_parse_from([
+            "conntrace",
+            "--container",
+            "mysqld,web",
+            "--pod",
+            "shop/db-0",
+        ])
+        .expect("parse");
+        assert_eq!(cli.containers, vec!["mysqld", "web"]);
+        assert_eq!(cli.pods, vec![("shop".to_owned(), "db-0".to_owned())]);
+        for bad in ["db-0", "/db-0", "shop/", "a/b/c"] {
+            assert!(parse_pod(bad).is_err(), "{bad} accepted");
+        }
+        assert!(Cli::try_parse_from(["conntrace", "--container", "x", "--no-containers"]).is_err());
+        assert!(Cli::try_parse_from(["conntrace", "--metrics-container-labels"]).is_err());
+    }
+
+    #[test]
+    fn bpf_stats_only_when_asked() {
+        assert!(!Cli::try_parse_from(["conntrace"]).expect("parse").bpf_stats);
+        assert!(
+            Cli::try_parse_from(["conntrace", "--bpf-stats"])
+                .expect("parse")
+                .bpf_stats
+        );
     }
 
     #[test]

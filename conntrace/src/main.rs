@@ -4,6 +4,7 @@ mod cli;
 mod engine;
 mod explain;
 mod host;
+mod identity;
 mod kernel;
 mod merge;
 mod output;
@@ -24,17 +25,73 @@ mod exit {
     pub const UNSUPPORTED_KERNEL: u8 = 4;
 }
 
-/// Capabilities conntrace needs when not run as root (README, "Requirements"): loading and
-/// attaching the programs, reading kernel memory from them, netlink and `nft`, and tracefs
-/// (mode 0700). CAP_SYS_ADMIN, which covers them all, is also what entering other network
-/// namespaces needs (rule counters, listen queues).
-const CAPS: &[(u32, &str)] = &[
-    (39, "CAP_BPF"),
-    (38, "CAP_PERFMON"),
-    (12, "CAP_NET_ADMIN"),
-    (2, "CAP_DAC_READ_SEARCH"),
-];
+/// A capability conntrace uses when not run as root (README, "Requirements"), and what for.
+struct Need {
+    bit: u32,
+    name: &'static str,
+    /// What it is for, or what is missing without it.
+    why: &'static str,
+}
+
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_NET_RAW: u32 = 13;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
+const CAP_SYSLOG: u32 = 34;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// Without these conntrace cannot trace at all: it exits 3. CAP_SYS_ADMIN also covers the
+/// first two (the kernel's `bpf_capable()` and `perfmon_capable()`).
+const TRACE: &[Need] = &[
+    Need {
+        bit: CAP_BPF,
+        name: "CAP_BPF",
+        why: "load the eBPF programs and maps",
+    },
+    Need {
+        bit: CAP_PERFMON,
+        name: "CAP_PERFMON",
+        why: "attach them to tracepoints and let them read kernel memory",
+    },
+];
+
+/// Needed only when tracefs is not readable as it is (mode 0700, owned by root).
+const TRACEFS: Need = Need {
+    bit: CAP_DAC_READ_SEARCH,
+    name: "CAP_DAC_READ_SEARCH",
+    why: "read tracefs (0700 root): tracepoint ids and formats",
+};
+
+/// Without these conntrace traces, but names less: each one's `why` says what is missing.
+const NAMING: &[Need] = &[
+    Need {
+        bit: CAP_NET_ADMIN,
+        name: "CAP_NET_ADMIN",
+        why: "firewall rules are not named (`nft` needs it)",
+    },
+    Need {
+        bit: CAP_NET_RAW,
+        name: "CAP_NET_RAW",
+        why: "iptables-legacy rules are not named (`iptables-legacy-save` opens a raw socket)",
+    },
+    Need {
+        bit: CAP_SYS_ADMIN,
+        name: "CAP_SYS_ADMIN",
+        why: "rules and listen queues of other network namespaces are not named (setns)",
+    },
+    Need {
+        bit: CAP_SYS_PTRACE,
+        name: "CAP_SYS_PTRACE",
+        why: "namespaces known only through other users' processes (/proc/PID/ns/net, e.g. containers') are not found",
+    },
+    Need {
+        bit: CAP_SYSLOG,
+        name: "CAP_SYSLOG",
+        why: "drop locations and netfilter hooks are not named (/proc/kallsyms hides addresses: kptr_restrict, perf_event_paranoid >= 2)",
+    },
+];
 
 /// Effective capability set of this process (capget(2)).
 fn effective_caps() -> u64 {
@@ -63,30 +120,105 @@ fn effective_caps() -> u64 {
     u64::from(data[0].effective) | (u64::from(data[1].effective) << 32)
 }
 
-fn missing_caps() -> Vec<&'static str> {
-    let eff = effective_caps();
-    if eff & (1 << CAP_SYS_ADMIN) != 0 {
-        return Vec::new();
+/// False when tracefs's event directory exists but this process may not list it (tried, not
+/// guessed from the capabilities: root owns it, and CAP_SYS_ADMIN does not bypass file
+/// permissions). Not mounted at all is a kernel problem (exit 4), not a privilege one.
+fn tracefs_readable() -> bool {
+    let mut denied = false;
+    for dir in [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ] {
+        match std::fs::read_dir(dir) {
+            Ok(_) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => denied = true,
+            Err(_) => {}
+        }
     }
-    CAPS.iter()
-        .filter(|(bit, _)| eff & (1 << bit) == 0)
-        .map(|(_, n)| *n)
-        .collect()
+    !denied
 }
 
-/// Run with file capabilities (setcap) instead of root, the children conntrace starts (`nft`,
-/// to read rule counters) would not inherit CAP_NET_ADMIN: raise it into the inheritable and
-/// ambient sets of this thread, the one that starts them. Root needs nothing of the kind.
-fn pass_net_admin_to_children() {
+/// True when /proc/kallsyms shows this process real addresses.
+fn kallsyms_addresses_visible() -> bool {
+    let mut head = [0u8; 16];
+    std::fs::File::open("/proc/kallsyms")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok_and(|()| {
+            head.iter()
+                .take_while(|b| b.is_ascii_hexdigit())
+                .any(|&b| b != b'0')
+        })
+}
+
+/// What the effective set `eff` lacks: the capabilities without which conntrace cannot trace,
+/// and those without which it names less. `tracefs_ok` and `kallsyms_ok` say whether tracefs
+/// and kallsyms addresses are readable already (then their capabilities are not needed).
+fn missing_caps(
+    eff: u64,
+    tracefs_ok: bool,
+    kallsyms_ok: bool,
+) -> (Vec<&'static Need>, Vec<&'static Need>) {
+    let has = |bit: u32| eff & (1 << bit) != 0;
+    let mut trace: Vec<&Need> = TRACE
+        .iter()
+        .filter(|n| !has(n.bit) && !has(CAP_SYS_ADMIN))
+        .collect();
+    if !tracefs_ok && !has(TRACEFS.bit) {
+        trace.push(&TRACEFS);
+    }
+    // CAP_SYSLOG only matters when kallsyms hides the addresses from this process.
+    let not_needed = |n: &Need| has(n.bit) || (n.bit == CAP_SYSLOG && kallsyms_ok);
+    let naming = NAMING.iter().filter(|n| !not_needed(n)).collect();
+    (trace, naming)
+}
+
+fn names(needs: &[&Need]) -> String {
+    needs.iter().map(|n| n.name).collect::<Vec<_>>().join(", ")
+}
+
+/// The one-line privilege error (exit 3): what is missing to trace, and what else is missing
+/// to name rules, namespaces and drop locations.
+fn privilege_error(trace: &[&Need], naming: &[&Need]) -> String {
+    let mut msg = format!(
+        "conntrace: missing privileges: {} needed to trace ({})",
+        names(trace),
+        trace.iter().map(|n| n.why).collect::<Vec<_>>().join("; ")
+    );
+    if !naming.is_empty() {
+        msg += &format!(
+            "; {} needed to name rules, namespaces and drop locations",
+            names(naming)
+        );
+    }
+    msg + ": run as root, or give the binary `setcap cap_bpf,cap_perfmon,cap_dac_read_search,cap_net_admin,cap_net_raw,cap_sys_admin,cap_sys_ptrace,cap_syslog+ep`; see README, \"Requirements\""
+}
+
+/// Run with file capabilities (setcap) instead of root, the children conntrace starts to read
+/// rule counters would not inherit what they need: `nft` and `iptables-*-save` CAP_NET_ADMIN,
+/// `iptables-legacy-save` also CAP_NET_RAW (its raw socket) and CAP_DAC_READ_SEARCH
+/// (`/proc/net/ip_tables_names` is `0440 root`). Raise each one this process has into the
+/// inheritable and ambient sets of this thread, the one that starts them. Root needs nothing
+/// of the kind.
+fn pass_caps_to_children(eff: u64) {
     use caps::{CapSet, Capability};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         return;
     }
-    let raised = caps::raise(None, CapSet::Inheritable, Capability::CAP_NET_ADMIN)
-        .and_then(|()| caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN));
-    if let Err(error) = raised {
-        tracing::warn!(%error, "cannot pass CAP_NET_ADMIN to `nft`: firewall rules will not be named");
+    let wanted = [
+        (CAP_NET_ADMIN, Capability::CAP_NET_ADMIN),
+        (CAP_NET_RAW, Capability::CAP_NET_RAW),
+        (CAP_DAC_READ_SEARCH, Capability::CAP_DAC_READ_SEARCH),
+    ];
+    for (bit, cap) in wanted {
+        if eff & (1 << bit) == 0 {
+            continue;
+        }
+        let raised = caps::raise(None, CapSet::Inheritable, cap)
+            .and_then(|()| caps::raise(None, CapSet::Ambient, cap));
+        if let Err(error) = raised {
+            tracing::warn!(%error, "cannot pass {cap} to the firewall listing tools: rules may not be named");
+        }
     }
 }
 
@@ -108,16 +240,16 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let missing = missing_caps();
-    if missing.is_empty() {
-        pass_net_admin_to_children();
-    } else {
-        eprintln!(
-            "conntrace: missing privileges: run as root, or give the binary {} (and CAP_SYS_ADMIN to name firewall rules and listen queues in other namespaces) with setcap; see README, \"Requirements\"",
-            missing.join(", ")
-        );
+    let eff = effective_caps();
+    let (trace, naming) = missing_caps(eff, tracefs_readable(), kallsyms_addresses_visible());
+    if !trace.is_empty() {
+        eprintln!("{}", privilege_error(&trace, &naming));
         return ExitCode::from(exit::PRIVILEGES);
     }
+    for need in &naming {
+        tracing::warn!("without {}: {}", need.name, need.why);
+    }
+    pass_caps_to_children(eff);
 
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -197,5 +329,68 @@ fn exit_code(e: &RunError) -> u8 {
             | LoadError::Required { .. },
         ) => exit::UNSUPPORTED_KERNEL,
         _ => exit::RUNTIME,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: u64 = (1 << CAP_BPF)
+        | (1 << CAP_PERFMON)
+        | (1 << CAP_NET_ADMIN)
+        | (1 << CAP_NET_RAW)
+        | (1 << CAP_SYS_ADMIN)
+        | (1 << CAP_SYS_PTRACE)
+        | (1 << CAP_SYSLOG)
+        | (1 << CAP_DAC_READ_SEARCH);
+
+    fn missing(eff: u64, tracefs_ok: bool, kallsyms_ok: bool) -> (String, String) {
+        let (trace, naming) = missing_caps(eff, tracefs_ok, kallsyms_ok);
+        (names(&trace), names(&naming))
+    }
+
+    #[test]
+    fn the_documented_set_misses_nothing() {
+        assert_eq!(missing(ALL, false, false), (String::new(), String::new()));
+    }
+
+    #[test]
+    fn nothing_at_all_names_every_capability() {
+        assert_eq!(
+            missing(0, false, false),
+            (
+                "CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH".to_owned(),
+                "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG".to_owned()
+            )
+        );
+        let (trace, naming) = missing_caps(0, false, false);
+        let line = privilege_error(&trace, &naming);
+        assert!(!line.contains('\n'), "{line}");
+        assert!(line.starts_with("conntrace: missing privileges: CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH needed to trace (load the eBPF programs and maps; "), "{line}");
+    }
+
+    #[test]
+    fn sys_admin_covers_bpf_and_perfmon_but_not_file_permissions() {
+        let eff = ALL & !(1 << CAP_BPF) & !(1 << CAP_PERFMON) & !(1 << CAP_DAC_READ_SEARCH);
+        assert_eq!(missing(eff, true, true), (String::new(), String::new()));
+        // tracefs unreadable: CAP_SYS_ADMIN does not help.
+        assert_eq!(missing(eff, false, true).0, "CAP_DAC_READ_SEARCH");
+    }
+
+    #[test]
+    fn naming_capabilities_only_warn_and_syslog_only_when_kallsyms_hides_addresses() {
+        let eff = (1 << CAP_BPF) | (1 << CAP_PERFMON);
+        assert_eq!(
+            missing(eff, true, true),
+            (
+                String::new(),
+                "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE".to_owned()
+            )
+        );
+        assert_eq!(
+            missing(eff, true, false).1,
+            "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG"
+        );
     }
 }

@@ -1,4 +1,7 @@
-//! The event loop: ring buffer → decoder → reason engine → output, until the end of the run.
+//! The event loop: ring buffer → decoder → (namespace filter) → reason engine → (container
+//! identity) → output, until the end of the run.
+
+mod identity;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -10,14 +13,28 @@ use tracing::{debug, warn};
 
 use crate::{
     cli::Cli,
-    engine::{Engine, EngineConfig, verdict::Verdict},
-    host::{counters::OverflowWatch, listeners::ListenerCache, rules::RuleCounters},
+    engine::{Engine, EngineConfig, facts::KernelEvent, verdict::Verdict},
+    host::{
+        containers::{self, Identities},
+        counters::OverflowWatch,
+        listeners::ListenerCache,
+        namespaces::NamespaceCache,
+        rules::RuleCounters,
+        stalls::StallCheck,
+        windows::WindowWatch,
+    },
     kernel::{
-        LoadError, Tracer, TracerOptions, attach::Capability, decode::Decoder, kallsyms::Kallsyms,
+        LoadError, Tracer, TracerOptions,
+        attach::Capability,
+        decode::Decoder,
+        kallsyms::Kallsyms,
+        stats::{RunTimeStats, StatsError},
     },
     output::metrics::{self, Metrics},
     output::{Clock, Final, Format, KernelFeatures, Lost, Output, OutputError, Ready, Record},
 };
+
+use self::identity::Identity;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -31,6 +48,8 @@ pub enum RunError {
     Signal(#[source] std::io::Error),
     #[error(transparent)]
     Metrics(#[from] crate::output::metrics::MetricsError),
+    #[error(transparent)]
+    Stats(#[from] StatsError),
 }
 
 fn kernel_features() -> KernelFeatures {
@@ -39,56 +58,95 @@ fn kernel_features() -> KernelFeatures {
     }
 }
 
-/// Writes the engine's drop records, then `verdicts` (drops come first in time).
-fn write_verdicts(
-    out: &mut Output,
-    engine: &mut Engine,
-    verdicts: &[Verdict],
-) -> Result<(), OutputError> {
-    engine
-        .take_drops()
-        .iter()
-        .try_for_each(|d| out.write(&Record::Drop(d)))?;
-    verdicts
-        .iter()
-        .try_for_each(|v| out.write(&Record::Verdict(v)))
+/// Docker-compatible sockets tried when none is given: Docker's, then Podman's service.
+const DOCKER_SOCKETS: &[&str] = &["/var/run/docker.sock", "/run/podman/podman.sock"];
+/// containerd sockets tried when none is given: containerd's, then k3s's.
+const CONTAINERD_SOCKETS: &[&str] = &[
+    "/run/containerd/containerd.sock",
+    "/run/k3s/containerd/containerd.sock",
+];
+/// Bound on each call to a runtime's API.
+const API_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The container look-ups, unless `--no-containers`; a worker that cannot start leaves every
+/// `container` null (and `--container`/`--pod` selecting nothing).
+fn identities(cli: &Cli) -> Option<Identities> {
+    if cli.no_containers {
+        return None;
+    }
+    let or_default = |given: &[std::path::PathBuf], default: &[&str]| {
+        if given.is_empty() {
+            default.iter().map(Into::into).collect()
+        } else {
+            given.to_vec()
+        }
+    };
+    let select =
+        (!cli.containers.is_empty() || !cli.pods.is_empty()).then(|| containers::Selector {
+            containers: cli.containers.clone(),
+            pods: cli.pods.clone(),
+        });
+    let options = containers::Options {
+        docker_sockets: or_default(&cli.docker_sockets, DOCKER_SOCKETS),
+        containerd_sockets: or_default(&cli.containerd_sockets, CONTAINERD_SOCKETS),
+        api_timeout: API_TIMEOUT,
+        warn_on_failure: !cli.docker_sockets.is_empty() || !cli.containerd_sockets.is_empty(),
+        select,
+    };
+    Identities::start(options)
+        .inspect_err(
+            |error| warn!(%error, "start the container look-up thread: containers unnamed"),
+        )
+        .ok()
 }
 
-pub async fn run(cli: &Cli) -> Result<(), RunError> {
-    let started = Clock::mono_now_ns();
-    // Handle SIGINT/SIGTERM from the start: a signal right after `ready` must still end the
-    // run with its summary, not kill the process.
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
-    let mut ports = cli.ports.clone();
-    ports.sort_unstable();
-    ports.dedup();
-    // Open the output first: a bad path fails before anything is loaded into the kernel.
-    let clock = Clock::now();
+/// With `--container`/`--pod`: waits (3 s at most) for the first look at every namespace, and
+/// warns when no selected container runs yet (its namespace is admitted when it appears).
+async fn await_selection(cli: &Cli, ident: &Identity) {
+    let Some(ids) = ident.identities() else {
+        return;
+    };
+    if cli.containers.is_empty() && cli.pods.is_empty() {
+        return;
+    }
+    if !ids.first_pass(Duration::from_secs(3)).await {
+        warn!(
+            "container look-up still running: selected namespaces are admitted as they are found"
+        );
+    } else if ids.selected_netns().is_empty() {
+        warn!(containers = ?cli.containers, pods = ?cli.pods, "no selected container runs yet: nothing is traced until one starts");
+    } else {
+        debug!(netns = ?ids.selected_netns(), "traced namespaces");
+    }
+}
+
+/// The output (opened first: a bad path fails before anything is loaded into the kernel) and
+/// the metrics, their address bound before anything is loaded too.
+async fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunError> {
     let format = if cli.json {
         Format::Json
     } else {
         Format::Human { wide: cli.wide }
     };
-    let mut out = Output::open(cli.output.as_deref(), format, clock)?;
-    // Bind the metrics address before loading anything, too.
+    let mut out = Output::open(cli.output.as_deref(), format, Clock::now())?;
     let metrics = match cli.metrics_addr {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
-            let m = Arc::new(Metrics::new(cli.ring_buffer_bytes));
+            let m = Arc::new(Metrics::new(
+                cli.ring_buffer_bytes,
+                cli.metrics_container_labels,
+            ));
             tokio::spawn(metrics::serve(listener, Arc::clone(&m)));
             out = out.with_metrics(Arc::clone(&m));
             Some(m)
         }
         None => None,
     };
-    let (mut tracer, events) = Tracer::start(&TracerOptions {
-        ports: ports.clone(),
-        ring_bytes: cli.ring_buffer_bytes,
-        without: cli.without.clone(),
-        mode: cli.attach,
-    })?;
+    Ok((out, metrics))
+}
 
+/// The `ready` record: what is traced, and how.
+fn ready_record(cli: &Cli, tracer: &Tracer, ports: Vec<u16>) -> Ready {
     let attach_paths: BTreeMap<String, String> = tracer
         .active
         .iter()
@@ -103,7 +161,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             )
         })
         .collect();
-    let ready = Ready {
+    Ready {
         ts_ns: Clock::mono_now_ns(),
         version: env!("CARGO_PKG_VERSION"),
         ports,
@@ -114,17 +172,17 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         kernel_features: kernel_features(),
         ring_buffer_bytes: cli.ring_buffer_bytes,
         degraded: tracer.missing_offsets.clone(),
-    };
-    // The firewall's rule counters before any traffic is traced: the baseline that later
-    // netfilter drops are measured against.
+    }
+}
+
+/// The reason engine with the host's look-ups. The firewall's rule counters are read now,
+/// before any traffic is traced: the baseline later netfilter drops are measured against.
+fn engine_for(cli: &Cli, tracer: &mut Tracer) -> Engine {
     let rules = tracer
         .active
         .iter()
         .any(|p| p.capability == Capability::Drops)
         .then(RuleCounters::new);
-    let mut overflows = OverflowWatch::new(&cli.ports);
-    out.write(&Record::Ready(&ready))?;
-
     let mut engine = Engine::new(EngineConfig {
         report_established: cli.all,
         expected_comms: cli.expect_comm.clone(),
@@ -135,12 +193,48 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             .any(|p| p.capability == Capability::Resets),
         socketless_resets_traced: tracer.socketless_resets_traced,
         show_normal_drops: cli.show_normal_drops,
+        quiet: tracer.quiet.is_some(),
         ..EngineConfig::default()
     })
-    .with_listener_lookup(Box::new(ListenerCache::new(tracer.accept_queues.take())));
+    .with_listener_lookup(Box::new(ListenerCache::new(tracer.accept_queues.take())))
+    .with_namespace_lookup(Box::new(NamespaceCache::default()));
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
     }
+    engine
+}
+
+pub async fn run(cli: &Cli) -> Result<(), RunError> {
+    let started = Clock::mono_now_ns();
+    // Handle SIGINT/SIGTERM from the start: a signal right after `ready` must still end the
+    // run with its summary, not kill the process.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut ports = cli.ports.clone();
+    ports.sort_unstable();
+    ports.dedup();
+    let (mut out, metrics) = open_output(cli).await?;
+    let mut ident = Identity::new(identities(cli));
+    // --bpf-stats: the kernel's run-time statistics, on from before the programs load until
+    // this value is dropped at the end of the run (or the process ends, however it ends).
+    let bpf_stats = cli.bpf_stats.then(RunTimeStats::enable).transpose()?;
+    let (mut tracer, events) = Tracer::start(&TracerOptions {
+        ports: ports.clone(),
+        ring_bytes: cli.ring_buffer_bytes,
+        without: cli.without.clone(),
+        mode: cli.attach,
+        follow: cli.follow(),
+        stall_timeout: cli.stall_timeout,
+        show_normal_drops: cli.show_normal_drops,
+    })?;
+    let ready = ready_record(cli, &tracer, ports);
+    let mut engine = engine_for(cli, &mut tracer);
+    let mut overflows = OverflowWatch::new(&cli.ports);
+    let mut windows = WindowWatch::new(&cli.ports);
+    let mut stalls = StallCheck::new(cli.stall_timeout);
+    await_selection(cli, &ident).await;
+    out.write(&Record::Ready(&ready))?;
+
     let kallsyms = Kallsyms::load(std::path::Path::new("/proc/kallsyms")).unwrap_or_else(|e| {
         warn!("read /proc/kallsyms: {e}; drop locations are shown as addresses");
         Kallsyms::default()
@@ -161,24 +255,33 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
+    let mut window_poll = tokio::time::interval(Duration::from_secs(1));
     let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
+    let mut bpf_stats_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
 
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Poll)?;
-                let verdicts = drain(guard.get_inner_mut(), &decoder, &mut engine, &mut decode_errors);
+                let ring = guard.get_inner_mut();
+                let verdicts = drain(ring, &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
                 guard.clear_ready();
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = drain_tick.tick() => {
-                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
+                ident.write(&mut out, &mut engine, verdicts)?;
+            }
+            () = ident.changed() => {
+                let verdicts = ident.release().into_iter().flat_map(|ev| engine.handle(ev)).collect();
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = tick.tick() => {
-                let verdicts = engine.tick(Clock::mono_now_ns());
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                let now = Clock::mono_now_ns();
+                let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, &mut ident, now);
+                verdicts.extend(engine.tick(now));
+                ident.write(&mut out, &mut engine, verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
             }
             _ = ring_peak_poll.tick(), if metrics.is_some() => {
@@ -191,12 +294,36 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                     Err(error) => warn!(%error, "read the ring buffer's fill"),
                 }
             }
+            _ = bpf_stats_poll.tick(), if bpf_stats.is_some() && metrics.is_some() => {
+                match tracer.program_costs() {
+                    Ok(costs) => {
+                        if let Some(m) = &metrics {
+                            m.set_program_costs(costs);
+                        }
+                    }
+                    Err(error) => debug!(%error, "read the programs' run-time statistics"),
+                }
+            }
             _ = overflow_poll.tick() => {
                 let mut verdicts = Vec::new();
                 for ev in overflows.poll(Clock::mono_now_ns()) {
+                    if let Some(ev) = ident.admit(ev) {
+                        verdicts.extend(engine.handle(ev));
+                    }
+                }
+                ident.write(&mut out, &mut engine, verdicts)?;
+            }
+            _ = window_poll.tick() => {
+                // Poll, then take what the ring holds: a connection that closed before the
+                // dump (and so shows as open) reaches the engine closed first.
+                let events = windows.poll(Clock::mono_now_ns());
+                let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
+                for ev in events {
+                    let Some(ev) = ident.admit(ev) else { continue };
+                    verdicts.extend(bring_in(&mut tracer, &stalls, &mut engine, &ev));
                     verdicts.extend(engine.handle(ev));
                 }
-                write_verdicts(&mut out, &mut engine, &verdicts)?;
+                ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = sigint.recv() => { debug!("SIGINT"); break }
             _ = sigterm.recv() => { debug!("SIGTERM"); break }
@@ -204,18 +331,46 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         }
     }
 
-    let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut decode_errors);
+    let mut verdicts = drain(
+        ring.get_mut(),
+        &decoder,
+        &mut engine,
+        &mut ident,
+        &mut decode_errors,
+        &mut windows,
+    );
     for ev in overflows.poll(Clock::mono_now_ns()) {
-        verdicts.extend(engine.handle(ev));
+        if let Some(ev) = ident.admit(ev) {
+            verdicts.extend(engine.handle(ev));
+        }
+    }
+    if let Some(q) = &tracer.quiet {
+        match q.counts() {
+            Ok(counts) => add_kernel_counts(&mut engine, &tracer, &counts),
+            Err(error) => warn!(%error, "read quiet mode's counts"),
+        }
     }
     let open_at_exit = engine.tracked();
     verdicts.extend(engine.finish(Clock::mono_now_ns()));
-    write_verdicts(&mut out, &mut engine, &verdicts)?;
+    ident.write(&mut out, &mut engine, verdicts)?;
+    ident.finish(&mut out).await?;
+    if ident.filtered > 0 {
+        debug!(
+            events = ident.filtered,
+            "kernel events outside the selected containers"
+        );
+    }
     report_lost(&tracer, &mut out, &mut lost_seen)?;
     let now = Clock::mono_now_ns();
     let read_failures = tracer.read_failures().unwrap_or_else(|error| {
         warn!(%error, "read the READ_FAILURES map");
         BTreeMap::new()
+    });
+    let programs = bpf_stats.as_ref().and_then(|_| {
+        tracer
+            .program_costs()
+            .inspect_err(|error| warn!(%error, "read the programs' run-time statistics"))
+            .ok()
     });
     out.write(&Record::Summary(Final {
         ts_ns: now,
@@ -226,22 +381,113 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         tracked_at_exit: open_at_exit,
         tcp_counters: overflows.growth(),
         read_failures,
+        all_ports: cli.ports.is_empty(),
+        programs,
     }))?;
+    drop(bpf_stats);
     Ok(())
 }
 
-/// Reads every record the ring buffer holds now.
+/// Quiet mode's check of the connections the kernel keeps (every tick): those stuck past the
+/// stall timeout reach the engine and are watched; namespaces with established ones are where
+/// `windows` looks.
+fn check_stalls(
+    tracer: &mut Tracer,
+    stalls: &mut StallCheck,
+    windows: &mut WindowWatch,
+    engine: &mut Engine,
+    ident: &mut Identity,
+    now_ns: u64,
+) -> Vec<Verdict> {
+    let Some(q) = tracer.quiet.as_mut() else {
+        return Vec::new();
+    };
+    if let Err(error) = q.snapshot(&mut stalls.snapshot) {
+        warn!(%error, "stall check");
+        return Vec::new();
+    }
+    let checked = stalls.check(now_ns);
+    for netns in checked.namespaces {
+        windows.traced_in(Some(netns));
+    }
+    for (sk, started_ns) in checked.watch {
+        if let Err(error) = q.watch(sk, started_ns) {
+            warn!(%error, "watch a stalled connection (WATCH map)");
+        }
+    }
+    checked
+        .events
+        .into_iter()
+        .filter_map(|ev| ident.admit(ev))
+        .flat_map(|ev| engine.handle(ev))
+        .collect()
+}
+
+/// Before a window report about a connection the engine has not seen (quiet mode keeps healthy
+/// ones in the kernel): its history, and a watch on it from now on.
+fn bring_in(
+    tracer: &mut Tracer,
+    stalls: &StallCheck,
+    engine: &mut Engine,
+    ev: &KernelEvent,
+) -> Vec<Verdict> {
+    let (Some(q), KernelEvent::Window { meta, tuple, .. }) = (tracer.quiet.as_mut(), ev) else {
+        return Vec::new();
+    };
+    if engine.knows(meta.netns, tuple) {
+        return Vec::new();
+    }
+    let Some((sk, h)) = stalls.history_of(meta.netns, tuple) else {
+        return Vec::new();
+    };
+    if let Err(error) = q.watch(sk, h.started_ns) {
+        warn!(%error, "watch a connection with a zero window (WATCH map)");
+    }
+    let history = crate::kernel::decode::conn_history(sk, &h, meta.ts_ns);
+    engine.handle(KernelEvent::History(history))
+}
+
+/// What the kernel counted in quiet mode, into the run's summary: handshakes, their times
+/// and normal drops.
+fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::quiet::KernelCounts) {
+    let s = engine.summary_mut();
+    s.established = c.established;
+    s.add_latency_counts(c.latency.iter().copied());
+    for (value, n) in &c.normal_drops {
+        let reason = tracer.drop_reasons.get(value).cloned().unwrap_or_else(|| {
+            crate::engine::facts::DropReason::new(&format!("skb_drop_reason {value}"))
+        });
+        *s.drops_by_reason.entry(reason).or_default() += n;
+    }
+    s.kernel_kept = Some(crate::engine::verdict::summary::KernelKept {
+        closed_quietly: c.closed_quiet,
+        histories: c.flushed,
+        table_full: c.conns_full,
+    });
+}
+
+/// Reads every record the ring buffer holds now, after the held events the namespace filter
+/// has admitted since, telling `windows` where traced connections are.
 fn drain(
     ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
     decoder: &Decoder,
     engine: &mut Engine,
+    ident: &mut Identity,
     decode_errors: &mut u64,
+    windows: &mut WindowWatch,
 ) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
+    for ev in ident.release() {
+        verdicts.extend(engine.handle(ev));
+    }
     while let Some(item) = ring.next() {
         match decoder.decode(&item) {
             Ok(ev) => {
                 tracing::trace!(?ev, "kernel event");
+                let Some(ev) = ident.admit(ev) else { continue };
+                if let KernelEvent::State { meta, .. } = &ev {
+                    windows.traced_in(meta.netns);
+                }
                 verdicts.extend(engine.handle(ev));
             }
             Err(e) => {

@@ -2,11 +2,15 @@
 
 use std::{
     io::{BufRead, BufReader},
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
 
-use conntrace_tests::{conntrace_bin, require_root, wait_exit};
+use conntrace_tests::{
+    Conntrace, PORT, Proc, Scenario, TempDir, connect, conntrace_bin, only_verdict_in, require_root,
+};
+use serde_json::Value;
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(conntrace_bin())
@@ -55,23 +59,20 @@ fn unwritable_output_fails_before_loading_anything() {
 #[test]
 fn closed_pipe_is_a_normal_exit() {
     require_root();
-    let mut child = Command::new(conntrace_bin())
-        .args(["--port", "3306", "--json", "--duration", "2s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn conntrace");
+    let mut conntrace = Proc::spawn(
+        Command::new(conntrace_bin())
+            .args(["--port", "3306", "--json", "--duration", "2s"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "conntrace",
+    );
     // Like `conntrace --json | head -1`: read the ready line, then close the pipe.
     let mut first = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
+    BufReader::new(conntrace.child.stdout.take().expect("stdout"))
         .read_line(&mut first)
         .expect("read");
     assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
-    let status = wait_exit(
-        &mut child,
-        Duration::from_secs(15),
-        "conntrace with a closed pipe",
-    );
+    let status = conntrace.wait(Duration::from_secs(15), "conntrace with a closed pipe");
     assert_eq!(
         status.code(),
         Some(0),
@@ -103,17 +104,24 @@ fn without_privileges_it_names_the_capabilities_and_exits_3() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
+    for cap in [
+        "CAP_BPF",
+        "CAP_PERFMON",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_NET_ADMIN",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+    ] {
         assert!(stderr.contains(cap), "{cap} not named: {stderr}");
     }
 }
 
 #[test]
 fn merge_names_the_file_and_line_of_a_malformed_record() {
-    let path = std::env::temp_dir().join(format!("ct-bad-{}.jsonl", std::process::id()));
+    let dir = TempDir::new("ct-bad");
+    let path = dir.join("bad.jsonl");
     std::fs::write(&path, "{\"event\":\"ready\"}\nnot json\n").expect("write");
     let (code, stderr) = run(&["merge", path.to_str().expect("utf-8")]);
-    std::fs::remove_file(&path).ok();
     assert_eq!(code, 1, "{stderr}");
     assert!(
         stderr.contains(&format!("{}:2:", path.display())),
@@ -139,35 +147,184 @@ fn a_metrics_address_in_use_fails_before_loading_anything() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
-#[test]
-fn file_capabilities_instead_of_root_are_enough() {
-    require_root();
-    // A copy of the binary with the capabilities the README lists, run as nobody.
-    let dir = std::env::temp_dir().join(format!("ct-caps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+/// The file capabilities the README's setcap line gives (each one's reason is there).
+const DOCUMENTED_CAPS: &str = "cap_bpf,cap_perfmon,cap_dac_read_search,cap_net_admin,cap_net_raw,cap_sys_admin,cap_sys_ptrace,cap_syslog";
+
+/// A copy of the binary with file capabilities `caps`, in a directory `nobody` can enter.
+fn with_file_caps(caps: &str) -> (TempDir, PathBuf) {
+    let dir = TempDir::new("ct-caps");
     let bin = dir.join("conntrace");
     std::fs::copy(conntrace_bin(), &bin).expect("copy conntrace");
-    let caps = "cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin,cap_dac_read_search+ep";
     let setcap = Command::new("setcap")
-        .args([caps, bin.to_str().expect("utf-8")])
+        .args([&format!("{caps}+ep"), bin.to_str().expect("utf-8")])
         .status()
         .expect("run setcap (package libcap2-bin)");
     assert!(setcap.success());
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .expect("chmod");
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
-        .arg(&bin)
-        .args(["--json", "--port", "3306", "--duration", "1s"])
-        .current_dir("/")
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    (dir, bin)
+}
+
+/// `program` as nobody (setpriv execs it: same pid, so signals reach it).
+fn as_nobody(program: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(program)
+        .current_dir("/");
+    cmd
+}
+
+/// What conntrace, run as nobody with file capabilities `caps`, saw of one connection that a
+/// DROP in the server's INPUT times out. The server's namespace has no name by then: a root
+/// process holds it, so it is found only through that process's /proc/PID/ns/net, as a
+/// container's namespace is.
+struct NobodyRun {
+    values: Vec<Value>,
+    stderr: String,
+    client: u64,
+    server: u64,
+    client_pid: u32,
+}
+
+fn dropped_connection_as_nobody(caps: &str) -> NobodyRun {
+    let (_dir, bin) = with_file_caps(caps);
+    let Scenario { mut hosts, .. } = Scenario::new()
+        .in_server(&[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
+        ])
+        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
+    let (client, server) = (hosts.client.inode(), hosts.server.inode());
+    let holder = Proc::spawn(hosts.server.command("sleep").arg("120"), "sleep");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::fs::metadata(format!("/proc/{}/ns/net", holder.pid()))
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .ok()
+        != Some(server)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sleep did not enter the namespace"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    hosts.server.unname();
+    let log = TempDir::new("ct-caps-log");
+    let stderr_path = log.join("stderr");
+    let mut cmd = as_nobody(&bin);
+    cmd.args(["--json", "--port", "3306"])
+        .env("RUST_LOG", "conntrace=warn")
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+    let ct = Conntrace::spawn(cmd, "conntrace as nobody");
+    let peer = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--sport", "41044", "--timeout-ms", "20000"],
+    );
+    let client_pid = peer.pid();
+    let results = peer.json_lines(Duration::from_secs(30));
+    assert_eq!(results[0]["errno"], 110, "ETIMEDOUT only: {results:?}");
+    let values = ct.stop_after_verdict_in(client);
+    drop(holder);
+    NobodyRun {
+        values,
+        stderr: std::fs::read_to_string(&stderr_path).expect("stderr"),
+        client,
+        server,
+        client_pid,
+    }
+}
+
+#[test]
+fn file_capabilities_instead_of_root_are_enough() {
+    require_root();
+    // The README's capabilities, run as nobody: everything root names is named.
+    let run = dropped_connection_as_nobody(DOCUMENTED_CAPS);
+    assert!(!run.stderr.contains("WARN"), "{}", run.stderr);
+    let c = only_verdict_in(&run.values, run.client);
+    assert_eq!(
+        (&c["reason"], &c["errno"]),
+        (&"syn_timeout".into(), &"ETIMEDOUT".into())
+    );
+    assert_eq!(
+        (c["pid"].as_u64(), c["comm"].as_str()),
+        (Some(u64::from(run.client_pid)), Some("ct-client"))
+    );
+    let s = only_verdict_in(&run.values, run.server);
+    assert_eq!(s["reason"], "netfilter_drop", "{s}");
+    // CAP_SYSLOG: kallsyms addresses name the drop's location and its hook.
+    assert_eq!(s["detail"]["hook"], "INPUT", "{s}");
+    let location = s["detail"]["drops"][0]["location"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(location.starts_with("nft_do_chain+"), "{s}");
+    // CAP_SYS_PTRACE finds the unnamed namespace, CAP_SYS_ADMIN enters it, CAP_NET_ADMIN
+    // lets `nft` (given the capability as an ambient one) list its rules.
+    assert_eq!(s["detail"]["rule"]["text"], "tcp dport 3306 drop", "{s}");
+}
+
+#[test]
+fn without_the_naming_capabilities_it_traces_and_says_what_is_not_named() {
+    require_root();
+    let run = dropped_connection_as_nobody("cap_bpf,cap_perfmon,cap_dac_read_search");
+    for cap in [
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_PTRACE",
+    ] {
+        assert!(
+            run.stderr.contains(&format!("without {cap}: ")),
+            "{cap} not named: {}",
+            run.stderr
+        );
+    }
+    // CAP_SYSLOG is named where kallsyms hides its addresses from nobody (here:
+    // perf_event_paranoid 2), and then the hook and location are unnamed.
+    let head = as_nobody(Path::new("head"))
+        .args(["-c", "16", "/proc/kallsyms"])
+        .output()
+        .expect("run head as nobody");
+    let hidden = String::from_utf8_lossy(&head.stdout).starts_with("0000000000000000");
+    assert_eq!(
+        run.stderr.contains("without CAP_SYSLOG: "),
+        hidden,
+        "{}",
+        run.stderr
+    );
+    let c = only_verdict_in(&run.values, run.client);
+    assert_eq!(c["reason"], "syn_timeout", "{c}");
+    let s = only_verdict_in(&run.values, run.server);
+    assert_eq!(s["reason"], "netfilter_drop", "{s}");
+    assert!(s["detail"]["rule"].is_null(), "{s}");
+    assert!(s["detail"]["rule_not_found"].is_string(), "{s}");
+    if hidden {
+        assert!(s["detail"]["hook"].is_null(), "{s}");
+    }
+}
+
+#[test]
+fn cap_sys_admin_does_not_open_tracefs_the_error_names_cap_dac_read_search() {
+    require_root();
+    let (_dir, bin) = with_file_caps("cap_bpf,cap_perfmon,cap_net_admin,cap_sys_admin");
+    let out = as_nobody(&bin)
+        .args(["--port", "3306", "--duration", "1s"])
         .output()
         .expect("run setpriv");
-    std::fs::remove_dir_all(&dir).ok();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.starts_with("{\"event\":\"ready\""), "{stdout}");
-    assert!(stdout.contains("\"event\":\"summary\""), "{stdout}");
-    // `nft` inherited CAP_NET_ADMIN: no warning about rule counters.
-    assert!(!stderr.contains("rule counter"), "{stderr}");
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with(
+            "conntrace: missing privileges: CAP_DAC_READ_SEARCH needed to trace (read tracefs"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("CAP_SYS_PTRACE, CAP_SYSLOG needed to name"),
+        "{stderr}"
+    );
 }

@@ -5,11 +5,9 @@
 use std::time::Duration;
 
 use conntrace_tests::{
-    Conntrace, Netns, TwoHosts, connect, drops_in, only_verdict_in, require_root, verdicts_in,
+    Netns, PORT, Scenario, TwoHosts, connect, drops_in, only_verdict_in, verdicts_in,
 };
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 /// What one connection through a firewall rule left behind.
 struct FirewalledRun {
@@ -22,12 +20,10 @@ struct FirewalledRun {
 /// `tcp_syn_retries` to 1 (about 3 s to ETIMEDOUT), makes one connection from `sport` under
 /// conntrace, and checks the client saw only a timeout.
 fn connect_through(rule: impl FnOnce(&TwoHosts), sport: u16) -> FirewalledRun {
-    let hosts = TwoHosts::new();
-    rule(&hosts);
-    hosts
-        .client
-        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new()
+        .with(rule)
+        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
+        .conntrace(&["--port", "3306"]);
     let sport = sport.to_string();
     let client = connect(
         &hosts.client,
@@ -85,7 +81,6 @@ fn assert_dropped_by(v: &Value, hook: &str, family: &str, table: &str, chain: &s
 
 #[test]
 fn server_input_drop_names_the_hook_and_the_rule() {
-    require_root();
     let run = connect_through(|h| iptables_drop(&h.server, "INPUT"), 41003);
     let (hosts, values) = (&run.hosts, &run.values);
     // The client cannot know: its SYNs went unanswered.
@@ -123,7 +118,6 @@ fn server_input_drop_names_the_hook_and_the_rule() {
 
 #[test]
 fn client_output_drop_is_a_netfilter_drop_not_a_bare_timeout() {
-    require_root();
     let run = connect_through(|h| iptables_drop(&h.client, "OUTPUT"), 41007);
     let (hosts, values) = (&run.hosts, &run.values);
     let c = only_verdict_in(values, hosts.client.inode());
@@ -150,7 +144,6 @@ fn client_output_drop_is_a_netfilter_drop_not_a_bare_timeout() {
 
 #[test]
 fn nftables_drop_rule_is_named_too() {
-    require_root();
     let run = connect_through(
         |h| {
             let nft = |args: &str| {
@@ -172,21 +165,21 @@ fn nftables_drop_rule_is_named_too() {
 /// Eight connections in a row against `REJECT --reject-with WITH` on the server's INPUT: the
 /// client's results (errno and time per connection) and conntrace's records.
 fn reject_burst(with: &str) -> (TwoHosts, Vec<Value>, Vec<Value>) {
-    let hosts = TwoHosts::new();
-    hosts.server.exec(&[
-        "iptables",
-        "-A",
-        "INPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        "3306",
-        "-j",
-        "REJECT",
-        "--reject-with",
-        with,
-    ]);
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new()
+        .in_server(&[
+            "iptables",
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            "3306",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            with,
+        ])
+        .conntrace(&["--port", "3306"]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -234,7 +227,6 @@ fn assert_server_rejected(hosts: &TwoHosts, values: &[Value], with: &str) {
 
 #[test]
 fn reject_with_tcp_reset_fails_every_connect_at_once() {
-    require_root();
     let (hosts, results, values) = reject_burst("tcp-reset");
     let slowest = report_cost("tcp-reset", &results, 111);
     assert!(slowest < 500.0, "a RST is never rate-limited: {results:?}");
@@ -285,12 +277,10 @@ fn icmp_reject(with: &str, errno: i64, errno_name: &str) {
 
 #[test]
 fn reject_with_icmp_port_unreachable_costs_bursts_a_retransmit() {
-    require_root();
     icmp_reject("icmp-port-unreachable", 111, "ECONNREFUSED");
 }
 
 #[test]
 fn reject_with_icmp_host_prohibited_costs_bursts_a_retransmit() {
-    require_root();
     icmp_reject("icmp-host-prohibited", 113, "EHOSTUNREACH");
 }

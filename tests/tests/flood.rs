@@ -6,51 +6,29 @@
 
 use std::{process::Stdio, time::Duration};
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, proc_mib, require_root, serve};
+use conntrace_tests::{PORT, Proc, Scenario, TwoHosts, connect, proc_mib};
 
-const PORT: u16 = 3306;
 /// SYNs in CI.
 const CI_SYNS: u64 = 5000;
 
 #[test]
 fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
-    require_root();
     let syns: u64 = std::env::var("CONNTRACE_FLOOD_SYNS")
         .ok()
         .map_or(CI_SYNS, |v| {
             v.parse().expect("CONNTRACE_FLOOD_SYNS is a number")
         });
     let interval = if syns > CI_SYNS { "u10" } else { "u100" };
-    let hosts = TwoHosts::new();
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello"],
-    );
-    let ct = Conntrace::start(&["--port", "3306", "--all"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .serve(&["--greeting", "hello"])
+        .conntrace(&["--port", "3306", "--all"]);
     // Spoofed from an address nobody owns: the SYN-ACKs go nowhere (half-open, cookies).
     let spoofed = hosts.unowned_ip(50);
-    let mut flood = hosts
-        .client
-        .command("hping3")
-        .args([
-            "-q",
-            "-S",
-            "-a",
-            &spoofed,
-            "-p",
-            "3306",
-            "-i",
-            interval,
-            "-c",
-            &syns.to_string(),
-        ])
-        .arg(&hosts.server_ip)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run hping3 (package hping3)");
+    let mut flood = start_flood(&hosts, &spoofed, interval, syns);
     std::thread::sleep(Duration::from_millis(200));
     let victim = connect(
         &hosts.client,
@@ -68,7 +46,8 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
         .and_then(|a| a.rsplit_once(':'))
         .and_then(|(_, p)| p.parse().ok())
         .expect("victim's local port");
-    flood.wait().expect("hping3 ends");
+    // Bounded (the full-size run sends for about a second; no test hangs).
+    flood.wait(Duration::from_secs(300), "hping3");
     std::thread::sleep(Duration::from_secs(2));
     let rss = proc_mib(ct.pid(), "VmHWM");
     let values = ct.stop();
@@ -102,4 +81,30 @@ fn a_victim_connection_during_a_syn_flood_keeps_its_verdict() {
         "losses are counted"
     );
     assert!(rss <= 64.0, "peak RSS {rss:.1} MiB");
+}
+
+/// `hping3` in the client host: `syns` SYNs to the server's port from `spoofed`, one every
+/// `interval` (hping3's `-i`).
+fn start_flood(hosts: &TwoHosts, spoofed: &str, interval: &str, syns: u64) -> Proc {
+    Proc::spawn(
+        hosts
+            .client
+            .command("hping3")
+            .args([
+                "-q",
+                "-S",
+                "-a",
+                spoofed,
+                "-p",
+                "3306",
+                "-i",
+                interval,
+                "-c",
+                &syns.to_string(),
+            ])
+            .arg(&hosts.server_ip)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "hping3 (package hping3)",
+    )
 }

@@ -3,19 +3,13 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{
-    Conntrace, TwoHosts, connect, drops_in, only_verdict_in, require_root, serve, verdicts_in,
-};
-
-const PORT: u16 = 3306;
+use conntrace_tests::{PORT, Scenario, connect, drops_in, only_verdict_in, verdicts_in};
 
 #[test]
 fn an_address_nobody_owns_is_neighbour_failed() {
-    require_root();
-    let hosts = TwoHosts::new();
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     // On the veth subnet, but no host has it: ARP goes unanswered.
     let nobody = hosts.unowned_ip(250);
-    let ct = Conntrace::start(&["--port", "3306"]);
     let client = connect(&hosts.client, &nobody, PORT, &["--timeout-ms", "20000"]);
     let results = client.json_lines(Duration::from_secs(30));
     // The application only learns EHOSTUNREACH, after the neighbour probes ran out (~3 s).
@@ -71,18 +65,14 @@ fn an_address_nobody_owns_is_neighbour_failed() {
 
 #[test]
 fn a_server_that_never_accepts_overflows_its_listen_queue() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--backlog", "1", "--accept", "0"],
-    );
-    hosts
-        .client
-        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .serve(&["--backlog", "1", "--accept", "0"])
+        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
+        .conntrace(&["--port", "3306"]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,

@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, require_root};
+use conntrace_tests::{Conntrace, PORT, Scenario, connect, require_root};
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn all_programs() -> Vec<Value> {
     let out = std::process::Command::new("bpftool")
@@ -59,13 +57,11 @@ fn after_sigkill_no_program_stays_loaded() {
 
 #[test]
 fn two_conntrace_processes_trace_at_once() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let first = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     let second = Conntrace::start(&["--port", "3306"]);
     connect(&hosts.client, &hosts.server_ip, PORT, &[]).json_lines(Duration::from_secs(10));
     let client_ns = hosts.client.inode();
-    for ct in [first, second] {
+    for ct in [ct, second] {
         ct.wait_for(Duration::from_secs(3), |l| {
             l.value["netns"] == client_ns && l.value["reason"] == "refused_no_listener"
         });
@@ -80,11 +76,10 @@ fn two_conntrace_processes_trace_at_once() {
 
 #[test]
 fn without_leaves_capabilities_out_and_says_so() {
-    require_root();
-    let hosts = TwoHosts::new();
-    // Two capabilities every supported kernel has a tracepoint for (first data has none
-    // before 6.3, so --attach tracepoints would have nothing to leave out there).
-    let ct = Conntrace::start(&["--port", "3306", "--without", "syn-cookies,drops"]);
+    let Scenario { hosts, ct, .. } = Scenario::new()
+        // Two capabilities every supported kernel has a tracepoint for (first data has none
+        // before 6.3, so --attach tracepoints would have nothing to leave out there).
+        .conntrace(&["--port", "3306", "--without", "syn-cookies,drops"]);
     connect(&hosts.client, &hosts.server_ip, PORT, &[]).json_lines(Duration::from_secs(10));
     let client_ns = hosts.client.inode();
     ct.wait_for(Duration::from_secs(3), |l| {

@@ -6,9 +6,7 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{Conntrace, TwoHosts, connect, conntrace_bin, require_root};
-
-const PORT: u16 = 3306;
+use conntrace_tests::{PORT, Proc, Scenario, TempDir, connect, conntrace_bin};
 
 /// A free port on the loopback address (bound, then released for conntrace to take).
 fn free_loopback_port() -> u16 {
@@ -27,10 +25,9 @@ fn scrape(addr: &str) -> String {
 
 #[test]
 fn metrics_count_verdicts_and_a_real_prometheus_stores_them() {
-    require_root();
-    let hosts = TwoHosts::new();
     let addr = format!("127.0.0.1:{}", free_loopback_port());
-    let ct = Conntrace::start(&["--port", "3306", "--metrics-addr", &addr]);
+    let Scenario { hosts, ct, .. } =
+        Scenario::new().conntrace(&["--port", "3306", "--metrics-addr", &addr]);
     // Nothing listens: two refused connections, seen from both sides.
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--count", "2"]);
     client.json_lines(Duration::from_secs(10));
@@ -60,40 +57,29 @@ fn metrics_count_verdicts_and_a_real_prometheus_stores_them() {
     ct.stop();
 }
 
-/// Kills the child process on drop, and removes its scratch directory.
-struct Scratch(std::process::Child, std::path::PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-        std::fs::remove_dir_all(&self.1).ok();
-    }
-}
-
 /// Runs Debian's Prometheus against `target` with a 1 s scrape interval until a query for
 /// `metric` returns data (20 s at most); returns the query's JSON answer.
 fn prometheus_scrape(target: &str, metric: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("ct-prom-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = TempDir::new("ct-prom");
     let config = dir.join("prometheus.yml");
     let yaml = format!(
         "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: conntrace\n    static_configs:\n      - targets: ['{target}']\n"
     );
     std::fs::write(&config, yaml).expect("write prometheus.yml");
     let web = format!("127.0.0.1:{}", free_loopback_port());
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={web}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn prometheus (package `prometheus`, installed by `cargo xtask setup`)");
-    let _guard = Scratch(child, dir);
+    // Declared after `dir`, so dropped before it: Prometheus is killed, then its files removed.
+    let _prometheus = Proc::spawn(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "prometheus (package `prometheus`, installed by `cargo xtask setup`)",
+    );
     let url = format!("http://{web}/api/v1/query?query={metric}");
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -157,25 +143,25 @@ fn man_page_and_completions_come_from_the_cli_definition() {
 
 #[test]
 fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
-    require_root();
-    let hosts = TwoHosts::new();
+    let Scenario { hosts, .. } = Scenario::new();
     // `script` gives conntrace a pseudo-terminal as stdout and copies what it shows.
     let command = format!(
         "{} --port 3306 --duration 6s",
         conntrace_bin().to_str().expect("utf-8 path")
     );
-    let mut term = Command::new("script")
-        .args(["-qfec", &command, "/dev/null"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run script (bsdutils)");
+    let mut term = Proc::spawn(
+        Command::new("script")
+            .args(["-qfec", &command, "/dev/null"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "script (bsdutils)",
+    );
     // What the terminal shows, as it comes: the connection is made once conntrace is ready
     // (its --duration counts from then; loading takes a minute on an emulated kernel).
     let shown = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let reader = {
         let shown = std::sync::Arc::clone(&shown);
-        let mut stdout = term.stdout.take().expect("script's stdout");
+        let mut stdout = term.child.stdout.take().expect("script's stdout");
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
@@ -195,11 +181,7 @@ fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
         std::thread::sleep(Duration::from_millis(50));
     }
     connect(&hosts.client, &hosts.server_ip, PORT, &[]).json_lines(Duration::from_secs(10));
-    conntrace_tests::wait_exit(
-        &mut term,
-        Duration::from_secs(30),
-        "script running conntrace",
-    );
+    term.wait(Duration::from_secs(30), "script running conntrace");
     reader.join().expect("reader");
     let shown = String::from_utf8_lossy(&shown.lock().expect("shown")).into_owned();
     assert!(

@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use conntrace_tests::{
-    Conntrace, TwoHosts, connect, only_verdict_in, require_root, serve, verdicts_in,
+    Conntrace, FOLLOW_MODES, PORT, Scenario, connect, only_verdict_in, serve, verdicts_in,
 };
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn by_side<'a>(verdicts: &'a [Value], side: &str) -> Vec<&'a Value> {
     verdicts.iter().filter(|v| v["side"] == side).collect()
@@ -16,15 +14,9 @@ fn by_side<'a>(verdicts: &'a [Value], side: &str) -> Vec<&'a Value> {
 
 #[test]
 fn healthy_connections_give_established_verdicts_with_processes() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306", "--all", "--stall-timeout", "2s"]);
-    let server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--accept", "200", "--greeting", "hello\n"],
-    );
+    let Scenario { hosts, ct, server } = Scenario::new()
+        .conntrace(&["--port", "3306", "--all", "--stall-timeout", "2s"])
+        .serve(&["--accept", "200", "--greeting", "hello\n"]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -98,9 +90,7 @@ fn healthy_connections_give_established_verdicts_with_processes() {
 
 #[test]
 fn nothing_listening_is_refused_on_both_sides() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41001"]);
     let results = client.json_lines(Duration::from_secs(10));
     assert_eq!(
@@ -151,9 +141,7 @@ fn nothing_listening_is_refused_on_both_sides() {
 
 #[test]
 fn ipv6_refused_and_established() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306", "--all"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306", "--all"]);
     let refused = connect(
         &hosts.client,
         &hosts.server_ip6,
@@ -226,9 +214,7 @@ fn ipv6_refused_and_established() {
 
 #[test]
 fn failure_verdict_arrives_within_one_second() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     let client = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41002"]);
     let results = client.json_lines(Duration::from_secs(10));
     let failed_at = std::time::Instant::now();
@@ -245,46 +231,202 @@ fn failure_verdict_arrives_within_one_second() {
     ct.stop();
 }
 
+/// The programs that served `connect_process` in this run (from the `ready` line).
+fn connect_programs(values: &[Value]) -> Vec<String> {
+    let ready = values
+        .iter()
+        .find(|v| v["event"] == "ready")
+        .expect("ready");
+    ready["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["capability"] == "connect_process")
+        .map(|p| p["attach"].as_str().unwrap_or("?").to_owned())
+        .collect()
+}
+
 #[test]
 fn no_route_is_reported_without_packets() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
-    // TEST-NET-1 (RFC 5737): the client namespace has no route to it, so no packet is sent.
-    let client = connect(&hosts.client, "192.0.2.1", PORT, &[]);
-    let client_pid = client.pid();
-    let results = client.json_lines(Duration::from_secs(10));
-    assert_eq!(
-        results[0]["errno"], 101,
-        "client should see ENETUNREACH: {results:?}"
-    );
-    let values = ct.stop_after_verdict_in(hosts.client.inode());
-    let v = &only_verdict_in(&values, hosts.client.inode());
-    assert_eq!(
-        (v["reason"].as_str(), v["errno"].as_str()),
-        (Some("no_route"), Some("ENETUNREACH"))
-    );
-    assert_eq!(
-        (v["daddr"].as_str(), v["dport"].as_u64()),
-        (Some("192.0.2.1"), Some(3306))
-    );
-    assert_eq!(
-        (v["pid"].as_u64(), v["comm"].as_str()),
-        (Some(u64::from(client_pid)), Some("ct-client"))
-    );
+    // connect()'s ENETUNREACH comes from the syscall when connections stream, from the failed
+    // route lookup in quiet mode (this host: no fexit): the same verdict either way.
+    for follow in FOLLOW_MODES {
+        let Scenario { hosts, ct, .. } =
+            Scenario::new().conntrace(&["--port", "3306", "--follow", follow]);
+        // TEST-NET-1 (RFC 5737): the client namespace has no route to it, so no packet is sent.
+        let client = connect(&hosts.client, "192.0.2.1", PORT, &[]);
+        let client_pid = client.pid();
+        let results = client.json_lines(Duration::from_secs(10));
+        assert_eq!(
+            results[0]["errno"], 101,
+            "client should see ENETUNREACH: {results:?}"
+        );
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        let v = &only_verdict_in(&values, hosts.client.inode());
+        println!(
+            "MEASURED no_route --follow {follow} via {:?}: {v}",
+            connect_programs(&values)
+        );
+        assert_eq!(
+            (v["reason"].as_str(), v["errno"].as_str()),
+            (Some("no_route"), Some("ENETUNREACH")),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
+            (v["daddr"].as_str(), v["dport"].as_u64()),
+            (Some("192.0.2.1"), Some(3306))
+        );
+        assert_eq!(
+            (v["pid"].as_u64(), v["comm"].as_str()),
+            (Some(u64::from(client_pid)), Some("ct-client")),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
+            v["detail"]["route"]["kind"], "none",
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(v["detail"]["packets_sent"], 0);
+        assert!(v["sport"].is_null() && v["saddr"].is_null(), "{v}");
+    }
+}
+
+#[test]
+fn ipv6_no_route_is_reported_without_packets() {
+    // IPv6 looks the route up twice per connect() (without, then with a source address) and
+    // traces a miss as an unreachable route: still one verdict, ENETUNREACH, in both modes.
+    for follow in FOLLOW_MODES {
+        let Scenario { hosts, ct, .. } =
+            Scenario::new().conntrace(&["--port", "3306", "--follow", follow]);
+        // The documentation prefix (RFC 3849): the client has a ULA address and no route there.
+        let client = connect(&hosts.client, "2001:db8::1", PORT, &[]);
+        let client_pid = client.pid();
+        let results = client.json_lines(Duration::from_secs(10));
+        assert_eq!(
+            results[0]["errno"], 101,
+            "client should see ENETUNREACH: {results:?}"
+        );
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        let v = &only_verdict_in(&values, hosts.client.inode());
+        println!(
+            "MEASURED ipv6_no_route --follow {follow} via {:?}: {v}",
+            connect_programs(&values)
+        );
+        assert_eq!(
+            (v["reason"].as_str(), v["errno"].as_str()),
+            (Some("no_route"), Some("ENETUNREACH")),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
+            (v["daddr"].as_str(), v["dport"].as_u64()),
+            (Some("2001:db8::1"), Some(3306))
+        );
+        assert_eq!(
+            (v["pid"].as_u64(), v["comm"].as_str()),
+            (Some(u64::from(client_pid)), Some("ct-client")),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
+            v["detail"]["route"]["kind"], "none",
+            "--follow {follow}: {v}"
+        );
+    }
+}
+
+#[test]
+fn custom_rules_give_one_verdict_per_failed_connect_and_none_for_healthy_ones() {
+    // A rule that sends every lookup to table 100 first (which has an unrelated route, so it
+    // exists and is traced): each healthy connect() misses there before the main table has the
+    // route, and a failed one misses in both tables. IPv4 and IPv6.
+    for follow in FOLLOW_MODES {
+        let scenario = Scenario::new();
+        let n = scenario
+            .hosts
+            .client_ip
+            .split('.')
+            .nth(2)
+            .expect("ipv4")
+            .to_owned();
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = scenario
+            .in_client(&["ip", "rule", "add", "pref", "100", "lookup", "100"])
+            .in_client(&["ip", "-6", "rule", "add", "pref", "100", "lookup", "100"])
+            .in_client(&[
+                "ip",
+                "route",
+                "add",
+                "blackhole",
+                &format!("10.98.{n}.0/24"),
+                "table",
+                "100",
+            ])
+            .in_client(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "blackhole",
+                "fd98::/64",
+                "table",
+                "100",
+            ])
+            .serve(&["--greeting", "hi"])
+            .conntrace(&["--port", "3306", "--follow", follow]);
+        let _server6 = serve(
+            &hosts.server,
+            &hosts.server_ip6,
+            PORT,
+            &["--greeting", "hi"],
+        );
+        for server in [&hosts.server_ip, &hosts.server_ip6] {
+            let results = connect(&hosts.client, server, PORT, &["--count", "10", "--read"])
+                .json_lines(Duration::from_secs(20));
+            assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+        }
+        for unroutable in ["192.0.2.1", "2001:db8::1"] {
+            let results =
+                connect(&hosts.client, unroutable, PORT, &[]).json_lines(Duration::from_secs(10));
+            assert_eq!(results[0]["errno"], 101, "{results:?}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let values = ct.stop();
+        let verdicts = verdicts_in(&values, hosts.client.inode());
+        for v in &verdicts {
+            println!("MEASURED custom_rules --follow {follow}: {v}");
+        }
+        let got: Vec<(&str, &str, &str)> = verdicts
+            .iter()
+            .map(|v| {
+                let text = |f: &str| v[f].as_str().unwrap_or("-");
+                (text("reason"), text("errno"), text("daddr"))
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("no_route", "ENETUNREACH", "192.0.2.1"),
+                ("no_route", "ENETUNREACH", "2001:db8::1")
+            ],
+            "--follow {follow}"
+        );
+    }
 }
 
 #[test]
 fn server_abort_is_reset_by_peer() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--accept", "1", "--greeting", "hello\n", "--linger0"],
-    );
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new().conntrace(&["--port", "3306"]).serve(&[
+        "--accept",
+        "1",
+        "--greeting",
+        "hello\n",
+        "--linger0",
+    ]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -308,11 +450,14 @@ fn server_abort_is_reset_by_peer() {
 
 #[test]
 fn kernel_side_losses_are_counted_and_reported() {
-    require_root();
-    let hosts = TwoHosts::new();
-    // One page of ring buffer holds a few dozen events: a burst must overflow it.
-    let ct = Conntrace::start(&["--port", "3306", "--ring-buffer-bytes", "4096"]);
-    let _server = serve(&hosts.server, &hosts.server_ip, PORT, &["--greeting", "x"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        // One page of ring buffer holds a few dozen events: a burst must overflow it.
+        .conntrace(&["--port", "3306", "--ring-buffer-bytes", "4096"])
+        .serve(&["--greeting", "x"]);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -340,16 +485,10 @@ fn kernel_side_losses_are_counted_and_reported() {
 
 #[test]
 fn another_program_on_the_port_is_an_unexpected_listener() {
-    require_root();
-    let hosts = TwoHosts::new();
-    // The seed's story: something else (there, java) holds 3306 instead of mysqld.
-    let ct = Conntrace::start(&["--port", "3306", "--expect-comm", "mysqld"]);
-    let server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--accept", "1", "--greeting", "hi"],
-    );
+    let Scenario { hosts, ct, server } = Scenario::new()
+        // The seed's story: something else (there, java) holds 3306 instead of mysqld.
+        .conntrace(&["--port", "3306", "--expect-comm", "mysqld"])
+        .serve(&["--accept", "1", "--greeting", "hi"]);
     let ok = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -404,11 +543,10 @@ fn another_program_on_the_port_is_an_unexpected_listener() {
 
 #[test]
 fn listener_on_loopback_only_is_refused_bound_elsewhere() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let ct = Conntrace::start(&["--port", "3306"]);
-    // The seed's MySQL with bind-address = 127.0.0.1, reached at the LAN address.
-    let server = serve(&hosts.server, "127.0.0.1", PORT, &[]);
+    let Scenario { hosts, ct, server } = Scenario::new()
+        .conntrace(&["--port", "3306"])
+        // The seed's MySQL with bind-address = 127.0.0.1, reached at the LAN address.
+        .serve_on("127.0.0.1", &[]);
     let refused = connect(&hosts.client, &hosts.server_ip, PORT, &["--sport", "41010"])
         .json_lines(Duration::from_secs(10));
     assert_eq!(refused[0]["errno"], 111, "{refused:?}");

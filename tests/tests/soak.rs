@@ -12,10 +12,9 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{ChurnHosts, Conntrace, helper_bin, proc_mib, require_root};
+use conntrace_tests::{Conntrace, PORT, Proc, Scenario, helper_bin, proc_mib};
 use serde_json::Value;
 
-const PORT: u16 = 3306;
 /// Connections a second in all, in CI.
 const CI_RATE: u64 = 2000;
 /// Most connections per pair of namespaces in the full soak.
@@ -27,11 +26,11 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 /// One round of the soak: a traced server and its churning client, in fresh namespaces.
-struct Round(ChurnHosts);
+struct Round(Scenario<(), Proc>);
 
 impl Round {
     fn new() -> Self {
-        Self(ChurnHosts::new(PORT))
+        Self(Scenario::churn(PORT))
     }
 
     /// Churns for at most `ms`, or `count` connections; returns the connections made.
@@ -54,7 +53,6 @@ impl Round {
 
 #[test]
 fn churn_keeps_memory_flat_and_counts_exact() {
-    require_root();
     let full = env_u64("CONNTRACE_SOAK_CONNECTIONS");
     let rate = env_u64("CONNTRACE_SOAK_RATE").unwrap_or(CI_RATE);
     let mut args = vec!["--port", "3306", "--ring-buffer-bytes", "16777216"];

@@ -6,12 +6,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use conntrace_tests::{
-    Conntrace, TwoHosts, connect, conntrace_bin, require_root, serve, sh, verdicts_in,
-};
+use conntrace_tests::{PORT, Scenario, TempDir, connect, conntrace_bin, sh, verdicts_in};
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn find<'a>(verdicts: &'a [Value], reason: &str, outcome: &str) -> Vec<&'a Value> {
     verdicts
@@ -20,36 +16,35 @@ fn find<'a>(verdicts: &'a [Value], reason: &str, outcome: &str) -> Vec<&'a Value
         .collect()
 }
 
+/// The client's final (pure) ACK of a handshake, dropped in the server's INPUT.
+const DROP_PURE_ACKS: &[&str] = &[
+    "iptables",
+    "-A",
+    "INPUT",
+    "-p",
+    "tcp",
+    "--dport",
+    "3306",
+    "--tcp-flags",
+    "ALL",
+    "ACK",
+    "-j",
+    "DROP",
+];
+
 #[test]
 fn a_lost_cookie_ack_leaves_the_client_waiting_for_a_greeting() {
-    require_root();
-    let hosts = TwoHosts::new();
-    // Every SYN is answered with a cookie, and the client's final (pure) ACK is dropped: the
-    // client is ESTABLISHED, the server never creates a socket.
-    hosts
-        .server
-        .exec(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"]);
-    hosts.server.exec(&[
-        "iptables",
-        "-A",
-        "INPUT",
-        "-p",
-        "tcp",
-        "--dport",
-        "3306",
-        "--tcp-flags",
-        "ALL",
-        "ACK",
-        "-j",
-        "DROP",
-    ]);
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello"],
-    );
-    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "2s"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        // Every SYN is answered with a cookie, and the client's final (pure) ACK is dropped:
+        // the client is ESTABLISHED, the server never creates a socket.
+        .in_server(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])
+        .in_server(DROP_PURE_ACKS)
+        .serve(&["--greeting", "hello"])
+        .conntrace(&["--port", "3306", "--stall-timeout", "2s"]);
     let started = Instant::now();
     let client = connect(
         &hosts.client,
@@ -111,8 +106,13 @@ fn a_lost_cookie_ack_leaves_the_client_waiting_for_a_greeting() {
     let counters = &summary["tcp_counters"][server_ns.to_string()];
     assert!(counters["SyncookiesSent"].as_u64() >= Some(1), "{summary}");
 
-    // As if each host had run its own conntrace: one file per host, joined by `merge`.
-    let merged = merge_per_host(&values, &[client_ns, server_ns]);
+    merged_per_host_into_one_story(&values, &[client_ns, server_ns], rule);
+}
+
+/// As if each host had run its own conntrace: one file per host, joined by `merge` into one
+/// story (the lost cookie ACK's, naming `rule`).
+fn merged_per_host_into_one_story(values: &[Value], namespaces: &[u64], rule: &str) {
+    let merged = merge_per_host(values, namespaces);
     let joined: Vec<&Value> = merged.iter().filter(|m| m["one_sided"].is_null()).collect();
     assert_eq!(joined.len(), 1, "{merged:#?}");
     let m = joined[0];
@@ -133,8 +133,7 @@ fn a_lost_cookie_ack_leaves_the_client_waiting_for_a_greeting() {
 /// Writes each namespace's verdicts to its own file (one per host) and runs
 /// `conntrace merge --json` on them.
 fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
-    let dir = std::env::temp_dir().join(format!("ct-merge-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let dir = TempDir::new("ct-merge");
     let files: Vec<std::path::PathBuf> = namespaces
         .iter()
         .map(|ns| {
@@ -154,7 +153,6 @@ fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
         .args(&files)
         .output()
         .expect("run conntrace merge");
-    std::fs::remove_dir_all(&dir).ok();
     assert!(
         out.status.success(),
         "{}",
@@ -168,15 +166,13 @@ fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
 
 #[test]
 fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let _server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello", "--greeting-delay-ms", "2000"],
-    );
-    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "1s"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .serve(&["--greeting", "hello", "--greeting-delay-ms", "2000"])
+        .conntrace(&["--port", "3306", "--stall-timeout", "1s"]);
     // Resolving needs the first data received: tracepoints have it on 6.6+, fexit rows before.
     if ct.lacks("first_data", "sock:sk_data_ready is 6.6+") {
         return;
@@ -216,17 +212,14 @@ fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
 
 #[test]
 fn two_hundred_clients_against_a_stopped_server_all_get_a_verdict() {
-    require_root();
-    let hosts = TwoHosts::new();
-    let server = serve(
-        &hosts.server,
-        &hosts.server_ip,
-        PORT,
-        &["--greeting", "hello", "--backlog", "8"],
-    );
-    let pid = server.pid().to_string();
+    let scenario = Scenario::new().serve(&["--greeting", "hello", "--backlog", "8"]);
+    let pid = scenario.server.pid().to_string();
     sh(&["kill", "-STOP", &pid]);
-    let ct = Conntrace::start(&["--port", "3306", "--stall-timeout", "2s"]);
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = scenario.conntrace(&["--port", "3306", "--stall-timeout", "2s"]);
     // 200 clients at once, local ports 43000..43199, each reading the greeting (8 s timeout).
     let client = connect(
         &hosts.client,
@@ -254,33 +247,7 @@ fn two_hundred_clients_against_a_stopped_server_all_get_a_verdict() {
 
     let client = verdicts_in(&values, hosts.client.inode());
     let server = verdicts_in(&values, hosts.server.inode());
-    let count = |vs: &[Value]| {
-        let mut m: BTreeMap<String, u64> = BTreeMap::new();
-        for v in vs {
-            *m.entry(format!(
-                "{} {}",
-                v["outcome"].as_str().unwrap_or("?"),
-                v["reason"].as_str().unwrap_or("?")
-            ))
-            .or_default() += 1;
-        }
-        m
-    };
-    let greeted = results.iter().filter(|r| r["ok"] == true).count();
-    let mut errnos: BTreeMap<String, u64> = BTreeMap::new();
-    for r in results.iter().filter(|r| r["ok"] != true) {
-        *errnos.entry(r["errno"].to_string()).or_default() += 1;
-    }
-    println!(
-        "MEASURED 200 clients vs a stopped server (backlog 8, SIGCONT after 3 s): {greeted} greeted; failed by errno {errnos:?}"
-    );
-    println!("MEASURED client verdicts: {:?}", count(&client));
-    println!("MEASURED server verdicts: {:?}", count(&server));
-    println!(
-        "MEASURED summary listeners {} tcp_counters {}",
-        values.last().expect("summary")["listeners"],
-        values.last().expect("summary")["tcp_counters"]
-    );
+    print_stopped_server_story(&results, &client, &server, &values);
 
     // Every connection that did not get its greeting has a client verdict naming why.
     let mut missing = Vec::new();
@@ -311,5 +278,43 @@ fn two_hundred_clients_against_a_stopped_server_all_get_a_verdict() {
     assert!(
         server.iter().any(|v| v["reason"] == "not_accepted"),
         "the stopped server left connections unaccepted: {server_reasons:?}"
+    );
+}
+
+/// Verdicts counted by "outcome reason".
+fn count(vs: &[Value]) -> BTreeMap<String, u64> {
+    let mut m: BTreeMap<String, u64> = BTreeMap::new();
+    for v in vs {
+        *m.entry(format!(
+            "{} {}",
+            v["outcome"].as_str().unwrap_or("?"),
+            v["reason"].as_str().unwrap_or("?")
+        ))
+        .or_default() += 1;
+    }
+    m
+}
+
+/// Prints what the 200 clients saw and what conntrace reported (the README's figures).
+fn print_stopped_server_story(
+    results: &[Value],
+    client: &[Value],
+    server: &[Value],
+    values: &[Value],
+) {
+    let greeted = results.iter().filter(|r| r["ok"] == true).count();
+    let mut errnos: BTreeMap<String, u64> = BTreeMap::new();
+    for r in results.iter().filter(|r| r["ok"] != true) {
+        *errnos.entry(r["errno"].to_string()).or_default() += 1;
+    }
+    println!(
+        "MEASURED 200 clients vs a stopped server (backlog 8, SIGCONT after 3 s): {greeted} greeted; failed by errno {errnos:?}"
+    );
+    println!("MEASURED client verdicts: {:?}", count(client));
+    println!("MEASURED server verdicts: {:?}", count(server));
+    println!(
+        "MEASURED summary listeners {} tcp_counters {}",
+        values.last().expect("summary")["listeners"],
+        values.last().expect("summary")["tcp_counters"]
     );
 }

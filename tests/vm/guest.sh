@@ -2,7 +2,8 @@
 # The VM test guest's runner: started by tests/vm/init, chrooted into the host's root file
 # system (read-only 9p under a tmpfs overlay), as root, on the kernel under test.
 #
-# It follows the plan `cargo xtask vm-test` wrote to /ctout/plan, one command a line:
+# It follows the plan `cargo xtask vm-test` wrote to /ctout/plan, one command a line, its fields
+# separated by tabs (paths may hold spaces; the test names by spaces):
 #   env NAME VALUE                      export a variable (CONNTRACE_BIN, CONNTRACE_ATTACH)
 #   probe SECONDS NAME                  run conntrace for 1 s and keep its `ready` line
 #   test NAME PATH SECONDS TESTS...     run these tests (exact names) of a libtest executable
@@ -20,7 +21,8 @@ ip link set lo up
 echo "guest: kernel $(uname -r), $(nproc) CPUs, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB"
 uname -r >"$out/kernel"
 
-while read -r kind name path secs args; do
+tab=$(printf '\t')
+while IFS=$tab read -r kind name path secs args; do
     case $kind in
     env)
         export "$name=$path"

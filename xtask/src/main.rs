@@ -1,9 +1,11 @@
-//! Developer tasks. `cargo xtask setup | run -- ARGS | test | bench | vm-test`.
+//! Developer tasks. `cargo xtask setup | run -- ARGS | test | bench | vm-test | image | images |
+//! manifests`.
 //!
 //! `setup` installs, idempotently, everything building and testing conntrace needs on a Debian
 //! machine: the eBPF toolchain (Debian's rustc-web with its library sources, LLVM 22,
-//! bpf-linker), and the tools the tests drive (iproute2, iptables, nftables). It checks before
-//! it installs, so it costs a second when everything is there.
+//! bpf-linker), `protoc` (containerd's API is compiled from its protos), and the tools the
+//! tests drive (iproute2, iptables, nftables, Podman, runc, containerd, mmdebstrap). It checks
+//! before it installs, so it costs a second when everything is there.
 
 use std::{
     path::{Path, PathBuf},
@@ -13,6 +15,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod containers;
+mod manifests;
 mod vm;
 
 #[derive(Parser)]
@@ -61,13 +65,24 @@ enum Task {
         filters: Vec<String>,
     },
     /// Set up (with bpftrace, the peer it compares with), build release, and run the churn
-    /// benchmark (`ctbench`): untraced, traced, unrelated port, bpftrace. Its last line is
+    /// benchmark (`ctbench`): untraced, traced, unrelated port, bpftrace, bpftrace on
+    /// conntrace's own hooks; then each program's cost (`--bpf-stats`). Its last line is
     /// `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
     Bench {
         /// Arguments for ctbench: --rounds N (3), --phase-ms T (2000), --parallel K (2).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build release, and build conntrace's container image with Podman from the
+    /// Containerfile: `localhost/conntrace:VERSION` and `:latest`. Its base
+    /// (`docker.io/library/debian:bookworm-slim`) is made locally with mmdebstrap when it is not
+    /// in Podman's storage.
+    Image,
+    /// Build the tests' base image (`localhost/debian:bookworm-min`, mmdebstrap) into Podman
+    /// and containerd's `k8s.io` namespace, unless present (starts containerd if needed).
+    Images,
+    /// Validate deploy/kubernetes/ offline against the Kubernetes schemas (kubernetes-validate).
+    Manifests,
 }
 
 /// Debian packages: the eBPF toolchain (notes/environment.md) and the tools tests use.
@@ -81,6 +96,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",
     "nftables",
+    // containerd-client compiles containerd's protos at build time.
+    "protobuf-compiler",
 ];
 /// The benchmark compares with bpftrace and bcc's tcpstates (which needs kernel headers to run).
 const BENCH_PACKAGES: &[&str] = &["bpftrace", "bpfcc-tools"];
@@ -152,6 +169,8 @@ fn setup(extra: &[&'static str]) -> anyhow::Result<()> {
     if !missing.is_empty() {
         run(privileged("apt-get").arg("update"))?;
         run(privileged("apt-get")
+            // Wait for another apt to finish instead of failing at once.
+            .args(["-o", "DPkg::Lock::Timeout=600"])
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
@@ -188,8 +207,62 @@ fn setup(extra: &[&'static str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Everything `cargo xtask test` drives besides the toolchain.
+fn test_packages() -> Vec<&'static str> {
+    [TEST_PACKAGES, containers::PACKAGES, manifests::PACKAGES].concat()
+}
+
+fn need_root(what: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("{what} needs root: run it with `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+/// conntrace's image with the debug binary, for `tests/tests/image.rs`; removed on drop.
+struct TestImage;
+
+impl TestImage {
+    fn build() -> anyhow::Result<Self> {
+        containers::build_image(
+            &target_dir()?.join("debug/conntrace"),
+            &[containers::TEST_IMAGE.to_owned()],
+            false,
+        )?;
+        Ok(Self)
+    }
+}
+
+impl Drop for TestImage {
+    fn drop(&mut self) {
+        if let Err(e) = containers::remove_test_image() {
+            eprintln!("xtask: warning: {e:#}");
+        }
+    }
+}
+
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// cargo's target directory (`target/` of the checkout, or CARGO_TARGET_DIR, or the
+/// configured `build.target-dir`, wherever it is).
+fn target_dir() -> anyhow::Result<PathBuf> {
+    let out = cargo()
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("spawn cargo metadata")?;
+    if !out.status.success() {
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).context("cargo metadata")?;
+    let dir = meta["target_directory"].as_str();
+    Ok(dir
+        .context("cargo metadata has no target_directory")?
+        .into())
 }
 
 /// `cargo` with bpf-linker on PATH (cargo install puts it in ~/.cargo/bin).
@@ -204,13 +277,22 @@ fn cargo() -> Command {
     c
 }
 
+/// Before anything is set up or built: a checkout the VM guest cannot see ends the command with
+/// exit 1 and one line (no backtrace, whatever RUST_BACKTRACE says).
+fn refuse_vm_location() {
+    if let Err(why) = vm::check_location() {
+        eprintln!("xtask: {why:#}");
+        std::process::exit(1);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     match Args::parse().task {
-        Task::Setup => setup(TEST_PACKAGES),
+        Task::Setup => setup(&test_packages()),
         Task::Run { args } => {
             setup(&[])?;
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
-            let bin = workspace_root().join("target/release/conntrace");
+            let bin = target_dir()?.join("release/conntrace");
             run(privileged(bin.to_str().context("non-UTF-8 path")?).args(&args))
         }
         Task::Bench { args } => {
@@ -222,7 +304,7 @@ fn main() -> anyhow::Result<()> {
             }
             run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
             run(cargo().args(["build", "--release", "-p", "conntrace-tests", "--bins"]))?;
-            let root = workspace_root().join("target/release");
+            let root = target_dir()?.join("release");
             run(Command::new(root.join("ctbench"))
                 .env("CONNTRACE_BIN", root.join("conntrace"))
                 .args(&args))
@@ -235,7 +317,8 @@ fn main() -> anyhow::Result<()> {
         } => {
             let kernels = vm::Series::named(&kernel)?;
             let modes = vm::modes(&attach)?;
-            setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
+            refuse_vm_location();
+            setup(&[&test_packages()[..], vm::VM_PACKAGES].concat())?;
             vm::vm_test(&vm::Options {
                 kernels,
                 modes,
@@ -243,8 +326,36 @@ fn main() -> anyhow::Result<()> {
                 filters,
             })
         }
+        Task::Image => {
+            setup(containers::PACKAGES)?;
+            need_root("building the image (Podman as root, mmdebstrap)")?;
+            run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
+            let version = env!("CARGO_PKG_VERSION");
+            containers::build_image(
+                &target_dir()?.join("release/conntrace"),
+                &[
+                    format!("{}:{version}", containers::IMAGE),
+                    format!("{}:latest", containers::IMAGE),
+                ],
+                true,
+            )
+        }
+        Task::Images => {
+            setup(containers::PACKAGES)?;
+            need_root("building images (Podman as root, mmdebstrap, containerd)")?;
+            // A containerd started here for the import stops again at the end.
+            let _containerd = containers::Containerd::ensure()?;
+            containers::test_base()
+        }
+        Task::Manifests => {
+            setup(manifests::PACKAGES)?;
+            manifests::validate()
+        }
         Task::Test { no_vm, args } => {
-            setup(&[TEST_PACKAGES, vm::VM_PACKAGES].concat())?;
+            if !no_vm && args.is_empty() {
+                refuse_vm_location();
+            }
+            setup(&[&test_packages()[..], vm::VM_PACKAGES].concat())?;
             run(cargo().args(["build", "-p", "conntrace"]))?;
             // Unit tests (no privileges needed), then the scenarios: one at a time, since each
             // builds network namespaces and loads its own eBPF programs.
@@ -260,15 +371,26 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .arg("--")
                 .args(&args))?;
+            manifests::validate()?;
             if !is_root() {
                 bail!(
                     "the integration scenarios need root (eBPF, network namespaces): run `sudo -E cargo xtask test`"
                 );
             }
-            let bin = workspace_root().join("target/debug/conntrace");
+            // The container scenarios: containerd running (started here if it is not, and
+            // stopped again at the end), the tests' base image in Podman and containerd, and
+            // conntrace's image from the same Containerfile as `cargo xtask image`, with the
+            // debug binary (removed at the end; the base images stay cached).
+            let _containerd = containers::Containerd::ensure()?;
+            containers::run_netns_mount()?;
+            containers::test_base()?;
+            let _image = TestImage::build()?;
+            let bin = target_dir()?.join("debug/conntrace");
             run(cargo()
                 .args(["test", "-p", "conntrace-tests", "--tests"])
                 .env("CONNTRACE_BIN", bin)
+                .env("CONNTRACE_IMAGE", containers::TEST_IMAGE)
+                .env("CONTAINERS_CONF", containers::containers_conf())
                 .arg("--")
                 .args(["--test-threads", "1"])
                 .args(&args))?;

@@ -9,6 +9,7 @@
 //! in a writable 9p share (`target/vm/run-<kernel>/out`), which [`report`] reads.
 
 mod kernel;
+mod paths;
 mod report;
 
 use std::{
@@ -36,6 +37,10 @@ pub const VM_PACKAGES: &[&str] = &[
     "xz-utils",
     "zstd",
 ];
+
+/// Integration test executables that need the host's container storage and daemons (Podman's
+/// images, containerd): they run on the host only, not in the guests.
+const HOST_ONLY: &[&str] = &["image"];
 
 /// The bounded subset `vm-test` runs without `--full` (and `cargo xtask test` on 6.12): one
 /// scenario for each main failure class, exact test names.
@@ -94,9 +99,16 @@ fn vm_dir() -> PathBuf {
     workspace_root().join("target/vm")
 }
 
+/// Refuses a checkout the guest cannot see (beneath /proc, /sys, /run/netns, ...; see
+/// [`paths`]), in one line that says why and what to do. Anywhere else works.
+pub fn check_location() -> anyhow::Result<()> {
+    paths::check(&workspace_root(), &vm_dir())
+}
+
 /// Builds everything, runs the selected tests under each kernel, prints the table; fails if
 /// any kernel failed. The caller has run `setup` with [`VM_PACKAGES`].
 pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
+    check_location()?;
     let _lock = RunLock::take()?;
     let (exes, helpers) = build()?;
     let plan = select(exes, opts)?;
@@ -148,7 +160,7 @@ pub fn vm_test(opts: &Options) -> anyhow::Result<()> {
 /// than the scenarios wait for a verdict; the release build needs ~0.4 s.
 fn build() -> anyhow::Result<(Vec<TestExe>, Vec<PathBuf>)> {
     run(cargo().args(["build", "--release", "-p", "conntrace"]))?;
-    let conntrace = workspace_root().join("target/release/conntrace");
+    let conntrace = crate::target_dir()?.join("release/conntrace");
     let mut cmd = cargo();
     cmd.args(["test", "-p", "conntrace-tests", "--tests", "--no-run"])
         .arg("--message-format=json-render-diagnostics")
@@ -170,6 +182,9 @@ fn build() -> anyhow::Result<(Vec<TestExe>, Vec<PathBuf>)> {
         let kinds = &v["target"]["kind"];
         let name = v["target"]["name"].as_str().unwrap_or_default().to_owned();
         if kinds == &serde_json::json!(["test"]) {
+            if HOST_ONLY.contains(&name.as_str()) {
+                continue;
+            }
             exes.push(TestExe {
                 name,
                 path: path.into(),
@@ -306,7 +321,8 @@ fn stage(from: &Path, dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Writes the guest's plan (tests/vm/guest.sh): each mode's probe and tests, with the
-/// executables staged in `bin`; returns the bound on the whole run.
+/// executables staged in `bin`, fields separated by tabs (paths may hold spaces); returns the
+/// bound on the whole run.
 fn write_plan(
     out: &Path,
     bin: &Path,
@@ -318,9 +334,12 @@ fn write_plan(
     for h in helpers {
         let staged = stage(h, bin)?;
         if h.file_name().is_some_and(|n| n == "conntrace") {
-            lines.push(format!("env CONNTRACE_BIN {}", staged.display()));
+            lines.push(format!("env\tCONNTRACE_BIN\t{}", staged.display()));
             // Loading the programs takes up to a minute under emulation (tests/src/lib.rs).
-            lines.push(format!("env CONNTRACE_TEST_READY_SECS {}", PROBE.as_secs()));
+            lines.push(format!(
+                "env\tCONNTRACE_TEST_READY_SECS\t{}",
+                PROBE.as_secs()
+            ));
         }
     }
     let staged: Vec<PathBuf> = plan
@@ -329,15 +348,15 @@ fn write_plan(
         .collect::<anyhow::Result<_>>()?;
     let mut budget = FIXED;
     for mode in modes {
-        lines.push(format!("env CONNTRACE_ATTACH {mode}"));
-        lines.push(format!("probe {} ready.{mode}", PROBE.as_secs()));
+        lines.push(format!("env\tCONNTRACE_ATTACH\t{mode}"));
+        lines.push(format!("probe\t{}\tready.{mode}", PROBE.as_secs()));
         budget += PROBE;
         for (exe, path) in plan.iter().zip(&staged) {
             let secs = 60 + PER_TEST.as_secs() * exe.tests.len() as u64;
             budget += Duration::from_secs(secs + 20);
             let (name, tests) = (&exe.name, exe.tests.join(" "));
             lines.push(format!(
-                "test {name}.{mode} {} {secs} {tests}",
+                "test\t{name}.{mode}\t{}\t{secs}\t{tests}",
                 path.display()
             ));
         }
@@ -347,20 +366,10 @@ fn write_plan(
 }
 
 /// The QEMU command line: TCG on 2 CPUs, the host root read-only and `out` writable over 9p.
+/// The guest's paths are in the initramfs (`/paths`), not on the kernel command line.
 fn qemu_command(kernel: &Kernel, image: &Path, out: &Path) -> anyhow::Result<Command> {
-    let root = workspace_root().canonicalize()?;
-    let modules = kernel.modules().canonicalize()?;
-    for p in [&root, out, &modules] {
-        let s = p.to_str().context("non-UTF-8 path")?;
-        if s.contains([' ', ',', '"']) {
-            bail!("QEMU and the kernel command line cannot take the path {s:?}");
-        }
-    }
-    let append = format!(
-        "console=ttyS0 panic=-1 quiet CT_RUNNER={} CT_MODULES={}",
-        root.join("tests/vm/guest.sh").display(),
-        modules.display()
-    );
+    // QEMU's option syntax: a comma in a value is written twice.
+    let out = out.to_str().context("non-UTF-8 path")?.replace(',', ",,");
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2"])
         .args(["-m", "2G", "-nographic", "-no-reboot", "-nic", "none"])
@@ -372,14 +381,27 @@ fn qemu_command(kernel: &Kernel, image: &Path, out: &Path) -> anyhow::Result<Com
         .arg("local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap")
         .arg("-virtfs")
         .arg(format!(
-            "local,path={},mount_tag=ctout,security_model=none",
-            out.display()
+            "local,path={out},mount_tag=ctout,security_model=none"
         ))
-        .args(["-append", &append])
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Ok(cmd)
+}
+
+/// The initramfs for `kernel`, with the guest's path list: the runner, the modules, and the
+/// directories of the run that init must bind back over its fresh mounts ([`paths`]).
+fn guest_image(kernel: &Kernel, run_dir: &Path) -> anyhow::Result<PathBuf> {
+    let (root, modules) = (workspace_root(), kernel.modules());
+    let keep = paths::rebinds(&[
+        ("the checkout", &root),
+        ("its target/vm", run_dir),
+        ("the kernel's modules", &modules),
+    ])?;
+    let runner = root.canonicalize()?.join("tests/vm/guest.sh");
+    let list = paths::guest_list(&runner, &modules.canonicalize()?, &keep);
+    initramfs(kernel, run_dir, &list)
 }
 
 /// Boots `kernel` once and runs the plan in it, once for each attach mode; one report a mode.
@@ -399,7 +421,7 @@ fn boot(
     fs::create_dir_all(&out)?;
     let bin = TempDir::new(run_dir.join("bin"))?;
     let budget = write_plan(&out, &bin.0, modes, plan, helpers)?;
-    let image = initramfs(kernel, &run_dir)?;
+    let image = guest_image(kernel, &run_dir)?;
     let mut cmd = qemu_command(kernel, &image, &out)?;
     let label = kernel.label;
     eprintln!(

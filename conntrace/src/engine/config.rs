@@ -27,6 +27,11 @@ pub struct EngineConfig {
     /// Print `drop` records for drops that are a normal part of TCP too
     /// (`--show-normal-drops`).
     pub show_normal_drops: bool,
+    /// Quiet mode (`--follow quiet`): healthy connections stay in the kernel, which counts
+    /// handshakes itself (so the engine does not); first data and accept() come only from
+    /// userspace's check of connections past the stall timeout (`KernelEvent::Progress`), so
+    /// a connection is stuck for want of data or accept() only once a check said so.
+    pub quiet: bool,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +46,7 @@ impl Default for EngineConfig {
             socketless_resets_traced: true,
             expected_comms: Vec::new(),
             show_normal_drops: false,
+            quiet: false,
         }
     }
 }

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use schemars::JsonSchema;
 use serde::Serialize;
 
-use super::facts::NfHook;
+use super::facts::{FourTuple, NfHook, Proc};
 
 /// A socket listening on a port, and the process holding it when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +29,14 @@ pub trait ListenerLookup {
     /// queue; `None` when unknown.
     fn holder(&mut self, netns: Option<u32>, port: u16, child_sk: u64) -> Option<Listener> {
         let _ = (netns, port, child_sk);
+        None
+    }
+
+    /// The process holding the connected socket `tuple` (local end first) in `netns` now:
+    /// the accepting process of a server connection where no accept hook named it (quiet
+    /// mode). `None` when the socket is gone, no process holds it, or it cannot be asked.
+    fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        let _ = (netns, tuple);
         None
     }
 }
@@ -108,6 +116,31 @@ pub enum RuleAction {
     },
 }
 
+/// Where a rule lives.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, JsonSchema, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleBackend {
+    /// nftables: `nft` rules and the iptables-nft rules stored in it.
+    #[default]
+    Nftables,
+    /// x_tables, loaded with iptables-legacy (`iptables-legacy-save`).
+    IptablesLegacy,
+}
+
+/// How sure the naming of a rule is, from the counters alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    /// Exactly one rule's counter moved by exactly the packets the attempt lost.
+    Exact,
+    /// Only one dropping rule's counter moved at all, though not by exactly that count.
+    OnlyOne,
+    /// Several moved and the count does not single one out: the first is the closest fit.
+    Ambiguous,
+}
+
 /// A firewall rule as the ruleset listing shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct FirewallRule {
@@ -122,6 +155,10 @@ pub struct FirewallRule {
     /// The rule's comment (`-m comment --comment`, as `iptables-save` shows it), if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    pub backend: RuleBackend,
+    /// For an iptables-nft rule: the line `iptables-save` prints for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iptables: Option<String>,
     #[serde(skip)]
     pub action: RuleAction,
     /// Packets it matched since the baseline (start-up, or the namespace's first sighting).
@@ -131,10 +168,16 @@ pub struct FirewallRule {
 /// Which rule dropped a packet, as far as the firewall's own counters tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RuleFinding {
-    /// Exactly one dropping or rejecting rule at the hook counted packets since the baseline.
-    Rule(FirewallRule),
-    /// Several did: any of them may have dropped this connection's packets.
-    Candidates(Vec<FirewallRule>),
+    /// One dropping or rejecting rule at the hook counted the packets.
+    Rule {
+        rule: FirewallRule,
+        confidence: Confidence,
+    },
+    /// Several did, most likely first: any of them may have dropped this connection's packets.
+    Candidates {
+        rules: Vec<FirewallRule>,
+        confidence: Confidence,
+    },
     /// No rule counted, and a base chain at the hook has policy drop.
     Policy {
         family: String,
@@ -145,8 +188,28 @@ pub enum RuleFinding {
     NotFound { why: String },
 }
 
+/// The drop a rule is looked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleQuery {
+    /// The namespace that dropped the packet (inode).
+    pub netns: Option<u32>,
+    pub hook: Option<NfHook>,
+    /// The dropped packet's IP version: `ip6`/`inet` and ip6tables-legacy tables, else
+    /// `ip`/`inet` and iptables-legacy.
+    pub ipv6: bool,
+    /// Packets of this attempt dropped at this hook so far; 0: unknown.
+    pub dropped: u32,
+    /// CLOCK_MONOTONIC ns of the attempt's first drop: counts are measured from the last
+    /// reading finished before it (else from start-up).
+    pub first_drop_ns: Option<u64>,
+    /// CLOCK_MONOTONIC ns of its last drop: a reading started before it is not reused.
+    pub last_drop_ns: Option<u64>,
+    /// The `kfree_skb` location (`nft_do_chain+0x3e8`): a drop in `nft_do_chain` was made by
+    /// nftables, so iptables-legacy is not consulted.
+    pub location: Option<String>,
+}
+
 /// Finds the netfilter rule behind a drop without changing the firewall.
 pub trait RuleLookup {
-    /// `ipv6`: the dropped packet's IP version selects `ip6`/`inet` over `ip`/`inet` tables.
-    fn find(&mut self, netns: Option<u32>, hook: Option<NfHook>, ipv6: bool) -> RuleFinding;
+    fn find(&mut self, query: &RuleQuery) -> RuleFinding;
 }

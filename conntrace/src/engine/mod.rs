@@ -29,6 +29,7 @@ pub mod verdict;
 pub use self::{
     config::EngineConfig,
     lookup::{Listener, ListenerLookup, NamespaceLookup, RuleLookup},
+    rules::drops::NORMAL as NORMAL_DROP_REASONS,
 };
 use self::{
     facts::KernelEvent,
@@ -102,6 +103,19 @@ impl Engine {
         &self.summary
     }
 
+    /// The run's counts, for what is counted outside the engine (the kernel's, in quiet mode).
+    pub fn summary_mut(&mut self) -> &mut Summary {
+        &mut self.summary
+    }
+
+    /// Whether a connection with `tuple` (local end first) in namespace `netns` is tracked.
+    pub fn knows(&self, netns: Option<u32>, tuple: &facts::FourTuple) -> bool {
+        self.table
+            .id_by_tuple(tuple)
+            .and_then(|id| self.table.get(id))
+            .is_some_and(|c| c.netns == netns || netns.is_none())
+    }
+
     /// Connections tracked now.
     pub fn tracked(&self) -> usize {
         self.table.len()
@@ -124,6 +138,7 @@ impl Engine {
         let mut out = Vec::new();
         self.decide_ready(now_ns, &mut out);
         self.decide_attempts(now_ns, false, &mut out);
+        self.decide_route_walks(now_ns, false, &mut out);
         self.detect_stalls(now_ns, &mut out);
         let idle = self.cfg.idle_expiry_ns;
         for id in self.table.ids_where(|c| now_ns >= c.last_ns + idle) {
@@ -144,6 +159,7 @@ impl Engine {
         let far = now_ns.saturating_add(self.cfg.grace_ns);
         self.decide_ready(far, &mut out);
         self.decide_attempts(now_ns, true, &mut out);
+        self.decide_route_walks(now_ns, true, &mut out);
         for c in self.table.drain() {
             if self.cfg.report_established
                 && c.side == Side::Server
@@ -169,8 +185,27 @@ impl Engine {
             let listeners = lookup.listening_on(v.netns, port);
             rules::listener::with_listeners(&mut v, &listeners, holder.as_ref());
         }
+        if self.cfg.quiet
+            && v.side == verdict::Side::Server
+            && v.pid.is_none()
+            && v.sk.is_some()
+            && let (Some(lookup), Some(saddr), Some(sport)) =
+                (self.lookups.listeners.as_mut(), v.saddr, v.sport)
+        {
+            // Quiet mode without an accept hook: the process holding the socket now.
+            let tuple = facts::FourTuple {
+                saddr,
+                sport,
+                daddr: v.daddr,
+                dport: v.dport,
+            };
+            if let Some(p) = lookup.owner(v.netns, tuple) {
+                rules::established::held_by(&mut v, p);
+            }
+        }
         if let Some(ns) = self.lookups.namespaces.as_mut() {
             rules::connect::complete(&mut v, ns.as_mut());
+            rules::drops::complete(&mut v, ns.as_mut());
         }
         if let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
             && let Some(facts) = v.detail.drop_facts_mut()
@@ -219,11 +254,18 @@ impl Engine {
         }
     }
 
-    /// Decides closed connections whose facts are complete, or whose grace period ran out.
+    /// Decides closed connections whose facts are complete, or whose grace period ran out. A
+    /// handshake that failed in silence waits out the grace period even with its errno: the
+    /// drop that explains it (a failed neighbour, say) can come microseconds after the close.
     fn decide_ready(&mut self, now_ns: u64, out: &mut Vec<Verdict>) {
         let grace = self.cfg.grace_ns;
         let ready = self.table.closing_where(|c| match c.closed() {
-            Some((at, _)) => c.errno().is_some() || now_ns >= at + grace,
+            Some((at, _)) => {
+                let complete = c.errno().is_some_and(|e| {
+                    c.established_ns().is_some() || !rules::drops::silent_errno(e)
+                });
+                complete || now_ns >= at + grace
+            }
             None => true,
         });
         for id in ready {
@@ -274,7 +316,7 @@ impl Engine {
         }
         let mut verdicts = Vec::new();
         for c in self.table.conns_mut() {
-            if let Some(stall) = rules::stalls::stuck(c, now_ns, timeout) {
+            if let Some(stall) = rules::stalls::stuck(c, now_ns, timeout, self.cfg.quiet) {
                 // The stall stands in for the established verdict.
                 c.report = Report::Stalled(stall);
                 verdicts.push(rules::stalls::stalled(c, stall, now_ns));
@@ -293,14 +335,14 @@ impl Engine {
             };
             if a.cookies.is_some() {
                 self.summary.listener(&a.tuple).cookies_failed += 1;
-                // A SYN flood (spoofed sources) ends in one failed cookie attempt per SYN:
-                // at most RECORDS_PER_SECOND verdicts per listener each second, the rest
-                // counted (and in the listener's `cookies_failed`).
-                let window = (key.0, format!("cookie attempts {}", a.tuple.sport));
-                if !self.within_rate(window, a.last_ns()) {
-                    self.summary.attempt_verdicts_suppressed += 1;
-                    continue;
-                }
+            }
+            // A SYN flood (spoofed sources) ends in one failed attempt per SYN: at most
+            // RECORDS_PER_SECOND verdicts per local port each second, the rest counted (and in
+            // the listener's `cookies_failed` for cookies).
+            let window = (key.0, format!("attempts {}", a.tuple.sport));
+            if !self.within_rate(window, a.last_ns()) {
+                self.summary.attempt_verdicts_suppressed += 1;
+                continue;
             }
             let v = rules::drops::attempt_verdict(&a);
             self.emit(out, v);

@@ -32,7 +32,8 @@ use crate::{
 const RESCAN_EVERY: Duration = Duration::from_secs(10);
 
 /// The `TcpExt` counters the summary reports the growth of, per namespace.
-pub const COUNTERS: [&str; 7] = [
+pub const COUNTERS: [&str; 8] = [
+    "IPReversePathFilter",
     "SyncookiesSent",
     "SyncookiesRecv",
     "SyncookiesFailed",
@@ -52,27 +53,43 @@ pub struct OverflowWatch {
     /// A process in each namespace, by namespace inode.
     pids: HashMap<u32, i32>,
     scanned_at: Instant,
-    /// The counters when the namespace was first read, and at the last poll.
+    /// The counters when the namespace was first read (zero for a namespace born after
+    /// start-up: everything it counted happened while traced), and at the last poll.
     baseline: HashMap<u32, Counters>,
+    /// The start-up scan is done: namespaces found later were created since.
+    started: bool,
     last: HashMap<u32, Counters>,
 }
 
-/// The [`COUNTERS`] from the text of `/proc/net/netstat` (a `TcpExt:` line of names, then one
-/// of values); counters this kernel lacks are left out.
-pub fn tcp_ext(netstat: &str) -> Option<Counters> {
+/// Every `TcpExt` counter in the text of `/proc/net/netstat` (a `TcpExt:` line of names, then
+/// one of values), as (name without the prefix, value); `None` without both lines.
+fn tcp_ext_all(netstat: &str) -> Option<impl Iterator<Item = (&str, u64)>> {
     let mut lines = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
     let (names, values) = (lines.next()?, lines.next()?);
-    let values: Vec<&str> = values.split_whitespace().collect();
+    let values: Vec<&str> = values.split_whitespace().skip(1).collect();
     Some(
         names
             .split_whitespace()
-            .enumerate()
-            .filter_map(|(i, name)| {
-                let known = COUNTERS.iter().find(|c| **c == name)?;
-                Some((*known, values.get(i)?.parse().ok()?))
-            })
+            .skip(1)
+            .zip(values)
+            .filter_map(|(name, value)| Some((name, value.parse().ok()?))),
+    )
+}
+
+/// The [`COUNTERS`] from the text of `/proc/net/netstat`; counters this kernel lacks are left
+/// out.
+pub fn tcp_ext(netstat: &str) -> Option<Counters> {
+    Some(
+        tcp_ext_all(netstat)?
+            .filter_map(|(name, value)| Some((*COUNTERS.iter().find(|c| **c == name)?, value)))
             .collect(),
     )
+}
+
+/// One `TcpExt` counter (`IPReversePathFilter`, `ListenOverflows`, ...) from the text of
+/// `/proc/net/netstat`; `None` when this kernel lacks it.
+pub fn tcp_ext_counter(netstat: &str, name: &str) -> Option<u64> {
+    tcp_ext_all(netstat)?.find_map(|(n, value)| (n == name).then_some(value))
 }
 
 fn read_counters(pid: i32) -> Option<Counters> {
@@ -89,8 +106,10 @@ impl OverflowWatch {
             scanned_at: Instant::now(),
             baseline: HashMap::new(),
             last: HashMap::new(),
+            started: false,
         };
         w.rescan();
+        w.started = true;
         w
     }
 
@@ -120,7 +139,14 @@ impl OverflowWatch {
             if !self.baseline.contains_key(&netns)
                 && let Some(c) = read_counters(pid)
             {
-                self.baseline.insert(netns, c.clone());
+                // A namespace first seen after start-up was created since (a namespace that
+                // had no process at start-up is the exception: its earlier counts show too).
+                let base = if self.started {
+                    Counters::new()
+                } else {
+                    c.clone()
+                };
+                self.baseline.insert(netns, base);
                 self.last.insert(netns, c);
             }
         }
@@ -216,6 +242,13 @@ mod tests {
                 ("SyncookiesRecv", 1),
                 ("SyncookiesSent", 3)
             ]
+        );
+        assert_eq!(tcp_ext_counter(text, "EmbryonicRsts"), Some(5));
+        assert_eq!(tcp_ext_counter(text, "IPReversePathFilter"), None);
+        assert_eq!(
+            tcp_ext_counter(text, "InNoRoutes"),
+            None,
+            "IpExt, not TcpExt"
         );
         assert_eq!(tcp_ext("IpExt: A\nIpExt: 1\n"), None);
         assert_eq!(tcp_ext("TcpExt: ListenOverflows\n"), None, "no values line");

@@ -7,9 +7,9 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -23,8 +23,11 @@ use procfs::{
 use tracing::debug;
 
 use crate::{
-    engine::{Listener, ListenerLookup},
-    host::sockdiag,
+    engine::{
+        Listener, ListenerLookup,
+        facts::{FourTuple, Proc},
+    },
+    host::{sockdiag, windows::diag::NsDiag},
     kernel::accept_queues::AcceptQueues,
 };
 
@@ -134,30 +137,6 @@ fn listen_sockets(any: &Process, netns: u32, port: u16) -> HashMap<u64, SocketFa
     sockets
 }
 
-/// A path that opens network namespace `netns`: a name under /run/netns (`ip netns`), else
-/// the namespace of a process in it. `None` when neither exists.
-fn namespace_path(netns: u32) -> Option<PathBuf> {
-    let inode_is = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.ino() == u64::from(netns));
-    let named = std::fs::read_dir("/run/netns").into_iter().flatten();
-    if let Some(path) = named
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .find(|p| inode_is(p))
-    {
-        return Some(path);
-    }
-    std::fs::read_dir("/proc")
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
-        })
-        .map(|e| e.path().join("ns/net"))
-        .find(|p| inode_is(p))
-}
-
 /// The accept-queue iterator's records of one namespace, as of `at`.
 struct QueueSnapshot {
     at: Instant,
@@ -168,6 +147,69 @@ struct QueueSnapshot {
 /// queued after it may be asked for next. Bounds the iterator to a few runs a second per
 /// namespace even when every look-up misses.
 const RETAKE_AFTER: Duration = Duration::from_millis(250);
+
+/// The process holding connected socket `tuple` (local end first) in namespace `netns`: its
+/// inode from sock_diag (0 while no process holds it), then the process with that socket among
+/// its file descriptors (/proc, as `ss -p` finds it). `None` when any step finds nothing.
+pub fn owner_of(netns: u32, tuple: FourTuple) -> Option<Proc> {
+    let path = crate::host::netns::path(netns)?;
+    let mut diag = match NsDiag::open(&path, netns) {
+        Ok(d) => d,
+        Err(error) => {
+            debug!(%error, netns, "socket owner: namespace unreadable");
+            return None;
+        }
+    };
+    let sample = diag
+        .socket(&wire_tuple(tuple), &mut Vec::new())
+        .map_err(|error| debug!(%error, netns, "socket owner: sock_diag"))
+        .ok()??;
+    if sample.inode == 0 {
+        return None;
+    }
+    let inode = u64::from(sample.inode);
+    all_processes()
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|p| netns_of(p) == Some(u64::from(netns)))
+        .find_map(|p| {
+            let holds = p
+                .fd()
+                .ok()?
+                .filter_map(Result::ok)
+                .any(|fd| matches!(fd.target, FDTarget::Socket(i) if i == inode));
+            holds.then(|| Proc {
+                pid: p.pid() as u32,
+                comm: p.stat().map(|s| s.comm.into()).unwrap_or_default(),
+            })
+        })
+}
+
+/// A tuple as the kernel's records carry it (IPv4 in the first 4 bytes).
+fn wire_tuple(t: FourTuple) -> conntrace_common::Tuple {
+    let mut w = conntrace_common::Tuple {
+        sport: t.sport,
+        dport: t.dport,
+        ..conntrace_common::Tuple::default()
+    };
+    match (t.saddr, t.daddr) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            w.family = conntrace_common::AF_INET;
+            w.saddr[..4].copy_from_slice(&s.octets());
+            w.daddr[..4].copy_from_slice(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            w.family = conntrace_common::AF_INET6;
+            w.saddr = v6(s).octets();
+            w.daddr = v6(d).octets();
+        }
+    }
+    w
+}
 
 /// The listeners on a port, with a short cache per (netns, port), and, when the accept-queue
 /// iterator is loaded, the listener holding a queued connection (cached per namespace).
@@ -217,7 +259,7 @@ impl ListenerCache {
             }
         }
         let queues = self.queues.as_mut()?;
-        let entries = match namespace_path(netns) {
+        let entries = match crate::host::netns::path(netns) {
             Some(path) => queues.run(&path).unwrap_or_else(|error| {
                 debug!(%error, netns, "accept queues unknown");
                 Vec::new()
@@ -266,5 +308,9 @@ impl ListenerLookup for ListenerCache {
             backlog: read.then_some(entry.max_ack_backlog),
             ..h.listener.clone()
         })
+    }
+
+    fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        owner_of(netns?, tuple)
     }
 }

@@ -96,51 +96,80 @@ pub fn listeners(ns_path: &Path, port: Option<u16>) -> Result<Vec<ListenSocket>,
 
 /// Both families' LISTEN sockets in the current thread's network namespace.
 fn dump_listeners(port: Option<u16>) -> Result<Vec<ListenSocket>, DiagError> {
+    let socket = open()?;
+    let mut found = Vec::new();
+    for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
+        dump_tcp(&socket, seq, family, StateFlags::LISTEN, &mut |h| {
+            found.extend(listen_socket(h, port));
+        })?;
+    }
+    Ok(found)
+}
+
+/// A `NETLINK_SOCK_DIAG` socket in the current thread's network namespace, connected to the
+/// kernel.
+pub(crate) fn open() -> Result<Socket, DiagError> {
     let socket = Socket::new(NETLINK_SOCK_DIAG).map_err(DiagError::Socket)?;
     // Connecting autobinds and makes the socket accept datagrams from the kernel only.
     socket
         .connect(&NetlinkAddr::new(0, 0))
         .map_err(DiagError::Connect)?;
-    let mut found = Vec::new();
-    let mut buf = Vec::with_capacity(RECV_BUF);
-    let families = [
-        (1, AF_INET, "AF_INET", SocketId::new_v4()),
-        (2, AF_INET6, "AF_INET6", SocketId::new_v6()),
-    ];
-    for (seq, family, name, socket_id) in families {
-        let request = listen_request(seq, family, socket_id);
-        socket.send(&request, 0).map_err(DiagError::Send)?;
-        loop {
-            buf.clear();
-            // MSG_TRUNC: the return value is the datagram's real length, so truncation shows.
-            let len = match socket.recv(&mut buf, libc::MSG_TRUNC) {
-                Ok(len) => len,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(DiagError::Receive(e)),
-            };
-            if len > buf.len() {
-                return Err(DiagError::Truncated(len));
-            }
-            if parse_datagram(&buf, name, port, &mut found)? {
-                break;
-            }
-        }
-    }
-    Ok(found)
+    Ok(socket)
 }
 
-/// A serialized `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in state LISTEN.
-fn listen_request(seq: u32, family: u8, socket_id: SocketId) -> Vec<u8> {
+/// Dumps the TCP sockets of `family` (`AF_INET` or `AF_INET6`) whose state is in `states`
+/// from the namespace `socket` was opened in, handing each reply's header to `each`.
+/// `seq` numbers the request. Blocking; the kernel answers at once.
+pub(crate) fn dump_tcp(
+    socket: &Socket,
+    seq: u32,
+    family: u8,
+    states: StateFlags,
+    each: &mut dyn FnMut(&InetResponseHeader),
+) -> Result<(), DiagError> {
+    let name = if family == AF_INET6 {
+        "AF_INET6"
+    } else {
+        "AF_INET"
+    };
+    socket
+        .send(&dump_request(seq, family, states), 0)
+        .map_err(DiagError::Send)?;
+    let mut buf = Vec::with_capacity(RECV_BUF);
+    loop {
+        buf.clear();
+        // MSG_TRUNC: the return value is the datagram's real length, so truncation shows.
+        let len = match socket.recv(&mut buf, libc::MSG_TRUNC) {
+            Ok(len) => len,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(DiagError::Receive(e)),
+        };
+        if len > buf.len() {
+            return Err(DiagError::Truncated(len));
+        }
+        if parse_datagram(&buf, name, each)? {
+            return Ok(());
+        }
+    }
+}
+
+/// A serialized `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in `states`.
+fn dump_request(seq: u32, family: u8, states: StateFlags) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = seq;
+    let socket_id = if family == AF_INET6 {
+        SocketId::new_v6()
+    } else {
+        SocketId::new_v4()
+    };
     let mut msg = NetlinkMessage::new(
         header,
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
             extensions: ExtensionFlags::empty(),
-            states: StateFlags::LISTEN,
+            states,
             socket_id,
         })
         .into(),
@@ -151,12 +180,12 @@ fn listen_request(seq: u32, family: u8, socket_id: SocketId) -> Vec<u8> {
     buf
 }
 
-/// Decodes one datagram of a dump reply into `out`. True once NLMSG_DONE was seen.
+/// Decodes one datagram of a dump reply, handing each socket's header to `each`. True once
+/// NLMSG_DONE was seen.
 fn parse_datagram(
     mut bytes: &[u8],
     family: &'static str,
-    port: Option<u16>,
-    out: &mut Vec<ListenSocket>,
+    each: &mut dyn FnMut(&InetResponseHeader),
 ) -> Result<bool, DiagError> {
     let kernel = |code: i32| DiagError::Kernel {
         family,
@@ -168,7 +197,7 @@ fn parse_datagram(
             NetlinkMessage::<SockDiagMessage>::deserialize(bytes).map_err(DiagError::Decode)?;
         match msg.payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
-                out.extend(listen_socket(&resp.header, port));
+                each(&resp.header);
             }
             // Both carry a negative errno; an NLMSG_ERROR with code 0 is an ACK.
             NetlinkPayload::Done(done) if done.code >= 0 => return Ok(true),
@@ -261,7 +290,7 @@ mod tests {
 
     #[test]
     fn request_asks_for_tcp_listen_sockets_only() {
-        let req = listen_request(7, AF_INET6, SocketId::new_v6());
+        let req = dump_request(7, AF_INET6, StateFlags::LISTEN);
         let u32_at = |i: usize| u32::from_ne_bytes([req[i], req[i + 1], req[i + 2], req[i + 3]]);
         // nlmsghdr (16) + inet_diag_req_v2 (56), type SOCK_DIAG_BY_FAMILY (20), REQUEST|DUMP.
         assert_eq!(
@@ -278,7 +307,9 @@ mod tests {
         datagram.extend(response("0.0.0.0", 22, TCP_LISTEN));
         datagram.extend(response("10.0.0.1", 3306, TCP_ESTABLISHED));
         let mut out = Vec::new();
-        assert!(!parse_datagram(&datagram, "AF_INET", Some(3306), &mut out).unwrap());
+        let mut each = |h: &InetResponseHeader| out.extend(listen_socket(h, Some(3306)));
+        assert!(!parse_datagram(&datagram, "AF_INET", &mut each).unwrap());
+        assert!(parse_datagram(&done(0), "AF_INET", &mut each).unwrap());
         let addr = "127.0.0.1:3306".parse().unwrap();
         let want = ListenSocket {
             addr,
@@ -287,8 +318,6 @@ mod tests {
             inode: 4242,
         };
         assert_eq!(out, [want]);
-        assert!(parse_datagram(&done(0), "AF_INET", Some(3306), &mut out).unwrap());
-        assert_eq!(out.len(), 1);
     }
 
     #[test]
@@ -297,7 +326,8 @@ mod tests {
         datagram.extend(response("fe80::1", 80, TCP_LISTEN));
         datagram.extend(done(0));
         let mut out = Vec::new();
-        assert!(parse_datagram(&datagram, "AF_INET6", None, &mut out).unwrap());
+        let mut each = |h: &InetResponseHeader| out.extend(listen_socket(h, None));
+        assert!(parse_datagram(&datagram, "AF_INET6", &mut each).unwrap());
         let addrs: Vec<String> = out.iter().map(|s| s.addr.to_string()).collect();
         assert_eq!(addrs, ["[::]:80", "[fe80::1%3]:80"]);
     }
@@ -311,7 +341,7 @@ mod tests {
             (done(-libc::ENOBUFS), libc::ENOBUFS),
         ];
         for (datagram, want) in cases {
-            let err = parse_datagram(&datagram, "AF_INET6", None, &mut Vec::new()).unwrap_err();
+            let err = parse_datagram(&datagram, "AF_INET6", &mut |_| {}).unwrap_err();
             assert!(
                 matches!(err, DiagError::Kernel { family: "AF_INET6", errno } if errno == want),
                 "{err:?}"
@@ -329,7 +359,7 @@ mod tests {
         let mut truncated = response("127.0.0.1", 1, TCP_LISTEN);
         truncated.truncate(40);
         for datagram in [&[1, 2, 3][..], &truncated] {
-            let res = parse_datagram(datagram, "AF_INET", None, &mut Vec::new());
+            let res = parse_datagram(datagram, "AF_INET", &mut |_| {});
             assert!(matches!(res, Err(DiagError::Decode(_))), "{res:?}");
         }
     }

@@ -58,6 +58,11 @@ pub enum Hook {
     FExit {
         function: &'static str,
     },
+    /// A BTF-typed tracepoint (`tp_btf`): the kernel calls the program with the tracepoint's
+    /// arguments (the socket, the packet) instead of building the classic record first.
+    BtfTracePoint {
+        name: &'static str,
+    },
 }
 
 impl Hook {
@@ -66,6 +71,7 @@ impl Hook {
             Self::TracePoint { category, name } => format!("tracepoint:{category}:{name}"),
             Self::FEntry { function } => format!("fentry:{function}"),
             Self::FExit { function } => format!("fexit:{function}"),
+            Self::BtfTracePoint { name } => format!("tp_btf:{name}"),
         }
     }
 
@@ -84,6 +90,41 @@ pub enum AttachMode {
     Tracepoints,
 }
 
+/// Which way conntrace follows healthy connections, which decides the hooks it needs.
+///
+/// `Quiet` (the default): healthy connections stay in the kernel; only a connection that
+/// fails, stalls or is reset reaches userspace, with its history. Hooks that run for every
+/// system call of every process (the syscall tracepoints) or for every data segment are not
+/// attached. `Streaming` (`--all`, `--expect-comm`): every connection's events reach
+/// userspace, with its accepting process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Follow {
+    Quiet,
+    Streaming,
+}
+
+/// In which of the [`Follow`] modes a rule is tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Always,
+    /// Only when every connection streams to userspace: the hook's cost is paid by every
+    /// process (syscall tracepoints) or every segment (first data).
+    Streaming,
+    /// Only in quiet mode: a cheaper hook standing in for one that only streaming uses.
+    Quiet,
+}
+
+impl When {
+    pub fn admits(self, follow: Follow) -> bool {
+        match self {
+            Self::Always => true,
+            Self::Streaming => follow == Follow::Streaming,
+            Self::Quiet => follow == Follow::Quiet,
+        }
+    }
+}
+
 /// One row of the table.
 #[derive(Debug, Clone, Copy)]
 pub struct AttachRule {
@@ -99,6 +140,8 @@ pub struct AttachRule {
     pub max_kernel: Option<(u32, u32)>,
     /// Whether conntrace refuses to start without this capability.
     pub required: bool,
+    /// In which follow modes the rule is tried.
+    pub when: When,
 }
 
 const fn tp(
@@ -119,6 +162,21 @@ const fn tp(
         min_kernel,
         max_kernel: None,
         required,
+        when: When::Always,
+    }
+}
+
+/// A tracepoint rule tried only in the follow modes `when` admits.
+const fn tp_when(
+    capability: Capability,
+    program: &'static str,
+    category: &'static str,
+    min_kernel: (u32, u32),
+    when: When,
+) -> AttachRule {
+    AttachRule {
+        when,
+        ..tp(capability, program, category, min_kernel, false)
     }
 }
 
@@ -144,13 +202,32 @@ const fn trampoline(
         min_kernel: kernels.0,
         max_kernel: kernels.1,
         required: false,
+        when: When::Always,
     }
 }
 
 /// Priority of fentry/fexit rows that are better than the tracepoints where both exist.
 const BETTER: u8 = 5;
+/// Priority of the `tp_btf` rows.
+const BTF_TRACEPOINT: u8 = 7;
 /// Priority of the tracepoint rows.
 const TRACEPOINT: u8 = 10;
+
+/// A `tp_btf` rule for `capability` on tracepoint `name`: better than its classic row, not as
+/// good as a trampoline at the function itself.
+const fn btf_tp(capability: Capability, program: &'static str, name: &'static str) -> AttachRule {
+    AttachRule {
+        capability,
+        priority: BTF_TRACEPOINT,
+        program,
+        hook: Hook::BtfTracePoint { name },
+        // tp_btf came with 5.5; these tracepoints' arguments are stable since.
+        min_kernel: (5, 5),
+        max_kernel: None,
+        required: false,
+        when: When::Always,
+    }
+}
 
 /// Every attach rule.
 #[rustfmt::skip]
@@ -159,6 +236,10 @@ pub const RULES: &[AttachRule] = &[
     // function itself. BPF trampolines came with 5.5; fexit programs read the function's
     // result from their context, not with bpf_get_func_ret (5.17, and unreliable on 6.1). A row
     // that does not load on an older kernel leaves its capability to the tracepoint rows.
+    // BTF-typed tracepoints where they load: no record built per run (the lifecycle program
+    // runs about ten times per connection, the cookie program once per packet sent).
+    btf_tp(Capability::Lifecycle,  "tp_btf_inet_sock_set_state", "inet_sock_set_state"),
+    btf_tp(Capability::SynCookies, "tp_btf_net_dev_queue",       "net_dev_queue"),
     //          capability                  priority    program                               function                    fexit  kernels
     trampoline(Capability::ConnectProcess, BETTER,     "fexit_inet_stream_connect",          "inet_stream_connect",      true,  ((5, 5), None)),
     // Not fexit:inet_csk_accept: it misses accept() calls already waiting at attach.
@@ -168,22 +249,31 @@ pub const RULES: &[AttachRule] = &[
     trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v4_init_sequence",     "cookie_v4_init_sequence",  false, ((5, 5), None)),
     trampoline(Capability::SynCookies,     BETTER,     "fentry_cookie_v6_init_sequence",     "cookie_v6_init_sequence",  false, ((5, 5), None)),
     // First data before `sock:sk_data_ready` (6.6) and `sock:sock_send_length` (6.3).
-    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_rcv_established",          "tcp_rcv_established",      true,  ((5, 5), Some((6, 5)))),
-    trampoline(Capability::FirstData,      TRACEPOINT, "fexit_tcp_sendmsg",                  "tcp_sendmsg",              true,  ((5, 5), Some((6, 2)))),
+    // Quiet mode reads a stalled connection's data counters through sock_diag instead.
+    AttachRule { when: When::Streaming, ..trampoline(Capability::FirstData, TRACEPOINT, "fexit_tcp_rcv_established", "tcp_rcv_established", true, ((5, 5), Some((6, 5)))) },
+    AttachRule { when: When::Streaming, ..trampoline(Capability::FirstData, TRACEPOINT, "fexit_tcp_sendmsg", "tcp_sendmsg", true, ((5, 5), Some((6, 2)))) },
     //  capability                      program                  category    min kernel  required
     tp(Capability::Lifecycle,       "inet_sock_set_state",  "sock",     (4, 16),    true),
     tp(Capability::SocketError,     "inet_sk_error_report", "sock",     (5, 14),    false),
     tp(Capability::Resets,          "tcp_receive_reset",    "tcp",      (4, 15),    false),
     tp(Capability::Resets,          "tcp_send_reset",       "tcp",      (4, 15),    false),
     tp(Capability::SynRetransmits,  "tcp_retransmit_skb",   "tcp",      (4, 15),    false),
-    tp(Capability::ConnectProcess,  "sys_enter_connect",    "syscalls", (4, 7),     false),
-    tp(Capability::ConnectProcess,  "sys_exit_connect",     "syscalls", (4, 7),     false),
-    tp(Capability::AcceptProcess,   "sys_exit_accept4",     "syscalls", (4, 7),     false),
-    tp(Capability::AcceptProcess,   "sys_exit_accept",      "syscalls", (4, 7),     false),
+    // A syscall tracepoint puts every system call of every process on the slow path: only
+    // when healthy connections stream (quiet mode learns the connecting process at SYN_SENT).
+    tp_when(Capability::ConnectProcess, "sys_enter_connect", "syscalls", (4, 7),    When::Streaming),
+    tp_when(Capability::ConnectProcess, "sys_exit_connect", "syscalls",  (4, 7),    When::Streaming),
+    // Quiet mode learns connect()'s errors before any packet from its failed route lookups
+    // (fexit:inet_stream_connect, above, is better where it attaches). The fields read
+    // (err, iif, proto, sport, dport) come from the format file; a record without them makes
+    // the program report nothing.
+    tp_when(Capability::ConnectProcess, "fib_table_lookup", "fib",       (5, 0),    When::Quiet),
+    tp_when(Capability::ConnectProcess, "fib6_table_lookup", "fib6",     (5, 0),    When::Quiet),
+    tp_when(Capability::AcceptProcess, "sys_exit_accept4",  "syscalls",  (4, 7),    When::Streaming),
+    tp_when(Capability::AcceptProcess, "sys_exit_accept",   "syscalls",  (4, 7),    When::Streaming),
     // The drop reason argument exists since 5.17.
     tp(Capability::Drops,           "kfree_skb",            "skb",      (5, 17),    false),
-    tp(Capability::FirstData,       "sk_data_ready",        "sock",     (6, 6),     false),
-    tp(Capability::FirstData,       "sock_send_length",     "sock",     (6, 3),     false),
+    tp_when(Capability::FirstData,  "sk_data_ready",        "sock",     (6, 6),     When::Streaming),
+    tp_when(Capability::FirstData,  "sock_send_length",     "sock",     (6, 3),     When::Streaming),
     // A cookie SYN-ACK is the only SYN-ACK sent without an owning socket.
     tp(Capability::SynCookies,      "net_dev_queue",        "net",      (3, 0),     false),
 ];
@@ -202,12 +292,13 @@ pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
     Some((major, minor))
 }
 
-/// The rules to try on `kernel`, grouped by capability in table order, best first.
-pub fn plan(kernel: (u32, u32), mode: AttachMode) -> Vec<AttachRule> {
+/// The rules to try on `kernel` when following connections as `follow` says, grouped by
+/// capability in table order, best first.
+pub fn plan(kernel: (u32, u32), mode: AttachMode, follow: Follow) -> Vec<AttachRule> {
     let mut rules: Vec<AttachRule> = RULES
         .iter()
         .copied()
-        .filter(|r| r.applies_to(kernel))
+        .filter(|r| r.applies_to(kernel) && r.when.admits(follow))
         .filter(|r| mode == AttachMode::Best || r.hook.is_tracepoint())
         .collect();
     rules.sort_by_key(|r| (r.capability as u8, r.priority));
@@ -229,7 +320,7 @@ mod tests {
     #[test]
     fn every_capability_has_a_tracepoint_path_on_supported_kernels() {
         for kernel in [(5, 15), (6, 1), (6, 12), (6, 18)] {
-            let p = plan(kernel, AttachMode::Best);
+            let p = plan(kernel, AttachMode::Best, Follow::Streaming);
             for cap in [
                 Capability::Lifecycle,
                 Capability::SocketError,
@@ -252,7 +343,7 @@ mod tests {
             }
         }
         assert!(
-            plan((4, 9), AttachMode::Best)
+            plan((4, 9), AttachMode::Best, Follow::Streaming)
                 .iter()
                 .all(|r| r.capability != Capability::Lifecycle)
         );
@@ -260,7 +351,7 @@ mod tests {
 
     #[test]
     fn trampolines_come_first_where_they_apply_and_never_in_tracepoint_mode() {
-        let best = plan((6, 1), AttachMode::Best);
+        let best = plan((6, 1), AttachMode::Best, Follow::Streaming);
         let first_of = |cap: Capability| {
             best.iter()
                 .find(|r| r.capability == cap)
@@ -272,7 +363,7 @@ mod tests {
         );
         // Before 6.1 accept() stays on the syscall tracepoints.
         assert_eq!(
-            plan((5, 15), AttachMode::Best)
+            plan((5, 15), AttachMode::Best, Follow::Streaming)
                 .iter()
                 .find(|r| r.capability == Capability::AcceptProcess)
                 .map(|r| r.hook.describe())
@@ -301,16 +392,85 @@ mod tests {
         );
         // 6.12 has the tracepoints: no fexit fallback rows for first data.
         assert!(
-            plan((6, 12), AttachMode::Best)
+            plan((6, 12), AttachMode::Best, Follow::Streaming)
                 .iter()
                 .filter(|r| r.capability == Capability::FirstData)
                 .all(|r| r.hook.is_tracepoint())
         );
         assert!(
-            plan((6, 1), AttachMode::Tracepoints)
+            plan((6, 1), AttachMode::Tracepoints, Follow::Streaming)
                 .iter()
                 .all(|r| r.hook.is_tracepoint())
         );
+    }
+
+    #[test]
+    fn quiet_mode_attaches_no_syscall_tracepoint_and_no_per_segment_hook() {
+        for kernel in [(6, 1), (6, 12), (6, 18)] {
+            for mode in [AttachMode::Best, AttachMode::Tracepoints] {
+                let quiet = plan(kernel, mode, Follow::Quiet);
+                assert!(
+                    quiet
+                        .iter()
+                        .all(|r| !r.hook.describe().contains(":syscalls:")
+                            && r.capability != Capability::FirstData),
+                    "{kernel:?} {mode:?}: {:?}",
+                    quiet.iter().map(|r| r.program).collect::<Vec<_>>()
+                );
+                assert!(quiet.iter().any(|r| r.capability == Capability::Lifecycle));
+                let streaming = plan(kernel, mode, Follow::Streaming);
+                assert!(streaming.len() > quiet.len());
+            }
+        }
+    }
+
+    /// The hooks that serve `ConnectProcess` in this plan, best first.
+    fn connect_hooks(kernel: (u32, u32), mode: AttachMode, follow: Follow) -> Vec<String> {
+        plan(kernel, mode, follow)
+            .iter()
+            .filter(|r| r.capability == Capability::ConnectProcess)
+            .map(|r| format!("{} {}", r.priority, r.hook.describe()))
+            .collect()
+    }
+
+    #[test]
+    fn connect_errors_come_from_route_lookups_only_in_quiet_mode_and_after_fexit() {
+        // The host (6.18, fentry refused): quiet mode's only connect() path is the route
+        // lookups; streaming keeps the syscall tracepoints and never the route lookups.
+        for kernel in [(6, 1), (6, 12), (6, 18)] {
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Tracepoints, Follow::Quiet),
+                [
+                    "10 tracepoint:fib:fib_table_lookup",
+                    "10 tracepoint:fib6:fib6_table_lookup"
+                ],
+                "{kernel:?}"
+            );
+            // Where fexit attaches it wins: the route lookups are a lower-priority fallback,
+            // tried only when it fails (as it does on the host).
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Best, Follow::Quiet),
+                [
+                    "5 fexit:inet_stream_connect",
+                    "10 tracepoint:fib:fib_table_lookup",
+                    "10 tracepoint:fib6:fib6_table_lookup"
+                ],
+                "{kernel:?}"
+            );
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Tracepoints, Follow::Streaming),
+                [
+                    "10 tracepoint:syscalls:sys_enter_connect",
+                    "10 tracepoint:syscalls:sys_exit_connect"
+                ],
+                "{kernel:?}"
+            );
+            assert_eq!(
+                connect_hooks(kernel, AttachMode::Best, Follow::Streaming)[0],
+                "5 fexit:inet_stream_connect",
+                "{kernel:?}"
+            );
+        }
     }
 
     #[test]

@@ -139,10 +139,16 @@ impl KernelBtf {
             skb_len: off("sk_buff", &["len"]),
             skb_iif: off("sk_buff", &["skb_iif"]),
             tcp_mss_cache: off("tcp_sock", &["mss_cache"]),
+            sock_socket: off("sock", &["sk_socket"]),
+            sock_protocol: off("sock", &["sk_protocol"]),
+            sock_v6_daddr: off("sock", &["__sk_common", "skc_v6_daddr"]),
+            sock_v6_rcv_saddr: off("sock", &["__sk_common", "skc_v6_rcv_saddr"]),
+            inet_sport: off("inet_sock", &["inet_sport"]),
+            task_nsproxy: off("task_struct", &["nsproxy"]),
+            nsproxy_net_ns: off("nsproxy", &["net_ns"]),
             sock_state: off("sock", &["__sk_common", "skc_state"]),
             sock_ack_backlog: off("sock", &["sk_ack_backlog"]),
             sock_max_ack_backlog: off("sock", &["sk_max_ack_backlog"]),
-            sock_socket: off("sock", &["sk_socket"]),
             socket_file: off("socket", &["file"]),
             file_inode: off("file", &["f_inode"]),
             inode_ino: off("inode", &["i_ino"]),
@@ -153,6 +159,20 @@ impl KernelBtf {
             reqsk_next: off("request_sock", &["dl_next"]),
             reqsk_sk: off("request_sock", &["sk"]),
         }
+    }
+
+    /// Whether `struct sock_common` has its members where the BTF-typed programs load them
+    /// directly (`conntrace_common::sock_common`).
+    pub fn sock_common_as_compiled(&self) -> bool {
+        use conntrace_common::sock_common as c;
+        let at = |path: &[&str], expected: usize| {
+            self.offset_of("sock", path) == u32::try_from(expected).ok()
+        };
+        at(&["__sk_common", "skc_daddr"], c::DADDR)
+            && at(&["__sk_common", "skc_rcv_saddr"], c::RCV_SADDR)
+            && at(&["__sk_common", "skc_dport"], c::PORTPAIR)
+            && at(&["__sk_common", "skc_num"], c::PORTPAIR + 2)
+            && at(&["__sk_common", "skc_family"], c::FAMILY)
     }
 
     /// Value → name of the enumerators of `enum name` (e.g. `sk_rst_reason`), with `prefix`
@@ -204,10 +224,16 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("sk_buff.len", o.skb_len),
         ("sk_buff.skb_iif", o.skb_iif),
         ("tcp_sock.mss_cache", o.tcp_mss_cache),
+        ("sock.sk_socket", o.sock_socket),
+        ("sock.sk_protocol", o.sock_protocol),
+        ("sock.__sk_common.skc_v6_daddr", o.sock_v6_daddr),
+        ("sock.__sk_common.skc_v6_rcv_saddr", o.sock_v6_rcv_saddr),
+        ("inet_sock.inet_sport", o.inet_sport),
+        ("task_struct.nsproxy", o.task_nsproxy),
+        ("nsproxy.net_ns", o.nsproxy_net_ns),
         ("sock.__sk_common.skc_state", o.sock_state),
         ("sock.sk_ack_backlog", o.sock_ack_backlog),
         ("sock.sk_max_ack_backlog", o.sock_max_ack_backlog),
-        ("sock.sk_socket", o.sock_socket),
         ("socket.file", o.socket_file),
         ("file.f_inode", o.file_inode),
         ("inode.i_ino", o.inode_ino),

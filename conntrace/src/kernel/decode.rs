@@ -6,12 +6,13 @@ use std::{
 };
 
 use conntrace_common::{
-    AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, TCP_FLAGS_UNKNOWN,
-    Tuple, decode, unread,
+    AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, RouteError,
+    TCP_FLAGS_UNKNOWN, Tuple, decode, unread,
 };
 
 use crate::engine::facts::{
-    DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent, Meta, Proc, TcpFlags, TcpState,
+    Accepted, ConnHistory, DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent, Meta,
+    Proc, TableAnswer, TcpFlags, TcpState,
 };
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
@@ -55,6 +56,38 @@ fn meta(h: &EventHeader) -> Meta {
                 compact_str::CompactString::new,
             ),
         },
+    }
+}
+
+/// A quiet connection's history as the engine takes it, written at `ts_ns`.
+pub fn conn_history(sk: u64, h: &conntrace_common::quiet::History, ts_ns: u64) -> ConnHistory {
+    use conntrace_common::quiet::flags;
+    let server = h.flags & flags::SERVER != 0;
+    // A server's process is known only when it closed the socket itself (pid 0 otherwise).
+    let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
+    let proc = Proc {
+        pid: h.pid,
+        comm: compact_str::CompactString::from_utf8_lossy(&h.comm[..end]),
+    };
+    ConnHistory {
+        meta: Meta {
+            ts_ns,
+            netns: (h.flags & flags::NETNS_UNREAD == 0 && h.netns != 0).then_some(h.netns),
+            proc,
+        },
+        sk,
+        server,
+        tuple: four_tuple(&h.tuple),
+        started_ns: h.started_ns,
+        established_ns: (h.established_ns != 0).then_some(h.established_ns),
+        accepted: if h.accepted_ns != 0 {
+            Some(Accepted::At(h.accepted_ns))
+        } else if h.flags & flags::ACCEPTED != 0 {
+            Some(Accepted::Seen)
+        } else {
+            None
+        },
+        orderly: h.flags & flags::ORDERLY != 0,
     }
 }
 
@@ -123,6 +156,8 @@ impl Decoder {
                 meta: meta(&e.header),
                 sk: e.sk,
                 rx_sk: e.rx_sk,
+                sk_port: (e.sk != 0 && e.header.unread & unread::SK_PORT == 0)
+                    .then_some(e.sk_port as u16),
                 packet: four_tuple(&e.tuple),
                 reason: self
                     .drop_reasons
@@ -161,13 +196,27 @@ impl Decoder {
                 meta: meta(&e.header),
                 tuple: four_tuple(&e.tuple),
             },
+            Decoded::History(e) => {
+                KernelEvent::History(conn_history(e.skaddr, &e.history, e.header.ts_ns))
+            }
             Decoded::ConnectError(e) => KernelEvent::ConnectFailed {
                 meta: meta(&e.header),
                 sk: e.skaddr,
                 tuple: four_tuple(&e.tuple),
                 errno: Errno::from_raw(e.ret),
             },
+            Decoded::RouteError(e) => route_lookup_failed(&e),
         })
+    }
+}
+
+/// A failed route lookup of `connect()`, one table's answer.
+fn route_lookup_failed(e: &RouteError) -> KernelEvent {
+    KernelEvent::RouteLookupFailed {
+        meta: meta(&e.header),
+        tuple: four_tuple(&e.tuple),
+        table: e.table,
+        answer: TableAnswer::from_kernel(e.tuple.family == AF_INET6, e.err),
     }
 }
 
@@ -179,6 +228,54 @@ mod tests {
 
     fn decoder() -> Decoder {
         Decoder::new(BTreeMap::new(), BTreeMap::new(), Default::default())
+    }
+
+    #[test]
+    fn route_errors_name_the_table_and_its_answer() {
+        let mut t = Tuple {
+            family: conntrace_common::AF_INET,
+            dport: 3306,
+            ..Tuple::default()
+        };
+        t.daddr[..4].copy_from_slice(&[192, 0, 2, 1]);
+        let mut h = header_for::<RouteError>(EventKind::RouteError);
+        (h.pid, h.netns) = (42, 4_026_532_000);
+        h.comm[..9].copy_from_slice(b"ct-client");
+        let e = RouteError {
+            header: h,
+            tuple: t,
+            err: -11,
+            table: 254,
+        };
+        let KernelEvent::RouteLookupFailed {
+            meta,
+            tuple,
+            table,
+            answer,
+        } = decoder().decode(as_bytes(&e)).unwrap()
+        else {
+            panic!("a route lookup");
+        };
+        assert_eq!((meta.proc.pid, meta.proc.comm.as_str()), (42, "ct-client"));
+        assert_eq!(meta.netns, Some(4_026_532_000));
+        assert_eq!(tuple.daddr.to_string(), "192.0.2.1");
+        assert!(tuple.saddr.is_unspecified());
+        assert_eq!((tuple.sport, tuple.dport, table), (0, 3306, 254));
+        assert_eq!(answer, TableAnswer::Miss);
+        // The same errno means "no route here, or an unreachable route" for IPv6.
+        let v6 = |err| TableAnswer::from_kernel(true, err);
+        let v4 = |err| TableAnswer::from_kernel(false, err);
+        assert_eq!(v4(-113), TableAnswer::Unreachable);
+        assert_eq!(v6(-113), TableAnswer::MissOrUnreachable);
+        assert_eq!(
+            (v4(-13), v6(-13)),
+            (TableAnswer::Prohibit, TableAnswer::Prohibit)
+        );
+        assert_eq!(
+            (v4(-22), v6(-22)),
+            (TableAnswer::Blackhole, TableAnswer::Blackhole)
+        );
+        assert_eq!(v4(-101), TableAnswer::Other(Errno::ENETUNREACH));
     }
 
     #[test]
@@ -215,5 +312,66 @@ mod tests {
             panic!("a state change");
         };
         assert_eq!(meta.netns, None);
+    }
+
+    #[test]
+    fn a_history_carries_what_the_kernel_kept() {
+        use conntrace_common::{
+            HistoryEvent,
+            quiet::{History, flags},
+        };
+        let mut t = Tuple {
+            family: conntrace_common::AF_INET,
+            sport: 3306,
+            dport: 41000,
+            ..Tuple::default()
+        };
+        t.saddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        t.daddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        let mut e = HistoryEvent {
+            header: header_for::<HistoryEvent>(EventKind::History),
+            skaddr: 0xffff_8880_0000_1000,
+            history: History {
+                started_ns: 100,
+                established_ns: 150,
+                accepted_ns: 0,
+                tuple: t,
+                pid: 0,
+                netns: 4_026_532_000,
+                flags: flags::SERVER | flags::ORDERLY | flags::ACCEPTED,
+                _pad: 0,
+                comm: [0; 16],
+            },
+        };
+        e.header.ts_ns = 900;
+        let KernelEvent::History(h) = decoder().decode(as_bytes(&e)).unwrap() else {
+            panic!("a history");
+        };
+        assert!(h.server && h.orderly);
+        assert_eq!(h.accepted, Some(Accepted::Seen));
+        assert_eq!(
+            (h.started_ns, h.established_ns, h.meta.ts_ns),
+            (100, Some(150), 900)
+        );
+        assert_eq!(h.meta.netns, Some(4_026_532_000));
+        assert_eq!((h.tuple.sport, h.tuple.dport), (3306, 41000));
+        assert_eq!(h.meta.proc.pid, 0);
+        // A client's: its process; a namespace the kernel could not read is absent; a time
+        // of accept() only when the hook saw it.
+        e.history.flags = flags::NETNS_UNREAD;
+        e.history.pid = 4242;
+        e.history.comm[..6].copy_from_slice(b"mysql\0");
+        e.history.established_ns = 0;
+        e.history.accepted_ns = 120;
+        let KernelEvent::History(h) = decoder().decode(as_bytes(&e)).unwrap() else {
+            panic!("a history");
+        };
+        assert!(!h.server);
+        assert_eq!(
+            (h.meta.proc.pid, h.meta.proc.comm.as_str()),
+            (4242, "mysql")
+        );
+        assert_eq!((h.meta.netns, h.established_ns), (None, None));
+        assert_eq!(h.accepted, Some(Accepted::At(120)));
     }
 }

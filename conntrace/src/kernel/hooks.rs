@@ -3,7 +3,7 @@
 
 use aya::{
     Ebpf,
-    programs::{FEntry, FExit, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, ProgramError, TracePoint},
 };
 use tracing::{debug, warn};
 
@@ -93,6 +93,11 @@ fn attach_one(
                 .map_err(load)?;
             p.attach().map_err(attach)?;
         }
+        Hook::BtfTracePoint { name } => {
+            let p: &mut BtfTracePoint = program.try_into().map_err(wrong_type)?;
+            p.load(name, btf.ok_or(AttachError::NoBtf)?).map_err(load)?;
+            p.attach().map_err(attach)?;
+        }
         Hook::FExit { function } => {
             let p: &mut FExit = program.try_into().map_err(wrong_type)?;
             p.load(function, btf.ok_or(AttachError::NoBtf)?)
@@ -106,13 +111,16 @@ fn attach_one(
 /// Walks the attach table for this kernel. Within a capability every rule of the best
 /// priority that works stays attached (a capability may need several hooks, e.g. syscall
 /// entry and exit); lower-priority rules are tried only when the better ones all failed.
+/// `refused`: programs this kernel cannot run correctly (its layout differs from the one they
+/// were built for), with the reason; they are skipped like a rule that failed.
 pub(super) fn attach_all(
     ebpf: &mut Ebpf,
     kernel: (u32, u32),
     opts: &TracerOptions,
     btf: Option<&aya::Btf>,
+    refused: &[(&'static str, &'static str)],
 ) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
-    let plan = attach::plan(kernel, opts.mode);
+    let plan = attach::plan(kernel, opts.mode, opts.follow);
     let (mut active, mut unavailable) = (Vec::new(), Vec::<Unavailable>::new());
     let mut served: Option<(Capability, u8)> = None;
     let mut first_error: Option<(Capability, AttachError)> = None;
@@ -130,6 +138,15 @@ pub(super) fn attach_all(
             if !unavailable.iter().any(|u| u.capability == rule.capability) {
                 unavailable.push(row(WITHOUT_REASON.to_owned()));
             }
+            continue;
+        }
+        if let Some((_, why)) = refused.iter().find(|(p, _)| *p == rule.program) {
+            debug!(
+                program = rule.program,
+                reason = why,
+                "not attached, falling back"
+            );
+            unavailable.push(row((*why).to_owned()));
             continue;
         }
         match attach_one(ebpf, rule, btf) {

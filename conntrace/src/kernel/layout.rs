@@ -9,7 +9,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use conntrace_common::{ABSENT, SyscallLayout, TracepointLayout};
+use conntrace_common::{ABSENT, FibLayout, SyscallLayout, TracepointLayout};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -109,6 +109,33 @@ pub fn tracepoint_layout(fields: &HashMap<String, Field>) -> TracepointLayout {
     l
 }
 
+/// The layout of a route lookup tracepoint (`fib:fib_table_lookup`, `fib6:fib6_table_lookup`).
+pub fn fib_layout(fields: &HashMap<String, Field>) -> FibLayout {
+    FibLayout {
+        tb_id: offset(fields, "tb_id"),
+        err: offset(fields, "err"),
+        iif: offset(fields, "iif"),
+        proto: offset(fields, "proto"),
+        src: offset(fields, "src"),
+        dst: offset(fields, "dst"),
+        sport: offset(fields, "sport"),
+        dport: offset(fields, "dport"),
+    }
+}
+
+/// [`fib_layout`] of `category:name`, all [`ABSENT`] when this kernel lacks the tracepoint.
+pub fn optional_fib_layout(
+    root: &Path,
+    category: &str,
+    name: &str,
+) -> Result<FibLayout, LayoutError> {
+    match read_format(root, category, name) {
+        Ok(fields) => Ok(fib_layout(&fields)),
+        Err(LayoutError::NoTracepoint { .. }) => Ok(FibLayout::NONE),
+        Err(e) => Err(e),
+    }
+}
+
 /// The tracefs directory of this machine.
 pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
     ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
@@ -197,6 +224,39 @@ print fmt: \"skbaddr=%p\"
 \tfield:__u8 saddr_v6[16];\toffset:42;\tsize:16;\tsigned:0;
 \tfield:__u8 daddr_v6[16];\toffset:58;\tsize:16;\tsigned:0;
 ";
+
+    /// `fib6:fib6_table_lookup` as Linux 6.18 describes it (its addresses are unaligned).
+    const FIB6_TABLE_LOOKUP_6_18: &str = "name: fib6_table_lookup
+ID: 2315
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:u32 tb_id;\toffset:8;\tsize:4;\tsigned:0;
+\tfield:int err;\toffset:12;\tsize:4;\tsigned:1;
+\tfield:int oif;\toffset:16;\tsize:4;\tsigned:1;
+\tfield:int iif;\toffset:20;\tsize:4;\tsigned:1;
+\tfield:u32 flowlabel;\toffset:24;\tsize:4;\tsigned:0;
+\tfield:__u8 tos;\toffset:28;\tsize:1;\tsigned:0;
+\tfield:__u8 scope;\toffset:29;\tsize:1;\tsigned:0;
+\tfield:__u8 flags;\toffset:30;\tsize:1;\tsigned:0;
+\tfield:__u8 src[16];\toffset:31;\tsize:16;\tsigned:0;
+\tfield:__u8 dst[16];\toffset:47;\tsize:16;\tsigned:0;
+\tfield:u16 sport;\toffset:64;\tsize:2;\tsigned:0;
+\tfield:u16 dport;\toffset:66;\tsize:2;\tsigned:0;
+\tfield:u8 proto;\toffset:68;\tsize:1;\tsigned:0;
+\tfield:u8 rt_type;\toffset:69;\tsize:1;\tsigned:0;
+\tfield:char name[16];\toffset:70;\tsize:16;\tsigned:0;
+\tfield:__u8 gw[16];\toffset:86;\tsize:16;\tsigned:0;
+";
+
+    #[test]
+    fn route_lookup_layout_from_its_format() {
+        let l = fib_layout(&parse_format(FIB6_TABLE_LOOKUP_6_18));
+        assert_eq!((l.tb_id, l.err, l.iif, l.proto), (8, 12, 20, 68));
+        assert_eq!((l.src, l.dst, l.sport, l.dport), (31, 47, 64, 66));
+        // A kernel whose record lacks a field: the program reports nothing.
+        let l = fib_layout(&parse_format(SEND_RESET_6_1));
+        assert_eq!((l.err, l.proto, l.iif), (ABSENT, ABSENT, ABSENT));
+    }
 
     #[test]
     fn parses_field_names_offsets_and_sizes() {

@@ -8,6 +8,8 @@ mod hooks;
 pub mod kallsyms;
 pub mod layout;
 pub mod nfhook;
+pub mod quiet;
+pub mod stats;
 
 use std::{collections::BTreeMap, path::Path};
 
@@ -16,7 +18,8 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
 };
 use conntrace_common::{
-    Config, FLAG_ALL_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout, maps, programs,
+    Config, FLAG_ALL_PORTS, FLAG_QUIET, INLINE_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout,
+    maps, programs,
 };
 
 use serde::Serialize;
@@ -85,6 +88,13 @@ pub struct TracerOptions {
     pub without: Vec<Capability>,
     /// Which kinds of hook may be used (`--attach`).
     pub mode: attach::AttachMode,
+    /// Whether healthy connections stay in the kernel.
+    pub follow: attach::Follow,
+    /// `--stall-timeout` (0: off): a quiet connection established this long without data or
+    /// accept() reports its close.
+    pub stall_timeout: std::time::Duration,
+    /// `--show-normal-drops`: normal drops are sent, not counted in the kernel.
+    pub show_normal_drops: bool,
 }
 
 /// Everything attached and the maps userspace reads.
@@ -107,6 +117,8 @@ pub struct Tracer {
     /// The accept-queue iterator, loaded but run only on demand; `None` when this kernel
     /// refused it or `--without accept-queues` (then listed in `unavailable`).
     pub accept_queues: Option<AcceptQueues>,
+    /// Quiet mode's maps (`None` when connections stream).
+    pub quiet: Option<quiet::QuietMaps>,
 }
 
 fn kernel_release() -> String {
@@ -163,6 +175,14 @@ impl Tracer {
             .map(|(value, name)| (value, DropReason::new(&name)))
             .collect();
         let reset_reasons = btf.enum_names("sk_rst_reason", "SK_RST_REASON_");
+        let refused: &[(&str, &str)] = if btf.sock_common_as_compiled() {
+            &[]
+        } else {
+            &[(
+                "tp_btf_inet_sock_set_state",
+                "struct sock_common is laid out differently from what the program loads directly",
+            )]
+        };
         // Everything needed from the parsed BTF is taken: free it before the loader parses
         // the kernel's BTF again, so the two never sit in memory together (peak RSS).
         drop(btf);
@@ -183,14 +203,28 @@ impl Tracer {
             send_length: optional_layout(&root, "sock", "sock_send_length")?,
             dev_queue: optional_layout(&root, "net", "net_dev_queue")?,
             syscalls: layout::syscall_layout(&root)?,
+            fib: layout::optional_fib_layout(&root, "fib", "fib_table_lookup")?,
+            fib6: layout::optional_fib_layout(&root, "fib6", "fib6_table_lookup")?,
             offsets,
             flags: if opts.ports.is_empty() {
                 FLAG_ALL_PORTS
             } else {
                 0
+            } | if opts.follow == attach::Follow::Quiet {
+                FLAG_QUIET
+            } else {
+                0
             },
             stack_drop_reason,
             wakeup_bytes: opts.ring_bytes / 4,
+            stall_timeout_ms: u32::try_from(opts.stall_timeout.as_millis()).unwrap_or(u32::MAX),
+            normal_drops: normal_drop_values(&drop_reasons, opts.show_normal_drops),
+            inline_ports: inline_ports(&opts.ports),
+            inline_port_count: if opts.ports.len() <= INLINE_PORTS {
+                opts.ports.len() as u32
+            } else {
+                u32::MAX
+            },
             _pad: 0,
         };
 
@@ -206,7 +240,7 @@ impl Tracer {
         write_config(&mut ebpf, &config, &opts.ports)?;
 
         let (mut active, mut unavailable) =
-            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref())?;
+            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), refused)?;
         let accept_queues = match load_accept_queues(&mut ebpf, opts, kernel_btf.as_ref()) {
             Ok(queues) => {
                 active.push(ActiveProgram {
@@ -230,6 +264,11 @@ impl Tracer {
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
         let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
         let read_failures = take_map(&mut ebpf, maps::READ_FAILURES)?;
+        let quiet = if opts.follow == attach::Follow::Quiet {
+            Some(quiet::QuietMaps::take(&mut ebpf)?)
+        } else {
+            None
+        };
         let tracer = Self {
             _ebpf: ebpf,
             lost,
@@ -242,6 +281,7 @@ impl Tracer {
             missing_offsets,
             socketless_resets_traced: config.send_reset.reason != conntrace_common::ABSENT,
             accept_queues,
+            quiet,
         };
         Ok((tracer, events))
     }
@@ -292,6 +332,32 @@ fn load_accept_queues(
         debug!(program = accept_queues::PROGRAM, "not loaded: {error}");
         error.summary()
     })
+}
+
+/// `Config::inline_ports`: the first [`INLINE_PORTS`] traced ports, zeros after.
+fn inline_ports(ports: &[u16]) -> [u16; INLINE_PORTS] {
+    let mut inline = [0; INLINE_PORTS];
+    for (slot, port) in inline.iter_mut().zip(ports) {
+        *slot = *port;
+    }
+    inline
+}
+
+/// `Config::normal_drops`: this kernel's values of the drop reasons that are a normal part of
+/// TCP wherever they happen (`engine::rules::drops::NORMAL`); none when they are to be shown.
+fn normal_drop_values(reasons: &BTreeMap<u32, DropReason>, show: bool) -> [u32; 4] {
+    let mut values = [NO_STACK_REASON; 4];
+    if show {
+        return values;
+    }
+    let normal = reasons
+        .iter()
+        .filter(|(_, name)| crate::engine::NORMAL_DROP_REASONS.contains(&name.as_str()))
+        .map(|(&value, _)| value);
+    for (slot, value) in values.iter_mut().zip(normal) {
+        *slot = value;
+    }
+    values
 }
 
 /// Wraps a map error with the map's name.

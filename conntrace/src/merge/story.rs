@@ -23,6 +23,37 @@ pub(super) struct Facts {
     listeners: Option<Vec<Listener>>,
     pub(super) stuck_ms: Option<f64>,
     waited_ms: Option<f64>,
+    location: Option<String>,
+    conntrack: Option<Conntrack>,
+    rp_filter: Option<RpFilter>,
+    path_answer: Option<PathAnswer>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Conntrack {
+    count: Option<u64>,
+    max: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RpFilter {
+    arrived_on: Option<String>,
+    route_back_via: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PathAnswer {
+    mtu: Option<u64>,
+    dropped: Option<PathAnswerDrop>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PathAnswerDrop {
+    hook: Option<String>,
 }
 
 /// A firewall rule, or a chain's policy, as `detail.rule` names it.
@@ -58,6 +89,11 @@ const RULES: &[(&[&str], &[&str], &str)] = &[
     (STALLED, &["not_accepted"], "the server's application did not accept() the connection{comm}{waited}"),
     (STALLED, &["established"], "the server's application accepted the connection{comm} and sent nothing back{waited}"),
     (&["syn_timeout"], &["netfilter_drop"], "the server's firewall dropped the SYNs{at}{rule}"),
+    (&["syn_timeout"], &["conntrack_table_full"], "the server's conntrack table was full{conntrack}: it dropped the SYNs before any rule"),
+    (&["syn_timeout"], &["rp_filter_drop"], "the server's reverse-path filter dropped the SYNs{rp_filter}"),
+    (&["syn_timeout"], &["kernel_drop"], "the server's kernel dropped the SYNs{drop}"),
+    (STALLED, &["pmtu_blackhole"], "a path-MTU black hole: the server's full-size segments never arrived{path_answer}{waited}"),
+    (&["zero_window"], &["zero_window"], "the server's application stopped reading{comm}: the client's data waits in its send queue"),
     (&["icmp_unreachable", "refused_no_listener"], &["netfilter_reject"], "the server's REJECT rule answered{reject_with}{rule}"),
     (&["refused_no_listener"], &["refused_bound_elsewhere"], "nothing listens on {server}; the service listens on {listeners}"),
     (&["refused_no_listener"], &["refused_no_listener"], "nothing listens on {server}"),
@@ -171,6 +207,35 @@ fn fact(name: &str, p: &Pair) -> String {
             )
         }
         "at" => around(" at ", d.hook.as_deref(), ""),
+        "conntrack" => match d.conntrack.as_ref().map(|c| (c.count, c.max)) {
+            Some((Some(count), Some(max))) => format!(" ({count} of {max} entries)"),
+            _ => String::new(),
+        },
+        "rp_filter" => match &d.rp_filter {
+            Some(rp) => format!(
+                ": they came in on {} while the route back to the client leaves by {}",
+                rp.arrived_on.as_deref().unwrap_or("?"),
+                rp.route_back_via.as_deref().unwrap_or("?")
+            ),
+            None => String::new(),
+        },
+        "drop" => format!(
+            " ({}{})",
+            p.server.kernel_reason.as_deref().unwrap_or("?"),
+            around(" at ", d.location.as_deref(), "")
+        ),
+        "path_answer" => match &d.path_answer {
+            Some(a) => format!(
+                "; a hop announced MTU {}{}",
+                a.mtu.map_or_else(|| "?".to_owned(), |m| m.to_string()),
+                around(
+                    ", and the server dropped that answer at ",
+                    a.dropped.as_ref().and_then(|x| x.hook.as_deref()),
+                    ""
+                )
+            ),
+            None => "; no hop's answer reached the server".to_owned(),
+        },
         "rule" => rule(d).map_or_else(|| not_found(d), |rule| format!(": {rule}")),
         "reject_with" => around(" (", d.reject_with.as_deref(), ")"),
         "server" => p

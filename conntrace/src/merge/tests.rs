@@ -282,6 +282,10 @@ fn rules_tell_each_pair() {
         ("stalled_no_response", "not_accepted", queue, ": the server's application did not accept() the connection (mysqld on the server)"),
         ("stalled_no_greeting", "syncookie_ack_lost", "{}", "it answered with a SYN cookie and the client's final ACK was lost"),
         ("established", "established", "{}", ": established"),
+        ("syn_timeout", "conntrack_table_full", r#"{"conntrack":{"count":262144,"max":262144}}"#, "the server's conntrack table was full (262144 of 262144 entries): it dropped the SYNs before any rule"),
+        ("syn_timeout", "rp_filter_drop", r#"{"rp_filter":{"arrived_on":"s0","route_back_via":"s1"}}"#, "the server's reverse-path filter dropped the SYNs: they came in on s0 while the route back to the client leaves by s1"),
+        ("stalled_no_response", "pmtu_blackhole", r#"{"path_answer":{"mtu":1400,"dropped":{"hook":"INPUT"}}}"#, "a path-MTU black hole: the server's full-size segments never arrived; a hop announced MTU 1400, and the server dropped that answer at INPUT"),
+        ("zero_window", "zero_window", r#"{"listener":{"comm":"mysqld"}}"#, "the server's application stopped reading (mysqld on the server): the client's data waits in its send queue"),
     ];
     for (client_reason, server_reason, detail, story) in cases {
         let client = file(
@@ -336,4 +340,30 @@ fn merge_corpus_replays() {
     let tour = std::fs::read(dir.join("seed-tour.jsonl")).expect("seed");
     let lines = super::merge_one("tour", &tour, Duration::from_secs(2), true).expect("merges");
     assert!(!lines.is_empty());
+}
+
+#[test]
+fn merged_verdicts_keep_their_containers() {
+    let container = r#""container":{"runtime":"podman","id":"4c4d634e0f31a65bc5c6f2b3991ebd78df5cbd2cf0901b3667524fbaead6512b","name":"mysqld","image":{"name":"localhost/debian:bookworm-min"},"k8s":null,"via":"netns"}"#;
+    let server = COOKIE_SERVER.replace(r#""comm":null"#, &format!(r#""comm":null,{container}"#));
+    let client = COOKIE_CLIENT.map(|l| {
+        l.replace(
+            r#""comm":"ct-client""#,
+            r#""comm":"ct-client","container":null"#,
+        )
+    });
+    let lines = merge(
+        &[
+            &file("server.jsonl", &[&server]),
+            &file("client.jsonl", &[&client[0], &client[1]]),
+        ],
+        2,
+        true,
+    )
+    .expect("merge");
+    let merged: Value = serde_json::from_str(&lines[0]).expect("JSON");
+    let verdicts = merged["verdicts"].as_array().expect("verdicts");
+    assert_eq!(verdicts[0]["side"], "server");
+    assert_eq!(verdicts[0]["container"]["name"], "mysqld");
+    assert_eq!(verdicts[1]["container"], Value::Null);
 }

@@ -128,6 +128,38 @@ pub fn concrete(v: &Verdict) -> String {
             "{} does not answer ARP/neighbour discovery: wrong address, or the host or link is down",
             v.daddr
         ),
+        Reason::RpFilterDrop => match drops.and_then(|d| d.rp_filter.as_ref()) {
+            Some(rp) => format!(
+                "the reverse-path filter drops packets from {} arriving on {}: its route back leaves by {}; fix the routing, or set net.ipv4.conf.{}.rp_filter=2 (loose)",
+                v.daddr,
+                rp.arrived_on.as_deref().unwrap_or("?"),
+                rp.route_back_via.as_deref().unwrap_or("?"),
+                rp.arrived_on.as_deref().unwrap_or("IFACE"),
+            ),
+            None => v.reason.advice().to_owned(),
+        },
+        Reason::ConntrackTableFull => match drops.and_then(|d| d.conntrack) {
+            Some(ct) => format!(
+                "the conntrack table of netns {} is full ({} of {}): raise net.netfilter.nf_conntrack_max in the host namespace, shorten conntrack timeouts, or exempt this traffic (notrack)",
+                v.netns.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                ct.count,
+                ct.max
+            ),
+            None => v.reason.advice().to_owned(),
+        },
+        Reason::EphemeralPortsExhausted => match &v.detail {
+            Detail::Connect(d) => format!(
+                "all local ports {} towards {}:{} are taken ({} sockets, {} in TIME_WAIT): reuse connections, widen net.ipv4.ip_local_port_range, or let the server close first",
+                d.port_range
+                    .map_or_else(|| "?".to_owned(), |[a, b]| format!("{a}-{b}")),
+                v.daddr,
+                v.dport,
+                d.sockets_to_destination
+                    .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+                d.time_wait.map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            ),
+            _ => v.reason.advice().to_owned(),
+        },
         _ => v.reason.advice().to_owned(),
     }
 }
@@ -159,6 +191,7 @@ mod tests {
             netns: Some(1),
             pid: None,
             comm: None,
+            container: None,
             duration_ms: 0.0,
             syn_retransmits: 0,
             detail,
@@ -170,6 +203,8 @@ mod tests {
         d.drops.hook = Some(NfHook::Input);
         d.drops.rule = Some(RuleRef::Rule(FirewallRule {
             comment: None,
+            backend: Default::default(),
+            iptables: None,
             family: family.into(),
             table: table.into(),
             chain: chain.into(),

@@ -5,10 +5,12 @@
 
 use std::collections::BTreeSet;
 
-use super::{Clock, Final, Lost, Ready, Record, advice, live};
-use crate::engine::verdict::{
-    Detail, Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict,
-    detail::{CloseKind, EndedBy, RuleRef},
+use super::{Clock, Final, Lost, Ready, Record, advice, fact::key_fact, live};
+use crate::{
+    engine::verdict::{
+        Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
+    },
+    identity::Container,
 };
 
 /// Widest compact line, in characters.
@@ -59,118 +61,18 @@ fn fit(mut line: String) -> String {
     line
 }
 
-/// The process, or the namespace when no process is known.
+/// The namespace, or its container (`podman:mysqld`, `k8s:shop/db-0/mysql`) when it has one.
+fn place(netns_: Option<u32>, container: Option<&Container>) -> String {
+    container.map_or_else(|| netns(netns_), Container::short)
+}
+
+/// The process (and its container), or the namespace's container, or the namespace.
 fn who(v: &Verdict) -> String {
-    match (&v.comm, v.pid) {
-        (Some(c), Some(p)) => format!("{c}[{p}]"),
-        _ => netns(v.netns),
+    match (&v.comm, v.pid, &v.container) {
+        (Some(c), Some(p), Some(ct)) => format!("{c}[{p}]@{}", ct.short()),
+        (Some(c), Some(p), None) => format!("{c}[{p}]"),
+        _ => place(v.netns, v.container.as_ref()),
     }
-}
-
-/// Where a netfilter drop happened and which rule did it: ``INPUT rule `tcp dport 3306 drop```.
-fn rule_fact(v: &Verdict) -> Option<String> {
-    let d = v.detail.drop_facts()?;
-    let hook = d.hook?;
-    let rule = match (&d.rule, &d.rule_candidates) {
-        (Some(RuleRef::Rule(r)), _) => format!("`{}`", r.text),
-        (Some(RuleRef::Policy { chain, .. }), _) => format!("policy drop of {chain}"),
-        (None, Some(rs)) => format!("one of {} rules", rs.len()),
-        (None, None) if d.rule_not_found.is_some() => "rule not found".to_owned(),
-        (None, None) => return Some(hook.chain_name().to_owned()),
-    };
-    let with = d
-        .reject_with
-        .as_deref()
-        .map(|w| format!(" with {w}"))
-        .unwrap_or_default();
-    Some(format!("{hook} {rule}{with}"))
-}
-
-fn ms(v: f64) -> String {
-    format!("{v:.0} ms")
-}
-
-/// The one fact that matters for this verdict's reason.
-fn key_fact(v: &Verdict) -> String {
-    let errno = v
-        .errno
-        .map(|e| e.to_string())
-        .or_else(|| v.kernel_reason.clone())
-        .unwrap_or_default();
-    let syns = match v.syn_retransmits {
-        0 => String::new(),
-        n => format!(", {} SYNs", n + 1),
-    };
-    match &v.detail {
-        Detail::Stall(d) => {
-            let queue = queue_fact(v).map(|q| format!(", {q}")).unwrap_or_default();
-            match (d.waited_ms, d.stuck_ms, d.ended_by) {
-                (Some(w), _, _) => format!("stuck {}{queue}", ms(w)),
-                (None, Some(s), Some(by)) => format!("failed after {} stuck: {}", ms(s), ended(by)),
-                (None, Some(s), None) => format!(
-                    "resolved after {}: {}",
-                    ms(s),
-                    v.kernel_reason.as_deref().unwrap_or_default()
-                ),
-                (None, None, _) => v.kernel_reason.clone().unwrap_or_default(),
-            }
-        }
-        _ => match v.reason {
-            Reason::NetfilterDrop | Reason::NetfilterReject | Reason::SyncookieAckLost => {
-                let fact =
-                    rule_fact(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default());
-                if v.reason == Reason::SyncookieAckLost {
-                    format!("cookie sent, no socket; ACK dropped at {fact}")
-                } else {
-                    fact
-                }
-            }
-            Reason::ListenOverflow | Reason::NotAccepted => {
-                queue_fact(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default())
-            }
-            Reason::SynTimeout | Reason::Timeout => {
-                format!("{errno} in {}{syns}", ms(v.duration_ms))
-            }
-            Reason::Established => format!("handshake {:.1} ms", v.duration_ms),
-            Reason::UnexpectedListener => v.kernel_reason.clone().unwrap_or_default(),
-            Reason::RefusedBoundElsewhere => match &v.detail {
-                Detail::Refusal(d) => {
-                    let at: Vec<&str> = d
-                        .listeners
-                        .iter()
-                        .flatten()
-                        .map(|l| l.address.as_str())
-                        .collect();
-                    format!("listens on {} only", at.join(", "))
-                }
-                _ => errno,
-            },
-            _ => {
-                let unanswered = v
-                    .detail
-                    .unanswered_syns()
-                    .map(|n| format!(", {n} SYNs unanswered first"))
-                    .unwrap_or_default();
-                match (&v.errno, &v.kernel_reason) {
-                    (Some(e), Some(k)) if e.to_string() != *k => format!("{e} ({k}){unanswered}"),
-                    _ => format!("{errno}{unanswered}{syns}"),
-                }
-            }
-        },
-    }
-}
-
-fn ended(by: EndedBy) -> &'static str {
-    match by {
-        EndedBy::Failure(reason) => reason.code(),
-        EndedBy::Close(CloseKind::Orderly) => "orderly close",
-        EndedBy::Close(CloseKind::Close) => "close",
-    }
-}
-
-fn queue_fact(v: &Verdict) -> Option<String> {
-    let q = v.detail.queue()?;
-    Some(format!("accept queue {}/{}", q.accept_queue?, q.backlog?))
 }
 
 impl Human {
@@ -310,7 +212,10 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
         clock.rfc3339(v.ts_ns),
         endpoint(v.saddr, v.sport),
         endpoint(Some(v.daddr), Some(v.dport)),
-        netns(v.netns),
+        match &v.container {
+            Some(c) => format!("{} {}", netns(v.netns), c.short()),
+            None => netns(v.netns),
+        },
         v.kernel_reason.as_deref().unwrap_or("-"),
     );
     line.push_str(&format!(", {:.1} ms", v.duration_ms));
@@ -371,7 +276,7 @@ fn drop_line(d: &DropRecord, clock: &Clock, wide: bool) -> String {
             "->"
         },
         endpoint(Some(d.daddr), Some(d.dport)),
-        netns(d.netns),
+        place(d.netns, d.container.as_ref()),
         d.tcp_flags,
         d.location,
     );
@@ -431,6 +336,12 @@ fn summary(f: &Final<'_>) -> String {
             "\n  connect latency ({n} handshakes): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
         ));
     }
+    for m in f.cookie_mismatches() {
+        out.push_str(&format!(
+            "\n  warning: netns {} sent {} SYN cookies on traced listeners by conntrace's count, {} by its TcpExtSyncookiesSent",
+            m.netns, m.traced, m.counter
+        ));
+    }
     if !f.read_failures.is_empty() {
         let list: Vec<String> = f
             .read_failures
@@ -440,6 +351,25 @@ fn summary(f: &Final<'_>) -> String {
         out.push_str(&format!(
             "\n  kernel reads that failed (facts left absent): {}",
             list.join(", ")
+        ));
+    }
+    if let Some(programs) = &f.programs {
+        out.push_str(&program_costs(programs));
+    }
+    out
+}
+
+/// The summary's table of what each program cost the kernel (`--bpf-stats`).
+fn program_costs(programs: &[crate::kernel::stats::ProgramCost]) -> String {
+    let mut out =
+        String::from("\n  eBPF program (--bpf-stats)            runs   ns/run  run time ms");
+    for p in programs {
+        let per_run = p.run_ns.checked_div(p.runs).unwrap_or(0);
+        out.push_str(&format!(
+            "\n  {:<32} {:>10} {per_run:>8} {:>12.3}",
+            p.program,
+            p.runs,
+            p.run_ns as f64 / 1e6
         ));
     }
     out

@@ -1,7 +1,21 @@
 //! Prometheus exposition (`--metrics-addr`): every record written also updates counters, served
 //! at `GET /metrics` in the OpenMetrics text format by `prometheus-client` over `hyper`.
+//! `GET /healthz` beside it answers `200 ok` once tracing is ready (the `ready` record was
+//! written) and `503` before that and after the summary: the probe of a Kubernetes DaemonSet.
+//!
+//! With `--metrics-container-labels`, verdicts and drops also carry `namespace`, `pod` and
+//! `container` (kube-state-metrics' names; empty when the record has none): one series per
+//! container, reason and port, so on a node whose containers come and go the series grow with
+//! every new pod name until conntrace restarts. Off by default for that reason.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use http_body_util::Full;
 use hyper::{
@@ -18,6 +32,8 @@ use tracing::debug;
 
 use super::Record;
 
+mod bpf;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VerdictLabels {
     side: String,
@@ -25,11 +41,37 @@ struct VerdictLabels {
     reason: String,
     /// The connection's service port: the server's local port, the client's remote one.
     port: String,
+    /// `namespace`, `pod`, `container` with `--metrics-container-labels`, else none.
+    #[prometheus(flatten)]
+    who: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DropLabels {
     reason: String,
+    #[prometheus(flatten)]
+    who: Vec<(&'static str, String)>,
+}
+
+/// The container labels of a record's container (empty values when it has none).
+fn who(c: Option<&crate::identity::Container>) -> Vec<(&'static str, String)> {
+    let k8s = c.and_then(|c| c.k8s.as_ref());
+    vec![
+        (
+            "namespace",
+            k8s.map(|k| k.namespace.clone()).unwrap_or_default(),
+        ),
+        ("pod", k8s.map(|k| k.pod.clone()).unwrap_or_default()),
+        (
+            "container",
+            c.and_then(|c| {
+                c.name
+                    .clone()
+                    .or_else(|| Some(c.id.chars().take(12).collect()))
+            })
+            .unwrap_or_default(),
+        ),
+    ]
 }
 
 /// The metrics conntrace exports.
@@ -39,6 +81,12 @@ pub struct Metrics {
     drops: Family<DropLabels, Counter>,
     lost: Counter,
     ring_peak: Gauge,
+    /// `--metrics-container-labels`.
+    container_labels: bool,
+    /// Tracing: between the `ready` record and the summary.
+    tracing: AtomicBool,
+    /// What conntrace's programs cost the kernel (`--bpf-stats` only).
+    bpf_programs: bpf::ProgramCosts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +100,8 @@ pub enum MetricsError {
 }
 
 impl Metrics {
-    pub fn new(ring_bytes: u32) -> Self {
+    /// `container_labels`: label verdicts and drops with their container and pod.
+    pub fn new(ring_bytes: u32, container_labels: bool) -> Self {
         let mut registry = Registry::with_prefix("conntrace");
         let verdicts = Family::<VerdictLabels, Counter>::default();
         registry.register(
@@ -85,12 +134,17 @@ impl Metrics {
             "Size of the kernel ring buffer",
             size,
         );
+        let bpf_programs = bpf::ProgramCosts::default();
+        registry.register_collector(Box::new(bpf_programs.clone()));
         Self {
             registry,
             verdicts,
             drops,
             lost,
             ring_peak,
+            container_labels,
+            tracing: AtomicBool::new(false),
+            bpf_programs,
         }
     }
 
@@ -104,6 +158,7 @@ impl Metrics {
                         outcome: v.outcome.name().to_owned(),
                         reason: v.reason.code().to_owned(),
                         port: v.service_port().unwrap_or(0).to_string(),
+                        who: self.who(v.container.as_ref()),
                     })
                     .inc();
             }
@@ -111,18 +166,34 @@ impl Metrics {
                 self.drops
                     .get_or_create(&DropLabels {
                         reason: d.kernel_reason.to_string(),
+                        who: self.who(d.container.as_ref()),
                     })
                     .inc();
             }
             Record::Lost(l) => {
                 self.lost.inc_by(l.new);
             }
-            Record::Ready(_) | Record::Summary(_) => {}
+            Record::Ready(_) => self.tracing.store(true, Ordering::Relaxed),
+            Record::Summary(_) => self.tracing.store(false, Ordering::Relaxed),
+        }
+    }
+
+    fn who(&self, c: Option<&crate::identity::Container>) -> Vec<(&'static str, String)> {
+        if self.container_labels {
+            who(c)
+        } else {
+            Vec::new()
         }
     }
 
     pub fn set_ring_peak(&self, bytes: u64) {
         self.ring_peak.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// What each program cost the kernel so far (`--bpf-stats`): from the first call on, the
+    /// `conntrace_bpf_program_*` metrics are exposed.
+    pub fn set_program_costs(&self, costs: Vec<crate::kernel::stats::ProgramCost>) {
+        self.bpf_programs.set(costs);
     }
 
     /// The exposition text.
@@ -135,21 +206,33 @@ impl Metrics {
         text
     }
 
-    fn respond(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
-        let (status, body, kind) = if req.method() == Method::GET && req.uri().path() == "/metrics"
-        {
-            (
+    /// Status, body and content type for `method` on `path`.
+    fn route(&self, method: &Method, path: &str) -> (StatusCode, String, &'static str) {
+        const TEXT: &str = "text/plain; charset=utf-8";
+        match (method, path) {
+            (&Method::GET, "/metrics") => (
                 StatusCode::OK,
                 self.encode(),
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )
-        } else {
-            (
+            ),
+            (&Method::GET, "/healthz") if self.tracing.load(Ordering::Relaxed) => {
+                (StatusCode::OK, "ok\n".to_owned(), TEXT)
+            }
+            (&Method::GET, "/healthz") => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not tracing\n".to_owned(),
+                TEXT,
+            ),
+            _ => (
                 StatusCode::NOT_FOUND,
-                "conntrace serves GET /metrics\n".to_owned(),
-                "text/plain; charset=utf-8",
-            )
-        };
+                "conntrace serves GET /metrics and GET /healthz\n".to_owned(),
+                TEXT,
+            ),
+        }
+    }
+
+    fn respond(&self, req: &Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let (status, body, kind) = self.route(req.method(), req.uri().path());
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
         if let Ok(v) = hyper::header::HeaderValue::from_str(kind) {
@@ -166,7 +249,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
         .map_err(|source| MetricsError::Bind { addr, source })
 }
 
-/// Serves `GET /metrics` on `listener` until the runtime stops.
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until the runtime stops.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
@@ -198,7 +281,7 @@ mod tests {
 
     #[test]
     fn exposition_names_and_labels() {
-        let m = Metrics::new(4096);
+        let m = Metrics::new(4096, false);
         m.observe(&Record::Lost(crate::output::Lost {
             count: 3,
             new: 3,
@@ -216,5 +299,83 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn container_labels_only_when_asked() {
+        use crate::identity::{Container, K8s, Runtime, Via};
+        let mut v = crate::output::tests::syn_timeout();
+        v.container = Some(Container {
+            runtime: Runtime::Containerd,
+            id: "ct-db-0".into(),
+            name: Some("mysql".into()),
+            image: None,
+            k8s: Some(K8s {
+                namespace: "shop".into(),
+                pod: "db-0".into(),
+                container: Some("mysql".into()),
+            }),
+            via: Via::Netns,
+        });
+        let labelled = Metrics::new(4096, true);
+        labelled.observe(&Record::Verdict(&v));
+        let text = labelled.encode();
+        assert!(
+            text.contains(r#"namespace="shop",pod="db-0",container="mysql"} 1"#),
+            "{text}"
+        );
+        let plain = Metrics::new(4096, false);
+        plain.observe(&Record::Verdict(&v));
+        let text = plain.encode();
+        assert!(
+            text.contains(r#"port="3306"} 1"#) && !text.contains("pod="),
+            "{text}"
+        );
+    }
+
+    fn ready() -> crate::output::Ready {
+        crate::output::Ready {
+            ts_ns: 0,
+            version: "0.1.0",
+            ports: vec![3306],
+            programs: Vec::new(),
+            unavailable: Vec::new(),
+            kernel: "6.18.44".into(),
+            attach_paths: Default::default(),
+            kernel_features: crate::output::KernelFeatures { btf: true },
+            ring_buffer_bytes: 4096,
+            degraded: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn healthz_is_ok_only_while_tracing() {
+        let m = Metrics::new(4096, false);
+        let healthz = |m: &Metrics| {
+            let (status, body, _) = m.route(&Method::GET, "/healthz");
+            (status.as_u16(), body)
+        };
+        // Bound before anything is loaded: not ready yet.
+        assert_eq!(healthz(&m), (503, "not tracing\n".to_owned()));
+        m.observe(&Record::Ready(&ready()));
+        assert_eq!(healthz(&m), (200, "ok\n".to_owned()));
+        assert_eq!(m.route(&Method::GET, "/metrics").0, StatusCode::OK);
+        assert_eq!(m.route(&Method::GET, "/other").0, StatusCode::NOT_FOUND);
+        assert_eq!(m.route(&Method::POST, "/healthz").0, StatusCode::NOT_FOUND);
+        // The summary is the last record: the run is ending.
+        let summary = crate::engine::verdict::Summary::default();
+        m.observe(&Record::Summary(crate::output::Final {
+            ts_ns: 0,
+            summary: &summary,
+            lost_events: 0,
+            decode_errors: 0,
+            duration_ms: 1.0,
+            tracked_at_exit: 0,
+            tcp_counters: Default::default(),
+            read_failures: Default::default(),
+            all_ports: false,
+            programs: None,
+        }));
+        assert_eq!(healthz(&m).0, 503);
     }
 }

@@ -1,13 +1,14 @@
 //! What conntrace writes to stdout (or `-o FILE`): one record per line, as JSON or as text.
 
 mod advice;
+mod fact;
 mod human;
 mod json;
 mod live;
 pub mod metrics;
 pub mod record;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::{
     fs::OpenOptions,

@@ -11,9 +11,11 @@ use super::Clock;
 use crate::{
     engine::{
         facts::DropReason,
-        verdict::{DropRecord, ListenerCounts, Outcome, Reason, Summary, Verdict},
+        verdict::{
+            DropRecord, ListenerCounts, Outcome, Reason, Summary, Verdict, summary::KernelKept,
+        },
     },
-    kernel::{ActiveProgram, Unavailable},
+    kernel::{ActiveProgram, Unavailable, stats::ProgramCost},
 };
 
 /// An RFC 3339 time, UTC, exactly six fractional digits (microseconds).
@@ -56,7 +58,7 @@ pub struct Ready {
     pub unavailable: Vec<Unavailable>,
     /// The kernel release.
     pub kernel: String,
-    /// Capability → attach path in use (`tracepoint`, `fentry`, `fexit`).
+    /// Capability → attach path in use (`tracepoint`, `tp_btf`, `fentry`, `fexit`).
     pub attach_paths: BTreeMap<String, String>,
     pub kernel_features: KernelFeatures,
     pub ring_buffer_bytes: u32,
@@ -89,6 +91,55 @@ pub struct Final<'a> {
     pub tcp_counters: BTreeMap<u32, BTreeMap<&'static str, u64>>,
     /// Kernel reads that failed, by eBPF program (the facts they left absent).
     pub read_failures: BTreeMap<&'static str, u64>,
+    /// Every port is traced (no `--port`): a namespace's cookie counter counts only traced
+    /// cookies.
+    pub all_ports: bool,
+    /// What each program cost the kernel, with `--bpf-stats` only.
+    pub programs: Option<Vec<ProgramCost>>,
+}
+
+/// A namespace whose SYN cookies seen on traced listeners disagree with its own
+/// TcpExtSyncookiesSent growth.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct CookieMismatch {
+    pub netns: u32,
+    /// Cookies conntrace saw sent by listeners on traced ports.
+    pub traced: u64,
+    /// The namespace's SyncookiesSent growth over the run.
+    pub counter: u64,
+}
+
+impl Final<'_> {
+    /// Namespaces whose cookies disagree with their counter: more traced than counted (never
+    /// right), or, with every port traced, any difference.
+    pub fn cookie_mismatches(&self) -> Vec<CookieMismatch> {
+        let counted = |netns: &u32| {
+            self.tcp_counters
+                .get(netns)
+                .and_then(|c| c.get("SyncookiesSent"))
+                .copied()
+                .unwrap_or(0)
+        };
+        let mut netns: Vec<u32> = self.summary.cookies_by_netns.keys().copied().collect();
+        if self.all_ports {
+            netns.extend(self.tcp_counters.keys().filter(|n| counted(n) > 0));
+        }
+        netns.sort_unstable();
+        netns.dedup();
+        netns
+            .into_iter()
+            .filter_map(|n| {
+                let traced = self.summary.cookies_by_netns.get(&n).copied().unwrap_or(0);
+                let counter = counted(&n);
+                let wrong = traced > counter || (self.all_ports && traced != counter);
+                wrong.then_some(CookieMismatch {
+                    netns: n,
+                    traced,
+                    counter,
+                })
+            })
+            .collect()
+    }
 }
 
 /// One record, before it is written.
@@ -121,10 +172,11 @@ pub struct PortCount {
     pub count: u64,
 }
 
-/// Percentiles of the client handshake times, in milliseconds.
+/// Percentiles of the client handshake times, in milliseconds: each the upper bound of its
+/// histogram bucket (8 buckets per power of two: at most 12.5 % above the true time).
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct Latency {
-    pub count: usize,
+    pub count: u64,
     pub p50: f64,
     pub p90: f64,
     pub p99: f64,
@@ -170,6 +222,22 @@ pub struct Totals<'a> {
     /// Kernel reads that failed, by eBPF program; their facts are absent (null) in the
     /// records. Programs not listed had none.
     pub read_failures: &'a BTreeMap<&'static str, u64>,
+    /// Drops of forwarded packets (neither end local to the dropping namespace): they join
+    /// their connection's `path_drops` where conntrace sees an end, and make no verdict.
+    pub forwarded_drops: u64,
+    /// Namespaces whose SYN cookies seen on traced listeners disagree with their
+    /// TcpExtSyncookiesSent growth (empty when they agree).
+    pub cookie_mismatches: Vec<CookieMismatch>,
+    /// Quiet mode (`--follow quiet`, the default): connections the kernel followed without
+    /// sending their events; absent when connections streamed. `kernel_events` then counts
+    /// only what reached userspace, `established` and `connect_latency_ms` the kernel's counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_kept: Option<KernelKept>,
+    /// With `--bpf-stats` only (absent otherwise): each active program's runs and run time in
+    /// nanoseconds over the run, from the kernel's BPF run-time statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Vec<ProgramCost>")]
+    pub programs: Option<&'a [ProgramCost]>,
 }
 
 impl<'a> Totals<'a> {
@@ -214,6 +282,10 @@ impl<'a> Totals<'a> {
             }),
             tcp_counters: &f.tcp_counters,
             read_failures: &f.read_failures,
+            forwarded_drops: s.forwarded_drops,
+            cookie_mismatches: f.cookie_mismatches(),
+            kernel_kept: s.kernel_kept,
+            programs: f.programs.as_deref(),
         }
     }
 }

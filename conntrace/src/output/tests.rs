@@ -73,6 +73,7 @@ fn verdict(side: Side, reason: Reason, detail: Detail) -> Verdict {
         netns: Some(4_026_532_246),
         pid: None,
         comm: None,
+        container: None,
         duration_ms: 2040.5,
         syn_retransmits: 2,
         detail,
@@ -93,6 +94,8 @@ fn netfilter_drop() -> Verdict {
     d.drops.hook = Some(NfHook::Input);
     d.drops.rule = Some(RuleRef::Rule(FirewallRule {
         comment: None,
+        backend: Default::default(),
+        iptables: None,
         family: "ip".into(),
         table: "filter".into(),
         chain: "INPUT".into(),
@@ -108,7 +111,7 @@ fn netfilter_drop() -> Verdict {
 }
 
 /// The client's verdict for the same SYNs.
-fn syn_timeout() -> Verdict {
+pub(crate) fn syn_timeout() -> Verdict {
     let mut d = ClosedDetail::new(TcpState::SynSent);
     d.cause = Some(SynTimeoutCause::KernelGaveUp);
     d.after_ms = Some(3064.0);
@@ -135,6 +138,36 @@ fn stalled() -> Verdict {
     v
 }
 
+/// A server verdict in a Podman container's namespace, and a drop in a Kubernetes pod's.
+fn in_containers() -> (Verdict, DropRecord) {
+    use crate::identity::{Container, Image, K8s, Runtime, Via};
+    let mut v = netfilter_drop();
+    v.container = Some(Container {
+        runtime: Runtime::Podman,
+        id: "3f0404f3800cb9ffbb56184f5c1f9afb05adca37d56b64d52078fb728fa03072".into(),
+        name: Some("mysqld".into()),
+        image: Some(Image {
+            name: "localhost/debian:bookworm-min".into(),
+        }),
+        k8s: None,
+        via: Via::Netns,
+    });
+    let mut d = drop_record();
+    d.container = Some(Container {
+        runtime: Runtime::Containerd,
+        id: "ct-db-0".into(),
+        name: Some("mysql".into()),
+        image: None,
+        k8s: Some(K8s {
+            namespace: "shop".into(),
+            pod: "db-0".into(),
+            container: Some("mysql".into()),
+        }),
+        via: Via::Netns,
+    });
+    (v, d)
+}
+
 fn drop_record() -> DropRecord {
     DropRecord {
         ts_ns: 3 * SEC,
@@ -149,6 +182,7 @@ fn drop_record() -> DropRecord {
         netns: Some(4_026_532_177),
         pid: None,
         comm: None,
+        container: None,
     }
 }
 
@@ -166,18 +200,18 @@ fn json_ready() {
 fn json_verdicts() {
     assert_eq!(
         json_line(&Record::Verdict(&netfilter_drop())),
-        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"server","outcome":"failed","reason":"netfilter_drop","kernel_reason":"NETFILTER_DROP","errno":null,"saddr":"10.77.0.2","sport":3306,"daddr":"10.77.0.1","dport":40000,"netns":4026532246,"pid":null,"comm":null,"duration_ms":2040.5,"syn_retransmits":2,"detail":{"drops":[{"kernel_reason":"NETFILTER_DROP","direction":"in","tcp_flags":"SYN","count":3,"location":"nft_do_chain+0x3e8","hook":"INPUT"}],"hook":"INPUT","rule":{"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","packets":3},"dropped":3}}
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"server","outcome":"failed","reason":"netfilter_drop","kernel_reason":"NETFILTER_DROP","errno":null,"saddr":"10.77.0.2","sport":3306,"daddr":"10.77.0.1","dport":40000,"netns":4026532246,"pid":null,"comm":null,"container":null,"duration_ms":2040.5,"syn_retransmits":2,"detail":{"drops":[{"kernel_reason":"NETFILTER_DROP","direction":"in","tcp_flags":"SYN","count":3,"location":"nft_do_chain+0x3e8","hook":"INPUT"}],"hook":"INPUT","rule":{"family":"ip","table":"filter","chain":"INPUT","handle":2,"text":"tcp dport 3306 drop","backend":"nftables","packets":3},"dropped":3}}
 "#
     );
     // A fact the kernel could not read (here the namespace) is null, never 0.
     assert_eq!(
         json_line(&Record::Verdict(&syn_timeout())),
-        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"failed","reason":"syn_timeout","kernel_reason":"ETIMEDOUT","errno":"ETIMEDOUT","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":null,"pid":7211,"comm":"ct-client","duration_ms":3064.0,"syn_retransmits":2,"detail":{"closed_from":"TCP_SYN_SENT","cause":"kernel_gave_up","after_ms":3064.0}}
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"failed","reason":"syn_timeout","kernel_reason":"ETIMEDOUT","errno":"ETIMEDOUT","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":null,"pid":7211,"comm":"ct-client","container":null,"duration_ms":3064.0,"syn_retransmits":2,"detail":{"closed_from":"TCP_SYN_SENT","cause":"kernel_gave_up","after_ms":3064.0}}
 "#
     );
     assert_eq!(
         json_line(&Record::Verdict(&stalled())),
-        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"stalled","reason":"stalled_no_greeting","kernel_reason":"established, nothing received","errno":null,"saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532246,"pid":7221,"comm":"ct-client","duration_ms":0.074,"syn_retransmits":0,"detail":{"waited_ms":2030.5}}
+        r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"stalled","reason":"stalled_no_greeting","kernel_reason":"established, nothing received","errno":null,"saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532246,"pid":7221,"comm":"ct-client","container":null,"duration_ms":0.074,"syn_retransmits":0,"detail":{"waited_ms":2030.5}}
 "#
     );
 }
@@ -186,7 +220,7 @@ fn json_verdicts() {
 fn json_drop_lost_and_summary() {
     assert_eq!(
         json_line(&Record::Drop(&drop_record())),
-        r#"{"event":"drop","ts":"2026-11-30T00:00:03.000000Z","direction":"in","kernel_reason":"TCP_ABORT_ON_DATA","location":"tcp_v4_do_rcv+0x7c","tcp_flags":"ACK|PSH","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532177,"pid":null,"comm":null}
+        r#"{"event":"drop","ts":"2026-11-30T00:00:03.000000Z","direction":"in","kernel_reason":"TCP_ABORT_ON_DATA","location":"tcp_v4_do_rcv+0x7c","tcp_flags":"ACK|PSH","saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532177,"pid":null,"comm":null,"container":null}
 "#
     );
     let lost = Lost {
@@ -216,10 +250,12 @@ fn json_drop_lost_and_summary() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::from([(4_026_532_246, BTreeMap::from([("SyncookiesSent", 1)]))]),
         read_failures: BTreeMap::from([("kfree_skb", 2)]),
+        all_ports: false,
+        programs: None,
     };
     assert_eq!(
         json_line(&Record::Summary(f)),
-        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":22700.0,"verdicts":2,"by_outcome":{"failed":2},"by_reason":{"syn_timeout":1,"netfilter_drop":1},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":33,"established":{"client":1,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{"NETFILTER_DROP":3},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[{"addr":"10.77.0.1","count":1},{"addr":"10.77.0.2","count":1}],"top_failing_ports":[{"port":3306,"count":2}],"connect_latency_ms":{"count":1,"p50":0.074,"p90":0.074,"p99":0.074,"max":0.074},"tcp_counters":{"4026532246":{"SyncookiesSent":1}},"read_failures":{"kfree_skb":2}}
+        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":22700.0,"verdicts":2,"by_outcome":{"failed":2},"by_reason":{"syn_timeout":1,"netfilter_drop":1},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":33,"established":{"client":1,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{"NETFILTER_DROP":3},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[{"addr":"10.77.0.1","count":1},{"addr":"10.77.0.2","count":1}],"top_failing_ports":[{"port":3306,"count":2}],"connect_latency_ms":{"count":1,"p50":0.079,"p90":0.079,"p99":0.079,"max":0.079},"tcp_counters":{"4026532246":{"SyncookiesSent":1}},"read_failures":{"kfree_skb":2},"forwarded_drops":0,"cookie_mismatches":[]}
 "#
     );
 }
@@ -238,6 +274,8 @@ fn every_json_line_validates_against_the_generated_schema() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::new(),
+        all_ports: false,
+        programs: None,
     };
     let (r, v1, v2, v3, d) = (
         ready(),
@@ -246,6 +284,7 @@ fn every_json_line_validates_against_the_generated_schema() {
         stalled(),
         drop_record(),
     );
+    let (v4, d2) = in_containers();
     let lost = Lost {
         count: 1,
         new: 1,
@@ -257,6 +296,8 @@ fn every_json_line_validates_against_the_generated_schema() {
         Record::Verdict(&v2),
         Record::Verdict(&v3),
         Record::Drop(&d),
+        Record::Verdict(&v4),
+        Record::Drop(&d2),
         Record::Lost(lost),
         Record::Summary(f),
     ] {
@@ -267,6 +308,32 @@ fn every_json_line_validates_against_the_generated_schema() {
             .collect();
         assert!(errors.is_empty(), "{line}: {errors:?}");
     }
+}
+
+#[test]
+fn containers_in_json_and_in_human_lines() {
+    let (v, d) = in_containers();
+    let line = json_line(&Record::Verdict(&v));
+    assert!(
+        line.contains(r#""comm":null,"container":{"runtime":"podman","id":"3f0404f3800cb9ffbb56184f5c1f9afb05adca37d56b64d52078fb728fa03072","name":"mysqld","image":{"name":"localhost/debian:bookworm-min"},"k8s":null,"via":"netns"},"duration_ms""#),
+        "{line}"
+    );
+    let line = json_line(&Record::Drop(&d));
+    assert!(
+        line.ends_with(r#""container":{"runtime":"containerd","id":"ct-db-0","name":"mysql","image":null,"k8s":{"namespace":"shop","pod":"db-0","container":"mysql"},"via":"netns"}}
+"#),
+        "{line}"
+    );
+    let c = clock();
+    let compact = Human::new(false, false).text(&Record::Verdict(&v), &c);
+    assert!(
+        compact.starts_with("00:00:02.123 server netfilter_drop      10.77.0.1:40000 -> 10.77.0.2:3306 podman:mysqld INPUT"),
+        "{compact}"
+    );
+    let drop = Human::new(false, false).text(&Record::Drop(&d), &c);
+    assert!(drop.contains(" k8s:shop/db-0/mysql "), "{drop}");
+    let wide = Human::new(true, false).text(&Record::Verdict(&v), &c);
+    assert!(wide.contains(" netns:4026532246 podman:mysqld ("), "{wide}");
 }
 
 #[test]
@@ -347,6 +414,8 @@ fn human_summary_table() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::from([("kfree_skb", 2)]),
+        all_ports: false,
+        programs: None,
     };
     assert_eq!(
         Human::new(false, false).text(&Record::Summary(f), &clock()),
@@ -358,4 +427,82 @@ fn human_summary_table() {
   top failing ports: 3306 (2)
   kernel reads that failed (facts left absent): kfree_skb (2)"
     );
+}
+
+#[test]
+fn cookies_that_disagree_with_the_namespace_counter_are_flagged() {
+    let mut s = Summary::default();
+    s.cookies_by_netns.insert(7, 20);
+    s.cookies_by_netns.insert(8, 3);
+    let mut f = Final {
+        ts_ns: 0,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 0.0,
+        tracked_at_exit: 0,
+        // netns 7 counted none (a forwarding host's SYN-ACKs taken for cookies); netns 8
+        // counted more than traced (untraced ports): fine with --port, not without.
+        tcp_counters: BTreeMap::from([(8, BTreeMap::from([("SyncookiesSent", 5)]))]),
+        read_failures: BTreeMap::new(),
+        all_ports: false,
+        programs: None,
+    };
+    let nets: Vec<(u32, u64, u64)> = f
+        .cookie_mismatches()
+        .iter()
+        .map(|m| (m.netns, m.traced, m.counter))
+        .collect();
+    assert_eq!(nets, [(7, 20, 0)]);
+    f.all_ports = true;
+    assert_eq!(f.cookie_mismatches().len(), 2);
+}
+
+/// The summary with `--bpf-stats`: the programs' runs and run time, in JSON and as a table.
+#[test]
+fn summary_with_bpf_stats_lists_the_programs_costs() {
+    use crate::kernel::stats::ProgramCost;
+    let s = Summary::default();
+    let mut f = Final {
+        ts_ns: 5 * SEC,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 1_000.0,
+        tracked_at_exit: 0,
+        tcp_counters: BTreeMap::new(),
+        read_failures: BTreeMap::new(),
+        all_ports: false,
+        programs: Some(vec![
+            ProgramCost {
+                program: "inet_sock_set_state",
+                runs: 800_000,
+                run_ns: 196_000_000,
+            },
+            ProgramCost {
+                program: "kfree_skb",
+                runs: 0,
+                run_ns: 0,
+            },
+        ]),
+    };
+    let line = json_line(&Record::Summary(f.clone()));
+    assert_eq!(
+        line,
+        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":1000.0,"verdicts":0,"by_outcome":{},"by_reason":{},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":0,"established":{"client":0,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[],"top_failing_ports":[],"connect_latency_ms":null,"tcp_counters":{},"read_failures":{},"forwarded_drops":0,"cookie_mismatches":[],"programs":[{"program":"inet_sock_set_state","runs":800000,"run_ns":196000000},{"program":"kfree_skb","runs":0,"run_ns":0}]}
+"#
+    );
+    let schema = serde_json::to_value(super::record::schema()).expect("schema");
+    let value: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+    assert!(jsonschema::is_valid(&schema, &value), "{line}");
+    assert_eq!(
+        Human::new(false, false).text(&Record::Summary(f.clone()), &clock()),
+        "summary: 0 verdicts, 0 kernel events, 0 lost, 0 expired unresolved, in 1.0 s
+  eBPF program (--bpf-stats)            runs   ns/run  run time ms
+  inet_sock_set_state                  800000      245      196.000
+  kfree_skb                                 0        0        0.000"
+    );
+    // Without --bpf-stats the member is absent, not null.
+    f.programs = None;
+    assert!(!json_line(&Record::Summary(f)).contains("\"programs\""));
 }

@@ -3,12 +3,25 @@
 //! Each phase builds a fresh pair of namespaces (so TIME_WAIT sockets of one phase never slow
 //! the next), starts `ctload serve` (greeting, then close) in the server one, optionally starts
 //! conntrace (release build, `CONNTRACE_BIN`) tracing the churned port, a different port,
-//! bpftrace with an equivalent tracepoint script, or bcc's `tcpstates` where it runs, and
-//! churns for `--phase-ms`. Rounds interleave the modes and the medians are compared, so
-//! drifts of the machine hit all alike. Each mode also gets its CPU per connection (client +
-//! server + tracer), which moves much less with the machine's other load than throughput.
-//! A last, paced phase measures conntrace's own CPU at about 10,000 kernel events a second.
+//! bpftrace with a light tracepoint script (`bpftrace`), bpftrace with one counting probe on
+//! each hook conntrace attaches (`bpftrace-hooks`, generated from conntrace's `ready` record
+//! before the rounds: hooks.rs, bpftrace.rs), or bcc's `tcpstates` where it runs, and churns for
+//! `--phase-ms`. Rounds interleave the modes and the medians are compared, so drifts of the
+//! machine hit all alike. Each mode also gets its CPU per connection (client + server +
+//! tracer), which moves much less with the machine's other load than throughput.
+//! A paced phase measures conntrace's own CPU at about 10,000 kernel events a second, and a
+//! last phase with `conntrace --bpf-stats` what each program costs per connection (costs.rs).
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
+
+// A binary's root resolves modules beside it: these live in ctbench/.
+#[path = "ctbench/bpftrace.rs"]
+mod bpftrace;
+#[path = "ctbench/btf.rs"]
+mod btf;
+#[path = "ctbench/costs.rs"]
+mod costs;
+#[path = "ctbench/hooks.rs"]
+mod hooks;
 
 use std::{
     collections::BTreeMap,
@@ -16,10 +29,8 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{ChurnHosts, Conntrace, Netns, require_root};
+use conntrace_tests::{Conntrace, Netns, PORT, Proc, Scenario, require_root};
 use serde_json::Value;
-
-const PORT: u16 = 3306;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -95,8 +106,11 @@ fn cpu_seconds(pid: u32) -> f64 {
 struct Traced {
     cpu_pct: Vec<f64>,
     events_per_s: Vec<f64>,
+    events_per_conn: Vec<f64>,
     lost: u64,
     peak_rss: f64,
+    /// What the first `bpftrace-hooks` phase counted per connection, by probe.
+    hook_hits: Option<Vec<(String, f64)>>,
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -120,28 +134,29 @@ const TCPSTATES: &str = "/usr/sbin/tcpstates-bpfcc";
 
 /// Starts bcc's tcpstates and waits for its header line (compiled and attached), or returns
 /// why it does not run here.
-fn start_tcpstates() -> Result<std::process::Child, String> {
+fn start_tcpstates() -> Result<Proc, String> {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(TCPSTATES)
-        .args(["-L", &PORT.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
+    let mut tcpstates = Proc::from(
+        Command::new(TCPSTATES)
+            .args(["-L", &PORT.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?,
+    );
+    let stdout = tcpstates.child.stdout.take().expect("piped stdout");
     let mut lines = BufReader::new(stdout).lines();
     // tcpstates' header starts with SKADDR; bcc prints its errors on stdout or stderr.
     match lines.next() {
         Some(Ok(header)) if header.starts_with("SKADDR") => {
             // Keep reading, so that tcpstates never blocks on a full pipe.
             std::thread::spawn(move || lines.for_each(drop));
-            Ok(child)
+            Ok(tcpstates)
         }
         first => {
-            child.kill().ok();
-            child.wait().ok();
+            tcpstates.kill();
             let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
+            if let Some(mut e) = tcpstates.child.stderr.take() {
                 std::io::Read::read_to_string(&mut e, &mut err).ok();
             }
             let first = first.and_then(Result::ok).unwrap_or_default();
@@ -156,15 +171,16 @@ fn start_tcpstates() -> Result<std::process::Child, String> {
     }
 }
 
-fn start_bpftrace() -> std::process::Child {
-    let child = Command::new("bpftrace")
-        .args(["-e", &bpftrace_script()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn bpftrace");
+fn start_bpftrace() -> Proc {
+    let bpftrace = Proc::spawn(
+        Command::new("bpftrace")
+            .args(["-e", &bpftrace_script()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "bpftrace",
+    );
     std::thread::sleep(Duration::from_secs(3));
-    child
+    bpftrace
 }
 
 fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
@@ -178,7 +194,7 @@ fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
 /// conntrace's CPU at a paced churn of about `events_per_s` kernel events a second:
 /// (events/s measured, % of one core).
 fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>) -> (f64, f64) {
-    let setup = ChurnHosts::new(PORT);
+    let setup = Scenario::churn(PORT);
     let ct = start_conntrace(&PORT.to_string(), without);
     let rate = (events_per_s / events_per_conn.max(1.0)).round().max(1.0) as u64;
     // conntrace finishes its start-up (kernel symbols, socket listing) after `ready`: let it
@@ -203,6 +219,129 @@ fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>
     (events / secs, 100.0 * cpu / secs)
 }
 
+/// The modes to compare (bpftrace, bpftrace on conntrace's hooks and bcc's tcpstates where
+/// they run), a line for each peer left out saying why, and the `bpftrace-hooks` script.
+fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Option<String>) {
+    let mut modes = vec!["untraced", "traced", "unrelated"];
+    let mut absent = Vec::new();
+    let mut hooks_script = None;
+    if Command::new("bpftrace").arg("--version").output().is_ok() {
+        modes.push("bpftrace");
+        match bpftrace::prepare(without) {
+            Ok(script) => {
+                modes.push("bpftrace-hooks");
+                hooks_script = Some(script);
+            }
+            Err(why) => absent.push(format!("bpftrace-hooks: not compared: {why}")),
+        }
+    } else {
+        absent.push("bpftrace: not installed, not compared".to_owned());
+    }
+    match start_tcpstates() {
+        Ok(probe) => {
+            drop(probe);
+            modes.push("tcpstates");
+        }
+        Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
+    }
+    (modes, absent, hooks_script)
+}
+
+/// One churn phase in fresh hosts with `mode`'s tracer: (connections/s, CPU µs per
+/// connection for client + server + tracer). A `traced` phase adds conntrace's own figures.
+fn phase(
+    mode: &str,
+    phase_ms: u64,
+    parallel: u64,
+    (without, hooks_script): (Option<&str>, Option<&str>),
+    traced: &mut Traced,
+) -> (f64, f64) {
+    let setup = Scenario::churn(PORT);
+    let ct = match mode {
+        "traced" => Some(start_conntrace(&PORT.to_string(), without)),
+        "unrelated" => Some(start_conntrace("9999", without)),
+        _ => None,
+    };
+    let peer = match mode {
+        "bpftrace" => Some(start_bpftrace()),
+        "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
+        _ => None,
+    };
+    let hooks_peer = (mode == "bpftrace-hooks").then(|| {
+        bpftrace::start(hooks_script.expect("bpftrace-hooks script"))
+            .unwrap_or_else(|why| panic!("bpftrace-hooks: {why}"))
+    });
+    let tracer_pid = ct
+        .as_ref()
+        .map(Conntrace::pid)
+        .or(peer.as_ref().map(Proc::pid))
+        .or(hooks_peer.as_ref().map(bpftrace::Running::pid));
+    let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
+    let cpu_before = tracer_cpu();
+    let server_before = cpu_seconds(setup.server.pid());
+    let run = churn(
+        &setup.hosts.client,
+        &setup.hosts.server_ip,
+        phase_ms,
+        parallel,
+    );
+    let tracer_used = tracer_cpu() - cpu_before;
+    let used = run.cpu_s + cpu_seconds(setup.server.pid()) - server_before + tracer_used;
+    if let Some(ct) = ct {
+        let pid = ct.pid();
+        let hwm = conntrace_tests::proc_mib(pid, "VmHWM");
+        let values = ct.stop();
+        if mode == "traced" {
+            let summary = values.last().expect("summary");
+            let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
+            traced.peak_rss = traced.peak_rss.max(hwm);
+            traced.lost += summary["lost_events"].as_u64().unwrap_or(0);
+            let secs = phase_ms as f64 / 1000.0;
+            traced.cpu_pct.push(100.0 * tracer_used / secs);
+            traced.events_per_s.push(events / secs);
+            traced
+                .events_per_conn
+                .push(events / run.connections.max(1.0));
+        }
+    }
+    drop(peer);
+    if let Some(running) = hooks_peer {
+        let hits = running.hits();
+        let per_conn = |n: u64| n as f64 / run.connections.max(1.0);
+        traced
+            .hook_hits
+            .get_or_insert_with(|| hits.into_iter().map(|(p, n)| (p, per_conn(n))).collect());
+    }
+    (run.per_second, 1e6 * used / run.connections.max(1.0))
+}
+
+/// conntrace tracing the churned port against the bpftrace peers that ran: throughput ratios
+/// and CPU per connection.
+fn compare_with_bpftrace(rates: &BTreeMap<&str, Vec<f64>>, cost: &BTreeMap<&str, Vec<f64>>) {
+    let peers: Vec<&str> = ["bpftrace", "bpftrace-hooks"]
+        .into_iter()
+        .filter(|m| rates.contains_key(m))
+        .collect();
+    if peers.is_empty() {
+        return;
+    }
+    let traced = median(&rates["traced"]);
+    let ratios: Vec<String> = peers
+        .iter()
+        .map(|m| format!("traced/{m}={:.3}", traced / median(&rates[m])))
+        .collect();
+    let cpu: Vec<String> = peers
+        .iter()
+        .map(|m| format!("{m} {:.1}", median(&cost[m])))
+        .collect();
+    println!(
+        "vs bpftrace: {} (connections/s); CPU µs/connection: traced {:.1}, {}",
+        ratios.join(" "),
+        median(&cost["traced"]),
+        cpu.join(", ")
+    );
+}
+
 fn main() {
     require_root();
     let rounds = arg("--rounds", 3);
@@ -211,81 +350,19 @@ fn main() {
     // Capabilities conntrace leaves out (its --without), to measure what each one costs.
     let without = string_arg("--without");
     let without = without.as_deref();
-    let mut modes = vec!["untraced", "traced", "unrelated"];
-    let mut absent = Vec::new();
-    if Command::new("bpftrace").arg("--version").output().is_ok() {
-        modes.push("bpftrace");
-    } else {
-        absent.push("bpftrace: not installed, not compared".to_owned());
-    }
-    match start_tcpstates() {
-        Ok(mut probe) => {
-            probe.kill().ok();
-            probe.wait().ok();
-            modes.push("tcpstates");
-        }
-        Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
-    }
+    let (modes, absent, hooks_script) = modes(without);
     let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // CPU microseconds per connection (client + server + tracer), per mode.
     let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut traced = Traced::default();
-    let mut events_per_conn = Vec::new();
     for round in 1..=rounds {
         for &mode in &modes {
-            let setup = ChurnHosts::new(PORT);
-            let ct = match mode {
-                "traced" => Some(start_conntrace(&PORT.to_string(), without)),
-                "unrelated" => Some(start_conntrace("9999", without)),
-                _ => None,
-            };
-            let mut peer = match mode {
-                "bpftrace" => Some(start_bpftrace()),
-                "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
-                _ => None,
-            };
-            let tracer_pid = ct
-                .as_ref()
-                .map(Conntrace::pid)
-                .or(peer.as_ref().map(|b| b.id()));
-            let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
-            let cpu_before = tracer_cpu();
-            let server_before = cpu_seconds(setup.server.id());
-            let run = churn(
-                &setup.hosts.client,
-                &setup.hosts.server_ip,
-                phase_ms,
-                parallel,
-            );
-            let rate = run.per_second;
-            let tracer_used = tracer_cpu() - cpu_before;
-            let used = run.cpu_s + cpu_seconds(setup.server.id()) - server_before + tracer_used;
-            cost.entry(mode)
-                .or_default()
-                .push(1e6 * used / run.connections.max(1.0));
+            let peer = (without, hooks_script.as_deref());
+            let (rate, cost_us) = phase(mode, phase_ms, parallel, peer, &mut traced);
+            cost.entry(mode).or_default().push(cost_us);
             rates.entry(mode).or_default().push(rate);
-            if let Some(ct) = ct {
-                let pid = ct.pid();
-                let hwm = conntrace_tests::proc_mib(pid, "VmHWM");
-                let values = ct.stop();
-                if mode == "traced" {
-                    let summary = values.last().expect("summary");
-                    let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
-                    traced.peak_rss = traced.peak_rss.max(hwm);
-                    traced.lost += summary["lost_events"].as_u64().unwrap_or(0);
-                    let secs = phase_ms as f64 / 1000.0;
-                    traced.cpu_pct.push(100.0 * tracer_used / secs);
-                    traced.events_per_s.push(events / secs);
-                    events_per_conn.push(events / run.connections.max(1.0));
-                }
-            }
-            if let Some(mut p) = peer.take() {
-                p.kill().ok();
-                p.wait().ok();
-            }
             println!(
-                "round {round} {mode:<9} {rate:>9.0} connections/s {:>6.1} µs CPU/connection",
-                cost[mode].last().copied().unwrap_or(0.0)
+                "round {round} {mode:<9} {rate:>9.0} connections/s {cost_us:>6.1} µs CPU/connection"
             );
         }
     }
@@ -306,18 +383,32 @@ fn main() {
         base_cost / median(&cost["traced"]),
         base_cost / median(&cost["unrelated"])
     );
+    compare_with_bpftrace(&rates, &cost);
     println!(
         "conntrace while traced: {:.0} kernel events/s ({:.1} per connection), {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
         median(&traced.events_per_s),
-        median(&events_per_conn),
+        median(&traced.events_per_conn),
         median(&traced.cpu_pct),
         traced.peak_rss,
         traced.lost
     );
-    let (events, pct) = paced(10_000.0, median(&events_per_conn), 4 * phase_ms, without);
+    if let Some(hits) = &traced.hook_hits {
+        let list: Vec<String> = hits.iter().map(|(p, n)| format!("{p} {n:.2}")).collect();
+        println!(
+            "bpftrace-hooks counted per connection (first phase, after its port filters): {}",
+            list.join(", ")
+        );
+    }
+    let (events, pct) = paced(
+        10_000.0,
+        median(&traced.events_per_conn),
+        4 * phase_ms,
+        without,
+    );
     println!(
         "conntrace at {events:.0} kernel events/s (paced churn): {pct:.2}% of one core (target ≤ 5% at 10k events/s)"
     );
+    costs::report(phase_ms, parallel, without);
     for line in absent {
         println!("{line}");
     }

@@ -1,15 +1,31 @@
 //! Test peer: a small TCP server or client run inside a test namespace.
 //!
-//! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--linger0] [--backlog N] [--reuseport] [--comm NAME]`
+//! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--linger0] [--backlog N]
+//!                         [--hold-ms T] [--respond BYTES] [--close-delay-ms T] [--report]
+//!                         [--reuseport] [--comm NAME]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
 //!   accepts, holding the listener until killed), sends the greeting (after T ms, in a thread
 //!   per connection, when `--greeting-delay-ms` is given), then either aborts with
 //!   SO_LINGER 0 (`--linger0`) or waits for the peer to close. `--reuseport` sets
 //!   SO_REUSEADDR and SO_REUSEPORT before bind(), so several servers share the port (each
 //!   socket with its own accept queue); `--comm` renames the process (default `ct-server`).
-//! `ctpeer connect ADDR PORT [--count N] [--timeout-ms T] [--sport P] [--parallel K] [--read | --read-until-close]`
+//!   With `--hold-ms`, `--respond`, `--close-delay-ms` or `--report`, each connection has its own thread: the
+//!   greeting, then no read at all for T ms (`--hold-ms`: the receive queue fills and the window
+//!   closes), then a request read and answered with BYTES bytes (`--respond`), then reads until
+//!   the peer closes (30 s at most), then waits T ms before closing (`--close-delay-ms`: the
+//!   ACK of the peer's FIN goes out alone, before this end's FIN); `--report` prints one JSON
+//!   line when a connection ends:
+//!   `{"peer":"10.77.1.1:40000","sent":15,"received":0,"errno":110}`.
+//! `ctpeer connect ADDR PORT [--count N] [--timeout-ms T] [--sport P] [--bind ADDR] [--blocking]
+//!                           [--parallel K] [--read | --read-until-close] [--request TEXT]
+//!                           [--expect-bytes N] [--send-bytes N]`
 //!   makes N connections (K at a time) and prints one JSON line per attempt:
-//!   `{"ok":true,"local":"10.77.1.1:40000","errno":null,"ms":0.3,"error_at_unix_ms":...}`.
+//!   `{"ok":true,"local":"10.77.1.1:40000","errno":null,"ms":0.3,"stage":null,"sent":0,"received":6,"error_at_unix_ms":...}`.
+//!   The connect is a non-blocking one polled for T ms, unless `--blocking`, `--sport` or
+//!   `--bind` (binding the local address first) ask for a blocking connect(2) (SO_SNDTIMEO T).
+//!   Once connected: the greeting is read (`--read`), TEXT sent (`--request`), N bytes read
+//!   (`--expect-bytes`), N bytes sent (`--send-bytes`, each send() waiting T ms at most), in
+//!   that order; `stage` names the step that failed (`connect`, `read`, `send`).
 //! Both rename their process (`ct-server`, `ct-client`) so verdicts can be checked by comm.
 
 use std::{
@@ -100,6 +116,7 @@ fn serve(addr: SocketAddr, args: &[String]) {
         .and_then(|n| n.parse().ok())
         .map(Duration::from_millis);
     let linger0 = has(args, "--linger0");
+    let conversation = Conversation::from_args(args, &greeting);
     println!("listening");
     std::io::stdout().flush().ok();
     if limit == 0 {
@@ -112,6 +129,11 @@ fn serve(addr: SocketAddr, args: &[String]) {
         let Ok((mut s, _)) = listener.accept() else {
             continue;
         };
+        if conversation.own_thread() {
+            let conversation = conversation.clone();
+            std::thread::spawn(move || conversation.run(s));
+            continue;
+        }
         if let Some(delay) = delay {
             let greeting = greeting.clone();
             std::thread::spawn(move || {
@@ -153,75 +175,196 @@ fn serve(addr: SocketAddr, args: &[String]) {
     }
 }
 
-fn connect_once(
-    addr: SocketAddr,
-    timeout: Duration,
-    sport: Option<u16>,
-    read: bool,
-    until_close: bool,
-) -> serde_json::Value {
-    let start = Instant::now();
-    let result = (|| -> std::io::Result<TcpStream> {
-        let stream = match sport {
-            Some(port) => {
-                // Bind the local end first so the test knows the 4-tuple even when connect fails.
-                let local = match addr.ip() {
-                    IpAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
-                    IpAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
-                };
-                let domain = if addr.is_ipv4() {
-                    libc::AF_INET
-                } else {
-                    libc::AF_INET6
-                };
-                // SAFETY: plain socket/bind/connect syscalls on a socket this function owns.
-                unsafe {
-                    let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
-                    let one: libc::c_int = 1;
-                    libc::setsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_REUSEADDR,
-                        (&one as *const i32).cast(),
-                        4,
-                    );
-                    let s = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
-                    let (sa, len) = sockaddr(local);
-                    if libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let tv = libc::timeval {
-                        tv_sec: timeout.as_secs() as i64,
-                        tv_usec: timeout.subsec_micros() as i64,
-                    };
-                    libc::setsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_SNDTIMEO,
-                        (&tv as *const libc::timeval).cast(),
-                        size_of::<libc::timeval>() as u32,
-                    );
-                    let (sa, len) = sockaddr(addr);
-                    if libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    s
+/// What a `serve` thread does with one connection (`--hold-ms`, `--respond`, `--report`).
+#[derive(Clone)]
+struct Conversation {
+    greeting: String,
+    hold: Option<Duration>,
+    respond: Option<usize>,
+    close_delay: Option<Duration>,
+    report: bool,
+}
+
+impl Conversation {
+    fn from_args(args: &[String], greeting: &str) -> Self {
+        Self {
+            greeting: greeting.to_owned(),
+            hold: flag(args, "--hold-ms")
+                .and_then(|n| n.parse().ok())
+                .map(Duration::from_millis),
+            respond: flag(args, "--respond").and_then(|n| n.parse().ok()),
+            close_delay: flag(args, "--close-delay-ms")
+                .and_then(|n| n.parse().ok())
+                .map(Duration::from_millis),
+            report: has(args, "--report"),
+        }
+    }
+
+    /// Whether connections get this conversation (a thread each) instead of the plain one.
+    fn own_thread(&self) -> bool {
+        self.hold.is_some() || self.respond.is_some() || self.close_delay.is_some() || self.report
+    }
+
+    fn run(self, mut s: TcpStream) {
+        let peer = s.peer_addr().map(|a| a.to_string()).ok();
+        let (mut sent, mut received) = (0usize, 0usize);
+        let result = (|| -> std::io::Result<()> {
+            if !self.greeting.is_empty() {
+                s.write_all(self.greeting.as_bytes())?;
+                sent += self.greeting.len();
+            }
+            if let Some(hold) = self.hold {
+                // Not reading: the receive queue fills and the advertised window closes.
+                std::thread::sleep(hold);
+            }
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut buf = vec![0u8; 65536];
+            if let Some(bytes) = self.respond {
+                received += s.read(&mut buf)?;
+                s.write_all(&vec![b'x'; bytes])?;
+                sent += bytes;
+            }
+            loop {
+                match s.read(&mut buf)? {
+                    0 => return Ok(()),
+                    n => received += n,
                 }
             }
-            None => TcpStream::connect_timeout(&addr, timeout)?,
-        };
-        if read {
-            stream.set_read_timeout(Some(timeout))?;
-            let mut buf = [0u8; 64];
-            let mut s = &stream;
-            let n = s.read(&mut buf)?;
-            if n > 0 && until_close {
-                // Read again until the server closes: an abort makes this fail with ECONNRESET.
-                while s.read(&mut buf)? > 0 {}
+        })();
+        if let (Ok(()), Some(delay)) = (&result, self.close_delay) {
+            std::thread::sleep(delay);
+        }
+        if self.report {
+            let line = serde_json::json!({
+                "peer": peer,
+                "sent": sent,
+                "received": received,
+                "errno": result.err().and_then(|e| e.raw_os_error()),
+            });
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{line}").ok();
+            out.flush().ok();
+        }
+    }
+}
+
+/// How `connect` makes and uses each connection.
+#[derive(Clone)]
+struct Plan {
+    timeout: Duration,
+    bind: Option<IpAddr>,
+    blocking: bool,
+    read: bool,
+    until_close: bool,
+    request: Option<String>,
+    expect_bytes: usize,
+    send_bytes: usize,
+}
+
+/// A connection's failure: the step (`connect`, `read`, `send`) and the error.
+type Failure = (&'static str, std::io::Error);
+
+/// Connects: polled non-blocking by default, a blocking connect(2) when asked or when the
+/// local end is bound first (so the test knows the 4-tuple even when connect fails).
+fn open(addr: SocketAddr, plan: &Plan, sport: Option<u16>) -> std::io::Result<TcpStream> {
+    if sport.is_none() && plan.bind.is_none() && !plan.blocking {
+        return TcpStream::connect_timeout(&addr, plan.timeout);
+    }
+    let unspecified = match addr.ip() {
+        IpAddr::V4(_) => IpAddr::from([0u8; 4]),
+        IpAddr::V6(_) => IpAddr::from([0u16; 8]),
+    };
+    let local = SocketAddr::new(plan.bind.unwrap_or(unspecified), sport.unwrap_or(0));
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket/bind/connect syscalls on a socket this function owns.
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let s = <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        if sport.is_some() || plan.bind.is_some() {
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&one as *const i32).cast(),
+                4,
+            );
+            let (sa, len) = sockaddr(local);
+            if libc::bind(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
+                return Err(std::io::Error::last_os_error());
             }
         }
-        Ok(stream)
-    })();
+        s.set_write_timeout(Some(plan.timeout))?;
+        let (sa, len) = sockaddr(addr);
+        if libc::connect(fd, (&sa as *const libc::sockaddr_storage).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    }
+}
+
+/// The steps after connecting, counting the bytes sent and received.
+fn exchange(
+    stream: &TcpStream,
+    plan: &Plan,
+    sent: &mut usize,
+    received: &mut usize,
+) -> Result<(), Failure> {
+    let mut s = stream;
+    let reading = |e| ("read", e);
+    stream
+        .set_read_timeout(Some(plan.timeout))
+        .map_err(reading)?;
+    stream
+        .set_write_timeout(Some(plan.timeout))
+        .map_err(|e| ("send", e))?;
+    let mut buf = vec![0u8; 65536];
+    if plan.read {
+        let n = s.read(&mut buf[..64]).map_err(reading)?;
+        *received += n;
+        if n > 0 && plan.until_close {
+            // Read again until the server closes: an abort makes this fail with ECONNRESET.
+            loop {
+                match s.read(&mut buf[..64]).map_err(reading)? {
+                    0 => break,
+                    n => *received += n,
+                }
+            }
+        }
+    }
+    if let Some(request) = &plan.request {
+        s.write_all(request.as_bytes()).map_err(|e| ("send", e))?;
+        *sent += request.len();
+    }
+    let mut goal = *received + plan.expect_bytes;
+    while *received < goal {
+        match s.read(&mut buf).map_err(reading)? {
+            0 => return Err(("read", std::io::ErrorKind::UnexpectedEof.into())),
+            n => *received += n,
+        }
+    }
+    goal = *sent + plan.send_bytes;
+    let chunk = vec![b'y'; 65536];
+    while *sent < goal {
+        let n = (goal - *sent).min(chunk.len());
+        *sent += s.write(&chunk[..n]).map_err(|e| ("send", e))?;
+    }
+    Ok(())
+}
+
+fn connect_once(addr: SocketAddr, plan: &Plan, sport: Option<u16>) -> serde_json::Value {
+    let start = Instant::now();
+    let (mut sent, mut received) = (0, 0);
+    let result = open(addr, plan, sport)
+        .map_err(|e| ("connect", e))
+        .and_then(|s| exchange(&s, plan, &mut sent, &mut received).map(|()| s));
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -232,12 +375,18 @@ fn connect_once(
             "local": s.local_addr().map(|a| a.to_string()).ok(),
             "errno": null,
             "ms": ms,
+            "stage": null,
+            "sent": sent,
+            "received": received,
         }),
-        Err(e) => serde_json::json!({
+        Err((stage, e)) => serde_json::json!({
             "ok": false,
             "local": sport.map(|p| p.to_string()),
             "errno": e.raw_os_error(),
             "ms": ms,
+            "stage": stage,
+            "sent": sent,
+            "received": received,
             "error_at_unix_ms": now_ms,
         }),
     }
@@ -293,12 +442,22 @@ fn connect(addr: SocketAddr, args: &[String]) {
     );
     let sport: Option<u16> = flag(args, "--sport").and_then(|n| n.parse().ok());
     let until_close = has(args, "--read-until-close");
-    let read = has(args, "--read") || until_close;
+    let bytes = |name| flag(args, name).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let plan = Arc::new(Plan {
+        timeout,
+        bind: flag(args, "--bind").map(|a| a.parse().unwrap_or_else(|e| panic!("--bind {a}: {e}"))),
+        blocking: has(args, "--blocking"),
+        read: has(args, "--read") || until_close,
+        until_close,
+        request: flag(args, "--request"),
+        expect_bytes: bytes("--expect-bytes"),
+        send_bytes: bytes("--send-bytes"),
+    });
     let next = Arc::new(Mutex::new(0usize));
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let workers: Vec<_> = (0..parallel)
         .map(|_| {
-            let (next, out) = (Arc::clone(&next), Arc::clone(&out));
+            let (next, out, plan) = (Arc::clone(&next), Arc::clone(&out), Arc::clone(&plan));
             std::thread::spawn(move || {
                 loop {
                     let i = {
@@ -309,13 +468,7 @@ fn connect(addr: SocketAddr, args: &[String]) {
                         *n += 1;
                         *n
                     };
-                    let line = connect_once(
-                        addr,
-                        timeout,
-                        sport.map(|p| p + i as u16 - 1),
-                        read,
-                        until_close,
-                    );
+                    let line = connect_once(addr, &plan, sport.map(|p| p + i as u16 - 1));
                     let mut o = out.lock().expect("stdout");
                     writeln!(o, "{line}").ok();
                     o.flush().ok();

@@ -204,9 +204,10 @@ fn download(cache: &Path, package: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The initramfs: static busybox, tests/vm/init as /init, the kernel's modules for 9p and
-/// overlayfs (uncompressed, in load order), packed by `busybox cpio`.
-pub fn initramfs(kernel: &Kernel, run_dir: &Path) -> anyhow::Result<PathBuf> {
+/// The initramfs: static busybox, tests/vm/init as /init, its path list `paths`
+/// ([`super::paths::guest_list`]) as /paths, the kernel's modules for 9p and overlayfs
+/// (uncompressed, in load order), packed by `busybox cpio`.
+pub fn initramfs(kernel: &Kernel, run_dir: &Path, paths: &str) -> anyhow::Result<PathBuf> {
     let staging = TempDir::new(run_dir.join("initramfs"))?;
     let dir = &staging.0;
     let vm_src = workspace_root().join("tests/vm");
@@ -215,6 +216,7 @@ pub fn initramfs(kernel: &Kernel, run_dir: &Path) -> anyhow::Result<PathBuf> {
     fs::copy("/bin/busybox", dir.join("bin/busybox")).context("copy /bin/busybox")?;
     fs::copy(vm_src.join("init"), dir.join("init")).context("copy tests/vm/init")?;
     fs::copy(vm_src.join("ctmodprobe"), dir.join("bin/ctmodprobe"))?;
+    fs::write(dir.join("paths"), paths)?;
     let mut order = Vec::<String>::new();
     for module in BOOT_MODULES {
         let out = Command::new(sbin("modprobe"))

@@ -7,6 +7,7 @@
 use super::super::{
     Engine,
     facts::{DropReason, DroppedPacket, FourTuple, Meta},
+    lookup::RuleQuery,
     rules::{self, drops::Explains},
     state::{Attempt, ConnId, HandshakeDrop, Opening, attempt, attempt::DropContext},
     verdict::{Direction, Verdict, detail::PathDrop, detail::RpFilterFacts},
@@ -25,11 +26,11 @@ impl Engine {
             .table
             .by_sk(f.sk)
             .map(|c| (c.tuple.sport, c.proc.clone()));
+        // Without a tracked connection (quiet mode: closed healthy), the socket's own port.
+        let own_port = owner.as_ref().map(|(sport, _)| *sport).or(f.sk_port);
         let outgoing = f.sk != 0
             && f.rx_sk == 0
-            && owner
-                .as_ref()
-                .is_none_or(|(sport, _)| *sport == f.packet.sport || *sport == 0);
+            && own_port.is_none_or(|sport| sport == f.packet.sport || sport == 0);
         // An ICMP error quotes a segment this host sent: its tuple is already this host's.
         let local = if outgoing || f.icmp.is_some() {
             f.packet
@@ -152,11 +153,11 @@ impl Engine {
         };
         c.last_ns = f.meta.ts_ns;
         if let Some(icmp) = f.icmp {
-            if icmp.is_too_big(ipv6) {
+            if icmp.is_too_big(ipv6) && !normal {
                 // This host dropped the path's "fragmentation needed": keep where.
                 c.too_big = Some((icmp, Some(hs)));
             }
-            return true;
+            return !normal || self.cfg.show_normal_drops;
         }
         if established {
             attempt::record(&mut c.late_drops, hs);
@@ -195,7 +196,9 @@ impl Engine {
         };
         self.summary.forwarded_drops += 1;
         self.table.add_path_drop(f.packet, f.meta.ts_ns, drop);
-        if !rules::drops::is_normal(&f.reason) || self.cfg.show_normal_drops {
+        if !rules::drops::is_normal(&f.reason, &f.location, f.tcp_flags)
+            || self.cfg.show_normal_drops
+        {
             let record = rules::drops::forwarded_record(&f.meta, f.packet, f);
             self.push_drop_record(record, &f.meta, &f.reason);
         }
@@ -239,17 +242,25 @@ impl Engine {
         match hs.reason.as_str() {
             DropReason::NETFILTER_DROP => {
                 if rules::drops::outside_rules(&hs.location)
-                    && let Some(ct) = self.lookups.namespaces.as_mut()?.conntrack(netns)
+                    && let Some(ct) = self
+                        .lookups
+                        .namespaces
+                        .as_mut()
+                        .and_then(|ns| ns.conntrack(netns))
                     && ct.count >= ct.max
                 {
                     return Some(DropContext::ConntrackFull(ct));
                 }
-                let rules = self.lookups.rules.as_mut()?;
-                Some(DropContext::Rule(rules.find(
+                let query = RuleQuery {
                     netns,
-                    hs.hook,
-                    local.daddr.is_ipv6(),
-                )))
+                    hook: hs.hook,
+                    ipv6: local.daddr.is_ipv6(),
+                    dropped: hs.count,
+                    first_drop_ns: Some(hs.first_ns),
+                    last_drop_ns: Some(hs.last_ns),
+                    location: Some(hs.location.clone()),
+                };
+                Some(DropContext::Rule(self.lookups.rules.as_mut()?.find(&query)))
             }
             DropReason::IP_RPFILTER => {
                 let ns = self.lookups.namespaces.as_mut()?;

@@ -3,10 +3,12 @@
 //! cookies. Decisions are left to `rules`; this file only records and routes.
 
 mod drops;
+mod quiet;
+mod route;
 
 use super::{
     Engine,
-    facts::{Errno, FourTuple, KernelEvent, Meta, TcpFlags, TcpState, Window},
+    facts::{Errno, FourTuple, KernelEvent, Meta, Proc, TcpFlags, TcpState, Window},
     rules,
     state::{Conn, OrphanError, Report},
     verdict::{Side, Verdict},
@@ -71,7 +73,13 @@ impl Engine {
                 tuple,
                 window,
             } => self.on_window(&meta, tuple, window, out),
-            KernelEvent::Accepted { meta, sk } => self.on_accepted(&meta, sk, out),
+            KernelEvent::Accepted { meta, sk } => {
+                self.on_accepted(meta.ts_ns, sk, Some(meta.proc), out);
+            }
+            KernelEvent::History(h) => self.on_history(h, out),
+            KernelEvent::Progress { meta, sk, progress } => {
+                self.on_progress(&meta, sk, progress, out);
+            }
             KernelEvent::Dropped(d) => self.on_drop(d, out),
             KernelEvent::FirstData { meta, sk, outgoing } => {
                 self.on_first_data(sk, outgoing, meta.ts_ns, out);
@@ -94,6 +102,12 @@ impl Engine {
                 tuple,
                 errno,
             } => self.on_connect_failed(&meta, sk, tuple, errno, out),
+            KernelEvent::RouteLookupFailed {
+                meta,
+                tuple,
+                table,
+                answer,
+            } => self.on_route_lookup_failed(meta, tuple, table, answer),
         }
     }
 
@@ -116,6 +130,7 @@ impl Engine {
         match (old, new) {
             (_, TcpState::SynSent) => {
                 // connect(): the current task is the connecting process.
+                self.settle_route_walk(&meta, &tuple);
                 let mut c = Conn::new(sk, Side::Client, &meta, tuple, new);
                 c.proc = Some(meta.proc.clone());
                 self.insert(c, out);
@@ -150,6 +165,14 @@ impl Engine {
         c.state = new;
         let mut verdict = None;
         match new {
+            TcpState::Established if self.cfg.quiet => {
+                // The kernel counts handshakes in quiet mode; the event only moves the phase.
+                c.establish(ts);
+                if (c.side == Side::Client || c.accepted()) && c.report == Report::Pending {
+                    c.report = Report::Established;
+                    verdict = rules::established::on_established(c, ts, &self.cfg);
+                }
+            }
             TcpState::Established => {
                 c.establish(ts);
                 match c.side {
@@ -256,24 +279,27 @@ impl Engine {
         }
     }
 
-    fn on_accepted(&mut self, meta: &Meta, sk: u64, out: &mut Vec<Verdict>) {
+    /// accept() returned `sk` at `ts_ns` to `proc` (none: a check found it accepted).
+    fn on_accepted(&mut self, ts_ns: u64, sk: u64, proc: Option<Proc>, out: &mut Vec<Verdict>) {
         let mut verdict = None;
         if let Some(c) = self.table.by_sk_mut(sk) {
-            c.proc = Some(meta.proc.clone());
-            c.accepted_ns = Some(meta.ts_ns);
-            c.last_ns = meta.ts_ns;
+            if proc.is_some() {
+                c.proc = proc;
+            }
+            c.accepted_ns = Some(ts_ns);
+            c.last_ns = ts_ns;
             // The child is queued before its ESTABLISHED event fires, so accept() may be seen
             // first; the verdict then waits for ESTABLISHED.
             if c.side == Side::Server && c.report == Report::Pending && c.established_ns().is_some()
             {
                 c.report = Report::Established;
-                verdict = rules::established::on_established(c, meta.ts_ns, &self.cfg);
+                verdict = rules::established::on_established(c, ts_ns, &self.cfg);
             } else if c.side == Side::Server
                 && let Some(stall) = c.open_stall()
                 && stall.reason == super::verdict::Reason::NotAccepted
             {
                 c.report = Report::Settled(stall);
-                verdict = Some(rules::stalls::resolved(c, stall, meta.ts_ns));
+                verdict = Some(rules::stalls::resolved(c, stall, ts_ns));
             }
         }
         if let Some(v) = verdict {
@@ -315,6 +341,17 @@ impl Engine {
         else {
             return;
         };
+        // A poll that finds the socket gone reports it open. After an orderly close the
+        // reader had read (a FIN comes after the data): the stall resolved, by the close at
+        // the latest. After any other close the window opened because the socket went: the
+        // close (decided after a grace period) is the stall's follow-up.
+        let at = match c.closed() {
+            None => meta.ts_ns,
+            Some((closed_at, _)) if c.orderly() && window == Window::Open => {
+                meta.ts_ns.min(closed_at)
+            }
+            Some(_) => return,
+        };
         c.last_ns = meta.ts_ns;
         let v = match window {
             Window::Open => {
@@ -322,7 +359,7 @@ impl Engine {
                 match c.open_stall() {
                     Some(s) if s.reason == super::verdict::Reason::ZeroWindow => {
                         c.report = Report::Settled(s);
-                        Some(rules::stalls::resolved(c, s, meta.ts_ns))
+                        Some(rules::stalls::resolved(c, s, at))
                     }
                     _ => None,
                 }
@@ -346,7 +383,16 @@ impl Engine {
         errno: Errno,
         out: &mut Vec<Verdict>,
     ) {
-        if let Some(c) = self.table.by_sk_mut(sk) {
+        self.settle_route_walk(meta, &tuple);
+        // The socket's address may still name an earlier connection whose end was not seen
+        // (the middle of an orderly close is not traced): only a handshake towards the same
+        // destination is this connect()'s.
+        let this_connect = |c: &&mut super::state::Conn| {
+            c.side == Side::Client
+                && c.established_ns().is_none()
+                && (c.tuple.daddr, c.tuple.dport) == (tuple.daddr, tuple.dport)
+        };
+        if let Some(c) = self.table.by_sk_mut(sk).filter(this_connect) {
             c.connect_errno = Some(errno);
             c.last_ns = meta.ts_ns;
         } else if self.table.recently_decided(sk).is_some_and(|d| {

@@ -55,6 +55,8 @@ pub struct DroppedPacket {
     /// `skb->sk` and the tracepoint's `rx_sk`; 0 when none.
     pub sk: u64,
     pub rx_sk: u64,
+    /// The local port of `sk` (`None`: no `sk`, or unreadable).
+    pub sk_port: Option<u16>,
     /// The packet's own tuple (s = its source).
     pub packet: FourTuple,
     pub reason: DropReason,
@@ -90,6 +92,50 @@ impl Icmp {
     }
 }
 
+/// One routing table's failed answer to a route lookup that `connect()` made
+/// (`fib:fib_table_lookup`, `fib6:fib6_table_lookup`: the tracepoint's `err`).
+///
+/// Linux walks its routing rules (without custom rules: the main table; IPv6 always the local
+/// table first) and each table answers; a miss lets the walk go on to the next table, any
+/// other error ends it and is what `connect()` returns. When every table misses, `connect()`
+/// returns ENETUNREACH (`fib_lookup`, `fib6_rule_lookup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableAnswer {
+    /// `-EAGAIN`: no route in this table (IPv4), or a `throw` route: the walk goes on.
+    Miss,
+    /// IPv4 `-EHOSTUNREACH`: an `unreachable` route. Ends the walk.
+    Unreachable,
+    /// IPv6 `-EHOSTUNREACH`: an `unreachable` route, or no route in this table: IPv6 derives
+    /// `err` from the route's type, and its "no route" entry (`fib6_null_entry`) is itself an
+    /// unreachable route. Only the namespace's own route tells them apart.
+    MissOrUnreachable,
+    /// `-EACCES`: a `prohibit` route. Ends the walk.
+    Prohibit,
+    /// `-EINVAL`: a `blackhole` route. Ends the walk.
+    Blackhole,
+    /// Any other error, as this positive errno.
+    Other(Errno),
+}
+
+impl TableAnswer {
+    /// The answer a `fib6_table_lookup` (`ipv6`) or `fib_table_lookup` traced as `err` (< 0).
+    pub fn from_kernel(ipv6: bool, err: i32) -> Self {
+        match Errno::from_raw(err) {
+            Errno::EAGAIN => Self::Miss,
+            Errno::EHOSTUNREACH if ipv6 => Self::MissOrUnreachable,
+            Errno::EHOSTUNREACH => Self::Unreachable,
+            Errno::EACCES => Self::Prohibit,
+            Errno::EINVAL => Self::Blackhole,
+            e => Self::Other(e),
+        }
+    }
+
+    /// Whether the walk may have gone on to the next table after this answer.
+    pub fn may_go_on(self) -> bool {
+        matches!(self, Self::Miss | Self::MissOrUnreachable)
+    }
+}
+
 /// A connection's receive window, as the namespace's socket listing shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
@@ -99,6 +145,47 @@ pub enum Window {
     LocalFull { queued: u64 },
     /// Data flows again.
     Open,
+}
+
+/// Quiet mode: when a server connection was accepted, as far as the kernel knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// accept() returned it at this time (CLOCK_MONOTONIC ns; the fentry path).
+    At(u64),
+    /// A process held it when it began to shut down: accepted, at a time not recorded.
+    Seen,
+}
+
+/// Quiet mode: what the kernel kept about a connection until it needed userspace (the event
+/// that needed it follows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnHistory {
+    /// When the history was written; the connection's namespace; the connect()ing process
+    /// for a client, the process that closed it for a server (pid 0 with an empty comm when
+    /// none did yet).
+    pub meta: Meta,
+    pub sk: u64,
+    pub server: bool,
+    /// Local end first, as of the connection's last state change the kernel saw.
+    pub tuple: FourTuple,
+    /// SYN_SENT (client) or the child's SYN_RECV (server), CLOCK_MONOTONIC ns.
+    pub started_ns: u64,
+    pub established_ns: Option<u64>,
+    pub accepted: Option<Accepted>,
+    /// An orderly shutdown (FIN) had started.
+    pub orderly: bool,
+}
+
+/// Quiet mode: a check of a connection established past the stall timeout (sock_diag): what
+/// it has done so far. Sent once when the connection is found stuck, then when it moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// It has received data (`tcpi_bytes_received > 0`).
+    pub received: bool,
+    /// It has sent data (`tcpi_bytes_sent > 0`).
+    pub sent: bool,
+    /// Server: a process holds it (`idiag_inode != 0`): accepted.
+    pub accepted: bool,
 }
 
 /// One kernel fact, decoded.
@@ -172,6 +259,24 @@ pub enum KernelEvent {
         backlog: u32,
         overflows: u64,
     },
+    /// Quiet mode: a connection's history, before its first event userspace sees.
+    History(ConnHistory),
+    /// Quiet mode: what a connection past the stall timeout has done (userspace's check).
+    Progress {
+        meta: Meta,
+        sk: u64,
+        progress: Progress,
+    },
+    /// A route lookup of `connect()` failed in routing table `table` (quiet mode, without
+    /// the syscall tracepoints). `meta` names the connecting process; `tuple` is the lookup's
+    /// flow: `saddr` unspecified until the kernel chose a source, `sport` 0 until a port was
+    /// chosen. One `connect()` makes one or more lookups, each trying one or more tables.
+    RouteLookupFailed {
+        meta: Meta,
+        tuple: FourTuple,
+        table: u32,
+        answer: TableAnswer,
+    },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
     ConnectFailed {
         meta: Meta,
@@ -187,7 +292,9 @@ impl KernelEvent {
         match self {
             Self::State { sk, .. }
             | Self::ResetReceived { sk, .. }
-            | Self::SynRetransmit { sk, .. } => Some(*sk),
+            | Self::SynRetransmit { sk, .. }
+            | Self::Progress { sk, .. } => Some(*sk),
+            Self::History(h) => Some(h.sk),
             _ => None,
         }
     }

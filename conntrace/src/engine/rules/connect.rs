@@ -1,14 +1,18 @@
 //! `connect()` failures before any packet left: `no_route`, `ephemeral_ports_exhausted`,
 //! `connect_denied` (and `unknown` for an errno no rule knows). The namespace's route and its
 //! ports towards the destination complete the verdict.
+//!
+//! Where the errno comes from: `connect()`'s own result (`fexit:inet_stream_connect`, or the
+//! `connect` syscall tracepoints when connections stream), else, in quiet mode, the walk of
+//! the routing rules its route lookup failed in ([`route_failed`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::socketless;
 use crate::engine::{
-    facts::{Errno, FourTuple, Meta},
-    lookup::{NamespaceLookup, RouteKind},
-    state::Conn,
+    facts::{Errno, FourTuple, Meta, TableAnswer, TcpState},
+    lookup::{NamespaceLookup, Route, RouteKind},
+    state::{Conn, SocketError, Walk},
     verdict::{
         Detail, Outcome, Reason, Side, Verdict,
         detail::{ConnectDetail, Syscall},
@@ -39,6 +43,7 @@ fn detail() -> Detail {
         sockets_to_destination: None,
         time_wait: None,
         route: None,
+        errno_inferred: None,
     })
 }
 
@@ -67,15 +72,86 @@ pub(crate) fn failed(
     Some(v)
 }
 
+/// The verdict of a `connect()` whose route lookup failed, known only from the tables' answers
+/// (quiet mode), and whose socket never moved to SYN_SENT: what `connect()` returned is the
+/// answer that ended the walk (EHOSTUNREACH, EACCES, EINVAL: `fib_rules_lookup` stops at any
+/// answer but a miss), or ENETUNREACH when every table missed (`fib_lookup`,
+/// `fib6_rule_lookup`).
+///
+/// A table that answered with a route is not traced, so a walk that ended with a miss is
+/// checked against the namespace's own route (`route`, `None` when unknown): a route there
+/// means a later table had one and this lookup was not the end of its `connect()`; an IPv6
+/// "no route or unreachable route" answer takes the route's kind. Without the route, a miss
+/// is ENETUNREACH.
+pub(crate) fn route_failed(walk: &Walk, route: Option<&Route>) -> Option<Verdict> {
+    let errno = match walk.last_answer() {
+        TableAnswer::Unreachable => Errno::EHOSTUNREACH,
+        TableAnswer::Prohibit => Errno::EACCES,
+        TableAnswer::Blackhole => Errno::EINVAL,
+        TableAnswer::Other(e) => e,
+        TableAnswer::Miss | TableAnswer::MissOrUnreachable => match route.map(|r| r.kind) {
+            None | Some(RouteKind::None) => Errno::ENETUNREACH,
+            Some(RouteKind::Unreachable) => Errno::EHOSTUNREACH,
+            Some(RouteKind::Prohibit) => Errno::EACCES,
+            Some(RouteKind::Blackhole) => Errno::EINVAL,
+            Some(RouteKind::Unicast | RouteKind::Local | RouteKind::Other) => return None,
+        },
+    };
+    // As the syscall reports it: the local end is not known.
+    let tuple = FourTuple {
+        saddr: match walk.tuple.daddr {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        },
+        sport: 0,
+        ..walk.tuple
+    };
+    failed(&walk.meta, tuple, errno, false)
+}
+
+/// Whether client socket `c` went SYN_SENT and back to CLOSE without ever getting a local
+/// port, with nothing else seen: no SYN retransmitted, no error, no reset, no drop.
+///
+/// `tcp_v4_connect` (and `tcp_v6_connect`) moves the socket to SYN_SENT before
+/// `inet_hash_connect` picks a local port, and back to CLOSE when that fails: EADDRNOTAVAIL
+/// when every port of `ip_local_port_range` is taken towards the destination (or ENOMEM).
+/// Every later failure (a route for the new ports, `tcp_connect`) and every ordinary end of a
+/// handshake (refused, timed out, closed by the application) comes after the port was chosen,
+/// and the state change then carries it.
+pub(crate) fn never_got_a_port(c: &Conn) -> bool {
+    c.side == Side::Client
+        && c.tuple.sport == 0
+        && c.closed()
+            .is_some_and(|(_, from)| from == TcpState::SynSent)
+        && c.syn_retransmits == 0
+        && c.error == SocketError::None
+        && c.rst_received.is_none()
+        && c.drops.is_empty()
+}
+
 /// A client socket that went SYN_SENT and back to CLOSE without a local port: connect()
-/// failed with `connect_errno` before any packet (EADDRNOTAVAIL: no free port).
+/// failed with `connect_errno` before any packet (EADDRNOTAVAIL: no free port). Where
+/// `connect()`'s result is not traced (quiet mode without fexit) and the socket
+/// [`never_got_a_port`], EADDRNOTAVAIL is inferred: `detail.errno_inferred`, and the
+/// `kernel_reason` says what was seen instead of an errno.
 pub(crate) fn closed_before_any_packet(c: &Conn) -> Option<Verdict> {
     let (at, _) = c.closed()?;
-    let errno = c.connect_errno?;
+    let (errno, inferred) = match c.connect_errno {
+        Some(errno) => (errno, false),
+        None if never_got_a_port(c) => (Errno::EADDRNOTAVAIL, true),
+        None => return None,
+    };
     let mut v = super::base(c, at, Outcome::Failed, reason(errno), detail());
-    v.kernel_reason = Some(errno.to_string());
+    v.kernel_reason = Some(if inferred {
+        "closed in TCP_SYN_SENT without a local port".into()
+    } else {
+        errno.to_string()
+    });
     v.errno = Some(errno);
     v.sport = None;
+    if inferred && let Detail::Connect(d) = &mut v.detail {
+        d.errno_inferred = Some(true);
+    }
     Some(v)
 }
 

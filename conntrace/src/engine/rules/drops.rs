@@ -19,13 +19,34 @@ use crate::engine::{
 };
 
 /// Drop reasons that are a normal part of TCP: a healthy connection has them (the peer's FIN
-/// purged with the socket, a window probe or a retransmission of data already received). They
-/// are counted in the summary (`drops_by_reason`) and printed only with `--show-normal-drops`.
+/// purged with the socket, ICMP errors purged from a closed socket's error queue, a window
+/// probe, a retransmission of data already received). They are counted in the summary
+/// (`drops_by_reason`) and printed only with `--show-normal-drops`.
 pub const NORMAL: [&str; 3] = ["QUEUE_PURGE", "TCP_OLD_SEQUENCE", "TCP_OLD_DATA"];
 
-/// Whether drops of this reason are a normal part of TCP ([`NORMAL`]).
-pub(crate) fn is_normal(reason: &DropReason) -> bool {
+/// Drops normal only where they happen, as (reason, location prefix, without a SYN): a segment
+/// for a TIME_WAIT socket (a FIN or ACK that crossed the close) is freed with NOT_SPECIFIED in
+/// `tcp_v4_rcv`/`tcp_v6_rcv`; a late FIN or ACK for a socket already closed, with TCP_FLAGS in
+/// `tcp_v4_do_rcv`/`tcp_v6_do_rcv`.
+pub const NORMAL_AT: [(&str, &str); 4] = [
+    ("NOT_SPECIFIED", "tcp_v4_rcv"),
+    ("NOT_SPECIFIED", "tcp_v6_rcv"),
+    ("TCP_FLAGS", "tcp_v4_do_rcv"),
+    ("TCP_FLAGS", "tcp_v6_do_rcv"),
+];
+
+/// Whether a drop is a normal part of TCP ([`NORMAL`], [`NORMAL_AT`]).
+pub(crate) fn is_normal(reason: &DropReason, location: &str, tcp_flags: TcpFlags) -> bool {
+    let at = |prefix: &str| {
+        location
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('+'))
+    };
     NORMAL.contains(&reason.as_str())
+        || (!tcp_flags.has(flags::SYN)
+            && NORMAL_AT
+                .iter()
+                .any(|(r, l)| reason.as_str() == *r && at(l)))
 }
 
 /// Whether a netfilter drop happened outside any rule's code: nft and iptables-nft rules drop
@@ -46,7 +67,7 @@ pub(crate) fn cause(d: &HandshakeDrop) -> Option<Reason> {
         r if listener::is_overflow_drop(r) => Some(Reason::ListenOverflow),
         // A SYN nobody listens for: the refusal (`handshake.rs`), not a drop.
         DropReason::NO_SOCKET => None,
-        _ if is_normal(&d.reason) => None,
+        _ if is_normal(&d.reason, &d.location, d.tcp_flags) => None,
         _ => Some(Reason::KernelDrop),
     }
 }
@@ -67,7 +88,7 @@ pub(crate) enum Explains {
 /// always meant a failed handshake here (a firewall, a full queue, a dead neighbour), any.
 pub(crate) fn explains(d: &HandshakeDrop, attempt: bool) -> Explains {
     let Some(reason) = cause(d) else {
-        return if is_normal(&d.reason) {
+        return if is_normal(&d.reason, &d.location, d.tcp_flags) {
             Explains::Nothing
         } else {
             Explains::Record
@@ -97,6 +118,15 @@ pub(crate) fn kinds(drops: &[HandshakeDrop]) -> Vec<DroppedKind> {
             hook: d.hook,
         })
         .collect()
+}
+
+/// Whether a handshake that failed with `errno` failed in silence: a timeout or the local
+/// stack's own unreachable, which a drop on the way may explain.
+pub(crate) fn silent_errno(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::ETIMEDOUT | Errno::EHOSTUNREACH | Errno::ENETUNREACH
+    )
 }
 
 /// Whether the handshake of `c` failed in silence (no answer, or the local stack's own
@@ -188,14 +218,16 @@ pub(crate) fn apply_rule(v: &mut Verdict, finding: RuleFinding) {
         return;
     };
     let rejected = match finding {
-        RuleFinding::Rule(r) => {
-            let with = reject_with(&[&r]);
-            facts.rule = Some(RuleRef::Rule(r));
+        RuleFinding::Rule { rule, confidence } => {
+            let with = reject_with(&[&rule]);
+            facts.rule = Some(RuleRef::Rule(rule));
+            facts.rule_confidence = Some(confidence);
             with
         }
-        RuleFinding::Candidates(rs) => {
-            let with = reject_with(&rs.iter().collect::<Vec<_>>());
-            facts.rule_candidates = Some(rs);
+        RuleFinding::Candidates { rules, confidence } => {
+            let with = reject_with(&rules.iter().collect::<Vec<_>>());
+            facts.rule_candidates = Some(rules);
+            facts.rule_confidence = Some(confidence);
             with
         }
         RuleFinding::Policy {
@@ -254,6 +286,21 @@ pub(crate) fn attempt_verdict(a: &Attempt) -> Verdict {
     v
 }
 
+/// Completes a drop verdict with what the namespace tells at the verdict (the drop's context
+/// was taken at its first packet): the reverse-path filter's counter now, so it covers every
+/// packet of the attempt.
+pub(crate) fn complete(v: &mut Verdict, ns: &mut dyn crate::engine::lookup::NamespaceLookup) {
+    if v.reason != Reason::RpFilterDrop {
+        return;
+    }
+    let netns = v.netns;
+    if let Some(rp) = v.detail.drop_facts_mut().and_then(|d| d.rp_filter.as_mut())
+        && let Some(now) = ns.tcp_ext(netns, "IPReversePathFilter")
+    {
+        rp.counter = Some(now);
+    }
+}
+
 /// A forwarded packet's drop as it travelled: `s` is its source.
 pub(crate) fn forwarded_record(
     meta: &Meta,
@@ -273,6 +320,7 @@ pub(crate) fn forwarded_record(
         netns: meta.netns,
         pid: None,
         comm: None,
+        container: None,
     }
 }
 
@@ -302,5 +350,6 @@ pub(crate) fn record(
         netns: meta.netns,
         pid: proc.as_ref().map(|p| p.pid),
         comm: proc.map(|p| p.comm.to_string()),
+        container: None,
     }
 }

@@ -16,7 +16,7 @@ pub(crate) fn connection_detail(c: &Conn, established_ns: u64) -> EstablishedDet
     EstablishedDetail {
         drops: drops::kinds(&c.drops),
         syn_cookie: c.opening == Opening::SynCookie,
-        accepted: server.then_some(c.accepted_ns.is_some()),
+        accepted: server.then_some(c.accepted()),
         // accept() can return before the ESTABLISHED event fires (the child is queued first):
         // the delay is then 0.
         accept_delay_ms: c
@@ -25,6 +25,19 @@ pub(crate) fn connection_detail(c: &Conn, established_ns: u64) -> EstablishedDet
             .map(|accepted| ms(established_ns, accepted)),
         expected_comm: None,
     }
+}
+
+/// A server verdict's socket is held by process `p` (found after the fact, quiet mode): that
+/// process accepted it.
+pub(crate) fn held_by(v: &mut Verdict, p: crate::engine::facts::Proc) {
+    v.pid = Some(p.pid);
+    v.comm = Some(p.comm.to_string());
+    let d = match &mut v.detail {
+        Detail::Established(d) => d,
+        Detail::Stall(s) => &mut s.connection,
+        _ => return,
+    };
+    d.accepted = Some(true);
 }
 
 /// The verdict of a connection that completed its handshake, at `ts_ns`.

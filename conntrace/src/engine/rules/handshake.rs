@@ -18,7 +18,10 @@ use crate::engine::{
 /// The verdict of a connection that closed before its handshake completed.
 pub(crate) fn failed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
     let (at, from) = c.closed()?;
-    if c.side == Side::Client && c.tuple.sport == 0 && c.connect_errno.is_some() {
+    if c.side == Side::Client
+        && c.tuple.sport == 0
+        && (c.connect_errno.is_some() || super::connect::never_got_a_port(c))
+    {
         // No local port was ever chosen: connect() failed before any packet.
         return super::connect::closed_before_any_packet(c);
     }

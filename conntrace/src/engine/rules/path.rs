@@ -56,7 +56,7 @@ pub(crate) fn explain(c: &Conn, v: &mut Verdict) -> bool {
 fn rule_of(finding: &crate::engine::lookup::RuleFinding) -> Option<RuleRef> {
     use crate::engine::{lookup::RuleFinding, verdict::detail::Policy};
     match finding {
-        RuleFinding::Rule(r) => Some(RuleRef::Rule(r.clone())),
+        RuleFinding::Rule { rule, .. } => Some(RuleRef::Rule(rule.clone())),
         RuleFinding::Policy {
             family,
             table,
@@ -67,6 +67,6 @@ fn rule_of(finding: &crate::engine::lookup::RuleFinding) -> Option<RuleRef> {
             chain: chain.clone(),
             policy: Policy::Drop,
         }),
-        RuleFinding::Candidates(_) | RuleFinding::NotFound { .. } => None,
+        RuleFinding::Candidates { .. } | RuleFinding::NotFound { .. } => None,
     }
 }

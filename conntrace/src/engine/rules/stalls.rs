@@ -16,8 +16,9 @@ use crate::engine::{
     },
 };
 
-/// Why a connection counts as stuck now, if it does.
-pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
+/// Why a connection counts as stuck now, if it does. `checked`: data and accept() are known
+/// only from a check (quiet mode), so only a connection the check found stuck can be.
+pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64, checked: bool) -> Option<Stall> {
     let since_ns = c.established_ns()?;
     if c.closed().is_some() || c.was_stalled() {
         return None;
@@ -29,7 +30,7 @@ pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
             since_ns,
         });
     }
-    if now_ns < since_ns + timeout_ns {
+    if now_ns < since_ns + timeout_ns || (checked && !c.found_stuck) {
         return None;
     }
     let reason = match c.side {
@@ -40,7 +41,7 @@ pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64) -> Option<Stall> {
                 Reason::StalledNoGreeting
             }
         }
-        Side::Server if c.accepted_ns.is_none() => Reason::NotAccepted,
+        Side::Server if !c.accepted() => Reason::NotAccepted,
         _ => return None,
     };
     Some(Stall { reason, since_ns })
@@ -111,10 +112,15 @@ pub(crate) fn resolved(c: &Conn, s: Stall, now_ns: u64) -> Verdict {
     verdict(c, s, now_ns, Outcome::Resolved, how.into(), d)
 }
 
-/// A connection that closed while stuck: one `failed` follow-up of its stall, naming how it
-/// ended (`ended`: the failure the kernel reported, or none for a close).
+/// A connection that closed while stuck: one follow-up of its stall. `failed`, naming how it
+/// ended (`ended`: the failure the kernel reported, or none for a close), except a zero
+/// window that ended in an orderly close: every byte before the FINs was read and
+/// acknowledged, so the window had opened: `resolved`, by the close at the latest.
 pub(crate) fn closed_while_stuck(c: &Conn, s: Stall, ended: Option<Verdict>) -> Option<Verdict> {
     let (at, from) = c.closed()?;
+    if s.reason == Reason::ZeroWindow && ended.is_none() && c.orderly() {
+        return Some(resolved(c, s, at));
+    }
     let how = ended
         .as_ref()
         .and_then(|v| v.kernel_reason.clone())

@@ -82,6 +82,11 @@ pub struct Conn {
     pub report: Report,
     /// Server side: when accept() returned it.
     pub accepted_ns: Option<u64>,
+    /// Server side: accepted at a time not recorded (quiet mode without an accept hook).
+    pub accepted_seen: bool,
+    /// Quiet mode: a check past the stall timeout found it without data (client) or not
+    /// accepted (server).
+    pub found_stuck: bool,
     pub syn_retransmits: u32,
     pub error: SocketError,
     pub connect_errno: Option<Errno>,
@@ -117,6 +122,8 @@ impl Conn {
             phase: Phase::Handshake,
             report: Report::Pending,
             accepted_ns: None,
+            accepted_seen: false,
+            found_stuck: false,
             syn_retransmits: 0,
             error: SocketError::None,
             connect_errno: None,
@@ -224,6 +231,11 @@ impl Conn {
         if mss.is_some() {
             r.mss = mss;
         }
+    }
+
+    /// Server side: whether accept() returned it (at a known time or not).
+    pub fn accepted(&self) -> bool {
+        self.accepted_ns.is_some() || self.accepted_seen
     }
 
     /// Whether it was reported stalled (with or without a follow-up since).

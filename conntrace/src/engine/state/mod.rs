@@ -3,11 +3,13 @@
 
 pub mod attempt;
 pub mod conn;
+pub mod route;
 pub mod table;
 
 pub use self::{
     attempt::{Attempt, DropContext, HandshakeDrop},
     conn::{Conn, Opening, Report, SocketError, Stall},
+    route::Walk,
     table::{ConnId, Decided, OrphanError, Table},
 };
 

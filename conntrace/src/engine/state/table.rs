@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{HashMap, attempt::Attempt, conn::Conn};
+use super::{HashMap, attempt::Attempt, conn::Conn, route::RouteWalks};
 use crate::engine::{
     facts::{Errno, FourTuple},
     verdict::detail::PathDrop,
@@ -60,6 +60,8 @@ pub struct Table {
     /// Drops of forwarded packets, by connection (either end first: see [`path_key`]), with
     /// when the last came.
     path_drops: HashMap<FourTuple, (u64, Vec<PathDrop>)>,
+    /// `connect()` calls seen only through their failed route lookups, not yet decided.
+    route_walks: RouteWalks,
 }
 
 /// A connection's key for path drops, the same from both ends: the lower end first.
@@ -86,7 +88,13 @@ impl Table {
             recently_decided: HashMap::default(),
             recent_refusals: HashMap::default(),
             path_drops: HashMap::default(),
+            route_walks: RouteWalks::new(max),
         }
+    }
+
+    /// The failed route lookups of `connect()` calls not yet decided.
+    pub fn route_walks_mut(&mut self) -> &mut RouteWalks {
+        &mut self.route_walks
     }
 
     pub fn len(&self) -> usize {

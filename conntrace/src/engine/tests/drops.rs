@@ -3,7 +3,7 @@
 use super::*;
 use crate::engine::{
     facts::{DroppedPacket, NfHook, TcpFlags},
-    lookup::{FirewallRule, Listener, RuleAction, RuleFinding, RuleLookup},
+    lookup::{Confidence, FirewallRule, Listener, RuleAction, RuleFinding, RuleLookup, RuleQuery},
     verdict::Direction,
 };
 
@@ -19,6 +19,7 @@ fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str) -> Kern
         meta: softirq(ts),
         sk,
         rx_sk: 0,
+        sk_port: None,
         packet,
         reason: DropReason::new(reason),
         location: "nft_do_chain+0x3e8".into(),
@@ -38,16 +39,26 @@ fn from_client() -> FourTuple {
 struct FixedRules(RuleFinding, std::rc::Rc<std::cell::Cell<u32>>);
 
 impl RuleLookup for FixedRules {
-    fn find(&mut self, _netns: Option<u32>, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
-        assert_eq!((hook, ipv6), (Some(NfHook::Input), false));
+    fn find(&mut self, q: &RuleQuery) -> RuleFinding {
+        assert_eq!((q.hook, q.ipv6), (Some(NfHook::Input), false));
         self.1.set(self.1.get() + 1);
         self.0.clone()
+    }
+}
+
+/// One rule, named for sure.
+fn exact(rule: FirewallRule) -> RuleFinding {
+    RuleFinding::Rule {
+        rule,
+        confidence: Confidence::Exact,
     }
 }
 
 fn rule(action: RuleAction) -> FirewallRule {
     FirewallRule {
         comment: None,
+        backend: Default::default(),
+        iptables: None,
         family: "ip".into(),
         table: "filter".into(),
         chain: "INPUT".into(),
@@ -61,7 +72,7 @@ fn rule(action: RuleAction) -> FirewallRule {
 #[test]
 fn syns_of_one_attempt_dropped_by_input_make_one_verdict_when_the_backoff_is_overdue() {
     let looked = std::rc::Rc::new(std::cell::Cell::new(0));
-    let finding = RuleFinding::Rule(rule(RuleAction::Drop));
+    let finding = exact(rule(RuleAction::Drop));
     let mut e = Engine::new(EngineConfig::default())
         .with_rule_lookup(Box::new(FixedRules(finding, looked.clone())));
     none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
@@ -93,7 +104,7 @@ fn syns_of_one_attempt_dropped_by_input_make_one_verdict_when_the_backoff_is_ove
 #[test]
 fn a_reject_rule_makes_netfilter_reject_with_its_type() {
     let with = "icmp-host-prohibited".to_owned();
-    let finding = RuleFinding::Rule(rule(RuleAction::Reject { with }));
+    let finding = exact(rule(RuleAction::Reject { with }));
     let rules = FixedRules(finding, Default::default());
     let mut e = Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(rules));
     none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
@@ -113,7 +124,13 @@ fn rules_not_found_or_several_are_said_so() {
     assert_eq!(detail(&v, "rule_not_found"), "no rule counted");
 
     let both = vec![rule(RuleAction::Drop), rule(RuleAction::Drop)];
-    let rules = FixedRules(RuleFinding::Candidates(both), Default::default());
+    let rules = FixedRules(
+        RuleFinding::Candidates {
+            rules: both,
+            confidence: Confidence::Ambiguous,
+        },
+        Default::default(),
+    );
     let mut e = Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(rules));
     none(e.handle(dropped(MS, 0, from_client(), SYN, NETFILTER_DROP)));
     let v = one(e.finish(2 * MS));
@@ -343,11 +360,11 @@ fn the_no_socket_drop_of_a_refused_syn_is_the_refusal_not_another_drop() {
 struct ChangingRules(u32);
 
 impl RuleLookup for ChangingRules {
-    fn find(&mut self, _netns: Option<u32>, _hook: Option<NfHook>, _ipv6: bool) -> RuleFinding {
+    fn find(&mut self, _q: &RuleQuery) -> RuleFinding {
         self.0 += 1;
         let mut r = rule(RuleAction::Drop);
         r.text = format!("rule {}", self.0);
-        RuleFinding::Rule(r)
+        exact(r)
     }
 }
 

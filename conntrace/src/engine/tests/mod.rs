@@ -372,7 +372,9 @@ fn syn_timeout_kernel_gave_up() {
         events.extend([a.rtx(SEC + MS), a.rtx(3 * SEC + MS)]);
         events.extend(last_two);
         let mut e = Engine::new(EngineConfig::default());
-        let v = one(feed(&mut e, events));
+        // A silent failure waits out the grace period: a drop that explains it may follow.
+        none(feed(&mut e, events));
+        let v = one(e.tick(7 * SEC + MS + e.cfg.grace_ns));
         check(&v, "client failed syn_timeout ETIMEDOUT");
         assert_eq!(who(&v), "100/client 10.77.0.1:40000>10.77.0.2:8080");
         assert_eq!(v.syn_retransmits, 2);
@@ -496,7 +498,8 @@ fn retransmit_of_unseen_socket_starts_a_client_connection() {
     none(e.handle(b.rtx(SEC)));
     assert_eq!(e.tracked(), 1);
     let close = b.st(3 * SEC, S::SynSent, S::Close);
-    let v = one(feed(&mut e, [close, b.err(3 * SEC, 110)]));
+    none(feed(&mut e, [close, b.err(3 * SEC, 110)]));
+    let v = one(e.tick(3 * SEC + e.cfg.grace_ns));
     check(&v, "client failed syn_timeout ETIMEDOUT");
     assert_eq!(who(&v), "-/- 10.77.0.1:40000>10.77.0.2:8080");
     assert_eq!(v.syn_retransmits, 1);
@@ -561,8 +564,12 @@ fn summary_counts_match_verdicts() {
 
 /// Dropped packets.
 mod drops;
+mod field;
 /// Who accepted the connection (`--expect-comm`).
 mod listeners;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
+mod quiet;
+/// connect() errors seen through failed route lookups, and inferred EADDRNOTAVAIL.
+mod route;
 mod stalls;

@@ -63,6 +63,21 @@ fn no_route_on_a_reused_socket_address_is_still_reported() {
 }
 
 #[test]
+fn no_route_on_the_address_of_a_connection_whose_end_was_not_seen_is_reported() {
+    // A healthy connection closed in order: FIN_WAIT1 is its last traced state (the rest of an
+    // orderly close is left out in the kernel). The next socket at its address fails connect()
+    // with ENETUNREACH before any state change: its own failure, not the old connection's.
+    let a = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    none(feed(&mut e, healthy_client(a).into_iter().take(3)));
+    let mut other = a;
+    other.t.daddr = "192.0.2.1".parse().expect("address");
+    let v = one(e.handle(other.connect_failed(60 * MS, 100, "client", 101)));
+    check(&v, "client failed no_route ENETUNREACH");
+    assert_eq!(who(&v), "100/client -:->192.0.2.1:8080");
+}
+
+#[test]
 fn accept_seen_before_established_still_names_the_acceptor() {
     // The kernel queues the child for accept() before its SYN_RECV->ESTABLISHED event fires,
     // so on another CPU accept() can be observed first.

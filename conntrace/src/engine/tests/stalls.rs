@@ -129,6 +129,7 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
         meta: softirq(MS + 100_000),
         sk: 0,
         rx_sk: 0,
+        sk_port: None,
         packet: FourTuple {
             saddr: ip(2),
             sport: 51_000,

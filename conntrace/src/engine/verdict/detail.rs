@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::{Direction, Reason};
 use crate::engine::{
     facts::{DropReason, NfHook, TcpFlags, TcpState},
-    lookup::{ConntrackTable, FirewallRule, Listener, Route},
+    lookup::{Confidence, ConntrackTable, FirewallRule, Listener, Route},
 };
 
 fn is_false(b: &bool) -> bool {
@@ -90,6 +90,9 @@ pub struct DropFacts {
     /// Several rules counted packets: any of them may have dropped these.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule_candidates: Option<Vec<FirewallRule>>,
+    /// How sure the naming of `rule` or `rule_candidates` is, from the counters alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule_confidence: Option<Confidence>,
     /// Why the rule could not be named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule_not_found: Option<String>,
@@ -382,6 +385,12 @@ pub struct ConnectDetail {
     /// `no_route`: the namespace's route to the destination.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<Route>,
+    /// `true` when `connect()`'s errno was not seen but inferred from what its socket did
+    /// (quiet mode, `ephemeral_ports_exhausted`: SYN_SENT and back to CLOSE without ever
+    /// getting a local port, which only a failed port search does); absent when `connect()`
+    /// reported it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errno_inferred: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]

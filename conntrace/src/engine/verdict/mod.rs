@@ -3,7 +3,7 @@
 
 pub mod detail;
 mod reason;
-mod summary;
+pub mod summary;
 
 use std::net::IpAddr;
 
@@ -64,6 +64,10 @@ pub struct Verdict {
     pub netns: Option<u32>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// The container behind the verdict (its process's, else its namespace's); null in the
+    /// host's own namespace or when unknown. Never set by the engine: filled in before the
+    /// record is written.
+    pub container: Option<crate::identity::Container>,
     /// Connect start (client) or child socket creation (server) to the verdict's event.
     pub duration_ms: f64,
     pub syn_retransmits: u32,
@@ -138,6 +142,10 @@ pub struct DropRecord {
     /// The sending process, for outgoing packets dropped in its context.
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// The container behind the drop (its process's, else its namespace's); null in the host's
+    /// own namespace or when unknown. Never set by the engine: filled in before the record is
+    /// written.
+    pub container: Option<crate::identity::Container>,
 }
 
 /// An IP address as serialized: IPv4 dotted quad or IPv6 text; IPv4-mapped IPv6 addresses are

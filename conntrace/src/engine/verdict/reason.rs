@@ -117,9 +117,9 @@ pub const REASONS: &[ReasonDoc] = &[
     doc!(
         NetfilterReject,
         "netfilter_reject",
-        "server",
+        "client, server",
         "drops.rs",
-        "As netfilter_drop, and the rule whose counter moved is a REJECT: detail.reject_with is its answer.",
+        "As netfilter_drop, and the rule whose counter moved is a REJECT: detail.reject_with is its answer. Server: a REJECT answered the client's SYN. Client: its own OUTPUT chain rejected the SYN (e.g. kube-proxy's REJECT for a Service without endpoints); the application saw the REJECT's answer (ECONNREFUSED, EHOSTUNREACH).",
         "a firewall REJECT rule answered the SYN (see detail.reject_with and detail.rule): allow the port if the service should be reachable"
     ),
     doc!(
@@ -131,12 +131,52 @@ pub const REASONS: &[ReasonDoc] = &[
         "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path; ICMP answers are rate-limited, so bursts of connections wait for SYN retransmits (detail.unanswered_syns), where --reject-with tcp-reset fails at once"
     ),
     doc!(
+        RpFilterDrop,
+        "rp_filter_drop",
+        "server",
+        "drops.rs",
+        "skb:kfree_skb reported IP_RPFILTER for the handshake's packets: the reverse-path filter dropped them because the route back to their source leaves by another interface (detail.rp_filter names both and the namespace's TcpExtIPReversePathFilter counter).",
+        "the reverse-path filter drops packets whose source is routed out of another interface: fix the routes (asymmetric routing), or set net.ipv4.conf.<if>.rp_filter=2 (loose) there"
+    ),
+    doc!(
+        ConntrackTableFull,
+        "conntrack_table_full",
+        "client, server",
+        "drops.rs",
+        "skb:kfree_skb reported NETFILTER_DROP at nf_hook_slow (no rule: nft rules drop in nft_do_chain) while the namespace's conntrack table is full (detail.conntrack: nf_conntrack_count against nf_conntrack_max). Never blamed on a rule.",
+        "the conntrack table is full: raise net.netfilter.nf_conntrack_max (in the host namespace), shorten conntrack timeouts, or exempt this traffic with a notrack rule"
+    ),
+    doc!(
+        KernelDrop,
+        "kernel_drop",
+        "client, server",
+        "drops.rs",
+        "skb:kfree_skb dropped the handshake's packets for a reason with no code of its own: kernel_reason is the kernel's drop reason (enum skb_drop_reason, named from BTF, so reasons of newer kernels flow through) and detail.location where it happened.",
+        "the kernel dropped the handshake: look up kernel_reason (enum skb_drop_reason) and detail.location"
+    ),
+    doc!(
         NoRoute,
         "no_route",
         "client",
-        "handshake.rs",
-        "connect() itself failed with ENETUNREACH or EHOSTUNREACH: no packet left the host.",
+        "connect.rs",
+        "connect() itself failed before any packet: ENETUNREACH or EHOSTUNREACH, or EACCES/EINVAL where the namespace's route to the destination is a prohibit or blackhole route (detail.route). The errno is connect()'s own result (fexit, or the syscall when connections stream), or, in quiet mode without fexit, worked out from the routing tables' failed answers to its route lookup (fib:fib_table_lookup, fib6:fib6_table_lookup), misses checked against the namespace's route.",
         "the client has no route to the destination: check its routing table and address"
+    ),
+    doc!(
+        EphemeralPortsExhausted,
+        "ephemeral_ports_exhausted",
+        "client",
+        "connect.rs",
+        "connect() failed with EADDRNOTAVAIL before any packet: every port of net.ipv4.ip_local_port_range towards that destination is taken (detail.port_range, detail.sockets_to_destination, detail.time_wait from sock_diag). Where connect()'s result is not traced (quiet mode without fexit), EADDRNOTAVAIL is inferred from a socket that went SYN_SENT and back to CLOSE without ever getting a local port (detail.errno_inferred).",
+        "the client ran out of local ports towards this destination: reuse connections (pooling, keep-alive), widen net.ipv4.ip_local_port_range, or let the server close first so TIME_WAIT stays there"
+    ),
+    doc!(
+        ConnectDenied,
+        "connect_denied",
+        "client",
+        "connect.rs",
+        "connect() failed with EPERM or EACCES before any packet and no route explains it: a cgroup BPF connect program or an LSM (SELinux, AppArmor) refused it.",
+        "a local policy refused the connection: check cgroup BPF programs (bpftool cgroup tree) and the LSM's audit log"
     ),
     doc!(
         NeighbourFailed,
@@ -167,7 +207,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "stalled_no_greeting",
         "client",
         "stalls.rs",
-        "Established for --stall-timeout with no byte received (sock:sk_data_ready) and none sent (sock:sock_send_length). One follow-up: resolved when data comes, failed when the connection ends.",
+        "Established for --stall-timeout with no byte received and none sent: when connections stream, from the first-data hooks (sock:sk_data_ready, sock:sock_send_length); in quiet mode (the default), from a check every 100 ms that asks sock_diag about connections past the timeout (tcpi_bytes_received, data sent). One follow-up: resolved when data comes, failed when the connection ends.",
         "connected, but the server never spoke first (MySQL, SMTP, ...): on the server, look for syncookie_ack_lost, listen_overflow or not_accepted; the server may have no socket for this connection"
     ),
     doc!(
@@ -183,8 +223,16 @@ pub const REASONS: &[ReasonDoc] = &[
         "not_accepted",
         "server",
         "stalls.rs",
-        "The child socket was established for --stall-timeout and accept() had not returned it. Resolved when accept() does.",
+        "The child socket was established for --stall-timeout and accept() had not returned it: when connections stream, from the accept hooks; in quiet mode, no process held the socket (sock_diag's idiag_inode) at a check (every 100 ms). Resolved when accept() does.",
         "the kernel finished the handshake but the application has not called accept(): it is stopped, blocked or overloaded"
+    ),
+    doc!(
+        ZeroWindow,
+        "zero_window",
+        "client, server",
+        "stalls.rs",
+        "outcome stalled: an established connection's window stayed zero for --stall-timeout (the namespace's socket listing, sock_diag, polled each second): on the sender's side the peer stopped reading (data waits in the send queue), on the receiver's side the local process does not read (its receive queue is full); detail.window says which. Then resolved or failed like the other stalls.",
+        "the receiving application stopped reading: find why it is stuck (detail.window names who stopped reading); the sender blocks meanwhile"
     ),
     doc!(
         ResetByPeer,
@@ -201,6 +249,14 @@ pub const REASONS: &[ReasonDoc] = &[
         "teardown.rs",
         "An established connection closed with ETIMEDOUT: its retransmissions went unanswered.",
         "an established connection died of retransmission timeout: the peer or path went away"
+    ),
+    doc!(
+        PmtuBlackhole,
+        "pmtu_blackhole",
+        "client, server",
+        "path.rs",
+        "An established connection died (ETIMEDOUT) while only full-size segments were retransmitted (tcp:tcp_retransmit_skb with the segment's length and the MSS, detail.retransmits): a hop with a smaller MTU drops them and its \"fragmentation needed\" never arrives (detail.path_answer says where this host dropped it, when seen; the router's own drops are in detail.path_drops when conntrace sees it).",
+        "a path-MTU black hole: let ICMP fragmentation-needed (type 3 code 4) through the firewalls on the path, clamp the MSS (iptables -j TCPMSS --clamp-mss-to-pmtu) or lower the MTU, or set net.ipv4.tcp_mtu_probing=1"
     ),
     doc!(
         Unknown,
@@ -242,6 +298,83 @@ impl Reason {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_variant_has_a_row() {
+        let schema = serde_json::to_value(schemars::schema_for!(Reason)).unwrap();
+        let codes: Vec<&str> = schema["enum"]
+            .as_array()
+            .expect("an enum of codes")
+            .iter()
+            .filter_map(|c| c.as_str())
+            .collect();
+        assert_eq!(codes.len(), REASONS.len());
+        for code in codes {
+            assert!(REASONS.iter().any(|d| d.code == code), "{code} has no row");
+        }
+    }
+
+    /// The rows of README.md's table of reasons (section `## Reasons`): each row's code and
+    /// sides, `both` standing for client and server.
+    fn readme_rows() -> Vec<(String, Vec<String>)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let readme = std::fs::read_to_string(&path).expect("read README.md");
+        let (_, section) = readme
+            .split_once("\n## Reasons\n")
+            .expect("README.md has a `## Reasons` section");
+        let section = section.split("\n#").next().unwrap_or(section);
+        section
+            .lines()
+            .filter_map(|line| {
+                let (code, rest) = line.strip_prefix("| `")?.split_once("` |")?;
+                let sides = match rest.split('|').next()?.trim() {
+                    "both" => vec!["client".to_owned(), "server".to_owned()],
+                    side => vec![side.to_owned()],
+                };
+                Some((code.to_owned(), sides))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_table_has_every_reason_with_its_sides_in_this_order() {
+        let rows = readme_rows();
+        for d in REASONS {
+            let mut sides: Vec<String> = rows
+                .iter()
+                .filter(|(code, _)| code == d.code)
+                .flat_map(|(_, sides)| sides.iter().cloned())
+                .collect();
+            sides.sort();
+            sides.dedup();
+            assert!(
+                !sides.is_empty(),
+                "README.md's Reasons table has no row for `{}`",
+                d.code
+            );
+            let want: Vec<&str> = d.sides.split(", ").collect();
+            assert_eq!(
+                sides, want,
+                "README.md's Reasons table gives `{}` other sides than REASONS",
+                d.code
+            );
+        }
+        let mut order: Vec<&str> = Vec::new();
+        for (code, _) in &rows {
+            assert!(
+                Reason::from_code(code).is_some(),
+                "README.md's Reasons table has a row for `{code}`, which is no reason code"
+            );
+            if order.last() != Some(&code.as_str()) {
+                order.push(code);
+            }
+        }
+        let codes: Vec<&str> = REASONS.iter().map(|d| d.code).collect();
+        assert_eq!(
+            order, codes,
+            "README.md's Reasons table lists the reasons in REASONS' order, one group of rows each"
+        );
+    }
 
     #[test]
     fn every_reason_has_one_row_whose_code_is_its_serialized_name() {

@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, net::IpAddr};
 use schemars::JsonSchema;
 use serde::Serialize;
 
+use conntrace_common::quiet::{LATENCY_BUCKETS, latency_bucket, latency_bucket_bounds};
+
 use super::{Detail, Outcome, Reason, Verdict};
 use crate::engine::facts::{DropReason, FourTuple};
 
@@ -31,9 +33,10 @@ pub struct Summary {
     /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) of one reason came in one
     /// second in one namespace (still counted in `drops_by_reason`).
     pub drop_records_suppressed: u64,
-    /// Failed SYN-cookie attempts not written as verdicts because more than
-    /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended in one second at one
-    /// listener (a SYN flood); still counted in the listener's `cookies_failed`.
+    /// Verdicts of attempts without a socket (dropped SYNs, failed SYN cookies) not written
+    /// because more than [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended in one
+    /// second at one local port (a SYN flood); failed cookies are still counted in the
+    /// listener's `cookies_failed`.
     pub attempt_verdicts_suppressed: u64,
     /// Drops of forwarded packets (neither end local to the dropping namespace).
     pub forwarded_drops: u64,
@@ -46,15 +49,26 @@ pub struct Summary {
     pub failing_peers: BTreeMap<IpAddr, u64>,
     /// Failed or stalled verdicts by service port (the server's port; 0 when unknown).
     pub failing_ports: BTreeMap<u16, u64>,
-    /// Client handshake times (SYN_SENT to ESTABLISHED), microseconds; at most
-    /// [`LATENCY_SAMPLES`] are kept.
-    pub connect_latency_us: Vec<u32>,
+    /// Client handshake times (SYN_SENT to ESTABLISHED): counts by
+    /// [`latency_bucket`] of the microseconds (empty until the first).
+    pub connect_latency: Vec<u64>,
+    /// Quiet mode: what the kernel kept to itself.
+    pub kernel_kept: Option<KernelKept>,
     /// The first verdict of each failure reason: the concrete case the advice names.
     pub examples: BTreeMap<Reason, Verdict>,
 }
 
-/// Most handshake times kept for the latency percentiles (4 MB).
-pub const LATENCY_SAMPLES: usize = 1 << 20;
+/// Quiet mode: connections the kernel followed without sending their events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct KernelKept {
+    /// Connections that closed healthy and never reached userspace.
+    pub closed_quietly: u64,
+    /// Connections whose history the kernel sent when they needed userspace (a failure, a
+    /// reset, a retransmission, a drop, a stall).
+    pub histories: u64,
+    /// Connections that found the kernel's table (65,536) full and sent every event instead.
+    pub table_full: u64,
+}
 
 /// What happened at one listener over the run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
@@ -73,21 +87,43 @@ pub struct ListenerCounts {
 impl Summary {
     /// Records a client handshake time.
     pub fn connect_latency(&mut self, ns: u64) {
-        if self.connect_latency_us.len() < LATENCY_SAMPLES {
-            self.connect_latency_us
-                .push(u32::try_from(ns / 1_000).unwrap_or(u32::MAX));
+        self.add_latency_counts(std::iter::once((latency_bucket(ns / 1_000), 1)));
+    }
+
+    /// Adds handshake counts by bucket (the kernel's, in quiet mode).
+    pub fn add_latency_counts(&mut self, counts: impl IntoIterator<Item = (u32, u64)>) {
+        for (bucket, n) in counts {
+            if n == 0 || bucket >= LATENCY_BUCKETS {
+                continue;
+            }
+            if self.connect_latency.is_empty() {
+                self.connect_latency = vec![0; LATENCY_BUCKETS as usize];
+            }
+            self.connect_latency[bucket as usize] += n;
         }
     }
 
-    /// (count, p50, p90, p99, max) of the handshake times in milliseconds.
-    pub fn latency_percentiles(&self) -> Option<(usize, f64, f64, f64, f64)> {
-        let mut v = self.connect_latency_us.clone();
-        if v.is_empty() {
+    /// (count, p50, p90, p99, max) of the handshake times in milliseconds: each the upper
+    /// bound of its histogram bucket (at most 12.5 % above the true value).
+    pub fn latency_percentiles(&self) -> Option<(u64, f64, f64, f64, f64)> {
+        let total: u64 = self.connect_latency.iter().sum();
+        if total == 0 {
             return None;
         }
-        v.sort_unstable();
-        let at = |q: f64| f64::from(v[((v.len() - 1) as f64 * q).round() as usize]) / 1000.0;
-        Some((v.len(), at(0.5), at(0.9), at(0.99), at(1.0)))
+        let upper_ms = |b: usize| latency_bucket_bounds(b as u32).1 as f64 / 1000.0;
+        let at = |q: f64| {
+            // The smallest bucket whose cumulative count reaches rank ceil(q * total).
+            let rank = ((q * total as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            for (b, &n) in self.connect_latency.iter().enumerate() {
+                seen += n;
+                if seen >= rank {
+                    return upper_ms(b);
+                }
+            }
+            upper_ms(self.connect_latency.len() - 1)
+        };
+        Some((total, at(0.5), at(0.9), at(0.99), at(1.0)))
     }
 
     /// The `n` largest entries of a count map, largest first.

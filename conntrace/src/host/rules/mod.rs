@@ -1,62 +1,83 @@
 //! Which netfilter rule dropped a packet, found without changing the firewall.
 //!
-//! Method: [`RuleCounters::new`] lists the ruleset of every network namespace it can see
-//! (`/run/netns/*` and `/proc/*/ns/net`) with `nft -a list ruleset`, run inside the namespace
-//! (`setns(CLONE_NEWNET)` before exec), and keeps each rule's packet counter as a baseline.
-//! [`RuleLookup::find`] lists the namespace's ruleset again and subtracts: the dropping or
-//! rejecting rules whose counters moved since the baseline, at the drop's hook and in tables of
-//! the packet's family (`ip`/`inet` or `ip6`/`inet`), are the candidates. Chains at the hook are
-//! its base chains and the regular chains they reach by `jump`/`goto` (iptables user chains); a
-//! regular chain no rule names counts too, as a named verdict map may reach it. A namespace first
-//! seen at `find` time has an empty baseline: it probably appeared after start-up, so all its
-//! counts are recent. Snapshots are reused for 250 ms, as drops come in bursts.
+//! Method: [`RuleCounters::new`] reads the rule counters of every network namespace it can see
+//! (`/run/netns/*` and `/proc/*/ns/net`) as a baseline: `nft -a list ruleset` (nftables, and the
+//! iptables-nft rules stored there) and `iptables-legacy-save -c` / `ip6tables-legacy-save -c`
+//! (x_tables rules, which `nft` cannot see), each run inside the namespace (`setns` in the
+//! child before exec, [`tool`]). [`RuleCounters::find_attempt`] reads the namespace again and
+//! subtracts: the DROP/REJECT rules (and iptables-legacy DROP policies, which have counters)
+//! whose counters moved, at the drop's hook and in tables of the packet's family, are the
+//! candidates, ranked by how well their movement fits the packets the attempt lost
+//! ([`rank`]), with a [`rank::Confidence`]. Chains at the hook are its base chains and the chains they
+//! reach by jump/goto (iptables user chains); for nftables a regular chain no rule names counts
+//! too, as a named verdict map may reach it. A namespace first seen at look-up time has no
+//! baseline: it probably appeared after start-up, so all its counts are recent. Readings are
+//! reused for 250 ms, as drops come in bursts.
+//!
+//! The rule is named as its backend lists it: nftables rules (iptables-nft ones included) by
+//! family, table, chain, handle and `nft`'s text; iptables-legacy rules by family (`ip`/`ip6`),
+//! table, chain, their 1-based position in the chain as handle (0 for a policy) and the line
+//! `iptables-legacy-save` prints (`-A INPUT -p tcp -m tcp --dport 3306 -j DROP`). The comment
+//! (`-m comment --comment`) of an iptables-nft rule, which `nft` does not print, comes from
+//! `iptables-nft-save -c` run in the same namespace and matched to the nft rule by table, chain
+//! and position ([`iptables`]); that rule's iptables-save line is kept beside nft's text
+//! ([`Candidate::iptables`]), since an iptables user knows the rule by it. `text` stays nft's:
+//! it is what the handle refers to (`nft delete rule ... handle N`).
 //!
 //! Where it can fail:
-//! - A rule without a `counter` has no count: it is never named (iptables-nft rules always have
+//! - A rule without a `counter` has no count: it is never named (iptables rules always have
 //!   one; hand-written nft rules often do not). The same holds for named counters.
-//! - Several dropping rules counted since the baseline: all are returned as candidates, most
-//!   packets first; the counters do not say which one dropped this connection's packets.
-//! - A rule that dropped other traffic since the baseline counts as much as one that dropped
-//!   this connection's: a single candidate is the only rule that dropped anything, not proof.
-//! - The ruleset changed between snapshots: a re-created rule gets a new handle and its whole
-//!   count is new; a re-created table can reuse handles with reset counters and hide a drop.
-//! - Rules loaded with iptables-legacy live outside nftables: `nft` does not show them.
-//! - Policy drops have no counter: a base chain with `policy drop` is named when no rule
-//!   counted, even if a rule without a counter dropped the packet; when several base chains at
-//!   the hook have `policy drop`, the first listed is named.
-//! - `find` blocks while `nft` runs (milliseconds; killed after 2 s).
+//! - Several rules counted: all are candidates; the ranking only says which fits the count.
+//!   A rule that dropped other traffic too counts as much as one that dropped only this.
+//! - The ruleset changed between readings: a re-created nft rule gets a new handle and its
+//!   whole count is new; a re-created table can reuse handles with reset counters and hide a
+//!   drop. A legacy rule is keyed by its text: an edited rule is a new one.
+//! - nftables policy drops have no counter: a base chain with `policy drop` is named when no
+//!   rule counted, even if a rule without a counter dropped the packet; when several base
+//!   chains at the hook have `policy drop`, the first listed is named.
+//! - A missing tool is a reason in `rule_not_found`, never an error: without `nft` only legacy
+//!   rules are seen, without the iptables tools no legacy rule and no comment.
+//! - `find` blocks while the tools run (milliseconds each; each killed after 2 s).
 
+mod decide;
+mod history;
+mod iptables;
+mod legacy;
 mod nft;
+pub mod rank;
+mod save;
+mod tool;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs::File,
-    io::{self, Read},
-    os::{
-        fd::{AsRawFd as _, BorrowedFd},
-        unix::{fs::MetadataExt as _, process::CommandExt as _},
-    },
-    path::{Path, PathBuf},
-    process::{Command, ExitStatus, Stdio},
+    io,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
-use nix::sched::{CloneFlags, setns};
 use tracing::{debug, warn};
 
-use self::nft::{Chain, Rule, Table, parse_ruleset};
-use crate::engine::{
-    facts::NfHook,
-    lookup::{FirewallRule, RuleFinding, RuleLookup},
+pub use self::{decide::Finding, history::Backend, rank::Candidate};
+use self::{
+    decide::{Drop, Listings, decide, nft_counts},
+    history::{Before, Counts, Reading, Readings, Since},
+    iptables::{Annotations, annotate, is_iptables_table},
+    nft::{Table, parse_ruleset},
+    save::{SaveTable, parse_save},
+    tool::{Tool, ToolError},
+};
+use crate::{
+    engine::lookup::{FirewallRule, RuleFinding, RuleLookup},
+    output::Clock,
 };
 
-/// `nft` normally answers in milliseconds; a hung one is killed after this.
-const NFT_TIMEOUT: Duration = Duration::from_secs(2);
-/// A snapshot younger than this is reused: drops come in bursts.
+/// A reading younger than this is reused: drops come in bursts.
 const REUSE_FOR: Duration = Duration::from_millis(250);
 /// Namespaces are re-enumerated at most this often when an unknown one is asked for.
 const RESCAN_EVERY: Duration = Duration::from_millis(250);
 
+/// Why no rule could be looked for in a namespace.
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
     #[error("the kernel did not report the drop's network namespace")]
@@ -65,422 +86,414 @@ pub enum RulesError {
     UnknownNetns { netns: u32 },
     #[error("open network namespace {path}: {source}", path = path.display())]
     OpenNetns { path: PathBuf, source: io::Error },
-    #[error("`nft` not found: install nftables")]
-    NftNotFound,
-    #[error("setns(CLONE_NEWNET) into {path}: {source}", path = path.display())]
-    Setns { path: PathBuf, source: io::Error },
-    #[error("run `nft -a list ruleset` in netns {netns}: {source}")]
-    Spawn { netns: u32, source: io::Error },
-    #[error("wait for `nft -a list ruleset` in netns {netns}: {source}")]
-    Wait { netns: u32, source: io::Error },
-    #[error("`nft -a list ruleset` in netns {netns} ran over {}s: killed", NFT_TIMEOUT.as_secs())]
-    Timeout { netns: u32 },
-    #[error("nft list ruleset in netns {netns} ({status}): {stderr}")]
-    Failed {
-        netns: u32,
-        status: ExitStatus,
-        stderr: String,
-    },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
 }
 
-/// A rule's identity across snapshots: family, table, chain, handle.
-type RuleKey = (String, String, String, u64);
-type Counts = HashMap<RuleKey, u64>;
+pub use crate::engine::lookup::RuleQuery;
+
+/// Where counters are read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    Nft,
+    Legacy { ipv6: bool },
+}
+
+impl Source {
+    fn tool(self) -> Tool {
+        match self {
+            Self::Nft => tool::NFT,
+            Self::Legacy { ipv6: false } => tool::IPTABLES_LEGACY_SAVE,
+            Self::Legacy { ipv6: true } => tool::IP6TABLES_LEGACY_SAVE,
+        }
+    }
+
+    const ALL: [Self; 3] = [
+        Self::Nft,
+        Self::Legacy { ipv6: false },
+        Self::Legacy { ipv6: true },
+    ];
+}
+
+#[derive(Debug)]
+enum Listing {
+    Nft(Vec<Table>),
+    Legacy(Vec<SaveTable>),
+}
+
+impl Listing {
+    fn counts(&self, source: Source) -> Counts {
+        match (self, source) {
+            (Self::Nft(tables), _) => nft_counts(tables),
+            (Self::Legacy(tables), Source::Legacy { ipv6 }) => legacy::counts(tables, ipv6),
+            (Self::Legacy(_), Source::Nft) => Counts::new(),
+        }
+    }
+}
+
+/// The latest reading of one source in one namespace.
+#[derive(Debug)]
+struct Snapshot {
+    taken: Instant,
+    /// CLOCK_MONOTONIC ns before the tool started: drops before it are counted.
+    started_ns: u64,
+    /// The listing, or why there is none.
+    listing: Result<Listing, String>,
+    /// For an nft listing: iptables-nft-save matched to it, per family (`true`: ip6), once
+    /// asked for.
+    annotations: HashMap<bool, Annotations>,
+}
 
 /// Finds the rule behind a netfilter drop by diffing rule counters against a baseline.
 pub struct RuleCounters {
     /// A file that opens each known namespace, by namespace inode.
     paths: HashMap<u32, PathBuf>,
     scanned_at: Instant,
-    /// Counters at start-up; a namespace missing here has an empty baseline.
-    baselines: HashMap<u32, Counts>,
-    latest: HashMap<u32, (Instant, Vec<Table>)>,
+    /// Counts at start-up and the last few readings since, per namespace and source.
+    readings: HashMap<(u32, Source), Readings>,
+    latest: HashMap<(u32, Source), Snapshot>,
 }
 
 impl RuleCounters {
-    /// Takes a baseline snapshot of every network namespace visible now: one `nft` run each
-    /// (milliseconds), stopping early if `nft` is missing or hangs. Reading rulesets needs
-    /// CAP_SYS_ADMIN (setns) and CAP_NET_ADMIN; without them, `find` says why it cannot.
+    /// Takes a baseline of every network namespace visible now: `nft`, `iptables-legacy-save`
+    /// and `ip6tables-legacy-save` once each (milliseconds; the legacy ones skipped where
+    /// `/proc/PID/net/ip*_tables_names` shows no legacy table), giving up on a tool that is
+    /// missing or hangs. Reading rulesets needs CAP_SYS_ADMIN (setns) and CAP_NET_ADMIN;
+    /// without them, `find` says why it cannot.
     pub fn new() -> Self {
-        let paths = scan_namespaces();
-        let mut baselines = HashMap::new();
+        Self::with_namespaces(tool::scan_namespaces())
+    }
+
+    /// A baseline of the namespaces in `paths` (inode → a file that opens it) only.
+    fn with_namespaces(paths: HashMap<u32, PathBuf>) -> Self {
+        let mut readings = HashMap::new();
+        let mut hopeless = Vec::new();
         for (&netns, path) in &paths {
-            match open_netns(netns, path).and_then(|ns| list_ruleset(netns, path, &ns)) {
-                Ok(tables) => {
-                    baselines.insert(netns, counts(&tables));
-                }
-                Err(error @ (RulesError::NftNotFound | RulesError::Timeout { .. })) => {
-                    warn!(%error, "rule counter baselines not taken");
-                    break;
-                }
+            let opened = tool::open_netns(netns, path);
+            let Ok(Some(ns)) = opened else {
                 // A process that exited since the scan took its namespace (if unnamed) along.
-                Err(error @ (RulesError::OpenNetns { .. } | RulesError::UnknownNetns { .. })) => {
-                    debug!(netns, %error, "no rule counter baseline for this namespace");
+                debug!(
+                    netns,
+                    ?opened,
+                    "no rule counter baseline for this namespace"
+                );
+                continue;
+            };
+            for source in Source::ALL {
+                if hopeless.contains(&source) {
+                    continue;
                 }
-                Err(error) => warn!(netns, %error, "no rule counter baseline for this namespace"),
+                match read(netns, path, &ns, source) {
+                    Ok((listing, at_ns)) => {
+                        let counts = listing.counts(source);
+                        let baseline = Readings::with_baseline(Reading { at_ns, counts });
+                        readings.insert((netns, source), baseline);
+                    }
+                    Err(error) if error.is_hopeless() => {
+                        warn!(%error, "rule counter baselines not taken with this tool");
+                        hopeless.push(source);
+                    }
+                    Err(error) => warn!(netns, %error, "no rule counter baseline"),
+                }
             }
         }
         debug!(
             namespaces = paths.len(),
-            baselines = baselines.len(),
+            baselines = readings.len(),
             "rule counter baselines taken"
         );
         Self {
             paths,
             scanned_at: Instant::now(),
-            baselines,
+            readings,
             latest: HashMap::new(),
         }
     }
 
-    fn try_find(
-        &mut self,
-        netns: Option<u32>,
-        hook: Option<NfHook>,
-        ipv6: bool,
-    ) -> Result<RuleFinding, RulesError> {
-        let netns = netns.ok_or(RulesError::NoNetns)?;
-        self.latest.retain(|_, (at, _)| at.elapsed() < REUSE_FOR);
-        if !self.latest.contains_key(&netns) {
-            let (path, ns) = self.open(netns)?;
-            let tables = list_ruleset(netns, &path, &ns)?;
-            self.latest.insert(netns, (Instant::now(), tables));
+    /// The rules that may have dropped the packet `query` describes, ranked, or the policy,
+    /// or why none can be named. Blocks while the tools run.
+    pub fn find_attempt(&mut self, query: &RuleQuery) -> Finding {
+        self.try_find(query).unwrap_or_else(|error| {
+            debug!(?query.netns, %error, "firewall rule look-up failed");
+            Finding::NotFound {
+                why: error.to_string(),
+            }
+        })
+    }
+
+    fn try_find(&mut self, q: &RuleQuery) -> Result<Finding, RulesError> {
+        let netns = q.netns.ok_or(RulesError::NoNetns)?;
+        let by_nft = q
+            .location
+            .as_deref()
+            .is_some_and(|l| l.starts_with("nft_do_chain"));
+        let legacy = Source::Legacy { ipv6: q.ipv6 };
+        self.refresh(netns, Source::Nft, q.last_drop_ns)?;
+        if !by_nft {
+            self.refresh(netns, legacy, q.last_drop_ns)?;
         }
-        let tables = self.latest.get(&netns).map_or(&[][..], |(_, t)| t);
-        Ok(decide(tables, self.baselines.get(&netns), hook, ipv6))
+        let since = |source| {
+            let readings = self.readings.get(&(netns, source));
+            let baseline = readings
+                .and_then(|r| r.baseline.as_ref())
+                .map(|r| &r.counts);
+            let window = match q.first_drop_ns {
+                None => baseline,
+                Some(t) => readings.and_then(|r| r.before(Some(t))),
+            };
+            Since { baseline, window }
+        };
+        let before = Before {
+            nft: since(Source::Nft),
+            legacy: since(legacy),
+        };
+        let listing = |source| match self.latest.get(&(netns, source)).map(|s| &s.listing) {
+            Some(Ok(listing)) => Ok(listing),
+            Some(Err(why)) => Err(why.as_str()),
+            None => Err("not read"),
+        };
+        let listings = Listings {
+            nft: listing(Source::Nft).map(|l| match l {
+                Listing::Nft(tables) => tables.as_slice(),
+                Listing::Legacy(_) => &[],
+            }),
+            legacy: (!by_nft).then(|| {
+                listing(legacy).map(|l| match l {
+                    Listing::Legacy(tables) => tables.as_slice(),
+                    Listing::Nft(_) => &[],
+                })
+            }),
+        };
+        let drop = Drop {
+            hook: q.hook,
+            ipv6: q.ipv6,
+            dropped: q.dropped,
+            windowed: q.first_drop_ns.is_some(),
+        };
+        let mut finding = decide(listings, before, drop);
+        if let Finding::Ranked(ranked) = &mut finding {
+            self.name_iptables_rules(netns, &mut ranked.candidates);
+        }
+        Ok(finding)
+    }
+
+    /// Reads `source` in `netns` again unless the last reading is younger than [`REUSE_FOR`]
+    /// and started after `last_drop_ns`. A tool's failure is kept as the listing's reason.
+    fn refresh(
+        &mut self,
+        netns: u32,
+        source: Source,
+        last_drop_ns: Option<u64>,
+    ) -> Result<(), RulesError> {
+        if let Some(s) = self.latest.get(&(netns, source))
+            && s.taken.elapsed() < REUSE_FOR
+            && last_drop_ns.is_none_or(|t| s.started_ns > t)
+        {
+            return Ok(());
+        }
+        let (path, ns) = self.open(netns)?;
+        let started_ns = Clock::mono_now_ns();
+        let listing = match read(netns, &path, &ns, source) {
+            Ok((listing, at_ns)) => {
+                let counts = listing.counts(source);
+                let readings = self.readings.entry((netns, source)).or_default();
+                readings.push(Reading { at_ns, counts });
+                Ok(listing)
+            }
+            Err(error) => Err(error.to_string()),
+        };
+        let snapshot = Snapshot {
+            taken: Instant::now(),
+            started_ns,
+            listing,
+            annotations: HashMap::new(),
+        };
+        self.latest.insert((netns, source), snapshot);
+        Ok(())
+    }
+
+    /// Gives the iptables-nft rules among `candidates` their comment and iptables-save line,
+    /// from `iptables-nft-save -c` (`ip6tables-nft-save -c`) run in `netns` once per nft
+    /// reading. A failure costs only the comments (logged).
+    fn name_iptables_rules(&mut self, netns: u32, candidates: &mut [Candidate]) {
+        for ipv6 in [false, true] {
+            let family = legacy::family(ipv6);
+            if !candidates.iter().any(|c| is_iptables_rule(c, family)) {
+                continue;
+            }
+            if let Err(error) = self.annotate(netns, ipv6) {
+                debug!(netns, %error, "iptables-nft rules keep no comment");
+            }
+            let Some(annotations) = self
+                .latest
+                .get(&(netns, Source::Nft))
+                .and_then(|s| s.annotations.get(&ipv6))
+            else {
+                continue;
+            };
+            name_from(candidates, family, annotations);
+        }
+    }
+
+    /// Matches the current nft reading of `netns` to `iptables-nft-save` of the family, once.
+    fn annotate(&mut self, netns: u32, ipv6: bool) -> Result<(), RulesError> {
+        let done = |s: &Snapshot| s.annotations.contains_key(&ipv6);
+        if self.latest.get(&(netns, Source::Nft)).is_none_or(done) {
+            return Ok(());
+        }
+        let (path, ns) = self.open(netns)?;
+        let save_tool = if ipv6 {
+            tool::IP6TABLES_NFT_SAVE
+        } else {
+            tool::IPTABLES_NFT_SAVE
+        };
+        // Read after the nft listing: its counters may only be higher.
+        let saved = tool::run_in(netns, &path, &ns, save_tool).map(|text| parse_save(&text));
+        let Some(snapshot) = self.latest.get_mut(&(netns, Source::Nft)) else {
+            return Ok(());
+        };
+        let Ok(Listing::Nft(tables)) = &snapshot.listing else {
+            return Ok(());
+        };
+        let (annotations, refused) = match &saved {
+            Ok(save) => annotate(tables, legacy::family(ipv6), save),
+            Err(_) => Default::default(),
+        };
+        for why in refused {
+            debug!(netns, why, "iptables-nft chain not matched to nft's");
+        }
+        snapshot.annotations.insert(ipv6, annotations);
+        saved.map(|_| ()).map_err(RulesError::from)
     }
 
     /// Opens namespace `netns`, re-enumerating namespaces if its known path is gone or stale.
     fn open(&mut self, netns: u32) -> Result<(PathBuf, File), RulesError> {
         if let Some(path) = self.paths.get(&netns)
-            && let Ok(ns) = open_netns(netns, path)
+            && let Ok(Some(ns)) = tool::open_netns(netns, path)
         {
             return Ok((path.clone(), ns));
         }
         if self.scanned_at.elapsed() >= RESCAN_EVERY {
-            self.paths = scan_namespaces();
+            self.paths = tool::scan_namespaces();
             self.scanned_at = Instant::now();
+            // Namespaces gone since: their readings go too.
+            let paths = &self.paths;
+            self.readings.retain(|(ns, _), _| paths.contains_key(ns));
+            self.latest.retain(|(ns, _), _| paths.contains_key(ns));
         }
         let path = self
             .paths
             .get(&netns)
             .ok_or(RulesError::UnknownNetns { netns })?;
-        Ok((path.clone(), open_netns(netns, path)?))
+        match tool::open_netns(netns, path) {
+            Ok(Some(ns)) => Ok((path.clone(), ns)),
+            Ok(None) => Err(RulesError::UnknownNetns { netns }),
+            Err(source) => Err(RulesError::OpenNetns {
+                path: path.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+/// Whether `c` is an iptables-nft rule of `family` (`ip` or `ip6`).
+fn is_iptables_rule(c: &Candidate, family: &str) -> bool {
+    c.backend == Backend::Nftables
+        && c.rule.family == family
+        && is_iptables_table(&c.rule.family, &c.rule.table)
+}
+
+/// Gives the iptables-nft rules of `family` among `candidates` the comment and line their
+/// match in `annotations` has.
+fn name_from(candidates: &mut [Candidate], family: &str, annotations: &Annotations) {
+    for c in candidates
+        .iter_mut()
+        .filter(|c| is_iptables_rule(c, family))
+    {
+        let key = (c.rule.table.clone(), c.rule.chain.clone(), c.rule.handle);
+        if let Some(text) = annotations.get(&key) {
+            c.rule.comment.clone_from(&text.comment);
+            c.iptables = Some(text.line.clone());
+        }
+    }
+}
+
+/// Reads `source` in the namespace: its listing, and CLOCK_MONOTONIC ns when the tool had
+/// exited. iptables-legacy is not run where /proc shows the namespace has no legacy table.
+fn read(
+    netns: u32,
+    path: &std::path::Path,
+    ns: &File,
+    source: Source,
+) -> Result<(Listing, u64), ToolError> {
+    let listing = match source {
+        Source::Nft => Listing::Nft(parse_ruleset(&tool::run_in(
+            netns,
+            path,
+            ns,
+            source.tool(),
+        )?)),
+        Source::Legacy { ipv6 } if tool::no_legacy_tables(path, ipv6) => {
+            Listing::Legacy(Vec::new())
+        }
+        Source::Legacy { .. } => {
+            Listing::Legacy(parse_save(&tool::run_in(netns, path, ns, source.tool())?))
+        }
+    };
+    Ok((listing, Clock::mono_now_ns()))
+}
+
+/// Today's shape of a finding: one candidate is the rule (an iptables-legacy policy alone is
+/// the policy, as nftables' are), several are candidates in rank order; the confidence and
+/// the movements are left out.
+impl From<Finding> for RuleFinding {
+    fn from(finding: Finding) -> Self {
+        match finding {
+            Finding::Ranked(mut r) if r.candidates.len() == 1 => {
+                let c = r.candidates.remove(0);
+                if c.key.id == history::RuleId::Policy {
+                    let FirewallRule {
+                        family,
+                        table,
+                        chain,
+                        ..
+                    } = c.rule;
+                    return Self::Policy {
+                        family,
+                        table,
+                        chain,
+                    };
+                }
+                Self::Rule {
+                    rule: c.into_rule(),
+                    confidence: r.confidence,
+                }
+            }
+            Finding::Ranked(r) => Self::Candidates {
+                rules: r.candidates.into_iter().map(Candidate::into_rule).collect(),
+                confidence: r.confidence,
+            },
+            Finding::Policy {
+                family,
+                table,
+                chain,
+            } => Self::Policy {
+                family,
+                table,
+                chain,
+            },
+            Finding::NotFound { why } => Self::NotFound { why },
+        }
     }
 }
 
 impl RuleLookup for RuleCounters {
-    fn find(&mut self, netns: Option<u32>, hook: Option<NfHook>, ipv6: bool) -> RuleFinding {
-        match self.try_find(netns, hook, ipv6) {
-            Ok(finding) => finding,
-            Err(error) => {
-                debug!(?netns, %error, "firewall rule look-up failed");
-                RuleFinding::NotFound {
-                    why: error.to_string(),
-                }
-            }
-        }
+    fn find(&mut self, query: &RuleQuery) -> RuleFinding {
+        self.find_attempt(query).into()
     }
 }
 
-/// Every network namespace visible now: inode → a file that opens it. `/run/netns` names
-/// (`ip netns add`) are preferred to `/proc/PID/ns/net`, which vanish with their process.
-fn scan_namespaces() -> HashMap<u32, PathBuf> {
-    let mut paths = HashMap::new();
-    // Named namespaces first (`ip netns add`: they may have no process), then the others.
-    let named = std::fs::read_dir("/run/netns").into_iter().flatten();
-    for path in named.filter_map(Result::ok).map(|e| e.path()) {
-        if let Ok(meta) = std::fs::metadata(&path)
-            && let Ok(netns) = u32::try_from(meta.ino())
-        {
-            paths.entry(netns).or_insert(path);
-        }
-    }
-    for (netns, pid) in crate::host::netns::processes() {
-        paths
-            .entry(netns)
-            .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
-    }
-    debug!(namespaces = paths.len(), "network namespaces enumerated");
-    paths
-}
-
-/// Opens `path` and checks that it still is namespace `netns` (a PID may have been reused).
-fn open_netns(netns: u32, path: &Path) -> Result<File, RulesError> {
-    let open_error = |source| RulesError::OpenNetns {
-        path: path.to_owned(),
-        source,
-    };
-    let ns = File::open(path).map_err(open_error)?;
-    let ino = ns.metadata().map_err(open_error)?.ino();
-    if ino != u64::from(netns) {
-        return Err(RulesError::UnknownNetns { netns });
-    }
-    Ok(ns)
-}
-
-/// `nft` from PATH, else from the sbin directories a service's PATH may lack.
-fn nft_program() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let sbin = ["/usr/sbin", "/sbin", "/usr/local/sbin"].map(PathBuf::from);
-    std::env::split_paths(&path)
-        .chain(sbin)
-        .map(|dir| dir.join("nft"))
-        .find(|nft| nft.is_file())
-        .unwrap_or_else(|| PathBuf::from("nft"))
-}
-
-/// Runs `nft -a list ruleset` inside namespace `ns` and parses its output.
-fn list_ruleset(netns: u32, path: &Path, ns: &File) -> Result<Vec<Table>, RulesError> {
-    let spawn_error = |source| RulesError::Spawn { netns, source };
-    // The child writes one byte here when setns fails, to tell that from a failed exec.
-    let (mut marker, marker_tx) = io::pipe().map_err(spawn_error)?;
-    let (ns_fd, marker_fd) = (ns.as_raw_fd(), marker_tx.as_raw_fd());
-    let mut command = Command::new(nft_program());
-    command
-        .args(["-a", "list", "ruleset"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: runs in the forked child before exec and only makes async-signal-safe system
-    // calls (setns, write) on descriptors the parent keeps open until spawn returns.
-    unsafe {
-        command.pre_exec(move || {
-            setns(BorrowedFd::borrow_raw(ns_fd), CloneFlags::CLONE_NEWNET).map_err(|errno| {
-                // If this write fails, the parent reports a failed spawn instead.
-                libc::write(marker_fd, b"s".as_ptr().cast(), 1);
-                io::Error::from(errno)
-            })
-        })
-    };
-    let spawned = command.spawn();
-    drop(marker_tx);
-    let mut child = match spawned {
-        Ok(child) => child,
-        Err(source) => {
-            let mut byte = [0u8; 1];
-            return Err(match marker.read(&mut byte) {
-                Ok(1) => RulesError::Setns {
-                    path: path.to_owned(),
-                    source,
-                },
-                _ if source.kind() == io::ErrorKind::NotFound => RulesError::NftNotFound,
-                _ => spawn_error(source),
-            });
-        }
-    };
-    // Read both pipes while waiting, so a large ruleset cannot fill a pipe and stall nft.
-    let reader = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            pipe.map_or(Ok(0), |mut p| p.read_to_end(&mut bytes))
-                .map(|_| bytes)
-        })
-    };
-    let out = reader(child.stdout.take().map(|p| Box::new(p) as _));
-    let err = reader(child.stderr.take().map(|p| Box::new(p) as _));
-    let wait_error = |source| RulesError::Wait { netns, source };
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(wait_error)? {
-            break status;
-        }
-        if started.elapsed() > NFT_TIMEOUT {
-            // The readers end by themselves when the pipes close.
-            child.kill().map_err(wait_error)?;
-            child.wait().map_err(wait_error)?;
-            return Err(RulesError::Timeout { netns });
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let joined = |reader: std::thread::JoinHandle<io::Result<Vec<u8>>>| {
-        let read = reader
-            .join()
-            .map_err(|_| io::Error::other("pipe reader panicked"));
-        read.and_then(|r| r).map_err(wait_error)
-    };
-    let (out, err) = (joined(out)?, joined(err)?);
-    if !status.success() {
-        return Err(RulesError::Failed {
-            netns,
-            status,
-            stderr: String::from_utf8_lossy(&err).trim().to_owned(),
-        });
-    }
-    let tables = parse_ruleset(&String::from_utf8_lossy(&out));
-    debug!(netns, tables = tables.len(), "ruleset listed");
-    Ok(tables)
-}
-
-/// A rule's identity across snapshots.
-fn key(table: &Table, chain: &Chain, rule: &Rule) -> RuleKey {
-    let (family, name) = (table.family.clone(), table.name.clone());
-    (family, name, chain.name.clone(), rule.handle)
-}
-
-/// Every counted rule's packets.
-fn counts(tables: &[Table]) -> Counts {
-    let mut counts = Counts::new();
-    for table in tables {
-        for chain in &table.chains {
-            for rule in &chain.rules {
-                if let Some(packets) = rule.packets {
-                    counts.insert(key(table, chain, rule), packets);
-                }
-            }
-        }
-    }
-    counts
-}
-
-/// Chains of `table` a packet at `hook` can traverse: base chains at the hook and the regular
-/// chains reachable from them by `jump`/`goto`. A regular chain that no rule names (reached from
-/// a named verdict map, or not at all) counts as reachable. All chains when `hook` is `None`.
-fn chains_at(table: &Table, hook: Option<NfHook>) -> HashSet<&str> {
-    let Some(hook) = hook else {
-        return table.chains.iter().map(|c| c.name.as_str()).collect();
-    };
-    let at = |hook_name: &Option<String>| hook_name.as_deref() == Some(hook.nft_name());
-    if !table.chains.iter().any(|c| at(&c.hook)) {
-        return HashSet::new();
-    }
-    let rules = || table.chains.iter().flat_map(|c| &c.rules);
-    let jumped: HashSet<&str> = rules()
-        .flat_map(|r| &r.targets)
-        .map(String::as_str)
-        .collect();
-    let mut todo: Vec<&str> = table
-        .chains
-        .iter()
-        .filter(|c| {
-            at(&c.hook)
-                || (c.hook.is_none()
-                    && (!jumped.contains(c.name.as_str()) || table.map_targets.contains(&c.name)))
-        })
-        .map(|c| c.name.as_str())
-        .collect();
-    let mut reached = HashSet::new();
-    while let Some(name) = todo.pop() {
-        let Some(chain) = table.chain(name) else {
-            continue;
-        };
-        if (chain.hook.is_none() || at(&chain.hook)) && reached.insert(name) {
-            todo.extend(
-                chain
-                    .rules
-                    .iter()
-                    .flat_map(|r| &r.targets)
-                    .map(String::as_str),
-            );
-        }
-    }
-    reached
-}
-
-/// The finding for a drop at `hook`, from the current ruleset and the baseline counters.
-fn decide(
-    tables: &[Table],
-    baseline: Option<&Counts>,
-    hook: Option<NfHook>,
-    ipv6: bool,
-) -> RuleFinding {
-    let families = if ipv6 {
-        ["ip6", "inet"]
-    } else {
-        ["ip", "inet"]
-    };
-    let tables: Vec<&Table> = tables
-        .iter()
-        .filter(|t| families.contains(&t.family.as_str()))
-        .collect();
-    let families = families.join("/");
-    let at_hook = hook.map_or(String::new(), |h| format!(" at the {} hook", h.nft_name()));
-    if tables.is_empty() {
-        return RuleFinding::NotFound {
-            why: format!(
-                "no {families} nftables table: the drop was not made by an nftables rule \
-                 (iptables-legacy rules are not visible to `nft`)"
-            ),
-        };
-    }
-    let mut candidates = Vec::new();
-    let (mut dropping, mut uncounted) = (0, 0);
-    for table in &tables {
-        let chains = chains_at(table, hook);
-        for chain in table
-            .chains
-            .iter()
-            .filter(|c| chains.contains(c.name.as_str()))
-        {
-            for rule in &chain.rules {
-                let Some(action) = &rule.action else { continue };
-                dropping += 1;
-                let Some(now) = rule.packets else {
-                    uncounted += 1;
-                    continue;
-                };
-                let key = key(table, chain, rule);
-                let before = baseline.and_then(|b| b.get(&key)).copied().unwrap_or(0);
-                let (family, table, chain, handle) = key;
-                candidates.push(FirewallRule {
-                    family,
-                    table,
-                    chain,
-                    handle,
-                    text: rule.text.clone(),
-                    comment: None,
-                    action: action.for_packet(ipv6),
-                    packets: now.saturating_sub(before),
-                });
-            }
-        }
-    }
-    candidates.retain(|r| r.packets > 0);
-    candidates.sort_by_key(|r| std::cmp::Reverse(r.packets));
-    match candidates.len() {
-        0 => {}
-        1 => return RuleFinding::Rule(candidates.remove(0)),
-        _ => return RuleFinding::Candidates(candidates),
-    }
-    let policy = tables.iter().find_map(|t| {
-        t.chains
-            .iter()
-            .find(|c| {
-                c.policy.as_deref() == Some("drop")
-                    && c.hook.is_some()
-                    && hook.is_none_or(|h| c.hook.as_deref() == Some(h.nft_name()))
-            })
-            .map(|c| (t, c))
-    });
-    if let Some((table, chain)) = policy {
-        return RuleFinding::Policy {
-            family: table.family.clone(),
-            table: table.name.clone(),
-            chain: chain.name.clone(),
-        };
-    }
-    let since = if baseline.is_some() {
-        "since start-up"
-    } else {
-        "since they were added"
-    };
-    let why = match (dropping, uncounted) {
-        (0, _) => format!(
-            "no {families} table has a dropping rule or policy drop{at_hook} \
-             (iptables-legacy rules are not visible to `nft`)"
-        ),
-        (_, 0) => format!("no dropping rule{at_hook} counted packets {since}"),
-        (_, 1) => format!(
-            "no dropping rule{at_hook} counted packets {since}; 1 dropping rule there has no \
-             `counter` and cannot be identified"
-        ),
-        (_, n) => format!(
-            "no dropping rule{at_hook} counted packets {since}; {n} dropping rules there have no \
-             `counter` and cannot be identified"
-        ),
-    };
-    RuleFinding::NotFound { why }
-}
-
+#[cfg(test)]
+mod live;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,190 @@
+//! Quiet mode ([`crate::FLAG_QUIET`]): what the kernel keeps about a healthy connection, and
+//! the counters that stand for the events it no longer sends.
+//!
+//! A traced connection gets a [`History`] in the `CONNS` hash map (key: the socket's kernel
+//! address) when it starts (SYN_SENT, or a listener's child in SYN_RECV). While it stays
+//! healthy nothing crosses the ring buffer: the kernel counts its handshake in [`COUNTS`] and
+//! [`LATENCY`](maps::LATENCY), and deletes the entry when it closes cleanly. The first time the
+//! connection needs userspace (an error, a reset, a retransmission, a drop, a close that is not
+//! clean, or userspace asking through `WATCH`), the kernel writes its history
+//! ([`HistoryEvent`](crate::HistoryEvent)) followed by the event itself, and from then on the
+//! connection streams like every connection does without quiet mode.
+
+use crate::{COMM_LEN, Tuple, user_pod};
+
+/// Map names.
+pub mod maps {
+    /// `HashMap<u64, History>`: traced connections kept in the kernel, by socket address.
+    pub const CONNS: &str = "CONNS";
+    /// `HashMap<u64, u64>`: sockets userspace wants to follow (a stall it reported), by socket
+    /// address; the value is the connection's `started_ns`.
+    pub const WATCH: &str = "WATCH";
+    /// `Array<u32>` of one entry: non-zero once userspace has watched a connection, so that
+    /// the kernel looks `WATCH` up only then.
+    pub const WATCHING: &str = "WATCHING";
+    /// `PerCpuArray<u64>`: [`super::counts`].
+    pub const COUNTS: &str = "COUNTS";
+    /// `PerCpuArray<u64>`: client handshake times by [`super::latency_bucket`].
+    pub const LATENCY: &str = "LATENCY";
+    /// `PerCpuArray<u64>`: normal drops (see `Config::normal_drops`), by drop reason value.
+    pub const NORMAL_DROPS: &str = "NORMAL_DROPS";
+}
+
+/// Entries of `CONNS`: connections followed at once. A connection that finds it full
+/// streams instead (counted in [`counts::CONNS_FULL`]).
+pub const CONNS_CAPACITY: u32 = 65_536;
+
+/// Entries of `WATCH`.
+pub const WATCH_CAPACITY: u32 = 8_192;
+
+/// Slots of `NORMAL_DROPS`: drop reasons below this value are counted in the kernel.
+pub const NORMAL_DROP_SLOTS: u32 = 256;
+
+/// Slots of the per-CPU `COUNTS` array.
+pub mod counts {
+    /// Handshakes completed (TCP_ESTABLISHED) on traced ports, client and server side.
+    pub const ESTABLISHED_CLIENT: u32 = 0;
+    pub const ESTABLISHED_SERVER: u32 = 1;
+    /// Connections that closed healthy and never reached userspace.
+    pub const CLOSED_QUIET: u32 = 2;
+    /// Histories written to the ring buffer.
+    pub const FLUSHED: u32 = 3;
+    /// Connections that found `CONNS` full and streamed.
+    pub const CONNS_FULL: u32 = 4;
+    /// Normal drops counted in the kernel (their reasons in `NORMAL_DROPS`).
+    pub const NORMAL_DROPS: u32 = 5;
+    pub const COUNT: u32 = 6;
+}
+
+/// `History::flags` bits.
+pub mod flags {
+    /// A listener's child (server side); else a connect()ing socket (client side).
+    pub const SERVER: u32 = 1 << 0;
+    /// Its history went to userspace: every further event streams.
+    pub const STREAMING: u32 = 1 << 1;
+    /// An orderly shutdown (FIN) started.
+    pub const ORDERLY: u32 = 1 << 2;
+    /// Server: seen owned by a process (accepted), at `accepted_ns` when that is not 0.
+    pub const ACCEPTED: u32 = 1 << 3;
+    /// The namespace could not be read (`History::netns` is 0).
+    pub const NETNS_UNREAD: u32 = 1 << 4;
+}
+
+/// What the kernel keeps about a traced connection in quiet mode. Times are
+/// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC nanoseconds); 0 means "not yet".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct History {
+    /// SYN_SENT (client) or the child's SYN_RECV (server).
+    pub started_ns: u64,
+    /// TCP_ESTABLISHED.
+    pub established_ns: u64,
+    /// Server: accept() returned it (only where the accept hook runs in quiet mode: fentry).
+    pub accepted_ns: u64,
+    /// The connection's addresses and ports, local end first, as of its last state change.
+    pub tuple: Tuple,
+    /// Client: the connect()ing process (the task current at SYN_SENT); server: the process
+    /// that closed it (the task current at FIN_WAIT1 while it held the socket), else 0.
+    pub pid: u32,
+    /// Network namespace inode.
+    pub netns: u32,
+    /// [`flags`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+    /// That process's comm.
+    pub comm: [u8; COMM_LEN],
+}
+
+user_pod!(History);
+
+/// Buckets of the handshake-time histogram.
+pub const LATENCY_BUCKETS: u32 = 8 * 33;
+
+/// The log-linear bucket of `us` microseconds: exact below 8 µs, then 8 buckets per power of
+/// two (at most 12.5 % wide), capped at about 2^35 µs (9.5 hours). The eBPF side and userspace
+/// share it, so a streamed and a quiet handshake land in the same bucket.
+#[inline(always)]
+pub fn latency_bucket(us: u64) -> u32 {
+    if us < 8 {
+        return us as u32;
+    }
+    // floor(log2(us)), by halving the search range: no loop for the verifier to walk.
+    let mut p = 0u32;
+    let mut v = us;
+    if v >= 1 << 32 {
+        v >>= 32;
+        p += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        p += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        p += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        p += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        p += 2;
+    }
+    if v >= 1 << 1 {
+        p += 1;
+    }
+    if p > 34 {
+        return LATENCY_BUCKETS - 1;
+    }
+    let sub = ((us >> (p - 3)) & 7) as u32;
+    8 * (p - 2) + sub
+}
+
+/// The smallest and largest microsecond values of `bucket`.
+pub fn latency_bucket_bounds(bucket: u32) -> (u64, u64) {
+    if bucket < 8 {
+        return (bucket as u64, bucket as u64);
+    }
+    let p = bucket / 8 + 2;
+    let sub = (bucket % 8) as u64;
+    let low = (8 + sub) << (p - 3);
+    (low, low + (1u64 << (p - 3)) - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_value_falls_in_its_bucket() {
+        let mut v = 0u64;
+        while v < 1 << 36 {
+            let b = latency_bucket(v);
+            assert!(b < LATENCY_BUCKETS, "{v}");
+            let (lo, hi) = latency_bucket_bounds(b);
+            if b != LATENCY_BUCKETS - 1 {
+                assert!(lo <= v && v <= hi, "{v} in {b} = {lo}..={hi}");
+                assert!(hi - lo <= lo / 8 + 1, "{b} too wide");
+            }
+            v = v + 1 + v / 7;
+        }
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(7), 7);
+        assert_eq!(latency_bucket(8), 8);
+        assert_eq!(latency_bucket(15), 15);
+        assert_eq!(latency_bucket(16), 16);
+        assert_eq!(latency_bucket(17), 16);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS - 1);
+    }
+
+    #[test]
+    fn buckets_are_contiguous() {
+        for b in 8..LATENCY_BUCKETS - 1 {
+            assert_eq!(
+                latency_bucket_bounds(b).1 + 1,
+                latency_bucket_bounds(b + 1).0
+            );
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! `sock:inet_sock_set_state`: where connections start, complete their handshake and end.
+//! Two entry points share one core ([`changed`]): the classic tracepoint, which reads the
+//! record the kernel builds for it, and the BTF-typed one (`tp_btf`), which the kernel calls
+//! with the socket itself, without building a record: the cheaper of the two per run, and
+//! this program runs about ten times per connection on every port.
+
+use aya_ebpf::{
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use conntrace_common::{
+    ABSENT, AF_INET6, Config, EventKind, KernelOffsets, StateChange, Tuple, programs, sock_common,
+    tcp::state, unread,
+};
+
+use crate::{
+    IPPROTO_TCP, Record, config, data, emit, header, kread, netns_of_sock, port_traced, quiet,
+};
+
+/// States in the middle of an orderly close: their start (FIN_WAIT1, CLOSE_WAIT) and their
+/// end (CLOSE, with the state it left) are all userspace needs. Two events fewer per
+/// connection.
+#[inline(always)]
+fn mid_close(newstate: i32) -> bool {
+    matches!(
+        newstate,
+        state::FIN_WAIT2 | state::TIME_WAIT | state::LAST_ACK | state::CLOSING
+    )
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::INET_SOCK_SET_STATE;
+    let Some(cfg) = config() else { return 0 };
+    let l = &cfg.set_state;
+    let Some(rec) = Record::copy(P, &ctx) else {
+        return 0;
+    };
+    if l.protocol != ABSENT && rec.get::<u16>(l.protocol) != IPPROTO_TCP {
+        return 0;
+    }
+    let newstate: i32 = rec.get(l.newstate);
+    if mid_close(newstate) {
+        return 0;
+    }
+    let t = &l.tuple;
+    let (sport, dport): (u16, u16) = (rec.get(t.sport), rec.get(t.dport));
+    if !port_traced(cfg, sport, dport) {
+        return 0;
+    }
+    let mut tuple = Tuple {
+        family: rec.get(t.family),
+        sport,
+        dport,
+        ..Tuple::default()
+    };
+    if tuple.family == AF_INET6 {
+        tuple.saddr = rec.get(t.saddr6);
+        tuple.daddr = rec.get(t.daddr6);
+    } else {
+        let (s, d): ([u8; 4], [u8; 4]) = (rec.get(t.saddr4), rec.get(t.daddr4));
+        tuple.saddr[..4].copy_from_slice(&s);
+        tuple.daddr[..4].copy_from_slice(&d);
+    }
+    let states = (rec.get(l.oldstate), newstate);
+    // The record's protocol was checked above.
+    changed(P, cfg, rec.get(l.skaddr), states, &tuple, || true);
+    0
+}
+
+/// `tp_btf/inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`. The
+/// socket's ports, IPv4 addresses and family are loaded directly from `struct sock_common` at
+/// the offsets in `conntrace_common::sock_common` (userspace attaches this program only when
+/// the kernel's BTF has them there); the rest is read like everywhere else.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
+    const P: u32 = programs::TP_BTF_INET_SOCK_SET_STATE;
+    let newstate: i32 = ctx.arg(2);
+    if mid_close(newstate) {
+        return 0;
+    }
+    let sk: *const u8 = ctx.arg(0);
+    // SAFETY: `sk` is the tracepoint's BTF-typed `struct sock *`: the verifier turns these
+    // loads into faulting-safe ones and checks each offset against the type. Volatile: one
+    // load per member, as the verifier checks them.
+    let portpair = unsafe { sk.add(sock_common::PORTPAIR).cast::<u32>().read_volatile() };
+    // skc_dport (network order) in the low half, skc_num (host order) in the high half.
+    let dport = u16::from_be(portpair as u16);
+    let mut sport = (portpair >> 16) as u16;
+    let Some(cfg) = config() else { return 0 };
+    let o = &cfg.offsets;
+    let skaddr = sk as u64;
+    if sport == 0 && o.inet_sport != KernelOffsets::MISSING {
+        // Going to CLOSE released the bound port (inet_put_port zeroes skc_num first); the
+        // socket's own source port stays, as the classic record shows it.
+        sport = kread::<u16>(P, skaddr + o.inet_sport as u64).map_or(0, u16::from_be);
+    }
+    if !port_traced(cfg, sport, dport) {
+        return 0;
+    }
+    // SAFETY: as above.
+    let family = unsafe { sk.add(sock_common::FAMILY).cast::<u16>().read_volatile() };
+    let mut tuple = Tuple {
+        family,
+        sport,
+        dport,
+        ..Tuple::default()
+    };
+    if family == AF_INET6 {
+        let v6 = |off: u32| {
+            if off == KernelOffsets::MISSING {
+                None
+            } else {
+                kread::<[u8; 16]>(P, skaddr + off as u64)
+            }
+        };
+        tuple.saddr = v6(o.sock_v6_rcv_saddr).unwrap_or_default();
+        tuple.daddr = v6(o.sock_v6_daddr).unwrap_or_default();
+    } else {
+        // SAFETY: as above.
+        let (d, s) = unsafe {
+            (
+                sk.add(sock_common::DADDR).cast::<[u8; 4]>().read_volatile(),
+                sk.add(sock_common::RCV_SADDR)
+                    .cast::<[u8; 4]>()
+                    .read_volatile(),
+            )
+        };
+        tuple.saddr[..4].copy_from_slice(&s);
+        tuple.daddr[..4].copy_from_slice(&d);
+    }
+    let oldstate: i32 = ctx.arg(1);
+    // SCTP sockets pass here too: `sk_protocol` is read where no followed connection vouches
+    // for the socket (one read fewer on most runs).
+    let is_tcp = || {
+        o.sock_protocol == KernelOffsets::MISSING
+            || kread::<u16>(P, skaddr + o.sock_protocol as u64) == Some(IPPROTO_TCP)
+    };
+    changed(P, cfg, skaddr, (oldstate, newstate), &tuple, is_tcp);
+    0
+}
+
+/// A traced socket at `skaddr` changed state: kept in the kernel (quiet mode), or sent when
+/// it is a TCP socket's (`is_tcp`, asked as late as possible).
+#[inline(always)]
+fn changed(
+    prog: u32,
+    cfg: &Config,
+    skaddr: u64,
+    (oldstate, newstate): (i32, i32),
+    tuple: &Tuple,
+    is_tcp: impl Fn() -> bool,
+) {
+    let o = &cfg.offsets;
+    if quiet::enabled(cfg)
+        && quiet::on_state(
+            prog,
+            cfg,
+            skaddr,
+            (oldstate, newstate),
+            tuple,
+            || netns_of_sock(prog, o, skaddr),
+            &is_tcp,
+        )
+    {
+        return;
+    }
+    if !is_tcp() {
+        return;
+    }
+    if matches!(newstate, state::SYN_SENT | state::SYN_RECV | state::CLOSE) {
+        // A new connection, or the end of one, at this address: its first data is still to come.
+        data::forget(skaddr);
+    }
+    let mut header = header(
+        EventKind::StateChange,
+        size_of::<StateChange>(),
+        netns_of_sock(prog, o, skaddr),
+    );
+    let mut sk_err: i32 = 0;
+    if newstate == state::CLOSE && o.sock_err != KernelOffsets::MISSING {
+        // The error, else the soft error (an ICMP that came while the process held it).
+        let soft = o.sock_err_soft;
+        match kread::<i32>(prog, skaddr + o.sock_err as u64) {
+            Some(0) if soft != KernelOffsets::MISSING => match kread(prog, skaddr + soft as u64) {
+                Some(e) => sk_err = e,
+                None => header.unread |= unread::SK_ERR,
+            },
+            Some(e) => sk_err = e,
+            None => header.unread |= unread::SK_ERR,
+        }
+    }
+    emit(StateChange {
+        header,
+        skaddr,
+        tuple: *tuple,
+        oldstate,
+        newstate,
+        sk_err,
+        _pad: 0,
+    });
+}

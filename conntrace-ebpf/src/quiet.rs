@@ -1,0 +1,319 @@
+//! Quiet mode (`FLAG_QUIET`): healthy connections stay here. A traced connection's facts live
+//! in `CONNS` from its start; nothing crosses the ring buffer while it is healthy. The first
+//! event of it that userspace must see is preceded by its history ([`promote`]), and from then
+//! on the connection streams. See `conntrace_common::quiet` for the shapes.
+
+use core::ptr::addr_of_mut;
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray},
+};
+use conntrace_common::{
+    Config, EventKind, FLAG_QUIET, HistoryEvent, KernelOffsets, Tuple,
+    quiet::{
+        CONNS_CAPACITY, History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, WATCH_CAPACITY, counts, flags,
+        latency_bucket,
+    },
+    tcp::state,
+};
+
+use crate::{EVENTS, count_lost, current_comm, header, kread, submit_flags};
+
+#[map]
+static CONNS: HashMap<u64, History> = HashMap::with_max_entries(CONNS_CAPACITY, 0);
+
+#[map]
+static WATCH: HashMap<u64, u64> = HashMap::with_max_entries(WATCH_CAPACITY, 0);
+
+/// `[0]`: non-zero once userspace has put a connection in `WATCH`.
+#[map]
+static WATCHING: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counts::COUNT, 0);
+
+#[map]
+static LATENCY: PerCpuArray<u64> = PerCpuArray::with_max_entries(LATENCY_BUCKETS, 0);
+
+#[map]
+static NORMAL_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NORMAL_DROP_SLOTS, 0);
+
+/// Whether healthy connections stay in the kernel.
+#[inline(always)]
+pub(crate) fn enabled(cfg: &Config) -> bool {
+    cfg.flags & FLAG_QUIET != 0
+}
+
+#[inline(always)]
+fn bump(map: &PerCpuArray<u64>, slot: u32) {
+    if let Some(n) = map.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot; a lost increment between nested programs is harmless.
+        unsafe { *n += 1 };
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: reads the monotonic clock.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Whether drops of `reason` are a normal part of TCP wherever they happen
+/// (`Config::normal_drops`): counted here instead of sent.
+#[inline(always)]
+pub(crate) fn is_normal_drop(cfg: &Config, reason: u32) -> bool {
+    let n = &cfg.normal_drops;
+    reason < NORMAL_DROP_SLOTS
+        && (reason == n[0] || reason == n[1] || reason == n[2] || reason == n[3])
+}
+
+/// Counts a normal drop of a traced port's packet.
+#[inline(always)]
+pub(crate) fn count_normal_drop(reason: u32) {
+    bump(&NORMAL_DROPS, reason);
+    bump(&COUNTS, counts::NORMAL_DROPS);
+}
+
+/// A new traced connection at `sk` (a connect()ing socket, or a listener's child when
+/// `server`): kept here. False when it must stream instead (`CONNS` is full).
+#[inline(always)]
+fn start(sk: u64, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let mut f = if server { flags::SERVER } else { 0 };
+    if netns.is_none() {
+        f |= flags::NETNS_UNREAD;
+    }
+    let h = History {
+        started_ns: now(),
+        established_ns: 0,
+        accepted_ns: 0,
+        tuple: *tuple,
+        // A listener's child is created in softirq context: the current task is nobody's.
+        pid: if server { 0 } else { (pid_tgid >> 32) as u32 },
+        netns: netns.unwrap_or(0),
+        flags: f,
+        _pad: 0,
+        comm: if server { [0; 16] } else { current_comm() },
+    };
+    // BPF_ANY: a socket address reused before its old entry went is a new connection.
+    if CONNS.insert(&sk, &h, 0).is_ok() {
+        return true;
+    }
+    bump(&COUNTS, counts::CONNS_FULL);
+    false
+}
+
+/// Writes `h` (the history of `sk`) to the ring buffer, in place: the event is too large to
+/// build on the eBPF stack beside a program's own state.
+#[inline(always)]
+fn flush(sk: u64, h: *const History) {
+    let Some(mut entry) = EVENTS.reserve::<HistoryEvent>(0) else {
+        count_lost();
+        return;
+    };
+    let slot = entry.as_mut_ptr();
+    // SAFETY: `slot` is the reserved, exclusively owned record, fully written before submit;
+    // `h` points to a live map value.
+    unsafe {
+        let netns = (*h).netns;
+        let unread = (*h).flags & flags::NETNS_UNREAD != 0;
+        let header = header(
+            EventKind::History,
+            size_of::<HistoryEvent>(),
+            if unread { None } else { Some(netns) },
+        );
+        addr_of_mut!((*slot).header).write(header);
+        addr_of_mut!((*slot).skaddr).write(sk);
+        addr_of_mut!((*slot).history).write(*h);
+    }
+    entry.submit(submit_flags());
+    bump(&COUNTS, counts::FLUSHED);
+}
+
+/// Before the first event of `sk` userspace is to see (from program `prog`): its history,
+/// once, and from then on it streams. Nothing for a socket not followed here.
+#[inline(always)]
+pub(crate) fn promote(prog: u32, cfg: &Config, sk: u64) {
+    if sk == 0 {
+        return;
+    }
+    let Some(h) = CONNS.get_ptr_mut(&sk) else {
+        return;
+    };
+    // SAFETY: a live map value; programs on other CPUs may race on `flags`, at worst
+    // flushing the history twice (userspace merges a repeated history).
+    unsafe {
+        let f = (*h).flags;
+        if f & flags::STREAMING != 0 {
+            return;
+        }
+        (*h).flags |= flags::STREAMING;
+        if f & (flags::SERVER | flags::ACCEPTED) == flags::SERVER && owned(prog, &cfg.offsets, sk) {
+            // Accepted already, where no accept hook said when.
+            (*h).flags |= flags::ACCEPTED;
+        }
+    }
+    flush(sk, h);
+}
+
+/// accept() returned `sk` (fentry path): remembered; true when the connection is followed
+/// quietly and nothing needs sending (not streaming, and userspace does not watch it: a
+/// stalled connection's accept() is its `resolved`).
+#[inline(always)]
+pub(crate) fn accepted(sk: u64) -> bool {
+    let Some(h) = CONNS.get_ptr_mut(&sk) else {
+        return false;
+    };
+    // SAFETY: a live map value; a plain lookup whose value is not held.
+    unsafe {
+        (*h).accepted_ns = now();
+        (*h).flags |= flags::ACCEPTED;
+        (*h).flags & flags::STREAMING == 0 && (!watching() || WATCH.get(&sk).is_none())
+    }
+}
+
+/// Whether socket `sk` belongs to a process (`sk->sk_socket` set): a server connection that
+/// was accepted. False when unreadable.
+#[inline(always)]
+fn owned(prog: u32, o: &KernelOffsets, sk: u64) -> bool {
+    o.sock_socket != KernelOffsets::MISSING
+        && kread::<u64>(prog, sk + o.sock_socket as u64).is_some_and(|s| s != 0)
+}
+
+/// Whether a followed connection ends with nothing to report: it completed its handshake, its
+/// socket has no error, it did not sit past the stall timeout without data (client) or
+/// accept() (server), and userspace does not follow it (`WATCH`). A fact that cannot be
+/// read makes it report.
+#[inline(always)]
+fn closes_quietly(prog: u32, cfg: &Config, sk: u64, h: &History, now: u64) -> bool {
+    if h.established_ns == 0 {
+        return false;
+    }
+    let o = &cfg.offsets;
+    if o.sock_err == KernelOffsets::MISSING {
+        return false;
+    }
+    if o.sock_err_soft == o.sock_err + 4 {
+        // `int sk_err, sk_err_soft;` side by side (every kernel so far): one read.
+        if kread::<u64>(prog, sk + o.sock_err as u64) != Some(0) {
+            return false;
+        }
+    } else if kread::<i32>(prog, sk + o.sock_err as u64) != Some(0)
+        || (o.sock_err_soft != KernelOffsets::MISSING
+            && kread::<i32>(prog, sk + o.sock_err_soft as u64) != Some(0))
+    {
+        return false;
+    }
+    let timeout = u64::from(cfg.stall_timeout_ms) * 1_000_000;
+    if timeout != 0 && now.saturating_sub(h.established_ns) >= timeout {
+        if h.flags & flags::SERVER != 0 {
+            if h.flags & flags::ACCEPTED == 0 {
+                return false;
+            }
+        } else if o.tcp_bytes_received == KernelOffsets::MISSING
+            || !kread::<u64>(prog, sk + o.tcp_bytes_received as u64).is_some_and(|n| n > 0)
+        {
+            return false;
+        }
+    }
+    // SAFETY: a plain lookup; the value is not held.
+    !watching() || unsafe { WATCH.get(&sk) }.is_none()
+}
+
+/// A traced socket's state change in quiet mode. True when it is handled here (or is not a
+/// TCP socket's); false when the event is to be sent as without quiet mode (after the
+/// connection's history, when it has one). `is_tcp` is asked only where no entry of a
+/// connection already vouches for it.
+#[inline(always)]
+pub(crate) fn on_state(
+    prog: u32,
+    cfg: &Config,
+    sk: u64,
+    (old, new): (i32, i32),
+    tuple: &Tuple,
+    netns: impl FnOnce() -> Option<u32>,
+    is_tcp: impl Fn() -> bool,
+) -> bool {
+    if new == state::SYN_SENT || (new == state::SYN_RECV && old == state::LISTEN) {
+        return !is_tcp() || start(sk, tuple, netns(), new == state::SYN_RECV);
+    }
+    let Some(h) = CONNS.get_ptr_mut(&sk) else {
+        if new == state::ESTABLISHED && is_tcp() {
+            count_established(old);
+        }
+        return false;
+    };
+    let now = now();
+    // SAFETY: a live map value, updated in place; removed last.
+    let h = unsafe { &mut *h };
+    if new == state::ESTABLISHED {
+        count_established(old);
+        h.established_ns = now;
+        h.tuple = *tuple;
+        if h.flags & flags::SERVER == 0 {
+            bump(
+                &LATENCY,
+                latency_bucket(now.saturating_sub(h.started_ns) / 1_000),
+            );
+        }
+    }
+    let streaming = h.flags & flags::STREAMING != 0;
+    match new {
+        state::CLOSE => {
+            let quiet = !streaming && closes_quietly(prog, cfg, sk, h, now);
+            if !quiet && !streaming {
+                if tuple.sport != 0 {
+                    h.tuple = *tuple;
+                }
+                flush(sk, h);
+            }
+            if CONNS.remove(&sk).is_err() {
+                // Gone already: another CPU's close of a reused address.
+            }
+            if !quiet && watching() && WATCH.remove(&sk).is_err() {
+                // Not watched.
+            }
+            if quiet {
+                bump(&COUNTS, counts::CLOSED_QUIET);
+            }
+            quiet
+        }
+        _ if streaming => false,
+        state::FIN_WAIT1 | state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING => {
+            h.flags |= flags::ORDERLY;
+            if h.flags & flags::SERVER != 0 && owned(prog, &cfg.offsets, sk) {
+                h.flags |= flags::ACCEPTED;
+                if new == state::FIN_WAIT1 && h.pid == 0 {
+                    // close() runs in the process that holds the socket: the server's process,
+                    // where no accept hook named it.
+                    h.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+                    h.comm = current_comm();
+                }
+            }
+            true
+        }
+        state::ESTABLISHED | state::FIN_WAIT2 | state::TIME_WAIT => true,
+        _ => false,
+    }
+}
+
+/// Counts a completed handshake on its side (it left SYN_SENT: the client).
+#[inline(always)]
+fn count_established(old: i32) {
+    bump(
+        &COUNTS,
+        if old == state::SYN_SENT {
+            counts::ESTABLISHED_CLIENT
+        } else {
+            counts::ESTABLISHED_SERVER
+        },
+    );
+}
+
+/// Whether userspace has ever watched a connection (`WATCH` is looked up only then).
+#[inline(always)]
+fn watching() -> bool {
+    WATCHING.get(0).is_some_and(|w| *w != 0)
+}

@@ -1,0 +1,210 @@
+//! The one fact that matters for a verdict's reason, for the compact human line: the rule
+//! that dropped, the errno and how long, the queue, the window, the MTU.
+
+use crate::engine::{
+    facts::NfHook,
+    verdict::{
+        Detail, Outcome, Reason, Verdict,
+        detail::{CloseKind, EndedBy, Reader, RuleRef},
+    },
+};
+
+fn ms(v: f64) -> String {
+    format!("{v:.0} ms")
+}
+
+/// Where a netfilter drop happened and which rule did it: ``INPUT `tcp dport 3306 drop```.
+fn rule(v: &Verdict) -> Option<String> {
+    let d = v.detail.drop_facts()?;
+    let hook = d.hook?;
+    let rule = match (&d.rule, &d.rule_candidates) {
+        (Some(RuleRef::Rule(r)), _) => format!("`{}`", r.text),
+        (Some(RuleRef::Policy { chain, .. }), _) => format!("policy drop of {chain}"),
+        (None, Some(rs)) => format!("one of {} rules", rs.len()),
+        (None, None) if d.rule_not_found.is_some() => "rule not found".to_owned(),
+        (None, None) => return Some(hook.chain_name().to_owned()),
+    };
+    let with = d
+        .reject_with
+        .as_deref()
+        .map(|w| format!(" with {w}"))
+        .unwrap_or_default();
+    Some(format!("{hook} {rule}{with}"))
+}
+
+fn queue(v: &Verdict) -> Option<String> {
+    let q = v.detail.queue()?;
+    Some(format!("accept queue {}/{}", q.accept_queue?, q.backlog?))
+}
+
+fn ended(by: EndedBy) -> &'static str {
+    match by {
+        EndedBy::Failure(reason) => reason.code(),
+        EndedBy::Close(CloseKind::Orderly) => "orderly close",
+        EndedBy::Close(CloseKind::Close) => "close",
+    }
+}
+
+/// A stall's fact: how long, and (`not_accepted`) the queue, (`zero_window`) who stopped
+/// reading.
+fn stall(v: &Verdict, d: &crate::engine::verdict::detail::StallDetail) -> String {
+    let mut extra = queue(v).map(|q| format!(", {q}")).unwrap_or_default();
+    if let Some(w) = d.window {
+        let who = match w.stopped_reading {
+            Reader::Peer => "peer",
+            Reader::Local => "local process",
+        };
+        extra.push_str(&format!(
+            ", {who} stopped reading, {} B queued",
+            w.queued_bytes
+        ));
+    }
+    match (d.waited_ms, d.stuck_ms, d.ended_by) {
+        (Some(w), _, _) => format!("stuck {}{extra}", ms(w)),
+        (None, Some(s), Some(by)) => format!("failed after {} stuck: {}", ms(s), ended(by)),
+        (None, Some(s), None) => format!(
+            "resolved after {}: {}",
+            ms(s),
+            v.kernel_reason.as_deref().unwrap_or_default()
+        ),
+        (None, None, _) => v.kernel_reason.clone().unwrap_or_default(),
+    }
+}
+
+/// The drop families' fact: the rule, the table, the interfaces, the reason and place.
+fn dropped(v: &Verdict) -> String {
+    let kernel = v.kernel_reason.clone().unwrap_or_default();
+    let Some(d) = v.detail.drop_facts() else {
+        return kernel;
+    };
+    match v.reason {
+        Reason::ConntrackTableFull => match d.conntrack {
+            Some(ct) => format!("conntrack table full: {}/{}", ct.count, ct.max),
+            None => kernel,
+        },
+        Reason::RpFilterDrop => match &d.rp_filter {
+            Some(rp) => format!(
+                "IP_RPFILTER: in on {}, route back via {}",
+                rp.arrived_on.as_deref().unwrap_or("?"),
+                rp.route_back_via.as_deref().unwrap_or("?")
+            ),
+            None => kernel,
+        },
+        Reason::SyncookieAckLost => format!(
+            "cookie sent, no socket; ACK dropped at {}",
+            rule(v).unwrap_or(kernel)
+        ),
+        Reason::NetfilterDrop | Reason::NetfilterReject => rule(v).unwrap_or(kernel),
+        _ => format!(
+            "{kernel}{}",
+            d.location
+                .as_deref()
+                .map(|l| format!(" at {l}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// `pmtu_blackhole`: the retransmitted size and the path's answer.
+fn blackhole(v: &Verdict) -> String {
+    let Detail::Closed(d) = &v.detail else {
+        return String::new();
+    };
+    let mut out = match d.retransmits {
+        Some(r) => format!("{} full-size ({} B) retransmits", r.count, r.largest_bytes),
+        None => String::new(),
+    };
+    match &d.path_answer {
+        Some(a) => out.push_str(&format!(
+            ", path MTU {}{}",
+            a.mtu.map_or_else(|| "?".to_owned(), |m| m.to_string()),
+            a.dropped
+                .as_ref()
+                .and_then(|x| x.hook)
+                .map(|h| format!(" dropped at {}", NfHook::chain_name(h)))
+                .unwrap_or_default()
+        )),
+        None => out.push_str(", no ICMP came back"),
+    }
+    out
+}
+
+/// connect() before any packet: the errno, and the ports or route.
+fn connect(v: &Verdict, errno: String) -> String {
+    let Detail::Connect(d) = &v.detail else {
+        return errno;
+    };
+    match (d.port_range, d.time_wait, &d.route) {
+        (Some([a, b]), tw, _) => format!(
+            "{errno}: ports {a}-{b} taken{}",
+            tw.map(|n| format!(" ({n} TIME_WAIT)")).unwrap_or_default()
+        ),
+        (_, _, Some(r)) => format!(
+            "{errno}, route {}",
+            serde_json::to_value(r.kind)
+                .ok()
+                .and_then(|k| k.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        ),
+        _ => format!("{errno}, no packet sent"),
+    }
+}
+
+/// The one fact that matters for this verdict's reason.
+pub(super) fn key_fact(v: &Verdict) -> String {
+    let errno = v
+        .errno
+        .map(|e| e.to_string())
+        .or_else(|| v.kernel_reason.clone())
+        .unwrap_or_default();
+    let syns = match v.syn_retransmits {
+        0 => String::new(),
+        n => format!(", {} SYNs", n + 1),
+    };
+    if let Detail::Stall(d) = &v.detail {
+        return stall(v, d);
+    }
+    if v.outcome == Outcome::Established {
+        return format!("handshake {:.1} ms", v.duration_ms);
+    }
+    match v.reason {
+        Reason::NetfilterDrop
+        | Reason::NetfilterReject
+        | Reason::SyncookieAckLost
+        | Reason::ConntrackTableFull
+        | Reason::RpFilterDrop
+        | Reason::KernelDrop => dropped(v),
+        Reason::ListenOverflow | Reason::NotAccepted => {
+            queue(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default())
+        }
+        Reason::SynTimeout | Reason::Timeout => format!("{errno} in {}{syns}", ms(v.duration_ms)),
+        Reason::PmtuBlackhole => blackhole(v),
+        Reason::NoRoute | Reason::EphemeralPortsExhausted | Reason::ConnectDenied => {
+            connect(v, errno)
+        }
+        Reason::UnexpectedListener => v.kernel_reason.clone().unwrap_or_default(),
+        Reason::RefusedBoundElsewhere => match &v.detail {
+            Detail::Refusal(d) => {
+                let at: Vec<&str> = d
+                    .listeners
+                    .iter()
+                    .flatten()
+                    .map(|l| l.address.as_str())
+                    .collect();
+                format!("listens on {} only", at.join(", "))
+            }
+            _ => errno,
+        },
+        _ => {
+            let unanswered = v
+                .detail
+                .unanswered_syns()
+                .map(|n| format!(", {n} SYNs unanswered first"))
+                .unwrap_or_default();
+            match (&v.errno, &v.kernel_reason) {
+                (Some(e), Some(k)) if e.to_string() != *k => format!("{e} ({k}){unanswered}"),
+                _ => format!("{errno}{unanswered}{syns}"),
+            }
+        }
+    }
+}

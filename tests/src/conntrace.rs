@@ -1,0 +1,265 @@
+//! The real conntrace binary under test, and what it printed.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+use crate::{Proc, bin, skip};
+
+/// How long [`Conntrace::start`] waits for the `ready` line: 60 s, or CONNTRACE_TEST_READY_SECS
+/// (`cargo xtask vm-test` sets 240: under emulation, loading the programs takes up to a minute).
+pub fn ready_timeout() -> Duration {
+    let secs = std::env::var("CONNTRACE_TEST_READY_SECS").ok();
+    Duration::from_secs(secs.and_then(|s| s.parse().ok()).unwrap_or(60))
+}
+
+/// A line conntrace printed, with when the test received it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub value: Value,
+    pub received: Instant,
+}
+
+/// A running `conntrace --json`, stopped with SIGINT by [`Conntrace::stop`], killed on drop.
+pub struct Conntrace {
+    process: Proc,
+    lines: Arc<Mutex<Vec<Line>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// CONNTRACE_ATTACH (`best`, `tracepoints`) runs the same scenarios on another attach path:
+/// the VM kernel matrix runs them both ways and both must give the same verdicts.
+pub fn attach_args() -> Vec<String> {
+    std::env::var("CONNTRACE_ATTACH")
+        .ok()
+        .map(|mode| vec!["--attach".to_owned(), mode])
+        .unwrap_or_default()
+}
+
+pub fn conntrace_bin() -> PathBuf {
+    bin("CONNTRACE_BIN", "target/debug/conntrace")
+}
+
+impl Conntrace {
+    /// Starts conntrace in the root namespace and waits for its `ready` line.
+    pub fn start(args: &[&str]) -> Self {
+        let path = conntrace_bin();
+        assert!(
+            path.exists(),
+            "{} not built: run `cargo xtask test`",
+            path.display()
+        );
+        let mut command = Command::new(&path);
+        command
+            .arg("--json")
+            .args(attach_args())
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "conntrace=warn".into()),
+            )
+            .stderr(Stdio::inherit());
+        Self::spawn(command, "conntrace")
+    }
+
+    /// Starts `command`, which runs `conntrace --json` (e.g. `podman run IMAGE --json ...`),
+    /// and waits for its `ready` line; [`Conntrace::stop`] sends SIGINT to the process it
+    /// started (`podman run` passes it on to conntrace). Its stderr goes where `command`
+    /// says (inherited unless set).
+    pub fn spawn(mut command: Command, what: &str) -> Self {
+        let mut process = Proc::spawn(command.stdout(Stdio::piped()), what);
+        let stdout = process.child.stdout.take().expect("stdout");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&lines);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("conntrace printed non-JSON {line:?}: {e}"));
+                sink.lock().expect("lines").push(Line {
+                    value,
+                    received: Instant::now(),
+                });
+            }
+        });
+        let ct = Self {
+            process,
+            lines,
+            reader: Some(reader),
+        };
+        ct.wait_for(ready_timeout(), |l| l.value["event"] == "ready");
+        ct
+    }
+
+    /// The `ready` line (its attach plan: `attach_paths`, `unavailable`).
+    pub fn ready(&self) -> Value {
+        self.wait_for(Duration::ZERO, |l| l.value["event"] == "ready")
+            .value
+    }
+
+    /// True, after printing a skip line with `why`, when this kernel has no hook at all for
+    /// `capability` (no attach rule applies to it, e.g. a tracepoint added after this kernel).
+    /// A capability whose programs were tried and failed to load is not skipped: that is a
+    /// failure to see.
+    pub fn lacks(&self, capability: &str, why: &str) -> bool {
+        let ready = self.ready();
+        let attached = ready["attach_paths"].get(capability).is_some();
+        let tried = ready["unavailable"]
+            .as_array()
+            .is_some_and(|u| u.iter().any(|p| p["capability"] == capability));
+        if attached || tried {
+            return false;
+        }
+        skip(&format!(
+            "kernel {} has no hook for {capability}: {why}",
+            ready["kernel"].as_str().unwrap_or("?")
+        ));
+        true
+    }
+
+    /// Waits until a line matches `pred`, panicking after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Line {
+        self.try_wait_for(timeout, pred).unwrap_or_else(|| {
+            panic!(
+                "no matching conntrace line within {timeout:?}; got:\n{}",
+                self.dump()
+            )
+        })
+    }
+
+    /// Waits until a line matches `pred`; `None` after `timeout`.
+    pub fn try_wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Option<Line> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| pred(l)) {
+                return Some(l.clone());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits (2 s at most) for a verdict in namespace `netns`, then stops conntrace.
+    pub fn stop_after_verdict_in(self, netns: u64) -> Vec<Value> {
+        self.wait_for(Duration::from_secs(2), |l| {
+            l.value["event"] == "verdict" && l.value["netns"] == netns
+        });
+        self.stop()
+    }
+
+    pub fn dump(&self) -> String {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .map(|l| l.value.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The conntrace process id (for CPU and memory figures).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Stops conntrace with SIGINT and returns every line it printed, each validated against
+    /// docs/events.schema.json.
+    pub fn stop(mut self) -> Vec<Value> {
+        self.process.signal(libc::SIGINT);
+        let status = self
+            .process
+            .wait(Duration::from_secs(15), "conntrace after SIGINT");
+        assert!(status.success(), "conntrace exited with {status}");
+        if let Some(r) = self.reader.take() {
+            r.join().expect("reader thread");
+        }
+        let values: Vec<Value> = self
+            .lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .map(|l| l.value.clone())
+            .collect();
+        validate(&values);
+        assert_eq!(
+            values.last().map(|v| v["event"].clone()),
+            Some(Value::from("summary")),
+            "last line is not the summary"
+        );
+        values
+    }
+}
+
+/// Validates every line against the documented schema.
+pub fn validate(values: &[Value]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/events.schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("read schema"))
+        .expect("schema is JSON");
+    let validator = jsonschema::validator_for(&schema).expect("compile schema");
+    for v in values {
+        let errors: Vec<String> = validator.iter_errors(v).map(|e| e.to_string()).collect();
+        assert!(
+            errors.is_empty(),
+            "line violates {}: {v}\n{errors:?}",
+            path.display()
+        );
+    }
+}
+
+/// Verdicts reported for namespace `netns`.
+pub fn verdicts_in(values: &[Value], netns: u64) -> Vec<Value> {
+    values
+        .iter()
+        .filter(|v| v["event"] == "verdict" && v["netns"] == netns)
+        .cloned()
+        .collect()
+}
+
+/// `drop` records for namespace `netns`.
+pub fn drops_in(values: &[Value], netns: u64) -> Vec<Value> {
+    values
+        .iter()
+        .filter(|v| v["event"] == "drop" && v["netns"] == netns)
+        .cloned()
+        .collect()
+}
+
+/// The one verdict reported for namespace `netns`; panics unless there is exactly one.
+pub fn only_verdict_in(values: &[Value], netns: u64) -> Value {
+    let verdicts = verdicts_in(values, netns);
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "want exactly one verdict in netns {netns}: {verdicts:?}"
+    );
+    verdicts.into_iter().next().expect("one verdict")
+}
+
+/// A verdict in short, `side outcome reason errno` (`-` when the errno is null), as the engine's
+/// unit tests spell it: `client failed syn_timeout ETIMEDOUT`.
+pub fn verdict_line(v: &Value) -> String {
+    let text = |f: &str| v[f].as_str().unwrap_or("-").to_owned();
+    format!(
+        "{} {} {} {}",
+        text("side"),
+        text("outcome"),
+        text("reason"),
+        text("errno")
+    )
+}
+
+/// The verdicts in namespace `netns`, each as [`verdict_line`], in the order printed.
+pub fn verdict_lines_in(values: &[Value], netns: u64) -> Vec<String> {
+    verdicts_in(values, netns)
+        .iter()
+        .map(verdict_line)
+        .collect()
+}

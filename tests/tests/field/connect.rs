@@ -1,0 +1,177 @@
+//! Input 4: connect() errors before any packet. Two local ports, both held in TIME_WAIT towards
+//! the server, then a third connect (EADDRNOTAVAIL); a `prohibit` route (EACCES) and an
+//! `unreachable` route (EHOSTUNREACH). (A cgroup connect4 program's EPERM is not tested here:
+//! it needs a pinned BPF object and a test-made cgroup; the engine tests cover its verdict.)
+//!
+//! Each runs with `--follow quiet` and `--follow streaming`: connect()'s errno comes from the
+//! syscall (or fexit) when connections stream; in quiet mode on a kernel without fexit (this
+//! host), from the failed route lookup, and EADDRNOTAVAIL from the socket's own states
+//! (inferred: `detail.errno_inferred`). The verdicts must be the same.
+
+use std::time::{Duration, Instant};
+
+use conntrace_tests::{FOLLOW_MODES, PORT, Scenario, connect};
+
+use crate::{assert_peer_failed, detail, expect_verdicts, report, stop_after, subnet_of};
+
+/// Sockets in TIME_WAIT in the namespace (`ss -tan state time-wait`).
+fn time_wait(ns: &conntrace_tests::Netns) -> usize {
+    let out = ns.exec(&["ss", "-Htan", "state", "time-wait"]);
+    out.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+#[test]
+fn a_third_connect_with_both_ports_in_time_wait_is_ephemeral_ports_exhausted() {
+    for follow in FOLLOW_MODES {
+        third_connect_without_a_port(follow);
+    }
+}
+
+fn third_connect_without_a_port(follow: &str) {
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .in_client(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40001"])
+        // The server greets and waits for the client's close: the client closes first and
+        // keeps each port in TIME_WAIT (60 s).
+        .serve(&["--greeting", "hello"])
+        .conntrace(&["--port", "3306", "--follow", follow]);
+    let two = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--count", "2", "--read", "--timeout-ms", "5000"],
+    );
+    let results = two.json_lines(Duration::from_secs(20));
+    assert!(results.iter().all(|r| r["ok"] == true), "{results:?}");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while time_wait(&hosts.client) < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(time_wait(&hosts.client), 2, "both ports in TIME_WAIT");
+    let third = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--timeout-ms", "5000"],
+    );
+    let result = &third.json_lines(Duration::from_secs(10))[0];
+    assert_peer_failed(result, 99, 0.0..500.0);
+    assert_eq!(result["stage"], "connect", "{result}");
+    let (client_ns, server_ns) = (hosts.client.inode(), hosts.server.inode());
+    let values = stop_after(ct, Duration::from_secs(2), &[(client_ns, "failed")]);
+    report(
+        &format!("ephemeral_ports --follow {follow}"),
+        &values,
+        &[("client", client_ns), ("server", server_ns)],
+    );
+
+    let c = &expect_verdicts(
+        &values,
+        client_ns,
+        &["client failed ephemeral_ports_exhausted EADDRNOTAVAIL"],
+    )[0];
+    assert!(c["sport"].is_null(), "no port was ever assigned: {c}");
+    assert_eq!(c["daddr"], hosts.server_ip.as_str(), "{c}");
+    assert_eq!(
+        detail(c, "port_range"),
+        &serde_json::json!([40000, 40001]),
+        "{c}"
+    );
+    assert_eq!(detail(c, "sockets_to_destination"), 2, "{c}");
+    assert_eq!(detail(c, "time_wait"), 2, "{c}");
+    assert_eq!(detail(c, "packets_sent"), 0, "{c}");
+    assert_eq!(c["comm"], "ct-client", "{c}");
+    // Quiet mode on this host never sees connect() return: the errno is inferred, and the
+    // verdict says so. Where fexit attaches (6.1, 6.12) or connections stream, it is seen.
+    let seen = ct_saw_connect_return(&values);
+    if seen {
+        assert!(detail(c, "errno_inferred").is_null(), "{c}");
+        assert_eq!(c["kernel_reason"], "EADDRNOTAVAIL", "{c}");
+    } else {
+        assert_eq!(follow, "quiet", "streaming always traces connect(): {c}");
+        assert_eq!(detail(c, "errno_inferred"), true, "{c}");
+        assert_eq!(
+            c["kernel_reason"], "closed in TCP_SYN_SENT without a local port",
+            "{c}"
+        );
+    }
+    // The two healthy connections make no verdict on either side.
+    expect_verdicts(&values, server_ns, &[]);
+}
+
+/// Whether conntrace traced connect()'s own result in this run (the syscall tracepoints or
+/// fexit:inet_stream_connect), from its `ready` line.
+fn ct_saw_connect_return(values: &[serde_json::Value]) -> bool {
+    let ready = values
+        .iter()
+        .find(|v| v["event"] == "ready")
+        .expect("ready");
+    ready["programs"].as_array().is_some_and(|programs| {
+        programs
+            .iter()
+            .any(|p| p["name"] == "sys_exit_connect" || p["name"] == "fexit_inet_stream_connect")
+    })
+}
+
+#[test]
+fn connect_under_a_prohibit_or_an_unreachable_route_is_no_route() {
+    for follow in FOLLOW_MODES {
+        prohibit_and_unreachable(follow);
+    }
+}
+
+fn prohibit_and_unreachable(follow: &str) {
+    let scenario = Scenario::new();
+    let n = subnet_of(&scenario.hosts.client_ip).to_owned();
+    let (prohibited, unreachable) = (format!("10.66.{n}.1"), format!("10.67.{n}.1"));
+    let Scenario { hosts, ct, .. } = scenario
+        .in_client(&["ip", "route", "add", "prohibit", &format!("10.66.{n}.0/24")])
+        .in_client(&[
+            "ip",
+            "route",
+            "add",
+            "unreachable",
+            &format!("10.67.{n}.0/24"),
+        ])
+        .conntrace(&["--port", "3306", "--follow", follow]);
+    for (addr, errno) in [(&prohibited, 13), (&unreachable, 113)] {
+        let client = connect(
+            &hosts.client,
+            addr,
+            PORT,
+            &["--blocking", "--timeout-ms", "5000"],
+        );
+        let result = &client.json_lines(Duration::from_secs(10))[0];
+        assert_peer_failed(result, errno, 0.0..500.0);
+        assert_eq!(result["stage"], "connect", "{result}");
+    }
+    let client_ns = hosts.client.inode();
+    let values = stop_after(ct, Duration::from_secs(2), &[(client_ns, "failed")]);
+    report(
+        &format!("route_errors --follow {follow}"),
+        &values,
+        &[("client", client_ns)],
+    );
+
+    let verdicts = expect_verdicts(
+        &values,
+        client_ns,
+        &[
+            "client failed no_route EACCES",
+            "client failed no_route EHOSTUNREACH",
+        ],
+    );
+    let (p, u) = (&verdicts[0], &verdicts[1]);
+    assert_eq!(p["daddr"], prohibited.as_str(), "{p}");
+    assert_eq!(detail(p, "route.kind"), "prohibit", "{p}");
+    assert_eq!(u["daddr"], unreachable.as_str(), "{u}");
+    assert_eq!(detail(u, "route.kind"), "unreachable", "{u}");
+    for v in &verdicts {
+        assert_eq!(detail(v, "packets_sent"), 0, "{v}");
+        assert_eq!(v["comm"], "ct-client", "{v}");
+        assert!(v["sport"].is_null() && v["saddr"].is_null(), "{v}");
+    }
+}
