@@ -206,6 +206,22 @@ pub struct KernelOffsets {
     /// network namespace, for events without a socket or packet (route lookups).
     pub task_nsproxy: u32,
     pub nsproxy_net_ns: u32,
+    /// `struct sock` → `__sk_common.skc_state` (u8, `TCP_LISTEN` = 10), `sk_ack_backlog` and
+    /// `sk_max_ack_backlog` (u32: a listener's accept queue and its limit).
+    pub sock_state: u32,
+    pub sock_ack_backlog: u32,
+    pub sock_max_ack_backlog: u32,
+    /// `struct socket` → `file`; `struct file` → `f_inode`; `struct inode` → `i_ino`: a
+    /// socket's inode number (`socket:[INO]`).
+    pub socket_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    /// `struct inet_connection_sock` → `icsk_accept_queue.rskq_accept_head` (the oldest
+    /// `struct request_sock *` of a listener's accept queue); `struct request_sock` →
+    /// `dl_next` (the next one) and `sk` (the child socket).
+    pub icsk_accept_head: u32,
+    pub reqsk_next: u32,
+    pub reqsk_sk: u32,
 }
 
 /// Where the BTF-typed programs load `struct sock_common` members directly (the verifier needs
@@ -327,8 +343,10 @@ pub mod programs {
     pub const TP_BTF_NET_DEV_QUEUE: u32 = 20;
     pub const FIB_TABLE_LOOKUP: u32 = 21;
     pub const FIB6_TABLE_LOOKUP: u32 = 22;
+    /// The `iter/tcp` accept-queue walk (run on demand, not attached to a hook).
+    pub const ACCEPT_QUEUES: u32 = 23;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 23;
+    pub const COUNT: u32 = 24;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -354,6 +372,7 @@ pub mod programs {
         "tp_btf_net_dev_queue",
         "fib_table_lookup",
         "fib6_table_lookup",
+        "accept_queues",
     ];
 }
 

@@ -5,11 +5,13 @@
 //! read it back byte for byte. With the `user` feature the types implement `aya::Pod`.
 #![no_std]
 
+pub mod accept;
 pub mod config;
 pub mod event;
 pub mod quiet;
 pub mod tcp;
 
+pub use accept::{ACCEPT_ENTRY_SIZE, ACCEPT_WALK_MAX, AcceptQueueEntry};
 pub use config::*;
 pub use event::*;
 

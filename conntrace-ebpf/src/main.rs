@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod accept_queues;
 mod data;
 mod drops;
 mod fentry;

@@ -178,7 +178,7 @@ fn ready_record(cli: &Cli, tracer: &Tracer, ports: Vec<u16>) -> Ready {
 
 /// The reason engine with the host's look-ups. The firewall's rule counters are read now,
 /// before any traffic is traced: the baseline later netfilter drops are measured against.
-fn engine_for(cli: &Cli, tracer: &Tracer) -> Engine {
+fn engine_for(cli: &Cli, tracer: &mut Tracer) -> Engine {
     let rules = tracer
         .active
         .iter()
@@ -197,7 +197,7 @@ fn engine_for(cli: &Cli, tracer: &Tracer) -> Engine {
         quiet: tracer.quiet.is_some(),
         ..EngineConfig::default()
     })
-    .with_listener_lookup(Box::new(ListenerCache::default()))
+    .with_listener_lookup(Box::new(ListenerCache::new(tracer.accept_queues.take())))
     .with_namespace_lookup(Box::new(NamespaceCache::default()));
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
@@ -229,7 +229,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         show_normal_drops: cli.show_normal_drops,
     })?;
     let ready = ready_record(cli, &tracer, ports);
-    let mut engine = engine_for(cli, &tracer);
+    let mut engine = engine_for(cli, &mut tracer);
     let mut overflows = OverflowWatch::new(&cli.ports);
     let mut windows = WindowWatch::new(&cli.ports);
     let mut stalls = StallCheck::new(cli.stall_timeout);

@@ -1,21 +1,24 @@
 //! Which sockets listen on a port in a network namespace (sock_diag, with their accept queue
 //! and backlog), and which processes hold them (/proc, through `procfs`). Used to tell "nothing
 //! listens" from "something listens, but on another address" when the kernel refuses a SYN,
-//! and to name the queue of a listener that overflows or does not accept.
+//! and to name the queue of a listener that overflows or does not accept. In an SO_REUSEPORT
+//! group several sockets listen on one port, each with its own queue: the accept-queue
+//! iterator (`kernel::accept_queues`) tells which of them holds a queued connection.
 
 use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     os::unix::fs::MetadataExt as _,
+    path::Path,
     time::{Duration, Instant},
 };
+
+use conntrace_common::{AcceptQueueEntry, accept};
 
 use procfs::{
     net::TcpState,
     process::{FDTarget, Process, all_processes},
 };
-
-use std::path::Path;
 
 use tracing::debug;
 
@@ -25,6 +28,7 @@ use crate::{
         facts::{FourTuple, Proc},
     },
     host::{sockdiag, windows::diag::NsDiag},
+    kernel::accept_queues::AcceptQueues,
 };
 
 /// How long a look-up is reused: refusals come in bursts (a client retrying, a SYN flood).
@@ -36,9 +40,21 @@ fn netns_of(p: &Process) -> Option<u64> {
         .map(|m| m.ino())
 }
 
-/// Listening sockets on `port` in network namespace `netns`, with the processes holding them.
-/// Empty when no process of that namespace can be found or /proc cannot be read.
-pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
+/// A listening socket and the process holding it, with the socket's inode: the key by which
+/// the accept-queue iterator names listeners.
+#[derive(Debug, Clone)]
+struct Held {
+    inode: u64,
+    listener: Listener,
+}
+
+/// Queue facts of a listening socket: its address, accept queue and backlog (when known).
+type SocketFacts = (SocketAddr, Option<u32>, Option<u32>);
+
+/// Listening sockets on `port` in network namespace `netns`, with the processes holding them
+/// and each socket's inode. Empty when no process of that namespace can be found or /proc
+/// cannot be read.
+fn held_sockets(netns: u32, port: u16) -> Vec<Held> {
     let Ok(procs) = all_processes() else {
         return Vec::new();
     };
@@ -50,10 +66,54 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
     let Some(any) = in_ns.first() else {
         return Vec::new();
     };
+    let sockets = listen_sockets(any, netns, port);
+    if sockets.is_empty() {
+        return Vec::new();
+    }
+    let mut found: Vec<Held> = Vec::new();
+    let mut seen = HashSet::new();
+    for p in &in_ns {
+        let Ok(fds) = p.fd() else { continue };
+        for fd in fds.filter_map(Result::ok) {
+            if let FDTarget::Socket(inode) = fd.target
+                && let Some(&(addr, queue, backlog)) = sockets.get(&inode)
+                && seen.insert((inode, p.pid()))
+            {
+                let comm = p.stat().ok().map(|s| s.comm);
+                let listener = Listener {
+                    addr,
+                    pid: Some(p.pid() as u32),
+                    comm,
+                    accept_queue: queue,
+                    backlog,
+                };
+                found.push(Held { inode, listener });
+            }
+        }
+    }
+    // Sockets no process holds (or we could not see) are listed without one.
+    for (&inode, &(addr, queue, backlog)) in &sockets {
+        if !seen.iter().any(|(i, _)| *i == inode) {
+            let listener = Listener {
+                addr,
+                pid: None,
+                comm: None,
+                accept_queue: queue,
+                backlog,
+            };
+            found.push(Held { inode, listener });
+        }
+    }
+    found.sort_by_key(|h| (h.listener.addr, h.listener.pid));
+    found
+}
+
+/// The LISTEN sockets on `port` of the namespace `any` is in, by inode.
+fn listen_sockets(any: &Process, netns: u32, port: u16) -> HashMap<u64, SocketFacts> {
     // sock_diag lists the listeners with their queue and its limit (the backlog), as `ss -ltn`
     // shows them; /proc/net/tcp has no backlog, so it is only the fallback when sock_diag is
     // not allowed (no CAP_SYS_ADMIN to enter the namespace): queues unknown.
-    let mut sockets: HashMap<u64, (SocketAddr, Option<u32>, Option<u32>)> = HashMap::new();
+    let mut sockets = HashMap::new();
     match sockdiag::listeners(
         Path::new(&format!("/proc/{}/ns/net", any.pid())),
         Some(port),
@@ -74,50 +134,25 @@ pub fn listening_on(netns: u32, port: u16) -> Vec<Listener> {
             }
         }
     }
-    if sockets.is_empty() {
-        return Vec::new();
-    }
-    let mut found: Vec<Listener> = Vec::new();
-    let mut seen = HashSet::new();
-    for p in &in_ns {
-        let Ok(fds) = p.fd() else { continue };
-        for fd in fds.filter_map(Result::ok) {
-            if let FDTarget::Socket(inode) = fd.target
-                && let Some(&(addr, queue, backlog)) = sockets.get(&inode)
-                && seen.insert((inode, p.pid()))
-            {
-                let comm = p.stat().ok().map(|s| s.comm);
-                found.push(Listener {
-                    addr,
-                    pid: Some(p.pid() as u32),
-                    comm,
-                    accept_queue: queue,
-                    backlog,
-                });
-            }
-        }
-    }
-    // Sockets no process holds (or we could not see) are listed without one.
-    for (inode, &(addr, queue, backlog)) in &sockets {
-        if !seen.iter().any(|(i, _)| i == inode) {
-            found.push(Listener {
-                addr,
-                pid: None,
-                comm: None,
-                accept_queue: queue,
-                backlog,
-            });
-        }
-    }
-    found.sort_by_key(|l| (l.addr, l.pid));
-    found
+    sockets
 }
+
+/// The accept-queue iterator's records of one namespace, as of `at`.
+struct QueueSnapshot {
+    at: Instant,
+    entries: Vec<AcceptQueueEntry>,
+}
+
+/// How soon a snapshot that lacks the asked-for connection is taken again: a connection
+/// queued after it may be asked for next. Bounds the iterator to a few runs a second per
+/// namespace even when every look-up misses.
+const RETAKE_AFTER: Duration = Duration::from_millis(250);
 
 /// The process holding connected socket `tuple` (local end first) in namespace `netns`: its
 /// inode from sock_diag (0 while no process holds it), then the process with that socket among
 /// its file descriptors (/proc, as `ss -p` finds it). `None` when any step finds nothing.
 pub fn owner_of(netns: u32, tuple: FourTuple) -> Option<Proc> {
-    let path = crate::host::windows::namespaces().remove(&netns)?;
+    let path = crate::host::netns::path(netns)?;
     let mut diag = match NsDiag::open(&path, netns) {
         Ok(d) => d,
         Err(error) => {
@@ -176,10 +211,69 @@ fn wire_tuple(t: FourTuple) -> conntrace_common::Tuple {
     w
 }
 
-/// [`listening_on`] with a short cache per (netns, port).
+/// The listeners on a port, with a short cache per (netns, port), and, when the accept-queue
+/// iterator is loaded, the listener holding a queued connection (cached per namespace).
 #[derive(Default)]
 pub struct ListenerCache {
-    entries: HashMap<(u32, u16), (Instant, Vec<Listener>)>,
+    entries: HashMap<(u32, u16), (Instant, Vec<Held>)>,
+    queues: Option<AcceptQueues>,
+    snapshots: HashMap<u32, QueueSnapshot>,
+}
+
+impl ListenerCache {
+    /// A cache that also answers [`ListenerLookup::holder`] with `queues` (the tracer's
+    /// iterator; `None` where the kernel refused it: `holder` then answers `None`).
+    pub fn new(queues: Option<AcceptQueues>) -> Self {
+        Self {
+            queues,
+            ..Self::default()
+        }
+    }
+
+    /// The listeners on `port` in `netns`, with their inodes; cached for [`CACHE_FOR`].
+    fn held(&mut self, netns: u32, port: u16) -> &[Held] {
+        let now = Instant::now();
+        self.entries
+            .retain(|_, (at, _)| now.duration_since(*at) < CACHE_FOR);
+        &self
+            .entries
+            .entry((netns, port))
+            .or_insert_with(|| (now, held_sockets(netns, port)))
+            .1
+    }
+
+    /// The iterator's record for child socket `child_sk` in `netns`: from the cached
+    /// snapshot, or from a new run when the snapshot lacks it and is older than
+    /// [`RETAKE_AFTER`]. A failed run is cached as an empty snapshot (logged at debug).
+    fn queued(&mut self, netns: u32, child_sk: u64) -> Option<AcceptQueueEntry> {
+        let find = |s: &QueueSnapshot| s.entries.iter().find(|e| e.child_sk == child_sk).copied();
+        let now = Instant::now();
+        self.snapshots
+            .retain(|_, s| now.duration_since(s.at) < CACHE_FOR);
+        if let Some(snapshot) = self.snapshots.get(&netns) {
+            if let Some(entry) = find(snapshot) {
+                return Some(entry);
+            }
+            if now.duration_since(snapshot.at) < RETAKE_AFTER {
+                return None;
+            }
+        }
+        let queues = self.queues.as_mut()?;
+        let entries = match crate::host::netns::path(netns) {
+            Some(path) => queues.run(&path).unwrap_or_else(|error| {
+                debug!(%error, netns, "accept queues unknown");
+                Vec::new()
+            }),
+            None => {
+                debug!(netns, "accept queues unknown: no path to the namespace");
+                Vec::new()
+            }
+        };
+        let snapshot = QueueSnapshot { at: now, entries };
+        let found = find(&snapshot);
+        self.snapshots.insert(netns, snapshot);
+        found
+    }
 }
 
 impl ListenerLookup for ListenerCache {
@@ -188,14 +282,32 @@ impl ListenerLookup for ListenerCache {
         let Some(netns) = netns else {
             return Vec::new();
         };
-        let now = Instant::now();
-        self.entries
-            .retain(|_, (at, _)| now.duration_since(*at) < CACHE_FOR);
-        self.entries
-            .entry((netns, port))
-            .or_insert_with(|| (now, listening_on(netns, port)))
-            .1
-            .clone()
+        self.held(netns, port)
+            .iter()
+            .map(|h| h.listener.clone())
+            .collect()
+    }
+
+    /// The listener socket whose accept queue holds `child_sk`, named by its inode (the
+    /// process holding it, from /proc), with that socket's own queue and backlog as the
+    /// iterator read them. `None` without the iterator, for a connection in no queue on
+    /// `port`, or a socket no listener on the port has.
+    fn holder(&mut self, netns: Option<u32>, port: u16, child_sk: u64) -> Option<Listener> {
+        let netns = netns?;
+        if self.queues.is_none() || child_sk == 0 {
+            return None;
+        }
+        let entry = self
+            .queued(netns, child_sk)
+            .filter(|e| e.port == port && e.listener_ino != 0)?;
+        let held = self.held(netns, port);
+        let h = held.iter().find(|h| h.inode == entry.listener_ino)?;
+        let read = entry.flags & accept::flags::BACKLOG_UNREAD == 0;
+        Some(Listener {
+            accept_queue: read.then_some(entry.ack_backlog),
+            backlog: read.then_some(entry.max_ack_backlog),
+            ..h.listener.clone()
+        })
     }
 
     fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {

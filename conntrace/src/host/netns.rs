@@ -1,7 +1,11 @@
 //! Network namespaces as /proc shows them: one process in each, by namespace inode (the
 //! `netns` of events and verdicts). Rule counters and TcpExt counters are read through it.
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
+use std::{
+    collections::HashMap,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
 
 /// A process in every network namespace that has one (the first found), by inode.
 pub fn processes() -> HashMap<u32, i32> {
@@ -24,4 +28,28 @@ pub fn processes() -> HashMap<u32, i32> {
         }
     }
     pids
+}
+
+/// A path that opens network namespace `netns`: a name under /run/netns (`ip netns`), else
+/// the namespace of a process in it. `None` when neither exists.
+pub fn path(netns: u32) -> Option<PathBuf> {
+    let inode_is = |path: &Path| std::fs::metadata(path).is_ok_and(|m| m.ino() == u64::from(netns));
+    let named = std::fs::read_dir("/run/netns").into_iter().flatten();
+    if let Some(path) = named
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| inode_is(p))
+    {
+        return Some(path);
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .map(|e| e.path().join("ns/net"))
+        .find(|p| inode_is(p))
 }

@@ -26,6 +26,9 @@ pub enum Capability {
     FirstData,
     /// SYN cookies sent by listeners.
     SynCookies,
+    /// Which listener socket's accept queue holds a connection (SO_REUSEPORT groups): an
+    /// `iter/tcp` iterator, run on demand rather than attached to a hook.
+    AcceptQueues,
 }
 
 impl std::fmt::Display for Capability {
@@ -473,9 +476,11 @@ mod tests {
     #[test]
     fn program_names_are_unique_and_each_has_its_read_failure_slot() {
         let mut names: Vec<_> = RULES.iter().map(|r| r.program).collect();
+        // The iterator is loaded apart from the table (it is run, not attached).
+        names.push("accept_queues");
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), RULES.len());
+        assert_eq!(names.len(), RULES.len() + 1);
         let mut slots = conntrace_common::programs::NAMES.to_vec();
         slots.sort();
         assert_eq!(names, slots, "programs::NAMES lists every program once");

@@ -146,6 +146,18 @@ impl KernelBtf {
             inet_sport: off("inet_sock", &["inet_sport"]),
             task_nsproxy: off("task_struct", &["nsproxy"]),
             nsproxy_net_ns: off("nsproxy", &["net_ns"]),
+            sock_state: off("sock", &["__sk_common", "skc_state"]),
+            sock_ack_backlog: off("sock", &["sk_ack_backlog"]),
+            sock_max_ack_backlog: off("sock", &["sk_max_ack_backlog"]),
+            socket_file: off("socket", &["file"]),
+            file_inode: off("file", &["f_inode"]),
+            inode_ino: off("inode", &["i_ino"]),
+            icsk_accept_head: off(
+                "inet_connection_sock",
+                &["icsk_accept_queue", "rskq_accept_head"],
+            ),
+            reqsk_next: off("request_sock", &["dl_next"]),
+            reqsk_sk: off("request_sock", &["sk"]),
         }
     }
 
@@ -219,6 +231,18 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("inet_sock.inet_sport", o.inet_sport),
         ("task_struct.nsproxy", o.task_nsproxy),
         ("nsproxy.net_ns", o.nsproxy_net_ns),
+        ("sock.__sk_common.skc_state", o.sock_state),
+        ("sock.sk_ack_backlog", o.sock_ack_backlog),
+        ("sock.sk_max_ack_backlog", o.sock_max_ack_backlog),
+        ("socket.file", o.socket_file),
+        ("file.f_inode", o.file_inode),
+        ("inode.i_ino", o.inode_ino),
+        (
+            "inet_connection_sock.icsk_accept_queue.rskq_accept_head",
+            o.icsk_accept_head,
+        ),
+        ("request_sock.dl_next", o.reqsk_next),
+        ("request_sock.sk", o.reqsk_sk),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)
@@ -250,6 +274,10 @@ mod tests {
         assert!(o.sock_net < 256, "sock_net={}", o.sock_net);
         // skc_dport and skc_num share one 32-bit word: dport first, then num.
         assert_eq!(o.sock_num, o.sock_dport + 2);
+        // The accept queue sits in `inet_connection_sock`, which starts with `struct sock`:
+        // past the end of the generic socket fields.
+        assert!(o.icsk_accept_head > o.sock_ack_backlog, "{o:?}");
+        assert!(o.reqsk_sk > o.reqsk_next, "{o:?}");
         assert!(btf.offset_of("sock", &["no_such_member"]).is_none());
         let reasons = btf.enum_names("tcp_state_unused_name", "");
         assert!(reasons.is_empty());

@@ -1,5 +1,6 @@
 //! Loading the embedded eBPF object, configuring it for the running kernel and attaching it.
 
+pub mod accept_queues;
 pub mod attach;
 pub mod btf;
 pub mod decode;
@@ -26,7 +27,7 @@ use tracing::{debug, warn};
 
 use crate::engine::facts::DropReason;
 
-use self::{attach::Capability, btf::KernelBtf, layout::LayoutError};
+use self::{accept_queues::AcceptQueues, attach::Capability, btf::KernelBtf, layout::LayoutError};
 
 /// The eBPF object built from `conntrace-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrace"));
@@ -113,6 +114,9 @@ pub struct Tracer {
     /// Whether `tcp:tcp_send_reset` also fires for resets sent without a socket: from 6.10,
     /// the release that gave it its `reason` field.
     pub socketless_resets_traced: bool,
+    /// The accept-queue iterator, loaded but run only on demand; `None` when this kernel
+    /// refused it or `--without accept-queues` (then listed in `unavailable`).
+    pub accept_queues: Option<AcceptQueues>,
     /// Quiet mode's maps (`None` when connections stream).
     pub quiet: Option<quiet::QuietMaps>,
 }
@@ -235,8 +239,27 @@ impl Tracer {
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
 
-        let (active, unavailable) =
+        let (mut active, mut unavailable) =
             hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), refused)?;
+        let accept_queues = match load_accept_queues(&mut ebpf, opts, kernel_btf.as_ref()) {
+            Ok(queues) => {
+                active.push(ActiveProgram {
+                    capability: Capability::AcceptQueues,
+                    name: accept_queues::PROGRAM,
+                    attach: accept_queues::ATTACH.to_owned(),
+                });
+                Some(queues)
+            }
+            Err(reason) => {
+                unavailable.push(Unavailable {
+                    capability: Capability::AcceptQueues,
+                    name: accept_queues::PROGRAM,
+                    attach: accept_queues::ATTACH.to_owned(),
+                    reason,
+                });
+                None
+            }
+        };
         drop(kernel_btf);
         let events: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
         let lost: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::LOST)?;
@@ -257,6 +280,7 @@ impl Tracer {
             drop_reasons,
             missing_offsets,
             socketless_resets_traced: config.send_reset.reason != conntrace_common::ABSENT,
+            accept_queues,
             quiet,
         };
         Ok((tracer, events))
@@ -290,6 +314,24 @@ impl Tracer {
         self.lost.set(maps::RING_PEAK, zeros, 0)?;
         Ok(peak)
     }
+}
+
+/// Loads the on-demand accept-queue iterator unless `--without accept-queues`; otherwise the
+/// reason it is not there, for `unavailable`. A kernel that refuses it (no `iter/tcp` before
+/// 5.9, a verifier that rejects the walk) costs only the listener that holds a queued
+/// connection: conntrace runs on.
+fn load_accept_queues(
+    ebpf: &mut Ebpf,
+    opts: &TracerOptions,
+    btf: Option<&aya::Btf>,
+) -> Result<AcceptQueues, String> {
+    if opts.without.contains(&Capability::AcceptQueues) {
+        return Err(WITHOUT_REASON.to_owned());
+    }
+    AcceptQueues::load(ebpf, btf).map_err(|error| {
+        debug!(program = accept_queues::PROGRAM, "not loaded: {error}");
+        error.summary()
+    })
 }
 
 /// `Config::inline_ports`: the first [`INLINE_PORTS`] traced ports, zeros after.

@@ -1,11 +1,14 @@
 //! Test peer: a small TCP server or client run inside a test namespace.
 //!
 //! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--linger0] [--backlog N]
-//!                         [--hold-ms T] [--respond BYTES] [--close-delay-ms T] [--report]`
+//!                         [--hold-ms T] [--respond BYTES] [--close-delay-ms T] [--report]
+//!                         [--reuseport] [--comm NAME]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
 //!   accepts, holding the listener until killed), sends the greeting (after T ms, in a thread
 //!   per connection, when `--greeting-delay-ms` is given), then either aborts with
-//!   SO_LINGER 0 (`--linger0`) or waits for the peer to close.
+//!   SO_LINGER 0 (`--linger0`) or waits for the peer to close. `--reuseport` sets
+//!   SO_REUSEADDR and SO_REUSEPORT before bind(), so several servers share the port (each
+//!   socket with its own accept queue); `--comm` renames the process (default `ct-server`).
 //!   With `--hold-ms`, `--respond`, `--close-delay-ms` or `--report`, each connection has its own thread: the
 //!   greeting, then no read at all for T ms (`--hold-ms`: the receive queue fills and the window
 //!   closes), then a request read and answered with BYTES bytes (`--respond`), then reads until
@@ -50,9 +53,57 @@ fn has(args: &[String], name: &str) -> bool {
     args.iter().any(|a| a == name)
 }
 
+/// A listener on `addr` with SO_REUSEADDR and SO_REUSEPORT set before bind(), backlog 128.
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let check = |rc: i32| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain socket/setsockopt/bind/listen syscalls on a socket this function owns
+    // (wrapped at once, so it is closed on every error path).
+    unsafe {
+        let fd = libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let listener = <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            check(libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&one as *const i32).cast(),
+                4,
+            ))?;
+        }
+        let (sa, len) = sockaddr(addr);
+        check(libc::bind(
+            fd,
+            (&sa as *const libc::sockaddr_storage).cast(),
+            len,
+        ))?;
+        check(libc::listen(fd, 128))?;
+        Ok(listener)
+    }
+}
+
 fn serve(addr: SocketAddr, args: &[String]) {
-    set_comm("ct-server");
-    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    set_comm(flag(args, "--comm").as_deref().unwrap_or("ct-server"));
+    let listener = if has(args, "--reuseport") {
+        bind_reuseport(addr)
+    } else {
+        TcpListener::bind(addr)
+    }
+    .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
     if let Some(backlog) = flag(args, "--backlog").and_then(|b| b.parse::<i32>().ok()) {
         // SAFETY: listen(2) on our own socket.
         unsafe { libc::listen(listener.as_raw_fd(), backlog) };
