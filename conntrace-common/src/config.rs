@@ -224,6 +224,32 @@ pub struct KernelOffsets {
     pub reqsk_sk: u32,
 }
 
+/// Where a route lookup's flow (`struct flowi4` or `struct flowi6`) keeps what the BTF-typed
+/// route-lookup programs read, from the kernel's BTF; [`KernelOffsets::MISSING`] when it
+/// lacks one (those programs are then not attached: the classic tracepoints serve).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowOffsets {
+    /// `__fl_common.flowic_iif` (int): `LOOPBACK_IFINDEX` for an output lookup.
+    pub iif: u32,
+    /// `__fl_common.flowic_proto` (u8).
+    pub proto: u32,
+    /// `saddr`, `daddr` (4 or 16 bytes, network order).
+    pub saddr: u32,
+    pub daddr: u32,
+    /// `uli.ports`: `dport` then `sport` (network order).
+    pub ports: u32,
+}
+
+impl FlowOffsets {
+    /// Whether every member was found.
+    pub fn complete(&self) -> bool {
+        [self.iif, self.proto, self.saddr, self.daddr, self.ports]
+            .iter()
+            .all(|&o| o != KernelOffsets::MISSING)
+    }
+}
+
 /// Where the BTF-typed programs load `struct sock_common` members directly (the verifier needs
 /// constant offsets): the layout every supported kernel has. Userspace attaches those programs
 /// only when the running kernel's BTF agrees.
@@ -266,6 +292,13 @@ pub struct Config {
     /// `fib:fib_table_lookup` and `fib6:fib6_table_lookup`.
     pub fib: FibLayout,
     pub fib6: FibLayout,
+    /// The same lookups' flows (`struct flowi4`, `struct flowi6`), for the BTF-typed programs.
+    pub flow4: FlowOffsets,
+    pub flow6: FlowOffsets,
+    /// `struct fib6_result` → `fib6_type` (u8, an `RTN_*` route type: the IPv6 lookup's
+    /// answer) and `struct fib6_table` → `tb6_id` (u32).
+    pub fib6_type: u32,
+    pub fib6_table_id: u32,
     pub offsets: KernelOffsets,
     pub flags: u32,
     /// `enum skb_drop_reason` value whose drops carry a kernel stack (NETFILTER_DROP: the stack
@@ -345,8 +378,10 @@ pub mod programs {
     pub const FIB6_TABLE_LOOKUP: u32 = 22;
     /// The `iter/tcp` accept-queue walk (run on demand, not attached to a hook).
     pub const ACCEPT_QUEUES: u32 = 23;
+    pub const TP_BTF_FIB_TABLE_LOOKUP: u32 = 24;
+    pub const TP_BTF_FIB6_TABLE_LOOKUP: u32 = 25;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 26;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -373,6 +408,8 @@ pub mod programs {
         "fib_table_lookup",
         "fib6_table_lookup",
         "accept_queues",
+        "tp_btf_fib_table_lookup",
+        "tp_btf_fib6_table_lookup",
     ];
 }
 

@@ -23,9 +23,14 @@
 //! Which lookups make up one `connect()` and what it returned is userspace's to work out
 //! (`engine::rules::connect`).
 
-use aya_ebpf::{helpers::bpf_get_current_task, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_task,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
 use conntrace_common::{
-    AF_INET, AF_INET6, Config, EventKind, FibLayout, KernelOffsets, RouteError, Tuple, programs,
+    AF_INET, AF_INET6, Config, EventKind, FibLayout, FlowOffsets, KernelOffsets, RouteError,
+    Tuple, programs,
 };
 
 use crate::{IPPROTO_TCP, config, emit, field, header, kread, netns_of_net, port_traced};
@@ -35,73 +40,218 @@ const LOOPBACK_IFINDEX: i32 = 1;
 /// `RT_TABLE_LOCAL`.
 const TABLE_LOCAL: u32 = 255;
 const EAGAIN: i32 = 11;
+const EACCES: i32 = 13;
+const EINVAL: i32 = 22;
 const EHOSTUNREACH: i32 = 113;
 
 #[tracepoint]
 pub fn fib_table_lookup(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::FIB_TABLE_LOOKUP;
     if let Some(cfg) = config() {
-        route_lookup(programs::FIB_TABLE_LOOKUP, &ctx, cfg, &cfg.fib, AF_INET);
+        let l = &cfg.fib;
+        let err: i32 = field(P, &ctx, l.err);
+        if err != 0 {
+            route_lookup(P, cfg, AF_INET, err, &Record { prog: P, ctx: &ctx, l });
+        }
     }
     0
 }
 
 #[tracepoint]
 pub fn fib6_table_lookup(ctx: TracePointContext) -> u32 {
+    const P: u32 = programs::FIB6_TABLE_LOOKUP;
     if let Some(cfg) = config() {
-        route_lookup(programs::FIB6_TABLE_LOOKUP, &ctx, cfg, &cfg.fib6, AF_INET6);
+        let l = &cfg.fib6;
+        let err: i32 = field(P, &ctx, l.err);
+        if err != 0 {
+            route_lookup(P, cfg, AF_INET6, err, &Record { prog: P, ctx: &ctx, l });
+        }
     }
     0
 }
 
-/// Reports one table's failed answer to a route lookup of `connect()` on a traced port.
-#[inline(always)]
-fn route_lookup(prog: u32, ctx: &TracePointContext, cfg: &Config, l: &FibLayout, family: u16) {
-    let err: i32 = field(prog, ctx, l.err);
+/// `tp_btf/fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common
+/// *nhc, int err)`: the kernel builds no record, so a lookup that succeeded (nearly all of
+/// them) costs one compare.
+#[btf_tracepoint(function = "fib_table_lookup")]
+pub fn tp_btf_fib_table_lookup(ctx: BtfTracePointContext) -> u32 {
+    const P: u32 = programs::TP_BTF_FIB_TABLE_LOOKUP;
+    let err: i32 = ctx.arg(3);
     if err == 0 {
+        return 0;
+    }
+    if let Some(cfg) = config() {
+        let flow = Flow {
+            prog: P,
+            at: ctx.arg::<u64>(1),
+            o: &cfg.flow4,
+            table: ctx.arg(0),
+        };
+        route_lookup(P, cfg, AF_INET, err, &flow);
+    }
+    0
+}
+
+/// `tp_btf/fib6_table_lookup(const struct net *net, const struct fib6_result *res, struct
+/// fib6_table *table, const struct flowi6 *flp)`: the answer is the result's route type,
+/// turned into the error the classic record carries (`ip6_rt_type_to_error`).
+#[btf_tracepoint(function = "fib6_table_lookup")]
+pub fn tp_btf_fib6_table_lookup(ctx: BtfTracePointContext) -> u32 {
+    const P: u32 = programs::TP_BTF_FIB6_TABLE_LOOKUP;
+    let Some(cfg) = config() else { return 0 };
+    let res: u64 = ctx.arg(1);
+    let Some(fib6_type) = kread::<u8>(P, res + u64::from(cfg.fib6_type)) else {
+        return 0;
+    };
+    let err = match fib6_type {
+        RTN_BLACKHOLE | RTN_NAT | RTN_XRESOLVE => -EINVAL,
+        RTN_UNREACHABLE => -EHOSTUNREACH,
+        RTN_PROHIBIT => -EACCES,
+        RTN_THROW => -EAGAIN,
+        _ => return 0,
+    };
+    let table_at: u64 = ctx.arg(2);
+    let table = if table_at == 0 {
+        0
+    } else {
+        kread::<u32>(P, table_at + u64::from(cfg.fib6_table_id)).unwrap_or(0)
+    };
+    let flow = Flow {
+        prog: P,
+        at: ctx.arg::<u64>(3),
+        o: &cfg.flow6,
+        table,
+    };
+    route_lookup(P, cfg, AF_INET6, err, &flow);
+    0
+}
+
+/// `RTN_*` route types that answer a lookup with an error.
+const RTN_BLACKHOLE: u8 = 6;
+const RTN_UNREACHABLE: u8 = 7;
+const RTN_PROHIBIT: u8 = 8;
+const RTN_THROW: u8 = 9;
+const RTN_NAT: u8 = 10;
+const RTN_XRESOLVE: u8 = 11;
+
+/// What a failed route lookup said about its flow, from the classic record or the flow itself.
+trait Lookup {
+    /// `(iif, proto, table)`, or `None` when unreadable.
+    fn kind(&self) -> Option<(i32, u8, u32)>;
+    /// `(sport, dport)`, host order.
+    fn ports(&self) -> Option<(u16, u16)>;
+    /// The source (`true`) or destination address, IPv4 in the first 4 bytes.
+    fn addr(&self, family: u16, source: bool) -> Option<[u8; 16]>;
+}
+
+/// The classic tracepoint's record.
+struct Record<'a> {
+    prog: u32,
+    ctx: &'a TracePointContext,
+    l: &'a FibLayout,
+}
+
+impl Lookup for Record<'_> {
+    fn kind(&self) -> Option<(i32, u8, u32)> {
+        let (p, ctx, l) = (self.prog, self.ctx, self.l);
+        Some((field(p, ctx, l.iif), field(p, ctx, l.proto), field(p, ctx, l.tb_id)))
+    }
+
+    fn ports(&self) -> Option<(u16, u16)> {
+        let (p, ctx, l) = (self.prog, self.ctx, self.l);
+        Some((field(p, ctx, l.sport), field(p, ctx, l.dport)))
+    }
+
+    fn addr(&self, family: u16, source: bool) -> Option<[u8; 16]> {
+        let (p, ctx, l) = (self.prog, self.ctx, self.l);
+        let at = if source { l.src } else { l.dst };
+        if family == AF_INET6 {
+            return Some(field(p, ctx, at));
+        }
+        let v4: [u8; 4] = field(p, ctx, at);
+        let mut a = [0; 16];
+        a[..4].copy_from_slice(&v4);
+        Some(a)
+    }
+}
+
+/// A `struct flowi4` or `struct flowi6` at `at`, read through BTF offsets.
+struct Flow<'a> {
+    prog: u32,
+    at: u64,
+    o: &'a FlowOffsets,
+    table: u32,
+}
+
+impl Lookup for Flow<'_> {
+    fn kind(&self) -> Option<(i32, u8, u32)> {
+        let (p, o) = (self.prog, self.o);
+        Some((
+            kread(p, self.at + u64::from(o.iif))?,
+            kread(p, self.at + u64::from(o.proto))?,
+            self.table,
+        ))
+    }
+
+    fn ports(&self) -> Option<(u16, u16)> {
+        // `dport` first, then `sport`, both network order.
+        let pair: [u16; 2] = kread(self.prog, self.at + u64::from(self.o.ports))?;
+        Some((u16::from_be(pair[1]), u16::from_be(pair[0])))
+    }
+
+    fn addr(&self, family: u16, source: bool) -> Option<[u8; 16]> {
+        let at = self.at + u64::from(if source { self.o.saddr } else { self.o.daddr });
+        if family == AF_INET6 {
+            return kread(self.prog, at);
+        }
+        let v4: [u8; 4] = kread(self.prog, at)?;
+        let mut a = [0; 16];
+        a[..4].copy_from_slice(&v4);
+        Some(a)
+    }
+}
+
+/// Reports one table's failed answer (`err`, negative) to a route lookup of `connect()` on a
+/// traced port.
+#[inline(always)]
+fn route_lookup(prog: u32, cfg: &Config, family: u16, err: i32, lookup: &impl Lookup) {
+    let Some((iif, proto, table)) = lookup.kind() else {
+        return;
+    };
+    if iif != LOOPBACK_IFINDEX || proto != IPPROTO_TCP as u8 {
         return;
     }
-    if field::<i32>(prog, ctx, l.iif) != LOOPBACK_IFINDEX
-        || field::<u8>(prog, ctx, l.proto) != IPPROTO_TCP as u8
-    {
-        return;
-    }
-    let table: u32 = field(prog, ctx, l.tb_id);
     let local_miss = err == -EAGAIN || (family == AF_INET6 && err == -EHOSTUNREACH);
     if table == TABLE_LOCAL && local_miss {
         return;
     }
-    let mut tuple = Tuple {
-        family,
-        sport: field(prog, ctx, l.sport),
-        dport: field(prog, ctx, l.dport),
-        ..Tuple::default()
+    let (Some((sport, dport)), Some(saddr)) = (lookup.ports(), lookup.addr(family, true)) else {
+        return;
     };
-    if family == AF_INET6 {
-        tuple.saddr = field(prog, ctx, l.src);
-    } else {
-        let s: [u8; 4] = field(prog, ctx, l.src);
-        tuple.saddr[..4].copy_from_slice(&s);
-    }
-    if tuple.sport != 0 && tuple.saddr != [0; 16] {
+    if sport != 0 && saddr != [0; 16] {
         // Not connect()'s lookup: a connected socket, a SYN-ACK or a reset.
         return;
     }
-    if !port_traced(cfg, tuple.sport, tuple.dport) {
+    if !port_traced(cfg, sport, dport) {
         return;
     }
-    if family == AF_INET6 {
-        tuple.daddr = field(prog, ctx, l.dst);
-    } else {
-        let d: [u8; 4] = field(prog, ctx, l.dst);
-        tuple.daddr[..4].copy_from_slice(&d);
-    }
+    let Some(daddr) = lookup.addr(family, false) else {
+        return;
+    };
     emit(RouteError {
         header: header(
             EventKind::RouteError,
             size_of::<RouteError>(),
             netns_of_current_task(prog, &cfg.offsets),
         ),
-        tuple,
+        tuple: Tuple {
+            family,
+            sport,
+            dport,
+            _pad: 0,
+            saddr,
+            daddr,
+        },
         err,
         table,
     });

@@ -276,9 +276,11 @@ fn emit<T: 'static>(event: T) {
     }
 }
 
-/// The submit flags of a record: no wake-up of userspace (it drains every few milliseconds
-/// anyway), unless `Config::wakeup_bytes` (a quarter of the ring) are waiting. A wake-up per record was the largest
-/// single cost of a traced event. Also remembers how full the ring is (its peak, per CPU).
+/// The submit flags of a record: a wake-up of userspace when `Config::wakeup_bytes` (a quarter
+/// of the ring) are waiting; below that, when streaming, none (userspace drains every few
+/// milliseconds: a wake-up per record was the largest single cost of a traced event), and in
+/// quiet mode the ring buffer's adaptive one. Also remembers how full the ring is (its peak,
+/// per CPU).
 #[inline(always)]
 fn submit_flags() -> u64 {
     const BPF_RB_AVAIL_DATA: u64 = 0;
@@ -286,9 +288,15 @@ fn submit_flags() -> u64 {
     const BPF_RB_FORCE_WAKEUP: u64 = 2;
     let waiting = EVENTS.query(BPF_RB_AVAIL_DATA);
     note_ring_fill(waiting);
-    let wakeup = config().map_or(0, |c| u64::from(c.wakeup_bytes));
-    if waiting >= wakeup {
+    let Some(cfg) = config() else {
+        return 0;
+    };
+    if waiting >= u64::from(cfg.wakeup_bytes) {
         BPF_RB_FORCE_WAKEUP
+    } else if quiet::enabled(cfg) {
+        // Rare events, each wanted at once: woken when userspace has caught up (the ring
+        // buffer's own adaptive notification), so it needs no periodic drain.
+        0
     } else {
         BPF_RB_NO_WAKEUP
     }

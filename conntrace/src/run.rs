@@ -252,7 +252,10 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let deadline = tokio::time::sleep(cli.duration.unwrap_or(Duration::from_secs(u64::MAX / 4)));
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    // The programs wake userspace only when a quarter of the ring is waiting: drain often.
+    // Streaming: the programs wake userspace only when a quarter of the ring is waiting, so
+    // drain often. Quiet: events are rare and each wakes userspace (when it is not already
+    // draining): no periodic drain.
+    let streaming = tracer.quiet.is_none();
     let mut drain_tick = tokio::time::interval(Duration::from_millis(5));
     drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut overflow_poll = tokio::time::interval(Duration::from_secs(1));
@@ -270,7 +273,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 guard.clear_ready();
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
-            _ = drain_tick.tick() => {
+            _ = drain_tick.tick(), if streaming => {
                 let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
@@ -403,6 +406,9 @@ fn check_stalls(
     let Some(q) = tracer.quiet.as_mut() else {
         return Vec::new();
     };
+    if !stalls.due(now_ns) {
+        return Vec::new();
+    }
     if let Err(error) = q.snapshot(&mut stalls.snapshot) {
         warn!(%error, "stall check");
         return Vec::new();

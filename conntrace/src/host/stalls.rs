@@ -1,6 +1,7 @@
 //! Quiet mode's stall check: the kernel keeps healthy connections to itself and traces neither
 //! first data nor accept() (those hooks run for every segment or every system call), so every
-//! 100 ms the connections it follows (`CONNS`, read in batches) are looked at here. One
+//! tenth of `--stall-timeout` (100 ms at least, 1 s at most: 300 ms by default) the
+//! connections it follows (`CONNS`, read in batches) are looked at here. One
 //! established longer than `--stall-timeout` and not yet seen moving is asked about over
 //! sock_diag, by its exact tuple in its namespace: has it received data
 //! (`tcpi_bytes_received`), sent any, is a process holding it (`idiag_inode`, accepted)? A
@@ -28,6 +29,17 @@ use crate::{
     kernel::decode::{conn_history, four_tuple},
 };
 
+/// The shortest and the longest time between two checks: a tenth of the stall timeout in
+/// between, so a stall is reported at most a tenth late while a check (a walk of the kernel's
+/// whole table, 65,536 buckets) stays off the profile of a quiet run.
+const CHECK_EVERY_MIN: Duration = Duration::from_millis(100);
+const CHECK_EVERY_MAX: Duration = Duration::from_secs(1);
+
+/// How long a followed connection has been established before its namespace's windows are
+/// watched (a dump walks the kernel's whole established hash: under a load test of short
+/// connections, thousands of TIME_WAIT sockets). A zero window is seen from then on.
+const WINDOWS_AFTER_NS: u64 = 1_000_000_000;
+
 /// How soon a namespace missing from the list is looked for again.
 const RESCAN_AFTER: Duration = Duration::from_secs(1);
 /// Checks between two prunings of the memory of connections gone.
@@ -40,8 +52,18 @@ pub struct Checked {
     pub events: Vec<KernelEvent>,
     /// Connections to report from now on: (socket address, start).
     pub watch: Vec<(u64, u64)>,
-    /// Namespaces holding followed connections that completed their handshake.
+    /// Namespaces holding followed connections established for [`WINDOWS_AFTER_NS`] at
+    /// least: where the window watch dumps sockets.
     pub namespaces: HashSet<u32>,
+}
+
+/// Time between two checks for stall timeout `timeout` (0: stalls are off; the check still
+/// serves window reports, at the longest interval).
+pub fn check_every(timeout: Duration) -> Duration {
+    if timeout.is_zero() {
+        return CHECK_EVERY_MAX;
+    }
+    (timeout / 10).clamp(CHECK_EVERY_MIN, CHECK_EVERY_MAX)
 }
 
 /// The namespace of a followed connection, when the kernel read it.
@@ -61,6 +83,8 @@ pub struct StallCheck {
     /// caller from the kernel's table before each [`Self::check`].
     pub snapshot: Vec<(u64, History)>,
     checks: u32,
+    every_ns: u64,
+    next_ns: u64,
 }
 
 impl StallCheck {
@@ -74,7 +98,19 @@ impl StallCheck {
             diag: Diag::default(),
             snapshot: Vec::new(),
             checks: 0,
+            every_ns: check_every(timeout).as_nanos() as u64,
+            next_ns: 0,
         }
+    }
+
+    /// Whether a check is due at `now_ns` (CLOCK_MONOTONIC); if so, the next one is due
+    /// [`check_every`] later.
+    pub fn due(&mut self, now_ns: u64) -> bool {
+        if now_ns < self.next_ns {
+            return false;
+        }
+        self.next_ns = now_ns + self.every_ns;
+        true
     }
 
     /// The followed connection with `tuple` (local end first) in namespace `netns`, as of the
@@ -117,7 +153,9 @@ impl StallCheck {
             if h.established_ns == 0 {
                 continue;
             }
-            if let Some(n) = netns {
+            if let Some(n) = netns
+                && now_ns >= h.established_ns.saturating_add(WINDOWS_AFTER_NS)
+            {
                 out.namespaces.insert(n);
             }
             if self.timeout_ns == 0

@@ -240,6 +240,9 @@ pub const RULES: &[AttachRule] = &[
     // runs about ten times per connection, the cookie program once per packet sent).
     btf_tp(Capability::Lifecycle,  "tp_btf_inet_sock_set_state", "inet_sock_set_state"),
     btf_tp(Capability::SynCookies, "tp_btf_net_dev_queue",       "net_dev_queue"),
+    // Quiet mode's connect() errors: no record built for the lookups that succeed.
+    AttachRule { when: When::Quiet, ..btf_tp(Capability::ConnectProcess, "tp_btf_fib_table_lookup",  "fib_table_lookup") },
+    AttachRule { when: When::Quiet, ..btf_tp(Capability::ConnectProcess, "tp_btf_fib6_table_lookup", "fib6_table_lookup") },
     //          capability                  priority    program                               function                    fexit  kernels
     trampoline(Capability::ConnectProcess, BETTER,     "fexit_inet_stream_connect",          "inet_stream_connect",      true,  ((5, 5), None)),
     // Not fexit:inet_csk_accept: it misses accept() calls already waiting at attach.
@@ -452,6 +455,8 @@ mod tests {
                 connect_hooks(kernel, AttachMode::Best, Follow::Quiet),
                 [
                     "5 fexit:inet_stream_connect",
+                    "7 tp_btf:fib_table_lookup",
+                    "7 tp_btf:fib6_table_lookup",
                     "10 tracepoint:fib:fib_table_lookup",
                     "10 tracepoint:fib6:fib6_table_lookup"
                 ],

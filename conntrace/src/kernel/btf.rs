@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use btf_rs::{Btf, Type};
-use conntrace_common::KernelOffsets;
+use conntrace_common::{FlowOffsets, KernelOffsets};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -23,6 +23,15 @@ pub enum BtfError {
         #[source]
         source: btf_rs::Error,
     },
+}
+
+/// The route-lookup programs' offsets (`Config::flow4`, `flow6`, `fib6_type`,
+/// `fib6_table_id`).
+pub struct Flows {
+    pub flow4: FlowOffsets,
+    pub flow6: FlowOffsets,
+    pub fib6_type: u32,
+    pub fib6_table_id: u32,
 }
 
 /// The kernel's BTF, with the look-ups conntrace needs.
@@ -161,7 +170,26 @@ impl KernelBtf {
         }
     }
 
-    /// Whether `struct sock_common` has its members where the BTF-typed programs load them
+    /// Where the route lookups' flows keep what the BTF-typed route-lookup programs read;
+    /// members BTF lacks are `MISSING`.
+    pub fn flow_offsets(&self) -> Flows {
+        let off = |s: &str, p: &[&str]| self.offset_of(s, p).unwrap_or(KernelOffsets::MISSING);
+        let flow = |s: &str| FlowOffsets {
+            iif: off(s, &["__fl_common", "flowic_iif"]),
+            proto: off(s, &["__fl_common", "flowic_proto"]),
+            saddr: off(s, &["saddr"]),
+            daddr: off(s, &["daddr"]),
+            ports: off(s, &["uli", "ports"]),
+        };
+        Flows {
+            flow4: flow("flowi4"),
+            flow6: flow("flowi6"),
+            fib6_type: off("fib6_result", &["fib6_type"]),
+            fib6_table_id: off("fib6_table", &["tb6_id"]),
+        }
+    }
+
+    /// Whether `struct sock_common` is laid out where the BTF-typed lifecycle program loads it
     /// directly (`conntrace_common::sock_common`).
     pub fn sock_common_as_compiled(&self) -> bool {
         use conntrace_common::sock_common as c;

@@ -175,14 +175,26 @@ impl Tracer {
             .map(|(value, name)| (value, DropReason::new(&name)))
             .collect();
         let reset_reasons = btf.enum_names("sk_rst_reason", "SK_RST_REASON_");
-        let refused: &[(&str, &str)] = if btf.sock_common_as_compiled() {
-            &[]
-        } else {
-            &[(
+        let flows = btf.flow_offsets();
+        let mut refused: Vec<(&str, &str)> = Vec::new();
+        if !btf.sock_common_as_compiled() {
+            refused.push((
                 "tp_btf_inet_sock_set_state",
                 "struct sock_common is laid out differently from what the program loads directly",
-            )]
-        };
+            ));
+        }
+        if !flows.flow4.complete() {
+            refused.push((
+                "tp_btf_fib_table_lookup",
+                "BTF does not describe the struct flowi4 members the program reads",
+            ));
+        }
+        if !flows.flow6.complete() || flows.fib6_type == conntrace_common::KernelOffsets::MISSING {
+            refused.push((
+                "tp_btf_fib6_table_lookup",
+                "BTF does not describe the struct flowi6 and fib6_result members the program reads",
+            ));
+        }
         // Everything needed from the parsed BTF is taken: free it before the loader parses
         // the kernel's BTF again, so the two never sit in memory together (peak RSS).
         drop(btf);
@@ -205,6 +217,10 @@ impl Tracer {
             syscalls: layout::syscall_layout(&root)?,
             fib: layout::optional_fib_layout(&root, "fib", "fib_table_lookup")?,
             fib6: layout::optional_fib_layout(&root, "fib6", "fib6_table_lookup")?,
+            flow4: flows.flow4,
+            flow6: flows.flow6,
+            fib6_type: flows.fib6_type,
+            fib6_table_id: flows.fib6_table_id,
             offsets,
             flags: if opts.ports.is_empty() {
                 FLAG_ALL_PORTS
@@ -240,7 +256,7 @@ impl Tracer {
         write_config(&mut ebpf, &config, &opts.ports)?;
 
         let (mut active, mut unavailable) =
-            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), refused)?;
+            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), &refused)?;
         let accept_queues = match load_accept_queues(&mut ebpf, opts, kernel_btf.as_ref()) {
             Ok(queues) => {
                 active.push(ActiveProgram {
