@@ -249,6 +249,9 @@ fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Option<Strin
 
 /// One churn phase in fresh hosts with `mode`'s tracer: (connections/s, CPU µs per
 /// connection for client + server + tracer). A `traced` phase adds conntrace's own figures.
+/// How long each phase waits after its tracer is ready before it measures.
+const SETTLE: Duration = Duration::from_secs(1);
+
 fn phase(
     mode: &str,
     phase_ms: u64,
@@ -277,6 +280,10 @@ fn phase(
         .or(peer.as_ref().map(Proc::pid))
         .or(hooks_peer.as_ref().map(bpftrace::Running::pid));
     let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
+    // A tracer's first second after it is ready is start-up (conntrace enumerates namespaces
+    // and container runtimes, about 50 ms of CPU once): the phase measures what it costs while
+    // it runs. Every mode waits alike.
+    std::thread::sleep(SETTLE);
     let cpu_before = tracer_cpu();
     let server_before = cpu_seconds(setup.server.pid());
     let run = churn(

@@ -207,7 +207,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "stalled_no_greeting",
         "client",
         "stalls.rs",
-        "Established for --stall-timeout with no byte received and none sent: when connections stream, from the first-data hooks (sock:sk_data_ready, sock:sock_send_length); in quiet mode (the default), from a check every 100 ms that asks sock_diag about connections past the timeout (tcpi_bytes_received, data sent). One follow-up: resolved when data comes, failed when the connection ends.",
+        "Established for --stall-timeout with no byte received and none sent: when connections stream, from the first-data hooks (sock:sk_data_ready, sock:sock_send_length); in quiet mode (the default), from a check every tenth of --stall-timeout (100 ms to 1 s) that asks sock_diag about connections past the timeout (tcpi_bytes_received, data sent). One follow-up: resolved when data comes, failed when the connection ends.",
         "connected, but the server never spoke first (MySQL, SMTP, ...): on the server, look for syncookie_ack_lost, listen_overflow or not_accepted; the server may have no socket for this connection"
     ),
     doc!(
@@ -223,7 +223,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "not_accepted",
         "server",
         "stalls.rs",
-        "The child socket was established for --stall-timeout and accept() had not returned it: when connections stream, from the accept hooks; in quiet mode, no process held the socket (sock_diag's idiag_inode) at a check (every 100 ms). Resolved when accept() does.",
+        "The child socket was established for --stall-timeout and accept() had not returned it: when connections stream, from the accept hooks; in quiet mode, no process held the socket (sock_diag's idiag_inode) at a check (every tenth of --stall-timeout). Resolved when accept() does.",
         "the kernel finished the handshake but the application has not called accept(): it is stopped, blocked or overloaded"
     ),
     doc!(
