@@ -29,8 +29,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, Config, EventKind, FibLayout, FlowOffsets, KernelOffsets, RouteError,
-    Tuple, programs,
+    AF_INET, AF_INET6, Config, EventKind, FibLayout, FlowOffsets, KernelOffsets, RouteError, Tuple,
+    programs,
 };
 
 use crate::{IPPROTO_TCP, config, emit, field, header, kread, netns_of_net, port_traced};
@@ -51,7 +51,17 @@ pub fn fib_table_lookup(ctx: TracePointContext) -> u32 {
         let l = &cfg.fib;
         let err: i32 = field(P, &ctx, l.err);
         if err != 0 {
-            route_lookup(P, cfg, AF_INET, err, &Record { prog: P, ctx: &ctx, l });
+            route_lookup(
+                P,
+                cfg,
+                AF_INET,
+                err,
+                &Record {
+                    prog: P,
+                    ctx: &ctx,
+                    l,
+                },
+            );
         }
     }
     0
@@ -64,7 +74,17 @@ pub fn fib6_table_lookup(ctx: TracePointContext) -> u32 {
         let l = &cfg.fib6;
         let err: i32 = field(P, &ctx, l.err);
         if err != 0 {
-            route_lookup(P, cfg, AF_INET6, err, &Record { prog: P, ctx: &ctx, l });
+            route_lookup(
+                P,
+                cfg,
+                AF_INET6,
+                err,
+                &Record {
+                    prog: P,
+                    ctx: &ctx,
+                    l,
+                },
+            );
         }
     }
     0
@@ -154,7 +174,11 @@ struct Record<'a> {
 impl Lookup for Record<'_> {
     fn kind(&self) -> Option<(i32, u8, u32)> {
         let (p, ctx, l) = (self.prog, self.ctx, self.l);
-        Some((field(p, ctx, l.iif), field(p, ctx, l.proto), field(p, ctx, l.tb_id)))
+        Some((
+            field(p, ctx, l.iif),
+            field(p, ctx, l.proto),
+            field(p, ctx, l.tb_id),
+        ))
     }
 
     fn ports(&self) -> Option<(u16, u16)> {
