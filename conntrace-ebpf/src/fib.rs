@@ -33,7 +33,10 @@ use conntrace_common::{
     programs,
 };
 
-use crate::{IPPROTO_TCP, config, emit, field, header, kread, netns_of_net, port_traced};
+use crate::{
+    IPPROTO_TCP, bytes_field, config, emit, field, header, kread, kread_into, netns_of_net,
+    port_traced, v4_part,
+};
 
 /// `iif` of an output route lookup (`LOOPBACK_IFINDEX`).
 const LOOPBACK_IFINDEX: i32 = 1;
@@ -160,8 +163,10 @@ trait Lookup {
     fn kind(&self) -> Option<(i32, u8, u32)>;
     /// `(sport, dport)`, host order.
     fn ports(&self) -> Option<(u16, u16)>;
-    /// The source (`true`) or destination address, IPv4 in the first 4 bytes.
-    fn addr(&self, family: u16, source: bool) -> Option<[u8; 16]>;
+    /// Writes the source (`true`) or destination address into `dst` in place (IPv4 in the
+    /// first 4 bytes; read by the helper, so the verifier tracks no byte of it); false when
+    /// unreadable.
+    fn addr(&self, family: u16, source: bool, dst: &mut [u8; 16]) -> bool;
 }
 
 /// The classic tracepoint's record.
@@ -186,16 +191,15 @@ impl Lookup for Record<'_> {
         Some((field(p, ctx, l.sport), field(p, ctx, l.dport)))
     }
 
-    fn addr(&self, family: u16, source: bool) -> Option<[u8; 16]> {
+    fn addr(&self, family: u16, source: bool, dst: &mut [u8; 16]) -> bool {
         let (p, ctx, l) = (self.prog, self.ctx, self.l);
         let at = if source { l.src } else { l.dst };
         if family == AF_INET6 {
-            return Some(field(p, ctx, at));
+            bytes_field(p, ctx, at, dst);
+        } else {
+            bytes_field(p, ctx, at, v4_part(dst));
         }
-        let v4: [u8; 4] = field(p, ctx, at);
-        let mut a = [0; 16];
-        a[..4].copy_from_slice(&v4);
-        Some(a)
+        true
     }
 }
 
@@ -223,15 +227,13 @@ impl Lookup for Flow<'_> {
         Some((u16::from_be(pair[1]), u16::from_be(pair[0])))
     }
 
-    fn addr(&self, family: u16, source: bool) -> Option<[u8; 16]> {
+    fn addr(&self, family: u16, source: bool, dst: &mut [u8; 16]) -> bool {
         let at = self.at + u64::from(if source { self.o.saddr } else { self.o.daddr });
         if family == AF_INET6 {
-            return kread(self.prog, at);
+            kread_into(self.prog, at, dst)
+        } else {
+            kread_into(self.prog, at, v4_part(dst))
         }
-        let v4: [u8; 4] = kread(self.prog, at)?;
-        let mut a = [0; 16];
-        a[..4].copy_from_slice(&v4);
-        Some(a)
     }
 }
 
@@ -249,33 +251,32 @@ fn route_lookup(prog: u32, cfg: &Config, family: u16, err: i32, lookup: &impl Lo
     if table == TABLE_LOCAL && local_miss {
         return;
     }
-    let (Some((sport, dport)), Some(saddr)) = (lookup.ports(), lookup.addr(family, true)) else {
+    let Some((sport, dport)) = lookup.ports() else {
         return;
     };
-    if sport != 0 && saddr != [0; 16] {
+    let mut tuple = Tuple {
+        family,
+        sport,
+        dport,
+        ..Tuple::default()
+    };
+    if !lookup.addr(family, true, &mut tuple.saddr) {
+        return;
+    }
+    if sport != 0 && tuple.saddr != [0; 16] {
         // Not connect()'s lookup: a connected socket, a SYN-ACK or a reset.
         return;
     }
-    if !port_traced(cfg, sport, dport) {
+    if !port_traced(cfg, sport, dport) || !lookup.addr(family, false, &mut tuple.daddr) {
         return;
     }
-    let Some(daddr) = lookup.addr(family, false) else {
-        return;
-    };
     emit(RouteError {
         header: header(
             EventKind::RouteError,
             size_of::<RouteError>(),
             netns_of_current_task(prog, &cfg.offsets),
         ),
-        tuple: Tuple {
-            family,
-            sport,
-            dport,
-            _pad: 0,
-            saddr,
-            daddr,
-        },
+        tuple,
         err,
         table,
     });

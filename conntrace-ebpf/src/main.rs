@@ -84,6 +84,58 @@ fn field<T: Default>(prog: u32, ctx: &TracePointContext, off: u16) -> T {
     }
 }
 
+/// Reads `N` bytes of the tracepoint record at `off` into `dst` in place (zeros when this
+/// kernel lacks the field or the read fails: counted for `prog`). Addresses go through here:
+/// written by the helper, the verifier sees them as unknown bytes, where an array returned by
+/// value becomes one tracked scalar per byte, and 6.1's verifier then explores each path
+/// separately (it refused `tcp_retransmit_skb` at the 1M-instruction limit).
+#[inline(always)]
+fn bytes_field<const N: usize>(prog: u32, ctx: &TracePointContext, off: u16, dst: &mut [u8; N]) {
+    if off == ABSENT {
+        return;
+    }
+    // SAFETY: the helper writes at most N bytes into `dst` (zeros on failure); the record's
+    // offset comes from the tracepoint's format file.
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            dst.as_mut_ptr().cast(),
+            N as u32,
+            ctx.as_ptr().cast::<u8>().add(off as usize).cast(),
+        )
+    };
+    if ret < 0 {
+        read_failed(prog);
+    }
+}
+
+/// Reads `N` bytes of kernel memory at `addr` into `dst` in place (see [`bytes_field`]);
+/// false for a null address or a failed read (counted for `prog`; `dst` is then zeros).
+#[inline(always)]
+fn kread_into<const N: usize>(prog: u32, addr: u64, dst: &mut [u8; N]) -> bool {
+    if addr == 0 {
+        return false;
+    }
+    // SAFETY: the helper writes at most N bytes into `dst` and fails instead of faulting.
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            dst.as_mut_ptr().cast(),
+            N as u32,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    if ret < 0 {
+        read_failed(prog);
+    }
+    ret >= 0
+}
+
+/// The first 4 bytes of an address buffer, for an IPv4 address.
+#[inline(always)]
+fn v4_part(addr: &mut [u8; 16]) -> &mut [u8; 4] {
+    // SAFETY: the first 4 of 16 bytes, borrowed mutably from `addr`.
+    unsafe { &mut *addr.as_mut_ptr().cast::<[u8; 4]>() }
+}
+
 /// Reads kernel memory at `addr`: `None` for a null address, or when the read fails (counted
 /// for `prog`).
 #[inline(always)]
@@ -107,10 +159,9 @@ fn sockaddr_field(prog: u32, ctx: &TracePointContext, off: u16, addr: &mut [u8; 
     let family: u16 = field(prog, ctx, off);
     let port = u16::from_be(field::<u16>(prog, ctx, off + 2));
     if family == AF_INET6 {
-        *addr = field(prog, ctx, off + 8);
+        bytes_field(prog, ctx, off + 8, addr);
     } else {
-        let v4: [u8; 4] = field(prog, ctx, off + 4);
-        addr[..4].copy_from_slice(&v4);
+        bytes_field(prog, ctx, off + 4, v4_part(addr));
     }
     (family, port)
 }
@@ -130,13 +181,11 @@ fn read_tuple(prog: u32, ctx: &TracePointContext, l: &TupleLayout) -> Tuple {
     t.sport = field(prog, ctx, l.sport);
     t.dport = field(prog, ctx, l.dport);
     if t.family == AF_INET6 {
-        t.saddr = field(prog, ctx, l.saddr6);
-        t.daddr = field(prog, ctx, l.daddr6);
+        bytes_field(prog, ctx, l.saddr6, &mut t.saddr);
+        bytes_field(prog, ctx, l.daddr6, &mut t.daddr);
     } else {
-        let s: [u8; 4] = field(prog, ctx, l.saddr4);
-        let d: [u8; 4] = field(prog, ctx, l.daddr4);
-        t.saddr[..4].copy_from_slice(&s);
-        t.daddr[..4].copy_from_slice(&d);
+        bytes_field(prog, ctx, l.saddr4, v4_part(&mut t.saddr));
+        bytes_field(prog, ctx, l.daddr4, v4_part(&mut t.daddr));
     }
     t
 }

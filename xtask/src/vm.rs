@@ -346,6 +346,11 @@ fn write_plan(
         .iter()
         .map(|exe| stage(&exe.path, bin))
         .collect::<anyhow::Result<_>>()?;
+    // RUST_LOG reaches the guest's conntrace (the probe's stderr keeps, at debug level, a
+    // refused program's verifier log).
+    if let Ok(log) = std::env::var("RUST_LOG") {
+        lines.push(format!("env\tRUST_LOG\t{log}"));
+    }
     let mut budget = FIXED;
     for mode in modes {
         lines.push(format!("env\tCONNTRACE_ATTACH\t{mode}"));
