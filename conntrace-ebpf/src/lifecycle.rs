@@ -14,7 +14,8 @@ use conntrace_common::{
 };
 
 use crate::{
-    IPPROTO_TCP, Record, config, data, emit, header, kread, netns_of_sock, port_traced, quiet,
+    IPPROTO_TCP, Record, bytes_field, config, data, emit, header, kread, kread_into,
+    netns_of_sock, port_traced, quiet, v4_part,
 };
 
 /// States in the middle of an orderly close: their start (FIN_WAIT1, CLOSE_WAIT) and their
@@ -54,13 +55,15 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
         dport,
         ..Tuple::default()
     };
+    // The addresses straight from the record into the tuple, by the helper: copied out of
+    // `rec` they became sixteen tracked bytes each, spilled one per stack slot, and this
+    // program's frame went past 6.1's limit.
     if tuple.family == AF_INET6 {
-        tuple.saddr = rec.get(t.saddr6);
-        tuple.daddr = rec.get(t.daddr6);
+        bytes_field(P, &ctx, t.saddr6, &mut tuple.saddr);
+        bytes_field(P, &ctx, t.daddr6, &mut tuple.daddr);
     } else {
-        let (s, d): ([u8; 4], [u8; 4]) = (rec.get(t.saddr4), rec.get(t.daddr4));
-        tuple.saddr[..4].copy_from_slice(&s);
-        tuple.daddr[..4].copy_from_slice(&d);
+        bytes_field(P, &ctx, t.saddr4, v4_part(&mut tuple.saddr));
+        bytes_field(P, &ctx, t.daddr4, v4_part(&mut tuple.daddr));
     }
     let states = (rec.get(l.oldstate), newstate);
     // The record's protocol was checked above.
@@ -107,27 +110,21 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         ..Tuple::default()
     };
     if family == AF_INET6 {
-        let v6 = |off: u32| {
-            if off == KernelOffsets::MISSING {
-                None
-            } else {
-                kread::<[u8; 16]>(P, skaddr + off as u64)
-            }
-        };
-        tuple.saddr = v6(o.sock_v6_rcv_saddr).unwrap_or_default();
-        tuple.daddr = v6(o.sock_v6_daddr).unwrap_or_default();
+        // Read in place by the helper (see `kread_into`).
+        if o.sock_v6_rcv_saddr != KernelOffsets::MISSING {
+            kread_into(P, skaddr + o.sock_v6_rcv_saddr as u64, &mut tuple.saddr);
+        }
+        if o.sock_v6_daddr != KernelOffsets::MISSING {
+            kread_into(P, skaddr + o.sock_v6_daddr as u64, &mut tuple.daddr);
+        }
     } else {
-        // SAFETY: as above.
-        let (d, s) = unsafe {
-            (
-                sk.add(sock_common::DADDR).cast::<[u8; 4]>().read_volatile(),
-                sk.add(sock_common::RCV_SADDR)
-                    .cast::<[u8; 4]>()
-                    .read_volatile(),
-            )
-        };
-        tuple.saddr[..4].copy_from_slice(&s);
-        tuple.daddr[..4].copy_from_slice(&d);
+        // SAFETY: as above; each address is one 32-bit load and one store into the tuple.
+        unsafe {
+            let d = sk.add(sock_common::DADDR).cast::<u32>().read_volatile();
+            let s = sk.add(sock_common::RCV_SADDR).cast::<u32>().read_volatile();
+            tuple.saddr.as_mut_ptr().cast::<u32>().write_unaligned(s);
+            tuple.daddr.as_mut_ptr().cast::<u32>().write_unaligned(d);
+        }
     }
     let oldstate: i32 = ctx.arg(1);
     // SCTP sockets pass here too: `sk_protocol` is read where no followed connection vouches

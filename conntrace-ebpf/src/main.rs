@@ -387,16 +387,24 @@ struct Record([u8; RECORD_COPY]);
 impl Record {
     #[inline(always)]
     fn copy(prog: u32, ctx: &TracePointContext) -> Option<Self> {
-        let mut buf = [0u8; RECORD_COPY];
+        // Uninitialised: the helper writes every byte (zeros on failure), where a zeroed
+        // buffer costs a memset call, a subprogram whose frame 6.1's verifier adds to this
+        // program's (over its 512-byte limit).
+        let mut rec = core::mem::MaybeUninit::<Self>::uninit();
         // SAFETY: bpf_probe_read_kernel of the record into a local buffer of its size.
         let read = unsafe {
-            aya_ebpf::helpers::bpf_probe_read_kernel_buf(ctx.as_ptr() as *const u8, &mut buf)
+            aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+                rec.as_mut_ptr().cast(),
+                RECORD_COPY as u32,
+                ctx.as_ptr(),
+            )
         };
-        if read.is_err() {
+        if read < 0 {
             read_failed(prog);
             return None;
         }
-        Some(Self(buf))
+        // SAFETY: fully written by the helper.
+        Some(unsafe { rec.assume_init() })
     }
 
     /// The field at `off` (from the format file), or `T::default()` when absent or outside

@@ -85,20 +85,35 @@ fn start(sk: u64, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
     if netns.is_none() {
         f |= flags::NETNS_UNREAD;
     }
-    let h = History {
-        started_ns: now(),
-        established_ns: 0,
-        accepted_ns: 0,
-        tuple: *tuple,
+    // Written field by field in place, the comm by the helper itself: a History built by
+    // value took a memset and a copy, and 6.1's verifier adds the memset's frame to the
+    // classic lifecycle program's (over its 512-byte limit).
+    let mut h = core::mem::MaybeUninit::<History>::uninit();
+    let p = h.as_mut_ptr();
+    // SAFETY: every field of `h` is written before it is read (as the insert's value).
+    let h = unsafe {
+        addr_of_mut!((*p).started_ns).write(now());
+        addr_of_mut!((*p).established_ns).write(0);
+        addr_of_mut!((*p).accepted_ns).write(0);
+        addr_of_mut!((*p).tuple).write(*tuple);
         // A listener's child is created in softirq context: the current task is nobody's.
-        pid: if server { 0 } else { (pid_tgid >> 32) as u32 },
-        netns: netns.unwrap_or(0),
-        flags: f,
-        _pad: 0,
-        comm: if server { [0; 16] } else { current_comm() },
+        addr_of_mut!((*p).pid).write(if server { 0 } else { (pid_tgid >> 32) as u32 });
+        addr_of_mut!((*p).netns).write(netns.unwrap_or(0));
+        addr_of_mut!((*p).flags).write(f);
+        addr_of_mut!((*p)._pad).write(0);
+        let comm = addr_of_mut!((*p).comm);
+        if server {
+            // Two word stores (History is 8-aligned and `comm` at a multiple of 8): a
+            // zeroed array would be a memset call.
+            comm.cast::<u64>().write_volatile(0);
+            comm.cast::<u64>().add(1).write_volatile(0);
+        } else {
+            aya_ebpf::helpers::generated::bpf_get_current_comm(comm.cast(), 16);
+        }
+        h.assume_init_ref()
     };
     // BPF_ANY: a socket address reused before its old entry went is a new connection.
-    if CONNS.insert(&sk, &h, 0).is_ok() {
+    if CONNS.insert(&sk, h, 0).is_ok() {
         return true;
     }
     bump(&COUNTS, counts::CONNS_FULL);
