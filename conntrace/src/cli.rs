@@ -87,6 +87,13 @@ pub struct Cli {
     #[arg(long, value_name = "MODE", value_enum)]
     pub follow: Option<FollowArg>,
 
+    /// The node (host) name written on every record as `node` and put on every metric as the
+    /// label `node`, for a fleet of agents feeding one store. Default: the NODE_NAME
+    /// environment variable (the DaemonSet sets it from the downward API); none when unset or
+    /// empty.
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node: Option<String>,
+
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,

@@ -128,13 +128,15 @@ async fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunErr
     } else {
         Format::Human { wide: cli.wide }
     };
-    let mut out = Output::open(cli.output.as_deref(), format, Clock::now())?;
+    let node = cli.node.as_deref().filter(|n| !n.is_empty());
+    let mut out = Output::open(cli.output.as_deref(), format, Clock::now())?.with_node(node);
     let metrics = match cli.metrics_addr {
         Some(addr) => {
             let listener = metrics::bind(addr).await?;
             let m = Arc::new(Metrics::new(
                 cli.ring_buffer_bytes,
                 cli.metrics_container_labels,
+                node,
             ));
             tokio::spawn(metrics::serve(listener, Arc::clone(&m)));
             out = out.with_metrics(Arc::clone(&m));

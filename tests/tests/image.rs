@@ -26,8 +26,15 @@ const CAPS: &[&str] = &[
     "SYSLOG",
 ];
 
-/// `podman run` of conntrace's image as the README shows it; `args` go to conntrace.
-fn podman_run(container: &containers::Container, image: &str, args: &[&str]) -> Command {
+/// `podman run` of conntrace's image as the README shows it; `args` go to conntrace. With
+/// `runtime_socket`, that socket's directory is mounted read-only and given to conntrace
+/// (`--docker-socket`), as the README mounts the runtime's socket.
+fn podman_run(
+    container: &containers::Container,
+    image: &str,
+    runtime_socket: Option<&std::path::Path>,
+    args: &[&str],
+) -> Command {
     let mut cmd = containers::podman();
     cmd.args(["run", "--rm", "--name", &container.name])
         .args(["--pid", "host", "--network", "host"])
@@ -41,20 +48,28 @@ fn podman_run(container: &containers::Container, image: &str, args: &[&str]) -> 
         .args(["-v", "/sys/kernel/tracing:/sys/kernel/tracing:ro"])
         .args(["-v", "/sys/kernel/btf:/sys/kernel/btf:ro"])
         .args(["-v", "/run/netns:/run/netns:ro,rslave"])
-        .args(["-e", "NODE_NAME=image-test-node"])
+        .args(["-e", &format!("NODE_NAME={NODE}")])
         .args([
             "-e",
             &format!(
                 "RUST_LOG={}",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "conntrace=warn".into())
             ),
-        ])
-        .arg(image)
-        .arg("--json")
-        .args(attach_args())
-        .args(args);
+        ]);
+    if let Some(socket) = runtime_socket {
+        let dir = socket.parent().expect("the socket's directory").display();
+        cmd.args(["-v", &format!("{dir}:{dir}:ro")]);
+    }
+    cmd.arg(image).arg("--json").args(attach_args());
+    if let Some(socket) = runtime_socket {
+        cmd.arg("--docker-socket").arg(socket);
+    }
+    cmd.args(args);
     cmd
 }
+
+/// The node name the container is given (`NODE_NAME`, as the DaemonSet's downward API sets it).
+const NODE: &str = "image-test-node";
 
 /// A namespace's nftables ruleset without its counters (which the test's traffic moves).
 fn ruleset(ns: &Netns) -> String {
@@ -100,12 +115,16 @@ fn conntrace_in_its_image_names_the_rule_and_both_sides_verdicts() {
     let root = containers::RootNamespace::now();
     let metrics = free_loopback_addr();
     let container = containers::Container::named("ct-image");
+    // Podman's Docker-compatible API, for the container names (the README mounts the
+    // runtime's socket read-only).
+    let service = containers::PodmanService::start();
     // conntrace first, the hosts after: the namespaces appear while it runs, as pods do on a
     // node, and reach its container through the /run/netns mount (rslave).
     let ct = Conntrace::spawn(
         podman_run(
             &container,
             &image,
+            Some(&service.socket()),
             &["--port", "3306", "--metrics-addr", &metrics],
         ),
         "podman run conntrace's image",
@@ -117,6 +136,8 @@ fn conntrace_in_its_image_names_the_rule_and_both_sides_verdicts() {
         ])
         .in_client(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"]);
     let (server_rules, client_rules) = (ruleset(&hosts.server), ruleset(&hosts.client));
+    // A "mysqld" container in the server's namespace (nothing listens: the rule drops first).
+    let mysqld = containers::PodmanContainer::run("mysqld", &hosts.server);
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -190,8 +211,30 @@ fn conntrace_in_its_image_names_the_rule_and_both_sides_verdicts() {
         (Some(hosts.client_ip.as_str()), Some(41033))
     );
     println!("conntrace in its image, client: {c}\nconntrace in its image, server: {s}");
-    // Not yet asserted: the `node` field from NODE_NAME and the container of each side (issue
-    // 15 items 1 and 5, conntrace's side, built elsewhere).
+    // The server's verdict has no process: its namespace names the container, through the
+    // runtime's API on the mounted socket. The client is no container's: null.
+    assert_eq!(
+        (
+            &s["container"]["runtime"],
+            &s["container"]["id"],
+            &s["container"]["name"],
+            &s["container"]["via"]
+        ),
+        (
+            &Value::from("podman"),
+            &Value::from(mysqld.id.as_str()),
+            &Value::from(mysqld.name()),
+            &Value::from("netns")
+        ),
+        "{s}"
+    );
+    assert_eq!(c["container"], Value::Null, "{c}");
+    // NODE_NAME on every record, from the ready line to the summary.
+    for v in &values {
+        assert_eq!(v["node"], NODE, "{v}");
+    }
+    drop(mysqld);
+    drop(service);
 
     // conntrace changed no rule, here or anywhere.
     assert_eq!(ruleset(&hosts.server), server_rules);
@@ -273,7 +316,7 @@ fn conntrace_in_its_image_stays_within_the_daemonset_limits_under_churn() {
         .filter(|a| *a != "--json")
         .collect();
     let ct = Conntrace::spawn(
-        podman_run(&container, &image, &args),
+        podman_run(&container, &image, None, &args),
         "podman run conntrace's image",
     );
     assert_eq!(get(&metrics, "/healthz"), (200, "ok\n".to_owned()));

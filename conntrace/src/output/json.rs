@@ -6,8 +6,13 @@ use std::io::{self, Write};
 
 use super::{Clock, Record, record::JsonRecord};
 
-/// Writes `record` as one line.
-pub(super) fn write(out: &mut impl Write, record: &Record<'_>, clock: &Clock) -> io::Result<()> {
-    serde_json::to_writer(&mut *out, &JsonRecord::new(record, clock))?;
+/// Writes `record` as one line, with `node` when given.
+pub(super) fn write(
+    out: &mut impl Write,
+    record: &Record<'_>,
+    clock: &Clock,
+    node: Option<&str>,
+) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, &JsonRecord::new(record, clock, node))?;
     out.write_all(b"\n")
 }

@@ -100,9 +100,16 @@ pub enum MetricsError {
 }
 
 impl Metrics {
-    /// `container_labels`: label verdicts and drops with their container and pod.
-    pub fn new(ring_bytes: u32, container_labels: bool) -> Self {
-        let mut registry = Registry::with_prefix("conntrace");
+    /// `container_labels`: label verdicts and drops with their container and pod; `node`: a
+    /// `node` label on every metric (`--node`, NODE_NAME).
+    pub fn new(ring_bytes: u32, container_labels: bool, node: Option<&str>) -> Self {
+        let labels = node.map(|n| {
+            (
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(n.to_owned()),
+            )
+        });
+        let mut registry = Registry::with_prefix_and_labels("conntrace", labels.into_iter());
         let verdicts = Family::<VerdictLabels, Counter>::default();
         registry.register(
             "verdicts",
@@ -280,8 +287,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_node_labels_every_metric() {
+        let m = Metrics::new(4096, false, Some("worker-3"));
+        m.observe(&Record::Lost(crate::output::Lost {
+            count: 3,
+            new: 3,
+            ts_ns: 0,
+        }));
+        let text = m.encode();
+        assert!(
+            text.contains(r#"conntrace_lost_events_total{node="worker-3"} 3"#),
+            "{text}"
+        );
+        let samples: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert!(!samples.is_empty());
+        for line in samples {
+            assert!(line.contains(r#"node="worker-3""#), "{line}");
+        }
+    }
+
+    #[test]
     fn exposition_names_and_labels() {
-        let m = Metrics::new(4096, false);
+        let m = Metrics::new(4096, false, None);
         m.observe(&Record::Lost(crate::output::Lost {
             count: 3,
             new: 3,
@@ -317,14 +347,14 @@ mod tests {
             }),
             via: Via::Netns,
         });
-        let labelled = Metrics::new(4096, true);
+        let labelled = Metrics::new(4096, true, None);
         labelled.observe(&Record::Verdict(&v));
         let text = labelled.encode();
         assert!(
             text.contains(r#"namespace="shop",pod="db-0",container="mysql"} 1"#),
             "{text}"
         );
-        let plain = Metrics::new(4096, false);
+        let plain = Metrics::new(4096, false, None);
         plain.observe(&Record::Verdict(&v));
         let text = plain.encode();
         assert!(
@@ -351,7 +381,7 @@ mod tests {
 
     #[test]
     fn healthz_is_ok_only_while_tracing() {
-        let m = Metrics::new(4096, false);
+        let m = Metrics::new(4096, false, None);
         let healthz = |m: &Metrics| {
             let (status, body, _) = m.route(&Method::GET, "/healthz");
             (status.as_u16(), body)

@@ -96,6 +96,8 @@ pub struct Output {
     /// The human format's state; `None` for JSON.
     human: Option<human::Human>,
     clock: Clock,
+    /// `--node` (NODE_NAME): written on every JSON record.
+    node: Option<String>,
     /// Also counts every record, for `--metrics-addr`.
     metrics: Option<std::sync::Arc<metrics::Metrics>>,
     /// Human records to a terminal: colour, and a status line redrawn under them.
@@ -131,9 +133,16 @@ impl Output {
                 Format::Human { wide } => Some(human::Human::new(wide, live.is_some())),
             },
             clock,
+            node: None,
             metrics: None,
             live,
         })
+    }
+
+    /// Writes `node` on every JSON record (`--node`, NODE_NAME).
+    pub fn with_node(mut self, node: Option<&str>) -> Self {
+        self.node = node.map(str::to_owned);
+        self
     }
 
     /// Counts every record written into `metrics` too.
@@ -153,7 +162,7 @@ impl Output {
         });
         let result = (|| {
             match self.human.as_mut() {
-                None => json::write(&mut self.out, record, &self.clock)?,
+                None => json::write(&mut self.out, record, &self.clock, self.node.as_deref())?,
                 Some(h) => {
                     if self.live.is_some() {
                         self.out.write_all(live::CLEAR_LINE.as_bytes())?;

@@ -298,6 +298,10 @@ impl<'a> Totals<'a> {
 #[schemars(rename = "{T}Line")]
 pub struct Stamped<T> {
     pub ts: Timestamp,
+    /// The node (host) conntrace runs on, from `--node` or the `NODE_NAME` environment
+    /// variable (a DaemonSet's downward API); absent when neither is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     #[serde(flatten)]
     pub record: T,
 }
@@ -326,27 +330,33 @@ pub enum JsonRecord<'a> {
 
 impl<'a> JsonRecord<'a> {
     /// The JSON form of `record`, its times from `clock`. The summary borrows from `record`.
-    pub fn new(record: &'a Record<'a>, clock: &Clock) -> Self {
+    pub fn new(record: &'a Record<'a>, clock: &Clock, node: Option<&str>) -> Self {
         let stamp = |ts_ns| Timestamp(clock.rfc3339(ts_ns));
+        let node = node.map(str::to_owned);
         match record {
             Record::Ready(r) => Self::Ready(Stamped {
                 ts: stamp(r.ts_ns),
+                node: node.clone(),
                 record: r,
             }),
             Record::Verdict(v) => Self::Verdict(Stamped {
                 ts: stamp(v.ts_ns),
+                node: node.clone(),
                 record: v,
             }),
             Record::Drop(d) => Self::Drop(Stamped {
                 ts: stamp(d.ts_ns),
+                node: node.clone(),
                 record: d,
             }),
             Record::Lost(l) => Self::Lost(Stamped {
                 ts: stamp(l.ts_ns),
+                node: node.clone(),
                 record: *l,
             }),
             Record::Summary(f) => Self::Summary(Stamped {
                 ts: stamp(f.ts_ns),
+                node: node.clone(),
                 record: Totals::new(f),
             }),
         }

@@ -29,7 +29,7 @@ fn clock() -> Clock {
 
 fn json_line(record: &Record<'_>) -> String {
     let mut out = Vec::new();
-    json::write(&mut out, record, &clock()).expect("write");
+    json::write(&mut out, record, &clock(), None).expect("write");
     String::from_utf8(out).expect("utf-8")
 }
 
@@ -215,6 +215,38 @@ fn json_verdicts() {
         r#"{"event":"verdict","ts":"2026-11-30T00:00:02.123456Z","side":"client","outcome":"stalled","reason":"stalled_no_greeting","kernel_reason":"established, nothing received","errno":null,"saddr":"10.77.0.1","sport":40000,"daddr":"10.77.0.2","dport":3306,"netns":4026532246,"pid":7221,"comm":"ct-client","container":null,"duration_ms":0.074,"syn_retransmits":0,"detail":{"waited_ms":2030.5}}
 "#
     );
+}
+
+#[test]
+fn the_node_follows_the_time_on_every_record() {
+    let node_line = |record: &Record<'_>| {
+        let mut out = Vec::new();
+        json::write(&mut out, record, &clock(), Some("worker-3")).expect("write");
+        String::from_utf8(out).expect("utf-8")
+    };
+    let lost = Lost {
+        count: 9,
+        new: 4,
+        ts_ns: 4 * SEC,
+    };
+    assert_eq!(
+        node_line(&Record::Lost(lost)),
+        r#"{"event":"lost","ts":"2026-11-30T00:00:04.000000Z","node":"worker-3","count":9,"new":4}
+"#
+    );
+    let v = netfilter_drop();
+    let r = ready();
+    let d = drop_record();
+    for record in [Record::Ready(&r), Record::Verdict(&v), Record::Drop(&d)] {
+        let line = node_line(&record);
+        let plain = json_line(&record);
+        let ts_end = plain.find(r#"Z","#).expect("ts") + 3;
+        assert_eq!(
+            line,
+            format!("{}\"node\":\"worker-3\",{}", &plain[..ts_end], &plain[ts_end..]),
+            "{line}"
+        );
+    }
 }
 
 #[test]

@@ -82,13 +82,13 @@ mod tests {
 
     #[test]
     fn absent_without_bpf_stats() {
-        let text = Metrics::new(4096, false).encode();
+        let text = Metrics::new(4096, false, None).encode();
         assert_eq!(bpf_lines(&text), "", "{text}");
     }
 
     #[test]
     fn run_time_and_runs_per_program() {
-        let m = Metrics::new(4096, false);
+        let m = Metrics::new(4096, false, None);
         m.set_program_costs(vec![
             ProgramCost {
                 program: "inet_sock_set_state",
