@@ -27,10 +27,13 @@ pub const NORMAL: [&str; 3] = ["QUEUE_PURGE", "TCP_OLD_SEQUENCE", "TCP_OLD_DATA"
 /// Drops normal only where they happen, as (reason, location prefix, without a SYN): a segment
 /// for a TIME_WAIT socket (a FIN or ACK that crossed the close) is freed with NOT_SPECIFIED in
 /// `tcp_v4_rcv`/`tcp_v6_rcv`; a late FIN or ACK for a socket already closed, with TCP_FLAGS in
-/// `tcp_v4_do_rcv`/`tcp_v6_do_rcv`.
-pub const NORMAL_AT: [(&str, &str); 4] = [
+/// `tcp_v4_do_rcv`/`tcp_v6_do_rcv`; and kernels without QUEUE_PURGE (6.1) free the peer's FIN
+/// purged with a closed socket with NOT_SPECIFIED in `sk_stream_kill_queues` (measured on
+/// 6.1.0-57: one per orderly close).
+pub const NORMAL_AT: [(&str, &str); 5] = [
     ("NOT_SPECIFIED", "tcp_v4_rcv"),
     ("NOT_SPECIFIED", "tcp_v6_rcv"),
+    ("NOT_SPECIFIED", "sk_stream_kill_queues"),
     ("TCP_FLAGS", "tcp_v4_do_rcv"),
     ("TCP_FLAGS", "tcp_v6_do_rcv"),
 ];
@@ -351,5 +354,25 @@ pub(crate) fn record(
         pid: proc.as_ref().map(|p| p.pid),
         comm: proc.map(|p| p.comm.to_string()),
         container: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_drops_by_reason_or_by_where_they_happen() {
+        let fin_ack = TcpFlags(flags::FIN | flags::ACK);
+        let normal = |reason: &str, at: &str, f| is_normal(&DropReason::new(reason), at, f);
+        assert!(normal("QUEUE_PURGE", "sk_stream_kill_queues+0x58", fin_ack));
+        // 6.1 has no QUEUE_PURGE: the same purge is NOT_SPECIFIED there.
+        assert!(normal("NOT_SPECIFIED", "sk_stream_kill_queues+0x58", fin_ack));
+        assert!(normal("NOT_SPECIFIED", "tcp_v4_rcv+0x81", fin_ack));
+        // Not at a normal place, or a SYN: a failure's drop.
+        assert!(!normal("NOT_SPECIFIED", "ip_rcv_finish_core+0x25b", fin_ack));
+        assert!(!normal("NOT_SPECIFIED", "sk_stream_kill_queues_other+0x8", fin_ack));
+        assert!(!normal("NOT_SPECIFIED", "tcp_v4_rcv+0x81", TcpFlags(flags::SYN)));
+        assert!(!normal("NETFILTER_DROP", "nft_do_chain+0x3e8", fin_ack));
     }
 }
