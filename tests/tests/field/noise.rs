@@ -28,6 +28,9 @@ fn closing_drop(d: &Value) -> bool {
     let at = d["location"].as_str().unwrap_or_default();
     (d["kernel_reason"] == purge_reason() && at.starts_with("sk_stream_kill_queues"))
         || (d["kernel_reason"] == "NOT_SPECIFIED" && at.starts_with("tcp_v4_rcv"))
+        // Rarely, when closes are slow (6.12 under emulation: 1 in 25), the FIN finds the
+        // socket already in CLOSE.
+        || (d["kernel_reason"] == "TCP_CLOSE" && at.starts_with("tcp_rcv_state_process"))
 }
 
 /// The drop reason of a FIN purged with its socket: QUEUE_PURGE where the kernel has it (its
@@ -102,11 +105,11 @@ fn orderly_closes_print_no_drop_record_and_are_counted_in_the_summary() {
         let drops = drops_in(&values, ns);
         assert!(drops.is_empty(), "no drop record: {drops:#?}");
     }
-    // Counted: one of the two kinds per connection.
+    // Counted: one of the kinds per connection.
     let by_reason = &values.last().expect("summary")["drops_by_reason"];
     let count = |reason: &str| by_reason[reason].as_u64().unwrap_or(0);
     assert!(
-        count("QUEUE_PURGE") + count("NOT_SPECIFIED") >= 25,
+        count("QUEUE_PURGE") + count("NOT_SPECIFIED") + count("TCP_CLOSE") >= 25,
         "one per connection, counted: {by_reason}"
     );
 }
