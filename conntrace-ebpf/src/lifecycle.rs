@@ -14,8 +14,8 @@ use conntrace_common::{
 };
 
 use crate::{
-    IPPROTO_TCP, Record, bytes_field, config, data, emit, header, kread, kread_into,
-    netns_of_sock, port_traced, quiet, v4_part,
+    IPPROTO_TCP, Record, bytes_field, config, data, emit, header, kread, kread_into, netns_of_sock,
+    port_traced, quiet, v4_part,
 };
 
 /// States in the middle of an orderly close: their start (FIN_WAIT1, CLOSE_WAIT) and their

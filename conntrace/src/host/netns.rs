@@ -53,3 +53,25 @@ pub fn path(netns: u32) -> Option<PathBuf> {
         .map(|e| e.path().join("ns/net"))
         .find(|p| inode_is(p))
 }
+
+/// Every network namespace visible now: inode → a file that opens it. `/run/netns` names
+/// (`ip netns add`: they may have no process) are preferred to `/proc/PID/ns/net`, which
+/// vanish with their process.
+pub fn paths() -> HashMap<u32, PathBuf> {
+    let mut paths = HashMap::new();
+    let named = std::fs::read_dir("/run/netns").into_iter().flatten();
+    for path in named.filter_map(Result::ok).map(|e| e.path()) {
+        if let Ok(meta) = std::fs::metadata(&path)
+            && let Ok(netns) = u32::try_from(meta.ino())
+        {
+            paths.entry(netns).or_insert(path);
+        }
+    }
+    for (netns, pid) in processes() {
+        paths
+            .entry(netns)
+            .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
+    }
+    tracing::debug!(namespaces = paths.len(), "network namespaces enumerated");
+    paths
+}

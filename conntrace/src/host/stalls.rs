@@ -23,7 +23,7 @@ use std::{
 use conntrace_common::quiet::{History, flags};
 use tracing::debug;
 
-use super::windows::{diag::NsDiag, namespaces, tcp_info::Sample};
+use super::windows::{diag::NsDiag, tcp_info::Sample};
 use crate::{
     engine::facts::{FourTuple, KernelEvent, Meta, Proc, Progress},
     kernel::decode::{conn_history, four_tuple},
@@ -270,7 +270,7 @@ impl Diag {
             if !self.paths.contains_key(&netns)
                 && self.listed_at.is_none_or(|at| at.elapsed() >= RESCAN_AFTER)
             {
-                self.paths = namespaces();
+                self.paths = super::netns::paths();
                 self.listed_at = Some(Instant::now());
             }
             let path = self.paths.get(&netns)?;

@@ -34,7 +34,6 @@ mod live;
 use std::{
     collections::{HashMap, HashSet, hash_map::Entry},
     io,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -148,7 +147,7 @@ impl WindowWatch {
             ports: ports.to_vec(),
             bytecode: filter::port_filter(ports),
             scope: Scope::Seen(HashSet::new()),
-            paths: namespaces(),
+            paths: crate::host::netns::paths(),
             scanned_at: Instant::now(),
             sockets: HashMap::new(),
             zeros: HashMap::new(),
@@ -231,7 +230,7 @@ impl WindowWatch {
     /// connection still zero there is reported `Open`. Named namespaces not found are
     /// forgotten.
     fn rescan(&mut self, now_ns: u64, events: &mut Vec<KernelEvent>) {
-        self.paths = namespaces();
+        self.paths = crate::host::netns::paths();
         self.scanned_at = Instant::now();
         let paths = &self.paths;
         self.sockets.retain(|n, _| paths.contains_key(n));
@@ -280,27 +279,6 @@ impl WindowWatch {
             .filter_map(|(t, s)| Some((*t, s.closed()?)))
             .collect())
     }
-}
-
-/// Every network namespace with a process (`/proc/PID/ns/net`, [`crate::host::netns`]) or a
-/// name (`/run/netns/NAME`, `ip netns add`: it may have none), by inode; names first, as they
-/// outlive processes.
-pub fn namespaces() -> HashMap<u32, PathBuf> {
-    let mut paths = HashMap::new();
-    let named = std::fs::read_dir("/run/netns").into_iter().flatten();
-    for path in named.filter_map(Result::ok).map(|e| e.path()) {
-        if let Ok(meta) = std::fs::metadata(&path)
-            && let Ok(netns) = u32::try_from(meta.ino())
-        {
-            paths.entry(netns).or_insert(path);
-        }
-    }
-    for (netns, pid) in crate::host::netns::processes() {
-        paths
-            .entry(netns)
-            .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
-    }
-    paths
 }
 
 /// A `Window` event at `now_ns` in `netns`: no process is current for a polled fact.

@@ -243,7 +243,11 @@ fn the_node_follows_the_time_on_every_record() {
         let ts_end = plain.find(r#"Z","#).expect("ts") + 3;
         assert_eq!(
             line,
-            format!("{}\"node\":\"worker-3\",{}", &plain[..ts_end], &plain[ts_end..]),
+            format!(
+                "{}\"node\":\"worker-3\",{}",
+                &plain[..ts_end],
+                &plain[ts_end..]
+            ),
             "{line}"
         );
     }

@@ -370,13 +370,29 @@ mod tests {
         let normal = |reason: &str, at: &str, f| is_normal(&DropReason::new(reason), at, f);
         assert!(normal("QUEUE_PURGE", "sk_stream_kill_queues+0x58", fin_ack));
         // 6.1 has no QUEUE_PURGE: the same purge is NOT_SPECIFIED there.
-        assert!(normal("NOT_SPECIFIED", "sk_stream_kill_queues+0x58", fin_ack));
+        assert!(normal(
+            "NOT_SPECIFIED",
+            "sk_stream_kill_queues+0x58",
+            fin_ack
+        ));
         assert!(normal("NOT_SPECIFIED", "tcp_v4_rcv+0x81", fin_ack));
         assert!(normal("TCP_CLOSE", "tcp_rcv_state_process+0xf7", fin_ack));
         // Not at a normal place, or a SYN: a failure's drop.
-        assert!(!normal("NOT_SPECIFIED", "ip_rcv_finish_core+0x25b", fin_ack));
-        assert!(!normal("NOT_SPECIFIED", "sk_stream_kill_queues_other+0x8", fin_ack));
-        assert!(!normal("NOT_SPECIFIED", "tcp_v4_rcv+0x81", TcpFlags(flags::SYN)));
+        assert!(!normal(
+            "NOT_SPECIFIED",
+            "ip_rcv_finish_core+0x25b",
+            fin_ack
+        ));
+        assert!(!normal(
+            "NOT_SPECIFIED",
+            "sk_stream_kill_queues_other+0x8",
+            fin_ack
+        ));
+        assert!(!normal(
+            "NOT_SPECIFIED",
+            "tcp_v4_rcv+0x81",
+            TcpFlags(flags::SYN)
+        ));
         assert!(!normal("NETFILTER_DROP", "nft_do_chain+0x3e8", fin_ack));
     }
 }

@@ -161,7 +161,7 @@ impl RuleCounters {
     /// missing or hangs. Reading rulesets needs CAP_SYS_ADMIN (setns) and CAP_NET_ADMIN;
     /// without them, `find` says why it cannot.
     pub fn new() -> Self {
-        Self::with_namespaces(tool::scan_namespaces())
+        Self::with_namespaces(crate::host::netns::paths())
     }
 
     /// A baseline of the namespaces in `paths` (inode → a file that opens it) only.
@@ -374,7 +374,7 @@ impl RuleCounters {
             return Ok((path.clone(), ns));
         }
         if self.scanned_at.elapsed() >= RESCAN_EVERY {
-            self.paths = tool::scan_namespaces();
+            self.paths = crate::host::netns::paths();
             self.scanned_at = Instant::now();
             // Namespaces gone since: their readings go too.
             let paths = &self.paths;

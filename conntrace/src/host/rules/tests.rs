@@ -460,7 +460,7 @@ fn iptables_nft_rules_named_with_their_comment() {
 #[test]
 fn namespaces() {
     let own = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino());
-    let found = tool::scan_namespaces();
+    let found = crate::host::netns::paths();
     assert!(own.is_ok_and(|ino| found.keys().any(|k| u64::from(*k) == ino)));
     let mut lookup = RuleCounters::with_namespaces(HashMap::new());
     let why = |f| match f {

@@ -3,7 +3,6 @@
 //! and exec, so conntrace itself never changes namespace. Also finds the namespaces to look in.
 
 use std::{
-    collections::HashMap,
     fs::File,
     io::{self, Read},
     os::{
@@ -236,28 +235,6 @@ fn collect(
         read.and_then(|r| r).map_err(wait_error)
     };
     Ok((status, joined(out)?, joined(err)?))
-}
-
-/// Every network namespace visible now: inode → a file that opens it. `/run/netns` names
-/// (`ip netns add`) are preferred to `/proc/PID/ns/net`, which vanish with their process.
-pub fn scan_namespaces() -> HashMap<u32, PathBuf> {
-    let mut paths = HashMap::new();
-    // Named namespaces first (`ip netns add`: they may have no process), then the others.
-    let named = std::fs::read_dir("/run/netns").into_iter().flatten();
-    for path in named.filter_map(Result::ok).map(|e| e.path()) {
-        if let Ok(meta) = std::fs::metadata(&path)
-            && let Ok(netns) = u32::try_from(meta.ino())
-        {
-            paths.entry(netns).or_insert(path);
-        }
-    }
-    for (netns, pid) in crate::host::netns::processes() {
-        paths
-            .entry(netns)
-            .or_insert_with(|| PathBuf::from(format!("/proc/{pid}/ns/net")));
-    }
-    debug!(namespaces = paths.len(), "network namespaces enumerated");
-    paths
 }
 
 /// Whether the namespace behind `path` certainly has no iptables-legacy table of the family:
