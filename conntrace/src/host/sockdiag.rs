@@ -133,7 +133,10 @@ pub(crate) fn dump_tcp(
         "AF_INET"
     };
     socket
-        .send(&dump_request(seq, family, states), 0)
+        .send(
+            &dump_request(seq, family, states, ExtensionFlags::empty(), &[]),
+            0,
+        )
         .map_err(DiagError::Send)?;
     let mut buf = Vec::with_capacity(RECV_BUF);
     loop {
@@ -153,8 +156,17 @@ pub(crate) fn dump_tcp(
     }
 }
 
-/// A serialized `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in `states`.
-fn dump_request(seq: u32, family: u8, states: StateFlags) -> Vec<u8> {
+/// A serialized `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in `states`, asking for
+/// `ext` and filtered by `bytecode` (an `INET_DIAG_REQ_BYTECODE` program; none when empty).
+pub(crate) fn dump_request(
+    seq: u32,
+    family: u8,
+    states: StateFlags,
+    ext: ExtensionFlags,
+    bytecode: &[u8],
+) -> Vec<u8> {
+    /// `INET_DIAG_REQ_BYTECODE`: the request attribute holding a filter program.
+    const REQ_BYTECODE: u16 = 1;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = seq;
@@ -168,7 +180,7 @@ fn dump_request(seq: u32, family: u8, states: StateFlags) -> Vec<u8> {
         SockDiagMessage::InetRequest(InetRequest {
             family,
             protocol: IPPROTO_TCP,
-            extensions: ExtensionFlags::empty(),
+            extensions: ext,
             states,
             socket_id,
         })
@@ -177,6 +189,15 @@ fn dump_request(seq: u32, family: u8, states: StateFlags) -> Vec<u8> {
     msg.finalize();
     let mut buf = vec![0; msg.buffer_len()];
     msg.serialize(&mut buf);
+    if !bytecode.is_empty() {
+        // struct nlattr { u16 nla_len; u16 nla_type; } then the program (a multiple of 4).
+        let attr_len = u16::try_from(4 + bytecode.len()).unwrap_or(u16::MAX);
+        buf.extend_from_slice(&attr_len.to_ne_bytes());
+        buf.extend_from_slice(&REQ_BYTECODE.to_ne_bytes());
+        buf.extend_from_slice(bytecode);
+        let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
+        buf[..4].copy_from_slice(&len.to_ne_bytes());
+    }
     buf
 }
 
@@ -290,7 +311,13 @@ mod tests {
 
     #[test]
     fn request_asks_for_tcp_listen_sockets_only() {
-        let req = dump_request(7, AF_INET6, StateFlags::LISTEN);
+        let req = dump_request(
+            7,
+            AF_INET6,
+            StateFlags::LISTEN,
+            ExtensionFlags::empty(),
+            &[],
+        );
         let u32_at = |i: usize| u32::from_ne_bytes([req[i], req[i + 1], req[i + 2], req[i + 3]]);
         // nlmsghdr (16) + inet_diag_req_v2 (56), type SOCK_DIAG_BY_FAMILY (20), REQUEST|DUMP.
         assert_eq!(

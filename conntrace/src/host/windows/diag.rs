@@ -25,7 +25,7 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NetlinkBuffer, NetlinkHeader,
+    NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NetlinkBuffer, NetlinkHeader,
     NetlinkMessage, NlasIterator, Parseable as _,
 };
 use netlink_packet_sock_diag::{
@@ -48,46 +48,14 @@ pub const RECV_BUF: usize = 64 * 1024;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 /// `sizeof(struct inet_diag_msg)`: the header of each reply, before its attributes.
 const DIAG_MSG_LEN: usize = 72;
-/// `INET_DIAG_REQ_BYTECODE`: the request attribute holding a filter program.
-const REQ_BYTECODE: u16 = 1;
 /// How long one reply may take before the dump counts as failed, seconds.
 const RECV_TIMEOUT_S: libc::time_t = 1;
 
 /// A serialized `SOCK_DIAG_BY_FAMILY` dump request for TCP sockets in ESTABLISHED, CLOSE_WAIT
 /// and FIN_WAIT1, asking for `ext` and filtered by `bytecode` (none when empty).
 pub fn request(seq: u32, family: u8, ext: ExtensionFlags, bytecode: &[u8]) -> Vec<u8> {
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = seq;
-    let socket_id = if family == AF_INET6 {
-        SocketId::new_v6()
-    } else {
-        SocketId::new_v4()
-    };
-    let mut msg = NetlinkMessage::new(
-        header,
-        SockDiagMessage::InetRequest(InetRequest {
-            family,
-            protocol: IPPROTO_TCP,
-            extensions: ext,
-            states: StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT1,
-            socket_id,
-        })
-        .into(),
-    );
-    msg.finalize();
-    let mut buf = vec![0; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    if !bytecode.is_empty() {
-        // struct nlattr { u16 nla_len; u16 nla_type; } then the program (a multiple of 4).
-        let attr_len = u16::try_from(4 + bytecode.len()).unwrap_or(u16::MAX);
-        buf.extend_from_slice(&attr_len.to_ne_bytes());
-        buf.extend_from_slice(&REQ_BYTECODE.to_ne_bytes());
-        buf.extend_from_slice(bytecode);
-        let len = u32::try_from(buf.len()).unwrap_or(u32::MAX);
-        buf[..4].copy_from_slice(&len.to_ne_bytes());
-    }
-    buf
+    let states = StateFlags::ESTABLISHED | StateFlags::CLOSE_WAIT | StateFlags::FIN_WAIT1;
+    crate::host::sockdiag::dump_request(seq, family, states, ext, bytecode)
 }
 
 /// A sock_diag netlink socket inside one network namespace.
