@@ -24,7 +24,7 @@ use crate::{
     config,
     data::{cookie_sent, first},
     drops::{ETH_P_IP, ETH_P_IPV6, packet},
-    emit, header, kread, netns_of_skb_route, netns_of_sock, port_traced,
+    emit, header, kread, netns_of_skb_route, netns_of_sock, new_tuple, port_traced,
     syscalls::{EINPROGRESS, SOCK_STREAM, report_accept},
 };
 
@@ -56,7 +56,7 @@ pub fn fexit_inet_stream_connect(ctx: FExitContext) -> u32 {
     if kread::<u16>(P, sock + o.socket_type as u64) != Some(SOCK_STREAM) {
         return 0;
     }
-    let mut tuple = Tuple::default();
+    let mut tuple = new_tuple(0, 0, 0);
     let Some(family) = kread::<u16>(P, uaddr) else {
         return 0;
     };

@@ -29,13 +29,13 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, Config, EventKind, FibLayout, FlowOffsets, KernelOffsets, RouteError, Tuple,
+    AF_INET, AF_INET6, Config, EventKind, FibLayout, FlowOffsets, KernelOffsets, RouteError,
     programs,
 };
 
 use crate::{
-    IPPROTO_TCP, bytes_field, config, emit, field, header, kread, kread_into, netns_of_net,
-    port_traced, v4_part,
+    IPPROTO_TCP, bytes_field, config, emit, field, header, init_tuple, kread, kread_into,
+    netns_of_net, port_traced, v4_part,
 };
 
 /// `iif` of an output route lookup (`LOOPBACK_IFINDEX`).
@@ -254,12 +254,8 @@ fn route_lookup(prog: u32, cfg: &Config, family: u16, err: i32, lookup: &impl Lo
     let Some((sport, dport)) = lookup.ports() else {
         return;
     };
-    let mut tuple = Tuple {
-        family,
-        sport,
-        dport,
-        ..Tuple::default()
-    };
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let tuple = init_tuple(&mut slot, family, sport, dport);
     if !lookup.addr(family, true, &mut tuple.saddr) {
         return;
     }
@@ -276,7 +272,7 @@ fn route_lookup(prog: u32, cfg: &Config, family: u16, err: i32, lookup: &impl Lo
             size_of::<RouteError>(),
             netns_of_current_task(prog, &cfg.offsets),
         ),
-        tuple,
+        tuple: *tuple,
         err,
         table,
     });

@@ -14,8 +14,8 @@ use conntrace_common::{
 };
 
 use crate::{
-    IPPROTO_TCP, Record, bytes_field, config, data, emit, header, kread, kread_into, netns_of_sock,
-    port_traced, quiet, v4_part,
+    IPPROTO_TCP, Record, bytes_field, config, data, emit, header, init_tuple, kread, kread_into,
+    netns_of_sock, port_traced, quiet, v4_part,
 };
 
 /// States in the middle of an orderly close: their start (FIN_WAIT1, CLOSE_WAIT) and their
@@ -49,12 +49,8 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if !port_traced(cfg, sport, dport) {
         return 0;
     }
-    let mut tuple = Tuple {
-        family: rec.get(t.family),
-        sport,
-        dport,
-        ..Tuple::default()
-    };
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let tuple = init_tuple(&mut slot, rec.get(t.family), sport, dport);
     // The addresses straight from the record into the tuple, by the helper: copied out of
     // `rec` they became sixteen tracked bytes each, spilled one per stack slot, and this
     // program's frame went past 6.1's limit.
@@ -67,7 +63,7 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     }
     let states = (rec.get(l.oldstate), newstate);
     // The record's protocol was checked above.
-    changed(P, cfg, rec.get(l.skaddr), states, &tuple, || true);
+    changed(P, cfg, rec.get(l.skaddr), states, tuple, || true);
     0
 }
 
@@ -103,12 +99,8 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     }
     // SAFETY: as above.
     let family = unsafe { sk.add(sock_common::FAMILY).cast::<u16>().read_volatile() };
-    let mut tuple = Tuple {
-        family,
-        sport,
-        dport,
-        ..Tuple::default()
-    };
+    let mut slot = core::mem::MaybeUninit::uninit();
+    let tuple = init_tuple(&mut slot, family, sport, dport);
     if family == AF_INET6 {
         // Read in place by the helper (see `kread_into`).
         if o.sock_v6_rcv_saddr != KernelOffsets::MISSING {
@@ -133,7 +125,7 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         o.sock_protocol == KernelOffsets::MISSING
             || kread::<u16>(P, skaddr + o.sock_protocol as u64) == Some(IPPROTO_TCP)
     };
-    changed(P, cfg, skaddr, (oldstate, newstate), &tuple, is_tcp);
+    changed(P, cfg, skaddr, (oldstate, newstate), tuple, is_tcp);
     0
 }
 

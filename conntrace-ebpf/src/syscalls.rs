@@ -10,7 +10,9 @@ use conntrace_common::{
     AF_INET, AF_INET6, Accept, Config, ConnectError, EventKind, KernelOffsets, Tuple, programs,
 };
 
-use crate::{config, data::sock_ports, emit, field, header, kread, netns_of_sock, port_traced};
+use crate::{
+    config, data::sock_ports, emit, field, header, kread, netns_of_sock, new_tuple, port_traced,
+};
 
 pub(crate) const SOCK_STREAM: u16 = 1;
 pub(crate) const EINPROGRESS: i64 = 115;
@@ -56,7 +58,7 @@ pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
     if addr == 0 {
         return 0;
     }
-    let mut tuple = Tuple::default();
+    let mut tuple = new_tuple(0, 0, 0);
     // SAFETY: user memory read through bpf_probe_read_user, which fails instead of faulting.
     let family = unsafe { bpf_probe_read_user(addr as *const u16) }.unwrap_or(0);
     let port = unsafe { bpf_probe_read_user((addr + 2) as *const u16) }.unwrap_or(0);
