@@ -264,6 +264,14 @@ pub mod sock_common {
     pub const FAMILY: usize = 16;
 }
 
+/// Where `struct sk_buff`'s owner is loaded directly by the BTF-typed `net_dev_queue`
+/// program (after the 24-byte union of list links; the same from 4.x through 6.18). Userspace
+/// attaches that program only where the kernel's BTF agrees.
+pub mod sk_buff {
+    /// `sk`: the owning socket (`struct sock *`), or null.
+    pub const SK: usize = 24;
+}
+
 impl KernelOffsets {
     pub const MISSING: u32 = u32::MAX;
 }
@@ -380,8 +388,9 @@ pub mod programs {
     pub const ACCEPT_QUEUES: u32 = 23;
     pub const TP_BTF_FIB_TABLE_LOOKUP: u32 = 24;
     pub const TP_BTF_FIB6_TABLE_LOOKUP: u32 = 25;
+    pub const TP_BTF_KFREE_SKB: u32 = 26;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 27;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -410,6 +419,7 @@ pub mod programs {
         "accept_queues",
         "tp_btf_fib_table_lookup",
         "tp_btf_fib6_table_lookup",
+        "tp_btf_kfree_skb",
     ];
 }
 

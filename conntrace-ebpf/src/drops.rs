@@ -4,16 +4,19 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
-    EbpfContext, helpers::bpf_get_stack, macros::tracepoint, programs::TracePointContext,
+    EbpfContext,
+    helpers::bpf_get_stack,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, DROP_STACK_DEPTH, EventKind, KernelOffsets, NOT_ICMP, PacketDrop, Tuple,
-    programs, unread,
+    AF_INET, AF_INET6, Config, DROP_STACK_DEPTH, EventKind, KernelOffsets, NOT_ICMP, PacketDrop,
+    Tuple, programs, sk_buff, unread,
 };
 
 use crate::{
     EVENTS, config, count_lost, data::sock_ports, field, header, kread, netns_of_skb,
-    netns_of_sock, port_traced, quiet, submit_flags,
+    netns_of_sock, new_tuple, port_traced, quiet, submit_flags,
 };
 
 pub(crate) const ETH_P_IP: u16 = 0x0800;
@@ -80,7 +83,7 @@ pub(crate) fn packet(prog: u32, o: &KernelOffsets, skb: u64, proto: u16) -> Opti
         return None;
     }
     let v6 = proto == ETH_P_IPV6;
-    let mut t = Tuple::default();
+    let mut t = new_tuple(0, 0, 0);
     let (next, l4) = ip_header(prog, head + nh as u64, v6, &mut t)?;
     if next == IPPROTO_TCP_U8 {
         t.sport = u16::from_be(kread(prog, l4)?);
@@ -113,7 +116,7 @@ pub(crate) fn packet(prog: u32, o: &KernelOffsets, skb: u64, proto: u16) -> Opti
     } else {
         u16::from_be(kread(prog, l4 + 6)?) as u32
     };
-    let mut quoted = Tuple::default();
+    let mut quoted = new_tuple(0, 0, 0);
     let (inner, inner_l4) = ip_header(prog, l4 + 8, v6, &mut quoted)?;
     if inner != IPPROTO_TCP_U8 {
         return None;
@@ -139,58 +142,128 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
     }
     let o = &cfg.offsets;
     let skb: u64 = field(P, &ctx, l.skbaddr);
-    let reason: u32 = field(P, &ctx, l.reason);
     let sk: u64 = if o.skb_sk == KernelOffsets::MISSING {
         0
     } else {
         kread(P, skb + o.skb_sk as u64).unwrap_or(0)
     };
-    let rx_sk: u64 = field(P, &ctx, l.rx_sk);
+    let drop = Dropped {
+        skb,
+        sk,
+        rx_sk: field(P, &ctx, l.rx_sk),
+        reason: field(P, &ctx, l.reason),
+        proto,
+    };
+    dropped(P, &ctx, cfg, &drop, || field(P, &ctx, l.location));
+    0
+}
+
+/// `tp_btf/kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct
+/// sock *rx_sk)` (6.11+; userspace attaches it only where the kernel's BTF gives these four
+/// arguments and `skb->sk` sits at `conntrace_common::sk_buff::SK`): the same, without the
+/// record the classic tracepoint builds for every drop of every packet.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn tp_btf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
+    const P: u32 = programs::TP_BTF_KFREE_SKB;
+    let Some(cfg) = config() else { return 0 };
+    let o = &cfg.offsets;
+    let skb: *const u8 = ctx.arg(0);
+    if o.skb_protocol == KernelOffsets::MISSING {
+        return 0;
+    }
+    let Some(proto) = kread::<u16>(P, skb as u64 + o.skb_protocol as u64).map(u16::from_be) else {
+        return 0;
+    };
+    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
+        return 0;
+    }
+    // SAFETY: `skb` is the tracepoint's BTF-typed `struct sk_buff *`: the verifier checks the
+    // offset against the type and makes the load faulting-safe.
+    let sk = unsafe { skb.add(sk_buff::SK).cast::<u64>().read_volatile() };
+    let drop = Dropped {
+        skb: skb as u64,
+        sk,
+        rx_sk: ctx.arg(3),
+        reason: ctx.arg(2),
+        proto,
+    };
+    dropped(P, &ctx, cfg, &drop, || ctx.arg(1));
+    0
+}
+
+/// What a drop tracepoint says about a dropped IPv4 or IPv6 packet.
+struct Dropped {
+    skb: u64,
+    /// `skb->sk`, 0 for none.
+    sk: u64,
+    /// The receiving socket (6.11+), 0 for none.
+    rx_sk: u64,
+    /// `enum skb_drop_reason`.
+    reason: u32,
+    /// `skb->protocol`, host order.
+    proto: u16,
+}
+
+/// A dropped packet: counted when it is a normal drop of a traced port's socket, sent when its
+/// headers say a traced port. `location` is asked only then.
+#[inline(always)]
+fn dropped<C: EbpfContext>(
+    prog: u32,
+    ctx: &C,
+    cfg: &Config,
+    d: &Dropped,
+    location: impl FnOnce() -> u64,
+) {
+    let o = &cfg.offsets;
+    let (skb, sk, rx_sk, reason, proto) = (d.skb, d.sk, d.rx_sk, d.reason, d.proto);
     let quiet = quiet::enabled(cfg);
-    if quiet && (sk != 0 || rx_sk != 0) && quiet::is_normal_drop(cfg, reason) {
+    // Chosen, then compared: `sk != 0 || rx_sk != 0` became `(sk | rx_sk) != 0`, which the
+    // verifier refuses on the BTF-typed program's pointers.
+    let owner = if sk != 0 { sk } else { rx_sk };
+    if quiet && owner != 0 && quiet::is_normal_drop(cfg, reason) {
         // A normal drop of a socket's packet (a closed socket's purged queue) is counted
         // here, for a traced port: two reads instead of the packet's headers.
-        let (local, remote) = sock_ports(P, o, if sk != 0 { sk } else { rx_sk });
+        let (local, remote) = sock_ports(prog, o, owner);
         if port_traced(cfg, local, remote) {
             quiet::count_normal_drop(reason);
         }
-        return 0;
+        return;
     }
     // The owning socket's own port tells an outgoing packet from one it received, even once
     // the connection is gone from userspace's view.
     let sk_port = if sk == 0 {
         Some(0)
     } else {
-        match sock_ports(P, o, sk) {
+        match sock_ports(prog, o, sk) {
             (0, _) => None,
             (local, _) => Some(local),
         }
     };
-    let Some(pkt) = packet(P, o, skb, proto) else {
-        return 0;
+    let Some(pkt) = packet(prog, o, skb, proto) else {
+        return;
     };
     if !port_traced(cfg, pkt.tuple.sport, pkt.tuple.dport) {
-        return 0;
+        return;
     }
     if quiet {
-        quiet::promote(P, cfg, sk);
-        quiet::promote(P, cfg, rx_sk);
+        quiet::promote(prog, cfg, sk);
+        quiet::promote(prog, cfg, rx_sk);
     }
     // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
-    let netns = netns_of_skb(P, o, skb)
-        .or_else(|| netns_of_sock(P, o, sk))
-        .or_else(|| netns_of_sock(P, o, rx_sk));
+    let netns = netns_of_skb(prog, o, skb)
+        .or_else(|| netns_of_sock(prog, o, sk))
+        .or_else(|| netns_of_sock(prog, o, rx_sk));
     let ifindex: Option<u32> = if o.skb_iif == KernelOffsets::MISSING {
         None
     } else {
-        kread(P, skb + o.skb_iif as u64)
+        kread(prog, skb + o.skb_iif as u64)
     };
     // Written in place, field by field: the record with its stack is too large for the eBPF
     // stack, and a whole-struct write becomes a byte-wise memset/memcpy loop whose every
     // iteration 6.1's verifier walks (over its 1M-instruction limit).
     let Some(mut entry) = EVENTS.reserve::<PacketDrop>(0) else {
         count_lost();
-        return 0;
+        return;
     };
     let slot = entry.as_mut_ptr();
     // SAFETY: `slot` points to the reserved, exclusively owned ring-buffer record; every
@@ -206,7 +279,7 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         addr_of_mut!((*slot).header).write(header);
         addr_of_mut!((*slot).sk).write(sk);
         addr_of_mut!((*slot).rx_sk).write(rx_sk);
-        addr_of_mut!((*slot).location).write(field(P, &ctx, l.location));
+        addr_of_mut!((*slot).location).write(location());
         addr_of_mut!((*slot).tuple).write(pkt.tuple);
         addr_of_mut!((*slot).reason).write(reason);
         addr_of_mut!((*slot).tcp_flags).write(pkt.tcp_flags);
@@ -232,5 +305,4 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         }
     }
     entry.submit(submit_flags());
-    0
 }

@@ -240,6 +240,8 @@ pub const RULES: &[AttachRule] = &[
     // runs about ten times per connection, the cookie program once per packet sent).
     btf_tp(Capability::Lifecycle,  "tp_btf_inet_sock_set_state", "inet_sock_set_state"),
     btf_tp(Capability::SynCookies, "tp_btf_net_dev_queue",       "net_dev_queue"),
+    // kfree_skb passes `rx_sk` to BTF-typed programs since 6.11 (the program reads it).
+    AttachRule { min_kernel: (6, 11), ..btf_tp(Capability::Drops, "tp_btf_kfree_skb", "kfree_skb") },
     // Quiet mode's connect() errors: no record built for the lookups that succeed.
     AttachRule { when: When::Quiet, ..btf_tp(Capability::ConnectProcess, "tp_btf_fib_table_lookup",  "fib_table_lookup") },
     AttachRule { when: When::Quiet, ..btf_tp(Capability::ConnectProcess, "tp_btf_fib6_table_lookup", "fib6_table_lookup") },

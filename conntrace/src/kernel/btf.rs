@@ -203,6 +203,29 @@ impl KernelBtf {
             && at(&["__sk_common", "skc_family"], c::FAMILY)
     }
 
+    /// How many arguments BTF-typed tracepoint `name` passes its programs (the parameters of
+    /// its `btf_trace_<name>` prototype, less the leading `void *`); `None` when BTF does not
+    /// describe it.
+    pub fn tracepoint_args(&self, name: &str) -> Option<usize> {
+        let typedef = self
+            .btf
+            .resolve_types_by_name(&format!("btf_trace_{name}"))
+            .ok()?
+            .into_iter()
+            .find(|t| matches!(t, Type::Typedef(_)))?;
+        let mut ty = typedef;
+        for _ in 0..8 {
+            ty = match ty {
+                Type::FuncProto(proto) => return proto.parameters.len().checked_sub(1),
+                Type::Typedef(_) | Type::Ptr(_) | Type::Const(_) => {
+                    self.btf.resolve_chained_type(ty.as_btf_type()?).ok()?
+                }
+                _ => return None,
+            };
+        }
+        None
+    }
+
     /// Value → name of the enumerators of `enum name` (e.g. `sk_rst_reason`), with `prefix`
     /// stripped from the names. Empty when this kernel has no such enum.
     pub fn enum_names(&self, name: &str, prefix: &str) -> BTreeMap<u32, String> {

@@ -183,6 +183,20 @@ impl Tracer {
                 "struct sock_common is laid out differently from what the program loads directly",
             ));
         }
+        if offsets.skb_sk != conntrace_common::sk_buff::SK as u32 {
+            for program in ["tp_btf_net_dev_queue", "tp_btf_kfree_skb"] {
+                refused.push((
+                    program,
+                    "struct sk_buff's sk is not where the program loads it directly",
+                ));
+            }
+        }
+        if btf.tracepoint_args("kfree_skb") != Some(4) {
+            refused.push((
+                "tp_btf_kfree_skb",
+                "kfree_skb passes no rx_sk to BTF-typed programs before 6.11",
+            ));
+        }
         if !flows.flow4.complete() {
             refused.push((
                 "tp_btf_fib_table_lookup",
