@@ -384,6 +384,26 @@ fn main() {
             base_cost / c
         );
     }
+    // Each round's own ratio too: a drift of the machine that spans a round cancels out of it.
+    let paired = |mode: &str| {
+        let ratios: Vec<f64> = rates[mode]
+            .iter()
+            .zip(&rates["untraced"])
+            .map(|(r, base)| r / base)
+            .collect();
+        let (lo, hi) = ratios
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
+        format!(
+            "{mode}/untraced={:.3} ({lo:.3} to {hi:.3})",
+            median(&ratios)
+        )
+    };
+    println!(
+        "paired (median of the rounds' own ratios, with their range): {} {}",
+        paired("traced"),
+        paired("unrelated")
+    );
     // Throughput moves with whatever else the machine runs; CPU per connection much less.
     println!(
         "cpu: untraced/traced={:.3} untraced/unrelated={:.3} (CPU per connection, client + server + tracer)",
