@@ -262,6 +262,8 @@ pub mod sock_common {
     pub const PORTPAIR: usize = 12;
     /// `skc_family`.
     pub const FAMILY: usize = 16;
+    /// `skc_net.net`: the socket's `struct net *`.
+    pub const NET: usize = 48;
 }
 
 /// Where `struct sk_buff`'s owner is loaded directly by the BTF-typed `net_dev_queue`

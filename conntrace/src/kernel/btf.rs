@@ -201,6 +201,7 @@ impl KernelBtf {
             && at(&["__sk_common", "skc_dport"], c::PORTPAIR)
             && at(&["__sk_common", "skc_num"], c::PORTPAIR + 2)
             && at(&["__sk_common", "skc_family"], c::FAMILY)
+            && at(&["__sk_common", "skc_net", "net"], c::NET)
     }
 
     /// How many arguments BTF-typed tracepoint `name` passes its programs (the parameters of
