@@ -36,7 +36,8 @@ enum Task {
         args: Vec<String>,
     },
     /// Set up, build, and run every test: unit tests, the root-only integration scenarios,
-    /// then the VM subset on Debian's 6.12 kernel (`vm-test --kernel 6.12`).
+    /// then the VM subset on Debian's 6.12 kernel (`vm-test --kernel 6.12`) and the load probe
+    /// on 6.1 (`vm-test --kernel 6.1 --probe-only`).
     Test {
         /// Skip the VM stage (it is also skipped when a test filter is given).
         #[arg(long)]
@@ -56,6 +57,10 @@ enum Task {
         /// Run every test instead of the bounded subset.
         #[arg(long)]
         full: bool,
+        /// Run no test: only conntrace's load probe in each attach mode, which fails when the
+        /// kernel refuses a program.
+        #[arg(long, conflicts_with = "full")]
+        probe_only: bool,
         /// conntrace's attach mode for the tests: best, tracepoints or both (one after the
         /// other in the same boot).
         #[arg(long, default_value = "both")]
@@ -312,6 +317,7 @@ fn main() -> anyhow::Result<()> {
         Task::VmTest {
             kernel,
             full,
+            probe_only,
             attach,
             filters,
         } => {
@@ -324,6 +330,7 @@ fn main() -> anyhow::Result<()> {
                 modes,
                 full,
                 filters,
+                probe_only,
             })
         }
         Task::Image => {
@@ -403,6 +410,17 @@ fn main() -> anyhow::Result<()> {
                 modes: vec!["best"],
                 full: false,
                 filters: Vec::new(),
+                probe_only: false,
+            })?;
+            // Debian's 6.1 verifier is the strictest of the kernels conntrace supports (it
+            // refused two programs once, unseen by the 6.12 stage): every program must load
+            // there, in both attach modes.
+            vm::vm_test(&vm::Options {
+                kernels: vm::Series::named("6.1")?,
+                modes: vec!["best", "tracepoints"],
+                full: false,
+                filters: Vec::new(),
+                probe_only: true,
             })
         }
     }

@@ -30,6 +30,10 @@ pub struct Attach {
     pub paths: BTreeMap<String, String>,
     /// "capability (program): reason" for every program that could not attach.
     pub unavailable: Vec<String>,
+    /// The programs the kernel refused to load for another reason than a missing permission
+    /// or feature (EPERM: fentry refused by the host): the verifier's refusals, which are
+    /// conntrace's own regressions.
+    pub refused: Vec<String>,
     pub features: String,
 }
 
@@ -107,6 +111,18 @@ impl KernelReport {
                 });
             }
         }
+        let attach = read_ready(out, mode);
+        // A program this kernel's verifier refuses fails the run even when every test
+        // passes: the capability fell back to a worse path, or went away.
+        let problems = attach.as_ref().map_or_else(
+            |_| Vec::new(),
+            |a| {
+                a.refused
+                    .iter()
+                    .map(|r| format!("the kernel refused to load {r}"))
+                    .collect()
+            },
+        );
         Self {
             label: label.to_owned(),
             mode: mode.to_owned(),
@@ -114,8 +130,8 @@ impl KernelReport {
             elapsed: Duration::from_secs(elapsed),
             boot_seconds: 0,
             tests,
-            attach: read_ready(out, mode),
-            problems: Vec::new(),
+            attach,
+            problems,
             log: None,
             out: Some(out.to_owned()),
         }
@@ -190,6 +206,23 @@ fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
                 .collect()
         })
         .unwrap_or_default();
+    let refused = ready["unavailable"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|u| {
+                    let reason = u["reason"].as_str().unwrap_or_default();
+                    refused_by_verifier(reason).then(|| {
+                        format!(
+                            "{}: {}",
+                            u["name"].as_str().unwrap_or("?"),
+                            short_reason(reason)
+                        )
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     let features = ready["kernel_features"]
         .as_object()
         .map(|m| {
@@ -202,8 +235,15 @@ fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
     Ok(Attach {
         paths,
         unavailable,
+        refused,
         features,
     })
+}
+
+/// Whether an unavailable program's reason is a load the kernel refused for what the program
+/// does (EINVAL, EACCES, E2BIG, ...: the verifier), not for a permission (EPERM) it lacks.
+fn refused_by_verifier(reason: &str) -> bool {
+    reason.contains("BPF_PROG_LOAD") && !reason.contains("(os error 1)")
 }
 
 /// A load error without the verifier's log, but with the log's verdict (its last line).
@@ -380,6 +420,20 @@ mod tests {
         assert!(matches!(&r["b"], Outcome::Skipped(s) if s == "SKIP: no hook"));
         assert!(matches!(&r["c"], Outcome::Failed(s) if s == "panicked at x"));
         assert!(matches!(r["d"], Outcome::Skipped(_)));
+    }
+
+    #[test]
+    fn verifier_refusals_are_told_from_missing_permissions() {
+        assert!(refused_by_verifier(
+            "bpf(BPF_PROG_LOAD) tp_btf:kfree_skb: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: R2 pointer |= pointer prohibited"
+        ));
+        assert!(refused_by_verifier(
+            "bpf(BPF_PROG_LOAD) tracepoint:tcp:tcp_retransmit_skb: the BPF_PROG_LOAD syscall returned Argument list too long (os error 7)."
+        ));
+        assert!(!refused_by_verifier(
+            "bpf(BPF_PROG_LOAD) fentry:__inet_accept: the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1)."
+        ));
+        assert!(!refused_by_verifier("left out with --without"));
     }
 
     #[test]
