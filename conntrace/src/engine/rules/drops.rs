@@ -29,13 +29,16 @@ pub const NORMAL: [&str; 3] = ["QUEUE_PURGE", "TCP_OLD_SEQUENCE", "TCP_OLD_DATA"
 /// `tcp_v4_rcv`/`tcp_v6_rcv`; a late FIN or ACK for a socket already closed, with TCP_FLAGS in
 /// `tcp_v4_do_rcv`/`tcp_v6_do_rcv`; and kernels without QUEUE_PURGE (6.1) free the peer's FIN
 /// purged with a closed socket with NOT_SPECIFIED in `sk_stream_kill_queues` (measured on
-/// 6.1.0-57: one per orderly close); a FIN that crosses the close and finds the socket already
-/// in CLOSE is TCP_CLOSE in `tcp_rcv_state_process` (measured on 6.12 under emulation, where
-/// closes are slow: 1 in 25).
-pub const NORMAL_AT: [(&str, &str); 6] = [
+/// 6.1.0-57: one per orderly close), and any other queue they purge (a closed socket's error
+/// queue, holding the ICMP error of a failed connect) with NOT_SPECIFIED in `skb_queue_purge`
+/// (measured on 6.1.0-57 after `neighbour_failed`), where later kernels say QUEUE_PURGE; a FIN
+/// that crosses the close and finds the socket already in CLOSE is TCP_CLOSE in
+/// `tcp_rcv_state_process` (measured on 6.12 under emulation, where closes are slow: 1 in 25).
+pub const NORMAL_AT: [(&str, &str); 7] = [
     ("NOT_SPECIFIED", "tcp_v4_rcv"),
     ("NOT_SPECIFIED", "tcp_v6_rcv"),
     ("NOT_SPECIFIED", "sk_stream_kill_queues"),
+    ("NOT_SPECIFIED", "skb_queue_purge"),
     ("TCP_CLOSE", "tcp_rcv_state_process"),
     ("TCP_FLAGS", "tcp_v4_do_rcv"),
     ("TCP_FLAGS", "tcp_v6_do_rcv"),

@@ -532,6 +532,36 @@ fn segments_crossing_a_close_are_normal_where_they_are_freed() {
 }
 
 #[test]
+fn a_queue_purged_without_a_reason_on_6_1_is_normal() {
+    // 6.1 has no QUEUE_PURGE: the ICMP error a failed connect's socket kept in its error queue
+    // is freed with NOT_SPECIFIED in skb_queue_purge when the socket goes (no TCP flags: the
+    // queued copy's transport header is the ICMP message's).
+    let mut e = Engine::new(EngineConfig::default());
+    let d = drop(
+        MS,
+        0,
+        tuple(SPORT, 3306),
+        0,
+        "NOT_SPECIFIED",
+        "skb_queue_purge+0x15",
+    );
+    none(e.handle(KernelEvent::Dropped(d)));
+    assert!(e.take_drops().is_empty());
+    assert_eq!(e.summary().drops_by_reason.len(), 1, "counted");
+    // A function whose name only starts the same is another place.
+    let d = drop(
+        MS,
+        0,
+        tuple(SPORT + 1, 3306),
+        0,
+        "NOT_SPECIFIED",
+        "skb_queue_purge_reason+0x15",
+    );
+    none(e.handle(KernelEvent::Dropped(d)));
+    assert_eq!(e.take_drops().len(), 1);
+}
+
+#[test]
 fn drops_that_are_a_normal_part_of_tcp_are_counted_not_printed() {
     let mut e = Engine::new(EngineConfig::default());
     for (i, reason) in ["QUEUE_PURGE", "TCP_OLD_SEQUENCE", "TCP_OLD_DATA"]
