@@ -16,7 +16,7 @@ use conntrace_common::{
 
 use crate::{
     IPPROTO_TCP, config,
-    drops::{ETH_P_IP, ETH_P_IPV6, packet},
+    drops::{ip_protocol, packet},
     emit, field, header, kread, netns_of_skb, netns_of_sock, port_traced,
 };
 
@@ -145,15 +145,9 @@ pub fn tp_btf_net_dev_queue(ctx: BtfTracePointContext) -> u32 {
 #[inline(always)]
 fn unowned(prog: u32, cfg: &Config, skb: u64) {
     let o = &cfg.offsets;
-    if o.skb_protocol == KernelOffsets::MISSING {
-        return;
-    }
-    let Some(proto) = kread::<u16>(prog, skb + o.skb_protocol as u64).map(u16::from_be) else {
+    let Some(proto) = ip_protocol(prog, o, skb) else {
         return;
     };
-    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
-        return;
-    }
     // A SYN-ACK forwarded by this host has no owner either: it came in on an interface
     // (skb_iif); a listener's own has none.
     if o.skb_iif == KernelOffsets::MISSING || kread::<u32>(prog, skb + o.skb_iif as u64) != Some(0)

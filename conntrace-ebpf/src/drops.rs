@@ -23,6 +23,17 @@ pub(crate) const ETH_P_IP: u16 = 0x0800;
 pub(crate) const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP_U8: u8 = 6;
 
+/// `skb->protocol` (host order) when the packet is IPv4 or IPv6; `None` for any other, or
+/// when unreadable.
+#[inline(always)]
+pub(crate) fn ip_protocol(prog: u32, o: &KernelOffsets, skb: u64) -> Option<u16> {
+    if o.skb_protocol == KernelOffsets::MISSING {
+        return None;
+    }
+    let proto = kread::<u16>(prog, skb + o.skb_protocol as u64).map(u16::from_be)?;
+    (proto == ETH_P_IP || proto == ETH_P_IPV6).then_some(proto)
+}
+
 /// A packet's facts: its TCP segment's tuple (s = source) and flags; for an ICMP error about
 /// a TCP segment, the quoted segment's tuple, no flags, and the error.
 pub(crate) struct Packet {
@@ -168,15 +179,9 @@ pub fn tp_btf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     let Some(cfg) = config() else { return 0 };
     let o = &cfg.offsets;
     let skb: *const u8 = ctx.arg(0);
-    if o.skb_protocol == KernelOffsets::MISSING {
-        return 0;
-    }
-    let Some(proto) = kread::<u16>(P, skb as u64 + o.skb_protocol as u64).map(u16::from_be) else {
+    let Some(proto) = ip_protocol(P, o, skb as u64) else {
         return 0;
     };
-    if proto != ETH_P_IP && proto != ETH_P_IPV6 {
-        return 0;
-    }
     // SAFETY: `skb` is the tracepoint's BTF-typed `struct sk_buff *`: the verifier checks the
     // offset against the type and makes the load faulting-safe.
     let sk = unsafe { skb.add(sk_buff::SK).cast::<u64>().read_volatile() };
@@ -192,6 +197,7 @@ pub fn tp_btf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
 }
 
 /// What a drop tracepoint says about a dropped IPv4 or IPv6 packet.
+#[derive(Clone, Copy)]
 struct Dropped {
     skb: u64,
     /// `skb->sk`, 0 for none.
@@ -215,7 +221,13 @@ fn dropped<C: EbpfContext>(
     location: impl FnOnce() -> u64,
 ) {
     let o = &cfg.offsets;
-    let (skb, sk, rx_sk, reason, proto) = (d.skb, d.sk, d.rx_sk, d.reason, d.proto);
+    let Dropped {
+        skb,
+        sk,
+        rx_sk,
+        reason,
+        proto,
+    } = *d;
     let quiet = quiet::enabled(cfg);
     // Chosen, then compared: `sk != 0 || rx_sk != 0` became `(sk | rx_sk) != 0`, which the
     // verifier refuses on the BTF-typed program's pointers.

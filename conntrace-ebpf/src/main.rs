@@ -94,18 +94,8 @@ fn bytes_field<const N: usize>(prog: u32, ctx: &TracePointContext, off: u16, dst
     if off == ABSENT {
         return;
     }
-    // SAFETY: the helper writes at most N bytes into `dst` (zeros on failure); the record's
-    // offset comes from the tracepoint's format file.
-    let ret = unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-            dst.as_mut_ptr().cast(),
-            N as u32,
-            ctx.as_ptr().cast::<u8>().add(off as usize).cast(),
-        )
-    };
-    if ret < 0 {
-        read_failed(prog);
-    }
+    // The record's offset comes from the tracepoint's format file.
+    kread_into(prog, ctx.as_ptr() as u64 + u64::from(off), dst);
 }
 
 /// Reads `N` bytes of kernel memory at `addr` into `dst` in place (see [`bytes_field`]);
