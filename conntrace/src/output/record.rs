@@ -296,12 +296,12 @@ impl<'a> Totals<'a> {
 /// A record with its time.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 #[schemars(rename = "{T}Line")]
-pub struct Stamped<T> {
+pub struct Stamped<'a, T> {
     pub ts: Timestamp,
     /// The node (host) conntrace runs on, from `--node` or the `NODE_NAME` environment
     /// variable (a DaemonSet's downward API); absent when neither is set.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
+    pub node: Option<&'a str>,
     #[serde(flatten)]
     pub record: T,
 }
@@ -313,15 +313,15 @@ pub struct Stamped<T> {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JsonRecord<'a> {
     /// Printed once every program is attached.
-    Ready(Stamped<&'a Ready>),
+    Ready(Stamped<'a, &'a Ready>),
     /// One connection's verdict.
-    Verdict(Stamped<&'a Verdict>),
+    Verdict(Stamped<'a, &'a Verdict>),
     /// A dropped packet of a traced port that explains no verdict.
-    Drop(Stamped<&'a DropRecord>),
+    Drop(Stamped<'a, &'a DropRecord>),
     /// Kernel events lost.
-    Lost(Stamped<Lost>),
+    Lost(Stamped<'a, Lost>),
     /// Totals, the last line.
-    Summary(Stamped<Totals<'a>>),
+    Summary(Stamped<'a, Totals<'a>>),
     /// One connection from both ends (`conntrace merge --json`). In the schema only: `merge`
     /// writes it itself, as it is also built into the fuzz target without this module.
     #[allow(dead_code)]
@@ -330,33 +330,32 @@ pub enum JsonRecord<'a> {
 
 impl<'a> JsonRecord<'a> {
     /// The JSON form of `record`, its times from `clock`. The summary borrows from `record`.
-    pub fn new(record: &'a Record<'a>, clock: &Clock, node: Option<&str>) -> Self {
+    pub fn new(record: &'a Record<'a>, clock: &Clock, node: Option<&'a str>) -> Self {
         let stamp = |ts_ns| Timestamp(clock.rfc3339(ts_ns));
-        let node = node.map(str::to_owned);
         match record {
             Record::Ready(r) => Self::Ready(Stamped {
                 ts: stamp(r.ts_ns),
-                node: node.clone(),
+                node,
                 record: r,
             }),
             Record::Verdict(v) => Self::Verdict(Stamped {
                 ts: stamp(v.ts_ns),
-                node: node.clone(),
+                node,
                 record: v,
             }),
             Record::Drop(d) => Self::Drop(Stamped {
                 ts: stamp(d.ts_ns),
-                node: node.clone(),
+                node,
                 record: d,
             }),
             Record::Lost(l) => Self::Lost(Stamped {
                 ts: stamp(l.ts_ns),
-                node: node.clone(),
+                node,
                 record: *l,
             }),
             Record::Summary(f) => Self::Summary(Stamped {
                 ts: stamp(f.ts_ns),
-                node: node.clone(),
+                node,
                 record: Totals::new(f),
             }),
         }

@@ -28,8 +28,13 @@ fn clock() -> Clock {
 }
 
 fn json_line(record: &Record<'_>) -> String {
+    json_line_on(record, None)
+}
+
+/// The JSON line of `record` written by conntrace on `node` (`--node`).
+fn json_line_on(record: &Record<'_>, node: Option<&str>) -> String {
     let mut out = Vec::new();
-    json::write(&mut out, record, &clock(), None).expect("write");
+    json::write(&mut out, record, &clock(), node).expect("write");
     String::from_utf8(out).expect("utf-8")
 }
 
@@ -219,11 +224,7 @@ fn json_verdicts() {
 
 #[test]
 fn the_node_follows_the_time_on_every_record() {
-    let node_line = |record: &Record<'_>| {
-        let mut out = Vec::new();
-        json::write(&mut out, record, &clock(), Some("worker-3")).expect("write");
-        String::from_utf8(out).expect("utf-8")
-    };
+    let node_line = |record: &Record<'_>| json_line_on(record, Some("worker-3"));
     let lost = Lost {
         count: 9,
         new: 4,
