@@ -34,15 +34,18 @@ fn closing_drop(d: &Value) -> bool {
 }
 
 /// The drop reason of a FIN purged with its socket: QUEUE_PURGE where the kernel has it (its
-/// BTF names it), NOT_SPECIFIED before (6.1).
+/// BTF names it), NOT_SPECIFIED before (6.1). The BTF is read once, not once per drop.
 fn purge_reason() -> &'static str {
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("read the kernel's BTF");
-    let name = b"SKB_DROP_REASON_QUEUE_PURGE";
-    if btf.windows(name.len()).any(|w| w == name) {
-        "QUEUE_PURGE"
-    } else {
-        "NOT_SPECIFIED"
-    }
+    static REASON: std::sync::OnceLock<&str> = std::sync::OnceLock::new();
+    REASON.get_or_init(|| {
+        let btf = std::fs::read("/sys/kernel/btf/vmlinux").expect("read the kernel's BTF");
+        let name = b"SKB_DROP_REASON_QUEUE_PURGE";
+        if btf.windows(name.len()).any(|w| w == name) {
+            "QUEUE_PURGE"
+        } else {
+            "NOT_SPECIFIED"
+        }
+    })
 }
 
 fn has_fin(d: &Value) -> bool {
