@@ -191,38 +191,20 @@ fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
                 .collect()
         })
         .unwrap_or_default();
-    let unavailable = ready["unavailable"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|u| {
-                    format!(
-                        "{} ({}): {}",
-                        u["capability"].as_str().unwrap_or("?"),
-                        u["attach"].as_str().unwrap_or("?"),
-                        short_reason(u["reason"].as_str().unwrap_or_default())
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let refused = ready["unavailable"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|u| {
-                    let reason = u["reason"].as_str().unwrap_or_default();
-                    refused_by_verifier(reason).then(|| {
-                        format!(
-                            "{}: {}",
-                            u["name"].as_str().unwrap_or("?"),
-                            short_reason(reason)
-                        )
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    // Every program that could not attach, and among them those the kernel refused.
+    let (mut unavailable, mut refused) = (Vec::new(), Vec::new());
+    for u in ready["unavailable"].as_array().into_iter().flatten() {
+        let reason = u["reason"].as_str().unwrap_or_default();
+        let short = short_reason(reason);
+        if refused_by_verifier(reason) {
+            refused.push(format!("{}: {short}", u["name"].as_str().unwrap_or("?")));
+        }
+        unavailable.push(format!(
+            "{} ({}): {short}",
+            u["capability"].as_str().unwrap_or("?"),
+            u["attach"].as_str().unwrap_or("?"),
+        ));
+    }
     let features = ready["kernel_features"]
         .as_object()
         .map(|m| {
