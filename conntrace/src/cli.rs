@@ -188,6 +188,64 @@ pub enum FollowArg {
 }
 
 impl Cli {
+    /// The command line, parsed and checked: a usage error (exit 2, clap's message) ends the
+    /// process here.
+    pub fn parse_checked() -> Self {
+        let cli = Self::parse();
+        if let Err(error) = cli.check() {
+            error.exit();
+        }
+        cli
+    }
+
+    /// What the parser alone cannot see: flags that need every connection in userspace given
+    /// with `--follow quiet`, more ports than the kernel filters, `--without lifecycle`.
+    pub fn check(&self) -> Result<(), clap::Error> {
+        use clap::{CommandFactory as _, error::ErrorKind};
+        let usage = |kind, message: String| Err(Self::command().error(kind, message));
+        if matches!(self.follow, Some(FollowArg::Quiet)) {
+            let needs = match (self.all, self.expect_comm.is_empty()) {
+                (true, _) => Some("--all"),
+                (false, false) => Some("--expect-comm"),
+                (false, true) => None,
+            };
+            if let Some(flag) = needs {
+                return usage(
+                    ErrorKind::ArgumentConflict,
+                    format!(
+                        "{flag} needs every connection in userspace: it cannot be used with \
+                         --follow quiet (leave --follow out, or give --follow streaming)"
+                    ),
+                );
+            }
+        }
+        let mut ports = self.ports.clone();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports.len() > conntrace_common::MAX_PORTS as usize {
+            return usage(
+                ErrorKind::ValueValidation,
+                format!(
+                    "{} ports given: at most {} can be filtered in the kernel",
+                    ports.len(),
+                    conntrace_common::MAX_PORTS
+                ),
+            );
+        }
+        if self
+            .without
+            .contains(&crate::kernel::attach::Capability::Lifecycle)
+        {
+            return usage(
+                ErrorKind::InvalidValue,
+                "--without lifecycle: every verdict is built on the lifecycle program, it cannot \
+                 be left out"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
     /// How healthy connections are followed: as `--follow` says, else streaming when a flag
     /// needs every connection (`--all`, `--expect-comm`), else quiet.
     pub fn follow(&self) -> crate::kernel::attach::Follow {
@@ -286,6 +344,52 @@ mod tests {
                 "{bad} accepted"
             );
         }
+    }
+
+    fn check(args: &[&str]) -> Result<(), clap::error::ErrorKind> {
+        let cli = Cli::try_parse_from(std::iter::once("conntrace").chain(args.iter().copied()))
+            .expect("parse");
+        cli.check().map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn flags_that_need_streaming_are_refused_with_follow_quiet() {
+        use clap::error::ErrorKind;
+        assert_eq!(
+            check(&["--all", "--follow", "quiet"]),
+            Err(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            check(&["--expect-comm", "mysqld", "--follow", "quiet"]),
+            Err(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(check(&["--all"]), Ok(()));
+        assert_eq!(check(&["--all", "--follow", "streaming"]), Ok(()));
+        assert_eq!(check(&["--follow", "quiet"]), Ok(()));
+    }
+
+    #[test]
+    fn more_ports_than_the_kernel_filters_and_without_lifecycle_are_usage_errors() {
+        use clap::error::ErrorKind;
+        let max = conntrace_common::MAX_PORTS as u16;
+        let list = |n: u16| {
+            (1000..1000 + n)
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert_eq!(check(&["--port", &list(max)]), Ok(()));
+        assert_eq!(
+            check(&["--port", &list(max + 1)]),
+            Err(ErrorKind::ValueValidation)
+        );
+        // A port given twice is one port.
+        assert_eq!(check(&["--port", &list(max), "--port", "1000"]), Ok(()));
+        assert_eq!(
+            check(&["--without", "lifecycle"]),
+            Err(ErrorKind::InvalidValue)
+        );
+        assert_eq!(check(&["--without", "syn-cookies"]), Ok(()));
     }
 
     #[test]

@@ -12,7 +12,6 @@ mod run;
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
 use crate::{kernel::LoadError, output::OutputError, run::RunError};
@@ -223,7 +222,7 @@ fn pass_caps_to_children(eff: u64) {
 }
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_checked();
     if let Some(command) = &cli.command {
         return subcommand(command);
     }
