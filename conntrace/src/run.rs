@@ -289,6 +289,11 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 verdicts.extend(engine.tick(now));
                 ident.write(&mut out, &mut engine, verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
+                if out.reader_gone() {
+                    // A quiet run may write nothing for hours: `| head -1` ends it now.
+                    debug!("the reader of stdout is gone");
+                    return Err(RunError::Output(OutputError::Closed));
+                }
             }
             _ = ring_peak_poll.tick(), if metrics.is_some() => {
                 match tracer.take_ring_peak() {

@@ -25,12 +25,29 @@ fn run(args: &[&str]) -> (i32, String) {
 
 #[test]
 fn invalid_ports_and_durations_are_usage_errors() {
+    let many_ports = (1000..1065)
+        .map(|p: u16| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
     for (args, needle) in [
         (&["--port", "0"][..], "out of range 1-65535"),
         (&["--port", "70000"][..], "out of range 1-65535"),
         (&["--port", "abc"][..], "is not a port number"),
         (&["--duration", "soon"][..], "is not a duration"),
         (&["--ring-buffer-bytes", "5000"][..], "power of two"),
+        (
+            &["--all", "--follow", "quiet"][..],
+            "cannot be used with --follow quiet",
+        ),
+        (
+            &["--expect-comm", "mysqld", "--follow", "quiet"][..],
+            "cannot be used with --follow quiet",
+        ),
+        (&["--without", "lifecycle"][..], "cannot be left out"),
+        (
+            &["--port", many_ports.as_str()][..],
+            "at most 64 can be filtered",
+        ),
     ] {
         let (code, stderr) = run(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
@@ -78,6 +95,30 @@ fn closed_pipe_is_a_normal_exit() {
         Some(0),
         "writing to a closed pipe must end the run quietly"
     );
+}
+
+#[test]
+fn a_closed_pipe_ends_a_quiet_run_that_has_nothing_to_write() {
+    require_root();
+    // No --duration and no traffic: quiet mode writes nothing after the ready line, so the
+    // closed pipe must be noticed without a write.
+    let mut conntrace = Proc::spawn(
+        Command::new(conntrace_bin())
+            .args(["--port", "3306", "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "conntrace",
+    );
+    let mut first = String::new();
+    BufReader::new(conntrace.child.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("read");
+    assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
+    let status = conntrace.wait(
+        Duration::from_secs(5),
+        "conntrace after its reader closed the pipe",
+    );
+    assert_eq!(status.code(), Some(0), "a reader that left is a normal end");
 }
 
 #[test]

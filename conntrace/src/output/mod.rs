@@ -102,6 +102,8 @@ pub struct Output {
     metrics: Option<std::sync::Arc<metrics::Metrics>>,
     /// Human records to a terminal: colour, and a status line redrawn under them.
     live: Option<live::Status>,
+    /// Records go to stdout (not `-o FILE`).
+    to_stdout: bool,
 }
 
 impl Output {
@@ -136,6 +138,7 @@ impl Output {
             node: None,
             metrics: None,
             live,
+            to_stdout: path.is_none(),
         })
     }
 
@@ -149,6 +152,24 @@ impl Output {
     pub fn with_metrics(mut self, metrics: std::sync::Arc<metrics::Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Whether stdout is a pipe or socket whose reader has gone (`conntrace | head -1`), seen
+    /// without writing: `poll(2)` reports POLLERR on a pipe's write end once no reader is
+    /// left. A quiet run may not write for hours; the caller then ends as after a
+    /// `BrokenPipe`. False for `-o FILE`, a terminal or a file, and when `poll` fails.
+    pub fn reader_gone(&self) -> bool {
+        if !self.to_stdout {
+            return false;
+        }
+        let mut fd = libc::pollfd {
+            fd: libc::STDOUT_FILENO,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: poll(2) on one valid pollfd, without waiting.
+        let n = unsafe { libc::poll(&raw mut fd, 1, 0) };
+        n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
     }
 
     pub fn write(&mut self, record: &Record<'_>) -> Result<(), OutputError> {
