@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{PORT, Scenario, connect, drops_in, only_verdict_in, verdicts_in};
+use conntrace_tests::{
+    Netns, PORT, Scenario, connect, drops_in, only_verdict_in, serve, verdicts_in,
+};
 
 #[test]
 fn an_address_nobody_owns_is_neighbour_failed() {
@@ -59,6 +61,72 @@ fn an_address_nobody_owns_is_neighbour_failed() {
     );
     let loose = drops_in(&values, hosts.client.inode());
     assert!(loose.is_empty(), "joined, not loose: {loose:?}");
+}
+
+/// `TcpExtListenOverflows` in namespace `ns` now.
+fn listen_overflows(ns: &Netns) -> u64 {
+    let text = ns.exec(&["cat", "/proc/net/netstat"]);
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().expect("names"), lines.next().expect("values"));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ListenOverflows")
+        .and_then(|(_, v)| v.parse().ok())
+        .expect("ListenOverflows")
+}
+
+/// A listener that never accepts, with `listen(1)`, and 6 clients at once: returns how many
+/// timed out (their SYNs were discarded for the full queue).
+fn overflow_round(server: &Netns, client: &Netns, server_ip: &str) -> usize {
+    let _server = serve(
+        server,
+        server_ip,
+        PORT,
+        &["--backlog", "1", "--accept", "0"],
+    );
+    let clients = connect(
+        client,
+        server_ip,
+        PORT,
+        &["--count", "6", "--parallel", "6", "--timeout-ms", "10000"],
+    );
+    let results = clients.json_lines(Duration::from_secs(30));
+    results.iter().filter(|r| r["errno"] == 110).count()
+}
+
+/// A namespace named under /run/netns with no process when conntrace starts (a test host, a
+/// container not started yet): its counters are read from the start, so a listener started
+/// there later is watched at once, and the summary counts only what happened while traced.
+#[test]
+fn a_listener_started_after_conntrace_where_no_process_ran_is_watched_from_the_start() {
+    let mut before_run = 0;
+    let Scenario { hosts, ct, .. } = Scenario::new()
+        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
+        .with(|h| {
+            // Overflows before conntrace starts: the namespace's counter is not zero.
+            assert!(overflow_round(&h.server, &h.client, &h.server_ip) >= 1);
+            before_run = listen_overflows(&h.server);
+        })
+        .conntrace(&["--port", "3306"]);
+    assert!(before_run > 0);
+    let timed_out = overflow_round(&hosts.server, &hosts.client, &hosts.server_ip);
+    assert!(timed_out >= 1);
+    ct.wait_for(Duration::from_secs(3), |l| {
+        l.value["reason"] == "listen_overflow" && l.value["dport"] == 0
+    });
+    let during = listen_overflows(&hosts.server) - before_run;
+    let values = ct.stop();
+    let summary = values.last().expect("summary");
+    let server_ns = hosts.server.inode().to_string();
+    assert_eq!(
+        summary["tcp_counters"][&server_ns]["ListenOverflows"], during,
+        "this run's growth only ({before_run} before it): {summary}"
+    );
+    println!(
+        "MEASURED late listener: {before_run} overflows before conntrace started, {during} \
+         while it ran, {timed_out} clients timed out"
+    );
 }
 
 #[test]

@@ -4,23 +4,32 @@
 //! kernel: `tcp_conn_request` counts it in `TcpExtListenOverflows` and the packet is consumed, so
 //! `kfree_skb` never sees it. (A final ACK dropped for a full queue has the drop reason
 //! `TCP_LISTEN_OVERFLOW` on recent kernels and is attributed per connection; older kernels count
-//! it here only.) So once a second, for each network namespace, the counter is read from
-//! `/proc/PID/net/netstat` of a process in it; when it grew, the listeners on traced ports whose
-//! accept queue is full right now (sock_diag, entered through that process: queue > backlog) are
+//! it here only.) So once a second, for each network namespace, the counter is read from its
+//! `netstat`: `/proc/PID/net/netstat` of a process in it, else, for a namespace named under
+//! /run/netns with no process yet, a `netstat` opened inside it by a short-lived thread
+//! (setns, CAP_SYS_ADMIN). Either file stays bound to its namespace and is read again from the
+//! start at each poll. When the counter grew, the listeners on traced ports whose accept queue
+//! is full right now (sock_diag, entered through the same namespace: queue > backlog) are
 //! reported.
 //!
 //! Where it can fail: the counter is per namespace, not per listener, so when several traced
 //! listeners are full each is reported with the namespace's whole count; a queue that filled
 //! and drained between two polls is not named (the overflow is then only logged); a namespace
-//! with no process in it cannot be read.
+//! with neither a process nor a name cannot be read, and a named one cannot without
+//! CAP_SYS_ADMIN. An open `netstat` keeps its namespace alive until the next rescan (10 s)
+//! finds the namespace gone.
 
 use std::{
     collections::{BTreeMap, HashMap},
+    fs::File,
+    io::{Read as _, Seek as _, SeekFrom},
     net::SocketAddr,
-    path::Path,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
+use nix::sched::{CloneFlags, setns};
 use tracing::debug;
 
 use crate::{
@@ -50,8 +59,8 @@ type Counters = BTreeMap<&'static str, u64>;
 pub struct OverflowWatch {
     /// Traced ports; empty means all.
     ports: Vec<u16>,
-    /// A process in each namespace, by namespace inode.
-    pids: HashMap<u32, i32>,
+    /// Each namespace read, by inode.
+    sources: HashMap<u32, Source>,
     scanned_at: Instant,
     /// The counters when the namespace was first read (zero for a namespace born after
     /// start-up: everything it counted happened while traced), and at the last poll.
@@ -92,9 +101,55 @@ pub fn tcp_ext_counter(netstat: &str, name: &str) -> Option<u64> {
     tcp_ext_all(netstat)?.find_map(|(n, value)| (n == name).then_some(value))
 }
 
-fn read_counters(pid: i32) -> Option<Counters> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/net/netstat")).ok()?;
-    tcp_ext(&text)
+/// Where one namespace is read: its `netstat`, and a file that opens the namespace (where its
+/// listeners are listed).
+struct Source {
+    ns_path: PathBuf,
+    netstat: File,
+}
+
+impl Source {
+    /// Through a process in namespace `netns`: no setns needed. `None` when the process has
+    /// gone, or its pid now belongs to another namespace.
+    fn of_process(netns: u32, pid: i32) -> Option<Self> {
+        let netstat = File::open(format!("/proc/{pid}/net/netstat")).ok()?;
+        let ns_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
+        // Checked after the open: the file is bound to the namespace the process had then.
+        let same = std::fs::metadata(&ns_path).is_ok_and(|m| m.ino() == u64::from(netns));
+        same.then_some(Self { ns_path, netstat })
+    }
+
+    /// Inside the namespace `ns_path` opens (`/run/netns/NAME`), entered by a short-lived
+    /// thread: a namespace with no process yet.
+    fn of_named(netns: u32, ns_path: &Path) -> Result<Self, String> {
+        let ns = File::open(ns_path).map_err(|e| format!("open {}: {e}", ns_path.display()))?;
+        if !ns.metadata().is_ok_and(|m| m.ino() == u64::from(netns)) {
+            return Err(format!("{} is another namespace now", ns_path.display()));
+        }
+        let netstat = std::thread::Builder::new()
+            .name("netstat-open".into())
+            .spawn(move || {
+                // Only this thread moves; it exits when done. The file stays bound to `ns`.
+                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
+                File::open("/proc/thread-self/net/netstat")
+                    .map_err(|e| format!("open /proc/thread-self/net/netstat: {e}"))
+            })
+            .map_err(|e| format!("spawn: {e}"))?
+            .join()
+            .map_err(|_| "the thread that enters the namespace panicked".to_owned())??;
+        Ok(Self {
+            ns_path: ns_path.to_path_buf(),
+            netstat,
+        })
+    }
+
+    /// The counters now, from the start of the file.
+    fn read(&mut self) -> Option<Counters> {
+        let mut text = String::new();
+        self.netstat.seek(SeekFrom::Start(0)).ok()?;
+        self.netstat.read_to_string(&mut text).ok()?;
+        tcp_ext(&text)
+    }
 }
 
 impl OverflowWatch {
@@ -102,7 +157,7 @@ impl OverflowWatch {
     pub fn new(ports: &[u16]) -> Self {
         let mut w = Self {
             ports: ports.to_vec(),
-            pids: HashMap::new(),
+            sources: HashMap::new(),
             scanned_at: Instant::now(),
             baseline: HashMap::new(),
             last: HashMap::new(),
@@ -132,15 +187,40 @@ impl OverflowWatch {
             .collect()
     }
 
+    /// Finds the namespaces now: a process in each, else its /run/netns name. Those gone
+    /// close their file (it holds the namespace alive); new ones are opened and, the first
+    /// time, get their baseline.
     fn rescan(&mut self) {
-        self.pids = crate::host::netns::processes();
+        let pids = crate::host::netns::processes();
+        let named = crate::host::netns::named();
         self.scanned_at = Instant::now();
-        for (&netns, &pid) in &self.pids {
-            if !self.baseline.contains_key(&netns)
-                && let Some(c) = read_counters(pid)
+        self.sources
+            .retain(|n, _| pids.contains_key(n) || named.contains_key(n));
+        for (&netns, &pid) in &pids {
+            if !self.sources.contains_key(&netns)
+                && let Some(source) = Source::of_process(netns, pid)
             {
-                // A namespace first seen after start-up was created since (a namespace that
-                // had no process at start-up is the exception: its earlier counts show too).
+                self.sources.insert(netns, source);
+            }
+        }
+        for (&netns, path) in &named {
+            if self.sources.contains_key(&netns) {
+                continue;
+            }
+            match Source::of_named(netns, path) {
+                Ok(source) => {
+                    self.sources.insert(netns, source);
+                }
+                Err(error) => debug!(%error, netns, "namespace counters unreadable"),
+            }
+        }
+        for (&netns, source) in &mut self.sources {
+            if !self.baseline.contains_key(&netns)
+                && let Some(c) = source.read()
+            {
+                // A namespace first seen after start-up was created since: everything it
+                // counted happened while traced (one that had neither a process nor a name at
+                // start-up is the exception: its earlier counts show too).
                 let base = if self.started {
                     Counters::new()
                 } else {
@@ -158,16 +238,15 @@ impl OverflowWatch {
 
     /// Listeners on traced ports in `pid`'s namespace whose accept queue is full (the kernel's
     /// test: more queued than the backlog), from sock_diag.
-    fn full_listeners(&self, pid: i32) -> Vec<(SocketAddr, u32, u32)> {
-        let path = format!("/proc/{pid}/ns/net");
-        match sockdiag::listeners(Path::new(&path), None) {
+    fn full_listeners(&self, ns_path: &Path) -> Vec<(SocketAddr, u32, u32)> {
+        match sockdiag::listeners(ns_path, None) {
             Ok(all) => all
                 .into_iter()
                 .filter(|l| self.traced(l.addr.port()) && l.accept_queue > l.backlog)
                 .map(|l| (l.addr, l.accept_queue, l.backlog))
                 .collect(),
             Err(error) => {
-                debug!(%error, pid, "listen queues unreadable");
+                debug!(%error, path = %ns_path.display(), "listen queues unreadable");
                 Vec::new()
             }
         }
@@ -180,9 +259,9 @@ impl OverflowWatch {
             self.rescan();
         }
         let mut events = Vec::new();
-        let pids: Vec<(u32, i32)> = self.pids.iter().map(|(&n, &p)| (n, p)).collect();
-        for (netns, pid) in pids {
-            let Some(counters) = read_counters(pid) else {
+        let mut grown = Vec::new();
+        for (&netns, source) in &mut self.sources {
+            let Some(counters) = source.read() else {
                 continue;
             };
             let overflows = |c: &Counters| c.get("ListenOverflows").copied().unwrap_or(0);
@@ -191,15 +270,16 @@ impl OverflowWatch {
                 .last
                 .insert(netns, counters)
                 .map_or(now, |c| overflows(&c));
-            if now <= before {
-                continue;
+            if now > before {
+                grown.push((netns, now - before, source.ns_path.clone()));
             }
-            let full = self.full_listeners(pid);
+        }
+        for (netns, overflows, ns_path) in grown {
+            let full = self.full_listeners(&ns_path);
             if full.is_empty() {
                 debug!(
                     netns,
-                    overflows = now - before,
-                    "listen overflows, but no traced listener is full now"
+                    overflows, "listen overflows, but no traced listener is full now"
                 );
             }
             for (listener, accept_queue, backlog) in full {
@@ -215,7 +295,7 @@ impl OverflowWatch {
                     listener,
                     accept_queue,
                     backlog,
-                    overflows: now - before,
+                    overflows,
                 });
             }
         }

@@ -54,10 +54,8 @@ pub fn path(netns: u32) -> Option<PathBuf> {
         .find(|p| inode_is(p))
 }
 
-/// Every network namespace visible now: inode → a file that opens it. `/run/netns` names
-/// (`ip netns add`: they may have no process) are preferred to `/proc/PID/ns/net`, which
-/// vanish with their process.
-pub fn paths() -> HashMap<u32, PathBuf> {
+/// The namespaces named under /run/netns (`ip netns add`), by inode: the first name of each.
+pub fn named() -> HashMap<u32, PathBuf> {
     let mut paths = HashMap::new();
     let named = std::fs::read_dir("/run/netns").into_iter().flatten();
     for path in named.filter_map(Result::ok).map(|e| e.path()) {
@@ -67,6 +65,14 @@ pub fn paths() -> HashMap<u32, PathBuf> {
             paths.entry(netns).or_insert(path);
         }
     }
+    paths
+}
+
+/// Every network namespace visible now: inode → a file that opens it. `/run/netns` names
+/// (`ip netns add`: they may have no process) are preferred to `/proc/PID/ns/net`, which
+/// vanish with their process.
+pub fn paths() -> HashMap<u32, PathBuf> {
+    let mut paths = named();
     for (netns, pid) in processes() {
         paths
             .entry(netns)
