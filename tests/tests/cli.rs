@@ -73,22 +73,29 @@ fn unwritable_output_fails_before_loading_anything() {
     );
 }
 
-#[test]
-fn closed_pipe_is_a_normal_exit() {
-    require_root();
+/// Starts conntrace with `args` and stdout piped, reads its ready line, then closes the pipe
+/// (like `conntrace --json | head -1`).
+fn reader_leaves_after_ready(args: &[&str]) -> Proc {
     let mut conntrace = Proc::spawn(
         Command::new(conntrace_bin())
-            .args(["--port", "3306", "--json", "--duration", "2s"])
+            .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
         "conntrace",
     );
-    // Like `conntrace --json | head -1`: read the ready line, then close the pipe.
     let mut first = String::new();
     BufReader::new(conntrace.child.stdout.take().expect("stdout"))
         .read_line(&mut first)
         .expect("read");
     assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
+    conntrace
+}
+
+#[test]
+fn closed_pipe_is_a_normal_exit() {
+    require_root();
+    let mut conntrace =
+        reader_leaves_after_ready(&["--port", "3306", "--json", "--duration", "2s"]);
     let status = conntrace.wait(Duration::from_secs(15), "conntrace with a closed pipe");
     assert_eq!(
         status.code(),
@@ -102,18 +109,7 @@ fn a_closed_pipe_ends_a_quiet_run_that_has_nothing_to_write() {
     require_root();
     // No --duration and no traffic: quiet mode writes nothing after the ready line, so the
     // closed pipe must be noticed without a write.
-    let mut conntrace = Proc::spawn(
-        Command::new(conntrace_bin())
-            .args(["--port", "3306", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null()),
-        "conntrace",
-    );
-    let mut first = String::new();
-    BufReader::new(conntrace.child.stdout.take().expect("stdout"))
-        .read_line(&mut first)
-        .expect("read");
-    assert!(first.starts_with(r#"{"event":"ready""#), "{first}");
+    let mut conntrace = reader_leaves_after_ready(&["--port", "3306", "--json"]);
     let status = conntrace.wait(
         Duration::from_secs(5),
         "conntrace after its reader closed the pipe",

@@ -236,8 +236,8 @@ impl OverflowWatch {
         self.ports.is_empty() || self.ports.contains(&port)
     }
 
-    /// Listeners on traced ports in `pid`'s namespace whose accept queue is full (the kernel's
-    /// test: more queued than the backlog), from sock_diag.
+    /// Listeners on traced ports in the namespace `ns_path` opens whose accept queue is full
+    /// (the kernel's test: more queued than the backlog), from sock_diag.
     fn full_listeners(&self, ns_path: &Path) -> Vec<(SocketAddr, u32, u32)> {
         match sockdiag::listeners(ns_path, None) {
             Ok(all) => all
