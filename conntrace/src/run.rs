@@ -197,6 +197,7 @@ fn engine_for(cli: &Cli, tracer: &mut Tracer) -> Engine {
         socketless_resets_traced: tracer.socketless_resets_traced,
         show_normal_drops: cli.show_normal_drops,
         quiet: tracer.quiet.is_some(),
+        ports: cli.ports.clone(),
         ..EngineConfig::default()
     })
     .with_listener_lookup(Box::new(ListenerCache::new(tracer.accept_queues.take())))

@@ -32,6 +32,10 @@ pub struct EngineConfig {
     /// userspace's check of connections past the stall timeout (`KernelEvent::Progress`), so
     /// a connection is stuck for want of data or accept() only once a check said so.
     pub quiet: bool,
+    /// The traced ports (`--port`; empty: every port). They tell the side of a connection
+    /// first seen mid-life (opened before conntrace started): the end whose own port is
+    /// traced is the server.
+    pub ports: Vec<u16>,
 }
 
 impl Default for EngineConfig {
@@ -47,6 +51,7 @@ impl Default for EngineConfig {
             expected_comms: Vec::new(),
             show_normal_drops: false,
             quiet: false,
+            ports: Vec::new(),
         }
     }
 }

@@ -285,6 +285,9 @@ impl Engine {
             pid: c.proc.as_ref().map(|p| p.pid),
         };
         self.table.remember_decided(c.sk, decided);
+        if let Some(errno) = c.errno() {
+            self.table.remember_decided_error(c.tuple, now_ns, errno);
+        }
         let ended = rules::closed(&c, &self.cfg);
         if let Some(stall) = c.open_stall() {
             if let Some(v) = rules::stalls::closed_while_stuck(&c, stall, ended) {

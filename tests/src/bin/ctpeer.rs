@@ -5,7 +5,8 @@
 //!                         [--reuseport] [--comm NAME]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
 //!   accepts, holding the listener until killed), sends the greeting (after T ms, in a thread
-//!   per connection, when `--greeting-delay-ms` is given), then either aborts with
+//!   per connection, when `--greeting-delay-ms` is given, and those are waited for before
+//!   exiting after N), then either aborts with
 //!   SO_LINGER 0 (`--linger0`) or waits for the peer to close. `--reuseport` sets
 //!   SO_REUSEADDR and SO_REUSEPORT before bind(), so several servers share the port (each
 //!   socket with its own accept queue); `--comm` renames the process (default `ct-server`).
@@ -125,6 +126,8 @@ fn serve(addr: SocketAddr, args: &[String]) {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
+    // Delayed greetings still to go when the last connection is accepted.
+    let mut delayed = Vec::new();
     for _ in 0..limit {
         let Ok((mut s, _)) = listener.accept() else {
             continue;
@@ -136,35 +139,24 @@ fn serve(addr: SocketAddr, args: &[String]) {
         }
         if let Some(delay) = delay {
             let greeting = greeting.clone();
-            std::thread::spawn(move || {
+            delayed.push(std::thread::spawn(move || {
                 std::thread::sleep(delay);
                 s.write_all(greeting.as_bytes()).ok();
+                if linger0 {
+                    abort(s);
+                    return;
+                }
                 s.set_read_timeout(Some(Duration::from_secs(10))).ok();
                 let mut buf = [0u8; 64];
                 while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
-            });
+            }));
             continue;
         }
         if !greeting.is_empty() {
             s.write_all(greeting.as_bytes()).ok();
         }
         if linger0 {
-            let l = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            // SAFETY: setsockopt with a valid linger struct on our own socket.
-            unsafe {
-                libc::setsockopt(
-                    s.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&l as *const libc::linger).cast(),
-                    size_of::<libc::linger>() as u32,
-                )
-            };
-            std::thread::sleep(Duration::from_millis(50));
-            drop(s);
+            abort(s);
         } else {
             std::thread::spawn(move || {
                 s.set_read_timeout(Some(Duration::from_secs(10))).ok();
@@ -173,6 +165,29 @@ fn serve(addr: SocketAddr, args: &[String]) {
             });
         }
     }
+    for greeting in delayed {
+        greeting.join().ok();
+    }
+}
+
+/// Closes `s` with SO_LINGER 0: the kernel sends a RST instead of a FIN.
+fn abort(s: TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt with a valid linger struct on our own socket.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    drop(s);
 }
 
 /// What a `serve` thread does with one connection (`--hold-ms`, `--respond`, `--report`).

@@ -155,6 +155,21 @@ impl Engine {
                 let c = Conn::new(sk, Side::Client, &meta, tuple, old);
                 self.insert(c, out);
             }
+            (
+                TcpState::Established
+                | TcpState::FinWait1
+                | TcpState::FinWait2
+                | TcpState::CloseWait
+                | TcpState::LastAck
+                | TcpState::Closing
+                | TcpState::TimeWait,
+                _,
+            ) if !known => {
+                // Opened before conntrace started (or its first events were lost): followed
+                // from here, so that how it ends is reported.
+                let side = self.side_of_unseen_start(&tuple);
+                self.insert(Conn::mid_life(sk, side, &meta, tuple, old), out);
+            }
             _ if !known => return,
             _ => {}
         }
@@ -218,10 +233,28 @@ impl Engine {
         }
     }
 
+    /// The side of a connection whose start was not seen, by `tuple` (s = this host): the end
+    /// whose own port is traced and whose peer's is not is the server; where both or neither
+    /// are, the end on the lower port (a service's, not an ephemeral one).
+    fn side_of_unseen_start(&self, tuple: &FourTuple) -> Side {
+        let ports = &self.cfg.ports;
+        let traced = |p: u16| ports.is_empty() || ports.contains(&p);
+        match (traced(tuple.sport), traced(tuple.dport)) {
+            (true, false) => Side::Server,
+            (false, true) => Side::Client,
+            _ if tuple.sport < tuple.dport => Side::Server,
+            _ => Side::Client,
+        }
+    }
+
     /// An error report that came before this connection's full tuple was known; one older
     /// than the connection itself belongs to an earlier socket.
     fn join_orphan_error(&mut self, id: super::state::ConnId) {
-        let Some((tuple, started)) = self.table.get(id).map(|c| (c.tuple, c.started_ns)) else {
+        let Some((tuple, started)) = self
+            .table
+            .get(id)
+            .map(|c| (c.tuple, c.started_bound(self.cfg.grace_ns)))
+        else {
             return;
         };
         if let Some(orphan) = self.table.take_orphan_error(&tuple)
@@ -237,13 +270,18 @@ impl Engine {
             .table
             .id_by_tuple(&tuple)
             .and_then(|id| self.table.get_mut(id))
-            .filter(|c| c.errno().is_none());
+            // One with this errno already (from its close) is the same report again.
+            .filter(|c| c.errno().is_none() || c.errno() == errno);
         match found {
             Some(c) => {
                 c.set_error(errno);
                 c.last_ns = meta.ts_ns;
             }
             None => {
+                if errno.is_some_and(|e| self.table.decided_with_error(&tuple, e)) {
+                    // The report of an error its connection's verdict already gave.
+                    return;
+                }
                 let orphan = OrphanError {
                     ts_ns: meta.ts_ns,
                     errno,

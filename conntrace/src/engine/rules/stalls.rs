@@ -30,6 +30,10 @@ pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64, checked: bool) -> Op
             since_ns,
         });
     }
+    if c.started_before_trace {
+        // When it last received, or whether it was accepted, is older than conntrace.
+        return None;
+    }
     if now_ns < since_ns + timeout_ns || (checked && !c.found_stuck) {
         return None;
     }

@@ -14,14 +14,17 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
     let since = c.established_ns().unwrap_or(at);
     let errno = c.errno().or(c.connect_errno);
     let mut d = ClosedDetail::new(from);
+    // How long it was established, where its start was seen.
+    let established_ms = (!c.started_before_trace).then(|| ms(since, at));
+    d.started_before_trace = c.started_before_trace.then_some(true);
     let (reason, kernel_reason) = if let Some(state) = c.rst_received {
         d.rst_received_in = Some(state);
-        d.established_ms = Some(ms(since, at));
+        d.established_ms = established_ms;
         (Reason::ResetByPeer, errno.unwrap_or(Errno::ECONNRESET))
     } else {
         match errno {
             Some(Errno::ETIMEDOUT) => {
-                d.established_ms = Some(ms(since, at));
+                d.established_ms = established_ms;
                 (Reason::Timeout, Errno::ETIMEDOUT)
             }
             Some(Errno::ECONNRESET) => (Reason::ResetByPeer, Errno::ECONNRESET),

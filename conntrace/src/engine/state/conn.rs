@@ -106,6 +106,8 @@ pub struct Conn {
     pub first_rx_ns: Option<u64>,
     pub first_tx_ns: Option<u64>,
     pub opening: Opening,
+    /// First seen established or closing ([`Conn::mid_life`]): its start is unknown.
+    pub started_before_trace: bool,
 }
 
 impl Conn {
@@ -136,6 +138,32 @@ impl Conn {
             first_rx_ns: None,
             first_tx_ns: None,
             opening: Opening::Normal,
+            started_before_trace: false,
+        }
+    }
+
+    /// A connection first seen in `state`, already established or closing: opened before
+    /// conntrace started, or its first events were lost. Its opening has nothing left to
+    /// report (no `established` verdict, no greeting or accept() stall); how it ends does.
+    pub fn mid_life(sk: u64, side: Side, meta: &Meta, tuple: FourTuple, state: TcpState) -> Self {
+        let mut c = Self::new(sk, side, meta, tuple, state);
+        c.phase = Phase::Established {
+            since_ns: meta.ts_ns,
+            orderly: state != TcpState::Established,
+        };
+        c.report = Report::Established;
+        c.started_before_trace = true;
+        c
+    }
+
+    /// The earliest time a fact about this connection can date from: its start, or for one
+    /// first seen mid-life, `grace_ns` before that (its error report comes just before the
+    /// close that made conntrace see it).
+    pub fn started_bound(&self, grace_ns: u64) -> u64 {
+        if self.started_before_trace {
+            self.started_ns.saturating_sub(grace_ns)
+        } else {
+            self.started_ns
         }
     }
 

@@ -54,6 +54,10 @@ pub struct Table {
     /// Sockets decided recently: a late `connect()` result for the same socket, destination and
     /// process is not a new failure (the address alone may already belong to a new socket).
     recently_decided: HashMap<u64, Decided>,
+    /// The errors of connections decided recently, by tuple: the kernel reports a reset's
+    /// error (`inet_sk_error_report`) after the close that carried it, so a verdict may be
+    /// out before its report comes.
+    decided_errors: HashMap<FourTuple, (u64, Errno)>,
     /// SYNs this host refused without a socket just now: the kernel then frees the SYN with
     /// NO_SOCKET, which is the refusal itself, not another drop.
     recent_refusals: HashMap<AttemptKey, u64>,
@@ -86,6 +90,7 @@ impl Table {
             attempts: HashMap::default(),
             orphan_errors: HashMap::default(),
             recently_decided: HashMap::default(),
+            decided_errors: HashMap::default(),
             recent_refusals: HashMap::default(),
             path_drops: HashMap::default(),
             route_walks: RouteWalks::new(max),
@@ -261,6 +266,21 @@ impl Table {
         self.recently_decided.insert(sk, d);
     }
 
+    /// Remembers that the connection of `tuple`, decided at `at_ns`, had error `errno`.
+    pub fn remember_decided_error(&mut self, tuple: FourTuple, at_ns: u64, errno: Errno) {
+        if self.decided_errors.len() < self.max {
+            self.decided_errors.insert(tuple, (at_ns, errno));
+        }
+    }
+
+    /// Whether a connection of `tuple` decided recently had error `errno`: a report of it
+    /// now repeats what its verdict already says.
+    pub fn decided_with_error(&self, tuple: &FourTuple, errno: Errno) -> bool {
+        self.decided_errors
+            .get(tuple)
+            .is_some_and(|(_, e)| *e == errno)
+    }
+
     pub fn recently_decided(&self, sk: u64) -> Option<&Decided> {
         self.recently_decided.get(&sk)
     }
@@ -313,6 +333,8 @@ impl Table {
         self.recently_decided
             .retain(|_, d| now_ns < d.at_ns + keep_ns);
         self.recent_refusals.retain(|_, at| now_ns < *at + keep_ns);
+        self.decided_errors
+            .retain(|_, (at, _)| now_ns < *at + keep_ns);
         let before = self.orphan_errors.len();
         self.orphan_errors.retain(|_, o| now_ns < o.ts_ns + keep_ns);
         (before - self.orphan_errors.len()) as u64

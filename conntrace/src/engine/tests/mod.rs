@@ -568,6 +568,7 @@ mod drops;
 mod field;
 /// Who accepted the connection (`--expect-comm`).
 mod listeners;
+mod mid_life;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
 mod quiet;

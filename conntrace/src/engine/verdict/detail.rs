@@ -273,9 +273,14 @@ pub struct ClosedDetail {
     /// The state an established connection was in when a RST arrived.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rst_received_in: Option<TcpState>,
-    /// How long it had been established.
+    /// How long it had been established (absent when its start was not seen).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub established_ms: Option<f64>,
+    /// `true`: it was established before conntrace saw it (opened before conntrace started,
+    /// or its first events were lost). How long it had been established is unknown, and the
+    /// verdict's `duration_ms` counts from the first event conntrace saw of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_before_trace: Option<bool>,
     /// `icmp_unreachable`: the ICMP kinds that map to the errno.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub icmp: Option<&'static str>,
@@ -306,6 +311,7 @@ impl ClosedDetail {
             rst_received: None,
             rst_received_in: None,
             established_ms: None,
+            started_before_trace: None,
             icmp: None,
             unanswered_syns: None,
             cause: None,

@@ -1,0 +1,122 @@
+//! Connections first seen mid-life: established before conntrace started (a pooled
+//! connection), so their first event is a close or a shutdown.
+
+use super::*;
+
+/// The close of a socket conntrace never saw open, with the socket's error.
+fn close_with(s: Sock, ts: u64, old: TcpState, errno: Option<i32>) -> KernelEvent {
+    KernelEvent::State {
+        meta: softirq(ts),
+        sk: s.sk,
+        tuple: s.t,
+        old,
+        new: S::Close,
+        sk_err: errno.map(Errno),
+        closing: None,
+    }
+}
+
+fn ports(ports: &[u16]) -> EngineConfig {
+    config(|c| c.ports = ports.to_vec())
+}
+
+#[test]
+fn a_reset_of_a_connection_opened_before_the_trace_is_reset_by_peer() {
+    // The kernel's order: the RST, the close (sk_err set), then the error report.
+    let a = Sock::client(SK_A, SPORT);
+    let (e, out) = run(
+        ports(&[DPORT]),
+        vec![
+            a.rst(10 * SEC),
+            close_with(a, 10 * SEC, S::Established, Some(104)),
+            a.err(10 * SEC, 104),
+        ],
+    );
+    let v = one(out);
+    check(&v, "client failed reset_by_peer ECONNRESET");
+    assert_eq!(who(&v), "-/- 10.77.0.1:40000>10.77.0.2:8080");
+    assert_eq!(detail(&v, "closed_from"), "TCP_ESTABLISHED");
+    assert_eq!(detail(&v, "started_before_trace"), true);
+    assert_eq!(
+        detail(&v, "established_ms"),
+        Value::Null,
+        "its start is unknown"
+    );
+    assert_eq!(
+        totals(&e).2,
+        0,
+        "the error report joined it: {:?}",
+        totals(&e)
+    );
+}
+
+#[test]
+fn an_error_report_just_before_the_close_joins_it() {
+    // Where the error report comes first, it waits as an orphan; the close then claims it.
+    let a = Sock::client(SK_A, SPORT);
+    let (e, out) = run(
+        ports(&[DPORT]),
+        vec![
+            a.err(10 * SEC, 110),
+            close_with(a, 10 * SEC + MS, S::Established, None),
+        ],
+    );
+    check(&one(out), "client failed timeout ETIMEDOUT");
+    assert_eq!(totals(&e).2, 0);
+}
+
+#[test]
+fn the_side_of_a_connection_seen_mid_life_comes_from_the_traced_port() {
+    let server = Sock::server(SK_B);
+    let v = one(run(
+        ports(&[3306]),
+        vec![close_with(server, SEC, S::CloseWait, Some(104))],
+    )
+    .1);
+    check(&v, "server failed reset_by_peer ECONNRESET");
+    // Without a port filter, the end on the lower port is the service's.
+    let v = one(run(
+        ports(&[]),
+        vec![close_with(server, SEC, S::Established, Some(104))],
+    )
+    .1);
+    check(&v, "server failed reset_by_peer ECONNRESET");
+    let client = Sock::client(SK_A, SPORT);
+    let v = one(run(
+        ports(&[]),
+        vec![close_with(client, SEC, S::Established, Some(104))],
+    )
+    .1);
+    check(&v, "client failed reset_by_peer ECONNRESET");
+}
+
+#[test]
+fn an_orderly_end_or_an_idle_pooled_connection_gives_nothing() {
+    let a = Sock::client(SK_A, SPORT);
+    // An orderly close (FIN both ways), and one that stays open past every stall timeout:
+    // neither its greeting nor its accept() could be seen, so neither is a stall.
+    let (e, out) = run(
+        ports(&[DPORT]),
+        vec![
+            a.st(SEC, S::Established, S::FinWait1),
+            close_with(a, 2 * SEC, S::FinWait2, None),
+            Sock::client(SK_C, SPORT + 1).st(SEC, S::Established, S::FinWait1),
+        ],
+    );
+    assert!(out.is_empty(), "{out:#?}");
+    assert_eq!(totals(&e).1, 0, "nothing expired unresolved");
+}
+
+#[test]
+fn with_all_no_established_verdict_is_made_up_for_it() {
+    let a = Sock::client(SK_A, SPORT);
+    let cfg = config(|c| {
+        c.report_established = true;
+        c.ports = vec![DPORT];
+    });
+    let (_, out) = run(cfg, vec![close_with(a, SEC, S::Established, None)]);
+    assert!(
+        out.is_empty(),
+        "an application's abort of a pooled connection: {out:#?}"
+    );
+}
