@@ -95,6 +95,8 @@ pub mod unread {
     pub const NETNS: u32 = 1 << 0;
     /// The socket's error at close (`StateChange::sk_err`).
     pub const SK_ERR: u32 = 1 << 1;
+    /// The socket's soft error at close (`StateChange::sk_err_soft`).
+    pub const SK_ERR_SOFT: u32 = 1 << 7;
     /// The answered packet's TCP flags (`Reset::tcp_flags`).
     pub const TCP_FLAGS: u32 = 1 << 2;
     /// The retransmitted segment's length (`Retransmit::bytes`).
@@ -139,6 +141,10 @@ pub struct StateChange {
     /// before the waiting process can clear it (`inet_sk_error_report` fires later and may see
     /// 0 when the process was faster). 0 otherwise.
     pub sk_err: i32,
+    /// `sk->sk_err_soft` when the new state is CLOSE: an ICMP error that came while a process
+    /// held the socket (the kernel keeps it aside and goes on retransmitting), else 0.
+    pub sk_err_soft: i32,
+    pub _pad: u32,
     /// Quiet mode, a connection userspace follows that starts or ends closing
     /// (`FIN_WAIT1`, `CLOSE_WAIT`, `CLOSE`): what it had done by then ([`progress`] bits),
     /// since no first-data or accept event was sent for it. 0 otherwise.

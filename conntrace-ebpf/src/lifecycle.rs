@@ -179,17 +179,22 @@ fn changed(
         data::forget(skaddr);
     }
     let mut header = header(EventKind::StateChange, size_of::<StateChange>(), netns());
-    let mut sk_err: i32 = 0;
-    if newstate == state::CLOSE && o.sock_err != KernelOffsets::MISSING {
-        // The error, else the soft error (an ICMP that came while the process held it).
-        let soft = o.sock_err_soft;
-        match kread::<i32>(prog, skaddr + o.sock_err as u64) {
-            Some(0) if soft != KernelOffsets::MISSING => match kread(prog, skaddr + soft as u64) {
+    let (mut sk_err, mut sk_err_soft): (i32, i32) = (0, 0);
+    if newstate == state::CLOSE {
+        // The error, and the soft error (an ICMP that came while the process held it).
+        match o.sock_err {
+            KernelOffsets::MISSING => header.unread |= unread::SK_ERR,
+            at => match kread::<i32>(prog, skaddr + at as u64) {
                 Some(e) => sk_err = e,
                 None => header.unread |= unread::SK_ERR,
             },
-            Some(e) => sk_err = e,
-            None => header.unread |= unread::SK_ERR,
+        }
+        match o.sock_err_soft {
+            KernelOffsets::MISSING => header.unread |= unread::SK_ERR_SOFT,
+            at => match kread::<i32>(prog, skaddr + at as u64) {
+                Some(e) => sk_err_soft = e,
+                None => header.unread |= unread::SK_ERR_SOFT,
+            },
         }
     }
     let progress = if quiet::enabled(cfg)
@@ -210,6 +215,8 @@ fn changed(
         oldstate,
         newstate,
         sk_err,
+        sk_err_soft,
+        _pad: 0,
         progress,
     });
 }

@@ -264,7 +264,11 @@ fn icmp_reject(with: &str, errno: i64, errno_name: &str) {
         assert!(c["errno"] == errno_name || c["errno"].is_null(), "{c}");
         let rtx = c["syn_retransmits"].as_u64().expect("count");
         if rtx > 0 {
-            assert_eq!(c["detail"]["unanswered_syns"], rtx, "{c}");
+            // Each retransmitted SYN's predecessor went unanswered, or was answered while
+            // connect() held the socket.
+            let busy = u64::from(c["detail"]["first_answer_while_busy"] == true);
+            let unanswered = c["detail"]["unanswered_syns"].as_u64().unwrap_or(0);
+            assert_eq!(unanswered + busy, rtx, "{c}");
         }
     }
     assert!(
@@ -283,4 +287,56 @@ fn reject_with_icmp_port_unreachable_costs_bursts_a_retransmit() {
 #[test]
 fn reject_with_icmp_host_prohibited_costs_bursts_a_retransmit() {
     icmp_reject("icmp-host-prohibited", 113, "EHOSTUNREACH");
+}
+
+/// One connection against `REJECT --reject-with icmp-host-prohibited`, fresh namespaces (no
+/// ICMP rate limit spent), with a blocking `connect()` or a non-blocking one: the first SYN's
+/// ICMP answer comes back over the veth pair before `connect()` releases the socket, so the
+/// kernel keeps it as a soft error and retransmits the SYN 1 s later; that answer ends the
+/// connection. The verdict says so, and does not call it ICMP rate limiting.
+#[test]
+fn an_icmp_answer_that_came_while_connect_held_the_socket_is_not_rate_limiting() {
+    for how in ["--blocking", "--count"] {
+        let Scenario { hosts, ct, .. } = Scenario::new()
+            .in_server(&[
+                "iptables",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "3306",
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "icmp-host-prohibited",
+            ])
+            .conntrace(&["--port", "3306"]);
+        let args = if how == "--blocking" {
+            vec!["--blocking", "--timeout-ms", "5000"]
+        } else {
+            vec!["--count", "1", "--timeout-ms", "5000"]
+        };
+        let client = connect(&hosts.client, &hosts.server_ip, PORT, &args);
+        let results = client.json_lines(Duration::from_secs(10));
+        assert_eq!(results[0]["errno"], 113, "{how}: {results:?}");
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        let c = only_verdict_in(&values, hosts.client.inode());
+        assert_eq!(c["reason"], "icmp_unreachable", "{how}: {c}");
+        let waited = results[0]["ms"].as_f64().unwrap_or(0.0);
+        println!(
+            "{how}: EHOSTUNREACH after {waited:.1} ms, {} SYN retransmits, detail {}",
+            c["syn_retransmits"], c["detail"]
+        );
+        if c["syn_retransmits"].as_u64() >= Some(1) {
+            assert_eq!(c["detail"]["first_answer_while_busy"], true, "{how}: {c}");
+            assert!(c["detail"].get("unanswered_syns").is_none(), "{how}: {c}");
+        } else {
+            assert!(waited < 900.0, "{how}: a wait without a retransmit: {c}");
+            assert!(
+                c["detail"].get("first_answer_while_busy").is_none(),
+                "{how}: {c}"
+            );
+        }
+    }
 }

@@ -112,9 +112,11 @@ impl Decoder {
                 tuple: four_tuple(&e.tuple),
                 old: TcpState::from_kernel(e.oldstate),
                 new: TcpState::from_kernel(e.newstate),
-                // Unread, like 0, is no error known: the error report may still tell it.
-                sk_err: (e.header.unread & unread::SK_ERR == 0 && e.sk_err > 0)
-                    .then(|| Errno::from_raw(e.sk_err)),
+                // Unread, like 0, is no error known: the error report may still tell it. The
+                // soft error stands in where there is no other (what SO_ERROR hands out).
+                sk_err: errno_read(e.header.unread, unread::SK_ERR, e.sk_err)
+                    .or_else(|| errno_read(e.header.unread, unread::SK_ERR_SOFT, e.sk_err_soft)),
+                sk_err_soft: errno_read(e.header.unread, unread::SK_ERR_SOFT, e.sk_err_soft),
                 closing: (e.progress & progress::READ != 0).then_some(Closing {
                     received: e.progress & progress::RECEIVED != 0,
                     owned: e.progress & progress::OWNED != 0,
@@ -224,6 +226,11 @@ fn route_lookup_failed(e: &RouteError) -> KernelEvent {
     }
 }
 
+/// An errno field the kernel filled (`bit` clear in `unread`), when it holds one.
+fn errno_read(unread: u32, bit: u32, value: i32) -> Option<Errno> {
+    (unread & bit == 0 && value > 0).then(|| Errno::from_raw(value))
+}
+
 #[cfg(test)]
 mod tests {
     use conntrace_common::{EventKind, StateChange, as_bytes, header_for, unread};
@@ -293,22 +300,31 @@ mod tests {
             oldstate: 2,
             newstate: 7,
             sk_err: 111,
+            sk_err_soft: 113,
+            _pad: 0,
             progress: 0,
         };
-        let KernelEvent::State { meta, sk_err, .. } = decoder().decode(as_bytes(&sc)).unwrap()
-        else {
-            panic!("a state change");
+        let decode = |sc: &StateChange| {
+            let KernelEvent::State {
+                meta,
+                sk_err,
+                sk_err_soft,
+                ..
+            } = decoder().decode(as_bytes(sc)).unwrap()
+            else {
+                panic!("a state change");
+            };
+            (meta.netns, sk_err, sk_err_soft)
         };
         assert_eq!(
-            (meta.netns, sk_err),
-            (Some(4_026_531_840), Some(Errno(111)))
+            decode(&sc),
+            (Some(4_026_531_840), Some(Errno(111)), Some(Errno(113)))
         );
+        // The soft error stands in for an error not read, as SO_ERROR would hand it out.
         sc.header.unread = unread::NETNS | unread::SK_ERR;
-        let KernelEvent::State { meta, sk_err, .. } = decoder().decode(as_bytes(&sc)).unwrap()
-        else {
-            panic!("a state change");
-        };
-        assert_eq!((meta.netns, sk_err), (None, None));
+        assert_eq!(decode(&sc), (None, Some(Errno(113)), Some(Errno(113))));
+        sc.header.unread = unread::NETNS | unread::SK_ERR | unread::SK_ERR_SOFT;
+        assert_eq!(decode(&sc), (None, None, None));
         // No namespace at all (0) is absent too, never netns 0.
         sc.header.unread = 0;
         sc.header.netns = 0;

@@ -74,6 +74,9 @@ pub fn concrete(v: &Verdict) -> String {
             let hook = facts.hook.map_or("a netfilter", NfHook::chain_name);
             format!("{hook} rule `{rule}` drops it; to accept this peer: `{cmd}`")
         }
+        Reason::IcmpUnreachable if v.detail.first_answer_while_busy() => {
+            "the ICMP answer to the first SYN came while connect() still held the socket: the kernel set it aside and the client waited for its SYN retransmit; `-j REJECT --reject-with tcp-reset` fails at once, or accept the port".into()
+        }
         Reason::NetfilterReject | Reason::IcmpUnreachable
             if drops
                 .and_then(|d| d.reject_with.as_deref())

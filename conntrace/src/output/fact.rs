@@ -196,15 +196,22 @@ pub(super) fn key_fact(v: &Verdict) -> String {
             _ => errno,
         },
         _ => {
-            let unanswered = v
-                .detail
-                .unanswered_syns()
-                .map(|n| format!(", {n} SYNs unanswered first"))
-                .unwrap_or_default();
+            let unanswered = match v.detail.unanswered_syns() {
+                Some(n) => format!(", {}", unanswered_syns(n)),
+                None if v.detail.first_answer_while_busy() => {
+                    ", first answer came during connect()".to_owned()
+                }
+                None => String::new(),
+            };
             match (&v.errno, &v.kernel_reason) {
                 (Some(e), Some(k)) if e.to_string() != *k => format!("{e} ({k}){unanswered}"),
                 _ => format!("{errno}{unanswered}{syns}"),
             }
         }
     }
+}
+
+/// "1 SYN unanswered first", "2 SYNs unanswered first".
+pub fn unanswered_syns(n: u32) -> String {
+    format!("{n} SYN{} unanswered first", if n == 1 { "" } else { "s" })
 }

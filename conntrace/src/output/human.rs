@@ -184,7 +184,10 @@ fn facts(v: &Verdict) -> Vec<String> {
         out.push(format!("accept queue {q}/{b}"));
     }
     if let Some(n) = v.detail.unanswered_syns() {
-        out.push(format!("{n} SYNs unanswered first"));
+        out.push(super::fact::unanswered_syns(n));
+    }
+    if v.detail.first_answer_while_busy() {
+        out.push("first answer came during connect()".to_owned());
     }
     out
 }

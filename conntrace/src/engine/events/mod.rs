@@ -14,6 +14,14 @@ use super::{
     verdict::{Side, Verdict},
 };
 
+/// A socket's errors at its close.
+struct SocketErrors {
+    /// `sk_err`, else `sk_err_soft`.
+    error: Option<Errno>,
+    /// `sk_err_soft`.
+    soft: Option<Errno>,
+}
+
 impl Engine {
     /// Applies one event to the state, pushing the verdicts it completes.
     pub(super) fn apply(&mut self, ev: KernelEvent, out: &mut Vec<Verdict>) {
@@ -25,12 +33,17 @@ impl Engine {
                 old,
                 new,
                 sk_err,
+                sk_err_soft,
                 closing,
             } => {
                 if let Some(closing) = closing {
                     self.on_closing(&meta, sk, closing, out);
                 }
-                self.on_state(meta, sk, tuple, (old, new, sk_err), out);
+                let errors = SocketErrors {
+                    error: sk_err,
+                    soft: sk_err_soft,
+                };
+                self.on_state(meta, sk, tuple, (old, new, errors), out);
             }
             KernelEvent::SocketError { meta, tuple, errno } => {
                 self.on_socket_error(&meta, tuple, errno);
@@ -122,7 +135,7 @@ impl Engine {
         meta: Meta,
         sk: u64,
         tuple: FourTuple,
-        (old, new, sk_err): (TcpState, TcpState, Option<Errno>),
+        (old, new, errors): (TcpState, TcpState, SocketErrors),
         out: &mut Vec<Verdict>,
     ) {
         let ts = meta.ts_ns;
@@ -217,9 +230,10 @@ impl Engine {
             }
             TcpState::Close => {
                 c.close(ts, old);
-                if let Some(errno) = sk_err {
+                if let Some(errno) = errors.error {
                     c.set_error(Some(errno));
                 }
+                c.soft_errno = errors.soft;
             }
             _ => {}
         }

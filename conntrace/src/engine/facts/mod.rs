@@ -207,8 +207,11 @@ pub enum KernelEvent {
         tuple: FourTuple,
         old: TcpState,
         new: TcpState,
-        /// On a change to CLOSE: the socket's error, if it had one.
+        /// On a change to CLOSE: the socket's error, if it had one (else its soft error).
         sk_err: Option<Errno>,
+        /// On a change to CLOSE: the socket's soft error (`sk_err_soft`), if it had one: an
+        /// ICMP error that came while a process held the socket.
+        sk_err_soft: Option<Errno>,
         /// Quiet mode, a connection userspace follows that starts or ends closing: what it
         /// had done by then. `None` when not read.
         closing: Option<Closing>,

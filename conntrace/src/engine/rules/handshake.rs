@@ -94,13 +94,22 @@ fn client_error(
     }
 }
 
-/// An ICMP answer that came only to a retransmitted SYN: the first SYNs went unanswered. A
+/// An ICMP answer that ended a retransmitted SYN. Either the first SYNs went unanswered: a
 /// REJECT's ICMP is rate-limited per destination (`net.ipv4.icmp_ratelimit`, 1 s after a burst
-/// of 6), so a client opening connections quickly waits for its SYN retransmits.
+/// of 6), so a client opening connections quickly waits for its SYN retransmits. Or the first
+/// SYN's answer came while `connect()` still held the socket (on a fast path it comes back
+/// before `connect()` returns): the kernel kept it as a soft error, which the socket still has
+/// at its close, and retransmitted.
 fn unanswered_syns(c: &Conn, d: &mut ClosedDetail) {
-    if c.syn_retransmits > 0 {
-        d.unanswered_syns = Some(c.syn_retransmits);
+    if c.syn_retransmits == 0 {
+        return;
     }
+    let mut unanswered = c.syn_retransmits;
+    if c.soft_errno.is_some() {
+        d.first_answer_while_busy = Some(true);
+        unanswered -= 1;
+    }
+    d.unanswered_syns = (unanswered > 0).then_some(unanswered);
 }
 
 /// This host sent a RST because no socket matched the packet. Only a SYN answered that way

@@ -90,6 +90,9 @@ pub struct Conn {
     pub syn_retransmits: u32,
     pub error: SocketError,
     pub connect_errno: Option<Errno>,
+    /// Its soft error at close (`sk_err_soft`): an ICMP error that came while a process held
+    /// the socket; the kernel went on retransmitting.
+    pub soft_errno: Option<Errno>,
     /// State in which a RST was received.
     pub rst_received: Option<TcpState>,
     /// Packets of its handshake the kernel dropped.
@@ -129,6 +132,7 @@ impl Conn {
             syn_retransmits: 0,
             error: SocketError::None,
             connect_errno: None,
+            soft_errno: None,
             rst_received: None,
             drops: Vec::new(),
             late_drops: Vec::new(),

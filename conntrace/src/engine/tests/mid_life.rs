@@ -12,6 +12,7 @@ fn close_with(s: Sock, ts: u64, old: TcpState, errno: Option<i32>) -> KernelEven
         old,
         new: S::Close,
         sk_err: errno.map(Errno),
+        sk_err_soft: None,
         closing: None,
     }
 }

@@ -86,6 +86,7 @@ impl Sock {
             old,
             new,
             sk_err: None,
+            sk_err_soft: None,
             closing: None,
         }
     }
@@ -444,6 +445,46 @@ fn icmp_unreachable() {
     let v = one(run(blind, icmp_error(111)).1);
     check(&v, "client failed refused_no_listener ECONNREFUSED");
     assert_eq!(detail(&v, "icmp"), Value::Null);
+}
+
+/// connect(), a SYN retransmit 1 s later, and its ICMP answer, the socket's soft error at its
+/// close being `soft` (errno, or 0 for none).
+fn icmp_after_retransmit(soft: i32) -> Vec<KernelEvent> {
+    let a = Sock::client(SK_A, SPORT);
+    let mut close = a.st(SEC + 3 * MS, S::SynSent, S::Close);
+    if let KernelEvent::State {
+        sk_err,
+        sk_err_soft,
+        ..
+    } = &mut close
+    {
+        (*sk_err, *sk_err_soft) = (Some(Errno(113)), (soft != 0).then_some(Errno(soft)));
+    }
+    let rtx = a.rtx(SEC + 2 * MS);
+    vec![
+        a.connect(MS, 100, "client"),
+        rtx,
+        a.err(SEC + 3 * MS, 113),
+        close,
+    ]
+}
+
+#[test]
+fn an_icmp_answer_to_a_retransmitted_syn_counts_the_unanswered_ones() {
+    let v = run_default(icmp_after_retransmit(0));
+    check(&v, "client failed icmp_unreachable EHOSTUNREACH");
+    assert_eq!(detail(&v, "unanswered_syns"), 1);
+    assert_eq!(detail(&v, "first_answer_while_busy"), Value::Null);
+}
+
+#[test]
+fn a_first_answer_that_came_while_connect_held_the_socket_is_not_an_unanswered_syn() {
+    // The ICMP for the first SYN came back before connect() released the socket: the kernel
+    // kept it in sk_err_soft, retransmitted, and the second ICMP closed the socket.
+    let v = run_default(icmp_after_retransmit(113));
+    check(&v, "client failed icmp_unreachable EHOSTUNREACH");
+    assert_eq!(detail(&v, "unanswered_syns"), Value::Null, "{v:#?}");
+    assert_eq!(detail(&v, "first_answer_while_busy"), true);
 }
 
 #[test]

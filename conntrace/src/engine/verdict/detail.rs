@@ -287,6 +287,12 @@ pub struct ClosedDetail {
     /// SYNs that got no answer before one was answered (ICMP rate limiting).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub unanswered_syns: Option<u32>,
+    /// `true`: the first SYN's ICMP answer came while `connect()` still held the socket. The
+    /// kernel set it aside as a soft error (`sk_err_soft`) and retransmitted the SYN; the
+    /// retransmission's answer ended the connection. The wait was the retransmission timeout,
+    /// not ICMP rate limiting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_answer_while_busy: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cause: Option<SynTimeoutCause>,
     /// `syn_timeout`: after how long.
@@ -314,6 +320,7 @@ impl ClosedDetail {
             started_before_trace: None,
             icmp: None,
             unanswered_syns: None,
+            first_answer_while_busy: None,
             cause: None,
             after_ms: None,
             retransmits: None,
@@ -466,5 +473,10 @@ impl Detail {
             Self::Closed(d) => d.unanswered_syns,
             _ => None,
         }
+    }
+
+    /// Whether the first SYN's ICMP answer came while `connect()` held the socket.
+    pub fn first_answer_while_busy(&self) -> bool {
+        matches!(self, Self::Closed(d) if d.first_answer_while_busy == Some(true))
     }
 }
