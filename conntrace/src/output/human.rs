@@ -1,9 +1,10 @@
-//! Readable lines. By default one compact line per verdict that fits 120 columns (time of day
-//! in UTC, side, reason, the connection as client -> server, who, and the one fact that
-//! matters), with the reason's advice printed once, under its first occurrence; `--wide` gives
-//! the full line with every fact and the advice on each. The summary at exit is a table.
+//! Readable lines. By default one compact line per verdict (time of day in UTC, side, reason,
+//! the connection as client -> server, who, and the one fact that matters), cut to 120 columns
+//! on a terminal and whole in a pipe or a file, with the reason's advice printed once, under
+//! its first occurrence; `--wide` gives the full line with every fact and the advice on each.
+//! The summary at exit is a table.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 
 use super::{Clock, Final, Lost, Ready, Record, advice, fact::key_fact, live};
 use crate::{
@@ -16,12 +17,42 @@ use crate::{
 /// Widest compact line, in characters.
 pub const WIDTH: usize = 120;
 
-/// The human format's state: which reasons' advice was already printed.
+/// Distinct pieces of concrete advice kept per reason (another rule, another destination):
+/// each is printed under the first verdict it belongs to, and in the summary.
+pub const ADVICE_PER_REASON: usize = 3;
+
+/// The human format's state: which advice was already printed.
 #[derive(Debug, Default)]
 pub struct Human {
     pub wide: bool,
     pub colour: bool,
-    advised: BTreeSet<Reason>,
+    /// Compact lines are cut to [`WIDTH`] (on a terminal; a pipe or a file gets them whole).
+    pub cut: bool,
+    advised: BTreeMap<Reason, Advised>,
+}
+
+/// The concrete advice given for one reason.
+#[derive(Debug, Default)]
+struct Advised {
+    /// At most [`ADVICE_PER_REASON`], in the order first given.
+    texts: Vec<String>,
+    /// Verdicts whose advice was none of `texts`, once `texts` was full.
+    others: u64,
+}
+
+impl Advised {
+    /// `text` when it was not given yet and there is room for it.
+    fn new_text(&mut self, text: String) -> Option<String> {
+        if self.texts.contains(&text) {
+            return None;
+        }
+        if self.texts.len() == ADVICE_PER_REASON {
+            self.others += 1;
+            return None;
+        }
+        self.texts.push(text.clone());
+        Some(text)
+    }
 }
 
 fn endpoint(addr: Option<std::net::IpAddr>, port: Option<u16>) -> String {
@@ -48,6 +79,11 @@ fn time_of_day(rfc3339: &str) -> &str {
     rfc3339.get(11..23).unwrap_or(rfc3339)
 }
 
+/// "1 verdict", "2 verdicts".
+fn count(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
 /// Cuts `line` to `WIDTH` characters, marking the cut.
 fn fit(mut line: String) -> String {
     if line.chars().count() > WIDTH {
@@ -59,6 +95,16 @@ fn fit(mut line: String) -> String {
         line.push('…');
     }
     line
+}
+
+/// The connection's ends as (client, server), whichever side reports it.
+fn ends(v: &Verdict) -> (String, String) {
+    let here = endpoint(v.saddr, v.sport);
+    let there = endpoint(Some(v.daddr), Some(v.dport));
+    match v.side {
+        Side::Client => (here, there),
+        Side::Server => (there, here),
+    }
 }
 
 /// The namespace, or its container (`podman:mysqld`, `k8s:shop/db-0/mysql`) when it has one.
@@ -76,11 +122,12 @@ fn who(v: &Verdict) -> String {
 }
 
 impl Human {
-    pub fn new(wide: bool, colour: bool) -> Self {
+    pub fn new(wide: bool, colour: bool, cut: bool) -> Self {
         Self {
             wide,
             colour,
-            advised: BTreeSet::new(),
+            cut,
+            advised: BTreeMap::new(),
         }
     }
 
@@ -92,27 +139,21 @@ impl Human {
             Record::Verdict(v) => self.verdict(v, clock),
             Record::Drop(d) => drop_line(d, clock, self.wide),
             Record::Lost(l) => lost(l, clock),
-            Record::Summary(f) => summary(f),
+            Record::Summary(f) => summary(f, &self.advised),
         }
     }
 
-    /// The compact verdict line, and the reason's advice under its first occurrence.
+    /// The compact verdict line, and its concrete advice under the first verdict that needs it.
     fn verdict(&mut self, v: &Verdict, clock: &Clock) -> String {
-        let (client, server) = match v.side {
-            Side::Client => (
-                endpoint(v.saddr, v.sport),
-                endpoint(Some(v.daddr), Some(v.dport)),
-            ),
-            Side::Server => (
-                endpoint(Some(v.daddr), Some(v.dport)),
-                endpoint(v.saddr, v.sport),
-            ),
-        };
+        let (client, server) = ends(v);
         let ts = clock.rfc3339(v.ts_ns);
         let head = format!("{} {} ", time_of_day(&ts), v.side.name());
         let code = format!("{:<19}", v.reason.code());
         let tail = format!(" {client} -> {server} {} {}", who(v), key_fact(v));
-        let mut line = fit(format!("{head}{code}{tail}"));
+        let mut line = format!("{head}{code}{tail}");
+        if self.cut {
+            line = fit(line);
+        }
         if self.colour {
             // Only the plain text counts against the width: colour codes take no column.
             let rest = line.split_off(head.len() + code.len());
@@ -120,9 +161,15 @@ impl Human {
             line.push_str(&live::paint(&code, v.outcome));
             line.push_str(&rest);
         }
-        if v.outcome != Outcome::Established && self.advised.insert(v.reason) {
+        if v.outcome != Outcome::Established
+            && let Some(text) = self
+                .advised
+                .entry(v.reason)
+                .or_default()
+                .new_text(advice::concrete(v))
+        {
             line.push('\n');
-            line.push_str(&wrap("  what to do: ", &advice::concrete(v)));
+            line.push_str(&wrap("  what to do: ", &text));
         }
         line
     }
@@ -210,11 +257,10 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
     } else {
         format!("{label:<11}")
     };
+    let (client, server) = ends(v);
     let mut line = format!(
-        "{} {side:<6} {label} {} -> {} {who} {} ({}",
+        "{} {side:<6} {label} {client} -> {server} {who} {} ({}",
         clock.rfc3339(v.ts_ns),
-        endpoint(v.saddr, v.sport),
-        endpoint(Some(v.daddr), Some(v.dport)),
         match &v.container {
             Some(c) => format!("{} {}", netns(v.netns), c.short()),
             None => netns(v.netns),
@@ -222,8 +268,10 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
         v.kernel_reason.as_deref().unwrap_or("-"),
     );
     line.push_str(&format!(", {:.1} ms", v.duration_ms));
-    if v.syn_retransmits > 0 {
-        line.push_str(&format!(", {} SYN retransmits", v.syn_retransmits));
+    match v.syn_retransmits {
+        0 => {}
+        1 => line.push_str(", 1 SYN retransmit"),
+        n => line.push_str(&format!(", {n} SYN retransmits")),
     }
     line.push(')');
     let facts = facts(v);
@@ -248,9 +296,9 @@ fn ready(r: &Ready, wide: bool) -> String {
             .join(",")
     };
     let mut line = format!(
-        "conntrace ready: tracing TCP {ports} on kernel {} ({} programs",
+        "conntrace ready: tracing TCP {ports} on kernel {} ({}",
         r.kernel,
-        r.programs.len(),
+        count(r.programs.len() as u64, "program"),
     );
     if wide {
         let paths: Vec<String> = r
@@ -295,14 +343,15 @@ fn lost(l: &Lost, clock: &Clock) -> String {
     )
 }
 
-/// The summary table printed at exit: counts and concrete advice per reason, the top failing
-/// peers and ports, and the handshake-time percentiles.
-fn summary(f: &Final<'_>) -> String {
+/// The summary table printed at exit: counts and concrete advice per reason (each piece the
+/// compact lines gave, else the first verdict's), the top failing peers and ports, and the
+/// handshake-time percentiles.
+fn summary(f: &Final<'_>, advised: &BTreeMap<Reason, Advised>) -> String {
     let s = f.summary;
     let mut out = format!(
-        "summary: {} verdicts, {} kernel events, {} lost, {} expired unresolved, in {:.1} s",
-        s.by_outcome.values().sum::<u64>(),
-        s.events,
+        "summary: {}, {}, {} lost, {} expired unresolved, in {:.1} s",
+        count(s.by_outcome.values().sum::<u64>(), "verdict"),
+        count(s.events, "kernel event"),
         f.lost_events,
         s.expired_unresolved,
         f.duration_ms / 1000.0
@@ -310,11 +359,27 @@ fn summary(f: &Final<'_>) -> String {
     if !s.by_reason.is_empty() {
         out.push_str("\n  reason                    count  what to do");
         for (reason, n) in &s.by_reason {
-            let advice = s
-                .examples
-                .get(reason)
-                .map_or_else(|| reason.advice().to_owned(), advice::concrete);
-            out.push_str(&format!("\n  {:<24} {n:>6}  {advice}", reason.code()));
+            let given = advised.get(reason).filter(|a| !a.texts.is_empty());
+            let first = given.map_or_else(
+                || {
+                    s.examples
+                        .get(reason)
+                        .map_or_else(|| reason.advice().to_owned(), advice::concrete)
+                },
+                |a| a.texts[0].clone(),
+            );
+            out.push_str(&format!("\n  {:<24} {n:>6}  {first}", reason.code()));
+            let indent = " ".repeat(2 + 24 + 1 + 6 + 2);
+            for text in given.iter().flat_map(|a| &a.texts[1..]) {
+                out.push_str(&format!("\n{indent}{text}"));
+            }
+            if let Some(a) = given.filter(|a| a.others > 0) {
+                let others = a.others;
+                let s = if others == 1 { "" } else { "s" };
+                out.push_str(&format!(
+                    "\n{indent}({others} more verdict{s} with other specifics: --wide or --json names them)"
+                ));
+            }
         }
     }
     let peers = Summary::top(&s.failing_peers, 5);
@@ -336,7 +401,8 @@ fn summary(f: &Final<'_>) -> String {
     }
     if let Some((n, p50, p90, p99, max)) = s.latency_percentiles() {
         out.push_str(&format!(
-            "\n  connect latency ({n} handshakes): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms"
+            "\n  connect latency ({}): p50 {p50:.2} ms, p90 {p90:.2} ms, p99 {p99:.2} ms, max {max:.2} ms",
+            count(n, "handshake")
         ));
     }
     for m in f.cookie_mismatches() {

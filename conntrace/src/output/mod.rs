@@ -132,7 +132,9 @@ impl Output {
             out: BufWriter::new(sink),
             human: match format {
                 Format::Json => None,
-                Format::Human { wide } => Some(human::Human::new(wide, live.is_some())),
+                Format::Human { wide } => {
+                    Some(human::Human::new(wide, live.is_some(), live.is_some()))
+                }
             },
             clock,
             node: None,

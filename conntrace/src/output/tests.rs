@@ -363,20 +363,20 @@ fn containers_in_json_and_in_human_lines() {
         "{line}"
     );
     let c = clock();
-    let compact = Human::new(false, false).text(&Record::Verdict(&v), &c);
+    let compact = Human::new(false, false, true).text(&Record::Verdict(&v), &c);
     assert!(
         compact.starts_with("00:00:02.123 server netfilter_drop      10.77.0.1:40000 -> 10.77.0.2:3306 podman:mysqld INPUT"),
         "{compact}"
     );
-    let drop = Human::new(false, false).text(&Record::Drop(&d), &c);
+    let drop = Human::new(false, false, true).text(&Record::Drop(&d), &c);
     assert!(drop.contains(" k8s:shop/db-0/mysql "), "{drop}");
-    let wide = Human::new(true, false).text(&Record::Verdict(&v), &c);
+    let wide = Human::new(true, false, true).text(&Record::Verdict(&v), &c);
     assert!(wide.contains(" netns:4026532246 podman:mysqld ("), "{wide}");
 }
 
 #[test]
 fn human_compact_verdicts_fit_120_columns_with_the_advice_once() {
-    let mut h = Human::new(false, false);
+    let mut h = Human::new(false, false, true);
     let c = clock();
     let first = h.text(&Record::Verdict(&netfilter_drop()), &c);
     assert_eq!(
@@ -401,7 +401,7 @@ fn human_compact_verdicts_fit_120_columns_with_the_advice_once() {
         "00:00:02.123 client stalled_no_greeting 10.77.0.1:40000 -> 10.77.0.2:3306 ct-client[7221] stuck 2030 ms"
     );
     for v in [netfilter_drop(), syn_timeout(), stalled()] {
-        for line in Human::new(false, false)
+        for line in Human::new(false, false, true)
             .text(&Record::Verdict(&v), &c)
             .lines()
         {
@@ -411,15 +411,35 @@ fn human_compact_verdicts_fit_120_columns_with_the_advice_once() {
 }
 
 #[test]
+fn compact_lines_are_cut_on_a_terminal_and_whole_in_a_pipe_or_a_file() {
+    let c = clock();
+    let mut v = netfilter_drop();
+    v.saddr = Some("2001:db8:aaaa:bbbb:cccc:dddd:eeee:1".parse().unwrap());
+    v.daddr = "2001:db8:aaaa:bbbb:cccc:dddd:eeee:2".parse().unwrap();
+    let line = |cut: bool| {
+        let text = Human::new(false, false, cut).text(&Record::Verdict(&v), &c);
+        text.lines().next().unwrap().to_owned()
+    };
+    let (terminal, pipe) = (line(true), line(false));
+    assert_eq!(terminal.chars().count(), 120, "{terminal}");
+    assert!(terminal.ends_with('…'), "{terminal}");
+    assert!(pipe.chars().count() > 120, "{pipe}");
+    assert!(
+        pipe.ends_with("netns:4026532246 INPUT `tcp dport 3306 drop`"),
+        "{pipe}"
+    );
+}
+
+#[test]
 fn human_wide_verdict_drop_and_lost() {
     let c = clock();
-    let mut h = Human::new(true, false);
+    let mut h = Human::new(true, false, true);
     assert_eq!(
         h.text(&Record::Verdict(&netfilter_drop()), &c),
-        "2026-11-30T00:00:02.123456Z server netfilter_drop 10.77.0.2:3306 -> 10.77.0.1:40000 - netns:4026532246 (NETFILTER_DROP, 2040.5 ms, 2 SYN retransmits) [hook INPUT, rule ip filter INPUT: tcp dport 3306 drop] — a firewall rule dropped the handshake (see detail.hook and detail.rule): allow the port, or make the rule REJECT with tcp-reset so clients fail at once"
+        "2026-11-30T00:00:02.123456Z server netfilter_drop 10.77.0.1:40000 -> 10.77.0.2:3306 - netns:4026532246 (NETFILTER_DROP, 2040.5 ms, 2 SYN retransmits) [hook INPUT, rule ip filter INPUT: tcp dport 3306 drop] — a firewall rule dropped the handshake (see detail.hook and detail.rule): allow the port, or make the rule REJECT with tcp-reset so clients fail at once"
     );
     assert_eq!(
-        Human::new(false, false).text(&Record::Drop(&drop_record()), &c),
+        Human::new(false, false, true).text(&Record::Drop(&drop_record()), &c),
         "00:00:03.000 drop   TCP_ABORT_ON_DATA   10.77.0.1:40000 <- 10.77.0.2:3306 netns:4026532177 ACK|PSH at tcp_v4_do_rcv+0x7c"
     );
     let lost = Lost {
@@ -432,8 +452,8 @@ fn human_wide_verdict_drop_and_lost() {
         "2026-11-30T00:00:04.000000Z LOST 4 kernel events (total 9): verdicts may be missing; raise --ring-buffer-bytes"
     );
     assert_eq!(
-        Human::new(false, false).text(&Record::Ready(&ready()), &c),
-        "conntrace ready: tracing TCP 3306 on kernel 6.18.44 (1 programs); times are UTC"
+        Human::new(false, false, true).text(&Record::Ready(&ready()), &c),
+        "conntrace ready: tracing TCP 3306 on kernel 6.18.44 (1 program); times are UTC"
     );
 }
 
@@ -456,7 +476,7 @@ fn human_summary_table() {
         programs: None,
     };
     assert_eq!(
-        Human::new(false, false).text(&Record::Summary(f), &clock()),
+        Human::new(false, false, true).text(&Record::Summary(f), &clock()),
         "summary: 2 verdicts, 33 kernel events, 0 lost, 0 expired unresolved, in 22.7 s
   reason                    count  what to do
   syn_timeout                   1  SYNs to 10.77.0.2:3306 went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule
@@ -464,6 +484,50 @@ fn human_summary_table() {
   top failing peers: 10.77.0.1 (1), 10.77.0.2 (1)
   top failing ports: 3306 (2)
   kernel reads that failed (facts left absent): kfree_skb (2)"
+    );
+}
+
+#[test]
+fn each_peer_or_rule_gets_its_own_advice_once_and_the_summary_lists_them() {
+    let c = clock();
+    let (a, mut b) = (netfilter_drop(), netfilter_drop());
+    b.daddr = "10.77.0.9".parse().unwrap();
+    let mut h = Human::new(false, false, true);
+    let advice_of = |h: &mut Human, v: &Verdict| {
+        let text = h.text(&Record::Verdict(v), &c);
+        text.split_once("\n  what to do: ")
+            .map(|(_, a)| a.replace("\n              ", " "))
+    };
+    let first = advice_of(&mut h, &a).expect("the first verdict's advice");
+    assert!(first.contains("-s 10.77.0.1 "), "{first}");
+    assert_eq!(advice_of(&mut h, &a), None, "the same advice once");
+    let other = advice_of(&mut h, &b).expect("another peer's own advice");
+    assert!(other.contains("-s 10.77.0.9 "), "{other}");
+    let mut s = Summary::default();
+    for v in [&a, &a, &b] {
+        s.count(v);
+    }
+    let f = Final {
+        ts_ns: 0,
+        summary: &s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms: 1_000.0,
+        tracked_at_exit: 0,
+        tcp_counters: BTreeMap::new(),
+        read_failures: BTreeMap::new(),
+        all_ports: false,
+        programs: None,
+    };
+    let table = h.text(&Record::Summary(f), &c);
+    let rows: Vec<&str> = table.lines().skip(2).take(2).collect();
+    assert_eq!(
+        rows,
+        [
+            "  netfilter_drop                3  INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.77.0.1 --dport 3306 -j ACCEPT`",
+            "                                   INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.77.0.9 --dport 3306 -j ACCEPT`",
+        ],
+        "{table}"
     );
 }
 
@@ -534,7 +598,7 @@ fn summary_with_bpf_stats_lists_the_programs_costs() {
     let value: serde_json::Value = serde_json::from_str(&line).expect("JSON");
     assert!(jsonschema::is_valid(&schema, &value), "{line}");
     assert_eq!(
-        Human::new(false, false).text(&Record::Summary(f.clone()), &clock()),
+        Human::new(false, false, true).text(&Record::Summary(f.clone()), &clock()),
         "summary: 0 verdicts, 0 kernel events, 0 lost, 0 expired unresolved, in 1.0 s
   eBPF program (--bpf-stats)            runs   ns/run  run time ms
   inet_sock_set_state                  800000      245      196.000
