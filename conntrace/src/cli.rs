@@ -30,11 +30,12 @@ pub struct Cli {
     pub json: bool,
 
     /// Readable lines with every fact and the advice on each verdict's line, instead of one
-    /// compact line (120 columns) per verdict with the advice once per reason.
+    /// compact line per verdict (cut to 120 columns on a terminal) with each advice once.
     #[arg(long, conflicts_with = "json")]
     pub wide: bool,
 
-    /// Write records to FILE (created with mode 0600) instead of stdout.
+    /// Write records to FILE instead of stdout: created with mode 0600, or emptied first when
+    /// it exists (like a shell's `>`).
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
@@ -43,7 +44,8 @@ pub struct Cli {
     pub duration: Option<Duration>,
 
     /// How long an established connection may go without receiving data (client) or being
-    /// accepted (server) before it is reported stalled; 0 turns stall verdicts off.
+    /// accepted (server) before it is reported stalled: 100ms to 30m, or 0 to turn stall
+    /// verdicts off.
     #[arg(long, value_name = "D", default_value = "3s", value_parser = parse_stall_timeout)]
     pub stall_timeout: Duration,
 
@@ -299,13 +301,34 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Like [`parse_duration`], but `0` is allowed: it turns stall verdicts off.
+/// Shortest `--stall-timeout`: connections are checked for stalls every 100 ms.
+pub const STALL_TIMEOUT_MIN: Duration = Duration::from_millis(100);
+/// Longest `--stall-timeout`: a connection without any event for an hour is forgotten, so a
+/// longer timeout could never fire.
+pub const STALL_TIMEOUT_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// A `--stall-timeout`: 0 (stall verdicts off), or from [`STALL_TIMEOUT_MIN`] to
+/// [`STALL_TIMEOUT_MAX`].
 pub fn parse_stall_timeout(s: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(s.trim()) {
-        Ok(d) => Ok(d),
-        Err(_) if s.trim() == "0" => Ok(Duration::ZERO),
-        Err(e) => Err(format!("`{s}` is not a duration like 3s or 500ms: {e}")),
+    let d = match humantime::parse_duration(s.trim()) {
+        Ok(d) => d,
+        Err(_) if s.trim() == "0" => return Ok(Duration::ZERO),
+        Err(e) => return Err(format!("`{s}` is not a duration like 3s or 500ms: {e}")),
+    };
+    if d.is_zero() {
+        return Ok(d);
     }
+    if d < STALL_TIMEOUT_MIN {
+        return Err(format!(
+            "`{s}` is shorter than 100ms, how often connections are checked for stalls (0 turns stall verdicts off)"
+        ));
+    }
+    if d > STALL_TIMEOUT_MAX {
+        return Err(format!(
+            "`{s}` is longer than 30m: a connection without any event for an hour is forgotten"
+        ));
+    }
+    Ok(d)
 }
 
 pub fn parse_ring_bytes(s: &str) -> Result<u32, String> {
@@ -404,6 +427,15 @@ mod tests {
             Ok(Duration::from_millis(1500))
         );
         assert!(parse_stall_timeout("soon").is_err());
+        assert_eq!(parse_stall_timeout("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_stall_timeout("100ms"), Ok(STALL_TIMEOUT_MIN));
+        assert_eq!(parse_stall_timeout("30m"), Ok(STALL_TIMEOUT_MAX));
+        for short in ["1ns", "99ms"] {
+            let e = parse_stall_timeout(short).unwrap_err();
+            assert!(e.contains("shorter than 100ms"), "{short}: {e}");
+        }
+        let e = parse_stall_timeout("2h").unwrap_err();
+        assert!(e.contains("longer than 30m"), "{e}");
         let cli = Cli::try_parse_from(["conntrace", "--duration", "2s", "--stall-timeout", "1s"])
             .expect("parse");
         assert_eq!(cli.duration, Some(Duration::from_secs(2)));

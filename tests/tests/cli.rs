@@ -35,6 +35,8 @@ fn invalid_ports_and_durations_are_usage_errors() {
         (&["--port", "abc"][..], "is not a port number"),
         (&["--duration", "soon"][..], "is not a duration"),
         (&["--ring-buffer-bytes", "5000"][..], "power of two"),
+        (&["--stall-timeout", "1ns"][..], "shorter than 100ms"),
+        (&["--stall-timeout", "2h"][..], "longer than 30m"),
         (
             &["--all", "--follow", "quiet"][..],
             "cannot be used with --follow quiet",
