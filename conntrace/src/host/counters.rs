@@ -29,12 +29,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sched::{CloneFlags, setns};
 use tracing::debug;
 
 use crate::{
     engine::facts::{KernelEvent, Meta, Proc},
-    host::sockdiag,
+    host::{netns, sockdiag},
 };
 
 /// How often the namespaces are enumerated again (new containers, exited processes).
@@ -122,21 +121,13 @@ impl Source {
     /// Inside the namespace `ns_path` opens (`/run/netns/NAME`), entered by a short-lived
     /// thread: a namespace with no process yet.
     fn of_named(netns: u32, ns_path: &Path) -> Result<Self, String> {
-        let ns = File::open(ns_path).map_err(|e| format!("open {}: {e}", ns_path.display()))?;
-        if !ns.metadata().is_ok_and(|m| m.ino() == u64::from(netns)) {
-            return Err(format!("{} is another namespace now", ns_path.display()));
-        }
-        let netstat = std::thread::Builder::new()
-            .name("netstat-open".into())
-            .spawn(move || {
-                // Only this thread moves; it exits when done. The file stays bound to `ns`.
-                setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
-                File::open("/proc/thread-self/net/netstat")
-                    .map_err(|e| format!("open /proc/thread-self/net/netstat: {e}"))
-            })
-            .map_err(|e| format!("spawn: {e}"))?
-            .join()
-            .map_err(|_| "the thread that enters the namespace panicked".to_owned())??;
+        let ns = netns::open(ns_path, Some(netns)).map_err(|e| e.to_string())?;
+        // The file stays bound to the namespace it was opened in.
+        let netstat = netns::run_in(&ns, ns_path, "netstat-open", || {
+            File::open("/proc/thread-self/net/netstat")
+                .map_err(|e| format!("open /proc/thread-self/net/netstat: {e}"))
+        })
+        .map_err(|e| e.to_string())??;
         Ok(Self {
             ns_path: ns_path.to_path_buf(),
             netstat,

@@ -1,11 +1,110 @@
 //! Network namespaces as /proc shows them: one process in each, by namespace inode (the
 //! `netns` of events and verdicts). Rule counters and TcpExt counters are read through it.
+//! Queries inside a namespace run in a short-lived thread that enters it ([`run_in`],
+//! [`spawn_in`]): only that thread moves, and it exits when done, taking the namespace along.
 
 use std::{
     collections::HashMap,
+    fs::File,
+    io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::mpsc,
+    thread,
 };
+
+use nix::sched::{CloneFlags, setns};
+
+/// Why a thread could not run inside a network namespace, by step.
+#[derive(Debug, thiserror::Error)]
+pub enum EnterError {
+    #[error("open {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error("{path} is namespace {found} now, not {netns}")]
+    Changed {
+        path: PathBuf,
+        netns: u32,
+        found: u64,
+    },
+    #[error("spawn a thread to enter {path}: {source}")]
+    Spawn { path: PathBuf, source: io::Error },
+    #[error("setns(CLONE_NEWNET) into {path}: {source}")]
+    Setns { path: PathBuf, source: nix::Error },
+    #[error("the thread that entered {path} panicked")]
+    Panicked { path: PathBuf },
+}
+
+/// Opens the namespace file at `path` (`/proc/PID/ns/net`, `/run/netns/NAME`), checking it is
+/// namespace `netns` when given (a process may have gone and its pid been reused).
+pub fn open(path: &Path, netns: Option<u32>) -> Result<File, EnterError> {
+    let file = File::open(path).map_err(|source| EnterError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if let Some(netns) = netns {
+        let found = file.metadata().map(|m| m.ino()).unwrap_or(0);
+        if found != u64::from(netns) {
+            let path = path.to_path_buf();
+            return Err(EnterError::Changed { path, netns, found });
+        }
+    }
+    Ok(file)
+}
+
+/// Moves the calling thread into namespace `ns` (opened from `path`) for good.
+fn enter(ns: &File, path: &Path) -> Result<(), EnterError> {
+    setns(ns, CloneFlags::CLONE_NEWNET).map_err(|source| EnterError::Setns {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Runs `f` in a thread named `name` inside namespace `ns` (opened from `path`) and waits for
+/// it. `f` may borrow from the caller. Needs CAP_SYS_ADMIN (setns).
+pub fn run_in<T: Send>(
+    ns: &File,
+    path: &Path,
+    name: &str,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, EnterError> {
+    thread::scope(|scope| {
+        let worker = thread::Builder::new()
+            .name(name.to_owned())
+            .spawn_scoped(scope, || enter(ns, path).map(|()| f()))
+            .map_err(|source| EnterError::Spawn {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        worker.join().map_err(|_| EnterError::Panicked {
+            path: path.to_path_buf(),
+        })?
+    })
+}
+
+/// Starts `f` in a thread named `name` inside namespace `ns` (opened from `path`) without
+/// waiting: its result comes through the receiver, which a caller may stop waiting on
+/// (a query that hangs). The receiver is disconnected without a result if the thread panics.
+pub fn spawn_in<T: Send + 'static>(
+    ns: File,
+    path: &Path,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<mpsc::Receiver<Result<T, EnterError>>, EnterError> {
+    let (tx, rx) = mpsc::sync_channel(1);
+    let thread_path = path.to_path_buf();
+    thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let res = enter(&ns, &thread_path).map(|()| f());
+            // The caller may have given up waiting: nothing to do then.
+            let _ = tx.send(res);
+        })
+        .map_err(|source| EnterError::Spawn {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(rx)
+}
 
 /// A process in every network namespace that has one (the first found), by inode.
 pub fn processes() -> HashMap<u32, i32> {

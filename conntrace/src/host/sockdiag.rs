@@ -11,11 +11,9 @@
 //! namespace never changes.
 
 use std::{
-    fs::File,
     io,
     net::{IpAddr, SocketAddr, SocketAddrV6},
-    path::{Path, PathBuf},
-    thread,
+    path::Path,
 };
 
 use netlink_packet_core::{
@@ -28,7 +26,8 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
-use nix::sched::{CloneFlags, setns};
+
+use super::netns::{self, EnterError};
 
 /// Receive buffer: the kernel fills dump datagrams up to about 32 KiB, so this never truncates.
 const RECV_BUF: usize = 64 * 1024;
@@ -47,12 +46,8 @@ pub struct ListenSocket {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DiagError {
-    #[error("open {path}: {source}")]
-    OpenNamespace { path: PathBuf, source: io::Error },
-    #[error("spawn the diagnostic thread: {0}")]
-    Spawn(io::Error),
-    #[error("setns(CLONE_NEWNET) into {path}: {source}")]
-    Setns { path: PathBuf, source: nix::Error },
+    #[error(transparent)]
+    Enter(#[from] EnterError),
     #[error("netlink socket(NETLINK_SOCK_DIAG): {0}")]
     Socket(io::Error),
     #[error("connect netlink socket to the kernel: {0}")]
@@ -69,29 +64,14 @@ pub enum DiagError {
     Unexpected(&'static str),
     #[error("inet_diag {family} dump failed: {}", io::Error::from_raw_os_error(*.errno))]
     Kernel { family: &'static str, errno: i32 },
-    #[error("the diagnostic thread panicked")]
-    ThreadPanicked,
 }
 
 /// LISTEN sockets on `port` (all ports when `None`), IPv4 and IPv6, in the network namespace
 /// that `ns_path` opens (e.g. `/proc/1234/ns/net` or `/run/netns/foo`). Blocking; needs
 /// CAP_SYS_ADMIN for setns().
 pub fn listeners(ns_path: &Path, port: Option<u16>) -> Result<Vec<ListenSocket>, DiagError> {
-    let ns = File::open(ns_path).map_err(|source| DiagError::OpenNamespace {
-        path: ns_path.to_path_buf(),
-        source,
-    })?;
-    let path = ns_path.to_path_buf();
-    let worker = thread::Builder::new()
-        .name("sockdiag".into())
-        .spawn(move || {
-            // Only this thread moves; it exits when done, taking the namespace with it.
-            setns(&ns, CloneFlags::CLONE_NEWNET)
-                .map_err(|source| DiagError::Setns { path, source })?;
-            dump_listeners(port)
-        })
-        .map_err(DiagError::Spawn)?;
-    worker.join().map_err(|_| DiagError::ThreadPanicked)?
+    let ns = netns::open(ns_path, None)?;
+    netns::run_in(&ns, ns_path, "sockdiag", || dump_listeners(port))?
 }
 
 /// Both families' LISTEN sockets in the current thread's network namespace.
@@ -394,7 +374,10 @@ mod tests {
     #[test]
     fn missing_namespace_is_an_open_error() {
         let err = listeners(Path::new("/nonexistent/ns/net"), None).unwrap_err();
-        assert!(matches!(err, DiagError::OpenNamespace { .. }), "{err:?}");
+        assert!(
+            matches!(err, DiagError::Enter(EnterError::Open { .. })),
+            "{err:?}"
+        );
         assert!(
             err.to_string().starts_with("open /nonexistent/ns/net: "),
             "{err}"

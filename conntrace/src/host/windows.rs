@@ -49,20 +49,8 @@ const RESCAN_EVERY: Duration = Duration::from_secs(10);
 /// Why one namespace's windows could not be read, by step.
 #[derive(Debug, thiserror::Error)]
 pub enum WindowError {
-    #[error("open {path}: {source}")]
-    OpenNamespace { path: PathBuf, source: io::Error },
-    #[error("{path} is namespace {found} now, not {netns}")]
-    NamespaceChanged {
-        path: PathBuf,
-        netns: u32,
-        found: u64,
-    },
-    #[error("spawn the thread that enters the namespace: {0}")]
-    Spawn(io::Error),
-    #[error("setns(CLONE_NEWNET) into {path}: {source}")]
-    Setns { path: PathBuf, source: nix::Error },
-    #[error("the thread that enters the namespace panicked")]
-    ThreadPanicked,
+    #[error(transparent)]
+    Enter(#[from] super::netns::EnterError),
     #[error("netlink socket(NETLINK_SOCK_DIAG): {0}")]
     Socket(io::Error),
     #[error("connect netlink socket to the kernel: {0}")]

@@ -9,10 +9,8 @@
 
 use std::{
     borrow::Cow,
-    fs::File,
     io::{self, Read as _},
-    path::{Path, PathBuf},
-    thread,
+    path::Path,
 };
 
 use aya::{
@@ -20,9 +18,9 @@ use aya::{
     programs::{Iter, ProgramError, links::LinkError},
 };
 use conntrace_common::{ACCEPT_ENTRY_SIZE, AcceptQueueEntry};
-use nix::sched::{CloneFlags, setns};
 
 use super::hooks::AttachError;
+use crate::host::netns::{self, EnterError};
 
 /// The program's name in the eBPF object (and in the `ready` record).
 pub const PROGRAM: &str = "accept_queues";
@@ -35,12 +33,8 @@ const MAX_OUTPUT: u64 = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IterError {
-    #[error("open {path}: {source}")]
-    OpenNamespace { path: PathBuf, source: io::Error },
-    #[error("spawn the iterator thread: {0}")]
-    Spawn(io::Error),
-    #[error("setns(CLONE_NEWNET) into {path}: {source}")]
-    Setns { path: PathBuf, source: nix::Error },
+    #[error(transparent)]
+    Enter(#[from] EnterError),
     #[error("attach the iterator (bpf(BPF_LINK_CREATE)): {0}")]
     Attach(#[source] ProgramError),
     #[error("create the iterator file (bpf(BPF_ITER_CREATE)): {0}")]
@@ -51,8 +45,6 @@ pub enum IterError {
         "iterator output of {len} bytes is not a whole number of {ACCEPT_ENTRY_SIZE}-byte records"
     )]
     Partial { len: usize },
-    #[error("the iterator thread panicked")]
-    ThreadPanicked,
 }
 
 /// The loaded iterator program, owned apart from the [`Ebpf`] object so that the host
@@ -94,25 +86,9 @@ impl AcceptQueues {
     /// a traced port, and a `NO_CHILD` record for each such listener with an empty queue.
     /// Blocking, one walk of the namespace's TCP sockets; needs CAP_SYS_ADMIN for setns().
     pub fn run(&mut self, ns_path: &Path) -> Result<Vec<AcceptQueueEntry>, IterError> {
-        let ns = File::open(ns_path).map_err(|source| IterError::OpenNamespace {
-            path: ns_path.to_path_buf(),
-            source,
-        })?;
+        let ns = netns::open(ns_path, None)?;
         let program = &mut self.program;
-        let bytes = thread::scope(|scope| {
-            let worker = thread::Builder::new()
-                .name("accept-queues".into())
-                .spawn_scoped(scope, move || {
-                    // Only this thread moves; it exits when done, taking the namespace along.
-                    setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| IterError::Setns {
-                        path: ns_path.to_path_buf(),
-                        source,
-                    })?;
-                    read_iterator(program)
-                })
-                .map_err(IterError::Spawn)?;
-            worker.join().map_err(|_| IterError::ThreadPanicked)?
-        })?;
+        let bytes = netns::run_in(&ns, ns_path, "accept-queues", || read_iterator(program))??;
         decode(&bytes)
     }
 }

@@ -27,7 +27,6 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::mpsc,
-    thread,
     time::{Duration, Instant},
 };
 
@@ -35,13 +34,16 @@ use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, TCP_LISTEN, TCP_TIME_WAIT},
     inet::{InetResponseHeader, StateFlags},
 };
-use nix::sched::{CloneFlags, setns};
 use tracing::debug;
 
 use self::rtnl::Snapshot;
 use crate::{
     engine::lookup::{ConntrackTable, NamespaceLookup, PortUse, Route},
-    host::{counters, sockdiag},
+    host::{
+        counters,
+        netns::{self, EnterError},
+        sockdiag,
+    },
 };
 
 /// How old a cached snapshot (addresses, interfaces) or route may be before a miss refreshes
@@ -58,16 +60,10 @@ const MAX_ROUTES: usize = 1024;
 pub enum NsError {
     #[error("network namespace {0}: no process in it and no /run/netns name")]
     NotFound(u32),
-    #[error("open {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
-    #[error("spawn the namespace thread: {0}")]
-    Spawn(io::Error),
-    #[error("setns(CLONE_NEWNET) into {path}: {source}")]
-    Setns { path: PathBuf, source: nix::Error },
+    #[error(transparent)]
+    Enter(#[from] EnterError),
     #[error("{what} in {path}: no answer within {TIMEOUT:?}")]
     Timeout { what: &'static str, path: PathBuf },
-    #[error("the namespace thread panicked")]
-    ThreadPanicked,
     #[error("netlink socket(NETLINK_ROUTE): {0}")]
     Socket(io::Error),
     #[error("connect netlink socket to the kernel: {0}")]
@@ -115,29 +111,17 @@ fn in_namespace<T: Send + 'static>(
     what: &'static str,
     f: impl FnOnce() -> Result<T, NsError> + Send + 'static,
 ) -> Result<T, NsError> {
-    let (tx, rx) = mpsc::sync_channel(1);
-    let thread_path = path.to_path_buf();
-    thread::Builder::new()
-        .name("netns-lookup".into())
-        .spawn(move || {
-            // Only this thread moves; it exits when done, taking the namespace with it.
-            let res = setns(&ns, CloneFlags::CLONE_NEWNET)
-                .map_err(|source| NsError::Setns {
-                    path: thread_path,
-                    source,
-                })
-                .and_then(|()| f());
-            // The caller may have given up waiting: nothing to do then.
-            let _ = tx.send(res);
-        })
-        .map_err(NsError::Spawn)?;
+    let rx = netns::spawn_in(ns, path, "netns-lookup", f)?;
     match rx.recv_timeout(TIMEOUT) {
-        Ok(res) => res,
+        Ok(res) => res?,
         Err(mpsc::RecvTimeoutError::Timeout) => Err(NsError::Timeout {
             what,
             path: path.to_path_buf(),
         }),
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(NsError::ThreadPanicked),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(EnterError::Panicked {
+            path: path.to_path_buf(),
+        }
+        .into()),
     }
 }
 
@@ -298,10 +282,7 @@ impl NamespaceCache {
         let Some(path) = self.paths.get(&netns) else {
             return Ok(None);
         };
-        let file = File::open(path).map_err(|source| NsError::Open {
-            path: path.clone(),
-            source,
-        })?;
+        let file = netns::open(path, None)?;
         let same = file.metadata().is_ok_and(|m| m.ino() == u64::from(netns));
         Ok(same.then(|| (file, path.clone())))
     }

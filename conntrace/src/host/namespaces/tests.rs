@@ -7,6 +7,7 @@ use std::{
     net::{TcpListener, TcpStream, UdpSocket},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
+    thread,
 };
 
 use netlink_packet_sock_diag::inet::SocketId;
@@ -163,14 +164,10 @@ impl TestNs {
     }
 
     /// Runs `f` in a thread inside the namespace (its sockets are the namespace's).
-    fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let ns = File::open(format!("/run/netns/{}", self.name)).expect("open netns");
-        thread::spawn(move || {
-            setns(&ns, CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-        .join()
-        .expect("namespace thread")
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = PathBuf::from(format!("/run/netns/{}", self.name));
+        let ns = netns::open(&path, None).expect("open netns");
+        netns::run_in(&ns, &path, "test-netns", f).expect("run in the namespace")
     }
 }
 

@@ -15,15 +15,14 @@
 //! netlink-packet-sock-diag 0.5 rejects a whole message when an attribute is shorter than it
 //! expects (`INET_DIAG_SKMEMINFO` without `SK_MEMINFO_DROPS`), and only two attributes matter.
 
-use std::{
-    fs::File,
-    io,
-    net::IpAddr,
-    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
-    path::Path,
-    thread,
-};
+use std::{io, net::IpAddr, os::fd::AsRawFd as _, path::Path};
 
+use super::{
+    super::netns,
+    WindowError,
+    tcp_info::{Sample, SkMem, TcpInfo},
+};
+use crate::engine::facts::FourTuple;
 use netlink_packet_core::{
     NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NetlinkBuffer, NetlinkHeader,
     NetlinkMessage, NlasIterator, Parseable as _,
@@ -34,13 +33,6 @@ use netlink_packet_sock_diag::{
     inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
-use nix::sched::{CloneFlags, setns};
-
-use super::{
-    WindowError,
-    tcp_info::{Sample, SkMem, TcpInfo},
-};
-use crate::engine::facts::FourTuple;
 
 /// Receive buffer: the kernel fills dump datagrams up to about 32 KiB, so this never truncates.
 pub const RECV_BUF: usize = 64 * 1024;
@@ -69,25 +61,11 @@ impl NsDiag {
     /// `/run/netns/NAME`), checking it is namespace `netns` (the process may have gone and its
     /// pid been reused). Blocking; needs CAP_SYS_ADMIN for setns().
     pub fn open(ns_path: &Path, netns: u32) -> Result<Self, WindowError> {
-        let path = ns_path.to_path_buf();
-        let ns = File::open(ns_path).map_err(|source| WindowError::OpenNamespace {
-            path: path.clone(),
-            source,
-        })?;
-        let found = ns.metadata().map(|m| m.ino()).unwrap_or(0);
-        if found != u64::from(netns) {
-            return Err(WindowError::NamespaceChanged { path, netns, found });
-        }
-        let worker = thread::Builder::new()
-            .name("windows-diag".into())
-            .spawn(move || {
-                // Only this thread moves; it exits when done. The socket stays in `ns`.
-                setns(&ns, CloneFlags::CLONE_NEWNET)
-                    .map_err(|source| WindowError::Setns { path, source })?;
-                Socket::new(NETLINK_SOCK_DIAG).map_err(WindowError::Socket)
-            })
-            .map_err(WindowError::Spawn)?;
-        let socket = worker.join().map_err(|_| WindowError::ThreadPanicked)??;
+        let ns = netns::open(ns_path, Some(netns))?;
+        // The socket stays in the namespace it was made in.
+        let socket = netns::run_in(&ns, ns_path, "windows-diag", || {
+            Socket::new(NETLINK_SOCK_DIAG).map_err(WindowError::Socket)
+        })??;
         // Connecting autobinds and makes the socket accept datagrams from the kernel only.
         socket
             .connect(&NetlinkAddr::new(0, 0))
