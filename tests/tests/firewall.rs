@@ -162,23 +162,29 @@ fn nftables_drop_rule_is_named_too() {
     assert_eq!(s["detail"]["rule"]["text"], "tcp dport 3306 drop");
 }
 
+/// `iptables -A INPUT -p tcp --dport 3306 -j REJECT --reject-with WITH`.
+fn reject_rule(with: &str) -> [&str; 12] {
+    [
+        "iptables",
+        "-A",
+        "INPUT",
+        "-p",
+        "tcp",
+        "--dport",
+        "3306",
+        "-j",
+        "REJECT",
+        "--reject-with",
+        with,
+        "-w",
+    ]
+}
+
 /// Eight connections in a row against `REJECT --reject-with WITH` on the server's INPUT: the
 /// client's results (errno and time per connection) and conntrace's records.
 fn reject_burst(with: &str) -> (TwoHosts, Vec<Value>, Vec<Value>) {
     let Scenario { hosts, ct, .. } = Scenario::new()
-        .in_server(&[
-            "iptables",
-            "-A",
-            "INPUT",
-            "-p",
-            "tcp",
-            "--dport",
-            "3306",
-            "-j",
-            "REJECT",
-            "--reject-with",
-            with,
-        ])
+        .in_server(&reject_rule(with))
         .conntrace(&["--port", "3306"]);
     let client = connect(
         &hosts.client,
@@ -298,19 +304,7 @@ fn reject_with_icmp_host_prohibited_costs_bursts_a_retransmit() {
 fn an_icmp_answer_that_came_while_connect_held_the_socket_is_not_rate_limiting() {
     for how in ["--blocking", "--count"] {
         let Scenario { hosts, ct, .. } = Scenario::new()
-            .in_server(&[
-                "iptables",
-                "-A",
-                "INPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                "3306",
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "icmp-host-prohibited",
-            ])
+            .in_server(&reject_rule("icmp-host-prohibited"))
             .conntrace(&["--port", "3306"]);
         let args = if how == "--blocking" {
             vec!["--blocking", "--timeout-ms", "5000"]

@@ -192,6 +192,23 @@ fn drop_record() -> DropRecord {
     }
 }
 
+/// A summary record of `s` at 0 s after `duration_ms`, with nothing else to say; tests set
+/// the fields they check.
+fn final_of(s: &Summary, duration_ms: f64) -> Final<'_> {
+    Final {
+        ts_ns: 0,
+        summary: s,
+        lost_events: 0,
+        decode_errors: 0,
+        duration_ms,
+        tracked_at_exit: 0,
+        tcp_counters: BTreeMap::new(),
+        read_failures: BTreeMap::new(),
+        all_ports: false,
+        programs: None,
+    }
+}
+
 #[test]
 fn json_ready() {
     let r = ready();
@@ -303,18 +320,7 @@ fn every_json_line_validates_against_the_generated_schema() {
     let schema = serde_json::to_value(super::record::schema()).expect("schema");
     let validator = jsonschema::validator_for(&schema).expect("compile the schema");
     let s = Summary::default();
-    let f = Final {
-        ts_ns: 0,
-        summary: &s,
-        lost_events: 0,
-        decode_errors: 0,
-        duration_ms: 0.0,
-        tracked_at_exit: 0,
-        tcp_counters: BTreeMap::new(),
-        read_failures: BTreeMap::new(),
-        all_ports: false,
-        programs: None,
-    };
+    let f = final_of(&s, 0.0);
     let (r, v1, v2, v3, d) = (
         ready(),
         netfilter_drop(),
@@ -463,18 +469,8 @@ fn human_summary_table() {
     s.count(&netfilter_drop());
     s.count(&syn_timeout());
     s.events = 33;
-    let f = Final {
-        ts_ns: 0,
-        summary: &s,
-        lost_events: 0,
-        decode_errors: 0,
-        duration_ms: 22_700.0,
-        tracked_at_exit: 0,
-        tcp_counters: BTreeMap::new(),
-        read_failures: BTreeMap::from([("kfree_skb", 2)]),
-        all_ports: false,
-        programs: None,
-    };
+    let mut f = final_of(&s, 22_700.0);
+    f.read_failures = BTreeMap::from([("kfree_skb", 2)]);
     assert_eq!(
         Human::new(false, false, true).text(&Record::Summary(f), &clock()),
         "summary: 2 verdicts, 33 kernel events, 0 lost, 0 expired unresolved, in 22.7 s
@@ -507,18 +503,7 @@ fn each_peer_or_rule_gets_its_own_advice_once_and_the_summary_lists_them() {
     for v in [&a, &a, &b] {
         s.count(v);
     }
-    let f = Final {
-        ts_ns: 0,
-        summary: &s,
-        lost_events: 0,
-        decode_errors: 0,
-        duration_ms: 1_000.0,
-        tracked_at_exit: 0,
-        tcp_counters: BTreeMap::new(),
-        read_failures: BTreeMap::new(),
-        all_ports: false,
-        programs: None,
-    };
+    let f = final_of(&s, 1_000.0);
     let table = h.text(&Record::Summary(f), &c);
     let rows: Vec<&str> = table.lines().skip(2).take(2).collect();
     assert_eq!(
@@ -536,20 +521,10 @@ fn cookies_that_disagree_with_the_namespace_counter_are_flagged() {
     let mut s = Summary::default();
     s.cookies_by_netns.insert(7, 20);
     s.cookies_by_netns.insert(8, 3);
-    let mut f = Final {
-        ts_ns: 0,
-        summary: &s,
-        lost_events: 0,
-        decode_errors: 0,
-        duration_ms: 0.0,
-        tracked_at_exit: 0,
-        // netns 7 counted none (a forwarding host's SYN-ACKs taken for cookies); netns 8
-        // counted more than traced (untraced ports): fine with --port, not without.
-        tcp_counters: BTreeMap::from([(8, BTreeMap::from([("SyncookiesSent", 5)]))]),
-        read_failures: BTreeMap::new(),
-        all_ports: false,
-        programs: None,
-    };
+    let mut f = final_of(&s, 0.0);
+    // netns 7 counted none (a forwarding host's SYN-ACKs taken for cookies); netns 8 counted
+    // more than traced (untraced ports): fine with --port, not without.
+    f.tcp_counters = BTreeMap::from([(8, BTreeMap::from([("SyncookiesSent", 5)]))]);
     let nets: Vec<(u32, u64, u64)> = f
         .cookie_mismatches()
         .iter()
