@@ -277,7 +277,7 @@ pub struct ClosedDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub established_ms: Option<f64>,
     /// `true`: it was established before conntrace saw it (opened before conntrace started,
-    /// or its first events were lost). How long it had been established is unknown, and the
+    /// its first events were lost, or it was forgotten after an hour without events). How long it had been established is unknown, and the
     /// verdict's `duration_ms` counts from the first event conntrace saw of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub started_before_trace: Option<bool>,
