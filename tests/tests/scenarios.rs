@@ -501,6 +501,10 @@ fn a_reset_on_a_connection_opened_before_conntrace_started_is_reset_by_peer() {
             "--follow {follow}"
         );
         assert_eq!(
+            v["detail"]["rst_received_in"], "TCP_ESTABLISHED",
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
             v["detail"]["started_before_trace"], true,
             "--follow {follow}: its start was not seen: {v}"
         );

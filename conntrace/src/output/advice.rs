@@ -1,6 +1,8 @@
 //! Concrete advice for a reason, from the first verdict that had it: the rule that dropped, the
 //! command that would accept the client, the listener's address, the queue it overflowed.
 
+use std::net::SocketAddr;
+
 use crate::engine::{
     facts::NfHook,
     verdict::{
@@ -50,11 +52,9 @@ fn somaxconn() -> Option<String> {
 
 /// The server's end of the connection: `ip:port`.
 fn server(v: &Verdict) -> String {
-    match v.sport {
-        Some(p) if v.side == Side::Server => {
-            format!("{}:{p}", v.saddr.map(|a| a.to_string()).unwrap_or_default())
-        }
-        _ => format!("{}:{}", v.daddr, v.dport),
+    match (v.sport, v.saddr) {
+        (Some(p), Some(a)) if v.side == Side::Server => SocketAddr::new(a, p).to_string(),
+        _ => SocketAddr::new(v.daddr, v.dport).to_string(),
     }
 }
 
@@ -77,12 +77,34 @@ pub fn concrete(v: &Verdict) -> String {
         Reason::IcmpUnreachable if v.detail.first_answer_while_busy() => {
             "the ICMP answer to the first SYN came while connect() still held the socket: the kernel set it aside and the client waited for its SYN retransmit; `-j REJECT --reject-with tcp-reset` fails at once, or accept the port".into()
         }
-        Reason::NetfilterReject | Reason::IcmpUnreachable
-            if drops
-                .and_then(|d| d.reject_with.as_deref())
-                .is_none_or(|w| w.starts_with("icmp")) =>
-        {
+        Reason::IcmpUnreachable if v.detail.unanswered_syns().is_some() => {
             "an ICMP REJECT is rate-limited (1 s after a burst of 6 per destination): bursts of clients wait for SYN retransmits; use `-j REJECT --reject-with tcp-reset`, or accept the port".into()
+        }
+        Reason::IcmpUnreachable => format!(
+            "a router or firewall answered the SYN to {} with ICMP unreachable: check the REJECT rules and routes on the path (conntrace on that host names the rule)",
+            server(v)
+        ),
+        Reason::NetfilterReject => {
+            let facts = drops;
+            let icmp = facts
+                .and_then(|d| d.reject_with.as_deref())
+                .is_none_or(|w| w.starts_with("icmp"));
+            let rule = match facts.and_then(|d| d.rule.as_ref()) {
+                Some(RuleRef::Rule(r)) => {
+                    let hook = facts.and_then(|d| d.hook).map_or("a netfilter", NfHook::chain_name);
+                    let cmd = facts.and_then(|d| accept_command(v, d));
+                    let accept = cmd.map(|c| format!("; to accept this peer: `{c}`")).unwrap_or_default();
+                    format!("{hook} rule `{}` rejects it{accept}", r.text)
+                }
+                _ => "a REJECT rule answers it".to_owned(),
+            };
+            if icmp {
+                format!(
+                    "{rule}. Its ICMP answers are rate-limited (1 s after a burst of 6 per destination), so bursts of clients wait for SYN retransmits: `--reject-with tcp-reset` fails them at once"
+                )
+            } else {
+                rule
+            }
         }
         Reason::RefusedBoundElsewhere => {
             let listeners: Vec<&str> = match &v.detail {
@@ -171,10 +193,11 @@ pub fn concrete(v: &Verdict) -> String {
 mod tests {
     use super::*;
     use crate::engine::{
+        facts::TcpState,
         lookup::{FirewallRule, RuleAction},
         verdict::{
             Outcome,
-            detail::{AttemptDetail, ListenerRef, RefusalDetail},
+            detail::{AttemptDetail, ClosedDetail, ListenerRef, RefusalDetail},
         },
     };
 
@@ -256,6 +279,52 @@ mod tests {
         let a = concrete(&v);
         assert!(
             a.contains("listens on 127.0.0.1:3306 only; make it bind 10.0.0.2"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn a_reject_names_its_rule_and_only_rate_limited_answers_talk_of_rate_limits() {
+        let Detail::Attempt(mut d) = dropped_by("ip", "filter", "INPUT") else {
+            unreachable!("an attempt")
+        };
+        d.drops.reject_with = Some("icmp-host-prohibited".into());
+        let a = concrete(&verdict(Reason::NetfilterReject, Detail::Attempt(d)));
+        assert!(
+            a.starts_with("INPUT rule `tcp dport 3306 drop` rejects it; to accept this peer: `iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`. Its ICMP answers are rate-limited"),
+            "{a}"
+        );
+        // The client: an ICMP answer to its first SYN is no rate limit.
+        let mut v = verdict(
+            Reason::IcmpUnreachable,
+            Detail::Closed(ClosedDetail::new(TcpState::SynSent)),
+        );
+        v.side = Side::Client;
+        let a = concrete(&v);
+        assert!(!a.contains("rate-limited"), "{a}");
+        assert!(
+            a.contains("answered the SYN to 10.0.0.1:40000 with ICMP"),
+            "{a}"
+        );
+        let mut d = ClosedDetail::new(TcpState::SynSent);
+        d.unanswered_syns = Some(2);
+        v.detail = Detail::Closed(d);
+        assert!(concrete(&v).contains("rate-limited"), "{}", concrete(&v));
+    }
+
+    #[test]
+    fn ipv6_endpoints_in_advice_are_bracketed() {
+        let mut v = verdict(
+            Reason::RefusedNoListener,
+            Detail::Closed(ClosedDetail::new(TcpState::SynSent)),
+        );
+        (v.saddr, v.daddr) = (
+            Some("fd12:3::2".parse().expect("ip")),
+            "fd12:3::1".parse().expect("ip"),
+        );
+        let a = concrete(&v);
+        assert!(
+            a.starts_with("nothing listens on [fd12:3::2]:3306: "),
             "{a}"
         );
     }

@@ -152,6 +152,15 @@ fn connect(v: &Verdict, errno: String) -> String {
 
 /// The one fact that matters for this verdict's reason.
 pub(super) fn key_fact(v: &Verdict) -> String {
+    let fact = the_fact(v);
+    if v.detail.started_before_trace() {
+        format!("{fact}, opened before conntrace started")
+    } else {
+        fact
+    }
+}
+
+fn the_fact(v: &Verdict) -> String {
     let errno = v
         .errno
         .map(|e| e.to_string())

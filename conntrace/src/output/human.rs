@@ -137,7 +137,7 @@ impl Human {
             Record::Ready(r) => ready(r, self.wide),
             Record::Verdict(v) if self.wide => wide_verdict(v, clock, self.colour),
             Record::Verdict(v) => self.verdict(v, clock),
-            Record::Drop(d) => drop_line(d, clock, self.wide),
+            Record::Drop(d) => drop_line(d, clock, self.wide, self.cut),
             Record::Lost(l) => lost(l, clock),
             Record::Summary(f) => summary(f, &self.advised),
         }
@@ -199,6 +199,9 @@ fn wrap(prefix: &str, text: &str) -> String {
 /// The `detail` facts worth a glance, for the wide line.
 fn facts(v: &Verdict) -> Vec<String> {
     let mut out = Vec::new();
+    if v.detail.started_before_trace() {
+        out.push("opened before conntrace started: its duration is unknown".to_owned());
+    }
     if let Some(d) = v.detail.drop_facts() {
         if let Some(hook) = d.hook {
             out.push(format!("hook {hook}"));
@@ -267,7 +270,9 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
         },
         v.kernel_reason.as_deref().unwrap_or("-"),
     );
-    line.push_str(&format!(", {:.1} ms", v.duration_ms));
+    if !v.detail.started_before_trace() {
+        line.push_str(&format!(", {:.1} ms", v.duration_ms));
+    }
     match v.syn_retransmits {
         0 => {}
         1 => line.push_str(", 1 SYN retransmit"),
@@ -313,7 +318,7 @@ fn ready(r: &Ready, wide: bool) -> String {
     line
 }
 
-fn drop_line(d: &DropRecord, clock: &Clock, wide: bool) -> String {
+fn drop_line(d: &DropRecord, clock: &Clock, wide: bool, cut: bool) -> String {
     let ts = clock.rfc3339(d.ts_ns);
     let (open, close) = if wide { ("(", ")") } else { ("", "") };
     let line = format!(
@@ -331,7 +336,7 @@ fn drop_line(d: &DropRecord, clock: &Clock, wide: bool) -> String {
         d.tcp_flags,
         d.location,
     );
-    if wide { line } else { fit(line) }
+    if cut && !wide { fit(line) } else { line }
 }
 
 fn lost(l: &Lost, clock: &Clock) -> String {

@@ -54,6 +54,8 @@ impl Engine {
                     c.rst_received.get_or_insert(c.state);
                     c.tuple = tuple;
                     c.last_ns = meta.ts_ns;
+                } else {
+                    self.table.remember_unowned_reset(sk, meta.ts_ns);
                 }
             }
             KernelEvent::ResetSent {
@@ -81,6 +83,11 @@ impl Engine {
                 bytes,
                 mss,
             } => {
+                if self.table.by_sk(sk).is_none() {
+                    // Data retransmitted by a connection opened before conntrace started: how
+                    // it ends may need them (`timeout`, `pmtu_blackhole`).
+                    self.adopt_mid_life(&meta, sk, tuple, TcpState::Established, out);
+                }
                 if let Some(c) = self.table.by_sk_mut(sk) {
                     c.retransmitted(bytes, mss);
                     c.tuple = tuple;
@@ -180,8 +187,7 @@ impl Engine {
             ) if !known => {
                 // Opened before conntrace started (or its first events were lost): followed
                 // from here, so that how it ends is reported.
-                let side = self.side_of_unseen_start(&tuple);
-                self.insert(Conn::mid_life(sk, side, &meta, tuple, old), out);
+                self.adopt_mid_life(&meta, sk, tuple, old, out);
             }
             _ if !known => return,
             _ => {}
@@ -247,6 +253,28 @@ impl Engine {
         }
     }
 
+    /// Follows socket `sk`, first seen in `state` (established or closing), from here; a RST
+    /// it received just before is its own.
+    fn adopt_mid_life(
+        &mut self,
+        meta: &Meta,
+        sk: u64,
+        tuple: FourTuple,
+        state: TcpState,
+        out: &mut Vec<Verdict>,
+    ) {
+        let side = self.side_of_unseen_start(&tuple);
+        let mut c = Conn::mid_life(sk, side, meta, tuple, state);
+        if self
+            .table
+            .take_unowned_reset(sk)
+            .is_some_and(|at| meta.ts_ns.saturating_sub(at) <= self.cfg.grace_ns)
+        {
+            c.rst_received = Some(state);
+        }
+        self.insert(c, out);
+    }
+
     /// The side of a connection whose start was not seen, by `tuple` (s = this host): the end
     /// whose own port is traced and whose peer's is not is the server; where both or neither
     /// are, the end on the lower port (a service's, not an ephemeral one).
@@ -292,7 +320,7 @@ impl Engine {
                 c.last_ns = meta.ts_ns;
             }
             None => {
-                if errno.is_some_and(|e| self.table.decided_with_error(&tuple, e)) {
+                if self.table.decided_with_error(&tuple, errno) {
                     // The report of an error its connection's verdict already gave.
                     return;
                 }

@@ -58,6 +58,8 @@ pub struct Table {
     /// error (`inet_sk_error_report`) after the close that carried it, so a verdict may be
     /// out before its report comes.
     decided_errors: HashMap<FourTuple, (u64, Errno)>,
+    /// RSTs received by sockets no tracked connection owns, by socket address: when.
+    unowned_resets: HashMap<u64, u64>,
     /// SYNs this host refused without a socket just now: the kernel then frees the SYN with
     /// NO_SOCKET, which is the refusal itself, not another drop.
     recent_refusals: HashMap<AttemptKey, u64>,
@@ -91,6 +93,7 @@ impl Table {
             orphan_errors: HashMap::default(),
             recently_decided: HashMap::default(),
             decided_errors: HashMap::default(),
+            unowned_resets: HashMap::default(),
             recent_refusals: HashMap::default(),
             path_drops: HashMap::default(),
             route_walks: RouteWalks::new(max),
@@ -273,12 +276,26 @@ impl Table {
         }
     }
 
-    /// Whether a connection of `tuple` decided recently had error `errno`: a report of it
-    /// now repeats what its verdict already says.
-    pub fn decided_with_error(&self, tuple: &FourTuple, errno: Errno) -> bool {
+    /// Whether a connection of `tuple` decided recently had error `errno` (`None`: a report
+    /// that found the error already read by the process, any error): a report of it now
+    /// repeats what its verdict already says.
+    pub fn decided_with_error(&self, tuple: &FourTuple, errno: Option<Errno>) -> bool {
         self.decided_errors
             .get(tuple)
-            .is_some_and(|(_, e)| *e == errno)
+            .is_some_and(|(_, e)| errno.is_none_or(|errno| *e == errno))
+    }
+
+    /// A RST received by socket `sk` at `at_ns` that no tracked connection owns: the close
+    /// that follows it (a connection opened before conntrace started) claims it.
+    pub fn remember_unowned_reset(&mut self, sk: u64, at_ns: u64) {
+        if self.unowned_resets.len() < self.max {
+            self.unowned_resets.insert(sk, at_ns);
+        }
+    }
+
+    /// When socket `sk` received a RST no connection owned, if it did.
+    pub fn take_unowned_reset(&mut self, sk: u64) -> Option<u64> {
+        self.unowned_resets.remove(&sk)
     }
 
     pub fn recently_decided(&self, sk: u64) -> Option<&Decided> {
@@ -335,6 +352,7 @@ impl Table {
         self.recent_refusals.retain(|_, at| now_ns < *at + keep_ns);
         self.decided_errors
             .retain(|_, (at, _)| now_ns < *at + keep_ns);
+        self.unowned_resets.retain(|_, at| now_ns < *at + keep_ns);
         let before = self.orphan_errors.len();
         self.orphan_errors.retain(|_, o| now_ns < o.ts_ns + keep_ns);
         (before - self.orphan_errors.len()) as u64

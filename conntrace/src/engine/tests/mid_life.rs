@@ -37,6 +37,11 @@ fn a_reset_of_a_connection_opened_before_the_trace_is_reset_by_peer() {
     check(&v, "client failed reset_by_peer ECONNRESET");
     assert_eq!(who(&v), "-/- 10.77.0.1:40000>10.77.0.2:8080");
     assert_eq!(detail(&v, "closed_from"), "TCP_ESTABLISHED");
+    assert_eq!(
+        detail(&v, "rst_received_in"),
+        "TCP_ESTABLISHED",
+        "the RST before its close"
+    );
     assert_eq!(detail(&v, "started_before_trace"), true);
     assert_eq!(
         detail(&v, "established_ms"),
@@ -120,4 +125,47 @@ fn with_all_no_established_verdict_is_made_up_for_it() {
         out.is_empty(),
         "an application's abort of a pooled connection: {out:#?}"
     );
+}
+
+#[test]
+fn data_retransmissions_of_a_connection_opened_before_the_trace_are_in_its_timeout() {
+    let a = Sock::client(SK_A, SPORT);
+    let rtx = |ts: u64| KernelEvent::Retransmit {
+        meta: softirq(ts),
+        sk: a.sk,
+        tuple: a.t,
+        bytes: Some(5),
+        mss: Some(1448),
+    };
+    let (e, out) = run(
+        ports(&[DPORT]),
+        vec![
+            rtx(SEC),
+            rtx(2 * SEC),
+            rtx(4 * SEC),
+            close_with(a, 8 * SEC, S::Established, Some(110)),
+        ],
+    );
+    let v = one(out);
+    check(&v, "client failed timeout ETIMEDOUT");
+    assert_eq!(detail(&v, "retransmits")["count"], 3, "{v:#?}");
+    assert_eq!(detail(&v, "started_before_trace"), true);
+    assert_eq!(totals(&e).3, 0, "decided and gone");
+}
+
+#[test]
+fn an_error_report_that_found_the_error_already_read_is_not_unmatched() {
+    // The process woke on the RST and read the error (SO_ERROR or recv) before the report
+    // fired: the report carries 0.
+    let a = Sock::client(SK_A, SPORT);
+    let (e, out) = run(
+        ports(&[DPORT]),
+        vec![
+            a.rst(SEC),
+            close_with(a, SEC, S::Established, Some(104)),
+            a.err(SEC, 0),
+        ],
+    );
+    check(&one(out), "client failed reset_by_peer ECONNRESET");
+    assert_eq!(totals(&e).2, 0, "{:?}", totals(&e));
 }

@@ -475,6 +475,11 @@ impl Detail {
         }
     }
 
+    /// Whether conntrace first saw the connection established (`started_before_trace`).
+    pub fn started_before_trace(&self) -> bool {
+        matches!(self, Self::Closed(d) if d.started_before_trace == Some(true))
+    }
+
     /// Whether the first SYN's ICMP answer came while `connect()` held the socket.
     pub fn first_answer_while_busy(&self) -> bool {
         matches!(self, Self::Closed(d) if d.first_answer_while_busy == Some(true))
