@@ -25,6 +25,8 @@ fn round_trip_every_kind() {
         oldstate: 7,
         newstate: 2,
         sk_err: 111,
+        sk_err_soft: 113,
+        _pad: 0,
         progress: 0,
     };
     assert_eq!(decode(as_bytes(&sc)), Ok(Decoded::StateChange(sc)));
