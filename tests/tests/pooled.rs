@@ -1,0 +1,90 @@
+//! Connections opened before conntrace started (a pool's connections): conntrace first sees
+//! them established, and still gives how they end its verdict, on the side that saw it.
+
+use std::time::Duration;
+
+use conntrace_tests::{
+    Conntrace, FOLLOW_MODES, PORT, Scenario, connect, only_verdict_in, verdicts_in,
+};
+use serde_json::Value;
+
+#[test]
+fn a_reset_on_a_connection_opened_before_conntrace_started_is_reset_by_peer() {
+    // A pooled connection: established, then conntrace starts, then the server aborts it.
+    // conntrace never saw its start; the reset still gets its verdict, in either mode.
+    for follow in FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            server: _server,
+            ..
+        } = Scenario::new().serve(&[
+            "--accept",
+            "1",
+            "--greeting",
+            "hello\n",
+            "--greeting-delay-ms",
+            "2500",
+            "--linger0",
+        ]);
+        let client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &[
+                "--sport",
+                "41005",
+                "--read-until-close",
+                "--timeout-ms",
+                "8000",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let ct = Conntrace::start(&["--port", "3306", "--follow", follow]);
+        let results = client.json_lines(Duration::from_secs(10));
+        assert_eq!(
+            results[0]["errno"], 104,
+            "client should see ECONNRESET: {results:?}"
+        );
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        let v = &only_verdict_in(&values, hosts.client.inode());
+        assert_eq!(
+            (
+                v["side"].as_str(),
+                v["reason"].as_str(),
+                v["sport"].as_u64()
+            ),
+            (Some("client"), Some("reset_by_peer"), Some(41005)),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
+            v["detail"]["closed_from"], "TCP_ESTABLISHED",
+            "--follow {follow}"
+        );
+        assert_eq!(
+            v["detail"]["rst_received_in"], "TCP_ESTABLISHED",
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
+            v["detail"]["started_before_trace"], true,
+            "--follow {follow}: its start was not seen: {v}"
+        );
+        assert!(
+            v["detail"].get("established_ms").is_none(),
+            "--follow {follow}: how long it was established is unknown: {v}"
+        );
+        // The aborting side ended it itself: nothing to report there.
+        assert_eq!(
+            verdicts_in(&values, hosts.server.inode()),
+            Vec::<Value>::new(),
+            "--follow {follow}"
+        );
+        // The kernel reports the reset's error after the close that carried it: the same
+        // error, not an unmatched one.
+        let summary = values.iter().find(|v| v["event"] == "summary");
+        assert_eq!(
+            summary.map(|s| &s["unmatched_errors"]),
+            Some(&Value::from(0)),
+            "--follow {follow}: {summary:?}"
+        );
+    }
+}
