@@ -88,3 +88,51 @@ fn a_reset_on_a_connection_opened_before_conntrace_started_is_reset_by_peer() {
         );
     }
 }
+
+#[test]
+fn a_socket_killed_with_ss_k_is_socket_destroyed_and_its_peer_is_reset() {
+    // `ss -K` (sock_diag SOCK_DESTROY, as CNI agents use it) on the client's host: the kernel
+    // aborts the socket with ECONNABORTED and sends the server a RST.
+    for follow in FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = Scenario::new()
+            .conntrace(&["--port", "3306", "--follow", follow])
+            .serve(&[
+                "--accept",
+                "1",
+                "--greeting",
+                "hi\n",
+                "--greeting-delay-ms",
+                "3000",
+            ]);
+        let client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &[
+                "--sport",
+                "41006",
+                "--read-until-close",
+                "--timeout-ms",
+                "8000",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(500));
+        let filter = format!("dst {} and dport = :3306", hosts.server_ip);
+        hosts.client.exec(&["ss", "-K", &filter]);
+        let results = client.json_lines(Duration::from_secs(10));
+        assert_eq!(results[0]["errno"], 103, "ECONNABORTED: {results:?}");
+        let values = ct.stop_after_verdict_in(hosts.server.inode());
+        let c = only_verdict_in(&values, hosts.client.inode());
+        assert_eq!(
+            (c["reason"].as_str(), c["errno"].as_str()),
+            (Some("socket_destroyed"), Some("ECONNABORTED")),
+            "--follow {follow}: {c}"
+        );
+        let s = only_verdict_in(&values, hosts.server.inode());
+        assert_eq!(s["reason"], "reset_by_peer", "--follow {follow}: {s}");
+    }
+}

@@ -177,6 +177,7 @@ impl Errno {
     pub const EAGAIN: Self = Self(libc::EAGAIN);
     pub const EACCES: Self = Self(libc::EACCES);
     pub const ECONNRESET: Self = Self(libc::ECONNRESET);
+    pub const ECONNABORTED: Self = Self(libc::ECONNABORTED);
     pub const EISCONN: Self = Self(libc::EISCONN);
     pub const ETIMEDOUT: Self = Self(libc::ETIMEDOUT);
     pub const ECONNREFUSED: Self = Self(libc::ECONNREFUSED);

@@ -7,7 +7,8 @@
 //!   `ephemeral_ports_exhausted`, `connect_denied`).
 //! * `handshake.rs`: failed handshakes without a drop that explains them (`refused_no_listener`,
 //!   `syn_timeout`, `icmp_unreachable`, `unknown`).
-//! * `teardown.rs`: established connections that end badly (`reset_by_peer`, `timeout`).
+//! * `teardown.rs`: established connections that end badly (`reset_by_peer`, `timeout`,
+//!   `socket_destroyed`).
 //! * `drops.rs`: the kernel drops that explain a failure (`netfilter_drop`, `netfilter_reject`,
 //!   `conntrack_table_full`, `rp_filter_drop`, `neighbour_failed`, `kernel_drop`), and `drop`
 //!   records for the rest.

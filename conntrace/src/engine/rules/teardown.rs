@@ -1,5 +1,6 @@
-//! Established connections that end badly: `reset_by_peer` and `timeout` (and `unknown` for an
-//! error no rule knows). An orderly or application-initiated end has no verdict.
+//! Established connections that end badly: `reset_by_peer`, `timeout` and `socket_destroyed`
+//! (and `unknown` for an error no rule knows). An orderly or application-initiated end has no
+//! verdict.
 
 use super::{base, ms};
 use crate::engine::{
@@ -28,6 +29,11 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
                 (Reason::Timeout, Errno::ETIMEDOUT)
             }
             Some(Errno::ECONNRESET) => (Reason::ResetByPeer, Errno::ECONNRESET),
+            Some(Errno::ECONNABORTED) => {
+                // tcp_abort(): SOCK_DESTROY (`ss -K`, a CNI agent) asked this host's kernel.
+                d.established_ms = established_ms;
+                (Reason::SocketDestroyed, Errno::ECONNABORTED)
+            }
             Some(e) if !c.orderly() => (Reason::Unknown, e),
             // An orderly or application-initiated end: nothing to report.
             _ => return None,

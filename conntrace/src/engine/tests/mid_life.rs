@@ -169,3 +169,35 @@ fn an_error_report_that_found_the_error_already_read_is_not_unmatched() {
     check(&one(out), "client failed reset_by_peer ECONNRESET");
     assert_eq!(totals(&e).2, 0, "{:?}", totals(&e));
 }
+
+#[test]
+fn a_socket_destroyed_on_this_host_is_named_and_its_peer_is_reset() {
+    // `ss -K` on the client's host: tcp_abort() closes it with ECONNABORTED and sends a RST,
+    // which the server receives. Fresh and pooled alike.
+    let a = Sock::client(SK_A, SPORT);
+    let fresh = vec![
+        a.connect(MS, 100, "client"),
+        a.st(2 * MS, S::SynSent, S::Established),
+        close_with(a, SEC, S::Established, Some(103)),
+    ];
+    let v = one(run(ports(&[DPORT]), fresh).1);
+    check(&v, "client failed socket_destroyed ECONNABORTED");
+    assert_eq!(detail(&v, "established_ms"), 998.0);
+    let v = one(run(
+        ports(&[DPORT]),
+        vec![close_with(a, SEC, S::Established, Some(103))],
+    )
+    .1);
+    check(&v, "client failed socket_destroyed ECONNABORTED");
+    assert_eq!(detail(&v, "started_before_trace"), true);
+    let server = Sock::server(SK_B);
+    let v = one(run(
+        ports(&[3306]),
+        vec![
+            server.rst(SEC),
+            close_with(server, SEC, S::Established, Some(104)),
+        ],
+    )
+    .1);
+    check(&v, "server failed reset_by_peer ECONNRESET");
+}

@@ -34,6 +34,7 @@ pub enum Reason {
     ConnectDenied,
     PmtuBlackhole,
     ZeroWindow,
+    SocketDestroyed,
 }
 
 /// One reason's documentation.
@@ -249,6 +250,14 @@ pub const REASONS: &[ReasonDoc] = &[
         "teardown.rs",
         "An established connection closed with ETIMEDOUT: its retransmissions went unanswered.",
         "an established connection died of retransmission timeout: the peer or path went away"
+    ),
+    doc!(
+        SocketDestroyed,
+        "socket_destroyed",
+        "client, server",
+        "teardown.rs",
+        "An established connection closed with ECONNABORTED: this host's kernel aborted it on request (tcp_abort, through sock_diag's SOCK_DESTROY: `ss -K`, or an agent such as Cilium's socket load-balancer closing connections to a removed backend). The peer sees a RST (reset_by_peer).",
+        "something on this host killed the socket (`ss -K`, a CNI or service-mesh agent closing connections to a backend that went away): check which tool destroys sockets here, and let the application reconnect"
     ),
     doc!(
         PmtuBlackhole,
