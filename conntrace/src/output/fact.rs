@@ -222,5 +222,10 @@ fn the_fact(v: &Verdict) -> String {
 
 /// "1 SYN unanswered first", "2 SYNs unanswered first".
 pub fn unanswered_syns(n: u32) -> String {
-    format!("{n} SYN{} unanswered first", if n == 1 { "" } else { "s" })
+    format!("{} unanswered first", count(u64::from(n), "SYN"))
+}
+
+/// "1 verdict", "2 verdicts": `n` and `noun`, plural unless `n` is 1.
+pub fn count(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }

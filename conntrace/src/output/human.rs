@@ -6,7 +6,11 @@
 
 use std::collections::BTreeMap;
 
-use super::{Clock, Final, Lost, Ready, Record, advice, fact::key_fact, live};
+use super::{
+    Clock, Final, Lost, Ready, Record, advice,
+    fact::{count, key_fact},
+    live,
+};
 use crate::{
     engine::verdict::{
         Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
@@ -77,11 +81,6 @@ fn netns(n: Option<u32>) -> String {
 /// `HH:MM:SS.mmm` of an RFC 3339 time.
 fn time_of_day(rfc3339: &str) -> &str {
     rfc3339.get(11..23).unwrap_or(rfc3339)
-}
-
-/// "1 verdict", "2 verdicts".
-fn count(n: u64, noun: &str) -> String {
-    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Cuts `line` to `WIDTH` characters, marking the cut.
@@ -273,10 +272,9 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
     if !v.detail.started_before_trace() {
         line.push_str(&format!(", {:.1} ms", v.duration_ms));
     }
-    match v.syn_retransmits {
-        0 => {}
-        1 => line.push_str(", 1 SYN retransmit"),
-        n => line.push_str(&format!(", {n} SYN retransmits")),
+    if v.syn_retransmits > 0 {
+        let n = u64::from(v.syn_retransmits);
+        line.push_str(&format!(", {}", count(n, "SYN retransmit")));
     }
     line.push(')');
     let facts = facts(v);
@@ -379,10 +377,9 @@ fn summary(f: &Final<'_>, advised: &BTreeMap<Reason, Advised>) -> String {
                 out.push_str(&format!("\n{indent}{text}"));
             }
             if let Some(a) = given.filter(|a| a.others > 0) {
-                let others = a.others;
-                let s = if others == 1 { "" } else { "s" };
                 out.push_str(&format!(
-                    "\n{indent}({others} more verdict{s} with other specifics: --wide or --json names them)"
+                    "\n{indent}({} with other specifics: --wide or --json names them)",
+                    count(a.others, "more verdict")
                 ));
             }
         }
