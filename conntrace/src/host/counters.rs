@@ -24,7 +24,6 @@ use std::{
     fs::File,
     io::{Read as _, Seek as _, SeekFrom},
     net::SocketAddr,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -114,8 +113,8 @@ impl Source {
         let netstat = File::open(format!("/proc/{pid}/net/netstat")).ok()?;
         let ns_path = PathBuf::from(format!("/proc/{pid}/ns/net"));
         // Checked after the open: the file is bound to the namespace the process had then.
-        let same = std::fs::metadata(&ns_path).is_ok_and(|m| m.ino() == u64::from(netns));
-        same.then_some(Self { ns_path, netstat })
+        netns::open(&ns_path, Some(netns)).ok()?;
+        Some(Self { ns_path, netstat })
     }
 
     /// Inside the namespace `ns_path` opens (`/run/netns/NAME`), entered by a short-lived

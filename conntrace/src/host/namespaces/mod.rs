@@ -282,9 +282,11 @@ impl NamespaceCache {
         let Some(path) = self.paths.get(&netns) else {
             return Ok(None);
         };
-        let file = netns::open(path, None)?;
-        let same = file.metadata().is_ok_and(|m| m.ino() == u64::from(netns));
-        Ok(same.then(|| (file, path.clone())))
+        match netns::open(path, Some(netns)) {
+            Ok(file) => Ok(Some((file, path.clone()))),
+            Err(EnterError::Changed { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Runs `f` in namespace `netns` (see [`in_namespace`]).
