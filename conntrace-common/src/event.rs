@@ -107,6 +107,8 @@ pub mod unread {
     pub const IFINDEX: u32 = 1 << 5;
     /// The local port of the dropped packet's socket (`PacketDrop::sk_port`).
     pub const SK_PORT: u32 = 1 << 6;
+    /// The state of the dropped packet's socket (`PacketDrop::sk_state`).
+    pub const SK_STATE: u32 = 1 << 8;
 }
 
 /// Addresses and ports as the kernel reported them, from the reporting socket's point of view:
@@ -286,6 +288,12 @@ pub struct PacketDrop {
     /// packet is outgoing when its source port is this one. 0 without `sk`; unread:
     /// [`unread::SK_PORT`].
     pub sk_port: u32,
+    /// `skc_state` (`TCP_ESTABLISHED` = 1, ... `TCP_NEW_SYN_RECV` = 12) of the packet's
+    /// socket: `sk`, else `rx_sk`; 0 without either. A received packet has one once early
+    /// demux found its connection (an established socket, or a handshake's request socket).
+    /// Unread: [`unread::SK_STATE`].
+    pub sk_state: u32,
+    pub _pad: u32,
     /// Return addresses of the kernel stack at the drop, innermost first, 0-padded; filled only
     /// for the reason in `Config::stack_drop_reason` (netfilter drops: the hook's caller).
     pub stack: [u64; DROP_STACK_DEPTH],

@@ -261,6 +261,12 @@ fn dropped<C: EbpfContext>(
         quiet::promote(prog, cfg, sk);
         quiet::promote(prog, cfg, rx_sk);
     }
+    // The socket's state tells an established connection's packet from a handshake's.
+    let sk_state = match (owner, o.sock_state) {
+        (0, _) => Some(0),
+        (_, KernelOffsets::MISSING) => None,
+        (_, at) => kread::<u8>(prog, owner + at as u64).map(u32::from),
+    };
     // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
     let netns = netns_of_skb(prog, o, skb)
         .or_else(|| netns_of_sock(prog, o, sk))
@@ -288,6 +294,9 @@ fn dropped<C: EbpfContext>(
         if sk_port.is_none() {
             header.unread |= unread::SK_PORT;
         }
+        if sk_state.is_none() {
+            header.unread |= unread::SK_STATE;
+        }
         addr_of_mut!((*slot).header).write(header);
         addr_of_mut!((*slot).sk).write(sk);
         addr_of_mut!((*slot).rx_sk).write(rx_sk);
@@ -299,6 +308,8 @@ fn dropped<C: EbpfContext>(
         addr_of_mut!((*slot).icmp).write(pkt.icmp);
         addr_of_mut!((*slot).mtu).write(pkt.mtu);
         addr_of_mut!((*slot).sk_port).write(u32::from(sk_port.unwrap_or(0)));
+        addr_of_mut!((*slot).sk_state).write(sk_state.unwrap_or(0));
+        addr_of_mut!((*slot)._pad).write(0);
         let stack = addr_of_mut!((*slot).stack).cast::<u64>();
         if reason == cfg.stack_drop_reason {
             // The helper fills the array and zeroes what it does not use (all of it on

@@ -136,3 +136,75 @@ fn a_socket_killed_with_ss_k_is_socket_destroyed_and_its_peer_is_reset() {
         assert_eq!(s["reason"], "reset_by_peer", "--follow {follow}: {s}");
     }
 }
+
+#[test]
+fn a_firewall_rule_added_under_a_pooled_connection_is_its_timeout_not_a_failed_handshake() {
+    // A pooled connection, then conntrace, then a DROP rule on the server's INPUT (a firewall
+    // change under a running pool): the client's ACKs of the greeting are dropped, the server
+    // retransmits it until it gives up (tcp_retries2=3: about 3 s). The drops belong to that
+    // established connection and explain its timeout; they are no failed handshake.
+    for follow in FOLLOW_MODES {
+        let Scenario {
+            hosts, mut server, ..
+        } = Scenario::new()
+            .in_server(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+            .serve(&[
+                "--accept",
+                "1",
+                "--greeting",
+                "hello\n",
+                "--greeting-delay-ms",
+                "4000",
+            ]);
+        let _client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &[
+                "--sport",
+                "41007",
+                "--read-until-close",
+                "--timeout-ms",
+                "20000",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let ct = Conntrace::start(&["--port", "3306", "--follow", follow]);
+        hosts.server.exec(&[
+            "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
+        ]);
+        // The server's read fails with ETIMEDOUT and it exits.
+        server.wait(Duration::from_secs(20), "ctpeer serve after its timeout");
+        let values = ct.stop_after_verdict_in(hosts.server.inode());
+        let v = only_verdict_in(&values, hosts.server.inode());
+        assert_eq!(
+            (
+                v["side"].as_str(),
+                v["reason"].as_str(),
+                v["errno"].as_str(),
+                v["sport"].as_u64(),
+                v["dport"].as_u64(),
+            ),
+            (
+                Some("server"),
+                Some("netfilter_drop"),
+                Some("ETIMEDOUT"),
+                Some(3306),
+                Some(41007)
+            ),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(v["detail"]["started_before_trace"], true, "{v}");
+        assert_eq!(v["detail"]["hook"], "INPUT", "--follow {follow}: {v}");
+        assert_eq!(
+            v["detail"]["rule"]["chain"], "INPUT",
+            "--follow {follow}: {v}"
+        );
+        // The client saw its greeting and is still waiting: nothing to report there.
+        assert_eq!(
+            verdicts_in(&values, hosts.client.inode()),
+            Vec::<Value>::new(),
+            "--follow {follow}"
+        );
+    }
+}

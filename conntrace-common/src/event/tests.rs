@@ -88,6 +88,8 @@ fn round_trip_every_kind() {
         icmp: NOT_ICMP,
         mtu: 0,
         sk_port: 0,
+        sk_state: 1,
+        _pad: 0,
         stack: [0xffff_ffff_8100_0010; DROP_STACK_DEPTH],
     };
     assert_eq!(decode(as_bytes(&dr)), Ok(Decoded::Drop(dr)));

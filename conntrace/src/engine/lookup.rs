@@ -161,7 +161,8 @@ pub struct FirewallRule {
     pub iptables: Option<String>,
     #[serde(skip)]
     pub action: RuleAction,
-    /// Packets it matched since the baseline (start-up, or the namespace's first sighting).
+    /// Packets it matched since the baseline (start-up, or the namespace's first sighting),
+    /// as read when it was looked up (a connection's first drop of a kind).
     pub packets: u64,
 }
 

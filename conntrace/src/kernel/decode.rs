@@ -164,6 +164,8 @@ impl Decoder {
                 rx_sk: e.rx_sk,
                 sk_port: (e.sk != 0 && e.header.unread & unread::SK_PORT == 0)
                     .then_some(e.sk_port as u16),
+                sk_state: (e.sk_state != 0 && e.header.unread & unread::SK_STATE == 0)
+                    .then(|| TcpState::from_kernel(e.sk_state as i32)),
                 packet: four_tuple(&e.tuple),
                 reason: self
                     .drop_reasons

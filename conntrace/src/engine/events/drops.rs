@@ -6,7 +6,7 @@
 
 use super::super::{
     Engine,
-    facts::{DropReason, DroppedPacket, FourTuple, Meta},
+    facts::{DropReason, DroppedPacket, FourTuple, Meta, TcpState},
     lookup::RuleQuery,
     rules::{self, drops::Explains},
     state::{Attempt, ConnId, HandshakeDrop, Opening, attempt, attempt::DropContext},
@@ -65,6 +65,7 @@ impl Engine {
                 .get(id)
                 .is_some_and(|c| c.netns == netns || c.netns.is_none() || netns.is_none())
         });
+        let id = id.or_else(|| self.adopt_for_drop(&f, local, out));
         if let Some(id) = id {
             if self.join_drop(id, &f, local, hs) {
                 self.drop_record(&f, outgoing, owner.and_then(|(_, p)| p));
@@ -105,7 +106,13 @@ impl Engine {
         let key = (netns, local);
         // A socket decided moments ago (its SYNs purged after it timed out) is no new attempt.
         let decided = outgoing && self.table.recently_decided(f.sk).is_some();
-        let explains = rules::drops::explains(&hs, self.table.attempt(&key).is_some());
+        // A packet of a connection past its handshake (a TIME_WAIT socket's) opens no attempt.
+        let explains = match rules::drops::explains(&hs, self.table.attempt(&key).is_some()) {
+            Explains::Attempt if f.sk_state.is_some_and(TcpState::past_handshake) => {
+                Explains::Record
+            }
+            explains => explains,
+        };
         if !decided && explains == Explains::Attempt && self.table.has_room_for_attempt(&key) {
             let mut hs = hs;
             if needs_context(self.table.attempt(&key).map_or(&[], |a| &a.drops), &hs) {
@@ -165,6 +172,27 @@ impl Engine {
         }
         attempt::record(&mut c.drops, hs);
         false
+    }
+
+    /// The connection of a dropped packet whose socket is established or closing but not
+    /// followed here (opened before conntrace started: a pool's): followed from now on, so
+    /// that the drop joins its later life instead of opening a handshake attempt.
+    fn adopt_for_drop(
+        &mut self,
+        f: &DroppedPacket,
+        local: FourTuple,
+        out: &mut Vec<Verdict>,
+    ) -> Option<ConnId> {
+        let state = f.sk_state.filter(|s| s.connected())?;
+        let sk = if f.sk != 0 { f.sk } else { f.rx_sk };
+        if f.icmp.is_some() {
+            return None;
+        }
+        if self.table.by_sk(sk).is_none() {
+            self.adopt_mid_life(&f.meta, sk, local, state, out);
+            self.table.index_tuple(sk);
+        }
+        self.table.id_of(sk)
     }
 
     /// Whether `packet` (as it travelled) neither came from nor went to namespace `netns`: it

@@ -57,6 +57,8 @@ pub struct DroppedPacket {
     pub rx_sk: u64,
     /// The local port of `sk` (`None`: no `sk`, or unreadable).
     pub sk_port: Option<u16>,
+    /// The state of that socket (`sk`, else `rx_sk`; `None`: neither, or unreadable).
+    pub sk_state: Option<TcpState>,
     /// The packet's own tuple (s = its source).
     pub packet: FourTuple,
     pub reason: DropReason,

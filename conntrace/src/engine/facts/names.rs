@@ -48,6 +48,24 @@ impl TcpState {
         }
     }
 
+    /// A connection's socket between its handshake and its close: established or closing.
+    pub fn connected(self) -> bool {
+        matches!(
+            self,
+            Self::Established
+                | Self::FinWait1
+                | Self::FinWait2
+                | Self::CloseWait
+                | Self::LastAck
+                | Self::Closing
+        )
+    }
+
+    /// Past its handshake: [`TcpState::connected`], or its TIME_WAIT remains.
+    pub fn past_handshake(self) -> bool {
+        self.connected() || self == Self::TimeWait
+    }
+
     /// The kernel's name: `TCP_ESTABLISHED`.
     pub fn name(self) -> CompactString {
         let name = match self {

@@ -20,6 +20,7 @@ fn dropped(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str) -> Kern
         sk,
         rx_sk: 0,
         sk_port: None,
+        sk_state: None,
         packet,
         reason: DropReason::new(reason),
         location: "nft_do_chain+0x3e8".into(),

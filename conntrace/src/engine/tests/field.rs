@@ -79,6 +79,7 @@ fn drop(ts: u64, sk: u64, packet: FourTuple, flags: u8, reason: &str, at: &str) 
         sk,
         rx_sk: 0,
         sk_port: None,
+        sk_state: None,
         packet,
         reason: DropReason::new(reason),
         location: at.into(),

@@ -201,3 +201,64 @@ fn a_socket_destroyed_on_this_host_is_named_and_its_peer_is_reset() {
     .1);
     check(&v, "server failed reset_by_peer ECONNRESET");
 }
+
+/// The peer's ACK of `s` (as it travelled: peer -> `s`) dropped by a netfilter rule, with the
+/// socket early demux found for it and that socket's state.
+fn ack_dropped(s: Sock, ts: u64, state: Option<TcpState>) -> KernelEvent {
+    KernelEvent::Dropped(crate::engine::facts::DroppedPacket {
+        meta: softirq(ts),
+        sk: s.sk,
+        rx_sk: 0,
+        sk_port: Some(s.t.sport),
+        sk_state: state,
+        packet: s.t.reversed(),
+        reason: DropReason::new(DropReason::NETFILTER_DROP),
+        location: "nft_do_chain+0x3e8".into(),
+        tcp_flags: crate::engine::facts::TcpFlags(0x10),
+        hook: Some(crate::engine::facts::NfHook::Input),
+        ifindex: None,
+        icmp: None,
+    })
+}
+
+#[test]
+fn drops_on_a_pooled_connection_are_its_own_never_a_failed_handshake() {
+    // A DROP rule added under a pool: the peer's ACKs of an established connection conntrace
+    // never saw open. The connection is followed from its first drop; the drops explain its
+    // timeout, and while it lives they are drop records only.
+    let server = Sock::server(SK_B);
+    let drops: Vec<_> = [SEC, 2 * SEC, 4 * SEC]
+        .into_iter()
+        .map(|ts| ack_dropped(server, ts, Some(S::Established)))
+        .collect();
+    let (mut e, out) = run(ports(&[3306]), drops.clone());
+    assert!(out.is_empty(), "open, so no verdict yet: {out:#?}");
+    assert_eq!(e.take_drops().len(), 3, "each drop is a record");
+    let mut events = drops;
+    events.push(close_with(server, 8 * SEC, S::Established, Some(110)));
+    let v = one(run(ports(&[3306]), events).1);
+    check(&v, "server failed netfilter_drop ETIMEDOUT");
+    assert_eq!(detail(&v, "started_before_trace"), true);
+    assert_eq!(
+        detail(&v, "dropped"),
+        3,
+        "{}",
+        serde_json::to_string(&v.detail).unwrap()
+    );
+}
+
+#[test]
+fn a_time_wait_sockets_dropped_packet_opens_no_attempt() {
+    // The last ACK of a closed connection, dropped: a record, no handshake verdict.
+    let server = Sock::server(SK_B);
+    let (mut e, out) = run(
+        ports(&[3306]),
+        vec![ack_dropped(server, SEC, Some(S::TimeWait))],
+    );
+    assert!(out.is_empty(), "{out:#?}");
+    assert_eq!(e.take_drops().len(), 1);
+    // Without the socket's state (no early demux), an ACK dropped by a firewall still counts
+    // as a handshake's last one.
+    let (_, out) = run(ports(&[3306]), vec![ack_dropped(server, SEC, None)]);
+    check(&one(out), "server failed netfilter_drop -");
+}

@@ -235,6 +235,7 @@ fn a_drop_after_a_quiet_close_is_oriented_by_its_sockets_own_port() {
         sk: SK_A,
         rx_sk: 0,
         sk_port: Some(SPORT),
+        sk_state: None,
         packet: tuple(SPORT, DPORT).reversed(),
         reason: crate::engine::facts::DropReason::new("QUEUE_PURGE"),
         location: "sk_stream_kill_queues+0x57".into(),

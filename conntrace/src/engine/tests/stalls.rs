@@ -130,6 +130,7 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
         sk: 0,
         rx_sk: 0,
         sk_port: None,
+        sk_state: None,
         packet: FourTuple {
             saddr: ip(2),
             sport: 51_000,

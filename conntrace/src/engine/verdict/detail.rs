@@ -90,7 +90,8 @@ pub struct DropFacts {
     /// Several rules counted packets: any of them may have dropped these.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule_candidates: Option<Vec<FirewallRule>>,
-    /// How sure the naming of `rule` or `rule_candidates` is, from the counters alone.
+    /// How sure the naming of `rule` or `rule_candidates` is, from the counters alone, as of
+    /// the look-up at the connection's first drop of that kind (later ones are only counted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule_confidence: Option<Confidence>,
     /// Why the rule could not be named.
