@@ -172,6 +172,8 @@ impl Engine {
             }
             self.forget(&c);
         }
+        // Error reports still waiting for their connection at the end never found it.
+        self.summary.unmatched_errors += self.table.forget_older_than(u64::MAX, 0);
         out
     }
 

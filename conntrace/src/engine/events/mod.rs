@@ -308,6 +308,13 @@ impl Engine {
     }
 
     fn on_socket_error(&mut self, meta: &Meta, tuple: FourTuple, errno: Option<Errno>) {
+        if tuple.dport == 0 {
+            // tcp_disconnect() clears the peer's port, then reports ECONNRESET on the socket
+            // this host aborted itself (a close with SO_LINGER 0, connect(AF_UNSPEC), a closed
+            // listener's unaccepted children). Its state change already told the abort; the
+            // error is no connection's failure.
+            return;
+        }
         let found = self
             .table
             .id_by_tuple(&tuple)

@@ -262,3 +262,21 @@ fn a_time_wait_sockets_dropped_packet_opens_no_attempt() {
     let (_, out) = run(ports(&[3306]), vec![ack_dropped(server, SEC, None)]);
     check(&one(out), "server failed netfilter_drop -");
 }
+
+#[test]
+fn the_reset_a_server_aborting_with_linger_0_reports_on_itself_is_not_unmatched() {
+    // close() with SO_LINGER 0: the socket closes (no error yet), then tcp_disconnect() sets
+    // ECONNRESET and reports it with the peer's port already cleared.
+    let server = Sock::server(SK_B);
+    let mut own = server;
+    own.t.dport = 0;
+    let (e, out) = run(
+        ports(&[3306]),
+        vec![
+            close_with(server, SEC, S::Established, None),
+            own.err(SEC + 1_000, 104),
+        ],
+    );
+    assert!(out.is_empty(), "its own abort: {out:#?}");
+    assert_eq!(totals(&e).2, 0, "{:?}", totals(&e));
+}
