@@ -22,11 +22,16 @@ fn accept_command(v: &Verdict, facts: &DropFacts) -> Option<String> {
             ..
         } => (family, table, chain),
     };
+    // Where the rule is: this end, or the other one (`peer_netns`), whose remote end is ours.
+    let (remote, local_port, remote_port) = match facts.peer_netns {
+        None => (v.daddr, v.sport.unwrap_or(v.dport), v.dport),
+        Some(_) => (v.saddr?, v.dport, v.sport?),
+    };
     // The peer the rule must let in (or out) and the service port.
     let (peer_is_source, peer, port) = if facts.hook == Some(NfHook::Output) {
-        (false, v.daddr, v.dport)
+        (false, remote, remote_port)
     } else {
-        (true, v.daddr, v.sport.unwrap_or(v.dport))
+        (true, remote, local_port)
     };
     let v6 = peer.is_ipv6();
     if table == "filter" && (family == "ip" || family == "ip6") {
@@ -58,6 +63,14 @@ fn server(v: &Verdict) -> String {
     }
 }
 
+/// "in the other end's namespace (netns N), " when the explaining drops happened there.
+fn at_peer(facts: &DropFacts) -> String {
+    facts
+        .peer_netns
+        .map(|n| format!("in the other end's namespace (netns {n}), "))
+        .unwrap_or_default()
+}
+
 /// One or two sentences of advice for this verdict's reason, naming its specifics.
 pub fn concrete(v: &Verdict) -> String {
     let drops = v.detail.drop_facts();
@@ -72,7 +85,10 @@ pub fn concrete(v: &Verdict) -> String {
             };
             let cmd = accept_command(v, facts).unwrap_or_default();
             let hook = facts.hook.map_or("a netfilter", NfHook::chain_name);
-            format!("{hook} rule `{rule}` drops it; to accept this peer: `{cmd}`")
+            format!(
+                "{}{hook} rule `{rule}` drops it; to accept this peer: `{cmd}`",
+                at_peer(facts)
+            )
         }
         Reason::IcmpUnreachable if v.detail.first_answer_while_busy() => {
             "the ICMP answer to the first SYN came while connect() still held the socket: the kernel set it aside and the client waited for its SYN retransmit; `-j REJECT --reject-with tcp-reset` fails at once, or accept the port".into()
@@ -80,6 +96,10 @@ pub fn concrete(v: &Verdict) -> String {
         Reason::IcmpUnreachable if v.detail.unanswered_syns().is_some() => {
             "an ICMP REJECT is rate-limited (1 s after a burst of 6 per destination): bursts of clients wait for SYN retransmits; use `-j REJECT --reject-with tcp-reset`, or accept the port".into()
         }
+        Reason::IcmpUnreachable if v.detail.established() => format!(
+            "after the connection was established, its packets to {} were answered with ICMP unreachable: a REJECT rule or a route on the path changed (conntrace on that host names the rule)",
+            SocketAddr::new(v.daddr, v.dport)
+        ),
         Reason::IcmpUnreachable => format!(
             "a router or firewall answered the SYN to {} with ICMP unreachable: check the REJECT rules and routes on the path (conntrace on that host names the rule)",
             server(v)
@@ -94,7 +114,11 @@ pub fn concrete(v: &Verdict) -> String {
                     let hook = facts.and_then(|d| d.hook).map_or("a netfilter", NfHook::chain_name);
                     let cmd = facts.and_then(|d| accept_command(v, d));
                     let accept = cmd.map(|c| format!("; to accept this peer: `{c}`")).unwrap_or_default();
-                    format!("{hook} rule `{}` rejects it{accept}", r.text)
+                    format!(
+                        "{}{hook} rule `{}` rejects it{accept}",
+                        facts.map(at_peer).unwrap_or_default(),
+                        r.text
+                    )
                 }
                 _ => "a REJECT rule answers it".to_owned(),
             };
@@ -255,6 +279,25 @@ mod tests {
                 .contains("`nft insert rule inet fw in ip saddr 10.0.0.1 tcp dport 3306 accept`"),
             "{}",
             concrete(&v)
+        );
+    }
+
+    #[test]
+    fn a_rule_at_the_other_end_is_named_there_with_the_command_for_that_end() {
+        // The client's verdict (10.0.0.1:40000 -> 10.0.0.2:3306), the server's INPUT rule.
+        let Detail::Attempt(attempt) = dropped_by("ip", "filter", "INPUT") else {
+            unreachable!()
+        };
+        let mut d = ClosedDetail::new(TcpState::Established);
+        d.drops = attempt.drops;
+        d.drops.peer_netns = Some(4026532249);
+        let mut v = verdict(Reason::NetfilterDrop, Detail::Closed(d));
+        v.side = Side::Client;
+        (v.saddr, v.sport) = (Some("10.0.0.1".parse().expect("ip")), Some(40000));
+        (v.daddr, v.dport) = ("10.0.0.2".parse().expect("ip"), 3306);
+        assert_eq!(
+            concrete(&v),
+            "in the other end's namespace (netns 4026532249), INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`"
         );
     }
 

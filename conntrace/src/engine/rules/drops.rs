@@ -155,6 +155,53 @@ pub(crate) fn explains_silence(c: &Conn, v: &Verdict) -> bool {
     c.rst_received.is_none() && (own || silent)
 }
 
+/// Whether `drops` (an established connection's, at either end) explain how it ended: a silent
+/// death or an ICMP answer after drops that explain a failure, or a RST after a netfilter drop
+/// that was no plain DROP rule's (a REJECT with `tcp-reset` drops the packet and answers it).
+pub(crate) fn explains_end(v: &Verdict, drops: &[HandshakeDrop]) -> bool {
+    match v.reason {
+        Reason::Timeout | Reason::Unknown | Reason::IcmpUnreachable => {
+            drops.iter().any(|d| cause(d).is_some())
+        }
+        Reason::ResetByPeer => drops
+            .iter()
+            .any(|d| d.reason == DropReason::NETFILTER_DROP && !plain_drop(d)),
+        _ => false,
+    }
+}
+
+/// Whether the rule found for a netfilter drop only drops (a DROP rule or a drop policy).
+fn plain_drop(d: &HandshakeDrop) -> bool {
+    let dropping = |r: &FirewallRule| r.action == RuleAction::Drop;
+    match &d.context {
+        Some(DropContext::Rule(RuleFinding::Rule { rule, .. })) => dropping(rule),
+        Some(DropContext::Rule(RuleFinding::Candidates { rules, .. })) => {
+            rules.iter().all(dropping)
+        }
+        Some(DropContext::Rule(RuleFinding::Policy { .. })) => true,
+        _ => false,
+    }
+}
+
+/// Names the drop that explains an established connection's end ([`explains_end`]): a RST or
+/// an ICMP error that followed a netfilter drop is a REJECT's answer, `netfilter_reject` even
+/// where the rule could not be named.
+pub(crate) fn explain_end(v: &mut Verdict, drops: &[HandshakeDrop]) {
+    let answered = matches!(v.reason, Reason::ResetByPeer | Reason::IcmpUnreachable);
+    let icmp = match &v.detail {
+        Detail::Closed(d) => d.icmp,
+        _ => None,
+    };
+    explain(v, drops);
+    if answered && matches!(v.reason, Reason::NetfilterDrop | Reason::NetfilterReject) {
+        v.reason = Reason::NetfilterReject;
+        // The ICMP answer came from the rule, wherever it is.
+        if let Detail::Closed(d) = &mut v.detail {
+            d.icmp = icmp;
+        }
+    }
+}
+
 /// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
 /// its drops in `detail.drops`. The most frequent explaining drop wins.
 pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {

@@ -56,17 +56,13 @@ fn client_error(
     match errno {
         Some(Errno::ECONNREFUSED) if cfg.resets_observed => {
             // ECONNREFUSED without a RST: an ICMP port unreachable (e.g. REJECT).
-            d.icmp = Some("port-unreachable");
+            d.icmp = Some(super::icmp_of(Errno::ECONNREFUSED));
             unanswered_syns(c, d);
             (Reason::IcmpUnreachable, Errno::ECONNREFUSED.to_string())
         }
         Some(Errno::ECONNREFUSED) => (Reason::RefusedNoListener, Errno::ECONNREFUSED.to_string()),
         Some(e @ (Errno::EHOSTUNREACH | Errno::ENETUNREACH | Errno::EACCES | Errno::EPERM)) => {
-            d.icmp = Some(match e {
-                Errno::ENETUNREACH => "net-unreachable or net-prohibited",
-                Errno::EHOSTUNREACH => "host-unreachable, host-prohibited or admin-prohibited",
-                _ => "prohibited",
-            });
+            d.icmp = Some(super::icmp_of(e));
             unanswered_syns(c, d);
             (Reason::IcmpUnreachable, e.to_string())
         }

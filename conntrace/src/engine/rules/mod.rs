@@ -29,8 +29,8 @@ pub mod teardown;
 
 use super::{
     config::EngineConfig,
-    facts::{FourTuple, Meta},
-    state::Conn,
+    facts::{Errno, FourTuple, Meta},
+    state::{Conn, HandshakeDrop},
     verdict::{Detail, Outcome, Reason, Side, Verdict},
 };
 
@@ -94,14 +94,40 @@ pub(super) fn socketless(meta: &Meta, tuple: FourTuple, side: Side, detail: Deta
     }
 }
 
+/// The ICMP errors an errno stands for, where an ICMP error set it: `detail.icmp`.
+pub(super) fn icmp_of(e: Errno) -> &'static str {
+    match e {
+        Errno::ECONNREFUSED => "port-unreachable",
+        Errno::ENETUNREACH => "net-unreachable or net-prohibited",
+        Errno::EHOSTUNREACH => "host-unreachable, host-prohibited or admin-prohibited",
+        _ => "prohibited",
+    }
+}
+
+/// Drops of a connection's packets at its other end, in another namespace of this host
+/// (conntrace traces both ends there): that end's connection's `late_drops`.
+pub(crate) struct PeerDrops<'a> {
+    pub netns: Option<u32>,
+    pub drops: &'a [HandshakeDrop],
+}
+
 /// The verdict of a connection that reached CLOSE, or `None` for an orderly end: its
-/// handshake's failure or its end's, then the drop that explains a silent failure.
-pub(super) fn closed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
+/// handshake's failure or its end's, then the drop that explains a silent failure. An
+/// established connection's end is explained by its own late drops, else by its peer's
+/// (`peer`), else by its retransmissions (`pmtu_blackhole`).
+pub(super) fn closed(c: &Conn, peer: Option<PeerDrops>, cfg: &EngineConfig) -> Option<Verdict> {
     if c.established_ns().is_some() {
         let mut v = teardown::ended(c)?;
-        // Drops that kept killing it on this host explain a silent end.
-        if !path::explain(c, &mut v) && matches!(v.reason, Reason::Timeout | Reason::Unknown) {
-            drops::explain(&mut v, &c.late_drops);
+        path::note_retransmits(c, &mut v);
+        if drops::explains_end(&v, &c.late_drops) {
+            drops::explain_end(&mut v, &c.late_drops);
+        } else if let Some(p) = peer.filter(|p| drops::explains_end(&v, p.drops)) {
+            drops::explain_end(&mut v, p.drops);
+            if let Some(facts) = v.detail.drop_facts_mut() {
+                facts.peer_netns = p.netns;
+            }
+        } else {
+            path::explain(c, &mut v);
         }
         return Some(v);
     }

@@ -17,15 +17,19 @@ const MIN_RETRANSMITS: u32 = 2;
 /// any MTU a tunnel or a PPPoE link leaves (1400) less headers.
 const FULL_SIZE_BYTES: u32 = 1200;
 
+/// `detail.retransmits`: an established connection's data retransmissions, if any.
+pub(crate) fn note_retransmits(c: &Conn, v: &mut Verdict) {
+    if let (Some(r), Detail::Closed(d)) = (c.retransmits, &mut v.detail) {
+        d.retransmits = Some(r);
+    }
+}
+
 /// Makes a connection's `timeout` a `pmtu_blackhole` when its retransmissions say so, and
 /// completes it with the path's answer. Returns whether it did.
 pub(crate) fn explain(c: &Conn, v: &mut Verdict) -> bool {
     let Some(r) = c.retransmits else {
         return false;
     };
-    if let Detail::Closed(d) = &mut v.detail {
-        d.retransmits = Some(r);
-    }
     let full_size = match r.mss {
         Some(mss) => r.smallest_bytes >= mss,
         None => r.smallest_bytes >= FULL_SIZE_BYTES,

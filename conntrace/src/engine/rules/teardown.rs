@@ -1,8 +1,8 @@
-//! Established connections that end badly: `reset_by_peer`, `timeout` and `socket_destroyed`
-//! (and `unknown` for an error no rule knows). An orderly or application-initiated end has no
-//! verdict.
+//! Established connections that end badly: `reset_by_peer`, `timeout`, `icmp_unreachable` (its
+//! retransmissions answered with ICMP errors) and `socket_destroyed` (and `unknown` for an
+//! error no rule knows). An orderly or application-initiated end has no verdict.
 
-use super::{base, ms};
+use super::{base, icmp_of, ms};
 use crate::engine::{
     facts::Errno,
     state::Conn,
@@ -29,6 +29,13 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
                 (Reason::Timeout, Errno::ETIMEDOUT)
             }
             Some(Errno::ECONNRESET) => (Reason::ResetByPeer, Errno::ECONNRESET),
+            Some(e @ (Errno::ECONNREFUSED | Errno::EHOSTUNREACH | Errno::ENETUNREACH)) => {
+                // No RST: its retransmissions were answered with ICMP errors, which the kernel
+                // keeps as a soft error and reports instead of ETIMEDOUT when it gives up.
+                d.established_ms = established_ms;
+                d.icmp = Some(icmp_of(e));
+                (Reason::IcmpUnreachable, e)
+            }
             Some(Errno::ECONNABORTED) => {
                 // tcp_abort(): SOCK_DESTROY (`ss -K`, a CNI agent) asked this host's kernel.
                 d.established_ms = established_ms;

@@ -117,6 +117,13 @@ impl Table {
         self.by_tuple.get(tuple).copied()
     }
 
+    /// The other end of connection `c` in another namespace of this host, when it is
+    /// followed too: the connection whose tuple is `c`'s reversed.
+    pub fn peer_of(&self, c: &Conn) -> Option<&Conn> {
+        self.get(self.id_by_tuple(&c.tuple.reversed())?)
+            .filter(|p| p.netns != c.netns && p.sk != c.sk)
+    }
+
     pub fn get(&self, id: ConnId) -> Option<&Conn> {
         self.conns.get(&id)
     }

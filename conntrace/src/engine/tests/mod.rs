@@ -612,6 +612,7 @@ mod listeners;
 mod mid_life;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
+mod peer;
 mod quiet;
 /// connect() errors seen through failed route lookups, and inferred EADDRNOTAVAIL.
 mod route;

@@ -116,6 +116,11 @@ pub struct DropFacts {
     /// this host).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub path_drops: Vec<PathDrop>,
+    /// The drops that explain the verdict happened at the connection's other end, in this
+    /// network namespace (inode) of the same host: `drops`, `hook` and `rule` are that
+    /// namespace's, `direction` as its packets travelled there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_netns: Option<u32>,
 }
 
 /// `rp_filter_drop`: why the reverse-path filter refused the packets.
@@ -479,6 +484,11 @@ impl Detail {
     /// Whether conntrace first saw the connection established (`started_before_trace`).
     pub fn started_before_trace(&self) -> bool {
         matches!(self, Self::Closed(d) if d.started_before_trace == Some(true))
+    }
+
+    /// Whether this is the end of a connection that had completed its handshake.
+    pub fn established(&self) -> bool {
+        matches!(self, Self::Closed(d) if !matches!(d.closed_from, TcpState::SynSent | TcpState::SynRecv))
     }
 
     /// Whether the first SYN's ICMP answer came while `connect()` held the socket.

@@ -126,9 +126,9 @@ pub const REASONS: &[ReasonDoc] = &[
     doc!(
         IcmpUnreachable,
         "icmp_unreachable",
-        "client",
+        "client, server",
         "handshake.rs",
-        "The socket failed in SYN_SENT with ECONNREFUSED without any RST received (an ICMP port unreachable), or with EHOSTUNREACH, ENETUNREACH, EACCES or EPERM. detail.unanswered_syns counts the SYNs that got no answer first (ICMP rate limiting); detail.first_answer_while_busy says the first SYN's answer came while connect() held the socket, so the kernel set it aside and retransmitted.",
+        "The socket failed in SYN_SENT with ECONNREFUSED without any RST received (an ICMP port unreachable), or with EHOSTUNREACH, ENETUNREACH, EACCES or EPERM. detail.unanswered_syns counts the SYNs that got no answer first (ICMP rate limiting); detail.first_answer_while_busy says the first SYN's answer came while connect() held the socket, so the kernel set it aside and retransmitted. An established socket that closed with one of those errors and no RST (teardown.rs): its retransmissions were answered with ICMP errors, which the kernel reports instead of ETIMEDOUT.",
         "a router or firewall answered with ICMP unreachable: check REJECT rules and routes on the path; ICMP answers are rate-limited, so bursts of connections wait for SYN retransmits (detail.unanswered_syns), where --reject-with tcp-reset fails at once"
     ),
     doc!(

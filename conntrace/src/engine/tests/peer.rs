@@ -1,0 +1,203 @@
+//! Established connections whose end the drops explain: their own, or, where conntrace sees
+//! both ends on one host, the other end's (a firewall change in the server's namespace).
+
+use super::*;
+use crate::engine::{
+    facts::{DroppedPacket, NfHook},
+    lookup::{Confidence, FirewallRule, RuleAction, RuleFinding, RuleLookup, RuleQuery},
+};
+
+/// The server's namespace: the client's is `NETNS`.
+const SERVER_NETNS: u32 = NETNS + 1;
+
+fn in_server(ts: u64) -> Meta {
+    Meta {
+        netns: Some(SERVER_NETNS),
+        ..softirq(ts)
+    }
+}
+
+/// The client `c` and its server's end (its tuple reversed, in `SERVER_NETNS`), established.
+fn established(c: Sock) -> Vec<KernelEvent> {
+    let server = |old, new| KernelEvent::State {
+        meta: in_server(2 * MS),
+        sk: SK_B,
+        tuple: c.t.reversed(),
+        old,
+        new,
+        sk_err: None,
+        sk_err_soft: None,
+        closing: None,
+    };
+    vec![
+        c.connect(MS, 100, "client"),
+        server(S::Listen, S::SynRecv),
+        server(S::SynRecv, S::Established),
+        c.st(2 * MS, S::SynSent, S::Established),
+    ]
+}
+
+/// A packet of `c` (as it travelled) dropped by netfilter at `hook`: in the server's INPUT, or
+/// in the client's own OUTPUT.
+fn dropped(c: Sock, ts: u64, hook: NfHook) -> KernelEvent {
+    let out = hook == NfHook::Output;
+    KernelEvent::Dropped(DroppedPacket {
+        meta: if out { softirq(ts) } else { in_server(ts) },
+        sk: if out { c.sk } else { SK_B },
+        rx_sk: 0,
+        sk_port: Some(if out { c.t.sport } else { c.t.dport }),
+        sk_state: Some(S::Established),
+        packet: c.t,
+        reason: DropReason::new(DropReason::NETFILTER_DROP),
+        location: "nft_do_chain+0x3e8".into(),
+        tcp_flags: TcpFlags(0x18),
+        hook: Some(hook),
+        ifindex: None,
+        icmp: None,
+    })
+}
+
+fn retransmit(c: Sock, ts: u64) -> KernelEvent {
+    KernelEvent::Retransmit {
+        meta: softirq(ts),
+        sk: c.sk,
+        tuple: c.t,
+        bytes: Some(1448),
+        mss: Some(1448),
+    }
+}
+
+fn close(c: Sock, ts: u64, errno: i32) -> KernelEvent {
+    KernelEvent::State {
+        meta: softirq(ts),
+        sk: c.sk,
+        tuple: c.t,
+        old: S::Established,
+        new: S::Close,
+        sk_err: Some(Errno(errno)),
+        sk_err_soft: None,
+        closing: None,
+    }
+}
+
+/// Names one rule of the server's INPUT chain for every look-up.
+struct OneRule(RuleAction);
+
+impl RuleLookup for OneRule {
+    fn find(&mut self, _: &RuleQuery) -> RuleFinding {
+        RuleFinding::Rule {
+            rule: FirewallRule {
+                comment: None,
+                backend: Default::default(),
+                iptables: None,
+                family: "ip".into(),
+                table: "filter".into(),
+                chain: "INPUT".into(),
+                handle: 2,
+                text: "tcp dport 8080 reject with tcp reset".into(),
+                action: self.0.clone(),
+                packets: 1,
+            },
+            confidence: Confidence::Exact,
+        }
+    }
+}
+
+fn run_with(rule: Option<RuleAction>, events: Vec<KernelEvent>) -> Verdict {
+    let mut e = Engine::new(EngineConfig::default());
+    if let Some(action) = rule {
+        e = e.with_rule_lookup(Box::new(OneRule(action)));
+    }
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    one(out.into_iter().filter(|v| v.netns == Some(NETNS)).collect())
+}
+
+#[test]
+fn bulk_data_dropped_at_the_server_is_netfilter_drop_there_not_a_path_mtu_black_hole() {
+    // Full-size segments retransmitted until the client gives up: a black hole's pattern,
+    // but the server's namespace dropped each of them.
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = established(c);
+    for (i, ts) in [SEC, 2 * SEC, 4 * SEC].into_iter().enumerate() {
+        events.push(dropped(c, ts - MS * (i as u64 + 1), NfHook::Input));
+        events.push(retransmit(c, ts));
+    }
+    events.push(close(c, 8 * SEC, 110));
+    let v = run_with(Some(RuleAction::Drop), events);
+    check(&v, "client failed netfilter_drop ETIMEDOUT");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS, "{v:#?}");
+    assert_eq!(detail(&v, "hook"), "INPUT");
+    assert_eq!(detail(&v, "dropped"), 3);
+    assert_eq!(detail(&v, "retransmits")["count"], 3);
+    // Without the server's drops it is the black hole it looks like.
+    let mut events = established(c);
+    events.extend([SEC, 2 * SEC, 4 * SEC].map(|ts| retransmit(c, ts)));
+    events.push(close(c, 8 * SEC, 110));
+    check(
+        &run_with(None, events),
+        "client failed pmtu_blackhole ETIMEDOUT",
+    );
+}
+
+#[test]
+fn a_reset_from_a_reject_rule_at_the_server_is_netfilter_reject_not_the_peer_aborting() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = established(c);
+    events.extend([
+        dropped(c, SEC, NfHook::Input),
+        c.rst(SEC + 10_000),
+        close(c, SEC + 10_000, 104),
+    ]);
+    let with = RuleAction::Reject {
+        with: "tcp-reset".into(),
+    };
+    let v = run_with(Some(with), events.clone());
+    check(&v, "client failed netfilter_reject ECONNRESET");
+    assert_eq!(detail(&v, "reject_with"), "tcp-reset");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS);
+    assert_eq!(detail(&v, "rst_received_in"), "TCP_ESTABLISHED");
+    // A DROP rule sends no RST: the reset is the server's own.
+    check(
+        &run_with(Some(RuleAction::Drop), events),
+        "client failed reset_by_peer ECONNRESET",
+    );
+}
+
+#[test]
+fn a_reset_after_the_clients_own_output_dropped_its_packet_is_netfilter_reject() {
+    // REJECT --reject-with tcp-reset in the client's OUTPUT: the rule drops the segment and
+    // answers the socket with a RST that looks like the server's. No rule named: still the
+    // rule's answer.
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = established(c);
+    events.extend([
+        dropped(c, SEC, NfHook::Output),
+        c.rst(SEC),
+        close(c, SEC, 104),
+    ]);
+    let v = run_with(None, events);
+    check(&v, "client failed netfilter_reject ECONNRESET");
+    assert_eq!(detail(&v, "hook"), "OUTPUT");
+    assert_eq!(detail(&v, "peer_netns"), Value::Null, "its own namespace");
+}
+
+#[test]
+fn an_established_connection_answered_with_icmp_is_icmp_unreachable_or_the_reject_behind_it() {
+    // The kernel keeps an established socket's ICMP errors as soft errors and reports the last
+    // one instead of ETIMEDOUT when its retransmissions run out.
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = established(c);
+    events.push(close(c, 6 * SEC, 111));
+    let v = run_with(None, events.clone());
+    check(&v, "client failed icmp_unreachable ECONNREFUSED");
+    assert_eq!(detail(&v, "icmp"), "port-unreachable");
+    let with = RuleAction::Reject {
+        with: "icmp-port-unreachable".into(),
+    };
+    events.insert(4, dropped(c, SEC, NfHook::Input));
+    let v = run_with(Some(with), events);
+    check(&v, "client failed netfilter_reject ECONNREFUSED");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS);
+    assert_eq!(detail(&v, "icmp"), "port-unreachable", "the rule's answer");
+}
