@@ -204,7 +204,15 @@ impl Cli {
     /// with `--follow quiet`, more ports than the kernel filters, `--without lifecycle`.
     pub fn check(&self) -> Result<(), clap::Error> {
         use clap::{CommandFactory as _, error::ErrorKind};
-        let usage = |kind, message: String| Err(Self::command().error(kind, message));
+        // Named as invoked, as clap's own errors are.
+        let name = std::env::args_os()
+            .next()
+            .and_then(|a| Some(std::path::Path::new(&a).file_name()?.to_str()?.to_owned()));
+        let command = || match &name {
+            Some(n) => Self::command().bin_name(n),
+            None => Self::command(),
+        };
+        let usage = |kind, message: String| Err(command().error(kind, message));
         if matches!(self.follow, Some(FollowArg::Quiet)) {
             let needs = match (self.all, self.expect_comm.is_empty()) {
                 (true, _) => Some("--all"),

@@ -96,6 +96,12 @@ pub fn concrete(v: &Verdict) -> String {
         Reason::IcmpUnreachable if v.detail.unanswered_syns().is_some() => {
             "an ICMP REJECT is rate-limited (1 s after a burst of 6 per destination): bursts of clients wait for SYN retransmits; use `-j REJECT --reject-with tcp-reset`, or accept the port".into()
         }
+        Reason::Timeout if matches!(&v.detail, Detail::Closed(d) if d.retransmits.is_none()) => {
+            format!(
+                "{} stopped answering its keepalive or zero-window probes (no data was retransmitted): the peer or the path went away, or a firewall drops its packets",
+                SocketAddr::new(v.daddr, v.dport)
+            )
+        }
         Reason::IcmpUnreachable if v.detail.established() => format!(
             "after the connection was established, its packets to {} were answered with ICMP unreachable: a REJECT rule or a route on the path changed (conntrace on that host names the rule)",
             SocketAddr::new(v.daddr, v.dport)
@@ -298,6 +304,19 @@ mod tests {
         assert_eq!(
             concrete(&v),
             "in the other end's namespace (netns 4026532249), INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`"
+        );
+    }
+
+    #[test]
+    fn a_timeout_without_retransmissions_speaks_of_probes() {
+        let v = verdict(
+            Reason::Timeout,
+            Detail::Closed(ClosedDetail::new(TcpState::Established)),
+        );
+        assert!(
+            concrete(&v).starts_with("10.0.0.1:40000 stopped answering its keepalive"),
+            "{}",
+            concrete(&v)
         );
     }
 

@@ -248,7 +248,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "timeout",
         "client, server",
         "teardown.rs",
-        "An established connection closed with ETIMEDOUT: its retransmissions went unanswered.",
+        "An established connection closed with ETIMEDOUT: its retransmissions (detail.retransmits), or without any its keepalive or zero-window probes, went unanswered. From a closing state (closed_from TCP_FIN_WAIT1, TCP_CLOSING, TCP_LAST_ACK) after the application closed it: its last data or FIN was never acknowledged.",
         "an established connection died of retransmission timeout: the peer or path went away"
     ),
     doc!(
