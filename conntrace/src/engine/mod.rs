@@ -187,14 +187,13 @@ impl Engine {
             let listeners = lookup.listening_on(v.netns, port);
             rules::listener::with_listeners(&mut v, &listeners, holder.as_ref());
         }
-        if self.cfg.quiet
-            && v.side == verdict::Side::Server
-            && v.pid.is_none()
+        if v.pid.is_none()
             && v.sk.is_some()
             && let (Some(lookup), Some(saddr), Some(sport)) =
                 (self.lookups.listeners.as_mut(), v.saddr, v.sport)
         {
-            // Quiet mode without an accept hook: the process holding the socket now.
+            // No accept() or connect() seen (quiet mode without an accept hook, a connection
+            // opened before conntrace started): the process holding the socket now.
             let tuple = facts::FourTuple {
                 saddr,
                 sport,

@@ -27,8 +27,8 @@ pub(crate) fn connection_detail(c: &Conn, established_ns: u64) -> EstablishedDet
     }
 }
 
-/// A server verdict's socket is held by process `p` (found after the fact, quiet mode): that
-/// process accepted it.
+/// A verdict's socket is held by process `p` (found after the fact: no accept() or connect()
+/// was seen); a server's was accepted by it.
 pub(crate) fn held_by(v: &mut Verdict, p: crate::engine::facts::Proc) {
     v.pid = Some(p.pid);
     v.comm = Some(p.comm.to_string());
@@ -37,7 +37,9 @@ pub(crate) fn held_by(v: &mut Verdict, p: crate::engine::facts::Proc) {
         Detail::Stall(s) => &mut s.connection,
         _ => return,
     };
-    d.accepted = Some(true);
+    if v.side == Side::Server {
+        d.accepted = Some(true);
+    }
 }
 
 /// The verdict of a connection that completed its handshake, at `ts_ns`.
