@@ -1,7 +1,8 @@
-//! Firewall rules that hit established connections: the server's INPUT drops or rejects the
-//! client's requests (a rule that matches only segments of 200 bytes or more, so the handshake
-//! and the greeting pass). conntrace sees both namespaces: the client's verdict names the rule
-//! in the server's namespace (`detail.peer_netns`), in either follow mode.
+//! Firewall rules that hit established connections: a rule that matches only segments of 200
+//! bytes or more (so the handshake and the greeting pass) drops or rejects the client's
+//! request, in the server's INPUT or the client's own OUTPUT. conntrace sees both namespaces:
+//! the client's verdict names the rule, and where it is (`detail.peer_netns` for the server's),
+//! in either follow mode.
 
 use std::time::Duration;
 
@@ -14,12 +15,23 @@ fn big_request() -> String {
     "x".repeat(2000)
 }
 
-/// The server's INPUT rule against segments of 200 bytes or more to the port.
-fn server_rule(target: &[&str]) -> Vec<String> {
-    let mut rule: Vec<String> = [
+/// Where the rule goes: the server's INPUT or the client's OUTPUT.
+#[derive(Clone, Copy, PartialEq)]
+enum At {
+    ServerInput,
+    ClientOutput,
+}
+
+/// Adds `-j TARGET...` for segments of 200 bytes or more to the port, at `at`.
+fn add_rule(hosts: &TwoHosts, at: At, target: &[&str]) {
+    let (ns, chain) = match at {
+        At::ServerInput => (&hosts.server, "INPUT"),
+        At::ClientOutput => (&hosts.client, "OUTPUT"),
+    };
+    let mut rule = vec![
         "iptables",
         "-A",
-        "INPUT",
+        chain,
         "-p",
         "tcp",
         "--dport",
@@ -29,74 +41,78 @@ fn server_rule(target: &[&str]) -> Vec<String> {
         "--length",
         "200:65535",
         "-j",
-    ]
-    .map(String::from)
-    .to_vec();
-    rule.extend(target.iter().map(|s| s.to_string()));
-    rule
+    ];
+    rule.extend(target);
+    ns.exec(&rule);
 }
 
-/// One connection that reads the greeting, sends `request` and waits for an answer, under
-/// `target` on the server's INPUT; the client's namespace gives up after 3 retransmissions
-/// (`tcp_retries2=3`, about 3 s). Returns the hosts, the client's result and the records.
-fn request_through(target: &[&str], request: &str, follow: &str) -> (TwoHosts, Value, Vec<Value>) {
-    let rule = server_rule(target);
-    let rule: Vec<&str> = rule.iter().map(String::as_str).collect();
-    let Scenario {
-        hosts,
-        ct,
-        server: _server,
-    } = Scenario::new()
-        .in_server(&rule)
-        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
-        .conntrace(&["--port", "3306", "--follow", follow])
-        .serve(&["--greeting", "hi\n"]);
-    let client = connect(
-        &hosts.client,
-        &hosts.server_ip,
-        PORT,
-        &[
-            "--read",
-            "--request",
-            request,
-            "--expect-bytes",
-            "1",
-            "--timeout-ms",
-            "15000",
-        ],
-    );
-    let result = client.json_lines(Duration::from_secs(30)).remove(0);
-    let values = ct.stop_after_verdict_in(hosts.client.inode());
-    (hosts, result, values)
-}
-
-/// The client's verdict names the server's rule, in the server's namespace.
-fn assert_named_at_server(v: &Value, hosts: &TwoHosts, follow: &str) {
-    assert_eq!(
-        v["detail"]["peer_netns"],
-        hosts.server.inode(),
-        "--follow {follow}: {v}"
-    );
-    assert_eq!(v["detail"]["hook"], "INPUT", "--follow {follow}: {v}");
-    assert_eq!(
-        v["detail"]["rule"]["chain"], "INPUT",
-        "--follow {follow}: {v}"
-    );
-    assert_eq!(v["side"], "client", "{v}");
+/// One connection per follow mode that reads the greeting, sends `request` and waits for an
+/// answer, under the rule; the client's namespace gives up after 3 retransmissions
+/// (`tcp_retries2=3`, about 3 s). Checks the client's errno and its verdict's reason and
+/// errno; returns each mode's client verdict.
+fn client_verdicts(
+    at: At,
+    target: &[&str],
+    request: &str,
+    (errno, reason, errno_name): (i64, &str, &str),
+) -> Vec<Value> {
+    let mut verdicts = Vec::new();
+    for follow in FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = Scenario::new()
+            .with(|h| add_rule(h, at, target))
+            .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+            .conntrace(&["--port", "3306", "--follow", follow])
+            .serve(&["--greeting", "hi\n"]);
+        let client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &[
+                "--read",
+                "--request",
+                request,
+                "--expect-bytes",
+                "1",
+                "--timeout-ms",
+                "15000",
+            ],
+        );
+        let result = client.json_lines(Duration::from_secs(30)).remove(0);
+        assert_eq!(result["errno"], errno, "{errno_name}: {result}");
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        let v = only_verdict_in(&values, hosts.client.inode());
+        assert_eq!(
+            (
+                v["side"].as_str(),
+                v["reason"].as_str(),
+                v["errno"].as_str()
+            ),
+            (Some("client"), Some(reason), Some(errno_name)),
+            "--follow {follow}: {v}"
+        );
+        let (hook, peer) = match at {
+            At::ServerInput => ("INPUT", Value::from(hosts.server.inode())),
+            At::ClientOutput => ("OUTPUT", Value::Null),
+        };
+        assert_eq!(
+            (&v["detail"]["hook"], &v["detail"]["rule"]["chain"]),
+            (&Value::from(hook), &Value::from(hook)),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(v["detail"]["peer_netns"], peer, "--follow {follow}: {v}");
+        verdicts.push(v);
+    }
+    verdicts
 }
 
 #[test]
 fn a_request_the_servers_firewall_drops_is_netfilter_drop_there_not_a_path_mtu_black_hole() {
-    for follow in FOLLOW_MODES {
-        let (hosts, result, values) = request_through(&["DROP"], &big_request(), follow);
-        assert_eq!(result["errno"], 110, "ETIMEDOUT: {result}");
-        let v = only_verdict_in(&values, hosts.client.inode());
-        assert_eq!(
-            (v["reason"].as_str(), v["errno"].as_str()),
-            (Some("netfilter_drop"), Some("ETIMEDOUT")),
-            "--follow {follow}: {v}"
-        );
-        assert_named_at_server(&v, &hosts, follow);
+    let expected = (110, "netfilter_drop", "ETIMEDOUT");
+    for v in client_verdicts(At::ServerInput, &["DROP"], &big_request(), expected) {
         assert!(
             v["detail"]["retransmits"]["count"].as_u64() >= Some(2),
             "full-size retransmissions: {v}"
@@ -106,21 +122,10 @@ fn a_request_the_servers_firewall_drops_is_netfilter_drop_there_not_a_path_mtu_b
 
 #[test]
 fn a_reset_from_the_servers_reject_rule_is_netfilter_reject_not_the_server_aborting() {
-    for follow in FOLLOW_MODES {
-        let (hosts, result, values) = request_through(
-            &["REJECT", "--reject-with", "tcp-reset"],
-            &big_request(),
-            follow,
-        );
-        assert_eq!(result["errno"], 104, "ECONNRESET: {result}");
-        let v = only_verdict_in(&values, hosts.client.inode());
-        assert_eq!(
-            (v["reason"].as_str(), v["errno"].as_str()),
-            (Some("netfilter_reject"), Some("ECONNRESET")),
-            "--follow {follow}: {v}"
-        );
+    let target = ["REJECT", "--reject-with", "tcp-reset"];
+    let expected = (104, "netfilter_reject", "ECONNRESET");
+    for v in client_verdicts(At::ServerInput, &target, &big_request(), expected) {
         assert_eq!(v["detail"]["reject_with"], "tcp-reset", "{v}");
-        assert_named_at_server(&v, &hosts, follow);
     }
 }
 
@@ -128,17 +133,9 @@ fn a_reset_from_the_servers_reject_rule_is_netfilter_reject_not_the_server_abort
 fn icmp_answers_to_an_established_connection_are_the_servers_reject_rule() {
     // The kernel keeps ICMP errors to an established socket as soft errors; when the
     // retransmissions run out it reports the last (ECONNREFUSED) instead of ETIMEDOUT.
-    for follow in FOLLOW_MODES {
-        let (hosts, result, values) = request_through(&["REJECT"], &"y".repeat(300), follow);
-        assert_eq!(result["errno"], 111, "ECONNREFUSED: {result}");
-        let v = only_verdict_in(&values, hosts.client.inode());
-        assert_eq!(
-            (v["reason"].as_str(), v["errno"].as_str()),
-            (Some("netfilter_reject"), Some("ECONNREFUSED")),
-            "--follow {follow}: {v}"
-        );
+    let expected = (111, "netfilter_reject", "ECONNREFUSED");
+    for v in client_verdicts(At::ServerInput, &["REJECT"], &"y".repeat(300), expected) {
         assert_eq!(v["detail"]["icmp"], "port-unreachable", "{v}");
-        assert_named_at_server(&v, &hosts, follow);
     }
 }
 
@@ -146,56 +143,9 @@ fn icmp_answers_to_an_established_connection_are_the_servers_reject_rule() {
 fn a_reset_from_the_clients_own_reject_rule_is_netfilter_reject_in_its_namespace() {
     // REJECT --reject-with tcp-reset in the client's own OUTPUT: the RST looks like the
     // server's, but the client's namespace dropped the request first.
-    for follow in FOLLOW_MODES {
-        let Scenario {
-            hosts,
-            ct,
-            server: _server,
-        } = Scenario::new()
-            .in_client(&[
-                "iptables",
-                "-A",
-                "OUTPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                "3306",
-                "-m",
-                "length",
-                "--length",
-                "200:65535",
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "tcp-reset",
-            ])
-            .conntrace(&["--port", "3306", "--follow", follow])
-            .serve(&["--greeting", "hi\n"]);
-        let request = big_request();
-        let client = connect(
-            &hosts.client,
-            &hosts.server_ip,
-            PORT,
-            &[
-                "--read",
-                "--request",
-                &request,
-                "--expect-bytes",
-                "1",
-                "--timeout-ms",
-                "15000",
-            ],
-        );
-        let result = client.json_lines(Duration::from_secs(30)).remove(0);
-        assert_eq!(result["errno"], 104, "ECONNRESET: {result}");
-        let values = ct.stop_after_verdict_in(hosts.client.inode());
-        let v = only_verdict_in(&values, hosts.client.inode());
-        assert_eq!(
-            (v["reason"].as_str(), v["detail"]["hook"].as_str()),
-            (Some("netfilter_reject"), Some("OUTPUT")),
-            "--follow {follow}: {v}"
-        );
+    let target = ["REJECT", "--reject-with", "tcp-reset"];
+    let expected = (104, "netfilter_reject", "ECONNRESET");
+    for v in client_verdicts(At::ClientOutput, &target, &big_request(), expected) {
         assert_eq!(v["detail"]["reject_with"], "tcp-reset", "{v}");
-        assert!(v["detail"].get("peer_netns").is_none(), "its own rule: {v}");
     }
 }
