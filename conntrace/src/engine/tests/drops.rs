@@ -55,7 +55,8 @@ fn exact(rule: FirewallRule) -> RuleFinding {
     }
 }
 
-fn rule(action: RuleAction) -> FirewallRule {
+/// Rule 4 of ip filter INPUT, `tcp dport 3306 drop`, its counter at 2 (the action as given).
+pub(super) fn rule(action: RuleAction) -> FirewallRule {
     FirewallRule {
         comment: None,
         backend: Default::default(),

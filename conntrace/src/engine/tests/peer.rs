@@ -4,7 +4,7 @@
 use super::*;
 use crate::engine::{
     facts::{DroppedPacket, NfHook},
-    lookup::{Confidence, FirewallRule, RuleAction, RuleFinding, RuleLookup, RuleQuery},
+    lookup::{Confidence, RuleAction, RuleFinding, RuleLookup, RuleQuery},
 };
 
 /// The server's namespace: the client's is `NETNS`.
@@ -80,24 +80,13 @@ fn close(c: Sock, ts: u64, errno: i32) -> KernelEvent {
     }
 }
 
-/// Names one rule of the server's INPUT chain for every look-up.
+/// Names one rule of the server's INPUT chain (with the action given) for every look-up.
 struct OneRule(RuleAction);
 
 impl RuleLookup for OneRule {
     fn find(&mut self, _: &RuleQuery) -> RuleFinding {
         RuleFinding::Rule {
-            rule: FirewallRule {
-                comment: None,
-                backend: Default::default(),
-                iptables: None,
-                family: "ip".into(),
-                table: "filter".into(),
-                chain: "INPUT".into(),
-                handle: 2,
-                text: "tcp dport 8080 reject with tcp reset".into(),
-                action: self.0.clone(),
-                packets: 1,
-            },
+            rule: super::drops::rule(self.0.clone()),
             confidence: Confidence::Exact,
         }
     }
