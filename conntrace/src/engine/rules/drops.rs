@@ -155,17 +155,26 @@ pub(crate) fn explains_silence(c: &Conn, v: &Verdict) -> bool {
     c.rst_received.is_none() && (own || silent)
 }
 
-/// Whether `drops` (an established connection's, at either end) explain how it ended: a silent
-/// death or an ICMP answer after drops that explain a failure, or a RST after a netfilter drop
-/// that was no plain DROP rule's (a REJECT with `tcp-reset` drops the packet and answers it).
+/// How long before an established connection's end a drop can still explain it: twice the
+/// longest retransmission interval (`TCP_RTO_MAX`, 120 s), longer than keepalive's 75 s. A
+/// drop from earlier in its life was recovered from.
+const END_DROPS_WITHIN_NS: u64 = 240_000_000_000;
+
+/// Whether `drops` (an established connection's, at either end) explain how it ended at
+/// `v.ts_ns`: a silent death or an ICMP answer after drops that explain a failure, or a RST
+/// after a netfilter drop that was no plain DROP rule's (a REJECT with `tcp-reset` drops the
+/// packet and answers it); only drops of its last [`END_DROPS_WITHIN_NS`] count.
 pub(crate) fn explains_end(v: &Verdict, drops: &[HandshakeDrop]) -> bool {
+    let mut recent = drops
+        .iter()
+        .filter(|d| d.last_ns.saturating_add(END_DROPS_WITHIN_NS) >= v.ts_ns);
     match v.reason {
         Reason::Timeout | Reason::Unknown | Reason::IcmpUnreachable => {
-            drops.iter().any(|d| cause(d).is_some())
+            recent.any(|d| cause(d).is_some())
         }
-        Reason::ResetByPeer => drops
-            .iter()
-            .any(|d| d.reason == DropReason::NETFILTER_DROP && !plain_drop(d)),
+        Reason::ResetByPeer => {
+            recent.any(|d| d.reason == DropReason::NETFILTER_DROP && !plain_drop(d))
+        }
         _ => false,
     }
 }

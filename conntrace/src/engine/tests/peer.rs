@@ -190,3 +190,17 @@ fn an_established_connection_answered_with_icmp_is_icmp_unreachable_or_the_rejec
     assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS);
     assert_eq!(detail(&v, "icmp"), "port-unreachable", "the rule's answer");
 }
+
+#[test]
+fn drops_long_before_the_end_were_recovered_from_and_explain_nothing() {
+    // The server's firewall dropped two segments, retransmitted and delivered; ten minutes
+    // later the connection died of something else.
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = established(c);
+    events.push(dropped(c, SEC, NfHook::Input));
+    events.push(close(c, 600 * SEC, 110));
+    check(
+        &run_with(Some(RuleAction::Drop), events),
+        "client failed timeout ETIMEDOUT",
+    );
+}
