@@ -13,23 +13,28 @@ fn ms(v: f64) -> String {
     format!("{v:.0} ms")
 }
 
-/// Where a netfilter drop happened and which rule did it: ``INPUT `tcp dport 3306 drop```.
+/// Where a netfilter drop happened and which rule did it: ``INPUT `tcp dport 3306 drop```,
+/// with ``at peer netns N`` when that was at the connection's other end.
 fn rule(v: &Verdict) -> Option<String> {
     let d = v.detail.drop_facts()?;
     let hook = d.hook?;
+    let at = d
+        .peer_netns
+        .map(|n| format!(" at peer netns {n}"))
+        .unwrap_or_default();
     let rule = match (&d.rule, &d.rule_candidates) {
         (Some(RuleRef::Rule(r)), _) => format!("`{}`", r.text),
         (Some(RuleRef::Policy { chain, .. }), _) => format!("policy drop of {chain}"),
         (None, Some(rs)) => format!("one of {} rules", rs.len()),
         (None, None) if d.rule_not_found.is_some() => "rule not found".to_owned(),
-        (None, None) => return Some(hook.chain_name().to_owned()),
+        (None, None) => return Some(format!("{}{at}", hook.chain_name())),
     };
     let with = d
         .reject_with
         .as_deref()
         .map(|w| format!(" with {w}"))
         .unwrap_or_default();
-    Some(format!("{hook} {rule}{with}"))
+    Some(format!("{hook} {rule}{with}{at}"))
 }
 
 fn queue(v: &Verdict) -> Option<String> {
@@ -228,4 +233,22 @@ pub fn unanswered_syns(n: u32) -> String {
 /// "1 verdict", "2 verdicts": `n` and `noun`, plural unless `n` is 1.
 pub fn count(n: u64, noun: &str) -> String {
     format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rule;
+
+    #[test]
+    fn a_rule_at_the_other_end_says_where() {
+        let mut v = crate::output::tests::netfilter_drop();
+        assert_eq!(rule(&v).as_deref(), Some("INPUT `tcp dport 3306 drop`"));
+        if let Some(d) = v.detail.drop_facts_mut() {
+            d.peer_netns = Some(4026532249);
+        }
+        assert_eq!(
+            rule(&v).as_deref(),
+            Some("INPUT `tcp dport 3306 drop` at peer netns 4026532249")
+        );
+    }
 }

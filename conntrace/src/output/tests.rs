@@ -87,7 +87,7 @@ fn verdict(side: Side, reason: Reason, detail: Detail) -> Verdict {
 }
 
 /// The server's verdict for SYNs an INPUT rule dropped.
-fn netfilter_drop() -> Verdict {
+pub(super) fn netfilter_drop() -> Verdict {
     let mut d = AttemptDetail::default();
     d.drops.drops = vec![DroppedKind {
         kernel_reason: DropReason::new("NETFILTER_DROP"),
