@@ -71,6 +71,15 @@ fn at_peer(facts: &DropFacts) -> String {
         .unwrap_or_default()
 }
 
+/// ", run in that namespace" when the rule is at the other end: the command is for there.
+fn run_there(facts: &DropFacts) -> &'static str {
+    if facts.peer_netns.is_some() {
+        ", run in that namespace"
+    } else {
+        ""
+    }
+}
+
 /// One or two sentences of advice for this verdict's reason, naming its specifics.
 pub fn concrete(v: &Verdict) -> String {
     let drops = v.detail.drop_facts();
@@ -86,8 +95,9 @@ pub fn concrete(v: &Verdict) -> String {
             let cmd = accept_command(v, facts).unwrap_or_default();
             let hook = facts.hook.map_or("a netfilter", NfHook::chain_name);
             format!(
-                "{}{hook} rule `{rule}` drops it; to accept this peer: `{cmd}`",
-                at_peer(facts)
+                "{}{hook} rule `{rule}` drops it; to accept this peer{}: `{cmd}`",
+                at_peer(facts),
+                run_there(facts)
             )
         }
         Reason::IcmpUnreachable if v.detail.first_answer_while_busy() => {
@@ -119,7 +129,10 @@ pub fn concrete(v: &Verdict) -> String {
                 Some(RuleRef::Rule(r)) => {
                     let hook = facts.and_then(|d| d.hook).map_or("a netfilter", NfHook::chain_name);
                     let cmd = facts.and_then(|d| accept_command(v, d));
-                    let accept = cmd.map(|c| format!("; to accept this peer: `{c}`")).unwrap_or_default();
+                    let there = facts.map(run_there).unwrap_or_default();
+                    let accept = cmd
+                        .map(|c| format!("; to accept this peer{there}: `{c}`"))
+                        .unwrap_or_default();
                     format!(
                         "{}{hook} rule `{}` rejects it{accept}",
                         facts.map(at_peer).unwrap_or_default(),
@@ -128,7 +141,7 @@ pub fn concrete(v: &Verdict) -> String {
                 }
                 _ => "a REJECT rule answers it".to_owned(),
             };
-            if icmp {
+            if icmp && !v.detail.established() {
                 format!(
                     "{rule}. Its ICMP answers are rate-limited (1 s after a burst of 6 per destination), so bursts of clients wait for SYN retransmits: `--reject-with tcp-reset` fails them at once"
                 )
@@ -303,7 +316,7 @@ mod tests {
         (v.daddr, v.dport) = ("10.0.0.2".parse().expect("ip"), 3306);
         assert_eq!(
             concrete(&v),
-            "in the other end's namespace (netns 4026532249), INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`"
+            "in the other end's namespace (netns 4026532249), INPUT rule `tcp dport 3306 drop` drops it; to accept this peer, run in that namespace: `iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`"
         );
     }
 

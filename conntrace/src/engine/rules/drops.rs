@@ -160,54 +160,84 @@ pub(crate) fn explains_silence(c: &Conn, v: &Verdict) -> bool {
 /// drop from earlier in its life was recovered from.
 const END_DROPS_WITHIN_NS: u64 = 240_000_000_000;
 
+/// How soon after a netfilter drop a RST is that rule's answer where the rule is unknown: a
+/// REJECT answers the packet it drops at once; a peer's own abort comes whenever it comes.
+const RST_AFTER_REJECT_NS: u64 = 20_000_000;
+
+/// What the rule found for a netfilter drop did with the packet.
+#[derive(PartialEq)]
+enum RuleKind {
+    /// A DROP rule or a drop policy: nothing answered.
+    Dropped,
+    /// A REJECT rule: it answered.
+    Rejected,
+    /// Not named (no counters, several kinds, not looked up).
+    Unknown,
+}
+
+fn rule_kind(d: &HandshakeDrop) -> RuleKind {
+    let kind = |r: &FirewallRule| match r.action {
+        RuleAction::Drop => RuleKind::Dropped,
+        RuleAction::Reject { .. } => RuleKind::Rejected,
+    };
+    match &d.context {
+        Some(DropContext::Rule(RuleFinding::Rule { rule, .. })) => kind(rule),
+        Some(DropContext::Rule(RuleFinding::Candidates { rules, .. })) => {
+            let mut kinds = rules.iter().map(kind);
+            let first = kinds.next().unwrap_or(RuleKind::Unknown);
+            if kinds.all(|k| k == first) {
+                first
+            } else {
+                RuleKind::Unknown
+            }
+        }
+        Some(DropContext::Rule(RuleFinding::Policy { .. })) => RuleKind::Dropped,
+        _ => RuleKind::Unknown,
+    }
+}
+
 /// Whether `drops` (an established connection's, at either end) explain how it ended at
-/// `v.ts_ns`: a silent death or an ICMP answer after drops that explain a failure, or a RST
-/// after a netfilter drop that was no plain DROP rule's (a REJECT with `tcp-reset` drops the
-/// packet and answers it); only drops of its last [`END_DROPS_WITHIN_NS`] count.
+/// `v.ts_ns`: a silent death or an ICMP answer after drops that explain a failure (only drops
+/// of its last [`END_DROPS_WITHIN_NS`] count), or a RST that a netfilter drop's REJECT sent:
+/// the rule is a REJECT, or, unnamed, the drop came just before the RST
+/// ([`RST_AFTER_REJECT_NS`]).
 pub(crate) fn explains_end(v: &Verdict, drops: &[HandshakeDrop]) -> bool {
-    let mut recent = drops
-        .iter()
-        .filter(|d| d.last_ns.saturating_add(END_DROPS_WITHIN_NS) >= v.ts_ns);
+    let within = |d: &&HandshakeDrop, ns: u64| d.last_ns.saturating_add(ns) >= v.ts_ns;
+    let mut recent = drops.iter().filter(|d| within(d, END_DROPS_WITHIN_NS));
     match v.reason {
         Reason::Timeout | Reason::Unknown | Reason::IcmpUnreachable => {
             recent.any(|d| cause(d).is_some())
         }
-        Reason::ResetByPeer => {
-            recent.any(|d| d.reason == DropReason::NETFILTER_DROP && !plain_drop(d))
-        }
+        Reason::ResetByPeer => recent.any(|d| {
+            d.reason == DropReason::NETFILTER_DROP
+                && match rule_kind(d) {
+                    RuleKind::Rejected => true,
+                    RuleKind::Dropped => false,
+                    RuleKind::Unknown => within(&d, RST_AFTER_REJECT_NS),
+                }
+        }),
         _ => false,
     }
 }
 
-/// Whether the rule found for a netfilter drop only drops (a DROP rule or a drop policy).
-fn plain_drop(d: &HandshakeDrop) -> bool {
-    let dropping = |r: &FirewallRule| r.action == RuleAction::Drop;
-    match &d.context {
-        Some(DropContext::Rule(RuleFinding::Rule { rule, .. })) => dropping(rule),
-        Some(DropContext::Rule(RuleFinding::Candidates { rules, .. })) => {
-            rules.iter().all(dropping)
-        }
-        Some(DropContext::Rule(RuleFinding::Policy { .. })) => true,
-        _ => false,
-    }
-}
-
-/// Names the drop that explains an established connection's end ([`explains_end`]): a RST or
-/// an ICMP error that followed a netfilter drop is a REJECT's answer, `netfilter_reject` even
-/// where the rule could not be named.
+/// Names the drop that explains an established connection's end ([`explains_end`]). A RST it
+/// explains is a REJECT's answer, `netfilter_reject` even where the rule could not be named;
+/// an ICMP answer is a REJECT's where the rule is one (then `detail.icmp` stays).
 pub(crate) fn explain_end(v: &mut Verdict, drops: &[HandshakeDrop]) {
-    let answered = matches!(v.reason, Reason::ResetByPeer | Reason::IcmpUnreachable);
+    let reset = v.reason == Reason::ResetByPeer;
     let icmp = match &v.detail {
         Detail::Closed(d) => d.icmp,
         _ => None,
     };
     explain(v, drops);
-    if answered && matches!(v.reason, Reason::NetfilterDrop | Reason::NetfilterReject) {
+    if reset && v.reason == Reason::NetfilterDrop {
         v.reason = Reason::NetfilterReject;
+    }
+    if v.reason == Reason::NetfilterReject
+        && let Detail::Closed(d) = &mut v.detail
+    {
         // The ICMP answer came from the rule, wherever it is.
-        if let Detail::Closed(d) = &mut v.detail {
-            d.icmp = icmp;
-        }
+        d.icmp = icmp;
     }
 }
 

@@ -29,7 +29,13 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
                 (Reason::Timeout, Errno::ETIMEDOUT)
             }
             Some(Errno::ECONNRESET) => (Reason::ResetByPeer, Errno::ECONNRESET),
-            Some(e @ (Errno::ECONNREFUSED | Errno::EHOSTUNREACH | Errno::ENETUNREACH)) => {
+            Some(
+                e @ (Errno::ECONNREFUSED
+                | Errno::EHOSTUNREACH
+                | Errno::ENETUNREACH
+                | Errno::EACCES
+                | Errno::EPERM),
+            ) => {
                 // No RST: its retransmissions were answered with ICMP errors, which the kernel
                 // keeps as a soft error and reports instead of ETIMEDOUT when it gives up.
                 d.established_ms = established_ms;

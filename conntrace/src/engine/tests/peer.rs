@@ -204,3 +204,31 @@ fn drops_long_before_the_end_were_recovered_from_and_explain_nothing() {
         "client failed timeout ETIMEDOUT",
     );
 }
+
+#[test]
+fn a_servers_own_abort_after_an_unnamed_rule_dropped_a_retransmission_is_reset_by_peer() {
+    // A DROP rule without counters (not named) at the server, and the server application
+    // aborting half a second after the last drop: the RST is the server's, not a REJECT's.
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = established(c);
+    events.extend([
+        dropped(c, SEC, NfHook::Input),
+        c.rst(SEC + 500 * MS),
+        close(c, SEC + 500 * MS, 104),
+    ]);
+    check(
+        &run_with(None, events),
+        "client failed reset_by_peer ECONNRESET",
+    );
+}
+
+#[test]
+fn an_icmpv6_administratively_prohibited_end_is_icmp_unreachable_with_its_kind() {
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = established(c);
+    events.push(close(c, 6 * SEC, 13));
+    let v = run_with(None, events);
+    check(&v, "client failed icmp_unreachable EACCES");
+    assert_eq!(detail(&v, "icmp"), "prohibited");
+    assert!(detail(&v, "established_ms").is_number(), "{v:#?}");
+}
