@@ -6,7 +6,7 @@
 
 use super::super::{
     Engine,
-    facts::{DropReason, DroppedPacket, FourTuple, Meta, TcpState},
+    facts::{DropReason, DroppedPacket, FourTuple, Meta},
     lookup::RuleQuery,
     rules::{self, drops::Explains},
     state::{Attempt, ConnId, HandshakeDrop, Opening, attempt, attempt::DropContext},
@@ -106,13 +106,7 @@ impl Engine {
         let key = (netns, local);
         // A socket decided moments ago (its SYNs purged after it timed out) is no new attempt.
         let decided = outgoing && self.table.recently_decided(f.sk).is_some();
-        // A packet of a connection past its handshake (a TIME_WAIT socket's) opens no attempt.
-        let explains = match rules::drops::explains(&hs, self.table.attempt(&key).is_some()) {
-            Explains::Attempt if f.sk_state.is_some_and(TcpState::past_handshake) => {
-                Explains::Record
-            }
-            explains => explains,
-        };
+        let explains = rules::drops::explains(&hs, self.table.attempt(&key).is_some(), f.sk_state);
         if !decided && explains == Explains::Attempt && self.table.has_room_for_attempt(&key) {
             let mut hs = hs;
             if needs_context(self.table.attempt(&key).map_or(&[], |a| &a.drops), &hs) {
@@ -153,7 +147,7 @@ impl Engine {
         if needs_context(drops, &hs) {
             hs.context = self.drop_context(netns, &hs, local);
         }
-        let normal = rules::drops::explains(&hs, true) == Explains::Nothing;
+        let normal = rules::drops::explains(&hs, true, None) == Explains::Nothing;
         let ipv6 = f.packet.daddr.is_ipv6();
         let Some(c) = self.table.get_mut(id) else {
             return false;

@@ -9,7 +9,7 @@ use conntrace_common::tcp::flags;
 
 use super::{cookies, listener, ms, socketless};
 use crate::engine::{
-    facts::{DropReason, Errno, FourTuple, Meta, Proc, TcpFlags},
+    facts::{DropReason, Errno, FourTuple, Meta, Proc, TcpFlags, TcpState},
     lookup::{FirewallRule, RuleAction, RuleFinding},
     state::{Attempt, Conn, HandshakeDrop, attempt::DropContext},
     verdict::{
@@ -92,10 +92,12 @@ pub(crate) enum Explains {
     Nothing,
 }
 
-/// What drop `d` is worth without a connection (`attempt`: an attempt for its tuple exists).
-/// Only a handshake's own packets open an attempt: a SYN or SYN-ACK, or, for the drops that
-/// always meant a failed handshake here (a firewall, a full queue, a dead neighbour), any.
-pub(crate) fn explains(d: &HandshakeDrop, attempt: bool) -> Explains {
+/// What drop `d` is worth without a connection (`attempt`: an attempt for its tuple exists;
+/// `socket`: the state of the packet's socket, when it had one). Only a handshake's own
+/// packets open an attempt: a SYN or SYN-ACK, or, for the drops that always meant a failed
+/// handshake here (a firewall, a full queue, a dead neighbour), any; never a packet whose
+/// socket is past its handshake (a TIME_WAIT socket's).
+pub(crate) fn explains(d: &HandshakeDrop, attempt: bool, socket: Option<TcpState>) -> Explains {
     let Some(reason) = cause(d) else {
         return if is_normal(&d.reason, &d.location, d.tcp_flags) {
             Explains::Nothing
@@ -107,7 +109,9 @@ pub(crate) fn explains(d: &HandshakeDrop, attempt: bool) -> Explains {
         reason,
         Reason::NetfilterDrop | Reason::ListenOverflow | Reason::NeighbourFailed
     ) || d.context.is_some();
-    if attempt || classic || d.tcp_flags.has(flags::SYN) {
+    if socket.is_some_and(TcpState::past_handshake) {
+        Explains::Record
+    } else if attempt || classic || d.tcp_flags.has(flags::SYN) {
         Explains::Attempt
     } else {
         Explains::Record
