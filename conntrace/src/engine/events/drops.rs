@@ -184,7 +184,6 @@ impl Engine {
         }
         if self.table.by_sk(sk).is_none() {
             self.adopt_mid_life(&f.meta, sk, local, state, out);
-            self.table.index_tuple(sk);
         }
         self.table.id_of(sk)
     }

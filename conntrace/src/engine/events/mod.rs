@@ -253,8 +253,8 @@ impl Engine {
         }
     }
 
-    /// Follows socket `sk`, first seen in `state` (established or closing), from here; a RST
-    /// it received just before is its own.
+    /// Follows socket `sk`, first seen in `state` (established or closing), from here, found by
+    /// its tuple at once (whatever event adopted it); a RST it received just before is its own.
     fn adopt_mid_life(
         &mut self,
         meta: &Meta,
@@ -273,6 +273,7 @@ impl Engine {
             c.rst_received = Some(state);
         }
         self.insert(c, out);
+        self.table.index_tuple(sk);
     }
 
     /// The side of a connection whose start was not seen, by `tuple` (s = this host): the end
