@@ -1,12 +1,15 @@
 //! Firewall rules that hit established connections: a rule that matches only segments of 200
 //! bytes or more (so the handshake and the greeting pass) drops or rejects the client's
-//! request, in the server's INPUT or the client's own OUTPUT. conntrace sees both namespaces:
-//! the client's verdict names the rule, and where it is (`detail.peer_netns` for the server's),
-//! in either follow mode.
+//! request, in the server's INPUT or raw PREROUTING (before the packet finds its socket), or
+//! the client's own OUTPUT. conntrace sees both namespaces: the client's verdict names the
+//! rule, and where it is (`detail.peer_netns` for the server's), in either follow mode; the
+//! server's end, still open, gives none.
 
 use std::time::Duration;
 
-use conntrace_tests::{FOLLOW_MODES, PORT, Scenario, TwoHosts, connect, only_verdict_in};
+use conntrace_tests::{
+    FOLLOW_MODES, PORT, Scenario, TwoHosts, connect, only_verdict_in, verdicts_in,
+};
 use serde_json::Value;
 
 /// A request larger than one segment: its first segment is full-size (the pattern of a path
@@ -15,23 +18,38 @@ fn big_request() -> String {
     "x".repeat(2000)
 }
 
-/// Where the rule goes: the server's INPUT or the client's OUTPUT.
+/// Where the rule goes: the server's INPUT or raw PREROUTING, or the client's OUTPUT.
 #[derive(Clone, Copy, PartialEq)]
 enum At {
     ServerInput,
+    ServerRawPrerouting,
     ClientOutput,
+}
+
+impl At {
+    /// The chain, which is also the hook the drop is reported at.
+    fn chain(self) -> &'static str {
+        match self {
+            At::ServerInput => "INPUT",
+            At::ServerRawPrerouting => "PREROUTING",
+            At::ClientOutput => "OUTPUT",
+        }
+    }
 }
 
 /// Adds `-j TARGET...` for segments of 200 bytes or more to the port, at `at`.
 fn add_rule(hosts: &TwoHosts, at: At, target: &[&str]) {
-    let (ns, chain) = match at {
-        At::ServerInput => (&hosts.server, "INPUT"),
-        At::ClientOutput => (&hosts.client, "OUTPUT"),
+    let (ns, table) = match at {
+        At::ServerInput => (&hosts.server, "filter"),
+        At::ServerRawPrerouting => (&hosts.server, "raw"),
+        At::ClientOutput => (&hosts.client, "filter"),
     };
     let mut rule = vec![
         "iptables",
+        "-t",
+        table,
         "-A",
-        chain,
+        at.chain(),
         "-p",
         "tcp",
         "--dport",
@@ -95,8 +113,10 @@ fn client_verdicts(
             "--follow {follow}: {v}"
         );
         let (hook, peer) = match at {
-            At::ServerInput => ("INPUT", Value::from(hosts.server.inode())),
-            At::ClientOutput => ("OUTPUT", Value::Null),
+            At::ServerInput | At::ServerRawPrerouting => {
+                (at.chain(), Value::from(hosts.server.inode()))
+            }
+            At::ClientOutput => (at.chain(), Value::Null),
         };
         assert_eq!(
             (&v["detail"]["hook"], &v["detail"]["rule"]["chain"]),
@@ -104,6 +124,10 @@ fn client_verdicts(
             "--follow {follow}: {v}"
         );
         assert_eq!(v["detail"]["peer_netns"], peer, "--follow {follow}: {v}");
+        // The server's end is open: no verdict there (a dropped segment that reached no
+        // socket is no handshake's final ACK).
+        let server = verdicts_in(&values, hosts.server.inode());
+        assert!(server.is_empty(), "--follow {follow}: {server:?}");
         verdicts.push(v);
     }
     verdicts
@@ -117,6 +141,16 @@ fn a_request_the_servers_firewall_drops_is_netfilter_drop_there_not_a_path_mtu_b
             v["detail"]["retransmits"]["count"].as_u64() >= Some(2),
             "full-size retransmissions: {v}"
         );
+    }
+}
+
+#[test]
+fn a_request_dropped_before_the_servers_socket_is_netfilter_drop_there_not_a_handshake() {
+    // The raw table's PREROUTING runs before early demux: the dropped segment carries no
+    // socket, and in quiet mode the server's healthy end is not known to userspace.
+    let expected = (110, "netfilter_drop", "ETIMEDOUT");
+    for v in client_verdicts(At::ServerRawPrerouting, &["DROP"], &big_request(), expected) {
+        assert_eq!(v["detail"]["rule"]["table"], "raw", "{v}");
     }
 }
 

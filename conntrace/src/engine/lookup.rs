@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use schemars::JsonSchema;
 use serde::Serialize;
 
-use super::facts::{FourTuple, NfHook, Proc};
+use super::facts::{FourTuple, NfHook, Proc, TcpState};
 
 /// A socket listening on a port, and the process holding it when known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,15 @@ pub trait ListenerLookup {
     /// the accepting process of a server connection where no accept hook named it (quiet
     /// mode). `None` when the socket is gone, no process holds it, or it cannot be asked.
     fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        let _ = (netns, tuple);
+        None
+    }
+
+    /// The state of the full socket holding `tuple` (local end first) in `netns` now
+    /// (sock_diag): whether a packet that reached no socket belongs to a connection this
+    /// host has. `None` when there is none (a request or TIME_WAIT socket does not count) or
+    /// it cannot be asked.
+    fn socket_state(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<TcpState> {
         let _ = (netns, tuple);
         None
     }

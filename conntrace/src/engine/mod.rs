@@ -289,15 +289,11 @@ impl Engine {
         if let Some(errno) = c.errno() {
             self.table.remember_decided_error(c.tuple, now_ns, errno);
         }
-        let peer = self.table.peer_of(&c);
-        let ended = rules::closed(
-            &c,
-            peer.map(|p| rules::PeerDrops {
-                netns: p.netns,
-                drops: &p.late_drops,
-            }),
-            &self.cfg,
-        );
+        let peer = self
+            .table
+            .peer_drops(&c)
+            .map(|(netns, drops)| rules::PeerDrops { netns, drops });
+        let ended = rules::closed(&c, peer, &self.cfg);
         if let Some(stall) = c.open_stall() {
             if let Some(v) = rules::stalls::closed_while_stuck(&c, stall, ended) {
                 self.emit(out, v);

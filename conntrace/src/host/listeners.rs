@@ -25,9 +25,12 @@ use tracing::debug;
 use crate::{
     engine::{
         Listener, ListenerLookup,
-        facts::{FourTuple, Proc},
+        facts::{FourTuple, Proc, TcpState as EngineTcpState},
     },
-    host::{sockdiag, windows::diag::NsDiag},
+    host::{
+        sockdiag,
+        windows::{diag::NsDiag, tcp_info::Sample},
+    },
     kernel::accept_queues::AcceptQueues,
 };
 
@@ -148,22 +151,35 @@ struct QueueSnapshot {
 /// namespace even when every look-up misses.
 const RETAKE_AFTER: Duration = Duration::from_millis(250);
 
-/// The process holding connected socket `tuple` (local end first) in namespace `netns`: its
-/// inode from sock_diag (0 while no process holds it), then the process with that socket among
-/// its file descriptors (/proc, as `ss -p` finds it). `None` when any step finds nothing.
-pub fn owner_of(netns: u32, tuple: FourTuple) -> Option<Proc> {
+/// sock_diag's record of the full socket `tuple` (local end first) in namespace `netns`, or
+/// `None` when there is none (a request or TIME_WAIT socket carries no `tcp_info`) or the
+/// namespace cannot be asked (logged at debug: `step` names the look-up).
+fn diag_socket(netns: u32, tuple: FourTuple, step: &str) -> Option<Sample> {
     let path = crate::host::netns::path(netns)?;
     let mut diag = match NsDiag::open(&path, netns) {
         Ok(d) => d,
         Err(error) => {
-            debug!(%error, netns, "socket owner: namespace unreadable");
+            debug!(%error, netns, "{step}: namespace unreadable");
             return None;
         }
     };
-    let sample = diag
-        .socket(&wire_tuple(tuple), &mut Vec::new())
-        .map_err(|error| debug!(%error, netns, "socket owner: sock_diag"))
-        .ok()??;
+    diag.socket(&wire_tuple(tuple), &mut Vec::new())
+        .map_err(|error| debug!(%error, netns, "{step}: sock_diag"))
+        .ok()?
+}
+
+/// The state of the full socket `tuple` (local end first) in namespace `netns` now
+/// (sock_diag's `idiag_state`); `None` when there is none or it cannot be asked.
+pub fn socket_state(netns: u32, tuple: FourTuple) -> Option<EngineTcpState> {
+    diag_socket(netns, tuple, "socket state")
+        .map(|s| EngineTcpState::from_kernel(i32::from(s.state)))
+}
+
+/// The process holding connected socket `tuple` (local end first) in namespace `netns`: its
+/// inode from sock_diag (0 while no process holds it), then the process with that socket among
+/// its file descriptors (/proc, as `ss -p` finds it). `None` when any step finds nothing.
+pub fn owner_of(netns: u32, tuple: FourTuple) -> Option<Proc> {
+    let sample = diag_socket(netns, tuple, "socket owner")?;
     if sample.inode == 0 {
         return None;
     }
@@ -312,5 +328,9 @@ impl ListenerLookup for ListenerCache {
 
     fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
         owner_of(netns?, tuple)
+    }
+
+    fn socket_state(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<EngineTcpState> {
+        socket_state(netns?, tuple)
     }
 }

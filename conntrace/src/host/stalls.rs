@@ -329,6 +329,7 @@ mod tests {
         Sample {
             rqueue: 0,
             wqueue: 0,
+            state: 1,
             timer: 0,
             info: TcpInfo {
                 probes: 0,

@@ -4,12 +4,16 @@
 //! gathered per attempt; the rest become `drop` records, except drops that are a normal part
 //! of TCP, which are only counted.
 
+use conntrace_common::tcp::flags as tcp_flags;
+
 use super::super::{
     Engine,
-    facts::{DropReason, DroppedPacket, FourTuple, Meta},
+    facts::{DropReason, DroppedPacket, FourTuple, Meta, TcpState},
     lookup::RuleQuery,
     rules::{self, drops::Explains},
-    state::{Attempt, ConnId, HandshakeDrop, Opening, attempt, attempt::DropContext},
+    state::{
+        Attempt, ConnId, HandshakeDrop, Opening, attempt, attempt::DropContext, table::AttemptKey,
+    },
     verdict::{Direction, Verdict, detail::PathDrop, detail::RpFilterFacts},
 };
 
@@ -107,6 +111,20 @@ impl Engine {
         // A socket decided moments ago (its SYNs purged after it timed out) is no new attempt.
         let decided = outgoing && self.table.recently_decided(f.sk).is_some();
         let explains = rules::drops::explains(&hs, self.table.attempt(&key).is_some(), f.sk_state);
+        if explains == Explains::Attempt && self.unfollowed(&f, outgoing, &key) {
+            // A packet of an established connection not followed here: kept for it and for
+            // its other end (`Table::peer_drops`), and printed.
+            let mut hs = hs;
+            if needs_context(
+                self.table.unfollowed_drops(netns, &local).unwrap_or(&[]),
+                &hs,
+            ) {
+                hs.context = self.drop_context(netns, &hs, local);
+            }
+            self.table.keep_unfollowed_drop(netns, local, hs);
+            self.drop_record(&f, outgoing, proc);
+            return;
+        }
         if !decided && explains == Explains::Attempt && self.table.has_room_for_attempt(&key) {
             let mut hs = hs;
             if needs_context(self.table.attempt(&key).map_or(&[], |a| &a.drops), &hs) {
@@ -186,6 +204,34 @@ impl Engine {
             self.adopt_mid_life(&f.meta, sk, local, state, out);
         }
         self.table.id_of(sk)
+    }
+
+    /// Whether a drop that would open a handshake attempt is one of an established connection
+    /// not followed here (quiet mode keeps healthy ones in the kernel; a pool's opened before
+    /// conntrace): an incoming packet that reached no socket (dropped before early demux, in
+    /// the raw table's PREROUTING for one), not a SYN, of a tuple no attempt has, that a
+    /// connected socket holds now (sock_diag). A SYN cookie's final ACK finds no socket and
+    /// still opens its attempt.
+    fn unfollowed(&mut self, f: &DroppedPacket, outgoing: bool, key: &AttemptKey) -> bool {
+        if outgoing
+            || f.sk != 0
+            || f.rx_sk != 0
+            || f.sk_state.is_some()
+            || f.icmp.is_some()
+            || f.tcp_flags.has(tcp_flags::SYN)
+            || self.table.attempt(key).is_some()
+        {
+            return false;
+        }
+        let (netns, tuple) = *key;
+        self.table.unfollowed_drops(netns, &tuple).is_some()
+            || (self.table.has_room_for_attempt(key)
+                && self
+                    .lookups
+                    .listeners
+                    .as_mut()
+                    .and_then(|l| l.socket_state(netns, tuple))
+                    .is_some_and(TcpState::connected))
     }
 
     /// Whether `packet` (as it travelled) neither came from nor went to namespace `netns`: it

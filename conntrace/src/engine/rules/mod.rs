@@ -105,7 +105,8 @@ pub(super) fn icmp_of(e: Errno) -> &'static str {
 }
 
 /// Drops of a connection's packets at its other end, in another namespace of this host
-/// (conntrace traces both ends there): that end's connection's `late_drops`.
+/// (conntrace traces both ends there): that end's connection's `late_drops`, or the drops
+/// kept for its tuple while it was not followed.
 pub(crate) struct PeerDrops<'a> {
     pub netns: Option<u32>,
     pub drops: &'a [HandshakeDrop],

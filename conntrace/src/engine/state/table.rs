@@ -5,13 +5,19 @@
 
 use std::collections::BTreeMap;
 
-use super::{HashMap, attempt::Attempt, conn::Conn, route::RouteWalks};
+use super::{
+    HashMap,
+    attempt::{self, Attempt, HandshakeDrop},
+    conn::Conn,
+    route::RouteWalks,
+};
 use crate::engine::{
     facts::{Errno, FourTuple},
     verdict::detail::PathDrop,
 };
 
-/// Path drops are kept this long after the last one: a connection can take minutes to die.
+/// Path drops, and drops of connections not followed, are kept this long after the last one:
+/// a connection can take minutes to die.
 const PATH_DROPS_KEEP_NS: u64 = 300_000_000_000;
 
 /// A connection's key in the table, in creation order.
@@ -28,6 +34,16 @@ pub struct Decided {
     pub daddr: std::net::IpAddr,
     pub dport: u16,
     pub pid: Option<u32>,
+}
+
+/// Drops of an established connection's packets that no followed connection owned (quiet
+/// mode keeps a healthy one in the kernel; a pool's opened before conntrace), dropped before
+/// they reached its socket: in the namespace `netns`, the last at `last_ns`.
+#[derive(Debug, Clone)]
+pub struct UnfollowedDrops {
+    pub netns: Option<u32>,
+    pub last_ns: u64,
+    pub drops: Vec<HandshakeDrop>,
 }
 
 /// A socket error that has not found its connection yet (the local port may still be unknown).
@@ -68,6 +84,9 @@ pub struct Table {
     path_drops: HashMap<FourTuple, (u64, Vec<PathDrop>)>,
     /// `connect()` calls seen only through their failed route lookups, not yet decided.
     route_walks: RouteWalks,
+    /// Drops of established connections not followed here, by tuple (this host's end
+    /// first): the connection takes them when it is followed, its other end reads them.
+    unfollowed_drops: HashMap<FourTuple, UnfollowedDrops>,
 }
 
 /// A connection's key for path drops, the same from both ends: the lower end first.
@@ -97,6 +116,7 @@ impl Table {
             recent_refusals: HashMap::default(),
             path_drops: HashMap::default(),
             route_walks: RouteWalks::new(max),
+            unfollowed_drops: HashMap::default(),
         }
     }
 
@@ -122,6 +142,19 @@ impl Table {
     pub fn peer_of(&self, c: &Conn) -> Option<&Conn> {
         self.get(self.id_by_tuple(&c.tuple.reversed())?)
             .filter(|p| p.netns != c.netns && p.sk != c.sk)
+    }
+
+    /// The drops at the other end of connection `c`, in another namespace of this host: its
+    /// followed peer's late drops, else those kept for the reversed tuple while that end was
+    /// not followed. As (that namespace, the drops).
+    pub fn peer_drops(&self, c: &Conn) -> Option<(Option<u32>, &[HandshakeDrop])> {
+        if let Some(p) = self.peer_of(c) {
+            return Some((p.netns, &p.late_drops));
+        }
+        self.unfollowed_drops
+            .get(&c.tuple.reversed())
+            .filter(|u| u.netns != c.netns)
+            .map(|u| (u.netns, u.drops.as_slice()))
     }
 
     pub fn get(&self, id: ConnId) -> Option<&Conn> {
@@ -171,13 +204,23 @@ impl Table {
         Some(c)
     }
 
-    /// Indexes the connection of `sk` by its tuple once the local port is known.
+    /// Indexes the connection of `sk` by its tuple once the local port is known; it takes the
+    /// drops kept for that tuple in its namespace while it was not followed.
     pub fn index_tuple(&mut self, sk: u64) {
         if let Some(id) = self.id_of(sk)
-            && let Some(c) = self.conns.get(&id)
+            && let Some(c) = self.conns.get_mut(&id)
             && c.tuple.sport != 0
         {
             self.by_tuple.insert(c.tuple, id);
+            let own = self
+                .unfollowed_drops
+                .get(&c.tuple)
+                .is_some_and(|u| u.netns == c.netns || u.netns.is_none() || c.netns.is_none());
+            if own && let Some(u) = self.unfollowed_drops.remove(&c.tuple) {
+                for d in u.drops {
+                    attempt::record(&mut c.late_drops, d);
+                }
+            }
         }
     }
 
@@ -272,6 +315,43 @@ impl Table {
         self.orphan_errors.remove(tuple)
     }
 
+    /// The drops kept for the established connection `tuple` in `netns` while it is not
+    /// followed, if any.
+    pub fn unfollowed_drops(
+        &self,
+        netns: Option<u32>,
+        tuple: &FourTuple,
+    ) -> Option<&[HandshakeDrop]> {
+        self.unfollowed_drops
+            .get(tuple)
+            .filter(|u| u.netns == netns)
+            .map(|u| u.drops.as_slice())
+    }
+
+    /// Keeps drop `d` of the established connection `tuple` in `netns`, not followed here;
+    /// false when full.
+    pub fn keep_unfollowed_drop(
+        &mut self,
+        netns: Option<u32>,
+        tuple: FourTuple,
+        d: HandshakeDrop,
+    ) -> bool {
+        if !self.unfollowed_drops.contains_key(&tuple) && self.unfollowed_drops.len() >= self.max {
+            return false;
+        }
+        let u = self
+            .unfollowed_drops
+            .entry(tuple)
+            .or_insert_with(|| UnfollowedDrops {
+                netns,
+                last_ns: d.last_ns,
+                drops: Vec::new(),
+            });
+        u.last_ns = u.last_ns.max(d.last_ns);
+        attempt::record(&mut u.drops, d);
+        true
+    }
+
     pub fn remember_decided(&mut self, sk: u64, d: Decided) {
         self.recently_decided.insert(sk, d);
     }
@@ -354,6 +434,8 @@ impl Table {
     pub fn forget_older_than(&mut self, now_ns: u64, keep_ns: u64) -> u64 {
         self.path_drops
             .retain(|_, (last, _)| now_ns < *last + PATH_DROPS_KEEP_NS);
+        self.unfollowed_drops
+            .retain(|_, u| now_ns < u.last_ns + PATH_DROPS_KEEP_NS);
         self.recently_decided
             .retain(|_, d| now_ns < d.at_ns + keep_ns);
         self.recent_refusals.retain(|_, at| now_ns < *at + keep_ns);

@@ -232,3 +232,85 @@ fn an_icmpv6_administratively_prohibited_end_is_icmp_unreachable_with_its_kind()
     assert_eq!(detail(&v, "icmp"), "prohibited");
     assert!(detail(&v, "established_ms").is_number(), "{v:#?}");
 }
+
+/// The server's sock_diag: an established socket holds the server's end of `c`.
+struct ServerHolds(FourTuple);
+
+impl ListenerLookup for ServerHolds {
+    fn listening_on(&mut self, _netns: Option<u32>, _port: u16) -> Vec<Listener> {
+        Vec::new()
+    }
+
+    fn socket_state(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<S> {
+        (netns == Some(SERVER_NETNS) && tuple == self.0).then_some(S::Established)
+    }
+}
+
+/// A packet of `c` dropped in the server's raw PREROUTING: before early demux, so it reached
+/// no socket, and the kernel could not tell whose it was.
+fn dropped_before_demux(c: Sock, ts: u64) -> KernelEvent {
+    let KernelEvent::Dropped(d) = dropped(c, ts, NfHook::PreRouting) else {
+        unreachable!("a drop")
+    };
+    KernelEvent::Dropped(DroppedPacket {
+        sk: 0,
+        sk_port: None,
+        sk_state: None,
+        ..d
+    })
+}
+
+#[test]
+fn drops_before_the_servers_socket_of_a_connection_kept_in_the_kernel_explain_the_clients_end() {
+    // Quiet mode: the server's end is healthy, kept in the kernel, unknown here. Its raw
+    // PREROUTING drops the client's data; the packets reach no socket.
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = vec![
+        c.connect(MS, 100, "client"),
+        c.st(2 * MS, S::SynSent, S::Established),
+    ];
+    for (i, ts) in [SEC, 2 * SEC, 4 * SEC].into_iter().enumerate() {
+        events.push(dropped_before_demux(c, ts - MS * (i as u64 + 1)));
+        events.push(retransmit(c, ts));
+    }
+    events.push(close(c, 8 * SEC, 110));
+    let mut e = Engine::new(EngineConfig::default())
+        .with_rule_lookup(Box::new(OneRule(RuleAction::Drop)))
+        .with_listener_lookup(Box::new(ServerHolds(c.t.reversed())));
+    let mut out = feed(&mut e, events.clone());
+    out.extend(e.tick(LATER));
+    // One verdict: no handshake attempt of the server's (its "final ACK" dropped).
+    let v = one(out);
+    check(&v, "client failed netfilter_drop ETIMEDOUT");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS, "{v:#?}");
+    assert_eq!(detail(&v, "hook"), "PREROUTING");
+    assert_eq!(detail(&v, "dropped"), 3);
+}
+
+#[test]
+fn a_connection_followed_later_takes_the_drops_kept_for_it() {
+    // The server's end streams once its history comes (here: its state change to CLOSE
+    // after a reset): the drops kept while it was not followed are its own late drops.
+    let c = Sock::client(SK_A, SPORT);
+    let server = c.t.reversed();
+    let mut e =
+        Engine::new(EngineConfig::default()).with_listener_lookup(Box::new(ServerHolds(server)));
+    none(e.handle(dropped_before_demux(c, SEC)));
+    let mut out = feed(
+        &mut e,
+        [KernelEvent::State {
+            meta: in_server(2 * SEC),
+            sk: SK_B,
+            tuple: server,
+            old: S::Established,
+            new: S::Close,
+            sk_err: Some(Errno(110)),
+            sk_err_soft: None,
+            closing: None,
+        }],
+    );
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "server failed netfilter_drop ETIMEDOUT");
+    assert_eq!(detail(&v, "peer_netns"), Value::Null, "its own namespace");
+}

@@ -321,11 +321,12 @@ impl Reply<'_> {
             daddr: canonical(id.destination_address),
             dport: id.destination_port,
         };
-        // `timer` as the kernel sent it (the crate turns it into an enum).
-        let timer = payload[2];
+        // `state` and `timer` as the kernel sent them (the crate turns them into enums).
+        let (state, timer) = (payload[1], payload[2]);
         let sample = Sample {
             rqueue: h.recv_queue,
             wqueue: h.send_queue,
+            state,
             timer,
             info,
             skmem,

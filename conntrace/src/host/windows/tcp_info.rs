@@ -134,6 +134,8 @@ pub struct Sample {
     pub rqueue: u32,
     /// `idiag_wqueue`: bytes written, not yet acknowledged (`write_seq - snd_una`).
     pub wqueue: u32,
+    /// `idiag_state`: the kernel's `TCP_*` state number.
+    pub state: u8,
     /// `idiag_timer`.
     pub timer: u8,
     pub info: TcpInfo,
@@ -229,6 +231,7 @@ pub(crate) mod tests {
         Sample {
             rqueue,
             wqueue,
+            state: 1,
             timer: 0,
             info: TcpInfo::parse(info).unwrap(),
             skmem: None,
