@@ -6,8 +6,8 @@
 //! bpftrace with a light tracepoint script (`bpftrace`), bpftrace with one counting probe on
 //! each hook conntrace attaches (`bpftrace-hooks`, generated from conntrace's `ready` record
 //! before the rounds: hooks.rs, bpftrace.rs), or bcc's `tcpstates` where it runs, and churns for
-//! `--phase-ms`. Rounds interleave the modes and the medians are compared, so drifts of the
-//! machine hit all alike. Each mode also gets its CPU per connection (client + server +
+//! `--phase-ms`. Rounds interleave the modes, each round in an order rotated by one, and the
+//! medians are compared, so drifts of the machine hit all alike. Each mode also gets its CPU per connection (client + server +
 //! tracer), which moves much less with the machine's other load than throughput.
 //! A paced phase measures conntrace's own CPU at about 10,000 kernel events a second, and a
 //! last phase with `conntrace --bpf-stats` what each program costs per connection (costs.rs).
@@ -363,7 +363,10 @@ fn main() {
     let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut traced = Traced::default();
     for round in 1..=rounds {
-        for &mode in &modes {
+        // Each round starts one mode later: no mode always follows the same one (the previous
+        // phase's teardown, a tracer's exit and a namespace's cleanup, is its neighbour's).
+        let start = (round as usize - 1) % modes.len();
+        for &mode in modes[start..].iter().chain(&modes[..start]) {
             let peer = (without, hooks_script.as_deref());
             let (rate, cost_us) = phase(mode, phase_ms, parallel, peer, &mut traced);
             cost.entry(mode).or_default().push(cost_us);
