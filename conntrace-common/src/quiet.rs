@@ -19,9 +19,15 @@ pub mod maps {
     /// `HashMap<u64, u64>`: sockets userspace wants to follow (a stall it reported), by socket
     /// address; the value is the connection's `started_ns`.
     pub const WATCH: &str = "WATCH";
-    /// `Array<u32>` of one entry: non-zero once userspace has watched a connection, so that
-    /// the kernel looks `WATCH` up only then.
+    /// `Array<u32>` of two entries: `[0]` non-zero once userspace has watched a connection, so
+    /// that the kernel looks `WATCH` up only then; `[1]` the tuples in `WATCH_TUPLES` now, so
+    /// that a listener's new child looks them up only while there are some.
     pub const WATCHING: &str = "WATCHING";
+    /// `HashMap<Tuple, u8>`: handshakes userspace follows as attempts (a SYN or final ACK
+    /// dropped before any socket had them), by tuple as the server's socket has it: a
+    /// listener's child with that tuple streams from its start, so that userspace sees the
+    /// handshake complete.
+    pub const WATCH_TUPLES: &str = "WATCH_TUPLES";
     /// `PerCpuArray<u64>`: [`super::counts`].
     pub const COUNTS: &str = "COUNTS";
     /// `PerCpuArray<u64>`: client handshake times by [`super::latency_bucket`].
@@ -36,6 +42,19 @@ pub const CONNS_CAPACITY: u32 = 65_536;
 
 /// Entries of `WATCH`.
 pub const WATCH_CAPACITY: u32 = 8_192;
+
+/// Entries of `WATCH_TUPLES`.
+pub const WATCH_TUPLES_CAPACITY: u32 = 4_096;
+
+/// `WATCHING` slots.
+pub mod watching {
+    /// Non-zero once a socket was put in `WATCH`.
+    pub const SOCKETS: u32 = 0;
+    /// How many tuples `WATCH_TUPLES` holds.
+    pub const TUPLES: u32 = 1;
+    /// Slots in all.
+    pub const SLOTS: u32 = 2;
+}
 
 /// Slots of `NORMAL_DROPS`: drop reasons below this value are counted in the kernel.
 pub const NORMAL_DROP_SLOTS: u32 = 256;

@@ -13,8 +13,8 @@ use aya_ebpf::{
 use conntrace_common::{
     Config, EventKind, FLAG_QUIET, HistoryEvent, KernelOffsets, Tuple,
     quiet::{
-        CONNS_CAPACITY, History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, WATCH_CAPACITY, counts, flags,
-        latency_bucket,
+        CONNS_CAPACITY, History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, WATCH_CAPACITY,
+        WATCH_TUPLES_CAPACITY, counts, flags, latency_bucket, watching,
     },
     tcp::state,
 };
@@ -27,9 +27,14 @@ static CONNS: HashMap<u64, History> = HashMap::with_max_entries(CONNS_CAPACITY, 
 #[map]
 static WATCH: HashMap<u64, u64> = HashMap::with_max_entries(WATCH_CAPACITY, 0);
 
-/// `[0]`: non-zero once userspace has put a connection in `WATCH`.
+/// `conntrace_common::quiet::watching` slots: a connection ever put in `WATCH`, the tuples
+/// in `WATCH_TUPLES` now.
 #[map]
-static WATCHING: Array<u32> = Array::with_max_entries(1, 0);
+static WATCHING: Array<u32> = Array::with_max_entries(watching::SLOTS, 0);
+
+/// Handshakes userspace follows as attempts, by the server socket's tuple.
+#[map]
+static WATCH_TUPLES: HashMap<Tuple, u8> = HashMap::with_max_entries(WATCH_TUPLES_CAPACITY, 0);
 
 #[map]
 static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counts::COUNT, 0);
@@ -280,7 +285,20 @@ pub(crate) fn on_state(
     is_tcp: impl Fn() -> bool,
 ) -> bool {
     if new == state::SYN_SENT || (new == state::SYN_RECV && old == state::LISTEN) {
-        return !is_tcp() || start(sk, tuple, netns(), new == state::SYN_RECV);
+        let server = new == state::SYN_RECV;
+        if !is_tcp() {
+            return true;
+        }
+        if !start(sk, tuple, netns(), server) {
+            return false;
+        }
+        if server && tuple_watched(tuple) {
+            // A handshake userspace follows as an attempt (its SYN or final ACK was dropped
+            // before): the child's history now, standing for this state change, and it
+            // streams from here.
+            promote(prog, cfg, sk);
+        }
+        return true;
     }
     let Some(h) = CONNS.get_ptr_mut(&sk) else {
         if new == state::ESTABLISHED && is_tcp() {
@@ -363,5 +381,14 @@ fn count_established(old: i32) {
 /// Whether userspace has ever watched a connection (`WATCH` is looked up only then).
 #[inline(always)]
 fn watching() -> bool {
-    WATCHING.get(0).is_some_and(|w| *w != 0)
+    WATCHING.get(watching::SOCKETS).is_some_and(|w| *w != 0)
+}
+
+/// Whether userspace follows the handshake of `tuple` (the server's socket's) as an attempt:
+/// `WATCH_TUPLES` is looked up only while it holds any.
+#[inline(always)]
+fn tuple_watched(tuple: &Tuple) -> bool {
+    // SAFETY: a plain lookup; the value is not held.
+    WATCHING.get(watching::TUPLES).is_some_and(|n| *n != 0)
+        && unsafe { WATCH_TUPLES.get(tuple) }.is_some()
 }

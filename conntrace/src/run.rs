@@ -205,6 +205,9 @@ fn engine_for(cli: &Cli, tracer: &mut Tracer) -> Engine {
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));
     }
+    if tracer.quiet.is_some() {
+        engine.log_attempts();
+    }
     engine
 }
 
@@ -341,6 +344,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             _ = sigterm.recv() => { debug!("SIGTERM"); break }
             () = &mut deadline => { debug!("duration elapsed"); break }
         }
+        watch_attempts(&mut tracer, &mut engine);
     }
 
     let mut verdicts = drain(
@@ -436,6 +440,23 @@ fn check_stalls(
         .filter_map(|ev| ident.admit(ev))
         .flat_map(|ev| engine.handle(ev))
         .collect()
+}
+
+/// Quiet mode: the kernel streams a listener's child whose tuple is an open attempt's (its
+/// SYN or final ACK dropped before any socket had it), so that the attempt sees its handshake
+/// complete. An IPv4 tuple is watched in both forms a server socket may have (a dual-stack
+/// listener's child keeps IPv4-mapped IPv6 addresses).
+fn watch_attempts(tracer: &mut Tracer, engine: &mut Engine) {
+    let Some(q) = tracer.quiet.as_mut() else {
+        return;
+    };
+    for (_, tuple, open) in engine.take_attempt_log() {
+        for wire in crate::kernel::decode::wire_tuples(tuple) {
+            if let Err(error) = q.watch_tuple(wire, open) {
+                warn!(%error, "follow a handshake attempt (WATCH_TUPLES map)");
+            }
+        }
+    }
 }
 
 /// Before a window report about a connection the engine has not seen (quiet mode keeps healthy

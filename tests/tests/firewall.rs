@@ -334,3 +334,65 @@ fn an_icmp_answer_that_came_while_connect_held_the_socket_is_not_rate_limiting()
         }
     }
 }
+
+/// A SYN the server's firewall dropped once, then let through (packet loss, a rate limit): the
+/// retransmission completes the handshake, and neither end has a failure, in either follow
+/// mode (quiet mode keeps the healthy server end in the kernel: the attempt's tuple makes it
+/// stream from its start, so that the dropped SYN joins a handshake that completed).
+#[test]
+fn a_syn_dropped_once_then_let_through_is_no_failure() {
+    use conntrace_tests::FOLLOW_MODES;
+    for follow in FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = Scenario::new()
+            .in_server(&[
+                "iptables",
+                "-A",
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                "3306",
+                "--syn",
+                "-m",
+                "statistic",
+                "--mode",
+                "nth",
+                "--every",
+                "2",
+                "--packet",
+                "0",
+                "-j",
+                "DROP",
+            ])
+            .conntrace(&["--port", "3306", "--follow", follow])
+            .serve(&["--greeting", "hi\n"]);
+        let client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &["--read", "--timeout-ms", "5000"],
+        );
+        let result = client.json_lines(Duration::from_secs(10)).remove(0);
+        assert_eq!(result["ok"], true, "--follow {follow}: {result}");
+        assert!(
+            result["ms"].as_f64() >= Some(900.0),
+            "--follow {follow}: one SYN retransmitted: {result}"
+        );
+        // Past the attempt's back-off (its next SYN would have been due 1 s after the first).
+        std::thread::sleep(Duration::from_secs(3));
+        let values = ct.stop();
+        let summary = values.last().expect("summary");
+        assert_eq!(
+            summary["drops_by_reason"]["NETFILTER_DROP"], 1,
+            "--follow {follow}: the first SYN's drop was seen: {summary}"
+        );
+        for ns in [hosts.server.inode(), hosts.client.inode()] {
+            let verdicts = verdicts_in(&values, ns);
+            assert!(verdicts.is_empty(), "--follow {follow}: {verdicts:?}");
+        }
+    }
+}

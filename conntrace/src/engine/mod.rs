@@ -108,6 +108,24 @@ impl Engine {
         &mut self.summary
     }
 
+    /// From now on, keeps a log of the handshake attempts it follows without a connection (a
+    /// SYN or final ACK dropped before any socket had it): quiet mode asks the kernel to
+    /// stream a listener's child with such a tuple, so that the handshake's completion
+    /// reaches the attempt.
+    pub fn log_attempts(&mut self) {
+        self.table.log_attempts();
+    }
+
+    /// The attempts opened (`true`) and closed (`false`) since the last call, as (namespace,
+    /// tuple with this host's end first), in order; empty unless [`Engine::log_attempts`].
+    pub fn take_attempt_log(&mut self) -> Vec<(Option<u32>, facts::FourTuple, bool)> {
+        self.table
+            .take_attempt_log()
+            .into_iter()
+            .map(|((netns, tuple), open)| (netns, tuple, open))
+            .collect()
+    }
+
     /// Whether a connection with `tuple` (local end first) in namespace `netns` is tracked.
     pub fn knows(&self, netns: Option<u32>, tuple: &facts::FourTuple) -> bool {
         self.table

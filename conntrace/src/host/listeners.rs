@@ -7,7 +7,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     os::unix::fs::MetadataExt as _,
     path::Path,
     time::{Duration, Instant},
@@ -163,7 +163,7 @@ fn diag_socket(netns: u32, tuple: FourTuple, step: &str) -> Option<Sample> {
             return None;
         }
     };
-    diag.socket(&wire_tuple(tuple), &mut Vec::new())
+    diag.socket(&crate::kernel::decode::wire_tuple(tuple), &mut Vec::new())
         .map_err(|error| debug!(%error, netns, "{step}: sock_diag"))
         .ok()?
 }
@@ -199,32 +199,6 @@ pub fn owner_of(netns: u32, tuple: FourTuple) -> Option<Proc> {
                 comm: p.stat().map(|s| s.comm.into()).unwrap_or_default(),
             })
         })
-}
-
-/// A tuple as the kernel's records carry it (IPv4 in the first 4 bytes).
-fn wire_tuple(t: FourTuple) -> conntrace_common::Tuple {
-    let mut w = conntrace_common::Tuple {
-        sport: t.sport,
-        dport: t.dport,
-        ..conntrace_common::Tuple::default()
-    };
-    match (t.saddr, t.daddr) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            w.family = conntrace_common::AF_INET;
-            w.saddr[..4].copy_from_slice(&s.octets());
-            w.daddr[..4].copy_from_slice(&d.octets());
-        }
-        (s, d) => {
-            let v6 = |a: IpAddr| match a {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
-            w.family = conntrace_common::AF_INET6;
-            w.saddr = v6(s).octets();
-            w.daddr = v6(d).octets();
-        }
-    }
-    w
 }
 
 /// The listeners on a port, with a short cache per (netns, port), and, when the accept-queue

@@ -6,7 +6,7 @@ use std::{
 };
 
 use conntrace_common::{
-    AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, RouteError,
+    AF_INET, AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, RouteError,
     TCP_FLAGS_UNKNOWN, Tuple, decode, progress, unread,
 };
 
@@ -60,6 +60,48 @@ fn meta(h: &EventHeader) -> Meta {
 }
 
 /// A quiet connection's history as the engine takes it, written at `ts_ns`.
+/// A tuple as the kernel's records carry it: IPv4 in the first 4 bytes (`AF_INET`), else
+/// IPv6 (`AF_INET6`, an IPv4 address of a mixed pair mapped).
+pub fn wire_tuple(t: FourTuple) -> Tuple {
+    let mut w = Tuple {
+        sport: t.sport,
+        dport: t.dport,
+        ..Tuple::default()
+    };
+    match (t.saddr, t.daddr) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            w.family = AF_INET;
+            w.saddr[..4].copy_from_slice(&s.octets());
+            w.daddr[..4].copy_from_slice(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |a: IpAddr| match a {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            w.family = AF_INET6;
+            w.saddr = v6(s).octets();
+            w.daddr = v6(d).octets();
+        }
+    }
+    w
+}
+
+/// Every form a socket of `t` may carry in the kernel: [`wire_tuple`], and for IPv4 also the
+/// IPv4-mapped IPv6 form of a dual-stack socket.
+pub fn wire_tuples(t: FourTuple) -> Vec<Tuple> {
+    let mut forms = vec![wire_tuple(t)];
+    if let (IpAddr::V4(s), IpAddr::V4(d)) = (t.saddr, t.daddr) {
+        forms.push(Tuple {
+            family: AF_INET6,
+            saddr: s.to_ipv6_mapped().octets(),
+            daddr: d.to_ipv6_mapped().octets(),
+            ..forms[0]
+        });
+    }
+    forms
+}
+
 pub fn conn_history(sk: u64, h: &conntrace_common::quiet::History, ts_ns: u64) -> ConnHistory {
     use conntrace_common::quiet::flags;
     let server = h.flags & flags::SERVER != 0;

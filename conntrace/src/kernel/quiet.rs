@@ -5,7 +5,11 @@
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
 use aya::maps::{Array, HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
-use conntrace_common::quiet::{History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, counts, maps as names};
+use conntrace_common::{
+    Tuple,
+    quiet::{History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, counts, maps as names, watching},
+};
+use tracing::debug;
 
 use super::{LoadError, take_map};
 
@@ -59,6 +63,9 @@ pub struct QuietMaps {
     watching: Array<MapData, u32>,
     /// Whether `watching` was set.
     watched: bool,
+    watch_tuples: HashMap<MapData, Tuple, u8>,
+    /// The attempts open for each tuple in `watch_tuples`.
+    tuples: std::collections::HashMap<TupleKey, u32>,
     counts: PerCpuArray<MapData, u64>,
     latency: PerCpuArray<MapData, u64>,
     normal_drops: PerCpuArray<MapData, u64>,
@@ -73,6 +80,8 @@ impl QuietMaps {
             watch: take_map(ebpf, names::WATCH)?,
             watching: take_map(ebpf, names::WATCHING)?,
             watched: false,
+            watch_tuples: take_map(ebpf, names::WATCH_TUPLES)?,
+            tuples: std::collections::HashMap::new(),
             counts: take_map(ebpf, names::COUNTS)?,
             latency: take_map(ebpf, names::LATENCY)?,
             normal_drops: take_map(ebpf, names::NORMAL_DROPS)?,
@@ -171,9 +180,44 @@ impl QuietMaps {
     pub fn watch(&mut self, sk: u64, started_ns: u64) -> Result<(), MapError> {
         self.watch.insert(sk, started_ns, 0)?;
         if !self.watched {
-            self.watching.set(0, 1, 0)?;
+            self.watching.set(watching::SOCKETS, 1, 0)?;
             self.watched = true;
         }
         Ok(())
+    }
+
+    /// Asks the kernel to send the history of a listener's child with tuple `t` (the server's
+    /// end first) as it starts (`follow`), or no longer (`!follow`): a handshake userspace
+    /// follows as an attempt, whose completion it must see. Attempts of two namespaces may
+    /// share a tuple: the tuple is watched while either is open.
+    pub fn watch_tuple(&mut self, t: Tuple, follow: bool) -> Result<(), MapError> {
+        let key = TupleKey(t);
+        let n = self.tuples.get(&key).copied().unwrap_or(0);
+        if follow {
+            if n == 0 {
+                self.watch_tuples.insert(t, 1, 0)?;
+            }
+            self.tuples.insert(key, n + 1);
+        } else if n == 1 {
+            self.tuples.remove(&key);
+            if let Err(error) = self.watch_tuples.remove(&t) {
+                debug!(%error, "WATCH_TUPLES: the tuple was not there");
+            }
+        } else if n > 1 {
+            self.tuples.insert(key, n - 1);
+        }
+        let watched = u32::try_from(self.tuples.len()).unwrap_or(u32::MAX);
+        self.watching.set(watching::TUPLES, watched, 0)
+    }
+}
+
+/// A [`Tuple`] as a key of userspace's own map (`Tuple` has no `Hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TupleKey(Tuple);
+
+impl std::hash::Hash for TupleKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        let t = &self.0;
+        (t.family, t.sport, t.dport, t.saddr, t.daddr).hash(h);
     }
 }

@@ -87,6 +87,9 @@ pub struct Table {
     /// Drops of established connections not followed here, by tuple (this host's end
     /// first): the connection takes them when it is followed, its other end reads them.
     unfollowed_drops: HashMap<FourTuple, UnfollowedDrops>,
+    /// Attempts opened (true) and closed (false) since the last [`Table::take_attempt_log`],
+    /// when [`Table::log_attempts`] asked for them.
+    attempt_log: Option<Vec<(AttemptKey, bool)>>,
 }
 
 /// A connection's key for path drops, the same from both ends: the lower end first.
@@ -117,6 +120,7 @@ impl Table {
             path_drops: HashMap::default(),
             route_walks: RouteWalks::new(max),
             unfollowed_drops: HashMap::default(),
+            attempt_log: None,
         }
     }
 
@@ -277,8 +281,13 @@ impl Table {
         key: AttemptKey,
         new: impl FnOnce() -> Attempt,
     ) -> Option<&mut Attempt> {
-        if !self.attempts.contains_key(&key) && self.attempts.len() >= self.max {
-            return None;
+        if !self.attempts.contains_key(&key) {
+            if self.attempts.len() >= self.max {
+                return None;
+            }
+            if let Some(log) = self.attempt_log.as_mut() {
+                log.push((key, true));
+            }
         }
         Some(self.attempts.entry(key).or_insert_with(new))
     }
@@ -288,7 +297,24 @@ impl Table {
     }
 
     pub fn take_attempt(&mut self, key: &AttemptKey) -> Option<Attempt> {
-        self.attempts.remove(key)
+        let a = self.attempts.remove(key)?;
+        if let Some(log) = self.attempt_log.as_mut() {
+            log.push((*key, false));
+        }
+        Some(a)
+    }
+
+    /// Keeps a log of the attempts opened and closed from now on.
+    pub fn log_attempts(&mut self) {
+        self.attempt_log.get_or_insert_with(Vec::new);
+    }
+
+    /// The attempts opened (true) and closed (false) since the last call, in order.
+    pub fn take_attempt_log(&mut self) -> Vec<(AttemptKey, bool)> {
+        self.attempt_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Keys of the attempts for which `ended` holds.

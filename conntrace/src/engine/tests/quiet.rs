@@ -3,7 +3,7 @@
 //! connection.
 
 use super::*;
-use crate::engine::facts::{Accepted, Closing, ConnHistory, DroppedPacket, Progress};
+use crate::engine::facts::{Accepted, Closing, ConnHistory, DroppedPacket, NfHook, Progress};
 
 const STALL: u64 = 3 * SEC;
 
@@ -261,4 +261,40 @@ fn a_drop_after_a_quiet_close_is_oriented_by_its_sockets_own_port() {
     none(e.handle(KernelEvent::Dropped(own)));
     let d = serde_json::to_value(&e.take_drops()[0]).unwrap();
     assert_eq!(d["direction"], "out", "{d}");
+}
+
+#[test]
+fn a_handshake_whose_dropped_syn_got_through_again_is_no_failure_and_its_attempt_is_logged() {
+    // The server's INPUT dropped the first SYN; the retransmission got through. The attempt's
+    // tuple is logged open (quiet mode asks the kernel to stream a child with it) and closed
+    // when the child's history takes it over, so no failed handshake is made up.
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(quiet());
+    e.log_attempts();
+    let syn = KernelEvent::Dropped(DroppedPacket {
+        meta: softirq(MS),
+        sk: 0,
+        rx_sk: 0,
+        sk_port: None,
+        sk_state: None,
+        packet: s.t.reversed(),
+        reason: DropReason::new(DropReason::NETFILTER_DROP),
+        location: "nft_do_chain+0x3e8".into(),
+        tcp_flags: TcpFlags(0x02),
+        hook: Some(NfHook::Input),
+        ifindex: None,
+        icmp: None,
+    });
+    none(e.handle(syn));
+    assert_eq!(e.take_attempt_log(), vec![(Some(NETNS), s.t, true)]);
+    let mut child = history(s, SEC + 2 * MS, true);
+    if let KernelEvent::History(h) = &mut child {
+        h.started_ns = SEC + MS;
+        h.established_ns = None;
+    }
+    none(e.handle(child));
+    assert_eq!(e.take_attempt_log(), vec![(Some(NETNS), s.t, false)]);
+    none(e.handle(s.st(SEC + 2 * MS, S::SynRecv, S::Established)));
+    none(e.tick(LATER));
+    none(e.finish(LATER));
 }
