@@ -324,3 +324,59 @@ fn print_stopped_server_story(
         values.last().expect("summary")["tcp_counters"]
     );
 }
+
+/// The server's firewall drops the client's final ACK (and the ACKs of the SYN-ACKs the server
+/// retransmits) for a while: the client is ESTABLISHED and waits for a greeting from a server
+/// that has no connection yet. The client's stall names the rule at the other end; once the
+/// rule goes, a retransmitted SYN-ACK's ACK completes the handshake and the greeting comes
+/// (`resolved`), and the server, whose handshake completed, has no failure. Both follow modes.
+#[test]
+fn a_stall_whose_final_ack_the_servers_firewall_dropped_names_the_rule_there() {
+    for follow in conntrace_tests::FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = Scenario::new()
+            .in_server(DROP_PURE_ACKS)
+            .serve(&["--greeting", "hello"])
+            .conntrace(&[
+                "--port",
+                "3306",
+                "--stall-timeout",
+                "2s",
+                "--follow",
+                follow,
+            ]);
+        let client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &["--read", "--timeout-ms", "15000"],
+        );
+        let (client_ns, server_ns) = (hosts.client.inode(), hosts.server.inode());
+        let stalled = ct.wait_for(Duration::from_secs(6), |l| {
+            l.value["netns"] == client_ns && l.value["reason"] == "stalled_no_greeting"
+        });
+        let d = &stalled.value["detail"];
+        assert_eq!(
+            (&d["hook"], &d["rule"]["chain"], &d["peer_netns"]),
+            (
+                &Value::from("INPUT"),
+                &Value::from("INPUT"),
+                &Value::from(server_ns)
+            ),
+            "--follow {follow}: {}",
+            stalled.value
+        );
+        hosts.server.exec(&["iptables", "-D", "INPUT", "1"]);
+        let results = client.json_lines(Duration::from_secs(20));
+        assert_eq!(results[0]["ok"], true, "--follow {follow}: {results:?}");
+        ct.wait_for(Duration::from_secs(5), |l| {
+            l.value["netns"] == client_ns && l.value["outcome"] == "resolved"
+        });
+        let values = ct.stop();
+        let server = verdicts_in(&values, server_ns);
+        assert!(server.is_empty(), "--follow {follow}: {server:#?}");
+    }
+}

@@ -34,7 +34,7 @@ pub use self::{
 use self::{
     facts::KernelEvent,
     state::{Conn, ConnId, Decided, HashMap, Report, Table},
-    verdict::{DropRecord, Side, Summary, Verdict},
+    verdict::{DropRecord, Reason, Side, Summary, Verdict},
 };
 
 /// Most records of one kind per second: `drop` records per namespace and drop reason, failed
@@ -225,6 +225,22 @@ impl Engine {
         if let Some(ns) = self.lookups.namespaces.as_mut() {
             rules::connect::complete(&mut v, ns.as_mut());
             rules::drops::complete(&mut v, ns.as_mut());
+        }
+        if matches!(
+            v.reason,
+            Reason::StalledNoGreeting | Reason::StalledNoResponse
+        ) && let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
+            && let Some((netns, drops)) = self.table.peer_handshake_drops(
+                v.netns,
+                facts::FourTuple {
+                    saddr,
+                    sport,
+                    daddr: v.daddr,
+                    dport: v.dport,
+                },
+            )
+        {
+            rules::drops::describe_peer(&mut v, netns, &drops);
         }
         if let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
             && let Some(facts) = v.detail.drop_facts_mut()

@@ -84,7 +84,10 @@ fn run_there(facts: &DropFacts) -> &'static str {
 pub fn concrete(v: &Verdict) -> String {
     let drops = v.detail.drop_facts();
     match v.reason {
-        Reason::NetfilterDrop | Reason::SyncookieAckLost
+        Reason::NetfilterDrop
+        | Reason::SyncookieAckLost
+        | Reason::StalledNoGreeting
+        | Reason::StalledNoResponse
             if drops.is_some_and(|d| d.rule.is_some()) =>
         {
             let facts = drops.expect("checked above");

@@ -51,9 +51,12 @@ fn ended(by: EndedBy) -> &'static str {
 }
 
 /// A stall's fact: how long, and (`not_accepted`) the queue, (`zero_window`) who stopped
-/// reading.
+/// reading, (a client's) the rule that dropped its handshake at the other end.
 fn stall(v: &Verdict, d: &crate::engine::verdict::detail::StallDetail) -> String {
     let mut extra = queue(v).map(|q| format!(", {q}")).unwrap_or_default();
+    if let Some(r) = rule(v) {
+        extra.push_str(&format!(", {r}"));
+    }
     if let Some(w) = d.window {
         let who = match w.stopped_reading {
             Reader::Peer => "peer",

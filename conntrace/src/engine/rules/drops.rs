@@ -245,6 +245,22 @@ pub(crate) fn explain_end(v: &mut Verdict, drops: &[HandshakeDrop]) {
     }
 }
 
+/// Names the drops of a client's handshake at its other end (`netns`) in a stall's detail: its
+/// final ACK dropped there, the server never had the connection to greet it. The stall stays
+/// the reason (it is what the client sees); the drops say why. Nothing for drops that explain
+/// nothing.
+pub(crate) fn describe_peer(v: &mut Verdict, netns: Option<u32>, drops: &[HandshakeDrop]) {
+    if !drops.iter().any(|d| cause(d).is_some()) {
+        return;
+    }
+    let (outcome, reason, kernel_reason) = (v.outcome, v.reason, v.kernel_reason.clone());
+    explain(v, drops);
+    (v.outcome, v.reason, v.kernel_reason) = (outcome, reason, kernel_reason);
+    if let Some(facts) = v.detail.drop_facts_mut() {
+        facts.peer_netns = netns;
+    }
+}
+
 /// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
 /// its drops in `detail.drops`. The most frequent explaining drop wins.
 pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {

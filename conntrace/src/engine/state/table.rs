@@ -151,6 +151,28 @@ impl Table {
     /// The drops at the other end of connection `c`, in another namespace of this host: its
     /// followed peer's late drops, else those kept for the reversed tuple while that end was
     /// not followed. As (that namespace, the drops).
+    /// The handshake drops at the other end of the connection `tuple` in `netns`, in another
+    /// namespace of this host: its followed peer's, else those of the attempt the other end
+    /// follows without a connection (its final ACK still dropped there). As (that namespace,
+    /// the drops).
+    pub fn peer_handshake_drops(
+        &self,
+        netns: Option<u32>,
+        tuple: FourTuple,
+    ) -> Option<(Option<u32>, Vec<HandshakeDrop>)> {
+        let reversed = tuple.reversed();
+        if let Some(p) = self.id_by_tuple(&reversed).and_then(|id| self.get(id))
+            && p.netns != netns
+            && !p.drops.is_empty()
+        {
+            return Some((p.netns, p.drops.clone()));
+        }
+        self.attempts
+            .iter()
+            .find(|((ns, t), _)| *t == reversed && *ns != netns)
+            .map(|((ns, _), a)| (*ns, a.drops.clone()))
+    }
+
     pub fn peer_drops(&self, c: &Conn) -> Option<(Option<u32>, &[HandshakeDrop])> {
         if let Some(p) = self.peer_of(c) {
             return Some((p.netns, &p.late_drops));

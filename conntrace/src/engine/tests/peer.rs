@@ -314,3 +314,52 @@ fn a_connection_followed_later_takes_the_drops_kept_for_it() {
     check(&v, "server failed netfilter_drop ETIMEDOUT");
     assert_eq!(detail(&v, "peer_netns"), Value::Null, "its own namespace");
 }
+
+#[test]
+fn a_stall_whose_final_ack_the_server_dropped_names_the_rule_there() {
+    // The server's INPUT drops the client's final ACK (and its repeats): the server never
+    // has the connection, the client waits for a greeting. The stall stays the reason; the
+    // drops at the other end say why.
+    let c = Sock::client(SK_A, SPORT);
+    let ack = |ts: u64| {
+        let KernelEvent::Dropped(d) = dropped(c, ts, NfHook::Input) else {
+            unreachable!("a drop")
+        };
+        KernelEvent::Dropped(DroppedPacket {
+            sk: 0,
+            sk_port: None,
+            sk_state: None,
+            tcp_flags: TcpFlags(0x10),
+            ..d
+        })
+    };
+    let mut e =
+        Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(OneRule(RuleAction::Drop)));
+    none(feed(
+        &mut e,
+        [
+            c.connect(MS, 100, "client"),
+            c.st(2 * MS, S::SynSent, S::Established),
+            ack(2 * MS),
+            ack(SEC + 2 * MS),
+        ],
+    ));
+    let v = one(e.tick(3 * SEC + 2 * MS));
+    check(&v, "client stalled stalled_no_greeting -");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS, "{v:#?}");
+    assert_eq!(detail(&v, "hook"), "INPUT");
+    assert_eq!(detail(&v, "dropped"), 2);
+    assert_eq!(detail(&v, "rule")["chain"], "INPUT");
+    // A stall with nothing dropped at the other end names no drop.
+    let other = Sock::client(SK_B, SPORT + 1);
+    let mut e = Engine::new(EngineConfig::default());
+    none(feed(
+        &mut e,
+        [
+            other.connect(MS, 100, "client"),
+            other.st(2 * MS, S::SynSent, S::Established),
+        ],
+    ));
+    let v = one(e.tick(3 * SEC + 2 * MS));
+    assert_eq!(detail(&v, "hook"), Value::Null, "{v:#?}");
+}

@@ -240,6 +240,11 @@ pub struct StallDetail {
     pub window: Option<WindowFacts>,
     #[serde(flatten)]
     pub queue: QueueFacts,
+    /// A client's stall (`stalled_no_greeting`, `stalled_no_response`) whose handshake packets
+    /// the other end dropped, when conntrace sees that end on this host (`peer_netns`): which
+    /// drops and which rule. The stall stays the verdict's reason: it is what the client sees.
+    #[serde(flatten)]
+    pub drops: DropFacts,
 }
 
 /// Which end stopped reading (`detail.window.stopped_reading` of `zero_window`).
@@ -440,6 +445,7 @@ impl Detail {
         match self {
             Self::Closed(d) => Some(&d.drops),
             Self::Attempt(d) => Some(&d.drops),
+            Self::Stall(d) => Some(&d.drops),
             _ => None,
         }
     }
@@ -448,6 +454,7 @@ impl Detail {
         match self {
             Self::Closed(d) => Some(&mut d.drops),
             Self::Attempt(d) => Some(&mut d.drops),
+            Self::Stall(d) => Some(&mut d.drops),
             _ => None,
         }
     }
