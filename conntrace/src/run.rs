@@ -453,7 +453,12 @@ fn watch_attempts(tracer: &mut Tracer, engine: &mut Engine) {
     for (_, tuple, open) in engine.take_attempt_log() {
         for wire in crate::kernel::decode::wire_tuples(tuple) {
             if let Err(error) = q.watch_tuple(wire, open) {
-                warn!(%error, "follow a handshake attempt (WATCH_TUPLES map)");
+                // Full under a flood of attempts: said once, then only counted in the logs.
+                if q.tuple_watch_failures() == 1 {
+                    warn!(%error, "follow a handshake attempt (WATCH_TUPLES map); further failures at debug level");
+                } else {
+                    debug!(%error, "follow a handshake attempt (WATCH_TUPLES map)");
+                }
             }
         }
     }

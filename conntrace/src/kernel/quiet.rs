@@ -66,6 +66,7 @@ pub struct QuietMaps {
     watch_tuples: HashMap<MapData, Tuple, u8>,
     /// The attempts open for each tuple in `watch_tuples`.
     tuples: std::collections::HashMap<TupleKey, u32>,
+    tuple_failures: u64,
     counts: PerCpuArray<MapData, u64>,
     latency: PerCpuArray<MapData, u64>,
     normal_drops: PerCpuArray<MapData, u64>,
@@ -82,6 +83,7 @@ impl QuietMaps {
             watched: false,
             watch_tuples: take_map(ebpf, names::WATCH_TUPLES)?,
             tuples: std::collections::HashMap::new(),
+            tuple_failures: 0,
             counts: take_map(ebpf, names::COUNTS)?,
             latency: take_map(ebpf, names::LATENCY)?,
             normal_drops: take_map(ebpf, names::NORMAL_DROPS)?,
@@ -194,8 +196,11 @@ impl QuietMaps {
         let key = TupleKey(t);
         let n = self.tuples.get(&key).copied().unwrap_or(0);
         if follow {
-            if n == 0 {
-                self.watch_tuples.insert(t, 1, 0)?;
+            if n == 0
+                && let Err(error) = self.watch_tuples.insert(t, 1, 0)
+            {
+                self.tuple_failures += 1;
+                return Err(error);
             }
             self.tuples.insert(key, n + 1);
         } else if n == 1 {
@@ -208,6 +213,11 @@ impl QuietMaps {
         }
         let watched = u32::try_from(self.tuples.len()).unwrap_or(u32::MAX);
         self.watching.set(watching::TUPLES, watched, 0)
+    }
+
+    /// Tuples `WATCH_TUPLES` could not take (full under a flood of attempts).
+    pub fn tuple_watch_failures(&self) -> u64 {
+        self.tuple_failures
     }
 }
 
