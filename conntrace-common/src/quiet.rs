@@ -19,14 +19,15 @@ pub mod maps {
     /// `HashMap<u64, u64>`: sockets userspace wants to follow (a stall it reported), by socket
     /// address; the value is the connection's `started_ns`.
     pub const WATCH: &str = "WATCH";
-    /// `Array<u32>` of two entries: `[0]` non-zero once userspace has watched a connection, so
-    /// that the kernel looks `WATCH` up only then; `[1]` the tuples in `WATCH_TUPLES` now, so
-    /// that a listener's new child looks them up only while there are some.
+    /// `Array<u32>` of [`super::watching::SLOTS`] entries (see [`super::watching`]): whether
+    /// the kernel need look `WATCH` or `WATCH_TUPLES` up.
     pub const WATCHING: &str = "WATCHING";
     /// `HashMap<Tuple, u8>`: handshakes userspace follows as attempts (a SYN or final ACK
-    /// dropped before any socket had them), by tuple as the server's socket has it: a
-    /// listener's child with that tuple streams from its start, so that userspace sees the
-    /// handshake complete.
+    /// dropped before any socket had it, a SYN cookie sent), by tuple as the server's socket
+    /// has it: a listener's child with that tuple streams from its start, so that userspace
+    /// sees the handshake complete. Userspace adds and removes the tuples of its attempts;
+    /// the kernel adds a cookie's at once (its final ACK comes a round trip later, before
+    /// userspace could), and userspace removes it with its attempt.
     pub const WATCH_TUPLES: &str = "WATCH_TUPLES";
     /// `PerCpuArray<u64>`: [`super::counts`].
     pub const COUNTS: &str = "COUNTS";
@@ -50,10 +51,14 @@ pub const WATCH_TUPLES_CAPACITY: u32 = 4_096;
 pub mod watching {
     /// Non-zero once a socket was put in `WATCH`.
     pub const SOCKETS: u32 = 0;
-    /// How many tuples `WATCH_TUPLES` holds.
+    /// How many tuples of userspace's attempts `WATCH_TUPLES` holds (written by userspace).
     pub const TUPLES: u32 = 1;
+    /// Non-zero once the kernel added a cookie's tuple to `WATCH_TUPLES`; userspace clears it
+    /// when every tuple left there is one of its own attempts', then looks again (a tuple the
+    /// kernel adds meanwhile sets it again).
+    pub const KERNEL_TUPLES: u32 = 2;
     /// Slots in all.
-    pub const SLOTS: u32 = 2;
+    pub const SLOTS: u32 = 3;
 }
 
 /// Slots of `NORMAL_DROPS`: drop reasons below this value are counted in the kernel.

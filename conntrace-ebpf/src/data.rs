@@ -171,6 +171,9 @@ fn unowned(prog: u32, cfg: &Config, skb: u64) {
 /// A listener answered a SYN with a cookie: `tuple` is the reply's (source = this host).
 #[inline(always)]
 pub(crate) fn cookie_sent(tuple: Tuple, netns: Option<u32>) {
+    if config().is_some_and(crate::quiet::enabled) {
+        crate::quiet::watch_cookie(&tuple);
+    }
     emit(CookieSynAck {
         header: header(EventKind::CookieSynAck, size_of::<CookieSynAck>(), netns),
         tuple,

@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use conntrace_common::{
-    Config, EventKind, FLAG_QUIET, HistoryEvent, KernelOffsets, Tuple,
+    AF_INET, AF_INET6, Config, EventKind, FLAG_QUIET, HistoryEvent, KernelOffsets, Tuple,
     quiet::{
         CONNS_CAPACITY, History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, WATCH_CAPACITY,
         WATCH_TUPLES_CAPACITY, counts, flags, latency_bucket, watching,
@@ -388,7 +388,46 @@ fn watching() -> bool {
 /// `WATCH_TUPLES` is looked up only while it holds any.
 #[inline(always)]
 fn tuple_watched(tuple: &Tuple) -> bool {
+    let any = |slot| WATCHING.get(slot).is_some_and(|n| *n != 0);
     // SAFETY: a plain lookup; the value is not held.
-    WATCHING.get(watching::TUPLES).is_some_and(|n| *n != 0)
+    (any(watching::TUPLES) || any(watching::KERNEL_TUPLES))
         && unsafe { WATCH_TUPLES.get(tuple) }.is_some()
+}
+
+/// A listener answered a SYN with a cookie (`tuple`: the reply's, this host's end first):
+/// the child its final ACK makes, a round trip from now, streams from its start, so that the
+/// cookie's attempt sees it validated (userspace could not add the tuple in time). An IPv4
+/// tuple is added in the IPv4-mapped form too, a dual-stack listener's child's.
+#[inline(always)]
+pub(crate) fn watch_cookie(tuple: &Tuple) {
+    if WATCH_TUPLES.insert(tuple, &1, 0).is_err() {
+        // Full (a flood of cookies): this one's child is not followed from its start.
+        return;
+    }
+    if tuple.family == AF_INET {
+        let mut mapped = *tuple;
+        mapped.family = AF_INET6;
+        mapped.saddr = v4_mapped(&tuple.saddr);
+        mapped.daddr = v4_mapped(&tuple.daddr);
+        if WATCH_TUPLES.insert(&mapped, &1, 0).is_err() {
+            // As above.
+        }
+    }
+    if let Some(flag) = WATCHING.get_ptr_mut(watching::KERNEL_TUPLES) {
+        // SAFETY: a plain store to an array slot, read by later programs.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// `::ffff:a.b.c.d` from an address whose first four bytes are IPv4.
+#[inline(always)]
+fn v4_mapped(v4: &[u8; 16]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[10] = 0xff;
+    a[11] = 0xff;
+    a[12] = v4[0];
+    a[13] = v4[1];
+    a[14] = v4[2];
+    a[15] = v4[3];
+    a
 }

@@ -450,6 +450,9 @@ fn watch_attempts(tracer: &mut Tracer, engine: &mut Engine) {
     let Some(q) = tracer.quiet.as_mut() else {
         return;
     };
+    if let Err(error) = q.settle_kernel_tuples() {
+        debug!(%error, "WATCHING: the kernel's cookie tuples");
+    }
     for (_, tuple, open) in engine.take_attempt_log() {
         for wire in crate::kernel::decode::wire_tuples(tuple) {
             if let Err(error) = q.watch_tuple(wire, open) {

@@ -380,3 +380,55 @@ fn a_stall_whose_final_ack_the_servers_firewall_dropped_names_the_rule_there() {
         assert!(server.is_empty(), "--follow {follow}: {server:#?}");
     }
 }
+
+/// Every SYN answered with a cookie and nothing dropped: the handshakes complete through their
+/// cookies, and neither end has a failure, in either follow mode (quiet mode keeps healthy
+/// connections in the kernel: a cookie's tuple makes the child its final ACK creates stream
+/// from its start, so that the cookie is seen validated).
+#[test]
+fn cookies_that_validate_are_no_failure() {
+    for follow in conntrace_tests::FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = Scenario::new()
+            .in_server(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])
+            .serve(&["--greeting", "hello"])
+            .conntrace(&["--port", "3306", "--follow", follow]);
+        let client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &[
+                "--read",
+                "--count",
+                "5",
+                "--parallel",
+                "5",
+                "--timeout-ms",
+                "5000",
+            ],
+        );
+        let results = client.json_lines(Duration::from_secs(10));
+        assert_eq!(results.len(), 5, "--follow {follow}: {results:?}");
+        assert!(
+            results.iter().all(|r| r["ok"] == true),
+            "--follow {follow}: {results:?}"
+        );
+        // Past a cookie attempt's end (a second after its cookie).
+        std::thread::sleep(Duration::from_secs(3));
+        let values = ct.stop();
+        for ns in [hosts.server.inode(), hosts.client.inode()] {
+            let verdicts = verdicts_in(&values, ns);
+            assert!(verdicts.is_empty(), "--follow {follow}: {verdicts:#?}");
+        }
+        let summary = values.last().expect("summary");
+        let listener = &summary["listeners"][format!("{}:3306", hosts.server_ip)];
+        assert_eq!(
+            (&listener["cookies_validated"], &listener["cookies_failed"]),
+            (&Value::from(5), &Value::from(0)),
+            "--follow {follow}: {summary}"
+        );
+    }
+}

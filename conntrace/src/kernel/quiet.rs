@@ -215,6 +215,28 @@ impl QuietMaps {
         self.watching.set(watching::TUPLES, watched, 0)
     }
 
+    /// Once every tuple the kernel added to `WATCH_TUPLES` (a cookie's) has gone with its
+    /// attempt, the kernel's flag is cleared, so that listeners' children stop looking the
+    /// map up. Cleared first and set again when a tuple not userspace's own is there: a
+    /// cookie the kernel adds meanwhile sets it itself, after its insert.
+    pub fn settle_kernel_tuples(&mut self) -> Result<(), MapError> {
+        if self.watching.get(&watching::KERNEL_TUPLES, 0)? == 0 {
+            return Ok(());
+        }
+        self.watching.set(watching::KERNEL_TUPLES, 0, 0)?;
+        let mut foreign = false;
+        for key in self.watch_tuples.keys() {
+            if !self.tuples.contains_key(&TupleKey(key?)) {
+                foreign = true;
+                break;
+            }
+        }
+        if foreign {
+            self.watching.set(watching::KERNEL_TUPLES, 1, 0)?;
+        }
+        Ok(())
+    }
+
     /// Tuples `WATCH_TUPLES` could not take (full under a flood of attempts).
     pub fn tuple_watch_failures(&self) -> u64 {
         self.tuple_failures
