@@ -386,6 +386,7 @@ impl Engine {
                 self.summary.attempt_verdicts_suppressed += 1;
                 continue;
             }
+            self.table.remember_decided_attempt(key, &a);
             let v = rules::drops::attempt_verdict(&a);
             self.emit(out, v);
         }

@@ -36,11 +36,12 @@ pub struct Decided {
     pub pid: Option<u32>,
 }
 
-/// Drops of an established connection's packets that no followed connection owned (quiet
-/// mode keeps a healthy one in the kernel; a pool's opened before conntrace), dropped before
-/// they reached its socket: in the namespace `netns`, the last at `last_ns`.
+/// Drops kept by tuple, in the namespace `netns`, the last at `last_ns`: an established
+/// connection's that no followed connection owned (quiet mode keeps a healthy one in the
+/// kernel; a pool's opened before conntrace), dropped before they reached its socket; or a
+/// decided attempt's.
 #[derive(Debug, Clone)]
-pub struct UnfollowedDrops {
+pub struct KeptDrops {
     pub netns: Option<u32>,
     pub last_ns: u64,
     pub drops: Vec<HandshakeDrop>,
@@ -86,7 +87,10 @@ pub struct Table {
     route_walks: RouteWalks,
     /// Drops of established connections not followed here, by tuple (this host's end
     /// first): the connection takes them when it is followed, its other end reads them.
-    unfollowed_drops: HashMap<FourTuple, UnfollowedDrops>,
+    unfollowed_drops: HashMap<FourTuple, KeptDrops>,
+    /// The drops of attempts decided recently, by tuple: the handshake never completed, and
+    /// the other end's stall may end after that.
+    decided_attempts: HashMap<FourTuple, KeptDrops>,
     /// Attempts opened (true) and closed (false) since the last [`Table::take_attempt_log`],
     /// when [`Table::log_attempts`] asked for them.
     attempt_log: Option<Vec<(AttemptKey, bool)>>,
@@ -120,6 +124,7 @@ impl Table {
             path_drops: HashMap::default(),
             route_walks: RouteWalks::new(max),
             unfollowed_drops: HashMap::default(),
+            decided_attempts: HashMap::default(),
             attempt_log: None,
         }
     }
@@ -153,8 +158,8 @@ impl Table {
     /// not followed. As (that namespace, the drops).
     /// The handshake drops at the other end of the connection `tuple` in `netns`, in another
     /// namespace of this host: its followed peer's, else those of the attempt the other end
-    /// follows without a connection (its final ACK still dropped there). As (that namespace,
-    /// the drops).
+    /// follows without a connection (its final ACK still dropped there), or decided lately.
+    /// As (that namespace, the drops).
     pub fn peer_handshake_drops(
         &self,
         netns: Option<u32>,
@@ -171,6 +176,29 @@ impl Table {
             .iter()
             .find(|((ns, t), _)| *t == reversed && *ns != netns)
             .map(|((ns, _), a)| (*ns, a.drops.clone()))
+            .or_else(|| {
+                self.decided_attempts
+                    .get(&reversed)
+                    .filter(|k| k.netns != netns)
+                    .map(|k| (k.netns, k.drops.clone()))
+            })
+    }
+
+    /// Keeps the drops of attempt `key`, just decided without its handshake completing, for
+    /// its other end's later verdicts.
+    pub fn remember_decided_attempt(&mut self, (netns, tuple): AttemptKey, a: &Attempt) {
+        if a.drops.is_empty()
+            || (!self.decided_attempts.contains_key(&tuple)
+                && self.decided_attempts.len() >= self.max)
+        {
+            return;
+        }
+        let kept = KeptDrops {
+            netns,
+            last_ns: a.last_ns(),
+            drops: a.drops.clone(),
+        };
+        self.decided_attempts.insert(tuple, kept);
     }
 
     pub fn peer_drops(&self, c: &Conn) -> Option<(Option<u32>, &[HandshakeDrop])> {
@@ -390,7 +418,7 @@ impl Table {
         let u = self
             .unfollowed_drops
             .entry(tuple)
-            .or_insert_with(|| UnfollowedDrops {
+            .or_insert_with(|| KeptDrops {
                 netns,
                 last_ns: d.last_ns,
                 drops: Vec::new(),
@@ -484,6 +512,8 @@ impl Table {
             .retain(|_, (last, _)| now_ns < *last + PATH_DROPS_KEEP_NS);
         self.unfollowed_drops
             .retain(|_, u| now_ns < u.last_ns + PATH_DROPS_KEEP_NS);
+        self.decided_attempts
+            .retain(|_, k| now_ns < k.last_ns + PATH_DROPS_KEEP_NS);
         self.recently_decided
             .retain(|_, d| now_ns < d.at_ns + keep_ns);
         self.recent_refusals.retain(|_, at| now_ns < *at + keep_ns);

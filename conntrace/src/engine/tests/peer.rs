@@ -350,6 +350,15 @@ fn a_stall_whose_final_ack_the_server_dropped_names_the_rule_there() {
     assert_eq!(detail(&v, "hook"), "INPUT");
     assert_eq!(detail(&v, "dropped"), 2);
     assert_eq!(detail(&v, "rule")["chain"], "INPUT");
+    // The server's attempt ends (its handshake never completed), then the client gives up:
+    // its last word still names the drop.
+    check(&one(e.tick(10 * SEC)), "server failed netfilter_drop -");
+    let mut out = feed(&mut e, [close(c, 12 * SEC, 104)]);
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed stalled_no_greeting ECONNRESET");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS, "{v:#?}");
+    assert_eq!(detail(&v, "hook"), "INPUT");
     // A stall with nothing dropped at the other end names no drop.
     let other = Sock::client(SK_B, SPORT + 1);
     let mut e = Engine::new(EngineConfig::default());
