@@ -83,13 +83,20 @@ fn assert_dropped_by(v: &Value, hook: &str, family: &str, table: &str, chain: &s
 fn server_input_drop_names_the_hook_and_the_rule() {
     let run = connect_through(|h| iptables_drop(&h.server, "INPUT"), 41003);
     let (hosts, values) = (&run.hosts, &run.values);
-    // The client cannot know: its SYNs went unanswered.
+    // The client's kernel cannot know: its SYNs went unanswered. conntrace, seeing the
+    // server's namespace too, names the rule there (the reason stays the client's own).
     let c = only_verdict_in(values, hosts.client.inode());
     assert_eq!(
         (&c["reason"], &c["errno"]),
         (&"syn_timeout".into(), &"ETIMEDOUT".into())
     );
     assert_eq!(c["detail"]["cause"], "kernel_gave_up");
+    assert_eq!(
+        (&c["detail"]["peer_netns"], &c["detail"]["hook"]),
+        (&Value::from(hosts.server.inode()), &Value::from("INPUT")),
+        "{c}"
+    );
+    assert_eq!(c["detail"]["rule"]["chain"], "INPUT", "{c}");
     let syns = c["syn_retransmits"].as_u64().expect("count") + 1;
     assert!(syns >= 2, "{c}");
     // The server's kernel knows: one verdict for the attempt, every SYN counted.

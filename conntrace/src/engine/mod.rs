@@ -228,7 +228,7 @@ impl Engine {
         }
         if matches!(
             v.reason,
-            Reason::StalledNoGreeting | Reason::StalledNoResponse
+            Reason::StalledNoGreeting | Reason::StalledNoResponse | Reason::SynTimeout
         ) && let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
             && let Some((netns, drops)) = self.table.peer_handshake_drops(
                 v.netns,

@@ -88,6 +88,7 @@ pub fn concrete(v: &Verdict) -> String {
         | Reason::SyncookieAckLost
         | Reason::StalledNoGreeting
         | Reason::StalledNoResponse
+        | Reason::SynTimeout
             if drops.is_some_and(|d| d.rule.is_some()) =>
         {
             let facts = drops.expect("checked above");

@@ -194,7 +194,11 @@ fn the_fact(v: &Verdict) -> String {
         Reason::ListenOverflow | Reason::NotAccepted => {
             queue(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default())
         }
-        Reason::SynTimeout | Reason::Timeout => format!("{errno} in {}{syns}", ms(v.duration_ms)),
+        Reason::SynTimeout | Reason::Timeout => {
+            // A SYN timeout whose SYNs the other end's rule dropped, seen on this host.
+            let at = rule(v).map(|r| format!(", {r}")).unwrap_or_default();
+            format!("{errno} in {}{syns}{at}", ms(v.duration_ms))
+        }
         Reason::PmtuBlackhole => blackhole(v),
         Reason::NoRoute | Reason::EphemeralPortsExhausted | Reason::ConnectDenied => {
             connect(v, errno)

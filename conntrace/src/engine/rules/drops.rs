@@ -245,17 +245,15 @@ pub(crate) fn explain_end(v: &mut Verdict, drops: &[HandshakeDrop]) {
     }
 }
 
-/// Names the drops of a client's handshake at its other end (`netns`) in a stall's detail: its
-/// final ACK dropped there, the server never had the connection to greet it. The stall stays
-/// the reason (it is what the client sees); the drops say why. Nothing for drops that explain
-/// nothing.
+/// Names the drops of a client's handshake at its other end (`netns`) in its verdict's
+/// detail: its SYNs dropped there (a `syn_timeout`), or its final ACK, so that the server
+/// never had the connection to greet it (a stall). The reason stays (it is what the client
+/// sees); the drops say why. Nothing for drops that explain nothing.
 pub(crate) fn describe_peer(v: &mut Verdict, netns: Option<u32>, drops: &[HandshakeDrop]) {
     if !drops.iter().any(|d| cause(d).is_some()) {
         return;
     }
-    let (outcome, reason, kernel_reason) = (v.outcome, v.reason, v.kernel_reason.clone());
-    explain(v, drops);
-    (v.outcome, v.reason, v.kernel_reason) = (outcome, reason, kernel_reason);
+    name_drops(v, drops, false);
     if let Some(facts) = v.detail.drop_facts_mut() {
         facts.peer_netns = netns;
     }
@@ -264,6 +262,12 @@ pub(crate) fn describe_peer(v: &mut Verdict, netns: Option<u32>, drops: &[Handsh
 /// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
 /// its drops in `detail.drops`. The most frequent explaining drop wins.
 pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {
+    name_drops(v, drops, true);
+}
+
+/// Lists `drops` in the verdict's detail and names the explaining one (hook, count, rule),
+/// making its cause the verdict's reason when `as_reason`.
+fn name_drops(v: &mut Verdict, drops: &[HandshakeDrop], as_reason: bool) {
     if drops.is_empty() {
         return;
     }
@@ -277,15 +281,17 @@ pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {
     let Some((reason, d)) = explaining else {
         return;
     };
-    v.outcome = Outcome::Failed;
-    v.reason = reason;
-    v.kernel_reason = Some(d.reason.to_string());
-    if let Detail::Closed(closed) = &mut v.detail
-        && matches!(reason, Reason::NeighbourFailed | Reason::NetfilterDrop)
-    {
-        // The unreachable came from this host's own stack, not from the network.
-        closed.icmp = None;
-        closed.unanswered_syns = None;
+    if as_reason {
+        v.outcome = Outcome::Failed;
+        v.reason = reason;
+        v.kernel_reason = Some(d.reason.to_string());
+        if let Detail::Closed(closed) = &mut v.detail
+            && matches!(reason, Reason::NeighbourFailed | Reason::NetfilterDrop)
+        {
+            // The unreachable came from this host's own stack, not from the network.
+            closed.icmp = None;
+            closed.unanswered_syns = None;
+        }
     }
     if let Some(facts) = v.detail.drop_facts_mut() {
         facts.hook = d.hook;
@@ -305,7 +311,7 @@ pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {
     if let Some(DropContext::Rule(finding)) = d.context.clone() {
         apply_rule(v, finding);
     }
-    if v.side == Side::Server {
+    if as_reason && v.side == Side::Server {
         // The SYNs the client sent for this attempt, less the first.
         let syns: u32 = drops
             .iter()

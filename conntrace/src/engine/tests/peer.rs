@@ -372,3 +372,53 @@ fn a_stall_whose_final_ack_the_server_dropped_names_the_rule_there() {
     let v = one(e.tick(3 * SEC + 2 * MS));
     assert_eq!(detail(&v, "hook"), Value::Null, "{v:#?}");
 }
+
+#[test]
+fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
+    // The server's INPUT drops every SYN: the client can only time out (its reason stays),
+    // and the server's attempt, seen on this host, says where and which rule.
+    let c = Sock::client(SK_A, SPORT);
+    let syn = |ts: u64| {
+        let KernelEvent::Dropped(d) = dropped(c, ts, NfHook::Input) else {
+            unreachable!("a drop")
+        };
+        KernelEvent::Dropped(DroppedPacket {
+            sk: 0,
+            sk_port: None,
+            sk_state: None,
+            tcp_flags: TcpFlags(0x02),
+            ..d
+        })
+    };
+    let mut e =
+        Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(OneRule(RuleAction::Drop)));
+    let mut out = feed(
+        &mut e,
+        [
+            c.connect(MS, 100, "client"),
+            syn(MS),
+            syn(SEC + MS),
+            close_from_syn_sent(c, 3 * SEC + MS),
+        ],
+    );
+    out.extend(e.tick(LATER));
+    let client: Vec<Verdict> = out.into_iter().filter(|v| v.netns == Some(NETNS)).collect();
+    let v = one(client);
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS, "{v:#?}");
+    assert_eq!(detail(&v, "hook"), "INPUT");
+    assert_eq!(detail(&v, "dropped"), 2);
+}
+
+fn close_from_syn_sent(c: Sock, ts: u64) -> KernelEvent {
+    KernelEvent::State {
+        meta: softirq(ts),
+        sk: c.sk,
+        tuple: c.t,
+        old: S::SynSent,
+        new: S::Close,
+        sk_err: Some(Errno(110)),
+        sk_err_soft: None,
+        closing: None,
+    }
+}
