@@ -207,17 +207,10 @@ impl Engine {
         }
         if v.pid.is_none()
             && v.sk.is_some()
-            && let (Some(lookup), Some(saddr), Some(sport)) =
-                (self.lookups.listeners.as_mut(), v.saddr, v.sport)
+            && let (Some(lookup), Some(tuple)) = (self.lookups.listeners.as_mut(), v.tuple())
         {
             // No accept() or connect() seen (quiet mode without an accept hook, a connection
             // opened before conntrace started): the process holding the socket now.
-            let tuple = facts::FourTuple {
-                saddr,
-                sport,
-                daddr: v.daddr,
-                dport: v.dport,
-            };
             if let Some(p) = lookup.owner(v.netns, tuple) {
                 rules::established::held_by(&mut v, p);
             }
@@ -229,28 +222,14 @@ impl Engine {
         if matches!(
             v.reason,
             Reason::StalledNoGreeting | Reason::StalledNoResponse | Reason::SynTimeout
-        ) && let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
-            && let Some((netns, drops)) = self.table.peer_handshake_drops(
-                v.netns,
-                facts::FourTuple {
-                    saddr,
-                    sport,
-                    daddr: v.daddr,
-                    dport: v.dport,
-                },
-            )
+        ) && let Some(tuple) = v.tuple()
+            && let Some((netns, drops)) = self.table.peer_handshake_drops(v.netns, tuple)
         {
             rules::drops::describe_peer(&mut v, netns, &drops);
         }
-        if let (Some(sport), Some(saddr)) = (v.sport, v.saddr)
+        if let Some(tuple) = v.tuple()
             && let Some(facts) = v.detail.drop_facts_mut()
         {
-            let tuple = facts::FourTuple {
-                saddr,
-                sport,
-                daddr: v.daddr,
-                dport: v.dport,
-            };
             facts.path_drops = self.table.path_drops(tuple);
         }
         self.summary.count(&v);

@@ -15,7 +15,7 @@ pub use self::{
     reason::{REASONS, Reason, ReasonDoc},
     summary::{ListenerCounts, Summary},
 };
-use super::facts::{DropReason, Errno, TcpFlags};
+use super::facts::{DropReason, Errno, FourTuple, TcpFlags};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -104,6 +104,16 @@ impl Verdict {
             Side::Server => self.sport,
             Side::Client => Some(self.dport),
         }
+    }
+
+    /// The connection's tuple, this host's end first; `None` while the local end is unknown.
+    pub fn tuple(&self) -> Option<FourTuple> {
+        Some(FourTuple {
+            saddr: self.saddr?,
+            sport: self.sport?,
+            daddr: self.daddr,
+            dport: self.dport,
+        })
     }
 }
 
