@@ -116,7 +116,7 @@ pub mod unread {
 /// Aligned to 8 (every event already places it at a multiple of 8): the eBPF side writes and
 /// copies it a word at a time, where 2-byte alignment meant twenty 2-byte moves per copy.
 #[repr(C, align(8))]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Tuple {
     /// `AF_INET` (2) or `AF_INET6` (10); 0 if unknown.
     pub family: u16,

@@ -65,7 +65,7 @@ pub struct QuietMaps {
     watched: bool,
     watch_tuples: HashMap<MapData, Tuple, u8>,
     /// The attempts open for each tuple in `watch_tuples`.
-    tuples: std::collections::HashMap<TupleKey, u32>,
+    tuples: std::collections::HashMap<Tuple, u32>,
     tuple_failures: u64,
     counts: PerCpuArray<MapData, u64>,
     latency: PerCpuArray<MapData, u64>,
@@ -193,8 +193,7 @@ impl QuietMaps {
     /// follows as an attempt, whose completion it must see. Attempts of two namespaces may
     /// share a tuple: the tuple is watched while either is open.
     pub fn watch_tuple(&mut self, t: Tuple, follow: bool) -> Result<(), MapError> {
-        let key = TupleKey(t);
-        let n = self.tuples.get(&key).copied().unwrap_or(0);
+        let n = self.tuples.get(&t).copied().unwrap_or(0);
         if follow {
             if n == 0
                 && let Err(error) = self.watch_tuples.insert(t, 1, 0)
@@ -202,14 +201,14 @@ impl QuietMaps {
                 self.tuple_failures += 1;
                 return Err(error);
             }
-            self.tuples.insert(key, n + 1);
+            self.tuples.insert(t, n + 1);
         } else if n == 1 {
-            self.tuples.remove(&key);
+            self.tuples.remove(&t);
             if let Err(error) = self.watch_tuples.remove(&t) {
                 debug!(%error, "WATCH_TUPLES: the tuple was not there");
             }
         } else if n > 1 {
-            self.tuples.insert(key, n - 1);
+            self.tuples.insert(t, n - 1);
         }
         let watched = u32::try_from(self.tuples.len()).unwrap_or(u32::MAX);
         self.watching.set(watching::TUPLES, watched, 0)
@@ -226,7 +225,7 @@ impl QuietMaps {
         self.watching.set(watching::KERNEL_TUPLES, 0, 0)?;
         let mut foreign = false;
         for key in self.watch_tuples.keys() {
-            if !self.tuples.contains_key(&TupleKey(key?)) {
+            if !self.tuples.contains_key(&key?) {
                 foreign = true;
                 break;
             }
@@ -240,16 +239,5 @@ impl QuietMaps {
     /// Tuples `WATCH_TUPLES` could not take (full under a flood of attempts).
     pub fn tuple_watch_failures(&self) -> u64 {
         self.tuple_failures
-    }
-}
-
-/// A [`Tuple`] as a key of userspace's own map (`Tuple` has no `Hash`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct TupleKey(Tuple);
-
-impl std::hash::Hash for TupleKey {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        let t = &self.0;
-        (t.family, t.sport, t.dport, t.saddr, t.daddr).hash(h);
     }
 }
