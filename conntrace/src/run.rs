@@ -290,6 +290,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             _ = tick.tick() => {
                 let now = Clock::mono_now_ns();
                 let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, &mut ident, now);
+                settle_cookie_tuples(&mut tracer);
                 verdicts.extend(engine.tick(now));
                 ident.write(&mut out, &mut engine, verdicts)?;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
@@ -450,9 +451,6 @@ fn watch_attempts(tracer: &mut Tracer, engine: &mut Engine) {
     let Some(q) = tracer.quiet.as_mut() else {
         return;
     };
-    if let Err(error) = q.settle_kernel_tuples() {
-        debug!(%error, "WATCHING: the kernel's cookie tuples");
-    }
     for (_, tuple, open) in engine.take_attempt_log() {
         for wire in crate::kernel::decode::wire_tuples(tuple) {
             if let Err(error) = q.watch_tuple(wire, open) {
@@ -464,6 +462,16 @@ fn watch_attempts(tracer: &mut Tracer, engine: &mut Engine) {
                 }
             }
         }
+    }
+}
+
+/// Quiet mode, each tick: clears the kernel's cookie-tuple flag once every tuple left is an
+/// attempt's userspace follows. Not after every event: the check may walk the whole map.
+fn settle_cookie_tuples(tracer: &mut Tracer) {
+    if let Some(q) = tracer.quiet.as_mut()
+        && let Err(error) = q.settle_kernel_tuples()
+    {
+        debug!(%error, "WATCHING: the kernel's cookie tuples");
     }
 }
 
