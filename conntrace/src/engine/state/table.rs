@@ -149,13 +149,16 @@ impl Table {
     /// The other end of connection `c` in another namespace of this host, when it is
     /// followed too: the connection whose tuple is `c`'s reversed.
     pub fn peer_of(&self, c: &Conn) -> Option<&Conn> {
-        self.get(self.id_by_tuple(&c.tuple.reversed())?)
-            .filter(|p| p.netns != c.netns && p.sk != c.sk)
+        self.peer(c.netns, c.tuple).filter(|p| p.sk != c.sk)
     }
 
-    /// The drops at the other end of connection `c`, in another namespace of this host: its
-    /// followed peer's late drops, else those kept for the reversed tuple while that end was
-    /// not followed. As (that namespace, the drops).
+    /// The followed connection at the other end of `tuple` in `netns`: the reversed tuple,
+    /// in another namespace.
+    fn peer(&self, netns: Option<u32>, tuple: FourTuple) -> Option<&Conn> {
+        self.get(self.id_by_tuple(&tuple.reversed())?)
+            .filter(|p| p.netns != netns)
+    }
+
     /// The handshake drops at the other end of the connection `tuple` in `netns`, in another
     /// namespace of this host: its followed peer's, else those of the attempt the other end
     /// follows without a connection (its final ACK still dropped there), or decided lately.
@@ -165,13 +168,10 @@ impl Table {
         netns: Option<u32>,
         tuple: FourTuple,
     ) -> Option<(Option<u32>, Vec<HandshakeDrop>)> {
-        let reversed = tuple.reversed();
-        if let Some(p) = self.id_by_tuple(&reversed).and_then(|id| self.get(id))
-            && p.netns != netns
-            && !p.drops.is_empty()
-        {
+        if let Some(p) = self.peer(netns, tuple).filter(|p| !p.drops.is_empty()) {
             return Some((p.netns, p.drops.clone()));
         }
+        let reversed = tuple.reversed();
         self.attempts
             .iter()
             .find(|((ns, t), _)| *t == reversed && *ns != netns)
@@ -184,23 +184,9 @@ impl Table {
             })
     }
 
-    /// Keeps the drops of attempt `key`, just decided without its handshake completing, for
-    /// its other end's later verdicts.
-    pub fn remember_decided_attempt(&mut self, (netns, tuple): AttemptKey, a: &Attempt) {
-        if a.drops.is_empty()
-            || (!self.decided_attempts.contains_key(&tuple)
-                && self.decided_attempts.len() >= self.max)
-        {
-            return;
-        }
-        let kept = KeptDrops {
-            netns,
-            last_ns: a.last_ns(),
-            drops: a.drops.clone(),
-        };
-        self.decided_attempts.insert(tuple, kept);
-    }
-
+    /// The drops at the other end of connection `c`, in another namespace of this host: its
+    /// followed peer's late drops, else those kept for the reversed tuple while that end was
+    /// not followed. As (that namespace, the drops).
     pub fn peer_drops(&self, c: &Conn) -> Option<(Option<u32>, &[HandshakeDrop])> {
         if let Some(p) = self.peer_of(c) {
             return Some((p.netns, &p.late_drops));
@@ -352,6 +338,23 @@ impl Table {
             log.push((*key, false));
         }
         Some(a)
+    }
+
+    /// Keeps the drops of attempt `key`, just decided without its handshake completing, for
+    /// its other end's later verdicts.
+    pub fn remember_decided_attempt(&mut self, (netns, tuple): AttemptKey, a: &Attempt) {
+        if a.drops.is_empty()
+            || (!self.decided_attempts.contains_key(&tuple)
+                && self.decided_attempts.len() >= self.max)
+        {
+            return;
+        }
+        let kept = KeptDrops {
+            netns,
+            last_ns: a.last_ns(),
+            drops: a.drops.clone(),
+        };
+        self.decided_attempts.insert(tuple, kept);
     }
 
     /// Keeps a log of the attempts opened and closed from now on.
