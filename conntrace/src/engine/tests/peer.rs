@@ -68,11 +68,15 @@ fn retransmit(c: Sock, ts: u64) -> KernelEvent {
 }
 
 fn close(c: Sock, ts: u64, errno: i32) -> KernelEvent {
+    close_from(c, ts, S::Established, errno)
+}
+
+fn close_from(c: Sock, ts: u64, old: S, errno: i32) -> KernelEvent {
     KernelEvent::State {
         meta: softirq(ts),
         sk: c.sk,
         tuple: c.t,
-        old: S::Established,
+        old,
         new: S::Close,
         sk_err: Some(Errno(errno)),
         sk_err_soft: None,
@@ -246,18 +250,25 @@ impl ListenerLookup for ServerHolds {
     }
 }
 
-/// A packet of `c` dropped in the server's raw PREROUTING: before early demux, so it reached
-/// no socket, and the kernel could not tell whose it was.
-fn dropped_before_demux(c: Sock, ts: u64) -> KernelEvent {
-    let KernelEvent::Dropped(d) = dropped(c, ts, NfHook::PreRouting) else {
+/// A packet of `c` (TCP flags `flags`) dropped at the server's `hook` before it reached a
+/// socket: the raw table's PREROUTING runs before early demux, and a SYN or a final ACK has no
+/// connection yet, so the kernel could not tell whose it was.
+fn socketless(c: Sock, ts: u64, hook: NfHook, flags: u8) -> KernelEvent {
+    let KernelEvent::Dropped(d) = dropped(c, ts, hook) else {
         unreachable!("a drop")
     };
     KernelEvent::Dropped(DroppedPacket {
         sk: 0,
         sk_port: None,
         sk_state: None,
+        tcp_flags: TcpFlags(flags),
         ..d
     })
+}
+
+/// A data segment of `c` dropped in the server's raw PREROUTING.
+fn dropped_before_demux(c: Sock, ts: u64) -> KernelEvent {
+    socketless(c, ts, NfHook::PreRouting, 0x18)
 }
 
 #[test]
@@ -321,18 +332,7 @@ fn a_stall_whose_final_ack_the_server_dropped_names_the_rule_there() {
     // has the connection, the client waits for a greeting. The stall stays the reason; the
     // drops at the other end say why.
     let c = Sock::client(SK_A, SPORT);
-    let ack = |ts: u64| {
-        let KernelEvent::Dropped(d) = dropped(c, ts, NfHook::Input) else {
-            unreachable!("a drop")
-        };
-        KernelEvent::Dropped(DroppedPacket {
-            sk: 0,
-            sk_port: None,
-            sk_state: None,
-            tcp_flags: TcpFlags(0x10),
-            ..d
-        })
-    };
+    let ack = |ts: u64| socketless(c, ts, NfHook::Input, 0x10);
     let mut e =
         Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(OneRule(RuleAction::Drop)));
     none(feed(
@@ -378,18 +378,7 @@ fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
     // The server's INPUT drops every SYN: the client can only time out (its reason stays),
     // and the server's attempt, seen on this host, says where and which rule.
     let c = Sock::client(SK_A, SPORT);
-    let syn = |ts: u64| {
-        let KernelEvent::Dropped(d) = dropped(c, ts, NfHook::Input) else {
-            unreachable!("a drop")
-        };
-        KernelEvent::Dropped(DroppedPacket {
-            sk: 0,
-            sk_port: None,
-            sk_state: None,
-            tcp_flags: TcpFlags(0x02),
-            ..d
-        })
-    };
+    let syn = |ts: u64| socketless(c, ts, NfHook::Input, 0x02);
     let mut e =
         Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(OneRule(RuleAction::Drop)));
     let mut out = feed(
@@ -398,7 +387,7 @@ fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
             c.connect(MS, 100, "client"),
             syn(MS),
             syn(SEC + MS),
-            close_from_syn_sent(c, 3 * SEC + MS),
+            close_from(c, 3 * SEC + MS, S::SynSent, 110),
         ],
     );
     out.extend(e.tick(LATER));
@@ -408,17 +397,4 @@ fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
     assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS, "{v:#?}");
     assert_eq!(detail(&v, "hook"), "INPUT");
     assert_eq!(detail(&v, "dropped"), 2);
-}
-
-fn close_from_syn_sent(c: Sock, ts: u64) -> KernelEvent {
-    KernelEvent::State {
-        meta: softirq(ts),
-        sk: c.sk,
-        tuple: c.t,
-        old: S::SynSent,
-        new: S::Close,
-        sk_err: Some(Errno(110)),
-        sk_err_soft: None,
-        closing: None,
-    }
 }
