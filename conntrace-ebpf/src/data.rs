@@ -165,13 +165,13 @@ fn unowned(prog: u32, cfg: &Config, skb: u64) {
     {
         return;
     }
-    cookie_sent(tuple, netns_of_skb(prog, o, skb));
+    cookie_sent(cfg, tuple, netns_of_skb(prog, o, skb));
 }
 
 /// A listener answered a SYN with a cookie: `tuple` is the reply's (source = this host).
 #[inline(always)]
-pub(crate) fn cookie_sent(tuple: Tuple, netns: Option<u32>) {
-    if config().is_some_and(crate::quiet::enabled) {
+pub(crate) fn cookie_sent(cfg: &Config, tuple: Tuple, netns: Option<u32>) {
+    if crate::quiet::enabled(cfg) {
         crate::quiet::watch_cookie(&tuple);
     }
     emit(CookieSynAck {

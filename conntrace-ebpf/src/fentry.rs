@@ -138,7 +138,7 @@ fn cookie(prog: u32, skb: u64, proto: u16) {
         ..syn
     };
     // Not skb->dev: TCP has reused it as scratch space by now.
-    cookie_sent(tuple, netns_of_skb_route(prog, o, skb));
+    cookie_sent(cfg, tuple, netns_of_skb_route(prog, o, skb));
 }
 
 /// `u32 cookie_v4_init_sequence(const struct sk_buff *skb, __u16 *mssp)`.
