@@ -6,9 +6,16 @@
 //! bpftrace with a light tracepoint script (`bpftrace`), bpftrace with one counting probe on
 //! each hook conntrace attaches (`bpftrace-hooks`, generated from conntrace's `ready` record
 //! before the rounds: hooks.rs, bpftrace.rs), or bcc's `tcpstates` where it runs, and churns for
-//! `--phase-ms`. Rounds interleave the modes, each round in an order rotated by one, and the
-//! medians are compared, so drifts of the machine hit all alike. Each mode also gets its CPU per connection (client + server +
-//! tracer), which moves much less with the machine's other load than throughput.
+//! `--phase-ms`. Rounds interleave the modes, each round in an order rotated by one, so drifts
+//! of the machine hit all alike. Everything runs on one CPU (`--cpu N`, default 0; `--cpu all`
+//! for none), one churning thread: a phase's rate is then its CPU cost per connection, with no
+//! cross-CPU wake-ups (whose cost under this machine's virtualisation moved the rate by a
+//! quarter from one 300 ms slice to the next) and no idle time to hide a tracer's cost. Each
+//! phase churns for a second before it measures, and measures in 100 ms slices; the last line
+//! compares each mode's undisturbed rate (the 95th percentile of its slices, see
+//! [`undisturbed`]), with an interval from resampling the phases, and the medians of the
+//! phases are printed too. Each mode also gets its CPU per connection (client + server +
+//! tracer).
 //! A paced phase measures conntrace's own CPU at about 10,000 kernel events a second, and a
 //! last phase with `conntrace --bpf-stats` what each program costs per connection (costs.rs).
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
@@ -22,6 +29,8 @@ mod btf;
 mod costs;
 #[path = "ctbench/hooks.rs"]
 mod hooks;
+#[path = "ctbench/stats.rs"]
+mod stats;
 
 use std::{
     collections::BTreeMap,
@@ -31,6 +40,7 @@ use std::{
 
 use conntrace_tests::{Conntrace, Netns, PORT, Proc, Scenario, require_root};
 use serde_json::Value;
+use stats::{UNDISTURBED, interval, median, undisturbed};
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -60,7 +70,12 @@ struct Churn {
     connections: f64,
     /// CPU seconds the client used.
     cpu_s: f64,
+    /// Connections a second in each [`SLICE_MS`] slice of the phase.
+    slices: Vec<f64>,
 }
+
+/// The length of the slices a phase's rate is also measured in.
+const SLICE_MS: u64 = 100;
 
 /// Runs `ctload churn` in the client namespace.
 fn churn(ns: &Netns, server: &str, ms: u64, parallel: u64) -> Churn {
@@ -72,6 +87,8 @@ fn churn(ns: &Netns, server: &str, ms: u64, parallel: u64) -> Churn {
             &ms.to_string(),
             "--parallel",
             &parallel.to_string(),
+            "--slice-ms",
+            &SLICE_MS.to_string(),
         ])
         .output()
         .expect("run ctload churn");
@@ -85,6 +102,10 @@ fn churn(ns: &Netns, server: &str, ms: u64, parallel: u64) -> Churn {
         per_second: field("per_second"),
         connections: field("connections"),
         cpu_s: field("cpu_s"),
+        slices: line["slices"]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_f64).collect())
+            .unwrap_or_default(),
     }
 }
 
@@ -111,12 +132,6 @@ struct Traced {
     peak_rss: f64,
     /// What the first `bpftrace-hooks` phase counted per connection, by probe.
     hook_hits: Option<Vec<(String, f64)>>,
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// bpftrace with a tracepoint-only script counting the same lifecycle, reset and drop events.
@@ -247,18 +262,19 @@ fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Option<Strin
     (modes, absent, hooks_script)
 }
 
-/// One churn phase in fresh hosts with `mode`'s tracer: (connections/s, CPU µs per
-/// connection for client + server + tracer). A `traced` phase adds conntrace's own figures.
-/// How long each phase waits after its tracer is ready before it measures.
+/// How long each phase churns, unmeasured, after its tracer is ready.
 const SETTLE: Duration = Duration::from_secs(1);
 
+/// One churn phase in fresh hosts with `mode`'s tracer: (connections/s, CPU µs per
+/// connection for client + server + tracer, the rate of each [`SLICE_MS`] slice). A `traced`
+/// phase adds conntrace's own figures.
 fn phase(
     mode: &str,
     phase_ms: u64,
     parallel: u64,
     (without, hooks_script): (Option<&str>, Option<&str>),
     traced: &mut Traced,
-) -> (f64, f64) {
+) -> (f64, f64, Vec<f64>) {
     let setup = Scenario::churn(PORT);
     let ct = match mode {
         "traced" => Some(start_conntrace(&PORT.to_string(), without)),
@@ -282,8 +298,14 @@ fn phase(
     let tracer_cpu = || tracer_pid.map_or(0.0, cpu_seconds);
     // A tracer's first second after it is ready is start-up (conntrace enumerates namespaces
     // and container runtimes, about 50 ms of CPU once): the phase measures what it costs while
-    // it runs. Every mode waits alike.
-    std::thread::sleep(SETTLE);
+    // it runs. Every mode waits alike, churning: a fresh namespace pair's first few hundred
+    // milliseconds ran a third slower (caches, the kernel's first allocations).
+    churn(
+        &setup.hosts.client,
+        &setup.hosts.server_ip,
+        SETTLE.as_millis() as u64,
+        parallel,
+    );
     let cpu_before = tracer_cpu();
     let server_before = cpu_seconds(setup.server.pid());
     let run = churn(
@@ -319,7 +341,8 @@ fn phase(
             .hook_hits
             .get_or_insert_with(|| hits.into_iter().map(|(p, n)| (p, per_conn(n))).collect());
     }
-    (run.per_second, 1e6 * used / run.connections.max(1.0))
+    let cost_us = 1e6 * used / run.connections.max(1.0);
+    (run.per_second, cost_us, run.slices)
 }
 
 /// conntrace tracing the churned port against the bpftrace peers that ran: throughput ratios
@@ -349,18 +372,69 @@ fn compare_with_bpftrace(rates: &BTreeMap<&str, Vec<f64>>, cost: &BTreeMap<&str,
     );
 }
 
+/// Pins this process, and so every process it starts (servers, churns, tracers), to `cpu`.
+/// One CPU makes a phase's rate its CPU cost per connection: no cross-CPU wake-ups, whose
+/// cost under virtualisation moved this machine's rate by a quarter from one 300 ms slice to
+/// the next, and no idle time that would hide a tracer's cost. Work the kernel queues
+/// elsewhere (a deleted namespace's cleanup) runs on the other CPUs.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET writes inside it.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        set
+    };
+    // SAFETY: sched_setaffinity(2) on this process with a set of the right size.
+    let rc = unsafe { libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity(cpu {cpu}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// `--cpu N` (default 0), or none with `--cpu all`.
+fn cpu_arg() -> Option<usize> {
+    match string_arg("--cpu").as_deref() {
+        Some("all") => None,
+        Some(n) => Some(
+            n.parse()
+                .unwrap_or_else(|_| panic!("--cpu {n}: a CPU number or all")),
+        ),
+        None => Some(0),
+    }
+}
+
 fn main() {
     require_root();
     let rounds = arg("--rounds", 3);
     let phase_ms = arg("--phase-ms", 2000);
-    let parallel = arg("--parallel", 2);
+    let cpu = cpu_arg();
+    if let Some(cpu) = cpu {
+        pin_to(cpu);
+    }
+    // On one CPU one churning thread keeps it busy (the server's thread runs as it waits).
+    let parallel = arg("--parallel", if cpu.is_some() { 1 } else { 2 });
     // Capabilities conntrace leaves out (its --without), to measure what each one costs.
     let without = string_arg("--without");
     let without = without.as_deref();
-    let (modes, absent, hooks_script) = modes(without);
+    let (mut modes, absent, hooks_script) = modes(without);
+    if let Some(only) = string_arg("--modes") {
+        let only: Vec<&str> = only.split(',').collect();
+        // The three the last line compares always run.
+        modes.retain(|m| ["untraced", "traced", "unrelated"].contains(m) || only.contains(m));
+    }
+    println!(
+        "bench: {} rounds of {phase_ms} ms phases, {parallel} churning thread(s), {}",
+        rounds,
+        cpu.map_or("all CPUs".to_owned(), |c| format!("everything on CPU {c}"))
+    );
     let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     // CPU microseconds per connection (client + server + tracer), per mode.
     let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    // Every SLICE_MS slice's rate, per mode, by phase.
+    let mut slices: BTreeMap<&str, Vec<Vec<f64>>> = BTreeMap::new();
     let mut traced = Traced::default();
     for round in 1..=rounds {
         // Each round starts one mode later: no mode always follows the same one (the previous
@@ -368,7 +442,8 @@ fn main() {
         let start = (round as usize - 1) % modes.len();
         for &mode in modes[start..].iter().chain(&modes[..start]) {
             let peer = (without, hooks_script.as_deref());
-            let (rate, cost_us) = phase(mode, phase_ms, parallel, peer, &mut traced);
+            let (rate, cost_us, phase_slices) = phase(mode, phase_ms, parallel, peer, &mut traced);
+            slices.entry(mode).or_default().push(phase_slices);
             cost.entry(mode).or_default().push(cost_us);
             rates.entry(mode).or_default().push(rate);
             println!(
@@ -442,10 +517,26 @@ fn main() {
     for line in absent {
         println!("{line}");
     }
+    let undisturbed = |mode: &str| undisturbed(&slices[mode]);
+    let ubase = undisturbed("untraced");
+    let list: Vec<String> = slices
+        .keys()
+        .map(|m| {
+            let u = undisturbed(m);
+            let (lo, hi) = interval(&slices[m], &slices["untraced"]);
+            format!("{m} {u:.0} ({:.3}, {lo:.3} to {hi:.3})", u / ubase)
+        })
+        .collect();
+    println!(
+        "undisturbed rate (p{:.0} of a mode's {SLICE_MS} ms slices, {} of them; ratio to untraced, with the 95% interval of phases resampled): {}",
+        UNDISTURBED * 100.0,
+        slices["untraced"].iter().map(Vec::len).sum::<usize>(),
+        list.join(", ")
+    );
     println!(
         "bench: traced/untraced={:.3} unrelated/untraced={:.3} lost={}",
-        median(&rates["traced"]) / base,
-        median(&rates["unrelated"]) / base,
+        undisturbed("traced") / ubase,
+        undisturbed("unrelated") / ubase,
         traced.lost
     );
 }

@@ -1,11 +1,14 @@
 //! Load generator for the benchmark: connection churn as fast as the machine allows.
 //!
 //! `ctload serve ADDR PORT [--threads N]`: accepts, writes a greeting, closes (N accept threads).
-//! `ctload churn ADDR PORT --for-ms T [--parallel K] [--rate R] [--count N]`: K threads
-//! connect, read the greeting and the server's FIN, and close, again and again for T ms or until N connections were
-//! made (at most R connections a second in all, when given); prints one JSON line:
-//! `{"connections":N,"failed":F,"ms":T,"per_second":R,"cpu_s":C}` where C is the CPU time
-//! (user + system, all threads) the churn used.
+//! `ctload churn ADDR PORT --for-ms T [--parallel K] [--rate R] [--count N] [--slice-ms S]`:
+//! K threads connect, read the greeting and the server's FIN, and close, again and again for
+//! T ms or until N connections were made (at most R connections a second in all, when given);
+//! prints one JSON line:
+//! `{"connections":N,"failed":F,"ms":T,"per_second":R,"cpu_s":C,"slices":[...]}` where C is
+//! the CPU time (user + system, all threads) the churn used and `slices` the rate
+//! (connections a second) of each S ms slice of the churn, in order (empty without
+//! `--slice-ms`).
 
 use std::{
     io::{Read, Write},
@@ -85,12 +88,24 @@ fn churn(addr: SocketAddr, args: &[String]) {
             })
         })
         .collect();
-    // Until the time is up or every worker stopped at the count.
+    // Until the time is up or every worker stopped at the count; the connections each
+    // --slice-ms slice completed, as a rate.
     let deadline = start + Duration::from_millis(for_ms);
+    let slice = flag(args, "--slice-ms").map(Duration::from_millis);
+    let mut slices: Vec<f64> = Vec::new();
+    let (mut slice_start, mut slice_done) = (start, 0);
     while Instant::now() < deadline && workers.iter().any(|w| !w.is_finished()) {
         std::thread::sleep(
             Duration::from_millis(10).min(deadline.saturating_duration_since(Instant::now())),
         );
+        if let Some(slice) = slice {
+            let now = Instant::now();
+            if now - slice_start >= slice {
+                let done = ok.load(Ordering::Relaxed);
+                slices.push((done - slice_done) as f64 / (now - slice_start).as_secs_f64());
+                (slice_start, slice_done) = (now, done);
+            }
+        }
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -98,11 +113,13 @@ fn churn(addr: SocketAddr, args: &[String]) {
     }
     let ms = start.elapsed().as_secs_f64() * 1000.0;
     let n = ok.load(Ordering::Relaxed);
+    let slices: Vec<String> = slices.iter().map(|r| format!("{r:.0}")).collect();
     println!(
-        "{{\"connections\":{n},\"failed\":{},\"ms\":{ms:.1},\"per_second\":{:.1},\"cpu_s\":{:.4}}}",
+        "{{\"connections\":{n},\"failed\":{},\"ms\":{ms:.1},\"per_second\":{:.1},\"cpu_s\":{:.4},\"slices\":[{}]}}",
         failed.load(Ordering::Relaxed),
         n as f64 / (ms / 1000.0),
-        cpu_seconds()
+        cpu_seconds(),
+        slices.join(",")
     );
 }
 
