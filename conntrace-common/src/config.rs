@@ -222,6 +222,8 @@ pub struct KernelOffsets {
     pub icsk_accept_head: u32,
     pub reqsk_next: u32,
     pub reqsk_sk: u32,
+    /// `struct task_struct` → `comm` (`char[16]`).
+    pub task_comm: u32,
 }
 
 /// Where a route lookup's flow (`struct flowi4` or `struct flowi6`) keeps what the BTF-typed
@@ -276,6 +278,16 @@ pub mod sk_buff {
 
 impl KernelOffsets {
     pub const MISSING: u32 = u32::MAX;
+    /// Every offset missing: where the eBPF side's read-only copy starts before userspace
+    /// writes it.
+    pub const ALL_MISSING: Self = {
+        // SAFETY: every field is a u32, so the struct is exactly these words, any value valid.
+        unsafe {
+            core::mem::transmute::<[u32; size_of::<Self>() / 4], Self>(
+                [Self::MISSING; size_of::<Self>() / 4],
+            )
+        }
+    };
 }
 
 /// `Config::flags`: trace every TCP port (no `--port` given).
@@ -360,6 +372,12 @@ pub mod maps {
     pub const READ_FAILURES: &str = "READ_FAILURES";
 }
 
+/// Names of the eBPF side's globals userspace sets before loading.
+pub mod globals {
+    /// `KernelOffsets` as read-only data (the verifier sees each offset as a constant).
+    pub const OFFSETS: &str = "OFFSETS";
+}
+
 /// The eBPF programs, by index into `READ_FAILURES`: each counts there the kernel reads it
 /// could not make (the facts they would have given are then absent). Indexes are fixed.
 pub mod programs {
@@ -429,3 +447,18 @@ pub mod programs {
 pub const DEFAULT_RING_BYTES: u32 = 1 << 22;
 /// Largest number of ports that can be filtered in the kernel.
 pub const MAX_PORTS: u32 = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::KernelOffsets;
+
+    #[test]
+    fn all_missing_is_missing_in_every_field() {
+        let o = KernelOffsets::ALL_MISSING;
+        // First, middle and last fields: the struct is words only, so all the rest too.
+        assert_eq!(o.sock_net, KernelOffsets::MISSING);
+        assert_eq!(o.sock_protocol, KernelOffsets::MISSING);
+        assert_eq!(o.task_comm, KernelOffsets::MISSING);
+        assert_eq!(size_of::<KernelOffsets>() % 4, 0);
+    }
+}

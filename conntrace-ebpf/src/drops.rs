@@ -15,8 +15,11 @@ use conntrace_common::{
 };
 
 use crate::{
-    EVENTS, config, count_lost, data::sock_ports, field, header, kread, netns_of_skb,
-    netns_of_sock, new_tuple, port_traced, quiet, submit_flags,
+    EVENTS, config, count_lost,
+    data::sock_ports,
+    field, header, kread, netns_of_skb, netns_of_sock, new_tuple, port_traced, quiet,
+    sock::{typed_skb_protocol, typed_sock_ports},
+    submit_flags,
 };
 
 pub(crate) const ETH_P_IP: u16 = 0x0800;
@@ -31,6 +34,13 @@ pub(crate) fn ip_protocol(prog: u32, o: &KernelOffsets, skb: u64) -> Option<u16>
         return None;
     }
     let proto = kread::<u16>(prog, skb + o.skb_protocol as u64).map(u16::from_be)?;
+    (proto == ETH_P_IP || proto == ETH_P_IPV6).then_some(proto)
+}
+
+/// [`ip_protocol`] of a BTF-typed `struct sk_buff *`, by a direct load.
+#[inline(always)]
+fn typed_ip_protocol(skb: *const u8) -> Option<u16> {
+    let proto = typed_skb_protocol(skb)?;
     (proto == ETH_P_IP || proto == ETH_P_IPV6).then_some(proto)
 }
 
@@ -165,7 +175,11 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
         reason: field(P, &ctx, l.reason),
         proto,
     };
-    dropped(P, &ctx, cfg, &drop, || field(P, &ctx, l.location));
+    let ports = ProbedPorts {
+        prog: P,
+        offsets: o,
+    };
+    dropped(P, &ctx, cfg, &drop, &ports, || field(P, &ctx, l.location));
     0
 }
 
@@ -177,9 +191,8 @@ pub fn kfree_skb(ctx: TracePointContext) -> u32 {
 pub fn tp_btf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
     const P: u32 = programs::TP_BTF_KFREE_SKB;
     let Some(cfg) = config() else { return 0 };
-    let o = &cfg.offsets;
     let skb: *const u8 = ctx.arg(0);
-    let Some(proto) = ip_protocol(P, o, skb as u64) else {
+    let Some(proto) = typed_ip_protocol(skb) else {
         return 0;
     };
     // SAFETY: `skb` is the tracepoint's BTF-typed `struct sk_buff *`: the verifier checks the
@@ -192,8 +205,41 @@ pub fn tp_btf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
         reason: ctx.arg(2),
         proto,
     };
-    dropped(P, &ctx, cfg, &drop, || ctx.arg(1));
+    // `skb->sk` and `rx_sk` are BTF-typed too: their ports by direct loads.
+    dropped(P, &ctx, cfg, &drop, &TypedPorts { prog: P }, || ctx.arg(1));
     0
+}
+
+/// How a drop program reads a socket's (local, remote) ports (`data::sock_ports`). A trait,
+/// not a closure: the closure became a BPF-to-BPF call, and 6.1's verifier then refused the
+/// classic `kfree_skb` at its 1M-instruction limit.
+trait PortsOf {
+    fn ports(&self, sk: u64) -> (u16, u16);
+}
+
+/// Through the helper, at `CONFIG`'s offsets (the classic tracepoint's plain addresses).
+struct ProbedPorts<'a> {
+    prog: u32,
+    offsets: &'a KernelOffsets,
+}
+
+impl PortsOf for ProbedPorts<'_> {
+    #[inline(always)]
+    fn ports(&self, sk: u64) -> (u16, u16) {
+        sock_ports(self.prog, self.offsets, sk)
+    }
+}
+
+/// By direct loads from the `tp_btf` program's BTF-typed sockets.
+struct TypedPorts {
+    prog: u32,
+}
+
+impl PortsOf for TypedPorts {
+    #[inline(always)]
+    fn ports(&self, sk: u64) -> (u16, u16) {
+        typed_sock_ports(self.prog, sk as *const u8)
+    }
 }
 
 /// What a drop tracepoint says about a dropped IPv4 or IPv6 packet.
@@ -211,13 +257,15 @@ struct Dropped {
 }
 
 /// A dropped packet: counted when it is a normal drop of a traced port's socket, sent when its
-/// headers say a traced port. `location` is asked only then.
+/// headers say a traced port. `ports` reads a socket's ports the way the program can;
+/// `location` is asked only when the drop is sent.
 #[inline(always)]
 fn dropped<C: EbpfContext>(
     prog: u32,
     ctx: &C,
     cfg: &Config,
     d: &Dropped,
+    ports: &impl PortsOf,
     location: impl FnOnce() -> u64,
 ) {
     let o = &cfg.offsets;
@@ -235,7 +283,7 @@ fn dropped<C: EbpfContext>(
     if quiet && owner != 0 && quiet::is_normal_drop(cfg, reason) {
         // A normal drop of a socket's packet (a closed socket's purged queue) is counted
         // here, for a traced port: two reads instead of the packet's headers.
-        let (local, remote) = sock_ports(prog, o, owner);
+        let (local, remote) = ports.ports(owner);
         if port_traced(cfg, local, remote) {
             quiet::count_normal_drop(reason);
         }
@@ -246,7 +294,7 @@ fn dropped<C: EbpfContext>(
     let sk_port = if sk == 0 {
         Some(0)
     } else {
-        match sock_ports(prog, o, sk) {
+        match ports.ports(sk) {
             (0, _) => None,
             (local, _) => Some(local),
         }

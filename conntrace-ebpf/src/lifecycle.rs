@@ -15,7 +15,9 @@ use conntrace_common::{
 
 use crate::{
     IPPROTO_TCP, Record, bytes_field, config, data, emit, header, init_tuple, kread, kread_into,
-    netns_of_net, netns_of_sock, port_traced, quiet, v4_part,
+    netns_of_sock, port_traced, quiet,
+    sock::{Probed, SockRead, Typed, netns_of_typed_net},
+    v4_part,
 };
 
 /// States in the middle of an orderly close: their start (FIN_WAIT1, CLOSE_WAIT) and their
@@ -64,11 +66,15 @@ pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let states = (rec.get(l.oldstate), newstate);
     let skaddr: u64 = rec.get(l.skaddr);
     let o = &cfg.offsets;
+    let sock = Probed {
+        prog: P,
+        offsets: o,
+        sk: skaddr,
+    };
     // The record's protocol was checked above.
     changed(
-        P,
         cfg,
-        skaddr,
+        &sock,
         states,
         tuple,
         || netns_of_sock(P, o, skaddr),
@@ -129,45 +135,34 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         }
     }
     let oldstate: i32 = ctx.arg(1);
+    let sock = Typed { prog: P, sk };
     // SCTP sockets pass here too: `sk_protocol` is read where no followed connection vouches
-    // for the socket (one read fewer on most runs).
-    let is_tcp = || {
-        o.sock_protocol == KernelOffsets::MISSING
-            || kread::<u16>(P, skaddr + o.sock_protocol as u64) == Some(IPPROTO_TCP)
-    };
-    // `skc_net` loaded directly too: one helper call fewer where a connection starts.
+    // for the socket (one load fewer on most runs).
+    let is_tcp = || sock.protocol().is_none_or(|p| p == IPPROTO_TCP);
+    // `skc_net` and its `ns.inum` loaded directly too.
     let netns = || {
         // SAFETY: as above.
-        let net = unsafe { sk.add(sock_common::NET).cast::<u64>().read_volatile() };
-        netns_of_net(P, o, net)
+        let net = unsafe { sk.add(sock_common::NET).cast::<*const u8>().read_volatile() };
+        netns_of_typed_net(net)
     };
-    changed(P, cfg, skaddr, (oldstate, newstate), tuple, netns, is_tcp);
+    changed(cfg, &sock, (oldstate, newstate), tuple, netns, is_tcp);
     0
 }
 
-/// A traced socket at `skaddr` changed state: kept in the kernel (quiet mode), or sent when
-/// it is a TCP socket's (`is_tcp`, asked as late as possible).
+/// A traced socket (`sock`) changed state: kept in the kernel (quiet mode), or sent when it
+/// is a TCP socket's (`is_tcp`, asked as late as possible).
 #[inline(always)]
 fn changed(
-    prog: u32,
     cfg: &Config,
-    skaddr: u64,
+    sock: &impl SockRead,
     (oldstate, newstate): (i32, i32),
     tuple: &Tuple,
     netns: impl Fn() -> Option<u32>,
     is_tcp: impl Fn() -> bool,
 ) {
-    let o = &cfg.offsets;
+    let skaddr = sock.addr();
     if quiet::enabled(cfg)
-        && quiet::on_state(
-            prog,
-            cfg,
-            skaddr,
-            (oldstate, newstate),
-            tuple,
-            &netns,
-            &is_tcp,
-        )
+        && quiet::on_state(cfg, sock, (oldstate, newstate), tuple, &netns, &is_tcp)
     {
         return;
     }
@@ -182,19 +177,13 @@ fn changed(
     let (mut sk_err, mut sk_err_soft): (i32, i32) = (0, 0);
     if newstate == state::CLOSE {
         // The error, and the soft error (an ICMP that came while the process held it).
-        match o.sock_err {
-            KernelOffsets::MISSING => header.unread |= unread::SK_ERR,
-            at => match kread::<i32>(prog, skaddr + at as u64) {
-                Some(e) => sk_err = e,
-                None => header.unread |= unread::SK_ERR,
-            },
+        match sock.err() {
+            Some(e) => sk_err = e,
+            None => header.unread |= unread::SK_ERR,
         }
-        match o.sock_err_soft {
-            KernelOffsets::MISSING => header.unread |= unread::SK_ERR_SOFT,
-            at => match kread::<i32>(prog, skaddr + at as u64) {
-                Some(e) => sk_err_soft = e,
-                None => header.unread |= unread::SK_ERR_SOFT,
-            },
+        match sock.err_soft() {
+            Some(e) => sk_err_soft = e,
+            None => header.unread |= unread::SK_ERR_SOFT,
         }
     }
     let progress = if quiet::enabled(cfg)
@@ -204,7 +193,7 @@ fn changed(
         )
         && !matches!(oldstate, state::SYN_SENT | state::SYN_RECV)
     {
-        quiet::progress(prog, o, skaddr)
+        quiet::progress(sock)
     } else {
         0
     };

@@ -13,6 +13,7 @@ mod fentry;
 mod fib;
 mod lifecycle;
 mod quiet;
+mod sock;
 mod syscalls;
 
 use aya_ebpf::{

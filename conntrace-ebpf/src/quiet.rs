@@ -11,7 +11,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use conntrace_common::{
-    AF_INET, AF_INET6, Config, EventKind, FLAG_QUIET, HistoryEvent, KernelOffsets, Tuple,
+    AF_INET, AF_INET6, Config, EventKind, FLAG_QUIET, HistoryEvent, Tuple,
     quiet::{
         CONNS_CAPACITY, History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, WATCH_CAPACITY,
         WATCH_TUPLES_CAPACITY, counts, flags, latency_bucket, watching,
@@ -19,7 +19,11 @@ use conntrace_common::{
     tcp::state,
 };
 
-use crate::{EVENTS, count_lost, current_comm, header, kread, submit_flags};
+use crate::{
+    EVENTS, count_lost, header,
+    sock::{Probed, SockRead},
+    submit_flags,
+};
 
 #[map]
 static CONNS: HashMap<u64, History> = HashMap::with_max_entries(CONNS_CAPACITY, 0);
@@ -81,10 +85,11 @@ pub(crate) fn count_normal_drop(reason: u32) {
     bump(&COUNTS, counts::NORMAL_DROPS);
 }
 
-/// A new traced connection at `sk` (a connect()ing socket, or a listener's child when
+/// A new traced connection at `sock` (a connect()ing socket, or a listener's child when
 /// `server`): kept here. False when it must stream instead (`CONNS` is full).
 #[inline(always)]
-fn start(sk: u64, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
+fn start(sock: &impl SockRead, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
+    let sk = sock.addr();
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut f = if server { flags::SERVER } else { 0 };
     if netns.is_none() {
@@ -114,7 +119,7 @@ fn start(sk: u64, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
             comm.cast::<u64>().write_volatile(0);
             comm.cast::<u64>().add(1).write_volatile(0);
         } else {
-            aya_ebpf::helpers::generated::bpf_get_current_comm(comm.cast(), 16);
+            sock.write_current_comm(comm);
         }
         h.assume_init_ref()
     };
@@ -153,10 +158,22 @@ fn flush(sk: u64, h: *const History) {
     bump(&COUNTS, counts::FLUSHED);
 }
 
-/// Before the first event of `sk` userspace is to see (from program `prog`): its history,
-/// once, and from then on it streams. Nothing for a socket not followed here.
+/// Before the first event of `sk` userspace is to see (from program `prog`, which knows
+/// it by address): its history, once, and from then on it streams. Nothing for a socket
+/// not followed here.
 #[inline(always)]
 pub(crate) fn promote(prog: u32, cfg: &Config, sk: u64) {
+    promote_sock(&Probed {
+        prog,
+        offsets: &cfg.offsets,
+        sk,
+    });
+}
+
+/// [`promote`] for a socket read the way its program can.
+#[inline(always)]
+fn promote_sock(sock: &impl SockRead) {
+    let sk = sock.addr();
     if sk == 0 {
         return;
     }
@@ -171,7 +188,7 @@ pub(crate) fn promote(prog: u32, cfg: &Config, sk: u64) {
             return;
         }
         (*h).flags |= flags::STREAMING;
-        if f & (flags::SERVER | flags::ACCEPTED) == flags::SERVER && owned(prog, &cfg.offsets, sk) {
+        if f & (flags::SERVER | flags::ACCEPTED) == flags::SERVER && sock.owned() == Some(true) {
             // Accepted already, where no accept hook said when.
             (*h).flags |= flags::ACCEPTED;
         }
@@ -195,26 +212,12 @@ pub(crate) fn accepted(sk: u64) -> bool {
     }
 }
 
-/// Whether socket `sk` belongs to a process (`sk->sk_socket` set): a server connection that
-/// was accepted. False when unreadable.
-#[inline(always)]
-fn owned(prog: u32, o: &KernelOffsets, sk: u64) -> bool {
-    o.sock_socket != KernelOffsets::MISSING
-        && kread::<u64>(prog, sk + o.sock_socket as u64).is_some_and(|s| s != 0)
-}
-
 /// `StateChange::progress` of a connection userspace follows as it starts or ends closing:
 /// whether it received data and whether a process held it, since quiet mode sends no
 /// first-data or accept event. 0 (nothing known) when a fact cannot be read.
 #[inline(always)]
-pub(crate) fn progress(prog: u32, o: &KernelOffsets, sk: u64) -> u32 {
-    if o.tcp_bytes_received == KernelOffsets::MISSING || o.sock_socket == KernelOffsets::MISSING {
-        return 0;
-    }
-    let (Some(received), Some(socket)) = (
-        kread::<u64>(prog, sk + o.tcp_bytes_received as u64),
-        kread::<u64>(prog, sk + o.sock_socket as u64),
-    ) else {
+pub(crate) fn progress(sock: &impl SockRead) -> u32 {
+    let (Some(received), Some(owned)) = (sock.bytes_received(), sock.owned()) else {
         return 0;
     };
     use conntrace_common::progress::{OWNED, READ, RECEIVED};
@@ -222,7 +225,7 @@ pub(crate) fn progress(prog: u32, o: &KernelOffsets, sk: u64) -> u32 {
     if received > 0 {
         bits |= RECEIVED;
     }
-    if socket != 0 {
+    if owned {
         bits |= OWNED;
     }
     bits
@@ -233,23 +236,8 @@ pub(crate) fn progress(prog: u32, o: &KernelOffsets, sk: u64) -> u32 {
 /// accept() (server), and userspace does not follow it (`WATCH`). A fact that cannot be
 /// read makes it report.
 #[inline(always)]
-fn closes_quietly(prog: u32, cfg: &Config, sk: u64, h: &History) -> bool {
-    if h.established_ns == 0 {
-        return false;
-    }
-    let o = &cfg.offsets;
-    if o.sock_err == KernelOffsets::MISSING {
-        return false;
-    }
-    if o.sock_err_soft == o.sock_err + 4 {
-        // `int sk_err, sk_err_soft;` side by side (every kernel so far): one read.
-        if kread::<u64>(prog, sk + o.sock_err as u64) != Some(0) {
-            return false;
-        }
-    } else if kread::<i32>(prog, sk + o.sock_err as u64) != Some(0)
-        || (o.sock_err_soft != KernelOffsets::MISSING
-            && kread::<i32>(prog, sk + o.sock_err_soft as u64) != Some(0))
-    {
+fn closes_quietly(cfg: &Config, sock: &impl SockRead, h: &History) -> bool {
+    if h.established_ns == 0 || !sock.no_error() {
         return false;
     }
     let timeout = u64::from(cfg.stall_timeout_ms) * 1_000_000;
@@ -259,15 +247,14 @@ fn closes_quietly(prog: u32, cfg: &Config, sk: u64, h: &History) -> bool {
         let moved = if h.flags & flags::SERVER != 0 {
             h.flags & flags::ACCEPTED != 0
         } else {
-            o.tcp_bytes_received != KernelOffsets::MISSING
-                && kread::<u64>(prog, sk + o.tcp_bytes_received as u64).is_some_and(|n| n > 0)
+            sock.bytes_received().is_some_and(|n| n > 0)
         };
         if !moved && now().saturating_sub(h.established_ns) >= timeout {
             return false;
         }
     }
     // SAFETY: a plain lookup; the value is not held.
-    !watching() || unsafe { WATCH.get(&sk) }.is_none()
+    !watching() || unsafe { WATCH.get(&sock.addr()) }.is_none()
 }
 
 /// A traced socket's state change in quiet mode. True when it is handled here (or is not a
@@ -276,27 +263,27 @@ fn closes_quietly(prog: u32, cfg: &Config, sk: u64, h: &History) -> bool {
 /// connection already vouches for it.
 #[inline(always)]
 pub(crate) fn on_state(
-    prog: u32,
     cfg: &Config,
-    sk: u64,
+    sock: &impl SockRead,
     (old, new): (i32, i32),
     tuple: &Tuple,
     netns: impl FnOnce() -> Option<u32>,
     is_tcp: impl Fn() -> bool,
 ) -> bool {
+    let sk = sock.addr();
     if new == state::SYN_SENT || (new == state::SYN_RECV && old == state::LISTEN) {
         let server = new == state::SYN_RECV;
         if !is_tcp() {
             return true;
         }
-        if !start(sk, tuple, netns(), server) {
+        if !start(sock, tuple, netns(), server) {
             return false;
         }
         if server && tuple_watched(tuple) {
             // A handshake userspace follows as an attempt (its SYN or final ACK was dropped
             // before): the child's history now, standing for this state change, and it
             // streams from here.
-            promote(prog, cfg, sk);
+            promote_sock(sock);
         }
         return true;
     }
@@ -328,7 +315,7 @@ pub(crate) fn on_state(
     let streaming = h.flags & flags::STREAMING != 0;
     match new {
         state::CLOSE => {
-            let quiet = !streaming && closes_quietly(prog, cfg, sk, h);
+            let quiet = !streaming && closes_quietly(cfg, sock, h);
             if !quiet && !streaming {
                 if tuple.sport != 0 {
                     h.tuple = *tuple;
@@ -349,13 +336,14 @@ pub(crate) fn on_state(
         _ if streaming => false,
         state::FIN_WAIT1 | state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING => {
             h.flags |= flags::ORDERLY;
-            if h.flags & flags::SERVER != 0 && owned(prog, &cfg.offsets, sk) {
+            if h.flags & flags::SERVER != 0 && sock.owned() == Some(true) {
                 h.flags |= flags::ACCEPTED;
                 if new == state::FIN_WAIT1 && h.pid == 0 {
                     // close() runs in the process that holds the socket: the server's process,
                     // where no accept hook named it.
                     h.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-                    h.comm = current_comm();
+                    // SAFETY: `h.comm` is COMM_LEN bytes of a live map value.
+                    unsafe { sock.write_current_comm(&raw mut h.comm) };
                 }
             }
             true

@@ -19,7 +19,7 @@ use aya::{
 };
 use conntrace_common::{
     Config, FLAG_ALL_PORTS, FLAG_QUIET, INLINE_PORTS, MAX_PORTS, NO_STACK_REASON, TracepointLayout,
-    maps, programs,
+    globals, maps, programs,
 };
 
 use serde::Serialize;
@@ -265,6 +265,8 @@ impl Tracer {
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf.as_ref())
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
+            // Read-only: the verifier sees these as constants (direct loads, `sock.rs`).
+            .override_global(globals::OFFSETS, &config.offsets, true)
             .load(EBPF_OBJECT)
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
