@@ -74,7 +74,9 @@ enum Task {
     /// conntrace's own hooks; then each program's cost (`--bpf-stats`). Its last line is
     /// `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
     Bench {
-        /// Arguments for ctbench: --rounds N (3), --phase-ms T (2000), --parallel K (2).
+        /// Arguments for ctbench: --rounds N (3), --phase-ms T (2000), --cpu N|all (0: every
+        /// process on that CPU), --parallel K (1 on one CPU, else 2), --without CAP,...,
+        /// --modes PEER,... (only these peers beside untraced, traced and unrelated).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
