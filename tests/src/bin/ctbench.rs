@@ -19,12 +19,16 @@
 //! A paced phase measures conntrace's own CPU at about 10,000 kernel events a second, and a
 //! last phase with `conntrace --bpf-stats` what each program costs per connection (costs.rs).
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
+//! `--compare-with BIN` runs only a comparison of each program's cost in this build and in
+//! BIN, both tracing the same churn at once (compare.rs).
 
 // A binary's root resolves modules beside it: these live in ctbench/.
 #[path = "ctbench/bpftrace.rs"]
 mod bpftrace;
 #[path = "ctbench/btf.rs"]
 mod btf;
+#[path = "ctbench/compare.rs"]
+mod compare;
 #[path = "ctbench/costs.rs"]
 mod costs;
 #[path = "ctbench/hooks.rs"]
@@ -408,7 +412,8 @@ fn cpu_arg() -> Option<usize> {
 
 fn main() {
     require_root();
-    let rounds = arg("--rounds", 3);
+    // Ten rounds: about five minutes, and enough slices for each mode's undisturbed rate.
+    let rounds = arg("--rounds", 10);
     let phase_ms = arg("--phase-ms", 2000);
     let cpu = cpu_arg();
     if let Some(cpu) = cpu {
@@ -416,6 +421,10 @@ fn main() {
     }
     // On one CPU one churning thread keeps it busy (the server's thread runs as it waits).
     let parallel = arg("--parallel", if cpu.is_some() { 1 } else { 2 });
+    if let Some(other) = string_arg("--compare-with") {
+        compare::report(std::path::Path::new(&other), rounds, phase_ms, parallel);
+        return;
+    }
     // Capabilities conntrace leaves out (its --without), to measure what each one costs.
     let without = string_arg("--without");
     let without = without.as_deref();

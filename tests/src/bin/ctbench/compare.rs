@@ -1,0 +1,148 @@
+//! `--compare-with BIN`: what each program costs in this build (`CONNTRACE_BIN`) against
+//! another one (BIN), both tracing one churn at once, each with `--bpf-stats`.
+//!
+//! Run one after the other, two builds' per-program figures differed by more than a change
+//! to a program moved them: this machine's speed moves by a third between stretches of
+//! seconds. Run together, both see the same connections at the same moments, and only their
+//! own instructions differ. Each build's programs run one after the other at every hook,
+//! in the order they were attached, so the order of the starts is swapped every other run.
+
+use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+
+use conntrace_tests::{Conntrace, PORT, Scenario, attach_args};
+use serde_json::Value;
+
+use crate::stats::median;
+
+/// Each program's (runs, run_ns) in a `--bpf-stats` summary, by name.
+pub fn programs(summary: &Value) -> BTreeMap<String, (u64, u64)> {
+    summary["programs"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .map(|p| {
+                    (
+                        p["program"].as_str().unwrap_or("?").to_owned(),
+                        (
+                            p["runs"].as_u64().unwrap_or(0),
+                            p["run_ns"].as_u64().unwrap_or(0),
+                        ),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Per program that ran at least once a connection in both builds: (ns a run here, ns a run
+/// in the other build), and the same for all programs in µs per connection.
+pub fn pair(
+    this: &BTreeMap<String, (u64, u64)>,
+    other: &BTreeMap<String, (u64, u64)>,
+    connections: f64,
+) -> Vec<(String, f64, f64)> {
+    let connections = connections.max(1.0);
+    let per_run = |(runs, ns): (u64, u64)| ns as f64 / runs.max(1) as f64;
+    let mut out: Vec<(String, f64, f64)> = this
+        .iter()
+        .filter_map(|(name, &here)| {
+            let &there = other.get(name)?;
+            (here.0 as f64 >= connections && there.0 as f64 >= connections)
+                .then(|| (name.clone(), per_run(here), per_run(there)))
+        })
+        .collect();
+    let total = |m: &BTreeMap<String, (u64, u64)>| {
+        m.values().map(|&(_, ns)| ns as f64).sum::<f64>() / 1e3 / connections
+    };
+    out.push(("all programs (µs/conn)".into(), total(this), total(other)));
+    out
+}
+
+/// `runs` runs of `phase_ms` ms each; prints each run's pairs and the medians.
+pub fn report(other: &Path, runs: u64, phase_ms: u64, parallel: u64) {
+    assert!(
+        other.exists(),
+        "--compare-with {}: no such file",
+        other.display()
+    );
+    let port = PORT.to_string();
+    let start_this = || Conntrace::start(&["--port", &port, "--bpf-stats"]);
+    let start_other = || {
+        let mut command = Command::new(other);
+        command
+            .arg("--json")
+            .args(attach_args())
+            .args(["--port", &port, "--bpf-stats"]);
+        Conntrace::spawn(command, "the compared conntrace")
+    };
+    let mut figures: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for run in 1..=runs {
+        let setup = Scenario::churn(PORT);
+        let (this, that) = if run % 2 == 1 {
+            let this = start_this();
+            (this, start_other())
+        } else {
+            let that = start_other();
+            (start_this(), that)
+        };
+        // Both past their start-up (namespaces, sockets, runtimes).
+        std::thread::sleep(Duration::from_secs(1));
+        let churn = crate::churn(
+            &setup.hosts.client,
+            &setup.hosts.server_ip,
+            phase_ms,
+            parallel,
+        );
+        let (here, there) = (this.stop(), that.stop());
+        let summary = |values: &[Value]| programs(values.last().expect("summary"));
+        let pairs = pair(&summary(&here), &summary(&there), churn.connections);
+        let started_first = if run % 2 == 1 { "this" } else { "other" };
+        println!(
+            "run {run} ({:.0} connections, {started_first} build started first):",
+            churn.connections
+        );
+        for (name, a, b) in pairs {
+            println!(
+                "  {name:<32} this {a:>8.3} other {b:>8.3} this/other {:.3}",
+                a / b
+            );
+            let entry = figures.entry(name).or_default();
+            entry.0.push(a);
+            entry.1.push(b);
+        }
+    }
+    println!("medians over {runs} runs (ns a run; all programs in µs a connection):");
+    for (name, (a, b)) in &figures {
+        let (a, b) = (median(a), median(b));
+        println!(
+            "  {name:<32} this {a:>8.3} other {b:>8.3} this/other {:.3}",
+            a / b
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_the_programs_both_builds_ran_per_connection() {
+        let summary = |json: &str| programs(&serde_json::from_str(json).expect("JSON"));
+        let this = summary(
+            r#"{"programs":[{"program":"lifecycle","runs":1000,"run_ns":90000},{"program":"drops","runs":100,"run_ns":9000},{"program":"fib","runs":900,"run_ns":36000}]}"#,
+        );
+        let other = summary(
+            r#"{"programs":[{"program":"lifecycle","runs":1000,"run_ns":120000},{"program":"drops","runs":100,"run_ns":20000}]}"#,
+        );
+        let pairs = pair(&this, &other, 100.0);
+        assert_eq!(
+            pairs,
+            vec![
+                ("drops".to_owned(), 90.0, 200.0),
+                ("lifecycle".to_owned(), 90.0, 120.0),
+                ("all programs (µs/conn)".to_owned(), 1.35, 1.4),
+            ],
+            "fib ran in one build only"
+        );
+    }
+}
