@@ -224,6 +224,8 @@ pub struct KernelOffsets {
     pub reqsk_sk: u32,
     /// `struct task_struct` → `comm` (`char[16]`).
     pub task_comm: u32,
+    /// `struct sock` → `sk_dst_cache` (the socket's cached route).
+    pub sock_dst_cache: u32,
 }
 
 /// Where a route lookup's flow (`struct flowi4` or `struct flowi6`) keeps what the BTF-typed

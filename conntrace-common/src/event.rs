@@ -146,11 +146,23 @@ pub struct StateChange {
     /// `sk->sk_err_soft` when the new state is CLOSE: an ICMP error that came while a process
     /// held the socket (the kernel keeps it aside and goes on retransmitting), else 0.
     pub sk_err_soft: i32,
-    pub _pad: u32,
+    /// When the new state is CLOSE: whether the socket still had a route
+    /// (`sk->sk_dst_cache` set; [`route_cache`] bits). A retransmission whose route lookup
+    /// failed leaves none: the route went away, where an ICMP error leaves the route there.
+    /// 0 otherwise.
+    pub route_cache: u32,
     /// Quiet mode, a connection userspace follows that starts or ends closing
     /// (`FIN_WAIT1`, `CLOSE_WAIT`, `CLOSE`): what it had done by then ([`progress`] bits),
     /// since no first-data or accept event was sent for it. 0 otherwise.
     pub progress: u32,
+}
+
+/// `StateChange::route_cache` bits.
+pub mod route_cache {
+    /// The route cache was read (the bit below is absent when this one is clear).
+    pub const READ: u32 = 1;
+    /// The socket had a route (`sk_dst_cache` set).
+    pub const SET: u32 = 2;
 }
 
 /// `StateChange::progress` bits.

@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, TracePointContext},
 };
 use conntrace_common::{
-    ABSENT, AF_INET6, Config, EventKind, KernelOffsets, StateChange, Tuple, programs, sock_common,
-    tcp::state, unread,
+    ABSENT, AF_INET6, Config, EventKind, KernelOffsets, StateChange, Tuple, programs, route_cache,
+    sock_common, tcp::state, unread,
 };
 
 use crate::{
@@ -175,7 +175,12 @@ fn changed(
     }
     let mut header = header(EventKind::StateChange, size_of::<StateChange>(), netns());
     let (mut sk_err, mut sk_err_soft): (i32, i32) = (0, 0);
+    let mut route_cache = 0;
     if newstate == state::CLOSE {
+        // Whether its route is still there: a retransmission whose lookup failed left none.
+        if let Some(cached) = sock.route_cached() {
+            route_cache = route_cache::READ | if cached { route_cache::SET } else { 0 };
+        }
         // The error, and the soft error (an ICMP that came while the process held it).
         match sock.err() {
             Some(e) => sk_err = e,
@@ -205,7 +210,7 @@ fn changed(
         newstate,
         sk_err,
         sk_err_soft,
-        _pad: 0,
+        route_cache,
         progress,
     });
 }

@@ -52,6 +52,8 @@ pub(crate) trait SockRead {
     fn owned(&self) -> Option<bool>;
     /// `tcp_sock.bytes_received`.
     fn bytes_received(&self) -> Option<u64>;
+    /// Whether the socket has a cached route (`sk_dst_cache` set).
+    fn route_cached(&self) -> Option<bool>;
     /// Writes the current task's comm to `dst` in place (zeros when unreadable): built by
     /// value, it cost the classic lifecycle program a 16-byte copy on its stack, which 6.1's
     /// verifier limits.
@@ -113,6 +115,11 @@ impl SockRead for Probed<'_> {
         self.read(self.offsets.tcp_bytes_received)
     }
     #[inline(always)]
+    fn route_cached(&self) -> Option<bool> {
+        self.read::<u64>(self.offsets.sock_dst_cache)
+            .map(|d| d != 0)
+    }
+    #[inline(always)]
     unsafe fn write_current_comm(&self, dst: *mut [u8; COMM_LEN]) {
         // SAFETY: the helper writes COMM_LEN bytes into `dst` (zeros on failure).
         unsafe {
@@ -169,6 +176,10 @@ impl SockRead for Typed {
             return None;
         }
         kread(self.prog, self.sk as u64 + u64::from(off))
+    }
+    #[inline(always)]
+    fn route_cached(&self) -> Option<bool> {
+        load::<u64>(self.sk, offset!(sock_dst_cache)).map(|d| d != 0)
     }
     #[inline(always)]
     unsafe fn write_current_comm(&self, dst: *mut [u8; COMM_LEN]) {

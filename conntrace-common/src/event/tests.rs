@@ -26,7 +26,7 @@ fn round_trip_every_kind() {
         newstate: 2,
         sk_err: 111,
         sk_err_soft: 113,
-        _pad: 0,
+        route_cache: route_cache::READ,
         progress: 0,
     };
     assert_eq!(decode(as_bytes(&sc)), Ok(Decoded::StateChange(sc)));

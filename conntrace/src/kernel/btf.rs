@@ -168,6 +168,7 @@ impl KernelBtf {
             reqsk_next: off("request_sock", &["dl_next"]),
             reqsk_sk: off("request_sock", &["sk"]),
             task_comm: off("task_struct", &["comm"]),
+            sock_dst_cache: off("sock", &["sk_dst_cache"]),
         }
     }
 
@@ -297,6 +298,7 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("request_sock.dl_next", o.reqsk_next),
         ("request_sock.sk", o.reqsk_sk),
         ("task_struct.comm", o.task_comm),
+        ("sock.sk_dst_cache", o.sock_dst_cache),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

@@ -7,7 +7,7 @@ use std::{
 
 use conntrace_common::{
     AF_INET, AF_INET6, DATA_OUT, Decoded, EventHeader, NOT_ICMP, RESET_REASON_NONE, RouteError,
-    TCP_FLAGS_UNKNOWN, Tuple, decode, progress, unread,
+    TCP_FLAGS_UNKNOWN, Tuple, decode, progress, route_cache, unread,
 };
 
 use crate::engine::facts::{
@@ -163,6 +163,8 @@ impl Decoder {
                     received: e.progress & progress::RECEIVED != 0,
                     owned: e.progress & progress::OWNED != 0,
                 }),
+                route_cached: (e.route_cache & route_cache::READ != 0)
+                    .then_some(e.route_cache & route_cache::SET != 0),
             },
             Decoded::ErrorReport(e) => KernelEvent::SocketError {
                 meta: meta(&e.header),
@@ -345,7 +347,7 @@ mod tests {
             newstate: 7,
             sk_err: 111,
             sk_err_soft: 113,
-            _pad: 0,
+            route_cache: 0,
             progress: 0,
         };
         let decode = |sc: &StateChange| {

@@ -19,12 +19,13 @@
 //!   `{"peer":"10.77.1.1:40000","sent":15,"received":0,"errno":110}`.
 //! `ctpeer connect ADDR PORT [--count N] [--timeout-ms T] [--sport P] [--bind ADDR] [--blocking]
 //!                           [--parallel K] [--read | --read-until-close] [--request TEXT]
-//!                           [--expect-bytes N] [--send-bytes N]`
+//!                           [--request-delay-ms T] [--expect-bytes N] [--send-bytes N]`
 //!   makes N connections (K at a time) and prints one JSON line per attempt:
 //!   `{"ok":true,"local":"10.77.1.1:40000","errno":null,"ms":0.3,"stage":null,"sent":0,"received":6,"error_at_unix_ms":...}`.
 //!   The connect is a non-blocking one polled for T ms, unless `--blocking`, `--sport` or
 //!   `--bind` (binding the local address first) ask for a blocking connect(2) (SO_SNDTIMEO T).
-//!   Once connected: the greeting is read (`--read`), TEXT sent (`--request`), N bytes read
+//!   Once connected: the greeting is read (`--read`), TEXT sent (`--request`, T ms later with
+//!   `--request-delay-ms`), N bytes read
 //!   (`--expect-bytes`), N bytes sent (`--send-bytes`, each send() waiting T ms at most), in
 //!   that order; `stage` names the step that failed (`connect`, `read`, `send`).
 //! Both rename their process (`ct-server`, `ct-client`) so verdicts can be checked by comm.
@@ -272,6 +273,8 @@ struct Plan {
     read: bool,
     until_close: bool,
     request: Option<String>,
+    /// How long to wait before sending the request.
+    request_delay: Duration,
     expect_bytes: usize,
     send_bytes: usize,
 }
@@ -355,6 +358,7 @@ fn exchange(
         }
     }
     if let Some(request) = &plan.request {
+        std::thread::sleep(plan.request_delay);
         s.write_all(request.as_bytes()).map_err(|e| ("send", e))?;
         *sent += request.len();
     }
@@ -465,6 +469,7 @@ fn connect(addr: SocketAddr, args: &[String]) {
         read: has(args, "--read") || until_close,
         until_close,
         request: flag(args, "--request"),
+        request_delay: Duration::from_millis(bytes("--request-delay-ms") as u64),
         expect_bytes: bytes("--expect-bytes"),
         send_bytes: bytes("--send-bytes"),
     });

@@ -20,6 +20,8 @@ struct SocketErrors {
     error: Option<Errno>,
     /// `sk_err_soft`.
     soft: Option<Errno>,
+    /// Whether the socket still had a route (read at CLOSE).
+    route_cached: Option<bool>,
 }
 
 impl Engine {
@@ -35,6 +37,7 @@ impl Engine {
                 sk_err,
                 sk_err_soft,
                 closing,
+                route_cached,
             } => {
                 if let Some(closing) = closing {
                     self.on_closing(&meta, sk, closing, out);
@@ -42,6 +45,7 @@ impl Engine {
                 let errors = SocketErrors {
                     error: sk_err,
                     soft: sk_err_soft,
+                    route_cached,
                 };
                 self.on_state(meta, sk, tuple, (old, new, errors), out);
             }
@@ -240,6 +244,7 @@ impl Engine {
                     c.set_error(Some(errno));
                 }
                 c.soft_errno = errors.soft;
+                c.route_cached_at_close = errors.route_cached;
             }
             _ => {}
         }

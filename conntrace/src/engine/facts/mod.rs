@@ -217,6 +217,9 @@ pub enum KernelEvent {
         /// Quiet mode, a connection userspace follows that starts or ends closing: what it
         /// had done by then. `None` when not read.
         closing: Option<Closing>,
+        /// On a change to CLOSE: whether the socket still had a route (`sk_dst_cache`).
+        /// `None` when not read.
+        route_cached: Option<bool>,
     },
     /// `inet_sk_error_report`. `errno` is `None` when the error was 0: an ICMP error came
     /// while the process held the socket and went to `sk_err_soft`.

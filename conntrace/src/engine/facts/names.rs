@@ -260,6 +260,8 @@ impl DropReason {
     pub const NEIGH_FAILED: &'static str = "NEIGH_FAILED";
     /// The reverse-path filter refused the packet's source.
     pub const IP_RPFILTER: &'static str = "IP_RPFILTER";
+    /// No route for a packet this host sent (`ip_queue_xmit`).
+    pub const IP_OUTNOROUTES: &'static str = "IP_OUTNOROUTES";
     /// No socket matched the packet (a refused SYN is freed with it, after its RST).
     pub const NO_SOCKET: &'static str = "NO_SOCKET";
 

@@ -72,6 +72,8 @@ pub(crate) fn cause(d: &HandshakeDrop) -> Option<Reason> {
             _ => Reason::NetfilterDrop,
         }),
         DropReason::IP_RPFILTER => Some(Reason::RpFilterDrop),
+        // This host's routing table had no route for the packet (`ip_queue_xmit`).
+        DropReason::IP_OUTNOROUTES => Some(Reason::NoRoute),
         DropReason::NEIGH_FAILED => Some(Reason::NeighbourFailed),
         r if listener::is_overflow_drop(r) => Some(Reason::ListenOverflow),
         // A SYN nobody listens for: the refusal (`handshake.rs`), not a drop.

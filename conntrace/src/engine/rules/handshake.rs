@@ -53,6 +53,13 @@ fn client_error(
     d: &mut ClosedDetail,
 ) -> (Reason, String) {
     let from = d.closed_from;
+    if let Some(e) = errno
+        && let Some(route) = super::connect::route_lost(c, e, at)
+    {
+        // Its SYN went out; the route went away and the retransmissions found none.
+        d.route_lost = Some(route);
+        return (Reason::NoRoute, e.to_string());
+    }
     match errno {
         Some(Errno::ECONNREFUSED) if cfg.resets_observed => {
             // ECONNREFUSED without a RST: an ICMP port unreachable (e.g. REJECT).

@@ -1,8 +1,9 @@
 //! Established connections that end badly: `reset_by_peer`, `timeout`, `icmp_unreachable` (its
-//! retransmissions answered with ICMP errors) and `socket_destroyed` (and `unknown` for an
-//! error no rule knows). An orderly or application-initiated end has no verdict.
+//! retransmissions answered with ICMP errors), `no_route` (its route went away:
+//! `connect::route_lost`) and `socket_destroyed` (and `unknown` for an error no rule knows).
+//! An orderly or application-initiated end has no verdict.
 
-use super::{base, icmp_of, ms};
+use super::{base, connect, icmp_of, ms};
 use crate::engine::{
     facts::Errno,
     state::Conn,
@@ -18,10 +19,16 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
     // How long it was established, where its start was seen.
     let established_ms = (!c.started_before_trace).then(|| ms(since, at));
     d.started_before_trace = c.started_before_trace.then_some(true);
+    let lost = errno.and_then(|e| connect::route_lost(c, e, at).map(|r| (e, r)));
     let (reason, kernel_reason) = if let Some(state) = c.rst_received {
         d.rst_received_in = Some(state);
         d.established_ms = established_ms;
         (Reason::ResetByPeer, errno.unwrap_or(Errno::ECONNRESET))
+    } else if let Some((e, route)) = lost {
+        // No RST, no ICMP: this host's routes failed its retransmissions.
+        d.established_ms = established_ms;
+        d.route_lost = Some(route);
+        (Reason::NoRoute, e)
     } else {
         match errno {
             Some(Errno::ETIMEDOUT) => {

@@ -1,7 +1,7 @@
 //! What the engine knows about one connection: the facts the kernel reported, and where the
 //! connection is in its life (`Phase`) and in its reporting (`Report`).
 
-use super::attempt::HandshakeDrop;
+use super::{attempt::HandshakeDrop, route::LostRoute};
 use crate::engine::{
     facts::{Errno, FourTuple, Icmp, Meta, Proc, TcpState, Window},
     verdict::{Reason, Side, detail::Retransmits},
@@ -99,6 +99,10 @@ pub struct Conn {
     pub drops: Vec<HandshakeDrop>,
     /// Packets the kernel dropped once it was established.
     pub late_drops: Vec<HandshakeDrop>,
+    /// Its route lookups that failed (its route went away: retransmissions re-route).
+    pub route_lost: Option<LostRoute>,
+    /// Whether it still had a route when it closed (`sk_dst_cache`), where read.
+    pub route_cached_at_close: Option<bool>,
     /// Its data retransmissions once established.
     pub retransmits: Option<Retransmits>,
     /// The window, when not open, and since when.
@@ -136,6 +140,8 @@ impl Conn {
             rst_received: None,
             drops: Vec::new(),
             late_drops: Vec::new(),
+            route_lost: None,
+            route_cached_at_close: None,
             retransmits: None,
             window: None,
             too_big: None,

@@ -14,6 +14,7 @@ fn close_with(s: Sock, ts: u64, old: TcpState, errno: Option<i32>) -> KernelEven
         sk_err: errno.map(Errno),
         sk_err_soft: None,
         closing: None,
+        route_cached: None,
     }
 }
 

@@ -88,6 +88,7 @@ impl Sock {
             sk_err: None,
             sk_err_soft: None,
             closing: None,
+            route_cached: None,
         }
     }
 
@@ -616,4 +617,6 @@ mod peer;
 mod quiet;
 /// connect() errors seen through failed route lookups, and inferred EADDRNOTAVAIL.
 mod route;
+/// Routes that went away under connections.
+mod route_lost;
 mod stalls;

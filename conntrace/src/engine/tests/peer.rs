@@ -28,6 +28,7 @@ fn established(c: Sock) -> Vec<KernelEvent> {
         sk_err: None,
         sk_err_soft: None,
         closing: None,
+        route_cached: None,
     };
     vec![
         c.connect(MS, 100, "client"),
@@ -81,6 +82,7 @@ fn close_from(c: Sock, ts: u64, old: S, errno: i32) -> KernelEvent {
         sk_err: Some(Errno(errno)),
         sk_err_soft: None,
         closing: None,
+        route_cached: None,
     }
 }
 
@@ -318,6 +320,7 @@ fn a_connection_followed_later_takes_the_drops_kept_for_it() {
             sk_err: Some(Errno(110)),
             sk_err_soft: None,
             closing: None,
+            route_cached: None,
         }],
     );
     out.extend(e.tick(LATER));

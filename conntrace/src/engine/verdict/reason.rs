@@ -158,10 +158,10 @@ pub const REASONS: &[ReasonDoc] = &[
     doc!(
         NoRoute,
         "no_route",
-        "client",
+        "client, server",
         "connect.rs",
-        "connect() itself failed before any packet: ENETUNREACH or EHOSTUNREACH, or EACCES/EINVAL where the namespace's route to the destination is a prohibit or blackhole route (detail.route). The errno is connect()'s own result (fexit, or the syscall when connections stream), or, in quiet mode without fexit, worked out from the routing tables' failed answers to its route lookup (fib:fib_table_lookup, fib6:fib6_table_lookup), misses checked against the namespace's route.",
-        "the client has no route to the destination: check its routing table and address"
+        "This host's routing table has no route to the other end. Either connect() itself failed before any packet: ENETUNREACH or EHOSTUNREACH, or EACCES/EINVAL where the namespace's route to the destination is a prohibit or blackhole route (detail.route); the errno is connect()'s own result (fexit, or the syscall when connections stream), or, in quiet mode without fexit, worked out from the routing tables' failed answers to its route lookup (fib:fib_table_lookup, fib6:fib6_table_lookup), misses checked against the namespace's route. Or a connection lost the route it had (deleted, its device gone): its retransmissions looked the route up again and failed, and the kernel gave up with that error (ENETUNREACH, EHOSTUNREACH, EACCES), seen from the failed lookups themselves (quiet mode without fexit) or, for IPv4, from the socket having no route left when it closed (an ICMP answer leaves the route in place: icmp_unreachable) (detail.route_lost).",
+        "this host has no route to the other end: check the routing table (and the device) of its namespace"
     ),
     doc!(
         EphemeralPortsExhausted,

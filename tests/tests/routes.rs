@@ -1,0 +1,118 @@
+//! Routes that go away under established connections. Nothing answers and nothing is
+//! rejected: this host's own routing table has no route left, so the verdict is `no_route`,
+//! not `icmp_unreachable` (no ICMP came). With the request in flight (unacknowledged), the
+//! client's retransmissions look the route up again and find none: the kernel keeps that as
+//! the socket's soft error and gives up with ENETUNREACH. The client's namespace gives up
+//! after 3 retransmissions (`tcp_retries2=3`).
+//!
+//! Not covered: a request sent after the route went, on an idle connection. Its first
+//! transmission is freed before it has an IP header (`IP_OUTNOROUTES`), so the drop program
+//! cannot tell its port; nothing being in flight, the kernel probes and gives up with
+//! ETIMEDOUT, and the verdict is `timeout`.
+
+use std::time::Duration;
+
+use conntrace_tests::{
+    FOLLOW_MODES, PORT, Proc, Scenario, TwoHosts, connect, only_verdict_in, verdicts_in,
+};
+use serde_json::Value;
+
+/// The namespace's routes go (its addresses stay): its next packet out finds none.
+fn flush_routes(ns: &conntrace_tests::Netns) {
+    ns.exec(&["ip", "route", "flush", "table", "main"]);
+}
+
+/// A client that reads the greeting and sends its request `delay_ms` later, then waits for
+/// an answer.
+fn client(hosts: &TwoHosts, delay_ms: u64) -> Proc {
+    connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &[
+            "--read",
+            "--request",
+            "ping\n",
+            "--request-delay-ms",
+            &delay_ms.to_string(),
+            "--expect-bytes",
+            "1",
+            "--timeout-ms",
+            "20000",
+        ],
+    )
+}
+
+/// The client's verdict in each follow mode for `run` (which breaks the routes, given the
+/// hosts and the client), after checking the errno the client got.
+fn client_verdicts(errno: i64, run: impl Fn(&TwoHosts, &Proc)) -> Vec<(&'static str, Value)> {
+    let mut verdicts = Vec::new();
+    for follow in FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = Scenario::new()
+            .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+            .conntrace(&["--port", "3306", "--follow", follow])
+            .serve(&["--greeting", "hi\n"]);
+        let client = client(&hosts, 800);
+        run(&hosts, &client);
+        let result = client.json_lines(Duration::from_secs(40)).remove(0);
+        assert_eq!(result["errno"], errno, "--follow {follow}: {result}");
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        assert!(
+            verdicts_in(&values, hosts.server.inode()).is_empty(),
+            "the server's end is still open: --follow {follow}"
+        );
+        verdicts.push((follow, only_verdict_in(&values, hosts.client.inode())));
+    }
+    verdicts
+}
+
+#[test]
+fn a_route_lost_under_retransmissions_is_no_route_not_an_icmp_answer() {
+    let verdicts = client_verdicts(libc::ENETUNREACH.into(), |hosts, _| {
+        // The server cannot answer (its routes go first), so the request stays in flight;
+        // then the client's routes go, between two of its retransmissions.
+        std::thread::sleep(Duration::from_millis(300));
+        flush_routes(&hosts.server);
+        std::thread::sleep(Duration::from_millis(1_300));
+        flush_routes(&hosts.client);
+    });
+    for (follow, v) in verdicts {
+        assert_eq!(
+            (
+                v["side"].as_str(),
+                v["reason"].as_str(),
+                v["errno"].as_str(),
+                v["detail"]["closed_from"].as_str()
+            ),
+            (
+                Some("client"),
+                Some("no_route"),
+                Some("ENETUNREACH"),
+                Some("TCP_ESTABLISHED")
+            ),
+            "--follow {follow}: {v}"
+        );
+        assert!(v["detail"]["icmp"].is_null(), "no ICMP came: {v}");
+        let lost = &v["detail"]["route_lost"];
+        eprintln!("--follow {follow}: route_lost {lost}");
+        match lost["seen"].as_str() {
+            // The failed lookups themselves (quiet mode where fexit is refused): the main
+            // table had nothing.
+            Some("route_lookups") => {
+                assert_eq!(
+                    (lost["table"].as_u64(), lost["answer"].as_str()),
+                    (Some(254), Some("no_route")),
+                    "{v}"
+                );
+                assert!(lost["failed_lookups"].as_u64() >= Some(1), "{v}");
+            }
+            // The socket had no route left when it closed.
+            Some("no_cached_route") => assert!(lost["table"].is_null(), "{v}"),
+            other => panic!("--follow {follow}: route_lost.seen {other:?}: {v}"),
+        }
+    }
+}
