@@ -12,10 +12,9 @@
 //! * TCP output lookups: `iif == LOOPBACK_IFINDEX`, which `ip_route_output_key_hash` and
 //!   `ip6_route_output_flags` (through `flowi*_init_output`) set for locally generated flows;
 //! * `connect()`'s own: its lookups have no source address yet (`src` unspecified) or no
-//!   local port yet (`sport == 0`). A connected socket's (retransmits after a route went
+//!   local port yet (`sport == 0`); a connected socket's (retransmits after a route went
 //!   away), a SYN-ACK's or a reset's always have both, and run in softirq context under an
-//!   unrelated task: those are sent without a namespace, for userspace to join to their
-//!   connection by tuple (`engine::rules::connect::route_lost`);
+//!   unrelated task;
 //! * not a miss in the local table (255): with custom rules (IPv4), and always for IPv6, every
 //!   lookup tries the local table first and misses it (`-EAGAIN`; IPv6 `-EHOSTUNREACH`, its
 //!   "no route" entry being an unreachable route), even for a connect that then succeeds;
@@ -238,8 +237,8 @@ impl Lookup for Flow<'_> {
     }
 }
 
-/// Reports one table's failed answer (`err`, negative) to a TCP output route lookup on a
-/// traced port: `connect()`'s, or a connected socket's.
+/// Reports one table's failed answer (`err`, negative) to a route lookup of `connect()` on a
+/// traced port.
 #[inline(always)]
 fn route_lookup(prog: u32, cfg: &Config, family: u16, err: i32, lookup: &impl Lookup) {
     let Some((iif, proto, table)) = lookup.kind() else {
@@ -260,20 +259,19 @@ fn route_lookup(prog: u32, cfg: &Config, family: u16, err: i32, lookup: &impl Lo
     if !lookup.addr(family, true, &mut tuple.saddr) {
         return;
     }
-    // Not connect()'s lookup: a connected socket's (its retransmissions re-route once its
-    // route changed), a SYN-ACK's or a reset's. Those run in softirq or timer context, under
-    // whatever task was current: their namespace is not known.
-    let connected = sport != 0 && tuple.saddr != [0; 16];
+    if sport != 0 && tuple.saddr != [0; 16] {
+        // Not connect()'s lookup: a connected socket, a SYN-ACK or a reset.
+        return;
+    }
     if !port_traced(cfg, sport, dport) || !lookup.addr(family, false, &mut tuple.daddr) {
         return;
     }
-    let netns = if connected {
-        None
-    } else {
-        netns_of_current_task(prog, &cfg.offsets)
-    };
     emit(RouteError {
-        header: header(EventKind::RouteError, size_of::<RouteError>(), netns),
+        header: header(
+            EventKind::RouteError,
+            size_of::<RouteError>(),
+            netns_of_current_task(prog, &cfg.offsets),
+        ),
         tuple: *tuple,
         err,
         table,

@@ -97,22 +97,69 @@ fn a_route_lost_under_retransmissions_is_no_route_not_an_icmp_answer() {
             "--follow {follow}: {v}"
         );
         assert!(v["detail"]["icmp"].is_null(), "no ICMP came: {v}");
-        let lost = &v["detail"]["route_lost"];
-        eprintln!("--follow {follow}: route_lost {lost}");
-        match lost["seen"].as_str() {
-            // The failed lookups themselves (quiet mode where fexit is refused): the main
-            // table had nothing.
-            Some("route_lookups") => {
-                assert_eq!(
-                    (lost["table"].as_u64(), lost["answer"].as_str()),
-                    (Some(254), Some("no_route")),
-                    "{v}"
-                );
-                assert!(lost["failed_lookups"].as_u64() >= Some(1), "{v}");
-            }
-            // The socket had no route left when it closed.
-            Some("no_cached_route") => assert!(lost["table"].is_null(), "{v}"),
-            other => panic!("--follow {follow}: route_lost.seen {other:?}: {v}"),
-        }
+        assert_eq!(
+            v["detail"]["route_lost"], true,
+            "--follow {follow}: no route left when it closed: {v}"
+        );
+    }
+}
+
+#[test]
+fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
+    // The router between them gets an `unreachable` route to the server while the client is
+    // connected: it answers the request with ICMP host unreachable. The client keeps its own
+    // route: `icmp_unreachable`, not `no_route` (the router's lookups are not the client's).
+    for follow in FOLLOW_MODES {
+        let Scenario {
+            hosts,
+            ct,
+            server: _server,
+        } = Scenario::routed()
+            .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+            .conntrace(&["--port", "3306", "--follow", follow])
+            .serve(&["--greeting", "hi\n"]);
+        let client = connect(
+            &hosts.client,
+            &hosts.server_ip,
+            PORT,
+            &[
+                "--read",
+                "--request",
+                "ping\n",
+                "--request-delay-ms",
+                "800",
+                "--expect-bytes",
+                "1",
+                "--timeout-ms",
+                "20000",
+            ],
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let unreachable = format!("{}/32", hosts.server_ip);
+        hosts
+            .router
+            .exec(&["ip", "route", "add", "unreachable", &unreachable]);
+        let result = client.json_lines(Duration::from_secs(40)).remove(0);
+        assert_eq!(
+            result["errno"],
+            i64::from(libc::EHOSTUNREACH),
+            "--follow {follow}: {result}"
+        );
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        let v = only_verdict_in(&values, hosts.client.inode());
+        assert_eq!(
+            (
+                v["reason"].as_str(),
+                v["errno"].as_str(),
+                v["detail"]["closed_from"].as_str()
+            ),
+            (
+                Some("icmp_unreachable"),
+                Some("EHOSTUNREACH"),
+                Some("TCP_ESTABLISHED")
+            ),
+            "--follow {follow}: {v}"
+        );
+        assert!(v["detail"]["route_lost"].is_null(), "{v}");
     }
 }

@@ -140,13 +140,10 @@ fn blackhole(v: &Verdict) -> String {
 /// connect() before any packet: the errno, and the ports or route.
 fn connect(v: &Verdict, errno: String) -> String {
     if let Detail::Closed(d) = &v.detail {
-        return match (&d.route_lost, d.failed_lookups()) {
-            (Some(_), Some(n)) => format!("{errno}: its route went away ({n} failed lookups)"),
-            (Some(_), None) => format!("{errno}: its route went away"),
-            (None, _) => format!(
-                "{errno}: no route ({})",
-                v.kernel_reason.as_deref().unwrap_or("")
-            ),
+        return if d.route_lost == Some(true) {
+            format!("{errno}: its route went away")
+        } else {
+            errno
         };
     }
     let Detail::Connect(d) = &v.detail else {

@@ -1,8 +1,6 @@
 //! `connect()` failures seen through their route lookups (quiet mode): each failed table answer
 //! is held in its walk (`state::route`) until the grace period shows that the `connect()` did
-//! not go on; then `rules::connect::route_failed` decides its errno and verdict. A connected
-//! socket's failed lookups (a route lost under a connection) go to that connection
-//! (`rules::connect::route_lost`).
+//! not go on; then `rules::connect::route_failed` decides its errno and verdict.
 
 use super::super::{
     Engine,
@@ -19,14 +17,6 @@ impl Engine {
         table: u32,
         answer: TableAnswer,
     ) {
-        if tuple.sport != 0 && !tuple.saddr.is_unspecified() {
-            // A connected socket's lookup (its retransmissions re-route once its route
-            // changed), a SYN-ACK's or a reset's: not a `connect()`.
-            if !self.table.note_lost_route(tuple, table, answer, meta.ts_ns) {
-                self.summary.unmatched_errors += 1;
-            }
-            return;
-        }
         if !self.table.route_walks_mut().add(meta, tuple, table, answer) {
             self.summary.unmatched_errors += 1;
         }

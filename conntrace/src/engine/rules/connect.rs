@@ -16,7 +16,7 @@ use crate::engine::{
     state::{Conn, SocketError, Walk},
     verdict::{
         Detail, Outcome, Reason, Side, Verdict,
-        detail::{ConnectDetail, RouteLost, Syscall},
+        detail::{ConnectDetail, Syscall},
     },
 };
 
@@ -114,40 +114,18 @@ pub(crate) fn route_failed(walk: &Walk, route: Option<&Route>) -> Option<Verdict
 /// gives too.
 const ROUTE_ERRORS: [Errno; 3] = [Errno::ENETUNREACH, Errno::EHOSTUNREACH, Errno::EACCES];
 
-/// `no_route` for connection `c`, ended at `at` with `errno`, whose route went away after
-/// it had one: its retransmissions looked the route up again and this host's routing table
-/// failed them with what `errno` says (ENETUNREACH: no route; EHOSTUNREACH, EACCES, EINVAL:
-/// an unreachable, prohibit or blackhole route). Seen from the failed lookups themselves,
-/// or, for IPv4, from the socket having no route left when it closed: an ICMP answer leaves
-/// the route in place (IPv6 drops a timed-out socket's route either way, so there only the
-/// lookups tell). Otherwise the same errno is an ICMP answer (`icmp_unreachable`): `None`.
-pub(crate) fn route_lost(c: &Conn, errno: Errno, at: u64) -> Option<RouteLost> {
-    if let Some(lost) = c.route_lost.as_ref().filter(|l| l.explains(errno)) {
-        return Some(RouteLost {
-            seen: "route_lookups",
-            table: Some(lost.table),
-            answer: Some(match lost.answer {
-                TableAnswer::Miss => "no_route".to_owned(),
-                TableAnswer::Unreachable => "unreachable".to_owned(),
-                TableAnswer::MissOrUnreachable => "no_route_or_unreachable".to_owned(),
-                TableAnswer::Prohibit => "prohibit".to_owned(),
-                TableAnswer::Blackhole => "blackhole".to_owned(),
-                TableAnswer::Other(e) => e.to_string(),
-            }),
-            failed_lookups: Some(lost.lookups),
-            since_ms: Some(at.saturating_sub(lost.first_ns) as f64 / 1e6),
-        });
-    }
-    let ipv4 = c.tuple.daddr.is_ipv4();
-    (ipv4 && c.route_cached_at_close == Some(false) && ROUTE_ERRORS.contains(&errno)).then_some(
-        RouteLost {
-            seen: "no_cached_route",
-            table: None,
-            answer: None,
-            failed_lookups: None,
-            since_ms: None,
-        },
-    )
+/// Whether IPv4 connection `c`, ended with `errno`, lost the route it had: its
+/// retransmissions looked the route up again (`inet_sk_rebuild_header`) and this host's
+/// routing table failed them with what `errno` says (ENETUNREACH: no route; EHOSTUNREACH,
+/// EACCES: an unreachable or prohibit route), leaving the socket without a route when it
+/// closed. An ICMP answer gives the same errnos but leaves the route in place
+/// (`icmp_unreachable`). IPv6 drops a timed-out socket's route either way, so it is not told
+/// this way. (The failed lookups themselves, `fib:fib_table_lookup`, name no namespace for a
+/// connected socket: a forwarding namespace's lookups of the same 4-tuple looked the same.)
+pub(crate) fn route_lost(c: &Conn, errno: Errno) -> bool {
+    c.tuple.daddr.is_ipv4()
+        && c.route_cached_at_close == Some(false)
+        && ROUTE_ERRORS.contains(&errno)
 }
 
 /// Whether client socket `c` went SYN_SENT and back to CLOSE without ever getting a local

@@ -54,10 +54,10 @@ fn client_error(
 ) -> (Reason, String) {
     let from = d.closed_from;
     if let Some(e) = errno
-        && let Some(route) = super::connect::route_lost(c, e, at)
+        && super::connect::route_lost(c, e)
     {
         // Its SYN went out; the route went away and the retransmissions found none.
-        d.route_lost = Some(route);
+        d.route_lost = Some(true);
         return (Reason::NoRoute, e.to_string());
     }
     match errno {

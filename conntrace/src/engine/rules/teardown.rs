@@ -19,15 +19,15 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
     // How long it was established, where its start was seen.
     let established_ms = (!c.started_before_trace).then(|| ms(since, at));
     d.started_before_trace = c.started_before_trace.then_some(true);
-    let lost = errno.and_then(|e| connect::route_lost(c, e, at).map(|r| (e, r)));
+    let lost = errno.filter(|&e| connect::route_lost(c, e));
     let (reason, kernel_reason) = if let Some(state) = c.rst_received {
         d.rst_received_in = Some(state);
         d.established_ms = established_ms;
         (Reason::ResetByPeer, errno.unwrap_or(Errno::ECONNRESET))
-    } else if let Some((e, route)) = lost {
+    } else if let Some(e) = lost {
         // No RST, no ICMP: this host's routes failed its retransmissions.
         d.established_ms = established_ms;
-        d.route_lost = Some(route);
+        d.route_lost = Some(true);
         (Reason::NoRoute, e)
     } else {
         match errno {

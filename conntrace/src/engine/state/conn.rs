@@ -1,7 +1,7 @@
 //! What the engine knows about one connection: the facts the kernel reported, and where the
 //! connection is in its life (`Phase`) and in its reporting (`Report`).
 
-use super::{attempt::HandshakeDrop, route::LostRoute};
+use super::attempt::HandshakeDrop;
 use crate::engine::{
     facts::{Errno, FourTuple, Icmp, Meta, Proc, TcpState, Window},
     verdict::{Reason, Side, detail::Retransmits},
@@ -99,8 +99,6 @@ pub struct Conn {
     pub drops: Vec<HandshakeDrop>,
     /// Packets the kernel dropped once it was established.
     pub late_drops: Vec<HandshakeDrop>,
-    /// Its route lookups that failed (its route went away: retransmissions re-route).
-    pub route_lost: Option<LostRoute>,
     /// Whether it still had a route when it closed (`sk_dst_cache`), where read.
     pub route_cached_at_close: Option<bool>,
     /// Its data retransmissions once established.
@@ -140,7 +138,6 @@ impl Conn {
             rst_received: None,
             drops: Vec::new(),
             late_drops: Vec::new(),
-            route_lost: None,
             route_cached_at_close: None,
             retransmits: None,
             window: None,

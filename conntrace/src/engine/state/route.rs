@@ -14,7 +14,7 @@
 use std::net::IpAddr;
 
 use super::HashMap;
-use crate::engine::facts::{Errno, FourTuple, Meta, TableAnswer};
+use crate::engine::facts::{FourTuple, Meta, TableAnswer};
 
 /// A `connect()`'s key: namespace, process (pid), destination address and port.
 pub type RouteKey = (Option<u32>, u32, IpAddr, u16);
@@ -134,99 +134,5 @@ impl RouteWalks {
         });
         ready.sort_by_key(Walk::last_ns);
         ready
-    }
-}
-
-/// A connected socket's route lookups that failed: once its route changed (deleted, its
-/// device gone), each retransmission looks the route up again
-/// (`inet_sk_rebuild_header`, `inet6_sk_rebuild_header`), fails, and sends nothing; the
-/// failure stays as the socket's soft error and becomes its error when the kernel gives up.
-/// A SYN-ACK's or a reset's lookup is kept the same way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LostRoute {
-    /// The table that answered last, and its answer.
-    pub table: u32,
-    pub answer: TableAnswer,
-    /// Failed table answers seen.
-    pub lookups: u32,
-    /// When the first and the last came (CLOCK_MONOTONIC ns).
-    pub first_ns: u64,
-    pub last_ns: u64,
-}
-
-impl LostRoute {
-    /// One more failed answer.
-    pub fn add(&mut self, table: u32, answer: TableAnswer, ts_ns: u64) {
-        self.table = table;
-        self.answer = answer;
-        self.lookups = self.lookups.saturating_add(1);
-        self.first_ns = self.first_ns.min(ts_ns);
-        self.last_ns = self.last_ns.max(ts_ns);
-    }
-
-    /// Whether the lookups' failure is what a socket's error `errno` says: ENETUNREACH for
-    /// no route (a miss), EHOSTUNREACH for an `unreachable` route (either for IPv6's answer,
-    /// which is both), EACCES for `prohibit`, EINVAL for `blackhole`.
-    pub fn explains(&self, errno: Errno) -> bool {
-        match self.answer {
-            TableAnswer::Miss => errno == Errno::ENETUNREACH,
-            TableAnswer::Unreachable => errno == Errno::EHOSTUNREACH,
-            // IPv6's "no route" entry is an unreachable route whose error is ENETUNREACH.
-            TableAnswer::MissOrUnreachable => {
-                errno == Errno::EHOSTUNREACH || errno == Errno::ENETUNREACH
-            }
-            TableAnswer::Prohibit => errno == Errno::EACCES,
-            TableAnswer::Blackhole => errno == Errno::EINVAL,
-            TableAnswer::Other(e) => errno == e,
-        }
-    }
-}
-
-/// [`LostRoute`]s by the socket's tuple (this host's end first), until its connection takes
-/// them or they are forgotten; at most `max`.
-pub struct LostRoutes {
-    by_tuple: HashMap<FourTuple, LostRoute>,
-    max: usize,
-}
-
-impl LostRoutes {
-    pub fn new(max: usize) -> Self {
-        Self {
-            by_tuple: HashMap::default(),
-            max,
-        }
-    }
-
-    /// Keeps a failed answer to the lookup of `tuple`'s route; false when full.
-    pub fn note(&mut self, tuple: FourTuple, table: u32, answer: TableAnswer, ts_ns: u64) -> bool {
-        if let Some(lost) = self.by_tuple.get_mut(&tuple) {
-            lost.add(table, answer, ts_ns);
-            return true;
-        }
-        if self.by_tuple.len() >= self.max {
-            return false;
-        }
-        self.by_tuple.insert(
-            tuple,
-            LostRoute {
-                table,
-                answer,
-                lookups: 1,
-                first_ns: ts_ns,
-                last_ns: ts_ns,
-            },
-        );
-        true
-    }
-
-    /// The failed lookups kept for `tuple`, taken.
-    pub fn take(&mut self, tuple: &FourTuple) -> Option<LostRoute> {
-        self.by_tuple.remove(tuple)
-    }
-
-    /// Forgets those whose last failure is `keep_ns` old.
-    pub fn forget_older_than(&mut self, now_ns: u64, keep_ns: u64) {
-        self.by_tuple
-            .retain(|_, lost| now_ns < lost.last_ns.saturating_add(keep_ns));
     }
 }

@@ -9,10 +9,10 @@ use super::{
     HashMap,
     attempt::{self, Attempt, HandshakeDrop},
     conn::Conn,
-    route::{LostRoute, LostRoutes, RouteWalks},
+    route::RouteWalks,
 };
 use crate::engine::{
-    facts::{Errno, FourTuple, TableAnswer},
+    facts::{Errno, FourTuple},
     verdict::detail::PathDrop,
 };
 
@@ -85,8 +85,6 @@ pub struct Table {
     path_drops: HashMap<FourTuple, (u64, Vec<PathDrop>)>,
     /// `connect()` calls seen only through their failed route lookups, not yet decided.
     route_walks: RouteWalks,
-    /// Connected sockets' failed route lookups, by tuple, until their connection takes them.
-    lost_routes: LostRoutes,
     /// Drops of established connections not followed here, by tuple (this host's end
     /// first): the connection takes them when it is followed, its other end reads them.
     unfollowed_drops: HashMap<FourTuple, KeptDrops>,
@@ -125,7 +123,6 @@ impl Table {
             recent_refusals: HashMap::default(),
             path_drops: HashMap::default(),
             route_walks: RouteWalks::new(max),
-            lost_routes: LostRoutes::new(max),
             unfollowed_drops: HashMap::default(),
             decided_attempts: HashMap::default(),
             attempt_log: None,
@@ -248,17 +245,13 @@ impl Table {
     }
 
     /// Indexes the connection of `sk` by its tuple once the local port is known; it takes the
-    /// drops and failed route lookups kept for that tuple (in its namespace) while it was not
-    /// followed.
+    /// drops kept for that tuple in its namespace while it was not followed.
     pub fn index_tuple(&mut self, sk: u64) {
         if let Some(id) = self.id_of(sk)
             && let Some(c) = self.conns.get_mut(&id)
             && c.tuple.sport != 0
         {
             self.by_tuple.insert(c.tuple, id);
-            if let Some(lost) = self.lost_routes.take(&c.tuple) {
-                merge_lost_route(&mut c.route_lost, lost);
-            }
             let own = self
                 .unfollowed_drops
                 .get(&c.tuple)
@@ -515,39 +508,9 @@ impl Table {
             .unwrap_or_default()
     }
 
-    /// A connected socket's route lookup for `tuple` (this host's end first) failed in
-    /// `table` with `answer`: its connection's, when followed, else kept until it is (its
-    /// lookups carry no namespace: the tuple alone). False when full.
-    pub fn note_lost_route(
-        &mut self,
-        tuple: FourTuple,
-        table: u32,
-        answer: TableAnswer,
-        ts_ns: u64,
-    ) -> bool {
-        if let Some(&id) = self.by_tuple.get(&tuple)
-            && let Some(c) = self.conns.get_mut(&id)
-        {
-            let one = LostRoute {
-                table,
-                answer,
-                lookups: 1,
-                first_ns: ts_ns,
-                last_ns: ts_ns,
-            };
-            merge_lost_route(&mut c.route_lost, one);
-            return true;
-        }
-        self.lost_routes.note(tuple, table, answer, ts_ns)
-    }
-
     /// Forgets memories older than `keep_ns`; returns how many error reports expired without
     /// finding their connection.
     pub fn forget_older_than(&mut self, now_ns: u64, keep_ns: u64) -> u64 {
-        // A route lost under a connection that retransmits: the next failed lookup comes
-        // within TCP_RTO_MAX (120 s), and the kernel gives up after the last.
-        self.lost_routes
-            .forget_older_than(now_ns, PATH_DROPS_KEEP_NS);
         self.path_drops
             .retain(|_, (last, _)| now_ns < *last + PATH_DROPS_KEEP_NS);
         self.unfollowed_drops
@@ -563,19 +526,5 @@ impl Table {
         let before = self.orphan_errors.len();
         self.orphan_errors.retain(|_, o| now_ns < o.ts_ns + keep_ns);
         (before - self.orphan_errors.len()) as u64
-    }
-}
-
-/// Adds failed lookups `more` to those a connection has.
-fn merge_lost_route(have: &mut Option<LostRoute>, more: LostRoute) {
-    match have {
-        Some(lost) => {
-            lost.lookups = lost.lookups.saturating_add(more.lookups);
-            lost.first_ns = lost.first_ns.min(more.first_ns);
-            if more.last_ns >= lost.last_ns {
-                (lost.table, lost.answer, lost.last_ns) = (more.table, more.answer, more.last_ns);
-            }
-        }
-        None => *have = Some(more),
     }
 }

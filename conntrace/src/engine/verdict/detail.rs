@@ -315,47 +315,17 @@ pub struct ClosedDetail {
     /// `pmtu_blackhole`: the path's answer ("fragmentation needed"), when one was seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_answer: Option<PathAnswer>,
-    /// `no_route` of a connection that had its route: this host's lookups of it that failed.
+    /// `no_route` of a connection that had its route: `true`, the socket had no route left
+    /// when it closed (its retransmissions' lookups failed; an ICMP answer leaves the route).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub route_lost: Option<RouteLost>,
+    pub route_lost: Option<bool>,
     #[serde(flatten)]
     pub drops: DropFacts,
     #[serde(flatten)]
     pub queue: QueueFacts,
 }
 
-/// `no_route` of a connection that got its route and lost it: once its route changed
-/// (deleted, its device gone), each retransmission looked it up again and failed, and the
-/// kernel gave up with that failure as the socket's error. No ICMP came: this host's own
-/// routing table answered.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
-pub struct RouteLost {
-    /// How it was seen: `route_lookups` (the failed lookups themselves,
-    /// `fib:fib_table_lookup` / `fib6:fib6_table_lookup`, where those hooks run: quiet mode
-    /// without fexit) or `no_cached_route` (IPv4: the socket had no route when it closed,
-    /// `sk_dst_cache` empty, where an ICMP answer leaves the route in place).
-    pub seen: &'static str,
-    /// The routing table that answered the last failed lookup (254: `main`, 255: `local`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub table: Option<u32>,
-    /// Its answer: `no_route` (nothing matched), `unreachable`, `no_route_or_unreachable`
-    /// (IPv6, whose "no route" is an unreachable route), `prohibit`, `blackhole`, or an errno.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub answer: Option<String>,
-    /// Failed table answers seen, one or more per retransmission.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub failed_lookups: Option<u32>,
-    /// From the first failed lookup seen to the end, in milliseconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub since_ms: Option<f64>,
-}
-
 impl ClosedDetail {
-    /// `route_lost.failed_lookups`, where counted.
-    pub fn failed_lookups(&self) -> Option<u32> {
-        self.route_lost.as_ref().and_then(|r| r.failed_lookups)
-    }
-
     pub fn new(closed_from: TcpState) -> Self {
         Self {
             closed_from,
