@@ -22,12 +22,12 @@ fn flush_routes(ns: &conntrace_tests::Netns) {
     ns.exec(&["ip", "route", "flush", "table", "main"]);
 }
 
-/// A client that reads the greeting and sends its request `delay_ms` later, then waits for
-/// an answer.
-fn client(hosts: &TwoHosts, delay_ms: u64) -> Proc {
+/// A client in `ns` that reads the greeting and sends its request `delay_ms` later, then
+/// waits for an answer.
+fn client(ns: &conntrace_tests::Netns, server_ip: &str, delay_ms: u64) -> Proc {
     connect(
-        &hosts.client,
-        &hosts.server_ip,
+        ns,
+        server_ip,
         PORT,
         &[
             "--read",
@@ -56,7 +56,7 @@ fn client_verdicts(errno: i64, run: impl Fn(&TwoHosts, &Proc)) -> Vec<(&'static 
             .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
             .conntrace(&["--port", "3306", "--follow", follow])
             .serve(&["--greeting", "hi\n"]);
-        let client = client(&hosts, 800);
+        let client = client(&hosts.client, &hosts.server_ip, 800);
         run(&hosts, &client);
         let result = client.json_lines(Duration::from_secs(40)).remove(0);
         assert_eq!(result["errno"], errno, "--follow {follow}: {result}");
@@ -118,22 +118,7 @@ fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
             .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
             .conntrace(&["--port", "3306", "--follow", follow])
             .serve(&["--greeting", "hi\n"]);
-        let client = connect(
-            &hosts.client,
-            &hosts.server_ip,
-            PORT,
-            &[
-                "--read",
-                "--request",
-                "ping\n",
-                "--request-delay-ms",
-                "800",
-                "--expect-bytes",
-                "1",
-                "--timeout-ms",
-                "20000",
-            ],
-        );
+        let client = client(&hosts.client, &hosts.server_ip, 800);
         std::thread::sleep(Duration::from_millis(300));
         let unreachable = format!("{}/32", hosts.server_ip);
         hosts
