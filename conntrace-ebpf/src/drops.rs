@@ -33,14 +33,20 @@ pub(crate) fn ip_protocol(prog: u32, o: &KernelOffsets, skb: u64) -> Option<u16>
     if o.skb_protocol == KernelOffsets::MISSING {
         return None;
     }
-    let proto = kread::<u16>(prog, skb + o.skb_protocol as u64).map(u16::from_be)?;
-    (proto == ETH_P_IP || proto == ETH_P_IPV6).then_some(proto)
+    kread::<u16>(prog, skb + o.skb_protocol as u64)
+        .map(u16::from_be)
+        .and_then(ip_only)
 }
 
 /// [`ip_protocol`] of a BTF-typed `struct sk_buff *`, by a direct load.
 #[inline(always)]
 fn typed_ip_protocol(skb: *const u8) -> Option<u16> {
-    let proto = typed_skb_protocol(skb)?;
+    typed_skb_protocol(skb).and_then(ip_only)
+}
+
+/// `proto` (`skb->protocol`, host order) when it is IPv4 or IPv6.
+#[inline(always)]
+fn ip_only(proto: u16) -> Option<u16> {
     (proto == ETH_P_IP || proto == ETH_P_IPV6).then_some(proto)
 }
 

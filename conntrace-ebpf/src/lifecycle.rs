@@ -14,9 +14,9 @@ use conntrace_common::{
 };
 
 use crate::{
-    IPPROTO_TCP, Record, bytes_field, config, data, emit, header, init_tuple, kread, kread_into,
+    IPPROTO_TCP, Record, bytes_field, config, data, emit, header, init_tuple, kread_into,
     netns_of_sock, port_traced, quiet,
-    sock::{Probed, SockRead, Typed, netns_of_typed_net},
+    sock::{Probed, SockRead, Typed, netns_of_typed_net, typed_sock_ports},
     v4_part,
 };
 
@@ -95,25 +95,18 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     let sk: *const u8 = ctx.arg(0);
-    // SAFETY: `sk` is the tracepoint's BTF-typed `struct sock *`: the verifier turns these
-    // loads into faulting-safe ones and checks each offset against the type. Volatile: one
-    // load per member, as the verifier checks them.
-    let portpair = unsafe { sk.add(sock_common::PORTPAIR).cast::<u32>().read_volatile() };
-    // skc_dport (network order) in the low half, skc_num (host order) in the high half.
-    let dport = u16::from_be(portpair as u16);
-    let mut sport = (portpair >> 16) as u16;
+    // Going to CLOSE may have released the bound port (inet_put_port zeroes skc_num first):
+    // then the socket's own source port, as the classic record shows it.
+    let (sport, dport) = typed_sock_ports(P, sk);
     let Some(cfg) = config() else { return 0 };
     let o = &cfg.offsets;
     let skaddr = sk as u64;
-    if sport == 0 && o.inet_sport != KernelOffsets::MISSING {
-        // Going to CLOSE released the bound port (inet_put_port zeroes skc_num first); the
-        // socket's own source port stays, as the classic record shows it.
-        sport = kread::<u16>(P, skaddr + o.inet_sport as u64).map_or(0, u16::from_be);
-    }
     if !port_traced(cfg, sport, dport) {
         return 0;
     }
-    // SAFETY: as above.
+    // SAFETY: `sk` is the tracepoint's BTF-typed `struct sock *`: the verifier turns these
+    // loads into faulting-safe ones and checks each offset against the type. Volatile: one
+    // load per member, as the verifier checks them.
     let family = unsafe { sk.add(sock_common::FAMILY).cast::<u16>().read_volatile() };
     let mut slot = core::mem::MaybeUninit::uninit();
     let tuple = init_tuple(&mut slot, family, sport, dport);
