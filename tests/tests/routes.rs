@@ -13,18 +13,18 @@
 use std::time::Duration;
 
 use conntrace_tests::{
-    FOLLOW_MODES, PORT, Proc, Scenario, TwoHosts, connect, only_verdict_in, verdicts_in,
+    FOLLOW_MODES, Hosts, Netns, PORT, Proc, Scenario, connect, only_verdict_in, verdicts_in,
 };
 use serde_json::Value;
 
 /// The namespace's routes go (its addresses stay): its next packet out finds none.
-fn flush_routes(ns: &conntrace_tests::Netns) {
+fn flush_routes(ns: &Netns) {
     ns.exec(&["ip", "route", "flush", "table", "main"]);
 }
 
 /// A client in `ns` that reads the greeting and sends its request `delay_ms` later, then
 /// waits for an answer.
-fn client(ns: &conntrace_tests::Netns, server_ip: &str, delay_ms: u64) -> Proc {
+fn client(ns: &Netns, server_ip: &str, delay_ms: u64) -> Proc {
     connect(
         ns,
         server_ip,
@@ -43,36 +43,45 @@ fn client(ns: &conntrace_tests::Netns, server_ip: &str, delay_ms: u64) -> Proc {
     )
 }
 
-/// The client's verdict in each follow mode for `run` (which breaks the routes, given the
-/// hosts and the client), after checking the errno the client got.
-fn client_verdicts(errno: i64, run: impl Fn(&TwoHosts, &Proc)) -> Vec<(&'static str, Value)> {
+/// The client's verdict in each follow mode, in hosts from `scenario` (its namespace gives up
+/// after 3 retransmissions), for `run` (which breaks the routes), after checking the errno the
+/// client got and that the server's end is still open.
+fn client_verdicts<H: Hosts>(
+    scenario: impl Fn() -> Scenario<(), (), H>,
+    errno: i32,
+    run: impl Fn(&H),
+) -> Vec<(&'static str, Value)> {
     let mut verdicts = Vec::new();
     for follow in FOLLOW_MODES {
         let Scenario {
             hosts,
             ct,
             server: _server,
-        } = Scenario::new()
+        } = scenario()
             .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
             .conntrace(&["--port", "3306", "--follow", follow])
             .serve(&["--greeting", "hi\n"]);
-        let client = client(&hosts.client, &hosts.server_ip, 800);
-        run(&hosts, &client);
+        let client = client(hosts.client(), hosts.server_ip(), 800);
+        run(&hosts);
         let result = client.json_lines(Duration::from_secs(40)).remove(0);
-        assert_eq!(result["errno"], errno, "--follow {follow}: {result}");
-        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        assert_eq!(
+            result["errno"],
+            i64::from(errno),
+            "--follow {follow}: {result}"
+        );
+        let values = ct.stop_after_verdict_in(hosts.client().inode());
         assert!(
-            verdicts_in(&values, hosts.server.inode()).is_empty(),
+            verdicts_in(&values, hosts.server().inode()).is_empty(),
             "the server's end is still open: --follow {follow}"
         );
-        verdicts.push((follow, only_verdict_in(&values, hosts.client.inode())));
+        verdicts.push((follow, only_verdict_in(&values, hosts.client().inode())));
     }
     verdicts
 }
 
 #[test]
 fn a_route_lost_under_retransmissions_is_no_route_not_an_icmp_answer() {
-    let verdicts = client_verdicts(libc::ENETUNREACH.into(), |hosts, _| {
+    let verdicts = client_verdicts(Scenario::new, libc::ENETUNREACH, |hosts| {
         // The server cannot answer (its routes go first), so the request stays in flight;
         // then the client's routes go, between two of its retransmissions.
         std::thread::sleep(Duration::from_millis(300));
@@ -109,29 +118,14 @@ fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
     // The router between them gets an `unreachable` route to the server while the client is
     // connected: it answers the request with ICMP host unreachable. The client keeps its own
     // route: `icmp_unreachable`, not `no_route` (the router's lookups are not the client's).
-    for follow in FOLLOW_MODES {
-        let Scenario {
-            hosts,
-            ct,
-            server: _server,
-        } = Scenario::routed()
-            .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
-            .conntrace(&["--port", "3306", "--follow", follow])
-            .serve(&["--greeting", "hi\n"]);
-        let client = client(&hosts.client, &hosts.server_ip, 800);
+    let verdicts = client_verdicts(Scenario::routed, libc::EHOSTUNREACH, |hosts| {
         std::thread::sleep(Duration::from_millis(300));
         let unreachable = format!("{}/32", hosts.server_ip);
         hosts
             .router
             .exec(&["ip", "route", "add", "unreachable", &unreachable]);
-        let result = client.json_lines(Duration::from_secs(40)).remove(0);
-        assert_eq!(
-            result["errno"],
-            i64::from(libc::EHOSTUNREACH),
-            "--follow {follow}: {result}"
-        );
-        let values = ct.stop_after_verdict_in(hosts.client.inode());
-        let v = only_verdict_in(&values, hosts.client.inode());
+    });
+    for (follow, v) in verdicts {
         assert_eq!(
             (
                 v["reason"].as_str(),

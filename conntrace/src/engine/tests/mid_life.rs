@@ -3,21 +3,6 @@
 
 use super::*;
 
-/// The close of a socket conntrace never saw open, with the socket's error.
-fn close_with(s: Sock, ts: u64, old: TcpState, errno: Option<i32>) -> KernelEvent {
-    KernelEvent::State {
-        meta: softirq(ts),
-        sk: s.sk,
-        tuple: s.t,
-        old,
-        new: S::Close,
-        sk_err: errno.map(Errno),
-        sk_err_soft: None,
-        closing: None,
-        route_cached: None,
-    }
-}
-
 fn ports(ports: &[u16]) -> EngineConfig {
     config(|c| c.ports = ports.to_vec())
 }
@@ -30,7 +15,7 @@ fn a_reset_of_a_connection_opened_before_the_trace_is_reset_by_peer() {
         ports(&[DPORT]),
         vec![
             a.rst(10 * SEC),
-            close_with(a, 10 * SEC, S::Established, Some(104)),
+            a.closed(10 * SEC, S::Established, Some(104)),
             a.err(10 * SEC, 104),
         ],
     );
@@ -65,7 +50,7 @@ fn an_error_report_just_before_the_close_joins_it() {
         ports(&[DPORT]),
         vec![
             a.err(10 * SEC, 110),
-            close_with(a, 10 * SEC + MS, S::Established, None),
+            a.closed(10 * SEC + MS, S::Established, None),
         ],
     );
     check(&one(out), "client failed timeout ETIMEDOUT");
@@ -77,21 +62,21 @@ fn the_side_of_a_connection_seen_mid_life_comes_from_the_traced_port() {
     let server = Sock::server(SK_B);
     let v = one(run(
         ports(&[3306]),
-        vec![close_with(server, SEC, S::CloseWait, Some(104))],
+        vec![server.closed(SEC, S::CloseWait, Some(104))],
     )
     .1);
     check(&v, "server failed reset_by_peer ECONNRESET");
     // Without a port filter, the end on the lower port is the service's.
     let v = one(run(
         ports(&[]),
-        vec![close_with(server, SEC, S::Established, Some(104))],
+        vec![server.closed(SEC, S::Established, Some(104))],
     )
     .1);
     check(&v, "server failed reset_by_peer ECONNRESET");
     let client = Sock::client(SK_A, SPORT);
     let v = one(run(
         ports(&[]),
-        vec![close_with(client, SEC, S::Established, Some(104))],
+        vec![client.closed(SEC, S::Established, Some(104))],
     )
     .1);
     check(&v, "client failed reset_by_peer ECONNRESET");
@@ -106,7 +91,7 @@ fn an_orderly_end_or_an_idle_pooled_connection_gives_nothing() {
         ports(&[DPORT]),
         vec![
             a.st(SEC, S::Established, S::FinWait1),
-            close_with(a, 2 * SEC, S::FinWait2, None),
+            a.closed(2 * SEC, S::FinWait2, None),
             Sock::client(SK_C, SPORT + 1).st(SEC, S::Established, S::FinWait1),
         ],
     );
@@ -121,7 +106,7 @@ fn with_all_no_established_verdict_is_made_up_for_it() {
         c.report_established = true;
         c.ports = vec![DPORT];
     });
-    let (_, out) = run(cfg, vec![close_with(a, SEC, S::Established, None)]);
+    let (_, out) = run(cfg, vec![a.closed(SEC, S::Established, None)]);
     assert!(
         out.is_empty(),
         "an application's abort of a pooled connection: {out:#?}"
@@ -144,7 +129,7 @@ fn data_retransmissions_of_a_connection_opened_before_the_trace_are_in_its_timeo
             rtx(SEC),
             rtx(2 * SEC),
             rtx(4 * SEC),
-            close_with(a, 8 * SEC, S::Established, Some(110)),
+            a.closed(8 * SEC, S::Established, Some(110)),
         ],
     );
     let v = one(out);
@@ -163,7 +148,7 @@ fn an_error_report_that_found_the_error_already_read_is_not_unmatched() {
         ports(&[DPORT]),
         vec![
             a.rst(SEC),
-            close_with(a, SEC, S::Established, Some(104)),
+            a.closed(SEC, S::Established, Some(104)),
             a.err(SEC, 0),
         ],
     );
@@ -179,14 +164,14 @@ fn a_socket_destroyed_on_this_host_is_named_and_its_peer_is_reset() {
     let fresh = vec![
         a.connect(MS, 100, "client"),
         a.st(2 * MS, S::SynSent, S::Established),
-        close_with(a, SEC, S::Established, Some(103)),
+        a.closed(SEC, S::Established, Some(103)),
     ];
     let v = one(run(ports(&[DPORT]), fresh).1);
     check(&v, "client failed socket_destroyed ECONNABORTED");
     assert_eq!(detail(&v, "established_ms"), 998.0);
     let v = one(run(
         ports(&[DPORT]),
-        vec![close_with(a, SEC, S::Established, Some(103))],
+        vec![a.closed(SEC, S::Established, Some(103))],
     )
     .1);
     check(&v, "client failed socket_destroyed ECONNABORTED");
@@ -196,7 +181,7 @@ fn a_socket_destroyed_on_this_host_is_named_and_its_peer_is_reset() {
         ports(&[3306]),
         vec![
             server.rst(SEC),
-            close_with(server, SEC, S::Established, Some(104)),
+            server.closed(SEC, S::Established, Some(104)),
         ],
     )
     .1);
@@ -236,7 +221,7 @@ fn drops_on_a_pooled_connection_are_its_own_never_a_failed_handshake() {
     assert!(out.is_empty(), "open, so no verdict yet: {out:#?}");
     assert_eq!(e.take_drops().len(), 3, "each drop is a record");
     let mut events = drops;
-    events.push(close_with(server, 8 * SEC, S::Established, Some(110)));
+    events.push(server.closed(8 * SEC, S::Established, Some(110)));
     let v = one(run(ports(&[3306]), events).1);
     check(&v, "server failed netfilter_drop ETIMEDOUT");
     assert_eq!(detail(&v, "started_before_trace"), true);
@@ -274,7 +259,7 @@ fn the_reset_a_server_aborting_with_linger_0_reports_on_itself_is_not_unmatched(
     let (e, out) = run(
         ports(&[3306]),
         vec![
-            close_with(server, SEC, S::Established, None),
+            server.closed(SEC, S::Established, None),
             own.err(SEC + 1_000, 104),
         ],
     );

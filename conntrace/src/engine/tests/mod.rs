@@ -92,6 +92,15 @@ impl Sock {
         }
     }
 
+    /// The close from `old` (softirq context) with the socket's error `errno`, if any.
+    fn closed(self, ts: u64, old: TcpState, errno: Option<i32>) -> KernelEvent {
+        let mut ev = self.st(ts, old, S::Close);
+        if let KernelEvent::State { sk_err, .. } = &mut ev {
+            *sk_err = errno.map(Errno);
+        }
+        ev
+    }
+
     /// `inet_sk_error_report` with `errno` (0: a soft error).
     fn err(self, ts: u64, errno: i32) -> KernelEvent {
         let (meta, tuple) = (softirq(ts), self.t);

@@ -73,17 +73,7 @@ fn close(c: Sock, ts: u64, errno: i32) -> KernelEvent {
 }
 
 fn close_from(c: Sock, ts: u64, old: S, errno: i32) -> KernelEvent {
-    KernelEvent::State {
-        meta: softirq(ts),
-        sk: c.sk,
-        tuple: c.t,
-        old,
-        new: S::Close,
-        sk_err: Some(Errno(errno)),
-        sk_err_soft: None,
-        closing: None,
-        route_cached: None,
-    }
+    c.closed(ts, old, Some(errno))
 }
 
 /// Names one rule of the server's INPUT chain (with the action given) for every look-up.

@@ -6,18 +6,18 @@ use super::*;
 
 /// The client's close from `old` with `errno` (and the same soft error), and whether its
 /// route was still cached.
-fn close(a: Sock, ts: u64, old: TcpState, errno: i32, route_cached: Option<bool>) -> KernelEvent {
-    KernelEvent::State {
-        meta: softirq(ts),
-        sk: a.sk,
-        tuple: a.t,
-        old,
-        new: S::Close,
-        sk_err: Some(Errno(errno)),
-        sk_err_soft: Some(Errno(errno)),
-        closing: None,
+fn close(a: Sock, ts: u64, old: TcpState, errno: i32, cached: Option<bool>) -> KernelEvent {
+    let mut ev = a.closed(ts, old, Some(errno));
+    if let KernelEvent::State {
+        sk_err_soft,
         route_cached,
+        ..
+    } = &mut ev
+    {
+        *sk_err_soft = Some(Errno(errno));
+        *route_cached = cached;
     }
+    ev
 }
 
 /// A client that connects and is established.

@@ -12,23 +12,19 @@ use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 use conntrace_tests::{Conntrace, PORT, Scenario, attach_args};
 use serde_json::Value;
 
-use crate::stats::median;
+use crate::{
+    costs::{figures, per_run},
+    stats::median,
+};
 
 /// Each program's (runs, run_ns) in a `--bpf-stats` summary, by name.
 pub fn programs(summary: &Value) -> BTreeMap<String, (u64, u64)> {
     summary["programs"]
         .as_array()
         .map(|list| {
-            list.iter()
-                .map(|p| {
-                    (
-                        p["program"].as_str().unwrap_or("?").to_owned(),
-                        (
-                            p["runs"].as_u64().unwrap_or(0),
-                            p["run_ns"].as_u64().unwrap_or(0),
-                        ),
-                    )
-                })
+            figures(list)
+                .into_iter()
+                .map(|(name, runs, ns)| (name.to_owned(), (runs, ns)))
                 .collect()
         })
         .unwrap_or_default()
@@ -42,7 +38,7 @@ pub fn pair(
     connections: f64,
 ) -> Vec<(String, f64, f64)> {
     let connections = connections.max(1.0);
-    let per_run = |(runs, ns): (u64, u64)| ns as f64 / runs.max(1) as f64;
+    let per_run = |(runs, ns): (u64, u64)| per_run(runs, ns);
     let mut out: Vec<(String, f64, f64)> = this
         .iter()
         .filter_map(|(name, &here)| {

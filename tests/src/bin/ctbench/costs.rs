@@ -12,7 +12,7 @@
 use conntrace_tests::{Conntrace, PORT, Scenario};
 use serde_json::Value;
 
-fn per_run(runs: u64, run_ns: u64) -> f64 {
+pub fn per_run(runs: u64, run_ns: u64) -> f64 {
     if runs == 0 {
         0.0
     } else {
@@ -32,11 +32,9 @@ fn line(name: &str, runs: u64, run_ns: u64, above_ns: f64, connections: f64) -> 
     )
 }
 
-/// The table for a summary's `programs` and the phase's connection count, with the floor:
-/// the cheapest ns a run of a program that runs at least once per connection.
-pub fn table(programs: &[Value], connections: f64) -> (Vec<String>, f64) {
-    let connections = connections.max(1.0);
-    let figures: Vec<(&str, u64, u64)> = programs
+/// Each program of a `--bpf-stats` summary's `programs`: (name, runs, run_ns), in order.
+pub fn figures(programs: &[Value]) -> Vec<(&str, u64, u64)> {
+    programs
         .iter()
         .map(|p| {
             (
@@ -45,7 +43,14 @@ pub fn table(programs: &[Value], connections: f64) -> (Vec<String>, f64) {
                 p["run_ns"].as_u64().unwrap_or(0),
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The table for a summary's `programs` and the phase's connection count, with the floor:
+/// the cheapest ns a run of a program that runs at least once per connection.
+pub fn table(programs: &[Value], connections: f64) -> (Vec<String>, f64) {
+    let connections = connections.max(1.0);
+    let figures = figures(programs);
     let floor = figures
         .iter()
         .filter(|(_, n, _)| *n as f64 >= connections)
