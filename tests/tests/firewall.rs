@@ -272,8 +272,8 @@ fn icmp_reject(with: &str, errno: i64, errno_name: &str) {
     assert_eq!(client.len(), 8, "{client:#?}");
     for c in &client {
         assert_eq!(c["reason"], "icmp_unreachable", "{c}");
-        // The errno is seen unless the ICMP came while connect() still held the socket (the
-        // application then reads it from sk_err_soft first).
+        // The errno is seen unless the application, woken by sk_error_report() before its
+        // tracepoint, read the error first.
         assert!(c["errno"] == errno_name || c["errno"].is_null(), "{c}");
         let rtx = c["syn_retransmits"].as_u64().expect("count");
         if rtx > 0 {

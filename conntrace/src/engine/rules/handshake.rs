@@ -80,12 +80,14 @@ fn client_error(
         }
         Some(e) => (Reason::Unknown, e.to_string()),
         None if from == TcpState::SynSent && c.error == SocketError::Soft => {
-            // The ICMP error arrived while connect() held the socket: the kernel kept it as a
-            // soft error, the application read it (SO_ERROR) and closed.
+            // An ICMP error ended the handshake, but `sk_error_report()` wakes the application
+            // before its tracepoint reads `sk_err`: the application, on another CPU, read the
+            // error (connect(), SO_ERROR) and cleared it first.
             d.icmp = Some("unknown: the application read the error before it could be seen");
+            unanswered_syns(c, d);
             (
                 Reason::IcmpUnreachable,
-                "ICMP error while the socket was busy".into(),
+                "ICMP error read by the application first".into(),
             )
         }
         None if from == TcpState::SynSent => {

@@ -142,9 +142,9 @@ fn socket_error_read_at_close_survives_a_zero_error_report() {
 }
 
 #[test]
-fn icmp_error_while_the_socket_was_busy_is_icmp_unreachable() {
-    // The ICMP came inside connect(): the kernel reported a soft error (sk_err 0), the
-    // application read it with SO_ERROR and closed the socket itself.
+fn an_icmp_error_the_application_read_first_is_icmp_unreachable() {
+    // sk_error_report() wakes the application before its tracepoint reads sk_err: the
+    // application read the error (SO_ERROR) first, the report says 0, and it closed the socket.
     let c = Sock::client(SK_A, SPORT);
     let events = vec![
         c.connect(MS, 100, "client"),
@@ -159,4 +159,25 @@ fn icmp_error_while_the_socket_was_busy_is_icmp_unreachable() {
         c.st_by(meta(MS + 20_000, 100, "client"), S::SynSent, S::Close),
     ];
     check(&run_default(events), "client failed syn_timeout -");
+}
+
+#[test]
+fn an_icmp_error_the_application_read_first_still_counts_the_unanswered_syns() {
+    // The first SYN went unanswered (ICMP rate limit), the retransmit's ICMP ended the
+    // handshake and the application read the error before the tracepoint did.
+    let c = Sock::client(SK_A, SPORT);
+    let events = vec![
+        c.connect(MS, 100, "client"),
+        c.rtx(SEC + MS),
+        c.err(SEC + 2 * MS, 0),
+        c.st_by(meta(SEC + 3 * MS, 100, "client"), S::SynSent, S::Close),
+    ];
+    let v = run_default(events);
+    check(&v, "client failed icmp_unreachable -");
+    assert_eq!(
+        v.kernel_reason.as_deref(),
+        Some("ICMP error read by the application first")
+    );
+    assert_eq!(detail(&v, "unanswered_syns"), 1, "{v:#?}");
+    assert_eq!(detail(&v, "first_answer_while_busy"), Value::Null);
 }
