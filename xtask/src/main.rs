@@ -74,11 +74,12 @@ enum Task {
     /// conntrace's own hooks; then each program's cost (`--bpf-stats`). Its last line is
     /// `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
     Bench {
-        /// Arguments for ctbench: --rounds N (10), --phase-ms T (2000), --cpu N|all (0: every
-        /// process on that CPU), --parallel K (1 on one CPU, else 2), --without CAP,...,
-        /// --modes PEER,... (only these peers beside untraced, traced and unrelated),
-        /// --compare-with BIN (only each program's cost here and in BIN, both tracing one
-        /// churn at once, N runs).
+        /// Arguments for ctbench (`cargo xtask bench -- --help` lists them): --rounds N (10),
+        /// --phase-ms T (2000), --cpu N|all (0: every process on that CPU), --parallel K (1 on
+        /// one CPU, else 2), --without CAP,..., --modes PEER,... (only these peers beside
+        /// untraced, traced and unrelated), --compare-with BIN (only each program's cost here
+        /// and in BIN, both tracing one churn at once, N runs), --programs-only (only each
+        /// program's runs and ns per connection, tracing the churned port and another).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

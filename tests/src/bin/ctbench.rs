@@ -42,26 +42,64 @@ use std::{
     time::Duration,
 };
 
+use clap::Parser;
 use conntrace_tests::{Conntrace, Netns, PORT, Proc, Scenario, require_root};
 use serde_json::Value;
 use stats::{UNDISTURBED, interval, median, undisturbed};
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// The port the `unrelated` mode traces: nothing connects to it.
+const OTHER_PORT: u16 = 9999;
+
+/// `cargo xtask bench -- ARGS`: conntrace's cost on connection churn, against no tracer and
+/// against bpftrace, in one run. Needs root (eBPF, network namespaces) and `CONNTRACE_BIN`.
+#[derive(Parser, Debug)]
+#[command(name = "ctbench")]
+struct Args {
+    /// Rounds; each runs every mode once, in an order rotated by one a round. Ten take about
+    /// five minutes and give enough 100 ms slices for each mode's undisturbed rate.
+    #[arg(long, default_value_t = 10)]
+    rounds: u64,
+    /// Length of each mode's measured phase, in milliseconds (after one unmeasured second).
+    #[arg(long, default_value_t = 2000)]
+    phase_ms: u64,
+    /// The CPU everything runs on (the churn, its server, the tracers), or `all` for none.
+    #[arg(long, default_value = "0", value_parser = parse_cpu)]
+    cpu: Cpu,
+    /// Churning threads (default: 1 when pinned to one CPU, 2 otherwise).
+    #[arg(long)]
+    parallel: Option<u64>,
+    /// Modes to run besides untraced, traced and unrelated (which always run), comma-separated:
+    /// bpftrace, bpftrace-hooks, tcpstates.
+    #[arg(long, value_delimiter = ',')]
+    modes: Option<Vec<String>>,
+    /// Capabilities conntrace leaves out (its `--without`), to measure what each one costs.
+    #[arg(long)]
+    without: Option<String>,
+    /// Only compare each program's cost in this build and in the conntrace binary BIN, both
+    /// tracing the same churn at once.
+    #[arg(long, value_name = "BIN")]
+    compare_with: Option<std::path::PathBuf>,
+    /// Only the `--bpf-stats` phases: each program's runs and ns per connection, tracing the
+    /// churned port and another port.
+    #[arg(long, conflicts_with = "compare_with")]
+    programs_only: bool,
 }
 
-/// The value of a string option, if given.
-fn string_arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .cloned()
+/// A CPU to pin to, or none.
+#[derive(Clone, Copy, Debug)]
+enum Cpu {
+    One(usize),
+    All,
+}
+
+fn parse_cpu(s: &str) -> Result<Cpu, String> {
+    match s {
+        "all" => Ok(Cpu::All),
+        n => n
+            .parse()
+            .map(Cpu::One)
+            .map_err(|_| format!("{n}: a CPU number or `all`")),
+    }
 }
 
 fn ctload() -> std::path::PathBuf {
@@ -282,7 +320,7 @@ fn phase(
     let setup = Scenario::churn(PORT);
     let ct = match mode {
         "traced" => Some(start_conntrace(&PORT.to_string(), without)),
-        "unrelated" => Some(start_conntrace("9999", without)),
+        "unrelated" => Some(start_conntrace(&OTHER_PORT.to_string(), without)),
         _ => None,
     };
     let peer = match mode {
@@ -398,41 +436,35 @@ fn pin_to(cpu: usize) {
     );
 }
 
-/// `--cpu N` (default 0), or none with `--cpu all`.
-fn cpu_arg() -> Option<usize> {
-    match string_arg("--cpu").as_deref() {
-        Some("all") => None,
-        Some(n) => Some(
-            n.parse()
-                .unwrap_or_else(|_| panic!("--cpu {n}: a CPU number or all")),
-        ),
-        None => Some(0),
-    }
-}
-
 fn main() {
+    let args = Args::parse();
     require_root();
-    // Ten rounds: about five minutes, and enough slices for each mode's undisturbed rate.
-    let rounds = arg("--rounds", 10);
-    let phase_ms = arg("--phase-ms", 2000);
-    let cpu = cpu_arg();
+    let (rounds, phase_ms) = (args.rounds, args.phase_ms);
+    let cpu = match args.cpu {
+        Cpu::One(cpu) => Some(cpu),
+        Cpu::All => None,
+    };
     if let Some(cpu) = cpu {
         pin_to(cpu);
     }
     // On one CPU one churning thread keeps it busy (the server's thread runs as it waits).
-    let parallel = arg("--parallel", if cpu.is_some() { 1 } else { 2 });
-    if let Some(other) = string_arg("--compare-with") {
-        compare::report(std::path::Path::new(&other), rounds, phase_ms, parallel);
+    let parallel = args.parallel.unwrap_or(if cpu.is_some() { 1 } else { 2 });
+    let without = args.without.as_deref();
+    if args.programs_only {
+        costs::report(PORT, phase_ms, parallel, without);
+        costs::report(OTHER_PORT, phase_ms, parallel, without);
         return;
     }
-    // Capabilities conntrace leaves out (its --without), to measure what each one costs.
-    let without = string_arg("--without");
-    let without = without.as_deref();
+    if let Some(other) = &args.compare_with {
+        compare::report(other, rounds, phase_ms, parallel);
+        return;
+    }
     let (mut modes, absent, hooks_script) = modes(without);
-    if let Some(only) = string_arg("--modes") {
-        let only: Vec<&str> = only.split(',').collect();
+    if let Some(only) = &args.modes {
         // The three the last line compares always run.
-        modes.retain(|m| ["untraced", "traced", "unrelated"].contains(m) || only.contains(m));
+        modes.retain(|m| {
+            ["untraced", "traced", "unrelated"].contains(m) || only.iter().any(|o| o == m)
+        });
     }
     println!(
         "bench: {} rounds of {phase_ms} ms phases, {parallel} churning thread(s), {}",
@@ -522,7 +554,8 @@ fn main() {
     println!(
         "conntrace at {events:.0} kernel events/s (paced churn): {pct:.2}% of one core (target ≤ 5% at 10k events/s)"
     );
-    costs::report(phase_ms, parallel, without);
+    costs::report(PORT, phase_ms, parallel, without);
+    costs::report(OTHER_PORT, phase_ms, parallel, without);
     for line in absent {
         println!("{line}");
     }

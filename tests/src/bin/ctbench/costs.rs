@@ -73,10 +73,16 @@ pub fn table(programs: &[Value], connections: f64) -> (Vec<String>, f64) {
     (lines, floor)
 }
 
-/// Runs the phase and prints the table and the kernel events per connection.
-pub fn report(phase_ms: u64, parallel: u64, without: Option<&str>) {
+/// Runs the phase with conntrace tracing `port` (the churned one, or another to see what an
+/// unrelated port costs) and prints the table and the kernel events per connection.
+pub fn report(port: u16, phase_ms: u64, parallel: u64, without: Option<&str>) {
     let setup = Scenario::churn(PORT);
-    let port = PORT.to_string();
+    let which = if port == PORT {
+        "the churned port"
+    } else {
+        "another port"
+    };
+    let port = port.to_string();
     let mut args = vec!["--port", port.as_str(), "--bpf-stats"];
     if let Some(without) = without {
         args.extend(["--without", without]);
@@ -96,7 +102,7 @@ pub fn report(phase_ms: u64, parallel: u64, without: Option<&str>) {
     };
     let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
     println!(
-        "per program (conntrace --bpf-stats, a separate phase, not in the ratios: {:.0} connections, {:.0}/s):",
+        "per program, tracing {which} (conntrace --bpf-stats, a separate phase, not in the ratios: {:.0} connections, {:.0}/s):",
         run.connections, run.per_second
     );
     let (lines, floor) = table(programs, run.connections);
