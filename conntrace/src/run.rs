@@ -2,6 +2,7 @@
 //! identity) → output, until the end of the run.
 
 mod identity;
+mod listening;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -34,7 +35,7 @@ use crate::{
     output::{Clock, Final, Format, KernelFeatures, Lost, Output, OutputError, Ready, Record},
 };
 
-use self::identity::Identity;
+use self::{identity::Identity, listening::ListenerWatch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -234,11 +235,12 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         stall_timeout: cli.stall_timeout,
         show_normal_drops: cli.show_normal_drops,
     })?;
-    let ready = ready_record(cli, &tracer, ports);
+    let ready = ready_record(cli, &tracer, ports.clone());
     let mut engine = engine_for(cli, &mut tracer);
     let mut overflows = OverflowWatch::new(&cli.ports);
     let mut windows = WindowWatch::new(&cli.ports);
     let mut stalls = StallCheck::new(cli.stall_timeout);
+    let mut listeners = ListenerWatch::new(&tracer, &ports);
     await_selection(cli, &ident).await;
     out.write(&Record::Ready(&ready))?;
 
@@ -275,12 +277,12 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Poll)?;
                 let ring = guard.get_inner_mut();
-                let verdicts = drain(ring, &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
+                let verdicts = drain(ring, &decoder, &mut engine, &mut ident, &mut decode_errors, (&mut windows, &mut listeners));
                 guard.clear_ready();
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = drain_tick.tick(), if streaming => {
-                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
+                let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, (&mut windows, &mut listeners));
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
             () = ident.changed() => {
@@ -333,7 +335,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 // Poll, then take what the ring holds: a connection that closed before the
                 // dump (and so shows as open) reaches the engine closed first.
                 let events = windows.poll(Clock::mono_now_ns());
-                let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, &mut windows);
+                let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, (&mut windows, &mut listeners));
                 for ev in events {
                     let Some(ev) = ident.admit(ev) else { continue };
                     verdicts.extend(bring_in(&mut tracer, &stalls, &mut engine, &ev));
@@ -346,6 +348,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             () = &mut deadline => { debug!("duration elapsed"); break }
         }
         watch_attempts(&mut tracer, &mut engine);
+        listeners.apply(&mut tracer, std::time::Instant::now());
     }
 
     let mut verdicts = drain(
@@ -354,7 +357,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         &mut engine,
         &mut ident,
         &mut decode_errors,
-        &mut windows,
+        (&mut windows, &mut listeners),
     );
     for ev in overflows.poll(Clock::mono_now_ns()) {
         if let Some(ev) = ident.admit(ev) {
@@ -526,7 +529,7 @@ fn drain(
     engine: &mut Engine,
     ident: &mut Identity,
     decode_errors: &mut u64,
-    windows: &mut WindowWatch,
+    (windows, listeners): (&mut WindowWatch, &mut ListenerWatch),
 ) -> Vec<Verdict> {
     let mut verdicts = Vec::new();
     for ev in ident.release() {
@@ -536,6 +539,8 @@ fn drain(
         match decoder.decode(&item) {
             Ok(ev) => {
                 tracing::trace!(?ev, "kernel event");
+                // Before the namespace filter: a listener anywhere may send cookies.
+                listeners.observe(&ev, std::time::Instant::now());
                 let Some(ev) = ident.admit(ev) else { continue };
                 if let KernelEvent::State { meta, .. } = &ev {
                     windows.traced_in(meta.netns);

@@ -7,6 +7,7 @@
 //! scratch directory is a [`TempDir`] (removed on drop); every container ([`containers`]) is
 //! removed on drop too.
 
+pub mod bpftool;
 mod conntrace;
 pub mod containers;
 mod hosts;

@@ -4,7 +4,11 @@
 
 use std::time::Duration;
 
-use conntrace_tests::{Conntrace, PORT, Scenario, connect, require_root, skip};
+use conntrace_tests::{
+    Conntrace, PORT, Scenario,
+    bpftool::{program_id, run_count},
+    connect, require_root, skip,
+};
 use serde_json::Value;
 
 /// A refused connection from the client to the server (nothing listens): a few runs of the
@@ -65,39 +69,6 @@ fn without_the_flag_the_summary_has_no_programs() {
     assert!(summary.get("programs").is_none(), "{summary}");
 }
 
-fn programs() -> Vec<Value> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .expect("run bpftool (package bpftool)");
-    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
-}
-
-/// The kernel's run count of program `id` (bpftool leaves it out while it is 0).
-fn run_count(id: u64) -> u64 {
-    programs()
-        .iter()
-        .find(|p| p["id"] == id)
-        .and_then(|p| p["run_cnt"].as_u64())
-        .unwrap_or(0)
-}
-
-/// The ids of the programs process `pid` holds, from its descriptors' fdinfo (`prog_id:`):
-/// other conntrace processes on the machine load programs of the same names.
-fn program_ids_of(pid: u32) -> Vec<u64> {
-    let dir = format!("/proc/{pid}/fdinfo");
-    std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{dir}: {e}"))
-        .filter_map(Result::ok)
-        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-        .filter_map(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("prog_id:"))
-                .and_then(|id| id.trim().parse().ok())
-        })
-        .collect()
-}
-
 #[test]
 fn statistics_end_when_conntrace_is_killed() {
     require_root();
@@ -111,13 +82,7 @@ fn statistics_end_when_conntrace_is_killed() {
     // process holds the statistics on.
     let plain = Conntrace::start(&["--port", "3306"]);
     let name = lifecycle_program(&plain.ready());
-    let owned = program_ids_of(plain.pid());
-    let id = programs()
-        .iter()
-        .filter(|p| p["name"] == name.as_str())
-        .filter_map(|p| p["id"].as_u64())
-        .find(|id| owned.contains(id))
-        .expect("the plain conntrace's lifecycle program");
+    let id = program_id(plain.pid(), &name);
     let with_stats = Conntrace::start(&["--port", "3306", "--bpf-stats"]);
     refused_connection(&hosts, &plain);
     let counted = run_count(id);

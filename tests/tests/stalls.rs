@@ -6,7 +6,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use conntrace_tests::{PORT, Scenario, TempDir, connect, conntrace_bin, sh, verdicts_in};
+use conntrace_tests::{
+    PORT, Scenario, TempDir, bpftool, connect, conntrace_bin, serve, sh, verdicts_in,
+};
 use serde_json::Value;
 
 fn find<'a>(verdicts: &'a [Value], reason: &str, outcome: &str) -> Vec<&'a Value> {
@@ -431,4 +433,81 @@ fn cookies_that_validate_are_no_failure() {
             "--follow {follow}: {summary}"
         );
     }
+}
+
+/// Polls `what` every 100 ms for at most `within`; whether it became true.
+fn becomes(within: Duration, what: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if what() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Where no cookie function can be hooked, cookies are seen at `net_dev_queue`, for every
+/// packet sent. With `--port` that program is attached only while a listener of a traced port
+/// exists: detached at start-up with none, attached when the server starts listening (in time
+/// for its first cookie, whose lost ACK is named), detached again after it stops.
+#[test]
+fn the_per_packet_cookie_program_runs_only_while_a_traced_port_has_a_listener() {
+    let Scenario { hosts, ct, .. } = Scenario::new()
+        .in_server(&["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"])
+        .in_server(DROP_PURE_ACKS)
+        .conntrace(&["--port", "3306", "--stall-timeout", "2s"]);
+    let ready = ct.ready();
+    let cookies = ready["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["capability"] == "syn_cookies")
+        .expect("a syn_cookies program");
+    if !cookies["attach"]
+        .as_str()
+        .is_some_and(|a| a.contains("net_dev_queue"))
+    {
+        conntrace_tests::skip(&format!(
+            "cookies are seen at {} here, not by a per-packet program",
+            cookies["attach"]
+        ));
+        return;
+    }
+    let name = cookies["name"].as_str().expect("name");
+    let id = bpftool::program_id(ct.pid(), name);
+    let linked = || bpftool::linked(id);
+    assert!(
+        becomes(Duration::from_secs(3), || !linked()),
+        "no listener of port 3306: the start-up scan detaches {name}"
+    );
+    let server = serve(
+        &hosts.server,
+        &hosts.server_ip,
+        PORT,
+        &["--greeting", "hello"],
+    );
+    assert!(
+        becomes(Duration::from_secs(1), linked),
+        "a listener of port 3306 attaches {name}"
+    );
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--read", "--timeout-ms", "3000"],
+    );
+    let server_ns = hosts.server.inode();
+    ct.wait_for(Duration::from_secs(8), |l| {
+        l.value["netns"] == server_ns && l.value["reason"] == "syncookie_ack_lost"
+    });
+    client.json_lines(Duration::from_secs(10));
+    drop(server);
+    assert!(
+        becomes(Duration::from_secs(4), || !linked()),
+        "the listener gone, a scan detaches {name} again"
+    );
+    ct.stop();
 }

@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 use super::{
     ActiveProgram, LoadError, TracerOptions, Unavailable, WITHOUT_REASON,
     attach::{self, Capability, Hook},
+    packet_gate::{self, PacketGate, PacketLink},
 };
 
 /// Why one attach rule did not attach: the syscall that failed and aya's error (whose
@@ -60,11 +61,13 @@ impl AttachError {
     }
 }
 
+/// Loads and attaches one rule's program. A per-packet program's link is returned, owned by
+/// the caller (`packet_gate`); every other link stays with its program.
 fn attach_one(
     ebpf: &mut Ebpf,
     rule: &attach::AttachRule,
     btf: Option<&aya::Btf>,
-) -> Result<(), AttachError> {
+) -> Result<Option<PacketLink>, AttachError> {
     let program = ebpf
         .program_mut(rule.program)
         .ok_or(AttachError::NotInObject(rule.program))?;
@@ -81,11 +84,15 @@ fn attach_one(
         hook: hook.clone(),
         source,
     };
+    let gated = packet_gate::per_packet(rule.capability, &rule.hook);
     match rule.hook {
         Hook::TracePoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(wrong_type)?;
             tp.load().map_err(load)?;
-            tp.attach(category, name).map_err(attach)?;
+            let id = tp.attach(category, name).map_err(attach)?;
+            if gated {
+                return Ok(Some(PacketLink::Classic(tp.take_link(id).map_err(attach)?)));
+            }
         }
         Hook::FEntry { function } => {
             let p: &mut FEntry = program.try_into().map_err(wrong_type)?;
@@ -96,7 +103,10 @@ fn attach_one(
         Hook::BtfTracePoint { name } => {
             let p: &mut BtfTracePoint = program.try_into().map_err(wrong_type)?;
             p.load(name, btf.ok_or(AttachError::NoBtf)?).map_err(load)?;
-            p.attach().map_err(attach)?;
+            let id = p.attach().map_err(attach)?;
+            if gated {
+                return Ok(Some(PacketLink::Btf(p.take_link(id).map_err(attach)?)));
+            }
         }
         Hook::FExit { function } => {
             let p: &mut FExit = program.try_into().map_err(wrong_type)?;
@@ -105,8 +115,12 @@ fn attach_one(
             p.attach().map_err(attach)?;
         }
     }
-    Ok(())
+    Ok(None)
 }
+
+/// What [`attach_all`] attached: the programs, the rules that did not attach, and the gate of
+/// the per-packet SYN-cookie program when that is the one attached.
+pub(super) type Attached = (Vec<ActiveProgram>, Vec<Unavailable>, Option<PacketGate>);
 
 /// Walks the attach table for this kernel. Within a capability every rule of the best
 /// priority that works stays attached (a capability may need several hooks, e.g. syscall
@@ -119,11 +133,12 @@ pub(super) fn attach_all(
     opts: &TracerOptions,
     btf: Option<&aya::Btf>,
     refused: &[(&'static str, &'static str)],
-) -> Result<(Vec<ActiveProgram>, Vec<Unavailable>), LoadError> {
+) -> Result<Attached, LoadError> {
     let plan = attach::plan(kernel, opts.mode, opts.follow);
     let (mut active, mut unavailable) = (Vec::new(), Vec::<Unavailable>::new());
     let mut served: Option<(Capability, u8)> = None;
     let mut first_error: Option<(Capability, AttachError)> = None;
+    let mut gate = None;
     for rule in &plan {
         if served.is_some_and(|(cap, prio)| cap == rule.capability && prio < rule.priority) {
             continue;
@@ -150,7 +165,10 @@ pub(super) fn attach_all(
             continue;
         }
         match attach_one(ebpf, rule, btf) {
-            Ok(()) => {
+            Ok(link) => {
+                if let Some(link) = link {
+                    gate = Some(PacketGate::new(rule.program, rule.hook, link));
+                }
                 debug!(program = rule.program, attach = %rule.hook.describe(), "attached");
                 served = Some((rule.capability, rule.priority));
                 active.push(ActiveProgram {
@@ -190,5 +208,5 @@ pub(super) fn attach_all(
             });
         }
     }
-    Ok((active, unavailable))
+    Ok((active, unavailable, gate))
 }

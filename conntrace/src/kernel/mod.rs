@@ -8,6 +8,7 @@ mod hooks;
 pub mod kallsyms;
 pub mod layout;
 pub mod nfhook;
+pub mod packet_gate;
 pub mod quiet;
 pub mod stats;
 
@@ -27,7 +28,10 @@ use tracing::{debug, warn};
 
 use crate::engine::facts::DropReason;
 
-use self::{accept_queues::AcceptQueues, attach::Capability, btf::KernelBtf, layout::LayoutError};
+use self::{
+    accept_queues::AcceptQueues, attach::Capability, btf::KernelBtf, layout::LayoutError,
+    packet_gate::PacketGate,
+};
 
 /// The eBPF object built from `conntrace-ebpf` by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/conntrace"));
@@ -100,7 +104,10 @@ pub struct TracerOptions {
 /// Everything attached and the maps userspace reads.
 pub struct Tracer {
     /// Keeps programs and links alive: dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// The per-packet SYN-cookie program's link, when that program is the one attached and
+    /// ports are filtered (`packet_gate`); dropped with the tracer like the others.
+    cookie_gate: Option<PacketGate>,
     lost: PerCpuArray<MapData, u64>,
     read_failures: PerCpuArray<MapData, u64>,
     pub kernel_release: String,
@@ -271,8 +278,10 @@ impl Tracer {
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
 
-        let (mut active, mut unavailable) =
+        let (mut active, mut unavailable, gate) =
             hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), &refused)?;
+        // Every port traced: some listener always is (gating would gain nothing).
+        let cookie_gate = gate.filter(|_| !opts.ports.is_empty());
         let accept_queues = match load_accept_queues(&mut ebpf, opts, kernel_btf.as_ref()) {
             Ok(queues) => {
                 active.push(ActiveProgram {
@@ -302,7 +311,8 @@ impl Tracer {
             None
         };
         let tracer = Self {
-            _ebpf: ebpf,
+            ebpf,
+            cookie_gate,
             lost,
             read_failures,
             kernel_release: release,
@@ -329,6 +339,30 @@ impl Tracer {
             }
         }
         Ok(failures)
+    }
+
+    /// Whether the per-packet SYN-cookie program is attached; `None` when it is not gated
+    /// (fentry on the cookie functions, every port traced, or `--without syn-cookies`).
+    pub fn cookie_program_attached(&self) -> Option<bool> {
+        self.cookie_gate.as_ref().map(PacketGate::attached)
+    }
+
+    /// Attaches (`on`) or detaches the per-packet SYN-cookie program; nothing when it is not
+    /// gated or already so. Logs the change.
+    pub fn set_cookie_program(&mut self, on: bool) -> Result<(), hooks::AttachError> {
+        let Some(gate) = self.cookie_gate.as_mut() else {
+            return Ok(());
+        };
+        if gate.attached() == on {
+            return Ok(());
+        }
+        gate.set(&mut self.ebpf, on)?;
+        debug!(
+            program = gate.program(),
+            attached = on,
+            "per-packet SYN-cookie program"
+        );
+        Ok(())
     }
 
     /// Events the kernel side could not write into the ring buffer, summed over CPUs.

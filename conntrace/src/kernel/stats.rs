@@ -66,7 +66,7 @@ impl Tracer {
                 continue;
             }
             let info = self
-                ._ebpf
+                .ebpf
                 .program(active.name)
                 .ok_or(aya::programs::ProgramError::NotLoaded)
                 .and_then(aya::programs::Program::info)
