@@ -1,24 +1,17 @@
-//! Lifecycle: nothing stays attached after conntrace is killed, and two conntrace processes
-//! trace at once.
+//! Lifecycle: nothing stays attached after conntrace is killed, two conntrace processes
+//! trace at once, and a namespace deleted while conntrace runs is not kept alive by it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use conntrace_tests::{Conntrace, PORT, Scenario, connect, require_root};
-use serde_json::Value;
-
-fn all_programs() -> Vec<Value> {
-    let out = std::process::Command::new("bpftool")
-        .args(["-j", "prog", "show"])
-        .output()
-        .expect("run bpftool (package bpftool)");
-    serde_json::from_slice(&out.stdout).expect("bpftool's JSON")
-}
+use conntrace_tests::{
+    Conntrace, Netns, PORT, Scenario, TwoHosts, bpftool, connect, fresh_name, require_root,
+};
 
 #[test]
 fn after_sigkill_no_program_stays_loaded() {
     require_root();
     let ids_now = || -> Vec<u64> {
-        all_programs()
+        bpftool::programs()
             .iter()
             .filter_map(|p| p["id"].as_u64())
             .collect()
@@ -45,7 +38,7 @@ fn after_sigkill_no_program_stays_loaded() {
     // The kernel frees programs and their attachments with the last file descriptor.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let left: Vec<u64> = all_programs()
+        let left: Vec<u64> = bpftool::programs()
             .iter()
             .filter_map(|p| p["id"].as_u64())
             .filter(|id| ids.contains(id))
@@ -137,4 +130,43 @@ fn without_lifecycle_is_refused() {
         stderr.contains("lifecycle") && stderr.contains("--without"),
         "names the capability and the flag: {stderr}"
     );
+}
+
+/// conntrace keeps a file open in every namespace (its `netstat`, read each second for listen
+/// overflows) and sockets in those with traced connections. An open file keeps its namespace,
+/// and the namespace's devices, alive: a namespace deleted while conntrace runs must still go
+/// within a poll or two, as it does without conntrace.
+#[test]
+fn a_namespace_deleted_while_conntrace_runs_goes_with_its_devices() {
+    require_root();
+    let hosts = TwoHosts::new();
+    // A namespace with no process, linked to the client by a veth pair, there before conntrace
+    // starts (so its start-up scan opens it).
+    let doomed = Netns::new(&fresh_name("ctd"));
+    let (here, there) = (fresh_name("vd"), fresh_name("vp"));
+    hosts.client.veth(&here, &doomed, &there);
+    let ct = Conntrace::start(&["--port", "3306"]);
+    // Its counters are read at least once.
+    std::thread::sleep(Duration::from_millis(1500));
+    let deleted = Instant::now();
+    drop(doomed);
+    let link_there = || {
+        std::process::Command::new("ip")
+            .args(["-n", &hosts.client.name, "link", "show", &here])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    // Bounded: 50 looks, 100 ms apart.
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        !link_there()
+    });
+    let after = deleted.elapsed();
+    println!("MEASURED the deleted namespace's veth peer went {after:?} after `ip netns del`");
+    assert!(
+        gone,
+        "the veth pair of a deleted namespace is still there 5 s later: conntrace keeps it alive"
+    );
+    assert!(after < Duration::from_secs(3), "{after:?}");
+    ct.stop();
 }

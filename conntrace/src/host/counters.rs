@@ -16,8 +16,9 @@
 //! listeners are full each is reported with the namespace's whole count; a queue that filled
 //! and drained between two polls is not named (the overflow is then only logged); a namespace
 //! with neither a process nor a name cannot be read, and a named one cannot without
-//! CAP_SYS_ADMIN. An open `netstat` keeps its namespace alive until the next rescan (10 s)
-//! finds the namespace gone.
+//! CAP_SYS_ADMIN. An open `netstat` keeps its namespace alive: each poll first lets go of the
+//! namespaces whose file no longer opens them (deleted, or their process gone; a namespace
+//! that lives on is found again through another process at the next rescan, 10 s).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -248,6 +249,10 @@ impl OverflowWatch {
         if self.scanned_at.elapsed() >= RESCAN_EVERY {
             self.rescan();
         }
+        // A namespace deleted since (its name removed, its process gone) is let go now, not
+        // at the next rescan: the open `netstat` would keep it and its devices alive.
+        self.sources
+            .retain(|&netns, source| netns::still_opens(&source.ns_path, netns));
         let mut events = Vec::new();
         let mut grown = Vec::new();
         for (&netns, source) in &mut self.sources {

@@ -51,6 +51,14 @@ pub fn open(path: &Path, netns: Option<u32>) -> Result<File, EnterError> {
     Ok(file)
 }
 
+/// Whether `path` still opens namespace `netns` (one stat(2)): a name removed (`ip netns del`)
+/// or a process gone no longer does. A file or socket kept open in a namespace keeps the
+/// namespace, and its devices, alive: holders check this before each use and let go when it
+/// fails, so a deleted namespace is released within one poll.
+pub fn still_opens(path: &Path, netns: u32) -> bool {
+    std::fs::metadata(path).is_ok_and(|m| m.ino() == u64::from(netns))
+}
+
 /// Moves the calling thread into namespace `ns` (opened from `path`) for good.
 fn enter(ns: &File, path: &Path) -> Result<(), EnterError> {
     setns(ns, CloneFlags::CLONE_NEWNET).map_err(|source| EnterError::Setns {

@@ -126,6 +126,7 @@ impl StallCheck {
     /// timeout.
     pub fn check(&mut self, now_ns: u64) -> Checked {
         let mut diag = std::mem::take(&mut self.diag);
+        diag.let_go_of_deleted();
         let out = self.check_with(now_ns, |netns, h| diag.ask(netns, h));
         self.diag = diag;
         out
@@ -265,6 +266,22 @@ struct Diag {
 impl Diag {
     /// The sock_diag record of connection `h` in namespace `netns`; `None` when it is gone or
     /// cannot be asked about (logged).
+    /// Closes the sockets of namespaces their path no longer opens (deleted, or their process
+    /// gone): an open socket keeps its namespace, and its devices, alive. Such a namespace's
+    /// path is looked up again when it is next asked about.
+    fn let_go_of_deleted(&mut self) {
+        let paths = &mut self.paths;
+        self.sockets.retain(|&netns, _| {
+            let opens = paths
+                .get(&netns)
+                .is_some_and(|p| super::netns::still_opens(p, netns));
+            if !opens {
+                paths.remove(&netns);
+            }
+            opens
+        });
+    }
+
     fn ask(&mut self, netns: u32, h: &History) -> Option<Sample> {
         if !self.sockets.contains_key(&netns) {
             if !self.paths.contains_key(&netns)

@@ -182,6 +182,7 @@ impl WindowWatch {
             .copied()
             .collect();
         targets.sort_unstable();
+        self.let_go_of_deleted();
         for netns in targets {
             match self.zeros_in(netns) {
                 Ok(now) => {
@@ -202,6 +203,29 @@ impl WindowWatch {
             }
         }
         events
+    }
+
+    /// Closes the sockets of namespaces their path no longer opens (deleted, or their process
+    /// gone): an open socket keeps its namespace alive. The path is looked up again (another
+    /// process may be in it); until one is found the namespace is unreadable.
+    fn let_go_of_deleted(&mut self) {
+        let stale: Vec<u32> = self
+            .sockets
+            .keys()
+            .filter(|&&n| {
+                self.paths
+                    .get(&n)
+                    .is_none_or(|p| !crate::host::netns::still_opens(p, n))
+            })
+            .copied()
+            .collect();
+        for netns in stale {
+            self.sockets.remove(&netns);
+            match crate::host::netns::path(netns) {
+                Some(path) => self.paths.insert(netns, path),
+                None => self.paths.remove(&netns),
+            };
+        }
     }
 
     /// Stops reading namespace `netns`, which has no traced connection left, until an event
