@@ -250,8 +250,12 @@ impl Conn {
         }
     }
 
-    /// Counts a data retransmission of `bytes` (when read) with the MSS then.
+    /// Counts a data retransmission of `bytes` (when read) with the MSS then. An MSS below
+    /// the kernel's `TCP_MIN_MSS` (88) is no path's: `mss_cache` holds one when the
+    /// connection's route went away (36 was seen), and it is left out.
     pub fn retransmitted(&mut self, bytes: Option<u32>, mss: Option<u32>) {
+        const TCP_MIN_MSS: u32 = 88;
+        let mss = mss.filter(|&m| m >= TCP_MIN_MSS);
         let r = self.retransmits.get_or_insert(Retransmits {
             count: 0,
             largest_bytes: bytes.unwrap_or(0),

@@ -375,6 +375,28 @@ fn only_full_size_segments_retransmitted_until_timeout_is_a_pmtu_blackhole() {
     );
 }
 
+#[test]
+fn an_mss_below_tcp_min_mss_is_left_out() {
+    // The route went away under the connection: mss_cache fell to 36.
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(EngineConfig::default());
+    feed(&mut e, server_handshake(s, MS));
+    for (ts, mss) in [(200 * MS, 1448), (600 * MS, 36)] {
+        let mut ev = retransmit(s, ts, 300);
+        if let KernelEvent::Retransmit { mss: read, .. } = &mut ev {
+            *read = Some(mss);
+        }
+        none(e.handle(ev));
+    }
+    let mut close = s.st(6 * SEC, S::Established, S::Close);
+    if let KernelEvent::State { sk_err, .. } = &mut close {
+        *sk_err = Some(Errno::ETIMEDOUT);
+    }
+    let v = one(feed(&mut e, [close]));
+    // The last one read that a path could have is kept.
+    assert_eq!(detail(&v, "retransmits")["mss"], 1448, "{v:#?}");
+}
+
 fn window(s: Sock, ts: u64, window: Window) -> KernelEvent {
     let meta = Meta {
         proc: Proc {

@@ -354,7 +354,8 @@ pub struct Retransmits {
     /// The largest and the smallest retransmitted payload, in bytes.
     pub largest_bytes: u32,
     pub smallest_bytes: u32,
-    /// The connection's MSS (`mss_cache`) at the last retransmission, when read.
+    /// The connection's MSS (`mss_cache`) at the last retransmission, when read and at least
+    /// `TCP_MIN_MSS` (88; a smaller one, as the kernel keeps with its route gone, is no path's).
     pub mss: Option<u32>,
 }
 
