@@ -271,6 +271,8 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
     let mut bpf_stats_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
+    // Decode errors up to the last tick (lost events and decode errors may hide a listener).
+    let mut errors_seen = 0u64;
 
     loop {
         tokio::select! {
@@ -295,7 +297,12 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 settle_cookie_tuples(&mut tracer);
                 verdicts.extend(engine.tick(now));
                 ident.write(&mut out, &mut engine, verdicts)?;
+                let lost_before = lost_seen;
                 report_lost(&tracer, &mut out, &mut lost_seen)?;
+                if lost_seen > lost_before || decode_errors > errors_seen {
+                    listeners.events_missed(std::time::Instant::now());
+                }
+                errors_seen = decode_errors;
                 if out.reader_gone() {
                     // A quiet run may write nothing for hours: `| head -1` ends it now.
                     debug!("the reader of stdout is gone");

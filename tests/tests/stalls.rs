@@ -7,7 +7,7 @@ use std::{
 };
 
 use conntrace_tests::{
-    PORT, Scenario, TempDir, bpftool, connect, conntrace_bin, serve, sh, verdicts_in,
+    Conntrace, PORT, Scenario, TempDir, bpftool, connect, conntrace_bin, serve, sh, verdicts_in,
 };
 use serde_json::Value;
 
@@ -479,10 +479,18 @@ fn the_per_packet_cookie_program_runs_only_while_a_traced_port_has_a_listener() 
     let name = cookies["name"].as_str().expect("name");
     let id = bpftool::program_id(ct.pid(), name);
     let linked = || bpftool::linked(id);
+    // Without --port every port is traced: its program stays attached.
+    let every_port = Conntrace::start(&[]);
+    let every_port_id = bpftool::program_id(every_port.pid(), name);
     assert!(
         becomes(Duration::from_secs(3), || !linked()),
         "no listener of port 3306: the start-up scan detaches {name}"
     );
+    assert!(
+        bpftool::linked(every_port_id),
+        "without --port, {name} stays attached"
+    );
+    every_port.stop();
     let server = serve(
         &hosts.server,
         &hosts.server_ip,

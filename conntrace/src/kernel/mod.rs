@@ -105,9 +105,11 @@ pub struct TracerOptions {
 pub struct Tracer {
     /// Keeps programs and links alive: dropping it detaches everything.
     ebpf: Ebpf,
-    /// The per-packet SYN-cookie program's link, when that program is the one attached and
-    /// ports are filtered (`packet_gate`); dropped with the tracer like the others.
+    /// The per-packet SYN-cookie program's link, when that program is the one attached
+    /// (`packet_gate`); dropped with the tracer like the others.
     cookie_gate: Option<PacketGate>,
+    /// Whether that link follows the listeners (`--port` given); otherwise it stays.
+    cookies_gated: bool,
     lost: PerCpuArray<MapData, u64>,
     read_failures: PerCpuArray<MapData, u64>,
     pub kernel_release: String,
@@ -278,10 +280,8 @@ impl Tracer {
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
 
-        let (mut active, mut unavailable, gate) =
+        let (mut active, mut unavailable, cookie_gate) =
             hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), &refused)?;
-        // Every port traced: some listener always is (gating would gain nothing).
-        let cookie_gate = gate.filter(|_| !opts.ports.is_empty());
         let accept_queues = match load_accept_queues(&mut ebpf, opts, kernel_btf.as_ref()) {
             Ok(queues) => {
                 active.push(ActiveProgram {
@@ -312,6 +312,8 @@ impl Tracer {
         };
         let tracer = Self {
             ebpf,
+            // Every port traced: some listener always is, and the program stays attached.
+            cookies_gated: cookie_gate.is_some() && !opts.ports.is_empty(),
             cookie_gate,
             lost,
             read_failures,
@@ -344,13 +346,14 @@ impl Tracer {
     /// Whether the per-packet SYN-cookie program is attached; `None` when it is not gated
     /// (fentry on the cookie functions, every port traced, or `--without syn-cookies`).
     pub fn cookie_program_attached(&self) -> Option<bool> {
-        self.cookie_gate.as_ref().map(PacketGate::attached)
+        let gate = self.cookie_gate.as_ref().filter(|_| self.cookies_gated)?;
+        Some(gate.attached())
     }
 
     /// Attaches (`on`) or detaches the per-packet SYN-cookie program; nothing when it is not
     /// gated or already so. Logs the change.
     pub fn set_cookie_program(&mut self, on: bool) -> Result<(), hooks::AttachError> {
-        let Some(gate) = self.cookie_gate.as_mut() else {
+        let Some(gate) = self.cookie_gate.as_mut().filter(|_| self.cookies_gated) else {
             return Ok(());
         };
         if gate.attached() == on {

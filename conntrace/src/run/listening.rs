@@ -5,11 +5,16 @@
 //! in both follow modes. A listener that appears attaches the program at once (it is attached
 //! about a millisecond after `listen()`; a cookie sent before that is not seen). A listener
 //! that goes, and start-up, make a scan of every network namespace's listeners (sock_diag)
-//! one [`SETTLE`] later; the program is detached only when that scan finds none. Events are
-//! handled between scans, never during one, so a listener that appears while a scan runs is
-//! either in its answer or attaches the program after it.
+//! one [`SETTLE`] later; the program is detached only when that scan finds none and no
+//! listener seen entering `TCP_LISTEN` since start-up is still listening (one in a namespace
+//! the scan cannot open counts). Events are handled between scans, never during one, so a
+//! listener that appears while a scan runs is either in its answer or attaches the program
+//! after it. Events lost (a full ring buffer) or undecodable may have been a listener's: the
+//! program is then attached, and a scan scheduled. An attach that fails is tried again by a
+//! scan one [`SETTLE`] later.
 
 use std::{
+    collections::HashSet,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -30,10 +35,12 @@ pub const SETTLE: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct ListenerWatch {
     ports: Vec<u16>,
-    /// A listener appeared since the program was last set.
+    /// A listener appeared (or may have) since the program was last set.
     appeared: bool,
     /// When to scan for listeners (`None`: no scan pending).
     scan_at: Option<Instant>,
+    /// Listeners seen entering `TCP_LISTEN` and not yet leaving it: (namespace, socket).
+    listening: HashSet<(Option<u32>, u64)>,
 }
 
 impl ListenerWatch {
@@ -44,18 +51,30 @@ impl ListenerWatch {
             ports: ports.to_vec(),
             appeared: false,
             scan_at: gated.then(Instant::now),
+            listening: HashSet::new(),
         }
+    }
+
+    /// Events were lost or could not be decoded: one may have been a listener's.
+    pub fn events_missed(&mut self, now: Instant) {
+        self.appeared = true;
+        self.scan_at.get_or_insert(now + SETTLE);
     }
 
     /// Notes a traced socket entering (`appeared`) or leaving `TCP_LISTEN`.
     pub fn observe(&mut self, ev: &KernelEvent, now: Instant) {
-        let KernelEvent::State { old, new, .. } = ev else {
+        let KernelEvent::State {
+            meta, sk, old, new, ..
+        } = ev
+        else {
             return;
         };
         if *new == TcpState::Listen {
             self.appeared = true;
-        } else if *old == TcpState::Listen && self.scan_at.is_none() {
-            self.scan_at = Some(now + SETTLE);
+            self.listening.insert((meta.netns, *sk));
+        } else if *old == TcpState::Listen {
+            self.listening.remove(&(meta.netns, *sk));
+            self.scan_at.get_or_insert(now + SETTLE);
         }
     }
 
@@ -69,18 +88,18 @@ impl ListenerWatch {
         if std::mem::take(&mut self.appeared)
             && let Err(error) = tracer.set_cookie_program(true)
         {
-            warn!(%error, "attach the per-packet SYN-cookie program for a new listener");
+            warn!(%error, "attach the per-packet SYN-cookie program for a new listener; trying again");
+            self.scan_at.get_or_insert(now + SETTLE);
         }
         if self.scan_at.is_none_or(|at| now < at) {
             return;
         }
         self.scan_at = None;
-        let listening = any_listener(
-            &netns::paths().into_values().collect::<Vec<_>>(),
-            &self.ports,
-        );
+        let paths: Vec<PathBuf> = netns::paths().into_values().collect();
+        let listening = !self.listening.is_empty() || any_listener(&paths, &self.ports);
         if let Err(error) = tracer.set_cookie_program(listening) {
-            warn!(%error, listening, "set the per-packet SYN-cookie program");
+            warn!(%error, listening, "set the per-packet SYN-cookie program; trying again");
+            self.scan_at = Some(now + SETTLE);
         }
     }
 }
@@ -136,6 +155,7 @@ mod tests {
             ports: vec![3306],
             appeared: false,
             scan_at: None,
+            listening: HashSet::new(),
         }
     }
 
@@ -146,10 +166,21 @@ mod tests {
         w.observe(&state(TcpState::Close, TcpState::Listen), now);
         assert!(w.appeared);
         assert_eq!(w.scan_at, None);
+        assert_eq!(w.listening.len(), 1);
         w.observe(&state(TcpState::Listen, TcpState::Close), now);
         assert_eq!(w.scan_at, Some(now + SETTLE));
+        assert!(w.listening.is_empty());
         // A second close in the same second keeps the first's scan.
         w.observe(&state(TcpState::Listen, TcpState::Close), now + SETTLE / 2);
+        assert_eq!(w.scan_at, Some(now + SETTLE));
+    }
+
+    #[test]
+    fn lost_events_ask_for_the_program_and_a_scan() {
+        let now = Instant::now();
+        let mut w = watch();
+        w.events_missed(now);
+        assert!(w.appeared);
         assert_eq!(w.scan_at, Some(now + SETTLE));
     }
 
