@@ -134,6 +134,21 @@ impl Source {
         })
     }
 
+    /// Through `path` as [`netns::path`] gives it: a process's namespace file, else a name.
+    fn of_path(netns: u32, path: &Path) -> Option<Self> {
+        let pid = path
+            .strip_prefix("/proc")
+            .ok()
+            .and_then(|rest| rest.iter().next())
+            .and_then(|pid| pid.to_str()?.parse().ok());
+        match pid {
+            Some(pid) => Self::of_process(netns, pid),
+            None => Self::of_named(netns, path)
+                .inspect_err(|error| debug!(%error, netns, "namespace counters unreadable"))
+                .ok(),
+        }
+    }
+
     /// The counters now, from the start of the file.
     fn read(&mut self) -> Option<Counters> {
         let mut text = String::new();
@@ -187,13 +202,7 @@ impl OverflowWatch {
         self.scanned_at = Instant::now();
         self.sources
             .retain(|n, _| pids.contains_key(n) || named.contains_key(n));
-        for (&netns, &pid) in &pids {
-            if !self.sources.contains_key(&netns)
-                && let Some(source) = Source::of_process(netns, pid)
-            {
-                self.sources.insert(netns, source);
-            }
-        }
+        // Names first: they outlive any one process.
         for (&netns, path) in &named {
             if self.sources.contains_key(&netns) {
                 continue;
@@ -203,6 +212,13 @@ impl OverflowWatch {
                     self.sources.insert(netns, source);
                 }
                 Err(error) => debug!(%error, netns, "namespace counters unreadable"),
+            }
+        }
+        for (&netns, &pid) in &pids {
+            if !self.sources.contains_key(&netns)
+                && let Some(source) = Source::of_process(netns, pid)
+            {
+                self.sources.insert(netns, source);
             }
         }
         for (&netns, source) in &mut self.sources {
@@ -219,6 +235,24 @@ impl OverflowWatch {
                 };
                 self.baseline.insert(netns, base);
                 self.last.insert(netns, c);
+            }
+        }
+    }
+
+    /// Closes the `netstat` of each namespace its path no longer opens (its name removed, its
+    /// process gone): the open file would keep the namespace and its devices alive. One that
+    /// lives on is opened again at once through another name or process.
+    fn let_go_of_deleted(&mut self) {
+        let stale: Vec<u32> = self
+            .sources
+            .iter()
+            .filter(|(netns, source)| !netns::still_opens(&source.ns_path, **netns))
+            .map(|(netns, _)| *netns)
+            .collect();
+        for netns in stale {
+            self.sources.remove(&netns);
+            if let Some(source) = netns::path(netns).and_then(|p| Source::of_path(netns, &p)) {
+                self.sources.insert(netns, source);
             }
         }
     }
@@ -249,10 +283,7 @@ impl OverflowWatch {
         if self.scanned_at.elapsed() >= RESCAN_EVERY {
             self.rescan();
         }
-        // A namespace deleted since (its name removed, its process gone) is let go now, not
-        // at the next rescan: the open `netstat` would keep it and its devices alive.
-        self.sources
-            .retain(|&netns, source| netns::still_opens(&source.ns_path, netns));
+        self.let_go_of_deleted();
         let mut events = Vec::new();
         let mut grown = Vec::new();
         for (&netns, source) in &mut self.sources {

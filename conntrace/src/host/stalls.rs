@@ -264,8 +264,6 @@ struct Diag {
 }
 
 impl Diag {
-    /// The sock_diag record of connection `h` in namespace `netns`; `None` when it is gone or
-    /// cannot be asked about (logged).
     /// Closes the sockets of namespaces their path no longer opens (deleted, or their process
     /// gone): an open socket keeps its namespace, and its devices, alive. Such a namespace's
     /// path is looked up again when it is next asked about.
@@ -282,6 +280,8 @@ impl Diag {
         });
     }
 
+    /// The sock_diag record of connection `h` in namespace `netns`; `None` when it is gone or
+    /// cannot be asked about (logged).
     fn ask(&mut self, netns: u32, h: &History) -> Option<Sample> {
         if !self.sockets.contains_key(&netns) {
             if !self.paths.contains_key(&netns)
