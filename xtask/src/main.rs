@@ -305,6 +305,18 @@ fn main() -> anyhow::Result<()> {
             let bin = target_dir()?.join("release/conntrace");
             run(privileged(bin.to_str().context("non-UTF-8 path")?).args(&args))
         }
+        Task::Bench { args } if args.iter().any(|a| a == "--help" || a == "-h") => {
+            // Its options, without root, set-up or the conntrace build.
+            run(cargo().args([
+                "build",
+                "--release",
+                "-p",
+                "conntrace-tests",
+                "--bin",
+                "ctbench",
+            ]))?;
+            run(Command::new(target_dir()?.join("release/ctbench")).args(&args))
+        }
         Task::Bench { args } => {
             setup(BENCH_PACKAGES)?;
             if !is_root() {

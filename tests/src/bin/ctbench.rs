@@ -68,9 +68,9 @@ struct Args {
     /// Churning threads (default: 1 when pinned to one CPU, 2 otherwise).
     #[arg(long)]
     parallel: Option<u64>,
-    /// Modes to run besides untraced, traced and unrelated (which always run), comma-separated:
-    /// bpftrace, bpftrace-hooks, tcpstates.
-    #[arg(long, value_delimiter = ',')]
+    /// Modes to run besides untraced, traced and unrelated (which always run), comma-separated
+    /// (default: every one that runs here).
+    #[arg(long, value_delimiter = ',', value_parser = ["bpftrace", "bpftrace-hooks", "tcpstates"])]
     modes: Option<Vec<String>>,
     /// Capabilities conntrace leaves out (its `--without`), to measure what each one costs.
     #[arg(long)]
@@ -80,8 +80,8 @@ struct Args {
     #[arg(long, value_name = "BIN")]
     compare_with: Option<std::path::PathBuf>,
     /// Only the `--bpf-stats` phases: each program's runs and ns per connection, tracing the
-    /// churned port and another port.
-    #[arg(long, conflicts_with = "compare_with")]
+    /// churned port and another port, one phase each.
+    #[arg(long, conflicts_with_all = ["compare_with", "modes", "rounds"])]
     programs_only: bool,
 }
 

@@ -251,8 +251,10 @@ impl Conn {
     }
 
     /// Counts a data retransmission of `bytes` (when read) with the MSS then. An MSS below
-    /// the kernel's `TCP_MIN_MSS` (88) is no path's: `mss_cache` holds one when the
-    /// connection's route went away (36 was seen), and it is left out.
+    /// the kernel's `TCP_MIN_MSS` (88) is no path's: it is the kernel's floor,
+    /// `net.ipv4.tcp_min_snd_mss` (48 by default) less the options, which `mss_cache` falls to
+    /// when the connection's route went away (36 was seen), and it is left out. (A floor raised
+    /// above 88 by an administrator shows as it is.)
     pub fn retransmitted(&mut self, bytes: Option<u32>, mss: Option<u32>) {
         const TCP_MIN_MSS: u32 = 88;
         let mss = mss.filter(|&m| m >= TCP_MIN_MSS);

@@ -355,7 +355,8 @@ pub struct Retransmits {
     pub largest_bytes: u32,
     pub smallest_bytes: u32,
     /// The connection's MSS (`mss_cache`) at the last retransmission, when read and at least
-    /// `TCP_MIN_MSS` (88; a smaller one, as the kernel keeps with its route gone, is no path's).
+    /// `TCP_MIN_MSS` (88; a smaller one is the kernel's floor, `tcp_min_snd_mss` less options,
+    /// as it keeps with the connection's route gone: no path's).
     pub mss: Option<u32>,
 }
 
