@@ -287,14 +287,24 @@ pub(crate) fn on_state(
         }
         return true;
     }
-    let Some(h) = CONNS.get_ptr_mut(&sk) else {
+    let Some(hp) = CONNS.get_ptr_mut(&sk) else {
         if new == state::ESTABLISHED && is_tcp() {
             count_established(old);
         }
         return false;
     };
+    // SAFETY: a live map value.
+    let server = unsafe { (*hp).flags } & flags::SERVER != 0;
+    if new == state::ESTABLISHED && server && tuple_watched(tuple) {
+        // A handshake userspace follows as an attempt (a cookie's), whose child's tuple was
+        // incomplete at SYN_RECV: `inet_csk_clone_lock` changes the state before it sets the
+        // peer's port, and `tcp_v4_syn_recv_sock` the addresses after it. Complete now.
+        // SAFETY: a live map value; the tuple is written before the history is sent.
+        unsafe { (*hp).tuple = *tuple };
+        promote_sock(sock);
+    }
     // SAFETY: a live map value, updated in place; removed last.
-    let h = unsafe { &mut *h };
+    let h = unsafe { &mut *hp };
     if new == state::ESTABLISHED {
         count_established(old);
         h.tuple = *tuple;

@@ -347,7 +347,8 @@ impl Engine {
         let Some(c) = self.table.by_sk(sk) else {
             return;
         };
-        if c.tuple.sport == 0 {
+        // Not yet whole: a child's peer (filled in after its SYN_RECV event on older kernels).
+        if c.tuple.sport == 0 || c.tuple.dport == 0 {
             return;
         }
         let key = (c.netns, c.tuple);

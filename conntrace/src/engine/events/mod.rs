@@ -251,6 +251,13 @@ impl Engine {
         if let Some(v) = verdict {
             self.emit(out, v);
         }
+        if (old, new) == (TcpState::SynRecv, TcpState::Established) {
+            // On older kernels (Debian's 6.1 and 6.12) a child's SYN_RECV event carries its
+            // listener's wildcard peer (`inet_csk_clone_lock` changes the state before it
+            // copies the peer in): its attempt (a cookie, drops of its SYN) is taken over now
+            // that the tuple is whole.
+            self.adopt_attempt(sk);
+        }
         if new == TcpState::Close {
             self.join_orphan_error(id);
             self.table.mark_closing(id);

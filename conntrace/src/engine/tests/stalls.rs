@@ -204,6 +204,28 @@ fn a_cookie_that_validates_marks_the_connection() {
 }
 
 #[test]
+fn a_cookie_validates_when_the_childs_tuple_is_whole_only_once_established() {
+    // On older kernels (6.1, 6.12) the child's SYN_RECV event shows its listener's wildcard peer.
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(EngineConfig::default());
+    none(e.handle(cookie(MS)));
+    let mut syn_recv = s.st(2 * MS, S::Listen, S::SynRecv);
+    if let KernelEvent::State { tuple, .. } = &mut syn_recv {
+        tuple.daddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+        tuple.dport = 0;
+    }
+    none(e.handle(syn_recv));
+    none(e.handle(s.st(3 * MS, S::SynRecv, S::Established)));
+    none(e.handle(s.accepted(4 * MS, 200, "server")));
+    none(e.tick(5 * SEC));
+    let l = &e.summary().listeners["10.77.0.1:3306"];
+    assert_eq!(
+        (l.cookies_sent, l.cookies_validated, l.cookies_failed),
+        (1, 1, 0)
+    );
+}
+
+#[test]
 fn a_zero_stall_timeout_turns_stall_verdicts_off() {
     let c = Sock::client(SK_A, SPORT);
     let s = Sock::server(SK_B);
