@@ -125,29 +125,21 @@ mod tests {
 
     fn state(old: TcpState, new: TcpState) -> KernelEvent {
         let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        KernelEvent::State {
-            meta: Meta {
-                ts_ns: 1,
-                netns: Some(4026531840),
-                proc: Proc {
-                    pid: 0,
-                    comm: "swapper/0".into(),
-                },
+        let meta = Meta {
+            ts_ns: 1,
+            netns: Some(4026531840),
+            proc: Proc {
+                pid: 0,
+                comm: "swapper/0".into(),
             },
-            sk: 1,
-            tuple: FourTuple {
-                saddr: any,
-                sport: 3306,
-                daddr: any,
-                dport: 0,
-            },
-            old,
-            new,
-            sk_err: None,
-            sk_err_soft: None,
-            closing: None,
-            route_cached: None,
-        }
+        };
+        let tuple = FourTuple {
+            saddr: any,
+            sport: 3306,
+            daddr: any,
+            dport: 0,
+        };
+        KernelEvent::state(meta, 1, tuple, old, new)
     }
 
     fn watch() -> ListenerWatch {

@@ -308,6 +308,23 @@ pub enum KernelEvent {
 }
 
 impl KernelEvent {
+    /// A state change with nothing read at close (no errors, no closing progress, no route):
+    /// what tests build most.
+    #[cfg(test)]
+    pub fn state(meta: Meta, sk: u64, tuple: FourTuple, old: TcpState, new: TcpState) -> Self {
+        Self::State {
+            meta,
+            sk,
+            tuple,
+            old,
+            new,
+            sk_err: None,
+            sk_err_soft: None,
+            closing: None,
+            route_cached: None,
+        }
+    }
+
     /// The socket the event is about, when it names one.
     pub fn sk(&self) -> Option<u64> {
         match self {

@@ -79,17 +79,7 @@ impl Sock {
     }
 
     fn st_by(self, meta: Meta, old: TcpState, new: TcpState) -> KernelEvent {
-        KernelEvent::State {
-            meta,
-            sk: self.sk,
-            tuple: self.t,
-            old,
-            new,
-            sk_err: None,
-            sk_err_soft: None,
-            closing: None,
-            route_cached: None,
-        }
+        KernelEvent::state(meta, self.sk, self.t, old, new)
     }
 
     /// The close from `old` (softirq context) with the socket's error `errno`, if any.

@@ -19,17 +19,7 @@ fn in_server(ts: u64) -> Meta {
 
 /// The client `c` and its server's end (its tuple reversed, in `SERVER_NETNS`), established.
 fn established(c: Sock) -> Vec<KernelEvent> {
-    let server = |old, new| KernelEvent::State {
-        meta: in_server(2 * MS),
-        sk: SK_B,
-        tuple: c.t.reversed(),
-        old,
-        new,
-        sk_err: None,
-        sk_err_soft: None,
-        closing: None,
-        route_cached: None,
-    };
+    let server = |old, new| KernelEvent::state(in_server(2 * MS), SK_B, c.t.reversed(), old, new);
     vec![
         c.connect(MS, 100, "client"),
         server(S::Listen, S::SynRecv),
