@@ -293,9 +293,11 @@ pub(crate) fn on_state(
         }
         return false;
     };
-    // SAFETY: a live map value.
-    let server = unsafe { (*hp).flags } & flags::SERVER != 0;
-    if new == state::ESTABLISHED && server && tuple_watched(tuple) {
+    // SAFETY (the flags): a live map value.
+    if new == state::ESTABLISHED
+        && unsafe { (*hp).flags } & flags::SERVER != 0
+        && tuple_watched(tuple)
+    {
         // A handshake userspace follows as an attempt (a cookie's), whose child's tuple was
         // incomplete at SYN_RECV: `inet_csk_clone_lock` changes the state before it sets the
         // peer's port, and `tcp_v4_syn_recv_sock` the addresses after it. Complete now.
