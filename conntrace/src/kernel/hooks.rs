@@ -19,6 +19,8 @@ use super::{
 pub enum AttachError {
     #[error("program {0} is not in the eBPF object")]
     NotInObject(&'static str),
+    #[error("program {0} is not at a per-packet hook")]
+    NotPerPacket(&'static str),
     #[error("kernel BTF unavailable (/sys/kernel/btf/vmlinux)")]
     NoBtf,
     #[error("program {program} is not of the hook's type: {source}")]
@@ -89,9 +91,8 @@ fn attach_one(
         Hook::TracePoint { category, name } => {
             let tp: &mut TracePoint = program.try_into().map_err(wrong_type)?;
             tp.load().map_err(load)?;
-            let id = tp.attach(category, name).map_err(attach)?;
-            if gated {
-                return Ok(Some(PacketLink::Classic(tp.take_link(id).map_err(attach)?)));
+            if !gated {
+                tp.attach(category, name).map_err(attach)?;
             }
         }
         Hook::FEntry { function } => {
@@ -103,9 +104,8 @@ fn attach_one(
         Hook::BtfTracePoint { name } => {
             let p: &mut BtfTracePoint = program.try_into().map_err(wrong_type)?;
             p.load(name, btf.ok_or(AttachError::NoBtf)?).map_err(load)?;
-            let id = p.attach().map_err(attach)?;
-            if gated {
-                return Ok(Some(PacketLink::Btf(p.take_link(id).map_err(attach)?)));
+            if !gated {
+                p.attach().map_err(attach)?;
             }
         }
         Hook::FExit { function } => {
@@ -114,6 +114,9 @@ fn attach_one(
                 .map_err(load)?;
             p.attach().map_err(attach)?;
         }
+    }
+    if gated {
+        return packet_gate::link(ebpf, rule.program, rule.hook).map(Some);
     }
     Ok(None)
 }

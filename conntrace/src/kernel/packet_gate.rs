@@ -76,32 +76,34 @@ impl PacketGate {
         if self.link.is_some() {
             return Ok(());
         }
-        let program = ebpf
-            .program_mut(self.program)
-            .ok_or(AttachError::NotInObject(self.program))?;
-        let hook = self.hook.describe();
-        let wrong_type = |source| AttachError::WrongType {
-            program: self.program,
-            source,
-        };
-        let attach = |source| AttachError::Attach {
-            hook: hook.clone(),
-            source,
-        };
-        self.link = Some(match self.hook {
-            Hook::TracePoint { category, name } => {
-                let tp: &mut TracePoint = program.try_into().map_err(wrong_type)?;
-                let id = tp.attach(category, name).map_err(attach)?;
-                PacketLink::Classic(tp.take_link(id).map_err(attach)?)
-            }
-            Hook::BtfTracePoint { .. } => {
-                let tp: &mut BtfTracePoint = program.try_into().map_err(wrong_type)?;
-                let id = tp.attach().map_err(attach)?;
-                PacketLink::Btf(tp.take_link(id).map_err(attach)?)
-            }
-            Hook::FEntry { .. } | Hook::FExit { .. } => return Ok(()),
-        });
+        self.link = Some(link(ebpf, self.program, self.hook)?);
         Ok(())
+    }
+}
+
+/// Attaches the loaded per-packet `program` at `hook` and takes its link (the one place this
+/// is done: at start-up, `hooks::attach_one`, and each time the gate opens).
+pub fn link(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<PacketLink, AttachError> {
+    let p = ebpf
+        .program_mut(program)
+        .ok_or(AttachError::NotInObject(program))?;
+    let wrong_type = |source| AttachError::WrongType { program, source };
+    let attach = |source| AttachError::Attach {
+        hook: hook.describe(),
+        source,
+    };
+    match hook {
+        Hook::TracePoint { category, name } => {
+            let tp: &mut TracePoint = p.try_into().map_err(wrong_type)?;
+            let id = tp.attach(category, name).map_err(attach)?;
+            Ok(PacketLink::Classic(tp.take_link(id).map_err(attach)?))
+        }
+        Hook::BtfTracePoint { .. } => {
+            let tp: &mut BtfTracePoint = p.try_into().map_err(wrong_type)?;
+            let id = tp.attach().map_err(attach)?;
+            Ok(PacketLink::Btf(tp.take_link(id).map_err(attach)?))
+        }
+        Hook::FEntry { .. } | Hook::FExit { .. } => Err(AttachError::NotPerPacket(program)),
     }
 }
 
