@@ -113,8 +113,15 @@ const PACKAGES: &[&str] = &[
 const BENCH_PACKAGES: &[&str] = &["bpftrace", "bpfcc-tools"];
 
 /// Only the tests need these: Prometheus scrapes the metrics endpoint, `setcap` runs
-/// conntrace with file capabilities instead of root.
-const TEST_PACKAGES: &[&str] = &["prometheus", "libcap2-bin", "bpftool", "hping3"];
+/// conntrace with file capabilities instead of root, `conntrack` fills a namespace's
+/// connection-tracking table (ctnetlink).
+const TEST_PACKAGES: &[&str] = &[
+    "prometheus",
+    "libcap2-bin",
+    "bpftool",
+    "hping3",
+    "conntrack",
+];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_TOOLCHAIN: &str = "system-bpf";
 

@@ -156,18 +156,32 @@ fn fill_conntrack(ns: &Netns, server_ip: &str) -> u64 {
         .collect();
     std::fs::write(&file, entries).expect("write the entries");
     let (slab_before, started) = (conntrack_slab_mib(), Instant::now());
-    // The inserts past the limit fail ("not enough memory"): the exit status says nothing.
-    ns.command("conntrack")
+    // The inserts past the limit fail ("not enough memory"): the exit status says nothing,
+    // but a conntrack that did not run says so (`ip netns exec`: `exec of "conntrack"
+    // failed`).
+    let out = ns
+        .command("conntrack")
         .args(["-R", file.to_str().expect("utf-8 path")])
         .output()
         .expect("run conntrack -R");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !said.starts_with("exec of"),
+        "conntrack did not run (Debian's conntrack package; `cargo xtask setup` installs it): {}",
+        said.trim()
+    );
     let count = read("nf_conntrack_count");
     println!(
         "MEASURED conntrack fill: {count}/{max} entries in {:.1} s, nf_conntrack slab +{:.0} MiB",
         started.elapsed().as_secs_f64(),
         conntrack_slab_mib() - slab_before
     );
-    assert_eq!(count, max, "the server's table is full");
+    assert_eq!(
+        count,
+        max,
+        "the server's table is full; conntrack -R said: {}",
+        said.lines().take(3).collect::<Vec<_>>().join(" | ")
+    );
     max
 }
 
