@@ -63,6 +63,15 @@ const TRACEFS: Need = Need {
     why: "read tracefs (0700 root): tracepoint ids and formats",
 };
 
+/// Needed where the kernel lets only CAP_SYS_ADMIN call perf_event_open(2) (Debian's and
+/// Ubuntu's kernels at `kernel.perf_event_paranoid` 3, their default): the classic tracepoints
+/// are attached through it.
+const PERF_RESTRICTED: Need = Need {
+    bit: CAP_SYS_ADMIN,
+    name: "CAP_SYS_ADMIN",
+    why: "attach to tracepoints: this kernel allows perf_event_open(2) only with CAP_SYS_ADMIN (kernel.perf_event_paranoid above 2 on Debian's kernels; `sysctl kernel.perf_event_paranoid=2` lifts it)",
+};
+
 /// Without these conntrace traces, but names less: each one's `why` says what is missing.
 const NAMING: &[Need] = &[
     Need {
@@ -137,6 +146,63 @@ fn tracefs_readable() -> bool {
     !denied
 }
 
+/// `struct perf_event_attr` as of PERF_ATTR_SIZE_VER0 (64 bytes), enough for a dummy event.
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttrV0 {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+}
+
+/// True when this process may not open a system-wide perf event although the kernel's own
+/// rules would let its capabilities (`eff`) do so: Debian's restriction (perf_event_open(2)
+/// fails with EACCES for all but CAP_SYS_ADMIN when `kernel.perf_event_paranoid` is above 2),
+/// found by trying a disabled software dummy event on CPU 0 (opened and closed at once).
+fn perf_events_restricted(eff: u64) -> bool {
+    let has = |bit: u32| eff & (1 << bit) != 0;
+    if has(CAP_SYS_ADMIN) || !has(CAP_PERFMON) {
+        // CAP_SYS_ADMIN passes the restriction; without CAP_PERFMON tracing is refused anyway.
+        return false;
+    }
+    const PERF_TYPE_SOFTWARE: u32 = 1;
+    const PERF_COUNT_SW_DUMMY: u64 = 9;
+    const DISABLED: u64 = 1;
+    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
+    let attr = PerfEventAttrV0 {
+        kind: PERF_TYPE_SOFTWARE,
+        size: size_of::<PerfEventAttrV0>() as u32,
+        config: PERF_COUNT_SW_DUMMY,
+        flags: DISABLED,
+        ..PerfEventAttrV0::default()
+    };
+    // SAFETY: perf_event_open(2) with a valid VER0 attr; pid -1, cpu 0: every task on CPU 0;
+    // no group; the fd it returns is closed below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &raw const attr,
+            -1,
+            0,
+            -1,
+            PERF_FLAG_FD_CLOEXEC,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: closes the descriptor just opened, owned by no one else.
+        unsafe { libc::close(fd as i32) };
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EACCES)
+}
+
 /// True when /proc/kallsyms shows this process real addresses.
 fn kallsyms_addresses_visible() -> bool {
     let mut head = [0u8; 16];
@@ -151,11 +217,14 @@ fn kallsyms_addresses_visible() -> bool {
 
 /// What the effective set `eff` lacks: the capabilities without which conntrace cannot trace,
 /// and those without which it names less. `tracefs_ok` and `kallsyms_ok` say whether tracefs
-/// and kallsyms addresses are readable already (then their capabilities are not needed).
+/// and kallsyms addresses are readable already (then their capabilities are not needed);
+/// `perf_restricted` whether perf_event_open(2) needs CAP_SYS_ADMIN here
+/// ([`perf_events_restricted`]).
 fn missing_caps(
     eff: u64,
     tracefs_ok: bool,
     kallsyms_ok: bool,
+    perf_restricted: bool,
 ) -> (Vec<&'static Need>, Vec<&'static Need>) {
     let has = |bit: u32| eff & (1 << bit) != 0;
     let mut trace: Vec<&Need> = TRACE
@@ -165,8 +234,15 @@ fn missing_caps(
     if !tracefs_ok && !has(TRACEFS.bit) {
         trace.push(&TRACEFS);
     }
-    // CAP_SYSLOG only matters when kallsyms hides the addresses from this process.
-    let not_needed = |n: &Need| has(n.bit) || (n.bit == CAP_SYSLOG && kallsyms_ok);
+    let perf = perf_restricted && !has(CAP_SYS_ADMIN);
+    if perf {
+        trace.push(&PERF_RESTRICTED);
+    }
+    // CAP_SYSLOG only matters when kallsyms hides the addresses from this process; a
+    // CAP_SYS_ADMIN needed to trace is named there only.
+    let not_needed = |n: &Need| {
+        has(n.bit) || (n.bit == CAP_SYSLOG && kallsyms_ok) || (n.bit == CAP_SYS_ADMIN && perf)
+    };
     let naming = NAMING.iter().filter(|n| !not_needed(n)).collect();
     (trace, naming)
 }
@@ -240,7 +316,12 @@ fn main() -> ExitCode {
         .init();
 
     let eff = effective_caps();
-    let (trace, naming) = missing_caps(eff, tracefs_readable(), kallsyms_addresses_visible());
+    let (trace, naming) = missing_caps(
+        eff,
+        tracefs_readable(),
+        kallsyms_addresses_visible(),
+        perf_events_restricted(eff),
+    );
     if !trace.is_empty() {
         eprintln!("{}", privilege_error(&trace, &naming));
         return ExitCode::from(exit::PRIVILEGES);
@@ -345,7 +426,7 @@ mod tests {
         | (1 << CAP_DAC_READ_SEARCH);
 
     fn missing(eff: u64, tracefs_ok: bool, kallsyms_ok: bool) -> (String, String) {
-        let (trace, naming) = missing_caps(eff, tracefs_ok, kallsyms_ok);
+        let (trace, naming) = missing_caps(eff, tracefs_ok, kallsyms_ok, false);
         (names(&trace), names(&naming))
     }
 
@@ -363,7 +444,7 @@ mod tests {
                 "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_SYSLOG".to_owned()
             )
         );
-        let (trace, naming) = missing_caps(0, false, false);
+        let (trace, naming) = missing_caps(0, false, false, false);
         let line = privilege_error(&trace, &naming);
         assert!(!line.contains('\n'), "{line}");
         assert!(line.starts_with("conntrace: missing privileges: CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH needed to trace (load the eBPF programs and maps; "), "{line}");
@@ -375,6 +456,23 @@ mod tests {
         assert_eq!(missing(eff, true, true), (String::new(), String::new()));
         // tracefs unreadable: CAP_SYS_ADMIN does not help.
         assert_eq!(missing(eff, false, true).0, "CAP_DAC_READ_SEARCH");
+    }
+
+    #[test]
+    fn where_perf_events_are_restricted_sys_admin_is_needed_to_trace_and_named_once() {
+        let eff = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_DAC_READ_SEARCH);
+        let (trace, naming) = missing_caps(eff, true, true, true);
+        assert_eq!(names(&trace), "CAP_SYS_ADMIN");
+        assert_eq!(names(&naming), "CAP_NET_ADMIN, CAP_NET_RAW, CAP_SYS_PTRACE");
+        let line = privilege_error(&trace, &naming);
+        assert!(
+            line.starts_with("conntrace: missing privileges: CAP_SYS_ADMIN needed to trace (attach to tracepoints: this kernel allows perf_event_open(2) only with CAP_SYS_ADMIN"),
+            "{line}"
+        );
+        // With CAP_SYS_ADMIN nothing changes.
+        assert_eq!(missing(ALL, true, true), (String::new(), String::new()));
+        let (trace, _) = missing_caps(ALL, true, true, true);
+        assert!(trace.is_empty());
     }
 
     #[test]

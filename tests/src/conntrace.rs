@@ -235,11 +235,23 @@ pub fn drops_in(values: &[Value], netns: u64) -> Vec<Value> {
 /// The one verdict reported for namespace `netns`; panics unless there is exactly one.
 pub fn only_verdict_in(values: &[Value], netns: u64) -> Value {
     let verdicts = verdicts_in(values, netns);
-    assert_eq!(
-        verdicts.len(),
-        1,
-        "want exactly one verdict in netns {netns}: {verdicts:?}"
-    );
+    if verdicts.len() != 1 {
+        // Every verdict and drop of the run, by namespace: which end got what.
+        let seen: Vec<String> = values
+            .iter()
+            .filter(|v| v["event"] == "verdict" || v["event"] == "drop")
+            .map(|v| {
+                format!(
+                    "{} netns {} {} {}",
+                    v["event"], v["netns"], v["side"], v["reason"]
+                )
+            })
+            .collect();
+        panic!(
+            "want exactly one verdict in netns {netns}, got {}: {verdicts:?}; the run's verdicts and drops: {seen:?}",
+            verdicts.len()
+        );
+    }
     verdicts.into_iter().next().expect("one verdict")
 }
 
