@@ -13,17 +13,14 @@ fn a_reset_on_a_connection_opened_before_conntrace_started_is_reset_by_peer() {
     // A pooled connection: established, then conntrace starts, then the server aborts it.
     // conntrace never saw its start; the reset still gets its verdict, in either mode.
     for follow in FOLLOW_MODES {
-        let Scenario {
-            hosts,
-            server: _server,
-            ..
-        } = Scenario::new().serve(&[
+        // The abort waits for the test's signal, sent once conntrace is ready (its start took
+        // 11 s under emulation, longer than any fixed delay the host needs).
+        let Scenario { hosts, server, .. } = Scenario::new().serve(&[
             "--accept",
             "1",
             "--greeting",
             "hello\n",
-            "--greeting-delay-ms",
-            "2500",
+            "--greeting-on-usr1",
             "--linger0",
         ]);
         let client = connect(
@@ -35,11 +32,12 @@ fn a_reset_on_a_connection_opened_before_conntrace_started_is_reset_by_peer() {
                 "41005",
                 "--read-until-close",
                 "--timeout-ms",
-                "8000",
+                "60000",
             ],
         );
         std::thread::sleep(Duration::from_millis(300));
         let ct = Conntrace::start(&["--port", "3306", "--follow", follow]);
+        server.signal(libc::SIGUSR1);
         let results = client.json_lines(Duration::from_secs(10));
         assert_eq!(
             results[0]["errno"], 104,
@@ -153,8 +151,7 @@ fn a_firewall_rule_added_under_a_pooled_connection_is_its_timeout_not_a_failed_h
                 "1",
                 "--greeting",
                 "hello\n",
-                "--greeting-delay-ms",
-                "4000",
+                "--greeting-on-usr1",
             ]);
         let _client = connect(
             &hosts.client,
@@ -165,7 +162,7 @@ fn a_firewall_rule_added_under_a_pooled_connection_is_its_timeout_not_a_failed_h
                 "41007",
                 "--read-until-close",
                 "--timeout-ms",
-                "20000",
+                "60000",
             ],
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -173,6 +170,8 @@ fn a_firewall_rule_added_under_a_pooled_connection_is_its_timeout_not_a_failed_h
         hosts.server.exec(&[
             "iptables", "-A", "INPUT", "-p", "tcp", "--dport", "3306", "-j", "DROP",
         ]);
+        // The greeting goes out now, under the rule, however long conntrace took to start.
+        server.signal(libc::SIGUSR1);
         // The server's read fails with ETIMEDOUT and it exits.
         server.wait(Duration::from_secs(20), "ctpeer serve after its timeout");
         let values = ct.stop_after_verdict_in(hosts.server.inode());

@@ -1,11 +1,13 @@
 //! Test peer: a small TCP server or client run inside a test namespace.
 //!
-//! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--linger0] [--backlog N]
+//! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--greeting-on-usr1]
+//!                         [--linger0] [--backlog N]
 //!                         [--hold-ms T] [--respond BYTES] [--close-delay-ms T] [--report]
 //!                         [--reuseport] [--comm NAME]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
 //!   accepts, holding the listener until killed), sends the greeting (after T ms, in a thread
-//!   per connection, when `--greeting-delay-ms` is given, and those are waited for before
+//!   per connection, when `--greeting-delay-ms` is given, or once SIGUSR1 came with
+//!   `--greeting-on-usr1`, and those are waited for before
 //!   exiting after N), then either aborts with
 //!   SO_LINGER 0 (`--linger0`) or waits for the peer to close. `--reuseport` sets
 //!   SO_REUSEADDR and SO_REUSEPORT before bind(), so several servers share the port (each
@@ -98,6 +100,28 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
     }
 }
 
+/// Set by SIGUSR1 (`--greeting-on-usr1`).
+static GOT_USR1: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    GOT_USR1.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Installs the SIGUSR1 handler (before "listening" is printed, so a test's signal finds it).
+fn catch_usr1() {
+    let handler: extern "C" fn(libc::c_int) = on_usr1;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGUSR1, handler as libc::sighandler_t) };
+}
+
+/// Waits until SIGUSR1 came, `limit` at most.
+fn wait_for_usr1(limit: Duration) {
+    let start = Instant::now();
+    while !GOT_USR1.load(std::sync::atomic::Ordering::SeqCst) && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn serve(addr: SocketAddr, args: &[String]) {
     set_comm(flag(args, "--comm").as_deref().unwrap_or("ct-server"));
     let listener = if has(args, "--reuseport") {
@@ -117,6 +141,13 @@ fn serve(addr: SocketAddr, args: &[String]) {
     let delay = flag(args, "--greeting-delay-ms")
         .and_then(|n| n.parse().ok())
         .map(Duration::from_millis);
+    // `--greeting-on-usr1`: the greeting waits for SIGUSR1 (a test's trigger once its
+    // conntrace is ready, however long that took), 60 s at most, after any delay.
+    let on_usr1 = has(args, "--greeting-on-usr1");
+    if on_usr1 {
+        catch_usr1();
+    }
+    let delay = delay.or(on_usr1.then_some(Duration::ZERO));
     let linger0 = has(args, "--linger0");
     let conversation = Conversation::from_args(args, &greeting);
     println!("listening");
@@ -142,6 +173,9 @@ fn serve(addr: SocketAddr, args: &[String]) {
             let greeting = greeting.clone();
             delayed.push(std::thread::spawn(move || {
                 std::thread::sleep(delay);
+                if on_usr1 {
+                    wait_for_usr1(Duration::from_secs(60));
+                }
                 s.write_all(greeting.as_bytes()).ok();
                 if linger0 {
                     abort(s);
