@@ -19,6 +19,11 @@ pub fn ready_timeout() -> Duration {
     Duration::from_secs(secs.and_then(|s| s.parse().ok()).unwrap_or(60))
 }
 
+/// How long a test waits for the verdict it expects once the scenario's client is done: the
+/// engine decides within its 200 ms grace and a 100 ms tick, and a record waits 250 ms at most
+/// for its container; the rest is room for a debug build on a loaded CI machine.
+const VERDICT_WAIT: Duration = Duration::from_secs(5);
+
 /// A line conntrace printed, with when the test received it.
 #[derive(Debug, Clone)]
 pub struct Line {
@@ -147,12 +152,27 @@ impl Conntrace {
         }
     }
 
-    /// Waits (2 s at most) for a verdict in namespace `netns`, then stops conntrace.
+    /// Waits ([`VERDICT_WAIT`] at most) for a verdict in namespace `netns`, then stops
+    /// conntrace; without one it panics, saying whether conntrace printed it at exit.
     pub fn stop_after_verdict_in(self, netns: u64) -> Vec<Value> {
-        self.wait_for(Duration::from_secs(2), |l| {
-            l.value["event"] == "verdict" && l.value["netns"] == netns
-        });
-        self.stop()
+        let in_netns = |v: &Value| v["event"] == "verdict" && v["netns"] == netns;
+        let seen = self.try_wait_for(VERDICT_WAIT, |l| in_netns(&l.value));
+        if seen.is_some() {
+            return self.stop();
+        }
+        // Stopped, conntrace decides and prints what it still holds: whether the verdict was
+        // late or never made tells two different failures apart.
+        let values = self.stop();
+        let lines: Vec<String> = values.iter().map(Value::to_string).collect();
+        panic!(
+            "no verdict in netns {netns} within {VERDICT_WAIT:?}; {} at exit; conntrace printed:\n{}",
+            if values.iter().any(in_netns) {
+                "it came only"
+            } else {
+                "none either"
+            },
+            lines.join("\n")
+        );
     }
 
     pub fn dump(&self) -> String {
