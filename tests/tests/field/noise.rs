@@ -129,8 +129,26 @@ fn show_normal_drops_prints_the_queue_purge_records() {
     // On the active closer (the client): the server's FIN, one record per connection.
     let client_drops = drops_in(&values, client_ns);
     assert!(client_drops.iter().all(closing_drop), "{client_drops:#?}");
-    let fins = client_drops.iter().filter(|d| has_fin(d)).count();
-    assert_eq!(fins, 25, "one FIN per connection: {client_drops:#?}");
+    // One per connection. A FIN the server sent again (a retransmission, when this host was
+    // slow to answer it) is dropped again after the close (TCP_CLOSE): seen once in CI.
+    let fins: Vec<&Value> = client_drops.iter().filter(|d| has_fin(d)).collect();
+    let connections: std::collections::HashSet<(String, String)> = fins
+        .iter()
+        .map(|d| (d["sport"].to_string(), d["dport"].to_string()))
+        .collect();
+    assert_eq!(
+        connections.len(),
+        25,
+        "a FIN of each connection: {client_drops:#?}"
+    );
+    assert!(
+        fins.len() - connections.len()
+            <= fins
+                .iter()
+                .filter(|d| d["kernel_reason"] == "TCP_CLOSE")
+                .count(),
+        "a FIN dropped twice is a retransmission dropped after the close: {client_drops:#?}"
+    );
     let of = |port: u16, reason: &str| {
         client_drops
             .iter()
