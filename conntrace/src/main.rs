@@ -146,6 +146,11 @@ fn tracefs_readable() -> bool {
     !denied
 }
 
+/// Whether effective capability set `eff` (capget(2)'s bits) holds capability `bit`.
+fn has_cap(eff: u64, bit: u32) -> bool {
+    eff & (1 << bit) != 0
+}
+
 /// `struct perf_event_attr` as of PERF_ATTR_SIZE_VER0 (64 bytes), enough for a dummy event.
 #[repr(C)]
 #[derive(Default)]
@@ -167,8 +172,7 @@ struct PerfEventAttrV0 {
 /// fails with EACCES for all but CAP_SYS_ADMIN when `kernel.perf_event_paranoid` is above 2),
 /// found by trying a disabled software dummy event on CPU 0 (opened and closed at once).
 fn perf_events_restricted(eff: u64) -> bool {
-    let has = |bit: u32| eff & (1 << bit) != 0;
-    if has(CAP_SYS_ADMIN) || !has(CAP_PERFMON) {
+    if has_cap(eff, CAP_SYS_ADMIN) || !has_cap(eff, CAP_PERFMON) {
         // CAP_SYS_ADMIN passes the restriction; without CAP_PERFMON tracing is refused anyway.
         return false;
     }
@@ -226,7 +230,7 @@ fn missing_caps(
     kallsyms_ok: bool,
     perf_restricted: bool,
 ) -> (Vec<&'static Need>, Vec<&'static Need>) {
-    let has = |bit: u32| eff & (1 << bit) != 0;
+    let has = |bit: u32| has_cap(eff, bit);
     let mut trace: Vec<&Need> = TRACE
         .iter()
         .filter(|n| !has(n.bit) && !has(CAP_SYS_ADMIN))
@@ -286,7 +290,7 @@ fn pass_caps_to_children(eff: u64) {
         (CAP_DAC_READ_SEARCH, Capability::CAP_DAC_READ_SEARCH),
     ];
     for (bit, cap) in wanted {
-        if eff & (1 << bit) == 0 {
+        if !has_cap(eff, bit) {
             continue;
         }
         let raised = caps::raise(None, CapSet::Inheritable, cap)
