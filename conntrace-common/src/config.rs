@@ -226,6 +226,9 @@ pub struct KernelOffsets {
     pub task_comm: u32,
     /// `struct sock` → `sk_dst_cache` (the socket's cached route).
     pub sock_dst_cache: u32,
+    /// `struct sock` → `sk_route_caps` (`netdev_features_t`: the route's device features,
+    /// zeroed when a retransmission's route lookup fails).
+    pub sock_route_caps: u32,
 }
 
 /// Where a route lookup's flow (`struct flowi4` or `struct flowi6`) keeps what the BTF-typed

@@ -147,9 +147,10 @@ pub struct StateChange {
     /// held the socket (the kernel keeps it aside and goes on retransmitting), else 0.
     pub sk_err_soft: i32,
     /// When the new state is CLOSE: whether the socket still had a route
-    /// (`sk->sk_dst_cache` set; [`route_cache`] bits). A retransmission whose route lookup
-    /// failed leaves none: the route went away, where an ICMP error leaves the route there.
-    /// 0 otherwise.
+    /// (`sk->sk_dst_cache` set) and whether its last route lookup gave it one
+    /// (`sk->sk_route_caps` nonzero), in [`route_cache`] bits. A retransmission whose route
+    /// lookup failed leaves no route and zeroes the capabilities: the route went away, where
+    /// an ICMP error leaves both. 0 otherwise.
     pub route_cache: u32,
     /// Quiet mode, a connection userspace follows that starts or ends closing
     /// (`FIN_WAIT1`, `CLOSE_WAIT`, `CLOSE`): what it had done by then ([`progress`] bits),
@@ -163,6 +164,13 @@ pub mod route_cache {
     pub const READ: u32 = 1;
     /// The socket had a route (`sk_dst_cache` set).
     pub const SET: u32 = 2;
+    /// The route capabilities were read (the bit below is absent when this one is clear).
+    pub const CAPS_READ: u32 = 4;
+    /// The socket's last route lookup gave it a route (`sk_route_caps` nonzero: set by
+    /// `sk_setup_caps`, zeroed by `inet_sk_rebuild_header` and `inet6_sk_rebuild_header` when
+    /// a retransmission's lookup fails). IPv6 drops a timed-out socket's cached route whatever
+    /// the cause, so this is what tells a lost IPv6 route.
+    pub const CAPS_SET: u32 = 8;
 }
 
 /// `StateChange::progress` bits.

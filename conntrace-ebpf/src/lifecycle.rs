@@ -170,9 +170,13 @@ fn changed(
     let (mut sk_err, mut sk_err_soft): (i32, i32) = (0, 0);
     let mut route_cache = 0;
     if newstate == state::CLOSE {
-        // Whether its route is still there: a retransmission whose lookup failed left none.
+        // Whether its route is still there: a retransmission whose lookup failed left none,
+        // and zeroed its route capabilities.
         if let Some(cached) = sock.route_cached() {
             route_cache = route_cache::READ | if cached { route_cache::SET } else { 0 };
+        }
+        if let Some(caps) = sock.route_caps() {
+            route_cache |= route_cache::CAPS_READ | if caps { route_cache::CAPS_SET } else { 0 };
         }
         // The error, and the soft error (an ICMP that came while the process held it).
         match sock.err() {

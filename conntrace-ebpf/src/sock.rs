@@ -54,6 +54,8 @@ pub(crate) trait SockRead {
     fn bytes_received(&self) -> Option<u64>;
     /// Whether the socket has a cached route (`sk_dst_cache` set).
     fn route_cached(&self) -> Option<bool>;
+    /// Whether its last route lookup gave it a route (`sk_route_caps` nonzero).
+    fn route_caps(&self) -> Option<bool>;
     /// Writes the current task's comm to `dst` in place (zeros when unreadable): built by
     /// value, it cost the classic lifecycle program a 16-byte copy on its stack, which 6.1's
     /// verifier limits.
@@ -120,6 +122,11 @@ impl SockRead for Probed<'_> {
             .map(|d| d != 0)
     }
     #[inline(always)]
+    fn route_caps(&self) -> Option<bool> {
+        self.read::<u64>(self.offsets.sock_route_caps)
+            .map(|c| c != 0)
+    }
+    #[inline(always)]
     unsafe fn write_current_comm(&self, dst: *mut [u8; COMM_LEN]) {
         // SAFETY: the helper writes COMM_LEN bytes into `dst` (zeros on failure).
         unsafe {
@@ -180,6 +187,10 @@ impl SockRead for Typed {
     #[inline(always)]
     fn route_cached(&self) -> Option<bool> {
         load::<u64>(self.sk, offset!(sock_dst_cache)).map(|d| d != 0)
+    }
+    #[inline(always)]
+    fn route_caps(&self) -> Option<bool> {
+        load::<u64>(self.sk, offset!(sock_route_caps)).map(|c| c != 0)
     }
     #[inline(always)]
     unsafe fn write_current_comm(&self, dst: *mut [u8; COMM_LEN]) {

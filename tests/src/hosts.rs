@@ -71,6 +71,31 @@ impl Netns {
             .to_owned()
     }
 
+    /// Runs `ip -6 ARGS` in this namespace.
+    pub fn ip6(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "-6"];
+        full.extend_from_slice(args);
+        self.exec(&full)
+    }
+
+    /// Waits until a TCP connection of this namespace to remote `port` is established
+    /// (`ss`), polling every 20 ms for at most `timeout`; panics when none is.
+    pub fn wait_established(&self, port: u16, timeout: std::time::Duration) {
+        let filter = format!("dport = :{port}");
+        let start = std::time::Instant::now();
+        while start.elapsed() < timeout {
+            let out = self.exec(&["ss", "-Htn", "state", "established", &filter]);
+            if !out.trim().is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!(
+            "no connection to port {port} established in {timeout:?} in {}",
+            self.name
+        );
+    }
+
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
@@ -201,14 +226,17 @@ impl Default for TwoHosts {
 /// A client and a server in different subnets, joined through a third namespace that routes
 /// between them (`ip_forward=1` inside it only, as a Docker or Kubernetes node does for its
 /// containers): client 10.78.N.1 — 10.78.N.254 router 10.79.N.254 — 10.79.N.2 server, with
-/// the endpoints' default routes via the router. IPv4 only. The veth pairs are created inside
-/// the namespaces.
+/// the endpoints' default routes via the router; for IPv6 the same on fd78:N::/64 and
+/// fd79:N::/64 (router `::fe`, IPv6 forwarding inside it only). The veth pairs are created
+/// inside the namespaces.
 pub struct ThreeHosts {
     pub client: Netns,
     pub router: Netns,
     pub server: Netns,
     pub client_ip: String,
     pub server_ip: String,
+    pub client_ip6: String,
+    pub server_ip6: String,
     /// The router's address on the client's link, and on the server's.
     pub router_client_ip: String,
     pub router_server_ip: String,
@@ -231,9 +259,12 @@ impl ThreeHosts {
         client.veth(&client_if, &router, &router_client_if);
         server.veth(&server_if, &router, &router_server_if);
         let (client_net, server_net) = (format!("10.78.{subnet}"), format!("10.79.{subnet}"));
+        let (client_net6, server_net6) = (format!("fd78:{subnet}:"), format!("fd79:{subnet}:"));
         let hosts = Self {
             client_ip: format!("{client_net}.1"),
             server_ip: format!("{server_net}.2"),
+            client_ip6: format!("{client_net6}:1"),
+            server_ip6: format!("{server_net6}:2"),
             router_client_ip: format!("{client_net}.254"),
             router_server_ip: format!("{server_net}.254"),
             client,
@@ -256,7 +287,60 @@ impl ThreeHosts {
         h.server
             .exec(&["ip", "route", "add", "default", "via", &h.router_server_ip]);
         h.router.sysctl("net.ipv4.ip_forward=1");
+        hosts.add_ipv6(&client_net6, &server_net6);
         hosts
+    }
+}
+
+impl ThreeHosts {
+    /// IPv6 on the two links (`NET::1`/`NET::2` the endpoints, `NET::fe` the router), the
+    /// endpoints' default routes via the router, forwarding in the router. Addresses skip
+    /// duplicate address detection (usable at once) and each end's neighbour is fixed: with
+    /// neighbour discovery the first packet through the router was lost (a first connection
+    /// took a SYN retransmission, one second, and its RTO stayed at the 3 s fallback).
+    fn add_ipv6(&self, client_net6: &str, server_net6: &str) {
+        let (client_gw, server_gw) = (format!("{client_net6}:fe"), format!("{server_net6}:fe"));
+        let links = [
+            (&self.client, &self.client_if, &self.client_ip6, &client_gw),
+            (
+                &self.router,
+                &self.router_client_if,
+                &client_gw,
+                &self.client_ip6,
+            ),
+            (
+                &self.router,
+                &self.router_server_if,
+                &server_gw,
+                &self.server_ip6,
+            ),
+            (&self.server, &self.server_if, &self.server_ip6, &server_gw),
+        ];
+        for (ns, dev, addr, _) in links {
+            ns.ip6(&["addr", "add", &format!("{addr}/64"), "dev", dev, "nodad"]);
+        }
+        self.client
+            .ip6(&["route", "add", "default", "via", &client_gw]);
+        self.server
+            .ip6(&["route", "add", "default", "via", &server_gw]);
+        self.router.sysctl("net.ipv6.conf.all.forwarding=1");
+        // Each end's neighbour: the address at the other end of its link.
+        let other_end = |i: usize| links[i ^ 1];
+        for (i, (ns, dev, _, neighbour)) in links.iter().enumerate() {
+            let (peer, peer_dev, ..) = other_end(i);
+            let lladdr = peer.mac(peer_dev);
+            ns.ip6(&[
+                "neigh",
+                "add",
+                neighbour,
+                "lladdr",
+                &lladdr,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ]);
+        }
     }
 }
 
@@ -273,6 +357,8 @@ pub trait Hosts {
     fn server(&self) -> &Netns;
     /// The server's IPv4 address, the one the scenarios serve on.
     fn server_ip(&self) -> &str;
+    /// The server's IPv6 address.
+    fn server_ip6(&self) -> &str;
 }
 
 impl Hosts for TwoHosts {
@@ -285,6 +371,9 @@ impl Hosts for TwoHosts {
     fn server_ip(&self) -> &str {
         &self.server_ip
     }
+    fn server_ip6(&self) -> &str {
+        &self.server_ip6
+    }
 }
 
 impl Hosts for ThreeHosts {
@@ -296,5 +385,8 @@ impl Hosts for ThreeHosts {
     }
     fn server_ip(&self) -> &str {
         &self.server_ip
+    }
+    fn server_ip6(&self) -> &str {
+        &self.server_ip6
     }
 }

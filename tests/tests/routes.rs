@@ -1,9 +1,10 @@
-//! Routes that go away under established connections. Nothing answers and nothing is
-//! rejected: this host's own routing table has no route left, so the verdict is `no_route`,
-//! not `icmp_unreachable` (no ICMP came). With the request in flight (unacknowledged), the
-//! client's retransmissions look the route up again and find none: the kernel keeps that as
-//! the socket's soft error and gives up with ENETUNREACH. The client's namespace gives up
-//! after 3 retransmissions (`tcp_retries2=3`).
+//! Routes that go away under established connections, IPv4 and IPv6. Nothing answers and
+//! nothing is rejected: this host's own routing table has no route left, so the verdict is
+//! `no_route`, not `icmp_unreachable` (no ICMP came). With the request in flight
+//! (unacknowledged), the client's retransmissions look the route up again and find none: the
+//! kernel keeps that as the socket's soft error and gives up with ENETUNREACH. The client's
+//! namespace gives up after 3 retransmissions (`tcp_retries2`, which IPv6 follows too). A
+//! router's ICMP answer gives the client the same errno and stays `icmp_unreachable`.
 //!
 //! Not covered: a request sent after the route went, on an idle connection. Its first
 //! transmission is freed before it has an IP header (`IP_OUTNOROUTES`), so the drop program
@@ -17,9 +18,30 @@ use conntrace_tests::{
 };
 use serde_json::Value;
 
-/// The namespace's routes go (its addresses stay): its next packet out finds none.
-fn flush_routes(ns: &Netns) {
-    ns.exec(&["ip", "route", "flush", "table", "main"]);
+/// Which of the server's addresses the client connects to.
+#[derive(Clone, Copy, Debug)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn server_ip<H: Hosts>(self, hosts: &H) -> String {
+        match self {
+            Family::V4 => hosts.server_ip(),
+            Family::V6 => hosts.server_ip6(),
+        }
+        .to_owned()
+    }
+}
+
+/// The namespace's routes of `family` go (its addresses stay): its next packet out finds none.
+fn flush_routes(ns: &Netns, family: Family) {
+    let flag = match family {
+        Family::V4 => "-4",
+        Family::V6 => "-6",
+    };
+    ns.exec(&["ip", flag, "route", "flush", "table", "main"]);
 }
 
 /// A client in `ns` that reads the greeting and sends its request `delay_ms` later, then
@@ -44,30 +66,37 @@ fn client(ns: &Netns, server_ip: &str, delay_ms: u64) -> Proc {
 }
 
 /// The client's verdict in each follow mode, in hosts from `scenario` (its namespace gives up
-/// after 3 retransmissions), for `run` (which breaks the routes), after checking the errno the
-/// client got and that the server's end is still open.
+/// after 3 retransmissions) over `family`, for `run` (which breaks the routes once the client
+/// is established: it sends its request 800 ms after the greeting), after checking the errno
+/// the client got and that the server's end is still open.
 fn client_verdicts<H: Hosts>(
     scenario: impl Fn() -> Scenario<(), (), H>,
+    family: Family,
     errno: i32,
     run: impl Fn(&H),
 ) -> Vec<(&'static str, Value)> {
     let mut verdicts = Vec::new();
     for follow in FOLLOW_MODES {
+        let traced = scenario()
+            .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+            .conntrace(&["--port", "3306", "--follow", follow]);
+        let server_ip = family.server_ip(&traced.hosts);
         let Scenario {
             hosts,
             ct,
             server: _server,
-        } = scenario()
-            .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
-            .conntrace(&["--port", "3306", "--follow", follow])
-            .serve(&["--greeting", "hi\n"]);
-        let client = client(hosts.client(), hosts.server_ip(), 800);
+        } = traced.serve_on(&server_ip, &["--greeting", "hi\n"]);
+        let client = client(hosts.client(), &server_ip, 800);
+        // `run`'s delays count from the handshake, whenever the client got to start.
+        hosts
+            .client()
+            .wait_established(PORT, Duration::from_secs(10));
         run(&hosts);
         let result = client.json_lines(Duration::from_secs(40)).remove(0);
         assert_eq!(
             result["errno"],
             i64::from(errno),
-            "--follow {follow}: {result}"
+            "--follow {follow}, {family:?}: {result}"
         );
         let values = ct.stop_after_verdict_in(hosts.client().inode());
         assert!(
@@ -79,15 +108,16 @@ fn client_verdicts<H: Hosts>(
     verdicts
 }
 
-#[test]
-fn a_route_lost_under_retransmissions_is_no_route_not_an_icmp_answer() {
-    let verdicts = client_verdicts(Scenario::new, libc::ENETUNREACH, |hosts| {
+/// The client's routes of `family` go under its retransmissions: `no_route` in each follow
+/// mode, with the route lost and no ICMP.
+fn route_lost_is_no_route(family: Family) {
+    let verdicts = client_verdicts(Scenario::new, family, libc::ENETUNREACH, |hosts| {
         // The server cannot answer (its routes go first), so the request stays in flight;
         // then the client's routes go, between two of its retransmissions.
         std::thread::sleep(Duration::from_millis(300));
-        flush_routes(&hosts.server);
+        flush_routes(&hosts.server, family);
         std::thread::sleep(Duration::from_millis(1_300));
-        flush_routes(&hosts.client);
+        flush_routes(&hosts.client, family);
     });
     for (follow, v) in verdicts {
         assert_eq!(
@@ -103,14 +133,26 @@ fn a_route_lost_under_retransmissions_is_no_route_not_an_icmp_answer() {
                 Some("ENETUNREACH"),
                 Some("TCP_ESTABLISHED")
             ),
-            "--follow {follow}: {v}"
+            "--follow {follow}, {family:?}: {v}"
         );
         assert!(v["detail"]["icmp"].is_null(), "no ICMP came: {v}");
         assert_eq!(
             v["detail"]["route_lost"], true,
-            "--follow {follow}: no route left when it closed: {v}"
+            "--follow {follow}, {family:?}: no route left when it closed: {v}"
         );
     }
+}
+
+#[test]
+fn a_route_lost_under_retransmissions_is_no_route_not_an_icmp_answer() {
+    route_lost_is_no_route(Family::V4);
+}
+
+#[test]
+fn an_ipv6_route_lost_under_retransmissions_is_no_route_too() {
+    // IPv6 drops a timed-out socket's cached route whatever the cause: the route
+    // capabilities the failed lookups zeroed tell it from an ICMP answer.
+    route_lost_is_no_route(Family::V6);
 }
 
 #[test]
@@ -118,7 +160,7 @@ fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
     // The router between them gets an `unreachable` route to the server while the client is
     // connected: it answers the request with ICMP host unreachable. The client keeps its own
     // route: `icmp_unreachable`, not `no_route` (the router's lookups are not the client's).
-    let verdicts = client_verdicts(Scenario::routed, libc::EHOSTUNREACH, |hosts| {
+    let verdicts = client_verdicts(Scenario::routed, Family::V4, libc::EHOSTUNREACH, |hosts| {
         std::thread::sleep(Duration::from_millis(300));
         let unreachable = format!("{}/32", hosts.server_ip);
         hosts
@@ -135,6 +177,36 @@ fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
             (
                 Some("icmp_unreachable"),
                 Some("EHOSTUNREACH"),
+                Some("TCP_ESTABLISHED")
+            ),
+            "--follow {follow}: {v}"
+        );
+        assert!(v["detail"]["route_lost"].is_null(), "{v}");
+    }
+}
+
+#[test]
+fn an_icmpv6_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
+    // As above over IPv6: the router's `unreachable` route answers with ICMPv6 "no route to
+    // destination", which the client's kernel turns into ENETUNREACH, the errno a lost route
+    // gives. The client's route stays: `icmp_unreachable`, not `no_route`.
+    let verdicts = client_verdicts(Scenario::routed, Family::V6, libc::ENETUNREACH, |hosts| {
+        std::thread::sleep(Duration::from_millis(300));
+        let unreachable = format!("{}/128", hosts.server_ip6);
+        hosts
+            .router
+            .exec(&["ip", "-6", "route", "add", "unreachable", &unreachable]);
+    });
+    for (follow, v) in verdicts {
+        assert_eq!(
+            (
+                v["reason"].as_str(),
+                v["errno"].as_str(),
+                v["detail"]["closed_from"].as_str()
+            ),
+            (
+                Some("icmp_unreachable"),
+                Some("ENETUNREACH"),
                 Some("TCP_ESTABLISHED")
             ),
             "--follow {follow}: {v}"

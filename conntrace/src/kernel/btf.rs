@@ -169,6 +169,7 @@ impl KernelBtf {
             reqsk_sk: off("request_sock", &["sk"]),
             task_comm: off("task_struct", &["comm"]),
             sock_dst_cache: off("sock", &["sk_dst_cache"]),
+            sock_route_caps: off("sock", &["sk_route_caps"]),
         }
     }
 
@@ -299,6 +300,7 @@ pub fn missing_offsets(o: &KernelOffsets) -> Vec<&'static str> {
         ("request_sock.sk", o.reqsk_sk),
         ("task_struct.comm", o.task_comm),
         ("sock.sk_dst_cache", o.sock_dst_cache),
+        ("sock.sk_route_caps", o.sock_route_caps),
     ];
     all.into_iter()
         .filter(|(_, v)| *v == KernelOffsets::MISSING)

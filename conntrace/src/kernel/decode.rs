@@ -12,7 +12,7 @@ use conntrace_common::{
 
 use crate::engine::facts::{
     Accepted, Closing, ConnHistory, DropReason, DroppedPacket, Errno, FourTuple, Icmp, KernelEvent,
-    Meta, Proc, TableAnswer, TcpFlags, TcpState,
+    Meta, Proc, RouteAtClose, TableAnswer, TcpFlags, TcpState,
 };
 
 /// Turns raw records into [`KernelEvent`]s, naming kernel enums from this kernel's BTF.
@@ -163,8 +163,7 @@ impl Decoder {
                     received: e.progress & progress::RECEIVED != 0,
                     owned: e.progress & progress::OWNED != 0,
                 }),
-                route_cached: (e.route_cache & route_cache::READ != 0)
-                    .then_some(e.route_cache & route_cache::SET != 0),
+                route: route_at_close(e.route_cache),
             },
             Decoded::ErrorReport(e) => KernelEvent::SocketError {
                 meta: meta(&e.header),
@@ -272,6 +271,15 @@ fn route_lookup_failed(e: &RouteError) -> KernelEvent {
     }
 }
 
+/// The route facts of a change to CLOSE ([`route_cache`] bits), each absent where not read.
+fn route_at_close(bits: u32) -> RouteAtClose {
+    let fact = |read: u32, set: u32| (bits & read != 0).then_some(bits & set != 0);
+    RouteAtClose {
+        cached: fact(route_cache::READ, route_cache::SET),
+        caps: fact(route_cache::CAPS_READ, route_cache::CAPS_SET),
+    }
+}
+
 /// An errno field the kernel filled (`bit` clear in `unread`), when it holds one.
 fn errno_read(unread: u32, bit: u32, value: i32) -> Option<Errno> {
     (unread & bit == 0 && value > 0).then(|| Errno::from_raw(value))
@@ -333,6 +341,22 @@ mod tests {
             (TableAnswer::Blackhole, TableAnswer::Blackhole)
         );
         assert_eq!(v4(-101), TableAnswer::Other(Errno::ENETUNREACH));
+    }
+
+    #[test]
+    fn route_facts_at_close_are_absent_where_not_read() {
+        use route_cache::{CAPS_READ, CAPS_SET, READ, SET};
+        let at = |cached, caps| RouteAtClose { cached, caps };
+        assert_eq!(route_at_close(0), at(None, None));
+        assert_eq!(route_at_close(READ), at(Some(false), None));
+        assert_eq!(route_at_close(READ | SET), at(Some(true), None));
+        assert_eq!(route_at_close(CAPS_READ), at(None, Some(false)));
+        assert_eq!(
+            route_at_close(READ | CAPS_READ | CAPS_SET),
+            at(Some(false), Some(true))
+        );
+        // A set bit without its read bit is not a fact.
+        assert_eq!(route_at_close(SET | CAPS_SET), at(None, None));
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod route;
 
 use super::{
     Engine,
-    facts::{Errno, FourTuple, KernelEvent, Meta, Proc, TcpFlags, TcpState, Window},
+    facts::{Errno, FourTuple, KernelEvent, Meta, Proc, RouteAtClose, TcpFlags, TcpState, Window},
     rules,
     state::{Conn, OrphanError, Report},
     verdict::{Side, Verdict},
@@ -20,8 +20,8 @@ struct SocketErrors {
     error: Option<Errno>,
     /// `sk_err_soft`.
     soft: Option<Errno>,
-    /// Whether the socket still had a route (read at CLOSE).
-    route_cached: Option<bool>,
+    /// The socket's route (read at CLOSE).
+    route: RouteAtClose,
 }
 
 impl Engine {
@@ -37,7 +37,7 @@ impl Engine {
                 sk_err,
                 sk_err_soft,
                 closing,
-                route_cached,
+                route,
             } => {
                 if let Some(closing) = closing {
                     self.on_closing(&meta, sk, closing, out);
@@ -45,7 +45,7 @@ impl Engine {
                 let errors = SocketErrors {
                     error: sk_err,
                     soft: sk_err_soft,
-                    route_cached,
+                    route,
                 };
                 self.on_state(meta, sk, tuple, (old, new, errors), out);
             }
@@ -244,7 +244,7 @@ impl Engine {
                     c.set_error(Some(errno));
                 }
                 c.soft_errno = errors.soft;
-                c.route_cached_at_close = errors.route_cached;
+                c.route_at_close = errors.route;
             }
             _ => {}
         }

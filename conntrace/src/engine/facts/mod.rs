@@ -190,6 +190,18 @@ pub struct Progress {
     pub accepted: bool,
 }
 
+/// A socket's route when it closed (`StateChange::route_cache`), each fact `None` where it
+/// was not read. A retransmission whose route lookup failed leaves no cached route and zeroes
+/// the route capabilities; an ICMP answer leaves both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouteAtClose {
+    /// Whether it still had a cached route (`sk_dst_cache`). IPv6 drops a timed-out
+    /// socket's cached route whatever the cause.
+    pub cached: Option<bool>,
+    /// Whether its last route lookup gave it a route (`sk_route_caps` nonzero).
+    pub caps: Option<bool>,
+}
+
 /// What a connection followed in quiet mode had done when it started or ended closing
 /// (`StateChange::progress`): quiet mode sends no first-data or accept event for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -217,9 +229,8 @@ pub enum KernelEvent {
         /// Quiet mode, a connection userspace follows that starts or ends closing: what it
         /// had done by then. `None` when not read.
         closing: Option<Closing>,
-        /// On a change to CLOSE: whether the socket still had a route (`sk_dst_cache`).
-        /// `None` when not read.
-        route_cached: Option<bool>,
+        /// On a change to CLOSE: the socket's route then (default otherwise).
+        route: RouteAtClose,
     },
     /// `inet_sk_error_report`. `errno` is `None` when the error was 0: an ICMP error came
     /// while the process held the socket and went to `sk_err_soft`.
@@ -321,7 +332,7 @@ impl KernelEvent {
             sk_err: None,
             sk_err_soft: None,
             closing: None,
-            route_cached: None,
+            route: RouteAtClose::default(),
         }
     }
 

@@ -114,18 +114,24 @@ pub(crate) fn route_failed(walk: &Walk, route: Option<&Route>) -> Option<Verdict
 /// gives too.
 const ROUTE_ERRORS: [Errno; 3] = [Errno::ENETUNREACH, Errno::EHOSTUNREACH, Errno::EACCES];
 
-/// Whether IPv4 connection `c`, ended with `errno`, lost the route it had: its
-/// retransmissions looked the route up again (`inet_sk_rebuild_header`) and this host's
-/// routing table failed them with what `errno` says (ENETUNREACH: no route; EHOSTUNREACH,
-/// EACCES: an unreachable or prohibit route), leaving the socket without a route when it
-/// closed. An ICMP answer gives the same errnos but leaves the route in place
-/// (`icmp_unreachable`). IPv6 drops a timed-out socket's route either way, so it is not told
-/// this way. (The failed lookups themselves, `fib:fib_table_lookup`, name no namespace for a
-/// connected socket: a forwarding namespace's lookups of the same 4-tuple looked the same.)
+/// Whether connection `c`, ended with `errno`, lost the route it had: its retransmissions
+/// looked the route up again (`inet_sk_rebuild_header`, `inet6_sk_rebuild_header`) and this
+/// host's routing table failed them with what `errno` says (ENETUNREACH: no route;
+/// EHOSTUNREACH, EACCES: an unreachable or prohibit route). Such a lookup leaves the socket
+/// without a cached route and zeroes its route capabilities; an ICMP answer gives the same
+/// errnos but leaves both (`icmp_unreachable`). IPv4 is told by the cached route. IPv6 drops
+/// a timed-out socket's cached route whatever the cause (`ip6_negative_advice`), so there the
+/// capabilities tell. (The failed lookups themselves, `fib:fib_table_lookup`, name no
+/// namespace for a connected socket: a forwarding namespace's lookups of the same 4-tuple
+/// looked the same.)
 pub(crate) fn route_lost(c: &Conn, errno: Errno) -> bool {
-    c.tuple.daddr.is_ipv4()
-        && c.route_cached_at_close == Some(false)
-        && ROUTE_ERRORS.contains(&errno)
+    let route = &c.route_at_close;
+    let gone = if c.tuple.daddr.is_ipv4() {
+        route.cached
+    } else {
+        route.caps
+    };
+    gone == Some(false) && ROUTE_ERRORS.contains(&errno)
 }
 
 /// Whether client socket `c` went SYN_SENT and back to CLOSE without ever getting a local

@@ -3,7 +3,7 @@
 
 use super::attempt::HandshakeDrop;
 use crate::engine::{
-    facts::{Errno, FourTuple, Icmp, Meta, Proc, TcpState, Window},
+    facts::{Errno, FourTuple, Icmp, Meta, Proc, RouteAtClose, TcpState, Window},
     verdict::{Reason, Side, detail::Retransmits},
 };
 
@@ -99,8 +99,8 @@ pub struct Conn {
     pub drops: Vec<HandshakeDrop>,
     /// Packets the kernel dropped once it was established.
     pub late_drops: Vec<HandshakeDrop>,
-    /// Whether it still had a route when it closed (`sk_dst_cache`), where read.
-    pub route_cached_at_close: Option<bool>,
+    /// Its route when it closed, where read.
+    pub route_at_close: RouteAtClose,
     /// Its data retransmissions once established.
     pub retransmits: Option<Retransmits>,
     /// The window, when not open, and since when.
@@ -138,7 +138,7 @@ impl Conn {
             rst_received: None,
             drops: Vec::new(),
             late_drops: Vec::new(),
-            route_cached_at_close: None,
+            route_at_close: RouteAtClose::default(),
             retransmits: None,
             window: None,
             too_big: None,

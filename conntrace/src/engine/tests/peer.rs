@@ -300,7 +300,7 @@ fn a_connection_followed_later_takes_the_drops_kept_for_it() {
             sk_err: Some(Errno(110)),
             sk_err_soft: None,
             closing: None,
-            route_cached: None,
+            route: Default::default(),
         }],
     );
     out.extend(e.tick(LATER));

@@ -1,23 +1,46 @@
 //! Routes that went away under connections (`rules::connect::route_lost`): `no_route` where
-//! this host's routes failed the retransmissions (the IPv4 socket had no route left when it
-//! closed), `icmp_unreachable` where an ICMP answer did (its route stays).
+//! this host's routes failed the retransmissions (the socket had no route left when it
+//! closed: IPv4 no cached route, IPv6 its route capabilities zeroed), `icmp_unreachable`
+//! where an ICMP answer did (its route stays).
+
+use std::net::Ipv6Addr;
 
 use super::*;
+use crate::engine::facts::RouteAtClose;
 
-/// The client's close from `old` with `errno` (and the same soft error), and whether its
-/// route was still cached.
-fn close(a: Sock, ts: u64, old: TcpState, errno: i32, cached: Option<bool>) -> KernelEvent {
+/// The client's close from `old` with `errno` (and the same soft error), and its route then.
+fn close(a: Sock, ts: u64, old: TcpState, errno: i32, at_close: RouteAtClose) -> KernelEvent {
     let mut ev = a.closed(ts, old, Some(errno));
     if let KernelEvent::State {
-        sk_err_soft,
-        route_cached,
-        ..
+        sk_err_soft, route, ..
     } = &mut ev
     {
         *sk_err_soft = Some(Errno(errno));
-        *route_cached = cached;
+        *route = at_close;
     }
     ev
+}
+
+/// Whether the route was still cached (IPv4's answer; the capabilities not read).
+fn cached(cached: Option<bool>) -> RouteAtClose {
+    RouteAtClose { cached, caps: None }
+}
+
+/// An IPv6 socket's route at close: its cached route dropped (as every timed-out IPv6
+/// socket's is), the capabilities as given.
+fn v6_caps(caps: Option<bool>) -> RouteAtClose {
+    RouteAtClose {
+        cached: Some(false),
+        caps,
+    }
+}
+
+/// A client socket of fd77::1 to fd77::2.
+fn client6(sk: u64, sport: u16) -> Sock {
+    let mut a = Sock::client(sk, sport);
+    a.t.saddr = IpAddr::V6(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1));
+    a.t.daddr = IpAddr::V6(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2));
+    a
 }
 
 /// A client that connects and is established.
@@ -35,7 +58,13 @@ const EHOSTUNREACH: i32 = 113;
 fn an_ipv4_socket_that_closed_without_its_route_lost_the_route() {
     let a = Sock::client(SK_A, SPORT);
     let mut events = established(a);
-    events.push(close(a, 5 * SEC, S::Established, ENETUNREACH, Some(false)));
+    events.push(close(
+        a,
+        5 * SEC,
+        S::Established,
+        ENETUNREACH,
+        cached(Some(false)),
+    ));
     let v = run_default(events);
     check(&v, "client failed no_route ENETUNREACH");
     assert_eq!(detail(&v, "icmp"), Value::Null, "no ICMP came");
@@ -49,7 +78,7 @@ fn a_handshake_whose_route_went_is_no_route() {
     let a = Sock::client(SK_A, SPORT);
     let v = run_default(vec![
         a.connect(MS, 100, "client"),
-        close(a, 3 * SEC, S::SynSent, EHOSTUNREACH, Some(false)),
+        close(a, 3 * SEC, S::SynSent, EHOSTUNREACH, cached(Some(false))),
     ]);
     check(&v, "client failed no_route EHOSTUNREACH");
     assert_eq!(detail(&v, "route_lost"), true);
@@ -58,12 +87,12 @@ fn a_handshake_whose_route_went_is_no_route() {
 #[test]
 fn an_icmp_answer_leaves_the_route_and_stays_icmp_unreachable() {
     let a = Sock::client(SK_A, SPORT);
-    for cached in [Some(true), None] {
+    for c in [Some(true), None] {
         let mut events = established(a);
-        events.push(close(a, 5 * SEC, S::Established, EHOSTUNREACH, cached));
+        events.push(close(a, 5 * SEC, S::Established, EHOSTUNREACH, cached(c)));
         let v = run_default(events);
         check(&v, "client failed icmp_unreachable EHOSTUNREACH");
-        assert_eq!(detail(&v, "route_lost"), Value::Null, "{cached:?}");
+        assert_eq!(detail(&v, "route_lost"), Value::Null, "{c:?}");
     }
 }
 
@@ -73,7 +102,58 @@ fn a_timeout_without_a_route_is_still_a_timeout() {
     // exception's expiry), so nothing is claimed.
     let a = Sock::client(SK_A, SPORT);
     let mut events = established(a);
-    events.push(close(a, 5 * SEC, S::Established, 110, Some(false)));
+    events.push(close(a, 5 * SEC, S::Established, 110, cached(Some(false))));
     let v = run_default(events);
     check(&v, "client failed timeout ETIMEDOUT");
+}
+
+#[test]
+fn an_ipv6_socket_whose_failed_lookup_zeroed_its_route_capabilities_lost_the_route() {
+    let a = client6(SK_A, SPORT);
+    let mut events = established(a);
+    events.push(close(
+        a,
+        5 * SEC,
+        S::Established,
+        ENETUNREACH,
+        v6_caps(Some(false)),
+    ));
+    let v = run_default(events);
+    check(&v, "client failed no_route ENETUNREACH");
+    assert_eq!(detail(&v, "icmp"), Value::Null, "no ICMP came");
+    assert_eq!(detail(&v, "route_lost"), true);
+}
+
+#[test]
+fn an_ipv6_socket_without_a_cached_route_but_with_its_capabilities_had_an_icmp_answer() {
+    // IPv6 drops a timed-out socket's cached route whatever the cause: an ICMP answer's
+    // socket closes without one too, its capabilities still set (or not read).
+    let a = client6(SK_A, SPORT);
+    for caps in [Some(true), None] {
+        let mut events = established(a);
+        events.push(close(
+            a,
+            5 * SEC,
+            S::Established,
+            ENETUNREACH,
+            v6_caps(caps),
+        ));
+        let v = run_default(events);
+        check(&v, "client failed icmp_unreachable ENETUNREACH");
+        assert_eq!(detail(&v, "route_lost"), Value::Null, "{caps:?}");
+    }
+}
+
+#[test]
+fn an_ipv4_socket_is_told_by_its_cached_route_not_its_capabilities() {
+    // Capabilities zeroed with the route still cached: IPv4's rule reads the cache alone.
+    let a = Sock::client(SK_A, SPORT);
+    let mut events = established(a);
+    let route = RouteAtClose {
+        cached: Some(true),
+        caps: Some(false),
+    };
+    events.push(close(a, 5 * SEC, S::Established, EHOSTUNREACH, route));
+    let v = run_default(events);
+    check(&v, "client failed icmp_unreachable EHOSTUNREACH");
 }
