@@ -155,17 +155,20 @@ fn an_ipv6_route_lost_under_retransmissions_is_no_route_too() {
     route_lost_is_no_route(Family::V6);
 }
 
-#[test]
-fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
-    // The router between them gets an `unreachable` route to the server while the client is
-    // connected: it answers the request with ICMP host unreachable. The client keeps its own
-    // route: `icmp_unreachable`, not `no_route` (the router's lookups are not the client's).
-    let verdicts = client_verdicts(Scenario::routed, Family::V4, libc::EHOSTUNREACH, |hosts| {
+/// The router between them gets an `unreachable` route to the server (`family`) while the
+/// client is connected, and answers the request with an ICMP error: the client, which keeps
+/// its own route, ends `icmp_unreachable` with `errno` (named `name`), not `no_route` (the router's lookups
+/// are not the client's).
+fn router_answer_is_icmp_unreachable(family: Family, (errno, name): (i32, &str)) {
+    let verdicts = client_verdicts(Scenario::routed, family, errno, |hosts| {
         std::thread::sleep(Duration::from_millis(300));
-        let unreachable = format!("{}/32", hosts.server_ip);
+        let (flag, prefix) = match family {
+            Family::V4 => ("-4", format!("{}/32", hosts.server_ip)),
+            Family::V6 => ("-6", format!("{}/128", hosts.server_ip6)),
+        };
         hosts
             .router
-            .exec(&["ip", "route", "add", "unreachable", &unreachable]);
+            .exec(&["ip", flag, "route", "add", "unreachable", &prefix]);
     });
     for (follow, v) in verdicts {
         assert_eq!(
@@ -176,41 +179,24 @@ fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
             ),
             (
                 Some("icmp_unreachable"),
-                Some("EHOSTUNREACH"),
+                Some(name),
                 Some("TCP_ESTABLISHED")
             ),
-            "--follow {follow}: {v}"
+            "--follow {follow}, {family:?}: {v}"
         );
         assert!(v["detail"]["route_lost"].is_null(), "{v}");
     }
 }
 
 #[test]
+fn an_icmp_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
+    // ICMP host unreachable.
+    router_answer_is_icmp_unreachable(Family::V4, (libc::EHOSTUNREACH, "EHOSTUNREACH"));
+}
+
+#[test]
 fn an_icmpv6_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
-    // As above over IPv6: the router's `unreachable` route answers with ICMPv6 "no route to
-    // destination", which the client's kernel turns into ENETUNREACH, the errno a lost route
-    // gives. The client's route stays: `icmp_unreachable`, not `no_route`.
-    let verdicts = client_verdicts(Scenario::routed, Family::V6, libc::ENETUNREACH, |hosts| {
-        std::thread::sleep(Duration::from_millis(300));
-        let unreachable = format!("{}/128", hosts.server_ip6);
-        hosts
-            .router
-            .exec(&["ip", "-6", "route", "add", "unreachable", &unreachable]);
-    });
-    for (follow, v) in verdicts {
-        assert_eq!(
-            (
-                v["reason"].as_str(),
-                v["errno"].as_str(),
-                v["detail"]["closed_from"].as_str()
-            ),
-            (
-                Some("icmp_unreachable"),
-                Some("ENETUNREACH"),
-                Some("TCP_ESTABLISHED")
-            ),
-            "--follow {follow}: {v}"
-        );
-        assert!(v["detail"]["route_lost"].is_null(), "{v}");
-    }
+    // ICMPv6 "no route to destination", which the client's kernel turns into ENETUNREACH:
+    // the errno a lost route gives.
+    router_answer_is_icmp_unreachable(Family::V6, (libc::ENETUNREACH, "ENETUNREACH"));
 }
