@@ -6,10 +6,12 @@
 //! namespace gives up after 3 retransmissions (`tcp_retries2`, which IPv6 follows too). A
 //! router's ICMP answer gives the client the same errno and stays `icmp_unreachable`.
 //!
-//! Not covered: a request sent after the route went, on an idle connection. Its first
-//! transmission is freed before it has an IP header (`IP_OUTNOROUTES`), so the drop program
-//! cannot tell its port; nothing being in flight, the kernel probes and gives up with
-//! ETIMEDOUT, and the verdict is `timeout`.
+//! An idle connection (nothing in flight) whose route went before its next request: that
+//! request is freed before it has an IP header (`IP_OUTNOROUTES`, IPv4) and sets no soft
+//! error; the kernel probes and gives up with ETIMEDOUT. The socket has no route cached, and
+//! its namespace's routing table, read at the verdict, has none either: `no_route` with the
+//! route (`kind` `none`). IPv6 keeps the failed lookup as the soft error (ENETUNREACH) and
+//! zeroes the route capabilities, as under retransmissions.
 
 use std::time::Duration;
 
@@ -199,4 +201,47 @@ fn an_icmpv6_answer_from_a_router_without_a_route_stays_icmp_unreachable() {
     // ICMPv6 "no route to destination", which the client's kernel turns into ENETUNREACH:
     // the errno a lost route gives.
     router_answer_is_icmp_unreachable(Family::V6, (libc::ENETUNREACH, "ENETUNREACH"));
+}
+
+/// The client's routes of `family` go while it is idle (before its request): `no_route` in
+/// each follow mode, with the errno the client got and `route_kind`, the namespace's route
+/// read at the verdict (only where the socket itself cannot tell: IPv4).
+fn idle_route_lost_is_no_route(
+    family: Family,
+    (errno, name): (i32, &str),
+    route_kind: Option<&str>,
+) {
+    let verdicts = client_verdicts(Scenario::new, family, errno, |hosts| {
+        // The greeting came; the request goes 800 ms after it.
+        std::thread::sleep(Duration::from_millis(300));
+        flush_routes(hosts.client(), family);
+    });
+    for (follow, v) in verdicts {
+        assert_eq!(
+            (
+                v["reason"].as_str(),
+                v["errno"].as_str(),
+                v["detail"]["route_lost"].as_bool()
+            ),
+            (Some("no_route"), Some(name), Some(true)),
+            "--follow {follow}, {family:?}: {v}"
+        );
+        assert!(v["detail"]["icmp"].is_null(), "no ICMP came: {v}");
+        assert_eq!(
+            v["detail"]["route"]["kind"].as_str(),
+            route_kind,
+            "--follow {follow}, {family:?}: {v}"
+        );
+    }
+}
+
+#[test]
+fn an_idle_connection_whose_route_went_times_out_as_no_route() {
+    idle_route_lost_is_no_route(Family::V4, (libc::ETIMEDOUT, "ETIMEDOUT"), Some("none"));
+}
+
+#[test]
+fn an_idle_ipv6_connection_whose_route_went_is_no_route() {
+    // The failed lookup is the socket's soft error and zeroes its route capabilities.
+    idle_route_lost_is_no_route(Family::V6, (libc::ENETUNREACH, "ENETUNREACH"), None);
 }

@@ -28,7 +28,7 @@ pub mod verdict;
 
 pub use self::{
     config::EngineConfig,
-    lookup::{Listener, ListenerLookup, NamespaceLookup, RuleLookup},
+    lookup::{Listener, ListenerLookup, NamespaceLookup, Route, RuleLookup},
     rules::drops::NORMAL as NORMAL_DROP_REASONS,
 };
 use self::{
@@ -302,11 +302,12 @@ impl Engine {
         if let Some(errno) = c.errno() {
             self.table.remember_decided_error(c.tuple, now_ns, errno);
         }
+        let route_now = self.route_now(&c);
         let peer = self
             .table
             .peer_drops(&c)
             .map(|(netns, drops)| rules::PeerDrops { netns, drops });
-        let ended = rules::closed(&c, peer, &self.cfg);
+        let ended = rules::closed(&c, peer, route_now.as_ref(), &self.cfg);
         if let Some(stall) = c.open_stall() {
             if let Some(v) = rules::stalls::closed_while_stuck(&c, stall, ended) {
                 self.emit(out, v);
@@ -326,6 +327,18 @@ impl Engine {
             }
             self.emit(out, v);
         }
+    }
+
+    /// The namespace's route to `c`'s other end, read only for a connection that may have
+    /// lost its route while idle (`rules::connect::may_have_lost_route_idle`).
+    fn route_now(&mut self, c: &Conn) -> Option<Route> {
+        if !rules::connect::may_have_lost_route_idle(c) {
+            return None;
+        }
+        self.lookups
+            .namespaces
+            .as_mut()?
+            .route_to(c.netns, c.tuple.daddr)
     }
 
     /// Emits `stalled` verdicts for connections stuck past the stall timeout.

@@ -134,6 +134,28 @@ pub(crate) fn route_lost(c: &Conn, errno: Errno) -> bool {
     gone == Some(false) && ROUTE_ERRORS.contains(&errno)
 }
 
+/// Whether established connection `c` could have timed out because its route went while it
+/// was idle: it ended with ETIMEDOUT, without a reset, and no route cached at its close. Its next segment then
+/// found no route before it had an IP header (`__ip_queue_xmit`: `IP_OUTNOROUTES`), which
+/// sets no soft error; nothing was in flight to retransmit, so the kernel probed and gave up
+/// with ETIMEDOUT. Only the namespace's routing table can tell ([`route_gone`]): the engine
+/// reads it for these connections alone.
+pub(crate) fn may_have_lost_route_idle(c: &Conn) -> bool {
+    c.established_ns().is_some()
+        && c.errno().or(c.connect_errno) == Some(Errno::ETIMEDOUT)
+        && c.rst_received.is_none()
+        && c.route_at_close.cached == Some(false)
+}
+
+/// Whether `route` (the namespace's route to a connection's other end, read at its verdict)
+/// gives no usable route: none at all, or an unreachable, prohibit or blackhole route.
+pub(crate) fn route_gone(route: &Route) -> bool {
+    matches!(
+        route.kind,
+        RouteKind::None | RouteKind::Unreachable | RouteKind::Prohibit | RouteKind::Blackhole
+    )
+}
+
 /// Whether client socket `c` went SYN_SENT and back to CLOSE without ever getting a local
 /// port, with nothing else seen: no SYN retransmitted, no error, no reset, no drop.
 ///

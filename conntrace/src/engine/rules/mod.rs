@@ -30,6 +30,7 @@ pub mod teardown;
 use super::{
     config::EngineConfig,
     facts::{Errno, FourTuple, Meta},
+    lookup::Route,
     state::{Conn, HandshakeDrop},
     verdict::{Detail, Outcome, Reason, Side, Verdict},
 };
@@ -115,10 +116,16 @@ pub(crate) struct PeerDrops<'a> {
 /// The verdict of a connection that reached CLOSE, or `None` for an orderly end: its
 /// handshake's failure or its end's, then the drop that explains a silent failure. An
 /// established connection's end is explained by its own late drops, else by its peer's
-/// (`peer`), else by its retransmissions (`pmtu_blackhole`).
-pub(super) fn closed(c: &Conn, peer: Option<PeerDrops>, cfg: &EngineConfig) -> Option<Verdict> {
+/// (`peer`), else by its retransmissions (`pmtu_blackhole`). `route_now`: its namespace's
+/// route to the other end, where `connect::may_have_lost_route_idle` asked for it.
+pub(super) fn closed(
+    c: &Conn,
+    peer: Option<PeerDrops>,
+    route_now: Option<&Route>,
+    cfg: &EngineConfig,
+) -> Option<Verdict> {
     if c.established_ns().is_some() {
-        let mut v = teardown::ended(c)?;
+        let mut v = teardown::ended(c, route_now)?;
         path::note_retransmits(c, &mut v);
         if drops::explains_end(&v, &c.late_drops) {
             drops::explain_end(&mut v, &c.late_drops);

@@ -1,17 +1,21 @@
 //! Established connections that end badly: `reset_by_peer`, `timeout`, `icmp_unreachable` (its
-//! retransmissions answered with ICMP errors), `no_route` (its route went away:
-//! `connect::route_lost`) and `socket_destroyed` (and `unknown` for an error no rule knows).
-//! An orderly or application-initiated end has no verdict.
+//! retransmissions answered with ICMP errors), `no_route` (its route went away under its
+//! retransmissions, `connect::route_lost`, or while it was idle, `connect::route_gone`) and
+//! `socket_destroyed` (and `unknown` for an error no rule knows). An orderly or
+//! application-initiated end has no verdict.
 
 use super::{base, connect, icmp_of, ms};
 use crate::engine::{
     facts::Errno,
+    lookup::Route,
     state::Conn,
     verdict::{Detail, Outcome, Reason, Verdict, detail::ClosedDetail},
 };
 
 /// The verdict of an established connection that reached CLOSE, or `None` for a good end.
-pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
+/// `route_now` is its namespace's route to the other end, read at the verdict where
+/// `connect::may_have_lost_route_idle` asked for it.
+pub(crate) fn ended(c: &Conn, route_now: Option<&Route>) -> Option<Verdict> {
     let (at, from) = c.closed()?;
     let since = c.established_ns().unwrap_or(at);
     let errno = c.errno().or(c.connect_errno);
@@ -20,6 +24,8 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
     let established_ms = (!c.started_before_trace).then(|| ms(since, at));
     d.started_before_trace = c.started_before_trace.then_some(true);
     let lost = errno.filter(|&e| connect::route_lost(c, e));
+    let idle_lost =
+        route_now.filter(|r| connect::may_have_lost_route_idle(c) && connect::route_gone(r));
     let (reason, kernel_reason) = if let Some(state) = c.rst_received {
         d.rst_received_in = Some(state);
         d.established_ms = established_ms;
@@ -29,6 +35,13 @@ pub(crate) fn ended(c: &Conn) -> Option<Verdict> {
         d.established_ms = established_ms;
         d.route_lost = Some(true);
         (Reason::NoRoute, e)
+    } else if let Some(route) = idle_lost {
+        // Idle when its route went: no RST, no ICMP, no soft error, and its namespace has no
+        // usable route now.
+        d.established_ms = established_ms;
+        d.route_lost = Some(true);
+        d.route = Some(route.clone());
+        (Reason::NoRoute, Errno::ETIMEDOUT)
     } else {
         match errno {
             Some(Errno::ETIMEDOUT) => {

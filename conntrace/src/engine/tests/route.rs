@@ -15,7 +15,7 @@ const MAIN: u32 = 254;
 const CUSTOM: u32 = 100;
 
 /// The namespace's route to every destination (`ip route get`): `None` when unreadable.
-struct Routes(Option<RouteKind>);
+pub(super) struct Routes(pub(super) Option<RouteKind>);
 
 impl NamespaceLookup for Routes {
     fn is_local(&mut self, _: Option<u32>, _: IpAddr) -> Option<bool> {

@@ -1,12 +1,14 @@
 //! Routes that went away under connections (`rules::connect::route_lost`): `no_route` where
 //! this host's routes failed the retransmissions (the socket had no route left when it
 //! closed: IPv4 no cached route, IPv6 its route capabilities zeroed), `icmp_unreachable`
-//! where an ICMP answer did (its route stays).
+//! where an ICMP answer did (its route stays). And an idle connection's
+//! (`rules::connect::route_gone`): a timeout without a cached route, in a namespace whose
+//! routing table has no route to the other end when the verdict is made.
 
 use std::net::Ipv6Addr;
 
-use super::*;
-use crate::engine::facts::RouteAtClose;
+use super::{route::Routes, *};
+use crate::engine::{facts::RouteAtClose, lookup::RouteKind};
 
 /// The client's close from `old` with `errno` (and the same soft error), and its route then.
 fn close(a: Sock, ts: u64, old: TcpState, errno: i32, at_close: RouteAtClose) -> KernelEvent {
@@ -156,4 +158,56 @@ fn an_ipv4_socket_is_told_by_its_cached_route_not_its_capabilities() {
     events.push(close(a, 5 * SEC, S::Established, EHOSTUNREACH, route));
     let v = run_default(events);
     check(&v, "client failed icmp_unreachable EHOSTUNREACH");
+}
+
+/// An idle IPv4 client that timed out (ETIMEDOUT, no soft error) with its route cache as
+/// given, in a namespace whose route to the server is `route` (`None`: unreadable).
+fn idle_timeout(cached: Option<bool>, route: Option<RouteKind>) -> Verdict {
+    let a = Sock::client(SK_A, SPORT);
+    let mut events = established(a);
+    let mut close = a.closed(5 * SEC, S::Established, Some(110));
+    if let KernelEvent::State { route: r, .. } = &mut close {
+        *r = RouteAtClose {
+            cached,
+            caps: Some(true),
+        };
+    }
+    events.push(close);
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Routes(route)));
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    one(out)
+}
+
+#[test]
+fn an_idle_connection_that_timed_out_where_no_route_is_left_is_no_route() {
+    for (kind, name) in [
+        (RouteKind::None, "none"),
+        (RouteKind::Unreachable, "unreachable"),
+        (RouteKind::Prohibit, "prohibit"),
+        (RouteKind::Blackhole, "blackhole"),
+    ] {
+        let v = idle_timeout(Some(false), Some(kind));
+        check(&v, "client failed no_route ETIMEDOUT");
+        assert_eq!(detail(&v, "route_lost"), true, "{name}");
+        assert_eq!(detail(&v, "route")["kind"], name);
+        assert_eq!(detail(&v, "icmp"), Value::Null);
+        assert!(detail(&v, "established_ms").as_f64().is_some());
+    }
+}
+
+#[test]
+fn an_idle_timeout_is_a_timeout_where_a_route_is_there_or_unknown() {
+    // A route now (it came back, or the cache went for another reason), the namespace
+    // unreadable, or the route still cached: nothing is claimed.
+    for (cached, route) in [
+        (Some(false), Some(RouteKind::Unicast)),
+        (Some(false), None),
+        (Some(true), Some(RouteKind::None)),
+        (None, Some(RouteKind::None)),
+    ] {
+        let v = idle_timeout(cached, route);
+        check(&v, "client failed timeout ETIMEDOUT");
+        assert_eq!(detail(&v, "route"), Value::Null, "{cached:?} {route:?}");
+    }
 }

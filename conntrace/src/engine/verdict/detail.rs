@@ -319,6 +319,11 @@ pub struct ClosedDetail {
     /// when it closed (its retransmissions' lookups failed; an ICMP answer leaves the route).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route_lost: Option<bool>,
+    /// `no_route` of an idle connection that timed out after its route went: the
+    /// namespace's route to the other end, read when the verdict was made (`kind` `none`,
+    /// `unreachable`, `prohibit` or `blackhole`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route: Option<Route>,
     #[serde(flatten)]
     pub drops: DropFacts,
     #[serde(flatten)]
@@ -341,6 +346,7 @@ impl ClosedDetail {
             retransmits: None,
             path_answer: None,
             route_lost: None,
+            route: None,
             drops: DropFacts::default(),
             queue: QueueFacts::default(),
         }
