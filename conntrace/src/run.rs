@@ -20,6 +20,7 @@ use crate::{
         counters::OverflowWatch,
         listeners::ListenerCache,
         namespaces::NamespaceCache,
+        owners::StartOwners,
         rules::RuleCounters,
         stalls::StallCheck,
         windows::WindowWatch,
@@ -201,7 +202,10 @@ fn engine_for(cli: &Cli, tracer: &mut Tracer) -> Engine {
         ports: cli.ports.clone(),
         ..EngineConfig::default()
     })
-    .with_listener_lookup(Box::new(ListenerCache::new(tracer.accept_queues.take())))
+    .with_listener_lookup(Box::new(
+        ListenerCache::new(tracer.accept_queues.take())
+            .with_start_owners(StartOwners::spawn(cli.ports.clone())),
+    ))
     .with_namespace_lookup(Box::new(NamespaceCache::default()));
     if let Some(rules) = rules {
         engine = engine.with_rule_lookup(Box::new(rules));

@@ -36,6 +36,7 @@ fn a_reset_on_a_connection_opened_before_conntrace_started_is_reset_by_peer() {
             ],
         );
         std::thread::sleep(Duration::from_millis(300));
+        let client_pid = client.pid();
         let ct = Conntrace::start(&["--port", "3306", "--follow", follow]);
         server.signal(libc::SIGUSR1);
         let results = client.json_lines(Duration::from_secs(10));
@@ -65,6 +66,12 @@ fn a_reset_on_a_connection_opened_before_conntrace_started_is_reset_by_peer() {
         assert_eq!(
             v["detail"]["started_before_trace"], true,
             "--follow {follow}: its start was not seen: {v}"
+        );
+        // Its socket is gone by the verdict: the process that held it when conntrace started.
+        assert_eq!(
+            (v["pid"].as_u64(), v["comm"].as_str()),
+            (Some(u64::from(client_pid)), Some("ct-client")),
+            "--follow {follow}: {v}"
         );
         assert!(
             v["detail"].get("established_ms").is_none(),

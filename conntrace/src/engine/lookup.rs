@@ -40,6 +40,14 @@ pub trait ListenerLookup {
         None
     }
 
+    /// The process that held connected socket `tuple` (local end first) in `netns` when
+    /// conntrace started: for a connection already open then, whose socket is gone when its
+    /// verdict is made. `None` when not known.
+    fn owner_at_start(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        let _ = (netns, tuple);
+        None
+    }
+
     /// The state of the full socket holding `tuple` (local end first) in `netns` now
     /// (sock_diag): whether a packet that reached no socket belongs to a connection this
     /// host has. `None` when there is none (a request or TIME_WAIT socket does not count) or

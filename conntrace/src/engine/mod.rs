@@ -210,8 +210,15 @@ impl Engine {
             && let (Some(lookup), Some(tuple)) = (self.lookups.listeners.as_mut(), v.tuple())
         {
             // No accept() or connect() seen (quiet mode without an accept hook, a connection
-            // opened before conntrace started): the process holding the socket now.
-            if let Some(p) = lookup.owner(v.netns, tuple) {
+            // opened before conntrace started): the process holding the socket now, else, for
+            // a connection open before conntrace started, the one that held it then.
+            let owner = lookup.owner(v.netns, tuple).or_else(|| {
+                v.detail
+                    .started_before_trace()
+                    .then(|| lookup.owner_at_start(v.netns, tuple))
+                    .flatten()
+            });
+            if let Some(p) = owner {
                 rules::established::held_by(&mut v, p);
             }
         }

@@ -28,6 +28,7 @@ use crate::{
         facts::{FourTuple, Proc, TcpState as EngineTcpState},
     },
     host::{
+        owners::StartOwners,
         sockdiag,
         windows::{diag::NsDiag, tcp_info::Sample},
     },
@@ -208,6 +209,7 @@ pub struct ListenerCache {
     entries: HashMap<(u32, u16), (Instant, Vec<Held>)>,
     queues: Option<AcceptQueues>,
     snapshots: HashMap<u32, QueueSnapshot>,
+    start_owners: Option<StartOwners>,
 }
 
 impl ListenerCache {
@@ -218,6 +220,12 @@ impl ListenerCache {
             queues,
             ..Self::default()
         }
+    }
+
+    /// Also answers [`ListenerLookup::owner_at_start`], from `owners`.
+    pub fn with_start_owners(mut self, owners: StartOwners) -> Self {
+        self.start_owners = Some(owners);
+        self
     }
 
     /// The listeners on `port` in `netns`, with their inodes; cached for [`CACHE_FOR`].
@@ -302,6 +310,10 @@ impl ListenerLookup for ListenerCache {
 
     fn owner(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
         owner_of(netns?, tuple)
+    }
+
+    fn owner_at_start(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        self.start_owners.as_mut()?.get(netns?, tuple)
     }
 
     fn socket_state(&mut self, netns: Option<u32>, tuple: FourTuple) -> Option<EngineTcpState> {

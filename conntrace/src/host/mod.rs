@@ -4,8 +4,8 @@
 //! its comment, iptables-legacy), the namespaces' TcpExt counters ([`counters`]), a
 //! namespace's addresses, routes, interfaces, conntrack table and local ports
 //! ([`namespaces`]), zero windows of traced connections ([`windows`], polled through
-//! sock_diag), and a process in each network namespace ([`netns`]) through which the others
-//! enter it. None of them runs on the event hot path but the address check of
+//! sock_diag), the processes holding the connections open at start-up ([`owners`]), and a
+//! process in each network namespace ([`netns`]) through which the others enter it. None of them runs on the event hot path but the address check of
 //! [`namespaces`], which answers from a cache.
 
 pub mod containers;
@@ -13,6 +13,7 @@ pub mod counters;
 pub mod listeners;
 pub mod namespaces;
 pub mod netns;
+pub mod owners;
 pub mod rules;
 pub mod sockdiag;
 pub mod stalls;

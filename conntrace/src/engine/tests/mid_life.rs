@@ -266,3 +266,55 @@ fn the_reset_a_server_aborting_with_linger_0_reports_on_itself_is_not_unmatched(
     assert!(out.is_empty(), "its own abort: {out:#?}");
     assert_eq!(totals(&e).2, 0, "{:?}", totals(&e));
 }
+
+/// The host's sockets: none now (closed before the verdict); at start-up, `a`'s held by
+/// pid 7 `pool`.
+struct HeldAtStart(FourTuple);
+
+impl ListenerLookup for HeldAtStart {
+    fn listening_on(&mut self, _netns: Option<u32>, _port: u16) -> Vec<Listener> {
+        Vec::new()
+    }
+
+    fn owner_at_start(&mut self, _netns: Option<u32>, tuple: FourTuple) -> Option<Proc> {
+        (tuple == self.0).then(|| Proc {
+            pid: 7,
+            comm: "pool".into(),
+        })
+    }
+}
+
+#[test]
+fn a_connection_opened_before_the_trace_is_named_by_the_process_that_held_it_then() {
+    let a = Sock::client(SK_A, SPORT);
+    let events = vec![
+        a.rst(10 * SEC),
+        a.closed(10 * SEC, S::Established, Some(104)),
+    ];
+    let mut e = Engine::new(ports(&[DPORT])).with_listener_lookup(Box::new(HeldAtStart(a.t)));
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed reset_by_peer ECONNRESET");
+    assert_eq!(who(&v), "7/pool 10.77.0.1:40000>10.77.0.2:8080");
+}
+
+#[test]
+fn a_connection_seen_from_its_start_is_never_named_from_the_start_up_listing() {
+    // The same tuple, its connect() seen without a process (softirq): the start-up listing
+    // is another connection's.
+    let a = Sock::client(SK_A, SPORT);
+    let events = vec![
+        a.st(SEC, S::Close, S::SynSent),
+        a.st(2 * SEC, S::SynSent, S::Established),
+        a.rst(10 * SEC),
+        a.closed(10 * SEC, S::Established, Some(104)),
+    ];
+    let mut e = Engine::new(ports(&[DPORT])).with_listener_lookup(Box::new(HeldAtStart(a.t)));
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed reset_by_peer ECONNRESET");
+    assert_eq!(detail(&v, "started_before_trace"), Value::Null);
+    assert_ne!(v.comm.as_deref(), Some("pool"), "{v:#?}");
+}
