@@ -284,18 +284,27 @@ impl ListenerLookup for HeldAtStart {
     }
 }
 
-#[test]
-fn a_connection_opened_before_the_trace_is_named_by_the_process_that_held_it_then() {
-    let a = Sock::client(SK_A, SPORT);
-    let events = vec![
-        a.rst(10 * SEC),
-        a.closed(10 * SEC, S::Established, Some(104)),
-    ];
+/// The one verdict about `a` from `events`, where the start-up listing says pid 7 `pool`
+/// held `a`.
+fn with_start_owner(a: Sock, events: Vec<KernelEvent>) -> Verdict {
     let mut e = Engine::new(ports(&[DPORT])).with_listener_lookup(Box::new(HeldAtStart(a.t)));
     let mut out = feed(&mut e, events);
     out.extend(e.tick(LATER));
     let v = one(out);
     check(&v, "client failed reset_by_peer ECONNRESET");
+    v
+}
+
+#[test]
+fn a_connection_opened_before_the_trace_is_named_by_the_process_that_held_it_then() {
+    let a = Sock::client(SK_A, SPORT);
+    let v = with_start_owner(
+        a,
+        vec![
+            a.rst(10 * SEC),
+            a.closed(10 * SEC, S::Established, Some(104)),
+        ],
+    );
     assert_eq!(who(&v), "7/pool 10.77.0.1:40000>10.77.0.2:8080");
 }
 
@@ -304,17 +313,15 @@ fn a_connection_seen_from_its_start_is_never_named_from_the_start_up_listing() {
     // The same tuple, its connect() seen without a process (softirq): the start-up listing
     // is another connection's.
     let a = Sock::client(SK_A, SPORT);
-    let events = vec![
-        a.st(SEC, S::Close, S::SynSent),
-        a.st(2 * SEC, S::SynSent, S::Established),
-        a.rst(10 * SEC),
-        a.closed(10 * SEC, S::Established, Some(104)),
-    ];
-    let mut e = Engine::new(ports(&[DPORT])).with_listener_lookup(Box::new(HeldAtStart(a.t)));
-    let mut out = feed(&mut e, events);
-    out.extend(e.tick(LATER));
-    let v = one(out);
-    check(&v, "client failed reset_by_peer ECONNRESET");
+    let v = with_start_owner(
+        a,
+        vec![
+            a.st(SEC, S::Close, S::SynSent),
+            a.st(2 * SEC, S::SynSent, S::Established),
+            a.rst(10 * SEC),
+            a.closed(10 * SEC, S::Established, Some(104)),
+        ],
+    );
     assert_eq!(detail(&v, "started_before_trace"), Value::Null);
     assert_ne!(v.comm.as_deref(), Some("pool"), "{v:#?}");
 }
