@@ -79,8 +79,12 @@ fn client_verdicts<H: Hosts>(
 ) -> Vec<(&'static str, Value)> {
     let mut verdicts = Vec::new();
     for follow in FOLLOW_MODES {
+        // The server's end outlives the test (its process killed, its routes gone for the
+        // lost-route cases): an orphan retransmitting its FIN. One retry, not eight, so that it
+        // does not end minutes later under another test's conntrace.
         let traced = scenario()
             .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+            .in_server(&["sysctl", "-qw", "net.ipv4.tcp_orphan_retries=1"])
             .conntrace(&["--port", "3306", "--follow", follow]);
         let server_ip = family.server_ip(&traced.hosts);
         let Scenario {
