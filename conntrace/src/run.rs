@@ -199,6 +199,10 @@ fn engine_for(cli: &Cli, tracer: &mut Tracer) -> Engine {
         socketless_resets_traced: tracer.socketless_resets_traced,
         show_normal_drops: cli.show_normal_drops,
         quiet: tracer.quiet.is_some(),
+        first_data_traced: tracer
+            .active
+            .iter()
+            .any(|p| p.capability == Capability::FirstData),
         ports: cli.ports.clone(),
         ..EngineConfig::default()
     })

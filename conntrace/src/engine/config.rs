@@ -32,6 +32,12 @@ pub struct EngineConfig {
     /// userspace's check of connections past the stall timeout (`KernelEvent::Progress`), so
     /// a connection is stuck for want of data or accept() only once a check said so.
     pub quiet: bool,
+    /// Whether a connection's first data received and sent is traced when connections stream
+    /// (the first-data hooks attached: `sock:sk_data_ready` 6.6+, `fexit:tcp_rcv_established`).
+    /// Without it a streaming client's greeting or answer is never seen, so no
+    /// `stalled_no_greeting` or `stalled_no_response` is claimed (quiet mode's check asks
+    /// sock_diag instead).
+    pub first_data_traced: bool,
     /// The traced ports (`--port`; empty: every port). They tell the side of a connection
     /// first seen mid-life (opened before conntrace started): the end whose own port is
     /// traced is the server.
@@ -51,6 +57,7 @@ impl Default for EngineConfig {
             expected_comms: Vec::new(),
             show_normal_drops: false,
             quiet: false,
+            first_data_traced: true,
             ports: Vec::new(),
         }
     }

@@ -357,7 +357,8 @@ impl Engine {
         }
         let mut verdicts = Vec::new();
         for c in self.table.conns_mut() {
-            if let Some(stall) = rules::stalls::stuck(c, now_ns, timeout, self.cfg.quiet) {
+            let known = (self.cfg.quiet, self.cfg.quiet || self.cfg.first_data_traced);
+            if let Some(stall) = rules::stalls::stuck(c, now_ns, timeout, known) {
                 // The stall stands in for the established verdict.
                 c.report = Report::Stalled(stall);
                 verdicts.push(rules::stalls::stalled(c, stall, now_ns));

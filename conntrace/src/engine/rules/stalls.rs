@@ -18,7 +18,14 @@ use crate::engine::{
 
 /// Why a connection counts as stuck now, if it does. `checked`: data and accept() are known
 /// only from a check (quiet mode), so only a connection the check found stuck can be.
-pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64, checked: bool) -> Option<Stall> {
+/// `data_known`: a client's first data is traced (or checked); without it a client is stuck
+/// only for a zero window.
+pub(crate) fn stuck(
+    c: &Conn,
+    now_ns: u64,
+    timeout_ns: u64,
+    (checked, data_known): (bool, bool),
+) -> Option<Stall> {
     let since_ns = c.established_ns()?;
     if c.closed().is_some() || c.was_stalled() {
         return None;
@@ -38,7 +45,7 @@ pub(crate) fn stuck(c: &Conn, now_ns: u64, timeout_ns: u64, checked: bool) -> Op
         return None;
     }
     let reason = match c.side {
-        Side::Client if c.first_rx_ns.is_none() => {
+        Side::Client if c.first_rx_ns.is_none() && data_known => {
             if c.first_tx_ns.is_some() {
                 Reason::StalledNoResponse
             } else {

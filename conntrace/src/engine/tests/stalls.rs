@@ -39,6 +39,20 @@ fn a_greeting_that_never_comes_is_stalled_then_resolved_when_it_does() {
 }
 
 #[test]
+fn where_first_data_is_not_traced_a_streaming_client_is_never_claimed_without_data() {
+    // Streaming mode without a first-data hook (6.1 with tracepoints only): a client that got
+    // its greeting looks the same as one that did not, so neither is stalled for it.
+    let c = Sock::client(SK_A, SPORT);
+    let cfg = config(|c| c.first_data_traced = false);
+    let mut events = connected(c);
+    events.push(c.data(3 * MS, true));
+    let (_, out) = run(cfg.clone(), connected(c));
+    none(out);
+    let (_, out) = run(cfg, events);
+    none(out);
+}
+
+#[test]
 fn a_request_without_answer_is_stalled_no_response() {
     let c = Sock::client(SK_A, SPORT);
     let mut events = connected(c);
