@@ -356,8 +356,8 @@ impl Engine {
             return;
         }
         let mut verdicts = Vec::new();
+        let known = (self.cfg.quiet, self.cfg.quiet || self.cfg.first_data_traced);
         for c in self.table.conns_mut() {
-            let known = (self.cfg.quiet, self.cfg.quiet || self.cfg.first_data_traced);
             if let Some(stall) = rules::stalls::stuck(c, now_ns, timeout, known) {
                 // The stall stands in for the established verdict.
                 c.report = Report::Stalled(stall);

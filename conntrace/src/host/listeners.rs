@@ -52,6 +52,30 @@ struct Held {
     listener: Listener,
 }
 
+/// Calls `each` with every socket file descriptor of `processes` (the process, the socket's
+/// inode), as `ss -p` finds them; processes whose descriptors cannot be read are skipped.
+pub(crate) fn each_socket_fd<'a>(
+    processes: impl IntoIterator<Item = &'a Process>,
+    mut each: impl FnMut(&Process, u64),
+) {
+    for p in processes {
+        let Ok(fds) = p.fd() else { continue };
+        for fd in fds.filter_map(Result::ok) {
+            if let FDTarget::Socket(inode) = fd.target {
+                each(p, inode);
+            }
+        }
+    }
+}
+
+/// Process `p` as verdicts name it (its comm empty when unreadable).
+pub(crate) fn proc_of(p: &Process) -> Proc {
+    Proc {
+        pid: p.pid() as u32,
+        comm: p.stat().map(|s| s.comm.into()).unwrap_or_default(),
+    }
+}
+
 /// Queue facts of a listening socket: its address, accept queue and backlog (when known).
 type SocketFacts = (SocketAddr, Option<u32>, Option<u32>);
 
@@ -76,25 +100,21 @@ fn held_sockets(netns: u32, port: u16) -> Vec<Held> {
     }
     let mut found: Vec<Held> = Vec::new();
     let mut seen = HashSet::new();
-    for p in &in_ns {
-        let Ok(fds) = p.fd() else { continue };
-        for fd in fds.filter_map(Result::ok) {
-            if let FDTarget::Socket(inode) = fd.target
-                && let Some(&(addr, queue, backlog)) = sockets.get(&inode)
-                && seen.insert((inode, p.pid()))
-            {
-                let comm = p.stat().ok().map(|s| s.comm);
-                let listener = Listener {
-                    addr,
-                    pid: Some(p.pid() as u32),
-                    comm,
-                    accept_queue: queue,
-                    backlog,
-                };
-                found.push(Held { inode, listener });
-            }
+    each_socket_fd(&in_ns, |p, inode| {
+        if let Some(&(addr, queue, backlog)) = sockets.get(&inode)
+            && seen.insert((inode, p.pid()))
+        {
+            let comm = p.stat().ok().map(|s| s.comm);
+            let listener = Listener {
+                addr,
+                pid: Some(p.pid() as u32),
+                comm,
+                accept_queue: queue,
+                backlog,
+            };
+            found.push(Held { inode, listener });
         }
-    }
+    });
     // Sockets no process holds (or we could not see) are listed without one.
     for (&inode, &(addr, queue, backlog)) in &sockets {
         if !seen.iter().any(|(i, _)| *i == inode) {
@@ -190,15 +210,9 @@ pub fn owner_of(netns: u32, tuple: FourTuple) -> Option<Proc> {
         .filter_map(Result::ok)
         .filter(|p| netns_of(p) == Some(u64::from(netns)))
         .find_map(|p| {
-            let holds = p
-                .fd()
-                .ok()?
-                .filter_map(Result::ok)
-                .any(|fd| matches!(fd.target, FDTarget::Socket(i) if i == inode));
-            holds.then(|| Proc {
-                pid: p.pid() as u32,
-                comm: p.stat().map(|s| s.comm.into()).unwrap_or_default(),
-            })
+            let mut holds = false;
+            each_socket_fd([&p], |_, i| holds |= i == inode);
+            holds.then(|| proc_of(&p))
         })
 }
 

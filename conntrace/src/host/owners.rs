@@ -21,12 +21,13 @@ use std::{
     time::Duration,
 };
 
-use procfs::process::{FDTarget, all_processes};
+use procfs::process::all_processes;
 use tracing::debug;
 
 use crate::{
     engine::facts::{FourTuple, Proc},
     host::{
+        listeners::{each_socket_fd, proc_of},
         netns,
         windows::{diag::NsDiag, filter::port_filter},
     },
@@ -105,19 +106,12 @@ fn scan(ports: &[u16]) -> Owners {
     let Ok(processes) = all_processes() else {
         return owners;
     };
-    for p in processes.filter_map(Result::ok) {
-        let Ok(fds) = p.fd() else { continue };
-        for fd in fds.filter_map(Result::ok) {
-            if let FDTarget::Socket(inode) = fd.target
-                && let Some(&key) = by_inode.get(&inode)
-            {
-                owners.entry(key).or_insert_with(|| Proc {
-                    pid: p.pid() as u32,
-                    comm: p.stat().map(|s| s.comm.into()).unwrap_or_default(),
-                });
-            }
+    let processes: Vec<_> = processes.filter_map(Result::ok).collect();
+    each_socket_fd(&processes, |p, inode| {
+        if let Some(&key) = by_inode.get(&inode) {
+            owners.entry(key).or_insert_with(|| proc_of(p));
         }
-    }
+    });
     debug!(
         connections = by_inode.len(),
         held = owners.len(),

@@ -135,8 +135,8 @@ pub(crate) fn route_lost(c: &Conn, errno: Errno) -> bool {
 }
 
 /// Whether established connection `c` could have timed out because its route went while it
-/// was idle: it ended with ETIMEDOUT, without a reset, and no route cached at its close. Its next segment then
-/// found no route before it had an IP header (`__ip_queue_xmit`: `IP_OUTNOROUTES`), which
+/// was idle: it ended with ETIMEDOUT, without a reset, and no route cached at its close. Its
+/// next segment then found no route before it had an IP header (`__ip_queue_xmit`: `IP_OUTNOROUTES`), which
 /// sets no soft error; nothing was in flight to retransmit, so the kernel probed and gave up
 /// with ETIMEDOUT. Only the namespace's routing table can tell ([`route_gone`]): the engine
 /// reads it for these connections alone.
