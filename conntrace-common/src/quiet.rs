@@ -25,10 +25,14 @@ pub mod maps {
     /// `HashMap<Tuple, u8>`: handshakes userspace follows as attempts (a SYN or final ACK
     /// dropped before any socket had it, a SYN cookie sent), by tuple as the server's socket
     /// has it: a listener's child with that tuple streams from its start, so that userspace
-    /// sees the handshake complete. Userspace adds and removes the tuples of its attempts;
-    /// the kernel adds a cookie's at once (its final ACK comes a round trip later, before
-    /// userspace could), and userspace removes it with its attempt.
+    /// sees the handshake complete. Only userspace adds and removes them.
     pub const WATCH_TUPLES: &str = "WATCH_TUPLES";
+    /// `LruHashMap<Tuple, u8>`: the tuples of SYN cookies the kernel just sent, added by the
+    /// kernel at once (the final ACK comes a round trip later, before userspace could add the
+    /// attempt's tuple to `WATCH_TUPLES`) and looked up for [`super::COOKIE_WATCH_JIFFIES`]
+    /// after the last one. Least recently used first out: an insert never fails, even under a
+    /// flood of cookies, and the oldest tuples are the ones userspace has taken over.
+    pub const COOKIE_TUPLES: &str = "COOKIE_TUPLES";
     /// `PerCpuArray<u64>`: [`super::counts`].
     pub const COUNTS: &str = "COUNTS";
     /// `PerCpuArray<u64>`: client handshake times by [`super::latency_bucket`].
@@ -44,8 +48,19 @@ pub const CONNS_CAPACITY: u32 = 65_536;
 /// Entries of `WATCH`.
 pub const WATCH_CAPACITY: u32 = 8_192;
 
-/// Entries of `WATCH_TUPLES`.
+/// Entries of `WATCH_TUPLES`: an IPv4 attempt takes two (its tuple in both forms a server
+/// socket may have). Attempts that find it full are followed through
+/// [`watching::TUPLES_FULL`] instead.
 pub const WATCH_TUPLES_CAPACITY: u32 = 4_096;
+
+/// Entries of `COOKIE_TUPLES` (least recently used evicted).
+pub const COOKIE_TUPLES_CAPACITY: u32 = 8_192;
+
+/// How long after the kernel last added a cookie's tuple to `COOKIE_TUPLES` a listener's
+/// child looks it up, in kernel ticks (jiffies): 5 s where the kernel's HZ is 1000, longer
+/// where it is lower; long enough for userspace to read the cookie's event and follow its
+/// attempt in `WATCH_TUPLES`.
+pub const COOKIE_WATCH_JIFFIES: u32 = 5_000;
 
 /// `WATCHING` slots.
 pub mod watching {
@@ -53,12 +68,15 @@ pub mod watching {
     pub const SOCKETS: u32 = 0;
     /// How many tuples of userspace's attempts `WATCH_TUPLES` holds (written by userspace).
     pub const TUPLES: u32 = 1;
-    /// Non-zero once the kernel added a cookie's tuple to `WATCH_TUPLES`; userspace clears it
-    /// when every tuple left there is one of its own attempts', then looks again (a tuple the
-    /// kernel adds meanwhile sets it again).
-    pub const KERNEL_TUPLES: u32 = 2;
+    /// When the kernel last added a cookie's tuple to `COOKIE_TUPLES`: the low 32 bits of
+    /// `jiffies_64`, never 0 once written (0: never); written only by the kernel.
+    pub const COOKIE_JIFFIES: u32 = 2;
+    /// Non-zero while an open attempt's tuple could not be put in `WATCH_TUPLES` (full under
+    /// a flood of attempts): every listener's child then streams from its start, as if its
+    /// tuple were watched, so that no attempt misses its handshake. Written only by userspace.
+    pub const TUPLES_FULL: u32 = 3;
     /// Slots in all.
-    pub const SLOTS: u32 = 3;
+    pub const SLOTS: u32 = 4;
 }
 
 /// Slots of `NORMAL_DROPS`: drop reasons below this value are counted in the kernel.

@@ -6,15 +6,16 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns},
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use conntrace_common::{
     AF_INET, AF_INET6, Config, EventKind, FLAG_QUIET, HistoryEvent, Tuple,
     quiet::{
-        CONNS_CAPACITY, History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS, WATCH_CAPACITY,
-        WATCH_TUPLES_CAPACITY, counts, flags, latency_bucket, watching,
+        CONNS_CAPACITY, COOKIE_TUPLES_CAPACITY, COOKIE_WATCH_JIFFIES, History, LATENCY_BUCKETS,
+        NORMAL_DROP_SLOTS, WATCH_CAPACITY, WATCH_TUPLES_CAPACITY, counts, flags, latency_bucket,
+        watching,
     },
     tcp::state,
 };
@@ -32,13 +33,19 @@ static CONNS: HashMap<u64, History> = HashMap::with_max_entries(CONNS_CAPACITY, 
 static WATCH: HashMap<u64, u64> = HashMap::with_max_entries(WATCH_CAPACITY, 0);
 
 /// `conntrace_common::quiet::watching` slots: a connection ever put in `WATCH`, the tuples
-/// in `WATCH_TUPLES` now.
+/// in `WATCH_TUPLES` now, when the last cookie was sent (jiffies), whether `WATCH_TUPLES` is
+/// short of room.
 #[map]
 static WATCHING: Array<u32> = Array::with_max_entries(watching::SLOTS, 0);
 
 /// Handshakes userspace follows as attempts, by the server socket's tuple.
 #[map]
 static WATCH_TUPLES: HashMap<Tuple, u8> = HashMap::with_max_entries(WATCH_TUPLES_CAPACITY, 0);
+
+/// Tuples of the cookies just sent, until userspace follows their attempts.
+#[map]
+static COOKIE_TUPLES: LruHashMap<Tuple, u8> =
+    LruHashMap::with_max_entries(COOKIE_TUPLES_CAPACITY, 0);
 
 #[map]
 static COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counts::COUNT, 0);
@@ -385,13 +392,31 @@ fn watching() -> bool {
 }
 
 /// Whether userspace follows the handshake of `tuple` (the server's socket's) as an attempt:
-/// `WATCH_TUPLES` is looked up only while it holds any.
+/// every tuple while `WATCH_TUPLES` is short of room, else one there (looked up only while it
+/// holds any) or a cookie's just sent (looked up only for a few seconds after one).
 #[inline(always)]
 fn tuple_watched(tuple: &Tuple) -> bool {
-    let any = |slot| WATCHING.get(slot).is_some_and(|n| *n != 0);
-    // SAFETY: a plain lookup; the value is not held.
-    (any(watching::TUPLES) || any(watching::KERNEL_TUPLES))
-        && unsafe { WATCH_TUPLES.get(tuple) }.is_some()
+    let slot = |slot| WATCHING.get(slot).copied().unwrap_or(0);
+    if slot(watching::TUPLES_FULL) != 0 {
+        return true;
+    }
+    // SAFETY: plain lookups; the values are not held.
+    if slot(watching::TUPLES) != 0 && unsafe { WATCH_TUPLES.get(tuple) }.is_some() {
+        return true;
+    }
+    let cookie = slot(watching::COOKIE_JIFFIES);
+    // SAFETY: as above.
+    cookie != 0
+        && jiffies().wrapping_sub(cookie) <= COOKIE_WATCH_JIFFIES
+        && unsafe { COOKIE_TUPLES.get(tuple) }.is_some()
+}
+
+/// The kernel's tick count, its low 32 bits, never 0 (0 stays "never"). One helper call that
+/// reads a variable: tracing programs may not read the coarse clock.
+#[inline(always)]
+fn jiffies() -> u32 {
+    // SAFETY: reads `jiffies_64`.
+    (unsafe { bpf_jiffies64() } as u32).max(1)
 }
 
 /// A listener answered a SYN with a cookie (`tuple`: the reply's, this host's end first):
@@ -400,8 +425,9 @@ fn tuple_watched(tuple: &Tuple) -> bool {
 /// tuple is added in the IPv4-mapped form too, a dual-stack listener's child's.
 #[inline(always)]
 pub(crate) fn watch_cookie(tuple: &Tuple) {
-    if WATCH_TUPLES.insert(tuple, &1, 0).is_err() {
-        // Full (a flood of cookies): this one's child is not followed from its start.
+    // An LRU map makes room by evicting its oldest tuple, whose attempt userspace follows
+    // by now: the insert fails only when the kernel cannot allocate at all.
+    if COOKIE_TUPLES.insert(tuple, &1, 0).is_err() {
         return;
     }
     if tuple.family == AF_INET {
@@ -409,13 +435,13 @@ pub(crate) fn watch_cookie(tuple: &Tuple) {
         mapped.family = AF_INET6;
         mapped.saddr = v4_mapped(&tuple.saddr);
         mapped.daddr = v4_mapped(&tuple.daddr);
-        if WATCH_TUPLES.insert(&mapped, &1, 0).is_err() {
+        if COOKIE_TUPLES.insert(&mapped, &1, 0).is_err() {
             // As above.
         }
     }
-    if let Some(flag) = WATCHING.get_ptr_mut(watching::KERNEL_TUPLES) {
+    if let Some(at) = WATCHING.get_ptr_mut(watching::COOKIE_JIFFIES) {
         // SAFETY: a plain store to an array slot, read by later programs.
-        unsafe { flag.write_volatile(1) };
+        unsafe { at.write_volatile(jiffies()) };
     }
 }
 

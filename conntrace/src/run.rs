@@ -302,7 +302,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             _ = tick.tick() => {
                 let now = Clock::mono_now_ns();
                 let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, &mut ident, now);
-                settle_cookie_tuples(&mut tracer);
+                settle_attempt_tuples(&mut tracer);
                 verdicts.extend(engine.tick(now));
                 ident.write(&mut out, &mut engine, verdicts)?;
                 let lost_before = lost_seen;
@@ -469,27 +469,29 @@ fn watch_attempts(tracer: &mut Tracer, engine: &mut Engine) {
     let Some(q) = tracer.quiet.as_mut() else {
         return;
     };
+    let failures = q.tuple_watch_failures();
     for (_, tuple, open) in engine.take_attempt_log() {
         for wire in crate::kernel::decode::wire_tuples(tuple) {
             if let Err(error) = q.watch_tuple(wire, open) {
-                // Full under a flood of attempts: said once, then only counted in the logs.
-                if q.tuple_watch_failures() == 1 {
-                    warn!(%error, "follow a handshake attempt (WATCH_TUPLES map); further failures at debug level");
-                } else {
-                    debug!(%error, "follow a handshake attempt (WATCH_TUPLES map)");
-                }
+                warn!(%error, "follow a handshake attempt (WATCHING map)");
             }
         }
     }
+    if failures == 0 && q.tuple_watch_failures() > 0 {
+        // Said once; the summary counts them (`kernel_kept.attempt_table_full`).
+        warn!(
+            "the kernel's table of followed handshake attempts is full (a flood of attempts): every listener's child streams its events until there is room"
+        );
+    }
 }
 
-/// Quiet mode, each tick: clears the kernel's cookie-tuple flag once every tuple left is an
-/// attempt's userspace follows. Not after every event: the check may walk the whole map.
-fn settle_cookie_tuples(tracer: &mut Tracer) {
+/// Quiet mode, each tick: attempts that found the kernel's tuple table full are put in it as
+/// room is made, and the "stream every child" fallback ends when none is left outside.
+fn settle_attempt_tuples(tracer: &mut Tracer) {
     if let Some(q) = tracer.quiet.as_mut()
-        && let Err(error) = q.settle_kernel_tuples()
+        && let Err(error) = q.settle_tuples()
     {
-        debug!(%error, "WATCHING: the kernel's cookie tuples");
+        warn!(%error, "follow handshake attempts (WATCHING map)");
     }
 }
 
@@ -533,6 +535,7 @@ fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::qu
         closed_quietly: c.closed_quiet,
         histories: c.flushed,
         table_full: c.conns_full,
+        attempt_table_full: c.tuples_full,
     });
 }
 

@@ -2,6 +2,7 @@
 
 pub mod accept_queues;
 pub mod attach;
+mod attempt_tuples;
 pub mod btf;
 pub mod decode;
 mod hooks;

@@ -11,7 +11,7 @@ use conntrace_common::{
 };
 use tracing::debug;
 
-use super::{LoadError, take_map};
+use super::{LoadError, attempt_tuples::AttemptTuples, take_map};
 
 /// What the kernel counted instead of sending events, summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -24,6 +24,9 @@ pub struct KernelCounts {
     pub flushed: u64,
     /// Connections that found the kernel's table full and streamed instead.
     pub conns_full: u64,
+    /// Handshake attempts whose tuple found `WATCH_TUPLES` full (followed by streaming every
+    /// listener's child while any such attempt was open).
+    pub tuples_full: u64,
     /// Client handshake times: (bucket, count) for buckets with a count.
     pub latency: Vec<(u32, u64)>,
     /// Normal drops of traced ports: (`enum skb_drop_reason` value, count).
@@ -64,9 +67,10 @@ pub struct QuietMaps {
     /// Whether `watching` was set.
     watched: bool,
     watch_tuples: HashMap<MapData, Tuple, u8>,
-    /// The attempts open for each tuple in `watch_tuples`.
-    tuples: std::collections::HashMap<Tuple, u32>,
-    tuple_failures: u64,
+    /// The open attempts' tuples, in `watch_tuples` or waiting for room.
+    tuples: AttemptTuples,
+    /// What `watching::TUPLES_FULL` says now.
+    full: bool,
     counts: PerCpuArray<MapData, u64>,
     latency: PerCpuArray<MapData, u64>,
     normal_drops: PerCpuArray<MapData, u64>,
@@ -82,8 +86,8 @@ impl QuietMaps {
             watching: take_map(ebpf, names::WATCHING)?,
             watched: false,
             watch_tuples: take_map(ebpf, names::WATCH_TUPLES)?,
-            tuples: std::collections::HashMap::new(),
-            tuple_failures: 0,
+            tuples: AttemptTuples::default(),
+            full: false,
             counts: take_map(ebpf, names::COUNTS)?,
             latency: take_map(ebpf, names::LATENCY)?,
             normal_drops: take_map(ebpf, names::NORMAL_DROPS)?,
@@ -116,6 +120,7 @@ impl QuietMaps {
             closed_quiet: sum(&self.counts, counts::CLOSED_QUIET)?,
             flushed: sum(&self.counts, counts::FLUSHED)?,
             conns_full: sum(&self.counts, counts::CONNS_FULL)?,
+            tuples_full: self.tuples.failures(),
             latency: nonzero(&self.latency, LATENCY_BUCKETS)?,
             normal_drops: if sum(&self.counts, counts::NORMAL_DROPS)? == 0 {
                 Vec::new()
@@ -191,53 +196,62 @@ impl QuietMaps {
     /// Asks the kernel to send the history of a listener's child with tuple `t` (the server's
     /// end first) as it starts (`follow`), or no longer (`!follow`): a handshake userspace
     /// follows as an attempt, whose completion it must see. Attempts of two namespaces may
-    /// share a tuple: the tuple is watched while either is open.
+    /// share a tuple: the tuple is watched while either is open. A tuple `WATCH_TUPLES` has
+    /// no room for (a flood of attempts) is followed by setting `watching::TUPLES_FULL` at
+    /// once, under which every listener's child streams, and put in the map when a tuple
+    /// leaves it ([`Self::settle_tuples`]). Errors: the `WATCHING` update (`bpf_map_update_elem`).
     pub fn watch_tuple(&mut self, t: Tuple, follow: bool) -> Result<(), MapError> {
-        let n = self.tuples.get(&t).copied().unwrap_or(0);
+        let map = &mut self.watch_tuples;
         if follow {
-            if n == 0
-                && let Err(error) = self.watch_tuples.insert(t, 1, 0)
-            {
-                self.tuple_failures += 1;
-                return Err(error);
+            let placed = self.tuples.follow(t, |t| match map.insert(t, 1, 0) {
+                Ok(()) => true,
+                Err(error) => {
+                    debug!(%error, "WATCH_TUPLES: no room for the tuple; every listener's child streams");
+                    false
+                }
+            });
+            if !placed {
+                return self.set_full(true);
             }
-            self.tuples.insert(t, n + 1);
-        } else if n == 1 {
-            self.tuples.remove(&t);
-            if let Err(error) = self.watch_tuples.remove(&t) {
-                debug!(%error, "WATCH_TUPLES: the tuple was not there");
-            }
-        } else if n > 1 {
-            self.tuples.insert(t, n - 1);
+        } else {
+            self.tuples.unfollow(t, |t| {
+                if let Err(error) = map.remove(t) {
+                    debug!(%error, "WATCH_TUPLES: the tuple was not there");
+                }
+            });
         }
-        let watched = u32::try_from(self.tuples.len()).unwrap_or(u32::MAX);
+        self.set_tuple_count()
+    }
+
+    /// Each tick: puts tuples that found `WATCH_TUPLES` full in it once tuples have left it,
+    /// and clears `watching::TUPLES_FULL` once every open attempt's tuple is there (the map
+    /// first, the flag after). Errors: the `WATCHING` update (`bpf_map_update_elem`).
+    pub fn settle_tuples(&mut self) -> Result<(), MapError> {
+        let map = &mut self.watch_tuples;
+        if self.tuples.retry(|t| map.insert(t, 1, 0).is_ok()) {
+            self.set_tuple_count()?;
+        }
+        self.set_full(self.tuples.short_of_room())
+    }
+
+    /// Writes how many tuples `WATCH_TUPLES` holds to `watching::TUPLES`.
+    fn set_tuple_count(&mut self) -> Result<(), MapError> {
+        let watched = u32::try_from(self.tuples.placed()).unwrap_or(u32::MAX);
         self.watching.set(watching::TUPLES, watched, 0)
     }
 
-    /// Once every tuple the kernel added to `WATCH_TUPLES` (a cookie's) has gone with its
-    /// attempt, the kernel's flag is cleared, so that listeners' children stop looking the
-    /// map up. Cleared first and set again when a tuple not userspace's own is there: a
-    /// cookie the kernel adds meanwhile sets it itself, after its insert.
-    pub fn settle_kernel_tuples(&mut self) -> Result<(), MapError> {
-        if self.watching.get(&watching::KERNEL_TUPLES, 0)? == 0 {
-            return Ok(());
-        }
-        self.watching.set(watching::KERNEL_TUPLES, 0, 0)?;
-        let mut foreign = false;
-        for key in self.watch_tuples.keys() {
-            if !self.tuples.contains_key(&key?) {
-                foreign = true;
-                break;
-            }
-        }
-        if foreign {
-            self.watching.set(watching::KERNEL_TUPLES, 1, 0)?;
+    /// Writes `watching::TUPLES_FULL` when it changes.
+    fn set_full(&mut self, full: bool) -> Result<(), MapError> {
+        if full != self.full {
+            self.watching
+                .set(watching::TUPLES_FULL, u32::from(full), 0)?;
+            self.full = full;
         }
         Ok(())
     }
 
     /// Tuples `WATCH_TUPLES` could not take (full under a flood of attempts).
     pub fn tuple_watch_failures(&self) -> u64 {
-        self.tuple_failures
+        self.tuples.failures()
     }
 }

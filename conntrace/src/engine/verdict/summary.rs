@@ -68,6 +68,11 @@ pub struct KernelKept {
     pub histories: u64,
     /// Connections that found the kernel's table (65,536) full and sent every event instead.
     pub table_full: u64,
+    /// Handshake attempts (a dropped SYN or final ACK, a cookie) whose tuple found the kernel's
+    /// table of followed attempts (4,096 tuples; an IPv4 attempt takes two) full, under a flood
+    /// of attempts: while any was open, every listener's child sent its events, so that each
+    /// attempt still saw its handshake complete.
+    pub attempt_table_full: u64,
 }
 
 /// What happened at one listener over the run.
