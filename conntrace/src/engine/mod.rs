@@ -29,7 +29,7 @@ pub mod verdict;
 pub use self::{
     config::EngineConfig,
     lookup::{Listener, ListenerLookup, NamespaceLookup, Route, RuleLookup},
-    rules::drops::NORMAL as NORMAL_DROP_REASONS,
+    rules::{drops::NORMAL as NORMAL_DROP_REASONS, listener::is_cookie_check},
 };
 use self::{
     facts::KernelEvent,

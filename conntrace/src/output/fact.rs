@@ -3,6 +3,7 @@
 
 use crate::engine::{
     facts::NfHook,
+    is_cookie_check,
     verdict::{
         Detail, Outcome, Reason, Verdict,
         detail::{CloseKind, EndedBy, Reader, RuleRef},
@@ -98,10 +99,21 @@ fn dropped(v: &Verdict) -> String {
             ),
             None => kernel,
         },
-        Reason::SyncookieAckLost => format!(
-            "cookie sent, no socket; ACK dropped at {}",
-            rule(v).unwrap_or(kernel)
-        ),
+        Reason::SyncookieAckLost => {
+            let overflow = d.drops.iter().find(|k| is_cookie_check(&k.location));
+            match (rule(v), overflow, d.drops.first()) {
+                (Some(rule), ..) => format!("cookie sent, no socket; ACK dropped at {rule}"),
+                (None, Some(k), _) => format!(
+                    "cookie validated, no socket: accept queue full ({} at {}, {}x)",
+                    k.kernel_reason, k.location, k.count
+                ),
+                (None, None, Some(k)) => format!(
+                    "cookie sent, no socket; ACK dropped: {} at {}",
+                    k.kernel_reason, k.location
+                ),
+                (None, None, None) => "cookie sent, no socket; no ACK seen".to_owned(),
+            }
+        }
         Reason::NetfilterDrop | Reason::NetfilterReject => rule(v).unwrap_or(kernel),
         _ => format!(
             "{kernel}{}",
@@ -166,7 +178,7 @@ fn connect(v: &Verdict, errno: String) -> String {
 }
 
 /// The one fact that matters for this verdict's reason.
-pub(super) fn key_fact(v: &Verdict) -> String {
+pub(crate) fn key_fact(v: &Verdict) -> String {
     let fact = the_fact(v);
     if v.detail.started_before_trace() {
         format!("{fact}, opened before conntrace started")

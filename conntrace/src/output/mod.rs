@@ -17,6 +17,8 @@ use std::{
     path::Path,
 };
 
+#[cfg(test)]
+pub(crate) use self::fact::key_fact;
 pub use self::record::{Final, KernelFeatures, Lost, Ready, Record};
 
 #[derive(Debug, thiserror::Error)]

@@ -3,9 +3,10 @@
 //! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--greeting-on-usr1]
 //!                         [--linger0] [--backlog N]
 //!                         [--hold-ms T] [--respond BYTES] [--close-delay-ms T] [--report]
-//!                         [--reuseport] [--comm NAME]`
+//!                         [--reuseport] [--comm NAME] [--accept-delay-ms T]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
-//!   accepts, holding the listener until killed), sends the greeting (after T ms, in a thread
+//!   accepts, holding the listener until killed; the first only T ms after `listening` with
+//!   `--accept-delay-ms`, its accept queue filling meanwhile), sends the greeting (after T ms, in a thread
 //!   per connection, when `--greeting-delay-ms` is given, or once SIGUSR1 came with
 //!   `--greeting-on-usr1`, and those are waited for before
 //!   exiting after N), then either aborts with
@@ -157,6 +158,9 @@ fn serve(addr: SocketAddr, args: &[String]) {
         loop {
             std::thread::sleep(Duration::from_secs(3600));
         }
+    }
+    if let Some(ms) = flag(args, "--accept-delay-ms").and_then(|n| n.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
     }
     // Delayed greetings still to go when the last connection is accepted.
     let mut delayed = Vec::new();

@@ -76,7 +76,10 @@ impl Engine {
             }
             return;
         }
-        if !outgoing && f.reason == DropReason::NO_SOCKET {
+        if !outgoing
+            && f.reason == DropReason::NO_SOCKET
+            && !rules::listener::is_cookie_check(&f.location)
+        {
             // The SYN of a refusal just reported: the drop is the refusal itself.
             if self.table.was_refused(&(netns, local)) {
                 return;

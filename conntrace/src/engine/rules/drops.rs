@@ -75,7 +75,7 @@ pub(crate) fn cause(d: &HandshakeDrop) -> Option<Reason> {
         // This host's routing table had no route for the packet (`ip_queue_xmit`).
         DropReason::IP_OUTNOROUTES => Some(Reason::NoRoute),
         DropReason::NEIGH_FAILED => Some(Reason::NeighbourFailed),
-        r if listener::is_overflow_drop(r) => Some(Reason::ListenOverflow),
+        r if listener::is_overflow_drop(r, &d.location) => Some(Reason::ListenOverflow),
         // A SYN nobody listens for: the refusal (`handshake.rs`), not a drop.
         DropReason::NO_SOCKET => None,
         _ if is_normal(&d.reason, &d.location, d.tcp_flags) => None,

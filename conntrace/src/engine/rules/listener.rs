@@ -14,9 +14,22 @@ use crate::engine::{
     },
 };
 
-/// A final ACK dropped because the accept queue was full (recent kernels name it).
-pub(crate) fn is_overflow_drop(reason: &str) -> bool {
+/// A final ACK dropped because the accept queue was full: recent kernels name it
+/// TCP_LISTEN_OVERFLOW; a SYN cookie's ACK that validated but got no socket
+/// (`tcp_get_cookie_sock`: the child could not be made, the accept queue full above all) is
+/// NO_SOCKET in `cookie_v4_check`/`cookie_v6_check` (6.10+).
+pub(crate) fn is_overflow_drop(reason: &str, location: &str) -> bool {
     reason == DropReason::TCP_LISTEN_OVERFLOW
+        || (reason == DropReason::NO_SOCKET && is_cookie_check(location))
+}
+
+/// Whether a drop location is the SYN cookie check of a listener's ACK.
+pub fn is_cookie_check(location: &str) -> bool {
+    ["cookie_v4_check", "cookie_v6_check"].iter().any(|f| {
+        location
+            .strip_prefix(f)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('+'))
+    })
 }
 
 /// Whether the verdict needs the listeners on its port: to tell a refusal from a service bound

@@ -264,3 +264,74 @@ fn a_cookie_ack_answered_by_the_listener_with_a_reset_failed_validation() {
     check(&v, "server failed syncookie_ack_lost -");
     assert_eq!(detail(&v, "cookie_invalid"), true);
 }
+
+/// The client's ACK (or data) at `ts` for the cookie of [`cookie`], dropped by the listener's
+/// cookie check: the cookie validated, but no child could be made (6.10+).
+fn cookie_check_drop(ts: u64, tcp_flags: u8) -> KernelEvent {
+    KernelEvent::Dropped(DroppedPacket {
+        meta: softirq(ts),
+        sk: 0,
+        rx_sk: SK_C,
+        sk_port: Some(0),
+        sk_state: Some(S::Listen),
+        packet: FourTuple {
+            saddr: ip(2),
+            sport: 51_000,
+            daddr: ip(1),
+            dport: 3306,
+        },
+        reason: DropReason::new("NO_SOCKET"),
+        location: "cookie_v4_check+0x4e5".into(),
+        tcp_flags: TcpFlags(tcp_flags),
+        hook: None,
+        ifindex: None,
+        icmp: None,
+    })
+}
+
+#[test]
+fn a_cookie_ack_dropped_by_a_full_accept_queue_is_syncookie_ack_lost_with_the_drop() {
+    // A server-first protocol: the client sends nothing after its final ACK.
+    let mut e = Engine::new(EngineConfig::default());
+    none(e.handle(cookie(MS)));
+    none(e.handle(cookie_check_drop(2 * MS, 0x10)));
+    none(e.tick(2 * SEC));
+    let v = one(e.tick(5 * SEC));
+    check(&v, "server failed syncookie_ack_lost -");
+    let drops = detail(&v, "drops");
+    assert_eq!(
+        (&drops[0]["kernel_reason"], &drops[0]["location"]),
+        (&"NO_SOCKET".into(), &"cookie_v4_check+0x4e5".into())
+    );
+    assert_eq!(
+        crate::output::key_fact(&v),
+        "cookie validated, no socket: accept queue full (NO_SOCKET at cookie_v4_check+0x4e5, 1x)"
+    );
+    assert_eq!(e.summary().drop_records_suppressed, 0);
+}
+
+#[test]
+fn a_cookie_attempt_stays_open_while_the_clients_data_is_retransmitted_into_a_full_queue() {
+    // A client-first protocol: the final ACK and the request are dropped by the full accept
+    // queue; the request's retransmits (RTO 200 ms, doubling) keep being dropped until one,
+    // 6.2 s in, validates the cookie once the queue has room.
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(config(|c| c.report_established = true));
+    none(e.handle(cookie(MS)));
+    none(e.handle(cookie_check_drop(2 * MS, 0x10)));
+    for at_ms in [3, 203, 603, 1403, 3003] {
+        none(e.handle(cookie_check_drop(at_ms * MS, 0x18)));
+        none(e.tick((at_ms + 1500) * MS));
+    }
+    none(e.tick(6200 * MS));
+    feed(&mut e, server_handshake(s, 6203 * MS));
+    let v = one(e.handle(s.accepted(6204 * MS, 200, "server")));
+    check(&v, "server established established -");
+    assert_eq!(detail(&v, "syn_cookie"), true);
+    none(e.finish(LATER));
+    let l = &e.summary().listeners["10.77.0.1:3306"];
+    assert_eq!(
+        (l.cookies_sent, l.cookies_validated, l.cookies_failed),
+        (1, 1, 0)
+    );
+}
