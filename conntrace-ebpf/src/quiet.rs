@@ -93,7 +93,9 @@ pub(crate) fn count_normal_drop(reason: u32) {
 }
 
 /// A new traced connection at `sock` (a connect()ing socket, or a listener's child when
-/// `server`): kept here. False when it must stream instead (`CONNS` is full).
+/// `server`): kept here. False when it must stream instead: `CONNS` is full, or the address
+/// still holds a streaming connection whose close the kernel skipped (see [`on_state`]),
+/// which lives on in userspace until an event of this address retires it there.
 #[inline(always)]
 fn start(sock: &impl SockRead, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
     let sk = sock.addr();
@@ -128,11 +130,23 @@ fn start(sock: &impl SockRead, tuple: &Tuple, netns: Option<u32>, server: bool) 
         } else {
             sock.write_current_comm(comm);
         }
-        h.assume_init_ref()
+        h.assume_init_mut()
     };
-    // BPF_ANY: a socket address reused before its old entry went is a new connection.
-    if CONNS.insert(&sk, h, 0).is_ok() {
+    const BPF_NOEXIST: u64 = 1;
+    if CONNS.insert(&sk, &*h, BPF_NOEXIST).is_ok() {
         return true;
+    }
+    // The address holds an entry still: its connection's close was skipped (the same program
+    // running on that CPU then). Replaced; a streaming one's successor streams, so that its
+    // first event retires the old connection in userspace.
+    // SAFETY: a plain lookup; the value is not held.
+    let stale_streaming =
+        unsafe { CONNS.get(&sk) }.is_some_and(|old| old.flags & flags::STREAMING != 0);
+    if stale_streaming {
+        h.flags |= flags::STREAMING;
+    }
+    if CONNS.insert(&sk, &*h, 0).is_ok() {
+        return !stale_streaming;
     }
     bump(&COUNTS, counts::CONNS_FULL);
     false
@@ -353,6 +367,17 @@ pub(crate) fn on_state(
             quiet
         }
         _ if streaming => false,
+        state::FIN_WAIT1 | state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING
+            if watching() && unsafe { WATCH.get(&sk) }.is_some() =>
+        {
+            // Userspace follows it (found stalled): it streams from the start of its close,
+            // whose event says whether data came. Its CLOSE alone would not do: the kernel
+            // skips a program that fires while the same program runs on that CPU (a softirq
+            // closing it on top of a process's state change), and a close missed there left
+            // the stall open for good. (SAFETY of the guard: a plain lookup, value not held.)
+            promote_sock(sock);
+            false
+        }
         state::FIN_WAIT1 | state::CLOSE_WAIT | state::LAST_ACK | state::CLOSING => {
             h.flags |= flags::ORDERLY;
             if h.flags & flags::SERVER != 0 && sock.owned() == Some(true) {

@@ -401,6 +401,16 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         warn!(%error, "read the READ_FAILURES map");
         BTreeMap::new()
     });
+    let program_misses = tracer.program_misses().unwrap_or_else(|error| {
+        warn!(%error, "read the programs' recursion misses");
+        BTreeMap::new()
+    });
+    if let Some(n) = (!program_misses.is_empty()).then(|| program_misses.values().sum::<u64>()) {
+        warn!(
+            runs = n,
+            "the kernel skipped conntrace's programs where they fired while already running on that CPU: those events were missed (summary: program_misses)"
+        );
+    }
     let programs = bpf_stats.as_ref().and_then(|_| {
         tracer
             .program_costs()
@@ -416,6 +426,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         tracked_at_exit: open_at_exit,
         tcp_counters: overflows.growth(),
         read_failures,
+        program_misses,
         all_ports: cli.ports.is_empty(),
         programs,
     }))?;
@@ -444,13 +455,25 @@ fn check_stalls(
         warn!(%error, "stall check");
         return Vec::new();
     }
-    let checked = stalls.check(now_ns);
+    let checked = stalls.check(now_ns, |sk, started_ns| {
+        if let Err(error) = q.watch(sk, started_ns) {
+            warn!(%error, "watch a stalled connection (WATCH map)");
+        }
+    });
     for netns in checked.namespaces {
         windows.traced_in(Some(netns));
     }
-    for (sk, started_ns) in checked.watch {
-        if let Err(error) = q.watch(sk, started_ns) {
-            warn!(%error, "watch a stalled connection (WATCH map)");
+    for (sk, started_ns) in checked.unseen_closes {
+        match q.forget(sk, started_ns) {
+            Ok(true) => {
+                debug!(
+                    sk,
+                    "a connection whose close the kernel skipped: its entry dropped"
+                );
+                engine.summary_mut().closes_unseen += 1;
+            }
+            Ok(false) => {}
+            Err(error) => debug!(%error, "drop the entry of a connection gone (CONNS map)"),
         }
     }
     checked
@@ -536,6 +559,7 @@ fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::qu
         histories: c.flushed,
         table_full: c.conns_full,
         attempt_table_full: c.tuples_full,
+        closes_unseen: s.closes_unseen,
     });
 }
 

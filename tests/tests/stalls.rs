@@ -218,6 +218,86 @@ fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
     );
 }
 
+/// Waves of clients that all stall, then get their greeting and close at once: every stall
+/// gets its one follow-up. In quiet mode a stalled connection is watched from its first check;
+/// its close, run by the kernel in softirq context while a process's state change runs the
+/// same program on that CPU, can be skipped by the kernel (the program's recursion misses):
+/// the start of its close must carry its progress too.
+#[test]
+fn a_thousand_stalled_clients_that_get_their_greeting_are_each_resolved_once() {
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .serve(&["--greeting", "hello", "--greeting-delay-ms", "1600"])
+        .conntrace(&["--port", "3306", "--stall-timeout", "1s"]);
+    if ct.ready()["follow"] == "streaming"
+        && ct.lacks(
+            "first_data",
+            "sock:sk_data_ready is 6.6+, fexit:tcp_rcv_established refused",
+        )
+    {
+        return;
+    }
+    // Five waves of 200 (each connection holds its thread until the greeting), each client
+    // closing as soon as its greeting came.
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &[
+            "--count",
+            "1000",
+            "--parallel",
+            "200",
+            "--read",
+            "--timeout-ms",
+            "8000",
+        ],
+    );
+    let results = client.json_lines(Duration::from_secs(60));
+    assert_eq!(results.len(), 1000);
+    let greeted: Vec<u64> = results
+        .iter()
+        .filter(|r| r["ok"] == true)
+        .filter_map(|r| {
+            r["local"]
+                .as_str()
+                .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                .map(|a| u64::from(a.port()))
+        })
+        .collect();
+    assert_eq!(greeted.len(), 1000, "every client got its greeting");
+    std::thread::sleep(Duration::from_secs(2));
+    let values = ct.stop();
+    let client = verdicts_in(&values, hosts.client.inode());
+    let summary = values
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .expect("summary");
+    println!(
+        "MEASURED 1000 stalls: {:?}; program recursion misses {}",
+        count(&client),
+        summary["program_misses"]
+    );
+    let mut unresolved = Vec::new();
+    for port in &greeted {
+        let mine: Vec<&Value> = client.iter().filter(|v| v["sport"] == *port).collect();
+        let stalled = mine.iter().filter(|v| v["outcome"] == "stalled").count();
+        let resolved = mine.iter().filter(|v| v["outcome"] == "resolved").count();
+        if stalled != 1 || resolved != 1 || mine.len() != 2 {
+            unresolved.push((port, mine));
+        }
+    }
+    assert!(
+        unresolved.is_empty(),
+        "{} greeted clients without exactly one stall and one resolved: {:#?}",
+        unresolved.len(),
+        &unresolved[..unresolved.len().min(5)]
+    );
+}
+
 #[test]
 fn two_hundred_clients_against_a_stopped_server_all_get_a_verdict() {
     let scenario = Scenario::new().serve(&["--greeting", "hello", "--backlog", "8"]);

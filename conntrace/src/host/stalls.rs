@@ -44,14 +44,30 @@ const WINDOWS_AFTER_NS: u64 = 1_000_000_000;
 const RESCAN_AFTER: Duration = Duration::from_secs(1);
 /// Checks between two prunings of the memory of connections gone.
 const PRUNE_EVERY: u32 = 50;
+/// Checks in a row at which sock_diag has no full socket for a followed connection the
+/// kernel still holds before its entry is taken as one whose close the kernel skipped.
+const GONE_CHECKS: u8 = 2;
+
+/// sock_diag's answer about one connection.
+#[derive(Debug)]
+pub enum Answer {
+    /// Its full socket, with what it has done.
+    Found(Sample),
+    /// No full socket with its tuple (none at all, or a TIME_WAIT one): it closed.
+    Gone,
+    /// Not answerable now (the namespace unreadable, a netlink error: logged).
+    Unknown,
+}
 
 /// What one check found.
 #[derive(Debug, Default)]
 pub struct Checked {
     /// For the engine, in order.
     pub events: Vec<KernelEvent>,
-    /// Connections to report from now on: (socket address, start).
-    pub watch: Vec<(u64, u64)>,
+    /// Connections whose close the kernel skipped (its program was running on that CPU
+    /// already): (socket address, start). Their entries are the kernel's to drop; a stalled
+    /// one among them never gets its follow-up.
+    pub unseen_closes: Vec<(u64, u64)>,
     /// Namespaces holding followed connections established for [`WINDOWS_AFTER_NS`] at
     /// least: where the window watch dumps sockets.
     pub namespaces: HashSet<u32>,
@@ -78,6 +94,9 @@ pub struct StallCheck {
     moved: HashMap<u64, u64>,
     /// Connections found stuck, by socket address: their start and the progress last sent.
     stuck: HashMap<u64, (u64, Progress)>,
+    /// Connections sock_diag found closed while the kernel still held them, by socket
+    /// address: their start and the checks in a row that found them so.
+    gone: HashMap<u64, (u64, u8)>,
     diag: Diag,
     /// Every followed connection, by socket address, as of the last check: filled by the
     /// caller from the kernel's table before each [`Self::check`].
@@ -95,6 +114,7 @@ impl StallCheck {
             timeout_ns: u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX),
             moved: HashMap::new(),
             stuck: HashMap::new(),
+            gone: HashMap::new(),
             diag: Diag::default(),
             snapshot: Vec::new(),
             checks: 0,
@@ -123,21 +143,22 @@ impl StallCheck {
     }
 
     /// Looks at [`Self::snapshot`] at `now_ns`, asking sock_diag about connections past the
-    /// timeout.
-    pub fn check(&mut self, now_ns: u64) -> Checked {
+    /// timeout; `watch` is called for each one found stuck as soon as it is (socket address,
+    /// start), so that the kernel reports its close even if it comes during the check.
+    pub fn check(&mut self, now_ns: u64, watch: impl FnMut(u64, u64)) -> Checked {
         let mut diag = std::mem::take(&mut self.diag);
         diag.let_go_of_deleted();
-        let out = self.check_with(now_ns, |netns, h| diag.ask(netns, h));
+        let out = self.check_with(now_ns, |netns, h| diag.ask(netns, h), watch);
         self.diag = diag;
         out
     }
 
-    /// [`Self::check`] with `ask` answering for a connection in a namespace (`None`: gone or
-    /// not answerable).
+    /// [`Self::check`] with `ask` answering for a connection in a namespace.
     fn check_with(
         &mut self,
         now_ns: u64,
-        mut ask: impl FnMut(u32, &History) -> Option<Sample>,
+        mut ask: impl FnMut(u32, &History) -> Answer,
+        mut watch: impl FnMut(u64, u64),
     ) -> Checked {
         let mut out = Checked::default();
         let snapshot = std::mem::take(&mut self.snapshot);
@@ -148,6 +169,7 @@ impl StallCheck {
             let same = |sk: &u64, started: &u64| live.get(sk) == Some(started);
             self.moved.retain(|sk, started| same(sk, started));
             self.stuck.retain(|sk, (started, _)| same(sk, started));
+            self.gone.retain(|sk, (started, _)| same(sk, started));
         }
         for (sk, h) in &snapshot {
             let netns = netns_of(h);
@@ -181,9 +203,15 @@ impl StallCheck {
             let Some(n) = netns else {
                 continue;
             };
-            let Some(sample) = ask(n, h) else {
-                continue;
+            let sample = match ask(n, h) {
+                Answer::Found(sample) => sample,
+                Answer::Gone => {
+                    self.found_gone((*sk, h.started_ns), &mut out);
+                    continue;
+                }
+                Answer::Unknown => continue,
             };
+            self.gone.remove(sk);
             let progress = Progress {
                 received: sample.info.bytes_received.is_some_and(|b| b > 0),
                 sent: sample.info.sent_data.unwrap_or(false),
@@ -194,14 +222,34 @@ impl StallCheck {
             } else {
                 progress.received
             };
-            self.report(now_ns, (*sk, h), progress, moving, &mut out);
+            if self.report(now_ns, (*sk, h), progress, moving, &mut out) {
+                watch(*sk, h.started_ns);
+            }
         }
         self.snapshot = snapshot;
         out
     }
 
-    /// Sends what changed about connection `sk`: found stuck (its history, its progress, and
-    /// a watch), or moving now.
+    /// Connection `sk` (started at `started`), which the kernel still holds, has no full
+    /// socket: closed as the kernel removes it, or long ago with its close skipped. Found so
+    /// [`GONE_CHECKS`] times in a row, it is the latter.
+    fn found_gone(&mut self, (sk, started): (u64, u64), out: &mut Checked) {
+        let seen = match self.gone.get(&sk) {
+            Some((s, n)) if *s == started => n + 1,
+            _ => 1,
+        };
+        if seen < GONE_CHECKS {
+            self.gone.insert(sk, (started, seen));
+            return;
+        }
+        self.gone.remove(&sk);
+        self.stuck.remove(&sk);
+        self.moved.remove(&sk);
+        out.unseen_closes.push((sk, started));
+    }
+
+    /// Sends what changed about connection `sk`: found stuck (its history and its progress;
+    /// true: watch it from now on), or moving now.
     fn report(
         &mut self,
         now_ns: u64,
@@ -209,7 +257,7 @@ impl StallCheck {
         progress: Progress,
         moving: bool,
         out: &mut Checked,
-    ) {
+    ) -> bool {
         let meta = |netns| Meta {
             ts_ns: now_ns,
             netns,
@@ -246,10 +294,11 @@ impl StallCheck {
                     sk,
                     progress,
                 });
-                out.watch.push((sk, h.started_ns));
                 self.stuck.insert(sk, (h.started_ns, progress));
+                return true;
             }
         }
+        false
     }
 }
 
@@ -280,9 +329,9 @@ impl Diag {
         });
     }
 
-    /// The sock_diag record of connection `h` in namespace `netns`; `None` when it is gone or
-    /// cannot be asked about (logged).
-    fn ask(&mut self, netns: u32, h: &History) -> Option<Sample> {
+    /// The sock_diag record of connection `h` in namespace `netns`, [`Answer::Gone`] when it
+    /// has no full socket, [`Answer::Unknown`] when it cannot be asked about (logged).
+    fn ask(&mut self, netns: u32, h: &History) -> Answer {
         if !self.sockets.contains_key(&netns) {
             if !self.paths.contains_key(&netns)
                 && self.listed_at.is_none_or(|at| at.elapsed() >= RESCAN_AFTER)
@@ -290,7 +339,9 @@ impl Diag {
                 self.paths = super::netns::paths();
                 self.listed_at = Some(Instant::now());
             }
-            let path = self.paths.get(&netns)?;
+            let Some(path) = self.paths.get(&netns) else {
+                return Answer::Unknown;
+            };
             match NsDiag::open(path, netns) {
                 Ok(s) => {
                     self.sockets.insert(netns, s);
@@ -298,17 +349,20 @@ impl Diag {
                 Err(error) => {
                     debug!(%error, netns, "stall check: namespace unreadable");
                     self.paths.remove(&netns);
-                    return None;
+                    return Answer::Unknown;
                 }
             }
         }
-        let socket = self.sockets.get_mut(&netns)?;
+        let Some(socket) = self.sockets.get_mut(&netns) else {
+            return Answer::Unknown;
+        };
         match socket.socket(&h.tuple, &mut self.buf) {
-            Ok(sample) => sample,
+            Ok(Some(sample)) => Answer::Found(sample),
+            Ok(None) => Answer::Gone,
             Err(error) => {
                 debug!(%error, netns, "stall check: sock_diag");
                 self.sockets.remove(&netns);
-                None
+                Answer::Unknown
             }
         }
     }
@@ -322,6 +376,36 @@ mod tests {
     use crate::host::windows::tcp_info::TcpInfo;
 
     const SEC: u64 = 1_000_000_000;
+
+    /// A check's output and the connections it watched.
+    struct Run {
+        checked: Checked,
+        watched: Vec<(u64, u64)>,
+    }
+
+    impl std::ops::Deref for Run {
+        type Target = Checked;
+        fn deref(&self) -> &Checked {
+            &self.checked
+        }
+    }
+
+    impl StallCheck {
+        /// A check where `ask`'s `None` is sock_diag finding no socket.
+        fn checked(
+            &mut self,
+            now_ns: u64,
+            mut ask: impl FnMut(u32, &History) -> Option<Sample>,
+        ) -> Run {
+            let mut watched = Vec::new();
+            let checked = self.check_with(
+                now_ns,
+                |n, h| ask(n, h).map_or(Answer::Gone, Answer::Found),
+                |sk, started| watched.push((sk, started)),
+            );
+            Run { checked, watched }
+        }
+    }
 
     fn history(sport: u16, server: bool, established_ns: u64) -> History {
         let mut tuple = Tuple {
@@ -379,25 +463,25 @@ mod tests {
         let mut s = StallCheck::new(Duration::from_secs(3));
         s.snapshot = vec![(0xa, history(41000, false, SEC))];
         // Not yet past the timeout: nobody is asked.
-        let c = s.check_with(3 * SEC, |_, _| panic!("asked too early"));
+        let c = s.checked(3 * SEC, |_, _| panic!("asked too early"));
         assert!(c.events.is_empty() && c.namespaces.contains(&7));
-        let c = s.check_with(4 * SEC, |netns, _| {
+        let c = s.checked(4 * SEC, |netns, _| {
             assert_eq!(netns, 7);
             Some(sample(0, 0))
         });
         assert_eq!(kinds(&c), ["history", "stuck"]);
-        assert_eq!(c.watch, [(0xa, 1)]);
+        assert_eq!(c.watched, [(0xa, 1)]);
         // Still stuck: nothing new.
         assert!(
-            s.check_with(5 * SEC, |_, _| Some(sample(0, 0)))
+            s.checked(5 * SEC, |_, _| Some(sample(0, 0)))
                 .events
                 .is_empty()
         );
         // Data came: one progress, and it is not asked about again.
-        let c = s.check_with(6 * SEC, |_, _| Some(sample(6, 0)));
+        let c = s.checked(6 * SEC, |_, _| Some(sample(6, 0)));
         assert_eq!(kinds(&c), ["received"]);
         assert!(
-            s.check_with(7 * SEC, |_, _| panic!("asked again"))
+            s.checked(7 * SEC, |_, _| panic!("asked again"))
                 .events
                 .is_empty()
         );
@@ -408,12 +492,12 @@ mod tests {
         let mut s = StallCheck::new(Duration::from_secs(3));
         s.snapshot = vec![(0xa, history(41000, false, SEC))];
         assert!(
-            s.check_with(5 * SEC, |_, _| Some(sample(10, 0)))
+            s.checked(5 * SEC, |_, _| Some(sample(10, 0)))
                 .events
                 .is_empty()
         );
         assert!(
-            s.check_with(6 * SEC, |_, _| panic!("asked again"))
+            s.checked(6 * SEC, |_, _| panic!("asked again"))
                 .events
                 .is_empty()
         );
@@ -421,7 +505,7 @@ mod tests {
         let mut h = history(41002, false, 7 * SEC);
         h.started_ns = 2;
         s.snapshot = vec![(0xa, h)];
-        let c = s.check_with(11 * SEC, |_, _| Some(sample(0, 0)));
+        let c = s.checked(11 * SEC, |_, _| Some(sample(0, 0)));
         assert_eq!(kinds(&c), ["history", "stuck"]);
     }
 
@@ -429,20 +513,16 @@ mod tests {
     fn a_server_is_stuck_until_a_process_holds_it() {
         let mut s = StallCheck::new(Duration::from_secs(3));
         s.snapshot = vec![(0xb, history(3306, true, SEC))];
-        let c = s.check_with(5 * SEC, |_, _| Some(sample(0, 0)));
+        let c = s.checked(5 * SEC, |_, _| Some(sample(0, 0)));
         assert_eq!(kinds(&c), ["history", "stuck"]);
-        let c = s.check_with(6 * SEC, |_, _| Some(sample(0, 12345)));
+        let c = s.checked(6 * SEC, |_, _| Some(sample(0, 12345)));
         assert_eq!(kinds(&c), ["accepted"]);
         // One the kernel saw accepted is not asked about.
         let mut h = history(3306, true, SEC);
         h.flags |= flags::ACCEPTED;
         let mut s = StallCheck::new(Duration::from_secs(3));
         s.snapshot = vec![(0xc, h)];
-        assert!(
-            s.check_with(5 * SEC, |_, _| panic!("asked"))
-                .events
-                .is_empty()
-        );
+        assert!(s.checked(5 * SEC, |_, _| panic!("asked")).events.is_empty());
     }
 
     #[test]
@@ -453,16 +533,44 @@ mod tests {
             (0xd, history(0, false, 0)),
         ];
         // Gone when asked (it closed between the batch read and the question).
-        let c = s.check_with(5 * SEC, |_, _| None);
-        assert!(c.events.is_empty() && c.watch.is_empty());
+        let c = s.checked(5 * SEC, |_, _| None);
+        assert!(c.events.is_empty() && c.watched.is_empty());
         let mut off = StallCheck::new(Duration::ZERO);
         off.snapshot = s.snapshot.clone();
-        let c = off.check_with(99 * SEC, |_, _| panic!("stalls are off"));
+        let c = off.checked(99 * SEC, |_, _| panic!("stalls are off"));
         assert!(c.events.is_empty());
         assert_eq!(
             c.namespaces.len(),
             1,
             "handshakes in progress name no namespace"
+        );
+    }
+
+    #[test]
+    fn a_connection_the_kernel_holds_with_no_socket_at_two_checks_had_its_close_skipped() {
+        let mut s = StallCheck::new(Duration::from_secs(3));
+        s.snapshot = vec![(0xa, history(41000, false, SEC))];
+        let c = s.checked(5 * SEC, |_, _| Some(sample(0, 0)));
+        assert_eq!(kinds(&c), ["history", "stuck"]);
+        // Closed as the kernel removes it: once is not enough.
+        let c = s.checked(6 * SEC, |_, _| None);
+        assert!(c.events.is_empty() && c.unseen_closes.is_empty());
+        // Not answerable: no conclusion either way.
+        let c = s.check_with(7 * SEC, |_, _| Answer::Unknown, |_, _| {});
+        assert!(c.unseen_closes.is_empty());
+        let c = s.checked(8 * SEC, |_, _| None);
+        assert_eq!(c.unseen_closes, [(0xa, 1)]);
+        // Forgotten: its entry is the kernel's to drop, and it is not asked about again.
+        s.snapshot.clear();
+        assert!(s.checked(9 * SEC, |_, _| None).unseen_closes.is_empty());
+        // Its address's next connection is a new one.
+        let mut h = history(41002, false, 9 * SEC);
+        h.started_ns = 2;
+        s.snapshot = vec![(0xa, h)];
+        let c = s.checked(13 * SEC, |_, _| None);
+        assert!(
+            c.unseen_closes.is_empty(),
+            "one check of the new connection"
         );
     }
 

@@ -193,6 +193,29 @@ impl QuietMaps {
         Ok(())
     }
 
+    /// Drops the kernel's entries of connection `sk` started at `started_ns` (if its address
+    /// holds no newer one): a connection whose close the kernel skipped, which would otherwise
+    /// hold its place in `CONNS` (and `WATCH`) until its address was reused. True when it was
+    /// there. Errors: the lookup or the deletion (`bpf_map_*_elem`).
+    pub fn forget(&mut self, sk: u64, started_ns: u64) -> Result<bool, MapError> {
+        match self.conns.get(&sk, 0) {
+            Ok(h) if h.started_ns == started_ns => {}
+            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        match self.conns.remove(&sk) {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(e),
+        }
+        if self.watched {
+            match self.watch.remove(&sk) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
     /// Asks the kernel to send the history of a listener's child with tuple `t` (the server's
     /// end first) as it starts (`follow`), or no longer (`!follow`): a handshake userspace
     /// follows as an attempt, whose completion it must see. Attempts of two namespaces may

@@ -7,7 +7,10 @@
 //! the machine's own setting (`kernel.bpf_stats_enabled`) is never written. While on, the kernel
 //! reads the clock around every run of every BPF program on the machine (a few tens of ns).
 
-use std::os::fd::OwnedFd;
+use std::{
+    collections::BTreeMap,
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
+};
 
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -27,6 +30,14 @@ pub enum StatsError {
         program: &'static str,
         #[source]
         source: aya::programs::ProgramError,
+    },
+    #[error(
+        "read the recursion misses of program {program} (bpf(BPF_OBJ_GET_INFO_BY_FD)): {source}"
+    )]
+    Misses {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -82,4 +93,78 @@ impl Tracer {
         }
         Ok(costs)
     }
+}
+
+impl Tracer {
+    /// How often the kernel skipped each active program because that program was already
+    /// running on the CPU (the kernel's `recursion_misses`, counted since 5.12 whatever the
+    /// statistics setting): a state change in softirq context on top of a process's state
+    /// change, say. Each miss is an event conntrace never saw. Programs without any are not
+    /// listed. Errors: `bpf(BPF_OBJ_GET_INFO_BY_FD)` (a kernel before 5.12 reports none).
+    pub fn program_misses(&self) -> Result<BTreeMap<&'static str, u64>, StatsError> {
+        let mut misses = BTreeMap::new();
+        for active in &self.active {
+            if misses.contains_key(active.name) {
+                continue;
+            }
+            let n = self
+                .ebpf
+                .program(active.name)
+                .ok_or(aya::programs::ProgramError::NotLoaded)
+                .and_then(aya::programs::Program::fd)
+                .map_err(|source| StatsError::Read {
+                    program: active.name,
+                    source,
+                })
+                .and_then(|fd| {
+                    recursion_misses(fd.as_fd().as_raw_fd()).map_err(|source| StatsError::Misses {
+                        program: active.name,
+                        source,
+                    })
+                })?;
+            if n > 0 {
+                misses.insert(active.name, n);
+            }
+        }
+        Ok(misses)
+    }
+}
+
+/// `bpf_prog_info.recursion_misses` of the program behind `fd` (0 where the kernel's struct
+/// ends before it).
+fn recursion_misses(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
+    use aya_obj::generated::bpf_prog_info;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: a plain-data C struct; all zeroes is a valid value.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoAttr {
+        bpf_fd: fd as u32,
+        info_len: size_of::<bpf_prog_info>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: bpf(2) with a `union bpf_attr` prefix of the size given; the kernel writes at
+    // most `info_len` bytes to `info`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw mut attr,
+            size_of::<InfoAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + size_of::<u64>();
+    Ok(if (attr.info_len as usize) >= end {
+        info.recursion_misses
+    } else {
+        0
+    })
 }

@@ -424,6 +424,17 @@ fn summary(f: &Final<'_>, advised: &BTreeMap<Reason, Advised>) -> String {
             list.join(", ")
         ));
     }
+    if !f.program_misses.is_empty() {
+        let list: Vec<String> = f
+            .program_misses
+            .iter()
+            .map(|(p, n)| format!("{p} ({n})"))
+            .collect();
+        out.push_str(&format!(
+            "\n  runs the kernel skipped (the program already ran on that CPU; their events missed): {}",
+            list.join(", ")
+        ));
+    }
     if let Some(programs) = &f.programs {
         out.push_str(&program_costs(programs));
     }

@@ -404,6 +404,7 @@ mod tests {
             tracked_at_exit: 0,
             tcp_counters: Default::default(),
             read_failures: Default::default(),
+            program_misses: Default::default(),
             all_ports: false,
             programs: None,
         }));

@@ -94,6 +94,8 @@ pub struct Final<'a> {
     pub tcp_counters: BTreeMap<u32, BTreeMap<&'static str, u64>>,
     /// Kernel reads that failed, by eBPF program (the facts they left absent).
     pub read_failures: BTreeMap<&'static str, u64>,
+    /// Runs the kernel skipped, by eBPF program (the program already ran on that CPU).
+    pub program_misses: BTreeMap<&'static str, u64>,
     /// Every port is traced (no `--port`): a namespace's cookie counter counts only traced
     /// cookies.
     pub all_ports: bool,
@@ -225,6 +227,11 @@ pub struct Totals<'a> {
     /// Kernel reads that failed, by eBPF program; their facts are absent (null) in the
     /// records. Programs not listed had none.
     pub read_failures: &'a BTreeMap<&'static str, u64>,
+    /// Runs the kernel skipped, by eBPF program: it fired while the same program ran on that
+    /// CPU (a softirq's state change on top of a process's), and the kernel does not nest a
+    /// program (its `recursion_misses`). Each is an event conntrace never saw. Programs not
+    /// listed had none.
+    pub program_misses: &'a BTreeMap<&'static str, u64>,
     /// Drops of forwarded packets (neither end local to the dropping namespace): they join
     /// their connection's `path_drops` where conntrace sees an end, and make no verdict.
     pub forwarded_drops: u64,
@@ -285,6 +292,7 @@ impl<'a> Totals<'a> {
             }),
             tcp_counters: &f.tcp_counters,
             read_failures: &f.read_failures,
+            program_misses: &f.program_misses,
             forwarded_drops: s.forwarded_drops,
             cookie_mismatches: f.cookie_mismatches(),
             kernel_kept: s.kernel_kept,

@@ -204,6 +204,7 @@ fn final_of(s: &Summary, duration_ms: f64) -> Final<'_> {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::new(),
+        program_misses: BTreeMap::new(),
         all_ports: false,
         programs: None,
     }
@@ -305,12 +306,13 @@ fn json_drop_lost_and_summary() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::from([(4_026_532_246, BTreeMap::from([("SyncookiesSent", 1)]))]),
         read_failures: BTreeMap::from([("kfree_skb", 2)]),
+        program_misses: BTreeMap::from([("tp_btf_inet_sock_set_state", 3)]),
         all_ports: false,
         programs: None,
     };
     assert_eq!(
         json_line(&Record::Summary(f)),
-        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":22700.0,"verdicts":2,"by_outcome":{"failed":2},"by_reason":{"syn_timeout":1,"netfilter_drop":1},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":33,"established":{"client":1,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{"NETFILTER_DROP":3},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[{"addr":"10.77.0.1","count":1},{"addr":"10.77.0.2","count":1}],"top_failing_ports":[{"port":3306,"count":2}],"connect_latency_ms":{"count":1,"p50":0.079,"p90":0.079,"p99":0.079,"max":0.079},"tcp_counters":{"4026532246":{"SyncookiesSent":1}},"read_failures":{"kfree_skb":2},"forwarded_drops":0,"cookie_mismatches":[]}
+        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":22700.0,"verdicts":2,"by_outcome":{"failed":2},"by_reason":{"syn_timeout":1,"netfilter_drop":1},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":33,"established":{"client":1,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{"NETFILTER_DROP":3},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[{"addr":"10.77.0.1","count":1},{"addr":"10.77.0.2","count":1}],"top_failing_ports":[{"port":3306,"count":2}],"connect_latency_ms":{"count":1,"p50":0.079,"p90":0.079,"p99":0.079,"max":0.079},"tcp_counters":{"4026532246":{"SyncookiesSent":1}},"read_failures":{"kfree_skb":2},"program_misses":{"tp_btf_inet_sock_set_state":3},"forwarded_drops":0,"cookie_mismatches":[]}
 "#
     );
 }
@@ -471,6 +473,7 @@ fn human_summary_table() {
     s.events = 33;
     let mut f = final_of(&s, 22_700.0);
     f.read_failures = BTreeMap::from([("kfree_skb", 2)]);
+    f.program_misses = BTreeMap::from([("tp_btf_inet_sock_set_state", 3)]);
     assert_eq!(
         Human::new(false, false, true).text(&Record::Summary(f), &clock()),
         "summary: 2 verdicts, 33 kernel events, 0 lost, 0 expired unresolved, in 22.7 s
@@ -479,7 +482,8 @@ fn human_summary_table() {
   netfilter_drop                1  INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.77.0.1 --dport 3306 -j ACCEPT`
   top failing peers: 10.77.0.1 (1), 10.77.0.2 (1)
   top failing ports: 3306 (2)
-  kernel reads that failed (facts left absent): kfree_skb (2)"
+  kernel reads that failed (facts left absent): kfree_skb (2)
+  runs the kernel skipped (the program already ran on that CPU; their events missed): tp_btf_inet_sock_set_state (3)"
     );
 }
 
@@ -549,6 +553,7 @@ fn summary_with_bpf_stats_lists_the_programs_costs() {
         tracked_at_exit: 0,
         tcp_counters: BTreeMap::new(),
         read_failures: BTreeMap::new(),
+        program_misses: BTreeMap::new(),
         all_ports: false,
         programs: Some(vec![
             ProgramCost {
@@ -566,7 +571,7 @@ fn summary_with_bpf_stats_lists_the_programs_costs() {
     let line = json_line(&Record::Summary(f.clone()));
     assert_eq!(
         line,
-        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":1000.0,"verdicts":0,"by_outcome":{},"by_reason":{},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":0,"established":{"client":0,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[],"top_failing_ports":[],"connect_latency_ms":null,"tcp_counters":{},"read_failures":{},"forwarded_drops":0,"cookie_mismatches":[],"programs":[{"program":"inet_sock_set_state","runs":800000,"run_ns":196000000},{"program":"kfree_skb","runs":0,"run_ns":0}]}
+        r#"{"event":"summary","ts":"2026-11-30T00:00:05.000000Z","duration_ms":1000.0,"verdicts":0,"by_outcome":{},"by_reason":{},"expired_unresolved":0,"open_at_exit":0,"lost_events":0,"kernel_events":0,"established":{"client":0,"server":0},"decode_errors":0,"unmatched_errors":0,"stray_resets":0,"drops_by_reason":{},"drop_records_suppressed":0,"attempt_verdicts_suppressed":0,"listeners":{},"top_failing_peers":[],"top_failing_ports":[],"connect_latency_ms":null,"tcp_counters":{},"read_failures":{},"program_misses":{},"forwarded_drops":0,"cookie_mismatches":[],"programs":[{"program":"inet_sock_set_state","runs":800000,"run_ns":196000000},{"program":"kfree_skb","runs":0,"run_ns":0}]}
 "#
     );
     let schema = serde_json::to_value(super::record::schema()).expect("schema");

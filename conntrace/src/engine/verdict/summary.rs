@@ -54,6 +54,9 @@ pub struct Summary {
     pub connect_latency: Vec<u64>,
     /// Quiet mode: what the kernel kept to itself.
     pub kernel_kept: Option<KernelKept>,
+    /// Quiet mode: connections the stall check found closed while the kernel still held
+    /// them (their close skipped), whose entries it dropped.
+    pub closes_unseen: u64,
     /// The first verdict of each failure reason: the concrete case the advice names.
     pub examples: BTreeMap<Reason, Verdict>,
 }
@@ -73,6 +76,11 @@ pub struct KernelKept {
     /// of attempts: while any was open, every listener's child sent its events, so that each
     /// attempt still saw its handshake complete.
     pub attempt_table_full: u64,
+    /// Connections the kernel still held, established past `--stall-timeout`, that sock_diag
+    /// found closed at two checks in a row: the kernel skipped the program at their close
+    /// (see `program_misses`). Their entries were dropped; a stalled one among them got no
+    /// follow-up.
+    pub closes_unseen: u64,
 }
 
 /// What happened at one listener over the run.

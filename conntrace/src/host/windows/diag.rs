@@ -288,8 +288,27 @@ impl Reply<'_> {
         match self.parse_datagram(bytes, &mut out) {
             Err(WindowError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(Some(None)),
             Err(e) => Err(e),
-            Ok(_) => Ok(out.pop().map(|(_, s)| Some(s))),
+            Ok(_) => match out.pop() {
+                Some((_, s)) => Ok(Some(Some(s))),
+                // A record without `tcp_info`: the tuple's socket is a TIME_WAIT (or request)
+                // socket, its full socket closed. Waiting on for another datagram blocked the
+                // check for the receive timeout, a second per such connection.
+                None if self.answers(bytes) => Ok(Some(None)),
+                None => Ok(None),
+            },
         }
+    }
+
+    /// Whether `bytes` hold a socket record with this request's sequence number.
+    fn answers(&self, mut bytes: &[u8]) -> bool {
+        while let Ok(msg) = NetlinkBuffer::new_checked(bytes) {
+            if msg.sequence_number() == self.seq && msg.message_type() == SOCK_DIAG_BY_FAMILY {
+                return true;
+            }
+            let next = (msg.length() as usize).next_multiple_of(4);
+            bytes = bytes.get(next..).unwrap_or_default();
+        }
+        false
     }
 
     /// One `struct inet_diag_msg` and its attributes: the connection (local end first) and its
@@ -491,6 +510,25 @@ mod tests {
                 ("[fe80::1]:3".into(), "[fe80::2]:4".into())
             ]
         );
+    }
+
+    #[test]
+    fn an_exact_answer_without_tcp_info_is_a_closed_connection_and_an_old_one_is_no_answer() {
+        let r = Reply {
+            family: "AF_INET",
+            seq: 9,
+            ports: &[],
+        };
+        let found = reply(9, "10.0.0.1:40000", "10.0.0.2:3306", true);
+        assert!(matches!(r.parse_exact(&found), Ok(Some(Some(_)))));
+        // TIME_WAIT: the record comes without tcp_info.
+        let time_wait = reply(9, "10.0.0.1:40000", "10.0.0.2:3306", false);
+        assert!(matches!(r.parse_exact(&time_wait), Ok(Some(None))));
+        let gone = nlmsg(NLMSG_ERROR, 9, &(-libc::ENOENT).to_ne_bytes());
+        assert!(matches!(r.parse_exact(&gone), Ok(Some(None))));
+        // An earlier request's answer, whatever it holds, is not this one's.
+        let earlier = reply(8, "10.0.0.1:40000", "10.0.0.2:3306", false);
+        assert!(matches!(r.parse_exact(&earlier), Ok(None)));
     }
 
     #[test]
