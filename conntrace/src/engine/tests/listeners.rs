@@ -97,3 +97,29 @@ fn no_listener_or_a_matching_one_keeps_refused_no_listener() {
         check(&v, "server failed refused_no_listener -");
     }
 }
+
+#[test]
+fn a_wildcard_listeners_overflow_counts_under_its_own_address_in_the_summary() {
+    let mut e = Engine::new(EngineConfig::default());
+    let wildcard: std::net::SocketAddr = "0.0.0.0:3306".parse().unwrap();
+    let v = e.handle(KernelEvent::ListenOverflow {
+        meta: softirq(SEC),
+        listener: wildcard,
+        accept_queue: 5,
+        backlog: 4,
+        overflows: 7,
+    });
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!((v[0].saddr, v[0].sport), (None, Some(3306)), "{:?}", v[0]);
+    let l = &e.summary().listeners["0.0.0.0:3306"];
+    assert_eq!(l.overflows, 7, "{:?}", e.summary().listeners);
+    // One bound to an address counts under it.
+    e.handle(KernelEvent::ListenOverflow {
+        meta: softirq(3 * SEC),
+        listener: "10.77.0.2:3306".parse().unwrap(),
+        accept_queue: 5,
+        backlog: 4,
+        overflows: 2,
+    });
+    assert_eq!(e.summary().listeners["10.77.0.2:3306"].overflows, 2);
+}

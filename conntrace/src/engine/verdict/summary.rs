@@ -61,6 +61,28 @@ pub struct Summary {
     pub examples: BTreeMap<Reason, Verdict>,
 }
 
+/// Where a `listen_overflow` verdict counts in [`Summary::listeners`]: the address clients
+/// reached (`saddr:sport`), or, for one from the namespace's counter on a listener bound to
+/// no single address (`saddr` null), that listener's own address (`0.0.0.0:3306`), from
+/// `detail.listener` or else the family's unspecified address.
+fn overflow_key(v: &Verdict) -> Option<String> {
+    let sport = v.sport?;
+    if let Some(saddr) = v.saddr {
+        return Some(std::net::SocketAddr::new(saddr, sport).to_string());
+    }
+    if let Detail::Overflow(d) = &v.detail
+        && let Some(l) = &d.queue.listener
+    {
+        return Some(l.address.clone());
+    }
+    let unspecified: IpAddr = if v.daddr.is_ipv6() {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv4Addr::UNSPECIFIED.into()
+    };
+    Some(std::net::SocketAddr::new(unspecified, sport).to_string())
+}
+
 /// Quiet mode: connections the kernel followed without sending their events.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
 pub struct KernelKept {
@@ -162,20 +184,17 @@ impl Summary {
             self.examples.entry(v.reason).or_insert_with(|| v.clone());
         }
         if v.reason == Reason::ListenOverflow
-            && let (Some(saddr), Some(sport)) = (v.saddr, v.sport)
+            && let Some(key) = overflow_key(v)
         {
             let n = match &v.detail {
                 Detail::Overflow(d) => d.overflows,
                 _ => 1,
             };
-            self.listeners
-                .entry(std::net::SocketAddr::new(saddr, sport).to_string())
-                .or_default()
-                .overflows += n;
+            self.listeners.entry(key).or_default().overflows += n;
         }
     }
 
-    /// The counts of the listener at `tuple`'s local end.
+    /// The counts of the listener at `tuple`'s local end (the address clients reached).
     pub(crate) fn listener(&mut self, tuple: &FourTuple) -> &mut ListenerCounts {
         let key = std::net::SocketAddr::new(tuple.saddr, tuple.sport).to_string();
         self.listeners.entry(key).or_default()
