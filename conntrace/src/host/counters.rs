@@ -14,7 +14,9 @@
 //!
 //! Where it can fail: the counter is per namespace, not per listener, so when several traced
 //! listeners are full each is reported with the namespace's whole count; a queue that filled
-//! and drained between two polls is not named (the overflow is then only logged); a namespace
+//! and drained between two polls is named only when it was seen full at a poll in the last
+//! [`RECENTLY_FULL`] (the growth is its, with the queue as last seen: a queue that overflows
+//! in bursts is full at some polls and drained at others), else the overflow is only logged; a namespace
 //! with neither a process nor a name cannot be read, and a named one cannot without
 //! CAP_SYS_ADMIN. An open `netstat` keeps its namespace alive: each poll first lets go of the
 //! namespaces whose file no longer opens them (deleted, or their process gone; a namespace
@@ -38,6 +40,10 @@ use crate::{
 
 /// How often the namespaces are enumerated again (new containers, exited processes).
 const RESCAN_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a listener seen full at a poll takes the namespace's overflows counted while no
+/// traced listener is full at the poll.
+const RECENTLY_FULL: Duration = Duration::from_millis(3_500);
 
 /// The `TcpExt` counters the summary reports the growth of, per namespace.
 pub const COUNTERS: [&str; 8] = [
@@ -67,6 +73,40 @@ pub struct OverflowWatch {
     /// The start-up scan is done: namespaces found later were created since.
     started: bool,
     last: HashMap<u32, Counters>,
+    /// The traced listeners seen full at a poll, by namespace.
+    full: FullListeners,
+}
+
+/// A listener on a traced port with its accept queue and backlog.
+type FullListener = (SocketAddr, u32, u32);
+
+/// The traced listeners each namespace had full when its overflow counter last grew.
+#[derive(Debug, Default)]
+struct FullListeners(HashMap<u32, (Instant, Vec<FullListener>)>);
+
+impl FullListeners {
+    /// Who takes the overflows namespace `netns` counted since the last poll, at `now`:
+    /// the listeners full now (remembered), else those seen full within [`RECENTLY_FULL`].
+    fn blame(
+        &mut self,
+        netns: u32,
+        full_now: Vec<FullListener>,
+        now: Instant,
+    ) -> Vec<FullListener> {
+        if !full_now.is_empty() {
+            self.0.insert(netns, (now, full_now.clone()));
+            return full_now;
+        }
+        match self.0.get(&netns) {
+            Some((at, seen)) if now.saturating_duration_since(*at) <= RECENTLY_FULL => seen.clone(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Forgets namespaces no longer read.
+    fn retain(&mut self, read: impl Fn(u32) -> bool) {
+        self.0.retain(|netns, _| read(*netns));
+    }
 }
 
 /// Every `TcpExt` counter in the text of `/proc/net/netstat` (a `TcpExt:` line of names, then
@@ -168,6 +208,7 @@ impl OverflowWatch {
             baseline: HashMap::new(),
             last: HashMap::new(),
             started: false,
+            full: FullListeners::default(),
         };
         w.rescan();
         w.started = true;
@@ -300,12 +341,15 @@ impl OverflowWatch {
                 grown.push((netns, now - before, source.ns_path.clone()));
             }
         }
+        let sources = &self.sources;
+        self.full.retain(|netns| sources.contains_key(&netns));
         for (netns, overflows, ns_path) in grown {
-            let full = self.full_listeners(&ns_path);
+            let full_now = self.full_listeners(&ns_path);
+            let full = self.full.blame(netns, full_now, Instant::now());
             if full.is_empty() {
                 debug!(
                     netns,
-                    overflows, "listen overflows, but no traced listener is full now"
+                    overflows, "listen overflows, but no traced listener is or was just full"
                 );
             }
             for (listener, accept_queue, backlog) in full {
@@ -332,6 +376,27 @@ impl OverflowWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overflows_counted_after_the_queue_drained_are_the_listener_seen_full_just_before() {
+        let mut f = FullListeners::default();
+        let l: SocketAddr = "0.0.0.0:3306".parse().unwrap();
+        let t0 = Instant::now();
+        assert!(f.blame(7, Vec::new(), t0).is_empty(), "never seen full");
+        assert_eq!(f.blame(7, vec![(l, 5, 4)], t0), [(l, 5, 4)]);
+        // Drained at the next polls: still the one that was full, as it was then.
+        let s = Duration::from_secs(1);
+        assert_eq!(f.blame(7, Vec::new(), t0 + s), [(l, 5, 4)]);
+        assert_eq!(f.blame(7, Vec::new(), t0 + 3 * s), [(l, 5, 4)]);
+        assert!(
+            f.blame(8, Vec::new(), t0 + s).is_empty(),
+            "another namespace"
+        );
+        // Long after: another listener's (or an untraced port's) overflows, not its.
+        assert!(f.blame(7, Vec::new(), t0 + 5 * s).is_empty());
+        f.retain(|netns| netns != 7);
+        assert!(f.blame(7, Vec::new(), t0 + s).is_empty(), "namespace gone");
+    }
 
     #[test]
     fn reads_tcp_ext_counters_from_netstat() {
