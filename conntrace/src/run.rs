@@ -455,9 +455,10 @@ fn check_stalls(
         warn!(%error, "stall check");
         return Vec::new();
     }
+    let summary = engine.summary_mut();
     let checked = stalls.check(now_ns, |sk, started_ns| {
         if let Err(error) = q.watch(sk, started_ns) {
-            warn!(%error, "watch a stalled connection (WATCH map)");
+            watch_failed(&mut summary.watch_full, &error);
         }
     });
     for netns in checked.namespaces {
@@ -482,6 +483,18 @@ fn check_stalls(
         .filter_map(|ev| ident.admit(ev))
         .flat_map(|ev| engine.handle(ev))
         .collect()
+}
+
+/// A connection userspace follows found no room in `WATCH` (8,192 sockets): said once, then
+/// counted (`kernel_kept.watch_full`).
+fn watch_failed(failures: &mut u64, error: &aya::maps::MapError) {
+    if *failures == 0 {
+        warn!(
+            %error,
+            "the kernel's table of watched connections (WATCH, 8,192) is full: a stalled connection's close may go unseen; counted in the summary (kernel_kept.watch_full)"
+        );
+    }
+    *failures += 1;
 }
 
 /// Quiet mode: the kernel streams a listener's child whose tuple is an open attempt's (its
@@ -536,7 +549,7 @@ fn bring_in(
         return Vec::new();
     };
     if let Err(error) = q.watch(sk, h.started_ns) {
-        warn!(%error, "watch a connection with a zero window (WATCH map)");
+        watch_failed(&mut engine.summary_mut().watch_full, &error);
     }
     let history = crate::kernel::decode::conn_history(sk, &h, meta.ts_ns);
     engine.handle(KernelEvent::History(history))
@@ -560,6 +573,7 @@ fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::qu
         table_full: c.conns_full,
         attempt_table_full: c.tuples_full,
         closes_unseen: s.closes_unseen,
+        watch_full: s.watch_full,
     });
 }
 

@@ -57,6 +57,9 @@ pub struct Summary {
     /// Quiet mode: connections the stall check found closed while the kernel still held
     /// them (their close skipped), whose entries it dropped.
     pub closes_unseen: u64,
+    /// Quiet mode: connections found stuck (or with a zero window) that found no room in the
+    /// kernel's `WATCH` map.
+    pub watch_full: u64,
     /// The first verdict of each failure reason: the concrete case the advice names.
     pub examples: BTreeMap<Reason, Verdict>,
 }
@@ -103,6 +106,10 @@ pub struct KernelKept {
     /// (see `program_misses`). Their entries were dropped; a stalled one among them got no
     /// follow-up.
     pub closes_unseen: u64,
+    /// Connections userspace found stuck (or with a zero window) that found the kernel's table
+    /// of watched connections (`WATCH`, 8,192) full: their close reaches userspace only if the
+    /// check sees it (a stall may then end without its follow-up, counted in `closes_unseen`).
+    pub watch_full: u64,
 }
 
 /// What happened at one listener over the run.
