@@ -7,7 +7,8 @@ use std::{
 };
 
 use conntrace_tests::{
-    Conntrace, PORT, Scenario, TempDir, bpftool, connect, conntrace_bin, serve, sh, verdicts_in,
+    Conntrace, PORT, Proc, Scenario, TempDir, bpftool, connect, conntrace_bin, serve, sh,
+    verdicts_in,
 };
 use serde_json::Value;
 
@@ -166,25 +167,33 @@ fn merge_per_host(values: &[Value], namespaces: &[u64]) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
-    let Scenario {
-        hosts,
-        ct,
-        server: _server,
-    } = Scenario::new()
-        .serve(&["--greeting", "hello", "--greeting-delay-ms", "2000"])
+/// A server whose greeting comes `delay_ms` after accept(), traced with a 1 s stall timeout;
+/// `None` (with the reason printed) where a stall cannot be resolved: resolving needs the
+/// first data received, which quiet mode's check reads (sock_diag) and streaming needs a
+/// first-data hook for (tracepoints on 6.6+, fexit before).
+fn greeting_after_ms(delay_ms: &str) -> Option<Scenario<Conntrace, Proc>> {
+    let scenario = Scenario::new()
+        .serve(&["--greeting", "hello", "--greeting-delay-ms", delay_ms])
         .conntrace(&["--port", "3306", "--stall-timeout", "1s"]);
-    // Resolving needs the first data received: in quiet mode a check reads it (sock_diag);
-    // streaming needs a first-data hook (tracepoints on 6.6+, fexit rows before).
-    if ct.ready()["follow"] == "streaming"
+    let ct = &scenario.ct;
+    let unresolvable = ct.ready()["follow"] == "streaming"
         && ct.lacks(
             "first_data",
             "sock:sk_data_ready is 6.6+, fexit:tcp_rcv_established refused",
-        )
-    {
+        );
+    (!unresolvable).then_some(scenario)
+}
+
+#[test]
+fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
+    let Some(Scenario {
+        hosts,
+        ct,
+        server: _server,
+    }) = greeting_after_ms("2000")
+    else {
         return;
-    }
+    };
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
@@ -225,21 +234,14 @@ fn a_slow_greeting_is_stalled_then_resolved_with_the_stuck_time() {
 /// the start of its close must carry its progress too.
 #[test]
 fn a_thousand_stalled_clients_that_get_their_greeting_are_each_resolved_once() {
-    let Scenario {
+    let Some(Scenario {
         hosts,
         ct,
         server: _server,
-    } = Scenario::new()
-        .serve(&["--greeting", "hello", "--greeting-delay-ms", "1600"])
-        .conntrace(&["--port", "3306", "--stall-timeout", "1s"]);
-    if ct.ready()["follow"] == "streaming"
-        && ct.lacks(
-            "first_data",
-            "sock:sk_data_ready is 6.6+, fexit:tcp_rcv_established refused",
-        )
-    {
+    }) = greeting_after_ms("1600")
+    else {
         return;
-    }
+    };
     // Five waves of 200 (each connection holds its thread until the greeting), each client
     // closing as soon as its greeting came.
     let client = connect(

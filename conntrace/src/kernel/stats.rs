@@ -77,10 +77,8 @@ impl Tracer {
                 continue;
             }
             let info = self
-                .ebpf
-                .program(active.name)
-                .ok_or(aya::programs::ProgramError::NotLoaded)
-                .and_then(aya::programs::Program::info)
+                .program(active.name)?
+                .info()
                 .map_err(|source| StatsError::Read {
                     program: active.name,
                     source,
@@ -107,26 +105,33 @@ impl Tracer {
             if misses.contains_key(active.name) {
                 continue;
             }
-            let n = self
-                .ebpf
-                .program(active.name)
-                .ok_or(aya::programs::ProgramError::NotLoaded)
-                .and_then(aya::programs::Program::fd)
+            let fd = self
+                .program(active.name)?
+                .fd()
                 .map_err(|source| StatsError::Read {
                     program: active.name,
                     source,
-                })
-                .and_then(|fd| {
-                    recursion_misses(fd.as_fd().as_raw_fd()).map_err(|source| StatsError::Misses {
-                        program: active.name,
-                        source,
-                    })
+                })?;
+            let n =
+                recursion_misses(fd.as_fd().as_raw_fd()).map_err(|source| StatsError::Misses {
+                    program: active.name,
+                    source,
                 })?;
             if n > 0 {
                 misses.insert(active.name, n);
             }
         }
         Ok(misses)
+    }
+}
+
+impl Tracer {
+    /// Loaded program `name`. Errors: not loaded (a name from `active` always is).
+    fn program(&self, name: &'static str) -> Result<&aya::programs::Program, StatsError> {
+        self.ebpf.program(name).ok_or(StatsError::Read {
+            program: name,
+            source: aya::programs::ProgramError::NotLoaded,
+        })
     }
 }
 

@@ -413,32 +413,27 @@ fn summary(f: &Final<'_>, advised: &BTreeMap<Reason, Advised>) -> String {
             m.netns, m.traced, m.counter
         ));
     }
-    if !f.read_failures.is_empty() {
-        let list: Vec<String> = f
-            .read_failures
-            .iter()
-            .map(|(p, n)| format!("{p} ({n})"))
-            .collect();
-        out.push_str(&format!(
-            "\n  kernel reads that failed (facts left absent): {}",
-            list.join(", ")
-        ));
-    }
-    if !f.program_misses.is_empty() {
-        let list: Vec<String> = f
-            .program_misses
-            .iter()
-            .map(|(p, n)| format!("{p} ({n})"))
-            .collect();
-        out.push_str(&format!(
-            "\n  runs the kernel skipped (the program already ran on that CPU; their events missed): {}",
-            list.join(", ")
-        ));
-    }
+    out.push_str(&per_program(
+        "kernel reads that failed (facts left absent)",
+        &f.read_failures,
+    ));
+    out.push_str(&per_program(
+        "runs the kernel skipped (the program already ran on that CPU; their events missed)",
+        &f.program_misses,
+    ));
     if let Some(programs) = &f.programs {
         out.push_str(&program_costs(programs));
     }
     out
+}
+
+/// A summary line `label: program (n), ...`; empty when `counts` is.
+fn per_program(label: &str, counts: &std::collections::BTreeMap<&'static str, u64>) -> String {
+    if counts.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = counts.iter().map(|(p, n)| format!("{p} ({n})")).collect();
+    format!("\n  {label}: {}", list.join(", "))
 }
 
 /// The summary's table of what each program cost the kernel (`--bpf-stats`).
