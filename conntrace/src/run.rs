@@ -455,12 +455,7 @@ fn check_stalls(
         warn!(%error, "stall check");
         return Vec::new();
     }
-    let summary = engine.summary_mut();
-    let checked = stalls.check(now_ns, |sk, started_ns| {
-        if let Err(error) = q.watch(sk, started_ns) {
-            watch_failed(&mut summary.watch_full, &error);
-        }
-    });
+    let checked = stalls.check(now_ns, |sk, started_ns| watch(q, sk, started_ns));
     for netns in checked.namespaces {
         windows.traced_in(Some(netns));
     }
@@ -471,7 +466,6 @@ fn check_stalls(
                     sk,
                     "a connection whose close the kernel skipped: its entry dropped"
                 );
-                engine.summary_mut().closes_unseen += 1;
             }
             Ok(false) => {}
             Err(error) => debug!(%error, "drop the entry of a connection gone (CONNS map)"),
@@ -485,16 +479,20 @@ fn check_stalls(
         .collect()
 }
 
-/// A connection userspace follows found no room in `WATCH` (8,192 sockets): said once, then
-/// counted (`kernel_kept.watch_full`).
-fn watch_failed(failures: &mut u64, error: &aya::maps::MapError) {
-    if *failures == 0 {
-        warn!(
-            %error,
-            "the kernel's table of watched connections (WATCH, 8,192) is full: a stalled connection's close may go unseen; counted in the summary (kernel_kept.watch_full)"
-        );
+/// Asks the kernel to report connection `sk` from now on. `WATCH` (8,192 sockets) full is
+/// said once, then only counted (`kernel_kept.watch_full`).
+fn watch(q: &mut crate::kernel::quiet::QuietMaps, sk: u64, started_ns: u64) {
+    let failures = q.watch_failures();
+    if let Err(error) = q.watch(sk, started_ns) {
+        if failures == 0 && q.watch_failures() > 0 {
+            warn!(
+                %error,
+                "the kernel's table of watched connections (WATCH, 8,192) is full: a stalled connection's close may go unseen; counted in the summary (kernel_kept.watch_full)"
+            );
+        } else if q.watch_failures() == failures {
+            warn!(%error, "watch a connection (WATCHING map)");
+        }
     }
-    *failures += 1;
 }
 
 /// Quiet mode: the kernel streams a listener's child whose tuple is an open attempt's (its
@@ -548,9 +546,7 @@ fn bring_in(
     let Some((sk, h)) = stalls.history_of(meta.netns, tuple) else {
         return Vec::new();
     };
-    if let Err(error) = q.watch(sk, h.started_ns) {
-        watch_failed(&mut engine.summary_mut().watch_full, &error);
-    }
+    watch(q, sk, h.started_ns);
     let history = crate::kernel::decode::conn_history(sk, &h, meta.ts_ns);
     engine.handle(KernelEvent::History(history))
 }
@@ -572,8 +568,8 @@ fn add_kernel_counts(engine: &mut Engine, tracer: &Tracer, c: &crate::kernel::qu
         histories: c.flushed,
         table_full: c.conns_full,
         attempt_table_full: c.tuples_full,
-        closes_unseen: s.closes_unseen,
-        watch_full: s.watch_full,
+        closes_unseen: c.closes_unseen,
+        watch_full: c.watch_full,
     });
 }
 

@@ -27,6 +27,10 @@ pub struct KernelCounts {
     /// Handshake attempts whose tuple found `WATCH_TUPLES` full (followed by streaming every
     /// listener's child while any such attempt was open).
     pub tuples_full: u64,
+    /// Connections userspace found stuck that found `WATCH` full.
+    pub watch_full: u64,
+    /// Connections whose close the kernel skipped, dropped from `CONNS` by [`QuietMaps::forget`].
+    pub closes_unseen: u64,
     /// Client handshake times: (bucket, count) for buckets with a count.
     pub latency: Vec<(u32, u64)>,
     /// Normal drops of traced ports: (`enum skb_drop_reason` value, count).
@@ -66,6 +70,10 @@ pub struct QuietMaps {
     watching: Array<MapData, u32>,
     /// Whether `watching` was set.
     watched: bool,
+    /// Inserts `WATCH` had no room for.
+    watch_failures: u64,
+    /// Entries [`Self::forget`] dropped.
+    forgotten: u64,
     watch_tuples: HashMap<MapData, Tuple, u8>,
     /// The open attempts' tuples, in `watch_tuples` or waiting for room.
     tuples: AttemptTuples,
@@ -85,6 +93,8 @@ impl QuietMaps {
             watch: take_map(ebpf, names::WATCH)?,
             watching: take_map(ebpf, names::WATCHING)?,
             watched: false,
+            watch_failures: 0,
+            forgotten: 0,
             watch_tuples: take_map(ebpf, names::WATCH_TUPLES)?,
             tuples: AttemptTuples::default(),
             full: false,
@@ -121,6 +131,8 @@ impl QuietMaps {
             flushed: sum(&self.counts, counts::FLUSHED)?,
             conns_full: sum(&self.counts, counts::CONNS_FULL)?,
             tuples_full: self.tuples.failures(),
+            watch_full: self.watch_failures,
+            closes_unseen: self.forgotten,
             latency: nonzero(&self.latency, LATENCY_BUCKETS)?,
             normal_drops: if sum(&self.counts, counts::NORMAL_DROPS)? == 0 {
                 Vec::new()
@@ -183,9 +195,13 @@ impl QuietMaps {
     }
 
     /// Asks the kernel to report connection `sk` (started at `started_ns`) from now on, as
-    /// it would a failing one: its close, and everything that promotes it.
+    /// it would a failing one: its close, and everything that promotes it. Errors: the
+    /// insert (no room: counted, [`Self::watch_failures`]) or the `WATCHING` update.
     pub fn watch(&mut self, sk: u64, started_ns: u64) -> Result<(), MapError> {
-        self.watch.insert(sk, started_ns, 0)?;
+        if let Err(e) = self.watch.insert(sk, started_ns, 0) {
+            self.watch_failures += 1;
+            return Err(e);
+        }
         if !self.watched {
             self.watching.set(watching::SOCKETS, 1, 0)?;
             self.watched = true;
@@ -213,7 +229,13 @@ impl QuietMaps {
                 Err(e) => return Err(e),
             }
         }
+        self.forgotten += 1;
         Ok(true)
+    }
+
+    /// Connections `WATCH` had no room for so far.
+    pub fn watch_failures(&self) -> u64 {
+        self.watch_failures
     }
 
     /// Asks the kernel to send the history of a listener's child with tuple `t` (the server's

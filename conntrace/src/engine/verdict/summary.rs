@@ -54,12 +54,6 @@ pub struct Summary {
     pub connect_latency: Vec<u64>,
     /// Quiet mode: what the kernel kept to itself.
     pub kernel_kept: Option<KernelKept>,
-    /// Quiet mode: connections the stall check found closed while the kernel still held
-    /// them (their close skipped), whose entries it dropped.
-    pub closes_unseen: u64,
-    /// Quiet mode: connections found stuck (or with a zero window) that found no room in the
-    /// kernel's `WATCH` map.
-    pub watch_full: u64,
     /// The first verdict of each failure reason: the concrete case the advice names.
     pub examples: BTreeMap<Reason, Verdict>,
 }
