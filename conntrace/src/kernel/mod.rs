@@ -459,3 +459,18 @@ fn write_config(ebpf: &mut Ebpf, config: &Config, ports: &[u16]) -> Result<(), L
     }
     Ok(())
 }
+
+/// `bpf(cmd, attr, size_of::<T>())`: the commands aya has no call for. Errors: the system
+/// call's errno.
+///
+/// # Safety
+/// `attr` is the prefix of `union bpf_attr` that `cmd` reads, and every buffer it points to
+/// is valid for what the kernel writes there.
+unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<()> {
+    // SAFETY: the caller's contract.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

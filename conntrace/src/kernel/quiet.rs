@@ -165,17 +165,9 @@ impl QuietMaps {
                 map_fd: fd as u32,
                 ..BatchAttr::default()
             };
-            // SAFETY: bpf(2) with a `union bpf_attr` prefix of the size given; the key and
-            // value buffers hold `count` entries of the map's key and value sizes.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_bpf,
-                    BPF_MAP_LOOKUP_BATCH,
-                    &raw mut attr,
-                    size_of::<BatchAttr>(),
-                )
-            };
-            let err = (rc < 0).then(std::io::Error::last_os_error);
+            // SAFETY: the `batch` member of `union bpf_attr`; the key and value buffers hold
+            // `count` entries of the map's key and value sizes.
+            let err = unsafe { super::sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
             let n = (attr.count as usize).min(BATCH);
             out.extend(
                 self.keys[..n]

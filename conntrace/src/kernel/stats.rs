@@ -71,29 +71,21 @@ impl Tracer {
     /// Runs and run time of every active program, in the `ready` record's order. Counted only
     /// while [`RunTimeStats`] are on (else zeros).
     pub fn program_costs(&self) -> Result<Vec<ProgramCost>, StatsError> {
-        let mut costs: Vec<ProgramCost> = Vec::with_capacity(self.active.len());
-        for active in &self.active {
-            if costs.iter().any(|c| c.program == active.name) {
-                continue;
-            }
-            let info = self
-                .program(active.name)?
-                .info()
-                .map_err(|source| StatsError::Read {
-                    program: active.name,
-                    source,
-                })?;
-            costs.push(ProgramCost {
-                program: active.name,
-                runs: info.run_count(),
-                run_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
-            });
-        }
-        Ok(costs)
+        self.programs()
+            .map(|found| {
+                let (program, loaded) = found?;
+                let info = loaded
+                    .info()
+                    .map_err(|source| StatsError::Read { program, source })?;
+                Ok(ProgramCost {
+                    program,
+                    runs: info.run_count(),
+                    run_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
     }
-}
 
-impl Tracer {
     /// How often the kernel skipped each active program because that program was already
     /// running on the CPU (the kernel's `recursion_misses`, counted since 5.12 whatever the
     /// statistics setting): a state change in softirq context on top of a process's state
@@ -101,37 +93,37 @@ impl Tracer {
     /// listed. Errors: `bpf(BPF_OBJ_GET_INFO_BY_FD)` (a kernel before 5.12 reports none).
     pub fn program_misses(&self) -> Result<BTreeMap<&'static str, u64>, StatsError> {
         let mut misses = BTreeMap::new();
-        for active in &self.active {
-            if misses.contains_key(active.name) {
-                continue;
-            }
-            let fd = self
-                .program(active.name)?
+        for found in self.programs() {
+            let (program, loaded) = found?;
+            let fd = loaded
                 .fd()
-                .map_err(|source| StatsError::Read {
-                    program: active.name,
-                    source,
-                })?;
-            let n =
-                recursion_misses(fd.as_fd().as_raw_fd()).map_err(|source| StatsError::Misses {
-                    program: active.name,
-                    source,
-                })?;
+                .map_err(|source| StatsError::Read { program, source })?;
+            let n = recursion_misses(fd.as_fd().as_raw_fd())
+                .map_err(|source| StatsError::Misses { program, source })?;
             if n > 0 {
-                misses.insert(active.name, n);
+                misses.insert(program, n);
             }
         }
         Ok(misses)
     }
-}
 
-impl Tracer {
-    /// Loaded program `name`. Errors: not loaded (a name from `active` always is).
-    fn program(&self, name: &'static str) -> Result<&aya::programs::Program, StatsError> {
-        self.ebpf.program(name).ok_or(StatsError::Read {
-            program: name,
-            source: aya::programs::ProgramError::NotLoaded,
-        })
+    /// Each active program once (a program attached at several hooks is one), in the `ready`
+    /// record's order, with its loaded self. Errors: one not loaded (never, for a name in
+    /// `active`).
+    fn programs(
+        &self,
+    ) -> impl Iterator<Item = Result<(&'static str, &aya::programs::Program), StatsError>> {
+        self.active
+            .iter()
+            .enumerate()
+            .filter(|(i, a)| !self.active[..*i].iter().any(|b| b.name == a.name))
+            .map(|(_, a)| {
+                let loaded = self.ebpf.program(a.name).ok_or(StatsError::Read {
+                    program: a.name,
+                    source: aya::programs::ProgramError::NotLoaded,
+                })?;
+                Ok((a.name, loaded))
+            })
     }
 }
 
@@ -153,19 +145,9 @@ fn recursion_misses(fd: std::os::fd::RawFd) -> std::io::Result<u64> {
         info_len: size_of::<bpf_prog_info>() as u32,
         info: (&raw mut info) as u64,
     };
-    // SAFETY: bpf(2) with a `union bpf_attr` prefix of the size given; the kernel writes at
-    // most `info_len` bytes to `info`.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &raw mut attr,
-            size_of::<InfoAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: the `info` member of `union bpf_attr`; the kernel writes at most `info_len`
+    // bytes to `info`.
+    unsafe { super::sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }?;
     let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + size_of::<u64>();
     Ok(if (attr.info_len as usize) >= end {
         info.recursion_misses
