@@ -245,17 +245,15 @@ impl Reply<'_> {
     /// Decodes one datagram of a dump reply into `out`. True once NLMSG_DONE was seen.
     pub fn parse_datagram(
         &self,
-        mut bytes: &[u8],
+        bytes: &[u8],
         out: &mut Vec<(FourTuple, Sample)>,
     ) -> Result<bool, WindowError> {
         let kernel = |code: i32| WindowError::Kernel {
             family: self.family,
             errno: code.saturating_abs(),
         };
-        while !bytes.is_empty() {
-            // Checks that the length field covers a header and fits in `bytes`.
-            let msg = NetlinkBuffer::new_checked(bytes)
-                .map_err(|e| WindowError::Decode(e.to_string()))?;
+        for msg in messages(bytes) {
+            let msg = msg?;
             let payload = msg.payload();
             let code = || {
                 payload
@@ -273,9 +271,6 @@ impl Reply<'_> {
                     _ => return Err(WindowError::Decode("not an inet_diag message".into())),
                 }
             }
-            // Messages in a datagram start on 4-byte boundaries (NLMSG_ALIGN).
-            let next = (msg.length() as usize).next_multiple_of(4);
-            bytes = bytes.get(next..).unwrap_or_default();
         }
         Ok(false)
     }
@@ -300,15 +295,10 @@ impl Reply<'_> {
     }
 
     /// Whether `bytes` hold a socket record with this request's sequence number.
-    fn answers(&self, mut bytes: &[u8]) -> bool {
-        while let Ok(msg) = NetlinkBuffer::new_checked(bytes) {
-            if msg.sequence_number() == self.seq && msg.message_type() == SOCK_DIAG_BY_FAMILY {
-                return true;
-            }
-            let next = (msg.length() as usize).next_multiple_of(4);
-            bytes = bytes.get(next..).unwrap_or_default();
-        }
-        false
+    fn answers(&self, bytes: &[u8]) -> bool {
+        messages(bytes).map_while(Result::ok).any(|msg| {
+            msg.sequence_number() == self.seq && msg.message_type() == SOCK_DIAG_BY_FAMILY
+        })
     }
 
     /// One `struct inet_diag_msg` and its attributes: the connection (local end first) and its
@@ -353,6 +343,27 @@ impl Reply<'_> {
         };
         Ok(Some((tuple, sample)))
     }
+}
+
+/// The netlink messages of one datagram, in order; an error (and the end) at the first whose
+/// length field does not cover a header or overruns the datagram.
+fn messages(mut bytes: &[u8]) -> impl Iterator<Item = Result<NetlinkBuffer<&[u8]>, WindowError>> {
+    std::iter::from_fn(move || {
+        if bytes.is_empty() {
+            return None;
+        }
+        let msg = match NetlinkBuffer::new_checked(bytes) {
+            Ok(msg) => msg,
+            Err(e) => {
+                bytes = &[];
+                return Some(Err(WindowError::Decode(e.to_string())));
+            }
+        };
+        // Messages in a datagram start on 4-byte boundaries (NLMSG_ALIGN).
+        let next = (msg.length() as usize).next_multiple_of(4);
+        bytes = bytes.get(next..).unwrap_or_default();
+        Some(Ok(msg))
+    })
 }
 
 /// Dual-stack sockets report IPv4 peers as `::ffff:a.b.c.d`; events carry them as IPv4.
