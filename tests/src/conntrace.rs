@@ -1,6 +1,7 @@
 //! The real conntrace binary under test, and what it printed.
 
 use std::{
+    collections::VecDeque,
     io::{BufRead, BufReader},
     path::PathBuf,
     process::{Command, Stdio},
@@ -36,6 +37,46 @@ pub struct Conntrace {
     process: Proc,
     lines: Arc<Mutex<Vec<Line>>>,
     reader: Option<std::thread::JoinHandle<()>>,
+    log: Log,
+}
+
+/// How many of conntrace's last log lines a failure's message shows.
+const LOG_LINES: usize = 400;
+
+/// conntrace's log (its stderr, when the test reads it): the last [`LOG_LINES`] lines, for a
+/// failure's message. Lines above DEBUG are passed on to the test's stderr as they come.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<VecDeque<String>>>);
+
+impl Log {
+    fn follow(&self, stderr: std::process::ChildStderr) {
+        let log = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if !line.contains(" TRACE ") && !line.contains(" DEBUG ") {
+                    eprintln!("{line}");
+                }
+                let mut kept = log.0.lock().expect("log");
+                if kept.len() == LOG_LINES {
+                    kept.pop_front();
+                }
+                kept.push_back(line);
+            }
+        });
+    }
+
+    /// The kept lines, or a note that there are none.
+    fn tail(&self) -> String {
+        let kept = self.0.lock().expect("log");
+        if kept.is_empty() {
+            return "(no log lines kept)".into();
+        }
+        kept.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
 }
 
 /// CONNTRACE_ATTACH (`best`, `tracepoints`) runs the same scenarios on another attach path:
@@ -52,8 +93,22 @@ pub fn conntrace_bin() -> PathBuf {
 }
 
 impl Conntrace {
-    /// Starts conntrace in the root namespace and waits for its `ready` line.
+    /// Starts conntrace in the root namespace and waits for its `ready` line. Its log (WARN
+    /// and above unless RUST_LOG says otherwise) goes to the test's stderr, and its last lines
+    /// into a failure's message.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_logging(args, "conntrace=warn")
+    }
+
+    /// [`Conntrace::start`], logging every kernel event it reads too (TRACE, kept for a
+    /// failure's message, not printed): for a scenario of a few connections, where a missing
+    /// verdict must say which of the kernel's facts came.
+    pub fn start_tracing_events(args: &[&str]) -> Self {
+        Self::start_logging(args, "conntrace=warn,conntrace::run=trace")
+    }
+
+    /// [`Conntrace::start`] with `filter` as RUST_LOG (the environment's RUST_LOG wins).
+    fn start_logging(args: &[&str], filter: &str) -> Self {
         let path = conntrace_bin();
         assert!(
             path.exists(),
@@ -67,19 +122,23 @@ impl Conntrace {
             .args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "conntrace=warn".into()),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| filter.into()),
             )
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         Self::spawn(command, "conntrace")
     }
 
     /// Starts `command`, which runs `conntrace --json` (e.g. `podman run IMAGE --json ...`),
     /// and waits for its `ready` line; [`Conntrace::stop`] sends SIGINT to the process it
     /// started (`podman run` passes it on to conntrace). Its stderr goes where `command`
-    /// says (inherited unless set).
+    /// says (inherited unless set); piped, it is read as [`Conntrace::start`] says.
     pub fn spawn(mut command: Command, what: &str) -> Self {
         let mut process = Proc::spawn(command.stdout(Stdio::piped()), what);
         let stdout = process.child.stdout.take().expect("stdout");
+        let log = Log::default();
+        if let Some(stderr) = process.child.stderr.take() {
+            log.follow(stderr);
+        }
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&lines);
         let reader = std::thread::spawn(move || {
@@ -97,6 +156,7 @@ impl Conntrace {
             process,
             lines,
             reader: Some(reader),
+            log,
         };
         ct.wait_for(ready_timeout(), |l| l.value["event"] == "ready");
         ct
@@ -132,8 +192,9 @@ impl Conntrace {
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Line {
         self.try_wait_for(timeout, pred).unwrap_or_else(|| {
             panic!(
-                "no matching conntrace line within {timeout:?}; got:\n{}",
-                self.dump()
+                "no matching conntrace line within {timeout:?}; got:\n{}\nits log:\n{}",
+                self.dump(),
+                self.log.tail()
             )
         })
     }
@@ -162,16 +223,18 @@ impl Conntrace {
         }
         // Stopped, conntrace decides and prints what it still holds: whether the verdict was
         // late or never made tells two different failures apart.
+        let log = self.log.clone();
         let values = self.stop();
         let lines: Vec<String> = values.iter().map(Value::to_string).collect();
         panic!(
-            "no verdict in netns {netns} within {VERDICT_WAIT:?}; {} at exit; conntrace printed:\n{}",
+            "no verdict in netns {netns} within {VERDICT_WAIT:?}; {} at exit; conntrace printed:\n{}\nits log:\n{}",
             if values.iter().any(in_netns) {
                 "it came only"
             } else {
                 "none either"
             },
-            lines.join("\n")
+            lines.join("\n"),
+            log.tail()
         );
     }
 

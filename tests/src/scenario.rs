@@ -106,7 +106,16 @@ impl<S, H> Scenario<(), S, H> {
     /// Starts conntrace in the root namespace now and waits until it is ready
     /// ([`Conntrace::start`] with `args`).
     pub fn conntrace(self, args: &[&str]) -> Scenario<Conntrace, S, H> {
-        let ct = Conntrace::start(args);
+        self.with_conntrace(Conntrace::start(args))
+    }
+
+    /// [`Scenario::conntrace`] logging every kernel event it reads, for a failure's message
+    /// ([`Conntrace::start_tracing_events`]): for scenarios of a few connections.
+    pub fn conntrace_tracing_events(self, args: &[&str]) -> Scenario<Conntrace, S, H> {
+        self.with_conntrace(Conntrace::start_tracing_events(args))
+    }
+
+    fn with_conntrace(self, ct: Conntrace) -> Scenario<Conntrace, S, H> {
         Scenario {
             server: self.server,
             ct,

@@ -9,7 +9,9 @@ use conntrace_tests::{
 
 #[test]
 fn an_address_nobody_owns_is_neighbour_failed() {
-    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
+    // Every kernel event logged: CI once saw this verdict missing (2 kernel events, no
+    // NEIGH_FAILED drop), and a repeat must say which facts came.
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace_tracing_events(&["--port", "3306"]);
     // On the veth subnet, but no host has it: ARP goes unanswered.
     let nobody = hosts.unowned_ip(250);
     let client = connect(&hosts.client, &nobody, PORT, &["--timeout-ms", "20000"]);
