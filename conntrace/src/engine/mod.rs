@@ -380,8 +380,10 @@ impl Engine {
             }
             // A SYN flood (spoofed sources) ends in one failed attempt per SYN: at most
             // RECORDS_PER_SECOND verdicts per local port each second, the rest counted (and in
-            // the listener's `cookies_failed` for cookies).
-            let window = (key.0, format!("attempts {}", a.tuple.sport));
+            // the listener's `cookies_failed` for cookies). Attempts whose peer answered have
+            // their own budget: a flood's verdicts must not hide a real client's.
+            let kind = if a.answered() { "answered" } else { "unanswered" };
+            let window = (key.0, format!("attempts {} {kind}", a.tuple.sport));
             if !self.within_rate(window, a.last_ns()) {
                 self.summary.attempt_verdicts_suppressed += 1;
                 continue;

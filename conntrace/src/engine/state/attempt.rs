@@ -1,6 +1,8 @@
 //! Dropped packets of a handshake, and connection attempts that have no socket on this host
 //! (a SYN dropped before any socket existed, a SYN answered with a cookie).
 
+use conntrace_common::tcp;
+
 use crate::engine::{
     facts::{DropReason, FourTuple, Meta, NfHook, Proc, TcpFlags},
     lookup::{ConntrackTable, RuleFinding},
@@ -113,6 +115,18 @@ impl Attempt {
     pub fn ended(&self, now_ns: u64) -> bool {
         let (first, last) = (self.first_ns(), self.last_ns());
         now_ns >= last + (last - first) + 1_000_000_000 + ATTEMPT_QUIET_NS
+    }
+
+    /// Whether the other end showed it exists: this host sent one of the dropped segments (its
+    /// own client's), one that arrived carried an ACK (a handshake's final ACK, a SYN-ACK),
+    /// or the listener answered its cookie's ACK with a RST. A SYN from a spoofed source
+    /// shows none of these.
+    pub fn answered(&self) -> bool {
+        self.cookies.is_some_and(|c| c.rejected)
+            || self
+                .drops
+                .iter()
+                .any(|d| d.direction == Direction::Out || d.tcp_flags.has(tcp::flags::ACK))
     }
 
     /// Counts a cookie SYN-ACK sent at `ts_ns`.

@@ -139,26 +139,7 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
     let mut e = Engine::new(EngineConfig::default());
     none(e.handle(cookie(MS)));
     // The client's final ACK, dropped by netfilter INPUT.
-    let ack = KernelEvent::Dropped(DroppedPacket {
-        meta: softirq(MS + 100_000),
-        sk: 0,
-        rx_sk: 0,
-        sk_port: None,
-        sk_state: None,
-        packet: FourTuple {
-            saddr: ip(2),
-            sport: 51_000,
-            daddr: ip(1),
-            dport: 3306,
-        },
-        reason: DropReason::new("NETFILTER_DROP"),
-        location: "nft_do_chain+0x3e8".into(),
-        tcp_flags: TcpFlags(0x10),
-        hook: Some(NfHook::Input),
-        ifindex: None,
-        icmp: None,
-    });
-    none(e.handle(ack));
+    none(e.handle(dropped_ack(MS + 100_000, 51_000)));
     let v = one(e.tick(5 * SEC));
     check(&v, "server failed syncookie_ack_lost -");
     assert_eq!(who(&v), "-/- 10.77.0.1:3306>10.77.0.2:51000");
@@ -171,6 +152,55 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
         (l.cookies_sent, l.cookies_validated, l.cookies_failed),
         (1, 0, 1)
     );
+}
+
+/// The client 10.77.0.2:`port`'s final ACK to the listener 10.77.0.1:3306, dropped by
+/// netfilter INPUT at `ts`.
+fn dropped_ack(ts: u64, port: u16) -> KernelEvent {
+    KernelEvent::Dropped(DroppedPacket {
+        meta: softirq(ts),
+        sk: 0,
+        rx_sk: 0,
+        sk_port: None,
+        sk_state: None,
+        packet: FourTuple {
+            saddr: ip(2),
+            sport: port,
+            daddr: ip(1),
+            dport: 3306,
+        },
+        reason: DropReason::new("NETFILTER_DROP"),
+        location: "nft_do_chain+0x3e8".into(),
+        tcp_flags: TcpFlags(0x10),
+        hook: Some(NfHook::Input),
+        ifindex: None,
+        icmp: None,
+    })
+}
+
+#[test]
+fn a_real_client_in_a_flood_of_failed_cookie_attempts_keeps_its_verdict() {
+    let mut e = Engine::new(EngineConfig::default());
+    // 300 spoofed sources within one second, then a real client whose ACK a rule drops: its
+    // attempt ends after theirs, when their second's budget is spent.
+    for port in 0..300u16 {
+        none(e.handle(KernelEvent::CookieSent {
+            meta: softirq(MS + u64::from(port) * 1000),
+            tuple: tuple(3306, 10_000 + port),
+        }));
+    }
+    none(e.handle(cookie(400 * MS)));
+    none(e.handle(dropped_ack(400 * MS + 100_000, 51_000)));
+    let verdicts = e.tick(5 * SEC);
+    assert_eq!(verdicts.len(), 51, "50 of the flood's, and the real client's");
+    let real: Vec<_> = verdicts
+        .iter()
+        .filter(|v| who(v) == "-/- 10.77.0.1:3306>10.77.0.2:51000")
+        .collect();
+    assert_eq!(real.len(), 1, "{verdicts:?}");
+    check(real[0], "server failed syncookie_ack_lost -");
+    assert_eq!(detail(real[0], "hook"), "INPUT");
+    assert_eq!(e.summary().attempt_verdicts_suppressed, 250);
 }
 
 #[test]

@@ -35,7 +35,8 @@ pub struct Summary {
     pub drop_records_suppressed: u64,
     /// Verdicts of attempts without a socket (dropped SYNs, failed SYN cookies) not written
     /// because more than [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended in one
-    /// second at one local port (a SYN flood); failed cookies are still counted in the
+    /// second at one local port (a SYN flood), counted apart for attempts whose peer answered
+    /// (`Attempt::answered`) and the others; failed cookies are still counted in the
     /// listener's `cookies_failed`.
     pub attempt_verdicts_suppressed: u64,
     /// Drops of forwarded packets (neither end local to the dropping namespace).
