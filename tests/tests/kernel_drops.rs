@@ -191,9 +191,10 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
         results.len() - timed_out,
         overflows.len()
     );
-    // The clients cannot tell: their SYNs went unanswered. (A client whose final ACK was
-    // dropped believes it connected; closing, it may get a RST from a server with no socket
-    // for it: not a SYN timeout.)
+    // The clients only saw their SYNs unanswered; their verdicts name the full queue of the
+    // listener they reached, in the server's namespace of this host. (A client whose final
+    // ACK was dropped believes it connected; closing, it may get a RST from a server with no
+    // socket for it: not a SYN timeout.)
     let client = verdicts_in(&values, hosts.client.inode());
     let timeouts: Vec<_> = client
         .iter()
@@ -203,5 +204,16 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
     for c in &timeouts {
         assert_eq!(c["errno"], "ETIMEDOUT", "{c}");
         assert!(c["syn_retransmits"].as_u64() >= Some(1), "{c}");
+        let q = &c["detail"]["peer_listen_queue"];
+        assert_eq!(
+            (&q["netns"], q["listener"].as_str(), &q["backlog"]),
+            (
+                &hosts.server.inode().into(),
+                Some(format!("{}:3306", hosts.server_ip).as_str()),
+                &1.into()
+            ),
+            "{c}"
+        );
+        assert!(q["overflows"].as_u64() >= Some(1), "{c}");
     }
 }

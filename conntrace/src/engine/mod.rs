@@ -61,6 +61,8 @@ pub struct Engine {
     windows: HashMap<(Option<u32>, String), (u64, u32)>,
     /// Drop records not yet taken by the caller.
     drops: Vec<DropRecord>,
+    /// Listener overflows lately, for the `syn_timeout` of their clients on this host.
+    overflows: state::Overflows,
     summary: Summary,
 }
 
@@ -72,6 +74,7 @@ impl Engine {
             lookups: Lookups::default(),
             windows: HashMap::default(),
             drops: Vec::new(),
+            overflows: state::Overflows::default(),
             summary: Summary::default(),
         }
     }
@@ -234,6 +237,7 @@ impl Engine {
         {
             rules::drops::describe_peer(&mut v, netns, &drops);
         }
+        rules::listener::describe_peer_queue(&mut v, &self.overflows);
         if let Some(tuple) = v.tuple()
             && let Some(facts) = v.detail.drop_facts_mut()
         {
@@ -382,7 +386,11 @@ impl Engine {
             // RECORDS_PER_SECOND verdicts per local port each second, the rest counted (and in
             // the listener's `cookies_failed` for cookies). Attempts whose peer answered have
             // their own budget: a flood's verdicts must not hide a real client's.
-            let kind = if a.answered() { "answered" } else { "unanswered" };
+            let kind = if a.answered() {
+                "answered"
+            } else {
+                "unanswered"
+            };
             let window = (key.0, format!("attempts {} {kind}", a.tuple.sport));
             if !self.within_rate(window, a.last_ns()) {
                 self.summary.attempt_verdicts_suppressed += 1;

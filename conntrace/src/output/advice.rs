@@ -192,10 +192,21 @@ pub fn concrete(v: &Verdict) -> String {
             "the server at {} never answered: check it for syncookie_ack_lost, listen_overflow or not_accepted, and give the client application-level connect and read timeouts (e.g. MySQL connect_timeout, read_timeout) so it fails fast",
             server(v)
         ),
-        Reason::SynTimeout => format!(
-            "SYNs to {} went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule",
-            server(v)
-        ),
+        Reason::SynTimeout => match v.detail.peer_listen_queue() {
+            Some(q) => format!(
+                "the listener {} in netns {} had a full accept queue ({}/{}, {} overflows while this client waited): it refuses SYNs without a drop; its process does not accept() fast enough: raise its listen() backlog and net.core.somaxconn (now {}), or find why it is slow or stopped",
+                q.listener,
+                q.netns,
+                q.accept_queue,
+                q.backlog,
+                q.overflows,
+                somaxconn().unwrap_or_else(|| "?".into())
+            ),
+            None => format!(
+                "SYNs to {} went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule",
+                server(v)
+            ),
+        },
         Reason::NeighbourFailed => format!(
             "{} does not answer ARP/neighbour discovery: wrong address, or the host or link is down",
             v.daddr
@@ -322,6 +333,32 @@ mod tests {
             concrete(&v),
             "in the other end's namespace (netns 4026532249), INPUT rule `tcp dport 3306 drop` drops it; to accept this peer, run in that namespace: `iptables -I INPUT -p tcp -s 10.0.0.1 --dport 3306 -j ACCEPT`"
         );
+    }
+
+    #[test]
+    fn a_syn_timeout_toward_a_full_queue_on_this_host_names_the_listener() {
+        let mut d = ClosedDetail::new(TcpState::SynSent);
+        d.peer_listen_queue = Some(crate::engine::verdict::detail::PeerListenQueue {
+            netns: 4026532249,
+            listener: "10.0.0.2:3306".parse().expect("address"),
+            overflows: 4,
+            accept_queue: 2,
+            backlog: 1,
+        });
+        let mut v = verdict(Reason::SynTimeout, Detail::Closed(d));
+        v.side = Side::Client;
+        let text = concrete(&v);
+        assert!(
+            text.starts_with(
+                "the listener 10.0.0.2:3306 in netns 4026532249 had a full accept queue (2/1, 4 overflows while this client waited)"
+            ),
+            "{text}"
+        );
+        let v = verdict(
+            Reason::SynTimeout,
+            Detail::Closed(ClosedDetail::new(TcpState::SynSent)),
+        );
+        assert!(concrete(&v).contains("went unanswered"), "{}", concrete(&v));
     }
 
     #[test]

@@ -214,8 +214,18 @@ fn the_fact(v: &Verdict) -> String {
             queue(v).unwrap_or_else(|| v.kernel_reason.clone().unwrap_or_default())
         }
         Reason::SynTimeout | Reason::Timeout => {
-            // A SYN timeout whose SYNs the other end's rule dropped, seen on this host.
-            let at = rule(v).map(|r| format!(", {r}")).unwrap_or_default();
+            // A SYN timeout whose SYNs the other end's rule dropped, or its full accept
+            // queue refused, seen on this host.
+            let at = rule(v)
+                .or_else(|| {
+                    let q = v.detail.peer_listen_queue()?;
+                    Some(format!(
+                        "peer accept queue full at netns {} ({}/{})",
+                        q.netns, q.accept_queue, q.backlog
+                    ))
+                })
+                .map(|r| format!(", {r}"))
+                .unwrap_or_default();
             format!("{errno} in {}{syns}{at}", ms(v.duration_ms))
         }
         Reason::PmtuBlackhole => blackhole(v),
@@ -263,7 +273,27 @@ pub fn count(n: u64, noun: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::rule;
+    use super::{key_fact, rule};
+    use crate::engine::verdict::{Detail, detail::PeerListenQueue};
+
+    #[test]
+    fn a_syn_timeout_toward_a_full_queue_on_this_host_says_so() {
+        let mut v = crate::output::tests::syn_timeout();
+        let plain = key_fact(&v);
+        if let Detail::Closed(d) = &mut v.detail {
+            d.peer_listen_queue = Some(PeerListenQueue {
+                netns: 4026532249,
+                listener: "10.0.0.2:3306".parse().expect("address"),
+                overflows: 4,
+                accept_queue: 2,
+                backlog: 1,
+            });
+        }
+        assert_eq!(
+            key_fact(&v),
+            format!("{plain}, peer accept queue full at netns 4026532249 (2/1)")
+        );
+    }
 
     #[test]
     fn a_rule_at_the_other_end_says_where() {

@@ -123,6 +123,8 @@ impl Engine {
                 overflows,
             } => {
                 let queue = (accept_queue, backlog);
+                self.overflows
+                    .record(meta.ts_ns, meta.netns, listener, queue, overflows);
                 let v = rules::listener::overflow(&meta, listener, queue, overflows);
                 self.emit(out, v);
             }

@@ -8,6 +8,7 @@ use super::socketless;
 use crate::engine::{
     facts::{DropReason, FourTuple, Meta},
     lookup::Listener,
+    state::Overflows,
     verdict::{
         Detail, Reason, Side, Verdict,
         detail::{ListenerRef, OverflowDetail, QueueFacts},
@@ -89,6 +90,25 @@ fn queue(v: &mut Verdict, listeners: &[Listener]) {
         q.listener = Some(ListenerRef::from(l));
         q.accept_queue = l.accept_queue.or(q.accept_queue);
         q.backlog = l.backlog.or(q.backlog);
+    }
+}
+
+/// A client's `syn_timeout` toward a listener in another namespace of this host that
+/// overflowed its accept queue while the client waited (`overflows`): that queue refused its
+/// SYNs, which the client saw only as silence. Drops at that end, when seen, explain it
+/// instead (`peer_netns`).
+pub(crate) fn describe_peer_queue(v: &mut Verdict, overflows: &Overflows) {
+    if v.side != Side::Client || v.reason != Reason::SynTimeout {
+        return;
+    }
+    let server = SocketAddr::new(v.daddr, v.dport);
+    let from = v.ts_ns.saturating_sub((v.duration_ms * 1e6) as u64);
+    let (netns, to) = (v.netns, v.ts_ns);
+    let Detail::Closed(d) = &mut v.detail else {
+        return;
+    };
+    if d.drops.peer_netns.is_none() {
+        d.peer_listen_queue = overflows.reached(netns, server, (from, to));
     }
 }
 

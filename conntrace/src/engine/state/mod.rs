@@ -3,12 +3,14 @@
 
 pub mod attempt;
 pub mod conn;
+pub mod overflows;
 pub mod route;
 pub mod table;
 
 pub use self::{
     attempt::{Attempt, DropContext, HandshakeDrop},
     conn::{Conn, Opening, Report, SocketError, Stall},
+    overflows::Overflows,
     route::Walk,
     table::{ConnId, Decided, OrphanError, Table},
 };

@@ -123,3 +123,74 @@ fn a_wildcard_listeners_overflow_counts_under_its_own_address_in_the_summary() {
     });
     assert_eq!(e.summary().listeners["10.77.0.2:3306"].overflows, 2);
 }
+
+/// A listener-level overflow at 10.77.0.2:`port` (the client's server) in namespace `netns`.
+fn overflow(ts: u64, netns: u32, listener: &str) -> KernelEvent {
+    KernelEvent::ListenOverflow {
+        meta: Meta {
+            netns: Some(netns),
+            ..softirq(ts)
+        },
+        listener: listener.parse().expect("address"),
+        accept_queue: 2,
+        backlog: 1,
+        overflows: 3,
+    }
+}
+
+#[test]
+fn a_syn_timeout_toward_a_full_queue_in_another_namespace_names_that_listener() {
+    let a = Sock::client(SK_A, SPORT);
+    let server_ns = NETNS + 1;
+    let mut e = Engine::new(EngineConfig::default());
+    let mut events = vec![a.connect(MS, 100, "client")];
+    // The server's listener overflowed while the client waited (counted at two polls); its
+    // overflow before the client began, and another port's listener's, are not the client's.
+    events.push(overflow(MS / 2, server_ns, "10.77.0.2:8080"));
+    events.extend([
+        a.rtx(SEC + MS),
+        overflow(SEC + 2 * MS, server_ns, "10.77.0.2:8080"),
+    ]);
+    events.push(overflow(2 * SEC, server_ns, "0.0.0.0:8081"));
+    events.extend([
+        a.rtx(3 * SEC + MS),
+        overflow(3 * SEC + 2 * MS, server_ns, "10.77.0.2:8080"),
+    ]);
+    events.extend([
+        a.err(7 * SEC + MS, 110),
+        a.st(7 * SEC + MS, S::SynSent, S::Close),
+    ]);
+    let verdicts: Vec<Verdict> = feed(&mut e, events);
+    assert!(
+        verdicts.iter().all(|v| v.reason == Reason::ListenOverflow),
+        "{verdicts:?}"
+    );
+    let v = one(e.tick(7 * SEC + MS + e.cfg.grace_ns));
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    assert_eq!(
+        detail(&v, "peer_listen_queue"),
+        serde_json::json!({
+            "netns": server_ns, "listener": "10.77.0.2:8080", "overflows": 6,
+            "accept_queue": 2, "backlog": 1
+        })
+    );
+}
+
+#[test]
+fn a_syn_timeout_with_no_listener_overflowing_names_none() {
+    let a = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    // The client's own namespace's listener on that port is not its server.
+    let events = [
+        a.connect(MS, 100, "client"),
+        overflow(SEC, NETNS, "0.0.0.0:8080"),
+        a.rtx(SEC + MS),
+        a.err(3 * SEC, 110),
+        a.st(3 * SEC, S::SynSent, S::Close),
+    ];
+    let verdicts: Vec<Verdict> = feed(&mut e, events);
+    assert_eq!(verdicts.len(), 1, "the overflow's own verdict");
+    let v = one(e.tick(3 * SEC + e.cfg.grace_ns));
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    assert!(v.detail.peer_listen_queue().is_none(), "{v:?}");
+}

@@ -192,7 +192,11 @@ fn a_real_client_in_a_flood_of_failed_cookie_attempts_keeps_its_verdict() {
     none(e.handle(cookie(400 * MS)));
     none(e.handle(dropped_ack(400 * MS + 100_000, 51_000)));
     let verdicts = e.tick(5 * SEC);
-    assert_eq!(verdicts.len(), 51, "50 of the flood's, and the real client's");
+    assert_eq!(
+        verdicts.len(),
+        51,
+        "50 of the flood's, and the real client's"
+    );
     let real: Vec<_> = verdicts
         .iter()
         .filter(|v| who(v) == "-/- 10.77.0.1:3306>10.77.0.2:51000")

@@ -324,6 +324,10 @@ pub struct ClosedDetail {
     /// `unreachable`, `prohibit` or `blackhole`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub route: Option<Route>,
+    /// `syn_timeout` of a client: the listener it tried, in another network namespace of this
+    /// host, overflowed its accept queue while the client waited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_listen_queue: Option<PeerListenQueue>,
     #[serde(flatten)]
     pub drops: DropFacts,
     #[serde(flatten)]
@@ -347,10 +351,29 @@ impl ClosedDetail {
             path_answer: None,
             route_lost: None,
             route: None,
+            peer_listen_queue: None,
             drops: DropFacts::default(),
             queue: QueueFacts::default(),
         }
     }
+}
+
+/// A listener in another network namespace of this host whose accept queue overflowed while
+/// a client of it waited for an answer to its SYNs: a full queue refuses SYNs without a drop
+/// (no drop reason names them), so the client only sees silence.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct PeerListenQueue {
+    /// The listener's network namespace (inode).
+    pub netns: u32,
+    /// The listener's address (`0.0.0.0:3306` for one bound to every address).
+    #[schemars(with = "String")]
+    pub listener: std::net::SocketAddr,
+    /// Overflows counted there (growth of its namespace's `TcpExtListenOverflows` while it was
+    /// full) from the client's first SYN to the verdict.
+    pub overflows: u64,
+    /// Its accept queue length and limit (the `listen()` backlog) when last seen full.
+    pub accept_queue: u32,
+    pub backlog: u32,
 }
 
 /// An established connection's data retransmissions.
@@ -509,6 +532,14 @@ impl Detail {
     /// Whether this is the end of a connection that had completed its handshake.
     pub fn established(&self) -> bool {
         matches!(self, Self::Closed(d) if !matches!(d.closed_from, TcpState::SynSent | TcpState::SynRecv))
+    }
+
+    /// A client's `syn_timeout` toward a listener of this host whose queue overflowed.
+    pub fn peer_listen_queue(&self) -> Option<&PeerListenQueue> {
+        match self {
+            Self::Closed(d) => d.peer_listen_queue.as_ref(),
+            _ => None,
+        }
     }
 
     /// Whether the first SYN's ICMP answer came while `connect()` held the socket.
