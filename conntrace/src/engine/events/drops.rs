@@ -18,7 +18,7 @@ use super::super::{
 };
 
 impl Engine {
-    pub(in crate::engine) fn on_drop(&mut self, f: DroppedPacket, out: &mut Vec<Verdict>) {
+    pub(in crate::engine) fn on_drop(&mut self, mut f: DroppedPacket, out: &mut Vec<Verdict>) {
         *self
             .summary
             .drops_by_reason
@@ -26,6 +26,10 @@ impl Engine {
             .or_default() += 1;
         // The packet is outgoing when a local socket sent it: its source is that socket's own
         // end. Incoming packets can carry a socket too (early demux).
+        if f.sk != 0 && f.rx_sk == 0 && self.arrived_with_sender_socket(&f) {
+            // Received here, before any socket of this namespace had it.
+            (f.sk, f.sk_port, f.sk_state) = (0, None, None);
+        }
         let owner = self
             .table
             .by_sk(f.sk)
@@ -239,6 +243,17 @@ impl Engine {
 
     /// Whether `packet` (as it travelled) neither came from nor went to namespace `netns`: it
     /// was being forwarded there.
+    /// A packet that crossed a veth into another namespace of this host keeps its sender's
+    /// socket until IP takes it in (`ip_rcv_core` orphans it after its first checks): dropped
+    /// there before that (`OTHERHOST`, a bad header), it is the receiving namespace's, not
+    /// an outgoing one. Its source is then not one of the dropping namespace's addresses.
+    fn arrived_with_sender_socket(&mut self, f: &DroppedPacket) -> bool {
+        let Some(ns) = self.lookups.namespaces.as_mut() else {
+            return false;
+        };
+        ns.is_local(f.meta.netns, f.packet.saddr) == Some(false)
+    }
+
     fn forwarded(&mut self, netns: Option<u32>, packet: FourTuple) -> bool {
         let Some(ns) = self.lookups.namespaces.as_mut() else {
             return false;

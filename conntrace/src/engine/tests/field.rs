@@ -645,3 +645,37 @@ fn any_other_drop_of_a_handshake_is_kernel_drop_with_its_location() {
     assert_eq!(e.take_drops().len(), 1);
     none(e.finish(LATER));
 }
+
+#[test]
+fn a_packet_dropped_on_arrival_in_another_namespace_is_not_its_senders_outgoing_drop() {
+    // The client's SYN crossed a veth into a namespace that owns neither end (a wrong
+    // neighbour entry sent it there) and was dropped as OTHERHOST before IP orphaned it: the
+    // drop still names the client's socket.
+    let bystander = Host {
+        local: vec![ip(3)],
+        ..Host::default()
+    };
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(bystander));
+    let a = Sock::client(SK_A, SPORT);
+    none(feed(&mut e, [a.connect(MS, 100, "client")]));
+    let mut d = drop(2 * MS, SK_A, a.t, SYN, "OTHERHOST", "ip_rcv_core+0x22c");
+    d.sk_port = Some(SPORT);
+    d.sk_state = Some(S::SynSent);
+    d.meta.netns = Some(NETNS + 1);
+    none(e.handle(KernelEvent::Dropped(d)));
+    feed(
+        &mut e,
+        [a.st(3 * SEC, S::SynSent, S::Close), a.err(3 * SEC, 110)],
+    );
+    // One verdict, the client's, in its own namespace, with the drop on its path.
+    let v = one(e.tick(LATER));
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    assert_eq!(v.netns, Some(NETNS));
+    let path = detail(&v, "path_drops");
+    assert_eq!(
+        (&path[0]["kernel_reason"], &path[0]["netns"]),
+        (&"OTHERHOST".into(), &(NETNS + 1).into())
+    );
+    none(e.finish(LATER));
+    assert_eq!(e.summary().forwarded_drops, 1);
+}
