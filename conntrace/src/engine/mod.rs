@@ -237,12 +237,15 @@ impl Engine {
         {
             rules::drops::describe_peer(&mut v, netns, &drops);
         }
-        rules::listener::describe_peer_queue(&mut v, &self.overflows);
         if let Some(tuple) = v.tuple()
             && let Some(facts) = v.detail.drop_facts_mut()
         {
             facts.path_drops = self.table.path_drops(tuple);
         }
+        let namespaces = &mut self.lookups.namespaces;
+        rules::listener::describe_peer_queue(&mut v, &self.overflows, |netns, addr| {
+            namespaces.as_mut()?.is_local(Some(netns), addr)
+        });
         self.summary.count(&v);
         out.push(v);
     }

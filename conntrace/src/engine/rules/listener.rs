@@ -95,9 +95,15 @@ fn queue(v: &mut Verdict, listeners: &[Listener]) {
 
 /// A client's `syn_timeout` toward a listener in another namespace of this host that
 /// overflowed its accept queue while the client waited (`overflows`): that queue refused its
-/// SYNs, which the client saw only as silence. Drops at that end, when seen, explain it
-/// instead (`peer_netns`).
-pub(crate) fn describe_peer_queue(v: &mut Verdict, overflows: &Overflows) {
+/// SYNs, which the client saw only as silence. Only a listener whose namespace owns the
+/// client's destination address (`owns(netns, addr)`: `None` when unknown, then only a
+/// listener bound to that very address) can have had them; drops of its packets, at either
+/// end or on the path, explain it instead.
+pub(crate) fn describe_peer_queue(
+    v: &mut Verdict,
+    overflows: &Overflows,
+    mut owns: impl FnMut(u32, IpAddr) -> Option<bool>,
+) {
     if v.side != Side::Client || v.reason != Reason::SynTimeout {
         return;
     }
@@ -107,9 +113,15 @@ pub(crate) fn describe_peer_queue(v: &mut Verdict, overflows: &Overflows) {
     let Detail::Closed(d) = &mut v.detail else {
         return;
     };
-    if d.drops.peer_netns.is_none() {
-        d.peer_listen_queue = overflows.reached(netns, server, (from, to));
+    if !d.drops.drops.is_empty() || !d.drops.path_drops.is_empty() {
+        return;
     }
+    d.peer_listen_queue = overflows.reached(netns, server, (from, to), |ns, bound| {
+        match owns(ns, server.ip()) {
+            Some(owned) => owned,
+            None => bound == server.ip(),
+        }
+    });
 }
 
 /// A listener-level overflow from the kernel's counter: no single client to name, so the

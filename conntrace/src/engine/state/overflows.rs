@@ -3,7 +3,10 @@
 //! client sees only silence. When that client runs in another namespace of this host, its
 //! `syn_timeout` is explained by the listener it reached.
 
-use std::{collections::VecDeque, net::SocketAddr};
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, SocketAddr},
+};
 
 use crate::engine::verdict::detail::PeerListenQueue;
 
@@ -61,32 +64,45 @@ impl Overflows {
     }
 
     /// The listener a client in namespace `netns` reached at `server`, when it is in another
-    /// namespace of this host and overflowed between `from_ns` and `to_ns`: one bound to
-    /// `server`'s address, else one bound to every address, on its port. `None` when none did,
-    /// or when listeners of several namespaces did (the address alone cannot tell which one
-    /// the SYNs reached).
+    /// namespace of this host, could have had the client's SYNs (`owns`, asked with its
+    /// namespace and bound address) and overflowed between `from_ns` and `to_ns`: one bound
+    /// to `server`'s address, else one bound to every address, on its port. `None` when none did, or when
+    /// listeners of several namespaces did (the address alone cannot tell which one the SYNs
+    /// reached).
     pub fn reached(
         &self,
         netns: Option<u32>,
         server: SocketAddr,
         (from_ns, to_ns): (u64, u64),
+        mut owns: impl FnMut(u32, IpAddr) -> bool,
     ) -> Option<PeerListenQueue> {
         let during = |s: &&Seen| {
             Some(s.netns) != netns
                 && s.listener.port() == server.port()
                 && (from_ns..=to_ns).contains(&s.ts_ns)
         };
+        // Asked once per listener.
+        let mut asked: Vec<((u32, IpAddr), bool)> = Vec::new();
+        let mut owner = |s: &Seen| {
+            let key = (s.netns, s.listener.ip());
+            if let Some((_, yes)) = asked.iter().find(|(k, _)| *k == key) {
+                return *yes;
+            }
+            let yes = owns(s.netns, s.listener.ip());
+            asked.push((key, yes));
+            yes
+        };
         let exact: Vec<&Seen> = self
             .seen
             .iter()
             .filter(during)
-            .filter(|s| s.listener.ip() == server.ip())
+            .filter(|s| s.listener.ip() == server.ip() && owner(s))
             .collect();
         let seen = if exact.is_empty() {
             self.seen
                 .iter()
                 .filter(during)
-                .filter(|s| s.listener.ip().is_unspecified())
+                .filter(|s| s.listener.ip().is_unspecified() && owner(s))
                 .collect()
         } else {
             exact
@@ -118,6 +134,11 @@ mod tests {
         s.parse().expect("address")
     }
 
+    /// Every namespace owns every address.
+    fn any(_: u32, _: IpAddr) -> bool {
+        true
+    }
+
     #[test]
     fn the_listener_a_client_reached_is_found_by_address_then_wildcard_and_time() {
         let mut o = Overflows::default();
@@ -125,28 +146,33 @@ mod tests {
         o.record(11 * SEC, Some(2), addr("10.0.0.2:3306"), (2, 1), 2);
         o.record(11 * SEC, Some(3), addr("0.0.0.0:5432"), (5, 4), 1);
         let q = o
-            .reached(Some(1), addr("10.0.0.2:3306"), (9 * SEC, 12 * SEC))
+            .reached(Some(1), addr("10.0.0.2:3306"), (9 * SEC, 12 * SEC), any)
             .expect("found");
         assert_eq!(
             (q.netns, q.listener, q.overflows, q.accept_queue, q.backlog),
             (2, addr("10.0.0.2:3306"), 5, 2, 1)
         );
         // Only what happened while the client waited.
-        let q = o.reached(Some(1), addr("10.0.0.2:3306"), (10 * SEC + 1, 12 * SEC));
+        let q = o.reached(
+            Some(1),
+            addr("10.0.0.2:3306"),
+            (10 * SEC + 1, 12 * SEC),
+            any,
+        );
         assert_eq!(q.map(|q| q.overflows), Some(2));
         assert!(
-            o.reached(Some(1), addr("10.0.0.2:3306"), (12 * SEC, 20 * SEC))
+            o.reached(Some(1), addr("10.0.0.2:3306"), (12 * SEC, 20 * SEC), any)
                 .is_none()
         );
         // A wildcard listener serves every address; not the client's own namespace's.
-        let q = o.reached(Some(1), addr("10.0.0.9:5432"), (0, 20 * SEC));
+        let q = o.reached(Some(1), addr("10.0.0.9:5432"), (0, 20 * SEC), any);
         assert_eq!(q.map(|q| q.netns), Some(3));
         assert!(
-            o.reached(Some(3), addr("10.0.0.9:5432"), (0, 20 * SEC))
+            o.reached(Some(3), addr("10.0.0.9:5432"), (0, 20 * SEC), any)
                 .is_none()
         );
         assert!(
-            o.reached(Some(1), addr("10.0.0.2:3307"), (0, 20 * SEC))
+            o.reached(Some(1), addr("10.0.0.2:3307"), (0, 20 * SEC), any)
                 .is_none()
         );
     }
@@ -156,14 +182,24 @@ mod tests {
         let mut o = Overflows::default();
         o.record(10 * SEC, Some(2), addr("0.0.0.0:3306"), (2, 1), 1);
         o.record(10 * SEC, Some(3), addr("0.0.0.0:3306"), (2, 1), 1);
-        assert!(
-            o.reached(Some(1), addr("10.0.0.2:3306"), (0, 20 * SEC))
-                .is_none()
-        );
+        let server = addr("10.0.0.2:3306");
+        assert!(o.reached(Some(1), server, (0, 20 * SEC), any).is_none());
+        // Where the destination address is one namespace's, that one's.
+        let q = o.reached(Some(1), server, (0, 20 * SEC), |ns, _| ns == 3);
+        assert_eq!(q.map(|q| q.netns), Some(3));
         // An exact address is still told apart.
-        o.record(10 * SEC, Some(4), addr("10.0.0.2:3306"), (2, 1), 1);
-        let q = o.reached(Some(1), addr("10.0.0.2:3306"), (0, 20 * SEC));
+        o.record(10 * SEC, Some(4), server, (2, 1), 1);
+        let q = o.reached(Some(1), server, (0, 20 * SEC), any);
         assert_eq!(q.map(|q| q.netns), Some(4));
+    }
+
+    #[test]
+    fn a_listener_whose_namespace_does_not_own_the_address_is_not_the_one_reached() {
+        let mut o = Overflows::default();
+        o.record(10 * SEC, Some(3), addr("0.0.0.0:7005"), (2, 1), 4);
+        // 10.0.0.3 is another namespace's (or nobody's): its SYNs never reached this one.
+        let q = o.reached(Some(1), addr("10.0.0.3:7005"), (0, 20 * SEC), |_, _| false);
+        assert!(q.is_none());
     }
 
     #[test]
