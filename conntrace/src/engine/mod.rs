@@ -386,16 +386,18 @@ impl Engine {
                 self.summary.listener(&a.tuple).cookies_failed += 1;
             }
             // A SYN flood (spoofed sources) ends in one failed attempt per SYN: at most
-            // RECORDS_PER_SECOND verdicts per local port each second, the rest counted (and in
-            // the listener's `cookies_failed` for cookies). Attempts whose peer answered have
-            // their own budget: a flood's verdicts must not hide a real client's.
+            // RECORDS_PER_SECOND verdicts per local port each second they are decided in, the
+            // rest counted (and in the listener's `cookies_failed` for cookies). Attempts whose
+            // peer answered have their own budget: a flood's verdicts must not hide a real
+            // client's. (By the second of an attempt's last packet instead, the window was gone
+            // when its attempts were decided, seconds later, and nothing was capped.)
             let kind = if a.answered() {
                 "answered"
             } else {
                 "unanswered"
             };
             let window = (key.0, format!("attempts {} {kind}", a.tuple.sport));
-            if !self.within_rate(window, a.last_ns()) {
+            if !self.within_rate(window, now_ns) {
                 self.summary.attempt_verdicts_suppressed += 1;
                 continue;
             }

@@ -208,6 +208,35 @@ fn a_real_client_in_a_flood_of_failed_cookie_attempts_keeps_its_verdict() {
 }
 
 #[test]
+fn a_flood_spread_over_a_second_is_capped_by_the_second_its_attempts_are_decided_in() {
+    let mut e = Engine::new(EngineConfig::default());
+    // 200 spoofed sources, one every 5 ms; the engine ticks every 100 ms, as conntrace does.
+    let mut decided = std::collections::BTreeMap::<u64, usize>::new();
+    for port in 0..200u16 {
+        let ts = MS + u64::from(port) * 5 * MS;
+        none(e.handle(KernelEvent::CookieSent {
+            meta: softirq(ts),
+            tuple: tuple(3306, 10_000 + port),
+        }));
+        if port % 20 == 19 {
+            let now = ts + MS;
+            *decided.entry(now / SEC).or_default() += e.tick(now).len();
+        }
+    }
+    for tenth in 11..80 {
+        let now = tenth * 100 * MS;
+        *decided.entry(now / SEC).or_default() += e.tick(now).len();
+    }
+    assert!(decided.values().all(|&n| n <= 50), "{decided:?}");
+    let written: usize = decided.values().sum();
+    assert!((50..=100).contains(&written), "{decided:?}");
+    assert_eq!(
+        e.summary().attempt_verdicts_suppressed,
+        200 - written as u64
+    );
+}
+
+#[test]
 fn a_flood_of_failed_cookie_attempts_is_capped_and_counted() {
     let mut e = Engine::new(EngineConfig::default());
     // 300 spoofed sources within one second, each answered with a cookie, none completing.
