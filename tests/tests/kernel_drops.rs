@@ -138,6 +138,8 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
         ct,
         server: _server,
     } = Scenario::new()
+        // The server's namespace's own cap on backlogs, which its verdicts and advice name.
+        .in_server(&["sysctl", "-qw", "net.core.somaxconn=77"])
         .serve(&["--backlog", "1", "--accept", "0"])
         .in_client(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
         .conntrace(&["--port", "3306"]);
@@ -169,6 +171,7 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
             "{v}"
         );
         assert_eq!(v["detail"]["backlog"], 1, "{v}");
+        assert_eq!(v["detail"]["somaxconn"], 77, "{v}");
         assert!(v["detail"]["accept_queue"].as_u64() > Some(1), "{v}");
         assert_eq!(v["detail"]["listener"]["comm"], "ct-server", "{v}");
         if v["dport"] == 0 {
@@ -215,5 +218,6 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
             "{c}"
         );
         assert!(q["overflows"].as_u64() >= Some(1), "{c}");
+        assert_eq!(q["somaxconn"], 77, "{c}");
     }
 }

@@ -118,6 +118,10 @@ pub trait NamespaceLookup {
     fn conntrack(&mut self, netns: Option<u32>) -> Option<ConntrackTable>;
     /// Local ports held towards `dst`.
     fn ports_to(&mut self, netns: Option<u32>, dst: SocketAddr) -> Option<PortUse>;
+    /// The namespace's `net.core.somaxconn`; `None` when unknown.
+    fn somaxconn(&mut self, _netns: Option<u32>) -> Option<u32> {
+        None
+    }
     /// A TcpExt counter of the namespace (`/proc/net/netstat`, without the `TcpExt` prefix).
     fn tcp_ext(&mut self, netns: Option<u32>, counter: &str) -> Option<u64>;
 }

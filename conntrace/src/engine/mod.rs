@@ -246,6 +246,9 @@ impl Engine {
         rules::listener::describe_peer_queue(&mut v, &self.overflows, |netns, addr| {
             namespaces.as_mut()?.is_local(Some(netns), addr)
         });
+        if let Some(ns) = self.lookups.namespaces.as_mut() {
+            rules::listener::with_somaxconn(&mut v, |netns| ns.somaxconn(netns));
+        }
         self.summary.count(&v);
         out.push(v);
     }

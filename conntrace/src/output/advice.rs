@@ -49,10 +49,12 @@ fn accept_command(v: &Verdict, facts: &DropFacts) -> Option<String> {
     ))
 }
 
-fn somaxconn() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
-        .ok()
-        .map(|s| s.trim().to_owned())
+/// "net.core.somaxconn (now N there)" with the listener's namespace's value, when read.
+fn somaxconn(value: Option<u32>) -> String {
+    match value {
+        Some(n) => format!("net.core.somaxconn (now {n} there)"),
+        None => "net.core.somaxconn in its namespace".into(),
+    }
 }
 
 /// The server's end of the connection: `ip:port`.
@@ -184,8 +186,8 @@ pub fn concrete(v: &Verdict) -> String {
                 .and_then(|l| l.comm.as_deref())
                 .unwrap_or("the server");
             format!(
-                "{queue}{who} does not accept() fast enough: raise its listen() backlog and net.core.somaxconn (now {}), or find why it is slow or stopped",
-                somaxconn().unwrap_or_else(|| "?".into())
+                "{queue}{who} does not accept() fast enough: raise its listen() backlog and {}, or find why it is slow or stopped",
+                somaxconn(q.and_then(|q| q.somaxconn))
             )
         }
         Reason::StalledNoGreeting | Reason::StalledNoResponse => format!(
@@ -194,13 +196,13 @@ pub fn concrete(v: &Verdict) -> String {
         ),
         Reason::SynTimeout => match v.detail.peer_listen_queue() {
             Some(q) => format!(
-                "the listener {} in netns {} had a full accept queue ({}/{}, {} overflows while this client waited): it refuses SYNs without a drop; its process does not accept() fast enough: raise its listen() backlog and net.core.somaxconn (now {}), or find why it is slow or stopped",
+                "the listener {} in netns {} had a full accept queue ({}/{}, {} overflows while this client waited): it refuses SYNs without a drop; its process does not accept() fast enough: raise its listen() backlog and {}, or find why it is slow or stopped",
                 q.listener,
                 q.netns,
                 q.accept_queue,
                 q.backlog,
                 q.overflows,
-                somaxconn().unwrap_or_else(|| "?".into())
+                somaxconn(q.somaxconn)
             ),
             None => format!(
                 "SYNs to {} went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule",
@@ -344,6 +346,7 @@ mod tests {
             overflows: 4,
             accept_queue: 2,
             backlog: 1,
+            somaxconn: Some(64),
         });
         let mut v = verdict(Reason::SynTimeout, Detail::Closed(d));
         v.side = Side::Client;
@@ -351,7 +354,7 @@ mod tests {
         assert!(
             text.starts_with(
                 "the listener 10.0.0.2:3306 in netns 4026532249 had a full accept queue (2/1, 4 overflows while this client waited)"
-            ),
+            ) && text.contains("net.core.somaxconn (now 64 there)"),
             "{text}"
         );
         let v = verdict(

@@ -287,6 +287,7 @@ mod tests {
                 overflows: 4,
                 accept_queue: 2,
                 backlog: 1,
+                somaxconn: Some(64),
             });
         }
         assert_eq!(

@@ -124,6 +124,27 @@ pub(crate) fn describe_peer_queue(
     });
 }
 
+/// The `net.core.somaxconn` of the namespace whose listener a full or unaccepted queue, or a
+/// client's timeout toward a full one, is about (`somaxconn(netns)`): the advice to raise a
+/// backlog names that namespace's cap, not conntrace's own.
+pub(crate) fn with_somaxconn(
+    v: &mut Verdict,
+    mut somaxconn: impl FnMut(Option<u32>) -> Option<u32>,
+) {
+    if let Detail::Closed(d) = &mut v.detail
+        && let Some(q) = &mut d.peer_listen_queue
+    {
+        q.somaxconn = somaxconn(Some(q.netns));
+        return;
+    }
+    if matches!(v.reason, Reason::ListenOverflow | Reason::NotAccepted)
+        && let Some(netns) = v.netns
+        && let Some(q) = v.detail.queue_mut()
+    {
+        q.somaxconn = somaxconn(Some(netns));
+    }
+}
+
 /// A listener-level overflow from the kernel's counter: no single client to name, so the
 /// remote end is the unspecified address and port 0.
 pub(crate) fn overflow(
@@ -148,6 +169,7 @@ pub(crate) fn overflow(
             listener: None,
             accept_queue: Some(accept_queue),
             backlog: Some(backlog),
+            somaxconn: None,
         },
     });
     let mut v = socketless(meta, tuple, Side::Server, detail);

@@ -120,6 +120,7 @@ impl Overflows {
             overflows: seen.iter().map(|s| s.overflows).sum(),
             accept_queue: last.accept_queue,
             backlog: last.backlog,
+            somaxconn: None,
         })
     }
 }

@@ -182,6 +182,10 @@ pub struct QueueFacts {
     /// The queue's limit: the listen() backlog (capped by net.core.somaxconn).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backlog: Option<u32>,
+    /// The listener's namespace's `net.core.somaxconn` (the cap on any backlog there), read
+    /// when the verdict is made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub somaxconn: Option<u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
@@ -374,6 +378,10 @@ pub struct PeerListenQueue {
     /// Its accept queue length and limit (the `listen()` backlog) when last seen full.
     pub accept_queue: u32,
     pub backlog: u32,
+    /// Its namespace's `net.core.somaxconn` (the cap on any backlog there), read when the
+    /// verdict is made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub somaxconn: Option<u32>,
 }
 
 /// An established connection's data retransmissions.

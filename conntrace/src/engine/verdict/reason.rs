@@ -104,7 +104,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "syn_timeout",
         "client",
         "handshake.rs",
-        "The socket went from SYN_SENT to CLOSE with ETIMEDOUT after SYN retransmits (tcp:tcp_retransmit_skb), or the application closed it in SYN_SENT, and no drop on this host explains it.",
+        "The socket went from SYN_SENT to CLOSE with ETIMEDOUT after SYN retransmits (tcp:tcp_retransmit_skb), or the application closed it in SYN_SENT, and no drop on this host explains it. When the server listens in another network namespace of this host and its accept queue overflowed meanwhile (TcpExtListenOverflows, polled every second: a SYN a full queue refuses is no drop), detail.peer_listen_queue names that listener.",
         "SYNs went unanswered: a firewall drops them, or the host is down or unreachable"
     ),
     doc!(

@@ -176,6 +176,7 @@ const PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 const CT_COUNT: &str = "/proc/sys/net/netfilter/nf_conntrack_count";
 const CT_MAX: &str = "/proc/sys/net/netfilter/nf_conntrack_max";
 const NETSTAT: &str = "/proc/thread-self/net/netstat";
+const SOMAXCONN: &str = "/proc/sys/net/core/somaxconn";
 
 /// `net.ipv4.ip_local_port_range` as the file shows it (`"32768\t60999\n"`): first and last
 /// port.
@@ -382,6 +383,13 @@ impl NamespaceLookup for NamespaceCache {
         let netns = netns?;
         let res = self.query(netns, "port range and sockets", move || ports_here(dst));
         Self::logged(netns, "local ports", res)
+    }
+
+    fn somaxconn(&mut self, netns: Option<u32>) -> Option<u32> {
+        let netns = netns?;
+        let res = self.query(netns, "net.core.somaxconn", || read(SOMAXCONN));
+        let text = Self::logged(netns, "net.core.somaxconn", res)?;
+        text.trim().parse().ok()
     }
 
     fn tcp_ext(&mut self, netns: Option<u32>, counter: &str) -> Option<u64> {
