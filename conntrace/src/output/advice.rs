@@ -245,6 +245,16 @@ pub fn concrete(v: &Verdict) -> String {
             ),
             _ => v.reason.advice().to_owned(),
         },
+        Reason::ResetByPeer => match v.side {
+            Side::Client => format!(
+                "the server {} aborted the connection (RST): check its logs, its idle and connection limits, or a middlebox's idle timeout on the path",
+                server(v)
+            ),
+            Side::Server => format!(
+                "the client {} aborted the connection (RST): its application closed the socket with data unread, gave up waiting (its own timeout), or was killed; check the client's timeouts and logs",
+                v.daddr
+            ),
+        },
         _ => v.reason.advice().to_owned(),
     }
 }
@@ -362,6 +372,26 @@ mod tests {
             Detail::Closed(ClosedDetail::new(TcpState::SynSent)),
         );
         assert!(concrete(&v).contains("went unanswered"), "{}", concrete(&v));
+    }
+
+    #[test]
+    fn a_reset_names_the_end_that_sent_it() {
+        let mut v = verdict(
+            Reason::ResetByPeer,
+            Detail::Closed(ClosedDetail::new(TcpState::Established)),
+        );
+        assert!(
+            concrete(&v).starts_with("the client 10.0.0.1 aborted the connection (RST)"),
+            "{}",
+            concrete(&v)
+        );
+        v.side = Side::Client;
+        (v.daddr, v.dport) = ("10.0.0.2".parse().expect("ip"), 3306);
+        assert!(
+            concrete(&v).starts_with("the server 10.0.0.2:3306 aborted the connection (RST)"),
+            "{}",
+            concrete(&v)
+        );
     }
 
     #[test]

@@ -241,7 +241,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "client, server",
         "teardown.rs",
         "An established connection received a RST (tcp:tcp_receive_reset) or reported ECONNRESET.",
-        "the peer aborted an established connection (RST): check the server's logs and its idle/limit settings"
+        "the other end aborted an established connection (RST): on a client, check the server's logs and its idle/limit settings; on a server, the client's timeouts (it gave up, or closed with data unread)"
     ),
     doc!(
         Timeout,
