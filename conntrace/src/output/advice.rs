@@ -350,14 +350,7 @@ mod tests {
     #[test]
     fn a_syn_timeout_toward_a_full_queue_on_this_host_names_the_listener() {
         let mut d = ClosedDetail::new(TcpState::SynSent);
-        d.peer_listen_queue = Some(crate::engine::verdict::detail::PeerListenQueue {
-            netns: 4026532249,
-            listener: "10.0.0.2:3306".parse().expect("address"),
-            overflows: 4,
-            accept_queue: 2,
-            backlog: 1,
-            somaxconn: Some(64),
-        });
+        d.peer_listen_queue = Some(crate::output::tests::peer_listen_queue());
         let mut v = verdict(Reason::SynTimeout, Detail::Closed(d));
         v.side = Side::Client;
         let text = concrete(&v);

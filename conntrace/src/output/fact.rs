@@ -274,21 +274,14 @@ pub fn count(n: u64, noun: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{key_fact, rule};
-    use crate::engine::verdict::{Detail, detail::PeerListenQueue};
+    use crate::engine::verdict::Detail;
 
     #[test]
     fn a_syn_timeout_toward_a_full_queue_on_this_host_says_so() {
         let mut v = crate::output::tests::syn_timeout();
         let plain = key_fact(&v);
         if let Detail::Closed(d) = &mut v.detail {
-            d.peer_listen_queue = Some(PeerListenQueue {
-                netns: 4026532249,
-                listener: "10.0.0.2:3306".parse().expect("address"),
-                overflows: 4,
-                accept_queue: 2,
-                backlog: 1,
-                somaxconn: Some(64),
-            });
+            d.peer_listen_queue = Some(crate::output::tests::peer_listen_queue());
         }
         assert_eq!(
             key_fact(&v),

@@ -129,6 +129,18 @@ pub(crate) fn syn_timeout() -> Verdict {
     v
 }
 
+/// The full listener a client's `syn_timeout` reached on this host (`peer_listen_queue`).
+pub(crate) fn peer_listen_queue() -> crate::engine::verdict::detail::PeerListenQueue {
+    crate::engine::verdict::detail::PeerListenQueue {
+        netns: 4026532249,
+        listener: "10.0.0.2:3306".parse().expect("address"),
+        overflows: 4,
+        accept_queue: 2,
+        backlog: 1,
+        somaxconn: Some(64),
+    }
+}
+
 /// A client whose greeting has not come.
 fn stalled() -> Verdict {
     let d = StallDetail {
