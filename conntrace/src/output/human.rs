@@ -282,8 +282,10 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
         line.push_str(&format!(" [{}]", facts.join(", ")));
     }
     if v.outcome != Outcome::Established {
+        // The verdict's own advice (its rule, listener, queue), as the compact line gives it
+        // once.
         line.push_str(" — ");
-        line.push_str(v.reason.advice());
+        line.push_str(&advice::concrete(v));
     }
     line
 }

@@ -456,7 +456,7 @@ fn human_wide_verdict_drop_and_lost() {
     let mut h = Human::new(true, false, true);
     assert_eq!(
         h.text(&Record::Verdict(&netfilter_drop()), &c),
-        "2026-11-30T00:00:02.123456Z server netfilter_drop 10.77.0.1:40000 -> 10.77.0.2:3306 - netns:4026532246 (NETFILTER_DROP, 2040.5 ms, 2 SYN retransmits) [hook INPUT, rule ip filter INPUT: tcp dport 3306 drop] — a firewall rule dropped the handshake (see detail.hook and detail.rule): allow the port, or make the rule REJECT with tcp-reset so clients fail at once"
+        "2026-11-30T00:00:02.123456Z server netfilter_drop 10.77.0.1:40000 -> 10.77.0.2:3306 - netns:4026532246 (NETFILTER_DROP, 2040.5 ms, 2 SYN retransmits) [hook INPUT, rule ip filter INPUT: tcp dport 3306 drop] — INPUT rule `tcp dport 3306 drop` drops it; to accept this peer: `iptables -I INPUT -p tcp -s 10.77.0.1 --dport 3306 -j ACCEPT`"
     );
     assert_eq!(
         Human::new(false, false, true).text(&Record::Drop(&drop_record()), &c),
