@@ -132,6 +132,15 @@ impl Engine {
             self.drop_record(&f, outgoing, proc);
             return;
         }
+        if explains == Explains::Attempt
+            && !f.tcp_flags.has(tcp_flags::SYN)
+            && self.table.was_decided_attempt(&key)
+        {
+            // A late packet of an attempt decided already (a cookie's client still sending on
+            // the connection it believes established, its FIN): printed, no second verdict.
+            self.drop_record(&f, outgoing, proc);
+            return;
+        }
         if !decided && explains == Explains::Attempt && self.table.has_room_for_attempt(&key) {
             let mut hs = hs;
             if needs_context(self.table.attempt(&key).map_or(&[], |a| &a.drops), &hs) {

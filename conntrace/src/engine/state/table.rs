@@ -341,9 +341,10 @@ impl Table {
     }
 
     /// Keeps the drops of attempt `key`, just decided without its handshake completing, for
-    /// its other end's later verdicts.
+    /// its other end's later verdicts and its own late packets (a cookie's: the client goes on
+    /// sending on a connection it believes established).
     pub fn remember_decided_attempt(&mut self, (netns, tuple): AttemptKey, a: &Attempt) {
-        if a.drops.is_empty()
+        if (a.drops.is_empty() && a.cookies.is_none())
             || (!self.decided_attempts.contains_key(&tuple)
                 && self.decided_attempts.len() >= self.max)
         {
@@ -355,6 +356,13 @@ impl Table {
             drops: a.drops.clone(),
         };
         self.decided_attempts.insert(tuple, kept);
+    }
+
+    /// Whether attempt `key` was decided lately (kept by [`Table::remember_decided_attempt`]).
+    pub fn was_decided_attempt(&self, (netns, tuple): &AttemptKey) -> bool {
+        self.decided_attempts
+            .get(tuple)
+            .is_some_and(|k| k.netns == *netns)
     }
 
     /// Keeps a log of the attempts opened and closed from now on.

@@ -154,6 +154,37 @@ fn a_cookie_whose_ack_never_made_a_socket_is_syncookie_ack_lost() {
     );
 }
 
+#[test]
+fn late_packets_of_a_decided_cookie_attempt_make_no_second_verdict() {
+    let mut e = Engine::new(EngineConfig::default());
+    none(e.handle(cookie(MS)));
+    check(&one(e.tick(5 * SEC)), "server failed syncookie_ack_lost -");
+    // The client, believing itself connected, gives up and sends its FIN, retransmitted: the
+    // full queue's listener drops each at the cookie check (NO_SOCKET), as for its first ACK.
+    for n in 0..6u64 {
+        let KernelEvent::Dropped(mut d) = dropped_ack(6 * SEC + n * 200 * MS, 51_000) else {
+            unreachable!()
+        };
+        d.reason = DropReason::new("NO_SOCKET");
+        d.location = "cookie_v4_check+0x3a0".into();
+        d.tcp_flags = TcpFlags(0x11);
+        d.hook = None;
+        none(e.handle(KernelEvent::Dropped(d)));
+    }
+    none(e.tick(20 * SEC));
+    assert_eq!(
+        e.summary().drops_by_reason[&DropReason::new("NO_SOCKET")],
+        6
+    );
+    // A new SYN of the same tuple is a new attempt.
+    let KernelEvent::Dropped(mut syn) = dropped_ack(30 * SEC, 51_000) else {
+        unreachable!()
+    };
+    syn.tcp_flags = TcpFlags(0x02);
+    none(e.handle(KernelEvent::Dropped(syn)));
+    check(&one(e.tick(40 * SEC)), "server failed netfilter_drop -");
+}
+
 /// The client 10.77.0.2:`port`'s final ACK to the listener 10.77.0.1:3306, dropped by
 /// netfilter INPUT at `ts`.
 fn dropped_ack(ts: u64, port: u16) -> KernelEvent {
