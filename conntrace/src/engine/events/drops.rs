@@ -4,6 +4,8 @@
 //! gathered per attempt; the rest become `drop` records, except drops that are a normal part
 //! of TCP, which are only counted.
 
+use std::net::IpAddr;
+
 use conntrace_common::tcp::flags as tcp_flags;
 
 use super::super::{
@@ -24,12 +26,12 @@ impl Engine {
             .drops_by_reason
             .entry(f.reason.clone())
             .or_default() += 1;
-        // The packet is outgoing when a local socket sent it: its source is that socket's own
-        // end. Incoming packets can carry a socket too (early demux).
         if f.sk != 0 && f.rx_sk == 0 && self.arrived_with_sender_socket(&f) {
             // Received here, before any socket of this namespace had it.
             (f.sk, f.sk_port, f.sk_state) = (0, None, None);
         }
+        // The packet is outgoing when a local socket sent it: its source is that socket's own
+        // end. Incoming packets can carry a socket too (early demux).
         let owner = self
             .table
             .by_sk(f.sk)
@@ -250,25 +252,27 @@ impl Engine {
                     .is_some_and(TcpState::connected))
     }
 
-    /// Whether `packet` (as it travelled) neither came from nor went to namespace `netns`: it
-    /// was being forwarded there.
+    /// Whether `addr` is known not to be one of namespace `netns`'s own addresses (false when
+    /// no namespace can be read).
+    fn not_local(&mut self, netns: Option<u32>, addr: IpAddr) -> bool {
+        self.lookups
+            .namespaces
+            .as_mut()
+            .is_some_and(|ns| ns.is_local(netns, addr) == Some(false))
+    }
+
     /// A packet that crossed a veth into another namespace of this host keeps its sender's
     /// socket until IP takes it in (`ip_rcv_core` orphans it after its first checks): dropped
     /// there before that (`OTHERHOST`, a bad header), it is the receiving namespace's, not
     /// an outgoing one. Its source is then not one of the dropping namespace's addresses.
     fn arrived_with_sender_socket(&mut self, f: &DroppedPacket) -> bool {
-        let Some(ns) = self.lookups.namespaces.as_mut() else {
-            return false;
-        };
-        ns.is_local(f.meta.netns, f.packet.saddr) == Some(false)
+        self.not_local(f.meta.netns, f.packet.saddr)
     }
 
+    /// Whether `packet` (as it travelled) neither came from nor went to namespace `netns`: it
+    /// was being forwarded there.
     fn forwarded(&mut self, netns: Option<u32>, packet: FourTuple) -> bool {
-        let Some(ns) = self.lookups.namespaces.as_mut() else {
-            return false;
-        };
-        ns.is_local(netns, packet.daddr) == Some(false)
-            && ns.is_local(netns, packet.saddr) == Some(false)
+        self.not_local(netns, packet.daddr) && self.not_local(netns, packet.saddr)
     }
 
     /// A forwarded packet's drop: it joins the connection's path, and is printed as a
