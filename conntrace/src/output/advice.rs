@@ -49,12 +49,16 @@ fn accept_command(v: &Verdict, facts: &DropFacts) -> Option<String> {
     ))
 }
 
-/// "net.core.somaxconn (now N there)" with the listener's namespace's value, when read.
-fn somaxconn(value: Option<u32>) -> String {
-    match value {
+/// What to do about a listener that does not accept() fast enough, naming its namespace's
+/// `net.core.somaxconn` when it was read.
+fn accept_faster(somaxconn: Option<u32>) -> String {
+    let cap = match somaxconn {
         Some(n) => format!("net.core.somaxconn (now {n} there)"),
         None => "net.core.somaxconn in its namespace".into(),
-    }
+    };
+    format!(
+        "does not accept() fast enough: raise its listen() backlog and {cap}, or find why it is slow or stopped"
+    )
 }
 
 /// The server's end of the connection: `ip:port`.
@@ -186,8 +190,8 @@ pub fn concrete(v: &Verdict) -> String {
                 .and_then(|l| l.comm.as_deref())
                 .unwrap_or("the server");
             format!(
-                "{queue}{who} does not accept() fast enough: raise its listen() backlog and {}, or find why it is slow or stopped",
-                somaxconn(q.and_then(|q| q.somaxconn))
+                "{queue}{who} {}",
+                accept_faster(q.and_then(|q| q.somaxconn))
             )
         }
         Reason::StalledNoGreeting | Reason::StalledNoResponse => format!(
@@ -196,13 +200,13 @@ pub fn concrete(v: &Verdict) -> String {
         ),
         Reason::SynTimeout => match v.detail.peer_listen_queue() {
             Some(q) => format!(
-                "the listener {} in netns {} had a full accept queue ({}/{}, {} overflows while this client waited): it refuses SYNs without a drop; its process does not accept() fast enough: raise its listen() backlog and {}, or find why it is slow or stopped",
+                "the listener {} in netns {} had a full accept queue ({}/{}, {} overflows while this client waited): it refuses SYNs without a drop; its process {}",
                 q.listener,
                 q.netns,
                 q.accept_queue,
                 q.backlog,
                 q.overflows,
-                somaxconn(q.somaxconn)
+                accept_faster(q.somaxconn)
             ),
             None => format!(
                 "SYNs to {} went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule",
