@@ -30,17 +30,13 @@ pub use self::{
     config::EngineConfig,
     lookup::{Listener, ListenerLookup, NamespaceLookup, Route, RuleLookup},
     rules::{drops::NORMAL as NORMAL_DROP_REASONS, listener::is_cookie_check},
+    state::rate::RECORDS_PER_SECOND,
 };
 use self::{
     facts::KernelEvent,
-    state::{Conn, ConnId, Decided, HashMap, Report, Table},
+    state::{Conn, ConnId, Decided, Report, Table},
     verdict::{DropRecord, Reason, Side, Summary, Verdict},
 };
-
-/// Most records of one kind per second: `drop` records per namespace and drop reason, failed
-/// cookie attempts per listener (a SYN flood would otherwise print one line per SYN); the rest
-/// are counted in the summary.
-pub const RECORDS_PER_SECOND: u32 = 50;
 
 /// What the engine may ask the host; each absent one leaves its facts out.
 #[derive(Default)]
@@ -57,8 +53,8 @@ pub struct Engine {
     cfg: EngineConfig,
     lookups: Lookups,
     table: Table,
-    /// Records written this second, by window (a namespace and a kind): (the second, count).
-    windows: HashMap<(Option<u32>, String), (u64, u32)>,
+    /// Records admitted lately, by window (a namespace and a kind), for the per-second cap.
+    windows: state::RateWindows,
     /// Drop records not yet taken by the caller.
     drops: Vec<DropRecord>,
     /// Listener overflows lately, for the `syn_timeout` of their clients on this host.
@@ -72,7 +68,7 @@ impl Engine {
             table: Table::new(cfg.max_connections),
             cfg,
             lookups: Lookups::default(),
-            windows: HashMap::default(),
+            windows: state::RateWindows::default(),
             drops: Vec::new(),
             overflows: state::Overflows::default(),
             summary: Summary::default(),
@@ -169,8 +165,7 @@ impl Engine {
         }
         let keep = 10 * self.cfg.grace_ns.max(100_000_000);
         self.summary.unmatched_errors += self.table.forget_older_than(now_ns, keep);
-        let second = now_ns / 1_000_000_000;
-        self.windows.retain(|_, (s, _)| *s + 1 >= second);
+        self.windows.prune(now_ns);
         out
     }
 
@@ -389,7 +384,7 @@ impl Engine {
                 self.summary.listener(&a.tuple).cookies_failed += 1;
             }
             // A SYN flood (spoofed sources) ends in one failed attempt per SYN: at most
-            // RECORDS_PER_SECOND verdicts per local port each second they are decided in, the
+            // RECORDS_PER_SECOND verdicts per local port in any second of their decisions, the
             // rest counted (and in the listener's `cookies_failed` for cookies). Attempts whose
             // peer answered have their own budget: a flood's verdicts must not hide a real
             // client's. (By the second of an attempt's last packet instead, the window was gone
@@ -410,15 +405,9 @@ impl Engine {
         }
     }
 
-    /// Counts one record against its window (a namespace and a kind, per second); false when
-    /// the window already had [`RECORDS_PER_SECOND`].
+    /// Counts one record against its window (a namespace and a kind); false when the window
+    /// admitted [`RECORDS_PER_SECOND`] in the second up to `ts_ns`.
     fn within_rate(&mut self, key: (Option<u32>, String), ts_ns: u64) -> bool {
-        let second = ts_ns / 1_000_000_000;
-        let window = self.windows.entry(key).or_insert((second, 0));
-        if window.0 != second {
-            *window = (second, 0);
-        }
-        window.1 += 1;
-        window.1 <= RECORDS_PER_SECOND
+        self.windows.admit(key, ts_ns)
     }
 }

@@ -4,6 +4,7 @@
 pub mod attempt;
 pub mod conn;
 pub mod overflows;
+pub mod rate;
 pub mod route;
 pub mod table;
 
@@ -11,6 +12,7 @@ pub use self::{
     attempt::{Attempt, DropContext, HandshakeDrop},
     conn::{Conn, Opening, Report, SocketError, Stall},
     overflows::Overflows,
+    rate::RateWindows,
     route::Walk,
     table::{ConnId, Decided, OrphanError, Table},
 };

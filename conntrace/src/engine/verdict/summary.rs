@@ -30,12 +30,12 @@ pub struct Summary {
     /// Dropped packets on traced ports, by kernel drop reason.
     pub drops_by_reason: BTreeMap<DropReason, u64>,
     /// Drops not written as `drop` records because more than
-    /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) of one reason came in one
-    /// second in one namespace (still counted in `drops_by_reason`).
+    /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) of one reason came within a
+    /// second (sliding) in one namespace (still counted in `drops_by_reason`).
     pub drop_records_suppressed: u64,
     /// Verdicts of attempts without a socket (dropped SYNs, failed SYN cookies) not written
-    /// because more than [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended in one
-    /// second at one local port (a SYN flood), counted apart for attempts whose peer answered
+    /// because more than [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended within
+    /// a second (sliding) at one local port (a SYN flood), counted apart for attempts whose peer answered
     /// (`Attempt::answered`) and the others; failed cookies are still counted in the
     /// listener's `cookies_failed`.
     pub attempt_verdicts_suppressed: u64,
