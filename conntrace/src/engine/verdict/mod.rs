@@ -125,8 +125,9 @@ pub enum Direction {
     In,
     /// Sent by a local socket.
     Out,
-    /// Forwarded by this host: neither end is one of its addresses (`s` is the packet's
-    /// source).
+    /// Passing through the dropping namespace: neither end is one of its addresses (`s` is
+    /// the packet's source). A router's drop, or a packet addressed elsewhere that a
+    /// namespace which does not forward refused (`OTHERHOST`).
     Forward,
 }
 
