@@ -291,6 +291,46 @@ fn no_route_is_reported_without_packets() {
 }
 
 #[test]
+fn a_route_put_back_right_after_the_failed_connect_does_not_hide_it() {
+    // A script's `ip route del ...; connect; sleep 0.1; ip route add ...`: in quiet mode the
+    // verdict is decided a grace period after the kernel's failed lookup, when the route is
+    // back; what the namespace had then decides (read as its event came, within milliseconds).
+    for follow in FOLLOW_MODES {
+        let Scenario { hosts, ct, .. } =
+            Scenario::new().conntrace(&["--port", "3306", "--follow", follow]);
+        let route = ["192.0.2.0/24", "via", hosts.server_ip.as_str()];
+        hosts
+            .client
+            .exec(&[&["ip", "route", "add"][..], &route].concat());
+        hosts
+            .client
+            .exec(&[&["ip", "route", "del"][..], &route].concat());
+        let client = connect(&hosts.client, "192.0.2.1", PORT, &[]);
+        let results = client.json_lines(Duration::from_secs(10));
+        // Within the grace period (200 ms) the verdict waits for, after the event came.
+        std::thread::sleep(Duration::from_millis(100));
+        hosts
+            .client
+            .exec(&[&["ip", "route", "add"][..], &route].concat());
+        assert_eq!(
+            results[0]["errno"], 101,
+            "client should see ENETUNREACH: {results:?}"
+        );
+        let values = ct.stop_after_verdict_in(hosts.client.inode());
+        let v = &only_verdict_in(&values, hosts.client.inode());
+        assert_eq!(
+            (v["reason"].as_str(), v["errno"].as_str()),
+            (Some("no_route"), Some("ENETUNREACH")),
+            "--follow {follow}: {v}"
+        );
+        assert_eq!(
+            v["detail"]["route"]["kind"], "none",
+            "--follow {follow}: the route when connect() failed, not the one put back: {v}"
+        );
+    }
+}
+
+#[test]
 fn ipv6_no_route_is_reported_without_packets() {
     // IPv6 looks the route up twice per connect() (without, then with a source address) and
     // traces a miss as an unreachable route: still one verdict, ENETUNREACH, in both modes.

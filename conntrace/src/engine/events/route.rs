@@ -17,9 +17,18 @@ impl Engine {
         table: u32,
         answer: TableAnswer,
     ) {
+        let key = (meta.netns, meta.proc.pid, tuple.daddr, tuple.dport);
         if !self.table.route_walks_mut().add(meta, tuple, table, answer) {
             self.summary.unmatched_errors += 1;
+            return;
         }
+        // The namespace's route now, as the kernel answered (see `Walk::route`).
+        let route = self
+            .lookups
+            .namespaces
+            .as_mut()
+            .and_then(|ns| ns.route_to(key.0, tuple.daddr));
+        self.table.route_walks_mut().note_route(&key, route);
     }
 
     /// The `connect()` of `meta`'s process to `tuple`'s destination went on (its socket moved
@@ -44,16 +53,15 @@ impl Engine {
     ) {
         let grace = self.cfg.grace_ns;
         for walk in self.table.route_walks_mut().take_ready(now_ns, grace, all) {
-            let route = if walk.last_answer().may_go_on() {
-                // Which table ended the walk is not traced when it answered with a route:
-                // the namespace's own route says whether one exists.
+            // Which table ended the walk is not traced when it answered with a route: the
+            // namespace's own route, read when the kernel answered, says whether one exists
+            // (read now only where it could not be read then).
+            let route = walk.route.clone().or_else(|| {
                 self.lookups
                     .namespaces
                     .as_mut()
                     .and_then(|ns| ns.route_to(walk.meta.netns, walk.tuple.daddr))
-            } else {
-                None
-            };
+            });
             if let Some(v) = rules::connect::route_failed(&walk, route.as_ref()) {
                 self.emit(out, v);
             }

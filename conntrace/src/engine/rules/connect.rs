@@ -107,7 +107,12 @@ pub(crate) fn route_failed(walk: &Walk, route: Option<&Route>) -> Option<Verdict
         sport: 0,
         ..walk.tuple
     };
-    failed(&walk.meta, tuple, errno, false)
+    let mut v = failed(&walk.meta, tuple, errno, false)?;
+    if let (Detail::Connect(d), Some(route)) = (&mut v.detail, route) {
+        // As the kernel answered: `complete` does not read it again.
+        d.route = Some(route.clone());
+    }
+    Some(v)
 }
 
 /// Errors a route lookup gives (no route; unreachable, prohibit routes), which an ICMP answer
@@ -217,7 +222,8 @@ pub(crate) fn complete(v: &mut Verdict, ns: &mut dyn NamespaceLookup) {
             }
         }
         Reason::NoRoute | Reason::ConnectDenied | Reason::Unknown => {
-            let Some(route) = ns.route_to(v.netns, v.daddr) else {
+            // Read as the kernel answered (a route lookup's walk), else now.
+            let Some(route) = d.route.take().or_else(|| ns.route_to(v.netns, v.daddr)) else {
                 return;
             };
             let by_route = match (v.errno, route.kind) {

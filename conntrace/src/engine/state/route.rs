@@ -14,7 +14,10 @@
 use std::net::IpAddr;
 
 use super::HashMap;
-use crate::engine::facts::{FourTuple, Meta, TableAnswer};
+use crate::engine::{
+    facts::{FourTuple, Meta, TableAnswer},
+    lookup::Route,
+};
 
 /// A `connect()`'s key: namespace, process (pid), destination address and port.
 pub type RouteKey = (Option<u32>, u32, IpAddr, u16);
@@ -33,6 +36,11 @@ pub struct Walk {
     pub tuple: FourTuple,
     /// (table, answer), in order.
     pub answers: Vec<(u32, TableAnswer)>,
+    /// The namespace's route to the destination (`ip route get`), read when the last answer
+    /// came: `None` when not read or unreadable. Read then, not at the decision a grace
+    /// period later, by when a route put back (a script's `ip route add` right after its
+    /// test) would hide the failure.
+    pub route: Option<Route>,
 }
 
 impl Walk {
@@ -86,6 +94,7 @@ impl RouteWalks {
         {
             last.answers.push((table, answer));
             last.meta = meta;
+            last.route = None;
             return true;
         }
         // IPv6 looks the route up without a source first, then again from the source it
@@ -103,8 +112,16 @@ impl RouteWalks {
             meta,
             tuple,
             answers: vec![(table, answer)],
+            route: None,
         });
         true
+    }
+
+    /// Sets the route read for the walk `key` has just added an answer to.
+    pub fn note_route(&mut self, key: &RouteKey, route: Option<Route>) {
+        if let Some(walk) = self.by_key.get_mut(key).and_then(|w| w.last_mut()) {
+            walk.route = route;
+        }
     }
 
     /// The `connect()` of `key` went on (SYN_SENT) or reported its result itself: its last

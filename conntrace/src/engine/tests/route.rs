@@ -42,6 +42,30 @@ impl NamespaceLookup for Routes {
     }
 }
 
+/// [`Routes`] the test changes while the engine holds it (a script's `ip route` meanwhile).
+struct Changing(std::rc::Rc<std::cell::Cell<Option<RouteKind>>>);
+
+impl NamespaceLookup for Changing {
+    fn is_local(&mut self, _: Option<u32>, _: IpAddr) -> Option<bool> {
+        None
+    }
+    fn route_to(&mut self, netns: Option<u32>, dst: IpAddr) -> Option<Route> {
+        Routes(self.0.get()).route_to(netns, dst)
+    }
+    fn interface(&mut self, _: Option<u32>, _: u32) -> Option<String> {
+        None
+    }
+    fn conntrack(&mut self, _: Option<u32>) -> Option<ConntrackTable> {
+        None
+    }
+    fn ports_to(&mut self, _: Option<u32>, _: SocketAddr) -> Option<PortUse> {
+        None
+    }
+    fn tcp_ext(&mut self, _: Option<u32>, _: &str) -> Option<u64> {
+        None
+    }
+}
+
 fn engine(route: Option<RouteKind>) -> Engine {
     Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Routes(route)))
 }
@@ -142,6 +166,31 @@ fn misses_in_every_table_are_enetunreach_once_the_route_confirms() {
     let mut e = engine(Some(RouteKind::Unicast));
     none(after_grace(&mut e, vec![lookup4(MS, CUSTOM, -11)], MS));
     none(e.finish(LATER));
+}
+
+#[test]
+fn a_route_put_back_after_the_failed_connect_does_not_hide_it() {
+    // `ip route del default; connect(); ip route add default ...`: the route is there again
+    // when the grace period ends; the kernel's miss came while there was none.
+    let route = std::rc::Rc::new(std::cell::Cell::new(Some(RouteKind::None)));
+    let mut e = Engine::new(EngineConfig::default())
+        .with_namespace_lookup(Box::new(Changing(route.clone())));
+    none(feed(&mut e, vec![lookup4(MS, MAIN, -11)]));
+    route.set(Some(RouteKind::Unicast));
+    let v = one(e.tick(MS + EngineConfig::default().grace_ns));
+    check(&v, "client failed no_route ENETUNREACH");
+    // The route as it was then, not the one put back.
+    assert_eq!(detail(&v, "route")["kind"], "none");
+    // An unreachable route, replaced by a unicast one before the decision: still its errno
+    // and its route.
+    route.set(Some(RouteKind::Unreachable));
+    let mut e = Engine::new(EngineConfig::default())
+        .with_namespace_lookup(Box::new(Changing(route.clone())));
+    none(feed(&mut e, vec![lookup4(MS, MAIN, -113)]));
+    route.set(Some(RouteKind::Unicast));
+    let v = one(e.tick(MS + EngineConfig::default().grace_ns));
+    check(&v, "client failed no_route EHOSTUNREACH");
+    assert_eq!(detail(&v, "route")["kind"], "unreachable");
 }
 
 #[test]
