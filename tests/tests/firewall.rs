@@ -293,6 +293,50 @@ fn icmp_reject(with: &str, errno: i64, errno_name: &str) {
 }
 
 #[test]
+fn a_reject_answer_the_clients_own_firewall_drops_is_no_verdict_of_a_server_there() {
+    // The server's REJECT answers each SYN with a port unreachable; the client's INPUT drops
+    // ICMP, so connect() times out. The dropped error quotes the client's own SYN: a `drop`
+    // record in the client's namespace with the client's end first, never an attempt of a
+    // listener there (a phantom "server" verdict with the addresses swapped).
+    let run = connect_through(
+        |h| {
+            h.server.exec(&reject_rule("icmp-port-unreachable"));
+            h.client
+                .exec(&["iptables", "-I", "INPUT", "-p", "icmp", "-j", "DROP", "-w"]);
+        },
+        42321,
+    );
+    let hosts = &run.hosts;
+    let client = only_verdict_in(&run.values, hosts.client.inode());
+    assert_eq!(client["side"], "client", "{client}");
+    assert_eq!(client["sport"], 42321, "{client}");
+    let drops = drops_in(&run.values, hosts.client.inode());
+    assert!(!drops.is_empty(), "the dropped ICMP errors are records");
+    for d in &drops {
+        assert_eq!(
+            (&d["direction"], &d["kernel_reason"]),
+            (&"in".into(), &"NETFILTER_DROP".into()),
+            "{d}"
+        );
+        assert_eq!(
+            (
+                d["saddr"].as_str(),
+                &d["sport"],
+                d["daddr"].as_str(),
+                &d["dport"]
+            ),
+            (
+                Some(hosts.client_ip.as_str()),
+                &42321.into(),
+                Some(hosts.server_ip.as_str()),
+                &3306.into()
+            ),
+            "this host's end first: {d}"
+        );
+    }
+}
+
+#[test]
 fn reject_with_icmp_port_unreachable_costs_bursts_a_retransmit() {
     icmp_reject("icmp-port-unreachable", 111, "ECONNREFUSED");
 }

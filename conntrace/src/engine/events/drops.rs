@@ -116,6 +116,17 @@ impl Engine {
         } else {
             None
         };
+        if f.icmp.is_some() {
+            // An ICMP error about a segment of a connection not followed here (quiet mode
+            // keeps a handshake in the kernel until it retransmits): this host's own segment,
+            // never a handshake of a local listener's. A record, not an attempt.
+            if !rules::drops::is_normal(&f.reason, &f.location, f.tcp_flags)
+                || self.cfg.show_normal_drops
+            {
+                self.drop_record(&f, outgoing, proc);
+            }
+            return;
+        }
         let key = (netns, local);
         // A socket decided moments ago (its SYNs purged after it timed out) is no new attempt.
         let decided = outgoing && self.table.recently_decided(f.sk).is_some();
@@ -310,7 +321,14 @@ impl Engine {
         proc: Option<super::super::facts::Proc>,
     ) {
         let what = (f.reason.clone(), f.location.clone(), f.tcp_flags);
-        let record = rules::drops::record(&f.meta, f.packet, outgoing, proc, what);
+        // `record` puts this host's end first by reversing a received packet's tuple; an ICMP
+        // error's is the segment it quotes, which this host sent: its end is first already.
+        let packet = if f.icmp.is_some() && !outgoing {
+            f.packet.reversed()
+        } else {
+            f.packet
+        };
+        let record = rules::drops::record(&f.meta, packet, outgoing, proc, what);
         self.push_drop_record(record, &f.meta, &f.reason);
     }
 

@@ -252,6 +252,32 @@ fn an_attempt_that_gets_through_hands_its_drops_to_the_connection() {
 }
 
 #[test]
+fn an_icmp_error_about_an_unfollowed_handshake_is_a_record_never_an_attempt() {
+    // The server's REJECT answered the client's SYN with a port unreachable, which the
+    // client's own INPUT rule dropped; quiet mode does not follow the handshake yet (no
+    // retransmission). The error quotes the client's SYN: this host's end first.
+    let mut e = Engine::new(EngineConfig::default());
+    let mut ev = dropped(MS, 0, tuple(SPORT, 3306), 0, NETFILTER_DROP);
+    if let KernelEvent::Dropped(d) = &mut ev {
+        d.icmp = Some(crate::engine::facts::Icmp {
+            icmp_type: 3,
+            code: 3,
+            mtu: None,
+        });
+    }
+    none(e.handle(ev));
+    none(e.finish(LATER));
+    assert!(e.summary().by_reason.is_empty(), "no server verdict of it");
+    let d = e.take_drops();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].direction, Direction::In);
+    assert_eq!(
+        (d[0].saddr, d[0].sport, d[0].daddr, d[0].dport),
+        (ip(1), SPORT, ip(2), 3306)
+    );
+}
+
+#[test]
 fn other_drops_are_drop_records_oriented_to_this_host() {
     let mut e = Engine::new(EngineConfig::default());
     none(e.handle(dropped(MS, 0, tuple(SPORT, 3306), SYN, "NO_SOCKET")));
