@@ -244,14 +244,19 @@ fn reject_with_tcp_reset_fails_every_connect_at_once() {
     let slowest = report_cost("tcp-reset", &results, 111);
     assert!(slowest < 500.0, "a RST is never rate-limited: {results:?}");
     assert_server_rejected(&hosts, &values, "tcp-reset");
+    // The client's RST looks like a closed port's; its SYN was dropped by the server's rule,
+    // which conntrace sees on this host: the REJECT, named at the other end.
     let client = verdicts_in(&values, hosts.client.inode());
     assert_eq!(client.len(), 8);
     for c in &client {
         assert_eq!(
             (&c["reason"], &c["errno"]),
-            (&"refused_no_listener".into(), &"ECONNREFUSED".into()),
+            (&"netfilter_reject".into(), &"ECONNREFUSED".into()),
             "{c}"
         );
+        assert_eq!(c["detail"]["peer_netns"], hosts.server.inode(), "{c}");
+        assert_eq!(c["detail"]["reject_with"], "tcp-reset", "{c}");
+        assert_eq!(c["detail"]["rule"]["chain"], "INPUT", "{c}");
         assert_eq!(c["syn_retransmits"], 0);
     }
 }

@@ -232,6 +232,12 @@ impl Engine {
         {
             rules::drops::describe_peer(&mut v, netns, &drops);
         }
+        if v.reason == Reason::RefusedNoListener
+            && let Some(tuple) = v.tuple()
+            && let Some((netns, drops)) = self.table.peer_handshake_drops(v.netns, tuple)
+        {
+            rules::drops::refused_by_peer_rule(&mut v, netns, &drops);
+        }
         if let Some(tuple) = v.tuple()
             && let Some(facts) = v.detail.drop_facts_mut()
         {

@@ -261,6 +261,33 @@ pub(crate) fn describe_peer(v: &mut Verdict, netns: Option<u32>, drops: &[Handsh
     }
 }
 
+/// A client refused by a RST (`refused_no_listener`) whose SYN the other end, in another
+/// namespace of this host (`netns`), dropped in netfilter: the SYN never reached a socket
+/// there, so the RST was the REJECT rule's (`--reject-with tcp-reset`), not a closed port's.
+/// `netfilter_reject`, naming that end's rule; the errno stays. Nothing otherwise.
+pub(crate) fn refused_by_peer_rule(v: &mut Verdict, netns: Option<u32>, drops: &[HandshakeDrop]) {
+    let syn_dropped = |d: &HandshakeDrop| {
+        d.reason.as_str() == DropReason::NETFILTER_DROP
+            && d.direction == Direction::In
+            && d.tcp_flags.has(flags::SYN)
+            && !d.tcp_flags.has(flags::ACK)
+    };
+    let dropped: Vec<HandshakeDrop> = drops.iter().filter(|d| syn_dropped(d)).cloned().collect();
+    if v.reason != Reason::RefusedNoListener || v.side != Side::Client || dropped.is_empty() {
+        return;
+    }
+    let kernel_reason = v.kernel_reason.clone();
+    name_drops(v, &dropped, true);
+    if v.reason == Reason::NetfilterDrop {
+        // A RST answered it: the rule rejected, even where it could not be named.
+        v.reason = Reason::NetfilterReject;
+    }
+    v.kernel_reason = kernel_reason;
+    if let Some(facts) = v.detail.drop_facts_mut() {
+        facts.peer_netns = netns;
+    }
+}
+
 /// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
 /// its drops in `detail.drops`. The most frequent explaining drop wins.
 pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {

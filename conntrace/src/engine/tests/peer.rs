@@ -381,3 +381,38 @@ fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
     assert_eq!(detail(&v, "hook"), "INPUT");
     assert_eq!(detail(&v, "dropped"), 2);
 }
+
+#[test]
+fn a_refusal_whose_syn_the_servers_reject_rule_dropped_is_netfilter_reject() {
+    // `REJECT --reject-with tcp-reset` in the server's INPUT, a listener there: the client
+    // gets a RST as from a closed port, but its SYN was dropped by the rule.
+    let c = Sock::client(SK_A, SPORT);
+    let syn = socketless(c, MS + 100, NfHook::Input, 0x02);
+    let refused = |rule| {
+        let mut events = vec![syn.clone()];
+        events.extend(refused_client(c, MS, 100));
+        let mut e = Engine::new(EngineConfig::default());
+        if let Some(action) = rule {
+            e = e.with_rule_lookup(Box::new(OneRule(action)));
+        }
+        let mut out = feed(&mut e, events);
+        out.extend(e.tick(LATER));
+        one(out.into_iter().filter(|v| v.netns == Some(NETNS)).collect())
+    };
+    let with = "tcp-reset".to_owned();
+    let v = refused(Some(RuleAction::Reject { with }));
+    check(&v, "client failed netfilter_reject ECONNREFUSED");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS, "{v:#?}");
+    assert_eq!(detail(&v, "reject_with"), "tcp-reset");
+    assert_eq!(detail(&v, "hook"), "INPUT");
+    assert_eq!(detail(&v, "rule")["chain"], "INPUT");
+    // The rule not named (no counters): still the REJECT's RST.
+    let v = refused(None);
+    check(&v, "client failed netfilter_reject ECONNREFUSED");
+    assert_eq!(detail(&v, "peer_netns"), SERVER_NETNS);
+    // Nothing dropped at the other end: a closed port's RST.
+    let mut e = Engine::new(EngineConfig::default());
+    let v = one(feed(&mut e, refused_client(c, MS, 100)));
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(detail(&v, "peer_netns"), Value::Null);
+}
