@@ -43,6 +43,46 @@ fn a_victim_connection_during_a_syn_flood_stays_quiet_in_quiet_mode() {
     assert!(full > Some(0), "attempt_table_full: {summary}");
 }
 
+#[test]
+fn a_spoofed_flood_at_a_closed_port_is_the_servers_refusals_capped() {
+    // 300 SYNs in 60 ms from an on-link address nobody owns, to a port nobody listens on:
+    // each is refused with a RST, which waits for ARP and is dropped (NEIGH_FAILED) seconds
+    // later. At most 50 refusal lines a second, the rest counted; the dropped RSTs are the
+    // refusals' own, never a second verdict with the addresses swapped.
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
+    let spoofed = hosts.unowned_ip(52);
+    start_flood(&hosts, &spoofed, "u200", 300).wait(Duration::from_secs(30), "hping3");
+    // Neighbour resolution gives up after 3 s (3 probes, 1 s apart).
+    std::thread::sleep(Duration::from_secs(5));
+    let values = ct.stop();
+    let summary = values.last().expect("summary");
+    let server = conntrace_tests::verdicts_in(&values, hosts.server.inode());
+    println!(
+        "MEASURED spoofed flood at a closed port: {} verdicts in the server's namespace, {} suppressed, drops {}",
+        server.len(),
+        summary["attempt_verdicts_suppressed"],
+        summary["drops_by_reason"]
+    );
+    assert!(!server.is_empty() && server.len() <= 100, "{server:#?}");
+    for v in &server {
+        assert_eq!(
+            (&v["side"], &v["reason"], v["saddr"].as_str()),
+            (
+                &"server".into(),
+                &"refused_no_listener".into(),
+                Some(hosts.server_ip.as_str())
+            ),
+            "{v}"
+        );
+    }
+    let suppressed = summary["attempt_verdicts_suppressed"].as_u64().unwrap_or(0);
+    assert_eq!(
+        suppressed + server.len() as u64,
+        300,
+        "every refusal printed or counted: {summary}"
+    );
+}
+
 /// What one flood run left: the records and the victim's client port.
 struct FloodRun {
     hosts: TwoHosts,
@@ -131,6 +171,14 @@ fn flood(args: &[&str]) -> FloodRun {
         "losses are counted"
     );
     assert!(rss <= 64.0, "peak RSS {rss:.1} MiB");
+    // The cookies' SYN-ACKs, sent without a socket to the spoofed address, wait for ARP and
+    // are dropped: the server's own packets, never a "client" verdict with swapped addresses.
+    for v in conntrace_tests::verdicts_in(&values, hosts.server.inode()) {
+        assert!(
+            v["side"] == "server" && v["saddr"] == hosts.server_ip.as_str(),
+            "{v}"
+        );
+    }
     FloodRun {
         hosts,
         values,

@@ -38,9 +38,10 @@ impl Engine {
             .map(|c| (c.tuple.sport, c.proc.clone()));
         // Without a tracked connection (quiet mode: closed healthy), the socket's own port.
         let own_port = owner.as_ref().map(|(sport, _)| *sport).or(f.sk_port);
-        let outgoing = f.sk != 0
+        let outgoing = (f.sk != 0
             && f.rx_sk == 0
-            && own_port.is_none_or(|sport| sport == f.packet.sport || sport == 0);
+            && own_port.is_none_or(|sport| sport == f.packet.sport || sport == 0))
+            || self.sent_without_socket(&f);
         // An ICMP error quotes a segment this host sent: its tuple is already this host's.
         let local = if outgoing || f.icmp.is_some() {
             f.packet
@@ -82,12 +83,22 @@ impl Engine {
             }
             return;
         }
+        if outgoing && owner.is_none() && f.tcp_flags.has(tcp_flags::RST) {
+            // A RST this host's stack sent for no connection followed here (a refusal's, or
+            // the answer to a stray segment), dropped on its way out (its destination does not
+            // answer ARP: a spoofed source): never a handshake attempt. Part of a refusal just
+            // reported, else a record.
+            if !self.table.was_refused(&(netns, local)) {
+                self.drop_record(&f, outgoing, None);
+            }
+            return;
+        }
         if !outgoing
             && f.reason == DropReason::NO_SOCKET
             && !rules::listener::is_cookie_check(&f.location)
         {
             // The SYN of a refusal just reported: the drop is the refusal itself.
-            if self.table.was_refused(&(netns, local)) {
+            if f.tcp_flags.has(tcp_flags::SYN) && self.table.was_refused(&(netns, local)) {
                 return;
             }
             // Before 6.10 the socket-less reset is not traced: the SYN's NO_SOCKET drop is the
@@ -101,7 +112,8 @@ impl Engine {
                     Some(f.tcp_flags),
                 )
             {
-                self.emit(out, v);
+                self.table.remember_refusal((netns, local), f.meta.ts_ns);
+                self.emit_refusal(out, v);
                 return;
             }
         }
@@ -270,6 +282,25 @@ impl Engine {
             .namespaces
             .as_mut()
             .is_some_and(|ns| ns.is_local(netns, addr) == Some(false))
+    }
+
+    /// Whether a packet no connection's socket sent was sent by this namespace's own stack
+    /// (a RST to a closed port, which carries the namespace's TCP control socket, whose
+    /// "port" is the protocol number; a SYN cookie's SYN-ACK, which carries none), dropped on
+    /// its way out (at the neighbour layer: a destination that does not answer ARP): its
+    /// source is one of the dropping namespace's addresses and its destination is not.
+    /// Loopback's packets (both local) stay incoming, as a received one's drop.
+    fn sent_without_socket(&mut self, f: &DroppedPacket) -> bool {
+        if f.rx_sk != 0 || f.icmp.is_some() {
+            return false;
+        }
+        let netns = f.meta.netns;
+        let own = self
+            .lookups
+            .namespaces
+            .as_mut()
+            .is_some_and(|ns| ns.is_local(netns, f.packet.saddr) == Some(true));
+        own && self.not_local(netns, f.packet.daddr)
     }
 
     /// A packet that crossed a veth into another namespace of this host keeps its sender's

@@ -380,11 +380,25 @@ impl Engine {
             rules::handshake::refused_without_socket(&meta, tuple, reason, answered_flags)
         {
             self.table.remember_refusal((meta.netns, tuple), meta.ts_ns);
-            self.emit(out, v);
+            self.emit_refusal(out, v);
         } else {
             // A late or stray segment (an ACK, FIN or data for a socket already gone).
             self.summary.stray_resets += 1;
         }
+    }
+
+    /// A refusal without a socket (a RST to a SYN nobody listens for), within the cap: a SYN
+    /// flood from spoofed sources at a closed port would be one line per SYN. At most
+    /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) per local port in any
+    /// second; the rest counted (`attempt_verdicts_suppressed`).
+    pub(in crate::engine) fn emit_refusal(&mut self, out: &mut Vec<Verdict>, v: Verdict) {
+        // A server's verdict: `s` is this host's end, the refusing port.
+        let port = v.sport.unwrap_or(0);
+        if !self.within_rate((v.netns, format!("refusals {port}")), v.ts_ns) {
+            self.summary.attempt_verdicts_suppressed += 1;
+            return;
+        }
+        self.emit(out, v);
     }
 
     /// accept() returned `sk` at `ts_ns` to `proc` (none: a check found it accepted).

@@ -618,4 +618,5 @@ mod quiet;
 mod route;
 /// Routes that went away under connections.
 mod route_lost;
+mod spoofed;
 mod stalls;

@@ -33,7 +33,8 @@ pub struct Summary {
     /// [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) of one reason came within a
     /// second (sliding) in one namespace (still counted in `drops_by_reason`).
     pub drop_records_suppressed: u64,
-    /// Verdicts of attempts without a socket (dropped SYNs, failed SYN cookies) not written
+    /// Verdicts of attempts without a socket (dropped SYNs, failed SYN cookies, refusals of
+    /// SYNs nobody listens for) not written
     /// because more than [`RECORDS_PER_SECOND`](crate::engine::RECORDS_PER_SECOND) ended within
     /// a second (sliding) at one local port (a SYN flood), counted apart for attempts whose peer answered
     /// (`Attempt::answered`) and the others; failed cookies are still counted in the
