@@ -150,6 +150,33 @@ fn client_output_drop_is_a_netfilter_drop_not_a_bare_timeout() {
 }
 
 #[test]
+fn a_loopback_syn_timeout_names_its_own_namespaces_rule() {
+    // Client and server ends in one namespace (127.0.0.1): its INPUT drops the SYNs. The
+    // client's syn_timeout names that rule (the server's attempt there), not "run conntrace on
+    // that host".
+    let Scenario { hosts, ct, .. } = Scenario::new()
+        .with(|h| iptables_drop(&h.server, "INPUT"))
+        .in_server(&["sysctl", "-qw", "net.ipv4.tcp_syn_retries=1"])
+        .conntrace(&["--port", "3306"]);
+    let client = connect(&hosts.server, "127.0.0.1", PORT, &["--timeout-ms", "20000"]);
+    let results = client.json_lines(Duration::from_secs(30));
+    assert_eq!(results[0]["errno"], 110, "{results:?}");
+    let values = ct.stop_after_verdict_in(hosts.server.inode());
+    let client = verdicts_in(&values, hosts.server.inode())
+        .into_iter()
+        .find(|v| v["side"] == "client")
+        .expect("the client's verdict");
+    assert_eq!(client["reason"], "syn_timeout", "{client}");
+    assert_eq!(
+        client["detail"]["peer_netns"],
+        hosts.server.inode(),
+        "{client}"
+    );
+    assert_eq!(client["detail"]["hook"], "INPUT", "{client}");
+    assert_eq!(client["detail"]["rule"]["chain"], "INPUT", "{client}");
+}
+
+#[test]
 fn nftables_drop_rule_is_named_too() {
     let run = connect_through(
         |h| {

@@ -160,7 +160,7 @@ impl Table {
     }
 
     /// The handshake drops at the other end of the connection `tuple` in `netns`, in another
-    /// namespace of this host: its followed peer's, else those of the attempt the other end
+    /// namespace of this host or in the same one (loopback): its followed peer's, else those of the attempt the other end
     /// follows without a connection (its final ACK still dropped there), or decided lately.
     /// As (that namespace, the drops).
     pub fn peer_handshake_drops(
@@ -172,14 +172,20 @@ impl Table {
             return Some((p.netns, p.drops.clone()));
         }
         let reversed = tuple.reversed();
+        // Both ends in one namespace (loopback, or a host's own address): the attempt of the
+        // reversed tuple there is the other end's.
         self.attempts
-            .iter()
-            .find(|((ns, t), _)| *t == reversed && *ns != netns)
-            .map(|((ns, _), a)| (*ns, a.drops.clone()))
+            .get(&(netns, reversed))
+            .map(|a| (netns, a.drops.clone()))
+            .or_else(|| {
+                self.attempts
+                    .iter()
+                    .find(|((ns, t), _)| *t == reversed && *ns != netns)
+                    .map(|((ns, _), a)| (*ns, a.drops.clone()))
+            })
             .or_else(|| {
                 self.decided_attempts
                     .get(&reversed)
-                    .filter(|k| k.netns != netns)
                     .map(|k| (k.netns, k.drops.clone()))
             })
     }

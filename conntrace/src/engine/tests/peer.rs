@@ -383,6 +383,43 @@ fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
 }
 
 #[test]
+fn a_loopback_syn_timeout_names_the_rule_of_its_own_namespace() {
+    // Client and server in one namespace (127.0.0.1): its INPUT drops the SYNs. The server's
+    // attempt there is the other end's.
+    let c = Sock::client(SK_A, SPORT);
+    let syn = |ts: u64| {
+        let KernelEvent::Dropped(d) = socketless(c, ts, NfHook::Input, 0x02) else {
+            unreachable!("a drop")
+        };
+        KernelEvent::Dropped(DroppedPacket {
+            meta: softirq(ts),
+            ..d
+        })
+    };
+    let mut e =
+        Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(OneRule(RuleAction::Drop)));
+    let mut out = feed(
+        &mut e,
+        [
+            c.connect(MS, 100, "client"),
+            syn(MS),
+            syn(SEC + MS),
+            close_from(c, 3 * SEC + MS, S::SynSent, 110),
+        ],
+    );
+    out.extend(e.tick(LATER));
+    let client: Vec<Verdict> = out
+        .into_iter()
+        .filter(|v| v.side == crate::engine::verdict::Side::Client)
+        .collect();
+    let v = one(client);
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    assert_eq!(detail(&v, "peer_netns"), NETNS, "{v:#?}");
+    assert_eq!(detail(&v, "hook"), "INPUT");
+    assert_eq!(detail(&v, "rule")["chain"], "INPUT");
+}
+
+#[test]
 fn a_refusal_whose_syn_the_servers_reject_rule_dropped_is_netfilter_reject() {
     // `REJECT --reject-with tcp-reset` in the server's INPUT, a listener there: the client
     // gets a RST as from a closed port, but its SYN was dropped by the rule.
