@@ -106,6 +106,27 @@ fn ends(v: &Verdict) -> (String, String) {
     }
 }
 
+/// The connection as `client -> server`; a per-listener verdict (no connection: the other
+/// end unspecified, port 0) as `listener ADDR:PORT`, `*` for one bound to every address.
+fn connection(v: &Verdict) -> String {
+    if v.dport == 0 && v.daddr.is_unspecified() {
+        let addr = v.saddr.map_or_else(
+            || "*".to_owned(),
+            |a| {
+                if a.is_ipv6() {
+                    format!("[{a}]")
+                } else {
+                    a.to_string()
+                }
+            },
+        );
+        let port = v.sport.map_or_else(|| "?".to_owned(), |p| p.to_string());
+        return format!("listener {addr}:{port}");
+    }
+    let (client, server) = ends(v);
+    format!("{client} -> {server}")
+}
+
 /// The namespace, or its container (`podman:mysqld`, `k8s:shop/db-0/mysql`) when it has one.
 fn place(netns_: Option<u32>, container: Option<&Container>) -> String {
     container.map_or_else(|| netns(netns_), Container::short)
@@ -144,11 +165,10 @@ impl Human {
 
     /// The compact verdict line, and its concrete advice under the first verdict that needs it.
     fn verdict(&mut self, v: &Verdict, clock: &Clock) -> String {
-        let (client, server) = ends(v);
         let ts = clock.rfc3339(v.ts_ns);
         let head = format!("{} {} ", time_of_day(&ts), v.side.name());
         let code = format!("{:<19}", v.reason.code());
-        let tail = format!(" {client} -> {server} {} {}", who(v), key_fact(v));
+        let tail = format!(" {} {} {}", connection(v), who(v), key_fact(v));
         let mut line = format!("{head}{code}{tail}");
         if self.cut {
             line = fit(line);
@@ -259,10 +279,10 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
     } else {
         format!("{label:<11}")
     };
-    let (client, server) = ends(v);
     let mut line = format!(
-        "{} {side:<6} {label} {client} -> {server} {who} {} ({}",
+        "{} {side:<6} {label} {} {who} {} ({}",
         clock.rfc3339(v.ts_ns),
+        connection(v),
         match &v.container {
             Some(c) => format!("{} {}", netns(v.netns), c.short()),
             None => netns(v.netns),

@@ -3,6 +3,8 @@
 mod advice;
 mod fact;
 mod human;
+#[cfg(test)]
+mod human_tests;
 mod json;
 mod live;
 pub mod metrics;

@@ -23,7 +23,7 @@ use crate::{
 const EPOCH_2026_11_30: i128 = 1_795_996_800_000_000_000;
 const SEC: u64 = 1_000_000_000;
 
-fn clock() -> Clock {
+pub(crate) fn clock() -> Clock {
     Clock::fixed(EPOCH_2026_11_30)
 }
 
@@ -58,7 +58,7 @@ fn ready() -> Ready {
     }
 }
 
-fn verdict(side: Side, reason: Reason, detail: Detail) -> Verdict {
+pub(crate) fn verdict(side: Side, reason: Reason, detail: Detail) -> Verdict {
     let (client, server) = ("10.77.0.1".parse().unwrap(), "10.77.0.2".parse().unwrap());
     let (saddr, sport, daddr, dport) = match side {
         Side::Client => (client, 40_000, server, 3306),
