@@ -65,6 +65,25 @@ fn an_address_nobody_owns_is_neighbour_failed() {
     assert!(loose.is_empty(), "joined, not loose: {loose:?}");
 }
 
+#[test]
+fn a_gateway_nobody_owns_is_neighbour_failed_naming_that_next_hop() {
+    // `ip route add 192.0.2.1/32 via <an on-link address nobody has>`: resolution fails for
+    // the gateway, not for the destination; the verdict names the gateway.
+    let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
+    let gateway = hosts.unowned_ip(251);
+    hosts
+        .client
+        .exec(&["ip", "route", "add", "192.0.2.1/32", "via", &gateway]);
+    let client = connect(&hosts.client, "192.0.2.1", PORT, &["--timeout-ms", "20000"]);
+    let results = client.json_lines(Duration::from_secs(30));
+    assert_eq!(results[0]["ok"], false, "{results:?}");
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    let v = only_verdict_in(&values, hosts.client.inode());
+    assert_eq!(v["reason"], "neighbour_failed", "{v}");
+    assert_eq!(v["daddr"], "192.0.2.1", "{v}");
+    assert_eq!(v["detail"]["next_hop"], gateway.as_str(), "{v}");
+}
+
 /// `TcpExtListenOverflows` in namespace `ns` now.
 fn listen_overflows(ns: &Netns) -> u64 {
     let text = ns.exec(&["cat", "/proc/net/netstat"]);

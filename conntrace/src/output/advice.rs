@@ -213,10 +213,16 @@ pub fn concrete(v: &Verdict) -> String {
                 server(v)
             ),
         },
-        Reason::NeighbourFailed => format!(
-            "{} does not answer ARP/neighbour discovery: wrong address, or the host or link is down",
-            v.daddr
-        ),
+        Reason::NeighbourFailed => match drops.and_then(|d| d.next_hop) {
+            Some(hop) => format!(
+                "the next hop {hop} (the gateway to {}) does not answer ARP/neighbour discovery: a wrong gateway in the route, or that router or the link is down",
+                v.daddr
+            ),
+            None => format!(
+                "{} does not answer ARP/neighbour discovery: wrong address, or the host or link is down",
+                v.daddr
+            ),
+        },
         Reason::RpFilterDrop => match drops.and_then(|d| d.rp_filter.as_ref()) {
             Some(rp) => format!(
                 "the reverse-path filter drops packets from {} arriving on {}: its route back leaves by {}; fix the routing, or set net.ipv4.conf.{}.rp_filter=2 (loose)",

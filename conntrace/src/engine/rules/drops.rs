@@ -438,8 +438,18 @@ pub(crate) fn attempt_verdict(a: &Attempt) -> Verdict {
 
 /// Completes a drop verdict with what the namespace tells at the verdict (the drop's context
 /// was taken at its first packet): the reverse-path filter's counter now, so it covers every
-/// packet of the attempt.
+/// packet of the attempt; a failed neighbour resolution's next hop.
 pub(crate) fn complete(v: &mut Verdict, ns: &mut dyn crate::engine::lookup::NamespaceLookup) {
+    if v.reason == Reason::NeighbourFailed {
+        // Resolution fails for the next hop: through a gateway, that router's address.
+        let gateway = ns.route_to(v.netns, v.daddr).and_then(|r| r.gateway);
+        if let Some(gw) = gateway.filter(|&gw| gw != v.daddr)
+            && let Some(facts) = v.detail.drop_facts_mut()
+        {
+            facts.next_hop = Some(gw);
+        }
+        return;
+    }
     if v.reason != Reason::RpFilterDrop {
         return;
     }

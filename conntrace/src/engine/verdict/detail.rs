@@ -112,6 +112,11 @@ pub struct DropFacts {
     /// `conntrack_table_full`: the namespace's table when the drop came.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConntrackTable>,
+    /// `neighbour_failed`: the next hop whose link-layer address could not be resolved, when
+    /// it is not the other end itself (the gateway of this namespace's route to it, read at
+    /// the verdict).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_hop: Option<std::net::IpAddr>,
     /// Drops of this connection's packets in namespaces that forward them (routers seen from
     /// this host).
     #[serde(skip_serializing_if = "Vec::is_empty")]
