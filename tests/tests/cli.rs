@@ -59,6 +59,32 @@ fn invalid_ports_and_durations_are_usage_errors() {
 }
 
 #[test]
+fn it_runs_under_ip_netns_exec_whose_fresh_sys_has_no_tracefs() {
+    // `ip netns exec` gives its command a mount namespace of its own with a fresh /sys:
+    // conntrace mounts tracefs there (never in the host's mount namespace) and runs.
+    require_root();
+    let ns = conntrace_tests::Netns::new(&format!("ctx{}", std::process::id()));
+    let bin = conntrace_bin();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(&bin)
+        .args(["--port", "3306", "--json", "--duration", "1s"])
+        .output()
+        .expect("run conntrace under ip netns exec");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.starts_with("{\"event\":\"ready\""),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("mounted it at /sys/kernel/tracing there"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn unwritable_output_fails_before_loading_anything() {
     require_root();
     let (code, stderr) = run(&[

@@ -14,7 +14,7 @@ use conntrace_common::{ABSENT, FibLayout, SyscallLayout, TracepointLayout};
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
     #[error(
-        "tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing); mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
+        "tracefs is not mounted (looked in /sys/kernel/tracing and /sys/kernel/debug/tracing) and could not be mounted; mount it with `mount -t tracefs nodev /sys/kernel/tracing`"
     )]
     NoTracefs,
     #[error("tracepoint {category}:{name} does not exist on this kernel ({path})")]
@@ -138,11 +138,48 @@ pub fn optional_fib_layout(
 
 /// The tracefs directory of this machine.
 pub fn tracefs_root() -> Result<PathBuf, LayoutError> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("events").is_dir())
+    let find = || {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("events").is_dir())
+    };
+    find()
+        .or_else(|| mount_in_own_namespace().then(find).flatten())
         .ok_or(LayoutError::NoTracefs)
+}
+
+/// Mounts tracefs at /sys/kernel/tracing when conntrace runs in a mount namespace other than
+/// init's, or than its parent's where init's cannot be read (`ip netns exec` gives its command
+/// one, with a fresh /sys that has no tracefs): the mount stays in that namespace, which ends
+/// with it. Never in the host's own mount namespace. Whether it mounted.
+fn mount_in_own_namespace() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let ns = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    // init's namespace where it can be read, else the parent's (`ip netns exec` runs its
+    // command in the namespace it unshared, under the caller's shell).
+    let parent = format!("/proc/{}/ns/mnt", std::os::unix::process::parent_id());
+    let own = ns("/proc/self/ns/mnt");
+    let other = ns("/proc/1/ns/mnt").or_else(|| ns(&parent));
+    if own.is_none() || other.is_none() || own == other {
+        return false;
+    }
+    // SAFETY: mount(2) with constant NUL-terminated strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc == 0 {
+        tracing::info!(
+            "tracefs was not mounted in this mount namespace (a fresh /sys, as under `ip netns exec`): mounted it at /sys/kernel/tracing there"
+        );
+    }
+    rc == 0
 }
 
 /// Reads and parses the format of `category:name`.
