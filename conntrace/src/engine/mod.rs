@@ -243,6 +243,7 @@ impl Engine {
         {
             facts.path_drops = self.table.path_drops(tuple);
         }
+        rules::drops::refused_on_path(&mut v);
         let namespaces = &mut self.lookups.namespaces;
         rules::listener::describe_peer_queue(&mut v, &self.overflows, |netns, addr| {
             namespaces.as_mut()?.is_local(Some(netns), addr)

@@ -86,6 +86,17 @@ fn run_there(facts: &DropFacts) -> &'static str {
     }
 }
 
+/// A forwarding namespace's drop as a phrase: `2 × NETFILTER_DROP at nft_do_chain+0x3e8,
+/// arrived on veth1`.
+fn path_drop_text(p: &crate::engine::verdict::detail::PathDrop) -> String {
+    let on = p
+        .arrived_on
+        .as_deref()
+        .map(|i| format!(", arrived on {i}"))
+        .unwrap_or_default();
+    format!("{} × {} at {}{on}", p.count, p.kernel_reason, p.location)
+}
+
 /// One or two sentences of advice for this verdict's reason, naming its specifics.
 pub fn concrete(v: &Verdict) -> String {
     let drops = v.detail.drop_facts();
@@ -149,7 +160,14 @@ pub fn concrete(v: &Verdict) -> String {
                         r.text
                     )
                 }
-                _ => "a REJECT rule answers it".to_owned(),
+                _ => match facts.and_then(|d| d.path_drops.first()) {
+                    Some(p) => format!(
+                        "a REJECT rule in netns {}, which forwards the connection, answers it ({}): check that router's FORWARD rules (kube-proxy rejects a Service without endpoints)",
+                        p.netns.map_or("?".into(), |n| n.to_string()),
+                        path_drop_text(p)
+                    ),
+                    None => "a REJECT rule answers it".to_owned(),
+                },
             };
             if icmp && !v.detail.established() {
                 format!(
@@ -208,10 +226,18 @@ pub fn concrete(v: &Verdict) -> String {
                 q.overflows,
                 accept_faster(q.somaxconn)
             ),
-            None => format!(
-                "SYNs to {} went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule",
-                server(v)
-            ),
+            None => match drops.and_then(|d| d.path_drops.first()) {
+                Some(p) => format!(
+                    "SYNs to {} were dropped in netns {}, which forwards them ({}): check that router's FORWARD rules, conntrack table and reverse-path filter",
+                    server(v),
+                    p.netns.map_or("?".into(), |n| n.to_string()),
+                    path_drop_text(p)
+                ),
+                None => format!(
+                    "SYNs to {} went unanswered: run conntrace on that host; a firewall drop there shows as netfilter_drop with its rule",
+                    server(v)
+                ),
+            },
         },
         Reason::NeighbourFailed => match drops.and_then(|d| d.next_hop) {
             Some(hop) => format!(

@@ -1,6 +1,6 @@
 //! What conntrace writes to stdout (or `-o FILE`): one record per line, as JSON or as text.
 
-mod advice;
+pub(crate) mod advice;
 mod fact;
 mod human;
 #[cfg(test)]

@@ -288,6 +288,26 @@ pub(crate) fn refused_by_peer_rule(v: &mut Verdict, netns: Option<u32>, drops: &
     }
 }
 
+/// A client refused by a RST (`refused_no_listener`) whose SYN a namespace forwarding it on
+/// this host dropped in netfilter (`detail.path_drops`): the SYN never reached the server, so
+/// the RST was that router's REJECT (`--reject-with tcp-reset`, e.g. kube-proxy's for a
+/// Service without endpoints). `netfilter_reject`; the errno stays.
+pub(crate) fn refused_on_path(v: &mut Verdict) {
+    if v.reason != Reason::RefusedNoListener || v.side != Side::Client {
+        return;
+    }
+    let Some(facts) = v.detail.drop_facts_mut() else {
+        return;
+    };
+    let rejected = facts.path_drops.iter().any(|p| {
+        p.kernel_reason.as_str() == DropReason::NETFILTER_DROP && p.tcp_flags.has(flags::SYN)
+    });
+    if rejected {
+        facts.reject_with = Some("tcp-reset".into());
+        v.reason = Reason::NetfilterReject;
+    }
+}
+
 /// Names the drop that explains a failed handshake as the verdict's reason, and lists all of
 /// its drops in `detail.drops`. The most frequent explaining drop wins.
 pub(crate) fn explain(v: &mut Verdict, drops: &[HandshakeDrop]) {

@@ -612,11 +612,12 @@ mod listeners;
 mod mid_life;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
+/// Routes that went away under connections.
+mod path;
 mod peer;
 mod quiet;
 /// connect() errors seen through failed route lookups, and inferred EADDRNOTAVAIL.
 mod route;
-/// Routes that went away under connections.
 mod route_lost;
 mod spoofed;
 mod stalls;

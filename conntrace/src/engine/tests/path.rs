@@ -1,0 +1,105 @@
+//! Connections whose SYNs a namespace forwarding them on this host (a router, a container
+//! host's own namespace) dropped: the path's drops explain what the client saw.
+
+use std::net::SocketAddr;
+
+use super::*;
+use crate::engine::{
+    facts::{DroppedPacket, NfHook},
+    lookup::{ConntrackTable, NamespaceLookup, PortUse, Route},
+};
+
+/// The router's namespace: the client's is `NETNS`.
+const ROUTER: u32 = NETNS + 7;
+
+/// Namespaces that own no address of the connection's (the router's view).
+struct Router;
+
+impl NamespaceLookup for Router {
+    fn is_local(&mut self, _: Option<u32>, _: IpAddr) -> Option<bool> {
+        Some(false)
+    }
+    fn route_to(&mut self, _: Option<u32>, _: IpAddr) -> Option<Route> {
+        None
+    }
+    fn interface(&mut self, _: Option<u32>, _: u32) -> Option<String> {
+        None
+    }
+    fn conntrack(&mut self, _: Option<u32>) -> Option<ConntrackTable> {
+        None
+    }
+    fn ports_to(&mut self, _: Option<u32>, _: SocketAddr) -> Option<PortUse> {
+        None
+    }
+    fn tcp_ext(&mut self, _: Option<u32>, _: &str) -> Option<u64> {
+        None
+    }
+}
+
+/// The client's SYN dropped by netfilter in the router's FORWARD chain.
+fn forwarded_syn_dropped(c: Sock, ts: u64) -> KernelEvent {
+    KernelEvent::Dropped(DroppedPacket {
+        meta: Meta {
+            netns: Some(ROUTER),
+            ..softirq(ts)
+        },
+        sk: 0,
+        rx_sk: 0,
+        sk_port: None,
+        sk_state: None,
+        packet: c.t,
+        reason: DropReason::new(DropReason::NETFILTER_DROP),
+        location: "nft_do_chain+0x3e8".into(),
+        tcp_flags: TcpFlags(0x02),
+        hook: Some(NfHook::Forward),
+        ifindex: None,
+        icmp: None,
+    })
+}
+
+#[test]
+fn a_refusal_whose_syn_a_router_here_dropped_is_that_routers_reject() {
+    // `iptables -A FORWARD ... -j REJECT --reject-with tcp-reset` in a router namespace
+    // (kube-proxy's for a Service without endpoints): the client's RST came from the rule,
+    // not from a server with nothing listening.
+    let c = Sock::client(SK_A, SPORT);
+    let mut events = vec![forwarded_syn_dropped(c, MS + 100)];
+    events.extend(refused_client(c, MS, 100));
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Router));
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed netfilter_reject ECONNREFUSED");
+    assert_eq!(detail(&v, "reject_with"), "tcp-reset");
+    assert_eq!(detail(&v, "path_drops")[0]["netns"], ROUTER);
+    let advice = crate::output::advice::concrete(&v);
+    assert!(advice.starts_with("a REJECT rule in netns "), "{advice}");
+    assert!(!advice.contains("rate-limited"), "a RST is not: {advice}");
+    // Nothing dropped on the path: a closed port's RST.
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Router));
+    check(
+        &one(feed(&mut e, refused_client(c, MS, 100))),
+        "client failed refused_no_listener ECONNREFUSED",
+    );
+}
+
+#[test]
+fn a_syn_timeout_whose_syns_a_router_here_dropped_says_where() {
+    let c = Sock::client(SK_A, SPORT);
+    let events = vec![
+        c.connect(MS, 100, "client"),
+        forwarded_syn_dropped(c, MS),
+        forwarded_syn_dropped(c, SEC + MS),
+        c.closed(3 * SEC, S::SynSent, Some(110)),
+    ];
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Router));
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    let advice = crate::output::advice::concrete(&v);
+    assert!(
+        advice.contains(&format!("were dropped in netns {ROUTER}, which forwards them (2 × NETFILTER_DROP at nft_do_chain+0x3e8)")),
+        "{advice}"
+    );
+}
