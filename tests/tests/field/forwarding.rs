@@ -93,6 +93,57 @@ fn twenty_connections_through_a_forwarding_host_are_twenty_established_and_nothi
     assert_no_cookies(summary, &format!("{}:3306", hosts.server_ip), router_ns);
 }
 
+#[test]
+fn a_routers_reject_with_tcp_reset_is_netfilter_reject_for_the_client_not_a_closed_port() {
+    // kube-proxy's answer for a Service without endpoints, in the router's FORWARD chain: the
+    // client's RST looks like a closed port's, but its SYN never reached the server (which
+    // listens).
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::routed()
+        .in_router(&[
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-p",
+            "tcp",
+            "--dport",
+            "3306",
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+            "-w",
+        ])
+        .serve(&["--greeting", "hello"])
+        .conntrace(&["--port", "3306"]);
+    let results = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &["--timeout-ms", "5000"],
+    )
+    .json_lines(Duration::from_secs(30));
+    assert_eq!(results[0]["errno"], 111, "{results:?}");
+    let values = ct.stop_after_verdict_in(hosts.client.inode());
+    let v = conntrace_tests::only_verdict_in(&values, hosts.client.inode());
+    assert_eq!(
+        (&v["reason"], &v["errno"]),
+        (&"netfilter_reject".into(), &"ECONNREFUSED".into()),
+        "{v}"
+    );
+    assert_eq!(v["detail"]["reject_with"], "tcp-reset", "{v}");
+    assert_eq!(
+        v["detail"]["path_drops"][0]["netns"],
+        hosts.router.inode(),
+        "{v}"
+    );
+    // The router's drop joined the path: no verdict of its own there.
+    expect_verdicts(&values, hosts.router.inode(), &[]);
+}
+
 /// Established verdicts of `side` in namespaces other than `ours` (another test's traffic on
 /// this machine, traced too): the part of the summary's count that is not this test's.
 fn established_elsewhere(values: &[Value], side: &str, ours: &[u64]) -> u64 {
