@@ -99,6 +99,32 @@ fn no_listener_or_a_matching_one_keeps_refused_no_listener() {
 }
 
 #[test]
+fn an_ipv6_client_refused_where_only_ipv4_listens_is_bound_elsewhere() {
+    // `0.0.0.0:3306` takes no IPv6 connection: the service is bound to the other family.
+    let mut e =
+        Engine::new(EngineConfig::default()).with_listener_lookup(Box::new(Table(vec![listener(
+            "0.0.0.0:3306",
+            42,
+            "mysqld",
+        )])));
+    let event = KernelEvent::ResetSent {
+        meta: softirq(MS),
+        sk: 0,
+        tuple: FourTuple {
+            saddr: "fd77::1".parse().unwrap(),
+            sport: 3306,
+            daddr: "fd77::2".parse().unwrap(),
+            dport: 51_000,
+        },
+        reason: Some("NO_SOCKET".into()),
+        answered_flags: Some(TcpFlags(0x02)),
+    };
+    let v = one(e.handle(event));
+    check(&v, "server failed refused_bound_elsewhere -");
+    assert_eq!(detail(&v, "listeners")[0]["address"], "0.0.0.0:3306");
+}
+
+#[test]
 fn a_wildcard_listeners_overflow_counts_under_its_own_address_in_the_summary() {
     let mut e = Engine::new(EngineConfig::default());
     let wildcard: std::net::SocketAddr = "0.0.0.0:3306".parse().unwrap();
