@@ -13,7 +13,7 @@ use super::{
 };
 use crate::{
     engine::verdict::{
-        Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
+        Detail, Direction, DropRecord, Outcome, Reason, Side, Summary, Verdict, detail::RuleRef,
     },
     identity::Container,
 };
@@ -221,6 +221,15 @@ fn facts(v: &Verdict) -> Vec<String> {
     if v.detail.started_before_trace() {
         out.push("opened before conntrace started: its duration is unknown".to_owned());
     }
+    if let Detail::Stall(d) = &v.detail {
+        // The stall's own times: the line's duration is the handshake's.
+        if let Some(ms) = d.stuck_ms {
+            out.push(format!("stuck {ms:.0} ms"));
+        }
+        if let Some(ms) = d.waited_ms {
+            out.push(format!("waited {ms:.0} ms"));
+        }
+    }
     if let Some(d) = v.detail.drop_facts() {
         if let Some(hook) = d.hook {
             out.push(format!("hook {hook}"));
@@ -272,6 +281,10 @@ fn wide_verdict(v: &Verdict, clock: &Clock, colour: bool) -> String {
     let label = match v.outcome {
         Outcome::Stalled => format!("{} (stalled)", v.reason.code()),
         Outcome::Resolved => format!("{} (resolved)", v.reason.code()),
+        // A stall's follow-up: the connection failed after it was reported stalled.
+        Outcome::Failed if matches!(v.detail, Detail::Stall(_)) => {
+            format!("{} (failed)", v.reason.code())
+        }
         Outcome::Established | Outcome::Failed => v.reason.code().to_owned(),
     };
     let label = if colour {

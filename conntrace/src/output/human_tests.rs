@@ -27,3 +27,16 @@ fn a_per_listener_verdict_names_the_listener_not_a_connection() {
     assert!(wide.contains(" listener 10.77.0.2:3308 -"), "{wide}");
     assert!(!wide.contains("->"), "{wide}");
 }
+
+#[test]
+fn a_wide_stall_line_gives_the_stall_times_and_its_follow_up_says_failed() {
+    // The line's own duration is the handshake's; the stall's time is a fact of its own.
+    let c = tests::clock();
+    let mut v = tests::stalled();
+    let wide = Human::new(true, false, false).text(&Record::Verdict(&v), &c);
+    assert!(wide.contains("stalled_no_greeting (stalled)"), "{wide}");
+    assert!(wide.contains("[waited 2030 ms]"), "{wide}");
+    v.outcome = crate::engine::verdict::Outcome::Failed;
+    let wide = Human::new(true, false, false).text(&Record::Verdict(&v), &c);
+    assert!(wide.contains("stalled_no_greeting (failed)"), "{wide}");
+}

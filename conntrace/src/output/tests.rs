@@ -142,7 +142,7 @@ pub(crate) fn peer_listen_queue() -> crate::engine::verdict::detail::PeerListenQ
 }
 
 /// A client whose greeting has not come.
-fn stalled() -> Verdict {
+pub(crate) fn stalled() -> Verdict {
     let d = StallDetail {
         connection: EstablishedDetail::default(),
         waited_ms: Some(2030.5),
