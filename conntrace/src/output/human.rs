@@ -26,12 +26,14 @@ pub const WIDTH: usize = 120;
 pub const ADVICE_PER_REASON: usize = 3;
 
 /// The human format's state: which advice was already printed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Human {
     pub wide: bool,
     pub colour: bool,
-    /// Compact lines are cut to [`WIDTH`] (on a terminal; a pipe or a file gets them whole).
+    /// Compact lines are cut to `width` (on a terminal; a pipe or a file gets them whole).
     pub cut: bool,
+    /// [`WIDTH`], or a narrower terminal's width ([`Human::fit_to`]).
+    width: usize,
     advised: BTreeMap<Reason, Advised>,
 }
 
@@ -83,12 +85,12 @@ fn time_of_day(rfc3339: &str) -> &str {
     rfc3339.get(11..23).unwrap_or(rfc3339)
 }
 
-/// Cuts `line` to `WIDTH` characters, marking the cut.
-fn fit(mut line: String) -> String {
-    if line.chars().count() > WIDTH {
+/// Cuts `line` to `width` characters, marking the cut.
+pub(super) fn fit(mut line: String, width: usize) -> String {
+    if line.chars().count() > width {
         let end = line
             .char_indices()
-            .nth(WIDTH - 1)
+            .nth(width - 1)
             .map_or(line.len(), |(i, _)| i);
         line.truncate(end);
         line.push('…');
@@ -147,8 +149,16 @@ impl Human {
             wide,
             colour,
             cut,
+            width: WIDTH,
             advised: BTreeMap::new(),
         }
+    }
+
+    /// Cuts and wraps at a terminal's `columns` where it is narrower than [`WIDTH`] (no
+    /// narrower than 40), so that no line wraps there.
+    pub fn fit_to(mut self, columns: Option<usize>) -> Self {
+        self.width = columns.map_or(WIDTH, |c| c.clamp(40, WIDTH));
+        self
     }
 
     /// The text of one record (without its final newline; it may span lines).
@@ -157,7 +167,7 @@ impl Human {
             Record::Ready(r) => ready(r, self.wide),
             Record::Verdict(v) if self.wide => wide_verdict(v, clock, self.colour),
             Record::Verdict(v) => self.verdict(v, clock),
-            Record::Drop(d) => drop_line(d, clock, self.wide, self.cut),
+            Record::Drop(d) => drop_line(d, clock, self.wide, self.cut.then_some(self.width)),
             Record::Lost(l) => lost(l, clock),
             Record::Summary(f) => summary(f, &self.advised),
         }
@@ -171,7 +181,7 @@ impl Human {
         let tail = format!(" {} {} {}", connection(v), who(v), key_fact(v));
         let mut line = format!("{head}{code}{tail}");
         if self.cut {
-            line = fit(line);
+            line = fit(line, self.width);
         }
         if self.colour {
             // Only the plain text counts against the width: colour codes take no column.
@@ -188,20 +198,20 @@ impl Human {
                 .new_text(advice::concrete(v))
         {
             line.push('\n');
-            line.push_str(&wrap("  what to do: ", &text));
+            line.push_str(&wrap("  what to do: ", &text, self.width));
         }
         line
     }
 }
 
-/// `text` after `prefix`, wrapped at [`WIDTH`] with continuation lines indented as deep.
-fn wrap(prefix: &str, text: &str) -> String {
+/// `text` after `prefix`, wrapped at `width` with continuation lines indented as deep.
+fn wrap(prefix: &str, text: &str, width: usize) -> String {
     let indent = " ".repeat(prefix.len());
     let mut out = prefix.to_owned();
     let mut col = prefix.len();
     for word in text.split(' ') {
         let len = word.chars().count();
-        if col > indent.len() && col + 1 + len > WIDTH {
+        if col > indent.len() && col + 1 + len > width {
             out.push('\n');
             out.push_str(&indent);
             col = indent.len();
@@ -351,7 +361,7 @@ fn ready(r: &Ready, wide: bool) -> String {
     line
 }
 
-fn drop_line(d: &DropRecord, clock: &Clock, wide: bool, cut: bool) -> String {
+fn drop_line(d: &DropRecord, clock: &Clock, wide: bool, cut: Option<usize>) -> String {
     let ts = clock.rfc3339(d.ts_ns);
     let (open, close) = if wide { ("(", ")") } else { ("", "") };
     let line = format!(
@@ -369,7 +379,10 @@ fn drop_line(d: &DropRecord, clock: &Clock, wide: bool, cut: bool) -> String {
         d.tcp_flags,
         d.location,
     );
-    if cut && !wide { fit(line) } else { line }
+    match cut {
+        Some(width) if !wide => fit(line, width),
+        _ => line,
+    }
 }
 
 fn lost(l: &Lost, clock: &Clock) -> String {

@@ -10,6 +10,15 @@ const RESET: &str = "\x1b[0m";
 /// Return to the line's start and clear it: the status line is replaced, never scrolled.
 pub const CLEAR_LINE: &str = "\r\x1b[K";
 
+/// Standard output's terminal width in columns, when it is a terminal (`TIOCGWINSZ`).
+pub fn columns() -> Option<usize> {
+    // SAFETY: a zeroed winsize is valid; TIOCGWINSZ only writes into it.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ on stdout with a pointer to a winsize.
+    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (rc == 0 && ws.ws_col > 0).then_some(usize::from(ws.ws_col))
+}
+
 /// The colour of an outcome.
 pub fn colour(outcome: Outcome) -> &'static str {
     match outcome {
@@ -58,7 +67,8 @@ impl Status {
                 .join(", ")
         };
         let total: u64 = self.by_outcome.values().sum();
-        let mut line = format!("[conntrace] {total} verdicts");
+        let noun = if total == 1 { "verdict" } else { "verdicts" };
+        let mut line = format!("[conntrace] {total} {noun}");
         if total > 0 {
             line.push_str(&format!(
                 ": {} | {}",

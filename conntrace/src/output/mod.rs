@@ -136,9 +136,10 @@ impl Output {
             out: BufWriter::new(sink),
             human: match format {
                 Format::Json => None,
-                Format::Human { wide } => {
-                    Some(human::Human::new(wide, live.is_some(), live.is_some()))
-                }
+                Format::Human { wide } => Some(
+                    human::Human::new(wide, live.is_some(), live.is_some())
+                        .fit_to(live.is_some().then(live::columns).flatten()),
+                ),
             },
             clock,
             node: None,
@@ -184,8 +185,11 @@ impl Output {
         }
         let status = self.live.as_mut().and_then(|s| {
             s.count(record);
-            // The summary is the last line: no status under it.
-            (!matches!(record, Record::Summary(_))).then(|| s.line())
+            // The summary is the last line: no status under it. One column short of the
+            // terminal's width: a line that fills it (or more) wraps, and the next redraw
+            // clears only its last row.
+            let width = live::columns().map_or(human::WIDTH, |c| c.clamp(40, human::WIDTH + 1) - 1);
+            (!matches!(record, Record::Summary(_))).then(|| human::fit(s.line(), width))
         });
         let result = (|| {
             match self.human.as_mut() {
