@@ -186,43 +186,14 @@ fn unanswered_neighbour_resolution_is_neighbour_failed() {
     // Through a gateway (`ip route add 10.77.0.2/32 via 10.77.0.77`): resolution failed for
     // that router, whose address the verdict names.
     for (gateway, next_hop) in [(Some(ip(77)), "10.77.0.77".into()), (None, Value::Null)] {
-        let mut e =
-            Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Gateway(gateway)));
+        let ns = super::namespaces::FakeNamespaces::new().route(move |_| {
+            let unicast = crate::engine::lookup::RouteKind::Unicast;
+            Some(super::namespaces::route(unicast, gateway))
+        });
+        let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(ns));
         let mut out = feed(&mut e, events.clone());
         out.extend(e.tick(LATER));
         assert_eq!(detail(&one(out), "next_hop"), next_hop);
-    }
-}
-
-/// A namespace whose route to every destination goes through `.0` (on-link when `None`).
-struct Gateway(Option<IpAddr>);
-
-impl crate::engine::lookup::NamespaceLookup for Gateway {
-    fn is_local(&mut self, _: Option<u32>, _: IpAddr) -> Option<bool> {
-        None
-    }
-    fn route_to(&mut self, _: Option<u32>, _: IpAddr) -> Option<crate::engine::lookup::Route> {
-        Some(crate::engine::lookup::Route {
-            kind: crate::engine::lookup::RouteKind::Unicast,
-            dev: Some("eth0".into()),
-            gateway: self.0,
-        })
-    }
-    fn interface(&mut self, _: Option<u32>, _: u32) -> Option<String> {
-        None
-    }
-    fn conntrack(&mut self, _: Option<u32>) -> Option<crate::engine::lookup::ConntrackTable> {
-        None
-    }
-    fn ports_to(
-        &mut self,
-        _: Option<u32>,
-        _: std::net::SocketAddr,
-    ) -> Option<crate::engine::lookup::PortUse> {
-        None
-    }
-    fn tcp_ext(&mut self, _: Option<u32>, _: &str) -> Option<u64> {
-        None
     }
 }
 

@@ -610,6 +610,7 @@ mod field;
 /// Who accepted the connection (`--expect-comm`).
 mod listeners;
 mod mid_life;
+mod namespaces;
 /// Socket-address reuse and cross-CPU event order: what the kernel does under load.
 mod ordering;
 /// Routes that went away under connections.

@@ -1,39 +1,15 @@
 //! Connections whose SYNs a namespace forwarding them on this host (a router, a container
 //! host's own namespace) dropped: the path's drops explain what the client saw.
 
-use std::net::SocketAddr;
-
-use super::*;
-use crate::engine::{
-    facts::{DroppedPacket, NfHook},
-    lookup::{ConntrackTable, NamespaceLookup, PortUse, Route},
-};
+use super::{namespaces::FakeNamespaces, *};
+use crate::engine::facts::{DroppedPacket, NfHook};
 
 /// The router's namespace: the client's is `NETNS`.
 const ROUTER: u32 = NETNS + 7;
 
-/// Namespaces that own no address of the connection's (the router's view).
-struct Router;
-
-impl NamespaceLookup for Router {
-    fn is_local(&mut self, _: Option<u32>, _: IpAddr) -> Option<bool> {
-        Some(false)
-    }
-    fn route_to(&mut self, _: Option<u32>, _: IpAddr) -> Option<Route> {
-        None
-    }
-    fn interface(&mut self, _: Option<u32>, _: u32) -> Option<String> {
-        None
-    }
-    fn conntrack(&mut self, _: Option<u32>) -> Option<ConntrackTable> {
-        None
-    }
-    fn ports_to(&mut self, _: Option<u32>, _: SocketAddr) -> Option<PortUse> {
-        None
-    }
-    fn tcp_ext(&mut self, _: Option<u32>, _: &str) -> Option<u64> {
-        None
-    }
+/// The router's view: no address of the connection's is its own.
+fn router() -> Box<FakeNamespaces> {
+    Box::new(FakeNamespaces::new().local(|_| Some(false)))
 }
 
 /// The client's SYN dropped by netfilter in the router's FORWARD chain.
@@ -65,7 +41,7 @@ fn a_refusal_whose_syn_a_router_here_dropped_is_that_routers_reject() {
     let c = Sock::client(SK_A, SPORT);
     let mut events = vec![forwarded_syn_dropped(c, MS + 100)];
     events.extend(refused_client(c, MS, 100));
-    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Router));
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(router());
     let mut out = feed(&mut e, events);
     out.extend(e.tick(LATER));
     let v = one(out);
@@ -76,7 +52,7 @@ fn a_refusal_whose_syn_a_router_here_dropped_is_that_routers_reject() {
     assert!(advice.starts_with("a REJECT rule in netns "), "{advice}");
     assert!(!advice.contains("rate-limited"), "a RST is not: {advice}");
     // Nothing dropped on the path: a closed port's RST.
-    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Router));
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(router());
     check(
         &one(feed(&mut e, refused_client(c, MS, 100))),
         "client failed refused_no_listener ECONNREFUSED",
@@ -92,7 +68,7 @@ fn a_syn_timeout_whose_syns_a_router_here_dropped_says_where() {
         forwarded_syn_dropped(c, SEC + MS),
         c.closed(3 * SEC, S::SynSent, Some(110)),
     ];
-    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Router));
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(router());
     let mut out = feed(&mut e, events);
     out.extend(e.tick(LATER));
     let v = one(out);

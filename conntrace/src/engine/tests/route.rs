@@ -3,71 +3,33 @@
 //! sequences measured on 6.18, and EADDRNOTAVAIL inferred from a socket that never got a port.
 //! Each verdict must be the one the syscall path gives (`connect_failed`) in streaming mode.
 
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::Ipv6Addr;
 
 use super::*;
-use crate::engine::{
-    facts::TableAnswer,
-    lookup::{ConntrackTable, NamespaceLookup, PortUse, Route, RouteKind},
-};
+use crate::engine::{facts::TableAnswer, lookup::RouteKind};
 
 const MAIN: u32 = 254;
 const CUSTOM: u32 = 100;
 
-/// The namespace's route to every destination (`ip route get`): `None` when unreadable.
-pub(super) struct Routes(pub(super) Option<RouteKind>);
-
-impl NamespaceLookup for Routes {
-    fn is_local(&mut self, _: Option<u32>, _: IpAddr) -> Option<bool> {
-        None
-    }
-    fn route_to(&mut self, _: Option<u32>, _: IpAddr) -> Option<Route> {
-        self.0.map(|kind| Route {
-            kind,
-            dev: (kind == RouteKind::Unicast).then(|| "eth0".into()),
-            gateway: None,
-        })
-    }
-    fn interface(&mut self, _: Option<u32>, _: u32) -> Option<String> {
-        None
-    }
-    fn conntrack(&mut self, _: Option<u32>) -> Option<ConntrackTable> {
-        None
-    }
-    fn ports_to(&mut self, _: Option<u32>, _: SocketAddr) -> Option<PortUse> {
-        None
-    }
-    fn tcp_ext(&mut self, _: Option<u32>, _: &str) -> Option<u64> {
-        None
-    }
+/// A namespace whose route to every destination (`ip route get`) is of `kind`; `None`:
+/// unreadable.
+pub(super) fn routes(kind: Option<RouteKind>) -> Box<super::namespaces::FakeNamespaces> {
+    let ns = super::namespaces::FakeNamespaces::new()
+        .route(move |_| kind.map(|k| super::namespaces::route(k, None)));
+    Box::new(ns)
 }
 
-/// [`Routes`] the test changes while the engine holds it (a script's `ip route` meanwhile).
-struct Changing(std::rc::Rc<std::cell::Cell<Option<RouteKind>>>);
-
-impl NamespaceLookup for Changing {
-    fn is_local(&mut self, _: Option<u32>, _: IpAddr) -> Option<bool> {
-        None
-    }
-    fn route_to(&mut self, netns: Option<u32>, dst: IpAddr) -> Option<Route> {
-        Routes(self.0.get()).route_to(netns, dst)
-    }
-    fn interface(&mut self, _: Option<u32>, _: u32) -> Option<String> {
-        None
-    }
-    fn conntrack(&mut self, _: Option<u32>) -> Option<ConntrackTable> {
-        None
-    }
-    fn ports_to(&mut self, _: Option<u32>, _: SocketAddr) -> Option<PortUse> {
-        None
-    }
-    fn tcp_ext(&mut self, _: Option<u32>, _: &str) -> Option<u64> {
-        None
-    }
+/// An engine whose namespace's route is `route`'s kind, which the test changes while the
+/// engine holds it (a script's `ip route` meanwhile).
+fn changing(route: &std::rc::Rc<std::cell::Cell<Option<RouteKind>>>) -> Engine {
+    let route = route.clone();
+    let ns = super::namespaces::FakeNamespaces::new()
+        .route(move |_| route.get().map(|kind| super::namespaces::route(kind, None)));
+    Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(ns))
 }
 
 fn engine(route: Option<RouteKind>) -> Engine {
-    Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Routes(route)))
+    Engine::new(EngineConfig::default()).with_namespace_lookup(routes(route))
 }
 
 fn v6(s: &str) -> IpAddr {
@@ -173,8 +135,7 @@ fn a_route_put_back_after_the_failed_connect_does_not_hide_it() {
     // `ip route del default; connect(); ip route add default ...`: the route is there again
     // when the grace period ends; the kernel's miss came while there was none.
     let route = std::rc::Rc::new(std::cell::Cell::new(Some(RouteKind::None)));
-    let mut e = Engine::new(EngineConfig::default())
-        .with_namespace_lookup(Box::new(Changing(route.clone())));
+    let mut e = changing(&route);
     none(feed(&mut e, vec![lookup4(MS, MAIN, -11)]));
     route.set(Some(RouteKind::Unicast));
     let v = one(e.tick(MS + EngineConfig::default().grace_ns));
@@ -184,8 +145,7 @@ fn a_route_put_back_after_the_failed_connect_does_not_hide_it() {
     // An unreachable route, replaced by a unicast one before the decision: still its errno
     // and its route.
     route.set(Some(RouteKind::Unreachable));
-    let mut e = Engine::new(EngineConfig::default())
-        .with_namespace_lookup(Box::new(Changing(route.clone())));
+    let mut e = changing(&route);
     none(feed(&mut e, vec![lookup4(MS, MAIN, -113)]));
     route.set(Some(RouteKind::Unicast));
     let v = one(e.tick(MS + EngineConfig::default().grace_ns));

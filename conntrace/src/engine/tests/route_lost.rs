@@ -7,7 +7,7 @@
 
 use std::net::Ipv6Addr;
 
-use super::{route::Routes, *};
+use super::*;
 use crate::engine::{facts::RouteAtClose, lookup::RouteKind};
 
 /// The client's close from `old` with `errno` (and the same soft error), and its route then.
@@ -173,7 +173,8 @@ fn idle_timeout(cached: Option<bool>, route: Option<RouteKind>) -> Verdict {
         };
     }
     events.push(close);
-    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Routes(route)));
+    let mut e =
+        Engine::new(EngineConfig::default()).with_namespace_lookup(super::route::routes(route));
     let mut out = feed(&mut e, events);
     out.extend(e.tick(LATER));
     one(out)

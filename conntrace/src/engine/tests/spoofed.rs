@@ -2,45 +2,17 @@
 //! port, a SYN cookie's SYN-ACK) towards sources that do not exist, dropped on its way out at
 //! the neighbour layer (nobody answers ARP), and the refusals of such a flood.
 
-use std::net::SocketAddr;
-
-use super::*;
-use crate::engine::{
-    facts::DroppedPacket,
-    lookup::{ConntrackTable, NamespaceLookup, PortUse, Route},
-    verdict::Side,
-};
+use super::{namespaces::FakeNamespaces, *};
+use crate::engine::{facts::DroppedPacket, verdict::Side};
 
 const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
 /// This host's namespace, which owns 10.77.0.1 only.
-struct Own;
-
-impl NamespaceLookup for Own {
-    fn is_local(&mut self, _: Option<u32>, addr: IpAddr) -> Option<bool> {
-        Some(addr == ip(1))
-    }
-    fn route_to(&mut self, _: Option<u32>, _: IpAddr) -> Option<Route> {
-        None
-    }
-    fn interface(&mut self, _: Option<u32>, _: u32) -> Option<String> {
-        None
-    }
-    fn conntrack(&mut self, _: Option<u32>) -> Option<ConntrackTable> {
-        None
-    }
-    fn ports_to(&mut self, _: Option<u32>, _: SocketAddr) -> Option<PortUse> {
-        None
-    }
-    fn tcp_ext(&mut self, _: Option<u32>, _: &str) -> Option<u64> {
-        None
-    }
-}
-
 fn engine() -> Engine {
-    Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(Own))
+    let own = FakeNamespaces::new().local(|a| Some(a == ip(1)));
+    Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(own))
 }
 
 /// A segment (`flags`) this host sent without a socket from 10.77.0.1:3306 to 10.77.0.2's
