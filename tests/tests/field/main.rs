@@ -53,8 +53,13 @@ pub fn report(input: &str, values: &[Value], namespaces: &[(&str, u64)]) {
     }
     let summary = values.last().expect("summary");
     println!(
-        "MEASURED {input} summary: established={} drops_by_reason={}",
-        summary["established"], summary["drops_by_reason"]
+        "MEASURED {input} summary: established={} drops_by_reason={} kernel_events={} lost={} program_misses={} kernel_kept={}",
+        summary["established"],
+        summary["drops_by_reason"],
+        summary["kernel_events"],
+        summary["lost_events"],
+        summary["program_misses"],
+        summary["kernel_kept"]
     );
 }
 
