@@ -356,12 +356,9 @@ fn a_stall_whose_final_ack_the_server_dropped_names_the_rule_there() {
     assert_eq!(detail(&v, "hook"), Value::Null, "{v:#?}");
 }
 
-#[test]
-fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
-    // The server's INPUT drops every SYN: the client can only time out (its reason stays),
-    // and the server's attempt, seen on this host, says where and which rule.
-    let c = Sock::client(SK_A, SPORT);
-    let syn = |ts: u64| socketless(c, ts, NfHook::Input, 0x02);
+/// Client `c` connects; a DROP rule drops its SYN and its retransmission (`syn(ts)`: the drop
+/// event) and it times out 3 s later. Every verdict, the run's end included.
+fn syns_dropped_until_timeout(c: Sock, syn: impl Fn(u64) -> KernelEvent) -> Vec<Verdict> {
     let mut e =
         Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(OneRule(RuleAction::Drop)));
     let mut out = feed(
@@ -374,6 +371,15 @@ fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
         ],
     );
     out.extend(e.tick(LATER));
+    out
+}
+
+#[test]
+fn a_syn_timeout_whose_syns_the_servers_rule_dropped_names_it_there() {
+    // The server's INPUT drops every SYN: the client can only time out (its reason stays),
+    // and the server's attempt, seen on this host, says where and which rule.
+    let c = Sock::client(SK_A, SPORT);
+    let out = syns_dropped_until_timeout(c, |ts| socketless(c, ts, NfHook::Input, 0x02));
     let client: Vec<Verdict> = out.into_iter().filter(|v| v.netns == Some(NETNS)).collect();
     let v = one(client);
     check(&v, "client failed syn_timeout ETIMEDOUT");
@@ -396,18 +402,7 @@ fn a_loopback_syn_timeout_names_the_rule_of_its_own_namespace() {
             ..d
         })
     };
-    let mut e =
-        Engine::new(EngineConfig::default()).with_rule_lookup(Box::new(OneRule(RuleAction::Drop)));
-    let mut out = feed(
-        &mut e,
-        [
-            c.connect(MS, 100, "client"),
-            syn(MS),
-            syn(SEC + MS),
-            close_from(c, 3 * SEC + MS, S::SynSent, 110),
-        ],
-    );
-    out.extend(e.tick(LATER));
+    let out = syns_dropped_until_timeout(c, syn);
     let client: Vec<Verdict> = out
         .into_iter()
         .filter(|v| v.side == crate::engine::verdict::Side::Client)
@@ -428,13 +423,7 @@ fn a_refusal_whose_syn_the_servers_reject_rule_dropped_is_netfilter_reject() {
     let refused = |rule| {
         let mut events = vec![syn.clone()];
         events.extend(refused_client(c, MS, 100));
-        let mut e = Engine::new(EngineConfig::default());
-        if let Some(action) = rule {
-            e = e.with_rule_lookup(Box::new(OneRule(action)));
-        }
-        let mut out = feed(&mut e, events);
-        out.extend(e.tick(LATER));
-        one(out.into_iter().filter(|v| v.netns == Some(NETNS)).collect())
+        run_with(rule, events)
     };
     let with = "tcp-reset".to_owned();
     let v = refused(Some(RuleAction::Reject { with }));
