@@ -305,20 +305,17 @@ fn a_route_put_back_right_after_the_failed_connect_does_not_hide_it() {
         ct.wait_for(Duration::from_secs(5), |l| {
             l.value["event"] == "verdict" && l.value["daddr"] == "198.51.100.1"
         });
-        let route = ["192.0.2.0/24", "via", hosts.server_ip.as_str()];
-        hosts
-            .client
-            .exec(&[&["ip", "route", "add"][..], &route].concat());
-        hosts
-            .client
-            .exec(&[&["ip", "route", "del"][..], &route].concat());
+        let route = |verb| {
+            let args = ["ip", "route", verb, "192.0.2.0/24", "via", &hosts.server_ip];
+            hosts.client.exec(&args);
+        };
+        route("add");
+        route("del");
         let client = connect(&hosts.client, "192.0.2.1", PORT, &[]);
         let results = client.json_lines(Duration::from_secs(10));
         // Within the grace period (200 ms) the verdict waits for, after the event came.
         std::thread::sleep(Duration::from_millis(100));
-        hosts
-            .client
-            .exec(&[&["ip", "route", "add"][..], &route].concat());
+        route("add");
         assert_eq!(
             results[0]["errno"], 101,
             "client should see ENETUNREACH: {results:?}"

@@ -112,18 +112,13 @@ fn ends(v: &Verdict) -> (String, String) {
 /// end unspecified, port 0) as `listener ADDR:PORT`, `*` for one bound to every address.
 fn connection(v: &Verdict) -> String {
     if v.dport == 0 && v.daddr.is_unspecified() {
-        let addr = v.saddr.map_or_else(
-            || "*".to_owned(),
-            |a| {
-                if a.is_ipv6() {
-                    format!("[{a}]")
-                } else {
-                    a.to_string()
-                }
-            },
-        );
-        let port = v.sport.map_or_else(|| "?".to_owned(), |p| p.to_string());
-        return format!("listener {addr}:{port}");
+        return match v.saddr {
+            Some(_) => format!("listener {}", endpoint(v.saddr, v.sport)),
+            None => format!(
+                "listener *:{}",
+                v.sport.map_or("?".into(), |p| p.to_string())
+            ),
+        };
     }
     let (client, server) = ends(v);
     format!("{client} -> {server}")

@@ -132,9 +132,7 @@ impl Engine {
             // An ICMP error about a segment of a connection not followed here (quiet mode
             // keeps a handshake in the kernel until it retransmits): this host's own segment,
             // never a handshake of a local listener's. A record, not an attempt.
-            if !rules::drops::is_normal(&f.reason, &f.location, f.tcp_flags)
-                || self.cfg.show_normal_drops
-            {
+            if self.worth_a_record(&f) {
                 self.drop_record(&f, outgoing, proc);
             }
             return;
@@ -275,13 +273,22 @@ impl Engine {
                     .is_some_and(TcpState::connected))
     }
 
+    /// Whether `addr` is one of namespace `netns`'s own addresses (`None` when no namespace
+    /// can be read).
+    fn is_local(&mut self, netns: Option<u32>, addr: IpAddr) -> Option<bool> {
+        self.lookups.namespaces.as_mut()?.is_local(netns, addr)
+    }
+
     /// Whether `addr` is known not to be one of namespace `netns`'s own addresses (false when
     /// no namespace can be read).
     fn not_local(&mut self, netns: Option<u32>, addr: IpAddr) -> bool {
-        self.lookups
-            .namespaces
-            .as_mut()
-            .is_some_and(|ns| ns.is_local(netns, addr) == Some(false))
+        self.is_local(netns, addr) == Some(false)
+    }
+
+    /// Whether a drop of `f`'s kind is printed as a record: unless it is a normal part of TCP
+    /// (`--show-normal-drops` prints those too).
+    fn worth_a_record(&self, f: &DroppedPacket) -> bool {
+        !rules::drops::is_normal(&f.reason, &f.location, f.tcp_flags) || self.cfg.show_normal_drops
     }
 
     /// Whether a packet no connection's socket sent was sent by this namespace's own stack
@@ -295,12 +302,7 @@ impl Engine {
             return false;
         }
         let netns = f.meta.netns;
-        let own = self
-            .lookups
-            .namespaces
-            .as_mut()
-            .is_some_and(|ns| ns.is_local(netns, f.packet.saddr) == Some(true));
-        own && self.not_local(netns, f.packet.daddr)
+        self.is_local(netns, f.packet.saddr) == Some(true) && self.not_local(netns, f.packet.daddr)
     }
 
     /// A packet that crossed a veth into another namespace of this host keeps its sender's
@@ -336,9 +338,7 @@ impl Engine {
         };
         self.summary.forwarded_drops += 1;
         self.table.add_path_drop(f.packet, f.meta.ts_ns, drop);
-        if !rules::drops::is_normal(&f.reason, &f.location, f.tcp_flags)
-            || self.cfg.show_normal_drops
-        {
+        if self.worth_a_record(f) {
             let record = rules::drops::forwarded_record(&f.meta, f.packet, f);
             self.push_drop_record(record, &f.meta, &f.reason);
         }

@@ -17,18 +17,17 @@ impl Engine {
         table: u32,
         answer: TableAnswer,
     ) {
-        let key = (meta.netns, meta.proc.pid, tuple.daddr, tuple.dport);
-        if !self.table.route_walks_mut().add(meta, tuple, table, answer) {
+        let netns = meta.netns;
+        let Some(walk) = self.table.route_walks_mut().add(meta, tuple, table, answer) else {
             self.summary.unmatched_errors += 1;
             return;
-        }
+        };
         // The namespace's route now, as the kernel answered (see `Walk::route`).
-        let route = self
+        walk.route = self
             .lookups
             .namespaces
             .as_mut()
-            .and_then(|ns| ns.route_to(key.0, tuple.daddr));
-        self.table.route_walks_mut().note_route(&key, route);
+            .and_then(|ns| ns.route_to(netns, tuple.daddr));
     }
 
     /// The `connect()` of `meta`'s process to `tuple`'s destination went on (its socket moved

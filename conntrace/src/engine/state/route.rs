@@ -82,20 +82,29 @@ impl RouteWalks {
     }
 
     /// Adds one table's failed answer to a lookup of `connect()`: it continues the key's last
-    /// walk or starts a new one. False when there is no room (the answer is dropped).
-    pub fn add(&mut self, meta: Meta, tuple: FourTuple, table: u32, answer: TableAnswer) -> bool {
+    /// walk or starts a new one. Returns that walk (its `route` not read yet), or `None` when
+    /// there is no room (the answer is dropped).
+    pub fn add(
+        &mut self,
+        meta: Meta,
+        tuple: FourTuple,
+        table: u32,
+        answer: TableAnswer,
+    ) -> Option<&mut Walk> {
         let key = (meta.netns, meta.proc.pid, tuple.daddr, tuple.dport);
         if !self.by_key.contains_key(&key) && self.by_key.len() >= self.max {
-            return false;
+            return None;
         }
         let walks = self.by_key.entry(key).or_default();
-        if let Some(last) = walks.last_mut()
-            && last.continued_by(tuple.saddr, table)
+        if walks
+            .last()
+            .is_some_and(|last| last.continued_by(tuple.saddr, table))
         {
+            let last = walks.last_mut()?;
             last.answers.push((table, answer));
             last.meta = meta;
             last.route = None;
-            return true;
+            return Some(last);
         }
         // IPv6 looks the route up without a source first, then again from the source it
         // picked: the first walk is the same connect() as the second.
@@ -114,14 +123,7 @@ impl RouteWalks {
             answers: vec![(table, answer)],
             route: None,
         });
-        true
-    }
-
-    /// Sets the route read for the walk `key` has just added an answer to.
-    pub fn note_route(&mut self, key: &RouteKey, route: Option<Route>) {
-        if let Some(walk) = self.by_key.get_mut(key).and_then(|w| w.last_mut()) {
-            walk.route = route;
-        }
+        walks.last_mut()
     }
 
     /// The `connect()` of `key` went on (SYN_SENT) or reported its result itself: its last
