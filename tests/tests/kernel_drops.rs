@@ -34,13 +34,16 @@ fn an_address_nobody_owns_is_neighbour_failed() {
     let values = ct.stop_after_verdict_in(hosts.client.inode());
     let v = only_verdict_in(&values, hosts.client.inode());
     assert_eq!(
-        (&v["reason"], &v["errno"], &v["kernel_reason"]),
-        (
-            &"neighbour_failed".into(),
-            &"EHOSTUNREACH".into(),
-            &"NEIGH_FAILED".into()
-        ),
+        (&v["reason"], &v["kernel_reason"]),
+        (&"neighbour_failed".into(), &"NEIGH_FAILED".into()),
         "{v}"
+    );
+    // The kernel sets sk_err, wakes the application, then closes the socket: an application
+    // that reads SO_ERROR first (which clears it) leaves the close without an errno to read.
+    // Absent then, never another one.
+    assert!(
+        v["errno"] == "EHOSTUNREACH" || v["errno"].is_null(),
+        "errno is EHOSTUNREACH or absent: {v}"
     );
     assert_eq!(
         (v["daddr"].as_str(), v["comm"].as_str()),
