@@ -129,7 +129,7 @@ async fn await_selection(cli: &Cli, ident: &Identity) {
 
 /// The output (opened first: a bad path fails before anything is loaded into the kernel) and
 /// the metrics, their address bound before anything is loaded too.
-async fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunError> {
+fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunError> {
     let format = if cli.json {
         Format::Json
     } else {
@@ -139,13 +139,13 @@ async fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunErr
     let mut out = Output::open(cli.output.as_deref(), format, Clock::now())?.with_node(node);
     let metrics = match cli.metrics_addr {
         Some(addr) => {
-            let listener = metrics::bind(addr).await?;
+            let listener = metrics::bind(addr)?;
             let m = Arc::new(Metrics::new(
                 cli.ring_buffer_bytes,
                 cli.metrics_container_labels,
                 node,
             ));
-            tokio::spawn(metrics::serve(listener, Arc::clone(&m)));
+            metrics::spawn(listener, Arc::clone(&m))?;
             out = out.with_metrics(Arc::clone(&m));
             Some(m)
         }
@@ -234,7 +234,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut ports = cli.ports.clone();
     ports.sort_unstable();
     ports.dedup();
-    let (mut out, metrics) = open_output(cli).await?;
+    let (mut out, metrics) = open_output(cli)?;
     let mut ident = Identity::new(identities(cli));
     // --bpf-stats: the kernel's run-time statistics, on from before the programs load until
     // this value is dropped at the end of the run (or the process ends, however it ends).

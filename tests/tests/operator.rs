@@ -57,6 +57,59 @@ fn metrics_count_verdicts_and_a_real_prometheus_stores_them() {
     ct.stop();
 }
 
+/// `GET /healthz` answered within `wait` (status, body), or `None` if nothing listens yet.
+fn healthz(addr: &str, wait: Duration) -> Option<(u16, String)> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(wait))
+        .build()
+        .into();
+    match agent.get(format!("http://{addr}/healthz")).call() {
+        Ok(mut resp) => Some((
+            resp.status().as_u16(),
+            resp.body_mut().read_to_string().expect("healthz body"),
+        )),
+        Err(ureq::Error::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => None,
+        Err(e) => panic!("GET /healthz within {wait:?}: {e}"),
+    }
+}
+
+#[test]
+fn healthz_answers_not_ready_at_once_while_the_programs_load() {
+    let addr = format!("127.0.0.1:{}", free_loopback_port());
+    let args = ["--port", "3306", "--metrics-addr", &addr].map(str::to_owned);
+    // Loading takes the best part of a second (BTF, the programs, the verifier); conntrace
+    // binds the metrics address before it starts. A probe meanwhile gets 503, not a wait.
+    let starting = std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        conntrace_tests::Conntrace::start(&args)
+    });
+    let mut first = None;
+    for _ in 0..1000 {
+        if let Some(answer) = healthz(&addr, Duration::from_millis(300)) {
+            first = Some(answer);
+            break;
+        }
+        assert!(
+            !starting.is_finished(),
+            "ready before the metrics address answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ct = starting.join().expect("conntrace started");
+    assert_eq!(
+        first,
+        Some((503, "not tracing\n".to_owned())),
+        "the first answer, while loading"
+    );
+    assert_eq!(
+        healthz(&addr, Duration::from_secs(2)),
+        Some((200, "ok\n".to_owned())),
+        "once ready"
+    );
+    ct.stop();
+}
+
 /// Runs Debian's Prometheus against `target` with a 1 s scrape interval until a query for
 /// `metric` returns data (20 s at most); returns the query's JSON answer.
 fn prometheus_scrape(target: &str, metric: &str) -> String {

@@ -28,7 +28,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::Record;
 
@@ -97,6 +97,8 @@ pub enum MetricsError {
         #[source]
         source: std::io::Error,
     },
+    #[error("serve metrics (a thread and its runtime: clone, epoll_create): {0}")]
+    Serve(#[source] std::io::Error),
 }
 
 impl Metrics {
@@ -250,14 +252,46 @@ impl Metrics {
 }
 
 /// Binds `addr` now (so a bad address fails at start-up) and returns the listener.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| MetricsError::Bind { addr, source })
+///
+/// # Errors
+/// [`MetricsError::Bind`]: the address is taken or not this host's (`bind(2)`).
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, MetricsError> {
+    let listener =
+        std::net::TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    Ok(listener)
+}
+
+/// Serves `listener` on a thread of its own with its own single-threaded runtime, so that
+/// `/healthz` answers `503` at once while the eBPF programs load (which holds the main
+/// runtime's only thread for about a second) and scrapes are answered while the main loop is
+/// busy with a burst of events. The thread ends with the process.
+///
+/// # Errors
+/// [`MetricsError::Serve`]: the thread or its runtime could not be created.
+pub fn spawn(listener: std::net::TcpListener, metrics: Arc<Metrics>) -> Result<(), MetricsError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(MetricsError::Serve)?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, metrics).await,
+                    Err(error) => warn!(%error, "serve metrics: register the listener"),
+                }
+            });
+        })
+        .map_err(MetricsError::Serve)?;
+    Ok(())
 }
 
 /// Serves `GET /metrics` and `GET /healthz` on `listener` until the runtime stops.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
