@@ -93,6 +93,8 @@ fn identities(cli: &Cli) -> Option<Identities> {
             containers: cli.containers.clone(),
             pods: cli.pods.clone(),
         });
+    check_sockets("--docker-socket", &cli.docker_sockets);
+    check_sockets("--containerd-socket", &cli.containerd_sockets);
     let options = containers::Options {
         docker_sockets: or_default(&cli.docker_sockets, DOCKER_SOCKETS),
         containerd_sockets: or_default(&cli.containerd_sockets, CONTAINERD_SOCKETS),
@@ -105,6 +107,27 @@ fn identities(cli: &Cli) -> Option<Identities> {
             |error| warn!(%error, "start the container look-up thread: containers unnamed"),
         )
         .ok()
+}
+
+/// Warns at start-up about each runtime socket given on the command line that is missing or
+/// is no socket (`stat(2)`): its containers would stay unnamed without a word until one
+/// appeared. Not fatal: a runtime may start after conntrace.
+fn check_sockets(flag: &str, paths: &[std::path::PathBuf]) {
+    use std::os::unix::fs::FileTypeExt;
+    for path in paths {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {}
+            Ok(_) => warn!(
+                path = %path.display(),
+                "{flag}: not a socket; containers it runs stay unnamed"
+            ),
+            Err(error) => warn!(
+                path = %path.display(),
+                %error,
+                "{flag}: cannot use it (stat); containers it runs stay unnamed until it appears"
+            ),
+        }
+    }
 }
 
 /// With `--container`/`--pod`: waits (3 s at most) for the first look at every namespace, and

@@ -213,6 +213,39 @@ fn a_metrics_address_in_use_fails_before_loading_anything() {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }
 
+#[test]
+fn a_runtime_socket_that_is_missing_or_no_socket_is_named_at_start_up() {
+    require_root();
+    let dir = TempDir::new("ct-sockets");
+    let file = dir.join("not-a-socket");
+    std::fs::write(&file, "").expect("write a plain file");
+    let missing = dir.join("missing.sock");
+    let (code, stderr) = run(&[
+        "--port",
+        "3306",
+        "--docker-socket",
+        missing.to_str().expect("utf-8"),
+        "--containerd-socket",
+        file.to_str().expect("utf-8"),
+        "--duration",
+        "1s",
+    ]);
+    // Not fatal (a runtime may start later): conntrace traces, and says so on stderr.
+    assert_eq!(code, 0, "{stderr}");
+    for (flag, path, why) in [
+        ("--docker-socket", &missing, "No such file or directory"),
+        ("--containerd-socket", &file, "not a socket"),
+    ] {
+        assert!(
+            stderr.lines().any(|l| l.contains(flag)
+                && l.contains(path.to_str().expect("utf-8"))
+                && l.contains(why)),
+            "{flag} {}: {why}, in:\n{stderr}",
+            path.display()
+        );
+    }
+}
+
 /// The file capabilities the README's setcap line gives (each one's reason is there).
 const DOCUMENTED_CAPS: &str = "cap_bpf,cap_perfmon,cap_dac_read_search,cap_net_admin,cap_net_raw,cap_sys_admin,cap_sys_ptrace,cap_syslog";
 
