@@ -192,6 +192,9 @@ pub struct KernelOffsets {
     pub skb_iif: u32,
     /// `struct tcp_sock` → `mss_cache` (the current MSS).
     pub tcp_mss_cache: u32,
+    /// `struct tcp_sock` → `sacked_out` (u32: segments the peer acknowledged selectively,
+    /// SACK, above the first unacknowledged one).
+    pub tcp_sacked_out: u32,
     /// `struct sock` → `sk_socket`: set while a process holds the socket (accepted).
     pub sock_socket: u32,
     /// `struct sock` → `sk_protocol` (u16, 5.6+).

@@ -103,6 +103,8 @@ pub mod unread {
     pub const LENGTH: u32 = 1 << 3;
     /// The connection's MSS (`Retransmit::mss`).
     pub const MSS: u32 = 1 << 4;
+    /// The connection's selectively acknowledged segments (`Retransmit::sacked_out`).
+    pub const SACKED_OUT: u32 = 1 << 9;
     /// The interface a dropped packet arrived on (`PacketDrop::ifindex`).
     pub const IFINDEX: u32 = 1 << 5;
     /// The local port of the dropped packet's socket (`PacketDrop::sk_port`).
@@ -226,6 +228,10 @@ pub struct Retransmit {
     pub bytes: u32,
     /// The connection's MSS then (`tcp_sock.mss_cache`).
     pub mss: u32,
+    /// Segments the peer had acknowledged selectively (SACK) above the first unacknowledged
+    /// one then (`tcp_sock.sacked_out`): later data got through.
+    pub sacked_out: u32,
+    pub _pad: u32,
 }
 
 /// `EventKind::SynRetransmit`: a SYN retransmitted in SYN_SENT.

@@ -552,8 +552,9 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
         });
         return 0;
     }
-    // Past the handshake: the segment's payload and the connection's MSS tell a path-MTU
-    // black hole (only full-size segments retransmitted) from plain loss.
+    // Past the handshake: the segment's payload, the connection's MSS and its SACKed segments
+    // tell a path-MTU black hole (full-size segments retransmitted while nothing, or only
+    // later short ones, got through) from plain loss.
     let mut header = header(EventKind::Retransmit, size_of::<Retransmit>(), netns);
     let skb: u64 = field(P, &ctx, l.skbaddr);
     let bytes: Option<u32> = if o.skb_len == KernelOffsets::MISSING {
@@ -569,8 +570,16 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     if bytes.is_none() {
         header.unread |= unread::LENGTH;
     }
+    let sacked_out: Option<u32> = if o.tcp_sacked_out == KernelOffsets::MISSING {
+        None
+    } else {
+        kread(P, skaddr + o.tcp_sacked_out as u64)
+    };
     if mss.is_none() {
         header.unread |= unread::MSS;
+    }
+    if sacked_out.is_none() {
+        header.unread |= unread::SACKED_OUT;
     }
     emit(Retransmit {
         header,
@@ -578,6 +587,8 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
         tuple,
         bytes: bytes.unwrap_or(0),
         mss: mss.unwrap_or(0),
+        sacked_out: sacked_out.unwrap_or(0),
+        _pad: 0,
     });
     0
 }

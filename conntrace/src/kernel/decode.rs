@@ -237,6 +237,7 @@ impl Decoder {
                 tuple: four_tuple(&e.tuple),
                 bytes: (e.header.unread & unread::LENGTH == 0).then_some(e.bytes),
                 mss: (e.header.unread & unread::MSS == 0 && e.mss != 0).then_some(e.mss),
+                sacked_out: (e.header.unread & unread::SACKED_OUT == 0).then_some(e.sacked_out),
             },
             Decoded::FirstData(e) => KernelEvent::FirstData {
                 meta: meta(&e.header),

@@ -95,6 +95,64 @@ fn a_path_mtu_black_hole_is_pmtu_blackhole_on_the_sender_and_a_stall_on_the_clie
     expect_verdicts(&values, router_ns, &[]);
 }
 
+/// A request that is no multiple of the MSS: its short tail passes the 1400-byte link, the
+/// full-size segments before it never do. The client sends 3000 bytes (1448 + 1448 + 104)
+/// towards a server behind a router whose link to it carries 1400, and its own firewall drops
+/// the router's "fragmentation needed"; it gives up after 3 retransmissions.
+#[test]
+fn a_black_hole_under_a_request_with_a_short_tail_is_pmtu_blackhole_on_the_client() {
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::routed()
+        .with(|h| {
+            h.router
+                .exec(&["ip", "link", "set", &h.router_server_if, "mtu", "1400"]);
+        })
+        .in_client(&["iptables", "-A", "INPUT", "-p", "icmp", "-j", "DROP"])
+        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_mtu_probing=0"])
+        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+        .serve(&["--respond", "16"])
+        .conntrace(&["--port", "3306", "--stall-timeout", "60s"]);
+    let request = "x".repeat(2999) + "\n";
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &[
+            "--request",
+            &request,
+            "--expect-bytes",
+            "16",
+            "--timeout-ms",
+            "20000",
+        ],
+    );
+    let result = &client.json_lines(Duration::from_secs(40))[0];
+    assert_eq!(
+        (&result["stage"], &result["errno"]),
+        (&Value::from("read"), &Value::from(110)),
+        "the client's connection timed out waiting for the answer: {result}"
+    );
+    let (client_ns, router_ns) = (hosts.client.inode(), hosts.router.inode());
+    let values = stop_after(ct, Duration::from_secs(3), &[(client_ns, "failed")]);
+    report(
+        "pmtu_blackhole short tail",
+        &values,
+        &[("client", client_ns), ("router", router_ns)],
+    );
+    let c = &expect_verdicts(
+        &values,
+        client_ns,
+        &["client failed pmtu_blackhole ETIMEDOUT"],
+    )[0];
+    assert_eq!(detail(c, "retransmits.mss"), 1448, "{c}");
+    assert_eq!(detail(c, "retransmits.largest_bytes"), 1448, "{c}");
+    assert_eq!(detail(c, "path_answer.mtu"), 1400, "{c}");
+    expect_verdicts(&values, router_ns, &[]);
+}
+
 /// The sender's facts of a black hole: only full-size segments retransmitted, the router's
 /// answer (MTU 1400) dropped by this host's firewall, and the router's own drops.
 fn assert_pmtu_facts(s: &Value, router_ns: u64) {

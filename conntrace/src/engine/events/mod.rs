@@ -86,6 +86,7 @@ impl Engine {
                 tuple,
                 bytes,
                 mss,
+                sacked_out,
             } => {
                 if self.table.by_sk(sk).is_none() {
                     // Data retransmitted by a connection opened before conntrace started: how
@@ -93,7 +94,7 @@ impl Engine {
                     self.adopt_mid_life(&meta, sk, tuple, TcpState::Established, out);
                 }
                 if let Some(c) = self.table.by_sk_mut(sk) {
-                    c.retransmitted(bytes, mss);
+                    c.retransmitted(bytes, mss, sacked_out);
                     c.tuple = tuple;
                     c.last_ns = meta.ts_ns;
                 }

@@ -260,13 +260,15 @@ pub enum KernelEvent {
         tuple: FourTuple,
     },
     /// A segment of a connection past its handshake was retransmitted
-    /// (`tcp:tcp_retransmit_skb`): `bytes` of payload, the connection's MSS then.
+    /// (`tcp:tcp_retransmit_skb`): `bytes` of payload, the connection's MSS then and the
+    /// segments the peer had SACKed above the first unacknowledged one (`sacked_out`).
     Retransmit {
         meta: Meta,
         sk: u64,
         tuple: FourTuple,
         bytes: Option<u32>,
         mss: Option<u32>,
+        sacked_out: Option<u32>,
     },
     /// A traced connection's window changed (the namespace's socket listing, polled).
     Window {

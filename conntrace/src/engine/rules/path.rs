@@ -1,6 +1,9 @@
-//! `pmtu_blackhole`: an established connection that died while only full-size segments were
+//! `pmtu_blackhole`: an established connection that died while full-size segments were
 //! retransmitted, never acknowledged: a hop with a smaller MTU drops them, and its
-//! "fragmentation needed" never reaches this host (or this host drops it).
+//! "fragmentation needed" never reaches this host (or this host drops it). Either every
+//! retransmitted segment was full-size, or short ones got through meanwhile: the peer SACKed
+//! later data (a request's short tail, sent again as a tail loss probe) while the full-size
+//! ones before it stayed unacknowledged. A peer that is gone SACKs nothing.
 
 use super::drops;
 use crate::engine::{
@@ -30,9 +33,11 @@ pub(crate) fn explain(c: &Conn, v: &mut Verdict) -> bool {
     let Some(r) = c.retransmits else {
         return false;
     };
-    let full_size = match r.mss {
-        Some(mss) => r.smallest_bytes >= mss,
-        None => r.smallest_bytes >= FULL_SIZE_BYTES,
+    let full = r.mss.unwrap_or(FULL_SIZE_BYTES);
+    let full_size = if r.sacked_out.is_some_and(|n| n > 0) {
+        r.largest_bytes >= full
+    } else {
+        r.smallest_bytes >= full
     };
     if v.reason != Reason::Timeout || r.count < MIN_RETRANSMITS || !full_size {
         return false;

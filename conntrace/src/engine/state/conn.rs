@@ -250,12 +250,13 @@ impl Conn {
         }
     }
 
-    /// Counts a data retransmission of `bytes` (when read) with the MSS then. An MSS below
+    /// Counts a data retransmission of `bytes` (when read) with the MSS and the SACKed
+    /// segments (`sacked_out`) then. An MSS below
     /// the kernel's `TCP_MIN_MSS` (88) is no path's: it is the kernel's floor,
     /// `net.ipv4.tcp_min_snd_mss` (48 by default) less the options, which `mss_cache` falls to
     /// when the connection's route went away (36 was seen), and it is left out. (A floor raised
     /// above 88 by an administrator shows as it is.)
-    pub fn retransmitted(&mut self, bytes: Option<u32>, mss: Option<u32>) {
+    pub fn retransmitted(&mut self, bytes: Option<u32>, mss: Option<u32>, sacked_out: Option<u32>) {
         const TCP_MIN_MSS: u32 = 88;
         let mss = mss.filter(|&m| m >= TCP_MIN_MSS);
         let r = self.retransmits.get_or_insert(Retransmits {
@@ -263,7 +264,11 @@ impl Conn {
             largest_bytes: bytes.unwrap_or(0),
             smallest_bytes: bytes.unwrap_or(u32::MAX),
             mss,
+            sacked_out: None,
         });
+        if let Some(n) = sacked_out {
+            r.sacked_out = Some(r.sacked_out.map_or(n, |most| most.max(n)));
+        }
         r.count += 1;
         if let Some(bytes) = bytes {
             r.largest_bytes = r.largest_bytes.max(bytes);

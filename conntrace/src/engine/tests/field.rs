@@ -315,13 +315,63 @@ fn eacces_is_no_route_under_a_prohibit_route_and_connect_denied_otherwise() {
 }
 
 fn retransmit(s: Sock, ts: u64, bytes: u32) -> KernelEvent {
+    retransmit_sacked(s, ts, bytes, 0)
+}
+
+/// A retransmission of `bytes` while the peer had SACKed `sacked_out` later segments.
+fn retransmit_sacked(s: Sock, ts: u64, bytes: u32, sacked_out: u32) -> KernelEvent {
     KernelEvent::Retransmit {
         meta: softirq(ts),
         sk: s.sk,
         tuple: s.t,
         bytes: Some(bytes),
         mss: Some(1448),
+        sacked_out: Some(sacked_out),
     }
+}
+
+/// The verdict of a server connection that retransmitted `(ms, bytes, sacked_out)` and then
+/// timed out.
+fn timed_out_after(retransmits: &[(u64, u32, u32)]) -> Verdict {
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(EngineConfig::default());
+    feed(&mut e, server_handshake(s, MS));
+    for &(ms, bytes, sacked) in retransmits {
+        none(e.handle(retransmit_sacked(s, ms * MS, bytes, sacked)));
+    }
+    let mut close = s.st(6 * SEC, S::Established, S::Close);
+    if let KernelEvent::State { sk_err, .. } = &mut close {
+        *sk_err = Some(Errno::ETIMEDOUT);
+    }
+    one(feed(&mut e, [close]))
+}
+
+#[test]
+fn a_short_tail_that_got_through_while_full_size_segments_did_not_is_a_pmtu_blackhole() {
+    // 3000 bytes, 1448 + 1448 + 104: the whole burst dropped at the hop, the tail loss probe
+    // (104 bytes) SACKed, the full-size head retransmitted until the timeout.
+    let v = timed_out_after(&[
+        (20, 104, 0),
+        (220, 1448, 1),
+        (620, 1448, 1),
+        (1420, 1448, 1),
+    ]);
+    check(&v, "server failed pmtu_blackhole ETIMEDOUT");
+    assert_eq!(
+        detail(&v, "retransmits"),
+        serde_json::json!({"count": 4, "largest_bytes": 1448, "smallest_bytes": 104, "mss": 1448, "sacked_out": 1})
+    );
+    // The same retransmissions to a peer that is gone: nothing SACKed, a timeout.
+    let v = timed_out_after(&[
+        (20, 104, 0),
+        (220, 1448, 0),
+        (620, 1448, 0),
+        (1420, 1448, 0),
+    ]);
+    check(&v, "server failed timeout ETIMEDOUT");
+    // Later data SACKed, but only short segments retransmitted: loss, not the path's MTU.
+    let v = timed_out_after(&[(20, 300, 2), (220, 300, 2), (620, 300, 2)]);
+    check(&v, "server failed timeout ETIMEDOUT");
 }
 
 #[test]
@@ -352,7 +402,7 @@ fn only_full_size_segments_retransmitted_until_timeout_is_a_pmtu_blackhole() {
     check(&v, "server failed pmtu_blackhole ETIMEDOUT");
     assert_eq!(
         detail(&v, "retransmits"),
-        serde_json::json!({"count": 4, "largest_bytes": 1448, "smallest_bytes": 1448, "mss": 1448})
+        serde_json::json!({"count": 4, "largest_bytes": 1448, "smallest_bytes": 1448, "mss": 1448, "sacked_out": 0})
     );
     let answer = detail(&v, "path_answer");
     assert_eq!(answer["mtu"], 1400);

@@ -122,6 +122,7 @@ fn data_retransmissions_of_a_connection_opened_before_the_trace_are_in_its_timeo
         tuple: a.t,
         bytes: Some(5),
         mss: Some(1448),
+        sacked_out: Some(0),
     };
     let (e, out) = run(
         ports(&[DPORT]),

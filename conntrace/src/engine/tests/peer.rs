@@ -55,6 +55,7 @@ fn retransmit(c: Sock, ts: u64) -> KernelEvent {
         tuple: c.t,
         bytes: Some(1448),
         mss: Some(1448),
+        sacked_out: Some(0),
     }
 }
 

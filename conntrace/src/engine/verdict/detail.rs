@@ -400,6 +400,10 @@ pub struct Retransmits {
     /// `TCP_MIN_MSS` (88; a smaller one is the kernel's floor, `tcp_min_snd_mss` less options,
     /// as it keeps with the connection's route gone: no path's).
     pub mss: Option<u32>,
+    /// The most segments the peer had acknowledged selectively (SACK) above the first
+    /// unacknowledged one at a retransmission (`tcp_sock.sacked_out`): above 0, later data
+    /// got through while the retransmitted segments did not. `null` when not read.
+    pub sacked_out: Option<u32>,
 }
 
 /// The "fragmentation needed" (ICMPv6 "packet too big") answer of a hop on the path.
