@@ -114,6 +114,8 @@ fn round_trip_every_kind() {
         tuple: tuple(),
         bytes: 1448,
         mss: 1448,
+        sacked_out: 2,
+        _pad: 0,
     };
     assert_eq!(decode(as_bytes(&re)), Ok(Decoded::Retransmit(re)));
 }
