@@ -18,6 +18,9 @@ pub struct Listener {
     /// when known (sock_diag).
     pub accept_queue: Option<u32>,
     pub backlog: Option<u32>,
+    /// An IPv6 listener's `IPV6_V6ONLY` (sock_diag): set, `[::]` takes no IPv4 connection.
+    /// `None` for IPv4 listeners or when unknown (/proc/net/tcp6 does not say).
+    pub v6only: Option<bool>,
 }
 
 /// Tells the engine which sockets listen on a port in a network namespace.

@@ -76,8 +76,28 @@ pub(crate) fn proc_of(p: &Process) -> Proc {
     }
 }
 
-/// Queue facts of a listening socket: its address, accept queue and backlog (when known).
-type SocketFacts = (SocketAddr, Option<u32>, Option<u32>);
+/// What sock_diag (or /proc/net/tcp, which lacks the rest) tells of a listening socket.
+#[derive(Clone, Copy)]
+struct SocketFacts {
+    addr: SocketAddr,
+    accept_queue: Option<u32>,
+    backlog: Option<u32>,
+    v6only: Option<bool>,
+}
+
+impl SocketFacts {
+    /// The listener these facts describe, held by `pid` (`comm`) when known.
+    fn listener(self, pid: Option<u32>, comm: Option<String>) -> Listener {
+        Listener {
+            addr: self.addr,
+            pid,
+            comm,
+            accept_queue: self.accept_queue,
+            backlog: self.backlog,
+            v6only: self.v6only,
+        }
+    }
+}
 
 /// Listening sockets on `port` in network namespace `netns`, with the processes holding them
 /// and each socket's inode. Empty when no process of that namespace can be found or /proc
@@ -101,30 +121,18 @@ fn held_sockets(netns: u32, port: u16) -> Vec<Held> {
     let mut found: Vec<Held> = Vec::new();
     let mut seen = HashSet::new();
     each_socket_fd(&in_ns, |p, inode| {
-        if let Some(&(addr, queue, backlog)) = sockets.get(&inode)
+        if let Some(facts) = sockets.get(&inode)
             && seen.insert((inode, p.pid()))
         {
             let comm = p.stat().ok().map(|s| s.comm);
-            let listener = Listener {
-                addr,
-                pid: Some(p.pid() as u32),
-                comm,
-                accept_queue: queue,
-                backlog,
-            };
+            let listener = facts.listener(Some(p.pid() as u32), comm);
             found.push(Held { inode, listener });
         }
     });
     // Sockets no process holds (or we could not see) are listed without one.
-    for (&inode, &(addr, queue, backlog)) in &sockets {
+    for (&inode, facts) in &sockets {
         if !seen.iter().any(|(i, _)| *i == inode) {
-            let listener = Listener {
-                addr,
-                pid: None,
-                comm: None,
-                accept_queue: queue,
-                backlog,
-            };
+            let listener = facts.listener(None, None);
             found.push(Held { inode, listener });
         }
     }
@@ -144,7 +152,13 @@ fn listen_sockets(any: &Process, netns: u32, port: u16) -> HashMap<u64, SocketFa
     ) {
         Ok(found) => {
             for l in found {
-                sockets.insert(l.inode, (l.addr, Some(l.accept_queue), Some(l.backlog)));
+                let facts = SocketFacts {
+                    addr: l.addr,
+                    accept_queue: Some(l.accept_queue),
+                    backlog: Some(l.backlog),
+                    v6only: l.v6only,
+                };
+                sockets.insert(l.inode, facts);
             }
         }
         Err(error) => {
@@ -152,7 +166,13 @@ fn listen_sockets(any: &Process, netns: u32, port: u16) -> HashMap<u64, SocketFa
             for table in [any.tcp(), any.tcp6()].into_iter().flatten() {
                 for e in table {
                     if e.state == TcpState::Listen && e.local_address.port() == port {
-                        sockets.insert(e.inode, (e.local_address, None, None));
+                        let facts = SocketFacts {
+                            addr: e.local_address,
+                            accept_queue: None,
+                            backlog: None,
+                            v6only: None,
+                        };
+                        sockets.insert(e.inode, facts);
                     }
                 }
             }

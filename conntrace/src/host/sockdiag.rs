@@ -23,7 +23,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, TCP_LISTEN},
-    inet::{ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags, nlas::Nla},
 };
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -42,6 +42,9 @@ pub struct ListenSocket {
     /// The listen() backlog, capped by net.core.somaxconn (`sk_max_ack_backlog`).
     pub backlog: u32,
     pub inode: u64,
+    /// An IPv6 socket's `IPV6_V6ONLY` (`INET_DIAG_SKV6ONLY`): set, a wildcard `[::]` listener
+    /// takes no IPv4 connection. `None` for IPv4 sockets, or when the kernel sent none.
+    pub v6only: Option<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,8 +82,8 @@ fn dump_listeners(port: Option<u16>) -> Result<Vec<ListenSocket>, DiagError> {
     let socket = open()?;
     let mut found = Vec::new();
     for (seq, family) in [(1, AF_INET), (2, AF_INET6)] {
-        dump_tcp(&socket, seq, family, StateFlags::LISTEN, &mut |h| {
-            found.extend(listen_socket(h, port));
+        dump_tcp(&socket, seq, family, StateFlags::LISTEN, &mut |r| {
+            found.extend(listen_socket(r, port));
         })?;
     }
     Ok(found)
@@ -98,14 +101,14 @@ pub(crate) fn open() -> Result<Socket, DiagError> {
 }
 
 /// Dumps the TCP sockets of `family` (`AF_INET` or `AF_INET6`) whose state is in `states`
-/// from the namespace `socket` was opened in, handing each reply's header to `each`.
+/// from the namespace `socket` was opened in, handing each reply to `each`.
 /// `seq` numbers the request. Blocking; the kernel answers at once.
 pub(crate) fn dump_tcp(
     socket: &Socket,
     seq: u32,
     family: u8,
     states: StateFlags,
-    each: &mut dyn FnMut(&InetResponseHeader),
+    each: &mut dyn FnMut(&InetResponse),
 ) -> Result<(), DiagError> {
     let name = if family == AF_INET6 {
         "AF_INET6"
@@ -186,7 +189,7 @@ pub(crate) fn dump_request(
 fn parse_datagram(
     mut bytes: &[u8],
     family: &'static str,
-    each: &mut dyn FnMut(&InetResponseHeader),
+    each: &mut dyn FnMut(&InetResponse),
 ) -> Result<bool, DiagError> {
     let kernel = |code: i32| DiagError::Kernel {
         family,
@@ -198,7 +201,7 @@ fn parse_datagram(
             NetlinkMessage::<SockDiagMessage>::deserialize(bytes).map_err(DiagError::Decode)?;
         match msg.payload {
             NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(resp)) => {
-                each(&resp.header);
+                each(&resp);
             }
             // Both carry a negative errno; an NLMSG_ERROR with code 0 is an ACK.
             NetlinkPayload::Done(done) if done.code >= 0 => return Ok(true),
@@ -220,7 +223,8 @@ fn parse_datagram(
 }
 
 /// The listener a reply describes, if it is one and matches `port`.
-fn listen_socket(h: &InetResponseHeader, port: Option<u16>) -> Option<ListenSocket> {
+fn listen_socket(r: &InetResponse, port: Option<u16>) -> Option<ListenSocket> {
+    let h = &r.header;
     let id = &h.socket_id;
     if h.state != TCP_LISTEN || port.is_some_and(|p| p != id.source_port) {
         return None;
@@ -236,6 +240,10 @@ fn listen_socket(h: &InetResponseHeader, port: Option<u16>) -> Option<ListenSock
         accept_queue: h.recv_queue,
         backlog: h.send_queue,
         inode: u64::from(h.inode),
+        v6only: r.nlas.iter().find_map(|n| match n {
+            Nla::SkV6Only(set) => Some(*set),
+            _ => None,
+        }),
     })
 }
 
@@ -244,7 +252,7 @@ mod tests {
     use std::num::NonZeroI32;
 
     use netlink_packet_core::DoneMessage;
-    use netlink_packet_sock_diag::{constants::TCP_ESTABLISHED, inet::InetResponse};
+    use netlink_packet_sock_diag::{constants::TCP_ESTABLISHED, inet::InetResponseHeader};
 
     use super::*;
 
@@ -258,6 +266,11 @@ mod tests {
 
     /// An inet_diag reply for a socket on `addr`:`port` with 2 queued of a backlog of 1.
     fn response(addr: &str, port: u16, state: u8) -> Vec<u8> {
+        response_with(addr, port, state, Vec::new())
+    }
+
+    /// [`response`] with attributes `nlas`.
+    fn response_with(addr: &str, port: u16, state: u8, nlas: Vec<Nla>) -> Vec<u8> {
         let addr: IpAddr = addr.parse().unwrap();
         let (family, mut socket_id) = match addr {
             IpAddr::V4(_) => (AF_INET, SocketId::new_v4()),
@@ -278,7 +291,7 @@ mod tests {
         };
         let resp = InetResponse {
             header,
-            nlas: Default::default(),
+            nlas: nlas.into_iter().collect(),
         };
         encode(SockDiagMessage::InetResponse(Box::new(resp)).into())
     }
@@ -314,7 +327,7 @@ mod tests {
         datagram.extend(response("0.0.0.0", 22, TCP_LISTEN));
         datagram.extend(response("10.0.0.1", 3306, TCP_ESTABLISHED));
         let mut out = Vec::new();
-        let mut each = |h: &InetResponseHeader| out.extend(listen_socket(h, Some(3306)));
+        let mut each = |r: &InetResponse| out.extend(listen_socket(r, Some(3306)));
         assert!(!parse_datagram(&datagram, "AF_INET", &mut each).unwrap());
         assert!(parse_datagram(&done(0), "AF_INET", &mut each).unwrap());
         let addr = "127.0.0.1:3306".parse().unwrap();
@@ -323,20 +336,33 @@ mod tests {
             accept_queue: 2,
             backlog: 1,
             inode: 4242,
+            v6only: None,
         };
         assert_eq!(out, [want]);
     }
 
     #[test]
-    fn ipv6_addresses_as_they_are_link_local_with_scope() {
-        let mut datagram = response("::", 80, TCP_LISTEN);
-        datagram.extend(response("fe80::1", 80, TCP_LISTEN));
+    fn ipv6_addresses_as_they_are_link_local_with_scope_and_v6only_read() {
+        let mut datagram = response_with("::", 80, TCP_LISTEN, vec![Nla::SkV6Only(true)]);
+        datagram.extend(response_with(
+            "fe80::1",
+            80,
+            TCP_LISTEN,
+            vec![Nla::SkV6Only(false)],
+        ));
         datagram.extend(done(0));
         let mut out = Vec::new();
-        let mut each = |h: &InetResponseHeader| out.extend(listen_socket(h, None));
+        let mut each = |r: &InetResponse| out.extend(listen_socket(r, None));
         assert!(parse_datagram(&datagram, "AF_INET6", &mut each).unwrap());
-        let addrs: Vec<String> = out.iter().map(|s| s.addr.to_string()).collect();
-        assert_eq!(addrs, ["[::]:80", "[fe80::1%3]:80"]);
+        let addrs: Vec<(String, Option<bool>)> =
+            out.iter().map(|s| (s.addr.to_string(), s.v6only)).collect();
+        assert_eq!(
+            addrs,
+            [
+                ("[::]:80".to_owned(), Some(true)),
+                ("[fe80::1%3]:80".to_owned(), Some(false))
+            ]
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::engine::{
     facts::NfHook,
     verdict::{
         Detail, Reason, Side, Verdict,
-        detail::{DropFacts, RuleRef},
+        detail::{DropFacts, ListenerRef, RuleRef},
     },
 };
 
@@ -178,18 +178,25 @@ pub fn concrete(v: &Verdict) -> String {
             }
         }
         Reason::RefusedBoundElsewhere => {
-            let listeners: Vec<&str> = match &v.detail {
-                Detail::Refusal(d) => d
-                    .listeners
-                    .iter()
-                    .flatten()
-                    .map(|l| l.address.as_str())
-                    .collect(),
-                _ => Vec::new(),
+            let listeners: &[ListenerRef] = match &v.detail {
+                Detail::Refusal(d) => d.listeners.as_deref().unwrap_or_default(),
+                _ => &[],
+            };
+            let named: Vec<String> = listeners
+                .iter()
+                .map(|l| match l.v6only {
+                    Some(true) => format!("{} (IPV6_V6ONLY)", l.address),
+                    _ => l.address.clone(),
+                })
+                .collect();
+            let also = if listeners.iter().any(|l| l.v6only == Some(true)) {
+                ", or clear IPV6_V6ONLY on its [::] socket (net.ipv6.bindv6only = 0)"
+            } else {
+                ""
             };
             format!(
-                "the service listens on {} only; make it bind {} or 0.0.0.0 (MySQL: bind-address = 0.0.0.0)",
-                listeners.join(", "),
+                "the service listens on {} only; make it bind {} or 0.0.0.0 (MySQL: bind-address = 0.0.0.0){also}",
+                named.join(", "),
                 v.saddr.map(|a| a.to_string()).unwrap_or_default()
             )
         }
@@ -451,12 +458,32 @@ mod tests {
                     address: "127.0.0.1:3306".into(),
                     pid: Some(1),
                     comm: Some("mysqld".into()),
+                    v6only: None,
                 }]),
             }),
         );
         let a = concrete(&v);
         assert!(
             a.contains("listens on 127.0.0.1:3306 only; make it bind 10.0.0.2"),
+            "{a}"
+        );
+        let v = verdict(
+            Reason::RefusedBoundElsewhere,
+            Detail::Refusal(RefusalDetail {
+                rst_sent: true,
+                answered: crate::engine::verdict::detail::Answered::Syn,
+                listeners: Some(vec![ListenerRef {
+                    address: "[::]:3306".into(),
+                    pid: Some(1),
+                    comm: Some("mysqld".into()),
+                    v6only: Some(true),
+                }]),
+            }),
+        );
+        let a = concrete(&v);
+        assert!(
+            a.contains("listens on [::]:3306 (IPV6_V6ONLY) only; make it bind 10.0.0.2 or 0.0.0.0")
+                && a.ends_with("or clear IPV6_V6ONLY on its [::] socket (net.ipv6.bindv6only = 0)"),
             "{a}"
         );
     }

@@ -3,7 +3,7 @@
 //! `ctpeer serve ADDR PORT [--accept N] [--greeting TEXT] [--greeting-delay-ms T] [--greeting-on-usr1]
 //!                         [--linger0] [--backlog N]
 //!                         [--hold-ms T] [--respond BYTES] [--close-delay-ms T] [--report]
-//!                         [--reuseport] [--comm NAME] [--accept-delay-ms T]`
+//!                         [--reuseport] [--v6only] [--comm NAME] [--accept-delay-ms T]`
 //!   prints `listening` when ready, accepts N connections (default: until killed; 0: never
 //!   accepts, holding the listener until killed; the first only T ms after `listening` with
 //!   `--accept-delay-ms`, its accept queue filling meanwhile), sends the greeting (after T ms, in a thread
@@ -12,7 +12,8 @@
 //!   exiting after N), then either aborts with
 //!   SO_LINGER 0 (`--linger0`) or waits for the peer to close. `--reuseport` sets
 //!   SO_REUSEADDR and SO_REUSEPORT before bind(), so several servers share the port (each
-//!   socket with its own accept queue); `--comm` renames the process (default `ct-server`).
+//!   socket with its own accept queue); `--v6only` sets IPV6_V6ONLY (an IPv6 listener that
+//!   takes no IPv4 connection); `--comm` renames the process (default `ct-server`).
 //!   With `--hold-ms`, `--respond`, `--close-delay-ms` or `--report`, each connection has its own thread: the
 //!   greeting, then no read at all for T ms (`--hold-ms`: the receive queue fills and the window
 //!   closes), then a request read and answered with BYTES bytes (`--respond`), then reads until
@@ -58,8 +59,9 @@ fn has(args: &[String], name: &str) -> bool {
     args.iter().any(|a| a == name)
 }
 
-/// A listener on `addr` with SO_REUSEADDR and SO_REUSEPORT set before bind(), backlog 128.
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A listener on `addr` with options set before bind(), backlog 128: SO_REUSEADDR and
+/// SO_REUSEPORT (`reuseport`), IPV6_V6ONLY (`v6only`, an IPv6 address only).
+fn bind_with(addr: SocketAddr, reuseport: bool, v6only: bool) -> std::io::Result<TcpListener> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -81,10 +83,18 @@ fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
         }
         let listener = <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd);
         let one: libc::c_int = 1;
-        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+        let reuse = [
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+            (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+        ];
+        let options = reuse
+            .iter()
+            .filter(|_| reuseport)
+            .chain(v6only.then_some(&(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)));
+        for &(level, opt) in options {
             check(libc::setsockopt(
                 fd,
-                libc::SOL_SOCKET,
+                level,
                 opt,
                 (&one as *const i32).cast(),
                 4,
@@ -125,8 +135,9 @@ fn wait_for_usr1(limit: Duration) {
 
 fn serve(addr: SocketAddr, args: &[String]) {
     set_comm(flag(args, "--comm").as_deref().unwrap_or("ct-server"));
-    let listener = if has(args, "--reuseport") {
-        bind_reuseport(addr)
+    let (reuseport, v6only) = (has(args, "--reuseport"), has(args, "--v6only"));
+    let listener = if reuseport || v6only {
+        bind_with(addr, reuseport, v6only)
     } else {
         TcpListener::bind(addr)
     }

@@ -56,18 +56,23 @@ pub(crate) fn with_listeners(v: &mut Verdict, listeners: &[Listener], holder: Op
 
 /// A server refusal (no socket matched the SYN) while sockets listen on the same port at other
 /// addresses: the service is bound elsewhere (the seed's MySQL on 127.0.0.1 only), or to IPv4
-/// alone (`0.0.0.0`) for an IPv6 client. A listener on the refused address itself, IPv4's
-/// wildcard for an IPv4 one, or IPv6's (which takes IPv4 too unless `IPV6_V6ONLY`, not read
-/// here) would have matched; then the refusal has another cause and the verdict stays as it
-/// is.
+/// alone (`0.0.0.0`) for an IPv6 client, or to IPv6 alone (`[::]` with `IPV6_V6ONLY`) for an
+/// IPv4 one. A listener on the refused address itself, IPv4's wildcard for an IPv4 one, or
+/// IPv6's (which takes IPv4 too unless `IPV6_V6ONLY`; unknown counts as not set) would have
+/// matched; then the refusal has another cause and the verdict stays as it is.
 fn bound_elsewhere(v: &mut Verdict, listeners: &[Listener]) {
     if v.side != Side::Server || v.reason != Reason::RefusedNoListener || listeners.is_empty() {
         return;
     }
     let would_match = |l: &Listener| {
         let ip = l.addr.ip();
+        let takes_ipv4 = ip.is_ipv4() || l.v6only != Some(true);
         Some(ip) == v.saddr
-            || (ip.is_unspecified() && (ip.is_ipv6() || v.saddr.is_some_and(|s| s.is_ipv4())))
+            || (ip.is_unspecified()
+                && match v.saddr {
+                    Some(s) if s.is_ipv4() => takes_ipv4,
+                    _ => ip.is_ipv6(),
+                })
     };
     if v.saddr.is_none() || listeners.iter().any(would_match) {
         return;

@@ -222,6 +222,7 @@ impl ListenerLookup for Backlog {
             comm: Some("ct-server".into()),
             accept_queue: Some(2),
             backlog: Some(1),
+            v6only: None,
         }]
     }
 }

@@ -65,6 +65,7 @@ fn listener(addr: &str, pid: u32, comm: &str) -> Listener {
         comm: Some(comm.into()),
         accept_queue: Some(0),
         backlog: Some(128),
+        v6only: None,
     }
 }
 
@@ -96,6 +97,26 @@ fn no_listener_or_a_matching_one_keeps_refused_no_listener() {
         let v = refusal_with(vec![listener(addr, 42, "mysqld")]);
         check(&v, "server failed refused_no_listener -");
     }
+}
+
+#[test]
+fn an_ipv4_client_refused_where_only_an_ipv6_only_wildcard_listens_is_bound_elsewhere() {
+    // `[::]:3306` with IPV6_V6ONLY takes no IPv4 connection.
+    let v6only = |set| Listener {
+        v6only: Some(set),
+        ..listener("[::]:3306", 42, "mysqld")
+    };
+    let v = refusal_with(vec![v6only(true)]);
+    check(&v, "server failed refused_bound_elsewhere -");
+    assert_eq!(
+        detail(&v, "listeners"),
+        serde_json::json!([{ "address": "[::]:3306", "pid": 42, "comm": "mysqld", "v6only": true }])
+    );
+    // Dual-stack, it would have taken the connection: another cause.
+    check(
+        &refusal_with(vec![v6only(false)]),
+        "server failed refused_no_listener -",
+    );
 }
 
 #[test]

@@ -164,6 +164,10 @@ pub struct ListenerRef {
     pub address: String,
     pub pid: Option<u32>,
     pub comm: Option<String>,
+    /// An IPv6 listener's `IPV6_V6ONLY` (sock_diag): `true`, it takes no IPv4 connection.
+    /// Absent for IPv4 listeners and when unknown.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub v6only: Option<bool>,
 }
 
 impl From<&Listener> for ListenerRef {
@@ -172,6 +176,7 @@ impl From<&Listener> for ListenerRef {
             address: l.addr.to_string(),
             pid: l.pid,
             comm: l.comm.clone(),
+            v6only: l.v6only,
         }
     }
 }

@@ -225,8 +225,8 @@ fn ports_here(dst: SocketAddr) -> Result<PortUse, NsError> {
     };
     for (seq, &family) in (1..).zip(families) {
         let states = StateFlags::all() - StateFlags::LISTEN;
-        sockdiag::dump_tcp(&socket, seq, family, states, &mut |h| {
-            count_port(&mut use_, dst, h);
+        sockdiag::dump_tcp(&socket, seq, family, states, &mut |r| {
+            count_port(&mut use_, dst, &r.header);
         })?;
     }
     Ok(use_)
