@@ -449,38 +449,27 @@ mod tests {
         d.drops.reject_with = Some("icmp-port-unreachable".into());
         let v = verdict(Reason::NetfilterReject, Detail::Attempt(d));
         assert!(concrete(&v).contains("--reject-with tcp-reset"));
-        let v = verdict(
-            Reason::RefusedBoundElsewhere,
-            Detail::Refusal(RefusalDetail {
-                rst_sent: true,
-                answered: crate::engine::verdict::detail::Answered::Syn,
-                listeners: Some(vec![ListenerRef {
-                    address: "127.0.0.1:3306".into(),
-                    pid: Some(1),
-                    comm: Some("mysqld".into()),
-                    v6only: None,
-                }]),
-            }),
-        );
-        let a = concrete(&v);
+        let bound_elsewhere = |address: &str, v6only| {
+            concrete(&verdict(
+                Reason::RefusedBoundElsewhere,
+                Detail::Refusal(RefusalDetail {
+                    rst_sent: true,
+                    answered: crate::engine::verdict::detail::Answered::Syn,
+                    listeners: Some(vec![ListenerRef {
+                        address: address.into(),
+                        pid: Some(1),
+                        comm: Some("mysqld".into()),
+                        v6only,
+                    }]),
+                }),
+            ))
+        };
+        let a = bound_elsewhere("127.0.0.1:3306", None);
         assert!(
             a.contains("listens on 127.0.0.1:3306 only; make it bind 10.0.0.2"),
             "{a}"
         );
-        let v = verdict(
-            Reason::RefusedBoundElsewhere,
-            Detail::Refusal(RefusalDetail {
-                rst_sent: true,
-                answered: crate::engine::verdict::detail::Answered::Syn,
-                listeners: Some(vec![ListenerRef {
-                    address: "[::]:3306".into(),
-                    pid: Some(1),
-                    comm: Some("mysqld".into()),
-                    v6only: Some(true),
-                }]),
-            }),
-        );
-        let a = concrete(&v);
+        let a = bound_elsewhere("[::]:3306", Some(true));
         assert!(
             a.contains("listens on [::]:3306 (IPV6_V6ONLY) only; make it bind 10.0.0.2 or 0.0.0.0")
                 && a.ends_with("or clear IPV6_V6ONLY on its [::] socket (net.ipv6.bindv6only = 0)"),

@@ -410,17 +410,8 @@ fn only_full_size_segments_retransmitted_until_timeout_is_a_pmtu_blackhole() {
     assert_eq!(answer["dropped"]["hook"], "INPUT");
 
     // Small segments lost too: plain loss, a timeout.
-    let mut e = Engine::new(EngineConfig::default());
-    feed(&mut e, server_handshake(s, MS));
-    for (ts, bytes) in [(200 * MS, 1448), (600 * MS, 300)] {
-        none(e.handle(retransmit(s, ts, bytes)));
-    }
-    let mut close = s.st(6 * SEC, S::Established, S::Close);
-    if let KernelEvent::State { sk_err, .. } = &mut close {
-        *sk_err = Some(Errno::ETIMEDOUT);
-    }
     check(
-        &one(feed(&mut e, [close])),
+        &timed_out_after(&[(200, 1448, 0), (600, 300, 0)]),
         "server failed timeout ETIMEDOUT",
     );
 }
