@@ -225,7 +225,32 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
         .iter()
         .filter(|c| c["reason"] == "syn_timeout")
         .collect();
-    assert_eq!(timeouts.len(), timed_out, "{client:#?}");
+    // The timed-out clients close together, in one timer softirq: if it interrupted the
+    // lifecycle program on that CPU, the kernel skipped their closes (the program does not
+    // nest) and says so in the summary's `program_misses`. Only so many may lack a verdict.
+    let summary = values
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .expect("summary");
+    let skipped: u64 = summary["program_misses"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(program, _)| program.contains("inet_sock_set_state"))
+        .filter_map(|(_, n)| n.as_u64())
+        .sum();
+    println!(
+        "MEASURED listen_overflow clients: {} syn_timeout verdicts of {timed_out} timed out; \
+         program misses {}",
+        timeouts.len(),
+        summary["program_misses"]
+    );
+    assert!(
+        timeouts.len() <= timed_out && (timed_out - timeouts.len()) as u64 <= skipped,
+        "{} syn_timeout verdicts of {timed_out} timed-out clients, {skipped} lifecycle runs \
+         skipped; summary {summary}; client verdicts {client:#?}",
+        timeouts.len()
+    );
     for c in &timeouts {
         assert_eq!(c["errno"], "ETIMEDOUT", "{c}");
         assert!(c["syn_retransmits"].as_u64() >= Some(1), "{c}");
