@@ -340,8 +340,24 @@ fn a_reject_answer_the_clients_own_firewall_drops_is_no_verdict_of_a_server_ther
     );
     let hosts = &run.hosts;
     let client = only_verdict_in(&run.values, hosts.client.inode());
+    println!("MEASURED client's firewall drops the REJECT's answers: {client}");
     assert_eq!(client["side"], "client", "{client}");
     assert_eq!(client["sport"], 42321, "{client}");
+    // Its verdict says why it waited: this host dropped the answers (those to its
+    // retransmitted SYNs; the first came before its local port was known).
+    assert_eq!(client["reason"], "syn_timeout", "{client}");
+    let answer = &client["detail"]["answer_dropped"];
+    assert_eq!(answer["icmp"], "port-unreachable", "{client}");
+    assert_eq!(
+        (&answer["dropped"]["hook"], &answer["dropped"]["kernel_reason"]),
+        (&"INPUT".into(), &"NETFILTER_DROP".into()),
+        "{client}"
+    );
+    assert!(answer["dropped"]["count"].as_u64() >= Some(1), "{client}");
+    assert_eq!(
+        answer["rule"]["iptables"], "-A INPUT -p icmp -j DROP",
+        "{client}"
+    );
     let drops = drops_in(&run.values, hosts.client.inode());
     assert!(!drops.is_empty(), "the dropped ICMP errors are records");
     for d in &drops {

@@ -7,7 +7,7 @@ use crate::engine::{
     facts::NfHook,
     verdict::{
         Detail, Reason, Side, Verdict,
-        detail::{DropFacts, ListenerRef, RuleRef},
+        detail::{AnswerDropped, DropFacts, ListenerRef, RuleRef},
     },
 };
 
@@ -97,9 +97,42 @@ fn path_drop_text(p: &crate::engine::verdict::detail::PathDrop) -> String {
     format!("{} × {} at {}{on}", p.count, p.kernel_reason, p.location)
 }
 
+/// A `syn_timeout` whose ICMP answers this host dropped: that rule, then where the answers
+/// came from when the rule there is known.
+fn answers_dropped_here(v: &Verdict, a: &AnswerDropped) -> String {
+    let hook = a.dropped.hook.map_or("a netfilter", NfHook::chain_name);
+    let rule = match &a.rule {
+        Some(RuleRef::Rule(r)) => format!("rule `{}`", r.text),
+        Some(RuleRef::Policy { chain, .. }) => format!("chain {chain}'s drop policy"),
+        None => "rule".into(),
+    };
+    let accept = if v.daddr.is_ipv6() {
+        "ip6tables -I INPUT -p icmpv6 --icmpv6-type destination-unreachable -j ACCEPT"
+    } else {
+        "iptables -I INPUT -p icmp --icmp-type destination-unreachable -j ACCEPT"
+    };
+    let from = match v.detail.drop_facts() {
+        Some(DropFacts {
+            rule: Some(RuleRef::Rule(r)),
+            peer_netns: Some(n),
+            ..
+        }) => format!("; they came from `{}` in netns {n}", r.text),
+        _ => String::new(),
+    };
+    format!(
+        "this host's {hook} {rule} dropped the ICMP {} answers to its SYNs, so connect() waited for ETIMEDOUT instead of failing at once; let ICMP errors in (`{accept}`){from}",
+        a.icmp
+    )
+}
+
 /// One or two sentences of advice for this verdict's reason, naming its specifics.
 pub fn concrete(v: &Verdict) -> String {
     let drops = v.detail.drop_facts();
+    if let (Reason::SynTimeout, Detail::Closed(d)) = (v.reason, &v.detail)
+        && let Some(a) = &d.answer_dropped
+    {
+        return answers_dropped_here(v, a);
+    }
     match v.reason {
         Reason::NetfilterDrop
         | Reason::SyncookieAckLost

@@ -214,6 +214,11 @@ impl Engine {
             if icmp.is_too_big(ipv6) && !normal {
                 // This host dropped the path's "fragmentation needed": keep where.
                 c.too_big = Some((icmp, Some(hs)));
+            } else if !established && !normal {
+                // An answer to its handshake (a REJECT's, a router's) that TCP never saw.
+                let (last, drops) = c.answers_dropped.get_or_insert_with(|| (icmp, Vec::new()));
+                *last = icmp;
+                attempt::record(drops, hs);
             }
             return !normal || self.cfg.show_normal_drops;
         }

@@ -84,6 +84,33 @@ pub struct Icmp {
 }
 
 impl Icmp {
+    /// The error's name as iptables' `--reject-with` spells it without its `icmp-` /
+    /// `icmp6-` prefix (`port-unreachable`, `host-prohibited`, `adm-prohibited`, ...), else
+    /// `type T code C`.
+    pub fn name(&self, ipv6: bool) -> String {
+        let known = match (ipv6, self.icmp_type, self.code) {
+            (false, 3, 0) => "net-unreachable",
+            (false, 3, 1) => "host-unreachable",
+            (false, 3, 2) => "proto-unreachable",
+            (false, 3, 3) => "port-unreachable",
+            (false, 3, 4) => "fragmentation-needed",
+            (false, 3, 9) => "net-prohibited",
+            (false, 3, 10) => "host-prohibited",
+            (false, 3, 13) => "admin-prohibited",
+            (true, 1, 0) => "no-route",
+            (true, 1, 1) => "adm-prohibited",
+            (true, 1, 3) => "addr-unreachable",
+            (true, 1, 4) => "port-unreachable",
+            (true, 2, _) => "packet-too-big",
+            _ => "",
+        };
+        if known.is_empty() {
+            format!("type {} code {}", self.icmp_type, self.code)
+        } else {
+            known.to_owned()
+        }
+    }
+
     /// "Fragmentation needed" / "packet too big": the path's MTU answer.
     pub fn is_too_big(&self, ipv6: bool) -> bool {
         if ipv6 {

@@ -145,5 +145,6 @@ pub(super) fn closed(
     } else if let Some(facts) = v.detail.drop_facts_mut() {
         facts.drops = drops::kinds(&c.drops);
     }
+    path::note_answers_dropped(c, &mut v);
     Some(v)
 }

@@ -4,13 +4,16 @@
 //! retransmitted segment was full-size, or short ones got through meanwhile: the peer SACKed
 //! later data (a request's short tail, sent again as a tail loss probe) while the full-size
 //! ones before it stayed unacknowledged. A peer that is gone SACKs nothing.
+//!
+//! Also the other answers from the path that this host dropped: a failed handshake's ICMP
+//! errors (`detail.answer_dropped`).
 
 use super::drops;
 use crate::engine::{
     state::Conn,
     verdict::{
         Detail, Reason, Verdict,
-        detail::{PathAnswer, RuleRef},
+        detail::{AnswerDropped, PathAnswer, RuleRef},
     },
 };
 
@@ -59,6 +62,31 @@ pub(crate) fn explain(c: &Conn, v: &mut Verdict) -> bool {
         });
     }
     true
+}
+
+/// `detail.answer_dropped` of a failed handshake whose ICMP answers this host dropped before
+/// TCP saw them (its own firewall's INPUT dropping ICMP, say): why it waited for an answer
+/// that had come. Not for one refused by a RST, which did get its answer.
+pub(crate) fn note_answers_dropped(c: &Conn, v: &mut Verdict) {
+    let (Some((icmp, drops)), Detail::Closed(d)) = (&c.answers_dropped, &mut v.detail) else {
+        return;
+    };
+    if c.rst_received.is_some() {
+        return;
+    }
+    // The drop that happened most, and the rule it names.
+    let Some(most) = drops.iter().max_by_key(|d| d.count) else {
+        return;
+    };
+    let rule = match &most.context {
+        Some(crate::engine::state::DropContext::Rule(finding)) => rule_of(finding),
+        _ => None,
+    };
+    d.answer_dropped = Some(AnswerDropped {
+        icmp: icmp.name(c.tuple.daddr.is_ipv6()),
+        dropped: drops::kinds(std::slice::from_ref(most)).remove(0),
+        rule,
+    });
 }
 
 /// The one rule (or policy) a finding names.

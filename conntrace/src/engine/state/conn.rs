@@ -107,6 +107,9 @@ pub struct Conn {
     pub window: Option<(Window, u64)>,
     /// A "fragmentation needed" about its segments, and this host's drop of it if any.
     pub too_big: Option<(Icmp, Option<HandshakeDrop>)>,
+    /// The ICMP errors answering its handshake that this host dropped before TCP saw them
+    /// (its own firewall's INPUT, say): the last one's type, and the drops.
+    pub answers_dropped: Option<(Icmp, Vec<HandshakeDrop>)>,
     /// When it first received and first sent data.
     pub first_rx_ns: Option<u64>,
     pub first_tx_ns: Option<u64>,
@@ -142,6 +145,7 @@ impl Conn {
             retransmits: None,
             window: None,
             too_big: None,
+            answers_dropped: None,
             first_rx_ns: None,
             first_tx_ns: None,
             opening: Opening::Normal,

@@ -444,3 +444,47 @@ fn a_flood_of_drops_is_capped_at_fifty_records_a_second_and_counted() {
     none(e.handle(dropped(3 * SEC, 0, tuple(SPORT, 3306), ACK, "TCP_OLD_ACK")));
     assert_eq!(e.take_drops().len(), 1);
 }
+
+#[test]
+fn a_syn_timeout_whose_icmp_answers_this_host_dropped_names_that_drop_and_rule() {
+    // The server's REJECT answered each SYN with a port unreachable; this host's INPUT rule
+    // dropped the answers before TCP saw them: the client waited out its SYNs.
+    let finding = exact(rule(RuleAction::Drop));
+    let mut e = Engine::new(EngineConfig::default())
+        .with_rule_lookup(Box::new(FixedRules(finding, Default::default())));
+    let a = Sock::client(SK_A, SPORT);
+    let answer = |ts| {
+        let KernelEvent::Dropped(mut d) = dropped(ts, 0, a.t, 0, NETFILTER_DROP) else {
+            unreachable!("a drop")
+        };
+        d.icmp = Some(crate::engine::facts::Icmp {
+            icmp_type: 3,
+            code: 3,
+            mtu: None,
+        });
+        KernelEvent::Dropped(d)
+    };
+    // The first answer comes before the connection's local port is known (connect() changes
+    // the state before it picks the port): a record only. Its retransmissions' answers join.
+    feed(&mut e, [a.connect(MS, 100, "client"), answer(2 * MS)]);
+    feed(&mut e, [a.rtx(SEC + MS), answer(SEC + 2 * MS)]);
+    feed(&mut e, [a.rtx(3 * SEC + MS), answer(3 * SEC + 2 * MS)]);
+    feed(
+        &mut e,
+        [a.st(7 * SEC, S::SynSent, S::Close), a.err(7 * SEC, 110)],
+    );
+    let v = one(e.tick(LATER));
+    check(&v, "client failed syn_timeout ETIMEDOUT");
+    let answer = detail(&v, "answer_dropped");
+    assert_eq!(answer["icmp"], "port-unreachable", "{answer}");
+    assert_eq!(answer["dropped"]["hook"], "INPUT", "{answer}");
+    assert_eq!(answer["dropped"]["count"], 2, "{answer}");
+    assert_eq!(answer["rule"]["text"], "tcp dport 3306 drop", "{answer}");
+    let advice = crate::output::advice::concrete(&v);
+    assert!(
+        advice.starts_with("this host's INPUT rule `tcp dport 3306 drop` dropped the ICMP port-unreachable answers to its SYNs"),
+        "{advice}"
+    );
+    // Each dropped answer is a record too (the ICMP error, where it was dropped).
+    assert_eq!(e.take_drops().len(), 3);
+}

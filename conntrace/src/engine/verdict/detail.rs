@@ -329,6 +329,9 @@ pub struct ClosedDetail {
     /// `pmtu_blackhole`: the path's answer ("fragmentation needed"), when one was seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_answer: Option<PathAnswer>,
+    /// A failed handshake's ICMP answers that this host dropped (its own INPUT rule, say).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer_dropped: Option<AnswerDropped>,
     /// `no_route` of a connection that had its route: `true`, the socket had no route left
     /// when it closed (its retransmissions' lookups failed; an ICMP answer leaves the route).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -363,6 +366,7 @@ impl ClosedDetail {
             after_ms: None,
             retransmits: None,
             path_answer: None,
+            answer_dropped: None,
             route_lost: None,
             route: None,
             peer_listen_queue: None,
@@ -409,6 +413,21 @@ pub struct Retransmits {
     /// unacknowledged one at a retransmission (`tcp_sock.sacked_out`): above 0, later data
     /// got through while the retransmitted segments did not. `null` when not read.
     pub sacked_out: Option<u32>,
+}
+
+/// ICMP errors answering a handshake that this host dropped before TCP saw them
+/// (`detail.answer_dropped`): the client waited for an answer that had come.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct AnswerDropped {
+    /// The (last) error's type as iptables' `--reject-with` names it without its `icmp-`
+    /// prefix: `port-unreachable`, `host-prohibited`, `admin-prohibited`, ...; `type T code C`
+    /// for others.
+    pub icmp: String,
+    /// Where this host dropped them: the drop reason, hook and count.
+    pub dropped: DroppedKind,
+    /// The rule (or policy) that dropped them, when found.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
 }
 
 /// The "fragmentation needed" (ICMPv6 "packet too big") answer of a hop on the path.
