@@ -223,7 +223,7 @@ pub fn concrete(v: &Verdict) -> String {
                 })
                 .collect();
             let also = if listeners.iter().any(|l| l.v6only == Some(true)) {
-                ", or clear IPV6_V6ONLY on its [::] socket (net.ipv6.bindv6only = 0)"
+                ", or have it clear IPV6_V6ONLY on its [::] socket (its own setsockopt; net.ipv6.bindv6only only sets the default)"
             } else {
                 ""
             };
@@ -505,7 +505,7 @@ mod tests {
         let a = bound_elsewhere("[::]:3306", Some(true));
         assert!(
             a.contains("listens on [::]:3306 (IPV6_V6ONLY) only; make it bind 10.0.0.2 or 0.0.0.0")
-                && a.ends_with("or clear IPV6_V6ONLY on its [::] socket (net.ipv6.bindv6only = 0)"),
+                && a.contains("or have it clear IPV6_V6ONLY on its [::] socket"),
             "{a}"
         );
     }

@@ -215,9 +215,15 @@ impl Metrics {
         text
     }
 
-    /// Status, body and content type for `method` on `path`.
+    /// Status, body and content type for `method` on `path`. `HEAD` answers as `GET` (hyper
+    /// sends no body), for probes that use it.
     fn route(&self, method: &Method, path: &str) -> (StatusCode, String, &'static str) {
         const TEXT: &str = "text/plain; charset=utf-8";
+        let method = if method == Method::HEAD {
+            &Method::GET
+        } else {
+            method
+        };
         match (method, path) {
             (&Method::GET, "/metrics") => (
                 StatusCode::OK,
@@ -427,6 +433,7 @@ mod tests {
         assert_eq!(m.route(&Method::GET, "/metrics").0, StatusCode::OK);
         assert_eq!(m.route(&Method::GET, "/other").0, StatusCode::NOT_FOUND);
         assert_eq!(m.route(&Method::POST, "/healthz").0, StatusCode::NOT_FOUND);
+        assert_eq!(m.route(&Method::HEAD, "/healthz").0, StatusCode::OK);
         // The summary is the last record: the run is ending.
         let summary = crate::engine::verdict::Summary::default();
         m.observe(&Record::Summary(crate::output::Final {
