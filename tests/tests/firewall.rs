@@ -349,7 +349,10 @@ fn a_reject_answer_the_clients_own_firewall_drops_is_no_verdict_of_a_server_ther
     let answer = &client["detail"]["answer_dropped"];
     assert_eq!(answer["icmp"], "port-unreachable", "{client}");
     assert_eq!(
-        (&answer["dropped"]["hook"], &answer["dropped"]["kernel_reason"]),
+        (
+            &answer["dropped"]["hook"],
+            &answer["dropped"]["kernel_reason"]
+        ),
         (&"INPUT".into(), &"NETFILTER_DROP".into()),
         "{client}"
     );

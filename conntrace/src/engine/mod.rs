@@ -326,7 +326,8 @@ impl Engine {
             .table
             .peer_drops(&c)
             .map(|(netns, drops)| rules::PeerDrops { netns, drops });
-        let ended = rules::closed(&c, peer, route_now.as_ref(), &self.cfg);
+        let path_drops = self.table.path_drops(c.tuple);
+        let ended = rules::closed(&c, peer, (route_now.as_ref(), &path_drops), &self.cfg);
         if let Some(stall) = c.open_stall() {
             if let Some(v) = rules::stalls::closed_while_stuck(&c, stall, ended) {
                 self.emit(out, v);

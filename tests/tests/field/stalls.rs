@@ -153,6 +153,68 @@ fn a_black_hole_under_a_request_with_a_short_tail_is_pmtu_blackhole_on_the_clien
     expect_verdicts(&values, router_ns, &[]);
 }
 
+/// Not a black hole: a peer that went away while a request larger than the congestion window
+/// was in flight. Every retransmitted segment is full-size and nothing is SACKed, as in a
+/// black hole (the client's firewall drops ICMP, so the router's "host unreachable" is lost
+/// too); the router's drops (its neighbour for the server failed once the server's link went
+/// down) say what it was.
+#[test]
+fn a_large_request_to_a_peer_that_went_away_is_a_timeout_not_a_black_hole() {
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::routed()
+        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
+        // As a black hole's sender would: the router's "host unreachable" never arrives.
+        .in_client(&["iptables", "-A", "INPUT", "-p", "icmp", "-j", "DROP"])
+        .serve(&["--respond", "16"])
+        .conntrace(&["--port", "3306", "--stall-timeout", "60s"]);
+    let request = "x".repeat(19_999) + "\n";
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &[
+            "--request-delay-ms",
+            "1500",
+            "--request",
+            &request,
+            "--expect-bytes",
+            "16",
+            "--timeout-ms",
+            "20000",
+        ],
+    );
+    hosts.client.wait_established(PORT, Duration::from_secs(10));
+    hosts
+        .server
+        .exec(&["ip", "link", "set", &hosts.server_if, "down"]);
+    let result = &client.json_lines(Duration::from_secs(40))[0];
+    assert_eq!(
+        (&result["stage"], &result["errno"]),
+        (&Value::from("read"), &Value::from(110)),
+        "the client's connection timed out: {result}"
+    );
+    let (client_ns, router_ns) = (hosts.client.inode(), hosts.router.inode());
+    let values = stop_after(ct, Duration::from_secs(3), &[(client_ns, "failed")]);
+    report(
+        "dead peer, large request",
+        &values,
+        &[("client", client_ns), ("router", router_ns)],
+    );
+    let c = &expect_verdicts(&values, client_ns, &["client failed timeout ETIMEDOUT"])[0];
+    assert_eq!(detail(c, "retransmits.smallest_bytes"), 1448, "{c}");
+    let path = detail(c, "path_drops")
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        path.iter().any(|d| d["kernel_reason"] == "NEIGH_FAILED"),
+        "the router's neighbour failures, joined: {c}"
+    );
+}
+
 /// The sender's facts of a black hole: only full-size segments retransmitted, the router's
 /// answer (MTU 1400) dropped by this host's firewall, and the router's own drops.
 fn assert_pmtu_facts(s: &Value, router_ns: u64) {

@@ -264,6 +264,8 @@ impl DropReason {
     pub const IP_OUTNOROUTES: &'static str = "IP_OUTNOROUTES";
     /// No socket matched the packet (a refused SYN is freed with it, after its RST).
     pub const NO_SOCKET: &'static str = "NO_SOCKET";
+    /// Too big for the next hop's MTU, where the packet may not be fragmented (forwarding).
+    pub const PKT_TOO_BIG: &'static str = "PKT_TOO_BIG";
 
     pub fn new(name: &str) -> Self {
         Self(CompactString::new(name))

@@ -32,7 +32,7 @@ use super::{
     facts::{Errno, FourTuple, Meta},
     lookup::Route,
     state::{Conn, HandshakeDrop},
-    verdict::{Detail, Outcome, Reason, Side, Verdict},
+    verdict::{Detail, Outcome, Reason, Side, Verdict, detail::PathDrop},
 };
 
 /// Milliseconds from `from_ns` to `to_ns`, to the microsecond.
@@ -116,12 +116,13 @@ pub(crate) struct PeerDrops<'a> {
 /// The verdict of a connection that reached CLOSE, or `None` for an orderly end: its
 /// handshake's failure or its end's, then the drop that explains a silent failure. An
 /// established connection's end is explained by its own late drops, else by its peer's
-/// (`peer`), else by its retransmissions (`pmtu_blackhole`). `route_now`: its namespace's
-/// route to the other end, where `connect::may_have_lost_route_idle` asked for it.
+/// (`peer`), else by its retransmissions (`pmtu_blackhole`, with `path_drops`: its packets'
+/// drops in namespaces of this host that forward them). `route_now`: its namespace's route
+/// to the other end, where `connect::may_have_lost_route_idle` asked for it.
 pub(super) fn closed(
     c: &Conn,
     peer: Option<PeerDrops>,
-    route_now: Option<&Route>,
+    (route_now, path_drops): (Option<&Route>, &[PathDrop]),
     cfg: &EngineConfig,
 ) -> Option<Verdict> {
     if c.established_ns().is_some() {
@@ -135,7 +136,7 @@ pub(super) fn closed(
                 facts.peer_netns = p.netns;
             }
         } else {
-            path::explain(c, &mut v);
+            path::explain(c, &mut v, path_drops);
         }
         return Some(v);
     }

@@ -3,17 +3,24 @@
 //! "fragmentation needed" never reaches this host (or this host drops it). Either every
 //! retransmitted segment was full-size, or short ones got through meanwhile: the peer SACKed
 //! later data (a request's short tail, sent again as a tail loss probe) while the full-size
-//! ones before it stayed unacknowledged. A peer that is gone SACKs nothing.
+//! ones before it stayed unacknowledged. A peer that is gone SACKs nothing; but when every
+//! segment in flight is full-size (a request or answer larger than the congestion window),
+//! a peer that went away retransmits only full-size ones too. Where conntrace sees the path
+//! (a forwarding namespace of this host), its drops decide: a drop of this connection for
+//! another cause there (a failed neighbour, a FORWARD rule), and none for its size
+//! (`PKT_TOO_BIG`), nor a "fragmentation needed" seen here, nor later data SACKed, keeps it
+//! a `timeout`.
 //!
 //! Also the other answers from the path that this host dropped: a failed handshake's ICMP
 //! errors (`detail.answer_dropped`).
 
 use super::drops;
 use crate::engine::{
+    facts::DropReason,
     state::Conn,
     verdict::{
         Detail, Reason, Verdict,
-        detail::{AnswerDropped, PathAnswer, RuleRef},
+        detail::{AnswerDropped, PathAnswer, PathDrop, RuleRef},
     },
 };
 
@@ -31,18 +38,26 @@ pub(crate) fn note_retransmits(c: &Conn, v: &mut Verdict) {
 }
 
 /// Makes a connection's `timeout` a `pmtu_blackhole` when its retransmissions say so, and
-/// completes it with the path's answer. Returns whether it did.
-pub(crate) fn explain(c: &Conn, v: &mut Verdict) -> bool {
+/// completes it with the path's answer. `path_drops`: the drops of its packets in namespaces
+/// of this host that forward them. Returns whether it did.
+pub(crate) fn explain(c: &Conn, v: &mut Verdict, path_drops: &[PathDrop]) -> bool {
     let Some(r) = c.retransmits else {
         return false;
     };
     let full = r.mss.unwrap_or(FULL_SIZE_BYTES);
-    let full_size = if r.sacked_out.is_some_and(|n| n > 0) {
+    let sacked = r.sacked_out.is_some_and(|n| n > 0);
+    let full_size = if sacked {
         r.largest_bytes >= full
     } else {
         r.smallest_bytes >= full
     };
     if v.reason != Reason::Timeout || r.count < MIN_RETRANSMITS || !full_size {
+        return false;
+    }
+    let too_big = |p: &PathDrop| p.kernel_reason.as_str() == DropReason::PKT_TOO_BIG;
+    let path_says_size = path_drops.iter().any(too_big) || c.too_big.is_some() || sacked;
+    if !path_drops.is_empty() && !path_says_size {
+        // The path dropped its packets for another cause: a peer or a route that went.
         return false;
     }
     v.reason = Reason::PmtuBlackhole;

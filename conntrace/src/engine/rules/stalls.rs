@@ -143,11 +143,17 @@ pub(crate) fn closed_while_stuck(c: &Conn, s: Stall, ended: Option<Verdict>) -> 
         }
         None => EndedBy::Close(CloseKind::Close),
     };
+    let (retransmits, path_answer) = match ended.as_ref().map(|e| &e.detail) {
+        Some(Detail::Closed(e)) => (e.retransmits, e.path_answer.clone()),
+        _ => (None, None),
+    };
     let d = StallDetail {
         connection: connection_detail(c, s.since_ns),
         stuck_ms: Some(ms(s.since_ns, at)),
         closed_from: Some(from),
         ended_by: Some(ended_by),
+        retransmits,
+        path_answer,
         ..StallDetail::default()
     };
     let mut v = verdict(c, s, at, Outcome::Failed, how, d);

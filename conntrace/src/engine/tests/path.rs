@@ -79,3 +79,59 @@ fn a_syn_timeout_whose_syns_a_router_here_dropped_says_where() {
         "{advice}"
     );
 }
+
+/// A server connection that retransmitted four full-size segments (nothing SACKed), then
+/// timed out, while the router dropped its packets `reason` times (`None`: no router seen).
+fn full_size_timeout(router_drop: Option<&str>) -> Verdict {
+    let s = Sock::server(SK_B);
+    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(router());
+    feed(&mut e, server_handshake(s, MS));
+    for ms in [200, 600, 1400, 3000] {
+        none(e.handle(KernelEvent::Retransmit {
+            meta: softirq(ms * MS),
+            sk: s.sk,
+            tuple: s.t,
+            bytes: Some(1448),
+            mss: Some(1448),
+            sacked_out: Some(0),
+        }));
+        if let Some(reason) = router_drop {
+            let KernelEvent::Dropped(mut d) = forwarded_syn_dropped(s, ms * MS + 1) else {
+                unreachable!("a drop")
+            };
+            (d.reason, d.tcp_flags, d.hook) = (DropReason::new(reason), TcpFlags(0x18), None);
+            none(e.handle(KernelEvent::Dropped(d)));
+        }
+    }
+    let close = s.closed(6 * SEC, S::Established, Some(libc::ETIMEDOUT));
+    one(feed(&mut e, [close])
+        .into_iter()
+        .chain(e.tick(LATER))
+        .collect())
+}
+
+#[test]
+fn full_size_retransmissions_are_a_black_hole_unless_the_path_dropped_them_for_another_cause() {
+    // Nothing seen of the path: every segment retransmitted full-size is the black hole's
+    // sign.
+    check(
+        &full_size_timeout(None),
+        "server failed pmtu_blackhole ETIMEDOUT",
+    );
+    // The router here dropped them as too big for its next hop: a black hole for sure.
+    check(
+        &full_size_timeout(Some("PKT_TOO_BIG")),
+        "server failed pmtu_blackhole ETIMEDOUT",
+    );
+    // The router here dropped them because the peer's link went (or a FORWARD rule): a
+    // request larger than the congestion window to a peer that went away, not the MTU.
+    for reason in [DropReason::NEIGH_FAILED, DropReason::NETFILTER_DROP] {
+        let v = full_size_timeout(Some(reason));
+        check(&v, "server failed timeout ETIMEDOUT");
+        assert_eq!(
+            detail(&v, "path_drops")[0]["kernel_reason"],
+            reason,
+            "{v:?}"
+        );
+    }
+}

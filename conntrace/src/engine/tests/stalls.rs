@@ -100,6 +100,39 @@ fn a_stuck_connection_that_dies_gets_one_failed_follow_up() {
 }
 
 #[test]
+fn a_stuck_client_that_dies_in_a_black_hole_keeps_the_retransmissions_in_its_follow_up() {
+    // A request whose full-size segments never pass, its short tail SACKed: stuck first,
+    // then the kernel gives up.
+    let c = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    none(feed(&mut e, connected(c)));
+    one(e.tick(4 * SEC));
+    for (ms, bytes, sacked) in [(4100, 104, 0), (4300, 1448, 1), (4700, 1448, 1)] {
+        none(e.handle(KernelEvent::Retransmit {
+            meta: softirq(ms * MS),
+            sk: c.sk,
+            tuple: c.t,
+            bytes: Some(bytes),
+            mss: Some(1448),
+            sacked_out: Some(sacked),
+        }));
+    }
+    let mut out = feed(
+        &mut e,
+        [c.closed(10 * SEC, S::Established, Some(libc::ETIMEDOUT))],
+    );
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    assert_eq!(
+        (v.outcome, v.reason),
+        (Outcome::Failed, Reason::StalledNoGreeting)
+    );
+    assert_eq!(detail(&v, "ended_by"), "pmtu_blackhole");
+    assert_eq!(detail(&v, "retransmits")["sacked_out"], 1, "{v:?}");
+    assert_eq!(detail(&v, "retransmits")["smallest_bytes"], 104, "{v:?}");
+}
+
+#[test]
 fn a_connection_nobody_accepts_is_not_accepted_then_resolved() {
     let s = Sock::server(SK_A);
     let stall_end = SEC + MS + STALL;

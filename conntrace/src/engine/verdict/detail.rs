@@ -249,6 +249,12 @@ pub struct StallDetail {
     pub closed_from: Option<TcpState>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ended_by: Option<EndedBy>,
+    /// A `failed` follow-up whose end was a retransmission timeout (`ended_by`
+    /// `pmtu_blackhole` or `timeout`): that end's `retransmits` and `path_answer`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retransmits: Option<Retransmits>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_answer: Option<PathAnswer>,
     /// `zero_window`: whose window is zero and what waits.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<WindowFacts>,
