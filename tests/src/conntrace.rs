@@ -297,6 +297,26 @@ pub fn validate(values: &[Value]) {
     }
 }
 
+/// The run's `summary` record.
+pub fn summary_of(values: &[Value]) -> &Value {
+    values
+        .iter()
+        .find(|v| v["event"] == "summary")
+        .expect("a summary record")
+}
+
+/// Runs of the lifecycle program (`inet_sock_set_state`, either attach path) the kernel
+/// skipped in the run, from its summary's `program_misses`: state changes conntrace never saw.
+pub fn lifecycle_misses(summary: &Value) -> u64 {
+    summary["program_misses"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(program, _)| program.contains("inet_sock_set_state"))
+        .filter_map(|(_, n)| n.as_u64())
+        .sum()
+}
+
 /// Verdicts reported for namespace `netns`.
 pub fn verdicts_in(values: &[Value], netns: u64) -> Vec<Value> {
     values

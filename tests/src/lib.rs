@@ -21,8 +21,8 @@ use std::{
 };
 
 pub use conntrace::{
-    Conntrace, Line, attach_args, conntrace_bin, drops_in, only_verdict_in, ready_timeout,
-    validate, verdict_line, verdict_lines_in, verdicts_in,
+    Conntrace, Line, attach_args, conntrace_bin, drops_in, lifecycle_misses, only_verdict_in,
+    ready_timeout, summary_of, validate, verdict_line, verdict_lines_in, verdicts_in,
 };
 pub use hosts::{Hosts, Netns, ThreeHosts, TwoHosts, fresh_name};
 pub use process::{Proc, TempDir};

@@ -228,17 +228,8 @@ fn a_server_that_never_accepts_overflows_its_listen_queue() {
     // The timed-out clients close together, in one timer softirq: if it interrupted the
     // lifecycle program on that CPU, the kernel skipped their closes (the program does not
     // nest) and says so in the summary's `program_misses`. Only so many may lack a verdict.
-    let summary = values
-        .iter()
-        .find(|v| v["event"] == "summary")
-        .expect("summary");
-    let skipped: u64 = summary["program_misses"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(program, _)| program.contains("inet_sock_set_state"))
-        .filter_map(|(_, n)| n.as_u64())
-        .sum();
+    let summary = conntrace_tests::summary_of(&values);
+    let skipped = conntrace_tests::lifecycle_misses(summary);
     println!(
         "MEASURED listen_overflow clients: {} syn_timeout verdicts of {timed_out} timed out; \
          program misses {}",

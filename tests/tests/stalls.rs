@@ -309,13 +309,7 @@ fn a_thousand_stalled_clients_that_get_their_greeting_are_each_resolved_once() {
     );
     // A connection reported nowhere needs a state change the kernel did not run the
     // lifecycle program for (its start or its ESTABLISHED): the run says how many it skipped.
-    let skipped: u64 = summary["program_misses"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(program, _)| program.contains("inet_sock_set_state"))
-        .filter_map(|(_, n)| n.as_u64())
-        .sum();
+    let skipped = conntrace_tests::lifecycle_misses(summary);
     assert!(
         never_stalled as u64 <= skipped,
         "{never_stalled} greeted clients never reported stalled, with {skipped} lifecycle runs skipped"

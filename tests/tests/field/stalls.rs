@@ -95,89 +95,43 @@ fn a_path_mtu_black_hole_is_pmtu_blackhole_on_the_sender_and_a_stall_on_the_clie
     expect_verdicts(&values, router_ns, &[]);
 }
 
-/// A request that is no multiple of the MSS: its short tail passes the 1400-byte link, the
-/// full-size segments before it never do. The client sends 3000 bytes (1448 + 1448 + 104)
-/// towards a server behind a router whose link to it carries 1400, and its own firewall drops
-/// the router's "fragmentation needed"; it gives up after 3 retransmissions.
-#[test]
-fn a_black_hole_under_a_request_with_a_short_tail_is_pmtu_blackhole_on_the_client() {
-    let Scenario {
-        hosts,
-        ct,
-        server: _server,
-    } = Scenario::routed()
-        .with(|h| {
-            h.router
-                .exec(&["ip", "link", "set", &h.router_server_if, "mtu", "1400"]);
-        })
+/// A client in the routed scenario whose own INPUT drops ICMP and whose kernel gives up after
+/// 3 retransmissions, against a server that answers a request with 16 bytes (`setup` adds
+/// to it), conntrace with a stall timeout long enough not to come first.
+fn client_sender(setup: impl FnOnce(&ThreeHosts)) -> Scenario<Conntrace, Proc, ThreeHosts> {
+    Scenario::routed()
+        .with(setup)
         .in_client(&["iptables", "-A", "INPUT", "-p", "icmp", "-j", "DROP"])
         .in_client(&["sysctl", "-qw", "net.ipv4.tcp_mtu_probing=0"])
         .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
         .serve(&["--respond", "16"])
-        .conntrace(&["--port", "3306", "--stall-timeout", "60s"]);
-    let request = "x".repeat(2999) + "\n";
-    let client = connect(
-        &hosts.client,
-        &hosts.server_ip,
-        PORT,
-        &[
-            "--request",
-            &request,
-            "--expect-bytes",
-            "16",
-            "--timeout-ms",
-            "20000",
-        ],
-    );
-    let result = &client.json_lines(Duration::from_secs(40))[0];
-    assert_eq!(
-        (&result["stage"], &result["errno"]),
-        (&Value::from("read"), &Value::from(110)),
-        "the client's connection timed out waiting for the answer: {result}"
-    );
-    let (client_ns, router_ns) = (hosts.client.inode(), hosts.router.inode());
-    let values = stop_after(ct, Duration::from_secs(3), &[(client_ns, "failed")]);
-    report(
-        "pmtu_blackhole short tail",
-        &values,
-        &[("client", client_ns), ("router", router_ns)],
-    );
-    let c = &expect_verdicts(
-        &values,
-        client_ns,
-        &["client failed pmtu_blackhole ETIMEDOUT"],
-    )[0];
-    assert_eq!(detail(c, "retransmits.mss"), 1448, "{c}");
-    assert_eq!(detail(c, "retransmits.largest_bytes"), 1448, "{c}");
-    assert_eq!(detail(c, "path_answer.mtu"), 1400, "{c}");
-    expect_verdicts(&values, router_ns, &[]);
+        .conntrace(&["--port", "3306", "--stall-timeout", "60s"])
 }
 
-/// Not a black hole: a peer that went away while a request larger than the congestion window
-/// was in flight. Every retransmitted segment is full-size and nothing is SACKed, as in a
-/// black hole (the client's firewall drops ICMP, so the router's "host unreachable" is lost
-/// too); the router's drops (its neighbour for the server failed once the server's link went
-/// down) say what it was.
-#[test]
-fn a_large_request_to_a_peer_that_went_away_is_a_timeout_not_a_black_hole() {
+/// The client sends a request of `bytes` (`delay_ms` after connecting; `meanwhile` runs once
+/// it is connected) and its read of the answer times out (ETIMEDOUT). The client's one
+/// verdict, checked against `expected` (as `expect_verdicts` takes it), after the run's
+/// records were reported under `label` with the router's (which has none).
+fn request_that_times_out(
+    scenario: Scenario<Conntrace, Proc, ThreeHosts>,
+    (bytes, delay_ms): (usize, u64),
+    meanwhile: impl FnOnce(&ThreeHosts),
+    (label, expected): (&str, &str),
+) -> Value {
     let Scenario {
         hosts,
         ct,
         server: _server,
-    } = Scenario::routed()
-        .in_client(&["sysctl", "-qw", "net.ipv4.tcp_retries2=3"])
-        // As a black hole's sender would: the router's "host unreachable" never arrives.
-        .in_client(&["iptables", "-A", "INPUT", "-p", "icmp", "-j", "DROP"])
-        .serve(&["--respond", "16"])
-        .conntrace(&["--port", "3306", "--stall-timeout", "60s"]);
-    let request = "x".repeat(19_999) + "\n";
+    } = scenario;
+    let request = "x".repeat(bytes - 1) + "\n";
+    let delay = delay_ms.to_string();
     let client = connect(
         &hosts.client,
         &hosts.server_ip,
         PORT,
         &[
             "--request-delay-ms",
-            "1500",
+            &delay,
             "--request",
             &request,
             "--expect-bytes",
@@ -187,25 +141,68 @@ fn a_large_request_to_a_peer_that_went_away_is_a_timeout_not_a_black_hole() {
         ],
     );
     hosts.client.wait_established(PORT, Duration::from_secs(10));
-    hosts
-        .server
-        .exec(&["ip", "link", "set", &hosts.server_if, "down"]);
+    meanwhile(&hosts);
     let result = &client.json_lines(Duration::from_secs(40))[0];
     assert_eq!(
         (&result["stage"], &result["errno"]),
         (&Value::from("read"), &Value::from(110)),
-        "the client's connection timed out: {result}"
+        "the client's connection timed out waiting for the answer: {result}"
     );
     let (client_ns, router_ns) = (hosts.client.inode(), hosts.router.inode());
     let values = stop_after(ct, Duration::from_secs(3), &[(client_ns, "failed")]);
     report(
-        "dead peer, large request",
+        label,
         &values,
         &[("client", client_ns), ("router", router_ns)],
     );
-    let c = &expect_verdicts(&values, client_ns, &["client failed timeout ETIMEDOUT"])[0];
-    assert_eq!(detail(c, "retransmits.smallest_bytes"), 1448, "{c}");
-    let path = detail(c, "path_drops")
+    expect_verdicts(&values, router_ns, &[]);
+    expect_verdicts(&values, client_ns, &[expected]).remove(0)
+}
+
+/// A request that is no multiple of the MSS: its short tail passes the 1400-byte link, the
+/// full-size segments before it never do. The client sends 3000 bytes (1448 + 1448 + 104)
+/// towards a server behind a router whose link to it carries 1400, and its own firewall drops
+/// the router's "fragmentation needed".
+#[test]
+fn a_black_hole_under_a_request_with_a_short_tail_is_pmtu_blackhole_on_the_client() {
+    let scenario = client_sender(|h| {
+        h.router
+            .exec(&["ip", "link", "set", &h.router_server_if, "mtu", "1400"]);
+    });
+    let c = request_that_times_out(
+        scenario,
+        (3000, 0),
+        |_| {},
+        (
+            "pmtu_blackhole short tail",
+            "client failed pmtu_blackhole ETIMEDOUT",
+        ),
+    );
+    assert_eq!(detail(&c, "retransmits.mss"), 1448, "{c}");
+    assert_eq!(detail(&c, "retransmits.largest_bytes"), 1448, "{c}");
+    assert_eq!(detail(&c, "path_answer.mtu"), 1400, "{c}");
+}
+
+/// Not a black hole: a peer that went away while a request larger than the congestion window
+/// was in flight. Every retransmitted segment is full-size and nothing is SACKed, as in a
+/// black hole (the client's firewall drops ICMP, so the router's "host unreachable" is lost
+/// too); the router's drops (its neighbour for the server failed once the server's link went
+/// down) say what it was.
+#[test]
+fn a_large_request_to_a_peer_that_went_away_is_a_timeout_not_a_black_hole() {
+    let c = request_that_times_out(
+        client_sender(|_| {}),
+        (20_000, 1500),
+        |h| {
+            h.server.exec(&["ip", "link", "set", &h.server_if, "down"]);
+        },
+        (
+            "dead peer, large request",
+            "client failed timeout ETIMEDOUT",
+        ),
+    );
+    assert_eq!(detail(&c, "retransmits.smallest_bytes"), 1448, "{c}");
+    let path = detail(&c, "path_drops")
         .as_array()
         .cloned()
         .unwrap_or_default();
