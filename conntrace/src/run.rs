@@ -307,6 +307,8 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
     let mut ring_peak_poll = tokio::time::interval(Duration::from_secs(1));
     let mut bpf_stats_poll = tokio::time::interval(Duration::from_secs(1));
     let (mut lost_seen, mut decode_errors) = (0u64, 0u64);
+    // The loss count the engine was last told of (`note_loss`).
+    let mut loss_known = 0u64;
     // Decode errors up to the last tick (lost events and decode errors may hide a listener).
     let mut errors_seen = 0u64;
 
@@ -315,11 +317,13 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(RunError::Poll)?;
                 let ring = guard.get_inner_mut();
+                note_loss(&tracer, &mut engine, &mut loss_known);
                 let verdicts = drain(ring, &decoder, &mut engine, &mut ident, &mut decode_errors, (&mut windows, &mut listeners));
                 guard.clear_ready();
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = drain_tick.tick(), if streaming => {
+                note_loss(&tracer, &mut engine, &mut loss_known);
                 let verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, (&mut windows, &mut listeners));
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
@@ -378,6 +382,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 // Poll, then take what the ring holds: a connection that closed before the
                 // dump (and so shows as open) reaches the engine closed first.
                 let events = windows.poll(Clock::mono_now_ns());
+                note_loss(&tracer, &mut engine, &mut loss_known);
                 let mut verdicts = drain(ring.get_mut(), &decoder, &mut engine, &mut ident, &mut decode_errors, (&mut windows, &mut listeners));
                 for ev in events {
                     let Some(ev) = ident.admit(ev) else { continue };
@@ -394,6 +399,7 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
         listeners.apply(&mut tracer, std::time::Instant::now());
     }
 
+    note_loss(&tracer, &mut engine, &mut loss_known);
     let mut verdicts = drain(
         ring.get_mut(),
         &decoder,
@@ -517,6 +523,18 @@ fn drain(
         }
     }
     verdicts
+}
+
+/// Tells the engine when the kernel's loss counter grew past what it knew (`known`), before
+/// the events now waiting are read: a verdict decided from them then does not infer from the
+/// absence of an event that may be among the lost. One map read per drain.
+fn note_loss(tracer: &Tracer, engine: &mut Engine, known: &mut u64) {
+    if let Ok(total) = tracer.lost_events()
+        && total > *known
+    {
+        *known = total;
+        engine.events_lost(Clock::mono_now_ns());
+    }
 }
 
 /// Prints a `lost` record whenever the kernel-side loss counter grew.

@@ -533,6 +533,51 @@ fn kernel_side_losses_are_counted_and_reported() {
 }
 
 #[test]
+fn refusals_whose_resets_were_lost_are_never_called_icmp_answers() {
+    // Nothing listens, and nothing sends ICMP: every refusal is a RST. With a small ring buffer
+    // a burst loses events, some clients' RSTs among them; ECONNREFUSED without a RST
+    // seen must not turn into an ICMP port unreachable then.
+    let Scenario { hosts, ct, .. } =
+        Scenario::new().conntrace(&["--port", "3306", "--ring-buffer-bytes", "65536"]);
+    let client = connect(
+        &hosts.client,
+        &hosts.server_ip,
+        PORT,
+        &[
+            "--count",
+            "12000",
+            "--parallel",
+            "4",
+            "--timeout-ms",
+            "3000",
+        ],
+    );
+    let results = client.json_lines(Duration::from_secs(120));
+    assert!(results.iter().all(|r| r["errno"] == 111), "all refused");
+    ct.wait_for(Duration::from_secs(3), |l| l.value["event"] == "lost");
+    let values = ct.stop();
+    let client = verdicts_in(&values, hosts.client.inode());
+    let count = |reason: &str| client.iter().filter(|v| v["reason"] == reason).count();
+    let guessed = client
+        .iter()
+        .filter(|v| v["detail"]["events_lost"] == true)
+        .count();
+    println!(
+        "MEASURED 12000 refusals, 64 KiB ring: {} lost events; client verdicts {} \
+         refused_no_listener ({guessed} marked events_lost), {} icmp_unreachable",
+        conntrace_tests::summary_of(&values)["lost_events"],
+        count("refused_no_listener"),
+        count("icmp_unreachable"),
+    );
+    let icmp: Vec<_> = client
+        .iter()
+        .filter(|v| v["reason"] == "icmp_unreachable")
+        .take(3)
+        .collect();
+    assert!(icmp.is_empty(), "no ICMP was sent: {icmp:#?}");
+}
+
+#[test]
 fn another_program_on_the_port_is_an_unexpected_listener() {
     let Scenario { hosts, ct, server } = Scenario::new()
         // The seed's story: something else (there, java) holds 3306 instead of mysqld.

@@ -60,6 +60,8 @@ pub struct Engine {
     /// Listener overflows lately, for the `syn_timeout` of their clients on this host.
     overflows: state::Overflows,
     summary: Summary,
+    /// When userspace last found that the ring buffer had lost events (monotonic ns).
+    lost_at_ns: Option<u64>,
 }
 
 impl Engine {
@@ -72,7 +74,15 @@ impl Engine {
             drops: Vec::new(),
             overflows: state::Overflows::default(),
             summary: Summary::default(),
+            lost_at_ns: None,
         }
+    }
+
+    /// The ring buffer lost events before `now_ns` (its loss counter grew since the last
+    /// look, before the events now read): a connection that lived then may lack some of its
+    /// own, and its verdict does not infer from their absence.
+    pub fn events_lost(&mut self, now_ns: u64) {
+        self.lost_at_ns = Some(now_ns);
     }
 
     /// Lets the engine ask which sockets listen on a port when this host refuses a SYN.
@@ -308,9 +318,10 @@ impl Engine {
 
     /// Removes a closed connection and emits its verdict, if it has one.
     fn finalize(&mut self, id: ConnId, now_ns: u64, out: &mut Vec<Verdict>) {
-        let Some(c) = self.table.remove(id) else {
+        let Some(mut c) = self.table.remove(id) else {
             return;
         };
+        c.events_lost = self.lost_at_ns.is_some_and(|at| at >= c.started_ns);
         let decided = Decided {
             at_ns: now_ns,
             daddr: c.tuple.daddr,

@@ -61,13 +61,18 @@ fn client_error(
         return (Reason::NoRoute, e.to_string());
     }
     match errno {
-        Some(Errno::ECONNREFUSED) if cfg.resets_observed => {
+        Some(Errno::ECONNREFUSED) if cfg.resets_observed && !c.events_lost => {
             // ECONNREFUSED without a RST: an ICMP port unreachable (e.g. REJECT).
             d.icmp = Some(super::icmp_of(Errno::ECONNREFUSED));
             unanswered_syns(c, d);
             (Reason::IcmpUnreachable, Errno::ECONNREFUSED.to_string())
         }
-        Some(Errno::ECONNREFUSED) => (Reason::RefusedNoListener, Errno::ECONNREFUSED.to_string()),
+        Some(Errno::ECONNREFUSED) => {
+            // RSTs are not traced here, or events were lost meanwhile (its RST may be one):
+            // a refusal is the likelier of the two, and the detail says why it is a guess.
+            d.events_lost = c.events_lost.then_some(true);
+            (Reason::RefusedNoListener, Errno::ECONNREFUSED.to_string())
+        }
         Some(e @ (Errno::EHOSTUNREACH | Errno::ENETUNREACH | Errno::EACCES | Errno::EPERM)) => {
             d.icmp = Some(super::icmp_of(e));
             unanswered_syns(c, d);

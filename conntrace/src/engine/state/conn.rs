@@ -110,6 +110,9 @@ pub struct Conn {
     /// The ICMP errors answering its handshake that this host dropped before TCP saw them
     /// (its own firewall's INPUT, say): the last one's type, and the drops.
     pub answers_dropped: Option<(Icmp, Vec<HandshakeDrop>)>,
+    /// The ring buffer lost events while it lived (set when it is decided): an event of its
+    /// own (a RST received) may be among them.
+    pub events_lost: bool,
     /// When it first received and first sent data.
     pub first_rx_ns: Option<u64>,
     pub first_tx_ns: Option<u64>,
@@ -146,6 +149,7 @@ impl Conn {
             window: None,
             too_big: None,
             answers_dropped: None,
+            events_lost: false,
             first_rx_ns: None,
             first_tx_ns: None,
             opening: Opening::Normal,

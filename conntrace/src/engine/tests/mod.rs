@@ -445,6 +445,24 @@ fn icmp_unreachable() {
     let v = one(run(blind, icmp_error(111)).1);
     check(&v, "client failed refused_no_listener ECONNREFUSED");
     assert_eq!(detail(&v, "icmp"), Value::Null);
+    assert_eq!(detail(&v, "events_lost"), Value::Null);
+}
+
+#[test]
+fn econnrefused_without_a_rst_while_events_were_lost_is_no_icmp_answer() {
+    // The ring buffer was full while the connection lived: its RST may be among the lost
+    // events, so a missing one proves nothing.
+    let mut e = Engine::new(EngineConfig::default());
+    e.events_lost(2 * MS);
+    let v = one(feed(&mut e, icmp_error(111)));
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(detail(&v, "icmp"), Value::Null);
+    assert_eq!(detail(&v, "events_lost"), true);
+    // A loss that ended before the connection started does not count.
+    let mut e = Engine::new(EngineConfig::default());
+    e.events_lost(MS / 2);
+    let v = one(feed(&mut e, icmp_error(111)));
+    check(&v, "client failed icmp_unreachable ECONNREFUSED");
 }
 
 /// connect(), a SYN retransmit 1 s later, and its ICMP answer, the socket's soft error at its

@@ -335,6 +335,11 @@ pub struct ClosedDetail {
     /// `pmtu_blackhole`: the path's answer ("fragmentation needed"), when one was seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_answer: Option<PathAnswer>,
+    /// `true`: the ring buffer lost events while this connection lived, and its verdict would
+    /// have depended on one (a client's `ECONNREFUSED` without a RST seen: a RST lost, or an
+    /// ICMP port unreachable; taken for the RST).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub events_lost: Option<bool>,
     /// A failed handshake's ICMP answers that this host dropped (its own INPUT rule, say).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub answer_dropped: Option<AnswerDropped>,
@@ -373,6 +378,7 @@ impl ClosedDetail {
             retransmits: None,
             path_answer: None,
             answer_dropped: None,
+            events_lost: None,
             route_lost: None,
             route: None,
             peer_listen_queue: None,
