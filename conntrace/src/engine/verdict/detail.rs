@@ -414,7 +414,9 @@ pub struct PeerListenQueue {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, JsonSchema)]
 pub struct Retransmits {
     pub count: u32,
-    /// The largest and the smallest retransmitted payload, in bytes.
+    /// The largest and the smallest retransmitted payload, in bytes: of one retransmission,
+    /// which with segmentation offload (TSO/GSO) may carry several segments (7,240 bytes at
+    /// MSS 1448 was seen), so `largest_bytes` can exceed the MSS.
     pub largest_bytes: u32,
     pub smallest_bytes: u32,
     /// The connection's MSS (`mss_cache`) at the last retransmission, when read and at least
