@@ -314,22 +314,6 @@ fn eacces_is_no_route_under_a_prohibit_route_and_connect_denied_otherwise() {
     assert_eq!(detail(&v, "route"), Value::Null);
 }
 
-fn retransmit(s: Sock, ts: u64, bytes: u32) -> KernelEvent {
-    retransmit_sacked(s, ts, bytes, 0)
-}
-
-/// A retransmission of `bytes` while the peer had SACKed `sacked_out` later segments.
-fn retransmit_sacked(s: Sock, ts: u64, bytes: u32, sacked_out: u32) -> KernelEvent {
-    KernelEvent::Retransmit {
-        meta: softirq(ts),
-        sk: s.sk,
-        tuple: s.t,
-        bytes: Some(bytes),
-        mss: Some(1448),
-        sacked_out: Some(sacked_out),
-    }
-}
-
 /// The verdict of a server connection that retransmitted `(ms, bytes, sacked_out)` and then
 /// timed out.
 fn timed_out_after(retransmits: &[(u64, u32, u32)]) -> Verdict {
@@ -337,7 +321,7 @@ fn timed_out_after(retransmits: &[(u64, u32, u32)]) -> Verdict {
     let mut e = Engine::new(EngineConfig::default());
     feed(&mut e, server_handshake(s, MS));
     for &(ms, bytes, sacked) in retransmits {
-        none(e.handle(retransmit_sacked(s, ms * MS, bytes, sacked)));
+        none(e.handle(s.data_rtx(ms * MS, bytes, sacked)));
     }
     let mut close = s.st(6 * SEC, S::Established, S::Close);
     if let KernelEvent::State { sk_err, .. } = &mut close {
@@ -392,7 +376,7 @@ fn only_full_size_segments_retransmitted_until_timeout_is_a_pmtu_blackhole() {
     };
     none(e.handle(KernelEvent::Dropped(too_big)));
     for ts in [200 * MS, 600 * MS, 1400 * MS, 3000 * MS] {
-        none(e.handle(retransmit(s, ts, 1448)));
+        none(e.handle(s.data_rtx(ts, 1448, 0)));
     }
     let mut close = s.st(6 * SEC, S::Established, S::Close);
     if let KernelEvent::State { sk_err, .. } = &mut close {
@@ -423,7 +407,7 @@ fn an_mss_below_tcp_min_mss_is_left_out() {
     let mut e = Engine::new(EngineConfig::default());
     feed(&mut e, server_handshake(s, MS));
     for (ts, mss) in [(200 * MS, 1448), (600 * MS, 36)] {
-        let mut ev = retransmit(s, ts, 300);
+        let mut ev = s.data_rtx(ts, 300, 0);
         if let KernelEvent::Retransmit { mss: read, .. } = &mut ev {
             *read = Some(mss);
         }

@@ -116,14 +116,7 @@ fn with_all_no_established_verdict_is_made_up_for_it() {
 #[test]
 fn data_retransmissions_of_a_connection_opened_before_the_trace_are_in_its_timeout() {
     let a = Sock::client(SK_A, SPORT);
-    let rtx = |ts: u64| KernelEvent::Retransmit {
-        meta: softirq(ts),
-        sk: a.sk,
-        tuple: a.t,
-        bytes: Some(5),
-        mss: Some(1448),
-        sacked_out: Some(0),
-    };
+    let rtx = |ts: u64| a.data_rtx(ts, 5, 0);
     let (e, out) = run(
         ports(&[DPORT]),
         vec![

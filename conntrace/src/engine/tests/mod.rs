@@ -108,6 +108,19 @@ impl Sock {
         KernelEvent::SynRetransmit { meta, sk, tuple }
     }
 
+    /// A data retransmission past the handshake (softirq context): `bytes` of payload at MSS
+    /// 1448, while the peer had SACKed `sacked_out` later segments.
+    fn data_rtx(self, ts: u64, bytes: u32, sacked_out: u32) -> KernelEvent {
+        KernelEvent::Retransmit {
+            meta: softirq(ts),
+            sk: self.sk,
+            tuple: self.t,
+            bytes: Some(bytes),
+            mss: Some(1448),
+            sacked_out: Some(sacked_out),
+        }
+    }
+
     /// The first data this socket received (`outgoing == false`) or sent.
     fn data(self, ts: u64, outgoing: bool) -> KernelEvent {
         let (meta, sk) = (softirq(ts), self.sk);

@@ -87,14 +87,7 @@ fn full_size_timeout(router_drop: Option<&str>) -> Verdict {
     let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(router());
     feed(&mut e, server_handshake(s, MS));
     for ms in [200, 600, 1400, 3000] {
-        none(e.handle(KernelEvent::Retransmit {
-            meta: softirq(ms * MS),
-            sk: s.sk,
-            tuple: s.t,
-            bytes: Some(1448),
-            mss: Some(1448),
-            sacked_out: Some(0),
-        }));
+        none(e.handle(s.data_rtx(ms * MS, 1448, 0)));
         if let Some(reason) = router_drop {
             let KernelEvent::Dropped(mut d) = forwarded_syn_dropped(s, ms * MS + 1) else {
                 unreachable!("a drop")

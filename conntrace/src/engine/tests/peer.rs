@@ -48,17 +48,6 @@ fn dropped(c: Sock, ts: u64, hook: NfHook) -> KernelEvent {
     })
 }
 
-fn retransmit(c: Sock, ts: u64) -> KernelEvent {
-    KernelEvent::Retransmit {
-        meta: softirq(ts),
-        sk: c.sk,
-        tuple: c.t,
-        bytes: Some(1448),
-        mss: Some(1448),
-        sacked_out: Some(0),
-    }
-}
-
 fn close(c: Sock, ts: u64, errno: i32) -> KernelEvent {
     close_from(c, ts, S::Established, errno)
 }
@@ -97,7 +86,7 @@ fn bulk_data_dropped_at_the_server_is_netfilter_drop_there_not_a_path_mtu_black_
     let mut events = established(c);
     for (i, ts) in [SEC, 2 * SEC, 4 * SEC].into_iter().enumerate() {
         events.push(dropped(c, ts - MS * (i as u64 + 1), NfHook::Input));
-        events.push(retransmit(c, ts));
+        events.push(c.data_rtx(ts, 1448, 0));
     }
     events.push(close(c, 8 * SEC, 110));
     let v = run_with(Some(RuleAction::Drop), events);
@@ -108,7 +97,7 @@ fn bulk_data_dropped_at_the_server_is_netfilter_drop_there_not_a_path_mtu_black_
     assert_eq!(detail(&v, "retransmits")["count"], 3);
     // Without the server's drops it is the black hole it looks like.
     let mut events = established(c);
-    events.extend([SEC, 2 * SEC, 4 * SEC].map(|ts| retransmit(c, ts)));
+    events.extend([SEC, 2 * SEC, 4 * SEC].map(|ts| c.data_rtx(ts, 1448, 0)));
     events.push(close(c, 8 * SEC, 110));
     check(
         &run_with(None, events),
@@ -265,7 +254,7 @@ fn drops_before_the_servers_socket_of_a_connection_kept_in_the_kernel_explain_th
     ];
     for (i, ts) in [SEC, 2 * SEC, 4 * SEC].into_iter().enumerate() {
         events.push(dropped_before_demux(c, ts - MS * (i as u64 + 1)));
-        events.push(retransmit(c, ts));
+        events.push(c.data_rtx(ts, 1448, 0));
     }
     events.push(close(c, 8 * SEC, 110));
     let mut e = Engine::new(EngineConfig::default())

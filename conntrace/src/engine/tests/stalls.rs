@@ -108,14 +108,7 @@ fn a_stuck_client_that_dies_in_a_black_hole_keeps_the_retransmissions_in_its_fol
     none(feed(&mut e, connected(c)));
     one(e.tick(4 * SEC));
     for (ms, bytes, sacked) in [(4100, 104, 0), (4300, 1448, 1), (4700, 1448, 1)] {
-        none(e.handle(KernelEvent::Retransmit {
-            meta: softirq(ms * MS),
-            sk: c.sk,
-            tuple: c.t,
-            bytes: Some(bytes),
-            mss: Some(1448),
-            sacked_out: Some(sacked),
-        }));
+        none(e.handle(c.data_rtx(ms * MS, bytes, sacked)));
     }
     let mut out = feed(
         &mut e,
