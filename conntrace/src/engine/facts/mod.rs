@@ -102,13 +102,9 @@ impl Icmp {
             (true, 1, 3) => "addr-unreachable",
             (true, 1, 4) => "port-unreachable",
             (true, 2, _) => "packet-too-big",
-            _ => "",
+            (_, t, c) => return format!("type {t} code {c}"),
         };
-        if known.is_empty() {
-            format!("type {} code {}", self.icmp_type, self.code)
-        } else {
-            known.to_owned()
-        }
+        known.to_owned()
     }
 
     /// "Fragmentation needed" / "packet too big": the path's MTU answer.

@@ -122,17 +122,19 @@ pub(crate) fn explains(d: &HandshakeDrop, attempt: bool, socket: Option<TcpState
 
 /// `detail.drops`: the handshake's drops, by kind.
 pub(crate) fn kinds(drops: &[HandshakeDrop]) -> Vec<DroppedKind> {
-    drops
-        .iter()
-        .map(|d| DroppedKind {
-            kernel_reason: d.reason.clone(),
-            direction: d.direction,
-            tcp_flags: d.tcp_flags,
-            count: d.count,
-            location: d.location.clone(),
-            hook: d.hook,
-        })
-        .collect()
+    drops.iter().map(kind).collect()
+}
+
+/// One drop as a verdict lists it (a `detail.drops` entry).
+pub(crate) fn kind(d: &HandshakeDrop) -> DroppedKind {
+    DroppedKind {
+        kernel_reason: d.reason.clone(),
+        direction: d.direction,
+        tcp_flags: d.tcp_flags,
+        count: d.count,
+        location: d.location.clone(),
+        hook: d.hook,
+    }
 }
 
 /// Whether a handshake that failed with `errno` failed in silence: a timeout or the local

@@ -17,7 +17,7 @@
 use super::drops;
 use crate::engine::{
     facts::DropReason,
-    state::Conn,
+    state::{Conn, DropContext, HandshakeDrop},
     verdict::{
         Detail, Reason, Verdict,
         detail::{AnswerDropped, PathAnswer, PathDrop, RuleRef},
@@ -62,18 +62,10 @@ pub(crate) fn explain(c: &Conn, v: &mut Verdict, path_drops: &[PathDrop]) -> boo
     }
     v.reason = Reason::PmtuBlackhole;
     if let Detail::Closed(d) = &mut v.detail {
-        d.path_answer = c.too_big.as_ref().map(|(icmp, dropped)| {
-            let rule = dropped.as_ref().and_then(|hs| match &hs.context {
-                Some(crate::engine::state::DropContext::Rule(finding)) => rule_of(finding),
-                _ => None,
-            });
-            PathAnswer {
-                mtu: icmp.mtu,
-                dropped: dropped
-                    .as_ref()
-                    .map(|hs| drops::kinds(std::slice::from_ref(hs)).remove(0)),
-                rule,
-            }
+        d.path_answer = c.too_big.as_ref().map(|(icmp, dropped)| PathAnswer {
+            mtu: icmp.mtu,
+            dropped: dropped.as_ref().map(drops::kind),
+            rule: dropped.as_ref().and_then(rule_of_drop),
         });
     }
     true
@@ -93,15 +85,19 @@ pub(crate) fn note_answers_dropped(c: &Conn, v: &mut Verdict) {
     let Some(most) = drops.iter().max_by_key(|d| d.count) else {
         return;
     };
-    let rule = match &most.context {
-        Some(crate::engine::state::DropContext::Rule(finding)) => rule_of(finding),
-        _ => None,
-    };
     d.answer_dropped = Some(AnswerDropped {
         icmp: icmp.name(c.tuple.daddr.is_ipv6()),
-        dropped: drops::kinds(std::slice::from_ref(most)).remove(0),
-        rule,
+        dropped: drops::kind(most),
+        rule: rule_of_drop(most),
     });
+}
+
+/// The rule (or policy) that a netfilter drop's look-up named, if one.
+fn rule_of_drop(hs: &HandshakeDrop) -> Option<RuleRef> {
+    match &hs.context {
+        Some(DropContext::Rule(finding)) => rule_of(finding),
+        _ => None,
+    }
 }
 
 /// The one rule (or policy) a finding names.
