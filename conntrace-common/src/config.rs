@@ -374,6 +374,11 @@ pub mod maps {
     /// Slots of the per-CPU `LOST` array.
     pub const LOST_COUNT: u32 = 0;
     pub const RING_PEAK: u32 = 1;
+    /// 1 while an event of this CPU was lost and no later one of it reached the ring buffer
+    /// (that one carries [`crate::header_flags::LOST_BEFORE`] and clears it).
+    pub const LOST_PENDING: u32 = 2;
+    /// Slots of `LOST`.
+    pub const LOST_SLOTS: u32 = 3;
     pub const CONFIG: &str = "CONFIG";
     pub const PORTS: &str = "PORTS";
     /// Per-CPU array: kernel reads that failed, by program ([`crate::programs`]).

@@ -83,9 +83,17 @@ pub struct EventHeader {
     pub unread: u32,
     /// Inode number of the network namespace the socket or packet belongs to; 0 if unknown.
     pub netns: u32,
-    pub _pad: u32,
+    /// [`header_flags`] bits.
+    pub flags: u32,
     /// `comm` of the current task, NUL padded.
     pub comm: [u8; COMM_LEN],
+}
+
+/// `EventHeader::flags` bits.
+pub mod header_flags {
+    /// Events of this CPU were lost (the ring buffer was full) since its previous event that
+    /// reached the ring buffer: an event this one follows may be missing.
+    pub const LOST_BEFORE: u32 = 1 << 0;
 }
 
 /// `EventHeader::unread` bits: facts an event's program could not read. The field stays 0 in
@@ -523,7 +531,7 @@ pub const fn header_for<T>(kind: EventKind) -> EventHeader {
         pid: 0,
         unread: 0,
         netns: 0,
-        _pad: 0,
+        flags: 0,
         comm: [0; COMM_LEN],
     }
 }

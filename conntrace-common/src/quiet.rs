@@ -14,7 +14,13 @@ use crate::{COMM_LEN, Tuple, user_pod};
 
 /// Map names.
 pub mod maps {
-    /// `HashMap<u64, History>`: traced connections kept in the kernel, by socket address.
+    /// `Array<ConnSlot>` of [`super::CONN_SLOTS`] entries: traced connections kept in the
+    /// kernel, each in the slot [`super::conn_slot`] gives its socket address, claimed by a
+    /// compare-and-swap of [`super::ConnSlot::sk`] (0: free). Every lookup is an array index
+    /// and one compare, with no hashing, lock or allocation.
+    pub const CONN_SLOTS: &str = "CONN_SLOTS";
+    /// `HashMap<u64, History>`: traced connections whose slot in `CONN_SLOTS` another
+    /// socket held when they started, by socket address.
     pub const CONNS: &str = "CONNS";
     /// `HashMap<u64, u64>`: sockets userspace wants to follow (a stall it reported), by socket
     /// address; the value is the connection's `started_ns`.
@@ -41,9 +47,40 @@ pub mod maps {
     pub const NORMAL_DROPS: &str = "NORMAL_DROPS";
 }
 
-/// Entries of `CONNS`: connections followed at once. A connection that finds it full
-/// streams instead (counted in [`counts::CONNS_FULL`]).
+/// Entries of `CONNS`: connections followed at once besides those in `CONN_SLOTS`. A
+/// connection that finds both taken streams instead (counted in [`counts::CONNS_FULL`]).
 pub const CONNS_CAPACITY: u32 = 65_536;
+
+/// log2 of [`CONN_SLOTS`].
+pub const CONN_SLOT_BITS: u32 = 13;
+
+/// Slots of `CONN_SLOTS` (8,192 of 104 bytes: 832 KiB). A churn keeps a few connections
+/// open at once, a connection pool a few thousand; the rest go to `CONNS`.
+pub const CONN_SLOTS: u32 = 1 << CONN_SLOT_BITS;
+
+/// The `CONN_SLOTS` slot of the socket at kernel address `sk`: Fibonacci hashing of the
+/// address without its low 6 bits (sockets are cache-line aligned slab objects), the top
+/// [`CONN_SLOT_BITS`] bits of the product. Shared by the kernel and userspace.
+#[inline(always)]
+pub fn conn_slot(sk: u64) -> u32 {
+    ((sk >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - CONN_SLOT_BITS)) as u32
+}
+
+/// [`ConnSlot::sk`] while the kernel writes the slot's history: no socket's address.
+pub const SLOT_BUSY: u64 = 1;
+
+/// A `CONN_SLOTS` entry: the connection of socket `sk`, or none when `sk` is 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ConnSlot {
+    /// The socket's kernel address; 0: a free slot; [`SLOT_BUSY`]: being written. The
+    /// kernel claims a slot by a compare-and-swap from 0 to `SLOT_BUSY`, writes the history,
+    /// then the address; it frees the slot by storing 0.
+    pub sk: u64,
+    pub history: History,
+}
+
+user_pod!(ConnSlot);
 
 /// Entries of `WATCH`.
 pub const WATCH_CAPACITY: u32 = 8_192;
@@ -197,6 +234,24 @@ pub fn latency_bucket_bounds(bucket: u32) -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_addresses_spread_over_the_slots() {
+        // Slab objects of one cache: a tcp_sock-sized stride from a few slab pages.
+        let mut used = vec![0u32; CONN_SLOTS as usize];
+        let base = 0xffff_8881_0a40_0000u64;
+        let n = 4_096u64;
+        for i in 0..n {
+            let sk = base + (i / 13) * 0x8000 + (i % 13) * 2_432;
+            let slot = conn_slot(sk);
+            assert!(slot < CONN_SLOTS);
+            used[slot as usize] += 1;
+        }
+        // Half the slots for 4,096 sockets: most get one of their own.
+        let alone = used.iter().filter(|&&c| c == 1).count();
+        assert!(alone > 2_500, "{alone} of {n} sockets alone in their slot");
+        assert_eq!(size_of::<ConnSlot>(), 104);
+    }
 
     #[test]
     fn every_value_falls_in_its_bucket() {

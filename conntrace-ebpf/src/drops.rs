@@ -17,7 +17,8 @@ use conntrace_common::{
 use crate::{
     EVENTS, config, count_lost,
     data::sock_ports,
-    field, header, kread, netns_of_skb, netns_of_sock, new_tuple, port_traced, quiet,
+    field, header, kread, mark_after_loss, netns_of_skb, netns_of_sock, new_tuple, port_traced,
+    quiet,
     sock::{typed_skb_protocol, typed_sock_ports},
     submit_flags,
 };
@@ -381,5 +382,6 @@ fn dropped<C: EbpfContext>(
             }
         }
     }
+    mark_after_loss(slot.cast());
     entry.submit(submit_flags());
 }

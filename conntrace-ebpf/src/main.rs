@@ -5,8 +5,13 @@
 //! from the running kernel's tracepoint `format` files and BTF.
 #![no_std]
 #![no_main]
+// The compare-and-swap intrinsic (`conns`): the BPF target has no `compare_exchange` on its
+// atomics (its base CPU lacks the instruction; the kernels this project runs on have it).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod accept_queues;
+mod conns;
 mod data;
 mod drops;
 mod fentry;
@@ -26,8 +31,8 @@ use aya_ebpf::{
 use conntrace_common::{
     ABSENT, AF_INET6, COMM_LEN, Config, DEFAULT_RING_BYTES, ErrorReport, EventHeader, EventKind,
     FLAG_ALL_PORTS, INLINE_PORTS, KernelOffsets, MAX_PORTS, RESET_REASON_NONE, Reset, Retransmit,
-    SynRetransmit, TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout,
-    maps::{LOST_COUNT, RING_PEAK},
+    SynRetransmit, TCP_FLAGS_UNKNOWN, TracepointLayout, Tuple, TupleLayout, header_flags,
+    maps::{LOST_COUNT, LOST_PENDING, LOST_SLOTS, RING_PEAK},
     programs,
     tcp::state,
     unread,
@@ -41,7 +46,7 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 /// Per CPU: [`LOST_COUNT`] events that did not fit into `EVENTS`; [`RING_PEAK`] the most bytes
 /// waiting in `EVENTS` seen after a write since userspace last reset it.
 #[map]
-static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_SLOTS, 0);
 
 #[map]
 static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -315,7 +320,7 @@ fn header(kind: EventKind, size: usize, netns: Option<u32>) -> EventHeader {
         pid: (pid_tgid >> 32) as u32,
         unread: if netns.is_some() { 0 } else { unread::NETNS },
         netns: netns.unwrap_or(0),
-        _pad: 0,
+        flags: 0,
         comm: current_comm(),
     }
 }
@@ -342,6 +347,7 @@ fn emit<T: 'static>(event: T) {
     match EVENTS.reserve::<T>(0) {
         Some(mut entry) => {
             entry.write(event);
+            mark_after_loss(entry.as_mut_ptr().cast());
             entry.submit(submit_flags());
         }
         None => count_lost(),
@@ -387,12 +393,36 @@ fn note_ring_fill(waiting: u64) {
     }
 }
 
-/// Counts an event the ring buffer had no room for.
+/// Counts an event the ring buffer had no room for; the next event of this CPU says so
+/// ([`mark_after_loss`]).
 #[inline(always)]
 fn count_lost() {
     if let Some(lost) = LOST.get_ptr_mut(LOST_COUNT) {
         // SAFETY: per-CPU slot; tracepoint programs do not nest on one CPU for this map.
         unsafe { *lost += 1 };
+    }
+    if let Some(pending) = LOST.get_ptr_mut(LOST_PENDING) {
+        // SAFETY: as above.
+        unsafe { pending.write_volatile(1) };
+    }
+}
+
+/// Sets `header_flags::LOST_BEFORE` in the reserved `record` (an event, header first) when an
+/// event of this CPU was lost since its last one, and clears that: userspace then knows which
+/// of the events it reads came after a loss, where the loss counter it reads before a batch
+/// misses the losses of that batch's own time.
+#[inline(always)]
+fn mark_after_loss(record: *mut EventHeader) {
+    let Some(pending) = LOST.get_ptr_mut(LOST_PENDING) else {
+        return;
+    };
+    // SAFETY: per-CPU slot; `record` is a reserved, exclusively owned ring-buffer record.
+    unsafe {
+        if pending.read_volatile() != 0 {
+            pending.write_volatile(0);
+            let flags = &raw mut (*record).flags;
+            flags.write(flags.read() | header_flags::LOST_BEFORE);
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Quiet mode (`FLAG_QUIET`): healthy connections stay here. A traced connection's facts live
-//! in `CONNS` from its start; nothing crosses the ring buffer while it is healthy. The first
+//! in its table ([`crate::conns`]) from its start; nothing crosses the ring buffer while it is healthy. The first
 //! event of it that userspace must see is preceded by its history ([`promote`]), and from then
 //! on the connection streams. See `conntrace_common::quiet` for the shapes.
 
@@ -13,21 +13,17 @@ use aya_ebpf::{
 use conntrace_common::{
     AF_INET, AF_INET6, Config, EventKind, FLAG_QUIET, HistoryEvent, Tuple,
     quiet::{
-        CONNS_CAPACITY, COOKIE_TUPLES_CAPACITY, COOKIE_WATCH_JIFFIES, History, LATENCY_BUCKETS,
-        NORMAL_DROP_SLOTS, WATCH_CAPACITY, WATCH_TUPLES_CAPACITY, counts, flags, latency_bucket,
-        watching,
+        COOKIE_TUPLES_CAPACITY, COOKIE_WATCH_JIFFIES, History, LATENCY_BUCKETS, NORMAL_DROP_SLOTS,
+        WATCH_CAPACITY, WATCH_TUPLES_CAPACITY, counts, flags, latency_bucket, watching,
     },
     tcp::state,
 };
 
 use crate::{
-    EVENTS, count_lost, header,
+    EVENTS, conns, count_lost, header, mark_after_loss,
     sock::{Probed, SockRead},
     submit_flags,
 };
-
-#[map]
-static CONNS: HashMap<u64, History> = HashMap::with_max_entries(CONNS_CAPACITY, 0);
 
 #[map]
 static WATCH: HashMap<u64, u64> = HashMap::with_max_entries(WATCH_CAPACITY, 0);
@@ -93,13 +89,12 @@ pub(crate) fn count_normal_drop(reason: u32) {
 }
 
 /// A new traced connection at `sock` (a connect()ing socket, or a listener's child when
-/// `server`): kept here. False when it must stream instead: `CONNS` is full, or the address
+/// `server`): kept here. False when it must stream instead: its table is full, or the address
 /// still holds a streaming connection whose close the kernel skipped (see [`on_state`]),
 /// which lives on in userspace until an event of this address retires it there.
 #[inline(always)]
 fn start(sock: &impl SockRead, tuple: &Tuple, netns: Option<u32>, server: bool) -> bool {
     let sk = sock.addr();
-    let pid_tgid = bpf_get_current_pid_tgid();
     let mut f = if server { flags::SERVER } else { 0 };
     if netns.is_none() {
         f |= flags::NETNS_UNREAD;
@@ -117,7 +112,11 @@ fn start(sock: &impl SockRead, tuple: &Tuple, netns: Option<u32>, server: bool) 
         addr_of_mut!((*p).accepted_ns).write_volatile(0);
         addr_of_mut!((*p).tuple).write(*tuple);
         // A listener's child is created in softirq context: the current task is nobody's.
-        addr_of_mut!((*p).pid).write(if server { 0 } else { (pid_tgid >> 32) as u32 });
+        addr_of_mut!((*p).pid).write(if server {
+            0
+        } else {
+            (bpf_get_current_pid_tgid() >> 32) as u32
+        });
         addr_of_mut!((*p).netns).write(netns.unwrap_or(0));
         addr_of_mut!((*p).flags).write(f);
         addr_of_mut!((*p)._pad).write_volatile(0);
@@ -132,24 +131,16 @@ fn start(sock: &impl SockRead, tuple: &Tuple, netns: Option<u32>, server: bool) 
         }
         h.assume_init_mut()
     };
-    const BPF_NOEXIST: u64 = 1;
-    if CONNS.insert(&sk, &*h, BPF_NOEXIST).is_ok() {
-        return true;
+    match conns::insert(sk, h) {
+        conns::Placed::New | conns::Placed::OverStale { streaming: false } => true,
+        // The address's earlier connection streamed, its close skipped (the same program
+        // running on that CPU then): this one streams from its start.
+        conns::Placed::OverStale { streaming: true } => false,
+        conns::Placed::Full => {
+            bump(&COUNTS, counts::CONNS_FULL);
+            false
+        }
     }
-    // The address holds an entry still: its connection's close was skipped (the same program
-    // running on that CPU then). Replaced; a streaming one's successor streams, so that its
-    // first event retires the old connection in userspace.
-    // SAFETY: a plain lookup; the value is not held.
-    let stale_streaming =
-        unsafe { CONNS.get(&sk) }.is_some_and(|old| old.flags & flags::STREAMING != 0);
-    if stale_streaming {
-        h.flags |= flags::STREAMING;
-    }
-    if CONNS.insert(&sk, &*h, 0).is_ok() {
-        return !stale_streaming;
-    }
-    bump(&COUNTS, counts::CONNS_FULL);
-    false
 }
 
 /// Writes `h` (the history of `sk`) to the ring buffer, in place: the event is too large to
@@ -175,6 +166,7 @@ fn flush(sk: u64, h: *const History) {
         addr_of_mut!((*slot).skaddr).write(sk);
         addr_of_mut!((*slot).history).write(*h);
     }
+    mark_after_loss(slot.cast());
     entry.submit(submit_flags());
     bump(&COUNTS, counts::FLUSHED);
 }
@@ -198,7 +190,7 @@ fn promote_sock(sock: &impl SockRead) {
     if sk == 0 {
         return;
     }
-    let Some(h) = CONNS.get_ptr_mut(&sk) else {
+    let Some(h) = conns::get(sk) else {
         return;
     };
     // SAFETY: a live map value; programs on other CPUs may race on `flags`, at worst
@@ -222,7 +214,7 @@ fn promote_sock(sock: &impl SockRead) {
 /// stalled connection's accept() is its `resolved`).
 #[inline(always)]
 pub(crate) fn accepted(sk: u64) -> bool {
-    let Some(h) = CONNS.get_ptr_mut(&sk) else {
+    let Some(h) = conns::get(sk) else {
         return false;
     };
     // SAFETY: a live map value; a plain lookup whose value is not held.
@@ -308,7 +300,7 @@ pub(crate) fn on_state(
         }
         return true;
     }
-    let Some(hp) = CONNS.get_ptr_mut(&sk) else {
+    let Some(hp) = conns::get(sk) else {
         if new == state::ESTABLISHED && is_tcp() {
             count_established(old);
         }
@@ -355,9 +347,7 @@ pub(crate) fn on_state(
                 }
                 flush(sk, h);
             }
-            if CONNS.remove(&sk).is_err() {
-                // Gone already: another CPU's close of a reused address.
-            }
+            conns::remove(sk);
             if !quiet && watching() && WATCH.remove(&sk).is_err() {
                 // Not watched.
             }

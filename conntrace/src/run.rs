@@ -332,6 +332,9 @@ pub async fn run(cli: &Cli) -> Result<(), RunError> {
                 ident.write(&mut out, &mut engine, verdicts)?;
             }
             _ = tick.tick() => {
+                // A loss counted while the last events were read reaches the connections
+                // still waiting for their verdict (a quiet run may read nothing more).
+                note_loss(&tracer, &mut engine, &mut loss_known);
                 let now = Clock::mono_now_ns();
                 let mut verdicts = check_stalls(&mut tracer, &mut stalls, &mut windows, &mut engine, &mut ident, now);
                 settle_attempt_tuples(&mut tracer);
@@ -505,6 +508,11 @@ fn drain(
         verdicts.extend(engine.handle(ev));
     }
     while let Some(item) = ring.next() {
+        if let Some(ts_ns) = crate::kernel::decode::lost_before(&item) {
+            // Events of this CPU were lost just before this one: a loss the counter read
+            // before this batch did not show yet.
+            engine.events_lost(ts_ns);
+        }
         match decoder.decode(&item) {
             Ok(ev) => {
                 tracing::trace!(?ev, "kernel event");

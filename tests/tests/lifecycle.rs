@@ -54,6 +54,34 @@ fn after_sigkill_no_program_stays_loaded() {
     }
 }
 
+/// A program the verifier rejects falls back to a dearer hook without a word at the default
+/// log level (a hash of a BTF-typed socket pointer once sent the `tp_btf` lifecycle and drop
+/// programs to the classic tracepoints). The kernel refusing a hook (fentry's EPERM, a
+/// missing function) is the host's; the verifier's refusal (EACCES, `bpf(BPF_PROG_LOAD)`)
+/// is conntrace's own bug, in every mode.
+#[test]
+fn the_verifier_accepts_every_program_conntrace_tries() {
+    require_root();
+    for follow in ["quiet", "streaming"] {
+        let ct = Conntrace::start(&["--port", "3306", "--follow", follow]);
+        let ready = ct.ready();
+        let refused: Vec<String> = ready["unavailable"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| {
+                let reason = u["reason"].as_str()?;
+                (reason.contains("BPF_PROG_LOAD") && reason.contains("os error 13"))
+                    .then(|| format!("{}: {reason}", u["name"]))
+            })
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "--follow {follow}: the verifier refused {refused:#?}"
+        );
+    }
+}
+
 #[test]
 fn two_conntrace_processes_trace_at_once() {
     let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);

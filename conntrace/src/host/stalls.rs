@@ -1,18 +1,19 @@
 //! Quiet mode's stall check: the kernel keeps healthy connections to itself and traces neither
 //! first data nor accept() (those hooks run for every segment or every system call), so every
 //! tenth of `--stall-timeout` (100 ms at least, 1 s at most: 300 ms by default) the
-//! connections it follows (`CONNS`, read in batches) are looked at here. One
-//! established longer than `--stall-timeout` and not yet seen moving is asked about over
-//! sock_diag, by its exact tuple in its namespace: has it received data
+//! connections it follows (`CONN_SLOTS`, read in place, and `CONNS`, read in batches) are
+//! looked at here. One established longer than `--stall-timeout` and not yet seen moving is
+//! asked about over sock_diag, by its exact tuple in its namespace: has it received data
 //! (`tcpi_bytes_received`), sent any, is a process holding it (`idiag_inode`, accepted)? A
 //! connection found stuck goes to the engine (its history, then a [`Progress`] saying so) and
 //! to the kernel's `WATCH` map, so that everything it does from then on reaches userspace;
 //! it is asked about at every check until it moves (the engine's `resolved`) or closes. One
 //! found moving is not asked about again.
 //!
-//! Cost: one `BPF_MAP_LOOKUP_BATCH` per 1,024 followed connections per check, and one
-//! sock_diag request (a hash lookup in the kernel, no table walk) per connection past the
-//! timeout until it is seen moving; a load test of short connections asks none.
+//! Cost: a read of 8,192 slots in memory and one `BPF_MAP_LOOKUP_BATCH` per 1,024 connections
+//! in the overflow map per check, and one sock_diag request (a hash lookup in the kernel, no
+//! table walk) per connection past the timeout until it is seen moving; a load test of short
+//! connections asks none.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -31,7 +32,7 @@ use crate::{
 
 /// The shortest and the longest time between two checks: a tenth of the stall timeout in
 /// between, so a stall is reported at most a tenth late while a check (a walk of the kernel's
-/// whole table, 65,536 buckets) stays off the profile of a quiet run.
+/// 8,192 slots and the overflow map's 65,536 buckets) stays off the profile of a quiet run.
 const CHECK_EVERY_MIN: Duration = Duration::from_millis(100);
 const CHECK_EVERY_MAX: Duration = Duration::from_secs(1);
 

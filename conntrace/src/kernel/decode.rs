@@ -41,6 +41,15 @@ pub fn four_tuple(t: &Tuple) -> FourTuple {
     }
 }
 
+/// The time of a raw event that follows a loss of events on its CPU
+/// (`header_flags::LOST_BEFORE`), else `None` (also for a record too short for a header).
+pub fn lost_before(bytes: &[u8]) -> Option<u64> {
+    let header = bytes.get(..size_of::<EventHeader>())?;
+    // SAFETY: `header` holds `size_of::<EventHeader>()` bytes; the header is plain data.
+    let h = unsafe { header.as_ptr().cast::<EventHeader>().read_unaligned() };
+    (h.flags & conntrace_common::header_flags::LOST_BEFORE != 0).then_some(h.ts_ns)
+}
+
 fn meta(h: &EventHeader) -> Meta {
     let end = h.comm.iter().position(|&b| b == 0).unwrap_or(h.comm.len());
     Meta {
@@ -291,6 +300,28 @@ mod tests {
     use conntrace_common::{EventKind, StateChange, as_bytes, header_for, unread};
 
     use super::*;
+
+    #[test]
+    fn an_event_after_a_loss_says_when() {
+        let mut h = conntrace_common::header_for::<conntrace_common::StateChange>(
+            conntrace_common::EventKind::StateChange,
+        );
+        h.ts_ns = 42;
+        let bytes = |h: &EventHeader| {
+            // SAFETY: the header is plain data of its size.
+            unsafe {
+                std::slice::from_raw_parts(
+                    (h as *const EventHeader).cast::<u8>(),
+                    size_of::<EventHeader>(),
+                )
+            }
+            .to_vec()
+        };
+        assert_eq!(lost_before(&bytes(&h)), None);
+        h.flags = conntrace_common::header_flags::LOST_BEFORE;
+        assert_eq!(lost_before(&bytes(&h)), Some(42));
+        assert_eq!(lost_before(&bytes(&h)[..8]), None);
+    }
 
     fn decoder() -> Decoder {
         Decoder::new(BTreeMap::new(), BTreeMap::new(), Default::default())

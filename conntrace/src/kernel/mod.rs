@@ -4,6 +4,7 @@ pub mod accept_queues;
 pub mod attach;
 mod attempt_tuples;
 pub mod btf;
+mod conn_slots;
 pub mod decode;
 mod hooks;
 pub mod kallsyms;
@@ -55,6 +56,8 @@ pub enum LoadError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(transparent)]
+    ConnSlots(#[from] conn_slots::SlotsError),
     #[error("too many ports: at most {MAX_PORTS} can be filtered in the kernel")]
     TooManyPorts,
     #[error("capability `{capability}` is required but no program could attach: {cause}")]

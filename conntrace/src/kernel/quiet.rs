@@ -11,7 +11,7 @@ use conntrace_common::{
 };
 use tracing::debug;
 
-use super::{LoadError, attempt_tuples::AttemptTuples, take_map};
+use super::{LoadError, attempt_tuples::AttemptTuples, conn_slots::ConnSlots, take_map};
 
 /// What the kernel counted instead of sending events, summed over CPUs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -65,6 +65,7 @@ struct BatchAttr {
 
 /// Quiet mode's maps.
 pub struct QuietMaps {
+    slots: ConnSlots,
     conns: HashMap<MapData, u64, History>,
     watch: HashMap<MapData, u64, u64>,
     watching: Array<MapData, u32>,
@@ -88,7 +89,11 @@ pub struct QuietMaps {
 
 impl QuietMaps {
     pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<Self, LoadError> {
+        let slots = ebpf
+            .take_map(names::CONN_SLOTS)
+            .ok_or(LoadError::MissingMap(names::CONN_SLOTS))?;
         Ok(Self {
+            slots: ConnSlots::new(slots).map_err(LoadError::ConnSlots)?,
             conns: take_map(ebpf, names::CONNS)?,
             watch: take_map(ebpf, names::WATCH)?,
             watching: take_map(ebpf, names::WATCHING)?,
@@ -143,10 +148,12 @@ impl QuietMaps {
     }
 
     /// Every connection the kernel follows now, by socket address, into `out` (cleared
-    /// first): `BATCH` entries per system call. Entries come and go meanwhile; each is read
-    /// as it was when its batch was copied.
+    /// first): those in `CONN_SLOTS` read in place, those in `CONNS` `BATCH` entries per
+    /// system call. Entries come and go meanwhile; each is read as it was when it was
+    /// copied.
     pub fn snapshot(&mut self, out: &mut Vec<(u64, History)>) -> Result<(), BatchError> {
         out.clear();
+        self.slots.snapshot(out);
         let fd = self.conns.map().fd().as_fd().as_raw_fd();
         // The hash map's batch position is a bucket index (u32); 8 bytes leave room.
         let (mut token_in, mut token_out) = (0u64, 0u64);
@@ -203,17 +210,19 @@ impl QuietMaps {
 
     /// Drops the kernel's entries of connection `sk` started at `started_ns` (if its address
     /// holds no newer one): a connection whose close the kernel skipped, which would otherwise
-    /// hold its place in `CONNS` (and `WATCH`) until its address was reused. True when it was
-    /// there. Errors: the lookup or the deletion (`bpf_map_*_elem`).
+    /// hold its place in `CONN_SLOTS` or `CONNS` (and `WATCH`) until its address was reused.
+    /// True when it was there. Errors: the lookup or the deletion (`bpf_map_*_elem`).
     pub fn forget(&mut self, sk: u64, started_ns: u64) -> Result<bool, MapError> {
-        match self.conns.get(&sk, 0) {
-            Ok(h) if h.started_ns == started_ns => {}
-            Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
-            Err(e) => return Err(e),
-        }
-        match self.conns.remove(&sk) {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e),
+        if !self.slots.forget(sk, started_ns) {
+            match self.conns.get(&sk, 0) {
+                Ok(h) if h.started_ns == started_ns => {}
+                Ok(_) | Err(MapError::KeyNotFound) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            match self.conns.remove(&sk) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
         }
         if self.watched {
             match self.watch.remove(&sk) {

@@ -235,10 +235,12 @@ fn the_clients_own_output_reject_is_netfilter_reject_naming_the_rule() {
     );
     d.hook = Some(NfHook::Output);
     none(e.handle(KernelEvent::Dropped(d)));
-    let v = one(feed(
+    // A refusal without a RST waits out the grace period (a lost RST may be noticed then).
+    none(feed(
         &mut e,
         [a.st(SEC, S::SynSent, S::Close), a.err(SEC, 111)],
     ));
+    let v = one(e.tick(LATER));
     check(&v, "client failed netfilter_reject ECONNREFUSED");
     assert_eq!(detail(&v, "hook"), "OUTPUT");
     assert_eq!(detail(&v, "reject_with"), "icmp-port-unreachable");

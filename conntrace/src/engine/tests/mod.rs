@@ -467,15 +467,50 @@ fn econnrefused_without_a_rst_while_events_were_lost_is_no_icmp_answer() {
     // events, so a missing one proves nothing.
     let mut e = Engine::new(EngineConfig::default());
     e.events_lost(2 * MS);
-    let v = one(feed(&mut e, icmp_error(111)));
+    let mut out = feed(&mut e, icmp_error(111));
+    out.extend(e.tick(LATER));
+    let v = one(out);
     check(&v, "client failed refused_no_listener ECONNREFUSED");
     assert_eq!(detail(&v, "icmp"), Value::Null);
     assert_eq!(detail(&v, "events_lost"), true);
     // A loss that ended before the connection started does not count.
     let mut e = Engine::new(EngineConfig::default());
     e.events_lost(MS / 2);
-    let v = one(feed(&mut e, icmp_error(111)));
-    check(&v, "client failed icmp_unreachable ECONNREFUSED");
+    let mut out = feed(&mut e, icmp_error(111));
+    out.extend(e.tick(LATER));
+    check(&one(out), "client failed icmp_unreachable ECONNREFUSED");
+}
+
+#[test]
+fn a_refusal_without_a_rst_waits_for_a_loss_noticed_after_its_close() {
+    // Userspace reads the loss counter before it reads the waiting events: a RST lost while
+    // they were read is noticed only before the next read, after the close was handled. The
+    // verdict waits out the grace period, and the loss reaches it.
+    let mut e = Engine::new(EngineConfig::default());
+    let out = feed(&mut e, icmp_error(111));
+    assert!(
+        out.is_empty(),
+        "decided before a loss could be noticed: {out:#?}"
+    );
+    e.events_lost(5 * MS);
+    let mut out = e.tick(5 * MS);
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(detail(&v, "events_lost"), true);
+    // A refusal by RST is decided at its close.
+    let a = Sock::client(SK_A, SPORT);
+    let mut e = Engine::new(EngineConfig::default());
+    let out = feed(
+        &mut e,
+        [
+            a.connect(MS, 100, "client"),
+            a.rst(2 * MS),
+            a.err(3 * MS, 111),
+            a.st(3 * MS, S::SynSent, S::Close),
+        ],
+    );
+    check(&one(out), "client failed refused_no_listener ECONNREFUSED");
 }
 
 /// connect(), a SYN retransmit 1 s later, and its ICMP answer, the socket's soft error at its

@@ -90,7 +90,8 @@ pub struct KernelKept {
     /// Connections whose history the kernel sent when they needed userspace (a failure, a
     /// reset, a retransmission, a drop, a stall).
     pub histories: u64,
-    /// Connections that found the kernel's table (65,536) full and sent every event instead.
+    /// Connections that found the kernel's table full (their slot of 8,192 another socket's
+    /// and the 65,536-entry overflow map full) and sent every event instead.
     pub table_full: u64,
     /// Handshake attempts (a dropped SYN or final ACK, a cookie) whose tuple found the kernel's
     /// table of followed attempts (4,096 tuples; an IPv4 attempt takes two) full, under a flood
