@@ -488,14 +488,19 @@ fn read<T: Event>(bytes: &[u8], kind: u32, header_size: u32) -> Result<T, Decode
     Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-/// Decodes one ring-buffer record. The record may be longer than the event (ring-buffer records
-/// are padded to 8 bytes), never shorter.
-pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+/// The header of one ring-buffer record. Errors: a record shorter than a header.
+pub fn header(bytes: &[u8]) -> Result<EventHeader, DecodeError> {
     if bytes.len() < size_of::<EventHeader>() {
         return Err(DecodeError::Truncated { len: bytes.len() });
     }
     // SAFETY: length checked; `EventHeader` is plain old data.
-    let header = unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<EventHeader>()) };
+    Ok(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<EventHeader>()) })
+}
+
+/// Decodes one ring-buffer record. The record may be longer than the event (ring-buffer records
+/// are padded to 8 bytes), never shorter.
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    let header = header(bytes)?;
     let (kind, size) = (header.kind, header.size);
     Ok(
         match EventKind::from_u32(kind).ok_or(DecodeError::UnknownKind { kind })? {

@@ -238,7 +238,7 @@ mod tests {
     #[test]
     fn socket_addresses_spread_over_the_slots() {
         // Slab objects of one cache: a tcp_sock-sized stride from a few slab pages.
-        let mut used = vec![0u32; CONN_SLOTS as usize];
+        let mut used = [0u32; CONN_SLOTS as usize];
         let base = 0xffff_8881_0a40_0000u64;
         let n = 4_096u64;
         for i in 0..n {

@@ -35,7 +35,7 @@ static HASHED: Array<u64> = Array::with_max_entries(1, 0);
 
 /// A slot's socket while its history is written: never a socket's address, so that neither a
 /// lookup nor userspace takes the slot's history before it is whole.
-const BUSY: u64 = conntrace_common::quiet::SLOT_BUSY;
+const BUSY: u64 = quiet::SLOT_BUSY;
 
 /// The slot of `sk`, whoever holds it, and `sk` as a number. A `tp_btf` or fentry program's
 /// socket is a typed pointer to the verifier, which refuses the hash's shift and multiply on

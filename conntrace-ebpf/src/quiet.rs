@@ -1,7 +1,7 @@
 //! Quiet mode (`FLAG_QUIET`): healthy connections stay here. A traced connection's facts live
-//! in its table ([`crate::conns`]) from its start; nothing crosses the ring buffer while it is healthy. The first
-//! event of it that userspace must see is preceded by its history ([`promote`]), and from then
-//! on the connection streams. See `conntrace_common::quiet` for the shapes.
+//! in its table ([`crate::conns`]) from its start; nothing crosses the ring buffer while it
+//! is healthy. The first event of it that userspace must see is preceded by its history
+//! ([`promote`]), and from then on the connection streams. See `conntrace_common::quiet` for the shapes.
 
 use core::ptr::addr_of_mut;
 

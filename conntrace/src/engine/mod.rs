@@ -306,7 +306,7 @@ impl Engine {
             Some((at, _)) => {
                 let complete = c.errno().is_some_and(|e| {
                     c.established_ns().is_some() || !rules::drops::silent_errno(e)
-                }) && !refused_without_reset(c);
+                }) && !rules::handshake::refused_without_reset(c);
                 complete || now_ns >= at + grace
             }
             None => true,
@@ -429,14 +429,4 @@ impl Engine {
     fn within_rate(&mut self, key: (Option<u32>, String), ts_ns: u64) -> bool {
         self.windows.admit(key, ts_ns)
     }
-}
-
-/// A client refused without a RST seen: an ICMP answer, or a refusal whose RST event was
-/// lost. It waits out the grace period, so that a loss the kernel counted while its last
-/// events were read (noted before the next read) reaches its verdict (`events_lost`).
-fn refused_without_reset(c: &Conn) -> bool {
-    c.side == Side::Client
-        && c.rst_received.is_none()
-        && c.established_ns().is_none()
-        && c.errno().or(c.connect_errno) == Some(crate::engine::facts::Errno::ECONNREFUSED)
 }

@@ -44,9 +44,7 @@ pub fn four_tuple(t: &Tuple) -> FourTuple {
 /// The time of a raw event that follows a loss of events on its CPU
 /// (`header_flags::LOST_BEFORE`), else `None` (also for a record too short for a header).
 pub fn lost_before(bytes: &[u8]) -> Option<u64> {
-    let header = bytes.get(..size_of::<EventHeader>())?;
-    // SAFETY: `header` holds `size_of::<EventHeader>()` bytes; the header is plain data.
-    let h = unsafe { header.as_ptr().cast::<EventHeader>().read_unaligned() };
+    let h = conntrace_common::header(bytes).ok()?;
     (h.flags & conntrace_common::header_flags::LOST_BEFORE != 0).then_some(h.ts_ns)
 }
 

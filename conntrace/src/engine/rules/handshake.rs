@@ -44,6 +44,17 @@ pub(crate) fn failed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
     Some(v)
 }
 
+/// A client refused without a RST seen ([`client_error`]'s ECONNREFUSED): an ICMP answer, or
+/// a refusal whose RST event was lost. The engine lets it wait out the grace period, so that
+/// a loss the kernel counted while its last events were read (noted before the next read)
+/// reaches its verdict (`events_lost`).
+pub(crate) fn refused_without_reset(c: &Conn) -> bool {
+    c.side == Side::Client
+        && c.rst_received.is_none()
+        && c.established_ns().is_none()
+        && c.errno().or(c.connect_errno) == Some(Errno::ECONNREFUSED)
+}
+
 /// A client whose handshake ended without a RST: what its error says.
 fn client_error(
     c: &Conn,
