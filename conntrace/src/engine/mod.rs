@@ -80,9 +80,10 @@ impl Engine {
 
     /// The ring buffer lost events before `now_ns` (its loss counter grew since the last
     /// look, before the events now read): a connection that lived then may lack some of its
-    /// own, and its verdict does not infer from their absence.
+    /// own, and its verdict does not infer from their absence. The latest such time counts:
+    /// the marks come from several CPUs' events and from the counter, not in time order.
     pub fn events_lost(&mut self, now_ns: u64) {
-        self.lost_at_ns = Some(now_ns);
+        self.lost_at_ns = Some(self.lost_at_ns.map_or(now_ns, |at| at.max(now_ns)));
     }
 
     /// Lets the engine ask which sockets listen on a port when this host refuses a SYN.
@@ -321,7 +322,9 @@ impl Engine {
         let Some(mut c) = self.table.remove(id) else {
             return;
         };
-        c.events_lost = self.lost_at_ns.is_some_and(|at| at >= c.started_ns);
+        c.events_lost = self
+            .lost_at_ns
+            .is_some_and(|at| c.start_missed || at >= c.started_ns);
         let decided = Decided {
             at_ns: now_ns,
             daddr: c.tuple.daddr,

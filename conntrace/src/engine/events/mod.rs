@@ -179,7 +179,8 @@ impl Engine {
             }
             (TcpState::SynSent, _) if !known => {
                 // We missed connect() (started before us, or the event was lost).
-                let c = Conn::new(sk, Side::Client, &meta, tuple, old);
+                let mut c = Conn::new(sk, Side::Client, &meta, tuple, old);
+                c.start_missed = true;
                 self.insert(c, out);
             }
             (

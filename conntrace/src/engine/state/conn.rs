@@ -110,8 +110,8 @@ pub struct Conn {
     /// The ICMP errors answering its handshake that this host dropped before TCP saw them
     /// (its own firewall's INPUT, say): the last one's type, and the drops.
     pub answers_dropped: Option<(Icmp, Vec<HandshakeDrop>)>,
-    /// The ring buffer lost events while it lived (set when it is decided): an event of its
-    /// own (a RST received) may be among them.
+    /// The ring buffer lost events while it lived, or at all when its start was missed (set
+    /// when it is decided): an event of its own (a RST received) may be among them.
     pub events_lost: bool,
     /// When it first received and first sent data.
     pub first_rx_ns: Option<u64>,
@@ -119,6 +119,10 @@ pub struct Conn {
     pub opening: Opening,
     /// First seen established or closing ([`Conn::mid_life`]): its start is unknown.
     pub started_before_trace: bool,
+    /// First seen after its start (a client first seen leaving SYN_SENT, or mid-life): it
+    /// started before conntrace, or its first events were lost, so `started_ns` is only when
+    /// it was first seen, and a loss at any earlier time may hold its events.
+    pub start_missed: bool,
 }
 
 impl Conn {
@@ -154,6 +158,7 @@ impl Conn {
             first_tx_ns: None,
             opening: Opening::Normal,
             started_before_trace: false,
+            start_missed: false,
         }
     }
 
@@ -168,6 +173,7 @@ impl Conn {
         };
         c.report = Report::Established;
         c.started_before_trace = true;
+        c.start_missed = true;
         c
     }
 

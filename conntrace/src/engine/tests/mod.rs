@@ -473,6 +473,23 @@ fn econnrefused_without_a_rst_while_events_were_lost_is_no_icmp_answer() {
     check(&v, "client failed refused_no_listener ECONNREFUSED");
     assert_eq!(detail(&v, "icmp"), Value::Null);
     assert_eq!(detail(&v, "events_lost"), true);
+    // A mark read later with an earlier time (another CPU's event, after the counter's
+    // look) does not move the loss back before the connection.
+    let mut e = Engine::new(EngineConfig::default());
+    e.events_lost(4 * MS);
+    e.events_lost(MS / 2);
+    let mut out = feed(&mut e, icmp_error(111));
+    out.extend(e.tick(LATER));
+    assert_eq!(detail(&one(out), "events_lost"), true);
+    // First seen at its close (its connect() and RST among the lost, the mark on an earlier
+    // event of that CPU): when it started is unknown, so any loss counts.
+    let mut e = Engine::new(EngineConfig::default());
+    e.events_lost(MS / 2);
+    let mut out = feed(&mut e, icmp_error(111).split_off(1));
+    out.extend(e.tick(LATER));
+    let v = one(out);
+    check(&v, "client failed refused_no_listener ECONNREFUSED");
+    assert_eq!(detail(&v, "events_lost"), true);
     // A loss that ended before the connection started does not count.
     let mut e = Engine::new(EngineConfig::default());
     e.events_lost(MS / 2);
