@@ -335,9 +335,10 @@ pub struct ClosedDetail {
     /// `pmtu_blackhole`: the path's answer ("fragmentation needed"), when one was seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub path_answer: Option<PathAnswer>,
-    /// `true`: the ring buffer lost events while this connection lived, and its verdict would
-    /// have depended on one (a client's `ECONNREFUSED` without a RST seen: a RST lost, or an
-    /// ICMP port unreachable; taken for the RST).
+    /// `true`: the ring buffer lost events while this connection lived (for one first seen
+    /// at its close, at any time before), and its verdict would have depended on one (a
+    /// client's `ECONNREFUSED` without a RST seen: a RST lost, or an ICMP port unreachable;
+    /// taken for the RST).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub events_lost: Option<bool>,
     /// A failed handshake's ICMP answers that this host dropped (its own INPUT rule, say).
