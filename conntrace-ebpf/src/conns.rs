@@ -37,15 +37,15 @@ static HASHED: Array<u64> = Array::with_max_entries(1, 0);
 /// lookup nor userspace takes the slot's history before it is whole.
 const BUSY: u64 = quiet::SLOT_BUSY;
 
-/// The slot of `sk`, whoever holds it, and `sk` as a number. A `tp_btf` or fentry program's
-/// socket is a typed pointer to the verifier, which refuses the hash's shift and multiply on
-/// it; stored to a map value and loaded back it is a number (a root program may store
-/// pointers in maps). A program that interrupts this one on its CPU between the store and
-/// the load leaves its own socket there: a second load checks (the number itself is never
-/// compared with `sk`, or the compiler would use `sk` in its place), and it is done again
-/// once. `None` when the address cannot be read (then only `CONNS` is used).
+/// Socket address `sk` as a number. A `tp_btf` or fentry program's socket is a typed
+/// pointer to the verifier, which refuses the hash's shift and multiply on it, and its
+/// passing to a global function; stored to a map value and loaded back it is a number (a
+/// root program may store pointers in maps). A program that interrupts this one on its CPU
+/// between the store and the load leaves its own socket there: a second load checks (the
+/// number itself is never compared with `sk`, or the compiler would use `sk` in its place),
+/// and it is done again once. `None` when it cannot be read.
 #[inline(always)]
-fn slot(sk: u64) -> Option<(u64, *mut ConnSlot)> {
+pub(crate) fn number(sk: u64) -> Option<u64> {
     let word = ADDRESS.get_ptr_mut(0)?;
     // SAFETY: this CPU's word of a live map value. A nested program stores only its own
     // socket: when the second load finds `sk`, the first one did too.
@@ -61,6 +61,14 @@ fn slot(sk: u64) -> Option<(u64, *mut ConnSlot)> {
             return None;
         }
     }
+    Some(addr)
+}
+
+/// The slot of `sk`, whoever holds it, and `sk` as a [`number`]. `None` when the address
+/// cannot be read (then only `CONNS` is used).
+#[inline(always)]
+fn slot(sk: u64) -> Option<(u64, *mut ConnSlot)> {
+    let addr = number(sk)?;
     Some((addr, CONN_SLOTS.get_ptr_mut(conn_slot(addr))?))
 }
 

@@ -313,8 +313,8 @@ fn dropped<C: EbpfContext>(
         return;
     }
     if quiet {
-        quiet::promote(prog, cfg, sk);
-        quiet::promote(prog, cfg, rx_sk);
+        quiet::promote(prog, sk);
+        quiet::promote(prog, rx_sk);
     }
     // The socket's state tells an established connection's packet from a handshake's.
     let sk_state = match (owner, o.sock_state) {

@@ -503,7 +503,7 @@ fn reset(prog: u32, ctx: &TracePointContext, cfg: &Config, l: &TracepointLayout,
     }
     let skaddr: u64 = field(prog, ctx, l.skaddr);
     if quiet::enabled(cfg) {
-        quiet::promote(prog, cfg, skaddr);
+        quiet::promote(prog, skaddr);
     }
     let o = &cfg.offsets;
     let mut header = if skaddr != 0 {
@@ -572,7 +572,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     let netns = netns_of_sock(P, o, skaddr);
     if quiet::enabled(cfg) {
         // Every retransmission streams: the engine counts them from their events.
-        quiet::promote(P, cfg, skaddr);
+        quiet::promote(P, skaddr);
     }
     if state == state::SYN_SENT {
         emit(SynRetransmit {

@@ -172,15 +172,35 @@ fn flush(sk: u64, h: *const History) {
 }
 
 /// Before the first event of `sk` userspace is to see (from program `prog`, which knows
-/// it by address): its history, once, and from then on it streams. Nothing for a socket
-/// not followed here.
+/// it by address, a number or a typed pointer): its history, once, and from then on it
+/// streams. Nothing for a socket not followed here.
 #[inline(always)]
-pub(crate) fn promote(prog: u32, cfg: &Config, sk: u64) {
-    promote_sock(&Probed {
-        prog,
-        offsets: &cfg.offsets,
-        sk,
-    });
+pub(crate) fn promote(prog: u32, sk: u64) {
+    if sk == 0 {
+        return;
+    }
+    if let Some(sk) = conns::number(sk) {
+        conntrace_promote(prog, sk);
+    }
+}
+
+/// [`promote`]'s work as a global function (`BTF_FUNC_GLOBAL`): the kernel verifies it once,
+/// apart from its callers, which see a call that returns a number. Inlined at each call site,
+/// its paths (the history in a slot or in `CONNS`, flushed or not, the ring buffer full or
+/// not) multiplied the caller's: 6.1's verifier walked 817,821 instructions to accept the
+/// retransmit program and refused the classic `kfree_skb` (two call sites) at its limit of
+/// 1,000,000. A global function takes numbers only: `sk` is one ([`conns::number`]).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn conntrace_promote(prog: u32, sk: u64) -> u32 {
+    if let Some(cfg) = crate::config() {
+        promote_sock(&Probed {
+            prog,
+            offsets: &cfg.offsets,
+            sk,
+        });
+    }
+    0
 }
 
 /// [`promote`] for a socket read the way its program can.

@@ -55,11 +55,40 @@ pub enum Unattached {
 }
 
 impl AttachError {
-    /// One line for the `ready` record: the error without the verifier's log.
+    /// One line for the `ready` record: the error with the verifier's own message (its log's
+    /// last line that is not a statistic), without the rest of its log.
     pub fn summary(&self) -> String {
-        let text = self.to_string();
-        let first = text.split("Verifier output:").next().unwrap_or(&text);
-        first.trim_end().to_owned()
+        summarize(&self.to_string())
+    }
+}
+
+/// The instructions the verifier walked to accept the loaded program `name`
+/// (`BPF_OBJ_GET_INFO_BY_FD`'s `verified_insns`); `None` before Linux 5.16 or when unread.
+pub(crate) fn verified_insns(ebpf: &Ebpf, name: &str) -> Option<u32> {
+    ebpf.program(name)?
+        .info()
+        .ok()?
+        .verified_instruction_count()
+}
+
+/// `text` cut at aya's "Verifier output:", with the verifier's message in brackets.
+fn summarize(text: &str) -> String {
+    let Some((head, log)) = text.split_once("Verifier output:") else {
+        return text.trim_end().to_owned();
+    };
+    let statistic = |l: &str| {
+        ["processed ", "verification time", "stack depth"]
+            .iter()
+            .any(|s| l.starts_with(s))
+    };
+    let message = log
+        .lines()
+        .map(str::trim)
+        .rev()
+        .find(|l| !l.is_empty() && !statistic(l));
+    match message {
+        Some(m) => format!("{} [verifier: {m}]", head.trim_end()),
+        None => head.trim_end().to_owned(),
     }
 }
 
@@ -178,6 +207,7 @@ pub(super) fn attach_all(
                     capability: rule.capability,
                     name: rule.program,
                     attach: rule.hook.describe(),
+                    verified_insns: verified_insns(ebpf, rule.program),
                 });
             }
             Err(error) => {
@@ -212,4 +242,26 @@ pub(super) fn attach_all(
         }
     }
     Ok((active, unavailable, gate))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summarize;
+
+    #[test]
+    fn a_load_errors_summary_keeps_the_verifiers_message_not_its_statistics() {
+        let text = "bpf(BPF_PROG_LOAD) tracepoint:skb:kfree_skb: the BPF_PROG_LOAD syscall returned Argument list too long (os error 7). Verifier output: BPF program is too large. Processed 1000001 insn\nprocessed 1000001 insns (limit 1000000) max_states_per_insn 30 total_states 52044 peak_states 3881 mark_read 217\nstack depth 256+0\n";
+        assert_eq!(
+            summarize(text),
+            "bpf(BPF_PROG_LOAD) tracepoint:skb:kfree_skb: the BPF_PROG_LOAD syscall returned Argument list too long (os error 7). [verifier: BPF program is too large. Processed 1000001 insn]"
+        );
+        assert_eq!(
+            summarize("attach x: no such file\n"),
+            "attach x: no such file"
+        );
+        assert_eq!(
+            summarize("load: denied. Verifier output: \nprocessed 3 insns\n"),
+            "load: denied."
+        );
+    }
 }

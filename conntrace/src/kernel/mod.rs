@@ -77,6 +77,11 @@ pub struct ActiveProgram {
     pub capability: Capability,
     pub name: &'static str,
     pub attach: String,
+    /// Instructions the verifier walked to accept it (`bpf_prog_info.verified_insns`, Linux
+    /// 5.16+; absent before), against its limit of 1,000,000: how close the program is to
+    /// being refused on this kernel.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verified_insns: Option<u32>,
 }
 
 /// A rule that was tried and did not attach, with the kernel's reason.
@@ -277,6 +282,10 @@ impl Tracer {
         let kernel_btf = aya::Btf::from_sys_fs().ok();
         let mut ebpf = EbpfLoader::new()
             .btf(kernel_btf.as_ref())
+            // A refused program's log then holds the verifier's message and counts, not a
+            // trace of every instruction it walked (truncated before the message, for one
+            // refused at its 1M-instruction limit).
+            .verifier_log_level(aya::VerifierLogLevel::STATS)
             .map_max_entries(maps::EVENTS, opts.ring_bytes)
             // Read-only: the verifier sees these as constants (direct loads, `sock.rs`).
             .override_global(globals::OFFSETS, &config.offsets, true)
@@ -292,6 +301,7 @@ impl Tracer {
                     capability: Capability::AcceptQueues,
                     name: accept_queues::PROGRAM,
                     attach: accept_queues::ATTACH.to_owned(),
+                    verified_insns: hooks::verified_insns(&ebpf, accept_queues::PROGRAM),
                 });
                 Some(queues)
             }

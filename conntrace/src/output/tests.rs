@@ -48,6 +48,7 @@ fn ready() -> Ready {
             capability: Capability::Lifecycle,
             name: "inet_sock_set_state",
             attach: "tracepoint:sock:inet_sock_set_state".into(),
+            verified_insns: Some(4_096),
         }],
         unavailable: Vec::new(),
         kernel: "6.18.44".into(),
@@ -227,7 +228,7 @@ fn json_ready() {
     let r = ready();
     assert_eq!(
         json_line(&Record::Ready(&r)),
-        r#"{"event":"ready","ts":"2026-11-30T00:00:01.000000Z","version":"0.1.0","ports":[3306],"follow":"quiet","programs":[{"capability":"lifecycle","name":"inet_sock_set_state","attach":"tracepoint:sock:inet_sock_set_state"}],"unavailable":[],"kernel":"6.18.44","attach_paths":{"lifecycle":"tracepoint"},"kernel_features":{"btf":true},"ring_buffer_bytes":4194304,"degraded":[]}
+        r#"{"event":"ready","ts":"2026-11-30T00:00:01.000000Z","version":"0.1.0","ports":[3306],"follow":"quiet","programs":[{"capability":"lifecycle","name":"inet_sock_set_state","attach":"tracepoint:sock:inet_sock_set_state","verified_insns":4096}],"unavailable":[],"kernel":"6.18.44","attach_paths":{"lifecycle":"tracepoint"},"kernel_features":{"btf":true},"ring_buffer_bytes":4194304,"degraded":[]}
 "#
     );
 }

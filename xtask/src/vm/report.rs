@@ -34,6 +34,8 @@ pub struct Attach {
     /// or feature (EPERM: fentry refused by the host): the verifier's refusals, which are
     /// conntrace's own regressions.
     pub refused: Vec<String>,
+    /// (program, instructions the verifier walked to accept it), the most first.
+    pub verified: Vec<(String, u64)>,
     pub features: String,
 }
 
@@ -113,14 +115,23 @@ impl KernelReport {
         }
         let attach = read_ready(out, mode);
         // A program this kernel's verifier refuses fails the run even when every test
-        // passes: the capability fell back to a worse path, or went away.
+        // passes: the capability fell back to a worse path, or went away. So does one it
+        // accepts near its limit: the next change to it would be refused there.
         let problems = attach.as_ref().map_or_else(
             |_| Vec::new(),
             |a| {
-                a.refused
+                let refused = a
+                    .refused
                     .iter()
-                    .map(|r| format!("the kernel refused to load {r}"))
-                    .collect()
+                    .map(|r| format!("the kernel refused to load {r}"));
+                let near = a
+                    .verified
+                    .iter()
+                    .filter(|(_, n)| *n >= NEAR_LIMIT)
+                    .map(|(p, n)| {
+                        format!("the verifier walked {n} instructions to accept {p}, near its limit of 1,000,000")
+                    });
+                refused.chain(near).collect()
             },
         );
         Self {
@@ -205,6 +216,18 @@ fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
             u["attach"].as_str().unwrap_or("?"),
         ));
     }
+    let mut verified: Vec<(String, u64)> = ready["programs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| {
+            Some((
+                p["name"].as_str()?.to_owned(),
+                p["verified_insns"].as_u64()?,
+            ))
+        })
+        .collect();
+    verified.sort_by(|a, b| b.1.cmp(&a.1));
     let features = ready["kernel_features"]
         .as_object()
         .map(|m| {
@@ -218,8 +241,33 @@ fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
         paths,
         unavailable,
         refused,
+        verified,
         features,
     })
+}
+
+/// Instructions walked by the verifier past which a program it accepted fails the run: three
+/// quarters of its limit (1,000,000).
+const NEAR_LIMIT: u64 = 750_000;
+
+/// The verifier's work per program, against its limit: "kfree_skb 812,345 (81 %), ...".
+fn verified_line(verified: &[(String, u64)]) -> String {
+    const LIMIT: u64 = 1_000_000;
+    verified
+        .iter()
+        .map(|(name, n)| {
+            let digits = n.to_string();
+            let groups: Vec<&str> = digits
+                .as_bytes()
+                .rchunks(3)
+                .rev()
+                .map(|c| std::str::from_utf8(c).unwrap_or_default())
+                .collect();
+            format!("{name} {} ({} %)", groups.join(","), n * 100 / LIMIT)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+        + " of 1,000,000 instructions"
 }
 
 /// Whether an unavailable program's reason is a load the kernel refused for what the program
@@ -337,6 +385,9 @@ pub fn print(reports: &[KernelReport]) {
                 let paths: Vec<String> = a.paths.iter().map(|(c, p)| format!("{c}={p}")).collect();
                 println!("  attach: {}", paths.join(" "));
                 println!("  kernel features: {}", a.features);
+                if !a.verified.is_empty() {
+                    println!("  verifier: {}", verified_line(&a.verified));
+                }
                 for u in &a.unavailable {
                     println!("  unavailable: {u}");
                 }
@@ -416,6 +467,15 @@ mod tests {
             "bpf(BPF_PROG_LOAD) fentry:__inet_accept: the BPF_PROG_LOAD syscall returned Operation not permitted (os error 1)."
         ));
         assert!(!refused_by_verifier("left out with --without"));
+    }
+
+    #[test]
+    fn the_verifiers_work_is_grouped_and_a_share_of_its_limit() {
+        let v = [("kfree_skb".to_owned(), 812_345), ("iter".to_owned(), 97)];
+        assert_eq!(
+            verified_line(&v),
+            "kfree_skb 812,345 (81 %), iter 97 (0 %) of 1,000,000 instructions"
+        );
     }
 
     #[test]
