@@ -8,6 +8,7 @@
 //! removed on drop too.
 
 pub mod bpftool;
+pub mod cgroup;
 mod conntrace;
 pub mod containers;
 mod hosts;
@@ -102,13 +103,22 @@ pub fn proc_mib(pid: u32, field: &str) -> f64 {
 
 /// Spawns `ctpeer MODE ADDR PORT EXTRA...` in `ns`, stdout piped.
 fn spawn_ctpeer(ns: &Netns, mode: &str, addr: &str, port: u16, extra: &[&str]) -> Proc {
-    Proc::spawn(
-        ns.command(ctpeer().to_str().expect("utf-8 path"))
-            .args([mode, addr, &port.to_string()])
-            .args(extra)
-            .stdout(Stdio::piped()),
-        &format!("ctpeer {mode}"),
-    )
+    spawn_ctpeer_with(ns, mode, (addr, port), extra, |_| {})
+}
+
+fn spawn_ctpeer_with(
+    ns: &Netns,
+    mode: &str,
+    (addr, port): (&str, u16),
+    extra: &[&str],
+    prepare: impl FnOnce(&mut std::process::Command),
+) -> Proc {
+    let mut cmd = ns.command(ctpeer().to_str().expect("utf-8 path"));
+    cmd.args([mode, addr, &port.to_string()])
+        .args(extra)
+        .stdout(Stdio::piped());
+    prepare(&mut cmd);
+    Proc::spawn(&mut cmd, &format!("ctpeer {mode}"))
 }
 
 /// Starts `ctpeer serve` in `ns` and waits until it listens.
@@ -125,6 +135,16 @@ pub fn serve(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
 /// Starts `ctpeer connect` in `ns`; read its results with [`Proc::json_lines`].
 pub fn connect(ns: &Netns, addr: &str, port: u16, extra: &[&str]) -> Proc {
     spawn_ctpeer(ns, "connect", addr, port, extra).read_stdout()
+}
+
+/// [`connect`] from a process in cgroup `group` (whose programs refuse its `connect()`s).
+pub fn connect_in_cgroup(
+    ns: &Netns,
+    group: &cgroup::ConnectRefused,
+    (addr, port): (&str, u16),
+    extra: &[&str],
+) -> Proc {
+    spawn_ctpeer_with(ns, "connect", (addr, port), extra, |cmd| group.enter(cmd)).read_stdout()
 }
 
 /// Prints why a test does not run its checks here; `cargo xtask vm-test` counts a passing test

@@ -1,7 +1,7 @@
 //! Input 4: connect() errors before any packet. Two local ports, both held in TIME_WAIT towards
 //! the server, then a third connect (EADDRNOTAVAIL); a `prohibit` route (EACCES) and an
-//! `unreachable` route (EHOSTUNREACH). (A cgroup connect4 program's EPERM is not tested here:
-//! it needs a pinned BPF object and a test-made cgroup; the engine tests cover its verdict.)
+//! `unreachable` route (EHOSTUNREACH); a cgroup BPF program that refuses `connect()` (EPERM),
+//! in a test-made cgroup.
 //!
 //! Each runs with `--follow quiet` and `--follow streaming`: connect()'s errno comes from the
 //! syscall (or fexit) when connections stream; in quiet mode on a kernel without fexit (this
@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use conntrace_tests::{FOLLOW_MODES, PORT, Scenario, connect};
+use conntrace_tests::{
+    FOLLOW_MODES, PORT, Scenario, cgroup::ConnectRefused, connect, connect_in_cgroup,
+};
 
 use crate::{assert_peer_failed, detail, expect_verdicts, report, stop_after, subnet_of};
 
@@ -213,4 +215,70 @@ fn prohibit_and_unreachable(follow: &str) {
         assert_eq!(v["comm"], "ct-client", "{v}");
         assert!(v["sport"].is_null() && v["saddr"].is_null(), "{v}");
     }
+}
+
+#[test]
+fn a_cgroup_program_refusing_connect_is_connect_denied() {
+    for follow in FOLLOW_MODES {
+        refused_by_a_cgroup_program(follow);
+    }
+}
+
+/// A client in a cgroup whose `cgroup/connect4` program returns 0 (what a host policy agent or
+/// Cilium's socket load-balancer does to a refused destination), a server listening: the
+/// kernel fails `connect()` with EPERM before the socket leaves CLOSE.
+fn refused_by_a_cgroup_program(follow: &str) {
+    let group = ConnectRefused::create();
+    let Scenario {
+        hosts,
+        ct,
+        server: _server,
+    } = Scenario::new()
+        .serve(&["--greeting", "hello"])
+        .conntrace(&["--port", "3306", "--follow", follow]);
+    let client = connect_in_cgroup(
+        &hosts.client,
+        &group,
+        (&hosts.server_ip, PORT),
+        &["--blocking", "--timeout-ms", "5000"],
+    );
+    let pid = client.pid();
+    let result = &client.json_lines(Duration::from_secs(10))[0];
+    assert_peer_failed(result, 1, 0.0..500.0);
+    assert_eq!(result["stage"], "connect", "{result}");
+    let (client_ns, server_ns) = (hosts.client.inode(), hosts.server.inode());
+    let values = stop_after(ct, Duration::from_secs(2), &[(client_ns, "failed")]);
+    report(
+        &format!("cgroup connect4 refusal --follow {follow}"),
+        &values,
+        &[("client", client_ns), ("server", server_ns)],
+    );
+    if ct_saw_connect_return(&values) {
+        let v = &expect_verdicts(&values, client_ns, &["client failed connect_denied EPERM"])[0];
+        assert_eq!(
+            (v["daddr"].as_str(), v["dport"].as_u64()),
+            (Some(hosts.server_ip.as_str()), Some(u64::from(PORT))),
+            "{v}"
+        );
+        assert_eq!(
+            (v["pid"].as_u64(), v["comm"].as_str()),
+            (Some(u64::from(pid)), Some("ct-client")),
+            "{v}"
+        );
+        assert_eq!(detail(v, "packets_sent"), 0, "{v}");
+        assert!(
+            detail(v, "route").is_null(),
+            "a route did not refuse it: {v}"
+        );
+    } else {
+        // Quiet mode where fexit does not attach (this host): the refusal makes no packet, no
+        // route lookup and no state change, so no program conntrace attached sees it (the
+        // README's connect_denied row says so).
+        assert_eq!(
+            follow, "quiet",
+            "streaming always traces connect(): {values:?}"
+        );
+        expect_verdicts(&values, client_ns, &[]);
+    }
+    expect_verdicts(&values, server_ns, &[]);
 }
