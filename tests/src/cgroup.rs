@@ -160,12 +160,25 @@ impl ConnectRefused {
     }
 
     /// Makes `cmd`'s process join the group before it runs (it writes 0, itself, to the
-    /// group's `cgroup.procs`), so that its children are in it too.
+    /// group's `cgroup.procs`), so that its children are in it too. The file is opened here:
+    /// between fork and exec the child only makes the `write(2)` (no allocation, which could
+    /// wait forever on a lock another thread of this process held at the fork).
     pub fn enter(&self, cmd: &mut Command) {
-        let procs = self.dir.join("cgroup.procs");
-        // SAFETY: the hook runs in the forked child before exec and only writes a file.
+        let path = self.dir.join("cgroup.procs");
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        // SAFETY: the hook runs in the forked child before exec and makes one write(2) to a
+        // descriptor it inherited (`procs` lives as long as `cmd`).
         unsafe {
-            cmd.pre_exec(move || fs::write(&procs, "0"));
+            cmd.pre_exec(move || {
+                let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+                match libc::write(fd, b"0".as_ptr().cast(), 1) {
+                    1 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                }
+            });
         }
     }
 }
