@@ -246,13 +246,15 @@ fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
     })
 }
 
+/// The most instructions the kernel's verifier walks before it refuses a program.
+const VERIFIER_LIMIT: u64 = 1_000_000;
+
 /// Instructions walked by the verifier past which a program it accepted fails the run: three
-/// quarters of its limit (1,000,000).
-const NEAR_LIMIT: u64 = 750_000;
+/// quarters of its limit.
+const NEAR_LIMIT: u64 = VERIFIER_LIMIT / 4 * 3;
 
 /// The verifier's work per program, against its limit: "kfree_skb 812,345 (81 %), ...".
 fn verified_line(verified: &[(String, u64)]) -> String {
-    const LIMIT: u64 = 1_000_000;
     verified
         .iter()
         .map(|(name, n)| {
@@ -263,7 +265,11 @@ fn verified_line(verified: &[(String, u64)]) -> String {
                 .rev()
                 .map(|c| std::str::from_utf8(c).unwrap_or_default())
                 .collect();
-            format!("{name} {} ({} %)", groups.join(","), n * 100 / LIMIT)
+            format!(
+                "{name} {} ({} %)",
+                groups.join(","),
+                n * 100 / VERIFIER_LIMIT
+            )
         })
         .collect::<Vec<_>>()
         .join(", ")
