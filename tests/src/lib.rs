@@ -7,6 +7,7 @@
 //! scratch directory is a [`TempDir`] (removed on drop); every container ([`containers`]) is
 //! removed on drop too.
 
+pub mod bpf_sys;
 pub mod bpftool;
 pub mod cgroup;
 mod conntrace;

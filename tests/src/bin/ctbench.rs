@@ -5,7 +5,9 @@
 //! conntrace (release build, `CONNTRACE_BIN`) tracing the churned port, a different port,
 //! bpftrace with a light tracepoint script (`bpftrace`), bpftrace with one counting probe on
 //! each hook conntrace attaches (`bpftrace-hooks`, generated from conntrace's `ready` record
-//! before the rounds: hooks.rs, bpftrace.rs), or bcc's `tcpstates` where it runs, and churns for
+//! before the rounds: hooks.rs, bpftrace.rs), bcc's `tcpstates` where it runs, or an empty
+//! eBPF program on each of conntrace's hooks (`floor`, and `floor-unrelated` without the
+//! listener-gated one: floor.rs, what any program on those hooks costs), and churns for
 //! `--phase-ms`. Rounds interleave the modes, each round in an order rotated by one, so drifts
 //! of the machine hit all alike. Everything runs on one CPU (`--cpu N`, default 0; `--cpu all`
 //! for none), one churning thread: a phase's rate is then its CPU cost per connection, with no
@@ -31,14 +33,17 @@ mod btf;
 mod compare;
 #[path = "ctbench/costs.rs"]
 mod costs;
+#[path = "ctbench/floor.rs"]
+mod floor;
 #[path = "ctbench/hooks.rs"]
 mod hooks;
+#[path = "ctbench/peers.rs"]
+mod peers;
 #[path = "ctbench/stats.rs"]
 mod stats;
 
 use std::{
     collections::BTreeMap,
-    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -70,7 +75,7 @@ struct Args {
     parallel: Option<u64>,
     /// Modes to run besides untraced, traced and unrelated (which always run), comma-separated
     /// (default: every one that runs here).
-    #[arg(long, value_delimiter = ',', value_parser = ["bpftrace", "bpftrace-hooks", "tcpstates"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["bpftrace", "bpftrace-hooks", "tcpstates", "floor", "floor-unrelated"])]
     modes: Option<Vec<String>>,
     /// Capabilities conntrace leaves out (its `--without`), to measure what each one costs.
     #[arg(long)]
@@ -176,70 +181,6 @@ struct Traced {
     hook_hits: Option<Vec<(String, f64)>>,
 }
 
-/// bpftrace with a tracepoint-only script counting the same lifecycle, reset and drop events.
-fn bpftrace_script() -> String {
-    format!(
-        "tracepoint:sock:inet_sock_set_state /args->protocol == 6 && (args->sport == {PORT} || args->dport == {PORT})/ {{ @states[args->newstate] = count(); }}\n\
-         tracepoint:tcp:tcp_receive_reset /args->sport == {PORT} || args->dport == {PORT}/ {{ @rst = count(); }}\n\
-         tracepoint:skb:kfree_skb /args->protocol == 0x0800/ {{ @drops[args->reason] = count(); }}\n"
-    )
-}
-
-/// The bcc peer: `tcpstates` (Debian's bpfcc-tools) on the churned port. bcc compiles its
-/// program at start with the kernel's headers; where they are missing it cannot run.
-const TCPSTATES: &str = "/usr/sbin/tcpstates-bpfcc";
-
-/// Starts bcc's tcpstates and waits for its header line (compiled and attached), or returns
-/// why it does not run here.
-fn start_tcpstates() -> Result<Proc, String> {
-    use std::io::{BufRead, BufReader};
-    let mut tcpstates = Proc::from(
-        Command::new(TCPSTATES)
-            .args(["-L", &PORT.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("{TCPSTATES}: {e} (package bpfcc-tools)"))?,
-    );
-    let stdout = tcpstates.child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    // tcpstates' header starts with SKADDR; bcc prints its errors on stdout or stderr.
-    match lines.next() {
-        Some(Ok(header)) if header.starts_with("SKADDR") => {
-            // Keep reading, so that tcpstates never blocks on a full pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            Ok(tcpstates)
-        }
-        first => {
-            tcpstates.kill();
-            let mut err = String::new();
-            if let Some(mut e) = tcpstates.child.stderr.take() {
-                std::io::Read::read_to_string(&mut e, &mut err).ok();
-            }
-            let first = first.and_then(Result::ok).unwrap_or_default();
-            let reason = std::iter::once(first.as_str())
-                .chain(err.lines())
-                .find(|l| l.contains("Unable") || l.contains("rror"))
-                .unwrap_or("exited before attaching")
-                .trim()
-                .to_owned();
-            Err(reason)
-        }
-    }
-}
-
-fn start_bpftrace() -> Proc {
-    let bpftrace = Proc::spawn(
-        Command::new("bpftrace")
-            .args(["-e", &bpftrace_script()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-        "bpftrace",
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    bpftrace
-}
-
 fn start_conntrace(port: &str, without: Option<&str>) -> Conntrace {
     let mut args = vec!["--port", port];
     if let Some(without) = without {
@@ -276,34 +217,6 @@ fn paced(events_per_s: f64, events_per_conn: f64, ms: u64, without: Option<&str>
     (events / secs, 100.0 * cpu / secs)
 }
 
-/// The modes to compare (bpftrace, bpftrace on conntrace's hooks and bcc's tcpstates where
-/// they run), a line for each peer left out saying why, and the `bpftrace-hooks` script.
-fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Option<String>) {
-    let mut modes = vec!["untraced", "traced", "unrelated"];
-    let mut absent = Vec::new();
-    let mut hooks_script = None;
-    if Command::new("bpftrace").arg("--version").output().is_ok() {
-        modes.push("bpftrace");
-        match bpftrace::prepare(without) {
-            Ok(script) => {
-                modes.push("bpftrace-hooks");
-                hooks_script = Some(script);
-            }
-            Err(why) => absent.push(format!("bpftrace-hooks: not compared: {why}")),
-        }
-    } else {
-        absent.push("bpftrace: not installed, not compared".to_owned());
-    }
-    match start_tcpstates() {
-        Ok(probe) => {
-            drop(probe);
-            modes.push("tcpstates");
-        }
-        Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
-    }
-    (modes, absent, hooks_script)
-}
-
 /// How long each phase churns, unmeasured, after its tracer is ready.
 const SETTLE: Duration = Duration::from_secs(1);
 
@@ -314,7 +227,7 @@ fn phase(
     mode: &str,
     phase_ms: u64,
     parallel: u64,
-    (without, hooks_script): (Option<&str>, Option<&str>),
+    (without, peers): (Option<&str>, &peers::Peers),
     traced: &mut Traced,
 ) -> (f64, f64, Vec<f64>) {
     let setup = Scenario::churn(PORT);
@@ -324,13 +237,20 @@ fn phase(
         _ => None,
     };
     let peer = match mode {
-        "bpftrace" => Some(start_bpftrace()),
-        "tcpstates" => Some(start_tcpstates().expect("tcpstates ran in the probe")),
+        "bpftrace" => Some(peers::start_bpftrace()),
+        "tcpstates" => Some(peers::start_tcpstates().expect("tcpstates ran in the probe")),
         _ => None,
     };
     let hooks_peer = (mode == "bpftrace-hooks").then(|| {
-        bpftrace::start(hooks_script.expect("bpftrace-hooks script"))
+        bpftrace::start(peers.hooks_script.as_deref().expect("bpftrace-hooks script"))
             .unwrap_or_else(|why| panic!("bpftrace-hooks: {why}"))
+    });
+    // Empty programs: no process of their own, their cost is the client's and server's.
+    let floor = mode.strip_prefix("floor").map(|rest| {
+        let floor = peers.floor.as_ref().expect("floor prepared");
+        floor
+            .attach(rest == "-unrelated")
+            .unwrap_or_else(|why| panic!("{mode}: {why}"))
     });
     let tracer_pid = ct
         .as_ref()
@@ -376,6 +296,7 @@ fn phase(
         }
     }
     drop(peer);
+    drop(floor);
     if let Some(running) = hooks_peer {
         let hits = running.hits();
         let per_conn = |n: u64| n as f64 / run.connections.max(1.0);
@@ -459,7 +380,7 @@ fn main() {
         compare::report(other, rounds, phase_ms, parallel);
         return;
     }
-    let (mut modes, absent, hooks_script) = modes(without);
+    let (mut modes, absent, peers) = peers::modes(without);
     if let Some(only) = &args.modes {
         // The three the last line compares always run.
         modes.retain(|m| {
@@ -482,7 +403,7 @@ fn main() {
         // phase's teardown, a tracer's exit and a namespace's cleanup, is its neighbour's).
         let start = (round as usize - 1) % modes.len();
         for &mode in modes[start..].iter().chain(&modes[..start]) {
-            let peer = (without, hooks_script.as_deref());
+            let peer = (without, &peers);
             let (rate, cost_us, phase_slices) = phase(mode, phase_ms, parallel, peer, &mut traced);
             slices.entry(mode).or_default().push(phase_slices);
             cost.entry(mode).or_default().push(cost_us);
@@ -575,6 +496,18 @@ fn main() {
         slices["untraced"].iter().map(Vec::len).sum::<usize>(),
         list.join(", ")
     );
+    if slices.contains_key("floor") && slices.contains_key("floor-unrelated") {
+        let (floor, floor_unrelated) = (undisturbed("floor"), undisturbed("floor-unrelated"));
+        println!(
+            "floor (an empty program on each of conntrace's hooks, undisturbed rates): floor/untraced={:.3} floor-unrelated/untraced={:.3}; conntrace against its floor: traced/floor={:.3} unrelated/floor-unrelated={:.3}; CPU µs/connection floor {:.1}, floor-unrelated {:.1}",
+            floor / ubase,
+            floor_unrelated / ubase,
+            undisturbed("traced") / floor,
+            undisturbed("unrelated") / floor_unrelated,
+            median(&cost["floor"]),
+            median(&cost["floor-unrelated"]),
+        );
+    }
     println!(
         "bench: traced/untraced={:.3} unrelated/untraced={:.3} lost={}",
         undisturbed("traced") / ubase,

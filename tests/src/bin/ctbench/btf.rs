@@ -96,6 +96,12 @@ impl Btf {
         btf
     }
 
+    /// The id of the `FUNC` or `TYPEDEF` (`kind`) named `name`: what a tracing program's
+    /// `attach_btf_id` names (a function for fentry/fexit, `btf_trace_NAME` for tp_btf).
+    pub fn id(&self, kind: &str, name: &str) -> Option<u32> {
+        self.by_name.get(&(kind.to_owned(), name.to_owned())).copied()
+    }
+
     /// The parameters of kernel function `name`.
     pub fn function_params(&self, name: &str) -> Option<Vec<Param>> {
         let func = self.by_name.get(&("FUNC".into(), name.into()))?;
@@ -210,5 +216,8 @@ mod tests {
         );
         assert_eq!(btf.function_params("no_such_function"), None);
         assert_eq!(btf.tracepoint_params("no_such_tracepoint"), None);
+        assert_eq!(btf.id("FUNC", "inet_stream_connect"), Some(11));
+        assert_eq!(btf.id("TYPEDEF", "btf_trace_inet_sock_set_state"), Some(12));
+        assert_eq!(btf.id("FUNC", "btf_trace_inet_sock_set_state"), None);
     }
 }

@@ -1,0 +1,221 @@
+//! The `floor` and `floor-unrelated` modes: an empty eBPF program (`r0 = 0; exit`) on each
+//! hook conntrace attached, as its `ready` record lists them. What any program at all costs
+//! on those hooks here, with none of conntrace's work: the kernel's dispatch of each run (the
+//! tracepoint's call, the run's bookkeeping, and on this project's hosts the retpolines and
+//! return thunks around every indirect call and return). conntrace's ratio cannot exceed its
+//! floor's, whatever its programs do.
+//!
+//! `floor` has every hook, as conntrace has them while tracing the churned port (whose
+//! listener keeps the per-packet SYN-cookie program attached); `floor-unrelated` leaves out
+//! what conntrace attaches only while a traced port has a listener (conntrace's
+//! `kernel/packet_gate.rs`), as tracing another port, which has none. An iterator (`iter:`)
+//! runs only when read, so it has no floor; kprobes are not loaded here (the bench's hosts
+//! have none), and either is named in a line when conntrace lists one.
+
+use std::os::fd::OwnedFd;
+
+use conntrace_tests::{
+    Conntrace, PORT,
+    bpf_sys::{
+        self, BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BPF_TRACE_FEXIT,
+        BPF_TRACE_RAW_TP,
+    },
+};
+
+use super::btf::Btf;
+
+/// Capabilities whose program conntrace attaches only while a listener of a traced port
+/// exists: `floor-unrelated` leaves them out.
+const LISTENER_GATED: &[&str] = &["syn_cookies"];
+
+/// Where an empty program goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// A BTF-typed kind (tp_btf, fentry, fexit): its attach type and the BTF id it names.
+    Tracing { attach_type: u32, btf_id: u32 },
+    /// A classic tracepoint, through a perf event.
+    Classic { category: String, name: String },
+}
+
+/// One hook of conntrace's `ready` record.
+#[derive(Debug, Clone)]
+struct Hook {
+    /// As conntrace wrote it, e.g. `tp_btf:inet_sock_set_state`.
+    attach: String,
+    capability: String,
+    target: Target,
+}
+
+/// The hooks an empty program goes on, in `ready` order.
+pub struct Floor {
+    hooks: Vec<Hook>,
+}
+
+/// Empty programs attached; dropping this detaches and unloads them.
+pub struct Attached {
+    _fds: Vec<OwnedFd>,
+}
+
+/// The target of conntrace's `attach` (`Hook::describe` in conntrace/src/kernel/attach.rs),
+/// or why an empty program does not go there.
+fn target(btf: &Btf, attach: &str) -> Result<Target, String> {
+    let (kind, rest) = attach
+        .split_once(':')
+        .ok_or_else(|| format!("`{attach}` is not KIND:TARGET"))?;
+    let tracing = |attach_type, kind: &str, name: &str| {
+        btf.id(kind, name)
+            .map(|btf_id| Target::Tracing {
+                attach_type,
+                btf_id,
+            })
+            .ok_or_else(|| format!("the kernel's BTF has no {kind} `{name}`"))
+    };
+    match kind {
+        "tp_btf" | "btf_tracepoint" => {
+            tracing(BPF_TRACE_RAW_TP, "TYPEDEF", &format!("btf_trace_{rest}"))
+        }
+        "fentry" => tracing(BPF_TRACE_FENTRY, "FUNC", rest),
+        "fexit" => tracing(BPF_TRACE_FEXIT, "FUNC", rest),
+        "tracepoint" => {
+            let (category, name) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("`{attach}` is not tracepoint:CATEGORY:NAME"))?;
+            Ok(Target::Classic {
+                category: category.to_owned(),
+                name: name.to_owned(),
+            })
+        }
+        "iter" => Err("an iterator runs only when read: no floor".to_owned()),
+        other => Err(format!("no empty program for `{other}` hooks here")),
+    }
+}
+
+impl Floor {
+    /// Starts conntrace once (`--port PORT`, and `--without` as the traced phases have it),
+    /// reads the hooks of its `ready` record, attaches an empty program on each once to check
+    /// that the kernel takes them, and prints the plan and any hook left out.
+    pub fn prepare(without: Option<&str>) -> Result<Self, String> {
+        let port = PORT.to_string();
+        let mut args = vec!["--port", port.as_str()];
+        if let Some(without) = without {
+            args.extend(["--without", without]);
+        }
+        let ct = Conntrace::start(&args);
+        let ready = ct.ready();
+        ct.stop();
+        let btf = Btf::load()?;
+        let mut hooks = Vec::new();
+        for program in ready["programs"].as_array().into_iter().flatten() {
+            let (Some(attach), Some(capability)) =
+                (program["attach"].as_str(), program["capability"].as_str())
+            else {
+                continue;
+            };
+            match target(&btf, attach) {
+                Ok(target) => hooks.push(Hook {
+                    attach: attach.to_owned(),
+                    capability: capability.to_owned(),
+                    target,
+                }),
+                Err(why) => println!("floor: left out {attach}: {why}"),
+            }
+        }
+        if hooks.is_empty() {
+            return Err("conntrace listed no hook an empty program goes on".to_owned());
+        }
+        let floor = Self { hooks };
+        drop(floor.attach(false)?);
+        let names = |unrelated| {
+            floor
+                .chosen(unrelated)
+                .map(|h| h.attach.as_str())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        println!("floor: an empty program on each of {}", names(false));
+        println!("floor-unrelated: the same without the listener-gated ones: {}", names(true));
+        Ok(floor)
+    }
+
+    /// The hooks of one mode: all, or (`unrelated`) those conntrace keeps attached while no
+    /// traced port has a listener.
+    fn chosen(&self, unrelated: bool) -> impl Iterator<Item = &Hook> {
+        self.hooks
+            .iter()
+            .filter(move |h| !(unrelated && LISTENER_GATED.contains(&h.capability.as_str())))
+    }
+
+    /// Loads and attaches the empty programs of one mode (see [`Floor::chosen`]).
+    pub fn attach(&self, unrelated: bool) -> Result<Attached, String> {
+        let mut fds = Vec::new();
+        for hook in self.chosen(unrelated) {
+            let name = "ct_floor";
+            let link = match &hook.target {
+                Target::Tracing {
+                    attach_type,
+                    btf_id,
+                } => {
+                    let prog = bpf_sys::load(&bpf_sys::Load {
+                        prog_type: BPF_PROG_TYPE_TRACING,
+                        expected_attach_type: *attach_type,
+                        attach_btf_id: *btf_id,
+                        name,
+                    })?;
+                    let link = bpf_sys::raw_tracepoint_open(&prog);
+                    fds.push(prog);
+                    link
+                }
+                Target::Classic { category, name: tp } => {
+                    let prog = bpf_sys::load(&bpf_sys::Load {
+                        prog_type: BPF_PROG_TYPE_TRACEPOINT,
+                        expected_attach_type: 0,
+                        attach_btf_id: 0,
+                        name,
+                    })?;
+                    let link = bpf_sys::perf_tracepoint_attach(&prog, category, tp);
+                    fds.push(prog);
+                    link
+                }
+            };
+            fds.push(link.map_err(|e| format!("{}: {e}", hook.attach))?);
+        }
+        Ok(Attached { _fds: fds })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_hook_has_its_target_or_a_reason() {
+        let btf = Btf::parse(
+            "[11] FUNC 'tcp_connect' type_id=10 linkage=static\n\
+             [12] TYPEDEF 'btf_trace_inet_sock_set_state' type_id=13\n",
+        );
+        assert_eq!(
+            target(&btf, "tp_btf:inet_sock_set_state"),
+            Ok(Target::Tracing {
+                attach_type: BPF_TRACE_RAW_TP,
+                btf_id: 12
+            })
+        );
+        assert_eq!(
+            target(&btf, "fexit:tcp_connect"),
+            Ok(Target::Tracing {
+                attach_type: BPF_TRACE_FEXIT,
+                btf_id: 11
+            })
+        );
+        assert_eq!(
+            target(&btf, "tracepoint:tcp:tcp_send_reset"),
+            Ok(Target::Classic {
+                category: "tcp".into(),
+                name: "tcp_send_reset".into()
+            })
+        );
+        assert!(target(&btf, "tp_btf:kfree_skb").unwrap_err().contains("btf_trace_kfree_skb"));
+        assert!(target(&btf, "iter:tcp").unwrap_err().contains("only when read"));
+        assert!(target(&btf, "kprobe:tcp_connect").is_err());
+    }
+}
