@@ -19,7 +19,7 @@ use crate::{
     data::sock_ports,
     field, header, kread, mark_after_loss, netns_of_skb, netns_of_sock, new_tuple, port_traced,
     quiet,
-    sock::{typed_skb_protocol, typed_sock_ports},
+    sock::{Origin, typed_skb_protocol, typed_sock_ports},
     submit_flags,
 };
 
@@ -245,7 +245,8 @@ struct TypedPorts {
 impl PortsOf for TypedPorts {
     #[inline(always)]
     fn ports(&self, sk: u64) -> (u16, u16) {
-        typed_sock_ports(self.prog, sk as *const u8)
+        // `skb->sk` or `rx_sk`, one register to the verifier: the first is RCU-protected.
+        typed_sock_ports(self.prog, sk as *const u8, Origin::Loaded)
     }
 }
 

@@ -16,7 +16,7 @@ use conntrace_common::{
 use crate::{
     IPPROTO_TCP, Record, bytes_field, config, data, emit, header, init_tuple, kread_into,
     netns_of_sock, port_traced, quiet,
-    sock::{Probed, SockRead, Typed, netns_of_typed_net, typed_sock_ports},
+    sock::{Origin, Probed, SockRead, Typed, netns_of_typed_net, typed_sock_ports},
     v4_part,
 };
 
@@ -97,7 +97,7 @@ pub fn tp_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     let sk: *const u8 = ctx.arg(0);
     // Going to CLOSE may have released the bound port (inet_put_port zeroes skc_num first):
     // then the socket's own source port, as the classic record shows it.
-    let (sport, dport) = typed_sock_ports(P, sk);
+    let (sport, dport) = typed_sock_ports(P, sk, Origin::Argument);
     let Some(cfg) = config() else { return 0 };
     let o = &cfg.offsets;
     let skaddr = sk as u64;

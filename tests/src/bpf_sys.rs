@@ -151,7 +151,11 @@ pub fn load(what: &Load) -> Result<OwnedFd, String> {
 }
 
 /// Links program `prog` to `target` (a cgroup directory) at `attach_type`.
-pub fn link_create(prog: &OwnedFd, target: &impl AsRawFd, attach_type: u32) -> Result<OwnedFd, String> {
+pub fn link_create(
+    prog: &OwnedFd,
+    target: &impl AsRawFd,
+    attach_type: u32,
+) -> Result<OwnedFd, String> {
     let attr = LinkCreate {
         prog_fd: prog.as_raw_fd() as u32,
         target_fd: target.as_raw_fd() as u32,
@@ -198,7 +202,11 @@ const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
 /// Attaches a loaded `BPF_PROG_TYPE_TRACEPOINT` program to the classic tracepoint
 /// `category:name` (its id from tracefs): a perf event on CPU 0, whose program the kernel
 /// runs wherever the tracepoint fires. The event's descriptor holds the attachment.
-pub fn perf_tracepoint_attach(prog: &OwnedFd, category: &str, name: &str) -> Result<OwnedFd, String> {
+pub fn perf_tracepoint_attach(
+    prog: &OwnedFd,
+    category: &str,
+    name: &str,
+) -> Result<OwnedFd, String> {
     let path = format!("/sys/kernel/tracing/events/{category}/{name}/id");
     let id: u64 = std::fs::read_to_string(&path)
         .map_err(|e| format!("{path}: {e}"))?
@@ -234,7 +242,11 @@ pub fn perf_tracepoint_attach(prog: &OwnedFd, category: &str, name: &str) -> Res
     // SAFETY: the kernel just returned this descriptor, owned by no one else.
     let event = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     for (request, arg, what) in [
-        (PERF_EVENT_IOC_SET_BPF, prog.as_raw_fd(), "PERF_EVENT_IOC_SET_BPF"),
+        (
+            PERF_EVENT_IOC_SET_BPF,
+            prog.as_raw_fd(),
+            "PERF_EVENT_IOC_SET_BPF",
+        ),
         (PERF_EVENT_IOC_ENABLE, 0, "PERF_EVENT_IOC_ENABLE"),
     ] {
         // SAFETY: ioctl(2) on the event's own descriptor with an integer argument.

@@ -42,10 +42,7 @@ mod peers;
 #[path = "ctbench/stats.rs"]
 mod stats;
 
-use std::{
-    collections::BTreeMap,
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use clap::Parser;
 use conntrace_tests::{Conntrace, Netns, PORT, Proc, Scenario, require_root};
@@ -242,8 +239,13 @@ fn phase(
         _ => None,
     };
     let hooks_peer = (mode == "bpftrace-hooks").then(|| {
-        bpftrace::start(peers.hooks_script.as_deref().expect("bpftrace-hooks script"))
-            .unwrap_or_else(|why| panic!("bpftrace-hooks: {why}"))
+        bpftrace::start(
+            peers
+                .hooks_script
+                .as_deref()
+                .expect("bpftrace-hooks script"),
+        )
+        .unwrap_or_else(|why| panic!("bpftrace-hooks: {why}"))
     });
     // Empty programs: no process of their own, their cost is the client's and server's.
     let floor = mode.strip_prefix("floor").map(|rest| {

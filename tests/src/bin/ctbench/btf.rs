@@ -99,7 +99,9 @@ impl Btf {
     /// The id of the `FUNC` or `TYPEDEF` (`kind`) named `name`: what a tracing program's
     /// `attach_btf_id` names (a function for fentry/fexit, `btf_trace_NAME` for tp_btf).
     pub fn id(&self, kind: &str, name: &str) -> Option<u32> {
-        self.by_name.get(&(kind.to_owned(), name.to_owned())).copied()
+        self.by_name
+            .get(&(kind.to_owned(), name.to_owned()))
+            .copied()
     }
 
     /// The parameters of kernel function `name`.

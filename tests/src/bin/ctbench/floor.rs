@@ -133,7 +133,10 @@ impl Floor {
                 .join(" ")
         };
         println!("floor: an empty program on each of {}", names(false));
-        println!("floor-unrelated: the same without the listener-gated ones: {}", names(true));
+        println!(
+            "floor-unrelated: the same without the listener-gated ones: {}",
+            names(true)
+        );
         Ok(floor)
     }
 
@@ -214,8 +217,16 @@ mod tests {
                 name: "tcp_send_reset".into()
             })
         );
-        assert!(target(&btf, "tp_btf:kfree_skb").unwrap_err().contains("btf_trace_kfree_skb"));
-        assert!(target(&btf, "iter:tcp").unwrap_err().contains("only when read"));
+        assert!(
+            target(&btf, "tp_btf:kfree_skb")
+                .unwrap_err()
+                .contains("btf_trace_kfree_skb")
+        );
+        assert!(
+            target(&btf, "iter:tcp")
+                .unwrap_err()
+                .contains("only when read")
+        );
         assert!(target(&btf, "kprobe:tcp_connect").is_err());
     }
 }

@@ -75,7 +75,6 @@ pub fn start_bpftrace() -> Proc {
     bpftrace
 }
 
-
 /// What the peer modes need, prepared once before the rounds: the `bpftrace-hooks` script
 /// and the empty programs of the `floor` modes, each where it runs here.
 #[derive(Default)]
