@@ -8,6 +8,7 @@
 pub mod accept;
 pub mod config;
 pub mod event;
+pub mod perf;
 pub mod quiet;
 pub mod tcp;
 

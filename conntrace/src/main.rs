@@ -151,22 +151,6 @@ fn has_cap(eff: u64, bit: u32) -> bool {
     eff & (1 << bit) != 0
 }
 
-/// `struct perf_event_attr` as of PERF_ATTR_SIZE_VER0 (64 bytes), enough for a dummy event.
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttrV0 {
-    kind: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
-}
-
 /// True when this process may not open a system-wide perf event although the kernel's own
 /// rules would let its capabilities (`eff`) do so: Debian's restriction (perf_event_open(2)
 /// fails with EACCES for all but CAP_SYS_ADMIN when `kernel.perf_event_paranoid` is above 2),
@@ -176,10 +160,9 @@ fn perf_events_restricted(eff: u64) -> bool {
         // CAP_SYS_ADMIN passes the restriction; without CAP_PERFMON tracing is refused anyway.
         return false;
     }
-    const PERF_TYPE_SOFTWARE: u32 = 1;
+    use conntrace_common::perf::{PERF_FLAG_FD_CLOEXEC, PERF_TYPE_SOFTWARE, PerfEventAttrV0};
     const PERF_COUNT_SW_DUMMY: u64 = 9;
     const DISABLED: u64 = 1;
-    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 1 << 3;
     let attr = PerfEventAttrV0 {
         kind: PERF_TYPE_SOFTWARE,
         size: size_of::<PerfEventAttrV0>() as u32,

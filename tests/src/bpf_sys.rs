@@ -6,6 +6,8 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use conntrace_common::perf::{PERF_FLAG_FD_CLOEXEC, PERF_TYPE_TRACEPOINT, PerfEventAttrV0};
+
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -175,25 +177,6 @@ pub fn raw_tracepoint_open(prog: &OwnedFd) -> Result<OwnedFd, String> {
     bpf(BPF_RAW_TRACEPOINT_OPEN, &attr, "BPF_RAW_TRACEPOINT_OPEN")
 }
 
-/// `struct perf_event_attr` as its first published size (`PERF_ATTR_SIZE_VER0`, 64 bytes),
-/// which every kernel accepts.
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_period: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
-}
-
-const PERF_TYPE_TRACEPOINT: u32 = 2;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 /// `_IOW('$', 8, __u32)`.
 const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
 /// `_IO('$', 0)`.
@@ -213,13 +196,13 @@ pub fn perf_tracepoint_attach(
         .trim()
         .parse()
         .map_err(|e| format!("{path}: {e}"))?;
-    let attr = PerfEventAttr {
-        type_: PERF_TYPE_TRACEPOINT,
-        size: size_of::<PerfEventAttr>() as u32,
+    let attr = PerfEventAttrV0 {
+        kind: PERF_TYPE_TRACEPOINT,
+        size: size_of::<PerfEventAttrV0>() as u32,
         config: id,
         sample_period: 1,
         wakeup_events: 1,
-        ..PerfEventAttr::default()
+        ..PerfEventAttrV0::default()
     };
     // SAFETY: perf_event_open(2) with a live attr of the size it states; pid -1, CPU 0, no
     // group.
@@ -270,6 +253,5 @@ mod tests {
         assert_eq!(std::mem::offset_of!(ProgLoad, expected_attach_type), 68);
         assert_eq!(std::mem::offset_of!(ProgLoad, attach_btf_id), 108);
         assert_eq!(std::mem::offset_of!(RawTracepointOpen, cookie), 16);
-        assert_eq!(size_of::<PerfEventAttr>(), 64);
     }
 }

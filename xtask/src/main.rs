@@ -71,7 +71,8 @@ enum Task {
     },
     /// Set up (with bpftrace, the peer it compares with), build release, and run the churn
     /// benchmark (`ctbench`): untraced, traced, unrelated port, bpftrace, bpftrace on
-    /// conntrace's own hooks; then each program's cost (`--bpf-stats`). Its last line is
+    /// conntrace's own hooks, an empty program on each of conntrace's hooks (`floor`,
+    /// `floor-unrelated`); then each program's cost (`--bpf-stats`). Its last line is
     /// `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
     Bench {
         /// Arguments for ctbench (`cargo xtask bench -- --help` lists them): --rounds N (10),

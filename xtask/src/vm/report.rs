@@ -227,7 +227,7 @@ fn read_ready(out: &Path, mode: &str) -> Result<Attach, String> {
             ))
         })
         .collect();
-    verified.sort_by(|a, b| b.1.cmp(&a.1));
+    verified.sort_by_key(|v| std::cmp::Reverse(v.1));
     let features = ready["kernel_features"]
         .as_object()
         .map(|m| {

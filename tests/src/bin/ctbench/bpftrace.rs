@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use conntrace_tests::{Conntrace, PORT, Proc};
+use conntrace_tests::{PORT, Proc};
 
 use super::hooks::{Hook, classic_twin, plan, script};
 
@@ -155,18 +155,8 @@ impl Running {
 /// the hooks bpftrace can attach (a raw tracepoint it refuses on the classic tracepoint of the
 /// same name). Prints the probes once, and a line for each hook left out or moved.
 pub fn prepare(without: Option<&str>) -> Result<String, String> {
-    let port = PORT.to_string();
-    let mut args = vec!["--port", port.as_str()];
-    if let Some(without) = without {
-        args.extend(["--without", without]);
-    }
-    let ct = Conntrace::start(&args);
-    let ready = ct.ready();
-    ct.stop();
-    let attaches: Vec<String> = ready["programs"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let attaches: Vec<String> = super::peers::conntrace_programs(without)
+        .iter()
         .filter_map(|p| p["attach"].as_str().map(str::to_owned))
         .collect();
     let (hooks, mut left_out) = plan(&attaches);

@@ -110,7 +110,7 @@ pub fn report(port: u16, phase_ms: u64, parallel: u64, without: Option<&str>) {
         println!("{l}");
     }
     println!(
-        "floor: {floor:.0} ns a run, the cheapest program's (one compare and out): what bpf_stats' own clock reads cost here; \"above floor\" is each program's own work"
+        "statistics floor: {floor:.0} ns a run, the cheapest program's (one compare and out): what bpf_stats' own clock reads cost here; \"above floor\" is each program's own work"
     );
     println!(
         "kernel events per connection (--bpf-stats phase): {:.2} ({events:.0} events / {:.0} connections)",

@@ -14,12 +14,9 @@
 
 use std::os::fd::OwnedFd;
 
-use conntrace_tests::{
-    Conntrace, PORT,
-    bpf_sys::{
-        self, BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BPF_TRACE_FEXIT,
-        BPF_TRACE_RAW_TP,
-    },
+use conntrace_tests::bpf_sys::{
+    self, BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BPF_TRACE_FEXIT,
+    BPF_TRACE_RAW_TP,
 };
 
 use super::btf::Btf;
@@ -95,17 +92,9 @@ impl Floor {
     /// reads the hooks of its `ready` record, attaches an empty program on each once to check
     /// that the kernel takes them, and prints the plan and any hook left out.
     pub fn prepare(without: Option<&str>) -> Result<Self, String> {
-        let port = PORT.to_string();
-        let mut args = vec!["--port", port.as_str()];
-        if let Some(without) = without {
-            args.extend(["--without", without]);
-        }
-        let ct = Conntrace::start(&args);
-        let ready = ct.ready();
-        ct.stop();
         let btf = Btf::load()?;
         let mut hooks = Vec::new();
-        for program in ready["programs"].as_array().into_iter().flatten() {
+        for program in &super::peers::conntrace_programs(without) {
             let (Some(attach), Some(capability)) =
                 (program["attach"].as_str(), program["capability"].as_str())
             else {

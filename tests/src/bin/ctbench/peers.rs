@@ -7,9 +7,24 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{PORT, Proc};
+use conntrace_tests::{Conntrace, PORT, Proc};
+use serde_json::Value;
 
 use super::{bpftrace, floor::Floor};
+
+/// The `programs` of conntrace's `ready` record (`--port PORT`, and `--without` as the traced
+/// phases have it): conntrace is started once for it, and stopped.
+pub fn conntrace_programs(without: Option<&str>) -> Vec<Value> {
+    let port = PORT.to_string();
+    let mut args = vec!["--port", port.as_str()];
+    if let Some(without) = without {
+        args.extend(["--without", without]);
+    }
+    let ct = Conntrace::start(&args);
+    let ready = ct.ready();
+    ct.stop();
+    ready["programs"].as_array().cloned().unwrap_or_default()
+}
 
 /// bpftrace with a tracepoint-only script counting the same lifecycle, reset and drop events.
 fn bpftrace_script() -> String {
