@@ -137,42 +137,42 @@ impl Floor {
             .filter(move |h| !(unrelated && LISTENER_GATED.contains(&h.capability.as_str())))
     }
 
-    /// Loads and attaches the empty programs of one mode (see [`Floor::chosen`]).
+    /// Loads and attaches the empty programs of one mode (see [`Floor::chosen`]); an error
+    /// names the hook and the syscall that refused it.
     pub fn attach(&self, unrelated: bool) -> Result<Attached, String> {
         let mut fds = Vec::new();
         for hook in self.chosen(unrelated) {
-            let name = "ct_floor";
-            let link = match &hook.target {
-                Target::Tracing {
-                    attach_type,
-                    btf_id,
-                } => {
-                    let prog = bpf_sys::load(&bpf_sys::Load {
-                        prog_type: BPF_PROG_TYPE_TRACING,
-                        expected_attach_type: *attach_type,
-                        attach_btf_id: *btf_id,
-                        name,
-                    })?;
-                    let link = bpf_sys::raw_tracepoint_open(&prog);
-                    fds.push(prog);
-                    link
-                }
-                Target::Classic { category, name: tp } => {
-                    let prog = bpf_sys::load(&bpf_sys::Load {
-                        prog_type: BPF_PROG_TYPE_TRACEPOINT,
-                        expected_attach_type: 0,
-                        attach_btf_id: 0,
-                        name,
-                    })?;
-                    let link = bpf_sys::perf_tracepoint_attach(&prog, category, tp);
-                    fds.push(prog);
-                    link
-                }
-            };
-            fds.push(link.map_err(|e| format!("{}: {e}", hook.attach))?);
+            let (prog, link) =
+                attach_one(&hook.target).map_err(|e| format!("{}: {e}", hook.attach))?;
+            fds.extend([prog, link]);
         }
         Ok(Attached { _fds: fds })
     }
+}
+
+/// One empty program at `target`: the program's descriptor and the one that holds its
+/// attachment.
+fn attach_one(target: &Target) -> Result<(OwnedFd, OwnedFd), String> {
+    let (prog_type, expected_attach_type, attach_btf_id) = match target {
+        Target::Tracing {
+            attach_type,
+            btf_id,
+        } => (BPF_PROG_TYPE_TRACING, *attach_type, *btf_id),
+        Target::Classic { .. } => (BPF_PROG_TYPE_TRACEPOINT, 0, 0),
+    };
+    let prog = bpf_sys::load(&bpf_sys::Load {
+        prog_type,
+        expected_attach_type,
+        attach_btf_id,
+        name: "ct_floor",
+    })?;
+    let link = match target {
+        Target::Tracing { .. } => bpf_sys::raw_tracepoint_open(&prog)?,
+        Target::Classic { category, name } => {
+            bpf_sys::perf_tracepoint_attach(&prog, category, name)?
+        }
+    };
+    Ok((prog, link))
 }
 
 #[cfg(test)]
