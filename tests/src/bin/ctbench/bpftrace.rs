@@ -150,12 +150,11 @@ impl Running {
     }
 }
 
-/// Starts conntrace once (`--port PORT`, and `--without` as the traced phases have it), reads
-/// the hooks its `ready` record lists under `programs`, stops it, and builds the script from
+/// Builds the script from the hooks of conntrace's `ready` record (its `programs`), from
 /// the hooks bpftrace can attach (a raw tracepoint it refuses on the classic tracepoint of the
 /// same name). Prints the probes once, and a line for each hook left out or moved.
-pub fn prepare(without: Option<&str>) -> Result<String, String> {
-    let attaches: Vec<String> = super::peers::conntrace_programs(without)
+pub fn prepare(programs: &[serde_json::Value]) -> Result<String, String> {
+    let attaches: Vec<String> = programs
         .iter()
         .filter_map(|p| p["attach"].as_str().map(str::to_owned))
         .collect();

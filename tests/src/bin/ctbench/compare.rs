@@ -71,7 +71,7 @@ pub fn report(other: &Path, runs: u64, phase_ms: u64, parallel: u64) {
             .args(["--port", &port, "--bpf-stats"]);
         Conntrace::spawn(command, "the compared conntrace")
     };
-    let mut figures: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut figures: BTreeMap<String, Figures> = BTreeMap::new();
     for run in 1..=runs {
         let setup = Scenario::churn(PORT);
         let (this, that) = if run % 2 == 1 {
@@ -103,42 +103,55 @@ pub fn report(other: &Path, runs: u64, phase_ms: u64, parallel: u64) {
                 a / b
             );
             let entry = figures.entry(name).or_default();
-            entry.0.push(a);
-            entry.1.push(b);
+            entry.this.push(a);
+            entry.other.push(b);
+            entry.this_first.push(run % 2 == 1);
         }
     }
     println!(
         "medians over {runs} runs (ns a run; all programs in µs a connection), and the order-balanced ratio:"
     );
-    for (name, (a, b)) in &figures {
+    for (name, f) in &figures {
+        let (a, b) = (&f.this, &f.other);
         let (ma, mb) = (median(a), median(b));
         println!(
             "  {name:<32} this {ma:>8.3} other {mb:>8.3} this/other {:.3} balanced {:.3}",
             ma / mb,
-            balanced(a, b)
+            balanced(a, b, &f.this_first)
         );
     }
+}
+
+/// One program's figures over the runs that have it (a program below one run a connection
+/// in a run has none from it): this build's, the other's, and whether this one started
+/// first in that run.
+#[derive(Default)]
+struct Figures {
+    this: Vec<f64>,
+    other: Vec<f64>,
+    this_first: Vec<bool>,
 }
 
 /// this/other with the order of attachment cancelled: the program attached first to a
 /// tracepoint runs first and meets the socket's and packet's cache lines cold, the second
 /// finds them warm (tens of ns a run on this project's host, either build). The geometric
-/// mean of the median ratio of the runs where this build started first (even indexes of `a`
-/// and `b`, run 1, 3, ...) and of those where the other one did.
-fn balanced(a: &[f64], b: &[f64]) -> f64 {
-    let ratios = |first: usize| -> Vec<f64> {
+/// mean of the median ratio of the runs where this build started first (`this_first`, one
+/// flag per figure of `a` and `b`) and of those where the other one did.
+fn balanced(a: &[f64], b: &[f64], this_first: &[bool]) -> f64 {
+    let ratios = |first: bool| -> Vec<f64> {
         a.iter()
             .zip(b)
-            .skip(first)
-            .step_by(2)
-            .map(|(x, y)| x / y)
+            .zip(this_first)
+            .filter(|&(_, &f)| f == first)
+            .map(|((x, y), _)| x / y)
             .collect()
     };
-    let (this_first, other_first) = (ratios(0), ratios(1));
-    if other_first.is_empty() {
-        return median(&this_first);
+    let (this_first, other_first) = (ratios(true), ratios(false));
+    match (this_first.is_empty(), other_first.is_empty()) {
+        (false, false) => (median(&this_first) * median(&other_first)).sqrt(),
+        (false, true) => median(&this_first),
+        (true, _) => median(&other_first),
     }
-    (median(&this_first) * median(&other_first)).sqrt()
 }
 
 #[cfg(test)]
@@ -171,8 +184,17 @@ mod tests {
         // This build 10 % dearer when attached first, 10 % cheaper when second: no difference.
         let a = [110.0, 90.0, 110.0, 90.0];
         let b = [100.0; 4];
-        assert!((balanced(&a, &b) - (1.1f64 * 0.9).sqrt()).abs() < 1e-12);
-        assert!((balanced(&[80.0, 80.0], &[100.0, 100.0]) - 0.8).abs() < 1e-12);
-        assert_eq!(balanced(&[50.0], &[100.0]), 0.5);
+        let alternate = [true, false, true, false];
+        assert!((balanced(&a, &b, &alternate) - (1.1f64 * 0.9).sqrt()).abs() < 1e-12);
+        // A run missing (the program below one run a connection there): each figure keeps
+        // its own run's order instead of its neighbour's.
+        let gap = [true, true, false];
+        assert!(
+            (balanced(&[110.0, 110.0, 90.0], &[100.0; 3], &gap) - (1.1f64 * 0.9).sqrt()).abs()
+                < 1e-12
+        );
+        assert!((balanced(&[80.0, 80.0], &[100.0, 100.0], &[true, false]) - 0.8).abs() < 1e-12);
+        assert_eq!(balanced(&[50.0], &[100.0], &[true]), 0.5);
+        assert_eq!(balanced(&[50.0], &[100.0], &[false]), 0.5);
     }
 }

@@ -88,13 +88,13 @@ fn target(btf: &Btf, attach: &str) -> Result<Target, String> {
 }
 
 impl Floor {
-    /// Starts conntrace once (`--port PORT`, and `--without` as the traced phases have it),
-    /// reads the hooks of its `ready` record, attaches an empty program on each once to check
-    /// that the kernel takes them, and prints the plan and any hook left out.
-    pub fn prepare(without: Option<&str>) -> Result<Self, String> {
+    /// The hooks of conntrace's `ready` record (its `programs`): attaches an empty program
+    /// on each once to check that the kernel takes them, and prints the plan and any hook
+    /// left out.
+    pub fn prepare(programs: &[serde_json::Value]) -> Result<Self, String> {
         let btf = Btf::load()?;
         let mut hooks = Vec::new();
-        for program in &super::peers::conntrace_programs(without) {
+        for program in programs {
             let (Some(attach), Some(capability)) =
                 (program["attach"].as_str(), program["capability"].as_str())
             else {

@@ -7,20 +7,15 @@ use std::{
     time::Duration,
 };
 
-use conntrace_tests::{Conntrace, PORT, Proc};
+use conntrace_tests::{PORT, Proc};
 use serde_json::Value;
 
 use super::{bpftrace, floor::Floor};
 
 /// The `programs` of conntrace's `ready` record (`--port PORT`, and `--without` as the traced
 /// phases have it): conntrace is started once for it, and stopped.
-pub fn conntrace_programs(without: Option<&str>) -> Vec<Value> {
-    let port = PORT.to_string();
-    let mut args = vec!["--port", port.as_str()];
-    if let Some(without) = without {
-        args.extend(["--without", without]);
-    }
-    let ct = Conntrace::start(&args);
+fn conntrace_programs(without: Option<&str>) -> Vec<Value> {
+    let ct = crate::start_conntrace(&PORT.to_string(), without);
     let ready = ct.ready();
     ct.stop();
     ready["programs"].as_array().cloned().unwrap_or_default()
@@ -105,9 +100,11 @@ pub fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Peers) {
     let mut modes = vec!["untraced", "traced", "unrelated"];
     let mut absent = Vec::new();
     let mut peers = Peers::default();
+    // Both peers on conntrace's hooks follow what one start of it lists.
+    let programs = conntrace_programs(without);
     if Command::new("bpftrace").arg("--version").output().is_ok() {
         modes.push("bpftrace");
-        match bpftrace::prepare(without) {
+        match bpftrace::prepare(&programs) {
             Ok(script) => {
                 modes.push("bpftrace-hooks");
                 peers.hooks_script = Some(script);
@@ -124,7 +121,7 @@ pub fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Peers) {
         }
         Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
     }
-    match Floor::prepare(without) {
+    match Floor::prepare(&programs) {
         Ok(floor) => {
             modes.extend(["floor", "floor-unrelated"]);
             peers.floor = Some(floor);
