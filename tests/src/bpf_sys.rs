@@ -182,20 +182,34 @@ const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
 /// `_IO('$', 0)`.
 const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
 
+/// Where tracefs is mounted: its own mount point, else under debugfs (older set-ups mount
+/// only that; aya looks in the same two places).
+const TRACEFS: [&str; 2] = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];
+
+/// The id of classic tracepoint `category:name`, from the first tracefs that lists it; the
+/// error names every path tried.
+pub fn tracepoint_id(category: &str, name: &str) -> Result<u64, String> {
+    let mut tried = Vec::new();
+    for root in TRACEFS {
+        let path = format!("{root}/events/{category}/{name}/id");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => return text.trim().parse().map_err(|e| format!("{path}: {e}")),
+            Err(e) => tried.push(format!("{path}: {e}")),
+        }
+    }
+    Err(tried.join("; "))
+}
+
 /// Attaches a loaded `BPF_PROG_TYPE_TRACEPOINT` program to the classic tracepoint
-/// `category:name` (its id from tracefs): a perf event on CPU 0, whose program the kernel
-/// runs wherever the tracepoint fires. The event's descriptor holds the attachment.
+/// `category:name` (its id from tracefs, [`tracepoint_id`]): a perf event on CPU 0, whose
+/// program the kernel runs wherever the tracepoint fires. The event's descriptor holds the
+/// attachment.
 pub fn perf_tracepoint_attach(
     prog: &OwnedFd,
     category: &str,
     name: &str,
 ) -> Result<OwnedFd, String> {
-    let path = format!("/sys/kernel/tracing/events/{category}/{name}/id");
-    let id: u64 = std::fs::read_to_string(&path)
-        .map_err(|e| format!("{path}: {e}"))?
-        .trim()
-        .parse()
-        .map_err(|e| format!("{path}: {e}"))?;
+    let id = tracepoint_id(category, name)?;
     let attr = PerfEventAttrV0 {
         kind: PERF_TYPE_TRACEPOINT,
         size: size_of::<PerfEventAttrV0>() as u32,
@@ -253,5 +267,16 @@ mod tests {
         assert_eq!(std::mem::offset_of!(ProgLoad, expected_attach_type), 68);
         assert_eq!(std::mem::offset_of!(ProgLoad, attach_btf_id), 108);
         assert_eq!(std::mem::offset_of!(RawTracepointOpen, cookie), 16);
+    }
+
+    #[test]
+    fn a_missing_tracepoint_names_every_tracefs_tried() {
+        let err = tracepoint_id("no_such_category", "no_such_event").unwrap_err();
+        for root in TRACEFS {
+            assert!(
+                err.contains(&format!("{root}/events/no_such_category/no_such_event/id")),
+                "{err}"
+            );
+        }
     }
 }

@@ -188,25 +188,41 @@ impl Conntrace {
         true
     }
 
-    /// Waits until a line matches `pred`, panicking after `timeout`.
+    /// Waits until a line matches `pred`, panicking after `timeout` or once conntrace's output
+    /// ended without one.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Line {
         self.try_wait_for(timeout, pred).unwrap_or_else(|| {
+            let why = if self.output_ended() {
+                "conntrace's output ended (it exited) without a matching line".to_owned()
+            } else {
+                format!("no matching conntrace line within {timeout:?}")
+            };
             panic!(
-                "no matching conntrace line within {timeout:?}; got:\n{}\nits log:\n{}",
+                "{why}; got:\n{}\nits log:\n{}",
                 self.dump(),
                 self.log.tail()
             )
         })
     }
 
-    /// Waits until a line matches `pred`; `None` after `timeout`.
+    /// Whether conntrace's stdout is closed: no line will come.
+    fn output_ended(&self) -> bool {
+        self.reader
+            .as_ref()
+            .is_none_or(std::thread::JoinHandle::is_finished)
+    }
+
+    /// Waits until a line matches `pred`; `None` after `timeout`, or as soon as conntrace's
+    /// output ended without one (a conntrace that exited on a usage error is not waited for).
     pub fn try_wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Option<Line> {
         let deadline = Instant::now() + timeout;
         loop {
+            // Read before the lines are searched: a line printed just before the end is found.
+            let ended = self.output_ended();
             if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| pred(l)) {
                 return Some(l.clone());
             }
-            if Instant::now() >= deadline {
+            if ended || Instant::now() >= deadline {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(20));

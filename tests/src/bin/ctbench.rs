@@ -15,7 +15,7 @@
 //! quarter from one 300 ms slice to the next) and no idle time to hide a tracer's cost. Each
 //! phase churns for a second before it measures, and measures in 100 ms slices; the last line
 //! compares each mode's undisturbed rate (the 95th percentile of its slices, see
-//! [`undisturbed`]), with an interval from resampling the phases, and the medians of the
+//! [`stats::undisturbed`]), with an interval from resampling the phases, and the medians of the
 //! phases are printed too. Each mode also gets its CPU per connection (client + server +
 //! tracer).
 //! A paced phase measures conntrace's own CPU at about 10,000 kernel events a second, and a
@@ -39,15 +39,17 @@ mod floor;
 mod hooks;
 #[path = "ctbench/peers.rs"]
 mod peers;
+#[path = "ctbench/report.rs"]
+mod report;
 #[path = "ctbench/stats.rs"]
 mod stats;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use clap::Parser;
 use conntrace_tests::{Conntrace, Netns, PORT, Proc, Scenario, require_root};
 use serde_json::Value;
-use stats::{UNDISTURBED, interval, median, undisturbed};
+use stats::median;
 
 /// The port the `unrelated` mode traces: nothing connects to it.
 const OTHER_PORT: u16 = 9999;
@@ -59,7 +61,7 @@ const OTHER_PORT: u16 = 9999;
 struct Args {
     /// Rounds; each runs every mode once, in an order rotated by one a round. Ten take about
     /// five minutes and give enough 100 ms slices for each mode's undisturbed rate.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
     /// Length of each mode's measured phase, in milliseconds (after one unmeasured second).
     #[arg(long, default_value_t = 2000)]
@@ -310,33 +312,6 @@ fn phase(
     (run.per_second, cost_us, run.slices)
 }
 
-/// conntrace tracing the churned port against the bpftrace peers that ran: throughput ratios
-/// and CPU per connection.
-fn compare_with_bpftrace(rates: &BTreeMap<&str, Vec<f64>>, cost: &BTreeMap<&str, Vec<f64>>) {
-    let peers: Vec<&str> = ["bpftrace", "bpftrace-hooks"]
-        .into_iter()
-        .filter(|m| rates.contains_key(m))
-        .collect();
-    if peers.is_empty() {
-        return;
-    }
-    let traced = median(&rates["traced"]);
-    let ratios: Vec<String> = peers
-        .iter()
-        .map(|m| format!("traced/{m}={:.3}", traced / median(&rates[m])))
-        .collect();
-    let cpu: Vec<String> = peers
-        .iter()
-        .map(|m| format!("{m} {:.1}", median(&cost[m])))
-        .collect();
-    println!(
-        "vs bpftrace: {} (connections/s); CPU µs/connection: traced {:.1}, {}",
-        ratios.join(" "),
-        median(&cost["traced"]),
-        cpu.join(", ")
-    );
-}
-
 /// Pins this process, and so every process it starts (servers, churns, tracers), to `cpu`.
 /// One CPU makes a phase's rate its CPU cost per connection: no cross-CPU wake-ups, whose
 /// cost under virtualisation moved this machine's rate by a quarter from one 300 ms slice to
@@ -357,6 +332,54 @@ fn pin_to(cpu: usize) {
         "sched_setaffinity(cpu {cpu}): {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// The modes to run: every one that runs here, or those `--modes` names (with the three the
+/// last line compares); the peers left out, and what the peers need. A mode `--modes` names
+/// that does not run here stops the bench before its rounds, with the reason.
+fn select_modes(
+    only: Option<&[String]>,
+    without: Option<&str>,
+) -> Result<(Vec<&'static str>, Vec<peers::Absent>, peers::Peers), String> {
+    let (mut modes, absent, peers) = peers::modes(without);
+    let Some(only) = only else {
+        return Ok((modes, absent, peers));
+    };
+    for wanted in only {
+        if let Some(a) = absent.iter().find(|a| a.modes.contains(&wanted.as_str())) {
+            return Err(format!("--modes {wanted}: {}", a.line));
+        }
+    }
+    modes
+        .retain(|m| ["untraced", "traced", "unrelated"].contains(m) || only.iter().any(|o| o == m));
+    Ok((modes, absent, peers))
+}
+
+/// `rounds` rounds, each running every mode once, in an order rotated by one a round.
+fn run_rounds(
+    modes: &[&'static str],
+    rounds: u64,
+    (phase_ms, parallel): (u64, u64),
+    peer: (Option<&str>, &peers::Peers),
+) -> report::Results {
+    let mut r = report::Results::default();
+    let width = modes.iter().map(|m| m.len()).max().unwrap_or(0);
+    for round in 1..=rounds {
+        // Each round starts one mode later: no mode always follows the same one (the previous
+        // phase's teardown, a tracer's exit and a namespace's cleanup, is its neighbour's).
+        let start = (round as usize - 1) % modes.len();
+        for &mode in modes[start..].iter().chain(&modes[..start]) {
+            let (rate, cost_us, phase_slices) =
+                phase(mode, phase_ms, parallel, peer, &mut r.traced);
+            r.slices.entry(mode).or_default().push(phase_slices);
+            r.cost.entry(mode).or_default().push(cost_us);
+            r.rates.entry(mode).or_default().push(rate);
+            println!(
+                "round {round} {mode:<width$} {rate:>9.0} connections/s {cost_us:>6.1} µs CPU/connection"
+            );
+        }
+    }
+    r
 }
 
 fn main() {
@@ -382,95 +405,25 @@ fn main() {
         compare::report(other, rounds, phase_ms, parallel);
         return;
     }
-    let (mut modes, absent, peers) = peers::modes(without);
-    if let Some(only) = &args.modes {
-        // The three the last line compares always run.
-        modes.retain(|m| {
-            ["untraced", "traced", "unrelated"].contains(m) || only.iter().any(|o| o == m)
-        });
-    }
+    let (modes, absent, peers) = match select_modes(args.modes.as_deref(), without) {
+        Ok(selected) => selected,
+        Err(why) => {
+            eprintln!("ctbench: {why}");
+            std::process::exit(2);
+        }
+    };
     println!(
         "bench: {} rounds of {phase_ms} ms phases, {parallel} churning thread(s), {}",
         rounds,
         cpu.map_or("all CPUs".to_owned(), |c| format!("everything on CPU {c}"))
     );
-    let mut rates: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    // CPU microseconds per connection (client + server + tracer), per mode.
-    let mut cost: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
-    // Every SLICE_MS slice's rate, per mode, by phase.
-    let mut slices: BTreeMap<&str, Vec<Vec<f64>>> = BTreeMap::new();
-    let mut traced = Traced::default();
-    for round in 1..=rounds {
-        // Each round starts one mode later: no mode always follows the same one (the previous
-        // phase's teardown, a tracer's exit and a namespace's cleanup, is its neighbour's).
-        let start = (round as usize - 1) % modes.len();
-        for &mode in modes[start..].iter().chain(&modes[..start]) {
-            let peer = (without, &peers);
-            let (rate, cost_us, phase_slices) = phase(mode, phase_ms, parallel, peer, &mut traced);
-            slices.entry(mode).or_default().push(phase_slices);
-            cost.entry(mode).or_default().push(cost_us);
-            rates.entry(mode).or_default().push(rate);
-            println!(
-                "round {round} {mode:<9} {rate:>9.0} connections/s {cost_us:>6.1} µs CPU/connection"
-            );
-        }
-    }
-    let base = median(&rates["untraced"]);
-    let base_cost = median(&cost["untraced"]);
-    for (mode, r) in &rates {
-        let c = median(&cost[mode]);
-        println!(
-            "median {mode:<9} {:>9.0} connections/s  ratio {:.3}  {c:>6.1} µs CPU/connection  cost ratio {:.3}",
-            median(r),
-            median(r) / base,
-            base_cost / c
-        );
-    }
-    // Each round's own ratio too: a drift of the machine that spans a round cancels out of it.
-    let paired = |mode: &str| {
-        let ratios: Vec<f64> = rates[mode]
-            .iter()
-            .zip(&rates["untraced"])
-            .map(|(r, base)| r / base)
-            .collect();
-        let (lo, hi) = ratios
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), &r| (lo.min(r), hi.max(r)));
-        format!(
-            "{mode}/untraced={:.3} ({lo:.3} to {hi:.3})",
-            median(&ratios)
-        )
-    };
-    println!(
-        "paired (median of the rounds' own ratios, with their range): {} {}",
-        paired("traced"),
-        paired("unrelated")
-    );
-    // Throughput moves with whatever else the machine runs; CPU per connection much less.
-    println!(
-        "cpu: untraced/traced={:.3} untraced/unrelated={:.3} (CPU per connection, client + server + tracer)",
-        base_cost / median(&cost["traced"]),
-        base_cost / median(&cost["unrelated"])
-    );
-    compare_with_bpftrace(&rates, &cost);
-    println!(
-        "conntrace while traced: {:.0} kernel events/s ({:.1} per connection), {:.1}% of one core, peak RSS {:.1} MiB, {} lost",
-        median(&traced.events_per_s),
-        median(&traced.events_per_conn),
-        median(&traced.cpu_pct),
-        traced.peak_rss,
-        traced.lost
-    );
-    if let Some(hits) = &traced.hook_hits {
-        let list: Vec<String> = hits.iter().map(|(p, n)| format!("{p} {n:.2}")).collect();
-        println!(
-            "bpftrace-hooks counted per connection (first phase, after its port filters): {}",
-            list.join(", ")
-        );
-    }
+    let results = run_rounds(&modes, rounds, (phase_ms, parallel), (without, &peers));
+    report::medians(&results);
+    report::against_bpftrace(&results);
+    report::traced(&results);
     let (events, pct) = paced(
         10_000.0,
-        median(&traced.events_per_conn),
+        median(&results.traced.events_per_conn),
         4 * phase_ms,
         without,
     );
@@ -479,41 +432,8 @@ fn main() {
     );
     costs::report(PORT, phase_ms, parallel, without);
     costs::report(OTHER_PORT, phase_ms, parallel, without);
-    for line in absent {
-        println!("{line}");
+    for a in absent {
+        println!("{}", a.line);
     }
-    let undisturbed = |mode: &str| undisturbed(&slices[mode]);
-    let ubase = undisturbed("untraced");
-    let list: Vec<String> = slices
-        .keys()
-        .map(|m| {
-            let u = undisturbed(m);
-            let (lo, hi) = interval(&slices[m], &slices["untraced"]);
-            format!("{m} {u:.0} ({:.3}, {lo:.3} to {hi:.3})", u / ubase)
-        })
-        .collect();
-    println!(
-        "undisturbed rate (p{:.0} of a mode's {SLICE_MS} ms slices, {} of them; ratio to untraced, with the 95% interval of phases resampled): {}",
-        UNDISTURBED * 100.0,
-        slices["untraced"].iter().map(Vec::len).sum::<usize>(),
-        list.join(", ")
-    );
-    if slices.contains_key("floor") && slices.contains_key("floor-unrelated") {
-        let (floor, floor_unrelated) = (undisturbed("floor"), undisturbed("floor-unrelated"));
-        println!(
-            "floor (an empty program on each of conntrace's hooks, undisturbed rates): floor/untraced={:.3} floor-unrelated/untraced={:.3}; conntrace against its floor: traced/floor={:.3} unrelated/floor-unrelated={:.3}; CPU µs/connection floor {:.1}, floor-unrelated {:.1}",
-            floor / ubase,
-            floor_unrelated / ubase,
-            undisturbed("traced") / floor,
-            undisturbed("unrelated") / floor_unrelated,
-            median(&cost["floor"]),
-            median(&cost["floor-unrelated"]),
-        );
-    }
-    println!(
-        "bench: traced/untraced={:.3} unrelated/untraced={:.3} lost={}",
-        undisturbed("traced") / ubase,
-        undisturbed("unrelated") / ubase,
-        traced.lost
-    );
+    report::undisturbed_rates(&results);
 }

@@ -12,7 +12,7 @@
 //! runs only when read, so it has no floor; kprobes are not loaded here (the bench's hosts
 //! have none), and either is named in a line when conntrace lists one.
 
-use std::os::fd::OwnedFd;
+use std::{cell::OnceCell, os::fd::OwnedFd};
 
 use conntrace_tests::bpf_sys::{
     self, BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BPF_TRACE_FEXIT,
@@ -21,9 +21,10 @@ use conntrace_tests::bpf_sys::{
 
 use super::btf::Btf;
 
-/// Capabilities whose program conntrace attaches only while a listener of a traced port
-/// exists: `floor-unrelated` leaves them out.
-const LISTENER_GATED: &[&str] = &["syn_cookies"];
+/// The capability whose per-packet program conntrace attaches only while a listener of a
+/// traced port exists (`packet_gate::per_packet`): its tracepoint or tp_btf form; a cookie
+/// function's fentry stays attached.
+const LISTENER_GATED: &str = "syn_cookies";
 
 /// Where an empty program goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +44,29 @@ struct Hook {
     target: Target,
 }
 
+impl Hook {
+    /// Whether conntrace attaches this hook's program only while a traced port has a
+    /// listener: `floor-unrelated` leaves it out.
+    fn listener_gated(&self) -> bool {
+        self.capability == LISTENER_GATED
+            && match self.target {
+                Target::Classic { .. } => true,
+                Target::Tracing { attach_type, .. } => attach_type == BPF_TRACE_RAW_TP,
+            }
+    }
+}
+
+/// The kernel's BTF, read (through bpftool) the first time a BTF-typed hook needs it: classic
+/// tracepoints have a floor without it.
+#[derive(Default)]
+struct LazyBtf(OnceCell<Result<Btf, String>>);
+
+impl LazyBtf {
+    fn get(&self) -> Result<&Btf, String> {
+        self.0.get_or_init(Btf::load).as_ref().map_err(Clone::clone)
+    }
+}
+
 /// The hooks an empty program goes on, in `ready` order.
 pub struct Floor {
     hooks: Vec<Hook>,
@@ -53,14 +77,18 @@ pub struct Attached {
     _fds: Vec<OwnedFd>,
 }
 
+/// The hook kinds whose target is named by a BTF id.
+const TYPED_KINDS: [&str; 4] = ["tp_btf", "btf_tracepoint", "fentry", "fexit"];
+
 /// The target of conntrace's `attach` (`Hook::describe` in conntrace/src/kernel/attach.rs),
 /// or why an empty program does not go there.
-fn target(btf: &Btf, attach: &str) -> Result<Target, String> {
+fn target(btf: &LazyBtf, attach: &str) -> Result<Target, String> {
     let (kind, rest) = attach
         .split_once(':')
         .ok_or_else(|| format!("`{attach}` is not KIND:TARGET"))?;
     let tracing = |attach_type, kind: &str, name: &str| {
-        btf.id(kind, name)
+        btf.get()?
+            .id(kind, name)
             .map(|btf_id| Target::Tracing {
                 attach_type,
                 btf_id,
@@ -92,7 +120,20 @@ impl Floor {
     /// on each once to check that the kernel takes them, and prints the plan and any hook
     /// left out.
     pub fn prepare(programs: &[serde_json::Value]) -> Result<Self, String> {
-        let btf = Btf::load()?;
+        let btf = LazyBtf::default();
+        // A floor without the BTF-typed hooks would be no floor: the kernel's BTF is needed
+        // then, and only then (classic tracepoints are found in tracefs).
+        let typed = |attach: &str| {
+            attach
+                .split_once(':')
+                .is_some_and(|(kind, _)| TYPED_KINDS.contains(&kind))
+        };
+        if programs
+            .iter()
+            .any(|p| p["attach"].as_str().is_some_and(typed))
+        {
+            btf.get()?;
+        }
         let mut hooks = Vec::new();
         for program in programs {
             let (Some(attach), Some(capability)) =
@@ -134,7 +175,7 @@ impl Floor {
     fn chosen(&self, unrelated: bool) -> impl Iterator<Item = &Hook> {
         self.hooks
             .iter()
-            .filter(move |h| !(unrelated && LISTENER_GATED.contains(&h.capability.as_str())))
+            .filter(move |h| !(unrelated && h.listener_gated()))
     }
 
     /// Loads and attaches the empty programs of one mode (see [`Floor::chosen`]); an error
@@ -181,10 +222,10 @@ mod tests {
 
     #[test]
     fn each_kind_of_hook_has_its_target_or_a_reason() {
-        let btf = Btf::parse(
+        let btf = LazyBtf(OnceCell::from(Ok(Btf::parse(
             "[11] FUNC 'tcp_connect' type_id=10 linkage=static\n\
              [12] TYPEDEF 'btf_trace_inet_sock_set_state' type_id=13\n",
-        );
+        ))));
         assert_eq!(
             target(&btf, "tp_btf:inet_sock_set_state"),
             Ok(Target::Tracing {
@@ -217,5 +258,38 @@ mod tests {
                 .contains("only when read")
         );
         assert!(target(&btf, "kprobe:tcp_connect").is_err());
+    }
+
+    #[test]
+    fn a_classic_hook_needs_no_btf() {
+        let btf = LazyBtf(OnceCell::from(Err("bpftool: not found".to_owned())));
+        assert!(target(&btf, "tracepoint:tcp:tcp_send_reset").is_ok());
+        assert!(
+            target(&btf, "tp_btf:kfree_skb")
+                .unwrap_err()
+                .contains("bpftool: not found")
+        );
+    }
+
+    #[test]
+    fn only_the_per_packet_cookie_program_is_listener_gated() {
+        let hook = |capability: &str, target| Hook {
+            attach: String::new(),
+            capability: capability.to_owned(),
+            target,
+        };
+        let tracing = |attach_type| Target::Tracing {
+            attach_type,
+            btf_id: 1,
+        };
+        let classic = Target::Classic {
+            category: "net".into(),
+            name: "net_dev_queue".into(),
+        };
+        assert!(hook("syn_cookies", tracing(BPF_TRACE_RAW_TP)).listener_gated());
+        assert!(hook("syn_cookies", classic.clone()).listener_gated());
+        assert!(!hook("syn_cookies", tracing(BPF_TRACE_FENTRY)).listener_gated());
+        assert!(!hook("drops", tracing(BPF_TRACE_RAW_TP)).listener_gated());
+        assert!(!hook("resets", classic).listener_gated());
     }
 }

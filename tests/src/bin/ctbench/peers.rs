@@ -93,10 +93,22 @@ pub struct Peers {
     pub floor: Option<Floor>,
 }
 
+/// Peer modes that do not run here, and why (one line, printed at the end of the bench).
+pub struct Absent {
+    pub modes: &'static [&'static str],
+    pub line: String,
+}
+
+impl Absent {
+    fn new(modes: &'static [&'static str], line: String) -> Self {
+        Self { modes, line }
+    }
+}
+
 /// The modes to compare (bpftrace, bpftrace on conntrace's hooks, bcc's tcpstates and the
-/// empty-program floors, where they run), a line for each peer left out saying why, and what
-/// the peers need.
-pub fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Peers) {
+/// empty-program floors, where they run), the peers left out and why, and what the peers
+/// need.
+pub fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<Absent>, Peers) {
     let mut modes = vec!["untraced", "traced", "unrelated"];
     let mut absent = Vec::new();
     let mut peers = Peers::default();
@@ -109,24 +121,36 @@ pub fn modes(without: Option<&str>) -> (Vec<&'static str>, Vec<String>, Peers) {
                 modes.push("bpftrace-hooks");
                 peers.hooks_script = Some(script);
             }
-            Err(why) => absent.push(format!("bpftrace-hooks: not compared: {why}")),
+            Err(why) => absent.push(Absent::new(
+                &["bpftrace-hooks"],
+                format!("bpftrace-hooks: not compared: {why}"),
+            )),
         }
     } else {
-        absent.push("bpftrace: not installed, not compared".to_owned());
+        absent.push(Absent::new(
+            &["bpftrace", "bpftrace-hooks"],
+            "bpftrace: not installed, not compared".to_owned(),
+        ));
     }
     match start_tcpstates() {
         Ok(probe) => {
             drop(probe);
             modes.push("tcpstates");
         }
-        Err(why) => absent.push(format!("bcc tcpstates: does not run here: {why}")),
+        Err(why) => absent.push(Absent::new(
+            &["tcpstates"],
+            format!("bcc tcpstates: does not run here: {why}"),
+        )),
     }
     match Floor::prepare(&programs) {
         Ok(floor) => {
             modes.extend(["floor", "floor-unrelated"]);
             peers.floor = Some(floor);
         }
-        Err(why) => absent.push(format!("floor: not measured: {why}")),
+        Err(why) => absent.push(Absent::new(
+            &["floor", "floor-unrelated"],
+            format!("floor: not measured: {why}"),
+        )),
     }
     (modes, absent, peers)
 }
