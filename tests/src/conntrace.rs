@@ -46,7 +46,11 @@ const LOG_LINES: usize = 400;
 /// conntrace's log (its stderr, when the test reads it): the last [`LOG_LINES`] lines, for a
 /// failure's message. Lines above DEBUG are passed on to the test's stderr as they come.
 #[derive(Clone, Default)]
-struct Log(Arc<Mutex<VecDeque<String>>>);
+struct Log {
+    lines: Arc<Mutex<VecDeque<String>>>,
+    /// Set once the stderr it follows is closed.
+    ended: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl Log {
     fn follow(&self, stderr: std::process::ChildStderr) {
@@ -57,18 +61,30 @@ impl Log {
                 if !line.contains(" TRACE ") && !line.contains(" DEBUG ") {
                     eprintln!("{line}");
                 }
-                let mut kept = log.0.lock().expect("log");
+                let mut kept = log.lines.lock().expect("log");
                 if kept.len() == LOG_LINES {
                     kept.pop_front();
                 }
                 kept.push_back(line);
             }
+            log.ended.store(true, std::sync::atomic::Ordering::Release);
         });
+    }
+
+    /// Waits (a second at most) until the followed stderr is closed: a process that exited
+    /// has then had all its lines kept.
+    fn settle(&self) {
+        for _ in 0..50 {
+            if self.ended.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The kept lines, or a note that there are none.
     fn tail(&self) -> String {
-        let kept = self.0.lock().expect("log");
+        let kept = self.lines.lock().expect("log");
         if kept.is_empty() {
             return "(no log lines kept)".into();
         }
@@ -193,6 +209,7 @@ impl Conntrace {
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Line {
         self.try_wait_for(timeout, pred).unwrap_or_else(|| {
             let why = if self.output_ended() {
+                self.log.settle();
                 "conntrace's output ended (it exited) without a matching line".to_owned()
             } else {
                 format!("no matching conntrace line within {timeout:?}")

@@ -101,13 +101,15 @@ pub fn ensure_containerd() {
     let log_path = std::env::temp_dir().join("conntrace-tests-containerd.log");
     let log = std::fs::File::create(&log_path).expect("create containerd's log");
     // setsid(1) detaches it from the test's session and process group.
-    Command::new("setsid")
+    let mut daemon = Command::new("setsid")
         .arg("containerd")
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log"))
         .stderr(log)
         .spawn()
         .expect("start containerd (package containerd; `cargo xtask setup`)");
+    // Reaped if it exits while the tests run; left running when they end.
+    std::thread::spawn(move || daemon.wait());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !answers() {
         assert!(

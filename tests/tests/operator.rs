@@ -261,3 +261,31 @@ fn on_a_terminal_verdicts_are_coloured_under_a_live_status_line() {
         "{shown:?}"
     );
 }
+
+#[test]
+fn a_conntrace_that_exits_before_ready_is_reported_at_once_not_after_the_ready_timeout() {
+    // A usage error: conntrace exits at once, printing nothing on stdout. The harness says so
+    // as soon as the output ends instead of waiting out its ready timeout (60 s).
+    let started = std::time::Instant::now();
+    let failed = std::panic::catch_unwind(|| {
+        conntrace_tests::Conntrace::start(&["--port", "3306", "--no-such-flag"])
+    });
+    let Err(panic) = failed else {
+        panic!("conntrace with an unknown flag became ready");
+    };
+    let message = panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_default();
+    assert!(message.contains("output ended"), "{message}");
+    assert!(
+        message.contains("--no-such-flag"),
+        "its log names the flag: {message}"
+    );
+    assert!(
+        started.elapsed() < conntrace_tests::ready_timeout() / 2,
+        "waited {:?}",
+        started.elapsed()
+    );
+}
