@@ -422,8 +422,10 @@ pub mod programs {
     pub const TP_BTF_FIB_TABLE_LOOKUP: u32 = 24;
     pub const TP_BTF_FIB6_TABLE_LOOKUP: u32 = 25;
     pub const TP_BTF_KFREE_SKB: u32 = 26;
+    pub const CGROUP_CONNECT4: u32 = 27;
+    pub const CGROUP_CONNECT6: u32 = 28;
     /// Entries of `READ_FAILURES`.
-    pub const COUNT: u32 = 27;
+    pub const COUNT: u32 = 29;
     /// Their names (the programs' names in the object), by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "inet_sock_set_state",
@@ -453,6 +455,8 @@ pub mod programs {
         "tp_btf_fib_table_lookup",
         "tp_btf_fib6_table_lookup",
         "tp_btf_kfree_skb",
+        "cgroup_connect4",
+        "cgroup_connect6",
     ];
 }
 

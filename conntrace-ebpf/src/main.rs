@@ -11,6 +11,7 @@
 #![allow(internal_features)]
 
 mod accept_queues;
+mod connect_denied;
 mod conns;
 mod data;
 mod drops;

@@ -33,24 +33,27 @@ pub struct Insn {
     imm: i32,
 }
 
-/// `r0 = 0; exit`: the smallest program. As a cgroup `connect` program it refuses every
-/// `connect()`; as a tracing program it does nothing and returns.
-pub const RETURN_0: [Insn; 2] = [
-    // BPF_ALU64 | BPF_MOV | BPF_K
-    Insn {
-        code: 0xb7,
-        regs: 0,
-        off: 0,
-        imm: 0,
-    },
-    // BPF_JMP | BPF_EXIT
-    Insn {
-        code: 0x95,
-        regs: 0,
-        off: 0,
-        imm: 0,
-    },
-];
+/// `r0 = IMM; exit`: the smallest program. Returning 0 as a cgroup `connect` program it
+/// refuses every `connect()`, returning 1 it allows them; as a tracing program it does
+/// nothing and returns.
+pub const fn return_imm(imm: i32) -> [Insn; 2] {
+    [
+        // BPF_ALU64 | BPF_MOV | BPF_K
+        Insn {
+            code: 0xb7,
+            regs: 0,
+            off: 0,
+            imm,
+        },
+        // BPF_JMP | BPF_EXIT
+        Insn {
+            code: 0x95,
+            regs: 0,
+            off: 0,
+            imm: 0,
+        },
+    ]
+}
 
 /// The head of `union bpf_attr` for `BPF_PROG_LOAD`, up to `attach_btf_id`, zero-padded
 /// beyond it (the kernel requires the bytes it does not know to be zero).
@@ -122,22 +125,26 @@ fn bpf<T>(cmd: libc::c_long, attr: &T, what: &str) -> Result<OwnedFd, String> {
 
 /// What [`load`] loads: the program's type, its expected attach type and, for a tracing
 /// program, the BTF id (in the kernel's `vmlinux` BTF) of the function or `btf_trace_*`
-/// typedef it attaches to.
+/// typedef it attaches to; what it returns.
 pub struct Load<'a> {
     pub prog_type: u32,
+    /// The program's return value ([`return_imm`]).
+    pub returns: i32,
     pub expected_attach_type: u32,
     pub attach_btf_id: u32,
     /// At most 15 bytes (the kernel's `BPF_OBJ_NAME_LEN` less its NUL).
     pub name: &'a str,
 }
 
-/// Loads [`RETURN_0`] as `what` says (GPL, for the tracing helpers' sake: it calls none).
+/// Loads [`return_imm`]`(what.returns)` as `what` says (GPL, for the tracing helpers' sake:
+/// it calls none).
 pub fn load(what: &Load) -> Result<OwnedFd, String> {
     let license = c"GPL";
+    let insns = return_imm(what.returns);
     let mut attr = ProgLoad {
         prog_type: what.prog_type,
-        insn_cnt: RETURN_0.len() as u32,
-        insns: RETURN_0.as_ptr() as u64,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,
         expected_attach_type: what.expected_attach_type,
         attach_btf_id: what.attach_btf_id,

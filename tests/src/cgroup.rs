@@ -1,5 +1,5 @@
 //! A cgroup (v2) whose `connect()`s a cgroup BPF program refuses: the `cgroup/connect4` and
-//! `cgroup/connect6` hooks with a two-instruction program that returns 0 (`bpf_sys::RETURN_0`), so that the kernel
+//! `cgroup/connect6` hooks with a two-instruction program that returns 0 (`bpf_sys::return_imm(0)`), so that the kernel
 //! fails each `connect()` of a process in the group with `EPERM` before any packet (what
 //! Cilium's socket load-balancer or a host policy agent does to a refused destination).
 //!
@@ -52,6 +52,7 @@ impl ConnectRefused {
         for attach_type in [BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT] {
             let prog = bpf_sys::load(&bpf_sys::Load {
                 prog_type: BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                returns: 0,
                 expected_attach_type: attach_type,
                 attach_btf_id: 0,
                 name: "ct_refuse",
@@ -109,7 +110,7 @@ impl Drop for ConnectRefused {
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a
 /// hybrid host).
-fn cgroup2_mount() -> Option<PathBuf> {
+pub fn cgroup2_mount() -> Option<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().find_map(|l| {
         // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS ... - FSTYPE SOURCE SUPER"

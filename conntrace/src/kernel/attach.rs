@@ -18,6 +18,10 @@ pub enum Capability {
     SynRetransmits,
     /// The connecting process and `connect()`'s own errors (e.g. ENETUNREACH before any packet).
     ConnectProcess,
+    /// `connect()` refused by a cgroup program (a policy agent's `cgroup/connect4`) before any
+    /// packet, where `connect()`'s own result is not read (quiet mode without fexit): root
+    /// cgroup `connect4`/`connect6` programs that only look.
+    ConnectDenied,
     /// The accepting process.
     AcceptProcess,
     /// Packets the kernel dropped, with its drop reason (`kfree_skb` with a reason: 5.17+).
@@ -63,6 +67,12 @@ pub enum Hook {
     BtfTracePoint {
         name: &'static str,
     },
+    /// A `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` program on the root cgroup (v2) at `attach`
+    /// (`connect4`, `connect6`): it runs for every `connect()` of every process, after the
+    /// programs of the socket's own cgroups.
+    Cgroup {
+        attach: &'static str,
+    },
 }
 
 impl Hook {
@@ -72,11 +82,19 @@ impl Hook {
             Self::FEntry { function } => format!("fentry:{function}"),
             Self::FExit { function } => format!("fexit:{function}"),
             Self::BtfTracePoint { name } => format!("tp_btf:{name}"),
+            Self::Cgroup { attach } => format!("cgroup:{attach}"),
         }
     }
 
+    #[cfg(test)]
     pub fn is_tracepoint(&self) -> bool {
         matches!(self, Self::TracePoint { .. })
+    }
+
+    /// Whether `--attach tracepoints` uses this hook: the classic tracepoints, and the cgroup
+    /// hooks, which have no BTF-typed or trampoline alternative.
+    pub fn in_tracepoints_mode(&self) -> bool {
+        matches!(self, Self::TracePoint { .. } | Self::Cgroup { .. })
     }
 }
 
@@ -86,7 +104,8 @@ pub enum AttachMode {
     /// The best path each capability has on this kernel (fentry/fexit where they attach).
     #[default]
     Best,
-    /// Tracepoints only: the path that works on every supported kernel.
+    /// Tracepoints only (and the cgroup hooks, which have no other form): the path that works
+    /// on every supported kernel.
     Tracepoints,
 }
 
@@ -229,6 +248,32 @@ const fn btf_tp(capability: Capability, program: &'static str, name: &'static st
     }
 }
 
+/// A quiet-mode rule for `capability` on the root cgroup's `attach` hook. `bpf_get_retval`,
+/// which the program asks whether an earlier program refused, came with 5.18.
+const fn cgroup(capability: Capability, program: &'static str, attach: &'static str) -> AttachRule {
+    AttachRule {
+        capability,
+        priority: TRACEPOINT,
+        program,
+        hook: Hook::Cgroup { attach },
+        min_kernel: (5, 18),
+        max_kernel: None,
+        required: false,
+        when: When::Quiet,
+    }
+}
+
+/// Whether `capability` adds nothing to the programs `active` so far: a cgroup program's
+/// refusal is `connect()`'s result, which fexit:inet_stream_connect reads where it attached
+/// (the two would report it twice). `ConnectProcess` is attached first (table order).
+pub fn redundant(capability: Capability, active: &[(Capability, Hook)]) -> Option<&'static str> {
+    let fexit = |(c, h): &(Capability, Hook)| {
+        *c == Capability::ConnectProcess && matches!(h, Hook::FExit { .. })
+    };
+    (capability == Capability::ConnectDenied && active.iter().any(fexit))
+        .then_some("connect()'s result, refusals included, is read at fexit:inet_stream_connect")
+}
+
 /// Every attach rule.
 #[rustfmt::skip]
 pub const RULES: &[AttachRule] = &[
@@ -273,6 +318,10 @@ pub const RULES: &[AttachRule] = &[
     // the program report nothing.
     tp_when(Capability::ConnectProcess, "fib_table_lookup", "fib",       (5, 0),    When::Quiet),
     tp_when(Capability::ConnectProcess, "fib6_table_lookup", "fib6",     (5, 0),    When::Quiet),
+    // Quiet mode's refusals by a cgroup program, which neither a route lookup nor a state
+    // change shows (the syscall tracepoints and fexit see connect()'s result).
+    cgroup(Capability::ConnectDenied, "cgroup_connect4", "connect4"),
+    cgroup(Capability::ConnectDenied, "cgroup_connect6", "connect6"),
     tp_when(Capability::AcceptProcess, "sys_exit_accept4",  "syscalls",  (4, 7),    When::Streaming),
     tp_when(Capability::AcceptProcess, "sys_exit_accept",   "syscalls",  (4, 7),    When::Streaming),
     // The drop reason argument exists since 5.17.
@@ -304,7 +353,7 @@ pub fn plan(kernel: (u32, u32), mode: AttachMode, follow: Follow) -> Vec<AttachR
         .iter()
         .copied()
         .filter(|r| r.applies_to(kernel) && r.when.admits(follow))
-        .filter(|r| mode == AttachMode::Best || r.hook.is_tracepoint())
+        .filter(|r| mode == AttachMode::Best || r.hook.in_tracepoints_mode())
         .collect();
     rules.sort_by_key(|r| (r.capability as u8, r.priority));
     rules
@@ -424,7 +473,12 @@ mod tests {
                 );
                 assert!(quiet.iter().any(|r| r.capability == Capability::Lifecycle));
                 let streaming = plan(kernel, mode, Follow::Streaming);
-                assert!(streaming.len() > quiet.len());
+                assert!(
+                    streaming
+                        .iter()
+                        .any(|r| r.hook.describe().contains(":syscalls:")),
+                    "{kernel:?} {mode:?}"
+                );
             }
         }
     }
@@ -478,6 +532,43 @@ mod tests {
                 "{kernel:?}"
             );
         }
+    }
+
+    #[test]
+    fn quiet_mode_looks_at_connect_refusals_from_the_root_cgroup_where_fexit_does_not() {
+        let cgroup_rows = |kernel, mode, follow| -> Vec<String> {
+            plan(kernel, mode, follow)
+                .iter()
+                .filter(|r| r.capability == Capability::ConnectDenied)
+                .map(|r| r.hook.describe())
+                .collect()
+        };
+        for mode in [AttachMode::Best, AttachMode::Tracepoints] {
+            assert_eq!(
+                cgroup_rows((6, 18), mode, Follow::Quiet),
+                ["cgroup:connect4", "cgroup:connect6"],
+                "{mode:?}"
+            );
+            // Streaming reads connect()'s result at its syscall tracepoints or fexit.
+            assert!(cgroup_rows((6, 18), mode, Follow::Streaming).is_empty());
+            // bpf_get_retval came with 5.18.
+            assert!(cgroup_rows((5, 15), mode, Follow::Quiet).is_empty());
+        }
+        let fexit = (
+            Capability::ConnectProcess,
+            Hook::FExit {
+                function: "inet_stream_connect",
+            },
+        );
+        let fib = (
+            Capability::ConnectProcess,
+            Hook::BtfTracePoint {
+                name: "fib_table_lookup",
+            },
+        );
+        assert!(redundant(Capability::ConnectDenied, &[fexit]).is_some());
+        assert!(redundant(Capability::ConnectDenied, &[fib]).is_none());
+        assert!(redundant(Capability::Drops, &[fexit]).is_none());
     }
 
     #[test]

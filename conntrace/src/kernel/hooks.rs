@@ -3,7 +3,9 @@
 
 use aya::{
     Ebpf,
-    programs::{BtfTracePoint, FEntry, FExit, ProgramError, TracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSockAddr, FEntry, FExit, ProgramError, TracePoint,
+    },
 };
 use tracing::{debug, warn};
 
@@ -35,12 +37,42 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
-    #[error("attach {hook} (perf_event_open or bpf(BPF_RAW_TRACEPOINT_OPEN)): {source}")]
+    #[error("attach {hook} ({syscall}): {}", chain(source))]
     Attach {
         hook: String,
+        syscall: &'static str,
         #[source]
         source: ProgramError,
     },
+    #[error("{hook}: the root cgroup (v2): {source}")]
+    CgroupRoot {
+        hook: String,
+        #[source]
+        source: super::cgroup::CgroupRootError,
+    },
+}
+
+/// An error and its sources, `: `-separated (aya's syscall errors keep the errno in theirs).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// The syscall that attaches a program at `hook`.
+pub(super) fn attach_syscall(hook: &Hook) -> &'static str {
+    match hook {
+        Hook::TracePoint { .. } => "perf_event_open",
+        Hook::Cgroup { .. } => "bpf(BPF_LINK_CREATE)",
+        Hook::FEntry { .. } | Hook::FExit { .. } | Hook::BtfTracePoint { .. } => {
+            "bpf(BPF_RAW_TRACEPOINT_OPEN)"
+        }
+    }
 }
 
 /// Why a capability has no program attached.
@@ -113,6 +145,7 @@ fn attach_one(
     };
     let attach = |source| AttachError::Attach {
         hook: hook.clone(),
+        syscall: attach_syscall(&rule.hook),
         source,
     };
     let gated = packet_gate::per_packet(rule.capability, &rule.hook);
@@ -143,6 +176,17 @@ fn attach_one(
                 .map_err(load)?;
             p.attach().map_err(attach)?;
         }
+        Hook::Cgroup { .. } => {
+            // The attach type (connect4, connect6) is the program's section's.
+            let p: &mut CgroupSockAddr = program.try_into().map_err(wrong_type)?;
+            let root = super::cgroup::open_root().map_err(|source| AttachError::CgroupRoot {
+                hook: hook.clone(),
+                source,
+            })?;
+            p.load().map_err(load)?;
+            // A link (5.7+): always one of many on the cgroup, detached when conntrace exits.
+            p.attach(root, CgroupAttachMode::Single).map_err(attach)?;
+        }
     }
     if gated {
         return packet_gate::link(ebpf, rule.program, rule.hook).map(Some);
@@ -171,6 +215,8 @@ pub(super) fn attach_all(
     let mut served: Option<(Capability, u8)> = None;
     let mut first_error: Option<(Capability, AttachError)> = None;
     let mut gate = None;
+    // The hooks attached so far, by capability.
+    let mut hooks = Vec::new();
     for rule in &plan {
         if served.is_some_and(|(cap, prio)| cap == rule.capability && prio < rule.priority) {
             continue;
@@ -185,6 +231,11 @@ pub(super) fn attach_all(
             if !unavailable.iter().any(|u| u.capability == rule.capability) {
                 unavailable.push(row(WITHOUT_REASON.to_owned()));
             }
+            continue;
+        }
+        if let Some(why) = attach::redundant(rule.capability, &hooks) {
+            debug!(program = rule.program, reason = why, "not attached");
+            unavailable.push(row(why.to_owned()));
             continue;
         }
         if let Some((_, why)) = refused.iter().find(|(p, _)| *p == rule.program) {
@@ -203,6 +254,7 @@ pub(super) fn attach_all(
                 }
                 debug!(program = rule.program, attach = %rule.hook.describe(), "attached");
                 served = Some((rule.capability, rule.priority));
+                hooks.push((rule.capability, rule.hook));
                 active.push(ActiveProgram {
                     capability: rule.capability,
                     name: rule.program,
@@ -211,10 +263,11 @@ pub(super) fn attach_all(
                 });
             }
             Err(error) => {
-                if rule.hook.is_tracepoint() {
+                if rule.hook.in_tracepoints_mode() {
                     warn!(program = rule.program, reason = %error.summary(), "not attached");
                 } else {
-                    // A trampoline that fails leaves its capability to the tracepoint rows.
+                    // A trampoline or tp_btf program that fails leaves its capability to the
+                    // tracepoint rows.
                     debug!(program = rule.program, reason = %error.summary(), "not attached, falling back");
                 }
                 debug!(program = rule.program, "{error}");

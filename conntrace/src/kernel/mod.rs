@@ -4,6 +4,7 @@ pub mod accept_queues;
 pub mod attach;
 mod attempt_tuples;
 pub mod btf;
+mod cgroup;
 mod conn_slots;
 pub mod decode;
 mod hooks;

@@ -90,6 +90,7 @@ pub fn link(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<Packet
     let wrong_type = |source| AttachError::WrongType { program, source };
     let attach = |source| AttachError::Attach {
         hook: hook.describe(),
+        syscall: super::hooks::attach_syscall(&hook),
         source,
     };
     match hook {
@@ -103,7 +104,9 @@ pub fn link(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<Packet
             let id = tp.attach().map_err(attach)?;
             Ok(PacketLink::Btf(tp.take_link(id).map_err(attach)?))
         }
-        Hook::FEntry { .. } | Hook::FExit { .. } => Err(AttachError::NotPerPacket(program)),
+        Hook::FEntry { .. } | Hook::FExit { .. } | Hook::Cgroup { .. } => {
+            Err(AttachError::NotPerPacket(program))
+        }
     }
 }
 

@@ -8,14 +8,16 @@
 //! `floor` has every hook, as conntrace has them while tracing the churned port (whose
 //! listener keeps the per-packet SYN-cookie program attached); `floor-unrelated` leaves out
 //! what conntrace attaches only while a traced port has a listener (conntrace's
-//! `kernel/packet_gate.rs`), as tracing another port, which has none. An iterator (`iter:`)
+//! `kernel/packet_gate.rs`), as tracing another port, which has none. A root cgroup `connect`
+//! hook gets an empty program that allows (returns 1). An iterator (`iter:`)
 //! runs only when read, so it has no floor; kprobes are not loaded here (the bench's hosts
 //! have none), and either is named in a line when conntrace lists one.
 
 use std::{cell::OnceCell, os::fd::OwnedFd};
 
 use conntrace_tests::bpf_sys::{
-    self, BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BPF_TRACE_FEXIT,
+    self, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+    BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY, BPF_TRACE_FEXIT,
     BPF_TRACE_RAW_TP,
 };
 
@@ -33,6 +35,9 @@ enum Target {
     Tracing { attach_type: u32, btf_id: u32 },
     /// A classic tracepoint, through a perf event.
     Classic { category: String, name: String },
+    /// A root cgroup `connect4`/`connect6` hook (its attach type): an empty program there
+    /// returns 1, allowing every `connect()` as conntrace's does.
+    Cgroup { attach_type: u32 },
 }
 
 /// One hook of conntrace's `ready` record.
@@ -52,6 +57,7 @@ impl Hook {
             && match self.target {
                 Target::Classic { .. } => true,
                 Target::Tracing { attach_type, .. } => attach_type == BPF_TRACE_RAW_TP,
+                Target::Cgroup { .. } => false,
             }
     }
 }
@@ -110,6 +116,15 @@ fn target(btf: &LazyBtf, attach: &str) -> Result<Target, String> {
                 name: name.to_owned(),
             })
         }
+        "cgroup" => match rest {
+            "connect4" => Ok(Target::Cgroup {
+                attach_type: BPF_CGROUP_INET4_CONNECT,
+            }),
+            "connect6" => Ok(Target::Cgroup {
+                attach_type: BPF_CGROUP_INET6_CONNECT,
+            }),
+            other => Err(format!("no empty program for cgroup hook `{other}` here")),
+        },
         "iter" => Err("an iterator runs only when read: no floor".to_owned()),
         other => Err(format!("no empty program for `{other}` hooks here")),
     }
@@ -200,9 +215,13 @@ fn attach_one(target: &Target) -> Result<(OwnedFd, OwnedFd), String> {
             btf_id,
         } => (BPF_PROG_TYPE_TRACING, *attach_type, *btf_id),
         Target::Classic { .. } => (BPF_PROG_TYPE_TRACEPOINT, 0, 0),
+        Target::Cgroup { attach_type } => (BPF_PROG_TYPE_CGROUP_SOCK_ADDR, *attach_type, 0),
     };
+    // A cgroup `connect` program allows by returning 1; a tracing program's 0 is ignored.
+    let returns = i32::from(matches!(target, Target::Cgroup { .. }));
     let prog = bpf_sys::load(&bpf_sys::Load {
         prog_type,
+        returns,
         expected_attach_type,
         attach_btf_id,
         name: "ct_floor",
@@ -211,6 +230,13 @@ fn attach_one(target: &Target) -> Result<(OwnedFd, OwnedFd), String> {
         Target::Tracing { .. } => bpf_sys::raw_tracepoint_open(&prog)?,
         Target::Classic { category, name } => {
             bpf_sys::perf_tracepoint_attach(&prog, category, name)?
+        }
+        Target::Cgroup { attach_type } => {
+            let root = conntrace_tests::cgroup::cgroup2_mount().ok_or(
+                "no cgroup v2 hierarchy mounted (conntrace mounts one briefly; the floor does not)",
+            )?;
+            let dir = std::fs::File::open(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+            bpf_sys::link_create(&prog, &dir, *attach_type)?
         }
     };
     Ok((prog, link))
@@ -258,6 +284,13 @@ mod tests {
                 .contains("only when read")
         );
         assert!(target(&btf, "kprobe:tcp_connect").is_err());
+        assert_eq!(
+            target(&btf, "cgroup:connect6"),
+            Ok(Target::Cgroup {
+                attach_type: BPF_CGROUP_INET6_CONNECT
+            })
+        );
+        assert!(target(&btf, "cgroup:sendmsg4").is_err());
     }
 
     #[test]
@@ -291,5 +324,9 @@ mod tests {
         assert!(!hook("syn_cookies", tracing(BPF_TRACE_FENTRY)).listener_gated());
         assert!(!hook("drops", tracing(BPF_TRACE_RAW_TP)).listener_gated());
         assert!(!hook("resets", classic).listener_gated());
+        let cgroup = Target::Cgroup {
+            attach_type: BPF_CGROUP_INET4_CONNECT,
+        };
+        assert!(!hook("connect_denied", cgroup).listener_gated());
     }
 }
