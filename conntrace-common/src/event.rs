@@ -94,6 +94,9 @@ pub mod header_flags {
     /// Events of this CPU were lost (the ring buffer was full) since its previous event that
     /// reached the ring buffer: an event this one follows may be missing.
     pub const LOST_BEFORE: u32 = 1 << 0;
+    /// A `ConnectError` from the root cgroup's `connect4`/`connect6` programs: a cgroup
+    /// program refused `connect()`, whatever errno it chose.
+    pub const CGROUP_REFUSAL: u32 = 1 << 1;
 }
 
 /// `EventHeader::unread` bits: facts an event's program could not read. The field stays 0 in

@@ -10,7 +10,8 @@
 //! before its ancestors', a cgroup's own in the order they were attached): `bpf_get_retval`
 //! then says whether one of those refused. They always allow (return 1): a refusal stands
 //! because any program refused, never because of this one. A program attached to the root
-//! cgroup after conntrace runs after it, and its refusals are not seen.
+//! cgroup after conntrace runs after it, and its refusals are not seen. Userspace attaches
+//! them on 6.1+ (`bpf_get_retval` in these programs).
 //!
 //! The socket is typed through `bpf_skc_to_tcp_sock`, so its namespace is a direct load and
 //! its address the one the other programs key it by.
@@ -20,7 +21,9 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
-use conntrace_common::{AF_INET, AF_INET6, ConnectError, EventKind, sock_common};
+use conntrace_common::{
+    AF_INET, AF_INET6, ConnectError, EventKind, header_flags::CGROUP_REFUSAL, sock_common,
+};
 
 use crate::{IPPROTO_TCP, config, emit, header, new_tuple, port_traced, sock::netns_of_typed_net};
 
@@ -101,8 +104,10 @@ fn refused(ctx: &SockAddrContext, family: u16) {
         let net = unsafe { sk.add(sock_common::NET).cast::<*const u8>().read_volatile() };
         (sk as u64, netns_of_typed_net(net))
     };
+    let mut header = header(EventKind::ConnectError, size_of::<ConnectError>(), netns);
+    header.flags |= CGROUP_REFUSAL;
     emit(ConnectError {
-        header: header(EventKind::ConnectError, size_of::<ConnectError>(), netns),
+        header,
         skaddr,
         tuple,
         ret,

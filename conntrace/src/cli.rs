@@ -77,7 +77,8 @@ pub struct Cli {
 
     /// Which kernel hooks to use: `best` picks, per capability, the best path this kernel
     /// allows (fentry/fexit where they attach, tracepoints otherwise); `tracepoints` uses
-    /// tracepoints only. The `ready` line shows the path each capability got.
+    /// tracepoints only (and the root cgroup's `connect` hooks, which have no other form). The
+    /// `ready` line shows the path each capability got.
     #[arg(long, value_name = "MODE", value_enum, default_value_t = crate::kernel::attach::AttachMode::Best)]
     pub attach: crate::kernel::attach::AttachMode,
 

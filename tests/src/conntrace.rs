@@ -210,7 +210,7 @@ impl Conntrace {
         self.try_wait_for(timeout, pred).unwrap_or_else(|| {
             let why = if self.output_ended() {
                 self.log.settle();
-                "conntrace's output ended (it exited) without a matching line".to_owned()
+                "conntrace's output ended (it exited, or printed a line that is not JSON) without a matching line".to_owned()
             } else {
                 format!("no matching conntrace line within {timeout:?}")
             };

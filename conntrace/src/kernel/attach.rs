@@ -20,7 +20,7 @@ pub enum Capability {
     ConnectProcess,
     /// `connect()` refused by a cgroup program (a policy agent's `cgroup/connect4`) before any
     /// packet, where `connect()`'s own result is not read (quiet mode without fexit): root
-    /// cgroup `connect4`/`connect6` programs that only look.
+    /// cgroup `connect4`/`connect6` programs that only look (6.1+).
     ConnectDenied,
     /// The accepting process.
     AcceptProcess,
@@ -249,14 +249,15 @@ const fn btf_tp(capability: Capability, program: &'static str, name: &'static st
 }
 
 /// A quiet-mode rule for `capability` on the root cgroup's `attach` hook. `bpf_get_retval`,
-/// which the program asks whether an earlier program refused, came with 5.18.
+/// which the program asks whether an earlier program refused, came to these programs with 6.1
+/// (5.18 had it for the device, sysctl and sockopt hooks only).
 const fn cgroup(capability: Capability, program: &'static str, attach: &'static str) -> AttachRule {
     AttachRule {
         capability,
         priority: TRACEPOINT,
         program,
         hook: Hook::Cgroup { attach },
-        min_kernel: (5, 18),
+        min_kernel: (6, 1),
         max_kernel: None,
         required: false,
         when: When::Quiet,
@@ -551,8 +552,8 @@ mod tests {
             );
             // Streaming reads connect()'s result at its syscall tracepoints or fexit.
             assert!(cgroup_rows((6, 18), mode, Follow::Streaming).is_empty());
-            // bpf_get_retval came with 5.18.
-            assert!(cgroup_rows((5, 15), mode, Follow::Quiet).is_empty());
+            // bpf_get_retval came to these programs with 6.1.
+            assert!(cgroup_rows((6, 0), mode, Follow::Quiet).is_empty());
         }
         let fexit = (
             Capability::ConnectProcess,

@@ -263,6 +263,8 @@ impl Decoder {
                 sk: e.skaddr,
                 tuple: four_tuple(&e.tuple),
                 errno: Errno::from_raw(e.ret),
+                cgroup_refusal: e.header.flags & conntrace_common::header_flags::CGROUP_REFUSAL
+                    != 0,
             },
             Decoded::RouteError(e) => route_lookup_failed(&e),
         })

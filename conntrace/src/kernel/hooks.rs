@@ -37,19 +37,16 @@ pub enum AttachError {
         #[source]
         source: ProgramError,
     },
-    #[error("attach {hook} ({syscall}): {}", chain(source))]
+    /// The whole chain of aya's error is in the message (its errno is in a source): not a
+    /// `source` of its own, so that `{:#}` does not print it twice.
+    #[error("attach {hook} ({syscall}): {}", chain(error))]
     Attach {
         hook: String,
         syscall: &'static str,
-        #[source]
-        source: ProgramError,
+        error: ProgramError,
     },
-    #[error("{hook}: the root cgroup (v2): {source}")]
-    CgroupRoot {
-        hook: String,
-        #[source]
-        source: super::cgroup::CgroupRootError,
-    },
+    #[error("{hook}: the root cgroup (v2): {reason}")]
+    CgroupRoot { hook: String, reason: String },
 }
 
 /// An error and its sources, `: `-separated (aya's syscall errors keep the errno in theirs).
@@ -129,7 +126,7 @@ fn summarize(text: &str) -> String {
 fn attach_one(
     ebpf: &mut Ebpf,
     rule: &attach::AttachRule,
-    btf: Option<&aya::Btf>,
+    (btf, cgroup_root): (Option<&aya::Btf>, &CgroupRoot),
 ) -> Result<Option<PacketLink>, AttachError> {
     let program = ebpf
         .program_mut(rule.program)
@@ -143,10 +140,10 @@ fn attach_one(
         hook: hook.clone(),
         source,
     };
-    let attach = |source| AttachError::Attach {
+    let attach = |error| AttachError::Attach {
         hook: hook.clone(),
         syscall: attach_syscall(&rule.hook),
-        source,
+        error,
     };
     let gated = packet_gate::per_packet(rule.capability, &rule.hook);
     match rule.hook {
@@ -179,12 +176,15 @@ fn attach_one(
         Hook::Cgroup { .. } => {
             // The attach type (connect4, connect6) is the program's section's.
             let p: &mut CgroupSockAddr = program.try_into().map_err(wrong_type)?;
-            let root = super::cgroup::open_root().map_err(|source| AttachError::CgroupRoot {
-                hook: hook.clone(),
-                source,
-            })?;
+            let root = cgroup_root
+                .get()
+                .map_err(|reason| AttachError::CgroupRoot {
+                    hook: hook.clone(),
+                    reason,
+                })?;
             p.load().map_err(load)?;
             // A link (5.7+): always one of many on the cgroup, detached when conntrace exits.
+            // EPERM: a legacy single-program attach holds the hook.
             p.attach(root, CgroupAttachMode::Single).map_err(attach)?;
         }
     }
@@ -192,6 +192,25 @@ fn attach_one(
         return packet_gate::link(ebpf, rule.program, rule.hook).map(Some);
     }
     Ok(None)
+}
+
+/// The root cgroup's directory, opened the first time a cgroup hook needs it (once for all).
+#[derive(Default)]
+struct CgroupRoot(std::cell::OnceCell<Result<std::fs::File, String>>);
+
+impl CgroupRoot {
+    /// A descriptor of the root cgroup (the link holds its own reference), or why there is
+    /// none.
+    fn get(&self) -> Result<std::os::fd::BorrowedFd<'_>, String> {
+        use std::os::fd::AsFd;
+        match self
+            .0
+            .get_or_init(|| super::cgroup::open_root().map_err(|e| e.to_string()))
+        {
+            Ok(file) => Ok(file.as_fd()),
+            Err(reason) => Err(reason.clone()),
+        }
+    }
 }
 
 /// What [`attach_all`] attached: the programs, the rules that did not attach, and the gate of
@@ -217,6 +236,7 @@ pub(super) fn attach_all(
     let mut gate = None;
     // The hooks attached so far, by capability.
     let mut hooks = Vec::new();
+    let cgroup_root = CgroupRoot::default();
     for rule in &plan {
         if served.is_some_and(|(cap, prio)| cap == rule.capability && prio < rule.priority) {
             continue;
@@ -247,7 +267,7 @@ pub(super) fn attach_all(
             unavailable.push(row((*why).to_owned()));
             continue;
         }
-        match attach_one(ebpf, rule, btf) {
+        match attach_one(ebpf, rule, (btf, &cgroup_root)) {
             Ok(link) => {
                 if let Some(link) = link {
                     gate = Some(PacketGate::new(rule.program, rule.hook, link));

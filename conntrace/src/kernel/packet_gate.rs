@@ -88,10 +88,10 @@ pub fn link(ebpf: &mut Ebpf, program: &'static str, hook: Hook) -> Result<Packet
         .program_mut(program)
         .ok_or(AttachError::NotInObject(program))?;
     let wrong_type = |source| AttachError::WrongType { program, source };
-    let attach = |source| AttachError::Attach {
+    let attach = |error| AttachError::Attach {
         hook: hook.describe(),
         syscall: super::hooks::attach_syscall(&hook),
-        source,
+        error,
     };
     match hook {
         Hook::TracePoint { category, name } => {

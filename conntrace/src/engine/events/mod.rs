@@ -134,7 +134,8 @@ impl Engine {
                 sk,
                 tuple,
                 errno,
-            } => self.on_connect_failed(&meta, sk, tuple, errno, out),
+                cgroup_refusal,
+            } => self.on_connect_failed(&meta, sk, tuple, (errno, cgroup_refusal), out),
             KernelEvent::RouteLookupFailed {
                 meta,
                 tuple,
@@ -504,7 +505,7 @@ impl Engine {
         meta: &Meta,
         sk: u64,
         tuple: FourTuple,
-        errno: Errno,
+        (errno, cgroup_refusal): (Errno, bool),
         out: &mut Vec<Verdict>,
     ) {
         self.settle_route_walk(meta, &tuple);
@@ -526,7 +527,9 @@ impl Engine {
                 && d.pid == Some(meta.proc.pid)
         }) {
             // connect() reporting a failure whose verdict is already out.
-        } else if let Some(v) = rules::connect::failed(meta, tuple, errno, sk != 0) {
+        } else if let Some(v) =
+            rules::connect::failed(meta, tuple, errno, (sk != 0, cgroup_refusal))
+        {
             self.emit(out, v);
         }
     }

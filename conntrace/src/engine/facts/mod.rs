@@ -335,11 +335,14 @@ pub enum KernelEvent {
         answer: TableAnswer,
     },
     /// `connect()` returned `-errno` (not EINPROGRESS). `tuple.saddr`/`sport` are unspecified.
+    /// `cgroup_refusal`: a cgroup program refused it (seen at the root cgroup's `connect`
+    /// hooks), whatever errno that program chose.
     ConnectFailed {
         meta: Meta,
         sk: u64,
         tuple: FourTuple,
         errno: Errno,
+        cgroup_refusal: bool,
     },
 }
 

@@ -45,6 +45,7 @@ fn detail() -> Detail {
         time_wait: None,
         route: None,
         errno_inferred: None,
+        refused_by_cgroup_program: None,
     })
 }
 
@@ -52,18 +53,30 @@ fn detail() -> Detail {
 ///
 /// `socket_known`: the kernel side resolved the socket, so a lifecycle event would have been
 /// seen had a SYN gone out. Without it, errors that only a handshake produces are left to the
-/// lifecycle events rather than reported twice.
+/// lifecycle events rather than reported twice. `cgroup_refusal`: a cgroup program refused it
+/// (the root cgroup's programs saw so): `connect_denied` whatever errno it chose (a
+/// socket load-balancer's EHOSTUNREACH for a service without backends is no route's).
 pub(crate) fn failed(
     meta: &Meta,
     tuple: FourTuple,
     errno: Errno,
-    socket_known: bool,
+    (socket_known, cgroup_refusal): (bool, bool),
 ) -> Option<Verdict> {
-    if NOT_A_FAILURE.contains(&errno) || (!socket_known && HANDSHAKE_ERRORS.contains(&errno)) {
+    if !cgroup_refusal
+        && (NOT_A_FAILURE.contains(&errno) || (!socket_known && HANDSHAKE_ERRORS.contains(&errno)))
+    {
         return None;
     }
-    let mut v = socketless(meta, tuple, Side::Client, detail());
-    v.reason = reason(errno);
+    let mut d = detail();
+    if let (true, Detail::Connect(c)) = (cgroup_refusal, &mut d) {
+        c.refused_by_cgroup_program = Some(true);
+    }
+    let mut v = socketless(meta, tuple, Side::Client, d);
+    v.reason = if cgroup_refusal {
+        Reason::ConnectDenied
+    } else {
+        reason(errno)
+    };
     v.kernel_reason = Some(errno.to_string());
     v.errno = Some(errno);
     v.saddr = None;
@@ -107,7 +120,7 @@ pub(crate) fn route_failed(walk: &Walk, route: Option<&Route>) -> Option<Verdict
         sport: 0,
         ..walk.tuple
     };
-    let mut v = failed(&walk.meta, tuple, errno, false)?;
+    let mut v = failed(&walk.meta, tuple, errno, (false, false))?;
     if let (Detail::Connect(d), Some(route)) = (&mut v.detail, route) {
         // As the kernel answered: `complete` does not read it again.
         d.route = Some(route.clone());
@@ -227,6 +240,8 @@ pub(crate) fn complete(v: &mut Verdict, ns: &mut dyn NamespaceLookup) {
                 return;
             };
             let by_route = match (v.errno, route.kind) {
+                // A cgroup program's refusal is its own, whatever the route.
+                _ if d.refused_by_cgroup_program == Some(true) => false,
                 (Some(Errno::EACCES), RouteKind::Prohibit) => true,
                 (Some(Errno::EINVAL), RouteKind::Blackhole) => true,
                 _ => v.reason == Reason::NoRoute,

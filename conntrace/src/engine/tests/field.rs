@@ -314,6 +314,33 @@ fn eacces_is_no_route_under_a_prohibit_route_and_connect_denied_otherwise() {
     let v = one(e.handle(a.connect_failed(MS, 100, "client", libc::EPERM)));
     check(&v, "client failed connect_denied EPERM");
     assert_eq!(detail(&v, "route"), Value::Null);
+    assert_eq!(detail(&v, "refused_by_cgroup_program"), Value::Null);
+}
+
+#[test]
+fn a_cgroup_programs_refusal_is_connect_denied_whatever_its_errno_and_route() {
+    let a = Sock::client(SK_A, SPORT);
+    // A socket load-balancer's EHOSTUNREACH (a service without backends), an EACCES under a
+    // prohibit route, and EPERM: each is the cgroup program's refusal.
+    for (errno, name) in [
+        (libc::EHOSTUNREACH, "EHOSTUNREACH"),
+        (libc::EACCES, "EACCES"),
+        (libc::EPERM, "EPERM"),
+    ] {
+        let prohibit = Host {
+            route: Some(Route {
+                kind: RouteKind::Prohibit,
+                dev: None,
+                gateway: None,
+            }),
+            ..Host::default()
+        };
+        let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(prohibit));
+        let v = one(e.handle(a.cgroup_refused(MS, 100, "client", errno)));
+        check(&v, &format!("client failed connect_denied {name}"));
+        assert_eq!(detail(&v, "refused_by_cgroup_program"), true, "{name}");
+        assert_eq!(detail(&v, "route"), Value::Null, "{name}");
+    }
 }
 
 /// The verdict of a server connection that retransmitted `(ms, bytes, sacked_out)` and then

@@ -140,7 +140,18 @@ impl Sock {
             sk: self.sk,
             tuple,
             errno: Errno(errno),
+            cgroup_refusal: false,
         }
+    }
+
+    /// A cgroup program refused connect() with `-errno`, as the root cgroup's programs report
+    /// it.
+    fn cgroup_refused(self, ts: u64, pid: u32, comm: &str, errno: i32) -> KernelEvent {
+        let mut e = self.connect_failed(ts, pid, comm, errno);
+        if let KernelEvent::ConnectFailed { cgroup_refusal, .. } = &mut e {
+            *cgroup_refusal = true;
+        }
+        e
     }
 }
 

@@ -507,6 +507,11 @@ pub struct ConnectDetail {
     /// reported it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub errno_inferred: Option<bool>,
+    /// `connect_denied`: `true` when a cgroup program (`cgroup/connect4`, `connect6`) refused
+    /// `connect()`, as the root cgroup's programs saw it (quiet mode without fexit); absent
+    /// when the refusal came from `connect()`'s result, which does not say who refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_by_cgroup_program: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]

@@ -116,6 +116,10 @@ fn target(btf: &LazyBtf, attach: &str) -> Result<Target, String> {
                 name: name.to_owned(),
             })
         }
+        "cgroup" if conntrace_tests::cgroup::cgroup2_mount().is_none() => Err(
+            "no cgroup v2 hierarchy mounted (conntrace mounts one briefly; the floor does not)"
+                .to_owned(),
+        ),
         "cgroup" => match rest {
             "connect4" => Ok(Target::Cgroup {
                 attach_type: BPF_CGROUP_INET4_CONNECT,
@@ -232,9 +236,8 @@ fn attach_one(target: &Target) -> Result<(OwnedFd, OwnedFd), String> {
             bpf_sys::perf_tracepoint_attach(&prog, category, name)?
         }
         Target::Cgroup { attach_type } => {
-            let root = conntrace_tests::cgroup::cgroup2_mount().ok_or(
-                "no cgroup v2 hierarchy mounted (conntrace mounts one briefly; the floor does not)",
-            )?;
+            let root =
+                conntrace_tests::cgroup::cgroup2_mount().ok_or("no cgroup v2 hierarchy mounted")?;
             let dir = std::fs::File::open(&root).map_err(|e| format!("{}: {e}", root.display()))?;
             bpf_sys::link_create(&prog, &dir, *attach_type)?
         }
