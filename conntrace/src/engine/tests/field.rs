@@ -287,18 +287,23 @@ fn eaddrnotavail_before_any_packet_is_ephemeral_ports_exhausted() {
     assert_eq!(v.sport, None);
 }
 
-#[test]
-fn eacces_is_no_route_under_a_prohibit_route_and_connect_denied_otherwise() {
-    let prohibit = Host {
+/// A namespace whose route to every destination is a prohibit route.
+fn prohibit_route() -> Host {
+    Host {
         route: Some(Route {
             kind: RouteKind::Prohibit,
             dev: None,
             gateway: None,
         }),
         ..Host::default()
-    };
+    }
+}
+
+#[test]
+fn eacces_is_no_route_under_a_prohibit_route_and_connect_denied_otherwise() {
     let a = Sock::client(SK_A, SPORT);
-    let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(prohibit));
+    let mut e =
+        Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(prohibit_route()));
     let v = one(e.handle(a.connect_failed(MS, 100, "client", libc::EACCES)));
     check(&v, "client failed no_route EACCES");
     assert_eq!(detail(&v, "route")["kind"], "prohibit");
@@ -327,15 +332,8 @@ fn a_cgroup_programs_refusal_is_connect_denied_whatever_its_errno_and_route() {
         (libc::EACCES, "EACCES"),
         (libc::EPERM, "EPERM"),
     ] {
-        let prohibit = Host {
-            route: Some(Route {
-                kind: RouteKind::Prohibit,
-                dev: None,
-                gateway: None,
-            }),
-            ..Host::default()
-        };
-        let mut e = Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(prohibit));
+        let mut e =
+            Engine::new(EngineConfig::default()).with_namespace_lookup(Box::new(prohibit_route()));
         let v = one(e.handle(a.cgroup_refused(MS, 100, "client", errno)));
         check(&v, &format!("client failed connect_denied {name}"));
         assert_eq!(detail(&v, "refused_by_cgroup_program"), true, "{name}");
