@@ -176,7 +176,7 @@ pub const REASONS: &[ReasonDoc] = &[
         "connect_denied",
         "client",
         "connect.rs",
-        "connect() failed with EPERM or EACCES before any packet and no route explains it: a cgroup BPF connect program or an LSM (SELinux, AppArmor) refused it.",
+        "connect() failed before any packet and no route explains it: a cgroup BPF connect program (detail.refused_by_cgroup_program where conntrace's own root-cgroup programs saw it, whatever errno it chose) or an LSM (SELinux, AppArmor) refused it (EPERM, EACCES).",
         "a local policy refused the connection: check cgroup BPF programs (bpftool cgroup tree) and the LSM's audit log"
     ),
     doc!(
