@@ -36,7 +36,8 @@ fn reason(errno: Errno) -> Reason {
     }
 }
 
-fn detail() -> Detail {
+/// `cgroup_refusal`: see [`failed`].
+fn detail(cgroup_refusal: bool) -> Detail {
     Detail::Connect(ConnectDetail {
         syscall: Syscall::Connect,
         packets_sent: 0,
@@ -45,7 +46,7 @@ fn detail() -> Detail {
         time_wait: None,
         route: None,
         errno_inferred: None,
-        refused_by_cgroup_program: None,
+        refused_by_cgroup_program: cgroup_refusal.then_some(true),
     })
 }
 
@@ -67,11 +68,7 @@ pub(crate) fn failed(
     {
         return None;
     }
-    let mut d = detail();
-    if let (true, Detail::Connect(c)) = (cgroup_refusal, &mut d) {
-        c.refused_by_cgroup_program = Some(true);
-    }
-    let mut v = socketless(meta, tuple, Side::Client, d);
+    let mut v = socketless(meta, tuple, Side::Client, detail(cgroup_refusal));
     v.reason = if cgroup_refusal {
         Reason::ConnectDenied
     } else {
@@ -206,7 +203,7 @@ pub(crate) fn closed_before_any_packet(c: &Conn) -> Option<Verdict> {
         None if never_got_a_port(c) => (Errno::EADDRNOTAVAIL, true),
         None => return None,
     };
-    let mut v = super::base(c, at, Outcome::Failed, reason(errno), detail());
+    let mut v = super::base(c, at, Outcome::Failed, reason(errno), detail(false));
     v.kernel_reason = Some(if inferred {
         "closed in TCP_SYN_SENT without a local port".into()
     } else {
