@@ -82,6 +82,15 @@ impl Log {
         }
     }
 
+    /// Whether a kept line contains `needle`.
+    fn has(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
     /// The kept lines, or a note that there are none.
     fn tail(&self) -> String {
         let kept = self.lines.lock().expect("log");
@@ -220,6 +229,23 @@ impl Conntrace {
                 self.log.tail()
             )
         })
+    }
+
+    /// Waits until conntrace's log (kept when [`Conntrace::start`] piped it: WARN and above
+    /// unless RUST_LOG says otherwise, the last [`LOG_LINES`] lines) has a line containing
+    /// `needle`: false after `timeout`, or as soon as the log ended without one.
+    pub fn wait_for_log(&self, timeout: Duration, needle: &str) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ended = self.log.ended.load(std::sync::atomic::Ordering::Acquire);
+            if self.log.has(needle) {
+                return true;
+            }
+            if ended || Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Whether conntrace's stdout is closed: no line will come.
