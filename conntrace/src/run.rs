@@ -179,18 +179,16 @@ fn open_output(cli: &Cli) -> Result<(Output, Option<Arc<Metrics>>), RunError> {
 
 /// The `ready` record: what is traced, and how.
 fn ready_record(cli: &Cli, tracer: &Tracer, ports: Vec<u16>) -> Ready {
-    let attach_paths: BTreeMap<String, String> = tracer
-        .active
-        .iter()
-        .map(|p| {
-            let cap = serde_json::to_value(p.capability)
+    let attached = tracer.active.iter().map(|p| (p.capability, &p.attach));
+    let shared = tracer.shared.iter().map(|(c, attach)| (*c, attach));
+    let attach_paths: BTreeMap<String, String> = attached
+        .chain(shared)
+        .map(|(capability, attach)| {
+            let cap = serde_json::to_value(capability)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default();
-            (
-                cap,
-                p.attach.split(':').next().unwrap_or_default().to_owned(),
-            )
+            (cap, attach.split(':').next().unwrap_or_default().to_owned())
         })
         .collect();
     Ready {

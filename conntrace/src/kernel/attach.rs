@@ -264,15 +264,18 @@ const fn cgroup(capability: Capability, program: &'static str, attach: &'static 
     }
 }
 
-/// Whether `capability` adds nothing to the programs `active` so far: a cgroup program's
-/// refusal is `connect()`'s result, which fexit:inet_stream_connect reads where it attached
-/// (the two would report it twice). `ConnectProcess` is attached first (table order).
-pub fn redundant(capability: Capability, active: &[(Capability, Hook)]) -> Option<&'static str> {
-    let fexit = |(c, h): &(Capability, Hook)| {
+/// The hook among `active` (attached so far) whose program already serves `capability`, which
+/// is then not attached (the two would report the same fact twice): a cgroup program's
+/// refusal is `connect()`'s result, which fexit:inet_stream_connect reads where it attached.
+/// `ConnectProcess` is attached first (table order).
+pub fn served_by(capability: Capability, active: &[(Capability, Hook)]) -> Option<Hook> {
+    let fexit = |(c, h): &&(Capability, Hook)| {
         *c == Capability::ConnectProcess && matches!(h, Hook::FExit { .. })
     };
-    (capability == Capability::ConnectDenied && active.iter().any(fexit))
-        .then_some("connect()'s result, refusals included, is read at fexit:inet_stream_connect")
+    if capability != Capability::ConnectDenied {
+        return None;
+    }
+    active.iter().find(fexit).map(|(_, h)| *h)
 }
 
 /// Every attach rule.
@@ -567,9 +570,12 @@ mod tests {
                 name: "fib_table_lookup",
             },
         );
-        assert!(redundant(Capability::ConnectDenied, &[fexit]).is_some());
-        assert!(redundant(Capability::ConnectDenied, &[fib]).is_none());
-        assert!(redundant(Capability::Drops, &[fexit]).is_none());
+        assert_eq!(
+            served_by(Capability::ConnectDenied, &[fib, fexit]),
+            Some(fexit.1)
+        );
+        assert_eq!(served_by(Capability::ConnectDenied, &[fib]), None);
+        assert_eq!(served_by(Capability::Drops, &[fexit]), None);
     }
 
     #[test]

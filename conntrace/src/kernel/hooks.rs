@@ -213,9 +213,17 @@ impl CgroupRoot {
     }
 }
 
-/// What [`attach_all`] attached: the programs, the rules that did not attach, and the gate of
-/// the per-packet SYN-cookie program when that is the one attached.
-pub(super) type Attached = (Vec<ActiveProgram>, Vec<Unavailable>, Option<PacketGate>);
+/// What [`attach_all`] attached.
+pub(super) struct Attached {
+    pub active: Vec<ActiveProgram>,
+    /// The rules that did not attach, with the reason.
+    pub unavailable: Vec<Unavailable>,
+    /// Capabilities another capability's program serves (not attached themselves: they would
+    /// report the same fact twice), with that program's attach point (`Hook::describe`).
+    pub shared: Vec<(Capability, String)>,
+    /// The per-packet SYN-cookie program's gate, when that is the one attached.
+    pub gate: Option<PacketGate>,
+}
 
 /// Walks the attach table for this kernel. Within a capability every rule of the best
 /// priority that works stays attached (a capability may need several hooks, e.g. syscall
@@ -231,6 +239,7 @@ pub(super) fn attach_all(
 ) -> Result<Attached, LoadError> {
     let plan = attach::plan(kernel, opts.mode, opts.follow);
     let (mut active, mut unavailable) = (Vec::new(), Vec::<Unavailable>::new());
+    let mut shared = Vec::new();
     let mut served: Option<(Capability, u8)> = None;
     let mut first_error: Option<(Capability, AttachError)> = None;
     let mut gate = None;
@@ -253,9 +262,11 @@ pub(super) fn attach_all(
             }
             continue;
         }
-        if let Some(why) = attach::redundant(rule.capability, &hooks) {
-            debug!(program = rule.program, reason = why, "not attached");
-            unavailable.push(row(why.to_owned()));
+        if let Some(by) = attach::served_by(rule.capability, &hooks) {
+            debug!(program = rule.program, served_by = %by.describe(), "not attached: served");
+            if !shared.iter().any(|(c, _)| *c == rule.capability) {
+                shared.push((rule.capability, by.describe()));
+            }
             continue;
         }
         if let Some((_, why)) = refused.iter().find(|(p, _)| *p == rule.program) {
@@ -314,7 +325,12 @@ pub(super) fn attach_all(
             });
         }
     }
-    Ok((active, unavailable, gate))
+    Ok(Attached {
+        active,
+        unavailable,
+        shared,
+        gate,
+    })
 }
 
 #[cfg(test)]

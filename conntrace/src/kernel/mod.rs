@@ -125,6 +125,9 @@ pub struct Tracer {
     pub kernel_release: String,
     pub active: Vec<ActiveProgram>,
     pub unavailable: Vec<Unavailable>,
+    /// Capabilities served by another capability's program, with its attach point
+    /// (`connect_denied` where `fexit:inet_stream_connect` reads `connect()`'s result).
+    pub shared: Vec<(Capability, String)>,
     /// `enum sk_rst_reason` names of this kernel (empty before 6.10).
     pub reset_reasons: BTreeMap<u32, String>,
     /// `enum skb_drop_reason` names of this kernel (their numbers differ between kernels).
@@ -294,8 +297,12 @@ impl Tracer {
             .map_err(LoadError::Object)?;
         write_config(&mut ebpf, &config, &opts.ports)?;
 
-        let (mut active, mut unavailable, cookie_gate) =
-            hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), &refused)?;
+        let hooks::Attached {
+            mut active,
+            mut unavailable,
+            shared,
+            gate: cookie_gate,
+        } = hooks::attach_all(&mut ebpf, version, opts, kernel_btf.as_ref(), &refused)?;
         let accept_queues = match load_accept_queues(&mut ebpf, opts, kernel_btf.as_ref()) {
             Ok(queues) => {
                 active.push(ActiveProgram {
@@ -335,6 +342,7 @@ impl Tracer {
             kernel_release: release,
             active,
             unavailable,
+            shared,
             reset_reasons,
             drop_reasons,
             missing_offsets,

@@ -385,7 +385,7 @@ mod tests {
             action: RuleAction::Drop,
             packets: 3,
         }));
-        Detail::Attempt(d)
+        Detail::Attempt(Box::new(d))
     }
 
     #[test]
@@ -413,7 +413,7 @@ mod tests {
         let mut d = ClosedDetail::new(TcpState::Established);
         d.drops = attempt.drops;
         d.drops.peer_netns = Some(4026532249);
-        let mut v = verdict(Reason::NetfilterDrop, Detail::Closed(d));
+        let mut v = verdict(Reason::NetfilterDrop, Detail::Closed(Box::new(d)));
         v.side = Side::Client;
         (v.saddr, v.sport) = (Some("10.0.0.1".parse().expect("ip")), Some(40000));
         (v.daddr, v.dport) = ("10.0.0.2".parse().expect("ip"), 3306);
@@ -427,7 +427,7 @@ mod tests {
     fn a_syn_timeout_toward_a_full_queue_on_this_host_names_the_listener() {
         let mut d = ClosedDetail::new(TcpState::SynSent);
         d.peer_listen_queue = Some(crate::output::tests::peer_listen_queue());
-        let mut v = verdict(Reason::SynTimeout, Detail::Closed(d));
+        let mut v = verdict(Reason::SynTimeout, Detail::Closed(Box::new(d)));
         v.side = Side::Client;
         let text = concrete(&v);
         assert!(
@@ -438,7 +438,7 @@ mod tests {
         );
         let v = verdict(
             Reason::SynTimeout,
-            Detail::Closed(ClosedDetail::new(TcpState::SynSent)),
+            Detail::Closed(Box::new(ClosedDetail::new(TcpState::SynSent))),
         );
         assert!(concrete(&v).contains("went unanswered"), "{}", concrete(&v));
     }
@@ -447,7 +447,7 @@ mod tests {
     fn a_reset_names_the_end_that_sent_it() {
         let mut v = verdict(
             Reason::ResetByPeer,
-            Detail::Closed(ClosedDetail::new(TcpState::Established)),
+            Detail::Closed(Box::new(ClosedDetail::new(TcpState::Established))),
         );
         assert!(
             concrete(&v).starts_with("the client 10.0.0.1 aborted the connection (RST)"),
@@ -467,7 +467,7 @@ mod tests {
     fn a_timeout_without_retransmissions_speaks_of_probes() {
         let v = verdict(
             Reason::Timeout,
-            Detail::Closed(ClosedDetail::new(TcpState::Established)),
+            Detail::Closed(Box::new(ClosedDetail::new(TcpState::Established))),
         );
         assert!(
             concrete(&v).starts_with("10.0.0.1:40000 stopped answering its keepalive"),
@@ -480,7 +480,7 @@ mod tests {
     fn icmp_rejects_point_at_tcp_reset_and_bound_elsewhere_names_the_listener() {
         let mut d = AttemptDetail::default();
         d.drops.reject_with = Some("icmp-port-unreachable".into());
-        let v = verdict(Reason::NetfilterReject, Detail::Attempt(d));
+        let v = verdict(Reason::NetfilterReject, Detail::Attempt(Box::new(d)));
         assert!(concrete(&v).contains("--reject-with tcp-reset"));
         let bound_elsewhere = |address: &str, v6only| {
             concrete(&verdict(
@@ -524,7 +524,7 @@ mod tests {
         // The client: an ICMP answer to its first SYN is no rate limit.
         let mut v = verdict(
             Reason::IcmpUnreachable,
-            Detail::Closed(ClosedDetail::new(TcpState::SynSent)),
+            Detail::Closed(Box::new(ClosedDetail::new(TcpState::SynSent))),
         );
         v.side = Side::Client;
         let a = concrete(&v);
@@ -535,7 +535,7 @@ mod tests {
         );
         let mut d = ClosedDetail::new(TcpState::SynSent);
         d.unanswered_syns = Some(2);
-        v.detail = Detail::Closed(d);
+        v.detail = Detail::Closed(Box::new(d));
         assert!(concrete(&v).contains("rate-limited"), "{}", concrete(&v));
     }
 
@@ -543,7 +543,7 @@ mod tests {
     fn ipv6_endpoints_in_advice_are_bracketed() {
         let mut v = verdict(
             Reason::RefusedNoListener,
-            Detail::Closed(ClosedDetail::new(TcpState::SynSent)),
+            Detail::Closed(Box::new(ClosedDetail::new(TcpState::SynSent))),
         );
         (v.saddr, v.daddr) = (
             Some("fd12:3::2".parse().expect("ip")),

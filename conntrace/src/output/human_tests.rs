@@ -1,7 +1,7 @@
 //! The human format's exact text of verdicts that are no connection's.
 
 use super::{Record, human::Human, tests};
-use crate::engine::verdict::{Detail, Reason, Side, detail::AttemptDetail};
+use crate::engine::verdict::{Detail, Reason, Side};
 
 #[test]
 fn a_per_listener_verdict_names_the_listener_not_a_connection() {
@@ -10,7 +10,7 @@ fn a_per_listener_verdict_names_the_listener_not_a_connection() {
     let mut v = tests::verdict(
         Side::Server,
         Reason::ListenOverflow,
-        Detail::Attempt(AttemptDetail::default()),
+        Detail::Attempt(Box::default()),
     );
     (v.saddr, v.sport, v.daddr, v.dport) = (None, Some(3308), "0.0.0.0".parse().unwrap(), 0);
     let c = tests::clock();

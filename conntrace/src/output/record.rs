@@ -57,13 +57,13 @@ pub struct Ready {
     /// `streaming` sends every connection's events to userspace.
     pub follow: Follow,
     pub programs: Vec<ActiveProgram>,
-    /// Attach rules that were tried and did not attach, were left out, or were not needed
-    /// (`connect_denied` where `fexit:inet_stream_connect` reads `connect()`'s result), with
-    /// the reason.
+    /// Attach rules that were tried and did not attach, or were left out, with the reason.
     pub unavailable: Vec<Unavailable>,
     /// The kernel release.
     pub kernel: String,
-    /// Capability → attach path in use (`tracepoint`, `tp_btf`, `fentry`, `fexit`, `cgroup`).
+    /// Capability → attach path in use (`tracepoint`, `tp_btf`, `fentry`, `fexit`, `cgroup`);
+    /// a capability another one's program serves has that program's (`connect_denied`:
+    /// `fexit` where `fexit:inet_stream_connect` reads `connect()`'s result).
     pub attach_paths: BTreeMap<String, String>,
     pub kernel_features: KernelFeatures,
     pub ring_buffer_bytes: u32,

@@ -112,7 +112,11 @@ pub(super) fn netfilter_drop() -> Verdict {
         packets: 3,
     }));
     d.drops.dropped = Some(3);
-    let mut v = verdict(Side::Server, Reason::NetfilterDrop, Detail::Attempt(d));
+    let mut v = verdict(
+        Side::Server,
+        Reason::NetfilterDrop,
+        Detail::Attempt(Box::new(d)),
+    );
     v.kernel_reason = Some("NETFILTER_DROP".into());
     v
 }
@@ -122,7 +126,11 @@ pub(crate) fn syn_timeout() -> Verdict {
     let mut d = ClosedDetail::new(TcpState::SynSent);
     d.cause = Some(SynTimeoutCause::KernelGaveUp);
     d.after_ms = Some(3064.0);
-    let mut v = verdict(Side::Client, Reason::SynTimeout, Detail::Closed(d));
+    let mut v = verdict(
+        Side::Client,
+        Reason::SynTimeout,
+        Detail::Closed(Box::new(d)),
+    );
     v.kernel_reason = Some("ETIMEDOUT".into());
     v.errno = Some(Errno::ETIMEDOUT);
     (v.pid, v.comm, v.netns) = (Some(7211), Some("ct-client".into()), None);
@@ -149,7 +157,11 @@ pub(crate) fn stalled() -> Verdict {
         waited_ms: Some(2030.5),
         ..StallDetail::default()
     };
-    let mut v = verdict(Side::Client, Reason::StalledNoGreeting, Detail::Stall(d));
+    let mut v = verdict(
+        Side::Client,
+        Reason::StalledNoGreeting,
+        Detail::Stall(Box::new(d)),
+    );
     v.outcome = Outcome::Stalled;
     v.kernel_reason = Some("established, nothing received".into());
     (v.pid, v.comm, v.syn_retransmits) = (Some(7221), Some("ct-client".into()), 0);

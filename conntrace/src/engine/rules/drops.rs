@@ -14,7 +14,7 @@ use crate::engine::{
     state::{Attempt, Conn, HandshakeDrop, attempt::DropContext},
     verdict::{
         Detail, Direction, DropRecord, Outcome, Reason, Side, Verdict,
-        detail::{AttemptDetail, DroppedKind, Policy, RuleRef},
+        detail::{DroppedKind, Policy, RuleRef},
     },
 };
 
@@ -443,7 +443,7 @@ fn attempt_side(drops: &[HandshakeDrop]) -> Side {
 
 /// The verdict of an attempt that ended without a connection on this host.
 pub(crate) fn attempt_verdict(a: &Attempt) -> Verdict {
-    let detail = Detail::Attempt(AttemptDetail::default());
+    let detail = Detail::Attempt(Box::default());
     let mut v = socketless(&a.meta, a.tuple, attempt_side(&a.drops), detail);
     v.duration_ms = ms(a.first_ns(), a.last_ns());
     v.ts_ns = a.last_ns();

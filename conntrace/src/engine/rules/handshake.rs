@@ -38,7 +38,7 @@ pub(crate) fn failed(c: &Conn, cfg: &EngineConfig) -> Option<Verdict> {
     } else {
         client_error(c, errno, at, cfg, &mut d)
     };
-    let mut v = base(c, at, Outcome::Failed, reason, Detail::Closed(d));
+    let mut v = base(c, at, Outcome::Failed, reason, Detail::Closed(Box::new(d)));
     v.kernel_reason = Some(kernel_reason);
     v.errno = errno;
     Some(v)

@@ -86,7 +86,7 @@ fn verdict(
         window: d.window.or_else(|| window(c)),
         ..d
     };
-    let mut v = base(c, ts_ns, outcome, s.reason, Detail::Stall(d));
+    let mut v = base(c, ts_ns, outcome, s.reason, Detail::Stall(Box::new(d)));
     v.duration_ms = ms(c.started_ns, s.since_ns);
     v.kernel_reason = Some(how);
     v

@@ -72,7 +72,7 @@ pub(crate) fn ended(c: &Conn, route_now: Option<&Route>) -> Option<Verdict> {
             _ => return None,
         }
     };
-    let mut v = base(c, at, Outcome::Failed, reason, Detail::Closed(d));
+    let mut v = base(c, at, Outcome::Failed, reason, Detail::Closed(Box::new(d)));
     v.kernel_reason = Some(kernel_reason.to_string());
     v.errno = errno;
     Some(v)

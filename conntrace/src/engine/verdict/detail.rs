@@ -22,11 +22,11 @@ pub enum Detail {
     /// `established`, `unexpected_listener`.
     Established(EstablishedDetail),
     /// A stall (`stalled_no_greeting`, `stalled_no_response`, `not_accepted`) and its follow-up.
-    Stall(StallDetail),
+    Stall(Box<StallDetail>),
     /// A connection that closed: a failed handshake (`refused_no_listener`, `syn_timeout`,
     /// `icmp_unreachable`, or the drop that explains it) or an established connection's end
     /// (`reset_by_peer`, `timeout`).
-    Closed(ClosedDetail),
+    Closed(Box<ClosedDetail>),
     /// This host refused a SYN without a socket (server `refused_no_listener`,
     /// `refused_bound_elsewhere`).
     Refusal(RefusalDetail),
@@ -36,7 +36,7 @@ pub enum Detail {
     Overflow(OverflowDetail),
     /// A connection attempt with no socket on this host: its dropped packets, or its SYN cookie
     /// (`syncookie_ack_lost`).
-    Attempt(AttemptDetail),
+    Attempt(Box<AttemptDetail>),
 }
 
 /// Dropped packets of one kind (reason, direction, hook) during a handshake.
