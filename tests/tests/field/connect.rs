@@ -268,7 +268,8 @@ fn refused_by_a_cgroup_program(follow: &str, ipv6: bool) {
             "connect_denied",
             "a refusal makes no packet, route lookup or state change: only connect()'s result or the root cgroup's programs (6.1+) see it",
         );
-    let cgroup_programs = ready["attach_paths"].get("connect_denied").is_some();
+    // Served by fexit:inet_stream_connect where that attached (`"fexit"`).
+    let cgroup_programs = ready["attach_paths"]["connect_denied"] == "cgroup";
     let values = stop_after(ct, Duration::from_secs(2), &[(client_ns, "failed")]);
     report(
         &format!(
