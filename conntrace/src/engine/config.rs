@@ -12,6 +12,11 @@ pub struct EngineConfig {
     pub grace_ns: u64,
     /// Most connections tracked at once; the oldest are forgotten (and counted) beyond it.
     pub max_connections: usize,
+    /// Most connection attempts without a socket (dropped handshakes, SYN cookies) tracked at
+    /// once, and most decided ones remembered: a flood of spoofed SYNs opens one per SYN,
+    /// each kept with its drops (about 700 bytes at the 100,000-SYN flood's peak). Beyond
+    /// it a drop is a `drop` record (capped per second, counted in `drops_by_reason`).
+    pub max_attempts: usize,
     /// A connection with no event for this long is forgotten (and counted if unresolved).
     pub idle_expiry_ns: u64,
     /// Whether resets are observed (the reset tracepoints attached). Without them, ECONNREFUSED
@@ -51,6 +56,7 @@ impl Default for EngineConfig {
             stall_timeout_ns: 3_000_000_000,
             grace_ns: 200_000_000,
             max_connections: 65_536,
+            max_attempts: 16_384,
             idle_expiry_ns: 3_600_000_000_000,
             resets_observed: true,
             socketless_resets_traced: true,

@@ -67,7 +67,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
         Self {
-            table: Table::new(cfg.max_connections),
+            table: Table::new(cfg.max_connections, cfg.max_attempts),
             cfg,
             lookups: Lookups::default(),
             windows: state::RateWindows::default(),

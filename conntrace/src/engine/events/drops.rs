@@ -149,7 +149,7 @@ impl Engine {
                 self.table.unfollowed_drops(netns, &local).unwrap_or(&[]),
                 &hs,
             ) {
-                hs.context = self.drop_context(netns, &hs, local);
+                hs.context = self.drop_context(netns, &hs, local).map(Box::new);
             }
             self.table.keep_unfollowed_drop(netns, local, hs);
             self.drop_record(&f, outgoing, proc);
@@ -167,7 +167,7 @@ impl Engine {
         if !decided && explains == Explains::Attempt && self.table.has_room_for_attempt(&key) {
             let mut hs = hs;
             if needs_context(self.table.attempt(&key).map_or(&[], |a| &a.drops), &hs) {
-                hs.context = self.drop_context(netns, &hs, local);
+                hs.context = self.drop_context(netns, &hs, local).map(Box::new);
             }
             if let Some(a) = self
                 .table
@@ -202,7 +202,7 @@ impl Engine {
         let mut hs = hs;
         let drops = if established { &c.late_drops } else { &c.drops };
         if needs_context(drops, &hs) {
-            hs.context = self.drop_context(netns, &hs, local);
+            hs.context = self.drop_context(netns, &hs, local).map(Box::new);
         }
         let normal = rules::drops::explains(&hs, true, None) == Explains::Nothing;
         let ipv6 = f.packet.daddr.is_ipv6();

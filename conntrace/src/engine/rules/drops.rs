@@ -67,7 +67,7 @@ pub(crate) fn outside_rules(location: &str) -> bool {
 /// The verdict reason a drop stands for, if it explains a failure.
 pub(crate) fn cause(d: &HandshakeDrop) -> Option<Reason> {
     match d.reason.as_str() {
-        DropReason::NETFILTER_DROP => Some(match d.context {
+        DropReason::NETFILTER_DROP => Some(match d.context.as_deref() {
             Some(DropContext::ConntrackFull(_)) => Reason::ConntrackTableFull,
             _ => Reason::NetfilterDrop,
         }),
@@ -188,7 +188,7 @@ fn rule_kind(d: &HandshakeDrop) -> RuleKind {
         RuleAction::Drop => RuleKind::Dropped,
         RuleAction::Reject { .. } => RuleKind::Rejected,
     };
-    match &d.context {
+    match d.context.as_deref() {
         Some(DropContext::Rule(RuleFinding::Rule { rule, .. })) => kind(rule),
         Some(DropContext::Rule(RuleFinding::Candidates { rules, .. })) => {
             let mut kinds = rules.iter().map(kind);
@@ -353,14 +353,14 @@ fn name_drops(v: &mut Verdict, drops: &[HandshakeDrop], as_reason: bool) {
         ) {
             facts.location = Some(d.location.clone());
         }
-        match &d.context {
+        match d.context.as_deref() {
             Some(DropContext::ConntrackFull(ct)) => facts.conntrack = Some(*ct),
             Some(DropContext::RpFilter(rp)) => facts.rp_filter = Some(rp.clone()),
             _ => {}
         }
     }
-    if let Some(DropContext::Rule(finding)) = d.context.clone() {
-        apply_rule(v, finding);
+    if let Some(DropContext::Rule(finding)) = d.context.as_deref() {
+        apply_rule(v, finding.clone());
     }
     if as_reason && v.side == Side::Server {
         // The SYNs the client sent for this attempt, less the first.

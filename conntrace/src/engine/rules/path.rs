@@ -94,7 +94,7 @@ pub(crate) fn note_answers_dropped(c: &Conn, v: &mut Verdict) {
 
 /// The rule (or policy) that a netfilter drop's look-up named, if one.
 fn rule_of_drop(hs: &HandshakeDrop) -> Option<RuleRef> {
-    match &hs.context {
+    match hs.context.as_deref() {
         Some(DropContext::Rule(finding)) => rule_of(finding),
         _ => None,
     }

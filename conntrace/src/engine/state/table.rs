@@ -55,8 +55,10 @@ pub struct OrphanError {
 }
 
 pub struct Table {
-    /// Most connections (and, separately, attempts) tracked at once.
+    /// Most connections tracked at once (and, separately, most of each short-lived memory).
     max: usize,
+    /// Most attempts tracked at once, and most decided attempts remembered.
+    max_attempts: usize,
     next_id: u64,
     /// Ordered by creation: the first entry is the oldest.
     conns: BTreeMap<ConnId, Conn>,
@@ -107,9 +109,10 @@ fn path_key(t: FourTuple) -> FourTuple {
 }
 
 impl Table {
-    pub fn new(max: usize) -> Self {
+    pub fn new(max: usize, max_attempts: usize) -> Self {
         Self {
             max,
+            max_attempts,
             next_id: 0,
             conns: BTreeMap::new(),
             by_sk: HashMap::default(),
@@ -324,7 +327,7 @@ impl Table {
         new: impl FnOnce() -> Attempt,
     ) -> Option<&mut Attempt> {
         if !self.attempts.contains_key(&key) {
-            if self.attempts.len() >= self.max {
+            if self.attempts.len() >= self.max_attempts {
                 return None;
             }
             if let Some(log) = self.attempt_log.as_mut() {
@@ -335,7 +338,7 @@ impl Table {
     }
 
     pub fn has_room_for_attempt(&self, key: &AttemptKey) -> bool {
-        self.attempts.len() < self.max || self.attempts.contains_key(key)
+        self.attempts.len() < self.max_attempts || self.attempts.contains_key(key)
     }
 
     pub fn take_attempt(&mut self, key: &AttemptKey) -> Option<Attempt> {
@@ -352,7 +355,7 @@ impl Table {
     pub fn remember_decided_attempt(&mut self, (netns, tuple): AttemptKey, a: &Attempt) {
         if (a.drops.is_empty() && a.cookies.is_none())
             || (!self.decided_attempts.contains_key(&tuple)
-                && self.decided_attempts.len() >= self.max)
+                && self.decided_attempts.len() >= self.max_attempts)
         {
             return;
         }

@@ -488,3 +488,29 @@ fn a_syn_timeout_whose_icmp_answers_this_host_dropped_names_that_drop_and_rule()
     // Each dropped answer is a record too (the ICMP error, where it was dropped).
     assert_eq!(e.take_drops().len(), 3);
 }
+
+#[test]
+fn attempts_beyond_their_cap_are_drop_records_and_the_tracked_ones_still_decide() {
+    // A flood of dropped SYNs from five ports, the attempt table holding three.
+    let mut e = Engine::new(config(|c| c.max_attempts = 3));
+    for i in 0..5u16 {
+        let syn = dropped(MS, 0, tuple(SPORT + i, 3306), SYN, NETFILTER_DROP);
+        none(e.handle(syn));
+    }
+    let records = e.take_drops();
+    assert_eq!(records.len(), 2, "the two that found no room: {records:#?}");
+    let verdicts = e.tick(10 * SEC);
+    assert_eq!(verdicts.len(), 3, "{verdicts:#?}");
+    for v in &verdicts {
+        check(v, "server failed netfilter_drop -");
+    }
+    // Decided, they made room again.
+    none(e.handle(dropped(
+        11 * SEC,
+        0,
+        tuple(SPORT + 9, 3306),
+        SYN,
+        NETFILTER_DROP,
+    )));
+    assert!(e.take_drops().is_empty());
+}
