@@ -104,6 +104,23 @@ impl Log {
     }
 }
 
+/// Every 20 ms until `find` finds something: `None` after `timeout`, or as soon as the
+/// source `ended` without it. `ended` is read before each search, so that what came just
+/// before the end is found.
+fn poll<T>(timeout: Duration, ended: impl Fn() -> bool, find: impl Fn() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let ended = ended();
+        if let Some(found) = find() {
+            return Some(found);
+        }
+        if ended || Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// CONNTRACE_ATTACH (`best`, `tracepoints`) runs the same scenarios on another attach path:
 /// the VM kernel matrix runs them both ways and both must give the same verdicts.
 pub fn attach_args() -> Vec<String> {
@@ -235,17 +252,8 @@ impl Conntrace {
     /// unless RUST_LOG says otherwise, the last [`LOG_LINES`] lines) has a line containing
     /// `needle`: false after `timeout`, or as soon as the log ended without one.
     pub fn wait_for_log(&self, timeout: Duration, needle: &str) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let ended = self.log.ended.load(std::sync::atomic::Ordering::Acquire);
-            if self.log.has(needle) {
-                return true;
-            }
-            if ended || Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let ended = || self.log.ended.load(std::sync::atomic::Ordering::Acquire);
+        poll(timeout, ended, || self.log.has(needle).then_some(())).is_some()
     }
 
     /// Whether conntrace's stdout is closed: no line will come.
@@ -258,18 +266,18 @@ impl Conntrace {
     /// Waits until a line matches `pred`; `None` after `timeout`, or as soon as conntrace's
     /// output ended without one (a conntrace that exited on a usage error is not waited for).
     pub fn try_wait_for(&self, timeout: Duration, pred: impl Fn(&Line) -> bool) -> Option<Line> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            // Read before the lines are searched: a line printed just before the end is found.
-            let ended = self.output_ended();
-            if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| pred(l)) {
-                return Some(l.clone());
-            }
-            if ended || Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        poll(
+            timeout,
+            || self.output_ended(),
+            || {
+                self.lines
+                    .lock()
+                    .expect("lines")
+                    .iter()
+                    .find(|l| pred(l))
+                    .cloned()
+            },
+        )
     }
 
     /// Waits ([`VERDICT_WAIT`] at most) for a verdict in namespace `netns`, then stops

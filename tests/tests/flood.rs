@@ -158,11 +158,10 @@ fn flood(args: &[&str], victim_at: VictimAt) -> FloodRun {
                 Duration::from_secs(90),
                 "the kernel's table of followed handshake attempts is full",
             );
-            let netstat = hosts.server.exec(&["cat", "/proc/net/netstat"]);
-            let sent = tcp_ext(&netstat, "SyncookiesSent").unwrap_or(0);
             assert!(
                 full,
-                "the flood did not fill conntrace's table of followed attempts: {sent} SYN cookies sent in {:?} (too slow a sender?)",
+                "the flood did not fill conntrace's table of followed attempts: {} SYN cookies sent in {:?} (too slow a sender?)",
+                cookies_sent(&hosts),
                 started.elapsed()
             );
         }
@@ -228,8 +227,7 @@ fn flood(args: &[&str], victim_at: VictimAt) -> FloodRun {
 fn wait_for_cookies(hosts: &TwoHosts, n: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let netstat = hosts.server.exec(&["cat", "/proc/net/netstat"]);
-        let sent = tcp_ext(&netstat, "SyncookiesSent").unwrap_or(0);
+        let sent = cookies_sent(hosts);
         if sent >= n {
             return;
         }
@@ -239,6 +237,12 @@ fn wait_for_cookies(hosts: &TwoHosts, n: u64) {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// SYN cookies the server's namespace has sent so far (TcpExt `SyncookiesSent`).
+fn cookies_sent(hosts: &TwoHosts) -> u64 {
+    let netstat = hosts.server.exec(&["cat", "/proc/net/netstat"]);
+    tcp_ext(&netstat, "SyncookiesSent").unwrap_or(0)
 }
 
 /// The value of `TcpExt: field` in `/proc/net/netstat`'s text (a line of names, then a line

@@ -14,8 +14,9 @@ pub struct EngineConfig {
     pub max_connections: usize,
     /// Most connection attempts without a socket (dropped handshakes, SYN cookies) tracked at
     /// once, and most decided ones remembered: a flood of spoofed SYNs opens one per SYN,
-    /// each kept with its drops (about 700 bytes at the 100,000-SYN flood's peak). Beyond
-    /// it a drop is a `drop` record (capped per second, counted in `drops_by_reason`).
+    /// each kept with its drops (the README's 100,000-SYN flood peaked at 87 MiB with the
+    /// connection cap here and larger drop entries, 47 MiB since). Beyond it a drop is a
+    /// `drop` record (capped per second, counted in `drops_by_reason`).
     pub max_attempts: usize,
     /// A connection with no event for this long is forgotten (and counted if unresolved).
     pub idle_expiry_ns: u64,
