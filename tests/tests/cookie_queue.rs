@@ -39,14 +39,9 @@ fn a_cookie_that_validates_once_the_full_accept_queue_drains_is_no_lost_ack() {
                 "-j",
                 "DROP",
             ])
-            .serve(&[
-                "--backlog",
-                "0",
-                "--accept-delay-ms",
-                "4000",
-                "--respond",
-                "5",
-            ])
+            // conntrace first: the accept delay counts from the server's start, and loading
+            // the programs took seconds under emulation (on 6.12 the server had accepted
+            // before the late client's request came).
             .conntrace(&[
                 "--port",
                 "3306",
@@ -54,6 +49,14 @@ fn a_cookie_that_validates_once_the_full_accept_queue_drains_is_no_lost_ack() {
                 follow,
                 "--stall-timeout",
                 "20s",
+            ])
+            .serve(&[
+                "--backlog",
+                "0",
+                "--accept-delay-ms",
+                "4000",
+                "--respond",
+                "5",
             ]);
         let request = [
             "--request",
