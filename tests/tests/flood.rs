@@ -4,12 +4,14 @@
 //! follow modes: `established` with `--all`, and none at all in the default quiet mode (a
 //! healthy connection whose cookie validated is not a failure, however many spoofed cookie
 //! attempts are open around it).
-//! The full-size run is the same test with `CONNTRACE_FLOOD_SYNS=100000` (README, "Floods"):
-//! hping3 then sends every 10 µs instead of every 100 µs.
+//! Two more floods fill memories of their own: spoofed SYNs at a closed port (refusals), and
+//! SYNs a forwarding router's firewall drops (path drops, kept by connection).
+//! The full-size run is the same tests with `CONNTRACE_FLOOD_SYNS=100000` (README, "Floods"):
+//! hping3 then sends every 10 µs.
 
 use std::{process::Stdio, time::Duration};
 
-use conntrace_tests::{PORT, Proc, Scenario, TwoHosts, connect, proc_mib};
+use conntrace_tests::{Netns, PORT, Proc, Scenario, TwoHosts, connect, proc_mib};
 use serde_json::Value;
 
 /// SYNs in CI.
@@ -96,6 +98,57 @@ fn a_spoofed_flood_at_a_closed_port_is_the_servers_refusals_capped() {
         syns,
         "every refusal printed or counted: {summary}"
     );
+}
+
+#[test]
+fn a_flood_a_forwarding_hosts_firewall_drops_keeps_conntrace_small() {
+    // A router whose FORWARD chain drops port 3306: every SYN of the flood (each from the next
+    // source port, a connection of its own) is a drop on the path, which conntrace keeps by
+    // connection for minutes (a connection can take that long to die). At most 50 drop
+    // records a second, the rest counted; peak RSS within the target.
+    let (syns, interval) = match std::env::var("CONNTRACE_FLOOD_SYNS") {
+        Ok(v) => (v.parse().expect("CONNTRACE_FLOOD_SYNS is a number"), "u10"),
+        Err(_) => (CI_SYNS, "u100"),
+    };
+    let Scenario { hosts, ct, .. } = Scenario::routed()
+        .in_router(&[
+            "iptables", "-A", "FORWARD", "-p", "tcp", "--dport", "3306", "-j", "DROP",
+        ])
+        .conntrace(&["--port", "3306"]);
+    hping3(&hosts.client, &hosts.server_ip, None, interval, syns)
+        .wait(Duration::from_secs(300), "hping3");
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = proc_mib(ct.pid(), "VmHWM");
+    let values = ct.stop();
+    let summary = values.last().expect("summary");
+    let drops = summary["drops_by_reason"]["NETFILTER_DROP"]
+        .as_u64()
+        .unwrap_or(0);
+    let records = conntrace_tests::drops_in(&values, hosts.router.inode());
+    println!(
+        "MEASURED flood through a forwarding host's firewall: {syns} SYNs, {drops} dropped, {} drop records, {} suppressed, {} lost, peak RSS {rss:.1} MiB",
+        records.len(),
+        summary["drop_records_suppressed"],
+        summary["lost_events"]
+    );
+    assert!(rss <= 64.0, "peak RSS {rss:.1} MiB");
+    assert!(
+        drops >= syns * 9 / 10,
+        "the router's drops were seen: {summary}"
+    );
+    let suppressed = summary["drop_records_suppressed"].as_u64().unwrap_or(0);
+    assert_eq!(
+        suppressed + records.len() as u64,
+        drops,
+        "every drop recorded or counted: {summary}"
+    );
+    for r in &records {
+        assert_eq!(
+            (&r["kernel_reason"], r["daddr"].as_str()),
+            (&"NETFILTER_DROP".into(), Some(hosts.server_ip.as_str())),
+            "{r}"
+        );
+    }
 }
 
 /// What one flood run left: the records and the victim's client port.
@@ -272,25 +325,34 @@ fn tcp_ext(netstat: &str, field: &str) -> Option<u64> {
 /// `hping3` in the client host: `syns` SYNs to the server's port from `spoofed`, one every
 /// `interval` (hping3's `-i`).
 fn start_flood(hosts: &TwoHosts, spoofed: &str, interval: &str, syns: u64) -> Proc {
+    hping3(
+        &hosts.client,
+        &hosts.server_ip,
+        Some(spoofed),
+        interval,
+        syns,
+    )
+}
+
+/// `hping3` in `ns`: `syns` SYNs to `target`'s port 3306, from `spoofed` or the host's own
+/// address, one every `interval` (hping3's `-i`), each from the next source port.
+fn hping3(ns: &Netns, target: &str, spoofed: Option<&str>, interval: &str, syns: u64) -> Proc {
+    let mut cmd = ns.command("hping3");
+    cmd.args([
+        "-q",
+        "-S",
+        "-p",
+        "3306",
+        "-i",
+        interval,
+        "-c",
+        &syns.to_string(),
+    ]);
+    if let Some(a) = spoofed {
+        cmd.args(["-a", a]);
+    }
     Proc::spawn(
-        hosts
-            .client
-            .command("hping3")
-            .args([
-                "-q",
-                "-S",
-                "-a",
-                spoofed,
-                "-p",
-                "3306",
-                "-i",
-                interval,
-                "-c",
-                &syns.to_string(),
-            ])
-            .arg(&hosts.server_ip)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
+        cmd.arg(target).stdout(Stdio::null()).stderr(Stdio::null()),
         "hping3 (package hping3)",
     )
 }

@@ -67,7 +67,7 @@ pub struct Engine {
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Self {
         Self {
-            table: Table::new(cfg.max_connections, cfg.max_attempts),
+            table: Table::new(cfg.max_connections, cfg.max_attempts, cfg.max_kept_drops),
             cfg,
             lookups: Lookups::default(),
             windows: state::RateWindows::default(),

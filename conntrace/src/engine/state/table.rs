@@ -59,6 +59,9 @@ pub struct Table {
     max: usize,
     /// Most attempts tracked at once, and most decided attempts remembered.
     max_attempts: usize,
+    /// Most connections whose drops are kept without a connection here (`path_drops`,
+    /// `unfollowed_drops`).
+    max_kept_drops: usize,
     next_id: u64,
     /// Ordered by creation: the first entry is the oldest.
     conns: BTreeMap<ConnId, Conn>,
@@ -109,10 +112,11 @@ fn path_key(t: FourTuple) -> FourTuple {
 }
 
 impl Table {
-    pub fn new(max: usize, max_attempts: usize) -> Self {
+    pub fn new(max: usize, max_attempts: usize, max_kept_drops: usize) -> Self {
         Self {
             max,
             max_attempts,
+            max_kept_drops,
             next_id: 0,
             conns: BTreeMap::new(),
             by_sk: HashMap::default(),
@@ -432,7 +436,9 @@ impl Table {
         tuple: FourTuple,
         d: HandshakeDrop,
     ) -> bool {
-        if !self.unfollowed_drops.contains_key(&tuple) && self.unfollowed_drops.len() >= self.max {
+        if !self.unfollowed_drops.contains_key(&tuple)
+            && self.unfollowed_drops.len() >= self.max_kept_drops
+        {
             return false;
         }
         let u = self
@@ -499,7 +505,7 @@ impl Table {
     /// the same namespace); false when the table is full.
     pub fn add_path_drop(&mut self, tuple: FourTuple, ts_ns: u64, new: PathDrop) -> bool {
         let key = path_key(tuple);
-        if !self.path_drops.contains_key(&key) && self.path_drops.len() >= self.max {
+        if !self.path_drops.contains_key(&key) && self.path_drops.len() >= self.max_kept_drops {
             return false;
         }
         let (last, drops) = self.path_drops.entry(key).or_insert((ts_ns, Vec::new()));

@@ -128,3 +128,33 @@ fn full_size_retransmissions_are_a_black_hole_unless_the_path_dropped_them_for_a
         );
     }
 }
+
+#[test]
+fn forwarded_drops_beyond_their_cap_are_counted_not_kept() {
+    // A flood through a forwarding host's firewall, one connection per source port: at most
+    // `max_kept_drops` connections' drops are kept for their ends' verdicts.
+    let (kept, unkept) = (Sock::client(SK_A, SPORT), Sock::client(SK_B, SPORT + 1));
+    let mut e = Engine::new(config(|c| c.max_kept_drops = 1)).with_namespace_lookup(router());
+    let events = vec![
+        kept.connect(MS, 100, "client"),
+        unkept.connect(MS, 101, "client"),
+        forwarded_syn_dropped(kept, 2 * MS),
+        forwarded_syn_dropped(unkept, 3 * MS),
+        kept.closed(3 * SEC, S::SynSent, Some(libc::ETIMEDOUT)),
+        unkept.closed(3 * SEC, S::SynSent, Some(libc::ETIMEDOUT)),
+    ];
+    let mut out = feed(&mut e, events);
+    out.extend(e.tick(LATER));
+    assert_eq!(out.len(), 2, "{out:#?}");
+    let by_port = |port| {
+        out.iter()
+            .find(|v| v.tuple().is_some_and(|t| t.sport == port))
+            .unwrap_or_else(|| panic!("a verdict from port {port}: {out:#?}"))
+    };
+    let (kept_v, unkept_v) = (by_port(SPORT), by_port(SPORT + 1));
+    check(kept_v, "client failed syn_timeout ETIMEDOUT");
+    assert_eq!(detail(kept_v, "path_drops")[0]["netns"], ROUTER);
+    check(unkept_v, "client failed syn_timeout ETIMEDOUT");
+    assert!(detail(unkept_v, "path_drops").is_null(), "{unkept_v:#?}");
+    assert_eq!(e.summary().forwarded_drops, 2, "both counted");
+}
