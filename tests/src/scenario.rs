@@ -53,6 +53,12 @@ impl Scenario {
             .in_client(&["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535"])
             .serve_load(port)
     }
+
+    /// Fresh hosts with `ctload serve --echo` (greeting, then what it reads sent back) in the
+    /// server one on `port`: the benchmark's pooled clients.
+    pub fn pooled(port: u16) -> Scenario<(), Proc> {
+        Scenario::new().serve_load_with(port, &["--echo"])
+    }
 }
 
 impl Scenario<(), (), ThreeHosts> {
@@ -145,11 +151,17 @@ impl<C, H: Hosts> Scenario<C, (), H> {
     /// Starts `ctload serve` (greeting, then close: churn) on the server host's address and
     /// `port` now.
     pub fn serve_load(self, port: u16) -> Scenario<C, Proc, H> {
+        self.serve_load_with(port, &[])
+    }
+
+    /// [`Scenario::serve_load`] with more of `ctload serve`'s options (`--echo`).
+    pub fn serve_load_with(self, port: u16, extra: &[&str]) -> Scenario<C, Proc, H> {
         let server = Proc::spawn(
             self.hosts
                 .server()
                 .command(helper_bin("ctload").to_str().expect("utf-8 path"))
                 .args(["serve", self.hosts.server_ip(), &port.to_string()])
+                .args(extra)
                 .stdout(Stdio::null()),
             "ctload serve",
         );

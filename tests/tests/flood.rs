@@ -52,10 +52,7 @@ fn a_spoofed_flood_at_a_closed_port_is_the_servers_refusals_capped() {
     // later. At most 50 refusal lines a second, the rest counted; the dropped RSTs are the
     // refusals' own, never a second verdict with the addresses swapped. Full size
     // (`CONNTRACE_FLOOD_SYNS`): every 10 µs, and each refusal remembered for its drops.
-    let (syns, interval) = match std::env::var("CONNTRACE_FLOOD_SYNS") {
-        Ok(v) => (v.parse().expect("CONNTRACE_FLOOD_SYNS is a number"), "u10"),
-        Err(_) => (300, "u200"),
-    };
+    let (syns, interval) = flood_size(300, "u200");
     let Scenario { hosts, ct, .. } = Scenario::new().conntrace(&["--port", "3306"]);
     let spoofed = hosts.unowned_ip(52);
     let started = std::time::Instant::now();
@@ -106,10 +103,7 @@ fn a_flood_a_forwarding_hosts_firewall_drops_keeps_conntrace_small() {
     // source port, a connection of its own) is a drop on the path, which conntrace keeps by
     // connection for minutes (a connection can take that long to die). At most 50 drop
     // records a second, the rest counted; peak RSS within the target.
-    let (syns, interval) = match std::env::var("CONNTRACE_FLOOD_SYNS") {
-        Ok(v) => (v.parse().expect("CONNTRACE_FLOOD_SYNS is a number"), "u10"),
-        Err(_) => (CI_SYNS, "u100"),
-    };
+    let (syns, interval) = flood_size(CI_SYNS, "u100");
     let Scenario { hosts, ct, .. } = Scenario::routed()
         .in_router(&[
             "iptables", "-A", "FORWARD", "-p", "tcp", "--dport", "3306", "-j", "DROP",
@@ -148,6 +142,19 @@ fn a_flood_a_forwarding_hosts_firewall_drops_keeps_conntrace_small() {
             (&"NETFILTER_DROP".into(), Some(hosts.server_ip.as_str())),
             "{r}"
         );
+    }
+}
+
+/// How many SYNs a flood sends, and how often (hping3's `-i`): `CONNTRACE_FLOOD_SYNS` (the
+/// full-size run, every 10 µs; every 100 µs for a few thousand), else CI's `ci` every
+/// `ci_interval`.
+fn flood_size(ci: u64, ci_interval: &'static str) -> (u64, &'static str) {
+    match std::env::var("CONNTRACE_FLOOD_SYNS") {
+        Ok(v) => {
+            let n: u64 = v.parse().expect("CONNTRACE_FLOOD_SYNS is a number");
+            (n, if n > 3 * CI_SYNS { "u10" } else { "u100" })
+        }
+        Err(_) => (ci, ci_interval),
     }
 }
 
@@ -201,13 +208,7 @@ impl VictimAt {
 /// connects a victim client at `victim_at` (it must get its greeting), and checks what holds
 /// in every mode: the flood shows in the kernel's counters, losses are counted, peak RSS.
 fn flood(args: &[&str], victim_at: VictimAt) -> FloodRun {
-    let (syns, interval) = match std::env::var("CONNTRACE_FLOOD_SYNS") {
-        Ok(v) => {
-            let n: u64 = v.parse().expect("CONNTRACE_FLOOD_SYNS is a number");
-            (n, if n > 3 * CI_SYNS { "u10" } else { "u100" })
-        }
-        Err(_) => (victim_at.ci_syns(), "u100"),
-    };
+    let (syns, interval) = flood_size(victim_at.ci_syns(), "u100");
     let Scenario {
         hosts,
         ct,

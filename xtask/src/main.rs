@@ -80,7 +80,9 @@ enum Task {
         /// one CPU, else 2), --without CAP,..., --modes PEER,... (only these peers beside
         /// untraced, traced and unrelated), --compare-with BIN (only each program's cost here
         /// and in BIN, both tracing one churn at once, N runs), --programs-only (only each
-        /// program's runs and ns per connection, tracing the churned port and another).
+        /// program's runs and ns per connection, tracing the churned port and another), --pooled
+        /// (instead of the churn, persistent connections exchanging 64-byte requests: its last
+        /// line is `bench pooled: traced/untraced=R1 unrelated/untraced=R2 lost=N`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },

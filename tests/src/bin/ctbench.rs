@@ -22,7 +22,8 @@
 //! last phase with `conntrace --bpf-stats` what each program costs per connection (costs.rs).
 //! The last line is `bench: traced/untraced=R1 unrelated/untraced=R2 lost=N`.
 //! `--compare-with BIN` runs only a comparison of each program's cost in this build and in
-//! BIN, both tracing the same churn at once (compare.rs).
+//! BIN, both tracing the same churn at once (compare.rs). `--pooled` runs a second workload
+//! instead of the churn: persistent connections exchanging small requests (pooled.rs).
 
 // A binary's root resolves modules beside it: these live in ctbench/.
 #[path = "ctbench/bpftrace.rs"]
@@ -39,6 +40,8 @@ mod floor;
 mod hooks;
 #[path = "ctbench/peers.rs"]
 mod peers;
+#[path = "ctbench/pooled.rs"]
+mod pooled;
 #[path = "ctbench/report.rs"]
 mod report;
 #[path = "ctbench/stats.rs"]
@@ -87,6 +90,11 @@ struct Args {
     /// churned port and another port, one phase each.
     #[arg(long, conflicts_with_all = ["compare_with", "modes", "rounds"])]
     programs_only: bool,
+    /// Instead of the churn, the pooled workload: persistent connections exchanging 64-byte
+    /// requests and answers (pooled.rs), in the modes untraced, traced, unrelated and the
+    /// floors (`--modes floor,...` picks among the floors).
+    #[arg(long, conflicts_with_all = ["compare_with", "programs_only"])]
+    pooled: bool,
 }
 
 /// A CPU to pin to, or none.
@@ -412,6 +420,10 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if args.pooled {
+        pooled::report(rounds, phase_ms, parallel, (&modes, &peers));
+        return;
+    }
     println!(
         "bench: {} rounds of {phase_ms} ms phases, {parallel} churning thread(s), {}",
         rounds,

@@ -1,6 +1,7 @@
 //! Load generator for the benchmark: connection churn as fast as the machine allows.
 //!
-//! `ctload serve ADDR PORT [--threads N]`: accepts, writes a greeting, closes (N accept threads).
+//! `ctload serve ADDR PORT [--threads N] [--echo]`: accepts, writes a greeting, closes (N accept
+//! threads); with `--echo`, a thread per connection then sends back what it reads until EOF.
 //! `ctload churn ADDR PORT --for-ms T [--parallel K] [--rate R] [--count N] [--slice-ms S]`:
 //! K threads connect, read the greeting and the server's FIN, and close, again and again for
 //! T ms or until N connections were made (at most R connections a second in all, when given);
@@ -9,6 +10,10 @@
 //! the CPU time (user + system, all threads) the churn used and `slices` the rate
 //! (connections a second) of each S ms slice of the churn, in order (empty without
 //! `--slice-ms`).
+//! `ctload pingpong ADDR PORT --for-ms T [--parallel K] [--size B] [--slice-ms S]`: K threads
+//! each connect once (to a `--echo` server), read the greeting, then write B bytes (64) and
+//! read them back, again and again for T ms, as a pooled database client's queries; prints
+//! `{"requests":N,"failed":F,"ms":T,"per_second":R,"cpu_s":C,"slices":[...]}` (requests).
 
 use std::{
     io::{Read, Write},
@@ -35,6 +40,7 @@ fn serve(addr: SocketAddr, args: &[String]) {
     println!("listening");
     std::io::stdout().flush().ok();
     let threads = flag(args, "--threads").unwrap_or(2);
+    let echo = args.iter().any(|a| a == "--echo");
     let workers: Vec<_> = (0..threads)
         .map(|_| {
             let l = Arc::clone(&listener);
@@ -42,7 +48,11 @@ fn serve(addr: SocketAddr, args: &[String]) {
                 loop {
                     if let Ok((mut s, _)) = l.accept() {
                         s.write_all(b"hello\n").ok();
-                        // Dropped: the server closes first, as a greeting server that is done.
+                        if echo {
+                            std::thread::spawn(move || echo_until_eof(s));
+                        }
+                        // Else dropped: the server closes first, as a greeting server that
+                        // is done.
                     }
                 }
             })
@@ -92,6 +102,34 @@ fn churn(addr: SocketAddr, args: &[String]) {
     // --slice-ms slice completed, as a rate.
     let deadline = start + Duration::from_millis(for_ms);
     let slice = flag(args, "--slice-ms").map(Duration::from_millis);
+    let slices = sample_slices(&ok, &workers, (start, deadline), slice);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().ok();
+    }
+    let done = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    report("connections", done, start, &slices);
+}
+
+/// Sends back what `s` reads until its peer closes.
+fn echo_until_eof(mut s: TcpStream) {
+    s.set_nodelay(true).ok();
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 || s.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+/// Rates (a second) of each `slice` of a run that counts `done` until `deadline` or until
+/// every worker finished.
+fn sample_slices(
+    done: &AtomicU64,
+    workers: &[std::thread::JoinHandle<()>],
+    (start, deadline): (Instant, Instant),
+    slice: Option<Duration>,
+) -> Vec<f64> {
     let mut slices: Vec<f64> = Vec::new();
     let (mut slice_start, mut slice_done) = (start, 0);
     while Instant::now() < deadline && workers.iter().any(|w| !w.is_finished()) {
@@ -101,26 +139,70 @@ fn churn(addr: SocketAddr, args: &[String]) {
         if let Some(slice) = slice {
             let now = Instant::now();
             if now - slice_start >= slice {
-                let done = ok.load(Ordering::Relaxed);
-                slices.push((done - slice_done) as f64 / (now - slice_start).as_secs_f64());
-                (slice_start, slice_done) = (now, done);
+                let n = done.load(Ordering::Relaxed);
+                slices.push((n - slice_done) as f64 / (now - slice_start).as_secs_f64());
+                (slice_start, slice_done) = (now, n);
             }
         }
     }
+    slices
+}
+
+/// Prints a run's JSON line: `unit` done and failed, its rate, the CPU it used, its slices.
+fn report(unit: &str, (done, failed): (u64, u64), start: Instant, slices: &[f64]) {
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let slices: Vec<String> = slices.iter().map(|r| format!("{r:.0}")).collect();
+    println!(
+        "{{\"{unit}\":{done},\"failed\":{failed},\"ms\":{ms:.1},\"per_second\":{:.1},\"cpu_s\":{:.4},\"slices\":[{}]}}",
+        done as f64 / (ms / 1000.0),
+        cpu_seconds(),
+        slices.join(",")
+    );
+}
+
+/// `parallel` connections, each writing `size` bytes and reading them back until `stop`.
+fn pingpong(addr: SocketAddr, args: &[String]) {
+    let for_ms = flag(args, "--for-ms").unwrap_or(3000);
+    let parallel = flag(args, "--parallel").unwrap_or(1).max(1);
+    let size = flag(args, "--size").unwrap_or(64).clamp(1, 4096) as usize;
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..parallel)
+        .map(|_| {
+            let (ok, failed, stop) = (Arc::clone(&ok), Arc::clone(&failed), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let (request, mut reply) = (vec![b'q'; size], vec![0u8; size]);
+                let mut greeting = [0u8; 6];
+                let connected = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                    .and_then(|mut s| s.read_exact(&mut greeting).map(|()| s));
+                let Ok(mut s) = connected else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                };
+                s.set_nodelay(true).ok();
+                while !stop.load(Ordering::Relaxed) {
+                    if s.write_all(&request)
+                        .and_then(|()| s.read_exact(&mut reply))
+                        .is_err()
+                    {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let deadline = start + Duration::from_millis(for_ms);
+    let slice = flag(args, "--slice-ms").map(Duration::from_millis);
+    let slices = sample_slices(&ok, &workers, (start, deadline), slice);
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().ok();
     }
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
-    let n = ok.load(Ordering::Relaxed);
-    let slices: Vec<String> = slices.iter().map(|r| format!("{r:.0}")).collect();
-    println!(
-        "{{\"connections\":{n},\"failed\":{},\"ms\":{ms:.1},\"per_second\":{:.1},\"cpu_s\":{:.4},\"slices\":[{}]}}",
-        failed.load(Ordering::Relaxed),
-        n as f64 / (ms / 1000.0),
-        cpu_seconds(),
-        slices.join(",")
-    );
+    let done = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    report("requests", done, start, &slices);
 }
 
 /// Reads the greeting (its length), then up to the server's FIN, so that the client closes
@@ -154,7 +236,7 @@ fn cpu_seconds() -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: ctload serve|churn ADDR PORT [options]";
+    let usage = "usage: ctload serve|churn|pingpong ADDR PORT [options]";
     let (Some(mode), Some(addr), Some(port)) = (args.get(1), args.get(2), args.get(3)) else {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -167,6 +249,7 @@ fn main() {
     match mode.as_str() {
         "serve" => serve(addr, &args[4..]),
         "churn" => churn(addr, &args[4..]),
+        "pingpong" => pingpong(addr, &args[4..]),
         _ => {
             eprintln!("{usage}");
             std::process::exit(2);

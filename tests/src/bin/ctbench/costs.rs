@@ -20,8 +20,8 @@ pub fn per_run(runs: u64, run_ns: u64) -> f64 {
     }
 }
 
-/// One program's line: runs, runs per connection, ns per run, µs per connection, and µs per
-/// connection of its time above the floor (`above_ns` in all).
+/// One program's line: runs, runs per connection (or per request), ns per run, µs per
+/// connection, and µs per connection of its time above the floor (`above_ns` in all).
 fn line(name: &str, runs: u64, run_ns: u64, above_ns: f64, connections: f64) -> String {
     format!(
         "  {name:<32} {runs:>10} {:>9.2} {:>7.0} {:>9.3} {:>11.3}",
@@ -46,9 +46,10 @@ pub fn figures(programs: &[Value]) -> Vec<(&str, u64, u64)> {
         .collect()
 }
 
-/// The table for a summary's `programs` and the phase's connection count, with the floor:
-/// the cheapest ns a run of a program that runs at least once per connection.
-pub fn table(programs: &[Value], connections: f64) -> (Vec<String>, f64) {
+/// The table for a summary's `programs` and the phase's count of `unit`s (`conn`, or `req`
+/// for the pooled workload's requests), with the floor: the cheapest ns a run of a program
+/// that runs at least once per unit.
+pub fn table(programs: &[Value], connections: f64, unit: &str) -> (Vec<String>, f64) {
     let connections = connections.max(1.0);
     let figures = figures(programs);
     let floor = figures
@@ -59,7 +60,12 @@ pub fn table(programs: &[Value], connections: f64) -> (Vec<String>, f64) {
         .unwrap_or(0.0);
     let mut lines = vec![format!(
         "  {:<32} {:>10} {:>9} {:>7} {:>9} {:>11}",
-        "program", "runs", "runs/conn", "ns/run", "µs/conn", "above floor"
+        "program",
+        "runs",
+        format!("runs/{unit}"),
+        "ns/run",
+        format!("µs/{unit}"),
+        "above floor"
     )];
     let (mut runs, mut run_ns, mut above) = (0, 0, 0.0);
     for &(name, n, ns) in &figures {
@@ -105,7 +111,7 @@ pub fn report(port: u16, phase_ms: u64, parallel: u64, without: Option<&str>) {
         "per program, tracing {which} (conntrace --bpf-stats, a separate phase, not in the ratios: {:.0} connections, {:.0}/s):",
         run.connections, run.per_second
     );
-    let (lines, floor) = table(programs, run.connections);
+    let (lines, floor) = table(programs, run.connections, "conn");
     for l in lines {
         println!("{l}");
     }
@@ -127,7 +133,7 @@ mod tests {
             r#"[{"program":"inet_sock_set_state","runs":800000,"run_ns":196000000},{"program":"fib_table_lookup","runs":900000,"run_ns":31500000},{"program":"kfree_skb","runs":0,"run_ns":0}]"#,
         )
         .expect("JSON");
-        let (lines, floor) = super::table(&programs, 100_000.0);
+        let (lines, floor) = super::table(&programs, 100_000.0, "conn");
         assert_eq!(floor, 35.0, "fib_table_lookup's ns a run");
         assert_eq!(
             lines.join("\n"),
