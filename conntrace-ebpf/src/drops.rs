@@ -17,8 +17,8 @@ use conntrace_common::{
 use crate::{
     EVENTS, config, count_lost,
     data::sock_ports,
-    field, header, kread, mark_after_loss, netns_of_skb, netns_of_sock, new_tuple, port_traced,
-    quiet,
+    field, header, kread, mark_after_loss, netns_of_skb, netns_of_skb_route, netns_of_sock,
+    new_tuple, port_traced, quiet,
     sock::{Origin, typed_skb_protocol, typed_sock_ports},
     submit_flags,
 };
@@ -324,9 +324,13 @@ fn dropped<C: EbpfContext>(
         (_, at) => kread::<u8>(prog, owner + at as u64).map(u32::from),
     };
     // The TCP receive path reuses skb->dev as scratch space: fall back to the sockets.
+    // Last, the route's device: TCP's receive path reuses `skb->dev` as scratch space, and
+    // the classic tracepoint gives no receiving socket (on 6.1 a SYN cookie's ACK dropped
+    // by a full accept queue had no namespace, so its attempt never saw it).
     let netns = netns_of_skb(prog, o, skb)
         .or_else(|| netns_of_sock(prog, o, sk))
-        .or_else(|| netns_of_sock(prog, o, rx_sk));
+        .or_else(|| netns_of_sock(prog, o, rx_sk))
+        .or_else(|| netns_of_skb_route(prog, o, skb));
     let ifindex: Option<u32> = if o.skb_iif == KernelOffsets::MISSING {
         None
     } else {

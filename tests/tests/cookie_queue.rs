@@ -87,16 +87,20 @@ fn a_cookie_that_validates_once_the_full_accept_queue_drains_is_no_lost_ack() {
 
         let server_ns = hosts.server.inode();
         let server = verdicts_in(&values, server_ns);
-        let lost: Vec<&Value> = server
-            .iter()
-            .filter(|v| v["reason"] == "syncookie_ack_lost")
-            .collect();
-        assert!(lost.is_empty(), "--follow {follow}: {lost:#?}");
         let summary = values.last().expect("summary");
         let counters = &summary["tcp_counters"][server_ns.to_string()];
         println!(
             "MEASURED --follow {follow}: late client answered after {} ms; server ListenOverflows {}, drops {}",
             late[0]["ms"], counters["ListenOverflows"], summary["drops_by_reason"]
+        );
+        let lost: Vec<&Value> = server
+            .iter()
+            .filter(|v| v["reason"] == "syncookie_ack_lost")
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "--follow {follow}: {lost:#?}; the server's drop records: {:#?}",
+            conntrace_tests::drops_in(&values, server_ns)
         );
         // The queue did overflow on the late client's request (the case under test).
         assert!(
