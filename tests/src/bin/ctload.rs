@@ -98,17 +98,14 @@ fn churn(addr: SocketAddr, args: &[String]) {
             })
         })
         .collect();
-    // Until the time is up or every worker stopped at the count; the connections each
-    // --slice-ms slice completed, as a rate.
-    let deadline = start + Duration::from_millis(for_ms);
-    let slice = flag(args, "--slice-ms").map(Duration::from_millis);
-    let slices = sample_slices(&ok, &workers, (start, deadline), slice);
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().ok();
-    }
-    let done = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    report("connections", done, start, &slices);
+    // Until the time is up or every worker stopped at the count.
+    finish(
+        "connections",
+        args,
+        (start, for_ms),
+        workers,
+        (&ok, &failed, &stop),
+    );
 }
 
 /// Sends back what `s` reads until its peer closes.
@@ -146,6 +143,26 @@ fn sample_slices(
         }
     }
     slices
+}
+
+/// Waits for the run's end (`for_ms` after `start`, or every worker done), sampling each
+/// `--slice-ms` slice's rate, stops and joins the workers, and prints the JSON line.
+fn finish(
+    unit: &str,
+    args: &[String],
+    (start, for_ms): (Instant, u64),
+    workers: Vec<std::thread::JoinHandle<()>>,
+    (ok, failed, stop): (&AtomicU64, &AtomicU64, &AtomicBool),
+) {
+    let deadline = start + Duration::from_millis(for_ms);
+    let slice = flag(args, "--slice-ms").map(Duration::from_millis);
+    let slices = sample_slices(ok, &workers, (start, deadline), slice);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().ok();
+    }
+    let done = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    report(unit, done, start, &slices);
 }
 
 /// Prints a run's JSON line: `unit` done and failed, its rate, the CPU it used, its slices.
@@ -194,15 +211,13 @@ fn pingpong(addr: SocketAddr, args: &[String]) {
             })
         })
         .collect();
-    let deadline = start + Duration::from_millis(for_ms);
-    let slice = flag(args, "--slice-ms").map(Duration::from_millis);
-    let slices = sample_slices(&ok, &workers, (start, deadline), slice);
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().ok();
-    }
-    let done = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    report("requests", done, start, &slices);
+    finish(
+        "requests",
+        args,
+        (start, for_ms),
+        workers,
+        (&ok, &failed, &stop),
+    );
 }
 
 /// Reads the greeting (its length), then up to the server's FIN, so that the client closes

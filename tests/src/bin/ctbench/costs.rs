@@ -79,6 +79,23 @@ pub fn table(programs: &[Value], connections: f64, unit: &str) -> (Vec<String>, 
     (lines, floor)
 }
 
+/// Runs `workload` under `conntrace ARGS` (which has `--bpf-stats`): its result, and the
+/// summary's `programs` with its kernel event count (none without `programs`).
+pub fn with_bpf_stats<R>(
+    args: &[&str],
+    workload: impl FnOnce() -> R,
+) -> (R, Option<(Vec<Value>, f64)>) {
+    let ct = Conntrace::start(args);
+    let run = workload();
+    let values = ct.stop();
+    let summary = values.last().expect("summary");
+    let stats = summary["programs"].as_array().map(|p| {
+        let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
+        (p.clone(), events)
+    });
+    (run, stats)
+}
+
 /// Runs the phase with conntrace tracing `port` (the churned one, or another to see what an
 /// unrelated port costs) and prints the table and the kernel events per connection.
 pub fn report(port: u16, phase_ms: u64, parallel: u64, without: Option<&str>) {
@@ -93,20 +110,19 @@ pub fn report(port: u16, phase_ms: u64, parallel: u64, without: Option<&str>) {
     if let Some(without) = without {
         args.extend(["--without", without]);
     }
-    let ct = Conntrace::start(&args);
-    let run = crate::churn(
-        &setup.hosts.client,
-        &setup.hosts.server_ip,
-        phase_ms,
-        parallel,
-    );
-    let values = ct.stop();
-    let summary = values.last().expect("summary");
-    let Some(programs) = summary["programs"].as_array() else {
+    let (run, stats) = with_bpf_stats(&args, || {
+        crate::churn(
+            &setup.hosts.client,
+            &setup.hosts.server_ip,
+            phase_ms,
+            parallel,
+        )
+    });
+    let Some((programs, events)) = stats else {
         println!("per program: conntrace --bpf-stats wrote no `programs` in its summary");
         return;
     };
-    let events = summary["kernel_events"].as_f64().unwrap_or(0.0);
+    let programs = &programs;
     println!(
         "per program, tracing {which} (conntrace --bpf-stats, a separate phase, not in the ratios: {:.0} connections, {:.0}/s):",
         run.connections, run.per_second

@@ -157,16 +157,12 @@ pub fn report(
 /// runs and ns per request (not in the ratios: the statistics add two clock reads a run).
 fn programs(phase_ms: u64, parallel: u64) {
     let setup = Scenario::pooled(PORT);
-    let ct = Conntrace::start(&["--port", &PORT.to_string(), "--bpf-stats"]);
-    let run = pingpong(
-        &setup.hosts.client,
-        &setup.hosts.server_ip,
-        phase_ms,
-        parallel,
-    );
-    let values = ct.stop();
-    let summary = values.last().expect("summary");
-    let Some(programs) = summary["programs"].as_array() else {
+    let port = PORT.to_string();
+    let (run, stats) = costs::with_bpf_stats(&["--port", &port, "--bpf-stats"], || {
+        let (client, server) = (&setup.hosts.client, &setup.hosts.server_ip);
+        pingpong(client, server, phase_ms, parallel)
+    });
+    let Some((programs, events)) = stats else {
         println!("per program (pooled): conntrace --bpf-stats wrote no `programs` in its summary");
         return;
     };
@@ -174,11 +170,11 @@ fn programs(phase_ms: u64, parallel: u64) {
         "per program, pooled requests on the traced port (--bpf-stats, not in the ratios: {:.0} requests, {:.0}/s, connections opened before it: their handshakes counted too):",
         run.requests, run.per_second
     );
-    for l in costs::table(programs, run.requests, "req").0 {
+    for l in costs::table(&programs, run.requests, "req").0 {
         println!("{l}");
     }
     println!(
         "kernel events per request: {:.4}",
-        summary["kernel_events"].as_f64().unwrap_or(0.0) / run.requests.max(1.0)
+        events / run.requests.max(1.0)
     );
 }
